@@ -28,7 +28,7 @@
 //! | `discover-dns` | no | `discover::DnsDiscovery` (tokio, hickory-resolver) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// pub mod classify;
+pub mod classify;
 // pub mod config;
 pub mod discover;
 pub mod endpoint;
