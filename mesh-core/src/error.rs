@@ -17,7 +17,7 @@
 use std::error::Error;
 
 pub use crate::classify::HeaderError;
-//pub use crate::config::{ConfigError, ValidationError};
+pub use crate::config::{ConfigError, ValidationError};
 pub use crate::discover::DiscoverError;
 pub use crate::identity::PatternError;
 

@@ -29,7 +29,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod classify;
-// pub mod config;
+pub mod config;
 pub mod discover;
 pub mod endpoint;
 pub mod error;

@@ -16,14 +16,6 @@ where
     s.parse().map_err(serde::de::Error::custom)
 }
 
-/// Serializes through `Display`.
-pub(crate) fn serialize<S: Serializer, T: Display>(
-    value: &T,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(value)
-}
-
 /// The same for an `Option`.
 pub(crate) mod option {
     use super::*;

@@ -115,10 +115,10 @@ mod tests {
     proptest! {
         #[test]
         fn never_panics_and_respects_the_cap(bytes in prop::collection::vec(0x20u8..0x7f, 0..80)) {
-            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
-                if let Ok(d) = parse(&v, SystemTime::now(), CAP) {
-                    prop_assert!(d <= CAP);
-                }
+            if let Ok(v) = HeaderValue::from_bytes(&bytes)
+                && let Ok(d) = parse(&v, SystemTime::now(), CAP)
+            {
+                prop_assert!(d <= CAP);
             }
         }
 

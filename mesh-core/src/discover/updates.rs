@@ -22,6 +22,7 @@ pub struct Updates {
 
 impl Updates {
     /// A stream fed by the sending half of a new channel, which is returned with it.
+    #[allow(dead_code)] // until a source behind these features uses it
     pub(crate) fn channel() -> (mpsc::Sender<Vec<Change>>, Self) {
         let (tx, rx) = mpsc::channel(4);
         (

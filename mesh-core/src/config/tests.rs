@@ -1,0 +1,298 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::classify::{Code, StatusSet};
+
+const EXAMPLE: &str = include_str!("../../../examples/config/mesh.toml");
+
+fn invalid(text: &str) -> Vec<String> {
+    match MeshConfig::from_toml(text) {
+        Err(ConfigError::Invalid { errors, .. }) => {
+            errors.iter().map(ToString::to_string).collect()
+        }
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+fn parse_error(text: &str) -> String {
+    match MeshConfig::from_toml(text) {
+        Err(e @ ConfigError::Parse { .. }) => e.to_string(),
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+#[test]
+fn example_config_is_valid_and_complete() {
+    let c = MeshConfig::from_toml(EXAMPLE).unwrap();
+    assert_eq!(c.zone.as_deref(), Some("eu-west-1a"));
+    assert_eq!(c.services.len(), 4);
+    assert_eq!(c.routes.len(), 3);
+    assert_eq!(c.inbound[0].authorization.as_deref(), Some("api"));
+    assert_eq!(c.authorization["api"].rules.len(), 3);
+    let users = &c.services["users"];
+    assert_eq!(users.timeout.per_try, Some(Duration::from_secs(1)));
+    assert_eq!(
+        users
+            .circuit_breaker
+            .success_rate
+            .as_ref()
+            .unwrap()
+            .min_requests,
+        20
+    );
+    let limit = &c.rate_limits["api"];
+    assert_eq!(limit.per_client.as_ref().unwrap().burst(), 20);
+    assert_eq!(limit.total.as_ref().unwrap().burst(), 1000);
+    assert!(matches!(
+        &c.services["billing"].discovery,
+        DiscoveryConfig::Static { endpoints } if endpoints[1].addr().is_ipv6()
+    ));
+}
+
+#[test]
+fn defaults_match_the_architecture() {
+    let c = MeshConfig::from_toml(
+        r#"
+        [services.s]
+        discovery = { kind = "dns", host = "s.internal", port = 80 }
+        tls = "plaintext"
+        "#,
+    )
+    .unwrap();
+    let s = &c.services["s"];
+    assert_eq!(s.protocol, Protocol::Auto);
+    assert_eq!(s.connect_timeout, Duration::from_secs(1));
+    assert_eq!(s.balancer.default_rtt, Duration::from_millis(30));
+    assert_eq!(s.balancer.decay, Duration::from_secs(10));
+    let r = &s.retry;
+    assert!(r.enabled && !r.non_idempotent);
+    assert_eq!((r.budget.ratio, r.budget.min_per_second), (0.2, 10));
+    assert_eq!(r.budget.ttl, Duration::from_secs(10));
+    assert_eq!(r.max_replay_body, 64 * 1024);
+    assert_eq!(r.statuses, StatusSet::SERVER_ERRORS);
+    assert!(r.grpc_codes.contains(Code::Unavailable));
+    assert_eq!(
+        (r.backoff.min, r.backoff.max),
+        (Duration::from_millis(25), Duration::from_millis(250))
+    );
+    let b = &s.circuit_breaker;
+    assert_eq!(b.consecutive_failures, 7);
+    assert_eq!(
+        (b.backoff.min, b.backoff.max),
+        (Duration::from_secs(1), Duration::from_secs(60))
+    );
+    assert!(b.success_rate.is_none());
+    assert_eq!(s.rate_limited.default_penalty, Duration::from_secs(1));
+    assert!(!s.rate_limited.count_toward_ejection);
+    assert_eq!(
+        crate::classify::Classifier::from(&s.classification),
+        Default::default()
+    );
+    assert_eq!(s.timeout, TimeoutConfig::default());
+    assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    if let DiscoveryConfig::Dns {
+        min_ttl, max_ttl, ..
+    } = &s.discovery
+    {
+        assert_eq!(
+            (*min_ttl, *max_ttl),
+            (Duration::from_secs(5), Duration::from_secs(300))
+        );
+    }
+}
+
+#[test]
+fn every_validation_error_is_reported_with_its_path() {
+    let errors = invalid(
+        r#"
+        [services.users]
+        discovery = { kind = "dns", host = "-bad-", port = 0, min_ttl = "10m" }
+        [services.users.retry]
+        budget = { ratio = 1.5, ttl = "0s" }
+        backoff = { min = "1s", max = "10ms", jitter = 2 }
+        [services.users.timeout]
+        request = "1s"
+        per_try = "2s"
+        [services.users.circuit_breaker]
+        consecutive_failures = 0
+        max_ejected_share = -0.1
+
+        [[routes]]
+        name = "r"
+        backends = [{ service = "users" }, { service = "users-canary" }]
+        matches = [{ path = { regex = "(" } }, { path = { prefix = "api" } }]
+
+        [[inbound]]
+        name = "in"
+        listen = "127.0.0.1:4143"
+        target = "127.0.0.1:4143"
+        authorization = "missing"
+        "#,
+    );
+    let expected = [
+        "services.users.discovery.host: `-bad-` is not a valid DNS name",
+        "services.users.discovery.port: must not be 0",
+        "services.users.discovery.min_ttl: must not exceed max_ttl (10m > 5m)",
+        "services.users.tls: mtls needs an [identity] section",
+        "services.users.server_identity: required with tls = \"mtls\"",
+        "services.users.retry.budget.ratio: must be between 0 and 1 (got 1.5)",
+        "services.users.retry.budget.ttl: must be between 1s and 60s (got 0s)",
+        "services.users.retry.backoff.min: must not exceed max (1s > 10ms)",
+        "services.users.retry.backoff.jitter: must be between 0 and 1 (got 2)",
+        "services.users.timeout.per_try: must not exceed request (2s > 1s)",
+        "services.users.circuit_breaker.consecutive_failures: must be at least 1",
+        "services.users.circuit_breaker.max_ejected_share: must be between 0 and 1 (got -0.1)",
+        "routes[0].matches[0].path.regex: invalid regex `(`",
+        "routes[0].matches[1].path: `api` must start with `/`",
+        "routes[0].backends[1].service: no service named `users-canary`",
+        "inbound[0].target: must differ from `listen`",
+        "inbound[0].tls: mtls needs an [identity] section",
+        "inbound[0].authorization: no authorization policy named `missing`",
+    ];
+    for want in expected {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn references_names_and_listeners() {
+    let errors = invalid(
+        r#"
+        [identity]
+        source = "files"
+        cert = "c.pem"
+        key = "k.pem"
+        bundles = {}
+        [admin]
+        listen = "127.0.0.1:9000"
+        [[outbound]]
+        name = "x"
+        listen = "127.0.0.1:9000"
+        protocol = "opaque"
+        [[inbound]]
+        name = "x"
+        listen = "127.0.0.1:9001"
+        target = "127.0.0.1:8080"
+        tls = "plaintext"
+        rate_limit = "nope"
+        [authorization.p]
+        rules = [{ name = "a" }, { name = "a", clients = ["*"], routes = [{ headers = [{ name = "bad header", regex = "[" }] }] }]
+        [rate_limits.empty]
+        [rate_limits."bad name!"]
+        total = { requests = 0, per = "0s", burst = 0 }
+        "#,
+    );
+    let expected = [
+        "identity.bundles: needs at least one",
+        "outbound[0].listen: 127.0.0.1:9000 is already used by admin.listen",
+        "outbound[0].default_service: required with protocol = \"opaque\"",
+        "inbound[0].rate_limit: no rate limit named `nope`",
+        "outbound[0].name: duplicate listener name `x`",
+        "authorization.p.rules[0].clients: admits no client",
+        "authorization.p.rules[1].name: duplicate rule name `a`",
+        "authorization.p.rules[1].routes[0].headers[0].name: `bad header` is not a valid header name",
+        "authorization.p.rules[1].routes[0].headers[0].regex: invalid regex `[`",
+        "rate_limits.empty: limits nothing",
+        "rate_limits.\"bad name!\": `bad name!` is not a valid name",
+        "rate_limits.\"bad name!\".total.requests: must be at least 1",
+        "rate_limits.\"bad name!\".total.per: must be greater than zero",
+        "rate_limits.\"bad name!\".total.burst: must be at least 1",
+    ];
+    for want in expected {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn parse_errors_name_the_key_and_line() {
+    let e = parse_error(
+        "[services.users]\ndiscovery = { kind = \"dns\", host = \"a\", port = 1 }\ntimeuot = {}\n",
+    );
+    assert!(e.contains("at `services.users.timeuot`"), "{e}");
+    assert!(e.contains("unknown field `timeuot`"), "{e}");
+    assert!(e.contains("line 3"), "{e}");
+
+    let e = parse_error(
+        "[services.users]\ndiscovery = { kind = \"dns\", host = \"a\", port = 1 }\nconnect_timeout = \"soon\"\n",
+    );
+    assert!(e.contains("at `services.users.connect_timeout`"), "{e}");
+    assert!(e.contains("invalid duration `soon`"), "{e}");
+
+    let e = parse_error(
+        "[[inbound]]\nname = \"a\"\nlisten = \"localhost:80\"\ntarget = \"127.0.0.1:1\"\n",
+    );
+    assert!(e.contains("inbound[0].listen"), "{e}");
+
+    let e =
+        parse_error("[authorization.p]\nrules = [{ name = \"r\", clients = [\"spiffe://td\"] }]\n");
+    assert!(e.contains("authorization.p.rules[0].clients[0]"), "{e}");
+    assert!(e.contains("write `spiffe://td/*`"), "{e}");
+
+    let e = parse_error("[services.s]\ndiscovery = { kind = \"consul\" }\n");
+    assert!(e.contains("unknown variant `consul`"), "{e}");
+
+    let e = parse_error("zone = \n");
+    assert!(e.contains("line 1"), "{e}");
+}
+
+#[test]
+fn errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.toml");
+    let e = MeshConfig::from_file(&path).unwrap_err().to_string();
+    assert!(
+        e.starts_with("reading config file") && e.contains("mesh.toml"),
+        "{e}"
+    );
+    std::fs::write(&path, "[[routes]]\nname = \"r\"\nbackends = []\n").unwrap();
+    let e = MeshConfig::from_file(&path).unwrap_err();
+    assert_eq!(e.validation_errors().len(), 1);
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "mesh.toml: 1 error in configuration:\n  routes[0].backends: needs at least one backend"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn serializes_back_to_an_equal_config() {
+    let c = MeshConfig::from_toml(EXAMPLE).unwrap();
+    let text = toml::to_string(&c).unwrap();
+    let back = MeshConfig::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(back, c);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+        let _ = MeshConfig::from_toml(&text);
+    }
+
+    #[test]
+    fn never_panics_on_mutated_example(pos in 0usize..EXAMPLE.len(), len in 0usize..40, junk in "[\\[\\]{}=\",.a-z0-9 \n-]{0,12}") {
+        let mut text = EXAMPLE.as_bytes().to_vec();
+        let end = (pos + len).min(text.len());
+        text.splice(pos..end, junk.bytes());
+        if let Ok(text) = String::from_utf8(text)
+            && let Err(e) = MeshConfig::from_toml(&text)
+        {
+            prop_assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The semantic rules of a configuration, checked all at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::*;
+
+#[derive(Default)]
+pub(super) struct Validator {
+    errors: Vec<ValidationError>,
+}
+
+/// A TOML key as written in a path: bare when it can be, quoted otherwise.
+fn key(k: &str) -> String {
+    if !k.is_empty()
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        k.to_owned()
+    } else {
+        format!("{k:?}")
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn is_hostname(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+impl Validator {
+    pub(super) fn finish(self) -> Result<(), Vec<ValidationError>> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.errors)
+        }
+    }
+
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ValidationError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn ratio(&mut self, path: impl Into<String>, value: f64) {
+        if !(0.0..=1.0).contains(&value) {
+            self.err(path, format!("must be between 0 and 1 (got {value})"));
+        }
+    }
+
+    fn positive(&mut self, path: impl Into<String>, value: Duration) {
+        if value.is_zero() {
+            self.err(path, "must be greater than zero");
+        }
+    }
+
+    fn min_max(
+        &mut self,
+        path: &str,
+        (min_key, min): (&str, Duration),
+        (max_key, max): (&str, Duration),
+    ) {
+        if min > max {
+            self.err(
+                format!("{path}.{min_key}"),
+                format!(
+                    "must not exceed {max_key} ({} > {})",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+        }
+    }
+
+    fn name(&mut self, path: impl Into<String>, name: &str) {
+        if !is_name(name) {
+            self.err(
+                path,
+                format!("`{name}` is not a valid name: use 1 to 128 ASCII letters, digits, `-`, `_` or `.`"),
+            );
+        }
+    }
+
+    fn regex(&mut self, path: impl Into<String>, pattern: &str) {
+        if let Err(e) = regex::Regex::new(pattern) {
+            let message = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            self.err(path, format!("invalid regex `{pattern}`: {message}"));
+        }
+    }
+
+    pub(super) fn mesh(&mut self, c: &MeshConfig) {
+        if let Some(identity) = &c.identity {
+            self.identity(identity);
+        }
+        if c.zone.as_deref() == Some("") {
+            self.err(
+                "zone",
+                "must not be empty (omit it when the zone is unknown)",
+            );
+        }
+        for (name, svc) in &c.services {
+            let path = format!("services.{}", key(name));
+            self.name(&path, name);
+            self.service(&path, svc, c.identity.is_some());
+        }
+        let mut route_names = BTreeSet::new();
+        for (i, route) in c.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            if !route_names.insert(route.name.as_str()) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate route name `{}`", route.name),
+                );
+            }
+            self.route(&path, route, &c.services);
+        }
+        self.listeners(c);
+        for (name, policy) in &c.authorization {
+            let path = format!("authorization.{}", key(name));
+            self.name(&path, name);
+            self.authorization(&path, policy);
+        }
+        for (name, limit) in &c.rate_limits {
+            let path = format!("rate_limits.{}", key(name));
+            self.name(&path, name);
+            self.rate_limit(&path, limit);
+        }
+    }
+
+    fn identity(&mut self, identity: &IdentityConfig) {
+        match identity {
+            IdentityConfig::Spire {
+                socket: Some(socket),
+            } => {
+                let ok = socket
+                    .strip_prefix("unix://")
+                    .or_else(|| socket.strip_prefix("unix:"))
+                    .is_some_and(|p| p.starts_with('/') && p.len() > 1)
+                    || socket
+                        .strip_prefix("tcp://")
+                        .is_some_and(|a| a.parse::<SocketAddr>().is_ok());
+                if !ok {
+                    self.err(
+                        "identity.socket",
+                        format!("`{socket}` is not a Workload API address: write `unix:///path/to/socket` or `tcp://ip:port`"),
+                    );
+                }
+            }
+            IdentityConfig::Spire { socket: None } => {}
+            IdentityConfig::Files { cert, key, bundles } => {
+                if cert.as_os_str().is_empty() {
+                    self.err("identity.cert", "must not be empty");
+                }
+                if key.as_os_str().is_empty() {
+                    self.err("identity.key", "must not be empty");
+                }
+                if bundles.is_empty() {
+                    self.err(
+                        "identity.bundles",
+                        "needs at least one trust domain's CA bundle",
+                    );
+                }
+            }
+        }
+    }
+
+    fn service(&mut self, path: &str, s: &ServiceConfig, have_identity: bool) {
+        let mut all_static_with_ids = false;
+        match &s.discovery {
+            DiscoveryConfig::Static { endpoints } => {
+                if endpoints.is_empty() {
+                    self.err(
+                        format!("{path}.discovery.endpoints"),
+                        "needs at least one endpoint",
+                    );
+                }
+                let mut seen = BTreeSet::new();
+                for (i, ep) in endpoints.iter().enumerate() {
+                    if !seen.insert(ep.key()) {
+                        self.err(
+                            format!("{path}.discovery.endpoints[{i}].addr"),
+                            format!("duplicate endpoint address {}", ep.addr()),
+                        );
+                    }
+                }
+                all_static_with_ids =
+                    !endpoints.is_empty() && endpoints.iter().all(|e| e.identity().is_some());
+            }
+            DiscoveryConfig::File { path: file } => {
+                if file.as_os_str().is_empty() {
+                    self.err(format!("{path}.discovery.path"), "must not be empty");
+                }
+            }
+            DiscoveryConfig::Dns {
+                host,
+                port,
+                min_ttl,
+                max_ttl,
+            } => {
+                if !is_hostname(host) {
+                    self.err(
+                        format!("{path}.discovery.host"),
+                        format!("`{host}` is not a valid DNS name"),
+                    );
+                }
+                if *port == 0 {
+                    self.err(format!("{path}.discovery.port"), "must not be 0");
+                }
+                self.ttls(path, *min_ttl, *max_ttl);
+            }
+            DiscoveryConfig::DnsSrv {
+                name,
+                min_ttl,
+                max_ttl,
+            } => {
+                let mut labels = name.split('.');
+                let srv_form = labels
+                    .next()
+                    .is_some_and(|l| l.starts_with('_') && l.len() > 1)
+                    && labels
+                        .next()
+                        .is_some_and(|l| l.starts_with('_') && l.len() > 1)
+                    && labels.next().is_some();
+                if !is_hostname(name) || !srv_form {
+                    self.err(
+                        format!("{path}.discovery.name"),
+                        format!("`{name}` is not an SRV name of the form `_service._proto.domain`"),
+                    );
+                }
+                self.ttls(path, *min_ttl, *max_ttl);
+            }
+        }
+        match s.tls {
+            TlsMode::Mtls => {
+                if !have_identity {
+                    self.err(
+                        format!("{path}.tls"),
+                        "mtls needs an [identity] section; set tls = \"plaintext\" to send in the clear",
+                    );
+                }
+                if s.server_identity.is_none() && !all_static_with_ids {
+                    self.err(
+                        format!("{path}.server_identity"),
+                        "required with tls = \"mtls\": the identity endpoints must present (e.g. \"spiffe://example.org/ns/prod/sa/users\")",
+                    );
+                }
+            }
+            TlsMode::Plaintext => {
+                if s.server_identity.is_some() {
+                    self.err(
+                        format!("{path}.server_identity"),
+                        "cannot be verified with tls = \"plaintext\"; remove it or use mtls",
+                    );
+                }
+            }
+        }
+        self.positive(format!("{path}.connect_timeout"), s.connect_timeout);
+        self.positive(
+            format!("{path}.balancer.default_rtt"),
+            s.balancer.default_rtt,
+        );
+        self.positive(format!("{path}.balancer.decay"), s.balancer.decay);
+        self.retry(&format!("{path}.retry"), &s.retry);
+        self.timeout(&format!("{path}.timeout"), &s.timeout);
+        self.breaker(&format!("{path}.circuit_breaker"), &s.circuit_breaker);
+        let rl = &s.rate_limited;
+        self.min_max(
+            &format!("{path}.rate_limited"),
+            ("default_penalty", rl.default_penalty),
+            ("max_penalty", rl.max_penalty),
+        );
+        if !(s.zone.load_band >= 1.0 && s.zone.load_band.is_finite()) {
+            self.err(
+                format!("{path}.zone.load_band"),
+                format!("must be a number of at least 1 (got {})", s.zone.load_band),
+            );
+        }
+    }
+
+    fn ttls(&mut self, path: &str, min: Duration, max: Duration) {
+        self.positive(format!("{path}.discovery.min_ttl"), min);
+        self.min_max(
+            &format!("{path}.discovery"),
+            ("min_ttl", min),
+            ("max_ttl", max),
+        );
+    }
+
+    fn retry(&mut self, path: &str, r: &RetryConfig) {
+        if r.max_retries > 10 {
+            self.err(
+                format!("{path}.max_retries"),
+                format!("must be at most 10 (got {})", r.max_retries),
+            );
+        }
+        self.ratio(format!("{path}.budget.ratio"), r.budget.ratio);
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&r.budget.ttl) {
+            self.err(
+                format!("{path}.budget.ttl"),
+                format!(
+                    "must be between 1s and 60s (got {})",
+                    humantime::format_duration(r.budget.ttl)
+                ),
+            );
+        }
+        if r.max_replay_body > 16 << 20 {
+            self.err(
+                format!("{path}.max_replay_body"),
+                "must be at most 16 MiB (16777216)",
+            );
+        }
+        self.backoff(&format!("{path}.backoff"), &r.backoff);
+    }
+
+    fn backoff(&mut self, path: &str, b: &BackoffConfig) {
+        self.positive(format!("{path}.min"), b.min);
+        self.min_max(path, ("min", b.min), ("max", b.max));
+        self.ratio(format!("{path}.jitter"), b.jitter);
+    }
+
+    fn timeout(&mut self, path: &str, t: &TimeoutConfig) {
+        if let Some(d) = t.request {
+            self.positive(format!("{path}.request"), d);
+        }
+        if let Some(d) = t.per_try {
+            self.positive(format!("{path}.per_try"), d);
+        }
+        if let (Some(request), Some(per_try)) = (t.request, t.per_try) {
+            self.min_max(path, ("per_try", per_try), ("request", request));
+        }
+    }
+
+    fn breaker(&mut self, path: &str, b: &BreakerConfig) {
+        if b.consecutive_failures == 0 {
+            self.err(format!("{path}.consecutive_failures"), "must be at least 1");
+        }
+        if let Some(sr) = &b.success_rate {
+            self.ratio(format!("{path}.success_rate.threshold"), sr.threshold);
+            self.positive(format!("{path}.success_rate.window"), sr.window);
+            if sr.min_requests == 0 {
+                self.err(
+                    format!("{path}.success_rate.min_requests"),
+                    "must be at least 1",
+                );
+            }
+        }
+        self.backoff(&format!("{path}.backoff"), &b.backoff);
+        self.ratio(format!("{path}.max_ejected_share"), b.max_ejected_share);
+    }
+
+    fn route(&mut self, path: &str, r: &RouteConfig, services: &BTreeMap<String, ServiceConfig>) {
+        self.name(format!("{path}.name"), &r.name);
+        for (i, host) in r.hosts.iter().enumerate() {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if !is_hostname(bare) {
+                self.err(
+                    format!("{path}.hosts[{i}]"),
+                    format!("`{host}` is not a host name or `*.` wildcard (ports are not matched)"),
+                );
+            }
+        }
+        for (i, m) in r.matches.iter().enumerate() {
+            self.route_match(&format!("{path}.matches[{i}]"), m);
+        }
+        if r.backends.is_empty() {
+            self.err(format!("{path}.backends"), "needs at least one backend");
+        } else if r.backends.iter().all(|b| b.weight == 0) {
+            self.err(
+                format!("{path}.backends"),
+                "all weights are 0: the route would send nothing",
+            );
+        }
+        for (i, b) in r.backends.iter().enumerate() {
+            if !services.contains_key(&b.service) {
+                self.err(
+                    format!("{path}.backends[{i}].service"),
+                    format!("no service named `{}`", b.service),
+                );
+            }
+        }
+        if let Some(retry) = &r.retry {
+            self.retry(&format!("{path}.retry"), retry);
+        }
+        if let Some(timeout) = &r.timeout {
+            self.timeout(&format!("{path}.timeout"), timeout);
+        }
+        if let Some(f) = &r.fault {
+            let fpath = format!("{path}.fault");
+            if f.delay.is_none() && f.abort_status.is_none() {
+                self.err(
+                    &fpath,
+                    "injects nothing: set `delay`, `abort_status` or both",
+                );
+            }
+            self.ratio(format!("{fpath}.delay_ratio"), f.delay_ratio);
+            self.ratio(format!("{fpath}.abort_ratio"), f.abort_ratio);
+            if let Some(status) = f.abort_status
+                && !(100..=599).contains(&status)
+            {
+                self.err(
+                    format!("{fpath}.abort_status"),
+                    format!("must be an HTTP status from 100 to 599 (got {status})"),
+                );
+            }
+        }
+    }
+
+    fn route_match(&mut self, path: &str, m: &RouteMatch) {
+        match &m.path {
+            Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
+                self.err(format!("{path}.path"), format!("`{p}` must start with `/`"));
+            }
+            Some(PathMatch::Regex(re)) => self.regex(format!("{path}.path.regex"), re),
+            _ => {}
+        }
+        for (i, h) in m.headers.iter().enumerate() {
+            let hpath = format!("{path}.headers[{i}]");
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                self.err(
+                    format!("{hpath}.name"),
+                    format!("`{}` is not a valid header name", h.name),
+                );
+            }
+            if let HeaderValueMatch::Regex(re) = &h.value {
+                self.regex(format!("{hpath}.regex"), re);
+            }
+        }
+        if let Some(g) = &m.grpc {
+            let valid =
+                |s: &str| !s.is_empty() && !s.contains('/') && !s.contains(char::is_whitespace);
+            if !valid(&g.service) {
+                self.err(
+                    format!("{path}.grpc.service"),
+                    format!(
+                        "`{}` is not a gRPC service name (`package.Service`)",
+                        g.service
+                    ),
+                );
+            }
+            if let Some(method) = g.method.as_deref().filter(|m| !valid(m)) {
+                self.err(
+                    format!("{path}.grpc.method"),
+                    format!("`{method}` is not a gRPC method name"),
+                );
+            }
+            if m.path.is_some() {
+                self.err(
+                    format!("{path}.grpc"),
+                    "cannot be combined with `path` (a gRPC match is a path match)",
+                );
+            }
+        }
+    }
+
+    fn listeners(&mut self, c: &MeshConfig) {
+        let mut names = BTreeSet::new();
+        let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        let mut claim = |v: &mut Self, addr: SocketAddr, path: String| {
+            if let Some(first) = addrs.get(&addr) {
+                v.err(path, format!("{addr} is already used by {first}"));
+            } else {
+                addrs.insert(addr, path);
+            }
+        };
+        if let Some(admin) = &c.admin {
+            claim(self, admin.listen, "admin.listen".to_owned());
+        }
+        for (i, l) in c.inbound.iter().enumerate() {
+            let path = format!("inbound[{i}]");
+            self.name(format!("{path}.name"), &l.name);
+            if !names.insert(l.name.as_str()) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
+            }
+            claim(self, l.listen, format!("{path}.listen"));
+            if l.listen == l.target {
+                self.err(
+                    format!("{path}.target"),
+                    "must differ from `listen` (it would loop)",
+                );
+            }
+            if l.tls == TlsMode::Mtls && c.identity.is_none() {
+                self.err(
+                    format!("{path}.tls"),
+                    "mtls needs an [identity] section; set tls = \"plaintext\" to accept in the clear",
+                );
+            }
+            if let Some(policy) = &l.authorization
+                && !c.authorization.contains_key(policy)
+            {
+                self.err(
+                    format!("{path}.authorization"),
+                    format!("no authorization policy named `{policy}`"),
+                );
+            }
+            if let Some(limit) = &l.rate_limit
+                && !c.rate_limits.contains_key(limit)
+            {
+                self.err(
+                    format!("{path}.rate_limit"),
+                    format!("no rate limit named `{limit}`"),
+                );
+            }
+        }
+        for (i, l) in c.outbound.iter().enumerate() {
+            let path = format!("outbound[{i}]");
+            self.name(format!("{path}.name"), &l.name);
+            if !names.insert(l.name.as_str()) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
+            }
+            claim(self, l.listen, format!("{path}.listen"));
+            match &l.default_service {
+                Some(s) if !c.services.contains_key(s) => {
+                    self.err(
+                        format!("{path}.default_service"),
+                        format!("no service named `{s}`"),
+                    );
+                }
+                None if l.protocol == Protocol::Opaque => {
+                    self.err(
+                        format!("{path}.default_service"),
+                        "required with protocol = \"opaque\" (opaque traffic cannot be routed)",
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn authorization(&mut self, path: &str, p: &AuthorizationPolicy) {
+        let mut names = BTreeSet::new();
+        for (i, rule) in p.rules.iter().enumerate() {
+            let rpath = format!("{path}.rules[{i}]");
+            self.name(format!("{rpath}.name"), &rule.name);
+            if !names.insert(rule.name.as_str()) {
+                self.err(
+                    format!("{rpath}.name"),
+                    format!("duplicate rule name `{}`", rule.name),
+                );
+            }
+            if rule.clients.is_empty() && !rule.unauthenticated {
+                self.err(
+                    format!("{rpath}.clients"),
+                    "admits no client: list identity patterns (`*` for any verified identity) or set unauthenticated = true",
+                );
+            }
+            for (j, m) in rule.routes.iter().enumerate() {
+                self.route_match(&format!("{rpath}.routes[{j}]"), m);
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, path: &str, l: &RateLimitConfig) {
+        if l.total.is_none() && l.per_client.is_none() && l.overrides.is_empty() {
+            self.err(
+                path,
+                "limits nothing: set `total`, `per_client` or `overrides`",
+            );
+        }
+        if let Some(rate) = &l.total {
+            self.rate(&format!("{path}.total"), rate);
+        }
+        if let Some(rate) = &l.per_client {
+            self.rate(&format!("{path}.per_client"), rate);
+        }
+        for (i, o) in l.overrides.iter().enumerate() {
+            let opath = format!("{path}.overrides[{i}]");
+            if o.clients.is_empty() {
+                self.err(
+                    format!("{opath}.clients"),
+                    "needs at least one identity pattern",
+                );
+            }
+            self.rate(&format!("{opath}.limit"), &o.limit);
+        }
+    }
+
+    fn rate(&mut self, path: &str, r: &Rate) {
+        if r.requests == 0 {
+            self.err(
+                format!("{path}.requests"),
+                "must be at least 1 (to refuse everything, use authorization)",
+            );
+        }
+        self.positive(format!("{path}.per"), r.per);
+        if r.burst == Some(0) {
+            self.err(format!("{path}.burst"), "must be at least 1");
+        }
+    }
+}

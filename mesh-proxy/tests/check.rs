@@ -1,0 +1,68 @@
+//! The `check` command, run as a user would run it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn check(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .arg("check")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let (ok, out, err) = check(&["examples/config/mesh.toml"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("valid"), "{out}");
+    assert!(
+        out.contains("4 services, 3 routes, 1 inbound and 1 outbound listeners"),
+        "{out}"
+    );
+}
+
+#[test]
+fn print_shows_defaults_filled_in() {
+    let (ok, out, err) = check(&["examples/config/mesh.toml", "--print"]);
+    assert!(ok, "{err}");
+    // The legacy service sets no retry section; its defaults appear.
+    assert!(out.contains("[services.legacy.retry]"), "{out}");
+    assert!(out.contains("max_replay_body = 65536"), "{out}");
+}
+
+#[test]
+fn invalid_configs_fail_with_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[services.a]\ndiscovery = { kind = \"static\", endpoints = [] }\ntls = \"plaintext\"\n\
+         [services.a.retry]\nbudget = { ratio = 2.0 }\n",
+    )
+    .unwrap();
+    let (ok, _, err) = check(&[path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("2 errors in configuration"), "{err}");
+    assert!(
+        err.contains("services.a.discovery.endpoints: needs at least one endpoint"),
+        "{err}"
+    );
+    assert!(
+        err.contains("services.a.retry.budget.ratio: must be between 0 and 1 (got 2)"),
+        "{err}"
+    );
+
+    let (ok, _, err) = check(&["does/not/exist.toml"]);
+    assert!(!ok);
+    assert!(
+        err.contains("reading config file does/not/exist.toml"),
+        "{err}"
+    );
+}
