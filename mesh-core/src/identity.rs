@@ -207,7 +207,9 @@ impl FromStr for IdentityPattern {
                         s.trim_end_matches('/').to_owned(),
                     ));
                 }
-                SpiffeId::new(s).map(Self::Exact).map_err(invalid)
+                SpiffeId::new(format!("{SCHEME}{rest}"))
+                    .map(Self::Exact)
+                    .map_err(invalid)
             }
         }
     }
@@ -264,6 +266,20 @@ mod tests {
                 .parse::<IdentityPattern>()
                 .unwrap(),
             IdentityPattern::Exact(id("spiffe://example.org/a/b"))
+        );
+        // Scheme and trust domain are case-insensitive in every form.
+        assert_eq!(
+            "SPIFFE://Example.ORG/a/b"
+                .parse::<IdentityPattern>()
+                .unwrap(),
+            IdentityPattern::Exact(id("spiffe://example.org/a/b"))
+        );
+        assert_eq!(
+            "Spiffe://EXAMPLE.org/a/*"
+                .parse::<IdentityPattern>()
+                .unwrap()
+                .to_string(),
+            "spiffe://example.org/a/*"
         );
     }
 
