@@ -13,8 +13,8 @@
 //! | source | feature | updates |
 //! |---|---|---|
 //! | [`StaticDiscovery`] | `discover-static` (default) | none: the list, then the stream ends |
-//! | `FileDiscovery` | `discover-file` | when the file changes, including atomic replace and symlink swaps |
-//! | `DnsDiscovery` | `discover-dns` | re-resolved on the records' TTL, within a floor and a ceiling |
+//! | [`FileDiscovery`] | `discover-file` | when the file changes (directory watch plus a 10 s poll), including atomic replace and symlink swaps; a bad file keeps the last set |
+//! | [`DnsDiscovery`] | `discover-dns` | A/AAAA or SRV, re-resolved on the records' TTL within a floor (5 s) and a ceiling (5 min); a failed lookup keeps the last set, an empty answer empties it |
 //!
 //! A source that fails after it started (a malformed file, a failed DNS lookup) keeps the
 //! last good set, logs why through `tracing`, and tries again; it does not yield an error,
@@ -29,6 +29,16 @@ use crate::endpoint::{Endpoint, EndpointKey};
 mod static_list;
 #[cfg(feature = "discover-static")]
 pub use self::static_list::StaticDiscovery;
+
+#[cfg(feature = "discover-dns")]
+pub mod dns;
+#[cfg(feature = "discover-dns")]
+pub use self::dns::{DnsDiscovery, DnsDiscoveryBuilder};
+
+#[cfg(feature = "discover-file")]
+pub mod file;
+#[cfg(feature = "discover-file")]
+pub use self::file::{FileDiscovery, FileDiscoveryBuilder};
 
 #[cfg(any(feature = "discover-file", feature = "discover-dns"))]
 mod updates;

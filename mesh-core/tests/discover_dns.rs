@@ -1,0 +1,413 @@
+//! `DnsDiscovery` against an in-process authoritative server (hickory-server with an
+//! in-memory zone whose records each test changes while it runs).
+//!
+//! Real time throughout: the resolver's timeouts run on tokio time, so paused time would
+//! fire them while a real UDP answer is on its way. Floors, TTLs and timeouts are kept
+//! small instead.
+#![cfg(feature = "discover-dns")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hickory_server::Server;
+use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RecordType, RrKey};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use mesh_core::discover::{Change, DiscoverError, DnsDiscovery, DnsDiscoveryBuilder};
+use mesh_core::identity::SpiffeId;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::time::{Instant, timeout};
+
+/// Long enough for a few resolution rounds on a loaded machine.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long "nothing happens" is observed: several rounds at the test floor and TTL.
+const QUIET: Duration = Duration::from_millis(1200);
+const FLOOR: Duration = Duration::from_millis(200);
+
+/// An authoritative server for `example.test.` on a loopback port.
+struct TestDns {
+    addr: SocketAddr,
+    zone: Arc<InMemoryZoneHandler>,
+    server: Server<Catalog>,
+}
+
+fn name(s: &str) -> Name {
+    Name::from_ascii(s).unwrap()
+}
+
+impl TestDns {
+    async fn start() -> Self {
+        let origin = name("example.test.");
+        let soa = SOA::new(
+            name("ns.example.test."),
+            name("admin.example.test."),
+            1,
+            60,
+            60,
+            60,
+            // The negative TTL of NODATA and NXDOMAIN answers. A NODATA answer for AAAA
+            // bounds a host's re-resolution like any TTL, so keep it out of the way.
+            30,
+        );
+        let soa = Record::from_rdata(origin.clone(), 60, RData::SOA(soa));
+        let records = BTreeMap::from([(
+            RrKey::new(origin.clone().into(), RecordType::SOA),
+            RecordSet::from(soa),
+        )]);
+        let zone: InMemoryZoneHandler =
+            InMemoryZoneHandler::new(origin.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
+                .unwrap();
+        let zone = Arc::new(zone);
+        let mut catalog = Catalog::new();
+        catalog.upsert(origin.into(), vec![zone.clone() as Arc<dyn ZoneHandler>]);
+
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let mut server = Server::new(catalog);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 16);
+        Self { addr, zone, server }
+    }
+
+    /// Replaces the records of `owner` of the type of `rdata` (removes them if empty).
+    async fn set(&self, owner: &str, rtype: RecordType, ttl: u32, rdata: Vec<RData>) {
+        let owner = name(owner);
+        let key = RrKey::new(LowerName::from(owner.clone()), rtype);
+        let mut records = self.zone.records_mut().await;
+        if rdata.is_empty() {
+            records.remove(&key);
+            return;
+        }
+        let mut set = RecordSet::with_ttl(owner.clone(), rtype, ttl);
+        for d in rdata {
+            assert!(set.insert(Record::from_rdata(owner.clone(), ttl, d), 1));
+        }
+        records.insert(key, Arc::new(set));
+    }
+
+    async fn set_a(&self, owner: &str, ttl: u32, ips: &[&str]) {
+        let rdata = ips
+            .iter()
+            .map(|ip| match ip.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(v4) => RData::A(A(v4)),
+                IpAddr::V6(_) => panic!("use set_aaaa"),
+            })
+            .collect();
+        self.set(owner, RecordType::A, ttl, rdata).await;
+    }
+
+    async fn set_aaaa(&self, owner: &str, ttl: u32, ips: &[&str]) {
+        let rdata = ips
+            .iter()
+            .map(|ip| RData::AAAA(AAAA(ip.parse().unwrap())))
+            .collect();
+        self.set(owner, RecordType::AAAA, ttl, rdata).await;
+    }
+
+    /// A discovery of `host:8080` against this server, with small test timings.
+    fn host(&self, host: &str) -> DnsDiscoveryBuilder {
+        self.tune(DnsDiscovery::host(host, 8080))
+    }
+
+    fn tune(&self, b: DnsDiscoveryBuilder) -> DnsDiscoveryBuilder {
+        b.name_server(self.addr)
+            .ttl_floor(FLOOR)
+            .ttl_ceiling(Duration::from_secs(60))
+            .query_timeout(Duration::from_millis(300))
+    }
+}
+
+/// A change as a comparable string: `+addr weight` or `-addr`.
+fn show(change: Change) -> String {
+    match change {
+        Change::Insert(k, ep) => format!("+{k} w{}", ep.weight()),
+        Change::Remove(k) => format!("-{k}"),
+    }
+}
+
+/// The next `n` changes (waiting up to `WAIT` for each), then checks that no more follow.
+async fn changes(d: &mut DnsDiscovery, n: usize) -> Vec<String> {
+    let out = next_changes(d, n).await;
+    assert_quiet(d).await;
+    out
+}
+
+async fn next_changes(d: &mut DnsDiscovery, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let c = timeout(WAIT, d.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {out:?}"))
+            .expect("stream ended")
+            .expect("stream yielded an error");
+        out.push(show(c));
+    }
+    out
+}
+
+async fn assert_quiet(d: &mut DnsDiscovery) {
+    if let Ok(c) = timeout(QUIET, d.next()).await {
+        panic!("unexpected change: {:?}", c.map(|c| c.map(show)));
+    }
+}
+
+#[tokio::test]
+async fn a_and_aaaa_then_only_the_diff_after_the_ttl() {
+    let dns = TestDns::start().await;
+    dns.set_a("users.example.test.", 1, &["10.0.0.2", "10.0.0.1"])
+        .await;
+    dns.set_aaaa("users.example.test.", 1, &["fd00::1"]).await;
+    let mut d = dns.host("users.example.test").build().unwrap();
+    assert_eq!(
+        changes(&mut d, 3).await,
+        [
+            "+10.0.0.1:8080 w1",
+            "+10.0.0.2:8080 w1",
+            "+[fd00::1]:8080 w1"
+        ]
+    );
+
+    dns.set_a("users.example.test.", 1, &["10.0.0.2", "10.0.0.3"])
+        .await;
+    assert_eq!(
+        changes(&mut d, 2).await,
+        ["+10.0.0.3:8080 w1", "-10.0.0.1:8080"]
+    );
+
+    // One family gone: NODATA for AAAA, the A records stay.
+    dns.set_aaaa("users.example.test.", 1, &[]).await;
+    assert_eq!(changes(&mut d, 1).await, ["-[fd00::1]:8080"]);
+}
+
+#[tokio::test]
+async fn srv_ports_weights_identity_and_zone() {
+    let dns = TestDns::start().await;
+    let srv = |weight, port, target| RData::SRV(SRV::new(0, weight, port, name(target)));
+    dns.set(
+        "_http._tcp.users.example.test.",
+        RecordType::SRV,
+        1,
+        vec![
+            srv(10, 8080, "a.example.test."),
+            srv(0, 9090, "b.example.test."),
+        ],
+    )
+    .await;
+    dns.set_a("a.example.test.", 1, &["10.0.1.1"]).await;
+    dns.set_aaaa("a.example.test.", 1, &["fd00::a"]).await;
+    dns.set_a("b.example.test.", 1, &["10.0.1.2"]).await;
+
+    let id = SpiffeId::new("spiffe://example.test/users").unwrap();
+    let mut d = dns
+        .tune(DnsDiscovery::srv("_http._tcp.users.example.test."))
+        .identity(id.clone())
+        .zone("z1")
+        .build()
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        match timeout(WAIT, d.next()).await.unwrap().unwrap().unwrap() {
+            Change::Insert(_, ep) => {
+                assert_eq!(ep.identity(), Some(&id));
+                assert_eq!(ep.zone(), Some("z1"));
+                got.push(format!("{} w{}", ep.addr(), ep.weight()));
+            }
+            Change::Remove(k) => panic!("unexpected remove {k}"),
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "10.0.1.1:8080 w10",
+            "10.0.1.2:9090 w1",
+            "[fd00::a]:8080 w10"
+        ]
+    );
+    assert_quiet(&mut d).await;
+
+    // Re-weight a, drop b, move a target's address.
+    dns.set(
+        "_http._tcp.users.example.test.",
+        RecordType::SRV,
+        1,
+        vec![srv(20, 8080, "a.example.test.")],
+    )
+    .await;
+    dns.set_a("a.example.test.", 1, &["10.0.1.3"]).await;
+    assert_eq!(
+        changes(&mut d, 4).await,
+        [
+            "+10.0.1.3:8080 w20",
+            "+[fd00::a]:8080 w20",
+            "-10.0.1.1:8080",
+            "-10.0.1.2:9090"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn nxdomain_keeps_the_last_set_and_recovery_applies_the_diff() {
+    let dns = TestDns::start().await;
+    dns.set_a("gone.example.test.", 1, &["10.0.0.1", "10.0.0.2"])
+        .await;
+    let mut d = dns.host("gone.example.test").build().unwrap();
+    changes(&mut d, 2).await;
+
+    // No records at all under the name: NXDOMAIN, several rounds at the floor.
+    dns.set_a("gone.example.test.", 1, &[]).await;
+    assert_quiet(&mut d).await;
+
+    dns.set_a("gone.example.test.", 1, &["10.0.0.2", "10.0.0.9"])
+        .await;
+    assert_eq!(
+        changes(&mut d, 2).await,
+        ["+10.0.0.9:8080 w1", "-10.0.0.1:8080"]
+    );
+}
+
+#[tokio::test]
+async fn a_successful_empty_answer_empties_the_set() {
+    let dns = TestDns::start().await;
+    dns.set_a("empty.example.test.", 1, &["10.0.0.1"]).await;
+    let mut d = dns.host("empty.example.test").build().unwrap();
+    changes(&mut d, 1).await;
+
+    // The name still exists (it has a TXT record) but has no addresses: NODATA.
+    dns.set(
+        "empty.example.test.",
+        RecordType::TXT,
+        1,
+        vec![RData::TXT(TXT::new(vec!["drained".to_owned()]))],
+    )
+    .await;
+    dns.set_a("empty.example.test.", 1, &[]).await;
+    assert_eq!(changes(&mut d, 1).await, ["-10.0.0.1:8080"]);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_keeps_the_last_set() {
+    let mut dns = TestDns::start().await;
+    dns.set_a("users.example.test.", 1, &["10.0.0.1"]).await;
+    let mut d = dns.host("users.example.test").build().unwrap();
+    changes(&mut d, 1).await;
+
+    // Queries now time out (300 ms, two attempts) or are refused, round after round.
+    dns.server.shutdown_gracefully().await.unwrap();
+    let quiet = timeout(Duration::from_secs(2), d.next()).await;
+    assert!(
+        quiet.is_err(),
+        "unexpected {:?}",
+        quiet.map(|c| c.map(|c| c.map(show)))
+    );
+}
+
+#[tokio::test]
+async fn the_ttl_decides_when_to_resolve_again() {
+    let dns = TestDns::start().await;
+    dns.set_a("ttl.example.test.", 2, &["10.0.0.1"]).await;
+    let mut d = dns.host("ttl.example.test").build().unwrap();
+    next_changes(&mut d, 1).await;
+    let resolved = Instant::now();
+
+    dns.set_a("ttl.example.test.", 2, &["10.0.0.2"]).await;
+    next_changes(&mut d, 2).await;
+    let elapsed = resolved.elapsed();
+    // Not at the 200 ms floor: at the 2 s TTL.
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_secs(4)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_zero_ttl_is_raised_to_the_floor() {
+    let dns = TestDns::start().await;
+    dns.set_a("zero.example.test.", 0, &["10.0.0.1"]).await;
+    let mut d = dns
+        .host("zero.example.test")
+        .ttl_floor(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    next_changes(&mut d, 1).await;
+    let resolved = Instant::now();
+
+    dns.set_a("zero.example.test.", 0, &["10.0.0.2"]).await;
+    next_changes(&mut d, 2).await;
+    let elapsed = resolved.elapsed();
+    assert!(
+        (Duration::from_millis(800)..Duration::from_secs(3)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_long_ttl_is_lowered_to_the_ceiling() {
+    let dns = TestDns::start().await;
+    dns.set_a("long.example.test.", 86_400, &["10.0.0.1"]).await;
+    let mut d = dns
+        .host("long.example.test")
+        .ttl_ceiling(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    next_changes(&mut d, 1).await;
+    let resolved = Instant::now();
+
+    // Only a re-resolution that bypasses the day-long TTL (and hickory's cache) sees this.
+    dns.set_a("long.example.test.", 86_400, &["10.0.0.2"]).await;
+    next_changes(&mut d, 2).await;
+    let elapsed = resolved.elapsed();
+    assert!(
+        (Duration::from_millis(800)..Duration::from_secs(3)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_settings_fail_at_construction() {
+    let ns: SocketAddr = "127.0.0.1:53".parse().unwrap();
+    for b in [
+        DnsDiscovery::host("not a name", 80),
+        DnsDiscovery::host("10.0.0.1", 80),
+        DnsDiscovery::srv("users.example.test"),
+        DnsDiscovery::host("users.example.test", 80)
+            .ttl_floor(Duration::from_secs(10))
+            .ttl_ceiling(Duration::from_secs(1)),
+    ] {
+        let err = b.name_server(ns).build().unwrap_err();
+        assert!(matches!(err, DiscoverError::Dns { .. }), "{err:?}");
+    }
+}
+
+#[test]
+fn building_outside_a_runtime_is_an_error() {
+    let err = DnsDiscovery::host("users.example.test", 80)
+        .name_server("127.0.0.1:53".parse().unwrap())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("tokio runtime"), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropping_the_stream_stops_the_task() {
+    let dns = TestDns::start().await;
+    dns.set_a("users.example.test.", 1, &["10.0.0.1"]).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+
+    let mut d = dns.host("users.example.test").build().unwrap();
+    next_changes(&mut d, 1).await;
+    drop(d);
+    timeout(WAIT, async {
+        while metrics.num_alive_tasks() > before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the resolve task outlived its stream");
+}
