@@ -7,8 +7,8 @@
 //! `mesh-proxy`). It depends on no HTTP server or TLS stack.
 //!
 //! - [`identity`]: SPIFFE IDs and trust domains (re-exported from the `spiffe` crate) and
-//!   [`IdentityPattern`](identity::IdentityPattern)s for authorization rules.
-//! - [`endpoint`]: [`Endpoint`](endpoint::Endpoint) (address, expected identity, zone,
+//!   [`IdentityPattern`]s for authorization rules.
+//! - [`endpoint`]: [`Endpoint`] (address, expected identity, zone,
 //!   weight, metadata) and its discovery key.
 //! - [`discover`]: streams of `Insert`/`Remove` changes for tower's balancers, from a
 //!   static list, a watched file or DNS (each behind a feature).

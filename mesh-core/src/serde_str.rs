@@ -1,8 +1,5 @@
 //! Serde helpers for types written as strings (`FromStr` + `Display`).
 
-// Most helpers serve `config`, which lib.rs has commented out for now.
-#![allow(dead_code)]
-
 use std::fmt::Display;
 use std::str::FromStr;
 

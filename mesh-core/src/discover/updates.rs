@@ -12,7 +12,8 @@ use super::{Change, DiscoverError};
 /// A stream of changes computed by a background task.
 ///
 /// The task sends each batch of changes (one diff) over a channel of a few batches; the
-/// stream yields them one by one. Dropping the stream stops the task at its next send. The
+/// stream yields them one by one. The sources stop their task as soon as the stream is
+/// dropped (they wait on the sender's `closed()`). The
 /// stream ends only if the task ends.
 #[derive(Debug)]
 pub struct Updates {
@@ -22,7 +23,6 @@ pub struct Updates {
 
 impl Updates {
     /// A stream fed by the sending half of a new channel, which is returned with it.
-    #[allow(dead_code)] // until a source behind these features uses it
     pub(crate) fn channel() -> (mpsc::Sender<Vec<Change>>, Self) {
         let (tx, rx) = mpsc::channel(4);
         (
