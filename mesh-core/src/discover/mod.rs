@@ -23,6 +23,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::DiscoveryConfig;
 use crate::endpoint::{Endpoint, EndpointKey};
 
 #[cfg(feature = "discover-static")]
@@ -82,6 +83,14 @@ pub enum DiscoverError {
         /// The watcher's error.
         message: String,
     },
+    /// The configured source was compiled out: its feature is not enabled.
+    #[error("{kind} discovery needs mesh-core's `{feature}` feature")]
+    Unsupported {
+        /// The `kind` of discovery configured.
+        kind: &'static str,
+        /// The feature that provides it.
+        feature: &'static str,
+    },
     /// A DNS name is not valid, or a DNS lookup failed.
     #[error("DNS discovery for `{name}`: {message}")]
     Dns {
@@ -90,6 +99,72 @@ pub enum DiscoverError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// Starts the source a [`DiscoveryConfig`] describes.
+///
+/// A file source reads its file before this returns (a missing or malformed file is an
+/// error); a DNS source resolves in the background. A source whose feature is not enabled
+/// gives [`DiscoverError::Unsupported`].
+///
+/// ```
+/// use futures_util::StreamExt;
+/// use mesh_core::config::DiscoveryConfig;
+/// use mesh_core::discover::{self, Change};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config: DiscoveryConfig =
+///     toml::from_str(r#"kind = "static"
+///                       endpoints = [{ addr = "127.0.0.1:8080" }]"#)?;
+/// let mut changes = discover::from_config(&config).await?;
+/// assert!(matches!(changes.next().await, Some(Ok(Change::Insert(..)))));
+/// # Ok(()) }
+/// ```
+pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, DiscoverError> {
+    match config {
+        #[cfg(feature = "discover-static")]
+        DiscoveryConfig::Static { endpoints } => {
+            Ok(Box::pin(StaticDiscovery::new(endpoints.iter().cloned())))
+        }
+        #[cfg(feature = "discover-file")]
+        DiscoveryConfig::File { path } => Ok(Box::pin(FileDiscovery::watch(path.clone()).await?)),
+        #[cfg(feature = "discover-dns")]
+        DiscoveryConfig::Dns {
+            host,
+            port,
+            min_ttl,
+            max_ttl,
+        } => Ok(Box::pin(
+            DnsDiscovery::host(host.clone(), *port)
+                .ttl_floor(*min_ttl)
+                .ttl_ceiling(*max_ttl)
+                .build()?,
+        )),
+        #[cfg(feature = "discover-dns")]
+        DiscoveryConfig::DnsSrv {
+            name,
+            min_ttl,
+            max_ttl,
+        } => Ok(Box::pin(
+            DnsDiscovery::srv(name.clone())
+                .ttl_floor(*min_ttl)
+                .ttl_ceiling(*max_ttl)
+                .build()?,
+        )),
+        #[allow(unreachable_patterns)] // reachable when a source's feature is off
+        other => Err(DiscoverError::Unsupported {
+            kind: match other {
+                DiscoveryConfig::Static { .. } => "static",
+                DiscoveryConfig::File { .. } => "file",
+                _ => "dns",
+            },
+            feature: match other {
+                DiscoveryConfig::Static { .. } => "discover-static",
+                DiscoveryConfig::File { .. } => "discover-file",
+                _ => "discover-dns",
+            },
+        }),
+    }
 }
 
 /// A set of endpoints keyed by address: the state a discovery source diffs against.
