@@ -1,11 +1,61 @@
 //! SPIFFE workload identity and mutual TLS for the mesh.
 //!
-//! This crate will own everything about *who* a peer is: credential sources (the SPIRE
-//! Workload API through the `spiffe` crate, PEM files with hot reload, and an in-memory
-//! test CA behind `test-util`), rustls client and server configurations that verify peers
-//! by SPIFFE ID rather than by DNS name, certificate and trust-anchor rotation without
-//! restarts, the `PeerIdentity` request extension, and a TLS connector and acceptor.
+//! Every connection in the mesh is authenticated by SPIFFE ID on both ends, never by IP
+//! address or DNS name. This crate owns *who* a peer is:
+//!
+//! - [`credentials`]: this workload's SVID and the trust bundles it verifies peers with,
+//!   behind one [`CredentialSource`] trait, published through a lock-free
+//!   [`CredentialStore`]. Sources: the in-memory [`test_ca`] (feature `test-util`); PEM files
+//!   and the SPIRE Workload API are tracked on the project's mesh-spiffe issue.
+//! - [`verify`]: the SPIFFE verifier — exactly one `spiffe://` URI SAN, the chain checked
+//!   against the bundle of the peer's own trust domain, then an [`Authorizer`].
+//! - [`tls`]: [`Mtls`] builds rustls client and server configurations with an explicit
+//!   crypto provider (`ring` by default, `aws-lc-rs` as a feature), ALPN `h2` and
+//!   `http/1.1`, TLS 1.3 preferred, and certificates and bundles read at every handshake so
+//!   rotation needs no restart.
+//! - [`transport`]: [`MtlsConnector`] and [`MtlsAcceptor`] yield connections with the
+//!   peer's verified [`PeerIdentity`]; accepting runs handshakes concurrently, each with a
+//!   timeout.
+//!
+//! ```
+//! # #[cfg(feature = "test-util")] {
+//! use mesh_spiffe::{Authorizer, Mtls, MtlsAcceptor, MtlsConnector};
+//! use mesh_spiffe::credentials::CredentialStore;
+//! use mesh_spiffe::test_ca::TestCa;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let mut ca = TestCa::new("example.org").unwrap();
+//! let server = Mtls::new(CredentialStore::with(ca.issue("spiffe://example.org/api").unwrap(), ca.bundle_set().unwrap()));
+//! let client = Mtls::new(CredentialStore::with(ca.issue("spiffe://example.org/web").unwrap(), ca.bundle_set().unwrap()));
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let addr = listener.local_addr().unwrap();
+//! let mut incoming = MtlsAcceptor::new(&server, Authorizer::trust_domain(ca.trust_domain().clone()))
+//!     .unwrap()
+//!     .incoming(listener);
+//! let connector = MtlsConnector::new(&client, mesh_core::SpiffeId::new("spiffe://example.org/api").unwrap()).unwrap();
+//! let (_stream, server_id) = connector.connect(addr).await.unwrap();
+//! let accepted = incoming.next().await.unwrap().unwrap();
+//! assert_eq!(server_id.to_string(), "spiffe://example.org/api");
+//! assert_eq!(accepted.peer.to_string(), "spiffe://example.org/web");
+//! # });
+//! # }
+//! ```
 //!
 //! It depends only on `mesh-core` among the mesh crates and knows nothing of balancing,
-//! retries or HTTP routing. Its work is tracked on the project's "mesh-spiffe" issue; the
-//! crate holds no code yet.
+//! retries or HTTP routing.
+
+pub mod authorize;
+pub mod credentials;
+pub mod error;
+#[cfg(feature = "test-util")]
+pub mod test_ca;
+pub mod tls;
+pub mod transport;
+pub mod verify;
+
+pub use crate::authorize::Authorizer;
+pub use crate::credentials::{Bundle, BundleSet, CredentialSource, CredentialStore, Svid};
+pub use crate::error::{CredentialError, VerifyError};
+pub use crate::tls::Mtls;
+pub use crate::transport::{MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError};

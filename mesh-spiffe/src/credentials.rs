@@ -1,0 +1,296 @@
+//! Credentials: this workload's X.509 SVID and the trust bundles it verifies peers with.
+//!
+//! Every credential source (the SPIRE Workload API, PEM files, the test CA) implements
+//! [`CredentialSource`]: the current [`Svid`], the current [`BundleSet`], and a
+//! [`watch`](tokio::sync::watch) channel that ticks when either changes. The TLS
+//! configurations built by this crate ask the source at *every handshake*, so a rotated
+//! SVID or bundle takes effect for the next connection with no restart, and established
+//! connections are untouched.
+//!
+//! [`CredentialStore`] is the ready-made implementation the sources publish into: two
+//! lock-free [`ArcSwap`] cells and a watch channel. Reading is an atomic load; a source
+//! replaces the whole value at once, so a handshake never sees half an update.
+//!
+//! Values are validated on construction: an [`Svid`] has a non-empty chain whose leaf
+//! carries exactly one SPIFFE URI SAN, and a [`BundleSet`] holds only certificates that
+//! parse as trust anchors.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use tokio::sync::watch;
+
+use crate::error::CredentialError;
+use mesh_core::identity::{SpiffeId, TrustDomain};
+
+/// An X.509 SVID: a certificate chain (leaf first) whose leaf names one SPIFFE ID, and its
+/// private key.
+pub struct Svid {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Svid {
+    /// An SVID from a DER chain (leaf first) and its private key.
+    ///
+    /// Fails when the chain is empty or the leaf does not carry exactly one `spiffe://` URI
+    /// SAN. Whether the key matches the leaf is checked where a crypto provider is at hand
+    /// (see [`Svid::check_key`]).
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, CredentialError> {
+        let leaf = chain.first().ok_or(CredentialError::EmptyChain)?;
+        let id = crate::verify::spiffe_id_of(leaf).map_err(CredentialError::Leaf)?;
+        Ok(Self { id, chain, key })
+    }
+
+    /// The SPIFFE ID the leaf certificate names.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// Checks that the private key parses with `provider` and matches the leaf's public key.
+    pub fn check_key(
+        &self,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<(), CredentialError> {
+        self.certified_key(provider).map(drop)
+    }
+
+    /// The rustls form of this SVID, for a certificate resolver.
+    pub(crate) fn certified_key(
+        &self,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<rustls::sign::CertifiedKey, CredentialError> {
+        rustls::sign::CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), provider)
+            .map_err(|e| CredentialError::Key(e.to_string()))
+    }
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CA certificates of one trust domain, parsed as trust anchors.
+#[derive(Clone)]
+pub struct Bundle {
+    certs: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl Bundle {
+    /// A bundle of DER CA certificates. Fails if any does not parse as a trust anchor, or
+    /// if there is none.
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, CredentialError> {
+        if certs.is_empty() {
+            return Err(CredentialError::EmptyBundle);
+        }
+        let anchors = certs
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| CredentialError::Anchor {
+                        index: i,
+                        reason: format!("{e:?}"),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { certs, anchors })
+    }
+
+    /// The CA certificates, as given.
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    /// The trust anchors, for chain verification.
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bundle")
+            .field("authorities", &self.certs.len())
+            .finish()
+    }
+}
+
+/// Trust bundles by trust domain: the local domain's and any federated ones.
+#[derive(Clone, Debug, Default)]
+pub struct BundleSet {
+    bundles: HashMap<TrustDomain, Arc<Bundle>>,
+}
+
+impl BundleSet {
+    /// An empty set: every peer is refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the bundle of `trust_domain`.
+    pub fn insert(&mut self, trust_domain: TrustDomain, bundle: Bundle) {
+        self.bundles.insert(trust_domain, Arc::new(bundle));
+    }
+
+    /// The set with one more bundle.
+    pub fn with(mut self, trust_domain: TrustDomain, bundle: Bundle) -> Self {
+        self.insert(trust_domain, bundle);
+        self
+    }
+
+    /// The bundle of `trust_domain`, if trusted.
+    pub fn get(&self, trust_domain: &TrustDomain) -> Option<&Bundle> {
+        self.bundles.get(trust_domain).map(|b| &**b)
+    }
+
+    /// The trust domains with a bundle.
+    pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
+        self.bundles.keys()
+    }
+
+    /// The number of trust domains.
+    pub fn len(&self) -> usize {
+        self.bundles.len()
+    }
+
+    /// Whether no trust domain has a bundle.
+    pub fn is_empty(&self) -> bool {
+        self.bundles.is_empty()
+    }
+}
+
+/// A source of this workload's credentials.
+///
+/// Implementations must make [`svid`](Self::svid) and [`bundles`](Self::bundles) cheap:
+/// they are called at every TLS handshake.
+pub trait CredentialSource: Send + Sync + fmt::Debug + 'static {
+    /// The current SVID, or `None` before the first one arrived.
+    fn svid(&self) -> Option<Arc<Svid>>;
+
+    /// The current trust bundles.
+    fn bundles(&self) -> Arc<BundleSet>;
+
+    /// A channel that changes (its value is a generation counter) whenever the SVID or the
+    /// bundles change.
+    fn updates(&self) -> watch::Receiver<u64>;
+}
+
+/// Credentials held in memory and replaced atomically; the store every source in this
+/// crate publishes into, and a [`CredentialSource`] itself.
+///
+/// ```
+/// use mesh_spiffe::credentials::{BundleSet, CredentialSource, CredentialStore};
+///
+/// let store = CredentialStore::new();
+/// assert!(store.svid().is_none());
+/// let mut updates = store.updates();
+/// store.set_bundles(BundleSet::new());
+/// assert!(updates.has_changed().unwrap());
+/// ```
+#[derive(Debug)]
+pub struct CredentialStore {
+    svid: ArcSwapOption<Svid>,
+    bundles: ArcSwap<BundleSet>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for CredentialStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CredentialStore {
+    /// An empty store: no SVID, no bundles.
+    pub fn new() -> Self {
+        Self {
+            svid: ArcSwapOption::empty(),
+            bundles: ArcSwap::from_pointee(BundleSet::new()),
+            generation: watch::Sender::new(0),
+        }
+    }
+
+    /// A store holding `svid` and `bundles`.
+    pub fn with(svid: Svid, bundles: BundleSet) -> Self {
+        let store = Self::new();
+        store.set(svid, bundles);
+        store
+    }
+
+    /// Replaces the SVID.
+    pub fn set_svid(&self, svid: Svid) {
+        tracing::debug!(id = %svid.id(), "SVID updated");
+        self.svid.store(Some(Arc::new(svid)));
+        self.bump();
+    }
+
+    /// Replaces the bundles.
+    pub fn set_bundles(&self, bundles: BundleSet) {
+        tracing::debug!(trust_domains = bundles.len(), "trust bundles updated");
+        self.bundles.store(Arc::new(bundles));
+        self.bump();
+    }
+
+    /// Replaces both, as one update.
+    pub fn set(&self, svid: Svid, bundles: BundleSet) {
+        self.svid.store(Some(Arc::new(svid)));
+        self.bundles.store(Arc::new(bundles));
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+impl CredentialSource for CredentialStore {
+    fn svid(&self) -> Option<Arc<Svid>> {
+        self.svid.load_full()
+    }
+
+    fn bundles(&self) -> Arc<BundleSet> {
+        self.bundles.load_full()
+    }
+
+    fn updates(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+impl<S: CredentialSource + ?Sized> CredentialSource for Arc<S> {
+    fn svid(&self) -> Option<Arc<Svid>> {
+        (**self).svid()
+    }
+
+    fn bundles(&self) -> Arc<BundleSet> {
+        (**self).bundles()
+    }
+
+    fn updates(&self) -> watch::Receiver<u64> {
+        (**self).updates()
+    }
+}
