@@ -43,8 +43,8 @@ pub enum VerifyError {
     /// The certificate is not valid yet.
     #[error("peer certificate is not valid yet")]
     NotYetValid,
-    /// The chain does not lead to an anchor of the trust domain's bundle.
-    #[error("peer certificate chain does not lead to a trusted root of `{0}`")]
+    /// The chain is not signed by an anchor of the trust domain's bundle.
+    #[error("peer certificate chain is not signed by a trusted root of `{0}`")]
     UnknownIssuer(TrustDomain),
     /// Another chain-validation failure.
     #[error("peer certificate chain is invalid: {0}")]

@@ -101,18 +101,23 @@ fn to_offset(t: SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
+/// Distinguishes the CAs of one process, so that two CAs of the same trust domain have
+/// different names, as real ones do.
+static CA_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn ca_params(
     trust_domain: &TrustDomain,
     name: &str,
     serial: u64,
 ) -> Result<CertificateParams, TestCaError> {
+    let unique = CA_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut params = CertificateParams::default();
     params
         .distinguished_name
         .push(DnType::OrganizationName, "mesh test CA");
     params.distinguished_name.push(
         DnType::CommonName,
-        format!("{trust_domain} {name} {serial}"),
+        format!("{trust_domain} {name} {serial} #{unique}"),
     );
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -312,6 +317,27 @@ impl LeafBuilder<'_> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((chain, key))
     }
+}
+
+/// PEM text for certificates (`CERTIFICATE` blocks, in order), e.g. an SVID chain or a
+/// bundle, for files and for other TLS stacks.
+pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
+    let blocks: Vec<pem::Pem> = certs
+        .iter()
+        .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
+        .collect();
+    pem::encode_many(&blocks)
+}
+
+/// PEM text for a private key, in the block its encoding calls for (`PRIVATE KEY` for
+/// PKCS#8, `EC PRIVATE KEY` for SEC1, `RSA PRIVATE KEY` for PKCS#1).
+pub fn key_to_pem(key: &PrivateKeyDer<'_>) -> String {
+    let tag = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    pem::encode(&pem::Pem::new(tag, key.secret_der().to_vec()))
 }
 
 /// Parses a SPIFFE ID, for tests.

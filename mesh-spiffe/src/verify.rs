@@ -137,7 +137,11 @@ impl SpiffeVerifier {
                 VerifyError::Expired
             }
             webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
-            webpki::Error::UnknownIssuer => VerifyError::UnknownIssuer(id.trust_domain().clone()),
+            // Either no anchor has the issuer's name, or one has it but did not sign: both
+            // mean the chain does not lead to this domain's roots.
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                VerifyError::UnknownIssuer(id.trust_domain().clone())
+            }
             webpki::Error::CaUsedAsEndEntity => VerifyError::CaAsLeaf,
             other => VerifyError::Chain(format!("{other:?}")),
         })?;

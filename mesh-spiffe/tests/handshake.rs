@@ -1,0 +1,306 @@
+//! Real TLS handshakes over loopback with certificates from the test CA: who is accepted,
+//! who is refused, and why.
+#![cfg(feature = "test-util")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use mesh_core::identity::SpiffeId;
+use mesh_spiffe::test_ca::TestCa;
+use mesh_spiffe::{
+    Authorizer, BundleSet, MtlsAcceptor, MtlsConnector, TransportError, VerifyError,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+async fn identities_are_exchanged(mut ca: TestCa) {
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let acceptor = MtlsAcceptor::new(&mtls(&server), authorizer_any_in(&ca)).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+
+    let connector = MtlsConnector::new(&mtls(&client), id("spiffe://example.org/api")).unwrap();
+    let (mut stream, server_id) = connector.connect(addr).await.unwrap();
+    assert_eq!(server_id.id(), &id("spiffe://example.org/api"));
+    assert_eq!(
+        seen.recv().await.unwrap().unwrap(),
+        "spiffe://example.org/web"
+    );
+    ping(&mut stream, 7).await.unwrap();
+    let (_, conn) = stream.get_ref();
+    assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[tokio::test]
+async fn both_sides_see_each_others_spiffe_id() {
+    identities_are_exchanged(TestCa::new("example.org").unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_chain_through_an_intermediate_works() {
+    let mut ca = TestCa::with_intermediate("example.org").unwrap();
+    assert_eq!(ca.issue("spiffe://example.org/x").unwrap().chain().len(), 2);
+    identities_are_exchanged(ca).await;
+}
+
+/// The certificates a verifier must refuse, with the reason it must give.
+fn bad_certificates(
+    ca: &mut TestCa,
+) -> Vec<(
+    &'static str,
+    (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    &'static str,
+)> {
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let mut other_ca = TestCa::new("example.org").unwrap();
+    let mut foreign_ca = TestCa::new("other.org").unwrap();
+    let good = "spiffe://example.org/peer";
+    vec![
+        (
+            "no URI SAN",
+            ca.leaf().dns("peer.example.org").build_raw().unwrap(),
+            "has no URI SAN",
+        ),
+        (
+            "two URI SANs",
+            ca.leaf()
+                .uri(good)
+                .uri("spiffe://example.org/other")
+                .build_raw()
+                .unwrap(),
+            "has 2 URI SANs",
+        ),
+        (
+            "non-SPIFFE URI",
+            ca.leaf()
+                .uri("https://example.org/peer")
+                .build_raw()
+                .unwrap(),
+            "is not a workload SPIFFE ID",
+        ),
+        (
+            "trust-domain ID as a leaf",
+            ca.leaf().uri("spiffe://example.org").build_raw().unwrap(),
+            "needs a path",
+        ),
+        (
+            "CA certificate as leaf",
+            ca.leaf().uri(good).ca().build_raw().unwrap(),
+            "CA certificate",
+        ),
+        (
+            "expired",
+            ca.leaf()
+                .uri(good)
+                .validity(now - 3 * hour, now - hour)
+                .build_raw()
+                .unwrap(),
+            "has expired",
+        ),
+        (
+            "not yet valid",
+            ca.leaf()
+                .uri(good)
+                .validity(now + hour, now + 3 * hour)
+                .build_raw()
+                .unwrap(),
+            "not valid yet",
+        ),
+        (
+            "unknown CA",
+            other_ca.leaf().uri(good).build_raw().unwrap(),
+            "is not signed by a trusted root of `example.org`",
+        ),
+        (
+            "wrong trust domain",
+            foreign_ca
+                .leaf()
+                .uri("spiffe://other.org/peer")
+                .build_raw()
+                .unwrap(),
+            "no trust bundle for the peer's trust domain `other.org`",
+        ),
+        (
+            "unauthorized ID",
+            ca.leaf()
+                .uri("spiffe://example.org/intruder")
+                .build_raw()
+                .unwrap(),
+            "`spiffe://example.org/intruder` is not authorized",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn clients_verifying_servers_refuse_bad_certificates_naming_the_reason() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let expected = Authorizer::one_of([
+        id("spiffe://example.org/peer"),
+        id("spiffe://other.org/peer"),
+    ]);
+    let connector = MtlsConnector::new(&mtls(&client), expected.clone()).unwrap();
+    for (case, (chain, key), want) in bad_certificates(&mut ca) {
+        let addr = raw_server(chain, key).await;
+        let err = connector
+            .connect(addr)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{case}: accepted"));
+        let why = reason(&err);
+        assert!(matches!(err, TransportError::Verify(_)), "{case}: {why}");
+        assert!(
+            why.contains(want),
+            "{case}: {why:?} should contain {want:?}"
+        );
+    }
+    // An authorized `other.org` peer fails only for lack of a bundle, which proves the
+    // bundle lookup is per trust domain and not a pooled root set.
+    let err = connector
+        .connect(
+            raw_server_from(
+                &mut TestCa::new("other.org").unwrap(),
+                "spiffe://other.org/peer",
+            )
+            .await,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::Verify(VerifyError::NoBundle(_))),
+        "{err}"
+    );
+}
+
+async fn raw_server_from(ca: &mut TestCa, id: &str) -> std::net::SocketAddr {
+    let (chain, key) = ca.leaf().uri(id).build_raw().unwrap();
+    raw_server(chain, key).await
+}
+
+#[tokio::test]
+async fn servers_verifying_clients_refuse_bad_certificates_naming_the_reason() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let clients = Authorizer::one_of([
+        id("spiffe://example.org/peer"),
+        id("spiffe://other.org/peer"),
+    ]);
+    let acceptor = MtlsAcceptor::new(&mtls(&server), clients).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    for (case, (chain, key), want) in bad_certificates(&mut ca) {
+        let client_side = raw_client(addr, chain, key).await;
+        assert!(client_side.is_err(), "{case}: the client was served");
+        let err = seen
+            .recv()
+            .await
+            .unwrap()
+            .err()
+            .unwrap_or_else(|| panic!("{case}: accepted"));
+        let why = reason(&err.error);
+        assert!(
+            matches!(err.error, TransportError::Verify(_)),
+            "{case}: {why}"
+        );
+        assert!(
+            why.contains(want),
+            "{case}: {why:?} should contain {want:?}"
+        );
+    }
+    // And a good client still gets through.
+    let good = ca.issue("spiffe://example.org/peer").unwrap();
+    raw_client(addr, good.chain().to_vec(), good.key().clone_key())
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.recv().await.unwrap().unwrap(),
+        "spiffe://example.org/peer"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_and_garbage_are_refused() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let acceptor = MtlsAcceptor::new(&mtls(&server), Authorizer::any()).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    for bytes in [
+        &b"GET / HTTP/1.1\r\nHost: api\r\n\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0, 0][..],
+        &[0u8; 512][..],
+    ] {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(bytes).await.unwrap();
+        let err = seen.recv().await.unwrap().unwrap_err();
+        assert!(
+            matches!(err.error, TransportError::Tls(_)),
+            "{bytes:?}: {err}"
+        );
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_times_out_without_stalling_others() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let acceptor = MtlsAcceptor::new(&mtls(&server), Authorizer::any())
+        .unwrap()
+        .with_handshake_timeout(Duration::from_millis(300));
+    let (addr, mut seen) = echo_server(acceptor).await;
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let connector = MtlsConnector::new(&mtls(&client), Authorizer::any()).unwrap();
+    let (mut stream, _) = connector.connect(addr).await.unwrap();
+    ping(&mut stream, 1).await.unwrap();
+    assert_eq!(
+        seen.recv().await.unwrap().unwrap(),
+        "spiffe://example.org/web"
+    );
+    let err = seen.recv().await.unwrap().unwrap_err();
+    assert!(matches!(err.error, TransportError::Timeout(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_without_an_svid_fails_closed() {
+    let ca = TestCa::new("example.org").unwrap();
+    let empty = std::sync::Arc::new(mesh_spiffe::CredentialStore::new());
+    empty.set_bundles(ca.bundle_set().unwrap());
+    let acceptor = MtlsAcceptor::new(&mtls(&empty), Authorizer::any()).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    let mut ca = ca;
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let connector = MtlsConnector::new(&mtls(&client), Authorizer::any()).unwrap();
+    assert!(connector.connect(addr).await.is_err());
+    assert!(seen.recv().await.unwrap().is_err());
+    // And no bundles at all refuses every server.
+    let no_bundles = std::sync::Arc::new(mesh_spiffe::CredentialStore::with(
+        ca.issue("spiffe://example.org/web").unwrap(),
+        BundleSet::new(),
+    ));
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let (addr, _seen) =
+        echo_server(MtlsAcceptor::new(&mtls(&server), Authorizer::any()).unwrap()).await;
+    let err = MtlsConnector::new(&mtls(&no_bundles), Authorizer::any())
+        .unwrap()
+        .connect(addr)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransportError::Verify(VerifyError::NoBundle(_))),
+        "{err}"
+    );
+}
