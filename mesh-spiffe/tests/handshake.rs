@@ -56,13 +56,13 @@ async fn a_chain_through_an_intermediate_works() {
 }
 
 /// The certificates a verifier must refuse, with the reason it must give.
-fn bad_certificates(
-    ca: &mut TestCa,
-) -> Vec<(
+type Case = (
     &'static str,
     (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
     &'static str,
-)> {
+);
+
+fn bad_certificates(ca: &mut TestCa) -> Vec<Case> {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let mut other_ca = TestCa::new("example.org").unwrap();
