@@ -42,10 +42,20 @@
 //! # }
 //! ```
 //!
+//! What is verified, trusted and refused, and how rotation works:
+//! [`docs::threat_model`].
+//!
 //! It depends only on `mesh-core` among the mesh crates and knows nothing of balancing,
 //! retries or HTTP routing.
 
 pub mod authorize;
+
+/// Longer documentation.
+pub mod docs {
+    #[doc = include_str!("docs/threat_model.md")]
+    pub mod threat_model {}
+}
+
 pub mod credentials;
 pub mod error;
 #[cfg(feature = "test-util")]
