@@ -294,3 +294,47 @@ impl<S: CredentialSource + ?Sized> CredentialSource for Arc<S> {
         (**self).updates()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_credentials_are_refused_with_reasons() {
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let key = PrivateKeyDer::Pkcs8(vec![0u8; 8].into());
+        assert_eq!(
+            Svid::new(vec![], key.clone_key()).unwrap_err(),
+            CredentialError::EmptyChain
+        );
+        let err = Svid::new(vec![garbage.clone()], key)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("SVID leaf certificate: peer certificate is malformed"),
+            "{err}"
+        );
+        assert_eq!(
+            Bundle::new(vec![]).unwrap_err(),
+            CredentialError::EmptyBundle
+        );
+        let err = Bundle::new(vec![garbage]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("trust bundle certificate #0 is not a valid CA certificate"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn a_key_that_does_not_match_is_refused() {
+        let mut ca = crate::test_ca::TestCa::new("example.org").unwrap();
+        let a = ca.issue("spiffe://example.org/a").unwrap();
+        let b = ca.issue("spiffe://example.org/b").unwrap();
+        let provider = crate::tls::default_provider();
+        a.check_key(&provider).unwrap();
+        let mixed = Svid::new(a.chain().to_vec(), b.key().clone_key()).unwrap();
+        let err = mixed.check_key(&provider).unwrap_err().to_string();
+        assert!(err.starts_with("SVID private key"), "{err}");
+    }
+}

@@ -242,3 +242,37 @@ impl ClientCertVerifier for SpiffeVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_der(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = spiffe_id_of(&CertificateDer::from(bytes));
+        }
+    }
+
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn never_panics_on_mutated_certificates() {
+        let mut ca = crate::test_ca::TestCa::new("example.org").unwrap();
+        let der = ca.issue("spiffe://example.org/a").unwrap().chain()[0].to_vec();
+        assert_eq!(
+            spiffe_id_of(&CertificateDer::from(der.clone()))
+                .unwrap()
+                .path(),
+            "/a"
+        );
+        for i in 0..der.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut mutated = der.clone();
+                mutated[i] ^= flip;
+                let _ = spiffe_id_of(&CertificateDer::from(mutated));
+            }
+            let _ = spiffe_id_of(&CertificateDer::from(der[..i].to_vec()));
+        }
+    }
+}

@@ -304,3 +304,22 @@ async fn a_server_without_an_svid_fails_closed() {
         "{err}"
     );
 }
+
+#[cfg(feature = "aws-lc-rs")]
+#[tokio::test]
+async fn the_aws_lc_rs_provider_interoperates_with_ring() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let aws = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let acceptor = MtlsAcceptor::new(&mtls(&server).with_provider(aws), Authorizer::any()).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    let connector = MtlsConnector::new(&mtls(&client), Authorizer::any()).unwrap();
+    let (mut stream, peer) = connector.connect(addr).await.unwrap();
+    ping(&mut stream, 3).await.unwrap();
+    assert_eq!(peer.to_string(), "spiffe://example.org/api");
+    assert_eq!(
+        seen.recv().await.unwrap().unwrap(),
+        "spiffe://example.org/web"
+    );
+}
