@@ -1,7 +1,20 @@
 //! The mesh as tower middleware.
 //!
-//! This crate will hold one module per middleware (balance, breaker, retry, timeout,
-//! ratelimit, authz, route, metrics, fault), the per-endpoint connection stack on hyper 1,
-//! the `MeshClient` and `MeshServer` builders, and the mock mesh behind `test-util`. It
-//! builds on `mesh-core` and `mesh-spiffe` and never depends on tonic. Its work is tracked
-//! on the project's "mesh-tower client" issue; the crate holds no code yet.
+//! This crate holds the client and server stacks of the mesh, one module per middleware,
+//! each behind a feature of the same name:
+//!
+//! - [`balance`] (feature `balance`): per-endpoint peak-EWMA load with rate-limit
+//!   penalties, for power-of-two-choices balancing;
+//! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path;
+//! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections.
+//!
+//! The per-endpoint connection stack on hyper 1, retries with budgets and body replay,
+//! timeouts, metrics, the `MeshClient` and `MeshServer` builders and the mock mesh are
+//! tracked on the project's mesh-tower issue. The crate builds on `mesh-core` and
+//! `mesh-spiffe` and never depends on tonic.
+
+pub mod backoff;
+#[cfg(feature = "balance")]
+pub mod balance;
+#[cfg(feature = "breaker")]
+pub mod breaker;

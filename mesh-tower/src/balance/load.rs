@@ -1,0 +1,322 @@
+//! Per-endpoint load: peak-EWMA latency times outstanding requests, with a rate-limit
+//! penalty.
+//!
+//! # Peak-EWMA (Finagle, Linkerd, tower)
+//!
+//! Each endpoint keeps an exponentially weighted moving average of its round-trip times
+//! that reacts to spikes at once and forgets them slowly:
+//!
+//! - a sample is averaged in with weight `1 − e^(−Δt/τ)`, where `Δt` is the time since
+//!   the last update and `τ` the decay (default 10 s), and a sample *above* that average
+//!   replaces it (the "peak");
+//! - between samples the estimate decays toward zero with the same `τ`, so an endpoint
+//!   that was slow once and then went idle is eventually tried again.
+//!
+//! A new endpoint starts at the default RTT (30 ms), neither favoured nor shunned.
+//!
+//! The endpoint's **cost** is `estimate × (in_flight + 1)`: queueing behind outstanding
+//! requests is what a new request would pay.
+//!
+//! # Rate-limit penalty
+//!
+//! An endpoint that answered 429 / `RESOURCE_EXHAUSTED` is *penalized* until the end of
+//! the server's `Retry-After` / pushback period (capped; a default penalty when the answer
+//! carries none). [`Load`] orders penalized endpoints after every unpenalized one, whatever
+//! their costs, so power-of-two-choices picks a penalized endpoint only when both
+//! candidates are penalized — and among those, the cheaper. The answer itself counts as
+//! neither a success nor a failure.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The default RTT of an endpoint with no samples (Linkerd's): 30 ms.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// The default decay of the RTT estimate (Linkerd's): 10 s.
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+
+/// A peak-sensitive exponentially weighted moving average of round-trip times.
+///
+/// ```
+/// use std::time::Duration;
+/// use mesh_tower::balance::load::PeakEwma;
+/// use tokio::time::Instant;
+///
+/// let t0 = Instant::now();
+/// let mut ewma = PeakEwma::new(Duration::from_millis(30), Duration::from_secs(10), t0);
+/// ewma.observe(Duration::from_millis(500), t0);               // a spike replaces the estimate
+/// assert_eq!(ewma.estimate(t0), Duration::from_millis(500));
+/// ewma.observe(Duration::from_millis(10), t0 + Duration::from_secs(10));
+/// let est = ewma.estimate(t0 + Duration::from_secs(10));
+/// assert!(est < Duration::from_millis(200) && est > Duration::from_millis(10));
+/// ```
+#[derive(Clone, Debug)]
+pub struct PeakEwma {
+    estimate_ns: f64,
+    updated: Instant,
+    decay_ns: f64,
+}
+
+impl PeakEwma {
+    /// An estimate starting at `default_rtt`, decaying with time constant `decay`.
+    pub fn new(default_rtt: Duration, decay: Duration, now: Instant) -> Self {
+        Self {
+            estimate_ns: default_rtt.as_nanos() as f64,
+            updated: now,
+            // A zero decay would divide by zero; treat it as "no memory" (1 ns).
+            decay_ns: (decay.as_nanos() as f64).max(1.0),
+        }
+    }
+
+    fn weight(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        (-elapsed / self.decay_ns).exp()
+    }
+
+    /// Folds in one RTT sample taken at `now`.
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        let w = self.weight(now);
+        // The EWMA of the old estimate and the sample; a sample above it wins outright.
+        // (The old estimate's share, `estimate · w`, is also its value decayed to `now`.)
+        let ewma = self.estimate_ns * w + sample * (1.0 - w);
+        self.estimate_ns = ewma.max(sample);
+        self.updated = self.updated.max(now);
+    }
+
+    /// The estimate at `now`, decayed since the last sample.
+    pub fn estimate(&self, now: Instant) -> Duration {
+        Duration::from_nanos((self.estimate_ns * self.weight(now)) as u64)
+    }
+}
+
+/// An endpoint's load as the balancer compares it: penalized endpoints sort after all
+/// others; then lower cost wins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Load {
+    /// Whether the endpoint is within a rate-limit penalty.
+    pub penalized: bool,
+    /// `estimate_ns × (in_flight + 1)`.
+    pub cost: f64,
+}
+
+impl Eq for Load {}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.penalized
+            .cmp(&other.penalized)
+            .then(self.cost.total_cmp(&other.cost))
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    ewma: PeakEwma,
+    penalized_until: Option<Instant>,
+}
+
+/// The shared load of one endpoint: updated by completing requests, read by the balancer.
+#[derive(Clone, Debug)]
+pub struct EndpointLoad(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    in_flight: AtomicUsize,
+    state: Mutex<State>,
+}
+
+impl EndpointLoad {
+    /// A fresh endpoint at `default_rtt`, decaying with `decay`.
+    pub fn new(default_rtt: Duration, decay: Duration) -> Self {
+        Self(Arc::new(Inner {
+            in_flight: AtomicUsize::new(0),
+            state: Mutex::new(State {
+                ewma: PeakEwma::new(default_rtt, decay, Instant::now()),
+                penalized_until: None,
+            }),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The lock guards plain numbers; a panic while holding it cannot leave them
+        // inconsistent, so a poisoned lock is still usable.
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The load at `now`.
+    pub fn load(&self, now: Instant) -> Load {
+        let in_flight = self.0.in_flight.load(Ordering::Relaxed);
+        let state = self.state();
+        let estimate = state.ewma.estimate(now).as_nanos() as f64;
+        Load {
+            penalized: state.penalized_until.is_some_and(|until| now < until),
+            cost: estimate * (in_flight as f64 + 1.0),
+        }
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The RTT estimate at `now`.
+    pub fn rtt_estimate(&self, now: Instant) -> Duration {
+        self.state().ewma.estimate(now)
+    }
+
+    /// Marks a request as started; the returned guard marks it finished when dropped (so a
+    /// cancelled request never leaks load). Call [`InFlight::complete`] with its RTT when a
+    /// response head arrives.
+    pub fn start(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            load: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Penalizes the endpoint for `period` from `now` (a later penalty extends it; an
+    /// earlier one never shortens it).
+    pub fn penalize(&self, now: Instant, period: Duration) {
+        let until = now + period;
+        let mut state = self.state();
+        state.penalized_until = Some(state.penalized_until.map_or(until, |u| u.max(until)));
+    }
+
+    /// When the current penalty ends, if the endpoint is penalized at `now`.
+    pub fn penalized_until(&self, now: Instant) -> Option<Instant> {
+        self.state().penalized_until.filter(|until| now < *until)
+    }
+}
+
+/// One request in flight on an endpoint; see [`EndpointLoad::start`].
+#[derive(Debug)]
+pub struct InFlight {
+    load: EndpointLoad,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Records the round-trip time, from the start to `now`, and finishes the request.
+    pub fn complete(self, now: Instant) {
+        let rtt = now.saturating_duration_since(self.started);
+        self.load.state().ewma.observe(rtt, now);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn peaks_replace_and_lows_average_in() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(30 * MS, DEFAULT_DECAY, t0);
+        assert_eq!(e.estimate(t0), 30 * MS);
+        e.observe(100 * MS, t0);
+        assert_eq!(e.estimate(t0), 100 * MS);
+        // A low sample right away barely moves it (weight ~0).
+        e.observe(MS, t0);
+        assert_eq!(e.estimate(t0), 100 * MS);
+        // After one decay period the old value keeps e^-1 of the weight.
+        let t1 = t0 + DEFAULT_DECAY;
+        e.observe(MS, t1);
+        let est = e.estimate(t1).as_secs_f64() * 1e3;
+        let expect = 100.0 * (-1.0f64).exp() + (1.0 - (-1.0f64).exp());
+        assert!((est - expect).abs() < 0.01, "{est} vs {expect}");
+        // Idle endpoints decay toward zero.
+        assert!(e.estimate(t1 + 10 * DEFAULT_DECAY) < MS / 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_guards_count_and_sample() {
+        let load = EndpointLoad::new(10 * MS, DEFAULT_DECAY);
+        let idle = load.load(Instant::now());
+        let a = load.start();
+        let b = load.start();
+        assert_eq!(load.in_flight(), 2);
+        let busy = load.load(Instant::now());
+        assert!(
+            (busy.cost / idle.cost - 3.0).abs() < 1e-9,
+            "{busy:?} vs {idle:?}"
+        );
+        drop(a); // cancelled: no sample, but no leak either
+        tokio::time::advance(200 * MS).await;
+        b.complete(Instant::now());
+        assert_eq!(load.in_flight(), 0);
+        assert_eq!(load.rtt_estimate(Instant::now()), 200 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn penalties_order_first_and_expire() {
+        let slow = EndpointLoad::new(500 * MS, DEFAULT_DECAY);
+        let fast = EndpointLoad::new(5 * MS, DEFAULT_DECAY);
+        let now = Instant::now();
+        assert!(fast.load(now) < slow.load(now));
+        fast.penalize(now, Duration::from_secs(2));
+        fast.penalize(now, Duration::from_secs(1)); // never shortens
+        assert!(slow.load(now) < fast.load(now));
+        assert_eq!(
+            fast.penalized_until(now),
+            Some(now + Duration::from_secs(2))
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let later = Instant::now();
+        assert!(fast.load(later) < slow.load(later));
+        assert_eq!(fast.penalized_until(later), None);
+    }
+
+    proptest! {
+        #[test]
+        fn estimate_stays_between_zero_and_the_largest_sample(
+            samples in prop::collection::vec((0u64..1_000_000, 0u64..30_000), 1..50)
+        ) {
+            let t0 = Instant::now();
+            let mut e = PeakEwma::new(30 * MS, DEFAULT_DECAY, t0);
+            let mut now = t0;
+            let mut peak = 30 * MS;
+            for (rtt_us, gap_ms) in samples {
+                now += Duration::from_millis(gap_ms);
+                let rtt = Duration::from_micros(rtt_us);
+                peak = peak.max(rtt);
+                e.observe(rtt, now);
+                let est = e.estimate(now);
+                prop_assert!(est <= peak + Duration::from_nanos(1), "{est:?} > {peak:?}");
+                prop_assert!(est + Duration::from_nanos(1) >= rtt, "{est:?} < {rtt:?}");
+                // A sample at or above the current estimate becomes the estimate.
+                e.observe(est + MS, now);
+                prop_assert_eq!(e.estimate(now), est + MS);
+                peak = peak.max(est + MS);
+            }
+        }
+
+        #[test]
+        fn load_order_is_total_and_penalty_first(a in 0.0f64..1e12, b in 0.0f64..1e12, pa: bool, pb: bool) {
+            let (x, y) = (Load { penalized: pa, cost: a }, Load { penalized: pb, cost: b });
+            if pa != pb {
+                prop_assert_eq!(x < y, pb);
+            } else {
+                prop_assert_eq!(x.cmp(&y), a.total_cmp(&b));
+            }
+        }
+    }
+}
