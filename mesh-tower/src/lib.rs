@@ -6,10 +6,11 @@
 //! - [`balance`] (feature `balance`): per-endpoint peak-EWMA load with rate-limit
 //!   penalties, for power-of-two-choices balancing;
 //! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path;
-//! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections.
+//! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
+//! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
 //! The per-endpoint connection stack on hyper 1, retries with budgets and body replay,
-//! timeouts, metrics, the `MeshClient` and `MeshServer` builders and the mock mesh are
+//! timeouts, metrics and the `MeshClient` and `MeshServer` builders are
 //! tracked on the project's mesh-tower issue. The crate builds on `mesh-core` and
 //! `mesh-spiffe` and never depends on tonic.
 
@@ -18,3 +19,5 @@ pub mod backoff;
 pub mod balance;
 #[cfg(feature = "breaker")]
 pub mod breaker;
+#[cfg(feature = "test-util")]
+pub mod mock;
