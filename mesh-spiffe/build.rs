@@ -7,6 +7,8 @@
 //! enabled by that feature).
 
 fn main() {
+    // Without this, Cargo reruns the script whenever any file of the package changes.
+    println!("cargo::rerun-if-changed=build.rs");
     #[cfg(feature = "test-util")]
     workload_api::generate();
 }
