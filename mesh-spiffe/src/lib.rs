@@ -5,8 +5,12 @@
 //!
 //! - [`credentials`]: this workload's SVID and the trust bundles it verifies peers with,
 //!   behind one [`CredentialSource`] trait, published through a lock-free
-//!   [`CredentialStore`]. Sources: the in-memory [`test_ca`] (feature `test-util`); PEM files
-//!   and the SPIRE Workload API are tracked on the project's mesh-spiffe issue.
+//!   [`CredentialStore`]. Sources: the SPIFFE Workload API of a SPIRE agent ([`spire`], feature
+//!   `spire`); the in-memory [`test_ca`] (feature `test-util`); PEM files are tracked on the
+//!   project's mesh-spiffe issue.
+//! - [`fake_workload_api`] (feature `test-util`): a fake SPIFFE Workload API server that
+//!   serves the test CA's SVIDs over a Unix socket and pushes rotations, for testing
+//!   Workload API clients hermetically.
 //! - [`verify`]: the SPIFFE verifier — exactly one `spiffe://` URI SAN, the chain checked
 //!   against the bundle of the peer's own trust domain, then an [`Authorizer`].
 //! - [`tls`]: [`Mtls`] builds rustls client and server configurations with an explicit
@@ -58,6 +62,10 @@ pub mod docs {
 
 pub mod credentials;
 pub mod error;
+#[cfg(feature = "test-util")]
+pub mod fake_workload_api;
+#[cfg(feature = "spire")]
+pub mod spire;
 #[cfg(feature = "test-util")]
 pub mod test_ca;
 pub mod tls;

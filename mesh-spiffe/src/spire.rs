@@ -1,0 +1,309 @@
+//! Credentials from the SPIFFE Workload API, as a SPIRE agent serves it (feature `spire`).
+//!
+//! [`SpireSource`] runs the `spiffe` crate's [`X509Source`], which holds a
+//! `FetchX509SVID` stream open to the agent, reconnects with backoff when it drops, and
+//! notifies on every change. Each change is converted into this crate's [`Svid`] and
+//! [`BundleSet`] — the same validation as every other source: exactly one SPIFFE URI SAN on
+//! the leaf, a private key that matches it, bundles that parse as trust anchors — and
+//! published, SVID and bundles as one update, into a [`CredentialStore`]. `SpireSource`
+//! is a [`CredentialSource`] itself, so [`Mtls::new`](crate::Mtls::new) takes it directly
+//! and every handshake sees the current credentials.
+//!
+//! An update that cannot be used (unparseable, a key that does not match its certificate,
+//! a malformed bundle), and a withdrawal of the identity by the agent, leave the last good
+//! credentials in place and log a `tracing` warning: a workload keeps serving with its
+//! current SVID until the agent sends a usable one, and the SVID's own expiry bounds how
+//! long that lasts.
+//!
+//! # Defaults
+//!
+//! - **Endpoint**: the `SPIFFE_ENDPOINT_SOCKET` environment variable, as the `spiffe` crate
+//!   reads it; [`SpireSourceBuilder::endpoint`] sets one explicitly
+//!   (`unix:///run/spire/agent.sock`, or `tcp://127.0.0.1:8081`).
+//! - **Initial timeout**: 10 s ([`DEFAULT_INITIAL_TIMEOUT`]) for the first usable SVID;
+//!   [`SpireSourceBuilder::build`] fails after it, so a workload without an identity does not
+//!   start half-working. Meanwhile a missing socket or an agent with no identity for the
+//!   workload yet is retried.
+//! - **SVID**: the agent's default (first) SVID.
+//! - **Reconnection**: the `spiffe` crate's, exponential backoff from 200 ms to 10 s with
+//!   jitter.
+//! - **Key check**: with [`default_provider`](crate::tls::default_provider) unless
+//!   [`SpireSourceBuilder::provider`] says otherwise.
+//!
+//! ```no_run
+//! use mesh_spiffe::{Authorizer, Mtls, MtlsConnector};
+//! use mesh_spiffe::spire::SpireSource;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let source = SpireSource::builder()
+//!     .endpoint("unix:///run/spire/agent/public/api.sock")
+//!     .build()
+//!     .await?;
+//! let mtls = Mtls::new(source);
+//! let connector = MtlsConnector::new(&mtls, mesh_core::SpiffeId::new("spiffe://example.org/api")?)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use spiffe::{X509BundleSet, X509Source, X509SourceError, X509SourceUpdates, X509Svid};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::credentials::{Bundle, BundleSet, CredentialSource, CredentialStore, Svid};
+use crate::error::CredentialError;
+
+/// How long [`SpireSourceBuilder::build`] waits for the first usable SVID by default.
+pub const DEFAULT_INITIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a [`SpireSource`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpireError {
+    /// The Workload API refused the workload or could not be used (a malformed endpoint
+    /// address, a server without the X.509 methods, a closed source).
+    #[error("SPIFFE Workload API: {0}")]
+    WorkloadApi(#[source] X509SourceError),
+    /// No SVID arrived within the initial timeout.
+    #[error("no SVID from the SPIFFE Workload API within {0:?}")]
+    Timeout(Duration),
+    /// SVIDs arrived, but none was usable within the initial timeout.
+    #[error("no usable SVID from the SPIFFE Workload API within {timeout:?}: {error}")]
+    Unusable {
+        /// The initial timeout.
+        timeout: Duration,
+        /// What was wrong with the last SVID received.
+        #[source]
+        error: CredentialError,
+    },
+}
+
+/// Settings for a [`SpireSource`]; see the [module docs](self) for the defaults.
+#[derive(Clone, Debug)]
+pub struct SpireSourceBuilder {
+    endpoint: Option<String>,
+    initial_timeout: Duration,
+    provider: Option<Arc<CryptoProvider>>,
+}
+
+impl SpireSourceBuilder {
+    /// Connects to `endpoint` (`unix:///path/to/socket` or `tcp://ip:port`) instead of the
+    /// address in `SPIFFE_ENDPOINT_SOCKET`.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Waits at most `timeout` for the first usable SVID (default 10 s).
+    pub fn initial_timeout(mut self, timeout: Duration) -> Self {
+        self.initial_timeout = timeout;
+        self
+    }
+
+    /// Checks private keys with `provider` (default: [`crate::tls::default_provider`]).
+    pub fn provider(mut self, provider: Arc<CryptoProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Connects, waits for the first usable SVID, and starts following updates.
+    ///
+    /// Must be called within a Tokio runtime, which runs the background watch.
+    pub async fn build(self) -> Result<SpireSource, SpireError> {
+        let timeout = self.initial_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut builder = X509Source::builder();
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.endpoint(endpoint);
+        }
+        let x509 = match tokio::time::timeout_at(deadline, builder.build()).await {
+            Ok(Ok(x509)) => x509,
+            Ok(Err(X509SourceError::InitialSyncTimeout)) | Err(_) => {
+                return Err(SpireError::Timeout(timeout));
+            }
+            Ok(Err(error)) => return Err(SpireError::WorkloadApi(error)),
+        };
+        let mut publisher = Publisher {
+            store: Arc::new(CredentialStore::new()),
+            provider: self.provider.unwrap_or_else(crate::tls::default_provider),
+            applied: None,
+        };
+        // Subscribe before the first read, so that no update falls between the two.
+        let mut updates = x509.updated();
+        while let Err(rejected) = publisher.apply(&x509) {
+            let error = match rejected {
+                Rejected::Source(error) => return Err(SpireError::WorkloadApi(error)),
+                Rejected::Credential(error) => error,
+            };
+            tracing::warn!(%error, "unusable SVID from the Workload API: waiting for another");
+            match tokio::time::timeout_at(deadline, updates.changed()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(SpireError::WorkloadApi(error)),
+                Err(_) => return Err(SpireError::Unusable { timeout, error }),
+            }
+        }
+        let store = publisher.store.clone();
+        let watcher = tokio::spawn(follow(x509.clone(), updates, publisher)).abort_handle();
+        Ok(SpireSource {
+            store,
+            x509,
+            watcher,
+        })
+    }
+}
+
+/// Credentials from the SPIFFE Workload API (SPIRE); see the [module docs](self).
+///
+/// Dropping it stops following updates (the credentials it holds stay as they were in
+/// anything that cloned them out).
+#[derive(Debug)]
+pub struct SpireSource {
+    store: Arc<CredentialStore>,
+    x509: X509Source,
+    watcher: AbortHandle,
+}
+
+impl SpireSource {
+    /// A builder with the defaults of the [module docs](self).
+    pub fn builder() -> SpireSourceBuilder {
+        SpireSourceBuilder {
+            endpoint: None,
+            initial_timeout: DEFAULT_INITIAL_TIMEOUT,
+            provider: None,
+        }
+    }
+
+    /// Connects with every default: the endpoint in `SPIFFE_ENDPOINT_SOCKET`, 10 s for the
+    /// first SVID.
+    pub async fn connect() -> Result<Self, SpireError> {
+        Self::builder().build().await
+    }
+
+    /// The store the source publishes into.
+    pub fn store(&self) -> &Arc<CredentialStore> {
+        &self.store
+    }
+
+    /// Stops following updates and closes the Workload API connection. The last
+    /// credentials stay in the store.
+    pub async fn shutdown(&self) {
+        self.watcher.abort();
+        self.x509.shutdown().await;
+    }
+}
+
+impl Drop for SpireSource {
+    fn drop(&mut self) {
+        // The watcher holds a handle on the `X509Source`; once it is gone, the source
+        // closes its stream when its last handle (ours) drops.
+        self.watcher.abort();
+    }
+}
+
+impl CredentialSource for SpireSource {
+    fn svid(&self) -> Option<Arc<Svid>> {
+        self.store.svid()
+    }
+
+    fn bundles(&self) -> Arc<BundleSet> {
+        self.store.bundles()
+    }
+
+    fn updates(&self) -> watch::Receiver<u64> {
+        self.store.updates()
+    }
+}
+
+/// Publishes each change of the `X509Source`; runs until the source closes.
+async fn follow(x509: X509Source, mut updates: X509SourceUpdates, mut publisher: Publisher) {
+    loop {
+        if let Err(error) = updates.changed().await {
+            tracing::debug!(%error, "Workload API source closed: credentials stop updating");
+            return;
+        }
+        if let Err(error) = publisher.apply(&x509) {
+            tracing::warn!(
+                %error,
+                "unusable update from the Workload API: keeping the last good credentials"
+            );
+        }
+    }
+}
+
+/// Why an update was not published.
+#[derive(Debug)]
+enum Rejected {
+    /// The source has no usable SVID (withdrawn by the agent, expired, closed).
+    Source(X509SourceError),
+    /// The SVID or a bundle failed this crate's validation.
+    Credential(CredentialError),
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Source(error) => fmt::Display::fmt(error, f),
+            Self::Credential(error) => fmt::Display::fmt(error, f),
+        }
+    }
+}
+
+/// Converts the source's current state and publishes it into the store.
+#[derive(Debug)]
+struct Publisher {
+    store: Arc<CredentialStore>,
+    provider: Arc<CryptoProvider>,
+    /// What was last published, to skip re-publishing an unchanged state.
+    applied: Option<(Arc<X509Svid>, Arc<X509BundleSet>)>,
+}
+
+impl Publisher {
+    fn apply(&mut self, x509: &X509Source) -> Result<(), Rejected> {
+        // One coherent snapshot: the SVID and the bundles of the same response.
+        let state = x509.state();
+        let svid = state.svid().map_err(Rejected::Source)?;
+        let context = state.context().map_err(Rejected::Source)?;
+        let bundles = context.bundle_set().clone();
+        if let Some((old_svid, old_bundles)) = &self.applied
+            && Arc::ptr_eq(old_svid, &svid)
+            && Arc::ptr_eq(old_bundles, &bundles)
+        {
+            return Ok(());
+        }
+        let (ours, set) = convert(&svid, &bundles, &self.provider).map_err(Rejected::Credential)?;
+        tracing::info!(
+            id = %ours.id(),
+            trust_domains = set.len(),
+            "credentials from the Workload API"
+        );
+        self.store.set(ours, set);
+        self.applied = Some((svid, bundles));
+        Ok(())
+    }
+}
+
+/// The `spiffe` crate's SVID and bundles as this crate's, validated.
+fn convert(
+    svid: &X509Svid,
+    bundles: &X509BundleSet,
+    provider: &CryptoProvider,
+) -> Result<(Svid, BundleSet), CredentialError> {
+    let der = |cert: &spiffe::Certificate| CertificateDer::from(cert.as_bytes().to_vec());
+    let chain = svid.cert_chain().iter().map(der).collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        svid.private_key().as_bytes().to_vec(),
+    ));
+    let ours = Svid::new(chain, key)?;
+    ours.check_key(provider)?;
+    let mut set = BundleSet::new();
+    for (trust_domain, bundle) in bundles.iter() {
+        let bundle = Bundle::new(bundle.authorities().iter().map(der).collect())?;
+        set.insert(trust_domain.clone(), bundle);
+    }
+    Ok((ours, set))
+}
