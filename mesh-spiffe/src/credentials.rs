@@ -7,9 +7,12 @@
 //! SVID or bundle takes effect for the next connection with no restart, and established
 //! connections are untouched.
 //!
-//! [`CredentialStore`] is the ready-made implementation the sources publish into: two
-//! lock-free [`ArcSwap`] cells and a watch channel. Reading is an atomic load; a source
-//! replaces the whole value at once, so a handshake never sees half an update.
+//! [`CredentialStore`] is the ready-made implementation the sources publish into: one
+//! lock-free [`ArcSwap`] cell holding the SVID and the bundles, and a watch channel.
+//! Reading is an atomic load. [`CredentialStore::set`] replaces both in one step; a
+//! handshake reads the SVID (to present) and the bundles (to verify the peer) at two
+//! moments, which is harmless because rotations overlap: old and new credentials are both
+//! valid while a fleet moves from one to the other.
 //!
 //! Values are validated on construction: an [`Svid`] has a non-empty chain whose leaf
 //! carries exactly one SPIFFE URI SAN, and a [`BundleSet`] holds only certificates that
@@ -19,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 use tokio::sync::watch;
 
@@ -213,9 +216,15 @@ pub trait CredentialSource: Send + Sync + fmt::Debug + 'static {
 /// ```
 #[derive(Debug)]
 pub struct CredentialStore {
-    svid: ArcSwapOption<Svid>,
-    bundles: ArcSwap<BundleSet>,
+    current: ArcSwap<Snapshot>,
     generation: watch::Sender<u64>,
+}
+
+/// What the store holds, replaced as a whole.
+#[derive(Debug, Default)]
+struct Snapshot {
+    svid: Option<Arc<Svid>>,
+    bundles: Arc<BundleSet>,
 }
 
 impl Default for CredentialStore {
@@ -228,8 +237,7 @@ impl CredentialStore {
     /// An empty store: no SVID, no bundles.
     pub fn new() -> Self {
         Self {
-            svid: ArcSwapOption::empty(),
-            bundles: ArcSwap::from_pointee(BundleSet::new()),
+            current: ArcSwap::from_pointee(Snapshot::default()),
             generation: watch::Sender::new(0),
         }
     }
@@ -241,24 +249,34 @@ impl CredentialStore {
         store
     }
 
-    /// Replaces the SVID.
+    /// Replaces the SVID, keeping the bundles.
     pub fn set_svid(&self, svid: Svid) {
         tracing::debug!(id = %svid.id(), "SVID updated");
-        self.svid.store(Some(Arc::new(svid)));
+        let svid = Arc::new(svid);
+        self.current.rcu(|cur| Snapshot {
+            svid: Some(svid.clone()),
+            bundles: cur.bundles.clone(),
+        });
         self.bump();
     }
 
-    /// Replaces the bundles.
+    /// Replaces the bundles, keeping the SVID.
     pub fn set_bundles(&self, bundles: BundleSet) {
         tracing::debug!(trust_domains = bundles.len(), "trust bundles updated");
-        self.bundles.store(Arc::new(bundles));
+        let bundles = Arc::new(bundles);
+        self.current.rcu(|cur| Snapshot {
+            svid: cur.svid.clone(),
+            bundles: bundles.clone(),
+        });
         self.bump();
     }
 
-    /// Replaces both, as one update.
+    /// Replaces both in one step: no reader sees one without the other.
     pub fn set(&self, svid: Svid, bundles: BundleSet) {
-        self.svid.store(Some(Arc::new(svid)));
-        self.bundles.store(Arc::new(bundles));
+        self.current.store(Arc::new(Snapshot {
+            svid: Some(Arc::new(svid)),
+            bundles: Arc::new(bundles),
+        }));
         self.bump();
     }
 
@@ -269,11 +287,11 @@ impl CredentialStore {
 
 impl CredentialSource for CredentialStore {
     fn svid(&self) -> Option<Arc<Svid>> {
-        self.svid.load_full()
+        self.current.load().svid.clone()
     }
 
     fn bundles(&self) -> Arc<BundleSet> {
-        self.bundles.load_full()
+        self.current.load().bundles.clone()
     }
 
     fn updates(&self) -> watch::Receiver<u64> {
