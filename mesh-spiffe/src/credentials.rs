@@ -2,7 +2,7 @@
 //!
 //! Every credential source (the SPIRE Workload API, PEM files, the test CA) implements
 //! [`CredentialSource`]: the current [`Svid`], the current [`BundleSet`], and a
-//! [`watch`](tokio::sync::watch) channel that ticks when either changes. The TLS
+//! [`watch`] channel that ticks when either changes. The TLS
 //! configurations built by this crate ask the source at *every handshake*, so a rotated
 //! SVID or bundle takes effect for the next connection with no restart, and established
 //! connections are untouched.

@@ -5,8 +5,9 @@
 //!
 //! - [`credentials`]: this workload's SVID and the trust bundles it verifies peers with,
 //!   behind one [`CredentialSource`] trait, published through a lock-free
-//!   [`CredentialStore`]. Sources: the in-memory [`test_ca`] (feature `test-util`); PEM files
-//!   and the SPIRE Workload API are tracked on the project's mesh-spiffe issue.
+//!   [`CredentialStore`]. Sources: PEM files reloaded when they change (`files::PemFiles`,
+//!   feature `files`, on by default) and the in-memory [`test_ca`] (feature `test-util`);
+//!   the SPIRE Workload API is tracked on the project's mesh-spiffe issue.
 //! - [`verify`]: the SPIFFE verifier — exactly one `spiffe://` URI SAN, the chain checked
 //!   against the bundle of the peer's own trust domain, then an [`Authorizer`].
 //! - [`tls`]: [`Mtls`] builds rustls client and server configurations with an explicit
@@ -48,6 +49,8 @@
 pub mod authorize;
 pub mod credentials;
 pub mod error;
+#[cfg(feature = "files")]
+pub mod files;
 #[cfg(feature = "test-util")]
 pub mod test_ca;
 pub mod tls;
@@ -57,5 +60,7 @@ pub mod verify;
 pub use crate::authorize::Authorizer;
 pub use crate::credentials::{Bundle, BundleSet, CredentialSource, CredentialStore, Svid};
 pub use crate::error::{CredentialError, VerifyError};
+#[cfg(feature = "files")]
+pub use crate::files::{FilesError, PemFiles};
 pub use crate::tls::Mtls;
 pub use crate::transport::{MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError};

@@ -314,6 +314,70 @@ impl LeafBuilder<'_> {
     }
 }
 
+/// PEM-encodes one DER item under `label` (`CERTIFICATE`, `PRIVATE KEY`, ...), with
+/// 64-column base64 lines as RFC 7468 writes them.
+///
+/// ```
+/// use mesh_spiffe::test_ca::pem;
+///
+/// assert_eq!(pem("TEST", b"hi"), "-----BEGIN TEST-----\naGk=\n-----END TEST-----\n");
+/// ```
+pub fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            b64.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.chunks(64) {
+        out.extend(line.iter().map(|&b| char::from(b)));
+        out.push('\n');
+    }
+    out + &format!("-----END {label}-----\n")
+}
+
+/// PEM-encodes a certificate chain (or bundle), one `CERTIFICATE` block per certificate in
+/// order.
+pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
+    certs.iter().map(|c| pem("CERTIFICATE", c)).collect()
+}
+
+/// PEM-encodes a private key under the label of its format: `PRIVATE KEY` (PKCS#8),
+/// `EC PRIVATE KEY` (SEC1) or `RSA PRIVATE KEY` (PKCS#1).
+pub fn key_pem(key: &PrivateKeyDer<'_>) -> String {
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    pem(label, key.secret_der())
+}
+
+impl Svid {
+    /// The chain as PEM (leaf first) and the key as PEM: the files a PEM credential source
+    /// reads (test-util).
+    pub fn to_pem(&self) -> (String, String) {
+        (certs_pem(self.chain()), key_pem(self.key()))
+    }
+}
+
+impl Bundle {
+    /// The bundle's certificates as PEM (test-util).
+    pub fn to_pem(&self) -> String {
+        certs_pem(self.certs())
+    }
+}
+
 /// Parses a SPIFFE ID, for tests.
 pub fn spiffe_id(s: &str) -> Result<SpiffeId, TestCaError> {
     Ok(SpiffeId::new(s)?)

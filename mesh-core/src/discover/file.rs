@@ -22,7 +22,7 @@
 //!
 //! # How changes are noticed
 //!
-//! Through a [`FileWatch`](crate::watch::FileWatch) on the one path (see the
+//! Through a [`FileWatch`] on the one path (see the
 //! [`watch`](crate::watch) module for the algorithm): the *parent directory* is watched, so
 //! that atomic replacement by rename and Kubernetes config-map `..data` symlink swaps are
 //! seen; events are debounced (default 100 ms, for at most 10 periods under a steady
