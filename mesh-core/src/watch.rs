@@ -25,8 +25,9 @@
 //! then re-read, following symlinks, and compared with the last snapshot: if nothing
 //! differs, nothing is reported. In addition every path is re-read on a fixed poll interval
 //! (default [`DEFAULT_POLL_INTERVAL`], 10 s) in case an event was missed (a network file
-//! system, a watch lost because a directory was replaced, an overflowing event queue). If
-//! the watcher itself stops, the watch logs it and goes on polling.
+//! system, a watch lost because a directory was replaced, an overflowing event queue, an
+//! in-place write to a symlink's target in a directory that is not watched). If the
+//! watcher itself stops, the watch logs it and goes on polling.
 //!
 //! A path that cannot be read after the start (deleted, half-replaced, unreadable) appears
 //! in the snapshot as its I/O error; it is not fatal. Because a snapshot is reported only
@@ -183,14 +184,20 @@ impl FileWatchBuilder {
         self
     }
 
-    /// Reads every path, then starts watching their directories. Must be called within a
-    /// tokio runtime.
+    /// Starts watching the paths' directories and reads every path. Must be called within
+    /// a tokio runtime.
     ///
     /// # Errors
     ///
     /// [`WatchError::Read`] for the first path that cannot be read, and
     /// [`WatchError::Watch`] if a directory cannot be watched.
     pub async fn start(self) -> Result<FileWatch, WatchError> {
+        // Watch first, then read: a change made in between raises an event and is read
+        // again, rather than waiting for the poll. A watch failure is reported after the
+        // reads, so that a missing file is named as such.
+        let (events_tx, events) = mpsc::channel(1);
+        let watcher = watch_dirs(&self.paths, events_tx);
+
         let mut files = Vec::with_capacity(self.paths.len());
         for path in &self.paths {
             match tokio::fs::read(path).await {
@@ -209,9 +216,7 @@ impl FileWatchBuilder {
         let last = Snapshot {
             files: files.into(),
         };
-
-        let (events_tx, events) = mpsc::channel(1);
-        let watcher = watch_dirs(&self.paths, events_tx)?;
+        let watcher = watcher?;
 
         let start = time::Instant::now() + self.poll_interval;
         let mut poll = time::interval_at(start, self.poll_interval);
