@@ -18,6 +18,9 @@
 //! - [`config`]: serde types for the whole mesh with documented defaults and validation
 //!   that reports every error with its key path.
 //! - [`error`]: the per-concern error enums and helpers to find a cause in an error chain.
+//! - `watch` (feature `file-watch`): `FileWatch`, the robust watch of a set of files
+//!   (directory events, debounce, a safety-net poll, atomic replace and symlink swaps) that
+//!   file discovery and `mesh-spiffe`'s PEM credential files share.
 //!
 //! # Features
 //!
@@ -26,6 +29,7 @@
 //! | `discover-static` | yes | [`discover::StaticDiscovery`] |
 //! | `discover-file` | no | `discover::FileDiscovery` (tokio, notify) |
 //! | `discover-dns` | no | `discover::DnsDiscovery` (tokio, hickory-resolver) |
+//! | `file-watch` | no (on with `discover-file`) | `watch::FileWatch` (tokio, notify) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod classify;
@@ -35,6 +39,8 @@ pub mod endpoint;
 pub mod error;
 pub mod identity;
 mod serde_str;
+#[cfg(feature = "file-watch")]
+pub mod watch;
 
 pub use crate::endpoint::{Endpoint, EndpointKey};
 pub use crate::identity::{IdentityPattern, SpiffeId, TrustDomain};

@@ -5,6 +5,8 @@
 //!   [`VerifyError::from_rustls`] finds it again.
 //! - [`CredentialError`]: why an SVID, key or bundle is unusable (sources keep their last
 //!   good credentials and log it).
+//! - `FilesError` (feature `files`, in `files`): why PEM credential files could not be
+//!   loaded at start, naming the file.
 
 use std::sync::Arc;
 

@@ -5,9 +5,9 @@
 //!
 //! - [`credentials`]: this workload's SVID and the trust bundles it verifies peers with,
 //!   behind one [`CredentialSource`] trait, published through a lock-free
-//!   [`CredentialStore`]. Sources: the SPIFFE Workload API of a SPIRE agent ([`spire`], feature
-//!   `spire`); the in-memory [`test_ca`] (feature `test-util`); PEM files are tracked on the
-//!   project's mesh-spiffe issue.
+//!   [`CredentialStore`]. Sources: the SPIFFE Workload API of a SPIRE agent ([`spire`],
+//!   feature `spire`); PEM files reloaded when they change ([`files::PemFiles`], feature
+//!   `files`, on by default); the in-memory [`test_ca`] (feature `test-util`).
 //! - [`fake_workload_api`] (feature `test-util`): a fake SPIFFE Workload API server that
 //!   serves the test CA's SVIDs over a Unix socket and pushes rotations, for testing
 //!   Workload API clients hermetically.
@@ -64,6 +64,8 @@ pub mod credentials;
 pub mod error;
 #[cfg(feature = "test-util")]
 pub mod fake_workload_api;
+#[cfg(feature = "files")]
+pub mod files;
 #[cfg(feature = "spire")]
 pub mod spire;
 #[cfg(feature = "test-util")]
@@ -75,5 +77,7 @@ pub mod verify;
 pub use crate::authorize::Authorizer;
 pub use crate::credentials::{Bundle, BundleSet, CredentialSource, CredentialStore, Svid};
 pub use crate::error::{CredentialError, VerifyError};
+#[cfg(feature = "files")]
+pub use crate::files::{FilesError, PemFiles};
 pub use crate::tls::Mtls;
 pub use crate::transport::{MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError};

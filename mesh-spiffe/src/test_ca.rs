@@ -321,7 +321,7 @@ impl LeafBuilder<'_> {
 
 /// PEM text for certificates (`CERTIFICATE` blocks, in order), e.g. an SVID chain or a
 /// bundle, for files and for other TLS stacks.
-pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
+pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
     let blocks: Vec<pem::Pem> = certs
         .iter()
         .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
@@ -331,13 +331,28 @@ pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
 
 /// PEM text for a private key, in the block its encoding calls for (`PRIVATE KEY` for
 /// PKCS#8, `EC PRIVATE KEY` for SEC1, `RSA PRIVATE KEY` for PKCS#1).
-pub fn key_to_pem(key: &PrivateKeyDer<'_>) -> String {
+pub fn key_pem(key: &PrivateKeyDer<'_>) -> String {
     let tag = match key {
         PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
         PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
         _ => "PRIVATE KEY",
     };
     pem::encode(&pem::Pem::new(tag, key.secret_der().to_vec()))
+}
+
+impl Svid {
+    /// The chain as PEM (leaf first) and the key as PEM: the files a PEM credential source
+    /// reads (test-util).
+    pub fn to_pem(&self) -> (String, String) {
+        (certs_pem(self.chain()), key_pem(self.key()))
+    }
+}
+
+impl Bundle {
+    /// The bundle's certificates as PEM (test-util).
+    pub fn to_pem(&self) -> String {
+        certs_pem(self.certs())
+    }
 }
 
 /// Parses a SPIFFE ID, for tests.

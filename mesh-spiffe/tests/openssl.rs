@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use mesh_core::identity::{SpiffeId, TrustDomain};
-use mesh_spiffe::test_ca::{TestCa, certs_to_pem, key_to_pem};
+use mesh_spiffe::test_ca::{TestCa, certs_pem, key_pem};
 use mesh_spiffe::{
     Authorizer, Bundle, BundleSet, CredentialStore, MtlsAcceptor, MtlsConnector, Svid,
     TransportError, VerifyError,
@@ -39,8 +39,8 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 fn write_svid(dir: &Path, name: &str, svid: &Svid) -> (PathBuf, PathBuf) {
     (
-        write(dir, &format!("{name}.pem"), &certs_to_pem(svid.chain())),
-        write(dir, &format!("{name}.key"), &key_to_pem(svid.key())),
+        write(dir, &format!("{name}.pem"), &certs_pem(svid.chain())),
+        write(dir, &format!("{name}.key"), &key_pem(svid.key())),
     )
 }
 
@@ -106,14 +106,14 @@ fn bundle_from_pem(path: &Path) -> Bundle {
 async fn openssl_client_handshakes_with_our_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut ca = TestCa::with_intermediate("example.org").unwrap();
-    write(dir.path(), "root.pem", &certs_to_pem(&[ca.root().clone()]));
+    write(dir.path(), "root.pem", &certs_pem(&[ca.root().clone()]));
     let client_svid = ca.issue("spiffe://example.org/openssl-client").unwrap();
     write_svid(dir.path(), "client", &client_svid);
     // `-cert` reads only the leaf; the intermediate goes in `-cert_chain`.
     write(
         dir.path(),
         "client-chain.pem",
-        &certs_to_pem(&client_svid.chain()[1..]),
+        &certs_pem(&client_svid.chain()[1..]),
     );
 
     let server = store(&mut ca, "spiffe://example.org/api");
@@ -170,7 +170,7 @@ async fn openssl_client_handshakes_with_our_server() {
 async fn our_client_handshakes_with_an_openssl_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut ca = TestCa::new("example.org").unwrap();
-    write(dir.path(), "root.pem", &certs_to_pem(&[ca.root().clone()]));
+    write(dir.path(), "root.pem", &certs_pem(&[ca.root().clone()]));
     write_svid(
         dir.path(),
         "server",
@@ -327,7 +327,7 @@ async fn openssl_cannot_connect_without_a_client_certificate() {
     let (addr, mut seen) =
         echo_server(MtlsAcceptor::new(&mtls(&server), Authorizer::any()).unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "root.pem", &certs_to_pem(&[ca.root().clone()]));
+    write(dir.path(), "root.pem", &certs_pem(&[ca.root().clone()]));
     let dir_path = dir.path().to_owned();
     let port = addr.port();
     tokio::task::spawn_blocking(move || {

@@ -22,21 +22,14 @@
 //!
 //! # How changes are noticed
 //!
-//! The *parent directory* of the path is watched with the platform's file-event API
-//! (`notify`'s recommended watcher, not recursive). Watching the directory rather than the
-//! file is what makes replacements visible: editors and config tools write a temporary file
-//! and rename it over the old one, and Kubernetes config maps swap a `..data` symlink
-//! (`endpoints.toml -> ..data/endpoints.toml`, `..data -> ..2024_01_01_...`) by renaming a
-//! new symlink over it; a watch on the file itself would keep following the old inode.
-//!
-//! Any event in the directory (other than opens and reads, which the source's own reads
-//! cause) starts a reload once the directory has been quiet for the debounce period
-//! (default 100 ms, for at most 10 periods under a steady stream of events), so that a
-//! file being written in several steps is usually read once it is complete. The path is
-//! re-read, following symlinks, and its bytes compared with the last good content: an
-//! unchanged file emits nothing. In addition the file is re-read on a fixed poll interval
-//! (default 10 s) in case an event was missed (a network file system, a watch lost because
-//! the directory was replaced, an overflowing event queue).
+//! Through a [`FileWatch`] on the one path (see the
+//! [`watch`](crate::watch) module for the algorithm): the *parent directory* is watched, so
+//! that atomic replacement by rename and Kubernetes config-map `..data` symlink swaps are
+//! seen; events are debounced (default 100 ms, for at most 10 periods under a steady
+//! stream of events), so that a file being written in several steps is usually read once
+//! it is complete; and the file is re-read on a fixed poll interval (default 10 s) in case
+//! an event was missed. Its bytes are compared with the last good content: an unchanged
+//! file emits nothing.
 //!
 //! A file that is missing, unreadable or malformed after the source started keeps the last
 //! good endpoints: the reason is logged with `tracing::warn!` (once per distinct reason) and
@@ -52,20 +45,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use tokio::time::{self, MissedTickBehavior};
 
 use super::{Change, DiscoverError, EndpointSet, Updates};
 use crate::endpoint::Endpoint;
+use crate::watch::{FileWatch, WatchError};
 
-/// Default interval of the safety-net poll.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
-/// Default quiet period after a file event before the file is read.
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
-/// Under a steady stream of events, read anyway after this many debounce periods.
-const MAX_DEBOUNCE_ROUNDS: u32 = 10;
+pub use crate::watch::{DEFAULT_DEBOUNCE, DEFAULT_POLL_INTERVAL};
 
 /// Discovery from a TOML or JSON file, reloaded when the file changes.
 ///
@@ -151,10 +137,21 @@ impl FileDiscoveryBuilder {
     /// it is not a valid endpoint list (the message says where), and
     /// [`DiscoverError::Watch`] if its directory cannot be watched.
     pub async fn watch(self) -> Result<FileDiscovery, DiscoverError> {
-        let (content, set) = load(&self.path).await?;
-
-        let (events_tx, events_rx) = mpsc::channel(1);
-        let watcher = watch_dir(&self.path, events_tx)?;
+        let watch = FileWatch::builder([&self.path])
+            .poll_interval(self.poll_interval)
+            .debounce(self.debounce)
+            .start()
+            .await
+            .map_err(|e| match e {
+                WatchError::Read { path, source } => DiscoverError::Read { path, source },
+                WatchError::Watch { path, message } => DiscoverError::Watch { path, message },
+            })?;
+        let content = match watch.snapshot().files().first().map(|f| f.content()) {
+            Some(Ok(bytes)) => bytes.to_vec(),
+            // `start` read the one path successfully.
+            _ => Vec::new(),
+        };
+        let set = parse(&self.path, &content)?;
 
         let (tx, updates) = Updates::channel();
         let initial = EndpointSet::new().diff(&set);
@@ -164,64 +161,15 @@ impl FileDiscoveryBuilder {
         }
         let task = WatchTask {
             path: self.path,
-            poll_interval: self.poll_interval,
-            debounce: self.debounce,
             content,
             set,
             last_error: None,
             tx,
-            events: events_rx,
-            _watcher: watcher,
+            watch,
         };
         tokio::spawn(task.run());
         Ok(FileDiscovery { updates })
     }
-}
-
-/// The directory that holds `path`.
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Watches the directory of `path`, signalling `events` on every relevant event.
-fn watch_dir(
-    path: &Path,
-    events: mpsc::Sender<()>,
-) -> Result<notify::RecommendedWatcher, DiscoverError> {
-    let dir = parent_dir(path);
-    let watch_error = |e: notify::Error| DiscoverError::Watch {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut watcher =
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            // Our own reads open the file; only a close after writing means anything.
-            Ok(ev) if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) => {}
-            // A full channel already holds a wake-up; a closed one means the task is gone.
-            _ => {
-                let _ = events.try_send(());
-            }
-        })
-        .map_err(watch_error)?;
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .map_err(watch_error)?;
-    Ok(watcher)
-}
-
-/// Reads and parses the endpoints file at `path`, returning its bytes and endpoints.
-async fn load(path: &Path) -> Result<(Vec<u8>, EndpointSet), DiscoverError> {
-    let content = tokio::fs::read(path)
-        .await
-        .map_err(|source| DiscoverError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let set = parse(path, &content)?;
-    Ok((content, set))
 }
 
 /// Parses an endpoints file: JSON if the name ends in `.json`, TOML otherwise.
@@ -259,11 +207,9 @@ fn parse(path: &Path, content: &[u8]) -> Result<EndpointSet, DiscoverError> {
     Ok(file.endpoints.into_iter().collect())
 }
 
-/// The background task: reloads on events and polls, sends diffs.
+/// The background task: parses each new snapshot of the file, sends diffs.
 struct WatchTask {
     path: PathBuf,
-    poll_interval: Duration,
-    debounce: Duration,
     /// The bytes of the last good file.
     content: Vec<u8>,
     /// The last endpoints sent.
@@ -271,65 +217,36 @@ struct WatchTask {
     /// The last failure logged, so that a persisting failure is logged once.
     last_error: Option<String>,
     tx: mpsc::Sender<Vec<Change>>,
-    events: mpsc::Receiver<()>,
-    /// Kept so that the watch lives exactly as long as the task.
-    _watcher: notify::RecommendedWatcher,
+    /// Owned by the task, so that the watch lives exactly as long as the task.
+    watch: FileWatch,
 }
 
 impl WatchTask {
     async fn run(mut self) {
-        let start = time::Instant::now() + self.poll_interval;
-        let mut poll = time::interval_at(start, self.poll_interval);
-        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut events_open = true;
         loop {
-            tokio::select! {
+            let snapshot = tokio::select! {
                 () = self.tx.closed() => return,
-                ev = self.events.recv(), if events_open => match ev {
-                    Some(()) => {
-                        if !self.settle().await {
-                            return;
-                        }
-                    }
-                    // The watcher's thread is gone; keep polling.
-                    None => {
-                        tracing::warn!(path = %self.path.display(), "file watcher stopped; polling only");
-                        events_open = false;
-                        continue;
-                    }
-                },
-                _ = poll.tick() => {}
-            }
-            if !self.reload().await {
+                snapshot = self.watch.changed() => snapshot,
+            };
+            let Some(file) = snapshot.files().first() else {
+                return;
+            };
+            if !self.reload(file.content()).await {
                 return;
             }
         }
     }
 
-    /// Waits until no event has arrived for one debounce period (at most a few periods).
-    /// Returns false if the stream was dropped meanwhile.
-    async fn settle(&mut self) -> bool {
-        for _ in 0..MAX_DEBOUNCE_ROUNDS {
-            tokio::select! {
-                () = self.tx.closed() => return false,
-                () = time::sleep(self.debounce) => {}
-            }
-            if self.events.try_recv().is_err() {
-                break;
-            }
-        }
-        true
-    }
-
-    /// Re-reads the file and sends the difference. Returns false if the stream was dropped.
-    async fn reload(&mut self) -> bool {
-        let (content, set) = match tokio::fs::read(&self.path).await {
+    /// Parses the file's new content and sends the difference. Returns false if the stream
+    /// was dropped.
+    async fn reload(&mut self, read: Result<&[u8], &std::io::Error>) -> bool {
+        let (content, set) = match read {
             Ok(content) if content == self.content => {
                 self.last_error = None;
                 return true;
             }
-            Ok(content) => match parse(&self.path, &content) {
-                Ok(set) => (content, set),
+            Ok(content) => match parse(&self.path, content) {
+                Ok(set) => (content.to_vec(), set),
                 Err(e) => {
                     self.failed(&e);
                     return true;
@@ -338,7 +255,7 @@ impl WatchTask {
             Err(source) => {
                 self.failed(&DiscoverError::Read {
                     path: self.path.clone(),
-                    source,
+                    source: std::io::Error::new(source.kind(), source.to_string()),
                 });
                 return true;
             }
@@ -413,11 +330,5 @@ mod tests {
         }
         let err = parse(Path::new("e.toml"), b"\xff").unwrap_err().to_string();
         assert!(err.contains("not UTF-8"), "{err}");
-    }
-
-    #[test]
-    fn parent_of_a_bare_name_is_the_current_dir() {
-        assert_eq!(parent_dir(Path::new("e.toml")), Path::new("."));
-        assert_eq!(parent_dir(Path::new("/a/e.toml")), Path::new("/a"));
     }
 }
