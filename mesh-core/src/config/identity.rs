@@ -19,7 +19,7 @@ use crate::identity::TrustDomain;
 /// [identity]
 /// source = "files"                 # PEM files, reloaded when they change
 /// cert = "/etc/mesh/svid.pem"      # the SVID chain, leaf first
-/// key = "/etc/mesh/svid.key"       # its PKCS#8 private key
+/// key = "/etc/mesh/svid.key"       # its private key (PKCS#8, SEC1 or PKCS#1 PEM)
 /// [identity.bundles]               # one CA bundle per trusted domain (federation)
 /// "example.org" = "/etc/mesh/example.org.pem"
 /// ```
