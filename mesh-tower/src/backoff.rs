@@ -52,6 +52,11 @@ impl Backoff {
         Ok(Self { min, max, jitter })
     }
 
+    /// A policy from constants known to be valid (`0 < min <= max`, `0 <= jitter <= 1`).
+    pub(crate) const fn constant(min: Duration, max: Duration, jitter: f64) -> Self {
+        Self { min, max, jitter }
+    }
+
     /// The policy a configuration describes.
     pub fn from_config(config: &BackoffConfig) -> Result<Self, InvalidBackoff> {
         Self::new(config.min, config.max, config.jitter)

@@ -6,10 +6,12 @@
 //! - [`balance`] (feature `balance`): per-endpoint peak-EWMA load with rate-limit
 //!   penalties, for power-of-two-choices balancing;
 //! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path;
+//! - [`connect`]: per-endpoint HTTP/1.1 and HTTP/2 connections on hyper 1, plaintext or
+//!   SPIFFE mTLS, with a connect timeout and readiness that follows connection health;
 //! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
-//! The per-endpoint connection stack on hyper 1, retries with budgets and body replay,
+//! Retries with budgets and body replay,
 //! timeouts, metrics and the `MeshClient` and `MeshServer` builders are
 //! tracked on the project's mesh-tower issue. The crate builds on `mesh-core` and
 //! `mesh-spiffe` and never depends on tonic.
@@ -19,5 +21,6 @@ pub mod backoff;
 pub mod balance;
 #[cfg(feature = "breaker")]
 pub mod breaker;
+pub mod connect;
 #[cfg(feature = "test-util")]
 pub mod mock;
