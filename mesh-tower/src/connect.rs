@@ -14,7 +14,7 @@
 //! endpoint's [`ConnState`] into back-off (exponential with jitter, 100 ms to 10 s by
 //! default) during which [`ConnState::is_ready`] is false, so the balancer skips it; the
 //! first successful connect clears it. The next request after the back-off reconnects.
-//! The server's verified [`PeerIdentity`](mesh_spiffe::PeerIdentity) is attached to every
+//! The server's verified [`PeerIdentity`] is attached to every
 //! response as an extension.
 
 use std::fmt;
@@ -315,12 +315,34 @@ impl hyper::rt::Write for Conn {
 
 /// Sends requests to one endpoint over pooled (HTTP/1.1) or multiplexed (HTTP/2)
 /// connections. Cheap to clone: clones share the pool.
-#[derive(Clone)]
 pub struct EndpointClient<B> {
     addr: SocketAddr,
     authority: http::uri::Authority,
     client: Client<Connector, B>,
     state: Arc<ConnState>,
+}
+
+impl<B> Clone for EndpointClient<B> {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr,
+            authority: self.authority.clone(),
+            client: self.client.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<B> EndpointClient<B> {
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The endpoint's connection health.
+    pub fn conn_state(&self) -> &Arc<ConnState> {
+        &self.state
+    }
 }
 
 impl<B> fmt::Debug for EndpointClient<B> {
@@ -361,16 +383,6 @@ where
             client: builder.build(connector),
             state,
         }
-    }
-
-    /// The endpoint's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The endpoint's connection health.
-    pub fn conn_state(&self) -> &Arc<ConnState> {
-        &self.state
     }
 
     /// Sends `req` to this endpoint, whatever its URI's authority says: the connection is

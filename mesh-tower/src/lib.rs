@@ -21,6 +21,10 @@ pub mod backoff;
 pub mod balance;
 #[cfg(feature = "breaker")]
 pub mod breaker;
+pub mod client;
 pub mod connect;
+pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
+
+pub use crate::client::{MeshClient, MeshClientBuilder};

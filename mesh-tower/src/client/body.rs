@@ -1,0 +1,279 @@
+//! Request bodies that can be replayed on retry, and response bodies that report a gRPC
+//! status found in trailers.
+//!
+//! **Replay.** Before the first try, a request body is buffered if it ends within the cap
+//! (default 64 KiB): a body whose size hint says it is small is collected at once; one of
+//! unknown size is read until it ends or passes the cap. A buffered body is sent again,
+//! byte for byte, on every retry. A larger body is streamed once — the frames read so far
+//! first, then the rest — and the request is not retried. A body with trailers is never
+//! replayed.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use mesh_core::classify::{Class, Classifier};
+use mesh_core::error::BoxError;
+
+use crate::breaker::Breaker;
+
+/// The body of a request as the mesh sends it to an endpoint.
+#[derive(Debug)]
+pub struct RequestBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    /// A complete body (replayable).
+    Full(Option<Bytes>),
+    /// Frames already read, then the rest of a body larger than the cap.
+    Streaming {
+        prefix: VecDeque<Frame<Bytes>>,
+        rest: Option<UnsyncBoxBody<Bytes, BoxError>>,
+    },
+}
+
+impl RequestBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self(Kind::Full(None))
+    }
+
+    /// A complete body.
+    pub fn full(bytes: Bytes) -> Self {
+        Self(Kind::Full((!bytes.is_empty()).then_some(bytes)))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Streaming { prefix, rest } => {
+                if let Some(frame) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                match rest {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Streaming { prefix, rest } => {
+                prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Streaming { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// A request body made ready for sending: replayable, or for one try only.
+#[derive(Debug)]
+pub(crate) enum Prepared {
+    /// Buffered within the cap: every try gets a copy.
+    Replayable(Bytes),
+    /// Too large (or with trailers): the first try takes it.
+    Once(Option<RequestBody>),
+}
+
+impl Prepared {
+    /// The body for the next try, or `None` if it was already sent and cannot be replayed.
+    pub(crate) fn next(&mut self) -> Option<RequestBody> {
+        match self {
+            Prepared::Replayable(bytes) => Some(RequestBody::full(bytes.clone())),
+            Prepared::Once(body) => body.take(),
+        }
+    }
+
+    /// Whether further tries can get a body.
+    pub(crate) fn is_replayable(&self) -> bool {
+        matches!(self, Prepared::Replayable(_))
+    }
+}
+
+/// Streams `body` without buffering it: sent once, never retried.
+pub(crate) fn once<B>(body: B) -> Prepared
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Prepared::Once(Some(RequestBody(Kind::Streaming {
+        prefix: VecDeque::new(),
+        rest: Some(body.map_err(Into::into).boxed_unsync()),
+    })))
+}
+
+/// Buffers `body` if it ends within `cap` bytes (see the module docs).
+pub(crate) async fn prepare<B>(body: B, cap: usize) -> Result<Prepared, BoxError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if body.is_end_stream() {
+        return Ok(Prepared::Replayable(Bytes::new()));
+    }
+    let hint = body.size_hint();
+    if hint.lower() > cap as u64 {
+        return Ok(once(body));
+    }
+    let mut body = body.map_err(Into::into).boxed_unsync();
+    let mut buf = BytesMut::new();
+    let mut frames = VecDeque::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Prepared::Replayable(buf.freeze())),
+            Some(frame) => {
+                let frame = frame?;
+                let trailers = frame.is_trailers();
+                if let Some(data) = frame.data_ref() {
+                    buf.extend_from_slice(data.chunk());
+                }
+                frames.push_back(frame);
+                if buf.len() > cap || trailers {
+                    // Too large, or trailers we would not replay: stream what we have, then
+                    // the rest, once.
+                    return Ok(Prepared::Once(Some(RequestBody(Kind::Streaming {
+                        prefix: frames,
+                        rest: Some(body),
+                    }))));
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from an endpoint. For gRPC responses whose status comes in the
+    /// trailers, the status is classified when they arrive (or the stream ends without
+    /// them) and reported to the endpoint's circuit breaker.
+    pub struct ResponseBody {
+        #[pin]
+        inner: hyper::body::Incoming,
+        pending: Option<(Classifier, Breaker)>,
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    pub(crate) fn new(
+        inner: hyper::body::Incoming,
+        pending: Option<(Classifier, Breaker)>,
+    ) -> Self {
+        Self { inner, pending }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(ready) = &polled {
+            // `Some(trailers)` once the status can be known: at the trailers frame, or at
+            // the end of the stream (or an error) without them.
+            let settled = match ready {
+                Some(Ok(frame)) => frame.trailers_ref().map(Some),
+                Some(Err(_)) | None => Some(None),
+            };
+            if let Some(trailers) = settled
+                && let Some((classifier, breaker)) = this.pending.take()
+            {
+                let class = match ready {
+                    Some(Err(_)) => Class::Failure,
+                    _ => classifier.classify_trailers(trailers),
+                };
+                breaker.record(class);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+
+    async fn bytes_of(body: RequestBody) -> Bytes {
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    type Frames = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>;
+
+    fn chunked(chunks: Vec<&'static [u8]>) -> StreamBody<Frames> {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .into_iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn small_bodies_replay_byte_for_byte() {
+        let mut p = prepare(Full::new(Bytes::from_static(b"hello")), 64)
+            .await
+            .unwrap();
+        assert!(p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await, "hello");
+        assert_eq!(bytes_of(p.next().unwrap()).await, "hello");
+        // Unknown size, ending within the cap.
+        let mut p = prepare(chunked(vec![b"ab", b"cd"]), 4).await.unwrap();
+        assert!(p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_stream_once_and_intact() {
+        let mut p = prepare(chunked(vec![b"abc", b"def", b"ghi"]), 4)
+            .await
+            .unwrap();
+        assert!(!p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await, "abcdefghi");
+        assert!(p.next().is_none());
+        // Known to be too large: not read at all.
+        let mut p = prepare(Full::new(Bytes::from(vec![7u8; 100])), 64)
+            .await
+            .unwrap();
+        assert!(!p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await.len(), 100);
+    }
+}

@@ -1,0 +1,334 @@
+//! Building a [`MeshClient`] from code or from `mesh-core` configuration.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::Endpoint;
+use mesh_core::classify::Classifier;
+use mesh_core::config::{
+    BalancerConfig, BreakerConfig, ClassificationConfig, Protocol, RateLimitedConfig, RetryConfig,
+    ServiceConfig, TimeoutConfig, TlsMode, ZoneConfig,
+};
+use mesh_core::discover::BoxDiscover;
+use mesh_core::identity::IdentityPattern;
+use mesh_spiffe::{Authorizer, Mtls, MtlsConnector};
+use prometheus_client::registry::Registry;
+use tower::retry::budget::TpsBudget;
+
+use super::{Inner, MeshClient, RateLimitPolicy, RetryPolicy};
+use crate::backoff::Backoff;
+use crate::balance::ZonePreference;
+use crate::balance::load::EndpointLoad;
+use crate::balance::pool::{PoolHandle, SlotParts};
+use crate::breaker::{Breaker, BreakerPolicy, EjectionBudget, SuccessRatePolicy};
+use crate::client::body::RequestBody;
+use crate::connect::{ConnectSettings, DEFAULT_CONNECT_BACKOFF, EndpointClient};
+use crate::metrics::ClientMetrics;
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Neither [`MeshClientBuilder::mtls`] nor [`MeshClientBuilder::plaintext`] was chosen.
+    #[error("choose mTLS (`.mtls(..)`) or, explicitly, plaintext (`.plaintext()`)")]
+    NoTransport,
+    /// A setting is out of range.
+    #[error("invalid client setting `{0}`: {1}")]
+    Invalid(&'static str, String),
+    /// `build` was called outside a Tokio runtime.
+    #[error("a MeshClient must be built inside a Tokio runtime")]
+    NoRuntime,
+}
+
+enum Transport {
+    Unset,
+    Plaintext,
+    Mtls(Mtls),
+}
+
+/// Builds a [`MeshClient`]; see [`MeshClient::builder`] and
+/// [`MeshClientBuilder::from_config`].
+pub struct MeshClientBuilder {
+    discovery: BoxDiscover,
+    service: String,
+    transport: Transport,
+    server_identity: Option<IdentityPattern>,
+    protocol: Protocol,
+    connect_timeout: Duration,
+    balancer: BalancerConfig,
+    retry: RetryConfig,
+    timeout: TimeoutConfig,
+    breaker: BreakerConfig,
+    rate_limited: RateLimitedConfig,
+    classification: ClassificationConfig,
+    zone: ZoneConfig,
+    local_zone: Option<String>,
+    metrics: Option<ClientMetrics>,
+}
+
+impl fmt::Debug for MeshClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClientBuilder")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshClientBuilder {
+    pub(super) fn new(discovery: BoxDiscover) -> Self {
+        Self {
+            discovery,
+            service: "default".to_owned(),
+            transport: Transport::Unset,
+            server_identity: None,
+            protocol: Protocol::Auto,
+            connect_timeout: crate::connect::DEFAULT_CONNECT_TIMEOUT,
+            balancer: BalancerConfig::default(),
+            retry: RetryConfig::default(),
+            timeout: TimeoutConfig::default(),
+            breaker: BreakerConfig::default(),
+            rate_limited: RateLimitedConfig::default(),
+            classification: ClassificationConfig::default(),
+            zone: ZoneConfig::default(),
+            local_zone: None,
+            metrics: None,
+        }
+    }
+
+    /// A builder with every policy of `config` (a `[services.NAME]` section). With
+    /// `tls = "mtls"` the caller still supplies credentials with [`mtls`](Self::mtls);
+    /// `server_identity` from the config is used unless that call overrides it.
+    pub fn from_config(name: &str, config: &ServiceConfig, discovery: BoxDiscover) -> Self {
+        let mut b = Self::new(discovery);
+        b.service = name.to_owned();
+        b.transport = match config.tls {
+            TlsMode::Plaintext => Transport::Plaintext,
+            _ => Transport::Unset,
+        };
+        b.protocol = config.protocol;
+        b.connect_timeout = config.connect_timeout;
+        b.balancer = config.balancer.clone();
+        b.retry = config.retry.clone();
+        b.timeout = config.timeout.clone();
+        b.breaker = config.circuit_breaker.clone();
+        b.rate_limited = config.rate_limited.clone();
+        b.classification = config.classification.clone();
+        b.zone = config.zone.clone();
+        b.server_identity = config.server_identity.clone();
+        b
+    }
+
+    /// The service's name, for logs and metrics (default `default`).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service = name.into();
+        self
+    }
+
+    /// Connects with SPIFFE mTLS. Each endpoint must present the identity discovery gives
+    /// for it or, when it gives none, one that [`server_identity`](Self::server_identity)
+    /// matches; an endpoint with neither is refused.
+    pub fn mtls(mut self, mtls: Mtls) -> Self {
+        self.transport = Transport::Mtls(mtls);
+        self
+    }
+
+    /// The identity endpoints must present when discovery names none for them.
+    pub fn server_identity(mut self, pattern: IdentityPattern) -> Self {
+        self.server_identity = Some(pattern);
+        self
+    }
+
+    /// Connects in plaintext: endpoints are not authenticated.
+    pub fn plaintext(mut self) -> Self {
+        self.transport = Transport::Plaintext;
+        self
+    }
+
+    /// The protocol (default: `Auto`).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The connect timeout (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Balancer settings.
+    pub fn balancer(mut self, config: BalancerConfig) -> Self {
+        self.balancer = config;
+        self
+    }
+
+    /// Retry settings.
+    pub fn retry(mut self, config: RetryConfig) -> Self {
+        self.retry = config;
+        self
+    }
+
+    /// Timeouts.
+    pub fn timeout(mut self, config: TimeoutConfig) -> Self {
+        self.timeout = config;
+        self
+    }
+
+    /// Circuit breaking.
+    pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = config;
+        self
+    }
+
+    /// Rate-limit awareness.
+    pub fn rate_limited(mut self, config: RateLimitedConfig) -> Self {
+        self.rate_limited = config;
+        self
+    }
+
+    /// Response classification.
+    pub fn classification(mut self, config: ClassificationConfig) -> Self {
+        self.classification = config;
+        self
+    }
+
+    /// This workload's zone and the zone preference.
+    pub fn zone(mut self, local_zone: Option<String>, config: ZoneConfig) -> Self {
+        self.local_zone = local_zone;
+        self.zone = config;
+        self
+    }
+
+    /// Registers the client's metrics in `registry`.
+    pub fn metrics(mut self, registry: &mut Registry) -> Self {
+        self.metrics = Some(ClientMetrics::register(registry, &self.service));
+        self
+    }
+
+    /// Starts the client: its discovery task runs from now on.
+    pub fn build(self) -> Result<MeshClient, BuildError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BuildError::NoRuntime);
+        }
+        let invalid =
+            |what: &'static str, e: &dyn fmt::Display| BuildError::Invalid(what, e.to_string());
+        let retry_backoff =
+            Backoff::from_config(&self.retry.backoff).map_err(|e| invalid("retry.backoff", &e))?;
+        let ejection_backoff = Backoff::from_config(&self.breaker.backoff)
+            .map_err(|e| invalid("circuit_breaker.backoff", &e))?;
+        if !(0.0..=1.0).contains(&self.retry.budget.ratio) {
+            return Err(invalid("retry.budget.ratio", &"must be between 0 and 1"));
+        }
+        let budget = TpsBudget::new(
+            self.retry
+                .budget
+                .ttl
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            self.retry.budget.min_per_second,
+            self.retry.budget.ratio as f32,
+        );
+        let transport = match self.transport {
+            Transport::Unset => return Err(BuildError::NoTransport),
+            Transport::Plaintext => None,
+            Transport::Mtls(mtls) => Some(mtls),
+        };
+        let pattern = self.server_identity.clone();
+        let breaker_policy = self.breaker.enabled.then(|| BreakerPolicy {
+            consecutive_failures: self.breaker.consecutive_failures.max(1),
+            success_rate: self
+                .breaker
+                .success_rate
+                .as_ref()
+                .map(|s| SuccessRatePolicy {
+                    threshold: s.threshold,
+                    window: s.window,
+                    min_requests: s.min_requests,
+                }),
+            backoff: ejection_backoff,
+            count_rate_limited: self.rate_limited.count_toward_ejection,
+        });
+        let ejections = Arc::new(EjectionBudget::new(self.breaker.max_ejected_share));
+        let (protocol, connect_timeout) = (self.protocol, self.connect_timeout);
+        let (default_rtt, decay) = (self.balancer.default_rtt, self.balancer.decay);
+        let metrics = self.metrics.clone();
+        let factory = move |endpoint: &Endpoint| -> Option<SlotParts<RequestBody>> {
+            let tls = match &transport {
+                None => None,
+                Some(mtls) => {
+                    let expected = match (endpoint.identity(), &pattern) {
+                        (Some(id), _) => Authorizer::exact(id.clone()),
+                        (None, Some(p)) => Authorizer::pattern(p.clone()),
+                        // No expectation at all: refuse every server rather than trust any.
+                        (None, None) => Authorizer::predicate(
+                            "an identity given by discovery or `server_identity`",
+                            |_| false,
+                        ),
+                    };
+                    match MtlsConnector::new(mtls, expected) {
+                        Ok(c) => Some(c),
+                        Err(error) => {
+                            // Fail closed: leave the endpoint out rather than connect in
+                            // plaintext.
+                            tracing::error!(%error, endpoint = %endpoint.key(), "cannot build a TLS configuration; endpoint skipped");
+                            return None;
+                        }
+                    }
+                }
+            };
+            let client = EndpointClient::new(
+                endpoint.addr(),
+                ConnectSettings {
+                    protocol,
+                    tls,
+                    connect_timeout,
+                    backoff: DEFAULT_CONNECT_BACKOFF,
+                },
+            );
+            let label: Arc<str> = Arc::from(endpoint.key().to_string());
+            let breaker = breaker_policy.clone().map(|policy| {
+                let metrics = metrics.clone();
+                let label = label.clone();
+                Breaker::spawn(policy, ejections.clone(), endpoint.key(), move |t| {
+                    if let Some(m) = &metrics {
+                        m.transition(&label, t);
+                    }
+                })
+            });
+            Some(SlotParts {
+                client,
+                load: EndpointLoad::new(default_rtt, decay),
+                breaker,
+                label,
+            })
+        };
+        let pool = PoolHandle::spawn(self.discovery, self.local_zone.clone(), factory);
+        Ok(MeshClient {
+            inner: Arc::new(Inner {
+                pool,
+                zone: ZonePreference {
+                    enabled: self.zone.prefer_local && self.local_zone.is_some(),
+                    load_band: self.zone.load_band.max(1.0),
+                },
+                classifier: Classifier::from(&self.classification),
+                retry: RetryPolicy {
+                    enabled: self.retry.enabled,
+                    max_retries: self.retry.max_retries,
+                    statuses: self.retry.statuses,
+                    grpc_codes: self.retry.grpc_codes,
+                    non_idempotent: self.retry.non_idempotent,
+                    max_replay_body: self.retry.max_replay_body,
+                    backoff: retry_backoff,
+                },
+                budget,
+                rate_limit: RateLimitPolicy {
+                    default_penalty: self.rate_limited.default_penalty,
+                    max_penalty: self.rate_limited.max_penalty,
+                },
+                request_timeout: self.timeout.request,
+                per_try_timeout: self.timeout.per_try,
+                metrics: self.metrics,
+            }),
+        })
+    }
+}
