@@ -177,6 +177,16 @@ impl ClientMetrics {
         self.errors.get_or_create(&self.endpoint(&slot.label)).inc();
     }
 
+    /// Retries sent so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.get()
+    }
+
+    /// Retries refused by the budget so far.
+    pub fn budget_exhaustions(&self) -> u64 {
+        self.budget_exhausted.get()
+    }
+
     pub(crate) fn retried(&self) {
         self.retries.inc();
     }

@@ -5,10 +5,13 @@
 //! - [`p2c`] picks the lighter of two random *ready* endpoints.
 //! - [`pool`] keeps the endpoints current from discovery as a lock-free snapshot.
 //!
-//! An endpoint is **ready** when its connection is not in connect back-off and its circuit
-//! breaker admits a request (closed, or the single probe in probation). When no endpoint
-//! is ready, the pick falls back to power of two choices among all endpoints whose breaker
-//! is not shut, so a request is still attempted (and fails fast) rather than parked.
+//! Endpoints are picked in **tiers**: power of two choices runs among endpoints whose
+//! connection is not in connect back-off, whose circuit breaker admits a request (closed,
+//! or its single probe in probation) and that are not within a rate-limit penalty; if
+//! there are none, among penalized ones too (rate limiting then only biases, by cost);
+//! then among those backing off from failed connects, so a request is still attempted
+//! (and fails fast) rather than parked. Ejected endpoints are never picked; the ejection
+//! budget guarantees some are not ejected.
 //!
 //! **Zone preference** (when this workload's zone is known and some endpoints share it):
 //! the pick runs among local-zone endpoints; it spills to another zone when the local
@@ -52,24 +55,52 @@ fn weighted_load<B>(slot: &Slot<B>, now: Instant) -> Load {
     load
 }
 
-fn is_ready<B>(slot: &Slot<B>, now: Instant) -> bool {
-    slot.client.conn_state().is_ready(now)
-        && slot.breaker.as_ref().is_none_or(|b| b.gate().try_admit())
+/// How eligible an endpoint is, from most to least.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Tier {
+    /// Connected (or not backing off), breaker admitting, not rate-limited.
+    Preferred,
+    /// As above but within a rate-limit penalty.
+    Penalized,
+    /// Connect back-off: tried only when nothing better is ready.
+    Backoff,
+    /// Ejected, or on probation with its probe already out.
+    Shut,
 }
 
+fn tier<B>(slot: &Slot<B>, now: Instant) -> Tier {
+    if slot.breaker.as_ref().is_some_and(|b| !b.gate().may_admit()) {
+        return Tier::Shut;
+    }
+    if !slot.client.conn_state().is_ready(now) {
+        return Tier::Backoff;
+    }
+    if slot.load.penalized_until(now).is_some() {
+        return Tier::Penalized;
+    }
+    Tier::Preferred
+}
+
+/// Power of two choices among `indices` whose tier is at least `min`.
 fn pick_among<B>(
     pool: &Pool<B>,
     indices: &[usize],
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Option<usize> {
-    p2c::pick(
-        indices.len(),
-        rng,
-        |i| is_ready(&pool.endpoints[indices[i]], now),
-        |i| weighted_load(&pool.endpoints[indices[i]], now),
-    )
-    .map(|i| indices[i])
+    let slot = |i: usize| &pool.endpoints[indices[i]];
+    for max in [Tier::Preferred, Tier::Penalized, Tier::Backoff] {
+        let picked = p2c::pick(
+            indices.len(),
+            rng,
+            |i| tier(slot(i), now) <= max,
+            |i| weighted_load(slot(i), now),
+        );
+        if let Some(i) = picked {
+            return Some(indices[i]);
+        }
+    }
+    None
 }
 
 /// Picks an endpoint of `pool` for one request (see the [module docs](self)).
@@ -79,66 +110,43 @@ pub fn pick<B>(
     rng: &mut fastrand::Rng,
 ) -> Option<Arc<Slot<B>>> {
     let now = Instant::now();
-    let n = pool.endpoints.len();
-    let chosen = if zone.enabled && !pool.local.is_empty() && !pool.remote.is_empty() {
-        match pick_among(pool, &pool.local, now, rng) {
-            None => pick_among(pool, &pool.remote, now, rng),
-            Some(local) => {
-                // Compare with a remote sample without taking its breaker permit.
-                let remote = p2c::pick(
-                    pool.remote.len(),
-                    rng,
-                    |i| {
-                        let s = &pool.endpoints[pool.remote[i]];
-                        s.client.conn_state().is_ready(now)
-                            && s.breaker.as_ref().is_none_or(|b| b.gate().is_open())
-                    },
-                    |i| weighted_load(&pool.endpoints[pool.remote[i]], now),
-                )
-                .map(|i| pool.remote[i]);
-                match remote {
-                    Some(r)
+    // A probe permit can be taken by a concurrent request between the check and the
+    // admission: pick again a few times.
+    for _ in 0..3 {
+        let chosen = if zone.enabled && !pool.local.is_empty() && !pool.remote.is_empty() {
+            match pick_among(pool, &pool.local, now, rng) {
+                None => pick_among(pool, &pool.remote, now, rng),
+                Some(local) => match pick_among(pool, &pool.remote, now, rng) {
+                    Some(remote)
                         if spill(
+                            tier(&pool.endpoints[local], now),
                             weighted_load(&pool.endpoints[local], now),
-                            weighted_load(&pool.endpoints[r], now),
+                            tier(&pool.endpoints[remote], now),
+                            weighted_load(&pool.endpoints[remote], now),
                             zone.load_band,
                         ) =>
                     {
-                        Some(r)
+                        Some(remote)
                     }
                     _ => Some(local),
-                }
+                },
             }
+        } else {
+            pick_among(pool, &pool.all, now, rng)
+        }?;
+        let slot = &pool.endpoints[chosen];
+        if slot.breaker.as_ref().is_none_or(|b| b.gate().try_admit()) {
+            return Some(slot.clone());
         }
-    } else {
-        p2c::pick(
-            n,
-            rng,
-            |i| is_ready(&pool.endpoints[i], now),
-            |i| weighted_load(&pool.endpoints[i], now),
-        )
-    };
-    let chosen = chosen.or_else(|| {
-        // Nothing ready: try anyway among endpoints not ejected.
-        p2c::pick(
-            n,
-            rng,
-            |i| {
-                pool.endpoints[i]
-                    .breaker
-                    .as_ref()
-                    .is_none_or(|b| b.gate().is_open())
-            },
-            |i| weighted_load(&pool.endpoints[i], now),
-        )
-    });
-    chosen.map(|i| pool.endpoints[i].clone())
+    }
+    None
 }
 
-/// Whether a request should leave the local zone.
-fn spill(local: Load, remote: Load, band: f64) -> bool {
-    if local.penalized != remote.penalized {
-        return local.penalized;
+/// Whether a request should leave the local zone: the remote candidate is in a better
+/// tier, or in the same tier and the local cost exceeds `band` times the remote cost.
+fn spill(local_tier: Tier, local: Load, remote_tier: Tier, remote: Load, band: f64) -> bool {
+    if local_tier != remote_tier {
+        return remote_tier < local_tier;
     }
     local.cost > remote.cost * band
 }
@@ -153,24 +161,11 @@ mod tests {
             penalized: false,
             cost,
         };
-        assert!(!spill(l(10.0), l(10.0), 1.5));
-        assert!(!spill(l(15.0), l(10.0), 1.5));
-        assert!(spill(l(15.1), l(10.0), 1.5));
-        assert!(spill(
-            Load {
-                penalized: true,
-                cost: 1.0
-            },
-            l(100.0),
-            1.5
-        ));
-        assert!(!spill(
-            l(100.0),
-            Load {
-                penalized: true,
-                cost: 1.0
-            },
-            1.5
-        ));
+        let p = Tier::Preferred;
+        assert!(!spill(p, l(10.0), p, l(10.0), 1.5));
+        assert!(!spill(p, l(15.0), p, l(10.0), 1.5));
+        assert!(spill(p, l(15.1), p, l(10.0), 1.5));
+        assert!(spill(Tier::Penalized, l(1.0), p, l(100.0), 1.5));
+        assert!(!spill(p, l(100.0), Tier::Penalized, l(1.0), 1.5));
     }
 }

@@ -1,22 +1,42 @@
 //! Power of two choices (Mitzenmacher; as in Finagle, Linkerd and tower).
 //!
-//! Pick two distinct endpoints uniformly at random among those that are *ready* and keep
+//! Sample two distinct endpoints uniformly at random among those that are *ready* and keep
 //! the one with the lower [`Load`](super::load::Load). Comparing two random endpoints
 //! instead of scanning all of them costs O(1) per request, needs no global ordering, and
 //! avoids the herd behaviour of always choosing the single least-loaded endpoint, while
 //! still steering traffic away from slow, busy or penalized endpoints.
 //!
-//! Readiness (an open circuit breaker, a connection that is not up, a saturated endpoint)
-//! is checked on the sampled candidates, so the common case does no scan: a few random
-//! pairs are tried and, only if they keep hitting unready endpoints, the candidates are
-//! scanned once for the ready ones. A single ready endpoint is returned as is; none gives
-//! `None`.
+//! Both candidates are sampled among ready endpoints, so an unready endpoint never hands
+//! its pair to the other candidate unopposed. Sampling tries a few random indices and,
+//! only if they keep hitting unready endpoints, scans once from a random offset. A single
+//! ready endpoint is returned as is; none gives `None`. Readiness is checked without side
+//! effects: the caller takes any permit (a breaker's probe) for the endpoint it keeps.
 
-/// Picks an index of `len` items by power of two choices.
+/// Random draws before falling back to a scan.
+const DRAWS: usize = 4;
+
+fn sample(
+    len: usize,
+    rng: &mut fastrand::Rng,
+    ready: &impl Fn(usize) -> bool,
+    exclude: Option<usize>,
+) -> Option<usize> {
+    for _ in 0..DRAWS {
+        let i = rng.usize(..len);
+        if Some(i) != exclude && ready(i) {
+            return Some(i);
+        }
+    }
+    let start = rng.usize(..len);
+    (0..len)
+        .map(|k| (start + k) % len)
+        .find(|&i| Some(i) != exclude && ready(i))
+}
+
+/// Picks an index of `len` items by power of two choices among the ready ones.
 ///
-/// `ready(i)` says whether item `i` may take a request (it may take a permit, such as a
-/// breaker's probe, so it is called at most once per returned index and only on
-/// candidates); `load(i)` returns a comparable load. Ties go to the first sampled.
+/// `ready(i)` says whether item `i` may take a request; `load(i)` returns a comparable
+/// load. Ties go to the first sampled.
 ///
 /// ```
 /// use mesh_tower::balance::p2c::pick;
@@ -34,44 +54,18 @@
 pub fn pick<L: Ord>(
     len: usize,
     rng: &mut fastrand::Rng,
-    mut ready: impl FnMut(usize) -> bool,
+    ready: impl Fn(usize) -> bool,
     load: impl Fn(usize) -> L,
 ) -> Option<usize> {
-    match len {
-        0 => return None,
-        1 => return ready(0).then_some(0),
-        _ => {}
+    if len == 0 {
+        return None;
     }
-    // Sample pairs; an unready candidate is skipped, not compared.
-    for _ in 0..3 {
-        let a = rng.usize(..len);
-        let mut b = rng.usize(..len - 1);
-        if b >= a {
-            b += 1;
-        }
-        let (la, lb) = (load(a), load(b));
-        let (first, second) = if lb < la { (b, a) } else { (a, b) };
-        if ready(first) {
-            return Some(first);
-        }
-        if ready(second) {
-            return Some(second);
-        }
+    let a = sample(len, rng, &ready, None)?;
+    match sample(len, rng, &ready, Some(a)) {
+        None => Some(a),
+        Some(b) if load(b) < load(a) => Some(b),
+        Some(_) => Some(a),
     }
-    // Most candidates are unready: scan once, then choose among the ready ones. `ready` is
-    // called on each item here, so keep the winner's permit and no other: a probe permit
-    // taken by a loser is given back by its gate's own retry.
-    let mut best: Option<(usize, L)> = None;
-    for i in 0..len {
-        let l = load(i);
-        if best.as_ref().is_some_and(|(_, b)| *b <= l) {
-            continue;
-        }
-        if ready(i) {
-            best = Some((i, l));
-        }
-    }
-    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -87,6 +81,15 @@ mod tests {
         assert_eq!(pick(1, &mut rng, |_| false, |i| i), None);
         assert_eq!(pick(5, &mut rng, |_| false, |i| i), None);
         assert_eq!(pick(5, &mut rng, |i| i == 3, |i| i), Some(3));
+    }
+
+    #[test]
+    fn unready_items_never_give_their_pair_away() {
+        // Item 0 is unready; 1 and 2 are compared with each other every time.
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..1000 {
+            assert_eq!(pick(3, &mut rng, |i| i != 0, |i| [0, 5, 1][i]), Some(2));
+        }
     }
 
     #[test]

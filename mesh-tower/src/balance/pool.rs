@@ -70,6 +70,8 @@ pub struct Pool<B> {
     pub local: Vec<usize>,
     /// Indices of endpoints in other (or unknown) zones.
     pub remote: Vec<usize>,
+    /// Every index, `0..endpoints.len()`.
+    pub all: Vec<usize>,
 }
 
 impl<B> Default for Pool<B> {
@@ -78,6 +80,7 @@ impl<B> Default for Pool<B> {
             endpoints: Vec::new(),
             local: Vec::new(),
             remote: Vec::new(),
+            all: Vec::new(),
         }
     }
 }
@@ -231,6 +234,7 @@ async fn follow<B: Send + 'static>(
                 pool.remote.push(i);
             }
             pool.endpoints.push(slot.clone());
+            pool.all.push(i);
         }
         current.store(Arc::new(pool));
         tx.send_modify(|n| *n += 1);

@@ -98,6 +98,17 @@ const OPEN: u8 = 0;
 const SHUT: u8 = 1;
 const PROBATION: u8 = 2;
 
+/// A gate's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateState {
+    /// Serving.
+    Open,
+    /// Ejected.
+    Ejected,
+    /// Admitting one probe.
+    Probation,
+}
+
 /// What the balancer reads: may this endpoint take a request now?
 #[derive(Debug, Default)]
 pub struct Gate {
@@ -115,9 +126,28 @@ impl Gate {
         }
     }
 
+    /// Whether [`try_admit`](Self::try_admit) would admit a request now (it does not take
+    /// the probe permit).
+    pub fn may_admit(&self) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => true,
+            PROBATION => !self.probe_taken.load(Ordering::Acquire),
+            _ => false,
+        }
+    }
+
     /// Whether the endpoint is serving normally (not ejected, not on probation).
     pub fn is_open(&self) -> bool {
         self.state.load(Ordering::Acquire) == OPEN
+    }
+
+    /// The gate's state, for display.
+    pub fn state(&self) -> GateState {
+        match self.state.load(Ordering::Acquire) {
+            OPEN => GateState::Open,
+            PROBATION => GateState::Probation,
+            _ => GateState::Ejected,
+        }
     }
 
     fn set(&self, state: u8) {

@@ -111,6 +111,11 @@ impl MeshClient {
         self.inner.pool.load().endpoints.clone()
     }
 
+    /// The client's metrics, when registered with [`MeshClientBuilder::metrics`].
+    pub fn metrics(&self) -> Option<&crate::metrics::ClientMetrics> {
+        self.inner.metrics.as_ref()
+    }
+
     /// Sends one request through the whole stack.
     pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, BoxError>
     where
