@@ -297,7 +297,10 @@ async fn answer(req: Request<Incoming>, ctx: Ctx) -> Result<Response<Full<Bytes>
     if behavior.hang {
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(delay).await;
+    if !delay.is_zero() {
+        // Even a zero sleep waits for the timer's next millisecond tick.
+        tokio::time::sleep(delay).await;
+    }
     let mut threshold = behavior.reset_rate;
     if roll < threshold {
         ctx.stats.resets.fetch_add(1, Ordering::Relaxed);
