@@ -8,11 +8,13 @@
 //! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path;
 //! - [`connect`]: per-endpoint HTTP/1.1 and HTTP/2 connections on hyper 1, plaintext or
 //!   SPIFFE mTLS, with a connect timeout and readiness that follows connection health;
+//! - [`client`]: [`MeshClient`], the whole client stack for one service;
+//! - [`retry`]: the retry budget;
+//! - [`metrics`]: Prometheus metrics in the host's registry;
 //! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
-//! Retries with budgets and body replay,
-//! timeouts, metrics and the `MeshClient` and `MeshServer` builders are
+//! The server side (`MeshServer`: authorization, local rate limiting) is
 //! tracked on the project's mesh-tower issue. The crate builds on `mesh-core` and
 //! `mesh-spiffe` and never depends on tonic.
 
@@ -26,5 +28,6 @@ pub mod connect;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
+pub mod retry;
 
 pub use crate::client::{MeshClient, MeshClientBuilder};

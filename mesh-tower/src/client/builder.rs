@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::retry::budget::RetryBudget;
 use mesh_core::Endpoint;
 use mesh_core::classify::Classifier;
 use mesh_core::config::{
@@ -14,7 +15,6 @@ use mesh_core::discover::BoxDiscover;
 use mesh_core::identity::IdentityPattern;
 use mesh_spiffe::{Authorizer, Mtls, MtlsConnector};
 use prometheus_client::registry::Registry;
-use tower::retry::budget::TpsBudget;
 
 use super::{Inner, MeshClient, RateLimitPolicy, RetryPolicy};
 use crate::backoff::Backoff;
@@ -220,13 +220,10 @@ impl MeshClientBuilder {
         if !(0.0..=1.0).contains(&self.retry.budget.ratio) {
             return Err(invalid("retry.budget.ratio", &"must be between 0 and 1"));
         }
-        let budget = TpsBudget::new(
-            self.retry
-                .budget
-                .ttl
-                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        let budget = RetryBudget::new(
+            self.retry.budget.ratio,
             self.retry.budget.min_per_second,
-            self.retry.budget.ratio as f32,
+            self.retry.budget.ttl,
         );
         let transport = match self.transport {
             Transport::Unset => return Err(BuildError::NoTransport),
@@ -305,6 +302,7 @@ impl MeshClientBuilder {
         let pool = PoolHandle::spawn(self.discovery, self.local_zone.clone(), factory);
         Ok(MeshClient {
             inner: Arc::new(Inner {
+                service: Arc::from(self.service.as_str()),
                 pool,
                 zone: ZonePreference {
                     enabled: self.zone.prefer_local && self.local_zone.is_some(),

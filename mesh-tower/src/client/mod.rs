@@ -22,7 +22,7 @@
 //!    `retry.grpc_codes`, per-try timeouts and broken connections), the body can be
 //!    replayed, fewer than
 //!    `max_retries` retries were made, the **budget** allows it (20 % of requests plus
-//!    10/s over 10 s, tower's `TpsBudget`), and the back-off (25–250 ms with jitter, or
+//!    10/s over 10 s, [`crate::retry::budget`]), and the back-off (25–250 ms with jitter, or
 //!    the server's `Retry-After` if longer) ends before the deadline. Rate-limited answers
 //!    are retried only if 429 is among `retry.statuses`, and never sooner than their
 //!    pushback; a negative gRPC pushback forbids retrying.
@@ -45,7 +45,7 @@ use http::{Method, Request, Response};
 use mesh_core::classify::{Backoff as Pushback, Class, Classifier, CodeSet, StatusSet};
 use mesh_core::error::BoxError;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
+use tracing::Instrument;
 
 use self::body::{RequestBody, ResponseBody};
 use crate::backoff::Backoff;
@@ -74,11 +74,12 @@ pub(crate) struct RateLimitPolicy {
 }
 
 pub(crate) struct Inner {
+    pub(crate) service: Arc<str>,
     pub(crate) pool: PoolHandle<RequestBody>,
     pub(crate) zone: ZonePreference,
     pub(crate) classifier: Classifier,
     pub(crate) retry: RetryPolicy,
-    pub(crate) budget: TpsBudget,
+    pub(crate) budget: crate::retry::budget::RetryBudget,
     pub(crate) rate_limit: RateLimitPolicy,
     pub(crate) request_timeout: Option<Duration>,
     pub(crate) per_try_timeout: Option<Duration>,
@@ -123,18 +124,24 @@ impl MeshClient {
         B::Error: Into<BoxError>,
     {
         let inner = self.inner.clone();
+        let span = tracing::debug_span!(
+            "mesh_client",
+            service = %inner.service,
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+        );
         let deadline = inner.request_timeout.map(|t| Instant::now() + t);
-        match deadline {
-            Some(at) => tokio::time::timeout_at(at, call(inner, req, deadline))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(
-                        error::RequestTimeout(self.inner.request_timeout.unwrap_or_default())
-                            .into(),
-                    )
-                }),
-            None => call(inner, req, None).await,
-        }
+        let fut = async move {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, call(inner.clone(), req, deadline))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(error::RequestTimeout(inner.request_timeout.unwrap_or_default()).into())
+                    }),
+                None => call(inner, req, None).await,
+            }
+        };
+        fut.instrument(span).await
     }
 }
 
@@ -215,7 +222,9 @@ where
             return Err(error::NoEndpoints.into());
         };
         drop(pool);
-        let outcome = try_once(&inner, &slot, req).await;
+        let outcome = try_once(&inner, &slot, req)
+            .instrument(tracing::debug_span!("try", server.address = %slot.label, retries))
+            .await;
 
         let now = SystemTime::now();
         let max_penalty = inner.rate_limit.max_penalty;
@@ -338,7 +347,14 @@ async fn try_once(inner: &Inner, slot: &Arc<Slot<RequestBody>>, req: Request<Req
             Try::Answer(resp, class)
         }
         Err(e) => {
-            drop(in_flight);
+            if mesh_core::error::is_caused_by::<error::TryTimeout>(e.as_ref()) {
+                // A try that timed out took at least the timeout: that is what the next
+                // request would wait, so it feeds the load estimate.
+                in_flight.complete(now);
+            } else {
+                // A fast failure says nothing about latency.
+                drop(in_flight);
+            }
             if let Some(b) = &slot.breaker {
                 b.record(Class::Failure);
             }
@@ -349,6 +365,27 @@ async fn try_once(inner: &Inner, slot: &Arc<Slot<RequestBody>>, req: Request<Req
                 || mesh_core::error::is_caused_by::<error::TryTimeout>(e.as_ref())
                 || mesh_core::error::find_cause::<hyper::Error>(e.as_ref()).is_some();
             Try::Failed(e, retryable)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_methods() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert!(is_idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m), "{m}");
         }
     }
 }
