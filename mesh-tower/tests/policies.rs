@@ -168,11 +168,17 @@ async fn metrics_are_recorded_in_the_hosts_registry() {
         .await
         .unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
-    let client = client([Endpoint::new(ok.addr()), Endpoint::new(bad.addr())])
-        .service_name("users")
-        .metrics(&mut registry)
-        .build()
-        .unwrap();
+    // The failing endpoint is local, so it is tried (and retried) until its breaker
+    // ejects it; then the healthy remote one serves.
+    let client = client([
+        Endpoint::new(ok.addr()).with_zone("b"),
+        Endpoint::new(bad.addr()).with_zone("a"),
+    ])
+    .zone(Some("a".into()), ZoneConfig::default())
+    .service_name("users")
+    .metrics(&mut registry)
+    .build()
+    .unwrap();
     for _ in 0..30 {
         let resp = client.send(get()).await.unwrap();
         let _ = resp.into_body().collect().await;

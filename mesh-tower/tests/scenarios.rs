@@ -244,7 +244,12 @@ async fn a_failing_endpoint_is_ejected_probed_and_reinstated() {
     let gate_open =
         |s: &Arc<mesh_tower::balance::pool::Slot<_>>| s.breaker.as_ref().unwrap().gate().is_open();
     assert!(!gate_open(&bad_slot()), "not ejected");
-    assert_eq!(bad.stats().errors.load(Ordering::Relaxed), 3);
+    // Ejected at the 3rd consecutive failure; a request already in flight may add one.
+    let errors = bad.stats().errors.load(Ordering::Relaxed);
+    assert!(
+        (3..=4).contains(&errors),
+        "{errors} failures before ejection"
+    );
 
     // While ejected, it gets nothing.
     let seen = requests(&bad);
