@@ -162,6 +162,12 @@ impl Gate {
 pub struct Breaker {
     gate: Arc<Gate>,
     tx: mpsc::Sender<Class>,
+    /// Whether a success must reach the task: a failure was reported since the last
+    /// success, or the policy keeps a success-rate window. While the gate is open and
+    /// this is false, successes change nothing and are not sent, so healthy traffic
+    /// wakes no task.
+    dirty: Arc<AtomicBool>,
+    tracks_rate: bool,
 }
 
 impl Breaker {
@@ -175,6 +181,7 @@ impl Breaker {
         let gate = Arc::new(Gate::default());
         let (tx, rx) = mpsc::channel(CHANNEL);
         budget.add_endpoint();
+        let tracks_rate = policy.success_rate.is_some();
         tokio::spawn(drive(
             BreakerState::new(policy),
             rx,
@@ -183,12 +190,28 @@ impl Breaker {
             endpoint,
             on_transition,
         ));
-        Self { gate, tx }
+        Self {
+            gate,
+            tx,
+            dirty: Arc::new(AtomicBool::new(false)),
+            tracks_rate,
+        }
     }
 
     /// Reports a finished request's class. Never blocks; if the task is far behind, the
     /// outcome is dropped and logged at debug level.
     pub fn record(&self, class: Class) {
+        match class {
+            Class::Success => {
+                if !self.tracks_rate
+                    && self.gate.is_open()
+                    && !self.dirty.swap(false, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+            _ => self.dirty.store(true, Ordering::Release),
+        }
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(class) {
             tracing::debug!("circuit breaker is behind: an outcome was dropped");
         }
