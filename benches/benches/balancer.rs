@@ -45,6 +45,7 @@ fn our_pool(n: usize) -> Pool<RequestBody> {
             load: EndpointLoad::new(RTT, DECAY),
             breaker: None,
             label: Arc::from(addr.to_string()),
+            metrics: None,
         };
         pool.endpoints.push(Arc::new(slot));
         pool.all.push(i);

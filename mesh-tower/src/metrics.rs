@@ -57,6 +57,14 @@ struct BreakerLabels {
     state: &'static str,
 }
 
+/// Handles to one endpoint's most frequent series, made once per endpoint so that the
+/// common response (200, success) touches no label map.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    ok: Counter,
+    load: Gauge<f64, AtomicU64>,
+}
+
 /// The metrics of one client (one service).
 #[derive(Clone, Debug)]
 pub struct ClientMetrics {
@@ -64,6 +72,7 @@ pub struct ClientMetrics {
     responses: Family<ResponseLabels, Counter>,
     errors: Family<EndpointLabels, Counter>,
     durations: Family<ServiceLabels, Histogram>,
+    duration: Histogram,
     retries: Counter,
     budget_exhausted: Counter,
     breaker: Family<BreakerLabels, Counter>,
@@ -90,6 +99,7 @@ impl ClientMetrics {
                 // 1 ms to ~16 s.
                 Histogram::new(exponential_buckets(0.001, 2.0, 15))
             }),
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             retries: Counter::default(),
             budget_exhausted: Counter::default(),
             breaker: Family::default(),
@@ -115,8 +125,10 @@ impl ClientMetrics {
         let labels = ServiceLabels {
             service: this.service.clone(),
         };
-        // Bind the service label once; the counters are shared with the families.
+        // Bind the service label once; the handles are shared with the families.
+        let duration = this.durations.get_or_create(&labels).clone();
         let this = Self {
+            duration,
             retries: retries.get_or_create(&labels).clone(),
             budget_exhausted: exhausted.get_or_create(&labels).clone(),
             ..this
@@ -147,6 +159,22 @@ impl ClientMetrics {
         }
     }
 
+    /// The handles of the endpoint labelled `address`.
+    pub(crate) fn endpoint_handles(&self, address: &Arc<str>) -> EndpointMetrics {
+        EndpointMetrics {
+            ok: self
+                .responses
+                .get_or_create(&ResponseLabels {
+                    service: self.service.clone(),
+                    server_address: address.clone(),
+                    http_response_status_code: 200,
+                    class: class_name(Some(Class::Success)),
+                })
+                .clone(),
+            load: self.load.get_or_create(&self.endpoint(address)).clone(),
+        }
+    }
+
     pub(crate) fn response<B>(
         &self,
         slot: &Slot<B>,
@@ -154,23 +182,33 @@ impl ClientMetrics {
         class: Option<Class>,
         took: std::time::Duration,
     ) {
-        self.responses
-            .get_or_create(&ResponseLabels {
-                service: self.service.clone(),
-                server_address: slot.label.clone(),
-                http_response_status_code: status.as_u16(),
-                class: class_name(class),
-            })
-            .inc();
-        self.durations
-            .get_or_create(&ServiceLabels {
-                service: self.service.clone(),
-            })
-            .observe(took.as_secs_f64());
-        let load = slot.load.load(Instant::now());
-        self.load
-            .get_or_create(&self.endpoint(&slot.label))
-            .set(load.cost / 1e9);
+        match (&slot.metrics, class) {
+            (Some(h), Some(Class::Success)) if status == StatusCode::OK => {
+                h.ok.inc();
+            }
+            _ => {
+                self.responses
+                    .get_or_create(&ResponseLabels {
+                        service: self.service.clone(),
+                        server_address: slot.label.clone(),
+                        http_response_status_code: status.as_u16(),
+                        class: class_name(class),
+                    })
+                    .inc();
+            }
+        }
+        self.duration.observe(took.as_secs_f64());
+        let cost = slot.load.load(Instant::now()).cost / 1e9;
+        match &slot.metrics {
+            Some(h) => {
+                h.load.set(cost);
+            }
+            None => {
+                self.load
+                    .get_or_create(&self.endpoint(&slot.label))
+                    .set(cost);
+            }
+        }
     }
 
     pub(crate) fn error<B>(&self, slot: &Slot<B>) {

@@ -27,7 +27,7 @@
 //! neither a success nor a failure.
 
 use std::cmp::Ordering as CmpOrdering;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -122,7 +122,6 @@ impl Ord for Load {
 #[derive(Debug)]
 struct State {
     ewma: PeakEwma,
-    penalized_until: Option<Instant>,
 }
 
 /// The shared load of one endpoint: updated by completing requests, read by the balancer.
@@ -132,17 +131,23 @@ pub struct EndpointLoad(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     in_flight: AtomicUsize,
+    /// The end of the rate-limit penalty, in nanoseconds after `base` (0: none). Read on
+    /// every pick without taking the lock.
+    penalized_until: AtomicU64,
+    base: Instant,
     state: Mutex<State>,
 }
 
 impl EndpointLoad {
     /// A fresh endpoint at `default_rtt`, decaying with `decay`.
     pub fn new(default_rtt: Duration, decay: Duration) -> Self {
+        let now = Instant::now();
         Self(Arc::new(Inner {
             in_flight: AtomicUsize::new(0),
+            penalized_until: AtomicU64::new(0),
+            base: now,
             state: Mutex::new(State {
-                ewma: PeakEwma::new(default_rtt, decay, Instant::now()),
-                penalized_until: None,
+                ewma: PeakEwma::new(default_rtt, decay, now),
             }),
         }))
     }
@@ -153,13 +158,17 @@ impl EndpointLoad {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn offset(&self, at: Instant) -> u64 {
+        // Saturates after ~584 years of uptime.
+        u64::try_from(at.saturating_duration_since(self.0.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// The load at `now`.
     pub fn load(&self, now: Instant) -> Load {
         let in_flight = self.0.in_flight.load(Ordering::Relaxed);
-        let state = self.state();
-        let estimate = state.ewma.estimate(now).as_nanos() as f64;
+        let estimate = self.state().ewma.estimate(now).as_nanos() as f64;
         Load {
-            penalized: state.penalized_until.is_some_and(|until| now < until),
+            penalized: self.penalized_until(now).is_some(),
             cost: estimate * (in_flight as f64 + 1.0),
         }
     }
@@ -188,14 +197,14 @@ impl EndpointLoad {
     /// Penalizes the endpoint for `period` from `now` (a later penalty extends it; an
     /// earlier one never shortens it).
     pub fn penalize(&self, now: Instant, period: Duration) {
-        let until = now + period;
-        let mut state = self.state();
-        state.penalized_until = Some(state.penalized_until.map_or(until, |u| u.max(until)));
+        let until = self.offset(now + period).max(1);
+        self.0.penalized_until.fetch_max(until, Ordering::AcqRel);
     }
 
     /// When the current penalty ends, if the endpoint is penalized at `now`.
     pub fn penalized_until(&self, now: Instant) -> Option<Instant> {
-        self.state().penalized_until.filter(|until| now < *until)
+        let until = self.0.penalized_until.load(Ordering::Acquire);
+        (until != 0 && self.offset(now) < until).then(|| self.0.base + Duration::from_nanos(until))
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Slot<B> {
     pub breaker: Option<Breaker>,
     /// Its address as a shared string, for metric labels.
     pub label: Arc<str>,
+    /// Its pre-made metric handles, when metrics are on.
+    pub metrics: Option<crate::metrics::EndpointMetrics>,
 }
 
 /// The per-endpoint parts a [`SlotFactory`] makes.
@@ -51,6 +53,8 @@ pub struct SlotParts<B> {
     pub breaker: Option<Breaker>,
     /// Its address as a shared string, for metric labels.
     pub label: Arc<str>,
+    /// Its pre-made metric handles, when metrics are on.
+    pub metrics: Option<crate::metrics::EndpointMetrics>,
 }
 
 impl<B> fmt::Debug for Slot<B> {
@@ -199,6 +203,7 @@ async fn follow<B: Send + 'static>(
                             load: old.load.clone(),
                             breaker: old.breaker.clone(),
                             label: old.label.clone(),
+                            metrics: old.metrics.clone(),
                         },
                         _ => match factory.make(&endpoint) {
                             Some(parts) => Slot {
@@ -207,6 +212,7 @@ async fn follow<B: Send + 'static>(
                                 load: parts.load,
                                 breaker: parts.breaker,
                                 label: parts.label,
+                                metrics: parts.metrics,
                             },
                             None => {
                                 slots.remove(&key);

@@ -296,6 +296,7 @@ impl MeshClientBuilder {
                 client,
                 load: EndpointLoad::new(default_rtt, decay),
                 breaker,
+                metrics: metrics.as_ref().map(|m| m.endpoint_handles(&label)),
                 label,
             })
         };
