@@ -1,6 +1,7 @@
 //! Per-request overhead of the whole `MeshClient` stack (balancer, load tracking, breaker,
 //! retry bookkeeping, classification, metrics) against a bare hyper-util client, both
-//! sending HTTP/1.1 in plaintext to the same loopback server, in the same run.
+//! sending HTTP/1.1 in plaintext (with `TCP_NODELAY`) to the same loopback server, in the
+//! same run.
 //!
 //! - `latency/*`: one request at a time; compare the medians.
 //! - `throughput_32/*`: 32 concurrent requests per iteration; the ratio of times is the
@@ -32,7 +33,10 @@ fn bench(c: &mut Criterion) {
         .block_on(MockEndpoint::spawn("bench", Behavior::default()))
         .unwrap();
     let uri: http::Uri = format!("http://{}/", server.addr()).parse().unwrap();
-    let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // Like ours, the baseline disables Nagle's algorithm (hyper-util leaves it on).
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let mesh = {
         let _guard = rt.enter();
         MeshClient::builder(Box::pin(StaticDiscovery::new([Endpoint::new(
