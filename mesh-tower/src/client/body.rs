@@ -1,12 +1,14 @@
 //! Request bodies that can be replayed on retry, and response bodies that report a gRPC
 //! status found in trailers.
 //!
-//! **Replay.** Before the first try, a request body is buffered if it ends within the cap
-//! (default 64 KiB): a body whose size hint says it is small is collected at once; one of
-//! unknown size is read until it ends or passes the cap. A buffered body is sent again,
-//! byte for byte, on every retry. A larger body is streamed once — the frames read so far
-//! first, then the rest — and the request is not retried. A body with trailers is never
-//! replayed.
+//! **Replay.** Before the first try, a request body whose size is known to be within the
+//! cap (default 64 KiB) — its size hint has an upper bound that fits, as with a complete
+//! body or a `Content-Length` — is collected and sent again, byte for byte, on every
+//! retry. Any other body (larger, or of unknown size such as a stream) is sent once,
+//! as it comes, and the request is not retried. Reading a stream ahead before sending it
+//! could deadlock a peer that waits for the response before producing more (streaming
+//! gRPC), so streams are never held back. A body that turns out to carry trailers is
+//! streamed once too.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -123,7 +125,7 @@ where
     })))
 }
 
-/// Buffers `body` if it ends within `cap` bytes (see the module docs).
+/// Buffers `body` if its size is known to be within `cap` bytes (see the module docs).
 pub(crate) async fn prepare<B>(body: B, cap: usize) -> Result<Prepared, BoxError>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -133,7 +135,7 @@ where
         return Ok(Prepared::Replayable(Bytes::new()));
     }
     let hint = body.size_hint();
-    if hint.lower() > cap as u64 {
+    if hint.upper().is_none_or(|upper| upper > cap as u64) {
         return Ok(once(body));
     }
     let mut body = body.map_err(Into::into).boxed_unsync();
@@ -255,9 +257,36 @@ mod tests {
         assert!(p.is_replayable());
         assert_eq!(bytes_of(p.next().unwrap()).await, "hello");
         assert_eq!(bytes_of(p.next().unwrap()).await, "hello");
-        // Unknown size, ending within the cap.
-        let mut p = prepare(chunked(vec![b"ab", b"cd"]), 4).await.unwrap();
-        assert!(p.is_replayable());
+    }
+
+    #[tokio::test]
+    async fn streams_of_unknown_size_are_not_read_ahead() {
+        // A stream that has sent one frame and waits: preparing it must not block.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .unwrap();
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        let mut p = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            prepare(StreamBody::new(stream), 64),
+        )
+        .await
+        .expect("preparing a stream waited for it to end")
+        .unwrap();
+        assert!(!p.is_replayable());
+        let mut body = p.next().unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first");
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        // Small chunks of unknown total size: streamed once, intact.
+        let mut p = prepare(chunked(vec![b"ab", b"cd"]), 64).await.unwrap();
+        assert!(!p.is_replayable());
         assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
     }
 

@@ -4,9 +4,9 @@
 //!
 //! 1. **Request timeout** (optional): the deadline for the whole request, retries
 //!    included. Nothing is retried past it, and no back-off sleeps past it.
-//! 2. **Body preparation**: when retries are on, the body is buffered up to
-//!    `max_replay_body` (64 KiB) for replay; larger bodies stream once, unretried (see
-//!    [`body`]).
+//! 2. **Body preparation**: when retries are on, a body whose size is known to be within
+//!    `max_replay_body` (64 KiB) is buffered for replay; larger bodies and streams of
+//!    unknown size are sent once, as they come, and not retried (see [`body`]).
 //! 3. **Each try**: the balancer picks an endpoint ([`crate::balance`]); the try runs under
 //!    the per-try timeout on that endpoint's connection ([`crate::connect`]); its RTT
 //!    feeds the endpoint's peak-EWMA load.
