@@ -490,16 +490,30 @@ impl Validator {
         if let Some(admin) = &c.admin {
             claim(self, admin.listen, "admin.listen".to_owned());
         }
-        for (i, l) in c.inbound.iter().enumerate() {
-            let path = format!("inbound[{i}]");
-            self.name(format!("{path}.name"), &l.name);
-            if !names.insert(l.name.as_str()) {
+        // What every listener shares: a valid, unique name and an address of its own.
+        let common = c
+            .inbound
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("inbound[{i}]"), &l.name, l.listen))
+            .chain(
+                c.outbound
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (format!("outbound[{i}]"), &l.name, l.listen)),
+            );
+        for (path, name, listen) in common {
+            self.name(format!("{path}.name"), name);
+            if !names.insert(name.as_str()) {
                 self.err(
                     format!("{path}.name"),
-                    format!("duplicate listener name `{}`", l.name),
+                    format!("duplicate listener name `{name}`"),
                 );
             }
-            claim(self, l.listen, format!("{path}.listen"));
+            claim(self, listen, format!("{path}.listen"));
+        }
+        for (i, l) in c.inbound.iter().enumerate() {
+            let path = format!("inbound[{i}]");
             if l.listen == l.target {
                 self.err(
                     format!("{path}.target"),
@@ -531,14 +545,6 @@ impl Validator {
         }
         for (i, l) in c.outbound.iter().enumerate() {
             let path = format!("outbound[{i}]");
-            self.name(format!("{path}.name"), &l.name);
-            if !names.insert(l.name.as_str()) {
-                self.err(
-                    format!("{path}.name"),
-                    format!("duplicate listener name `{}`", l.name),
-                );
-            }
-            claim(self, l.listen, format!("{path}.listen"));
             match &l.default_service {
                 Some(s) if !c.services.contains_key(s) => {
                     self.err(
