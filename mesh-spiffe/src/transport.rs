@@ -107,6 +107,17 @@ impl TransportError {
     }
 }
 
+/// Runs a handshake within `timeout`, naming the reason if it fails.
+async fn bounded<T>(
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| TransportError::Timeout(timeout))?
+        .map_err(TransportError::from_io)
+}
+
 /// Dials servers that must present an identity the connector's [`Authorizer`] accepts.
 #[derive(Clone)]
 pub struct MtlsConnector {
@@ -161,11 +172,7 @@ impl MtlsConnector {
         // SPIFFE peers are verified by URI SAN, not by name: the IP is only a placeholder
         // (rustls sends no SNI for IP addresses).
         let name = ServerName::IpAddress(addr.ip().into());
-        let handshake = self.connector.connect(name, io);
-        let stream = tokio::time::timeout(self.handshake_timeout, handshake)
-            .await
-            .map_err(|_| TransportError::Timeout(self.handshake_timeout))?
-            .map_err(TransportError::from_io)?;
+        let stream = bounded(self.handshake_timeout, self.connector.connect(name, io)).await?;
         let peer = PeerIdentity::of(stream.get_ref().1)?;
         Ok((stream, peer))
     }
@@ -220,11 +227,7 @@ impl MtlsAcceptor {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let handshake = self.acceptor.accept(io);
-        let stream = tokio::time::timeout(self.handshake_timeout, handshake)
-            .await
-            .map_err(|_| TransportError::Timeout(self.handshake_timeout))?
-            .map_err(TransportError::from_io)?;
+        let stream = bounded(self.handshake_timeout, self.acceptor.accept(io)).await?;
         let peer = PeerIdentity::of(stream.get_ref().1)?;
         Ok((stream, peer))
     }

@@ -73,7 +73,7 @@ impl ConnectSettings {
             protocol: Protocol::Auto,
             tls: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            backoff: default_backoff(),
+            backoff: DEFAULT_CONNECT_BACKOFF,
         }
     }
 
@@ -89,10 +89,6 @@ impl ConnectSettings {
 /// The default back-off after failed connects: 100 ms to 10 s, jitter 0.5.
 pub const DEFAULT_CONNECT_BACKOFF: Backoff =
     Backoff::constant(Duration::from_millis(100), Duration::from_secs(10), 0.5);
-
-fn default_backoff() -> Backoff {
-    DEFAULT_CONNECT_BACKOFF
-}
 
 /// An endpoint's connection health, read by the balancer.
 #[derive(Debug)]

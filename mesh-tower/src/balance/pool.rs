@@ -157,6 +157,10 @@ impl<B: Send + 'static> PoolHandle<B> {
 
     /// Waits until the pool has at least one endpoint (or discovery ended with none).
     pub async fn ready(&self) -> Arc<Pool<B>> {
+        let pool = self.load();
+        if !pool.endpoints.is_empty() {
+            return pool;
+        }
         let mut updates = self.updates.clone();
         loop {
             let pool = self.load();

@@ -87,7 +87,36 @@ pub(crate) struct Inner {
 }
 
 /// A client for one mesh service. Cheap to clone; clones share endpoints, connections,
-/// load, breakers and the retry budget. Build it with [`MeshClient::builder`].
+/// load, breakers and the retry budget. Build it with [`MeshClient::builder`], or with
+/// [`MeshClientBuilder::from_config`] from a `[services.NAME]` section.
+///
+/// ```no_run
+/// use bytes::Bytes;
+/// use http_body_util::Empty;
+/// use mesh_core::{Endpoint, discover::StaticDiscovery};
+/// use mesh_spiffe::{CredentialStore, Mtls};
+/// use mesh_tower::MeshClient;
+///
+/// # async fn example(credentials: CredentialStore) -> Result<(), mesh_core::error::BoxError> {
+/// let discovery = StaticDiscovery::new([
+///     Endpoint::new("10.0.0.7:4143".parse()?),
+///     Endpoint::new("10.0.0.8:4143".parse()?),
+/// ]);
+/// let mut registry = prometheus_client::registry::Registry::default();
+/// let users = MeshClient::builder(Box::pin(discovery))
+///     .service_name("users")
+///     .mtls(Mtls::new(credentials)) // or `.plaintext()`, explicitly
+///     .server_identity("spiffe://example.org/ns/prod/sa/users".parse()?)
+///     .metrics(&mut registry)
+///     .build()?;
+///
+/// // A `tower::Service<http::Request<B>>`; `send` is the same without `poll_ready`.
+/// let response = users
+///     .send(http::Request::get("http://users/v1/users/42").body(Empty::<Bytes>::new())?)
+///     .await?;
+/// assert!(response.status().is_success());
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct MeshClient {
     inner: Arc<Inner>,
@@ -212,7 +241,12 @@ where
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
+        // A body that cannot be replayed allows no further try: hand the headers over.
+        *req.headers_mut() = if prepared.is_replayable() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         if let Some(ext) = extensions.take() {
             *req.extensions_mut() = ext;
         }
