@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use mesh_core::config::BackoffConfig;
 
+/// The default back-off between retries: 25 to 250 ms, jitter 0.5.
+pub const DEFAULT_RETRY_BACKOFF: Backoff =
+    Backoff::constant(Duration::from_millis(25), Duration::from_millis(250), 0.5);
+
 /// An exponential back-off policy.
 ///
 /// ```

@@ -10,12 +10,18 @@
 //! - `Http1`: a pool of HTTP/1.1 connections, reused while idle;
 //! - `Auto`: HTTP/2 when ALPN negotiates `h2` over mTLS, HTTP/1.1 otherwise.
 //!
+//! It is a `tower::Service<http::Request<B>>`, the bottom of each endpoint's stack.
+//!
 //! **Readiness reflects the connection's state.** Each failed connect pushes the
 //! endpoint's [`ConnState`] into back-off (exponential with jitter, 100 ms to 10 s by
-//! default) during which [`ConnState::is_ready`] is false, so the balancer skips it; the
-//! first successful connect clears it. The next request after the back-off reconnects.
-//! The server's verified [`PeerIdentity`] is attached to every
-//! response as an extension.
+//! default), during which `poll_ready` is pending (it wakes when the back-off ends), so the
+//! balancer skips the endpoint; the first successful connect clears it. The next request
+//! after the back-off reconnects. The server's verified [`PeerIdentity`] is attached to
+//! every response as an extension.
+//!
+//! **Errors say why.** A failed request is a [`SendError`] whose message names the cause
+//! itself — a refused server identity, a connect timeout, a reset — not only hyper's
+//! "client error (Connect)".
 
 use std::fmt;
 use std::future::Future;
@@ -35,7 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::config::Protocol;
 use mesh_spiffe::{MtlsConnector, PeerIdentity, TransportError};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::backoff::Backoff;
 
@@ -107,13 +113,19 @@ impl ConnState {
 
     /// Whether the endpoint may be picked: not inside a connect back-off.
     pub fn is_ready(&self, now: Instant) -> bool {
+        self.backoff_until(now).is_none()
+    }
+
+    /// The end of the current connect back-off, if the endpoint is inside one at `now`.
+    pub fn backoff_until(&self, now: Instant) -> Option<Instant> {
         if self.failures.load(Ordering::Acquire) == 0 {
-            return true;
+            return None;
         }
         self.down_until
             .lock()
-            .map(|until| until.is_none_or(|t| now >= t))
-            .unwrap_or(true)
+            .ok()
+            .and_then(|until| *until)
+            .filter(|t| now < *t)
     }
 
     /// Consecutive failed connects.
@@ -316,6 +328,8 @@ pub struct EndpointClient<B> {
     authority: http::uri::Authority,
     client: Client<Connector, B>,
     state: Arc<ConnState>,
+    /// The end of a back-off `poll_ready` waits for.
+    backoff: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Clone for EndpointClient<B> {
@@ -325,6 +339,7 @@ impl<B> Clone for EndpointClient<B> {
             authority: self.authority.clone(),
             client: self.client.clone(),
             state: self.state.clone(),
+            backoff: None,
         }
     }
 }
@@ -378,6 +393,7 @@ where
             authority,
             client: builder.build(connector),
             state,
+            backoff: None,
         }
     }
 
@@ -385,7 +401,7 @@ where
     /// always to this endpoint. The URI's authority (the logical service, e.g.
     /// `users.prod`) is kept for `Host` / `:authority`; a request with a relative URI gets
     /// the endpoint's address instead.
-    pub fn send(&self, mut req: http::Request<B>) -> hyper_util::client::legacy::ResponseFuture {
+    pub fn send(&self, mut req: http::Request<B>) -> ResponseFuture {
         if req.uri().authority().is_none() || req.uri().scheme().is_none() {
             let mut parts = req.uri().clone().into_parts();
             parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
@@ -399,7 +415,123 @@ where
                 *req.uri_mut() = uri;
             }
         }
-        self.client.request(req)
+        ResponseFuture {
+            inner: self.client.request(req),
+            addr: self.addr,
+        }
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for EndpointClient<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = SendError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        loop {
+            let Some(until) = self.state.backoff_until(Instant::now()) else {
+                self.backoff = None;
+                return Poll::Ready(Ok(()));
+            };
+            match &mut self.backoff {
+                Some(sleep) if sleep.deadline() == until => {
+                    std::task::ready!(sleep.as_mut().poll(cx));
+                    self.backoff = None;
+                }
+                _ => self.backoff = Some(Box::pin(tokio::time::sleep_until(until))),
+            }
+        }
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> ResponseFuture {
+        self.send(req)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of an [`EndpointClient`].
+    pub struct ResponseFuture {
+        #[pin]
+        inner: hyper_util::client::legacy::ResponseFuture,
+        addr: SocketAddr,
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<hyper::body::Incoming>, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.inner.poll(cx).map_err(|source| SendError {
+            addr: *this.addr,
+            source,
+        })
+    }
+}
+
+/// A request to an endpoint failed: it could not connect, or the connection failed.
+/// The message names the cause, down to the deepest one.
+#[derive(Debug)]
+pub struct SendError {
+    addr: SocketAddr,
+    source: hyper_util::client::legacy::Error,
+}
+
+impl SendError {
+    /// Whether no connection could be made (the request never left).
+    pub fn is_connect(&self) -> bool {
+        self.source.is_connect()
+    }
+
+    /// The endpoint.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut message = if self.is_connect() {
+            String::new()
+        } else {
+            format!("request to {} failed", self.addr)
+        };
+        // hyper's own message ("client error (Connect)") says little: name every cause
+        // below it that adds something.
+        let mut cause = std::error::Error::source(&self.source);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if !message.contains(&text) {
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&text);
+            }
+            cause = e.source();
+        }
+        if message.is_empty() {
+            message = format!("connecting to {}: {}", self.addr, self.source);
+        }
+        f.write_str(&message)
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 

@@ -1,33 +1,47 @@
 //! The mesh as tower middleware.
 //!
-//! This crate holds the client and server stacks of the mesh, one module per middleware,
-//! each behind a feature of the same name:
+//! Each middleware is a tower `Layer` + `Service` in a module of its own, generic over the
+//! inner service and the body types, and usable alone in an application's own
+//! `ServiceBuilder` — over a hyper client, a tonic `Channel` or any
+//! `Service<http::Request<B>>`:
 //!
-//! - [`balance`] (feature `balance`): per-endpoint peak-EWMA load with rate-limit
-//!   penalties, for power-of-two-choices balancing;
-//! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path;
+//! - [`timeout`]: request and per-try timeouts with typed errors; the request's deadline
+//!   for the layers below;
+//! - [`retry`]: retries with a budget, body replay, back-off and `Retry-After`, and the
+//!   retry of a 429 on another endpoint;
+//! - [`balance`] (feature `balance`): power of two choices over endpoint services that
+//!   report their [`Load`](load::Load), fed by discovery, with readiness, tiers and zone
+//!   preference;
+//! - [`breaker`] (feature `breaker`): per-endpoint circuit breaking off the request path,
+//!   its gate expressed as readiness;
+//! - [`load`]: per-endpoint peak-EWMA load and the rate-limit penalty;
+//! - [`metrics`]: Prometheus metrics in the host's registry, per endpoint, removed with it;
 //! - [`connect`]: per-endpoint HTTP/1.1 and HTTP/2 connections on hyper 1, plaintext or
 //!   SPIFFE mTLS, with a connect timeout and readiness that follows connection health;
-//! - [`client`]: [`MeshClient`], the whole client stack for one service;
-//! - [`retry`]: the retry budget;
-//! - [`metrics`]: Prometheus metrics in the host's registry;
 //! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
-//! The server side (`MeshServer`: authorization, local rate limiting) is
-//! tracked on the project's mesh-tower issue. The crate builds on `mesh-core` and
-//! `mesh-spiffe` and never depends on tonic.
+//! [`MeshClient`] composes them into the whole client stack for one service; its
+//! [module docs](client) show the stack top to bottom.
+//!
+//! The server side (`MeshServer`: authorization, local rate limiting) is tracked on the
+//! project's server-side issue. The crate builds on `mesh-core` and `mesh-spiffe` and never
+//! depends on tonic.
 
 pub mod backoff;
 #[cfg(feature = "balance")]
 pub mod balance;
 #[cfg(feature = "breaker")]
 pub mod breaker;
+#[cfg(all(feature = "balance", feature = "breaker"))]
 pub mod client;
 pub mod connect;
+pub mod load;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
 pub mod retry;
+pub mod timeout;
 
+#[cfg(all(feature = "balance", feature = "breaker"))]
 pub use crate::client::{MeshClient, MeshClientBuilder};

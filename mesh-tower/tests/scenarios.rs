@@ -241,8 +241,9 @@ async fn a_failing_endpoint_is_ejected_probed_and_reinstated() {
     // Until ejected, failures are retried on healthy endpoints: callers see no failure.
     let (_, failed, _) = load(&client, 2, Duration::from_millis(300)).await;
     assert_eq!(failed, 0);
-    let gate_open =
-        |s: &Arc<mesh_tower::balance::pool::Slot<_>>| s.breaker.as_ref().unwrap().gate().is_open();
+    let gate_open = |s: &Arc<mesh_tower::balance::Slot<mesh_tower::client::EndpointStack>>| {
+        s.service.handle().unwrap().gate().is_open()
+    };
     assert!(!gate_open(&bad_slot()), "not ejected");
     // Ejected at the 3rd consecutive failure; a request already in flight may add one.
     let errors = bad.stats().errors.load(Ordering::Relaxed);

@@ -39,6 +39,7 @@ use mesh_spiffe::test_ca::TestCa;
 use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
 use mesh_tower::MeshClient;
 use mesh_tower::breaker::GateState;
+use mesh_tower::load::Load;
 use mesh_tower::mock::{Behavior, Latency, MockEndpoint};
 use tokio::time::Instant;
 
@@ -191,16 +192,17 @@ fn print_table(
     let now = Instant::now();
     for b in backends {
         let slot = slots.iter().find(|s| s.endpoint.addr() == b.addr());
-        let load = slot.map_or(0.0, |s| s.load.load(now).cost / 1e6);
+        let cost = slot.map(|s| s.service.load(now));
+        let load = cost.map_or(0.0, |c| c.cost / 1e6);
         let breaker = match slot
-            .and_then(|s| s.breaker.as_ref())
+            .and_then(|s| s.service.handle())
             .map(|b| b.gate().state())
         {
             Some(GateState::Open) | None => "closed",
             Some(GateState::Ejected) => "EJECTED",
             Some(GateState::Probation) => "probing",
         };
-        let penalized = slot.is_some_and(|s| s.load.penalized_until(now).is_some());
+        let penalized = cost.is_some_and(|c| c.penalized);
         let share = if tries == 0 {
             0.0
         } else {

@@ -169,6 +169,11 @@ pub struct RetryConfig {
     /// Back-off between tries, with full jitter.
     #[serde(default)]
     pub backoff: BackoffConfig,
+    /// Retry an idempotent request answered 429 / `RESOURCE_EXHAUSTED` once, at once, on
+    /// another endpoint that is not rate limiting, when one exists and the budget allows
+    /// (never when the pushback is negative). Default: true.
+    #[serde(default = "defaults::yes")]
+    pub retry_rate_limited_elsewhere: bool,
 }
 
 impl Default for RetryConfig {
@@ -182,6 +187,7 @@ impl Default for RetryConfig {
             non_idempotent: false,
             max_replay_body: defaults::max_replay_body(),
             backoff: BackoffConfig::default(),
+            retry_rate_limited_elsewhere: true,
         }
     }
 }

@@ -1,34 +1,96 @@
-//! Load balancing: power of two choices over peak-EWMA load, with zone preference.
+//! Load balancing: power of two choices over any endpoint services that report their
+//! [`Load`], fed by a discovery stream, with readiness, tiers and zone preference.
 //!
-//! - [`load`] measures each endpoint: peak-EWMA RTT × (in-flight + 1), divided by the
-//!   endpoint's weight, with rate-limited endpoints ordered last for their penalty period.
-//! - [`p2c`] picks the lighter of two random *ready* endpoints.
-//! - [`pool`] keeps the endpoints current from discovery as a lock-free snapshot.
+//! [`Balance`] follows a `mesh_core` discovery stream and makes each endpoint's service
+//! with a factory ([`MakeEndpoint`]: any `FnMut(&Endpoint) -> Option<S>`), so the same
+//! balancer runs over this crate's hyper connections, over tonic `Channel`s, or over test
+//! services. An endpoint's service reports its [`Load`] (usually through
+//! [`crate::load::PeakEwma`], under [`crate::breaker::Breaker`]) and its readiness
+//! (`poll_ready`).
 //!
-//! Endpoints are picked in **tiers**: power of two choices runs among endpoints whose
-//! connection is not in connect back-off, whose circuit breaker admits a request (closed,
-//! or its single probe in probation) and that are not within a rate-limit penalty; if
-//! there are none, among penalized ones too (rate limiting then only biases, by cost);
-//! then among those backing off from failed connects, so a request is still attempted
-//! (and fails fast) rather than parked. Ejected endpoints are never picked; the ejection
-//! budget guarantees some are not ejected.
+//! - [`p2c`] picks the lighter of two random *eligible* endpoints.
+//! - [`pool`] keeps the endpoints current as a lock-free snapshot; removed endpoints
+//!   drain.
+//!
+//! # The pick
+//!
+//! `poll_ready` picks. Endpoints are picked in **tiers**: power of two choices runs among
+//! endpoints whose [`Cost`] says they are ready and not within a rate-limit penalty; if
+//! there are none, among penalized ones too (rate limiting then only biases, by cost).
+//! Endpoints that say they are unready (ejected) are never picked. Costs are divided by
+//! the endpoint's weight. The winner is then asked for readiness itself (`poll_ready` on
+//! its clone of the service — where a breaker in probation hands out its single probe,
+//! and a connection in back-off says no); an endpoint that is not ready is passed over
+//! and the pick is made again.
+//!
+//! **When no endpoint is ready** (all ejected or backing off, or discovery has none yet),
+//! `poll_ready` polls every endpoint so that each wakes it when it becomes ready, and
+//! waits — woken by readiness or by discovery, never spinning — for at most the
+//! fail-fast timeout (default 3 s, as Linkerd), then fails with [`NoReadyEndpoints`] (or
+//! [`NoEndpoints`]; at once when discovery has ended with none).
 //!
 //! **Zone preference** (when this workload's zone is known and some endpoints share it):
 //! the pick runs among local-zone endpoints; it spills to another zone when the local
 //! winner's cost exceeds `load_band` (default 1.5) times the cost of the best of two
-//! random remote endpoints, or when no local endpoint is ready. Traffic therefore stays
-//! local while the local zone keeps up, and overflows in proportion to its overload.
+//! random remote endpoints, when the remote one is in a better tier, or when no local
+//! endpoint is eligible. Traffic therefore stays local while the local zone keeps up,
+//! and overflows in proportion to its overload.
+//!
+//! **Rate limited elsewhere**: a request carrying [`Elsewhere`] (a retry of a
+//! rate-limited answer) is sent only to an endpoint outside a rate-limit penalty; when
+//! the pick could find none, the call fails with [`NoElsewhere`].
+//!
+//! The random source is per `Balance` clone; [`BalanceBuilder::seed`] makes every pick
+//! reproducible.
+//!
+//! [`NoReadyEndpoints`]: error::NoReadyEndpoints
+//! [`NoEndpoints`]: error::NoEndpoints
+//! [`Elsewhere`]: crate::retry::Elsewhere
+//! [`NoElsewhere`]: crate::retry::error::NoElsewhere
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use mesh_core::{Endpoint, discover::StaticDiscovery};
+//! use mesh_tower::balance::Balance;
+//! use mesh_tower::load::PeakEwmaLayer;
+//! use tower::{Layer, Service, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let discovery = StaticDiscovery::new([
+//!     Endpoint::new("10.0.0.7:8080".parse()?),
+//!     Endpoint::new("10.0.0.8:8080".parse()?),
+//! ]);
+//! let load = PeakEwmaLayer::new();
+//! let mut balancer = Balance::builder().service_name("users").build(
+//!     Box::pin(discovery),
+//!     move |endpoint: &Endpoint| {
+//!         let addr = endpoint.addr();
+//!         // Any service: here one that answers with its own address.
+//!         Some(load.layer(tower::service_fn(move |_req: Request<()>| async move {
+//!             Ok::<_, Infallible>(Response::new(addr.to_string()))
+//!         })))
+//!     },
+//! );
+//! let response = balancer.ready().await?.call(Request::new(())).await?;
+//! assert!(response.body().starts_with("10.0.0."));
+//! # Ok(()) }
+//! ```
 
-pub mod load;
+pub mod error;
+mod future;
 pub mod p2c;
 pub mod pool;
-
-use std::sync::Arc;
+mod service;
 
 use tokio::time::Instant;
 
-use self::load::Load;
-use self::pool::{Pool, Slot};
+pub use self::future::ResponseFuture;
+pub use self::pool::{MakeEndpoint, Pool, Slot};
+pub use self::service::{Balance, BalanceBuilder, DEFAULT_FAIL_FAST};
+
+use crate::load::{Cost, Load};
 
 /// Zone preference settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,124 +110,89 @@ impl Default for ZonePreference {
     }
 }
 
-/// The load of a slot at `now`, divided by its weight.
-fn weighted_load<B>(slot: &Slot<B>, now: Instant) -> Load {
-    let mut load = slot.load.load(now);
-    load.cost /= f64::from(slot.endpoint.weight().get());
-    load
-}
-
 /// How eligible an endpoint is, from most to least.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Tier {
-    /// Connected (or not backing off), breaker admitting, not rate-limited.
+    /// Ready and not rate-limited.
     Preferred,
-    /// As above but within a rate-limit penalty.
+    /// Within a rate-limit penalty.
     Penalized,
-    /// Connect back-off: tried only when nothing better is ready.
-    Backoff,
     /// Ejected, or on probation with its probe already out.
     Shut,
 }
 
-fn tier<B>(slot: &Slot<B>, now: Instant) -> Tier {
-    if slot.breaker.as_ref().is_some_and(|b| !b.gate().may_admit()) {
-        return Tier::Shut;
-    }
-    if !slot.client.conn_state().is_ready(now) {
-        return Tier::Backoff;
-    }
-    if slot.load.penalized_until(now).is_some() {
-        return Tier::Penalized;
-    }
-    Tier::Preferred
+/// The cost of a slot at `now`, divided by its weight.
+fn weighted<S: Load>(slot: &Slot<S>, now: Instant) -> Cost {
+    let mut cost = slot.service.load(now);
+    cost.cost /= f64::from(slot.endpoint.weight().get());
+    cost
 }
 
-/// Power of two choices among `indices` whose tier is at least `min`.
-fn pick_among<B>(
-    pool: &Pool<B>,
+fn tier(cost: &Cost) -> Tier {
+    if cost.unready {
+        Tier::Shut
+    } else if cost.penalized {
+        Tier::Penalized
+    } else {
+        Tier::Preferred
+    }
+}
+
+/// Power of two choices among `indices` not in `skip`, by tier.
+fn pick_among<S: Load>(
+    pool: &Pool<S>,
     indices: &[usize],
+    skip: &[usize],
     now: Instant,
     rng: &mut fastrand::Rng,
-) -> Option<usize> {
-    let slot = |i: usize| &pool.endpoints[indices[i]];
-    for max in [Tier::Preferred, Tier::Penalized, Tier::Backoff] {
+) -> Option<(usize, Cost)> {
+    let cost = |i: usize| weighted(&pool.endpoints[indices[i]], now);
+    for max in [Tier::Preferred, Tier::Penalized] {
         let picked = p2c::pick(
             indices.len(),
             rng,
-            |i| tier(slot(i), now) <= max,
-            |i| weighted_load(slot(i), now),
+            |i| !skip.contains(&indices[i]) && tier(&cost(i)) <= max,
+            cost,
         );
         if let Some(i) = picked {
-            return Some(indices[i]);
+            return Some((indices[i], cost(i)));
         }
     }
     None
 }
 
-/// Picks an endpoint of `pool` for one request (see the [module docs](self)).
-pub fn pick<B>(
-    pool: &Pool<B>,
+/// Picks an endpoint of `pool` for one request (see the [module docs](self)), passing
+/// over those in `skip`; returns its index.
+pub fn pick<S: Load>(
+    pool: &Pool<S>,
     zone: ZonePreference,
+    skip: &[usize],
     rng: &mut fastrand::Rng,
-) -> Option<Arc<Slot<B>>> {
+) -> Option<usize> {
     let now = Instant::now();
-    // A probe permit can be taken by a concurrent request between the check and the
-    // admission: pick again a few times.
-    for _ in 0..3 {
-        let chosen = if zone.enabled && !pool.local.is_empty() && !pool.remote.is_empty() {
-            match pick_among(pool, &pool.local, now, rng) {
-                None => pick_among(pool, &pool.remote, now, rng),
-                Some(local) => match pick_among(pool, &pool.remote, now, rng) {
-                    Some(remote)
-                        if spill(
-                            tier(&pool.endpoints[local], now),
-                            weighted_load(&pool.endpoints[local], now),
-                            tier(&pool.endpoints[remote], now),
-                            weighted_load(&pool.endpoints[remote], now),
-                            zone.load_band,
-                        ) =>
-                    {
-                        Some(remote)
-                    }
-                    _ => Some(local),
-                },
-            }
-        } else {
-            pick_among(pool, &pool.all, now, rng)
-        }?;
-        let slot = &pool.endpoints[chosen];
-        if slot.breaker.as_ref().is_none_or(|b| b.gate().try_admit()) {
-            return Some(slot.clone());
-        }
+    if !(zone.enabled && !pool.local.is_empty() && !pool.remote.is_empty()) {
+        return pick_among(pool, &pool.all, skip, now, rng).map(|(i, _)| i);
     }
-    None
+    match pick_among(pool, &pool.local, skip, now, rng) {
+        None => pick_among(pool, &pool.remote, skip, now, rng).map(|(i, _)| i),
+        Some((local, local_cost)) => match pick_among(pool, &pool.remote, skip, now, rng) {
+            Some((remote, remote_cost)) if spill(local_cost, remote_cost, zone.load_band) => {
+                Some(remote)
+            }
+            _ => Some(local),
+        },
+    }
 }
 
 /// Whether a request should leave the local zone: the remote candidate is in a better
 /// tier, or in the same tier and the local cost exceeds `band` times the remote cost.
-fn spill(local_tier: Tier, local: Load, remote_tier: Tier, remote: Load, band: f64) -> bool {
-    if local_tier != remote_tier {
-        return remote_tier < local_tier;
+fn spill(local: Cost, remote: Cost, band: f64) -> bool {
+    let (lt, rt) = (tier(&local), tier(&remote));
+    if lt != rt {
+        return rt < lt;
     }
     local.cost > remote.cost * band
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spill_rules() {
-        let l = |cost| Load {
-            penalized: false,
-            cost,
-        };
-        let p = Tier::Preferred;
-        assert!(!spill(p, l(10.0), p, l(10.0), 1.5));
-        assert!(!spill(p, l(15.0), p, l(10.0), 1.5));
-        assert!(spill(p, l(15.1), p, l(10.0), 1.5));
-        assert!(spill(Tier::Penalized, l(1.0), p, l(100.0), 1.5));
-        assert!(!spill(p, l(100.0), Tier::Penalized, l(1.0), 1.5));
-    }
-}
+mod tests;

@@ -1,7 +1,7 @@
 //! Power of two choices (Mitzenmacher; as in Finagle, Linkerd and tower).
 //!
 //! Sample two distinct endpoints uniformly at random among those that are *ready* and keep
-//! the one with the lower [`Load`](super::load::Load). Comparing two random endpoints
+//! the one with the lower [`Cost`](crate::load::Cost). Comparing two random endpoints
 //! instead of scanning all of them costs O(1) per request, needs no global ordering, and
 //! avoids the herd behaviour of always choosing the single least-loaded endpoint, while
 //! still steering traffic away from slow, busy or penalized endpoints.

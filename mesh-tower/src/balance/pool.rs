@@ -1,20 +1,21 @@
-//! The balancer's view of a service: endpoints from discovery, each with its connection,
-//! load and breaker, published as an immutable snapshot.
+//! The balancer's view of a service: endpoints from discovery, each with its service,
+//! published as an immutable snapshot.
 //!
 //! A background task consumes the discovery stream. After each batch of changes (every
 //! change already available), it builds a new [`Pool`] and swaps it in atomically. A
 //! request reads the current snapshot with one atomic load: no lock is shared between
 //! requests, and churn never blocks them. A removed endpoint leaves the snapshot at once,
-//! but the requests already sent to it hold their own reference and finish (drain)
-//! normally; its connections close when the last one is done.
+//! but the requests already sent to it hold their own clone of its service and finish
+//! (drain) normally; its connections close when the last one is done.
 //!
-//! An `Insert` for an address already present keeps the endpoint's connections, load and
-//! breaker when only its zone, weight or metadata changed, and starts afresh when its
-//! expected identity changed (a new identity needs a new TLS configuration).
+//! An `Insert` for an address already present keeps the endpoint's service (connections,
+//! load, breaker) when only its zone, weight or metadata changed, and makes a new one when
+//! its expected identity changed (a new identity needs a new TLS configuration).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
@@ -22,54 +23,26 @@ use mesh_core::discover::{BoxDiscover, Change};
 use mesh_core::{Endpoint, EndpointKey};
 use tokio::sync::watch;
 
-use super::load::EndpointLoad;
-use crate::breaker::Breaker;
-use crate::connect::EndpointClient;
-
 /// One endpoint as the balancer sees it.
-pub struct Slot<B> {
+pub struct Slot<S> {
     /// What discovery said about it.
     pub endpoint: Endpoint,
-    /// Its connections.
-    pub client: EndpointClient<B>,
-    /// Its load.
-    pub load: EndpointLoad,
-    /// Its circuit breaker, when breaking is on.
-    pub breaker: Option<Breaker>,
-    /// Its address as a shared string, for metric labels.
-    pub label: Arc<str>,
-    /// Its pre-made metric handles, when metrics are on.
-    pub metrics: Option<crate::metrics::EndpointMetrics>,
+    /// Its service (its stack: breaker, load, connection, …).
+    pub service: S,
 }
 
-/// The per-endpoint parts a [`SlotFactory`] makes.
-#[derive(Debug)]
-pub struct SlotParts<B> {
-    /// The endpoint's connections.
-    pub client: EndpointClient<B>,
-    /// Its load.
-    pub load: EndpointLoad,
-    /// Its circuit breaker, when breaking is on.
-    pub breaker: Option<Breaker>,
-    /// Its address as a shared string, for metric labels.
-    pub label: Arc<str>,
-    /// Its pre-made metric handles, when metrics are on.
-    pub metrics: Option<crate::metrics::EndpointMetrics>,
-}
-
-impl<B> fmt::Debug for Slot<B> {
+impl<S> fmt::Debug for Slot<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Slot")
             .field("endpoint", &self.endpoint)
-            .field("in_flight", &self.load.in_flight())
             .finish_non_exhaustive()
     }
 }
 
 /// A snapshot of a service's endpoints.
-pub struct Pool<B> {
+pub struct Pool<S> {
     /// The endpoints, in no particular order.
-    pub endpoints: Vec<Arc<Slot<B>>>,
+    pub endpoints: Vec<Arc<Slot<S>>>,
     /// Indices of endpoints in the local zone.
     pub local: Vec<usize>,
     /// Indices of endpoints in other (or unknown) zones.
@@ -78,7 +51,7 @@ pub struct Pool<B> {
     pub all: Vec<usize>,
 }
 
-impl<B> Default for Pool<B> {
+impl<S> Default for Pool<S> {
     fn default() -> Self {
         Self {
             endpoints: Vec::new(),
@@ -89,7 +62,7 @@ impl<B> Default for Pool<B> {
     }
 }
 
-impl<B> fmt::Debug for Pool<B> {
+impl<S> fmt::Debug for Pool<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
             .field("endpoints", &self.endpoints.len())
@@ -98,99 +71,80 @@ impl<B> fmt::Debug for Pool<B> {
     }
 }
 
-/// Builds the per-endpoint parts for a newly discovered endpoint, or `None` to leave it
-/// out (logged by the factory).
-pub trait SlotFactory<B>: Send + 'static {
-    /// The parts for `endpoint`.
-    fn make(&mut self, endpoint: &Endpoint) -> Option<SlotParts<B>>;
+impl<S> Pool<S> {
+    /// A pool of `slots`, split by `local_zone`.
+    pub fn new(slots: impl IntoIterator<Item = Arc<Slot<S>>>, local_zone: Option<&str>) -> Self {
+        let mut pool = Pool::default();
+        for slot in slots {
+            let i = pool.endpoints.len();
+            if local_zone.is_some() && slot.endpoint.zone() == local_zone {
+                pool.local.push(i);
+            } else {
+                pool.remote.push(i);
+            }
+            pool.endpoints.push(slot);
+            pool.all.push(i);
+        }
+        pool
+    }
 }
 
-impl<B, F> SlotFactory<B> for F
+/// Makes the service of a newly discovered endpoint, or `None` to leave it out (logged by
+/// the factory). Any `FnMut(&Endpoint) -> Option<S>` is one.
+pub trait MakeEndpoint<S>: Send + 'static {
+    /// The service for `endpoint`.
+    fn make(&mut self, endpoint: &Endpoint) -> Option<S>;
+}
+
+impl<S, F> MakeEndpoint<S> for F
 where
-    F: FnMut(&Endpoint) -> Option<SlotParts<B>> + Send + 'static,
+    F: FnMut(&Endpoint) -> Option<S> + Send + 'static,
 {
-    fn make(&mut self, endpoint: &Endpoint) -> Option<SlotParts<B>> {
+    fn make(&mut self, endpoint: &Endpoint) -> Option<S> {
         self(endpoint)
     }
 }
 
-/// The live pool of one service, kept current by a discovery task.
-pub struct PoolHandle<B> {
-    current: Arc<ArcSwap<Pool<B>>>,
-    updates: watch::Receiver<u64>,
+/// What the discovery task shares with the balancers.
+pub(super) struct Live<S> {
+    pub(super) current: ArcSwap<Pool<S>>,
+    pub(super) ended: AtomicBool,
 }
 
-impl<B> Clone for PoolHandle<B> {
-    fn clone(&self) -> Self {
-        Self {
-            current: self.current.clone(),
-            updates: self.updates.clone(),
-        }
-    }
+/// Starts the task that follows `discovery`.
+pub(super) fn spawn<S: Send + Sync + Clone + 'static>(
+    discovery: BoxDiscover,
+    local_zone: Option<String>,
+    factory: impl MakeEndpoint<S>,
+) -> (Arc<Live<S>>, watch::Receiver<u64>) {
+    let live = Arc::new(Live {
+        current: ArcSwap::from_pointee(Pool::default()),
+        ended: AtomicBool::new(false),
+    });
+    let (tx, rx) = watch::channel(0);
+    tokio::spawn(follow(discovery, local_zone, factory, live.clone(), tx));
+    (live, rx)
 }
 
-impl<B> fmt::Debug for PoolHandle<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolHandle")
-            .field("pool", &*self.current.load())
-            .finish()
-    }
-}
-
-impl<B: Send + 'static> PoolHandle<B> {
-    /// Starts following `discovery`, with `local_zone` for zone preference.
-    pub fn spawn(
-        discovery: BoxDiscover,
-        local_zone: Option<String>,
-        factory: impl SlotFactory<B>,
-    ) -> Self {
-        let current = Arc::new(ArcSwap::from_pointee(Pool::default()));
-        let (tx, updates) = watch::channel(0);
-        tokio::spawn(follow(discovery, local_zone, factory, current.clone(), tx));
-        Self { current, updates }
-    }
-
-    /// The current snapshot.
-    pub fn load(&self) -> Arc<Pool<B>> {
-        self.current.load_full()
-    }
-
-    /// Waits until the pool has at least one endpoint (or discovery ended with none).
-    pub async fn ready(&self) -> Arc<Pool<B>> {
-        let pool = self.load();
-        if !pool.endpoints.is_empty() {
-            return pool;
-        }
-        let mut updates = self.updates.clone();
-        loop {
-            let pool = self.load();
-            if !pool.endpoints.is_empty() {
-                return pool;
-            }
-            if updates.changed().await.is_err() {
-                return self.load();
-            }
-        }
-    }
-}
-
-async fn follow<B: Send + 'static>(
+async fn follow<S: Clone>(
     mut discovery: BoxDiscover,
     local_zone: Option<String>,
-    mut factory: impl SlotFactory<B>,
-    current: Arc<ArcSwap<Pool<B>>>,
+    mut factory: impl MakeEndpoint<S>,
+    live: Arc<Live<S>>,
     tx: watch::Sender<u64>,
 ) {
-    let mut slots: HashMap<EndpointKey, Arc<Slot<B>>> = HashMap::new();
+    let mut slots: HashMap<EndpointKey, Arc<Slot<S>>> = HashMap::new();
     loop {
         // Wait for one change, then take every change already available as one batch.
         let first = tokio::select! {
             next = discovery.next() => next,
-            // Every handle is gone: nobody reads the pool any more.
+            // Every balancer is gone: nobody reads the pool any more.
             () = tx.closed() => return,
         };
         let Some(first) = first else {
             tracing::debug!("discovery ended; keeping the last endpoints");
+            live.ended.store(true, Ordering::Release);
+            tx.send_modify(|n| *n += 1);
             return;
         };
         let mut batch = vec![first];
@@ -200,24 +154,12 @@ async fn follow<B: Send + 'static>(
         for change in batch {
             match change {
                 Ok(Change::Insert(key, endpoint)) => {
-                    let slot = match slots.get(&key) {
-                        Some(old) if old.endpoint.identity() == endpoint.identity() => Slot {
-                            endpoint,
-                            client: old.client.clone(),
-                            load: old.load.clone(),
-                            breaker: old.breaker.clone(),
-                            label: old.label.clone(),
-                            metrics: old.metrics.clone(),
-                        },
+                    let service = match slots.get(&key) {
+                        Some(old) if old.endpoint.identity() == endpoint.identity() => {
+                            old.service.clone()
+                        }
                         _ => match factory.make(&endpoint) {
-                            Some(parts) => Slot {
-                                endpoint,
-                                client: parts.client,
-                                load: parts.load,
-                                breaker: parts.breaker,
-                                label: parts.label,
-                                metrics: parts.metrics,
-                            },
+                            Some(service) => service,
                             None => {
                                 slots.remove(&key);
                                 continue;
@@ -225,7 +167,7 @@ async fn follow<B: Send + 'static>(
                         },
                     };
                     tracing::debug!(%key, "endpoint added");
-                    slots.insert(key, Arc::new(slot));
+                    slots.insert(key, Arc::new(Slot { endpoint, service }));
                 }
                 Ok(Change::Remove(key)) => {
                     tracing::debug!(%key, "endpoint removed");
@@ -234,19 +176,8 @@ async fn follow<B: Send + 'static>(
                 Err(error) => tracing::warn!(%error, "discovery error"),
             }
         }
-        let mut pool = Pool::default();
-        for slot in slots.values() {
-            let i = pool.endpoints.len();
-            let local = local_zone.is_some() && slot.endpoint.zone() == local_zone.as_deref();
-            if local {
-                pool.local.push(i);
-            } else {
-                pool.remote.push(i);
-            }
-            pool.endpoints.push(slot.clone());
-            pool.all.push(i);
-        }
-        current.store(Arc::new(pool));
+        let pool = Pool::new(slots.values().cloned(), local_zone.as_deref());
+        live.current.store(Arc::new(pool));
         tx.send_modify(|n| *n += 1);
     }
 }

@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::retry::budget::RetryBudget;
 use mesh_core::Endpoint;
 use mesh_core::classify::Classifier;
 use mesh_core::config::{
@@ -16,15 +15,16 @@ use mesh_core::identity::IdentityPattern;
 use mesh_spiffe::{Authorizer, Mtls, MtlsConnector};
 use prometheus_client::registry::Registry;
 
-use super::{Inner, MeshClient, RateLimitPolicy, RetryPolicy};
-use crate::backoff::Backoff;
-use crate::balance::ZonePreference;
-use crate::balance::load::EndpointLoad;
-use crate::balance::pool::{PoolHandle, SlotParts};
-use crate::breaker::{Breaker, BreakerPolicy, EjectionBudget, SuccessRatePolicy};
-use crate::client::body::RequestBody;
+use tower::ServiceBuilder;
+
+use super::{EndpointStack, MeshClient};
+use crate::balance::{Balance, ZonePreference};
+use crate::breaker::BreakerLayer;
 use crate::connect::{ConnectSettings, DEFAULT_CONNECT_BACKOFF, EndpointClient};
-use crate::metrics::ClientMetrics;
+use crate::load::{EndpointLoad, PeakEwmaLayer, RateLimitPenalty};
+use crate::metrics::{ClientMetrics, Metrics};
+use crate::retry::{ReplayBody, RetryBudget, RetryLayer, RetryPolicy};
+use crate::timeout::TimeoutLayer;
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -206,128 +206,139 @@ impl MeshClientBuilder {
         self
     }
 
-    /// Starts the client: its discovery task runs from now on.
+    /// Starts the client: its discovery task runs from now on. The stack it composes is
+    /// shown in the [module docs](super).
     pub fn build(self) -> Result<MeshClient, BuildError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BuildError::NoRuntime);
         }
         let invalid =
             |what: &'static str, e: &dyn fmt::Display| BuildError::Invalid(what, e.to_string());
-        let retry_backoff =
-            Backoff::from_config(&self.retry.backoff).map_err(|e| invalid("retry.backoff", &e))?;
-        let ejection_backoff = Backoff::from_config(&self.breaker.backoff)
-            .map_err(|e| invalid("circuit_breaker.backoff", &e))?;
         if !(0.0..=1.0).contains(&self.retry.budget.ratio) {
             return Err(invalid("retry.budget.ratio", &"must be between 0 and 1"));
         }
-        let budget = RetryBudget::new(
-            self.retry.budget.ratio,
-            self.retry.budget.min_per_second,
-            self.retry.budget.ttl,
-        );
         let transport = match self.transport {
             Transport::Unset => return Err(BuildError::NoTransport),
             Transport::Plaintext => None,
             Transport::Mtls(mtls) => Some(mtls),
         };
-        let pattern = self.server_identity.clone();
-        let breaker_policy = self.breaker.enabled.then(|| BreakerPolicy {
-            consecutive_failures: self.breaker.consecutive_failures.max(1),
-            success_rate: self
-                .breaker
-                .success_rate
-                .as_ref()
-                .map(|s| SuccessRatePolicy {
-                    threshold: s.threshold,
-                    window: s.window,
-                    min_requests: s.min_requests,
-                }),
-            backoff: ejection_backoff,
-            count_rate_limited: self.rate_limited.count_toward_ejection,
-        });
-        let ejections = Arc::new(EjectionBudget::new(self.breaker.max_ejected_share));
-        let (protocol, connect_timeout) = (self.protocol, self.connect_timeout);
-        let (default_rtt, decay) = (self.balancer.default_rtt, self.balancer.decay);
+        let classifier = Classifier::from(&self.classification);
+        let retry = RetryPolicy::from_config(&self.retry, &self.classification)
+            .map_err(|e| invalid("retry.backoff", &e))?;
+        let budget = RetryBudget::new(
+            self.retry.budget.ratio,
+            self.retry.budget.min_per_second,
+            self.retry.budget.ttl,
+        );
+        let mut retry = RetryLayer::new(retry, budget);
+        if let Some(m) = &self.metrics {
+            let (retries, exhausted) = m.retry_counters();
+            retry = retry.counters(retries, exhausted);
+        }
+        let breaker = BreakerLayer::from_config(&self.breaker, &self.rate_limited)
+            .map_err(|e| invalid("circuit_breaker.backoff", &e))?
+            .classifier(classifier.clone());
+        let load = PeakEwmaLayer::new()
+            .rtt(self.balancer.default_rtt, self.balancer.decay)
+            .rate_limited(
+                classifier.clone(),
+                RateLimitPenalty::from(&self.rate_limited),
+            );
+        let per_try = TimeoutLayer::per_try(self.timeout.per_try);
+        let connect = Connect {
+            transport,
+            server_identity: self.server_identity.clone(),
+            protocol: self.protocol,
+            connect_timeout: self.connect_timeout,
+        };
         let metrics = self.metrics.clone();
-        let factory = move |endpoint: &Endpoint| -> Option<SlotParts<RequestBody>> {
-            let tls = match &transport {
-                None => None,
-                Some(mtls) => {
-                    let expected = match (endpoint.identity(), &pattern) {
-                        (Some(id), _) => Authorizer::exact(id.clone()),
-                        (None, Some(p)) => Authorizer::pattern(p.clone()),
-                        // No expectation at all: refuse every server rather than trust any.
-                        (None, None) => Authorizer::predicate(
-                            "an identity given by discovery or `server_identity`",
-                            |_| false,
-                        ),
-                    };
-                    match MtlsConnector::new(mtls, expected) {
-                        Ok(c) => Some(c),
-                        Err(error) => {
-                            // Fail closed: leave the endpoint out rather than connect in
-                            // plaintext.
-                            tracing::error!(%error, endpoint = %endpoint.key(), "cannot build a TLS configuration; endpoint skipped");
-                            return None;
-                        }
+        let factory = move |endpoint: &Endpoint| -> Option<EndpointStack> {
+            let client = connect.client(endpoint)?;
+            let label: Arc<str> = Arc::from(endpoint.key().to_string());
+            let load_handle = EndpointLoad::new(self.balancer.default_rtt, self.balancer.decay);
+            let series = metrics.as_ref().map(|m| {
+                m.endpoint(label.clone(), classifier.clone())
+                    .with_load(load_handle.clone())
+            });
+            let transitions = series.clone();
+            let breaker_handle = breaker.handle(endpoint.key(), move |t| {
+                if let Some(m) = &transitions {
+                    m.transition(t);
+                }
+            });
+            Some(
+                ServiceBuilder::new()
+                    .layer_fn(|s| breaker.layer_with(s, breaker_handle.clone()))
+                    .layer_fn(|s| Metrics::new(s, series.clone()))
+                    .layer_fn(|s| load.layer_with(s, load_handle.clone()))
+                    .layer(per_try)
+                    .service(client),
+            )
+        };
+        let balance = Balance::builder()
+            .service_name(&self.service)
+            .zone(
+                self.local_zone.clone(),
+                ZonePreference {
+                    enabled: self.zone.prefer_local,
+                    load_band: self.zone.load_band,
+                },
+            )
+            .build(self.discovery, factory);
+        let stack = ServiceBuilder::new()
+            .layer(TimeoutLayer::request(self.timeout.request))
+            .layer(retry)
+            .service(balance);
+        Ok(MeshClient {
+            stack,
+            service: Arc::from(self.service.as_str()),
+            metrics: self.metrics,
+        })
+    }
+}
+
+/// How the client reaches each endpoint.
+struct Connect {
+    transport: Option<Mtls>,
+    server_identity: Option<IdentityPattern>,
+    protocol: Protocol,
+    connect_timeout: Duration,
+}
+
+impl Connect {
+    /// The connection of `endpoint`, or `None` (logged) to leave it out.
+    fn client(&self, endpoint: &Endpoint) -> Option<EndpointClient<ReplayBody>> {
+        let tls = match &self.transport {
+            None => None,
+            Some(mtls) => {
+                let expected = match (endpoint.identity(), &self.server_identity) {
+                    (Some(id), _) => Authorizer::exact(id.clone()),
+                    (None, Some(p)) => Authorizer::pattern(p.clone()),
+                    // No expectation at all: refuse every server rather than trust any.
+                    (None, None) => Authorizer::predicate(
+                        "an identity given by discovery or `server_identity`",
+                        |_| false,
+                    ),
+                };
+                match MtlsConnector::new(mtls, expected) {
+                    Ok(c) => Some(c),
+                    Err(error) => {
+                        // Fail closed: leave the endpoint out rather than connect in
+                        // plaintext.
+                        tracing::error!(%error, endpoint = %endpoint.key(), "cannot build a TLS configuration; endpoint skipped");
+                        return None;
                     }
                 }
-            };
-            let client = EndpointClient::new(
-                endpoint.addr(),
-                ConnectSettings {
-                    protocol,
-                    tls,
-                    connect_timeout,
-                    backoff: DEFAULT_CONNECT_BACKOFF,
-                },
-            );
-            let label: Arc<str> = Arc::from(endpoint.key().to_string());
-            let breaker = breaker_policy.clone().map(|policy| {
-                let metrics = metrics.clone();
-                let label = label.clone();
-                Breaker::spawn(policy, ejections.clone(), endpoint.key(), move |t| {
-                    if let Some(m) = &metrics {
-                        m.transition(&label, t);
-                    }
-                })
-            });
-            Some(SlotParts {
-                client,
-                load: EndpointLoad::new(default_rtt, decay),
-                breaker,
-                metrics: metrics.as_ref().map(|m| m.endpoint_handles(&label)),
-                label,
-            })
+            }
         };
-        let pool = PoolHandle::spawn(self.discovery, self.local_zone.clone(), factory);
-        Ok(MeshClient {
-            inner: Arc::new(Inner {
-                service: Arc::from(self.service.as_str()),
-                pool,
-                zone: ZonePreference {
-                    enabled: self.zone.prefer_local && self.local_zone.is_some(),
-                    load_band: self.zone.load_band.max(1.0),
-                },
-                classifier: Classifier::from(&self.classification),
-                retry: RetryPolicy {
-                    enabled: self.retry.enabled,
-                    max_retries: self.retry.max_retries,
-                    statuses: self.retry.statuses,
-                    grpc_codes: self.retry.grpc_codes,
-                    non_idempotent: self.retry.non_idempotent,
-                    max_replay_body: self.retry.max_replay_body,
-                    backoff: retry_backoff,
-                },
-                budget,
-                rate_limit: RateLimitPolicy {
-                    default_penalty: self.rate_limited.default_penalty,
-                    max_penalty: self.rate_limited.max_penalty,
-                },
-                request_timeout: self.timeout.request,
-                per_try_timeout: self.timeout.per_try,
-                metrics: self.metrics,
-            }),
-        })
+        Some(EndpointClient::new(
+            endpoint.addr(),
+            ConnectSettings {
+                protocol: self.protocol,
+                tls,
+                connect_timeout: self.connect_timeout,
+                backoff: DEFAULT_CONNECT_BACKOFF,
+            },
+        ))
     }
 }

@@ -46,6 +46,13 @@ struct State {
     withdrawals: [u64; BUCKETS],
 }
 
+impl Default for RetryBudget {
+    /// 20 % of requests plus 10 per second, over 10 s.
+    fn default() -> Self {
+        Self::new(0.2, 10, Duration::from_secs(10))
+    }
+}
+
 impl RetryBudget {
     /// A budget of `ratio` (0 to 1) of requests plus `min_per_second` per second, over
     /// `ttl` (clamped to 1–60 s).

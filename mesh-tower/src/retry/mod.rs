@@ -1,5 +1,87 @@
-//! Retry policy pieces shared by the client stack.
+//! Retries with a budget and body replay, as a layer over any
+//! `Service<http::Request<ReplayBody>>` — the piece tower's own `Retry` cannot give HTTP
+//! services whose requests are not `Clone` (hyper's, tonic's).
 //!
-//! - [`budget`]: the retry budget that caps retries across all requests of a client.
+//! [`RetryLayer`] makes a [`Retry`]: it takes `http::Request<B>` for any body `B` of
+//! `Bytes` and sends each try to the service below as `http::Request<ReplayBody>`.
+//!
+//! 1. **Body.** A body whose size is known to be within `max_replay_body` (64 KiB) — a
+//!    complete body, or one with a `Content-Length` — is collected and replayed byte for
+//!    byte on each retry. Larger bodies and streams of unknown size are sent once, as they
+//!    come, and not retried (see [`body`]).
+//! 2. **Each try** waits for the inner service's readiness within the response future, so
+//!    a timeout above bounds it; [`Retry`] itself is always ready.
+//! 3. **Retryable?** Connection failures for any method (the request never left); for
+//!    idempotent methods (or all when `non_idempotent` is set): answers whose status is in
+//!    `statuses` (default 5xx) or whose gRPC code is in `grpc_codes` (default
+//!    `UNAVAILABLE`), per-try timeouts and broken connections. At most `max_retries`
+//!    (default 2) retries, each taken from the [`budget`] (default 20 % of requests plus
+//!    10/s over 10 s), shared by every request of the layer.
+//! 4. **Back-off** 25–250 ms with jitter ([`crate::backoff`]), or the server's
+//!    `Retry-After` / `grpc-retry-pushback-ms` if longer; a negative gRPC pushback forbids
+//!    retrying. A retry whose back-off would end past the request's
+//!    [`Deadline`](crate::timeout::Deadline) is not made.
+//! 5. **Rate limited elsewhere** (`retry_rate_limited_elsewhere`, default on): an
+//!    idempotent request answered 429 / `RESOURCE_EXHAUSTED` is retried once, at once,
+//!    marked [`Elsewhere`], which a balancer honours by sending it only to an endpoint
+//!    that is not rate limiting ([`crate::balance`] does). When there is none the balancer
+//!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to.
+//!    Other rate-limited answers are retried only when their status is in `statuses`, and
+//!    never sooner than their pushback.
+//!
+//! When no retry is made, the last answer (or error) is returned as it is; an error that
+//! the budget kept from being retried comes wrapped in
+//! [`BudgetExhausted`](error::BudgetExhausted).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use mesh_tower::retry::{ReplayBody, RetryLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let seen = calls.clone();
+//! // Fails the first try, then echoes the body.
+//! let mut client = ServiceBuilder::new()
+//!     .layer(RetryLayer::default())
+//!     .service_fn(move |req: Request<ReplayBody>| {
+//!         let first = seen.fetch_add(1, Ordering::Relaxed) == 0;
+//!         async move {
+//!             let body = req.into_body().collect().await?.to_bytes();
+//!             let status = if first { 503 } else { 200 };
+//!             Ok::<_, mesh_core::error::BoxError>(Response::builder().status(status).body(body)?)
+//!         }
+//!     });
+//! let req = Request::put("http://users/42").body(Full::new(Bytes::from("{\"name\":\"ada\"}")))?;
+//! let resp = ServiceExt::<Request<Full<Bytes>>>::ready(&mut client).await?.call(req).await?;
+//! assert_eq!(resp.status(), 200);
+//! assert_eq!(resp.into_body(), "{\"name\":\"ada\"}");
+//! assert_eq!(calls.load(Ordering::Relaxed), 2);
+//! # Ok(()) }
+//! ```
 
+pub mod body;
 pub mod budget;
+pub mod error;
+mod future;
+mod layer;
+mod policy;
+mod service;
+
+pub use self::body::ReplayBody;
+pub use self::budget::RetryBudget;
+pub use self::future::ResponseFuture;
+pub use self::layer::RetryLayer;
+pub use self::policy::RetryPolicy;
+pub use self::service::Retry;
+
+/// A request extension: send this request only to an endpoint that is not rate limiting,
+/// or fail it with [`NoElsewhere`](error::NoElsewhere). Set by [`Retry`] on the retry of
+/// a rate-limited answer; honoured by [`crate::balance::Balance`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Elsewhere;

@@ -1,127 +1,17 @@
-//! Per-endpoint load: peak-EWMA latency times outstanding requests, with a rate-limit
-//! penalty.
-//!
-//! # Peak-EWMA (Finagle, Linkerd, tower)
-//!
-//! Each endpoint keeps an exponentially weighted moving average of its round-trip times
-//! that reacts to spikes at once and forgets them slowly:
-//!
-//! - a sample is averaged in with weight `1 − e^(−Δt/τ)`, where `Δt` is the time since
-//!   the last update and `τ` the decay (default 10 s), and a sample *above* that average
-//!   replaces it (the "peak");
-//! - between samples the estimate decays toward zero with the same `τ`, so an endpoint
-//!   that was slow once and then went idle is eventually tried again.
-//!
-//! A new endpoint starts at the default RTT (30 ms), neither favoured nor shunned.
-//!
-//! The endpoint's **cost** is `estimate × (in_flight + 1)`: queueing behind outstanding
-//! requests is what a new request would pay.
-//!
-//! # Rate-limit penalty
-//!
-//! An endpoint that answered 429 / `RESOURCE_EXHAUSTED` is *penalized* until the end of
-//! the server's `Retry-After` / pushback period (capped; a default penalty when the answer
-//! carries none). [`Load`] orders penalized endpoints after every unpenalized one, whatever
-//! their costs, so power-of-two-choices picks a penalized endpoint only when both
-//! candidates are penalized — and among those, the cheaper. The answer itself counts as
-//! neither a success nor a failure.
+//! The shared per-endpoint load handle; see the [module docs](super).
 
-use std::cmp::Ordering as CmpOrdering;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The default RTT of an endpoint with no samples (Linkerd's): 30 ms.
-pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// The default decay of the RTT estimate (Linkerd's): 10 s.
-pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
-
-/// A peak-sensitive exponentially weighted moving average of round-trip times.
-///
-/// ```
-/// use std::time::Duration;
-/// use mesh_tower::balance::load::PeakEwma;
-/// use tokio::time::Instant;
-///
-/// let t0 = Instant::now();
-/// let mut ewma = PeakEwma::new(Duration::from_millis(30), Duration::from_secs(10), t0);
-/// ewma.observe(Duration::from_millis(500), t0);               // a spike replaces the estimate
-/// assert_eq!(ewma.estimate(t0), Duration::from_millis(500));
-/// ewma.observe(Duration::from_millis(10), t0 + Duration::from_secs(10));
-/// let est = ewma.estimate(t0 + Duration::from_secs(10));
-/// assert!(est < Duration::from_millis(200) && est > Duration::from_millis(10));
-/// ```
-#[derive(Clone, Debug)]
-pub struct PeakEwma {
-    estimate_ns: f64,
-    updated: Instant,
-    decay_ns: f64,
-}
-
-impl PeakEwma {
-    /// An estimate starting at `default_rtt`, decaying with time constant `decay`.
-    pub fn new(default_rtt: Duration, decay: Duration, now: Instant) -> Self {
-        Self {
-            estimate_ns: default_rtt.as_nanos() as f64,
-            updated: now,
-            // A zero decay would divide by zero; treat it as "no memory" (1 ns).
-            decay_ns: (decay.as_nanos() as f64).max(1.0),
-        }
-    }
-
-    fn weight(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-        (-elapsed / self.decay_ns).exp()
-    }
-
-    /// Folds in one RTT sample taken at `now`.
-    pub fn observe(&mut self, rtt: Duration, now: Instant) {
-        let sample = rtt.as_nanos() as f64;
-        let w = self.weight(now);
-        // The EWMA of the old estimate and the sample; a sample above it wins outright.
-        // (The old estimate's share, `estimate · w`, is also its value decayed to `now`.)
-        let ewma = self.estimate_ns * w + sample * (1.0 - w);
-        self.estimate_ns = ewma.max(sample);
-        self.updated = self.updated.max(now);
-    }
-
-    /// The estimate at `now`, decayed since the last sample.
-    pub fn estimate(&self, now: Instant) -> Duration {
-        Duration::from_nanos((self.estimate_ns * self.weight(now)) as u64)
-    }
-}
-
-/// An endpoint's load as the balancer compares it: penalized endpoints sort after all
-/// others; then lower cost wins.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Load {
-    /// Whether the endpoint is within a rate-limit penalty.
-    pub penalized: bool,
-    /// `estimate_ns × (in_flight + 1)`.
-    pub cost: f64,
-}
-
-impl Eq for Load {}
-
-impl PartialOrd for Load {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Load {
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.penalized
-            .cmp(&other.penalized)
-            .then(self.cost.total_cmp(&other.cost))
-    }
-}
+use super::Cost;
+use super::estimate::RttEstimate;
 
 #[derive(Debug)]
 struct State {
-    ewma: PeakEwma,
+    ewma: RttEstimate,
 }
 
 /// The shared load of one endpoint: updated by completing requests, read by the balancer.
@@ -147,7 +37,7 @@ impl EndpointLoad {
             penalized_until: AtomicU64::new(0),
             base: now,
             state: Mutex::new(State {
-                ewma: PeakEwma::new(default_rtt, decay, now),
+                ewma: RttEstimate::new(default_rtt, decay, now),
             }),
         }))
     }
@@ -163,11 +53,13 @@ impl EndpointLoad {
         u64::try_from(at.saturating_duration_since(self.0.base).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// The load at `now`.
-    pub fn load(&self, now: Instant) -> Load {
+    /// The cost at `now`: `estimate × (in_flight + 1)`, and whether the endpoint is within a
+    /// rate-limit penalty.
+    pub fn cost(&self, now: Instant) -> Cost {
         let in_flight = self.0.in_flight.load(Ordering::Relaxed);
         let estimate = self.state().ewma.estimate(now).as_nanos() as f64;
-        Load {
+        Cost {
+            unready: false,
             penalized: self.penalized_until(now).is_some(),
             cost: estimate * (in_flight as f64 + 1.0),
         }
@@ -216,10 +108,24 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// The endpoint's load.
+    pub fn load(&self) -> &EndpointLoad {
+        &self.load
+    }
+
     /// Records the round-trip time, from the start to `now`, and finishes the request.
     pub fn complete(self, now: Instant) {
         let rtt = now.saturating_duration_since(self.started);
         self.load.state().ewma.observe(rtt, now);
+    }
+
+    /// Finishes a request that got no answer (it failed, or was cancelled) at `now`: the
+    /// time it took is a lower bound on the round trip, which raises the estimate when it
+    /// exceeds it (a try that timed out) and leaves it alone otherwise (a fast failure says
+    /// nothing about latency).
+    pub fn abandon(self, now: Instant) {
+        let rtt = now.saturating_duration_since(self.started);
+        self.load.state().ewma.observe_at_least(rtt, now);
     }
 }
 
@@ -232,6 +138,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::load::DEFAULT_DECAY;
     use proptest::prelude::*;
 
     const MS: Duration = Duration::from_millis(1);
@@ -239,7 +146,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn peaks_replace_and_lows_average_in() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(30 * MS, DEFAULT_DECAY, t0);
+        let mut e = RttEstimate::new(30 * MS, DEFAULT_DECAY, t0);
         assert_eq!(e.estimate(t0), 30 * MS);
         e.observe(100 * MS, t0);
         assert_eq!(e.estimate(t0), 100 * MS);
@@ -259,11 +166,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn in_flight_guards_count_and_sample() {
         let load = EndpointLoad::new(10 * MS, DEFAULT_DECAY);
-        let idle = load.load(Instant::now());
+        let idle = load.cost(Instant::now());
         let a = load.start();
         let b = load.start();
         assert_eq!(load.in_flight(), 2);
-        let busy = load.load(Instant::now());
+        let busy = load.cost(Instant::now());
         assert!(
             (busy.cost / idle.cost - 3.0).abs() < 1e-9,
             "{busy:?} vs {idle:?}"
@@ -276,21 +183,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn abandoned_requests_only_raise_the_estimate() {
+        let load = EndpointLoad::new(10 * MS, DEFAULT_DECAY);
+        let fast_failure = load.start();
+        tokio::time::advance(MS).await;
+        fast_failure.abandon(Instant::now());
+        // Only the decay since the start moved it.
+        let est = load.rtt_estimate(Instant::now());
+        assert!(
+            est > 9 * MS && est <= 10 * MS,
+            "a fast failure says nothing: {est:?}"
+        );
+        let timed_out = load.start();
+        tokio::time::advance(50 * MS).await;
+        timed_out.abandon(Instant::now());
+        assert_eq!(load.in_flight(), 0);
+        assert_eq!(
+            load.rtt_estimate(Instant::now()),
+            50 * MS,
+            "a timeout is a lower bound"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn penalties_order_first_and_expire() {
         let slow = EndpointLoad::new(500 * MS, DEFAULT_DECAY);
         let fast = EndpointLoad::new(5 * MS, DEFAULT_DECAY);
         let now = Instant::now();
-        assert!(fast.load(now) < slow.load(now));
+        assert!(fast.cost(now) < slow.cost(now));
         fast.penalize(now, Duration::from_secs(2));
         fast.penalize(now, Duration::from_secs(1)); // never shortens
-        assert!(slow.load(now) < fast.load(now));
+        assert!(slow.cost(now) < fast.cost(now));
         assert_eq!(
             fast.penalized_until(now),
             Some(now + Duration::from_secs(2))
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         let later = Instant::now();
-        assert!(fast.load(later) < slow.load(later));
+        assert!(fast.cost(later) < slow.cost(later));
         assert_eq!(fast.penalized_until(later), None);
     }
 
@@ -300,7 +230,7 @@ mod tests {
             samples in prop::collection::vec((0u64..1_000_000, 0u64..30_000), 1..50)
         ) {
             let t0 = Instant::now();
-            let mut e = PeakEwma::new(30 * MS, DEFAULT_DECAY, t0);
+            let mut e = RttEstimate::new(30 * MS, DEFAULT_DECAY, t0);
             let mut now = t0;
             let mut peak = 30 * MS;
             for (rtt_us, gap_ms) in samples {
@@ -320,7 +250,7 @@ mod tests {
 
         #[test]
         fn load_order_is_total_and_penalty_first(a in 0.0f64..1e12, b in 0.0f64..1e12, pa: bool, pb: bool) {
-            let (x, y) = (Load { penalized: pa, cost: a }, Load { penalized: pb, cost: b });
+            let (x, y) = (Cost { unready: false, penalized: pa, cost: a }, Cost { unready: false, penalized: pb, cost: b });
             if pa != pb {
                 prop_assert_eq!(x < y, pb);
             } else {

@@ -1,5 +1,4 @@
-//! Request bodies that can be replayed on retry, and response bodies that report a gRPC
-//! status found in trailers.
+//! Request bodies that can be replayed on retry.
 //!
 //! **Replay.** Before the first try, a request body whose size is known to be within the
 //! cap (default 64 KiB) — its size hint has an upper bound that fits, as with a complete
@@ -18,14 +17,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use mesh_core::classify::{Class, Classifier};
 use mesh_core::error::BoxError;
 
-use crate::breaker::Breaker;
-
-/// The body of a request as the mesh sends it to an endpoint.
+/// The body of a request as [`Retry`](super::Retry) sends it to the service below: a
+/// complete (replayable) body, or the caller's body streamed once.
 #[derive(Debug)]
-pub struct RequestBody(Kind);
+pub struct ReplayBody(Kind);
 
 #[derive(Debug)]
 enum Kind {
@@ -38,7 +35,7 @@ enum Kind {
     },
 }
 
-impl RequestBody {
+impl ReplayBody {
     /// An empty body.
     pub fn empty() -> Self {
         Self(Kind::Full(None))
@@ -50,7 +47,7 @@ impl RequestBody {
     }
 }
 
-impl Body for RequestBody {
+impl Body for ReplayBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -95,14 +92,14 @@ pub(crate) enum Prepared {
     /// Buffered within the cap: every try gets a copy.
     Replayable(Bytes),
     /// Too large (or with trailers): the first try takes it.
-    Once(Option<RequestBody>),
+    Once(Option<ReplayBody>),
 }
 
 impl Prepared {
     /// The body for the next try, or `None` if it was already sent and cannot be replayed.
-    pub(crate) fn next(&mut self) -> Option<RequestBody> {
+    pub(crate) fn next(&mut self) -> Option<ReplayBody> {
         match self {
-            Prepared::Replayable(bytes) => Some(RequestBody::full(bytes.clone())),
+            Prepared::Replayable(bytes) => Some(ReplayBody::full(bytes.clone())),
             Prepared::Once(body) => body.take(),
         }
     }
@@ -119,113 +116,112 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    Prepared::Once(Some(RequestBody(Kind::Streaming {
+    Prepared::Once(Some(ReplayBody(Kind::Streaming {
         prefix: VecDeque::new(),
         rest: Some(body.map_err(Into::into).boxed_unsync()),
     })))
 }
 
-/// Buffers `body` if its size is known to be within `cap` bytes (see the module docs).
-pub(crate) async fn prepare<B>(body: B, cap: usize) -> Result<Prepared, BoxError>
+/// How a body is made ready: at once, or by collecting it.
+pub(crate) enum Start {
+    /// Ready as it is.
+    Done(Prepared),
+    /// To be collected first.
+    Collect(Collect),
+}
+
+/// Decides how `body` is prepared for a request that may be retried: a body whose size is
+/// known to be within `cap` bytes is collected (see the module docs); any other is sent
+/// once.
+pub(crate) fn start<B>(body: B, cap: usize) -> Start
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     if body.is_end_stream() {
-        return Ok(Prepared::Replayable(Bytes::new()));
+        return Start::Done(Prepared::Replayable(Bytes::new()));
     }
     let hint = body.size_hint();
     if hint.upper().is_none_or(|upper| upper > cap as u64) {
-        return Ok(once(body));
+        return Start::Done(once(body));
     }
-    let mut body = body.map_err(Into::into).boxed_unsync();
-    let mut buf = BytesMut::new();
-    let mut frames = VecDeque::new();
-    loop {
-        match body.frame().await {
-            None => return Ok(Prepared::Replayable(buf.freeze())),
-            Some(frame) => {
-                let frame = frame?;
-                let trailers = frame.is_trailers();
-                if let Some(data) = frame.data_ref() {
-                    buf.extend_from_slice(data.chunk());
-                }
-                frames.push_back(frame);
-                if buf.len() > cap || trailers {
-                    // Too large, or trailers we would not replay: stream what we have, then
-                    // the rest, once.
-                    return Ok(Prepared::Once(Some(RequestBody(Kind::Streaming {
-                        prefix: frames,
-                        rest: Some(body),
-                    }))));
-                }
-            }
-        }
-    }
+    Start::Collect(Collect {
+        body: Some(body.map_err(Into::into).boxed_unsync()),
+        buf: BytesMut::new(),
+        frames: VecDeque::new(),
+        cap,
+    })
 }
 
-pin_project_lite::pin_project! {
-    /// A response body from an endpoint. For gRPC responses whose status comes in the
-    /// trailers, the status is classified when they arrive (or the stream ends without
-    /// them) and reported to the endpoint's circuit breaker.
-    pub struct ResponseBody {
-        #[pin]
-        inner: hyper::body::Incoming,
-        pending: Option<(Classifier, Breaker)>,
-    }
+/// A body being collected for replay.
+pub(crate) struct Collect {
+    body: Option<UnsyncBoxBody<Bytes, BoxError>>,
+    buf: BytesMut,
+    frames: VecDeque<Frame<Bytes>>,
+    cap: usize,
 }
 
-impl std::fmt::Debug for ResponseBody {
+impl std::fmt::Debug for Collect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
+        f.debug_struct("Collect")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
     }
 }
 
-impl ResponseBody {
-    pub(crate) fn new(
-        inner: hyper::body::Incoming,
-        pending: Option<(Classifier, Breaker)>,
-    ) -> Self {
-        Self { inner, pending }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
+impl Collect {
+    /// Reads frames until the body ends (replayable), or turns out larger than the cap or
+    /// to carry trailers (streamed once: what was read, then the rest).
+    pub(crate) fn poll_collect(
+        &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(ready) = &polled {
-            // `Some(trailers)` once the status can be known: at the trailers frame, or at
-            // the end of the stream (or an error) without them.
-            let settled = match ready {
-                Some(Ok(frame)) => frame.trailers_ref().map(Some),
-                Some(Err(_)) | None => Some(None),
+    ) -> Poll<Result<Prepared, BoxError>> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Err("request body already collected".into()));
             };
-            if let Some(trailers) = settled
-                && let Some((classifier, breaker)) = this.pending.take()
-            {
-                let class = match ready {
-                    Some(Err(_)) => Class::Failure,
-                    _ => classifier.classify_trailers(trailers),
-                };
-                breaker.record(class);
+            match std::task::ready!(Pin::new(body).poll_frame(cx)) {
+                None => {
+                    let bytes = std::mem::take(&mut self.buf).freeze();
+                    self.body = None;
+                    return Poll::Ready(Ok(Prepared::Replayable(bytes)));
+                }
+                Some(Err(e)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(e));
+                }
+                Some(Ok(frame)) => {
+                    let trailers = frame.is_trailers();
+                    if let Some(data) = frame.data_ref() {
+                        self.buf.extend_from_slice(data.chunk());
+                    }
+                    self.frames.push_back(frame);
+                    if self.buf.len() > self.cap || trailers {
+                        // Too large, or trailers we would not replay: stream what we have,
+                        // then the rest, once.
+                        return Poll::Ready(Ok(Prepared::Once(Some(ReplayBody(
+                            Kind::Streaming {
+                                prefix: std::mem::take(&mut self.frames),
+                                rest: self.body.take(),
+                            },
+                        )))));
+                    }
+                }
             }
         }
-        polled
     }
+}
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// Buffers `body` if its size is known to be within `cap` bytes (see the module docs).
+#[cfg(test)]
+pub(crate) async fn prepare<B>(body: B, cap: usize) -> Result<Prepared, BoxError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match start(body, cap) {
+        Start::Done(p) => Ok(p),
+        Start::Collect(mut c) => std::future::poll_fn(|cx| c.poll_collect(cx)).await,
     }
 }
 
@@ -235,7 +231,7 @@ mod tests {
     use super::*;
     use http_body_util::{Full, StreamBody};
 
-    async fn bytes_of(body: RequestBody) -> Bytes {
+    async fn bytes_of(body: ReplayBody) -> Bytes {
         body.collect().await.unwrap().to_bytes()
     }
 

@@ -1,0 +1,153 @@
+//! CPU time per request of the whole `MeshClient` stack against a bare hyper-util client,
+//! both sending HTTP/1.1 in plaintext (with `TCP_NODELAY`) to the same loopback server,
+//! in the same run.
+//!
+//! Latency on a shared machine depends on wake-ups; CPU time does not. The server runs in
+//! a child process (this binary, re-executed), so the figure is the client's own CPU:
+//! the sum of the on-CPU nanoseconds of this process's threads (`/proc/self/task/*/
+//! schedstat`) over `N` sequential requests. Rounds alternate between the two clients;
+//! the median of each is reported, with their ratio.
+//!
+//! ```text
+//! cargo bench -p mesh-benches --bench cpu
+//! ```
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout
+)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mesh_core::Endpoint;
+use mesh_core::config::Protocol;
+use mesh_core::discover::StaticDiscovery;
+use mesh_tower::MeshClient;
+use mesh_tower::mock::{Behavior, MockEndpoint};
+
+const SERVER_ENV: &str = "MESH_CPU_BENCH_SERVER";
+const REQUESTS: u64 = 20_000;
+const ROUNDS: usize = 7;
+
+/// On-CPU nanoseconds of every thread of this process.
+fn cpu_ns() -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn serve() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = MockEndpoint::spawn("cpu", Behavior::default())
+            .await
+            .unwrap();
+        println!("{}", server.addr());
+        // Serve until the parent closes our stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await
+        .unwrap();
+    });
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::var_os(SERVER_ENV).is_some() {
+        return serve();
+    }
+    // `cargo bench` passes `--bench`; any other filter argument is ignored.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(SERVER_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line.trim().parse().unwrap();
+    let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let bare: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let mesh = {
+        let _guard = rt.enter();
+        MeshClient::builder(Box::pin(StaticDiscovery::new([Endpoint::new(addr)])))
+            .plaintext()
+            .protocol(Protocol::Http1)
+            .metrics(&mut prometheus_client::registry::Registry::default())
+            .build()
+            .unwrap()
+    };
+
+    let run_bare = |n: u64| {
+        rt.block_on(async {
+            for _ in 0..n {
+                let resp = bare.get(uri.clone()).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            }
+        })
+    };
+    let run_mesh = |n: u64| {
+        rt.block_on(async {
+            for _ in 0..n {
+                let req = http::Request::get(uri.clone())
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = mesh.send(req).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            }
+        })
+    };
+    run_bare(REQUESTS / 10);
+    run_mesh(REQUESTS / 10);
+    let (mut bare_ns, mut mesh_ns) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = cpu_ns();
+        run_bare(REQUESTS);
+        bare_ns.push((cpu_ns() - t) as f64 / REQUESTS as f64);
+        let t = cpu_ns();
+        run_mesh(REQUESTS);
+        mesh_ns.push((cpu_ns() - t) as f64 / REQUESTS as f64);
+    }
+    let (b, m) = (median(bare_ns), median(mesh_ns));
+    println!(
+        "cpu per request (client process, {REQUESTS} sequential requests, median of {ROUNDS} rounds):"
+    );
+    println!("  bare_hyper   {b:>8.0} ns");
+    println!("  mesh_client  {m:>8.0} ns");
+    println!("  ratio        {:>8.3}x", m / b);
+    drop(child.stdin.take());
+    let _ = child.wait();
+}

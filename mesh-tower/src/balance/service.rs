@@ -1,0 +1,333 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use mesh_core::discover::BoxDiscover;
+use mesh_core::error::BoxError;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::error::{NoEndpoints, NoReadyEndpoints, NotReady};
+use super::pool::{self, Live, MakeEndpoint, Pool, Slot};
+use super::{ResponseFuture, ZonePreference, pick, weighted};
+use crate::load::Load;
+use crate::retry::Elsewhere;
+use crate::retry::error::NoElsewhere;
+
+/// How long `poll_ready` waits for a ready endpoint before failing (Linkerd's): 3 s.
+pub const DEFAULT_FAIL_FAST: Duration = Duration::from_secs(3);
+
+/// Picks before the balancer falls back to polling every endpoint.
+const PICKS: usize = 3;
+
+/// Configures a [`Balance`].
+///
+/// # Defaults
+/// Service name `default` (for errors and logs), no local zone, zone preference on with a
+/// band of 1.5 (it applies only when a local zone is set), fail-fast after 3 s, an
+/// unseeded random source.
+#[derive(Clone, Debug)]
+pub struct BalanceBuilder {
+    service: Arc<str>,
+    local_zone: Option<String>,
+    zone: ZonePreference,
+    fail_fast: Duration,
+    seed: Option<u64>,
+}
+
+impl Default for BalanceBuilder {
+    fn default() -> Self {
+        Self {
+            service: Arc::from("default"),
+            local_zone: None,
+            zone: ZonePreference::default(),
+            fail_fast: DEFAULT_FAIL_FAST,
+            seed: None,
+        }
+    }
+}
+
+impl BalanceBuilder {
+    /// The service's name, for errors and logs.
+    pub fn service_name(mut self, name: impl AsRef<str>) -> Self {
+        self.service = Arc::from(name.as_ref());
+        self
+    }
+
+    /// This workload's zone and the zone preference.
+    pub fn zone(mut self, local_zone: Option<String>, preference: ZonePreference) -> Self {
+        self.local_zone = local_zone;
+        self.zone = preference;
+        self
+    }
+
+    /// How long `poll_ready` waits for a ready endpoint before failing.
+    pub fn fail_fast(mut self, timeout: Duration) -> Self {
+        self.fail_fast = timeout;
+        self
+    }
+
+    /// Seeds the random source: the `n`th clone of the balancer picks with seed
+    /// `seed + n`, so runs that clone and call in the same order pick the same endpoints.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Starts following `discovery`, making each endpoint's service with `factory`.
+    /// Must be called within a Tokio runtime.
+    pub fn build<S>(self, discovery: BoxDiscover, factory: impl MakeEndpoint<S>) -> Balance<S>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let enabled = self.zone.enabled && self.local_zone.is_some();
+        let (live, updates) = pool::spawn(discovery, self.local_zone, factory);
+        let shared = Arc::new(Shared {
+            live,
+            updates,
+            service: self.service,
+            zone: ZonePreference {
+                enabled,
+                load_band: self.zone.load_band.max(1.0),
+            },
+            fail_fast: self.fail_fast,
+            seed: self.seed,
+            clones: AtomicU64::new(0),
+        });
+        Balance::from_shared(shared)
+    }
+}
+
+struct Shared<S> {
+    live: Arc<Live<S>>,
+    updates: watch::Receiver<u64>,
+    service: Arc<str>,
+    zone: ZonePreference,
+    fail_fast: Duration,
+    seed: Option<u64>,
+    clones: AtomicU64,
+}
+
+/// Waiting for an endpoint to become ready.
+struct Waiting<S> {
+    deadline: Pin<Box<Sleep>>,
+    started: Instant,
+    changes: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// Endpoints polled and not ready: kept so that they wake this balancer.
+    pending: Vec<S>,
+}
+
+/// A power-of-two-choices balancer over a discovered set of endpoint services; see the
+/// [module docs](super). Cheap to clone: clones share the endpoints.
+pub struct Balance<S> {
+    shared: Arc<Shared<S>>,
+    rng: fastrand::Rng,
+    /// The endpoint `poll_ready` picked, for the next `call`.
+    picked: Option<S>,
+    waiting: Option<Waiting<S>>,
+}
+
+impl<S> Clone for Balance<S> {
+    fn clone(&self) -> Self {
+        Self::from_shared(self.shared.clone())
+    }
+}
+
+impl<S> fmt::Debug for Balance<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("service", &self.shared.service)
+            .field("pool", &*self.shared.live.current.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balance<()> {
+    /// Configures a balancer; see [`BalanceBuilder`].
+    pub fn builder() -> BalanceBuilder {
+        BalanceBuilder::default()
+    }
+}
+
+impl<S> Balance<S> {
+    fn from_shared(shared: Arc<Shared<S>>) -> Self {
+        let rng = match shared.seed {
+            Some(seed) => fastrand::Rng::with_seed(
+                seed.wrapping_add(shared.clones.fetch_add(1, Ordering::Relaxed)),
+            ),
+            None => fastrand::Rng::new(),
+        };
+        Self {
+            shared,
+            rng,
+            picked: None,
+            waiting: None,
+        }
+    }
+
+    /// The current endpoints, for inspection (dashboards, tests).
+    pub fn endpoints(&self) -> Vec<Arc<Slot<S>>> {
+        self.shared.live.current.load().endpoints.clone()
+    }
+
+    /// The current snapshot.
+    pub fn pool(&self) -> Arc<Pool<S>> {
+        self.shared.live.current.load_full()
+    }
+}
+
+impl<S> Balance<S>
+where
+    S: Load + Clone,
+{
+    /// The fast path: pick by cost, then ask the winner; pass over winners that are not
+    /// ready.
+    fn try_pick<B>(&mut self, pool: &Pool<S>, cx: &mut Context<'_>) -> Option<S>
+    where
+        S: Service<Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        let mut skip = [usize::MAX; PICKS];
+        for round in 0..PICKS {
+            let i = pick(pool, self.shared.zone, &skip[..round], &mut self.rng)?;
+            let mut service = pool.endpoints[i].service.clone();
+            match service.poll_ready(cx) {
+                Poll::Ready(Ok(())) => return Some(service),
+                Poll::Ready(Err(e)) => {
+                    let error: BoxError = e.into();
+                    tracing::debug!(%error, endpoint = %pool.endpoints[i].endpoint.key(), "endpoint failed readiness");
+                }
+                Poll::Pending => {}
+            }
+            skip[round] = i;
+        }
+        None
+    }
+
+    /// The slow path: poll every endpoint, so each wakes us when ready; take the cheapest
+    /// ready one, or wait.
+    fn poll_all<B>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        loop {
+            let pool = self.shared.live.current.load_full();
+            let shared = &self.shared;
+            let waiting = self.waiting.get_or_insert_with(|| Waiting {
+                deadline: Box::pin(tokio::time::sleep(shared.fail_fast)),
+                started: Instant::now(),
+                changes: None,
+                pending: Vec::new(),
+            });
+            let now = Instant::now();
+            waiting.pending.clear();
+            let mut best: Option<(crate::load::Cost, S)> = None;
+            for slot in &pool.endpoints {
+                let mut service = slot.service.clone();
+                match service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let cost = weighted(slot, now);
+                        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                            best = Some((cost, service));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        let error: BoxError = e.into();
+                        tracing::debug!(%error, endpoint = %slot.endpoint.key(), "endpoint failed readiness");
+                    }
+                    Poll::Pending => waiting.pending.push(service),
+                }
+            }
+            if let Some((_, service)) = best {
+                self.picked = Some(service);
+                self.waiting = None;
+                return Poll::Ready(Ok(()));
+            }
+            if pool.endpoints.is_empty() && shared.live.ended.load(Ordering::Acquire) {
+                self.waiting = None;
+                return Poll::Ready(Err(NoEndpoints {
+                    service: shared.service.clone(),
+                }
+                .into()));
+            }
+            // Woken by discovery too: a new endpoint may be ready.
+            let changes = waiting.changes.get_or_insert_with(|| {
+                let mut updates = shared.updates.clone();
+                updates.mark_unchanged();
+                Box::pin(async move {
+                    let _ = updates.changed().await;
+                })
+            });
+            if changes.as_mut().poll(cx).is_ready() {
+                waiting.changes = None;
+                if !shared.live.ended.load(Ordering::Acquire) || !pool.endpoints.is_empty() {
+                    continue;
+                }
+            }
+            if waiting.deadline.as_mut().poll(cx).is_ready() {
+                let waited = now.saturating_duration_since(waiting.started);
+                self.waiting = None;
+                let error: BoxError = if pool.endpoints.is_empty() {
+                    NoEndpoints {
+                        service: shared.service.clone(),
+                    }
+                    .into()
+                } else {
+                    NoReadyEndpoints {
+                        service: shared.service.clone(),
+                        endpoints: pool.endpoints.len(),
+                        waited,
+                    }
+                    .into()
+                };
+                return Poll::Ready(Err(error));
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Balance<S>
+where
+    S: Service<Request<B>, Response = http::Response<RB>> + Load + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.picked.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        let pool = self.shared.live.current.load();
+        if let Some(service) = self.try_pick(&pool, cx) {
+            self.picked = Some(service);
+            self.waiting = None;
+            return Poll::Ready(Ok(()));
+        }
+        drop(pool);
+        self.poll_all(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(mut service) = self.picked.take() else {
+            return ResponseFuture::failed(NotReady.into());
+        };
+        if req.extensions().get::<Elsewhere>().is_some() {
+            // The pick prefers unpenalized endpoints: a penalized one means there is none.
+            let cost = service.load(Instant::now());
+            if cost.penalized || cost.unready {
+                return ResponseFuture::failed(NoElsewhere.into());
+            }
+        }
+        ResponseFuture::new(service.call(req))
+    }
+}

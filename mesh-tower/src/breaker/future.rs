@@ -1,0 +1,75 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use mesh_core::classify::Class;
+use pin_project_lite::pin_project;
+
+use super::gate::Permit;
+use super::{BreakerHandle, ResponseBody};
+
+pin_project! {
+    /// The response future of a [`Breaker`](super::Breaker): reports the answer's class
+    /// (or the failure) to the breaker, and wraps the body to report a status that comes
+    /// in gRPC trailers.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        handle: Option<BreakerHandle>,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn new(inner: F, handle: Option<BreakerHandle>, permit: Option<Permit>) -> Self {
+        Self {
+            inner,
+            handle,
+            permit,
+        }
+    }
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<ResponseBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let Some(handle) = this.handle.take() else {
+            return Poll::Ready(result.map(|r| r.map(|b| ResponseBody::new(b, None))));
+        };
+        let permit = this.permit.take();
+        match result {
+            Ok(resp) => {
+                let class = handle
+                    .classifier()
+                    .classify_response(resp.status(), resp.headers());
+                let pending = match class {
+                    Some(class) => {
+                        handle.record(class);
+                        if let Some(p) = permit {
+                            p.consume();
+                        }
+                        None
+                    }
+                    // A gRPC status to come in the trailers: the body reports it.
+                    None => Some((handle, permit)),
+                };
+                Poll::Ready(Ok(resp.map(|b| ResponseBody::new(b, pending))))
+            }
+            Err(e) => {
+                handle.record(Class::Failure);
+                if let Some(p) = permit {
+                    p.consume();
+                }
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Client metrics, registered in a `prometheus-client` registry that the host application
+//! owns and exposes.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `mesh_client_responses_total` | counter | `service`, `server_address`, `http_response_status_code`, `class` |
+//! | `mesh_client_errors_total` | counter | `service`, `server_address` (no answer: connect failure, reset, try timeout) |
+//! | `mesh_client_try_duration_seconds` | histogram | `service` (one try, to the response head) |
+//! | `mesh_client_retries_total` | counter | `service` |
+//! | `mesh_client_retry_budget_exhausted_total` | counter | `service` |
+//! | `mesh_client_breaker_transitions_total` | counter | `service`, `server_address`, `state` (`ejected`, `probation`, `reinstated`) |
+//! | `mesh_client_endpoint_load` | gauge | `service`, `server_address` (peak-EWMA cost in seconds at the last response) |
+//!
+//! Label names follow OpenTelemetry's HTTP semantic conventions where they exist
+//! (`server.address`, `http.response.status_code`, with dots as underscores). Label values
+//! are shared strings, so recording allocates nothing; the common answer (200, success)
+//! goes to a counter handle made once per endpoint, touching no label map.
+//!
+//! **As a layer.** [`ClientMetrics::endpoint`] gives one endpoint's [`EndpointMetrics`],
+//! which is a `Layer`: the [`Metrics`] service it makes records every answer and error of
+//! that endpoint (and, with [`EndpointMetrics::with_load`], its load after each answer).
+//! An endpoint's series are removed from the registry once the endpoint is gone: removed
+//! from discovery and its last request done.
+//!
+//! ```
+//! use http::{Request, Response};
+//! use mesh_core::classify::Classifier;
+//! use mesh_tower::metrics::ClientMetrics;
+//! use prometheus_client::registry::Registry;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let mut registry = Registry::default();
+//! let metrics = ClientMetrics::register(&mut registry, "users");
+//! let mut endpoint = ServiceBuilder::new()
+//!     .layer(metrics.endpoint("10.0.0.7:8080".into(), Classifier::default()))
+//!     .service_fn(|_req: Request<()>| async {
+//!         Ok::<_, http::Error>(Response::builder().status(503).body(())?)
+//!     });
+//! endpoint.ready().await?.call(Request::new(())).await?;
+//! let mut text = String::new();
+//! prometheus_client::encoding::text::encode(&mut text, &registry)?;
+//! assert!(text.contains(r#"mesh_client_responses_total{service="users",server_address="10.0.0.7:8080",http_response_status_code="503",class="failure"} 1"#));
+//! drop(endpoint); // the endpoint is gone: so are its series
+//! let mut text = String::new();
+//! prometheus_client::encoding::text::encode(&mut text, &registry)?;
+//! assert!(!text.contains("10.0.0.7"));
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use mesh_core::classify::Class;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use mesh_core::classify::Classifier;
+
+use crate::breaker::Transition;
+use crate::load::EndpointLoad;
+
+mod future;
+mod service;
+
+pub use self::future::ResponseFuture;
+pub use self::service::Metrics;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    service: Arc<str>,
+    server_address: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    service: Arc<str>,
+    server_address: Arc<str>,
+    http_response_status_code: u16,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    service: Arc<str>,
+    server_address: Arc<str>,
+    state: &'static str,
+}
+
+/// The metrics of one client (one service).
+#[derive(Clone, Debug)]
+pub struct ClientMetrics {
+    service: Arc<str>,
+    responses: Family<ResponseLabels, Counter>,
+    errors: Family<EndpointLabels, Counter>,
+    durations: Family<ServiceLabels, Histogram>,
+    duration: Histogram,
+    retries: Counter,
+    budget_exhausted: Counter,
+    breaker: Family<BreakerLabels, Counter>,
+    load: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+}
+
+fn class_name(class: Option<Class>) -> &'static str {
+    match class {
+        Some(Class::Success) => "success",
+        Some(Class::Failure) => "failure",
+        Some(Class::RateLimited) => "rate_limited",
+        None => "pending",
+    }
+}
+
+impl ClientMetrics {
+    /// Registers the metrics of service `service` in `registry`.
+    pub fn register(registry: &mut Registry, service: &str) -> Self {
+        let this = Self {
+            service: Arc::from(service),
+            responses: Family::default(),
+            errors: Family::default(),
+            durations: Family::new_with_constructor(|| {
+                // 1 ms to ~16 s.
+                Histogram::new(exponential_buckets(0.001, 2.0, 15))
+            }),
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            retries: Counter::default(),
+            budget_exhausted: Counter::default(),
+            breaker: Family::default(),
+            load: Family::default(),
+        };
+        registry.register(
+            "mesh_client_responses",
+            "Responses received, by endpoint, status and class",
+            this.responses.clone(),
+        );
+        registry.register(
+            "mesh_client_errors",
+            "Tries that got no response (connect failure, reset, try timeout)",
+            this.errors.clone(),
+        );
+        registry.register(
+            "mesh_client_try_duration_seconds",
+            "Time from sending a try to its response head",
+            this.durations.clone(),
+        );
+        let retries = Family::<ServiceLabels, Counter>::default();
+        let exhausted = Family::<ServiceLabels, Counter>::default();
+        let labels = ServiceLabels {
+            service: this.service.clone(),
+        };
+        // Bind the service label once; the handles are shared with the families.
+        let duration = this.durations.get_or_create(&labels).clone();
+        let this = Self {
+            duration,
+            retries: retries.get_or_create(&labels).clone(),
+            budget_exhausted: exhausted.get_or_create(&labels).clone(),
+            ..this
+        };
+        registry.register("mesh_client_retries", "Retries sent", retries);
+        registry.register(
+            "mesh_client_retry_budget_exhausted",
+            "Retries not sent because the retry budget was exhausted",
+            exhausted,
+        );
+        registry.register(
+            "mesh_client_breaker_transitions",
+            "Circuit breaker state changes, by endpoint",
+            this.breaker.clone(),
+        );
+        registry.register(
+            "mesh_client_endpoint_load",
+            "Peak-EWMA load of each endpoint, in seconds, at its last response",
+            this.load.clone(),
+        );
+        this
+    }
+
+    /// The series of the endpoint labelled `address` (usually its `ip:port`), answers
+    /// classified by `classifier`. They are removed from the registry when the last clone
+    /// of the returned handle is dropped, that is when the endpoint has left discovery and
+    /// its last request is done.
+    pub fn endpoint(&self, address: Arc<str>, classifier: Classifier) -> EndpointMetrics {
+        let labels = EndpointLabels {
+            service: self.service.clone(),
+            server_address: address.clone(),
+        };
+        let ok = ResponseLabels {
+            service: self.service.clone(),
+            server_address: address.clone(),
+            http_response_status_code: 200,
+            class: class_name(Some(Class::Success)),
+        };
+        EndpointMetrics(Arc::new(Handle {
+            series: Arc::new(EndpointSeries {
+                ok: self.responses.get_or_create(&ok).clone(),
+                errors: self.errors.get_or_create(&labels).clone(),
+                load: self.load.get_or_create(&labels).clone(),
+                duration: self.duration.clone(),
+                client: self.clone(),
+                address,
+                classifier,
+                statuses: Mutex::new(Vec::new()),
+            }),
+            load: None,
+        }))
+    }
+
+    /// The counters a [`RetryLayer`](crate::retry::RetryLayer) feeds: retries sent, and
+    /// retries the budget refused.
+    pub fn retry_counters(&self) -> (Counter, Counter) {
+        (self.retries.clone(), self.budget_exhausted.clone())
+    }
+
+    /// Retries sent so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.get()
+    }
+
+    /// Retries refused by the budget so far.
+    pub fn budget_exhaustions(&self) -> u64 {
+        self.budget_exhausted.get()
+    }
+}
+
+/// One endpoint's series; see [`ClientMetrics::endpoint`]. Cheap to clone; a
+/// [`Layer`](tower::Layer) making [`Metrics`] services.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics(Arc<Handle>);
+
+#[derive(Debug)]
+struct Handle {
+    series: Arc<EndpointSeries>,
+    load: Option<EndpointLoad>,
+}
+
+#[derive(Debug)]
+struct EndpointSeries {
+    ok: Counter,
+    errors: Counter,
+    load: Gauge<f64, AtomicU64>,
+    duration: Histogram,
+    client: ClientMetrics,
+    address: Arc<str>,
+    classifier: Classifier,
+    /// Status and class labels recorded besides the common one, to remove them at the end.
+    statuses: Mutex<Vec<(u16, &'static str)>>,
+}
+
+impl EndpointMetrics {
+    /// Also sets the endpoint's load gauge from `load` after each answer.
+    pub fn with_load(self, load: EndpointLoad) -> Self {
+        Self(Arc::new(Handle {
+            series: self.0.series.clone(),
+            load: Some(load),
+        }))
+    }
+
+    fn response(&self, status: StatusCode, headers: &http::HeaderMap, took: Duration) {
+        let s = &*self.0.series;
+        let class = s.classifier.classify_response(status, headers);
+        if status == StatusCode::OK && class == Some(Class::Success) {
+            s.ok.inc();
+        } else {
+            let class = class_name(class);
+            let code = status.as_u16();
+            if let Ok(mut seen) = s.statuses.lock()
+                && !seen.contains(&(code, class))
+            {
+                seen.push((code, class));
+            }
+            s.client
+                .responses
+                .get_or_create(&s.response_labels(code, class))
+                .inc();
+        }
+        s.duration.observe(took.as_secs_f64());
+        if let Some(load) = &self.0.load {
+            s.load.set(load.cost(Instant::now()).cost / 1e9);
+        }
+    }
+
+    fn error(&self) {
+        self.0.series.errors.inc();
+    }
+
+    /// Counts a breaker transition of this endpoint.
+    pub fn transition(&self, t: Transition) {
+        let s = &*self.0.series;
+        s.client
+            .breaker
+            .get_or_create(&s.breaker_labels(state_name(t)))
+            .inc();
+    }
+}
+
+fn state_name(t: Transition) -> &'static str {
+    match t {
+        Transition::Ejected { .. } => "ejected",
+        Transition::Probation => "probation",
+        Transition::Reinstated => "reinstated",
+    }
+}
+
+impl EndpointSeries {
+    fn labels(&self) -> EndpointLabels {
+        EndpointLabels {
+            service: self.client.service.clone(),
+            server_address: self.address.clone(),
+        }
+    }
+
+    fn response_labels(&self, code: u16, class: &'static str) -> ResponseLabels {
+        ResponseLabels {
+            service: self.client.service.clone(),
+            server_address: self.address.clone(),
+            http_response_status_code: code,
+            class,
+        }
+    }
+
+    fn breaker_labels(&self, state: &'static str) -> BreakerLabels {
+        BreakerLabels {
+            service: self.client.service.clone(),
+            server_address: self.address.clone(),
+            state,
+        }
+    }
+}
+
+impl Drop for EndpointSeries {
+    fn drop(&mut self) {
+        let c = &self.client;
+        c.responses
+            .remove(&self.response_labels(200, class_name(Some(Class::Success))));
+        if let Ok(seen) = self.statuses.lock() {
+            for (code, class) in seen.iter() {
+                c.responses.remove(&self.response_labels(*code, class));
+            }
+        }
+        c.errors.remove(&self.labels());
+        c.load.remove(&self.labels());
+        for state in ["ejected", "probation", "reinstated"] {
+            c.breaker.remove(&self.breaker_labels(state));
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for EndpointMetrics {
+    type Service = Metrics<S>;
+
+    fn layer(&self, inner: S) -> Metrics<S> {
+        Metrics::new(inner, Some(self.clone()))
+    }
+}

@@ -1,0 +1,297 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Extensions, Request, Response};
+use mesh_core::classify::{Backoff as Pushback, Class};
+use mesh_core::error::{BoxError, find_cause, is_caused_by};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::body::{Collect, Prepared, Start};
+use super::error::{BudgetExhausted, NoElsewhere};
+use super::layer::Shared;
+use super::{Elsewhere, ReplayBody};
+use crate::timeout::{Deadline, TryTimeout};
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // Collecting the body for replay.
+        Collecting,
+        // Waiting for the service to be ready for the next try.
+        Ready,
+        Calling { #[pin] fut: F },
+        Waiting { #[pin] sleep: Sleep },
+    }
+}
+
+pin_project! {
+    /// The response future of a [`Retry`](super::Retry): the tries of one request.
+    #[project = Proj]
+    pub struct ResponseFuture<S, F, RB> {
+        #[pin]
+        state: State<F>,
+        service: S,
+        shared: Arc<Shared>,
+        head: Parts,
+        extensions: Option<Extensions>,
+        collect: Option<Collect>,
+        body: Prepared,
+        retries: u32,
+        idempotent: bool,
+        deadline: Option<Instant>,
+        // A rate-limited answer kept while its request is retried elsewhere.
+        kept: Option<Response<RB>>,
+        elsewhere: bool,
+    }
+}
+
+impl<S, F, RB> std::fmt::Debug for ResponseFuture<S, F, RB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, F, RB> ResponseFuture<S, F, RB> {
+    pub(super) fn new<B>(service: S, shared: Arc<Shared>, req: Request<B>) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (mut head, body) = req.into_parts();
+        let policy = &shared.policy;
+        let extensions = Some(std::mem::take(&mut head.extensions));
+        let deadline = extensions
+            .as_ref()
+            .and_then(|e| e.get::<Deadline>())
+            .map(|d| d.0);
+        let (state, collect, body) = if policy.max_retries == 0 {
+            (State::Ready, None, super::body::once(body))
+        } else {
+            shared.budget.deposit();
+            match super::body::start(body, policy.max_replay_body) {
+                Start::Done(prepared) => (State::Ready, None, prepared),
+                Start::Collect(c) => (State::Collecting, Some(c), Prepared::Once(None)),
+            }
+        };
+        Self {
+            idempotent: policy.is_idempotent(&head.method),
+            state,
+            service,
+            shared,
+            head,
+            extensions,
+            collect,
+            body,
+            retries: 0,
+            deadline,
+            kept: None,
+            elsewhere: false,
+        }
+    }
+}
+
+/// What to do after a try.
+enum Next<T> {
+    Done(Result<T, BoxError>),
+    RetryAfter(Duration),
+}
+
+/// Whether no connection could be made: the request never left, so any method may be
+/// retried.
+pub(crate) fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<crate::connect::SendError>(e).is_some_and(|e| e.is_connect())
+        || find_cause::<hyper_util::client::legacy::Error>(e).is_some_and(|e| e.is_connect())
+}
+
+/// Whether a try failed without an answer in a way worth another try (for idempotent
+/// requests): it timed out, or its connection broke.
+fn is_retryable_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    is_caused_by::<TryTimeout>(e)
+        || is_caused_by::<crate::connect::SendError>(e)
+        || is_caused_by::<hyper::Error>(e)
+}
+
+impl<S, F, RB> Future for ResponseFuture<S, F, RB>
+where
+    S: Service<Request<ReplayBody>, Response = Response<RB>, Future = F>,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<RB>, S::Error>>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Collecting => {
+                    let Some(collect) = this.collect.as_mut() else {
+                        return Poll::Ready(Err("request body lost".into()));
+                    };
+                    *this.body = ready!(collect.poll_collect(cx))?;
+                    *this.collect = None;
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                        let e = e.into();
+                        if *this.elsewhere
+                            && is_caused_by::<NoElsewhere>(e.as_ref())
+                            && let Some(kept) = this.kept.take()
+                        {
+                            return Poll::Ready(Ok(kept));
+                        }
+                        return Poll::Ready(Err(e));
+                    }
+                    let Some(body) = this.body.next() else {
+                        return Poll::Ready(Err("request body already sent".into()));
+                    };
+                    let mut req = Request::new(body);
+                    *req.method_mut() = this.head.method.clone();
+                    *req.uri_mut() = this.head.uri.clone();
+                    *req.version_mut() = this.head.version;
+                    let last = !this.body.is_replayable()
+                        || *this.retries >= this.shared.policy.max_retries;
+                    // A try that cannot be followed by another takes the headers.
+                    *req.headers_mut() = if last {
+                        std::mem::take(&mut this.head.headers)
+                    } else {
+                        this.head.headers.clone()
+                    };
+                    if let Some(ext) = this.extensions.take() {
+                        *req.extensions_mut() = ext;
+                    }
+                    if *this.elsewhere {
+                        req.extensions_mut().insert(Elsewhere);
+                    }
+                    let fut = this.service.call(req);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    let outcome = ready!(fut.poll(cx)).map_err(Into::into);
+                    match decide(&mut this, outcome) {
+                        Next::Done(result) => return Poll::Ready(result),
+                        Next::RetryAfter(delay) if delay.is_zero() => {
+                            this.state.set(State::Ready);
+                        }
+                        Next::RetryAfter(delay) => {
+                            let sleep = tokio::time::sleep(delay);
+                            this.state.set(State::Waiting { sleep });
+                        }
+                    }
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
+            }
+        }
+    }
+}
+
+/// Decides, after a try, whether to answer or to try again (and after how long).
+fn decide<S, F, RB>(
+    this: &mut Proj<'_, S, F, RB>,
+    outcome: Result<Response<RB>, BoxError>,
+) -> Next<Response<RB>> {
+    let shared: &Shared = this.shared;
+    let policy = &shared.policy;
+    let was_elsewhere = std::mem::replace(this.elsewhere, false);
+    let (retryable, pushback) = match &outcome {
+        Ok(resp) => {
+            let class = policy
+                .classifier
+                .classify_response(resp.status(), resp.headers());
+            let pushback =
+                || mesh_core::classify::pushback(resp.headers(), SystemTime::now(), Duration::MAX);
+            match class {
+                Some(Class::Failure) => (
+                    *this.idempotent && policy.is_retryable_answer(resp),
+                    pushback(),
+                ),
+                Some(Class::RateLimited) => {
+                    let pushback = pushback();
+                    if policy.retry_rate_limited_elsewhere
+                        && *this.idempotent
+                        && !was_elsewhere
+                        && this.kept.is_none()
+                        && pushback != Pushback::DoNotRetry
+                        && may_retry(this)
+                        && withdraw(shared, this.retries)
+                    {
+                        // Try once, at once, on an endpoint that is not rate limiting.
+                        tracing::debug!("rate limited: retrying on another endpoint");
+                        *this.kept = outcome.ok();
+                        *this.elsewhere = true;
+                        return Next::RetryAfter(Duration::ZERO);
+                    }
+                    (
+                        *this.idempotent && policy.statuses.contains(resp.status()),
+                        pushback,
+                    )
+                }
+                Some(Class::Success) | None => (false, Pushback::Unspecified),
+            }
+        }
+        Err(e) => {
+            if was_elsewhere
+                && is_caused_by::<NoElsewhere>(e.as_ref())
+                && let Some(kept) = this.kept.take()
+            {
+                return Next::Done(Ok(kept));
+            }
+            (
+                is_connect_error(e.as_ref()) || *this.idempotent && is_retryable_error(e.as_ref()),
+                Pushback::Unspecified,
+            )
+        }
+    };
+    // A newer answer supersedes a kept one.
+    *this.kept = None;
+    if !retryable || pushback == Pushback::DoNotRetry || !may_retry(this) {
+        return Next::Done(outcome);
+    }
+    let mut delay = policy
+        .backoff
+        .delay(*this.retries, &mut fastrand::Rng::new());
+    if let Pushback::After(d) = pushback {
+        delay = delay.max(d);
+    }
+    if this.deadline.is_some_and(|at| Instant::now() + delay >= at) {
+        return Next::Done(outcome);
+    }
+    if !withdraw(shared, this.retries) {
+        tracing::debug!("retry budget exhausted");
+        return Next::Done(outcome.map_err(|e| BudgetExhausted(e).into()));
+    }
+    tracing::debug!(retries = *this.retries, ?delay, "retrying");
+    Next::RetryAfter(delay)
+}
+
+/// Whether the request may have another try at all.
+fn may_retry<S, F, RB>(this: &Proj<'_, S, F, RB>) -> bool {
+    this.body.is_replayable() && *this.retries < this.shared.policy.max_retries
+}
+
+/// Takes a retry from the budget, counting it.
+fn withdraw(shared: &Shared, retries: &mut u32) -> bool {
+    if !shared.budget.withdraw() {
+        if let Some(c) = &shared.exhausted {
+            c.inc();
+        }
+        return false;
+    }
+    *retries += 1;
+    if let Some(c) = &shared.retries {
+        c.inc();
+    }
+    true
+}

@@ -1,0 +1,55 @@
+//! Request and per-try timeouts as layers, with typed errors.
+//!
+//! [`TimeoutLayer::request`] bounds a whole request — retries and back-offs included when
+//! it sits above [`crate::retry`] — and fails it with [`RequestTimeout`]. It also puts the
+//! request's [`Deadline`] in its extensions, so that the retry layer below never starts a
+//! back-off that would end past it. [`TimeoutLayer::per_try`] bounds one try and fails it
+//! with [`TryTimeout`]; in [`MeshClient`](crate::MeshClient) it sits in each endpoint's
+//! stack, below the breaker and the load measurement, so a timed-out try counts as that
+//! endpoint's failure and raises its latency estimate.
+//!
+//! tower's own `Timeout` has the same timing but one error type for both uses and no
+//! deadline for the layers below, hence this module. A layer built with `None` passes
+//! everything through, so a stack keeps one type whether or not a timeout is set.
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::{Request, Response};
+//! use mesh_tower::timeout::{TimeoutLayer, TryTimeout};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let mut slow = ServiceBuilder::new()
+//!     .layer(TimeoutLayer::per_try(Some(Duration::from_millis(100))))
+//!     .service_fn(|_req: Request<()>| async {
+//!         tokio::time::sleep(Duration::from_secs(1)).await;
+//!         Ok::<_, std::convert::Infallible>(Response::new(()))
+//!     });
+//! let err = slow.ready().await?.call(Request::new(())).await.unwrap_err();
+//! assert!(err.is::<TryTimeout>());
+//! assert_eq!(err.to_string(), "try timed out after 100ms");
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+mod future;
+mod layer;
+mod service;
+
+pub use self::error::{RequestTimeout, TryTimeout};
+pub use self::future::ResponseFuture;
+pub use self::layer::TimeoutLayer;
+pub use self::service::Timeout;
+
+/// When a request must be done by, as a request extension set by
+/// [`TimeoutLayer::request`] (or by the application).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(pub tokio::time::Instant);
+
+/// Which timeout a layer applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Request,
+    Try,
+}
