@@ -146,16 +146,17 @@ fn pick_among<S: Load>(
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Option<(usize, Cost)> {
-    let cost = |i: usize| weighted(&pool.endpoints[indices[i]], now);
     for max in [Tier::Preferred, Tier::Penalized] {
-        let picked = p2c::pick(
-            indices.len(),
-            rng,
-            |i| !skip.contains(&indices[i]) && tier(&cost(i)) <= max,
-            cost,
-        );
-        if let Some(i) = picked {
-            return Some((indices[i], cost(i)));
+        let picked = p2c::pick_by(indices.len(), rng, |i| {
+            let index = indices[i];
+            if skip.contains(&index) {
+                return None;
+            }
+            let cost = weighted(&pool.endpoints[index], now);
+            (tier(&cost) <= max).then_some(cost)
+        });
+        if let Some((i, cost)) = picked {
+            return Some((indices[i], cost));
         }
     }
     None

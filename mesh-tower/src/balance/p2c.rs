@@ -15,22 +15,45 @@
 /// Random draws before falling back to a scan.
 const DRAWS: usize = 4;
 
-fn sample(
+/// One item sampled uniformly among the eligible ones, with its load.
+fn sample<L>(
     len: usize,
     rng: &mut fastrand::Rng,
-    ready: &impl Fn(usize) -> bool,
+    eligible: &impl Fn(usize) -> Option<L>,
     exclude: Option<usize>,
-) -> Option<usize> {
+) -> Option<(usize, L)> {
     for _ in 0..DRAWS {
         let i = rng.usize(..len);
-        if Some(i) != exclude && ready(i) {
-            return Some(i);
+        if Some(i) != exclude
+            && let Some(load) = eligible(i)
+        {
+            return Some((i, load));
         }
     }
     let start = rng.usize(..len);
     (0..len)
         .map(|k| (start + k) % len)
-        .find(|&i| Some(i) != exclude && ready(i))
+        .filter(|&i| Some(i) != exclude)
+        .find_map(|i| eligible(i).map(|load| (i, load)))
+}
+
+/// Picks an index of `len` items by power of two choices among the eligible ones:
+/// `eligible(i)` gives item `i`'s load, or `None` when it may not take a request. Each
+/// sampled item's load is computed once. Returns the winner and its load; ties go to the
+/// first sampled.
+pub fn pick_by<L: PartialOrd>(
+    len: usize,
+    rng: &mut fastrand::Rng,
+    eligible: impl Fn(usize) -> Option<L>,
+) -> Option<(usize, L)> {
+    if len == 0 {
+        return None;
+    }
+    let a = sample(len, rng, &eligible, None)?;
+    match sample(len, rng, &eligible, Some(a.0)) {
+        Some(b) if b.1 < a.1 => Some(b),
+        _ => Some(a),
+    }
 }
 
 /// Picks an index of `len` items by power of two choices among the ready ones.
@@ -57,15 +80,7 @@ pub fn pick<L: Ord>(
     ready: impl Fn(usize) -> bool,
     load: impl Fn(usize) -> L,
 ) -> Option<usize> {
-    if len == 0 {
-        return None;
-    }
-    let a = sample(len, rng, &ready, None)?;
-    match sample(len, rng, &ready, Some(a)) {
-        None => Some(a),
-        Some(b) if load(b) < load(a) => Some(b),
-        Some(_) => Some(a),
-    }
+    pick_by(len, rng, |i| ready(i).then(|| load(i))).map(|(i, _)| i)
 }
 
 #[cfg(test)]

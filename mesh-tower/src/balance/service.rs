@@ -17,14 +17,17 @@ use super::error::{NoEndpoints, NoReadyEndpoints, NotReady};
 use super::pool::{self, Live, MakeEndpoint, Pool, Slot};
 use super::{ResponseFuture, ZonePreference, pick, weighted};
 use crate::load::Load;
-use crate::retry::Elsewhere;
 use crate::retry::error::NoElsewhere;
+use crate::retry::{Elsewhere, Retried};
 
 /// How long `poll_ready` waits for a ready endpoint before failing (Linkerd's): 3 s.
 pub const DEFAULT_FAIL_FAST: Duration = Duration::from_secs(3);
 
 /// Picks before the balancer falls back to polling every endpoint.
 const PICKS: usize = 3;
+
+/// The endpoints of one request's latest tries that its retries avoid.
+const TRIED: usize = 4;
 
 /// Configures a [`Balance`].
 ///
@@ -118,7 +121,9 @@ struct Shared<S> {
 struct Waiting<S> {
     deadline: Pin<Box<Sleep>>,
     started: Instant,
-    changes: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// Resolves to whether discovery changed (`false`: it is over).
+    changes: Option<Pin<Box<dyn Future<Output = bool> + Send + Sync>>>,
+    discovery_over: bool,
     /// Endpoints polled and not ready: kept so that they wake this balancer.
     pending: Vec<S>,
 }
@@ -128,8 +133,10 @@ struct Waiting<S> {
 pub struct Balance<S> {
     shared: Arc<Shared<S>>,
     rng: fastrand::Rng,
-    /// The endpoint `poll_ready` picked, for the next `call`.
-    picked: Option<S>,
+    /// The endpoint `poll_ready` picked, for the next `call`, with its slot's identity.
+    picked: Option<(S, usize)>,
+    /// The slots this request's tries went to (0: none), which its retries avoid.
+    tried: [usize; TRIED],
     waiting: Option<Waiting<S>>,
 }
 
@@ -167,6 +174,7 @@ impl<S> Balance<S> {
             shared,
             rng,
             picked: None,
+            tried: [0; TRIED],
             waiting: None,
         }
     }
@@ -188,7 +196,7 @@ where
 {
     /// The fast path: pick by cost, then ask the winner; pass over winners that are not
     /// ready.
-    fn try_pick<B>(&mut self, pool: &Pool<S>, cx: &mut Context<'_>) -> Option<S>
+    fn try_pick<B>(&mut self, pool: &Pool<S>, cx: &mut Context<'_>) -> Option<(S, usize)>
     where
         S: Service<Request<B>>,
         S::Error: Into<BoxError>,
@@ -198,7 +206,7 @@ where
             let i = pick(pool, self.shared.zone, &skip[..round], &mut self.rng)?;
             let mut service = pool.endpoints[i].service.clone();
             match service.poll_ready(cx) {
-                Poll::Ready(Ok(())) => return Some(service),
+                Poll::Ready(Ok(())) => return Some((service, id(&pool.endpoints[i]))),
                 Poll::Ready(Err(e)) => {
                     let error: BoxError = e.into();
                     tracing::debug!(%error, endpoint = %pool.endpoints[i].endpoint.key(), "endpoint failed readiness");
@@ -224,18 +232,19 @@ where
                 deadline: Box::pin(tokio::time::sleep(shared.fail_fast)),
                 started: Instant::now(),
                 changes: None,
+                discovery_over: false,
                 pending: Vec::new(),
             });
             let now = Instant::now();
             waiting.pending.clear();
-            let mut best: Option<(crate::load::Cost, S)> = None;
+            let mut best: Option<(crate::load::Cost, (S, usize))> = None;
             for slot in &pool.endpoints {
                 let mut service = slot.service.clone();
                 match service.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
                         let cost = weighted(slot, now);
                         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                            best = Some((cost, service));
+                            best = Some((cost, (service, id(slot))));
                         }
                     }
                     Poll::Ready(Err(e)) => {
@@ -245,8 +254,8 @@ where
                     Poll::Pending => waiting.pending.push(service),
                 }
             }
-            if let Some((_, service)) = best {
-                self.picked = Some(service);
+            if let Some((_, picked)) = best {
+                self.picked = Some(picked);
                 self.waiting = None;
                 return Poll::Ready(Ok(()));
             }
@@ -258,16 +267,15 @@ where
                 .into()));
             }
             // Woken by discovery too: a new endpoint may be ready.
-            let changes = waiting.changes.get_or_insert_with(|| {
-                let mut updates = shared.updates.clone();
-                updates.mark_unchanged();
-                Box::pin(async move {
-                    let _ = updates.changed().await;
-                })
-            });
-            if changes.as_mut().poll(cx).is_ready() {
-                waiting.changes = None;
-                if !shared.live.ended.load(Ordering::Acquire) || !pool.endpoints.is_empty() {
+            if !waiting.discovery_over {
+                let changes = waiting.changes.get_or_insert_with(|| {
+                    let mut updates = shared.updates.clone();
+                    updates.mark_unchanged();
+                    Box::pin(async move { updates.changed().await.is_ok() })
+                });
+                if let Poll::Ready(changed) = changes.as_mut().poll(cx) {
+                    waiting.changes = None;
+                    waiting.discovery_over = !changed;
                     continue;
                 }
             }
@@ -294,6 +302,53 @@ where
     }
 }
 
+/// A slot's identity while it lives.
+fn id<S>(slot: &Arc<Slot<S>>) -> usize {
+    Arc::as_ptr(slot) as usize
+}
+
+fn is_preferred(cost: &crate::load::Cost) -> bool {
+    !cost.penalized && !cost.unready
+}
+
+impl<S> Balance<S>
+where
+    S: Load + Clone,
+{
+    /// Picks again for a retry, passing over the last try's endpoint (and, for
+    /// `elsewhere`, every penalized one), taking only an endpoint ready right now.
+    fn repick<B>(&mut self, elsewhere: bool) -> Option<(S, usize)>
+    where
+        S: Service<Request<B>>,
+    {
+        let pool = self.shared.live.current.load();
+        let mut skip = [usize::MAX; TRIED + PICKS];
+        let mut n = 0;
+        for (i, slot) in pool.endpoints.iter().enumerate() {
+            if n < TRIED && self.tried.contains(&id(slot)) {
+                skip[n] = i;
+                n += 1;
+            }
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let now = Instant::now();
+        for round in 0..PICKS {
+            let i = pick(&pool, self.shared.zone, &skip[..n + round], &mut self.rng)?;
+            let slot = &pool.endpoints[i];
+            if elsewhere && !is_preferred(&weighted(slot, now)) {
+                // The pick prefers unpenalized endpoints: this means there is none.
+                return None;
+            }
+            let mut service = slot.service.clone();
+            if let Poll::Ready(Ok(())) = service.poll_ready(&mut cx) {
+                return Some((service, id(slot)));
+            }
+            skip[n + round] = i;
+        }
+        None
+    }
+}
+
 impl<S, B, RB> Service<Request<B>> for Balance<S>
 where
     S: Service<Request<B>, Response = http::Response<RB>> + Load + Clone,
@@ -308,8 +363,8 @@ where
             return Poll::Ready(Ok(()));
         }
         let pool = self.shared.live.current.load();
-        if let Some(service) = self.try_pick(&pool, cx) {
-            self.picked = Some(service);
+        if let Some(picked) = self.try_pick(&pool, cx) {
+            self.picked = Some(picked);
             self.waiting = None;
             return Poll::Ready(Ok(()));
         }
@@ -318,15 +373,29 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(mut service) = self.picked.take() else {
+        let Some((mut service, mut slot)) = self.picked.take() else {
             return ResponseFuture::failed(NotReady.into());
         };
-        if req.extensions().get::<Elsewhere>().is_some() {
-            // The pick prefers unpenalized endpoints: a penalized one means there is none.
-            let cost = service.load(Instant::now());
-            if cost.penalized || cost.unready {
-                return ResponseFuture::failed(NoElsewhere.into());
+        let elsewhere = req.extensions().get::<Elsewhere>().is_some();
+        if elsewhere || req.extensions().get::<Retried>().is_some() {
+            // A retry goes to an endpoint none of the request's tries went to when one is
+            // ready; the retry of a rate-limited answer, only to one that is not rate
+            // limiting.
+            let unfit = self.tried.contains(&slot)
+                || elsewhere && !is_preferred(&service.load(Instant::now()));
+            if unfit {
+                match self.repick(elsewhere) {
+                    Some((other, other_slot)) => (service, slot) = (other, other_slot),
+                    None if elsewhere => return ResponseFuture::failed(NoElsewhere.into()),
+                    None => {}
+                }
             }
+            self.tried.rotate_right(1);
+            self.tried[0] = slot;
+        } else {
+            // A first try: a new request.
+            self.tried = [0; TRIED];
+            self.tried[0] = slot;
         }
         ResponseFuture::new(service.call(req))
     }

@@ -16,7 +16,7 @@ use tower_service::Service;
 use super::body::{Collect, Prepared, Start};
 use super::error::{BudgetExhausted, NoElsewhere};
 use super::layer::Shared;
-use super::{Elsewhere, ReplayBody};
+use super::{Elsewhere, ReplayBody, Retried};
 use crate::timeout::{Deadline, TryTimeout};
 
 pin_project! {
@@ -168,6 +168,9 @@ where
                     };
                     if let Some(ext) = this.extensions.take() {
                         *req.extensions_mut() = ext;
+                    }
+                    if *this.retries > 0 {
+                        req.extensions_mut().insert(Retried);
                     }
                     if *this.elsewhere {
                         req.extensions_mut().insert(Elsewhere);

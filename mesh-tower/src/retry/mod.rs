@@ -29,6 +29,9 @@
 //!    Other rate-limited answers are retried only when their status is in `statuses`, and
 //!    never sooner than their pushback.
 //!
+//! Every retry carries [`Retried`], so that a balancer below sends it to another endpoint
+//! than the try before when it can.
+//!
 //! When no retry is made, the last answer (or error) is returned as it is; an error that
 //! the budget kept from being retried comes wrapped in
 //! [`BudgetExhausted`](error::BudgetExhausted).
@@ -79,6 +82,12 @@ pub use self::future::ResponseFuture;
 pub use self::layer::RetryLayer;
 pub use self::policy::RetryPolicy;
 pub use self::service::Retry;
+
+/// A request extension on every retry (not on first tries): a balancer sends it to
+/// another endpoint than the last try's when one is ready, as
+/// [`crate::balance::Balance`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retried;
 
 /// A request extension: send this request only to an endpoint that is not rate limiting,
 /// or fail it with [`NoElsewhere`](error::NoElsewhere). Set by [`Retry`] on the retry of
