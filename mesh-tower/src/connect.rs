@@ -614,6 +614,12 @@ mod tests {
         let c = EndpointClient::new(ep.addr(), ConnectSettings::mtls(wrong));
         let err = c.send(request("hi")).await.unwrap_err();
         assert!(err.is_connect());
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("TLS with {}", ep.addr()))
+                && message.contains("is not authorized"),
+            "{message}"
+        );
         let chain: Vec<String> = mesh_core::error::chain(&err)
             .map(|e| e.to_string())
             .collect();
@@ -633,7 +639,13 @@ mod tests {
         let client = EndpointClient::new(addr, ConnectSettings::plaintext());
         let state = client.conn_state().clone();
         assert!(state.is_ready(Instant::now()));
-        assert!(client.send(request("x")).await.unwrap_err().is_connect());
+        let err = client.send(request("x")).await.unwrap_err();
+        assert!(err.is_connect());
+        assert!(
+            err.to_string()
+                .starts_with(&format!("connecting to {addr}: ")),
+            "{err}"
+        );
         assert!(!state.is_ready(Instant::now()));
         assert_eq!(state.failures(), 1);
         tokio::time::advance(Duration::from_millis(100)).await;

@@ -439,6 +439,10 @@ async fn endpoints_are_authenticated_and_wrong_identities_refused() {
         .build()
         .unwrap();
     let err = client.send(get()).await.unwrap_err();
+    // The message itself names the cause, not only hyper's "client error (Connect)".
+    let message = err.to_string();
+    assert!(message.contains("is not authorized"), "{message}");
+    assert!(message.contains(&ep.addr().to_string()), "{message}");
     let chain: Vec<String> = mesh_core::error::chain(err.as_ref())
         .map(|e| e.to_string())
         .collect();

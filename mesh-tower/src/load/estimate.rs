@@ -53,6 +53,11 @@ impl RttEstimate {
         self.updated = self.updated.max(now);
     }
 
+    /// The estimate as of its last update, in nanoseconds, and when that was.
+    pub(super) fn parts(&self) -> (f64, Instant) {
+        (self.estimate_ns, self.updated)
+    }
+
     /// The estimate at `now`, decayed since the last sample.
     pub fn estimate(&self, now: Instant) -> Duration {
         Duration::from_nanos((self.estimate_ns * self.weight(now)) as u64)

@@ -25,6 +25,15 @@ struct Inner {
     /// every pick without taking the lock.
     penalized_until: AtomicU64,
     base: Instant,
+    /// The estimate as of its last update, in nanoseconds (`f64` bits), and when that was
+    /// (nanoseconds after `base`): what readers decay to `now` without taking the lock.
+    /// The two are stored one after the other; a reader racing an update may pair a new
+    /// value with the old time, which errs by one sample's weight at most — harmless for
+    /// a comparison that is itself a heuristic.
+    published: AtomicU64,
+    published_at: AtomicU64,
+    decay_ns: f64,
+    /// Serializes updates.
     state: Mutex<State>,
 }
 
@@ -36,10 +45,34 @@ impl EndpointLoad {
             in_flight: AtomicUsize::new(0),
             penalized_until: AtomicU64::new(0),
             base: now,
+            published: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
+            published_at: AtomicU64::new(0),
+            decay_ns: (decay.as_nanos() as f64).max(1.0),
             state: Mutex::new(State {
                 ewma: RttEstimate::new(default_rtt, decay, now),
             }),
         }))
+    }
+
+    /// Updates the estimate under the lock and publishes it for readers.
+    fn update(&self, f: impl FnOnce(&mut RttEstimate)) {
+        let mut state = self.state();
+        f(&mut state.ewma);
+        let (estimate_ns, updated) = state.ewma.parts();
+        self.0
+            .published
+            .store(estimate_ns.to_bits(), Ordering::Release);
+        self.0
+            .published_at
+            .store(self.offset(updated), Ordering::Release);
+    }
+
+    /// The estimate at `now` in nanoseconds, from the published value, without locking.
+    fn estimate_ns(&self, now: Instant) -> f64 {
+        let at = self.0.published_at.load(Ordering::Acquire);
+        let estimate = f64::from_bits(self.0.published.load(Ordering::Acquire));
+        let elapsed = self.offset(now).saturating_sub(at) as f64;
+        estimate * (-elapsed / self.0.decay_ns).exp()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -57,7 +90,7 @@ impl EndpointLoad {
     /// rate-limit penalty.
     pub fn cost(&self, now: Instant) -> Cost {
         let in_flight = self.0.in_flight.load(Ordering::Relaxed);
-        let estimate = self.state().ewma.estimate(now).as_nanos() as f64;
+        let estimate = self.estimate_ns(now);
         Cost {
             unready: false,
             penalized: self.penalized_until(now).is_some(),
@@ -72,7 +105,7 @@ impl EndpointLoad {
 
     /// The RTT estimate at `now`.
     pub fn rtt_estimate(&self, now: Instant) -> Duration {
-        self.state().ewma.estimate(now)
+        Duration::from_nanos(self.estimate_ns(now) as u64)
     }
 
     /// Marks a request as started; the returned guard marks it finished when dropped (so a
@@ -116,7 +149,7 @@ impl InFlight {
     /// Records the round-trip time, from the start to `now`, and finishes the request.
     pub fn complete(self, now: Instant) {
         let rtt = now.saturating_duration_since(self.started);
-        self.load.state().ewma.observe(rtt, now);
+        self.load.update(|ewma| ewma.observe(rtt, now));
     }
 
     /// Finishes a request that got no answer (it failed, or was cancelled) at `now`: the
@@ -125,7 +158,7 @@ impl InFlight {
     /// nothing about latency).
     pub fn abandon(self, now: Instant) {
         let rtt = now.saturating_duration_since(self.started);
-        self.load.state().ewma.observe_at_least(rtt, now);
+        self.load.update(|ewma| ewma.observe_at_least(rtt, now));
     }
 }
 
