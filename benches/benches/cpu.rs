@@ -10,7 +10,12 @@
 //!
 //! ```text
 //! cargo bench -p mesh-benches --bench cpu
+//! benches/cpu-instructions.sh        # the same, counted in instructions under callgrind
 //! ```
+//!
+//! With `MESH_CPU_BENCH_ONLY=bare` or `=mesh` (and `MESH_CPU_BENCH_REQUESTS=N`) it runs
+//! only that client, for N requests after the warm-up, and prints nothing: the mode
+//! `cpu-instructions.sh` counts under callgrind, where timing would mean nothing.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -33,7 +38,7 @@ use mesh_tower::mock::{Behavior, MockEndpoint};
 
 const SERVER_ENV: &str = "MESH_CPU_BENCH_SERVER";
 const REQUESTS: u64 = 20_000;
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 /// On-CPU nanoseconds of every thread of this process.
 fn cpu_ns() -> u64 {
@@ -132,22 +137,40 @@ fn main() {
     };
     run_bare(REQUESTS / 10);
     run_mesh(REQUESTS / 10);
-    let (mut bare_ns, mut mesh_ns) = (Vec::new(), Vec::new());
+    if let Some(only) = std::env::var_os("MESH_CPU_BENCH_ONLY") {
+        let n = std::env::var("MESH_CPU_BENCH_REQUESTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2_000);
+        if only == "bare" {
+            run_bare(n);
+        } else {
+            run_mesh(n);
+        }
+        drop(child.stdin.take());
+        let _ = child.wait();
+        return;
+    }
+    let (mut bare_ns, mut mesh_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let t = cpu_ns();
         run_bare(REQUESTS);
-        bare_ns.push((cpu_ns() - t) as f64 / REQUESTS as f64);
+        let b = (cpu_ns() - t) as f64 / REQUESTS as f64;
         let t = cpu_ns();
         run_mesh(REQUESTS);
-        mesh_ns.push((cpu_ns() - t) as f64 / REQUESTS as f64);
+        let m = (cpu_ns() - t) as f64 / REQUESTS as f64;
+        bare_ns.push(b);
+        mesh_ns.push(m);
+        ratios.push(m / b);
     }
+    let ratio = median(ratios);
     let (b, m) = (median(bare_ns), median(mesh_ns));
     println!(
         "cpu per request (client process, {REQUESTS} sequential requests, median of {ROUNDS} rounds):"
     );
     println!("  bare_hyper   {b:>8.0} ns");
     println!("  mesh_client  {m:>8.0} ns");
-    println!("  ratio        {:>8.3}x", m / b);
+    println!("  ratio        {ratio:>8.3}x (median of the rounds' ratios)");
     drop(child.stdin.take());
     let _ = child.wait();
 }

@@ -324,21 +324,24 @@ impl hyper::rt::Write for Conn {
 /// Sends requests to one endpoint over pooled (HTTP/1.1) or multiplexed (HTTP/2)
 /// connections. Cheap to clone: clones share the pool.
 pub struct EndpointClient<B> {
+    // Shared, so that a clone (one per request, as the balancer picks) is one reference
+    // count and the stack's futures stay small.
+    shared: Arc<Shared<B>>,
+    /// The end of a back-off `poll_ready` waits for.
+    backoff: Option<Pin<Box<Sleep>>>,
+}
+
+struct Shared<B> {
     addr: SocketAddr,
     authority: http::uri::Authority,
     client: Client<Connector, B>,
     state: Arc<ConnState>,
-    /// The end of a back-off `poll_ready` waits for.
-    backoff: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Clone for EndpointClient<B> {
     fn clone(&self) -> Self {
         Self {
-            addr: self.addr,
-            authority: self.authority.clone(),
-            client: self.client.clone(),
-            state: self.state.clone(),
+            shared: self.shared.clone(),
             backoff: None,
         }
     }
@@ -347,20 +350,20 @@ impl<B> Clone for EndpointClient<B> {
 impl<B> EndpointClient<B> {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.shared.addr
     }
 
     /// The endpoint's connection health.
     pub fn conn_state(&self) -> &Arc<ConnState> {
-        &self.state
+        &self.shared.state
     }
 }
 
 impl<B> fmt::Debug for EndpointClient<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EndpointClient")
-            .field("addr", &self.addr)
-            .field("failures", &self.state.failures())
+            .field("addr", &self.shared.addr)
+            .field("failures", &self.shared.state.failures())
             .finish()
     }
 }
@@ -389,10 +392,12 @@ where
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("endpoint"));
         Self {
-            addr,
-            authority,
-            client: builder.build(connector),
-            state,
+            shared: Arc::new(Shared {
+                addr,
+                authority,
+                client: builder.build(connector),
+                state,
+            }),
             backoff: None,
         }
     }
@@ -407,7 +412,7 @@ where
             parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
             parts
                 .authority
-                .get_or_insert_with(|| self.authority.clone());
+                .get_or_insert_with(|| self.shared.authority.clone());
             parts
                 .path_and_query
                 .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
@@ -416,8 +421,8 @@ where
             }
         }
         ResponseFuture {
-            inner: self.client.request(req),
-            addr: self.addr,
+            inner: self.shared.client.request(req),
+            addr: self.shared.addr,
         }
     }
 }
@@ -434,7 +439,7 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         loop {
-            let Some(until) = self.state.backoff_until(Instant::now()) else {
+            let Some(until) = self.shared.state.backoff_until(Instant::now()) else {
                 self.backoff = None;
                 return Poll::Ready(Ok(()));
             };

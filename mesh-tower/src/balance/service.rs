@@ -137,7 +137,8 @@ pub struct Balance<S> {
     picked: Option<(S, usize)>,
     /// The slots this request's tries went to (0: none), which its retries avoid.
     tried: [usize; TRIED],
-    waiting: Option<Waiting<S>>,
+    // Boxed: the slow path's state, kept out of the way of the common one.
+    waiting: Option<Box<Waiting<S>>>,
 }
 
 impl<S> Clone for Balance<S> {
@@ -228,12 +229,14 @@ where
         loop {
             let pool = self.shared.live.current.load_full();
             let shared = &self.shared;
-            let waiting = self.waiting.get_or_insert_with(|| Waiting {
-                deadline: Box::pin(tokio::time::sleep(shared.fail_fast)),
-                started: Instant::now(),
-                changes: None,
-                discovery_over: false,
-                pending: Vec::new(),
+            let waiting = self.waiting.get_or_insert_with(|| {
+                Box::new(Waiting {
+                    deadline: Box::pin(tokio::time::sleep(shared.fail_fast)),
+                    started: Instant::now(),
+                    changes: None,
+                    discovery_over: false,
+                    pending: Vec::new(),
+                })
             });
             let now = Instant::now();
             waiting.pending.clear();

@@ -65,6 +65,7 @@ use tokio::time::Instant;
 
 use mesh_core::classify::Classifier;
 
+#[cfg(feature = "breaker")]
 use crate::breaker::Transition;
 use crate::load::EndpointLoad;
 
@@ -296,6 +297,7 @@ impl EndpointMetrics {
     }
 
     /// Counts a breaker transition of this endpoint.
+    #[cfg(feature = "breaker")]
     pub fn transition(&self, t: Transition) {
         let s = &*self.0.series;
         s.client
@@ -305,6 +307,7 @@ impl EndpointMetrics {
     }
 }
 
+#[cfg(feature = "breaker")]
 fn state_name(t: Transition) -> &'static str {
     match t {
         Transition::Ejected { .. } => "ejected",

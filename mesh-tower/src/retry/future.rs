@@ -41,13 +41,14 @@ pin_project! {
         shared: Arc<Shared>,
         head: Parts,
         extensions: Option<Extensions>,
-        collect: Option<Collect>,
+        // Boxed: only bodies that are collected need it.
+        collect: Option<Box<Collect>>,
         body: Prepared,
         retries: u32,
         idempotent: bool,
         deadline: Option<Instant>,
         // A rate-limited answer kept while its request is retried elsewhere.
-        kept: Option<Response<RB>>,
+        kept: Option<Box<Response<RB>>>,
         elsewhere: bool,
     }
 }
@@ -79,7 +80,7 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             shared.budget.deposit();
             match super::body::start(body, policy.max_replay_body) {
                 Start::Done(prepared) => (State::Ready, None, prepared),
-                Start::Collect(c) => (State::Collecting, Some(c), Prepared::Once(None)),
+                Start::Collect(c) => (State::Collecting, Some(Box::new(c)), Prepared::Once(None)),
             }
         };
         Self {
@@ -147,7 +148,7 @@ where
                             && is_caused_by::<NoElsewhere>(e.as_ref())
                             && let Some(kept) = this.kept.take()
                         {
-                            return Poll::Ready(Ok(kept));
+                            return Poll::Ready(Ok(*kept));
                         }
                         return Poll::Ready(Err(e));
                     }
@@ -232,7 +233,7 @@ fn decide<S, F, RB>(
                     {
                         // Try once, at once, on an endpoint that is not rate limiting.
                         tracing::debug!("rate limited: retrying on another endpoint");
-                        *this.kept = outcome.ok();
+                        *this.kept = outcome.ok().map(Box::new);
                         *this.elsewhere = true;
                         return Next::RetryAfter(Duration::ZERO);
                     }
@@ -249,7 +250,7 @@ fn decide<S, F, RB>(
                 && is_caused_by::<NoElsewhere>(e.as_ref())
                 && let Some(kept) = this.kept.take()
             {
-                return Next::Done(Ok(kept));
+                return Next::Done(Ok(*kept));
             }
             (
                 is_connect_error(e.as_ref()) || *this.idempotent && is_retryable_error(e.as_ref()),

@@ -15,8 +15,16 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
+        // Boxed: most stacks run without one, and the future stays small.
+        timer: Option<Pin<Box<Timer>>>,
+    }
+}
+
+pin_project! {
+    #[derive(Debug)]
+    struct Timer {
         #[pin]
-        sleep: Option<Sleep>,
+        sleep: Sleep,
         timeout: Duration,
         kind: Kind,
     }
@@ -24,15 +32,15 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     pub(super) fn new(inner: F, timer: Option<(Instant, Duration, Kind)>) -> Self {
-        let (sleep, timeout, kind) = match timer {
-            Some((at, timeout, kind)) => (Some(tokio::time::sleep_until(at)), timeout, kind),
-            None => (None, Duration::ZERO, Kind::Try),
-        };
         Self {
             inner,
-            sleep,
-            timeout,
-            kind,
+            timer: timer.map(|(at, timeout, kind)| {
+                Box::pin(Timer {
+                    sleep: tokio::time::sleep_until(at),
+                    timeout,
+                    kind,
+                })
+            }),
         }
     }
 }
@@ -49,12 +57,16 @@ where
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(match this.kind {
-                Kind::Request => RequestTimeout(*this.timeout).into(),
-                Kind::Try => TryTimeout(*this.timeout).into(),
+        let Some(timer) = this.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        let timer = timer.as_mut().project();
+        match timer.sleep.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(match timer.kind {
+                Kind::Request => RequestTimeout(*timer.timeout).into(),
+                Kind::Try => TryTimeout(*timer.timeout).into(),
             })),
-            _ => Poll::Pending,
+            Poll::Pending => Poll::Pending,
         }
     }
 }
