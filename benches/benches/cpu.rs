@@ -175,7 +175,10 @@ fn main() {
     println!("  bare_hyper   {b:>8.0} ns");
     println!("  mesh_client  {m:>8.0} ns");
     println!("  ratio        {ratio:>8.3}x (median of the rounds' ratios)");
-    println!("wall time per request (sequential, one thread): bare {bw:.0} ns, mesh {mw:.0} ns, {:.3}x", mw / bw);
+    println!(
+        "wall time per request (sequential, one thread): bare {bw:.0} ns, mesh {mw:.0} ns, {:.3}x",
+        mw / bw
+    );
     drop(child.stdin.take());
     let _ = child.wait();
 }
