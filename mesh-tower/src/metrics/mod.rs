@@ -49,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -113,6 +114,17 @@ pub struct ClientMetrics {
     budget_exhausted: Counter,
     breaker: Family<BreakerLabels, Counter>,
     load: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    /// The series objects alive per address: an address can have two for a while (an
+    /// endpoint re-made under a new identity while the old one drains), and only the last
+    /// one to go removes the address's series.
+    live: Arc<Mutex<HashMap<Arc<str>, Live>>>,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    count: usize,
+    /// Status labels recorded by series already gone.
+    seen: Vec<(u16, &'static str)>,
 }
 
 fn class_name(class: Option<Class>) -> &'static str {
@@ -140,6 +152,7 @@ impl ClientMetrics {
             budget_exhausted: Counter::default(),
             breaker: Family::default(),
             load: Family::default(),
+            live: Arc::default(),
         };
         registry.register(
             "mesh_client_responses",
@@ -203,6 +216,9 @@ impl ClientMetrics {
             http_response_status_code: 200,
             class: class_name(Some(Class::Success)),
         };
+        if let Ok(mut live) = self.live.lock() {
+            live.entry(address.clone()).or_default().count += 1;
+        }
         EndpointMetrics(Arc::new(Handle {
             series: Arc::new(EndpointSeries {
                 ok: self.responses.get_or_create(&ok).clone(),
@@ -345,12 +361,26 @@ impl EndpointSeries {
 impl Drop for EndpointSeries {
     fn drop(&mut self) {
         let c = &self.client;
+        let mut seen =
+            std::mem::take(&mut *self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
+        let Ok(mut live) = c.live.lock() else {
+            return;
+        };
+        if let Some(entry) = live.get_mut(&self.address) {
+            entry.count = entry.count.saturating_sub(1);
+            if entry.count > 0 {
+                // Another series object of this address lives on: it removes them all.
+                entry.seen.append(&mut seen);
+                return;
+            }
+            seen.append(&mut entry.seen);
+        }
+        live.remove(&self.address);
+        drop(live);
         c.responses
             .remove(&self.response_labels(200, class_name(Some(Class::Success))));
-        if let Ok(seen) = self.statuses.lock() {
-            for (code, class) in seen.iter() {
-                c.responses.remove(&self.response_labels(*code, class));
-            }
+        for (code, class) in &seen {
+            c.responses.remove(&self.response_labels(*code, class));
         }
         c.errors.remove(&self.labels());
         c.load.remove(&self.labels());
@@ -365,5 +395,40 @@ impl<S> tower::Layer<S> for EndpointMetrics {
 
     fn layer(&self, inner: S) -> Metrics<S> {
         Metrics::new(inner, Some(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap_or_default();
+        out
+    }
+
+    #[test]
+    fn an_address_keeps_its_series_while_any_endpoint_of_it_lives() {
+        let mut registry = Registry::default();
+        let metrics = ClientMetrics::register(&mut registry, "users");
+        let old = metrics.endpoint("10.0.0.1:80".into(), Classifier::default());
+        old.response(
+            StatusCode::BAD_GATEWAY,
+            &http::HeaderMap::new(),
+            Duration::ZERO,
+        );
+        // Re-made (say, under a new identity) while the old one drains.
+        let new = metrics.endpoint("10.0.0.1:80".into(), Classifier::default());
+        new.response(StatusCode::OK, &http::HeaderMap::new(), Duration::ZERO);
+        drop(old);
+        let t = text(&registry);
+        assert!(
+            t.contains(r#"server_address="10.0.0.1:80",http_response_status_code="200""#),
+            "{t}"
+        );
+        drop(new);
+        let t = text(&registry);
+        assert!(!t.contains("10.0.0.1:80"), "{t}");
     }
 }
