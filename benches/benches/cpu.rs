@@ -154,11 +154,11 @@ fn main() {
     let (mut bare_ns, mut mesh_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut bare_wall, mut mesh_wall) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let (t, w) = (cpu_ns(), std::time::Instant::now());
+        let (t, w) = (cpu_ns(), tokio::time::Instant::now());
         run_bare(REQUESTS);
         let b = (cpu_ns() - t) as f64 / REQUESTS as f64;
         bare_wall.push(w.elapsed().as_nanos() as f64 / REQUESTS as f64);
-        let (t, w) = (cpu_ns(), std::time::Instant::now());
+        let (t, w) = (cpu_ns(), tokio::time::Instant::now());
         run_mesh(REQUESTS);
         let m = (cpu_ns() - t) as f64 / REQUESTS as f64;
         mesh_wall.push(w.elapsed().as_nanos() as f64 / REQUESTS as f64);
