@@ -334,8 +334,16 @@ impl CredentialSource for PemFiles {
     }
 }
 
-/// Parses and checks an SVID from the contents of its chain and key files.
-fn parse_svid(
+/// Parses and checks an SVID from the contents of its chain and key files, as
+/// [`PemFilesBuilder::start`] and every reload do; the paths only name the files in errors.
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+///
+/// # Errors
+///
+/// [`FilesError::Invalid`] or [`FilesError::KeyMismatch`], as [`PemFilesBuilder::start`].
+#[doc(hidden)]
+pub fn parse_svid(
     cert_path: &Path,
     cert: &[u8],
     key_path: &Path,
@@ -369,8 +377,17 @@ fn parse_svid(
     Ok(svid)
 }
 
-/// Parses a bundle file.
-fn parse_bundle(path: &Path, content: &[u8]) -> Result<Bundle, FilesError> {
+/// Parses a bundle file's content, as [`PemFilesBuilder::start`] and every reload do;
+/// `path` only names the file in errors.
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+///
+/// # Errors
+///
+/// [`FilesError::Invalid`] when the content is not PEM, holds no `CERTIFICATE` block, or a
+/// certificate is not a usable trust anchor.
+#[doc(hidden)]
+pub fn parse_bundle(path: &Path, content: &[u8]) -> Result<Bundle, FilesError> {
     Bundle::new(parse_certs(path, content)?).map_err(|e| FilesError::invalid(path, e))
 }
 

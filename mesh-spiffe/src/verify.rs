@@ -68,6 +68,27 @@ pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
     Ok(id)
 }
 
+/// Runs the verifier's four checks (see the [module docs](self)) on a peer's certificates,
+/// as a handshake does: for a server (`server == true`, usage `serverAuth`) or a client
+/// (`clientAuth`), with the bundles `source` holds now.
+///
+/// Exposed for the fuzz targets in `fuzz/` (untrusted certificates without a handshake);
+/// not a stable API. Connections get these checks through [`Mtls`](crate::Mtls)'s
+/// configurations.
+#[doc(hidden)]
+pub fn verify_peer(
+    source: Arc<dyn CredentialSource>,
+    authorizer: Authorizer,
+    provider: &CryptoProvider,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    server: bool,
+) -> Result<SpiffeId, VerifyError> {
+    let role = if server { Role::Server } else { Role::Client };
+    SpiffeVerifier::new(source, authorizer, provider).verify(end_entity, intermediates, now, role)
+}
+
 /// Which end of the connection is being verified.
 #[derive(Clone, Copy, Debug)]
 enum Role {

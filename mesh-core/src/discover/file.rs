@@ -172,8 +172,17 @@ impl FileDiscoveryBuilder {
     }
 }
 
-/// Parses an endpoints file: JSON if the name ends in `.json`, TOML otherwise.
-fn parse(path: &Path, content: &[u8]) -> Result<EndpointSet, DiscoverError> {
+/// Parses an endpoints file's content (see the [module docs](self) for the format): JSON
+/// if `path` ends in `.json`, TOML otherwise. The file is not read; `path` also names it in
+/// errors.
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+///
+/// # Errors
+///
+/// [`DiscoverError::Malformed`], saying where and why.
+#[doc(hidden)]
+pub fn parse(path: &Path, content: &[u8]) -> Result<EndpointSet, DiscoverError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct EndpointsFile {
