@@ -42,7 +42,7 @@
 //! `/etc/resolv.conf` (read when the source is built, port 53). The `search` and `ndots`
 //! settings are not applied: names are always absolute. `/etc/hosts` is not consulted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
@@ -390,7 +390,9 @@ struct SrvRecord {
 }
 
 /// The endpoints of `records`, given each target's addresses: one per address and record,
-/// weighted by the record's weight (0 counts as 1), weights of equal addresses added.
+/// weighted by the record's weight (0 counts as 1), weights of equal addresses added. An
+/// address repeated in one target's answer counts once (an RRset has no duplicates, RFC
+/// 2181 §5, but a server may send them).
 fn srv_endpoints(
     records: &[SrvRecord],
     addrs: &HashMap<Name, Vec<IpAddr>>,
@@ -398,7 +400,8 @@ fn srv_endpoints(
 ) -> EndpointSet {
     let mut weights: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     for r in records {
-        for ip in addrs.get(&r.target).into_iter().flatten() {
+        let ips: BTreeSet<&IpAddr> = addrs.get(&r.target).into_iter().flatten().collect();
+        for ip in ips {
             let w = weights.entry(SocketAddr::new(*ip, r.port)).or_default();
             *w = w.saturating_add(u32::from(r.weight.max(1)));
         }
@@ -407,6 +410,33 @@ fn srv_endpoints(
         .into_iter()
         .map(|(addr, w)| template.endpoint(addr, NonZeroU32::new(w).unwrap_or(NonZeroU32::MIN)))
         .collect()
+}
+
+/// The endpoints discovery makes of an SRV answer, as each round does: `records` as
+/// `(target, port, weight)` and `addrs` each target's A/AAAA addresses (a target that is
+/// not a valid DNS name, or whose addresses are missing, yields nothing).
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub fn srv_answer_endpoints(
+    records: &[(String, u16, u16)],
+    addrs: &[(String, Vec<IpAddr>)],
+) -> EndpointSet {
+    let records: Vec<SrvRecord> = records
+        .iter()
+        .filter_map(|(target, port, weight)| {
+            Some(SrvRecord {
+                target: Name::from_ascii(target).ok()?,
+                port: *port,
+                weight: *weight,
+            })
+        })
+        .collect();
+    let addrs = addrs
+        .iter()
+        .filter_map(|(name, ips)| Some((Name::from_ascii(name).ok()?, ips.clone())))
+        .collect();
+    srv_endpoints(&records, &addrs, &Template::default())
 }
 
 /// The time until the next resolution: the TTL, or the floor when unknown, within the
@@ -610,6 +640,25 @@ mod tests {
 
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
+    }
+
+    /// Found by the `dns_srv` fuzz target: a duplicated A record multiplied the weight.
+    #[test]
+    fn an_address_repeated_in_one_answer_counts_once() {
+        let a = name("a.example.org.");
+        let records = [SrvRecord {
+            target: a.clone(),
+            port: 80,
+            weight: 7,
+        }];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let addrs = HashMap::from([(a, vec![ip, ip, ip])]);
+        let set = srv_endpoints(&records, &addrs, &Template::default());
+        let got: Vec<(String, u32)> = set
+            .iter()
+            .map(|ep| (ep.addr().to_string(), ep.weight().get()))
+            .collect();
+        assert_eq!(got, [("10.0.0.1:80".to_owned(), 7)]);
     }
 
     #[test]
