@@ -17,6 +17,10 @@ use mesh_core::config::BackoffConfig;
 pub const DEFAULT_RETRY_BACKOFF: Backoff =
     Backoff::constant(Duration::from_millis(25), Duration::from_millis(250), 0.5);
 
+/// The default back-off of circuit-breaker ejections: 1 to 60 s, jitter 0.5.
+pub const DEFAULT_EJECTION_BACKOFF: Backoff =
+    Backoff::constant(Duration::from_secs(1), Duration::from_secs(60), 0.5);
+
 /// An exponential back-off policy.
 ///
 /// ```

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use mesh_core::Endpoint;
 use mesh_core::discover::StaticDiscovery;
@@ -42,6 +42,22 @@ fn addr(i: u16) -> std::net::SocketAddr {
 
 fn discovery(n: u16) -> mesh_core::discover::BoxDiscover {
     Box::pin(StaticDiscovery::new((0..n).map(|i| Endpoint::new(addr(i)))))
+}
+
+fn get() -> Request<Full<Bytes>> {
+    Request::get("http://users/").body(Full::default()).unwrap()
+}
+
+/// Waits for `svc` to be ready, then sends it `req`.
+async fn send<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<S::Response, S::Error>
+where
+    S: Service<Request<Full<Bytes>>>,
+    S::Error: std::fmt::Debug,
+{
+    ServiceExt::<Request<Full<Bytes>>>::ready(svc)
+        .await?
+        .call(req)
+        .await
 }
 
 /// Waits until the balancer's discovery task has published `n` endpoints.
@@ -76,12 +92,7 @@ async fn retry_replays_a_post_body_byte_for_byte_through_a_flaky_service() {
     let req = Request::post("http://users/")
         .body(Full::new(payload.clone()))
         .unwrap();
-    let resp = ServiceExt::<Request<Full<Bytes>>>::ready(&mut client)
-        .await
-        .unwrap()
-        .call(req)
-        .await
-        .unwrap();
+    let resp = send(&mut client, req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.into_body(), payload);
     let bodies = bodies.lock().unwrap();
@@ -104,16 +115,7 @@ async fn an_exhausted_budget_stops_retries_and_says_so() {
         c.fetch_add(1, Ordering::Relaxed);
         async { Ok::<_, Infallible>(status(503)) }
     }));
-    let resp = ServiceExt::<Request<Full<Bytes>>>::ready(&mut failing)
-        .await
-        .unwrap()
-        .call(
-            Request::get("http://users/")
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = send(&mut failing, get()).await.unwrap();
     assert_eq!(resp.status(), 503, "the answer is passed on");
     assert_eq!(calls.load(Ordering::Relaxed), 1, "no retry");
     assert_eq!((retries.get(), exhausted.get()), (0, 1));
@@ -122,16 +124,7 @@ async fn an_exhausted_budget_stops_retries_and_says_so() {
     let mut timing_out = layer.layer(tower::service_fn(|_req: Request<ReplayBody>| async {
         Err::<Response<Bytes>, BoxError>(TryTimeout(Duration::from_millis(50)).into())
     }));
-    let err = ServiceExt::<Request<Full<Bytes>>>::ready(&mut timing_out)
-        .await
-        .unwrap()
-        .call(
-            Request::get("http://users/")
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap_err();
+    let err = send(&mut timing_out, get()).await.unwrap_err();
     assert!(err.is::<BudgetExhausted>(), "{err}");
     assert_eq!(
         err.to_string(),
@@ -439,12 +432,7 @@ where
 {
     let mut seen = Vec::new();
     for _ in 0..n {
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri("http://users/")
-            .body(Full::default())
-            .unwrap();
-        let resp = client.ready().await.unwrap().call(req).await.unwrap();
+        let resp = send(client, get()).await.unwrap();
         if resp.status() != StatusCode::OK {
             seen.push(resp.status());
         }

@@ -33,9 +33,11 @@ impl fmt::Debug for BreakerLayer {
 
 impl Default for BreakerLayer {
     fn default() -> Self {
-        // The defaults are valid by construction.
-        Self::from_config(&BreakerConfig::default(), &RateLimitedConfig::default())
-            .unwrap_or_else(|_| Self::disabled())
+        Self::with_backoff(
+            &BreakerConfig::default(),
+            &RateLimitedConfig::default(),
+            crate::backoff::DEFAULT_EJECTION_BACKOFF,
+        )
     }
 }
 
@@ -63,8 +65,17 @@ impl BreakerLayer {
         breaker: &BreakerConfig,
         rate_limited: &RateLimitedConfig,
     ) -> Result<Self, InvalidBackoff> {
+        let backoff = Backoff::from_config(&breaker.backoff)?;
+        Ok(Self::with_backoff(breaker, rate_limited, backoff))
+    }
+
+    fn with_backoff(
+        breaker: &BreakerConfig,
+        rate_limited: &RateLimitedConfig,
+        backoff: Backoff,
+    ) -> Self {
         if !breaker.enabled {
-            return Ok(Self::disabled());
+            return Self::disabled();
         }
         let policy = BreakerPolicy {
             consecutive_failures: breaker.consecutive_failures.max(1),
@@ -73,10 +84,10 @@ impl BreakerLayer {
                 window: s.window,
                 min_requests: s.min_requests,
             }),
-            backoff: Backoff::from_config(&breaker.backoff)?,
+            backoff,
             count_rate_limited: rate_limited.count_toward_ejection,
         };
-        Ok(Self::new(policy, breaker.max_ejected_share))
+        Self::new(policy, breaker.max_ejected_share)
     }
 
     /// How answers are classified (default: [`Classifier::default`]).
@@ -120,5 +131,18 @@ impl<S> Layer<S> for BreakerLayer {
     /// when breaking is enabled.
     fn layer(&self, inner: S) -> Breaker<S> {
         Breaker::new(inner, self.handle("endpoint", |_| {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_the_default_configuration() {
+        let config =
+            BreakerLayer::from_config(&BreakerConfig::default(), &RateLimitedConfig::default());
+        assert_eq!(config.unwrap().policy, BreakerLayer::default().policy);
+        assert!(BreakerLayer::default().policy.is_some());
     }
 }

@@ -42,9 +42,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        // The default configuration is valid.
-        Self::from_config(&RetryConfig::default(), &ClassificationConfig::default())
-            .unwrap_or_else(|_| Self::never())
+        Self::with_backoff(
+            &RetryConfig::default(),
+            &ClassificationConfig::default(),
+            crate::backoff::DEFAULT_RETRY_BACKOFF,
+        )
     }
 }
 
@@ -70,10 +72,18 @@ impl RetryPolicy {
         classification: &ClassificationConfig,
     ) -> Result<Self, InvalidBackoff> {
         let backoff = Backoff::from_config(&retry.backoff)?;
+        Ok(Self::with_backoff(retry, classification, backoff))
+    }
+
+    fn with_backoff(
+        retry: &RetryConfig,
+        classification: &ClassificationConfig,
+        backoff: Backoff,
+    ) -> Self {
         if !retry.enabled {
-            return Ok(Self::never());
+            return Self::never();
         }
-        Ok(Self {
+        Self {
             max_retries: retry.max_retries,
             statuses: retry.statuses,
             grpc_codes: retry.grpc_codes,
@@ -82,7 +92,7 @@ impl RetryPolicy {
             backoff,
             retry_rate_limited_elsewhere: retry.retry_rate_limited_elsewhere,
             classifier: Classifier::from(classification),
-        })
+        }
     }
 
     /// Whether failed answers to `method` may be retried: idempotent methods (RFC 9110
@@ -116,6 +126,14 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_is_the_default_configuration() {
+        let config =
+            RetryPolicy::from_config(&RetryConfig::default(), &ClassificationConfig::default());
+        assert_eq!(config.unwrap(), RetryPolicy::default());
+        assert_eq!(RetryPolicy::default().max_retries, 2);
+    }
 
     #[test]
     fn idempotent_methods() {
