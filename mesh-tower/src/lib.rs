@@ -43,5 +43,14 @@ pub mod mock;
 pub mod retry;
 pub mod timeout;
 
+/// A duration in whole nanoseconds, saturating (after ~584 years): a `u64`, where
+/// `Duration::as_nanos` gives a `u128` whose division and float conversion cost a
+/// library call on the request path.
+pub(crate) fn nanos(d: std::time::Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub use crate::client::{MeshClient, MeshClientBuilder};

@@ -29,7 +29,7 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
 pub mod grpc;
 pub mod retry_after;
@@ -86,6 +86,8 @@ pub const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// The `grpc-timeout` header name.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
+const GRPC_STATUS_NAME: HeaderName = HeaderName::from_static(GRPC_STATUS);
+
 impl Classifier {
     /// The class of an HTTP status alone.
     pub fn classify_status(&self, status: StatusCode) -> Class {
@@ -132,14 +134,14 @@ impl Classifier {
             return Some(self.classify_status(status));
         }
         headers
-            .get(GRPC_STATUS)
+            .get(&GRPC_STATUS_NAME)
             .map(|v| self.classify_grpc_status(v))
     }
 
     /// The class of a gRPC response from its trailers (`None` if the stream ended with
     /// none). A missing or malformed `grpc-status` is a failure.
     pub fn classify_trailers(&self, trailers: Option<&HeaderMap>) -> Class {
-        match trailers.and_then(|t| t.get(GRPC_STATUS)) {
+        match trailers.and_then(|t| t.get(&GRPC_STATUS_NAME)) {
             Some(v) => self.classify_grpc_status(v),
             None => Class::Failure,
         }
@@ -266,6 +268,34 @@ mod tests {
             h.insert(GRPC_STATUS, HeaderValue::from_static(s));
         }
         h
+    }
+
+    #[test]
+    fn the_first_grpc_status_counts_wherever_the_grpc_headers_are() {
+        let c = Classifier::default();
+        for others in 1..20 {
+            for at in 0..others {
+                let mut h = HeaderMap::new();
+                for i in 0..others {
+                    if i == at {
+                        h.insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/grpc"),
+                        );
+                        h.append(GRPC_STATUS, HeaderValue::from_static("8"));
+                        h.append(GRPC_STATUS, HeaderValue::from_static("0"));
+                    }
+                    let name = HeaderName::from_bytes(format!("x-other-{i}").as_bytes()).unwrap();
+                    h.insert(name, HeaderValue::from_static("v"));
+                }
+                assert!(is_grpc(&h), "{others} names, content-type at {at}");
+                assert_eq!(
+                    c.classify_response(StatusCode::OK, &h),
+                    Some(Class::RateLimited),
+                    "{others} names, gRPC headers at {at}: the first grpc-status counts"
+                );
+            }
+        }
     }
 
     #[test]

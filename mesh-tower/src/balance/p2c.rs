@@ -50,7 +50,13 @@ pub fn pick_by<L: PartialOrd>(
         return None;
     }
     let a = sample(len, rng, &eligible, None)?;
-    match sample(len, rng, &eligible, Some(a.0)) {
+    let b = match len {
+        // No second candidate to draw, or only one: no random draws spent on finding it.
+        1 => return Some(a),
+        2 => eligible(1 - a.0).map(|load| (1 - a.0, load)),
+        _ => sample(len, rng, &eligible, Some(a.0)),
+    };
+    match b {
         Some(b) if b.1 < a.1 => Some(b),
         _ => Some(a),
     }

@@ -151,8 +151,12 @@ impl MeshClient {
             url.path = req.uri().path(),
         );
         // `Timeout` and `Retry` are always ready: readiness is awaited per try, inside
-        // the response future.
-        let fut = self.stack.clone().call(req);
+        // the response future. Called by reference, so that only the retry future's own
+        // clone of the balancer is made, and handed the deadline directly rather than in
+        // a request extension.
+        let fut = self.stack.call_with(req, |req, deadline| {
+            self.stack.get_ref().call_ref(req, deadline)
+        });
         ResponseFuture {
             inner: fut.instrument(span),
         }

@@ -38,13 +38,13 @@ impl RttEstimate {
     }
 
     fn weight(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        let elapsed = crate::nanos(now.saturating_duration_since(self.updated)) as f64;
         (-elapsed / self.decay_ns).exp()
     }
 
     /// Folds in one RTT sample taken at `now`.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
-        let sample = rtt.as_nanos() as f64;
+        let sample = crate::nanos(rtt) as f64;
         let w = self.weight(now);
         // The EWMA of the old estimate and the sample; a sample above it wins outright.
         // (The old estimate's share, `estimate · w`, is also its value decayed to `now`.)

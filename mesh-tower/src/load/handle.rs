@@ -68,10 +68,10 @@ impl EndpointLoad {
     }
 
     /// The estimate at `now` in nanoseconds, from the published value, without locking.
-    fn estimate_ns(&self, now: Instant) -> f64 {
+    fn estimate_ns(&self, now: u64) -> f64 {
         let at = self.0.published_at.load(Ordering::Acquire);
         let estimate = f64::from_bits(self.0.published.load(Ordering::Acquire));
-        let elapsed = self.offset(now).saturating_sub(at) as f64;
+        let elapsed = now.saturating_sub(at) as f64;
         estimate * (-elapsed / self.0.decay_ns).exp()
     }
 
@@ -82,20 +82,27 @@ impl EndpointLoad {
     }
 
     fn offset(&self, at: Instant) -> u64 {
-        // Saturates after ~584 years of uptime.
-        u64::try_from(at.saturating_duration_since(self.0.base).as_nanos()).unwrap_or(u64::MAX)
+        crate::nanos(at.saturating_duration_since(self.0.base))
     }
 
     /// The cost at `now`: `estimate × (in_flight + 1)`, and whether the endpoint is within a
     /// rate-limit penalty.
     pub fn cost(&self, now: Instant) -> Cost {
         let in_flight = self.0.in_flight.load(Ordering::Relaxed);
-        let estimate = self.estimate_ns(now);
+        let now = self.offset(now);
+        let until = self.0.penalized_until.load(Ordering::Acquire);
         Cost {
             unready: false,
-            penalized: self.penalized_until(now).is_some(),
-            cost: estimate * (in_flight as f64 + 1.0),
+            penalized: until != 0 && now < until,
+            cost: self.estimate_ns(now) * (in_flight as f64 + 1.0),
         }
+    }
+
+    /// The cost as of the last update, not decayed since: what a gauge set right after a
+    /// response reads, without a clock read or an exponential.
+    pub(crate) fn last_cost(&self) -> f64 {
+        let in_flight = self.0.in_flight.load(Ordering::Relaxed);
+        f64::from_bits(self.0.published.load(Ordering::Acquire)) * (in_flight as f64 + 1.0)
     }
 
     /// Requests in flight.
@@ -105,7 +112,7 @@ impl EndpointLoad {
 
     /// The RTT estimate at `now`.
     pub fn rtt_estimate(&self, now: Instant) -> Duration {
-        Duration::from_nanos(self.estimate_ns(now) as u64)
+        Duration::from_nanos(self.estimate_ns(self.offset(now)) as u64)
     }
 
     /// Marks a request as started; the returned guard marks it finished when dropped (so a

@@ -62,7 +62,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::time::Instant;
 
 use mesh_core::classify::Classifier;
 
@@ -304,7 +303,8 @@ impl EndpointMetrics {
         }
         s.duration.observe(took.as_secs_f64());
         if let Some(load) = &self.0.load {
-            s.load.set(load.cost(Instant::now()).cost / 1e9);
+            // Just updated by the answer (the load layer sits below): no decay to apply.
+            s.load.set(load.last_cost() / 1e9);
         }
     }
 

@@ -21,7 +21,7 @@
 //! assert!(!budget.withdraw());
 //! ```
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,21 +29,19 @@ use tokio::time::Instant;
 const BUCKETS: usize = 10;
 
 /// A retry budget; see the [module docs](self).
+///
+/// Lock-free: each bucket is one atomic word holding the bucket's number (its epoch:
+/// which `ttl / 10` stretch since the budget was made) in the high 32 bits and its
+/// count in the low 32. A word whose epoch has fallen out of the window counts as zero
+/// and is restarted by the next count, so rotating the window needs no sweep and no lock.
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
     reserve: u64,
-    bucket: Duration,
-    state: Mutex<State>,
-}
-
-#[derive(Debug)]
-struct State {
+    bucket_ns: u64,
     start: Instant,
-    /// The absolute index of the current bucket since `start`.
-    current: u64,
-    deposits: [u64; BUCKETS],
-    withdrawals: [u64; BUCKETS],
+    deposits: [AtomicU64; BUCKETS],
+    withdrawals: [AtomicU64; BUCKETS],
 }
 
 impl Default for RetryBudget {
@@ -51,6 +49,57 @@ impl Default for RetryBudget {
     fn default() -> Self {
         Self::new(0.2, 10, Duration::from_secs(10))
     }
+}
+
+fn epoch_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+fn count_of(word: u64) -> u64 {
+    word & u64::from(u32::MAX)
+}
+
+/// Adds one to `slot` for `epoch`, restarting the slot if it holds an older epoch.
+fn add(slot: &AtomicU64, epoch: u32) {
+    let mut word = slot.load(Ordering::Relaxed);
+    loop {
+        // A newer epoch than ours (we raced a rotation a whole window later) keeps its
+        // own; adding to it errs by one count.
+        let ahead = (epoch_of(word).wrapping_sub(epoch) as i32) > 0;
+        let next = if epoch_of(word) == epoch || ahead {
+            if count_of(word) == u64::from(u32::MAX) {
+                return;
+            }
+            word + 1
+        } else {
+            (u64::from(epoch) << 32) | 1
+        };
+        match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(current) => word = current,
+        }
+    }
+}
+
+/// Takes back one count added to `slot` for `epoch` (nothing if the slot moved on).
+fn remove(slot: &AtomicU64, epoch: u32) {
+    let mut word = slot.load(Ordering::Relaxed);
+    while epoch_of(word) == epoch && count_of(word) > 0 {
+        match slot.compare_exchange_weak(word, word - 1, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(current) => word = current,
+        }
+    }
+}
+
+/// The counts of the window ending with `epoch`.
+fn sum(slots: &[AtomicU64; BUCKETS], epoch: u32) -> u64 {
+    slots
+        .iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .filter(|&word| (epoch.wrapping_sub(epoch_of(word)) as usize) < BUCKETS)
+        .map(count_of)
+        .sum()
 }
 
 impl RetryBudget {
@@ -61,55 +110,39 @@ impl RetryBudget {
         Self {
             ratio: ratio.clamp(0.0, 1.0),
             reserve: u64::from(min_per_second) * ttl.as_secs(),
-            bucket: ttl / BUCKETS as u32,
-            state: Mutex::new(State {
-                start: Instant::now(),
-                current: 0,
-                deposits: [0; BUCKETS],
-                withdrawals: [0; BUCKETS],
-            }),
+            bucket_ns: crate::nanos(ttl / BUCKETS as u32).max(1),
+            start: Instant::now(),
+            deposits: Default::default(),
+            withdrawals: Default::default(),
         }
     }
 
-    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        // Plain counters: a panic while holding the lock cannot leave them inconsistent.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let index = (now.saturating_duration_since(state.start).as_nanos()
-            / self.bucket.as_nanos().max(1)) as u64;
-        // Clear every bucket entered since the last call (at most all of them).
-        let steps = index.saturating_sub(state.current).min(BUCKETS as u64);
-        for k in 1..=steps {
-            let i = ((state.current + k) % BUCKETS as u64) as usize;
-            state.deposits[i] = 0;
-            state.withdrawals[i] = 0;
-        }
-        state.current = state.current.max(index);
-        f(&mut state)
+    /// The current bucket's epoch (wrapping after 2³² buckets, over 13 years).
+    fn epoch(&self) -> u32 {
+        (crate::nanos(Instant::now().saturating_duration_since(self.start)) / self.bucket_ns) as u32
     }
 
     /// Records a request.
     pub fn deposit(&self) {
-        self.with_state(|s| {
-            let i = (s.current % BUCKETS as u64) as usize;
-            s.deposits[i] += 1;
-        });
+        let epoch = self.epoch();
+        add(&self.deposits[epoch as usize % BUCKETS], epoch);
     }
 
     /// Takes one retry if the budget allows it.
     pub fn withdraw(&self) -> bool {
-        self.with_state(|s| {
-            let deposits: u64 = s.deposits.iter().sum();
-            let withdrawals: u64 = s.withdrawals.iter().sum();
-            let allowed = (deposits as f64 * self.ratio).floor() as u64 + self.reserve;
-            if withdrawals < allowed {
-                let i = (s.current % BUCKETS as u64) as usize;
-                s.withdrawals[i] += 1;
-                true
-            } else {
-                false
-            }
-        })
+        let epoch = self.epoch();
+        let allowed =
+            (sum(&self.deposits, epoch) as f64 * self.ratio).floor() as u64 + self.reserve;
+        // Claim first and check after, so that concurrent callers cannot both take the
+        // last retry (at worst both give theirs back).
+        let slot = &self.withdrawals[epoch as usize % BUCKETS];
+        add(slot, epoch);
+        if sum(&self.withdrawals, epoch) <= allowed {
+            true
+        } else {
+            remove(slot, epoch);
+            false
+        }
     }
 }
 
@@ -138,6 +171,33 @@ mod tests {
         let budget = RetryBudget::new(0.0, 2, Duration::from_secs(5));
         let granted = (0..20).filter(|_| budget.withdraw()).count();
         assert_eq!(granted, 10);
+    }
+
+    #[test]
+    fn concurrent_withdrawals_never_overdraw() {
+        let budget = std::sync::Arc::new(RetryBudget::new(0.0, 5, Duration::from_secs(10)));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || (0..2_000).filter(|_| budget.withdraw()).count())
+            })
+            .collect();
+        let granted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        // 5/s over 10 s; racing claims may give back, never overdraw.
+        assert!((46..=50).contains(&granted), "{granted} retries granted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_restarts_a_window_later() {
+        let budget = RetryBudget::new(1.0, 0, Duration::from_secs(10));
+        budget.deposit();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The same slot, one window on: the old deposit no longer counts.
+        budget.deposit();
+        assert!(budget.withdraw() && !budget.withdraw());
+        // Long idle stretches, whatever their length, leave nothing behind.
+        tokio::time::advance(Duration::from_secs(3_600 * 24 * 365)).await;
+        assert!(!budget.withdraw());
     }
 
     proptest! {

@@ -62,7 +62,12 @@ impl<S, F, RB> std::fmt::Debug for ResponseFuture<S, F, RB> {
 }
 
 impl<S, F, RB> ResponseFuture<S, F, RB> {
-    pub(super) fn new<B>(service: S, shared: Arc<Shared>, req: Request<B>) -> Self
+    pub(super) fn new<B>(
+        service: S,
+        shared: Arc<Shared>,
+        req: Request<B>,
+        deadline: Option<Instant>,
+    ) -> Self
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -70,10 +75,14 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
         let (mut head, body) = req.into_parts();
         let policy = &shared.policy;
         let extensions = Some(std::mem::take(&mut head.extensions));
-        let deadline = extensions
+        let carried = extensions
             .as_ref()
             .and_then(|e| e.get::<Deadline>())
             .map(|d| d.0);
+        let deadline = match (carried, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let (state, collect, body) = if policy.max_retries == 0 {
             (State::Ready, None, super::body::once(body))
         } else {

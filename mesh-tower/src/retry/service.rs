@@ -36,6 +36,22 @@ impl<S> Retry<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// [`call`](Service::call) by shared reference (the future holds its own clone of
+    /// the inner service either way), with a deadline from the caller as well as any
+    /// [`Deadline`](crate::timeout::Deadline) the request carries.
+    pub(crate) fn call_ref<B, RB>(
+        &self,
+        req: Request<B>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> ResponseFuture<S, S::Future, RB>
+    where
+        S: Service<Request<ReplayBody>, Response = Response<RB>> + Clone,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        ResponseFuture::new(self.inner.clone(), self.shared.clone(), req, deadline)
+    }
 }
 
 impl<S, B, RB> Service<Request<B>> for Retry<S>
@@ -56,6 +72,6 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture::new(self.inner.clone(), self.shared.clone(), req)
+        self.call_ref(req, None)
     }
 }

@@ -55,16 +55,45 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let timer = start(self.timeout, self.kind, &mut req);
+        ResponseFuture::new(self.inner.call(req), timer)
+    }
+}
+
+impl<S> Timeout<S> {
+    /// Times the future `call` makes of `req`, for a caller that reaches the inner
+    /// service by shared reference and hands it the deadline itself: `call` gets the
+    /// request and its deadline (this timeout's, or an earlier [`Deadline`] the request
+    /// carries), and no extension is inserted — which would cost two allocations.
+    pub(crate) fn call_with<B, F>(
+        &self,
+        req: Request<B>,
+        call: impl FnOnce(Request<B>, Option<Instant>) -> F,
+    ) -> ResponseFuture<F> {
         let Some(timeout) = self.timeout else {
-            return ResponseFuture::new(self.inner.call(req), None);
+            return ResponseFuture::new(call(req, None), None);
         };
         let deadline = Instant::now() + timeout;
-        if self.kind == Kind::Request {
-            let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
-            if earlier.is_none_or(|at| at > deadline) {
-                req.extensions_mut().insert(Deadline(deadline));
-            }
-        }
-        ResponseFuture::new(self.inner.call(req), Some((deadline, timeout, self.kind)))
+        let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
+        let until = earlier.map_or(deadline, |at| at.min(deadline));
+        ResponseFuture::new(call(req, Some(until)), Some((deadline, timeout, self.kind)))
     }
+}
+
+/// The timer of one request, and (for a request timeout) its [`Deadline`], unless an
+/// earlier one is set.
+fn start<B>(
+    timeout: Option<Duration>,
+    kind: Kind,
+    req: &mut Request<B>,
+) -> Option<(Instant, Duration, Kind)> {
+    let timeout = timeout?;
+    let deadline = Instant::now() + timeout;
+    if kind == Kind::Request {
+        let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
+        if earlier.is_none_or(|at| at > deadline) {
+            req.extensions_mut().insert(Deadline(deadline));
+        }
+    }
+    Some((deadline, timeout, kind))
 }
