@@ -1,14 +1,28 @@
 //! Per-endpoint connections on hyper 1.
 //!
-//! An [`EndpointClient`] sends requests to one endpoint. It is a hyper-util pooled client
-//! whose connector always dials that endpoint's address — with a connect timeout
-//! (default 1 s), then, for mTLS, a SPIFFE handshake that requires the endpoint's expected
-//! identity — so the pool, HTTP/1.1 connection reuse and HTTP/2 multiplexing are hyper's:
+//! An [`EndpointClient`] sends requests to one endpoint over connections it manages
+//! itself on hyper's connection API. Every connection dials that endpoint's address —
+//! with a connect timeout (default 1 s), then, for mTLS, a SPIFFE handshake that requires
+//! the endpoint's expected identity:
 //!
 //! - [`Protocol::Http2`](mesh_core::config::Protocol) (and `Grpc`): one multiplexed HTTP/2
-//!   connection;
-//! - `Http1`: a pool of HTTP/1.1 connections, reused while idle;
+//!   connection, dialled by one request while the others wait for it, and re-dialled when
+//!   it closes;
+//! - `Http1`: a pool of HTTP/1.1 connections. A connection goes back to the pool when its
+//!   response body has been read to the end (a body dropped early closes it), and is
+//!   reused most-recently-first. A connection idle for 90 s is closed when the pool is
+//!   next used (no timer runs for it); all close when the client is dropped (the endpoint
+//!   left discovery) or the server closes them;
 //! - `Auto`: HTTP/2 when ALPN negotiates `h2` over mTLS, HTTP/1.1 otherwise.
+//!
+//! A request that a pooled connection could not take before writing it (the server had
+//! just closed it) is sent again on another connection, whatever its method. Requests to
+//! HTTP/1.1 go in origin form with a `Host` header from the URI's authority (the logical
+//! service); to HTTP/2 in absolute form.
+//!
+//! One endpoint means one address, so the pool needs no key: a checkout is one uncontended
+//! lock and a pop, where a general-purpose client hashes the URI's scheme and authority
+//! several times per request.
 //!
 //! It is a `tower::Service<http::Request<B>>`, the bottom of each endpoint's stack.
 //!
@@ -21,7 +35,7 @@
 //!
 //! **Errors say why.** A failed request is a [`SendError`] whose message names the cause
 //! itself — a refused server identity, a connect timeout, a reset — not only hyper's
-//! "client error (Connect)".
+//! generic text.
 
 use std::fmt;
 use std::future::Future;
@@ -34,12 +48,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use http::header::HOST;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::config::Protocol;
 use mesh_spiffe::{MtlsConnector, PeerIdentity, TransportError};
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -150,14 +167,6 @@ impl ConnState {
     }
 }
 
-/// Dials one endpoint; the connector of an [`EndpointClient`]'s pool.
-#[derive(Clone)]
-struct Connector {
-    addr: SocketAddr,
-    settings: Arc<ConnectSettings>,
-    state: Arc<ConnState>,
-}
-
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -188,79 +197,21 @@ pub enum ConnectError {
         #[source]
         source: TransportError,
     },
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let timeout = this.settings.connect_timeout;
-            let addr = this.addr;
-            let result = tokio::time::timeout(timeout, this.dial())
-                .await
-                .unwrap_or(Err(ConnectError::Timeout { addr, timeout }));
-            match &result {
-                Ok(_) => this.state.connected(),
-                Err(error) => {
-                    tracing::debug!(%addr, %error, "connect failed");
-                    this.state.failed(&this.settings.backoff);
-                }
-            }
-            result
-        })
-    }
-}
-
-impl Connector {
-    async fn dial(&self) -> Result<Conn, ConnectError> {
-        let addr = self.addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ConnectError::Tcp { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        match &self.settings.tls {
-            None => Ok(Conn::Plain(TokioIo::new(tcp), self.settings.protocol)),
-            Some(tls) => {
-                let (stream, peer) = tls
-                    .handshake(addr, tcp)
-                    .await
-                    .map_err(|source| ConnectError::Tls { addr, source })?;
-                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                Ok(Conn::Tls(Box::new(TokioIo::new(stream)), peer, h2))
-            }
-        }
-    }
+    /// The HTTP connection could not be set up over the transport.
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
 }
 
 /// A connection to an endpoint, plaintext or mTLS.
 enum Conn {
-    Plain(TokioIo<TcpStream>, Protocol),
-    Tls(
-        Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
-        PeerIdentity,
-        bool,
-    ),
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        match self {
-            Conn::Plain(_, Protocol::Http2 | Protocol::Grpc) => Connected::new().negotiated_h2(),
-            Conn::Plain(..) => Connected::new(),
-            Conn::Tls(_, peer, h2) => {
-                let c = Connected::new().extra(peer.clone());
-                if *h2 { c.negotiated_h2() } else { c }
-            }
-        }
-    }
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
 impl hyper::rt::Read for Conn {
@@ -270,8 +221,8 @@ impl hyper::rt::Read for Conn {
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(io, _) => Pin::new(io).poll_read(cx, buf),
-            Conn::Tls(io, ..) => Pin::new(&mut **io).poll_read(cx, buf),
+            Conn::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
         }
     }
 }
@@ -283,22 +234,22 @@ impl hyper::rt::Write for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Plain(io, _) => Pin::new(io).poll_write(cx, buf),
-            Conn::Tls(io, ..) => Pin::new(&mut **io).poll_write(cx, buf),
+            Conn::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(io, _) => Pin::new(io).poll_flush(cx),
-            Conn::Tls(io, ..) => Pin::new(&mut **io).poll_flush(cx),
+            Conn::Plain(io) => Pin::new(io).poll_flush(cx),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(io, _) => Pin::new(io).poll_shutdown(cx),
-            Conn::Tls(io, ..) => Pin::new(&mut **io).poll_shutdown(cx),
+            Conn::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
         }
     }
 
@@ -308,21 +259,30 @@ impl hyper::rt::Write for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Conn::Plain(io, _) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Conn::Tls(io, ..) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+            Conn::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Conn::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Conn::Plain(io, _) => io.is_write_vectored(),
-            Conn::Tls(io, ..) => io.is_write_vectored(),
+            Conn::Plain(io) => io.is_write_vectored(),
+            Conn::Tls(io) => io.is_write_vectored(),
         }
     }
 }
 
+/// How long an HTTP/1.1 connection may sit idle in the pool.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// At most this many idle HTTP/1.1 connections are kept per endpoint.
+const MAX_IDLE: usize = 1024;
+
+/// Sends of one request that found their connection closed before it was written.
+const MAX_UNSENT: usize = 3;
+
 /// Sends requests to one endpoint over pooled (HTTP/1.1) or multiplexed (HTTP/2)
-/// connections. Cheap to clone: clones share the pool.
+/// connections; see the [module docs](self). Cheap to clone: clones share the pool.
 pub struct EndpointClient<B> {
     // Shared, so that a clone (one per request, as the balancer picks) is one reference
     // count and the stack's futures stay small.
@@ -334,8 +294,43 @@ pub struct EndpointClient<B> {
 struct Shared<B> {
     addr: SocketAddr,
     authority: http::uri::Authority,
-    client: Client<Connector, B>,
+    settings: ConnectSettings,
     state: Arc<ConnState>,
+    pool: Mutex<Pool<B>>,
+    /// Wakes the requests waiting for an HTTP/2 connection being dialled.
+    dialled: tokio::sync::Notify,
+}
+
+struct Pool<B> {
+    idle: Vec<Idle<B>>,
+    h2: Option<(http2::SendRequest<B>, Option<PeerIdentity>)>,
+    /// Whether this endpoint speaks HTTP/2: configured, or learned from ALPN.
+    h2_known: bool,
+    /// An HTTP/2 dial is under way.
+    dialling: bool,
+    /// Counts finished HTTP/2 dials; with the last failure, for the requests that waited.
+    dials: u64,
+    failure: Option<(u64, Arc<ConnectError>)>,
+}
+
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
+    peer: Option<PeerIdentity>,
+    since: Instant,
+}
+
+impl<B> Pool<B> {
+    fn prune(&mut self, now: Instant) {
+        self.idle.retain(|i| {
+            !i.sender.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT
+        });
+    }
+}
+
+/// A connection a request may be sent on.
+enum Checkout<B> {
+    H1(http1::SendRequest<B>, Option<PeerIdentity>),
+    H2(http2::SendRequest<B>, Option<PeerIdentity>),
 }
 
 impl<B> Clone for EndpointClient<B> {
@@ -368,36 +363,225 @@ impl<B> fmt::Debug for EndpointClient<B> {
     }
 }
 
+impl<B> Shared<B> {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool<B>> {
+        // The pool holds connections and flags only; a panic while holding the lock cannot
+        // leave it inconsistent.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns an HTTP/1.1 connection whose response was read to the end.
+    fn check_in(&self, sender: http1::SendRequest<B>, peer: Option<PeerIdentity>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut pool = self.pool();
+        if pool.idle.len() >= MAX_IDLE {
+            pool.prune(now);
+        }
+        if pool.idle.len() < MAX_IDLE {
+            pool.idle.push(Idle {
+                sender,
+                peer,
+                since: now,
+            });
+        }
+    }
+}
+
+impl<B> Shared<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A connection to send on: the HTTP/2 one, an idle HTTP/1.1 one once it is ready,
+    /// or a new one.
+    async fn check_out(&self) -> Result<Checkout<B>, SendError> {
+        enum Next<B> {
+            Idle(Idle<B>),
+            Wait(u64),
+            Dial { h2: bool },
+        }
+        loop {
+            let next = {
+                let mut pool = self.pool();
+                if let Some((sender, peer)) = &pool.h2 {
+                    if !sender.is_closed() {
+                        return Ok(Checkout::H2(sender.clone(), peer.clone()));
+                    }
+                    pool.h2 = None;
+                }
+                if pool.h2_known {
+                    if pool.dialling {
+                        Next::Wait(pool.dials)
+                    } else {
+                        pool.dialling = true;
+                        Next::Dial { h2: true }
+                    }
+                } else {
+                    if !pool.idle.is_empty() {
+                        // The oldest idle connections are first: drop the expired ones.
+                        let now = Instant::now();
+                        if pool.idle[0].since + IDLE_TIMEOUT <= now {
+                            pool.prune(now);
+                        }
+                    }
+                    match pool.idle.pop() {
+                        Some(idle) => Next::Idle(idle),
+                        None => Next::Dial { h2: false },
+                    }
+                }
+            };
+            match next {
+                Next::Idle(mut idle) => {
+                    // Ready once the previous exchange is wound up; an error means the
+                    // connection closed meanwhile: take another.
+                    if idle.sender.ready().await.is_ok() {
+                        return Ok(Checkout::H1(idle.sender, idle.peer));
+                    }
+                }
+                Next::Wait(dials) => loop {
+                    let dialled = self.dialled.notified();
+                    tokio::pin!(dialled);
+                    // Registered before the check, so that no wake-up slips between.
+                    dialled.as_mut().enable();
+                    // `None`: still dialling; `Some(failure)`: the dial we waited for is over.
+                    let over = {
+                        let pool = self.pool();
+                        (pool.dials != dials || !pool.dialling).then(|| {
+                            pool.failure
+                                .as_ref()
+                                .filter(|(at, _)| *at > dials)
+                                .map(|(_, e)| e.clone())
+                        })
+                    };
+                    match over {
+                        None => dialled.await,
+                        // It failed: so do the requests that waited for it (no herd of dials).
+                        Some(Some(error)) => return Err(SendError::connect(self.addr, error)),
+                        // Dialled: the next round takes the connection.
+                        Some(None) => break,
+                    }
+                },
+                Next::Dial { h2 } => {
+                    let dialled = self.dial().await;
+                    if h2 {
+                        let mut pool = self.pool();
+                        pool.dialling = false;
+                        pool.dials += 1;
+                        if let Err(error) = &dialled {
+                            pool.failure = Some((pool.dials, error.clone()));
+                        }
+                        drop(pool);
+                        self.dialled.notify_waiters();
+                    }
+                    return match dialled {
+                        Ok(Checkout::H2(sender, peer)) => {
+                            let mut pool = self.pool();
+                            pool.h2_known = true;
+                            pool.h2 = Some((sender.clone(), peer.clone()));
+                            Ok(Checkout::H2(sender, peer))
+                        }
+                        Ok(h1) => Ok(h1),
+                        Err(error) => Err(SendError::connect(self.addr, error)),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A new connection, HTTP/2 or HTTP/1.1 by configuration and ALPN, within the connect
+    /// timeout; feeds the endpoint's [`ConnState`].
+    async fn dial(&self) -> Result<Checkout<B>, Arc<ConnectError>> {
+        let addr = self.addr;
+        let timeout = self.settings.connect_timeout;
+        let result = tokio::time::timeout(timeout, self.handshake())
+            .await
+            .unwrap_or(Err(ConnectError::Timeout { addr, timeout }));
+        match result {
+            Ok(checkout) => {
+                self.state.connected();
+                Ok(checkout)
+            }
+            Err(error) => {
+                tracing::debug!(%addr, %error, "connect failed");
+                self.state.failed(&self.settings.backoff);
+                Err(Arc::new(error))
+            }
+        }
+    }
+
+    async fn handshake(&self) -> Result<Checkout<B>, ConnectError> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ConnectError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let configured_h2 = matches!(self.settings.protocol, Protocol::Http2 | Protocol::Grpc);
+        let (io, peer, h2) = match &self.settings.tls {
+            None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
+            Some(tls) => {
+                let (stream, peer) = tls
+                    .handshake(addr, tcp)
+                    .await
+                    .map_err(|source| ConnectError::Tls { addr, source })?;
+                let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                (Conn::Tls(Box::new(TokioIo::new(stream))), Some(peer), h2)
+            }
+        };
+        let failed = |source| ConnectError::Handshake { addr, source };
+        if h2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%addr, %error, "HTTP/2 connection ended");
+                }
+            });
+            Ok(Checkout::H2(sender, peer))
+        } else {
+            let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Checkout::H1(sender, peer))
+        }
+    }
+}
+
 impl<B> EndpointClient<B>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// A client for the endpoint at `addr`.
+    /// A client for the endpoint at `addr`. Connections are made on first use.
     pub fn new(addr: SocketAddr, settings: ConnectSettings) -> Self {
-        let state = Arc::new(ConnState::new());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(matches!(
-                settings.protocol,
-                Protocol::Http2 | Protocol::Grpc
-            ));
-        let connector = Connector {
-            addr,
-            settings: Arc::new(settings),
-            state: state.clone(),
-        };
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("endpoint"));
-        Self {
-            shared: Arc::new(Shared {
-                addr,
-                authority,
-                client: builder.build(connector),
-                state,
+        let h2_known = matches!(settings.protocol, Protocol::Http2 | Protocol::Grpc);
+        let shared = Arc::new(Shared {
+            addr,
+            authority,
+            settings,
+            state: Arc::new(ConnState::new()),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                h2: None,
+                h2_known,
+                dialling: false,
+                dials: 0,
+                failure: None,
             }),
+            dialled: tokio::sync::Notify::new(),
+        });
+        Self {
+            shared,
             backoff: None,
         }
     }
@@ -406,7 +590,7 @@ where
     /// always to this endpoint. The URI's authority (the logical service, e.g.
     /// `users.prod`) is kept for `Host` / `:authority`; a request with a relative URI gets
     /// the endpoint's address instead.
-    pub fn send(&self, mut req: http::Request<B>) -> ResponseFuture {
+    pub fn send(&self, mut req: http::Request<B>) -> ResponseFuture<B> {
         if req.uri().authority().is_none() || req.uri().scheme().is_none() {
             let mut parts = req.uri().clone().into_parts();
             parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
@@ -421,9 +605,168 @@ where
             }
         }
         ResponseFuture {
-            inner: self.shared.client.request(req),
-            addr: self.shared.addr,
+            inner: Box::pin(send(self.shared.clone(), req)),
         }
+    }
+}
+
+/// One request's exchange: a connection, then the request, sent again on another
+/// connection when the first could not take it.
+async fn send<B>(
+    shared: Arc<Shared<B>>,
+    mut req: http::Request<B>,
+) -> Result<http::Response<Body<B>>, SendError>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let absolute = req.uri().clone();
+    let mut unsent = 0;
+    loop {
+        let error = match shared.check_out().await? {
+            Checkout::H2(mut sender, peer) => {
+                *req.uri_mut() = absolute.clone();
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(finish(resp, None, peer)),
+                    Err(e) => e,
+                }
+            }
+            Checkout::H1(mut sender, peer) => {
+                to_origin_form(&mut req, &absolute);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        let back = Some(CheckIn {
+                            sender,
+                            peer: peer.clone(),
+                            shared: shared.clone(),
+                        });
+                        return Ok(finish(resp, back, peer));
+                    }
+                    Err(e) => e,
+                }
+            }
+        };
+        let mut error = error;
+        match error.take_message() {
+            // Never written: the connection had closed. Another one may take it.
+            Some(unsent_req) if unsent < MAX_UNSENT => {
+                tracing::debug!(addr = %shared.addr, error = %error.error(), "connection closed before the request was sent; sending it on another");
+                unsent += 1;
+                req = unsent_req;
+            }
+            _ => return Err(SendError::http(shared.addr, error.into_error())),
+        }
+    }
+}
+
+/// HTTP/1.1 takes the path in the request line and the authority in `Host`.
+fn to_origin_form<B>(req: &mut http::Request<B>, absolute: &Uri) {
+    if !req.headers().contains_key(HOST)
+        && let Some(authority) = absolute.authority()
+        && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(HOST, host);
+    }
+    let path = absolute
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+}
+
+/// The response with its body wrapped to give the connection back at its end, and the
+/// server's identity attached.
+fn finish<B>(
+    resp: http::Response<Incoming>,
+    back: Option<CheckIn<B>>,
+    peer: Option<PeerIdentity>,
+) -> http::Response<Body<B>> {
+    let (mut parts, inner) = resp.into_parts();
+    if let Some(peer) = peer {
+        parts.extensions.insert(peer);
+    }
+    let mut body = Body { inner, back };
+    if http_body::Body::is_end_stream(&body.inner) {
+        body.give_back();
+    }
+    http::Response::from_parts(parts, body)
+}
+
+/// An HTTP/1.1 connection to give back to the pool when its response is read.
+struct CheckIn<B> {
+    sender: http1::SendRequest<B>,
+    peer: Option<PeerIdentity>,
+    shared: Arc<Shared<B>>,
+}
+
+pin_project! {
+    /// The body of an [`EndpointClient`] response: hyper's, which gives its HTTP/1.1
+    /// connection back to the pool once read to the end. Dropped before its end, it lets
+    /// the connection close.
+    pub struct Body<B> {
+        #[pin]
+        inner: Incoming,
+        back: Option<CheckIn<B>>,
+    }
+}
+
+impl<B> Body<B> {
+    fn give_back(&mut self) {
+        if let Some(CheckIn {
+            sender,
+            peer,
+            shared,
+        }) = self.back.take()
+        {
+            shared.check_in(sender, peer);
+        }
+    }
+}
+
+impl<B> fmt::Debug for Body<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body").field("inner", &self.inner).finish()
+    }
+}
+
+impl<B> http_body::Body for Body<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            None => give_back(this.back),
+            Some(Ok(_)) if this.inner.is_end_stream() => give_back(this.back),
+            // An error ends the exchange: the connection is not reused.
+            Some(Err(_)) => *this.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn give_back<B>(back: &mut Option<CheckIn<B>>) {
+    if let Some(CheckIn {
+        sender,
+        peer,
+        shared,
+    }) = back.take()
+    {
+        shared.check_in(sender, peer);
     }
 }
 
@@ -433,9 +776,9 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Response = http::Response<hyper::body::Incoming>;
+    type Response = http::Response<Body<B>>;
     type Error = SendError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         loop {
@@ -453,37 +796,30 @@ where
         }
     }
 
-    fn call(&mut self, req: http::Request<B>) -> ResponseFuture {
+    fn call(&mut self, req: http::Request<B>) -> ResponseFuture<B> {
         self.send(req)
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The response future of an [`EndpointClient`].
-    pub struct ResponseFuture {
-        #[pin]
-        inner: hyper_util::client::legacy::ResponseFuture,
-        addr: SocketAddr,
-    }
+type SendFuture<B> =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body<B>>, SendError>> + Send>>;
+
+/// The response future of an [`EndpointClient`].
+pub struct ResponseFuture<B> {
+    inner: SendFuture<B>,
 }
 
-impl fmt::Debug for ResponseFuture {
+impl<B> fmt::Debug for ResponseFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<http::Response<hyper::body::Incoming>, SendError>;
+impl<B> Future for ResponseFuture<B> {
+    type Output = Result<http::Response<Body<B>>, SendError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        this.inner.poll(cx).map_err(|source| SendError {
-            addr: *this.addr,
-            source,
-        })
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }
 
@@ -492,13 +828,33 @@ impl Future for ResponseFuture {
 #[derive(Debug)]
 pub struct SendError {
     addr: SocketAddr,
-    source: hyper_util::client::legacy::Error,
+    cause: Cause,
+}
+
+#[derive(Debug)]
+enum Cause {
+    Connect(Arc<ConnectError>),
+    Http(hyper::Error),
 }
 
 impl SendError {
+    fn connect(addr: SocketAddr, error: Arc<ConnectError>) -> Self {
+        Self {
+            addr,
+            cause: Cause::Connect(error),
+        }
+    }
+
+    fn http(addr: SocketAddr, error: hyper::Error) -> Self {
+        Self {
+            addr,
+            cause: Cause::Http(error),
+        }
+    }
+
     /// Whether no connection could be made (the request never left).
     pub fn is_connect(&self) -> bool {
-        self.source.is_connect()
+        matches!(self.cause, Cause::Connect(_))
     }
 
     /// The endpoint.
@@ -509,26 +865,21 @@ impl SendError {
 
 impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut message = if self.is_connect() {
-            String::new()
-        } else {
-            format!("request to {} failed", self.addr)
+        let (mut message, mut cause) = match &self.cause {
+            Cause::Connect(e) => (e.to_string(), std::error::Error::source(&**e)),
+            Cause::Http(e) => (
+                format!("request to {} failed: {e}", self.addr),
+                std::error::Error::source(e),
+            ),
         };
-        // hyper's own message ("client error (Connect)") says little: name every cause
-        // below it that adds something.
-        let mut cause = std::error::Error::source(&self.source);
+        // Name every cause below that adds something.
         while let Some(e) = cause {
             let text = e.to_string();
             if !message.contains(&text) {
-                if !message.is_empty() {
-                    message.push_str(": ");
-                }
+                message.push_str(": ");
                 message.push_str(&text);
             }
             cause = e.source();
-        }
-        if message.is_empty() {
-            message = format!("connecting to {}: {}", self.addr, self.source);
         }
         f.write_str(&message)
     }
@@ -536,7 +887,10 @@ impl fmt::Display for SendError {
 
 impl std::error::Error for SendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        match &self.cause {
+            Cause::Connect(e) => Some(&**e),
+            Cause::Http(e) => Some(e),
+        }
     }
 }
 
@@ -583,6 +937,192 @@ mod tests {
         }
         // One connection per client: reused (HTTP/1.1) or multiplexed (HTTP/2).
         assert_eq!(ep.stats().connections.load(Ordering::Relaxed), 3);
+    }
+
+    fn connections(ep: &MockEndpoint) -> u64 {
+        ep.stats().connections.load(Ordering::Relaxed)
+    }
+
+    async fn read(resp: http::Response<Body<Full<Bytes>>>) -> Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_end_gives_the_connection_back_and_a_dropped_one_closes_it() {
+        let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let client = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        assert_eq!(
+            read(client.send(request("one")).await.unwrap()).await,
+            "one"
+        );
+        assert_eq!(
+            read(client.send(request("two")).await.unwrap()).await,
+            "two"
+        );
+        assert_eq!(connections(&ep), 1, "reused once read");
+        // Dropped unread: that connection cannot carry another exchange.
+        drop(client.send(request("three")).await.unwrap());
+        assert_eq!(
+            read(client.send(request("four")).await.unwrap()).await,
+            "four"
+        );
+        assert_eq!(connections(&ep), 2);
+        assert_eq!(
+            read(client.send(request("five")).await.unwrap()).await,
+            "five"
+        );
+        assert_eq!(connections(&ep), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http1_requests_open_connections_then_reuse_them() {
+        let ep = MockEndpoint::spawn(
+            "a",
+            Behavior {
+                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
+                ..Behavior::default()
+            },
+        )
+        .await
+        .unwrap();
+        let client = EndpointClient::new(ep.addr(), ConnectSettings::plaintext());
+        for round in 0..3 {
+            let sends =
+                (0..6).map(|_| async { read(client.send(request("x")).await.unwrap()).await });
+            for body in futures_util::future::join_all(sends).await {
+                assert_eq!(body, "x");
+            }
+            assert_eq!(
+                connections(&ep),
+                6,
+                "round {round}: one connection per concurrent request, kept"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_http2_dial() {
+        let ep = MockEndpoint::spawn(
+            "a",
+            Behavior {
+                latency: crate::mock::Latency::Fixed(Duration::from_millis(10)),
+                ..Behavior::default()
+            },
+        )
+        .await
+        .unwrap();
+        let client = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let sends = (0..16).map(|_| async {
+            let resp = client.send(request("x")).await.unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            read(resp).await
+        });
+        for body in futures_util::future::join_all(sends).await {
+            assert_eq!(body, "x");
+        }
+        assert_eq!(connections(&ep), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_failed_http2_dial_fail_with_its_cause() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let client = EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let sends = (0..8).map(|_| client.send(request("x")));
+        for result in futures_util::future::join_all(sends).await {
+            let err = result.unwrap_err();
+            assert!(err.is_connect(), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("connecting to {addr}: ")),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            client.conn_state().failures(),
+            1,
+            "one dial for all of them"
+        );
+    }
+
+    /// A keep-alive HTTP/1.1 server that answers one request per connection, then closes
+    /// it, and counts connections.
+    async fn one_answer_per_connection() -> (SocketAddr, Arc<AtomicU32>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // Closed as an idle keep-alive connection would be, with no notice.
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_loses_no_request() {
+        let (addr, accepted) = one_answer_per_connection().await;
+        let client = EndpointClient::new(addr, ConnectSettings::plaintext());
+        for i in 0..5 {
+            // POSTs: never retried by the retry layer, so only the pool can save them.
+            let resp = client.send(request("x")).await.unwrap();
+            assert_eq!(read(resp).await, "ok", "request {i}");
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire() {
+        let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let client = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        read(client.send(request("x")).await.unwrap()).await;
+        tokio::time::advance(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        read(client.send(request("x")).await.unwrap()).await;
+        assert_eq!(connections(&ep), 1, "not yet expired");
+        tokio::time::advance(IDLE_TIMEOUT).await;
+        read(client.send(request("x")).await.unwrap()).await;
+        assert_eq!(connections(&ep), 2);
     }
 
     #[tokio::test]

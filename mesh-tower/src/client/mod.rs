@@ -65,7 +65,7 @@ pub mod error {
 pub type EndpointStack = Breaker<Metrics<PeakEwma<Timeout<EndpointClient<ReplayBody>>>>>;
 
 /// The body of a [`MeshClient`] response.
-pub type ResponseBody = crate::breaker::ResponseBody<hyper::body::Incoming>;
+pub type ResponseBody = crate::breaker::ResponseBody<crate::connect::Body<ReplayBody>>;
 
 type Stack = Timeout<Retry<Balance<EndpointStack>>>;
 
