@@ -15,8 +15,9 @@
 //! valid while a fleet moves from one to the other.
 //!
 //! Values are validated on construction: an [`Svid`] has a non-empty chain whose leaf
-//! carries exactly one SPIFFE URI SAN, and a [`BundleSet`] holds only certificates that
-//! parse as trust anchors.
+//! carries exactly one SPIFFE URI SAN and is a leaf as X509-SVID defines one (not a CA;
+//! key usage with `digitalSignature`, without `keyCertSign` or `cRLSign`), and a
+//! [`BundleSet`] holds only certificates that parse as trust anchors.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,8 +41,9 @@ pub struct Svid {
 impl Svid {
     /// An SVID from a DER chain (leaf first) and its private key.
     ///
-    /// Fails when the chain is empty or the leaf does not carry exactly one `spiffe://` URI
-    /// SAN. Whether the key matches the leaf is checked where a crypto provider is at hand
+    /// Fails when the chain is empty, or the leaf does not carry exactly one `spiffe://` URI
+    /// SAN or breaks the X509-SVID leaf rules on basic constraints and key usage (the
+    /// checks peers run, [`spiffe_id_of`](crate::verify::spiffe_id_of)). Whether the key matches the leaf is checked where a crypto provider is at hand
     /// (see [`Svid::check_key`]).
     pub fn new(
         chain: Vec<CertificateDer<'static>>,

@@ -33,9 +33,32 @@ pub enum VerifyError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The leaf is a CA certificate.
-    #[error("peer presented a CA certificate as its leaf certificate")]
+    /// The leaf is a CA certificate: its basic constraints say `CA=true` (X509-SVID 4.1,
+    /// 5.2: a leaf must say `CA=false`).
+    #[error(
+        "peer presented a CA certificate as its leaf certificate \
+         (basic constraints CA=true; X509-SVID 4.1, 5.2)"
+    )]
     CaAsLeaf,
+    /// The leaf has no key usage extension; an X509-SVID must carry one, with
+    /// `digitalSignature` set (X509-SVID 4.3).
+    #[error(
+        "leaf certificate has no key usage extension; an SVID must have one with \
+         digitalSignature set (X509-SVID 4.3)"
+    )]
+    NoKeyUsage,
+    /// The leaf's key usage has `keyCertSign` set, which only signing (CA) certificates may
+    /// have (X509-SVID 4.3, 5.2).
+    #[error("leaf certificate has keyCertSign set in its key usage (X509-SVID 4.3, 5.2)")]
+    KeyCertSignOnLeaf,
+    /// The leaf's key usage has `cRLSign` set, which only signing (CA) certificates may have
+    /// (X509-SVID 4.3, 5.2).
+    #[error("leaf certificate has cRLSign set in its key usage (X509-SVID 4.3, 5.2)")]
+    CrlSignOnLeaf,
+    /// The leaf's key usage lacks `digitalSignature`, which every leaf SVID must set
+    /// (X509-SVID 4.3).
+    #[error("leaf certificate's key usage lacks digitalSignature (X509-SVID 4.3)")]
+    NoDigitalSignature,
     /// No bundle is held for the peer's trust domain.
     #[error("no trust bundle for the peer's trust domain `{0}`")]
     NoBundle(TrustDomain),

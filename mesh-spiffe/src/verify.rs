@@ -2,8 +2,10 @@
 //!
 //! A peer is accepted when, in this order:
 //!
-//! 1. its leaf certificate carries exactly one URI SAN, a workload SPIFFE ID
-//!    (`spiffe://trust-domain/path`, path not empty), and is not a CA certificate;
+//! 1. its leaf certificate is a leaf as X509-SVID 4.1, 4.3 and 5.2 define one — basic
+//!    constraints not `CA=true`, a key usage extension with `digitalSignature` and with
+//!    neither `keyCertSign` nor `cRLSign` — and carries exactly one URI SAN, a workload
+//!    SPIFFE ID (`spiffe://trust-domain/path`, path not empty);
 //! 2. this side holds a bundle for that ID's trust domain (federation: one bundle per
 //!    domain, never a pooled set, so one domain's CA cannot vouch for another's IDs);
 //! 3. the chain verifies against that bundle's anchors with webpki — signatures, validity
@@ -25,6 +27,7 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use crate::authorize::Authorizer;
@@ -32,14 +35,13 @@ use crate::credentials::CredentialSource;
 use crate::error::VerifyError;
 use mesh_core::identity::SpiffeId;
 
-/// Reads the SPIFFE ID of an SVID leaf, checking the SVID rules on its SANs and that it is
-/// not a CA certificate. Does not verify the chain.
+/// Reads the SPIFFE ID of an SVID leaf, checking the X509-SVID rules on a leaf (basic
+/// constraints and key usage) and on its SANs: step 1 of the [module docs](self). Does not
+/// verify the chain.
 pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    if cert.is_ca() {
-        return Err(VerifyError::CaAsLeaf);
-    }
+    check_leaf_rules(&cert)?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
@@ -66,6 +68,44 @@ pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
         ));
     }
     Ok(id)
+}
+
+/// Checks what X509-SVID 4.1, 4.3 and 5.2 require of a leaf, in this order, each refusal
+/// with its own reason:
+///
+/// - basic constraints do not say `CA=true` ([`VerifyError::CaAsLeaf`]; a leaf without the
+///   extension is not a CA, as RFC 5280 reads it);
+/// - a key usage extension is present ([`VerifyError::NoKeyUsage`]);
+/// - it does not set `keyCertSign` ([`VerifyError::KeyCertSignOnLeaf`]) or `cRLSign`
+///   ([`VerifyError::CrlSignOnLeaf`]);
+/// - it sets `digitalSignature` ([`VerifyError::NoDigitalSignature`]).
+///
+/// A duplicated basic constraints or key usage extension, or one that does not parse, is
+/// [`VerifyError::Malformed`]. `keyEncipherment` and `keyAgreement` are allowed, as the
+/// spec allows them. Whether the key usage extension is marked critical (4.3 says it must
+/// be) is not checked: 5.2, the rules for validators, does not ask it.
+fn check_leaf_rules(cert: &X509Certificate<'_>) -> Result<(), VerifyError> {
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|e| VerifyError::Malformed(format!("basic constraints extension: {e}")))?;
+    if constraints.is_some_and(|ext| ext.value.ca) {
+        return Err(VerifyError::CaAsLeaf);
+    }
+    let usage = cert
+        .key_usage()
+        .map_err(|e| VerifyError::Malformed(format!("key usage extension: {e}")))?
+        .ok_or(VerifyError::NoKeyUsage)?
+        .value;
+    if usage.key_cert_sign() {
+        return Err(VerifyError::KeyCertSignOnLeaf);
+    }
+    if usage.crl_sign() {
+        return Err(VerifyError::CrlSignOnLeaf);
+    }
+    if !usage.digital_signature() {
+        return Err(VerifyError::NoDigitalSignature);
+    }
+    Ok(())
 }
 
 /// Runs the verifier's four checks (see the [module docs](self)) on a peer's certificates,
@@ -292,6 +332,64 @@ mod tests {
         #[test]
         fn never_panics_on_arbitrary_der(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
             let _ = spiffe_id_of(&CertificateDer::from(bytes));
+        }
+    }
+
+    /// A self-signed certificate for `spiffe://example.org/a` with these key usages and
+    /// basic constraints (`None`: no key usage extension at all).
+    #[cfg(feature = "test-util")]
+    fn leaf_with(usages: Option<Vec<rcgen::KeyUsagePurpose>>, ca: bool) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/a".try_into().unwrap(),
+        )];
+        params.is_ca = if ca {
+            rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+        } else {
+            rcgen::IsCa::ExplicitNoCa
+        };
+        params.key_usages = usages.unwrap_or_default();
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn leaf_key_usage_and_basic_constraints_follow_x509_svid() {
+        use rcgen::KeyUsagePurpose::*;
+        let cases = [
+            (Some(vec![DigitalSignature]), false, Ok(())),
+            (
+                Some(vec![DigitalSignature, KeyEncipherment, KeyAgreement]),
+                false,
+                Ok(()),
+            ),
+            (
+                Some(vec![DigitalSignature]),
+                true,
+                Err(VerifyError::CaAsLeaf),
+            ),
+            (None, false, Err(VerifyError::NoKeyUsage)),
+            (
+                Some(vec![DigitalSignature, KeyCertSign]),
+                false,
+                Err(VerifyError::KeyCertSignOnLeaf),
+            ),
+            (
+                Some(vec![DigitalSignature, CrlSign]),
+                false,
+                Err(VerifyError::CrlSignOnLeaf),
+            ),
+            (
+                Some(vec![KeyEncipherment]),
+                false,
+                Err(VerifyError::NoDigitalSignature),
+            ),
+        ];
+        for (usages, ca, want) in cases {
+            let what = format!("{usages:?}, CA={ca}");
+            let got = spiffe_id_of(&leaf_with(usages, ca)).map(|id| id.path().to_owned());
+            assert_eq!(got, want.map(|()| "/a".to_owned()), "{what}");
         }
     }
 

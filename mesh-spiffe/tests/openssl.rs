@@ -206,8 +206,8 @@ async fn our_client_handshakes_with_an_openssl_server() {
     assert_eq!(&reply, b"gnip\n");
 }
 
-/// An openssl-made CA, and a leaf with the given subjectAltName.
-fn openssl_pki(dir: &Path, san: &str) {
+/// An openssl-made CA, `ca.pem` and `ca.key`.
+fn openssl_ca(dir: &Path) {
     openssl(
         &[
             "req",
@@ -232,6 +232,17 @@ fn openssl_pki(dir: &Path, san: &str) {
         ],
         dir,
     );
+}
+
+/// A leaf `{name}.pem` with key `{name}.key`, signed by the CA of [`openssl_ca`], whose
+/// extensions are `extensions` (openssl extension-file lines).
+fn openssl_leaf(dir: &Path, name: &str, extensions: &str) {
+    let (key, csr, ext, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+        format!("{name}.pem"),
+    );
     openssl(
         &[
             "req",
@@ -242,28 +253,21 @@ fn openssl_pki(dir: &Path, san: &str) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "leaf.key",
+            &key,
             "-out",
-            "leaf.csr",
+            &csr,
             "-subj",
-            "/CN=leaf",
+            &format!("/CN={name}"),
         ],
         dir,
     );
-    write(
-        dir,
-        "leaf.ext",
-        &format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={san}\n"
-        ),
-    );
+    write(dir, &ext, extensions);
     openssl(
         &[
             "x509",
             "-req",
             "-in",
-            "leaf.csr",
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
@@ -272,11 +276,179 @@ fn openssl_pki(dir: &Path, san: &str) {
             "-days",
             "1",
             "-extfile",
-            "leaf.ext",
+            &ext,
             "-out",
-            "leaf.pem",
+            &pem,
         ],
         dir,
+    );
+}
+
+/// The extensions of a correct leaf SVID with the given subjectAltName.
+fn svid_extensions(san: &str) -> String {
+    format!(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={san}\n"
+    )
+}
+
+/// An openssl-made CA, and a leaf (`leaf.pem`, `leaf.key`) with the given subjectAltName.
+fn openssl_pki(dir: &Path, san: &str) {
+    openssl_ca(dir);
+    openssl_leaf(dir, "leaf", &svid_extensions(san));
+}
+
+/// Leaves that break the X509-SVID leaf rules (4.1 basic constraints, 4.3 key usage, 5.2
+/// leaf validation), as openssl writes them: the file name, the basic constraints and key
+/// usage lines, and the reason a verifier must give. Each breaks exactly one rule.
+fn bad_leaves() -> Vec<(&'static str, &'static str, VerifyError, &'static str)> {
+    vec![
+        (
+            "key-cert-sign",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyCertSign\n",
+            VerifyError::KeyCertSignOnLeaf,
+            "has keyCertSign set",
+        ),
+        (
+            "crl-sign",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,cRLSign\n",
+            VerifyError::CrlSignOnLeaf,
+            "has cRLSign set",
+        ),
+        (
+            "no-digital-signature",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,keyAgreement\n",
+            VerifyError::NoDigitalSignature,
+            "lacks digitalSignature",
+        ),
+        (
+            "no-key-usage",
+            "basicConstraints=critical,CA:FALSE\n",
+            VerifyError::NoKeyUsage,
+            "has no key usage extension",
+        ),
+        (
+            "ca-true",
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature\n",
+            VerifyError::CaAsLeaf,
+            "CA=true",
+        ),
+    ]
+}
+
+/// An openssl CA in `dir` and its leaves: `good.pem` (a correct SVID,
+/// `spiffe://example.org/good`) and one per [`bad_leaves`] case, each for
+/// `spiffe://example.org/{name}`.
+fn openssl_leaves(dir: &Path) {
+    openssl_ca(dir);
+    openssl_leaf(
+        dir,
+        "good",
+        &svid_extensions("URI:spiffe://example.org/good"),
+    );
+    for (name, constraints, _, _) in bad_leaves() {
+        openssl_leaf(
+            dir,
+            name,
+            &format!(
+                "{constraints}extendedKeyUsage=serverAuth,clientAuth\n\
+                 subjectAltName=URI:spiffe://example.org/{name}\n"
+            ),
+        );
+    }
+}
+
+/// This workload's credentials from the test CA, trusting only the openssl CA in `dir`
+/// for `example.org`.
+fn store_trusting_openssl_ca(dir: &Path, id: &str) -> Arc<CredentialStore> {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let bundles = BundleSet::new().with(
+        TrustDomain::new("example.org").unwrap(),
+        bundle_from_pem(&dir.join("ca.pem")),
+    );
+    Arc::new(CredentialStore::with(ca.issue(id).unwrap(), bundles))
+}
+
+/// Connects our client to an `openssl s_server` presenting `{name}.pem`.
+async fn connect_to_openssl_server(dir: &Path, name: &str) -> Result<String, TransportError> {
+    let (cert, key) = (format!("{name}.pem"), format!("{name}.key"));
+    let (addr, _server) = s_server(dir, &["-cert", &cert, "-key", &key]).await;
+    let client = store_trusting_openssl_ca(dir, "spiffe://example.org/web");
+    let connector = MtlsConnector::new(&mtls(&client), Authorizer::any()).unwrap();
+    let (mut stream, peer) = connector.connect(addr).await?;
+    drop(stream.shutdown());
+    Ok(peer.to_string())
+}
+
+#[tokio::test]
+async fn our_client_refuses_openssl_server_leaves_breaking_the_x509_svid_leaf_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    openssl_leaves(dir.path());
+    for (name, _, want, text) in bad_leaves() {
+        let err = connect_to_openssl_server(dir.path(), name)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        match &err {
+            TransportError::Verify(got) => assert_eq!(got, &want, "{name}: {err}"),
+            other => panic!("{name}: refused for another reason: {other}"),
+        }
+        assert!(err.to_string().contains(text), "{name}: {err}");
+    }
+    // The positive control: a correct leaf from the same openssl CA is accepted.
+    let peer = connect_to_openssl_server(dir.path(), "good").await.unwrap();
+    assert_eq!(peer, "spiffe://example.org/good");
+}
+
+/// What the server saw next, within 10 s.
+async fn next_seen(seen: &mut Seen) -> Result<String, mesh_spiffe::transport::HandshakeError> {
+    tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("the server saw the handshake")
+        .unwrap()
+}
+
+/// Runs `openssl s_client` against `port` presenting `{name}.pem`, to completion.
+async fn openssl_client(dir: &Path, port: u16, name: &str) {
+    let dir = dir.to_owned();
+    let (cert, key) = (format!("{name}.pem"), format!("{name}.key"));
+    tokio::task::spawn_blocking(move || {
+        Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-cert", &cert, "-key", &key])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is installed")
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn our_server_refuses_openssl_client_leaves_breaking_the_x509_svid_leaf_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    openssl_leaves(dir.path());
+    let server = store_trusting_openssl_ca(dir.path(), "spiffe://example.org/api");
+    let (addr, mut seen) =
+        echo_server(MtlsAcceptor::new(&mtls(&server), Authorizer::any()).unwrap()).await;
+    for (name, _, want, text) in bad_leaves() {
+        openssl_client(dir.path(), addr.port(), name).await;
+        let err = next_seen(&mut seen)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        match &err.error {
+            TransportError::Verify(got) => assert_eq!(got, &want, "{name}: {err}"),
+            other => panic!("{name}: refused for another reason: {other}"),
+        }
+        assert!(err.to_string().contains(text), "{name}: {err}");
+    }
+    // The positive control: a correct leaf from the same openssl CA is accepted.
+    openssl_client(dir.path(), addr.port(), "good").await;
+    assert_eq!(
+        next_seen(&mut seen).await.unwrap(),
+        "spiffe://example.org/good"
     );
 }
 
