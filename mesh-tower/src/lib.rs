@@ -28,15 +28,20 @@
 //! project's server-side issue. The crate builds on `mesh-core` and `mesh-spiffe` and never
 //! depends on tonic.
 
+#[cfg(feature = "authz")]
+pub mod authz;
 pub mod backoff;
 #[cfg(feature = "balance")]
 pub mod balance;
+#[cfg(feature = "authz")]
+pub mod body;
 #[cfg(feature = "breaker")]
 pub mod breaker;
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub mod client;
 pub mod connect;
 pub mod load;
+pub mod matcher;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;

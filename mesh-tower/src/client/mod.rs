@@ -15,7 +15,8 @@
 //!     metrics::Metrics             answers, errors, try durations, load gauge
 //!     load::PeakEwma               RTT and in-flight, 429 penalty
 //!     timeout::Timeout (per try)   a timed-out try is this endpoint's failure
-//!     connect::EndpointClient      hyper 1, HTTP/1.1 pooled or HTTP/2, plaintext or mTLS
+//!     connect::EndpointClient      HTTP/1.1 pool or one HTTP/2 connection on hyper 1,
+//!                                  plaintext or mTLS
 //! ```
 //!
 //! The per-try timeout sits in each endpoint's stack rather than above the balancer, so

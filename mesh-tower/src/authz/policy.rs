@@ -1,0 +1,437 @@
+//! The compiled authorization policy and its decisions.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method};
+use mesh_core::config::{AuthorizationPolicy, DefaultAction};
+use mesh_core::identity::{IdentityPattern, SpiffeId};
+
+use super::error::PolicyError;
+use crate::matcher::RequestMatch;
+
+/// An authorization policy compiled for the request path: rules in order, each a set of
+/// client patterns and compiled route matches; see the [module docs](super).
+///
+/// ```
+/// use mesh_core::config::{AuthorizationPolicy, AuthorizationRule, DefaultAction, PathMatch, RouteMatch};
+/// use mesh_tower::authz::Policy;
+///
+/// let policy = Policy::new("api", &AuthorizationPolicy {
+///     default: DefaultAction::Deny,
+///     rules: vec![AuthorizationRule {
+///         name: "health".into(),
+///         clients: vec![],
+///         unauthenticated: true,
+///         routes: vec![RouteMatch { path: Some(PathMatch::Exact("/healthz".into())), ..Default::default() }],
+///     }],
+/// })?;
+/// let health = http::Request::get("/healthz").body(())?;
+/// assert_eq!(policy.decide(None, &health).unwrap().rule(), Some("health"));
+/// let other = http::Request::get("/users").body(())?;
+/// assert!(policy.decide(None, &other).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Policy {
+    name: Arc<str>,
+    default: DefaultAction,
+    rules: Vec<Rule>,
+    /// The decision when no rule matches and the default allows (or audits).
+    by_default: AuthzDecision,
+}
+
+#[derive(Debug)]
+struct Rule {
+    clients: Vec<IdentityPattern>,
+    unauthenticated: bool,
+    /// Empty: every route.
+    routes: Vec<RequestMatch>,
+    decision: AuthzDecision,
+}
+
+impl Rule {
+    fn admits_client(&self, client: Option<&SpiffeId>) -> bool {
+        // A rule open to unauthenticated callers is open to authenticated ones too: they
+        // are no less trusted.
+        self.unauthenticated || client.is_some_and(|id| self.clients.iter().any(|p| p.matches(id)))
+    }
+}
+
+/// Which rule let a request in, as a request extension next to the peer's
+/// `PeerIdentity`: handlers read it, clients cannot forge it (it is never read from
+/// headers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzDecision {
+    policy: Arc<str>,
+    /// `None`: no rule matched, and the policy's default allowed the request.
+    rule: Option<Arc<str>>,
+    audit: bool,
+}
+
+impl AuthzDecision {
+    /// The policy's name.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// The rule that allowed the request, or `None` when the default did.
+    pub fn rule(&self) -> Option<&str> {
+        self.rule.as_deref()
+    }
+
+    /// Whether the request was let in only because the policy audits: no rule allows it,
+    /// and under `deny` it would have been refused.
+    pub fn is_audit(&self) -> bool {
+        self.audit
+    }
+}
+
+impl fmt::Display for AuthzDecision {
+    /// `policy/rule`, or `policy/default` (`policy/default (audit)`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "{}/{rule}", self.policy),
+            None if self.audit => write!(f, "{}/default (audit)", self.policy),
+            None => write!(f, "{}/default", self.policy),
+        }
+    }
+}
+
+/// A request (or connection) the policy refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no rule of authorization policy `{policy}` allows this client")]
+pub struct Denied {
+    policy: Arc<str>,
+}
+
+impl Denied {
+    /// The policy's name.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+}
+
+impl Policy {
+    /// Compiles the policy named `name` (for logs, metrics and decisions).
+    pub fn new(name: &str, config: &AuthorizationPolicy) -> Result<Self, PolicyError> {
+        let name: Arc<str> = Arc::from(name);
+        let rules = config
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                let routes = rule
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(route, m)| {
+                        RequestMatch::new(m).map_err(|source| PolicyError {
+                            policy: name.to_string(),
+                            rule: rule.name.clone(),
+                            index,
+                            route,
+                            source,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Rule {
+                    clients: rule.clients.clone(),
+                    unauthenticated: rule.unauthenticated,
+                    routes,
+                    decision: AuthzDecision {
+                        policy: name.clone(),
+                        rule: Some(Arc::from(rule.name.as_str())),
+                        audit: false,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        Ok(Self {
+            by_default: AuthzDecision {
+                policy: name.clone(),
+                rule: None,
+                audit: config.default == DefaultAction::Audit,
+            },
+            name,
+            default: config.default,
+            rules,
+        })
+    }
+
+    /// A policy that allows every request (by default, with no rules): what a server
+    /// without a policy does.
+    pub fn allow_all(name: &str) -> Self {
+        let name: Arc<str> = Arc::from(name);
+        Self {
+            by_default: AuthzDecision {
+                policy: name.clone(),
+                rule: None,
+                audit: false,
+            },
+            name,
+            default: DefaultAction::Allow,
+            rules: Vec::new(),
+        }
+    }
+
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The decision on a request from `client` (`None`: unauthenticated): the first rule
+    /// that admits both the client and the request, else the default.
+    pub fn decide<B>(
+        &self,
+        client: Option<&SpiffeId>,
+        req: &http::Request<B>,
+    ) -> Result<&AuthzDecision, Denied> {
+        self.decide_parts(client, req.method(), req.uri().path(), req.headers())
+    }
+
+    /// [`decide`](Self::decide) on a request's parts.
+    pub fn decide_parts(
+        &self,
+        client: Option<&SpiffeId>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<&AuthzDecision, Denied> {
+        let rule = self.rules.iter().find(|rule| {
+            rule.admits_client(client)
+                && (rule.routes.is_empty()
+                    || rule
+                        .routes
+                        .iter()
+                        .any(|m| m.matches_parts(method, path, headers)))
+        });
+        match rule {
+            Some(rule) => Ok(&rule.decision),
+            None => self.fallback(),
+        }
+    }
+
+    /// The decision on an opaque connection from `client`, before any request: only
+    /// rules that hold for every route apply (one with route conditions cannot be judged
+    /// without a request, so it does not admit the connection).
+    pub fn decide_connection(&self, client: Option<&SpiffeId>) -> Result<&AuthzDecision, Denied> {
+        let rule = self.rules.iter().find(|rule| {
+            rule.admits_client(client)
+                && (rule.routes.is_empty() || rule.routes.iter().any(RequestMatch::is_any))
+        });
+        match rule {
+            Some(rule) => Ok(&rule.decision),
+            None => self.fallback(),
+        }
+    }
+
+    fn fallback(&self) -> Result<&AuthzDecision, Denied> {
+        match self.default {
+            DefaultAction::Allow | DefaultAction::Audit => Ok(&self.by_default),
+            // Deny, and any action added later: fail closed.
+            _ => Err(Denied {
+                policy: self.name.clone(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mesh_core::config::{AuthorizationRule, PathMatch, RouteMatch};
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    fn rule(
+        name: &str,
+        clients: &[&str],
+        unauthenticated: bool,
+        prefix: Option<&str>,
+    ) -> AuthorizationRule {
+        AuthorizationRule {
+            name: name.into(),
+            clients: clients.iter().map(|c| c.parse().unwrap()).collect(),
+            unauthenticated,
+            routes: prefix
+                .map(|p| {
+                    vec![RouteMatch {
+                        path: Some(PathMatch::Prefix(p.into())),
+                        ..RouteMatch::default()
+                    }]
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    fn policy(default: DefaultAction, rules: Vec<AuthorizationRule>) -> Policy {
+        Policy::new("api", &AuthorizationPolicy { default, rules }).unwrap()
+    }
+
+    fn get(path: &str) -> http::Request<()> {
+        http::Request::get(path).body(()).unwrap()
+    }
+
+    #[test]
+    fn the_first_rule_admitting_client_and_route_decides() {
+        let p = policy(
+            DefaultAction::Deny,
+            vec![
+                rule("ops", &["spiffe://example.org/ns/ops/*"], false, None),
+                rule(
+                    "web-users",
+                    &["spiffe://example.org/ns/prod/sa/web"],
+                    false,
+                    Some("/users"),
+                ),
+                rule(
+                    "any-users",
+                    &["spiffe://example.org/*"],
+                    false,
+                    Some("/users"),
+                ),
+                rule("health", &[], true, Some("/healthz")),
+            ],
+        );
+        let web = id("spiffe://example.org/ns/prod/sa/web");
+        let ops = id("spiffe://example.org/ns/ops/sa/admin");
+        let other = id("spiffe://example.org/ns/prod/sa/batch");
+        let foreign = id("spiffe://other.org/ns/prod/sa/web");
+        let rule_of = |client: Option<&SpiffeId>, path: &str| {
+            p.decide(client, &get(path))
+                .ok()
+                .map(|d| d.rule().unwrap().to_owned())
+        };
+        assert_eq!(
+            rule_of(Some(&web), "/users/1").as_deref(),
+            Some("web-users")
+        );
+        assert_eq!(
+            rule_of(Some(&other), "/users/1").as_deref(),
+            Some("any-users")
+        );
+        assert_eq!(rule_of(Some(&ops), "/anything").as_deref(), Some("ops"));
+        assert_eq!(rule_of(Some(&web), "/billing"), None);
+        assert_eq!(rule_of(Some(&foreign), "/users/1"), None);
+        assert_eq!(rule_of(None, "/users/1"), None);
+        // Open to unauthenticated callers means open to authenticated ones too.
+        assert_eq!(rule_of(None, "/healthz").as_deref(), Some("health"));
+        assert_eq!(
+            rule_of(Some(&foreign), "/healthz").as_deref(),
+            Some("health")
+        );
+        let denied = p.decide(Some(&web), &get("/billing")).unwrap_err();
+        assert_eq!(
+            denied.to_string(),
+            "no rule of authorization policy `api` allows this client"
+        );
+    }
+
+    #[test]
+    fn defaults_allow_audit_and_deny() {
+        let rules = || {
+            vec![rule(
+                "web",
+                &["spiffe://example.org/ns/prod/sa/web"],
+                false,
+                None,
+            )]
+        };
+        let other = id("spiffe://example.org/ns/prod/sa/batch");
+        let allow = policy(DefaultAction::Allow, rules());
+        let d = allow.decide(Some(&other), &get("/")).unwrap();
+        assert_eq!(
+            (d.rule(), d.is_audit(), d.to_string().as_str()),
+            (None, false, "api/default")
+        );
+        let audit = policy(DefaultAction::Audit, rules());
+        let d = audit.decide(Some(&other), &get("/")).unwrap();
+        assert_eq!(
+            (d.rule(), d.is_audit(), d.to_string().as_str()),
+            (None, true, "api/default (audit)")
+        );
+        // A matching rule is no audit.
+        let web = id("spiffe://example.org/ns/prod/sa/web");
+        assert!(!audit.decide(Some(&web), &get("/")).unwrap().is_audit());
+        assert!(
+            policy(DefaultAction::Deny, rules())
+                .decide(Some(&other), &get("/"))
+                .is_err()
+        );
+        assert!(
+            policy(DefaultAction::Deny, vec![])
+                .decide(None, &get("/"))
+                .is_err()
+        );
+        assert!(Policy::allow_all("open").decide(None, &get("/")).is_ok());
+    }
+
+    #[test]
+    fn connections_are_judged_by_rules_that_hold_for_every_route() {
+        let p = policy(
+            DefaultAction::Deny,
+            vec![
+                rule(
+                    "web-users",
+                    &["spiffe://example.org/ns/prod/sa/web"],
+                    false,
+                    Some("/users"),
+                ),
+                rule(
+                    "db-clients",
+                    &["spiffe://example.org/ns/prod/*"],
+                    false,
+                    None,
+                ),
+            ],
+        );
+        let web = id("spiffe://example.org/ns/prod/sa/web");
+        assert_eq!(
+            p.decide_connection(Some(&web)).unwrap().rule(),
+            Some("db-clients")
+        );
+        assert!(
+            p.decide_connection(Some(&id("spiffe://example.org/ns/dev/sa/web")))
+                .is_err()
+        );
+        assert!(p.decide_connection(None).is_err());
+        let only_routes = policy(
+            DefaultAction::Deny,
+            vec![rule(
+                "web-users",
+                &["spiffe://example.org/ns/prod/sa/web"],
+                false,
+                Some("/users"),
+            )],
+        );
+        assert!(only_routes.decide_connection(Some(&web)).is_err());
+    }
+
+    #[test]
+    fn a_bad_route_names_its_rule() {
+        let mut bad = rule("broken", &["*"], false, None);
+        bad.routes = vec![RouteMatch {
+            path: Some(PathMatch::Regex("(".into())),
+            ..RouteMatch::default()
+        }];
+        let e = Policy::new(
+            "api",
+            &AuthorizationPolicy {
+                default: DefaultAction::Deny,
+                rules: vec![bad],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "authorization policy `api`, rule `broken` (rules[0].routes[0]): invalid regex"
+            ),
+            "{e}"
+        );
+    }
+}

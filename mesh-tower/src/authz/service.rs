@@ -1,0 +1,119 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use mesh_spiffe::PeerIdentity;
+use tower_service::Service;
+
+use super::{Policy, ResponseFuture};
+use crate::body::ResponseBody;
+
+/// Authorizes each request by its peer's identity and its route; see the
+/// [module docs](super).
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+impl<S> Authorize<S> {
+    pub(super) fn new(inner: S, policy: Arc<Policy>) -> Self {
+        Self { inner, policy }
+    }
+
+    /// The compiled policy.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Authorize<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<ResponseBody<RB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, RB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let client = req.extensions().get::<PeerIdentity>().map(PeerIdentity::id);
+        match self.policy.decide(client, &req) {
+            Ok(decision) => {
+                if decision.is_audit() {
+                    tracing::info!(
+                        client = %client.map_or("unauthenticated".into(), ToString::to_string),
+                        method = %req.method(),
+                        path = req.uri().path(),
+                        policy = self.policy.name(),
+                        "authorization audit: no rule allows this request; allowed by the audit default"
+                    );
+                }
+                let decision = decision.clone();
+                req.extensions_mut().insert(decision);
+                ResponseFuture::allowed(self.inner.call(req))
+            }
+            Err(denied) => {
+                tracing::info!(
+                    client = %client.map_or("unauthenticated".into(), ToString::to_string),
+                    method = %req.method(),
+                    path = req.uri().path(),
+                    policy = denied.policy(),
+                    "request denied: no rule of the authorization policy allows it"
+                );
+                ResponseFuture::denied(refusal(mesh_core::classify::is_grpc(req.headers())))
+            }
+        }
+    }
+}
+
+/// The answer to a refused request: 403, or for gRPC a trailers-only `PERMISSION_DENIED`
+/// (HTTP 200, `grpc-status: 7` in the only header block). Names no rule: what the
+/// policy allows is not the client's to learn.
+pub(super) fn refusal<B>(grpc: bool) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(if grpc {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::local(Bytes::from_static(b"forbidden\n"))
+    });
+    if !grpc {
+        *response.status_mut() = StatusCode::FORBIDDEN;
+    }
+    let headers = response.headers_mut();
+    if grpc {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static("7"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("permission denied"),
+        );
+    } else {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    response
+}

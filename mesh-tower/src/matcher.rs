@@ -1,0 +1,438 @@
+//! Request matches compiled once: what authorization rules and routes select requests by.
+//!
+//! A [`RequestMatch`] is a [`mesh_core::config::RouteMatch`] made ready to run: regular
+//! expressions compiled (anchored, so they match the whole path or value), header names
+//! parsed, prefixes normalized. Matching a request then allocates nothing. Within one
+//! match, every given condition must hold:
+//!
+//! | condition | holds when |
+//! |---|---|
+//! | `path = { exact = "/a" }` | the path is `/a` |
+//! | `path = { prefix = "/a" }` | the path is `/a` or continues after it with `/` (`/a/b`), not `/ab`; a trailing `/` in the prefix is ignored, `/` matches every path |
+//! | `path = { regex = "…" }` | the expression matches the whole path |
+//! | `methods = [...]` | the method is one of them |
+//! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent |
+//! | `grpc = { service, method }` | the path is `/service/method` (any method of the service when none is given) |
+//!
+//! **Paths are matched as sent, and only when unambiguous.** A path that a server could
+//! read as another one — with a dot segment (`/a/../b`, `/./b`), an empty segment
+//! (`//b`), a backslash, or a percent-encoded `/`, `\` or `.` — satisfies no path or gRPC
+//! condition, so that a rule allowing `/public` cannot be used to reach `/admin` through
+//! `/public/../admin`. Such a request still matches conditions without a path.
+
+use http::{HeaderMap, HeaderName, Method, Request};
+use mesh_core::config::{GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, RouteMatch};
+use regex::Regex;
+
+/// A compiled [`RouteMatch`]; see the [module docs](self).
+///
+/// ```
+/// use mesh_core::config::{PathMatch, RouteMatch};
+/// use mesh_tower::matcher::RequestMatch;
+///
+/// let m = RequestMatch::new(&RouteMatch {
+///     path: Some(PathMatch::Prefix("/users".into())),
+///     methods: vec![http::Method::GET],
+///     ..RouteMatch::default()
+/// })?;
+/// let get = |uri: &str| http::Request::get(uri).body(()).unwrap();
+/// assert!(m.matches(&get("/users/42")));
+/// assert!(!m.matches(&get("/usersx")));
+/// assert!(!m.matches(&get("/users/../admin")));
+/// # Ok::<(), mesh_tower::matcher::MatchError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct RequestMatch {
+    path: Option<PathCondition>,
+    methods: Vec<Method>,
+    headers: Vec<HeaderCondition>,
+}
+
+#[derive(Clone, Debug)]
+enum PathCondition {
+    Exact(String),
+    /// Without its trailing `/`; empty for `/` (every path).
+    Prefix(String),
+    Regex(Regex),
+    /// `/service/`, and the method if one is given.
+    Grpc {
+        service: String,
+        method: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct HeaderCondition {
+    name: HeaderName,
+    value: ValueCondition,
+}
+
+#[derive(Clone, Debug)]
+enum ValueCondition {
+    Exact(Vec<u8>),
+    Regex(Regex),
+    Present(bool),
+}
+
+/// Why a [`RouteMatch`] cannot be compiled. Configuration validation reports the same
+/// problems with their keys; this is for matches built in code.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MatchError {
+    /// A regular expression does not compile.
+    #[error("invalid regex `{pattern}`: {reason}")]
+    Regex {
+        /// The expression.
+        pattern: String,
+        /// The regex crate's reason.
+        reason: String,
+    },
+    /// A header name is not a valid HTTP header name.
+    #[error("`{0}` is not a valid header name")]
+    HeaderName(String),
+    /// An exact or prefix path does not start with `/`.
+    #[error("path `{0}` must start with `/`")]
+    Path(String),
+    /// A gRPC service or method name is empty or holds `/` or whitespace.
+    #[error("`{0}` is not a gRPC service or method name")]
+    Grpc(String),
+    /// Both `path` and `grpc` were given.
+    #[error("a match cannot have both `path` and `grpc` (a gRPC match is a path match)")]
+    PathAndGrpc,
+}
+
+/// The whole of `pattern` must match.
+fn anchored(pattern: &str) -> Result<Regex, MatchError> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| MatchError::Regex {
+        pattern: pattern.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn grpc_name(name: &str) -> Result<String, MatchError> {
+    if name.is_empty() || name.contains('/') || name.contains(char::is_whitespace) {
+        return Err(MatchError::Grpc(name.to_owned()));
+    }
+    Ok(name.to_owned())
+}
+
+impl RequestMatch {
+    /// Compiles `m`.
+    pub fn new(m: &RouteMatch) -> Result<Self, MatchError> {
+        let path = match (&m.path, &m.grpc) {
+            (Some(_), Some(_)) => return Err(MatchError::PathAndGrpc),
+            (Some(p), None) => Some(path_condition(p)?),
+            (None, Some(GrpcMatch { service, method })) => Some(PathCondition::Grpc {
+                service: format!("/{}/", grpc_name(service)?),
+                method: method.as_deref().map(grpc_name).transpose()?,
+            }),
+            (None, None) => None,
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(header_condition)
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            path,
+            methods: m.methods.clone(),
+            headers,
+        })
+    }
+
+    /// A match of every request.
+    pub fn any() -> Self {
+        Self {
+            path: None,
+            methods: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Whether `req` satisfies every condition.
+    pub fn matches<B>(&self, req: &Request<B>) -> bool {
+        self.matches_parts(req.method(), req.uri().path(), req.headers())
+    }
+
+    /// [`matches`](Self::matches) on a request's parts.
+    pub fn matches_parts(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self.path.as_ref().is_none_or(|p| p.matches(path))
+            && self.headers.iter().all(|h| h.matches(headers))
+    }
+
+    /// Whether the match has a path (or gRPC) condition.
+    pub fn has_path(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Whether the match holds for every request (no condition at all).
+    pub fn is_any(&self) -> bool {
+        self.path.is_none() && self.methods.is_empty() && self.headers.is_empty()
+    }
+}
+
+fn path_condition(p: &PathMatch) -> Result<PathCondition, MatchError> {
+    Ok(match p {
+        PathMatch::Exact(e) if e.starts_with('/') => PathCondition::Exact(e.clone()),
+        PathMatch::Prefix(prefix) if prefix.starts_with('/') => {
+            PathCondition::Prefix(prefix.trim_end_matches('/').to_owned())
+        }
+        PathMatch::Exact(p) | PathMatch::Prefix(p) => return Err(MatchError::Path(p.clone())),
+        PathMatch::Regex(re) => PathCondition::Regex(anchored(re)?),
+        // A kind of match added to the configuration but not known here matches nothing
+        // rather than everything.
+        #[allow(unreachable_patterns)]
+        _ => PathCondition::Exact(String::new()),
+    })
+}
+
+fn header_condition(h: &HeaderMatch) -> Result<HeaderCondition, MatchError> {
+    let name = HeaderName::from_bytes(h.name.as_bytes())
+        .map_err(|_| MatchError::HeaderName(h.name.clone()))?;
+    let value = match &h.value {
+        HeaderValueMatch::Exact(v) => ValueCondition::Exact(v.as_bytes().to_vec()),
+        HeaderValueMatch::Regex(re) => ValueCondition::Regex(anchored(re)?),
+        HeaderValueMatch::Present(p) => ValueCondition::Present(*p),
+        #[allow(unreachable_patterns)]
+        _ => ValueCondition::Present(false),
+    };
+    Ok(HeaderCondition { name, value })
+}
+
+impl PathCondition {
+    fn matches(&self, path: &str) -> bool {
+        if is_ambiguous(path) {
+            return false;
+        }
+        match self {
+            Self::Exact(e) => path == e,
+            Self::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
+            Self::Regex(re) => re.is_match(path),
+            Self::Grpc { service, method } => {
+                path.strip_prefix(service.as_str())
+                    .is_some_and(|rest| match method {
+                        Some(m) => rest == m,
+                        None => !rest.is_empty() && !rest.contains('/'),
+                    })
+            }
+        }
+    }
+}
+
+impl HeaderCondition {
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter().peekable();
+        match &self.value {
+            ValueCondition::Present(present) => values.peek().is_some() == *present,
+            ValueCondition::Exact(want) => {
+                values.peek().is_some() && values.all(|v| v.as_bytes() == want.as_slice())
+            }
+            ValueCondition::Regex(re) => {
+                values.peek().is_some() && values.all(|v| v.to_str().is_ok_and(|s| re.is_match(s)))
+            }
+        }
+    }
+}
+
+/// Whether a server might resolve `path` to another path than it reads as: dot or empty
+/// segments, backslashes, percent-encoded `/`, `\` or `.`.
+pub fn is_ambiguous(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return true;
+    }
+    // Percent-encoded separators and dots.
+    for (i, _) in path.match_indices('%') {
+        if let Some(code) = bytes.get(i + 1..i + 3) {
+            let code = [code[0].to_ascii_uppercase(), code[1].to_ascii_uppercase()];
+            if matches!(&code, b"2F" | b"5C" | b"2E") {
+                return true;
+            }
+        }
+    }
+    // An empty segment (`//`), or a dot segment.
+    path.contains("//")
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mesh_core::config::{GrpcMatch, HeaderMatch, HeaderValueMatch};
+
+    fn req(method: Method, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut r = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap()
+    }
+
+    fn get(uri: &str) -> Request<()> {
+        req(Method::GET, uri, &[])
+    }
+
+    fn path(p: PathMatch) -> RequestMatch {
+        RequestMatch::new(&RouteMatch {
+            path: Some(p),
+            ..RouteMatch::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        let m = path(PathMatch::Prefix("/api".into()));
+        for ok in ["/api", "/api/", "/api/x", "/api/x/y?q=1"] {
+            assert!(m.matches(&get(ok)), "{ok}");
+        }
+        for no in ["/apix", "/ap", "/", "/x/api"] {
+            assert!(!m.matches(&get(no)), "{no}");
+        }
+        // A trailing slash in the prefix changes nothing; `/` matches everything.
+        let slash = path(PathMatch::Prefix("/api/".into()));
+        assert!(slash.matches(&get("/api")) && slash.matches(&get("/api/x")));
+        assert!(!slash.matches(&get("/apix")));
+        let root = path(PathMatch::Prefix("/".into()));
+        assert!(root.matches(&get("/")) && root.matches(&get("/anything/at/all")));
+    }
+
+    #[test]
+    fn exact_and_regex_paths_match_the_whole_path() {
+        let exact = path(PathMatch::Exact("/healthz".into()));
+        assert!(exact.matches(&get("/healthz")) && exact.matches(&get("/healthz?full=1")));
+        assert!(!exact.matches(&get("/healthz/")) && !exact.matches(&get("/healthzz")));
+        let re = path(PathMatch::Regex("/users/[0-9]+".into()));
+        assert!(re.matches(&get("/users/42")));
+        assert!(!re.matches(&get("/users/42/x")) && !re.matches(&get("/x/users/42")));
+        // Alternation stays inside the anchors.
+        let alt = path(PathMatch::Regex("/a|/b".into()));
+        assert!(alt.matches(&get("/a")) && alt.matches(&get("/b")));
+        assert!(!alt.matches(&get("/ab")) && !alt.matches(&get("/x/b")));
+    }
+
+    #[test]
+    fn ambiguous_paths_match_no_path_condition() {
+        let m = path(PathMatch::Prefix("/public".into()));
+        for sneaky in [
+            "/public/../admin",
+            "/public/./x",
+            "/public//x",
+            "/public/%2e%2e/admin",
+            "/public/%2Fadmin",
+            "/public\\..\\admin",
+            "/public/..",
+            "/public/x/%5c",
+        ] {
+            assert!(is_ambiguous(sneaky), "{sneaky}");
+            assert!(!m.matches(&get(sneaky)), "{sneaky}");
+        }
+        for plain in [
+            "/public",
+            "/public/",
+            "/public/a.b",
+            "/public/..a",
+            "/public/%41",
+        ] {
+            assert!(!is_ambiguous(plain), "{plain}");
+        }
+        // A match without a path condition still holds.
+        assert!(RequestMatch::any().matches(&get("/public/../admin")));
+    }
+
+    #[test]
+    fn methods_and_headers() {
+        let m = RequestMatch::new(&RouteMatch {
+            methods: vec![Method::GET, Method::HEAD],
+            headers: vec![
+                HeaderMatch {
+                    name: "X-Env".into(),
+                    value: HeaderValueMatch::Exact("prod".into()),
+                },
+                HeaderMatch {
+                    name: "x-user".into(),
+                    value: HeaderValueMatch::Regex("[a-z]+".into()),
+                },
+                HeaderMatch {
+                    name: "x-debug".into(),
+                    value: HeaderValueMatch::Present(false),
+                },
+            ],
+            ..RouteMatch::default()
+        })
+        .unwrap();
+        let ok = [("x-env", "prod"), ("x-user", "ann")];
+        assert!(m.matches(&req(Method::GET, "/", &ok)));
+        assert!(m.matches(&req(Method::HEAD, "/", &ok)));
+        assert!(!m.matches(&req(Method::POST, "/", &ok)));
+        assert!(!m.matches(&req(Method::GET, "/", &[("x-env", "prod")])));
+        assert!(!m.matches(&req(
+            Method::GET,
+            "/",
+            &[("x-env", "Prod"), ("x-user", "ann")]
+        )));
+        assert!(!m.matches(&req(
+            Method::GET,
+            "/",
+            &[("x-env", "prod"), ("x-user", "ann1")]
+        )));
+        let debug = [("x-env", "prod"), ("x-user", "ann"), ("x-debug", "1")];
+        assert!(!m.matches(&req(Method::GET, "/", &debug)));
+        // Every value of a repeated header must match.
+        let twice = [("x-env", "prod"), ("x-env", "dev"), ("x-user", "ann")];
+        assert!(!m.matches(&req(Method::GET, "/", &twice)));
+    }
+
+    #[test]
+    fn grpc_service_and_method() {
+        let grpc = |service: &str, method: Option<&str>| {
+            RequestMatch::new(&RouteMatch {
+                grpc: Some(GrpcMatch {
+                    service: service.into(),
+                    method: method.map(Into::into),
+                }),
+                ..RouteMatch::default()
+            })
+        };
+        let service = grpc("users.v1.Users", None).unwrap();
+        assert!(service.matches(&req(Method::POST, "/users.v1.Users/GetUser", &[])));
+        assert!(!service.matches(&req(Method::POST, "/users.v1.Users/", &[])));
+        assert!(!service.matches(&req(Method::POST, "/users.v1.UsersX/GetUser", &[])));
+        assert!(!service.matches(&req(Method::POST, "/users.v1.Users/a/b", &[])));
+        let method = grpc("users.v1.Users", Some("GetUser")).unwrap();
+        assert!(method.matches(&req(Method::POST, "/users.v1.Users/GetUser", &[])));
+        assert!(!method.matches(&req(Method::POST, "/users.v1.Users/DeleteUser", &[])));
+        assert!(matches!(grpc("a/b", None), Err(MatchError::Grpc(_))));
+        assert!(matches!(grpc("a", Some("")), Err(MatchError::Grpc(_))));
+    }
+
+    #[test]
+    fn bad_matches_say_what_is_wrong() {
+        let bad = |m: RouteMatch| RequestMatch::new(&m).unwrap_err().to_string();
+        let e = bad(RouteMatch {
+            path: Some(PathMatch::Regex("(".into())),
+            ..RouteMatch::default()
+        });
+        assert!(e.starts_with("invalid regex `(`"), "{e}");
+        let e = bad(RouteMatch {
+            path: Some(PathMatch::Prefix("api".into())),
+            ..RouteMatch::default()
+        });
+        assert_eq!(e, "path `api` must start with `/`");
+        let e = bad(RouteMatch {
+            headers: vec![HeaderMatch {
+                name: "bad name".into(),
+                value: HeaderValueMatch::Present(true),
+            }],
+            ..RouteMatch::default()
+        });
+        assert_eq!(e, "`bad name` is not a valid header name");
+    }
+}
