@@ -38,9 +38,10 @@ pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 1024;
 /// The verified SPIFFE identity of the peer of a connection.
 ///
 /// Servers insert it into each request's extensions, where handlers and authorization
-/// read it as a typed value (`request.extensions().get::<PeerIdentity>()`).
+/// read it as a typed value (`request.extensions().get::<PeerIdentity>()`). Cheap to
+/// clone (one reference count), as a server does for every request of a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PeerIdentity(SpiffeId);
+pub struct PeerIdentity(Arc<SpiffeId>);
 
 impl PeerIdentity {
     /// The peer's SPIFFE ID.
@@ -54,7 +55,9 @@ impl PeerIdentity {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .ok_or(TransportError::NoPeerIdentity)?;
-        spiffe_id_of(leaf).map(Self).map_err(TransportError::Verify)
+        spiffe_id_of(leaf)
+            .map(|id| Self(Arc::new(id)))
+            .map_err(TransportError::Verify)
     }
 }
 

@@ -46,6 +46,8 @@ pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
 pub mod retry;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod timeout;
 
 /// A duration in whole nanoseconds, saturating (after ~584 years): a `u64`, where

@@ -1,0 +1,322 @@
+//! Accepting connections and serving each: TLS, HTTP/1.1 or HTTP/2, limits, shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use mesh_core::error::BoxError;
+use mesh_spiffe::{MtlsAcceptor, PeerIdentity};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::{ClientAddr, ServerLimits, ShutdownReport};
+use crate::body::ResponseBody;
+
+/// What every connection shares.
+pub(super) struct Shared<S> {
+    pub(super) app: S,
+    pub(super) tls: Option<MtlsAcceptor>,
+    pub(super) limits: ServerLimits,
+    pub(super) http: auto::Builder<TokioExecutor>,
+}
+
+/// The HTTP server settings of `limits`.
+pub(super) fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        // hyper answers 431 when the head outgrows its read buffer (at least 8 KiB).
+        .max_buf_size((limits.max_header_list_size as usize).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_list_size)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(limits.keep_alive_interval)
+        .keep_alive_timeout(limits.keep_alive_timeout)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams);
+    builder
+}
+
+/// Accepts until `shutdown` turns true, then shuts every connection down gracefully
+/// within the shutdown timeout.
+pub(super) async fn accept_loop<S, B>(
+    listener: TcpListener,
+    shared: Arc<Shared<S>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> ShutdownReport
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let permits = Arc::new(Semaphore::new(shared.limits.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (tcp, remote) = tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            connection(tcp, remote, shared, shutdown).await;
+        });
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let open = conns.len();
+    let deadline = tokio::time::sleep(shared.limits.shutdown_timeout);
+    let mut deadline = pin!(deadline);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            () = &mut deadline => break,
+        }
+    }
+    let forced = conns.len();
+    if forced > 0 {
+        tracing::info!(
+            forced,
+            "shutdown timeout: closing connections with requests in flight"
+        );
+    }
+    conns.shutdown().await;
+    ShutdownReport {
+        open_at_shutdown: open,
+        forced,
+    }
+}
+
+/// Resolves once a shutdown began (or the server is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// One connection: the TLS handshake (bounded by the acceptor's timeout), then HTTP.
+async fn connection<S, B>(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared<S>>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match &shared.tls {
+        None => serve(tcp, None, remote, &shared, shutdown).await,
+        Some(acceptor) => match acceptor.accept(tcp).await {
+            Ok((tls, peer)) => serve(tls, Some(peer), remote, &shared, shutdown).await,
+            Err(error) => {
+                // Plaintext on the mTLS port, an untrusted or unauthorized certificate,
+                // garbage, a stalled client: nothing is served.
+                tracing::debug!(%remote, %error, "TLS handshake refused");
+            }
+        },
+    }
+}
+
+/// Serves HTTP on `io` until the client closes, the connection idles out, or shutdown.
+async fn serve<IO, S, B>(
+    io: IO,
+    peer: Option<PeerIdentity>,
+    remote: SocketAddr,
+    shared: &Shared<S>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::new(Activity::default());
+    let service = ConnService {
+        app: shared.app.clone(),
+        peer,
+        remote: ClientAddr(remote),
+        activity: activity.clone(),
+    };
+    let conn = shared.http.serve_connection(TokioIo::new(io), service);
+    let mut conn = pin!(conn);
+    let limits = &shared.limits;
+    // Until the first request begins, the header-read bound covers the silence too.
+    let mut check = pin!(tokio::time::sleep(limits.header_read_timeout));
+    let mut idle_since = Instant::now();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%remote, error = %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stopped(&mut shutdown), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = check.as_mut(), if !closing => {
+                let now = Instant::now();
+                if !activity.started.load(Ordering::Relaxed) {
+                    tracing::debug!(%remote, "no request within the header read timeout");
+                    return;
+                }
+                if activity.in_flight.load(Ordering::Relaxed) > 0 || activity.take_touched() {
+                    idle_since = now;
+                }
+                if now.saturating_duration_since(idle_since) >= limits.idle_timeout {
+                    tracing::debug!(%remote, "idle timeout");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    check.as_mut().reset(idle_since + limits.idle_timeout);
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, read by its idle check.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// A request began (ever).
+    started: AtomicBool,
+    /// A request began or ended since the idle check last looked.
+    touched: AtomicBool,
+}
+
+impl Activity {
+    fn take_touched(&self) -> bool {
+        self.touched.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// The application as hyper calls it for one connection: each request gets the peer's
+/// identity and address as extensions, and counts as activity while it runs.
+struct ConnService<S> {
+    app: S,
+    peer: Option<PeerIdentity>,
+    remote: ClientAddr,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>> + Clone,
+{
+    type Response = Response<ResponseBody<B>>;
+    type Error = S::Error;
+    type Future = Tracked<Oneshot<S, Request<Incoming>>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let extensions = req.extensions_mut();
+        // Whatever a client sent, these come from the connection only.
+        match &self.peer {
+            Some(peer) => {
+                extensions.insert(peer.clone());
+            }
+            None => {
+                extensions.remove::<PeerIdentity>();
+            }
+        }
+        extensions.insert(self.remote);
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.activity.started.store(true, Ordering::Relaxed);
+        self.activity.touched.store(true, Ordering::Relaxed);
+        Tracked {
+            inner: self.app.clone().oneshot(req),
+            activity: Some(self.activity.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// A request's future, counted in flight until it completes or is dropped.
+    struct Tracked<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for Tracked<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                activity.touched.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(activity) = this.activity.take() {
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+            activity.touched.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(output)
+    }
+}

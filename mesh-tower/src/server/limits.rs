@@ -1,0 +1,62 @@
+use std::time::Duration;
+
+/// The protective limits of a [`MeshServer`](super::MeshServer). Every field has a safe
+/// default; tighten or loosen them per listener.
+///
+/// # Defaults
+/// | limit | default | when exceeded |
+/// |---|---|---|
+/// | `header_read_timeout` | 10 s | the connection closes (slowloris); also bounds the wait for a new connection's first bytes |
+/// | `max_header_list_size` | 64 KiB | HTTP/1.1: 431; HTTP/2: the stream is refused with 431 |
+/// | `max_headers` | 100 (HTTP/1.1) | 431 |
+/// | `max_connections` | 10,000 | accepting waits until a connection closes |
+/// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
+/// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |
+/// | `idle_timeout` | 120 s | a connection with no request in flight for that long is shut down gracefully |
+/// | `max_pending_accept_reset_streams` | 20 (HTTP/2) | rapid reset (CVE-2023-44487): the connection is closed with `GOAWAY` |
+/// | `max_local_error_reset_streams` | 256 (HTTP/2) | a peer provoking stream errors is disconnected |
+/// | `shutdown_timeout` | 30 s | after a shutdown begins, connections still open are closed |
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerLimits {
+    /// Bound on reading a request's headers, and on a new connection's first bytes.
+    pub header_read_timeout: Duration,
+    /// Bound on the size of a request's header block, in bytes.
+    pub max_header_list_size: u32,
+    /// Bound on the number of headers of an HTTP/1.1 request.
+    pub max_headers: usize,
+    /// Bound on open connections (TLS handshakes included).
+    pub max_connections: usize,
+    /// Bound on concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings (`None`: no pings).
+    pub keep_alive_interval: Option<Duration>,
+    /// How long a ping may go unanswered.
+    pub keep_alive_timeout: Duration,
+    /// How long a connection may have no request in flight.
+    pub idle_timeout: Duration,
+    /// Bound on HTTP/2 streams a client opened and reset before the server accepted them.
+    pub max_pending_accept_reset_streams: usize,
+    /// Bound on HTTP/2 streams the server had to reset because of the client's errors.
+    pub max_local_error_reset_streams: usize,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_list_size: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            max_concurrent_streams: 256,
+            keep_alive_interval: Some(Duration::from_secs(20)),
+            keep_alive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(120),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 256,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `MeshServer`: serves any `tower::Service<http::Request<Incoming>>` (an axum `Router`,
+//! a tonic server, a `service_fn`) to the mesh.
+//!
+//! Each connection walks the inbound stack once, top to bottom:
+//!
+//! ```text
+//! accept                  at most `max_connections` open; beyond, accepting waits
+//! mTLS handshake          SPIFFE, bounded (mesh-spiffe); refused: closed, nothing served
+//! HTTP/1.1 or HTTP/2      by the client's first bytes (ALPN over TLS, h2c prior
+//!                         knowledge in plaintext); the limits of [`ServerLimits`]
+//! per request:
+//!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
+//!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
+//!   the application
+//! ```
+//!
+//! Plaintext is served only when chosen with [`MeshServerBuilder::plaintext`]; requests
+//! then carry no [`PeerIdentity`](mesh_spiffe::PeerIdentity) and are unauthenticated to
+//! the policy.
+//!
+//! **Graceful shutdown.** [`Server::shutdown`] stops accepting, asks every connection to
+//! finish (HTTP/1.1: close after the response in progress; HTTP/2: `GOAWAY`, then the
+//! streams in flight finish), waits up to [`ServerLimits::shutdown_timeout`], then closes
+//! what is left, and reports how many it had to force.
+//!
+//! ```no_run
+//! use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
+//! use mesh_tower::server::MeshServer;
+//!
+//! # async fn run(credentials: CredentialStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let acceptor = MtlsAcceptor::new(&Mtls::new(credentials), Authorizer::any())?;
+//! let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+//! });
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:4143").await?;
+//! let server = MeshServer::builder().mtls(acceptor).serve(listener, app)?;
+//! // ... on SIGTERM:
+//! let report = server.shutdown().await;
+//! assert_eq!(report.forced, 0);
+//! # Ok(()) }
+//! ```
+
+mod conn;
+mod limits;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use mesh_core::error::BoxError;
+use mesh_spiffe::MtlsAcceptor;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::Layer;
+use tower_service::Service;
+
+use crate::authz::{Authorize, AuthorizeLayer, Policy};
+
+pub use self::limits::ServerLimits;
+
+/// The client's address, as a request extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Configures a [`MeshServer`]; see the [module docs](self).
+#[must_use]
+pub struct MeshServerBuilder {
+    transport: Option<Option<MtlsAcceptor>>,
+    limits: ServerLimits,
+    policy: Option<Policy>,
+}
+
+impl fmt::Debug for MeshServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshServerBuilder")
+            .field("mtls", &matches!(self.transport, Some(Some(_))))
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the mesh; see the [module docs](self).
+#[derive(Debug)]
+pub struct MeshServer;
+
+impl MeshServer {
+    /// Starts configuring a server.
+    pub fn builder() -> MeshServerBuilder {
+        MeshServerBuilder {
+            transport: None,
+            limits: ServerLimits::default(),
+            policy: None,
+        }
+    }
+}
+
+/// Why a server cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Neither `mtls` nor `plaintext` was chosen.
+    #[error("choose the transport: `mtls(acceptor)`, or `plaintext()` explicitly")]
+    NoTransport,
+    /// The listener's address could not be read.
+    #[error("reading the listener's address: {0}")]
+    Listener(#[source] std::io::Error),
+}
+
+impl MeshServerBuilder {
+    /// Serves over SPIFFE mTLS: only clients `acceptor` authorizes get past the
+    /// handshake, and their identity reaches each request as
+    /// [`PeerIdentity`](mesh_spiffe::PeerIdentity).
+    pub fn mtls(mut self, acceptor: MtlsAcceptor) -> Self {
+        self.transport = Some(Some(acceptor));
+        self
+    }
+
+    /// Serves in plaintext: no identities, every caller unauthenticated.
+    pub fn plaintext(mut self) -> Self {
+        self.transport = Some(None);
+        self
+    }
+
+    /// The limits (default: [`ServerLimits::default`]).
+    pub fn limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Authorizes every request by `policy` (default: allow every caller).
+    pub fn authorization(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
+    pub fn serve<S, B>(self, listener: TcpListener, app: S) -> Result<Server, ServerError>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let tls = self.transport.ok_or(ServerError::NoTransport)?;
+        let addr = listener.local_addr().map_err(ServerError::Listener)?;
+        let policy = self.policy.unwrap_or_else(|| Policy::allow_all("default"));
+        let app: Authorize<S> = AuthorizeLayer::new(policy).layer(app);
+        let shared = Arc::new(conn::Shared {
+            http: conn::http_builder(&self.limits),
+            app,
+            tls,
+            limits: self.limits,
+        });
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(conn::accept_loop::<Authorize<S>, B>(
+            listener, shared, stopping,
+        ));
+        tracing::debug!(%addr, "serving");
+        Ok(Server { addr, stop, task })
+    }
+}
+
+/// A running server. Dropping it starts a graceful shutdown without waiting for it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<ShutdownReport>,
+}
+
+/// How a shutdown went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections open when the shutdown began.
+    pub open_at_shutdown: usize,
+    /// Connections still open at the shutdown timeout, closed with their requests.
+    pub forced: usize,
+}
+
+impl Server {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to the shutdown timeout) and
+    /// closes every connection.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let _ = self.stop.send(true);
+        let task = &mut self.task;
+        match task.await {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::warn!(%error, "the server task ended abnormally");
+                ShutdownReport {
+                    open_at_shutdown: 0,
+                    forced: 0,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,566 @@
+//! `MeshServer` on loopback: SPIFFE mTLS with the test CA, authorization per rule for
+//! HTTP and gRPC, plaintext, graceful shutdown, and hostile clients on raw sockets.
+#![cfg(feature = "test-util")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use mesh_core::SpiffeId;
+use mesh_core::config::{
+    AuthorizationPolicy, AuthorizationRule, DefaultAction, GrpcMatch, PathMatch, Protocol,
+    RouteMatch,
+};
+use mesh_spiffe::test_ca::TestCa;
+use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor, MtlsConnector, PeerIdentity};
+use mesh_tower::authz::{AuthzDecision, Policy};
+use mesh_tower::connect::{ConnectSettings, EndpointClient};
+use mesh_tower::server::{ClientAddr, MeshServer, Server, ServerLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/users";
+const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
+const BATCH: &str = "spiffe://example.org/ns/batch/sa/jobs";
+
+/// Answers with what the mesh told it: the peer, the rule, the client address.
+async fn echo_identity(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let peer = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map_or("none".to_owned(), ToString::to_string);
+    let decision = req
+        .extensions()
+        .get::<AuthzDecision>()
+        .map_or("none".to_owned(), ToString::to_string);
+    let addr = req.extensions().get::<ClientAddr>().is_some();
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "peer={peer} decision={decision} addr={addr}"
+    )))))
+}
+
+fn rule(name: &str, clients: &[&str], routes: Vec<RouteMatch>) -> AuthorizationRule {
+    AuthorizationRule {
+        name: name.into(),
+        clients: clients.iter().map(|c| c.parse().unwrap()).collect(),
+        unauthenticated: false,
+        routes,
+    }
+}
+
+fn prefix(p: &str) -> RouteMatch {
+    RouteMatch {
+        path: Some(PathMatch::Prefix(p.into())),
+        ..RouteMatch::default()
+    }
+}
+
+fn grpc(service: &str, method: &str) -> RouteMatch {
+    RouteMatch {
+        grpc: Some(GrpcMatch {
+            service: service.into(),
+            method: Some(method.into()),
+        }),
+        ..RouteMatch::default()
+    }
+}
+
+struct Pki {
+    ca: TestCa,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self {
+            ca: TestCa::new("example.org").unwrap(),
+        }
+    }
+
+    fn mtls(&mut self, id: &str) -> Mtls {
+        let svid = self.ca.issue(id).unwrap();
+        Mtls::new(CredentialStore::with(svid, self.ca.bundle_set().unwrap()))
+    }
+
+    async fn server(&mut self, default: DefaultAction) -> Server {
+        let acceptor = MtlsAcceptor::new(
+            &self.mtls(SERVER_ID),
+            Authorizer::trust_domain(self.ca.trust_domain().clone()),
+        )
+        .unwrap();
+        let policy = Policy::new(
+            "users",
+            &AuthorizationPolicy {
+                default,
+                rules: vec![
+                    rule("web-users", &[WEB], vec![prefix("/users")]),
+                    rule("web-grpc", &[WEB], vec![grpc("users.v1.Users", "GetUser")]),
+                ],
+            },
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        MeshServer::builder()
+            .mtls(acceptor)
+            .authorization(policy)
+            .serve(listener, tower::service_fn(echo_identity))
+            .unwrap()
+    }
+
+    fn client(
+        &mut self,
+        id: &str,
+        addr: SocketAddr,
+        protocol: Protocol,
+    ) -> EndpointClient<Full<Bytes>> {
+        let connector =
+            MtlsConnector::new(&self.mtls(id), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+        EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol,
+                ..ConnectSettings::mtls(connector)
+            },
+        )
+    }
+}
+
+async fn send(
+    client: &EndpointClient<Full<Bytes>>,
+    path: &str,
+    grpc: bool,
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = Request::post(format!("http://users{path}"));
+    if grpc {
+        req = req.header("content-type", "application/grpc");
+    }
+    let resp = client
+        .send(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn mtls_peers_reach_handlers_with_their_identity_and_the_deciding_rule() {
+    let mut pki = Pki::new();
+    let server = pki.server(DefaultAction::Deny).await;
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let web = pki.client(WEB, server.local_addr(), protocol);
+        let (status, _, body) = send(&web, "/users/42", false).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            format!("peer={WEB} decision=users/web-users addr=true")
+        );
+        let (status, _, body) = send(&web, "/billing", false).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::FORBIDDEN, "forbidden\n")
+        );
+        // Another workload of the trust domain passes TLS but no rule.
+        let batch = pki.client(BATCH, server.local_addr(), protocol);
+        assert_eq!(
+            send(&batch, "/users/42", false).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn denied_grpc_calls_get_a_trailers_only_permission_denied() {
+    let mut pki = Pki::new();
+    let server = pki.server(DefaultAction::Deny).await;
+    let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+    let (status, _, body) = send(&web, "/users.v1.Users/GetUser", true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        format!("peer={WEB} decision=users/web-grpc addr=true")
+    );
+    let (status, headers, body) = send(&web, "/users.v1.Users/DeleteUser", true).await;
+    assert_eq!(status, StatusCode::OK, "gRPC errors travel as grpc-status");
+    assert_eq!(headers["grpc-status"], "7");
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert!(body.is_empty(), "trailers-only: no message");
+}
+
+#[tokio::test]
+async fn audit_lets_requests_in_and_marks_them() {
+    let mut pki = Pki::new();
+    let server = pki.server(DefaultAction::Audit).await;
+    let batch = pki.client(BATCH, server.local_addr(), Protocol::Http2);
+    let (status, _, body) = send(&batch, "/billing", false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        format!("peer={BATCH} decision=users/default (audit) addr=true")
+    );
+    let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+    assert!(
+        send(&web, "/users", false)
+            .await
+            .2
+            .contains("decision=users/web-users")
+    );
+}
+
+#[tokio::test]
+async fn clients_from_another_trust_domain_are_refused_at_the_handshake() {
+    let mut pki = Pki::new();
+    let server = pki.server(DefaultAction::Allow).await;
+    let mut other = TestCa::new("other.org").unwrap();
+    let svid = other.issue("spiffe://other.org/ns/prod/sa/web").unwrap();
+    // The client trusts the server's domain; the server does not trust the client's.
+    let mut bundles = other.bundle_set().unwrap();
+    let local = pki.ca.trust_domain().clone();
+    bundles.insert(
+        local.clone(),
+        pki.ca.bundle_set().unwrap().get(&local).unwrap().clone(),
+    );
+    let mtls = Mtls::new(CredentialStore::with(svid, bundles));
+    let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let client: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::mtls(connector));
+    let err = client
+        .send(
+            Request::get("http://users/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    // TLS 1.3: the client finishes its side first; the server's refusal arrives as an
+    // alert on the first read. Either way nothing is served.
+    assert!(
+        err.is_connect() || err.to_string().contains("fatal alert"),
+        "{err}"
+    );
+}
+
+async fn plaintext(policy: Option<Policy>, limits: ServerLimits) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut builder = MeshServer::builder().plaintext().limits(limits);
+    if let Some(policy) = policy {
+        builder = builder.authorization(policy);
+    }
+    builder
+        .serve(listener, tower::service_fn(echo_identity))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn plaintext_callers_are_unauthenticated_and_h2c_works() {
+    let policy = Policy::new(
+        "api",
+        &AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            rules: vec![AuthorizationRule {
+                name: "health".into(),
+                clients: vec![],
+                unauthenticated: true,
+                routes: vec![RouteMatch {
+                    path: Some(PathMatch::Exact("/healthz".into())),
+                    ..RouteMatch::default()
+                }],
+            }],
+        },
+    )
+    .unwrap();
+    let server = plaintext(Some(policy), ServerLimits::default()).await;
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let client = EndpointClient::new(
+            server.local_addr(),
+            ConnectSettings {
+                protocol,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let (status, _, body) = send(&client, "/healthz", false).await;
+        assert_eq!(status, StatusCode::OK, "{protocol:?}");
+        assert_eq!(body, "peer=none decision=api/health addr=true");
+        assert_eq!(
+            send(&client, "/users", false).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_server_needs_its_transport_chosen() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = MeshServer::builder()
+        .serve(listener, tower::service_fn(echo_identity))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "choose the transport: `mtls(acceptor)`, or `plaintext()` explicitly"
+    );
+}
+
+/// A handler that takes `delay` (paused time makes it instant in wall-clock terms).
+fn slow(
+    delay: Duration,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(move |_req: Request<Incoming>| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve(listener, slow(Duration::from_secs(2)))
+        .unwrap();
+    let addr = server.local_addr();
+    let mut inflight = Vec::new();
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        for _ in 0..4 {
+            let client = client.clone();
+            inflight.push(tokio::spawn(async move {
+                let resp = client
+                    .send(
+                        Request::get("http://x/")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    )
+                    .await?;
+                let body = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, mesh_core::error::BoxError>(body)
+            }));
+        }
+    }
+    // Let every request reach the handler.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = server.shutdown().await;
+    for request in inflight {
+        assert_eq!(request.await.unwrap().unwrap(), "done");
+    }
+    assert_eq!(report.forced, 0);
+    assert!(report.open_at_shutdown >= 2, "{report:?}");
+    // No longer accepting.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_what_outlives_its_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut limits = ServerLimits::default();
+    limits.shutdown_timeout = Duration::from_secs(1);
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, slow(Duration::from_secs(3600)))
+        .unwrap();
+    let client: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+    let request = tokio::spawn(async move {
+        client
+            .send(
+                Request::get("http://x/")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = server.shutdown().await;
+    assert_eq!(report.forced, 1);
+    assert!(
+        request.await.unwrap().is_err(),
+        "the hung request's connection was closed"
+    );
+}
+
+/// Reads what the server sends until it closes the connection.
+async fn read_to_close(tcp: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out).await;
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_clients_are_cut_off_at_the_header_read_timeout() {
+    let server = plaintext(None, ServerLimits::default()).await;
+    // Silent from the start.
+    let mut silent = TcpStream::connect(server.local_addr()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(read_to_close(&mut silent).await.is_empty());
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    // Headers begun and never finished.
+    let mut slowloris = TcpStream::connect(server.local_addr()).await.unwrap();
+    slowloris
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-a: ")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let answer = read_to_close(&mut slowloris).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let server = plaintext(None, ServerLimits::default()).await;
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    let big = "a".repeat(80 * 1024);
+    let request = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = tcp.write_all(request.as_bytes()).await;
+    let answer = read_to_close(&mut tcp).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+    // The server is unharmed.
+    let client: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+    assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_refused_or_defused() {
+    let server = plaintext(None, ServerLimits::default()).await;
+    for request in [
+        // Two different lengths.
+        "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ncontent-length: 5\r\n\r\nabcde",
+        // A length that is not a number.
+        "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4x\r\n\r\nabcd",
+        // A malformed request line, a header without a colon.
+        "GET  HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: x\r\nbroken header\r\n\r\n",
+        // A transfer coding other than a final chunked.
+        "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    ] {
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut tcp).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{request:?}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // Both framings: processed by Transfer-Encoding alone, Content-Length dropped, and the
+    // connection closed after the answer (RFC 9112 6.3), so nothing can be smuggled after
+    // the chunked body.
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 30\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut tcp).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "the smuggled request was not served: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_and_garbage_on_the_mtls_port_get_nothing() {
+    let mut pki = Pki::new();
+    let server = pki.server(DefaultAction::Allow).await;
+    for junk in [
+        &b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0][..],
+    ] {
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        let _ = tcp.write_all(junk).await;
+        let answer = read_to_close(&mut tcp).await;
+        assert!(
+            !answer.starts_with(b"HTTP"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // And it still serves real clients.
+    let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+    assert_eq!(send(&web, "/users", false).await.0, StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_beyond_the_limit_wait() {
+    let mut limits = ServerLimits::default();
+    limits.max_connections = 1;
+    let server = plaintext(None, limits).await;
+    let first: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+    assert_eq!(send(&first, "/", false).await.0, StatusCode::OK);
+    // The first connection stays open (pooled): a second one is not served...
+    let second: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+    let waiting = tokio::spawn(async move { send(&second, "/", false).await.0 });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiting.is_finished());
+    // ...until the first closes.
+    drop(first);
+    assert_eq!(waiting.await.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_connections_are_closed() {
+    let mut limits = ServerLimits::default();
+    limits.idle_timeout = Duration::from_secs(30);
+    let server = plaintext(None, limits).await;
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let rest = read_to_close(&mut tcp).await;
+    assert!(rest.is_empty());
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_secs(10) && idle <= Duration::from_secs(61),
+        "{idle:?}"
+    );
+}
