@@ -1,10 +1,12 @@
-//! The response body of layers that may answer a request themselves (authorization,
-//! rate limiting): the inner service's body, or a small one of the layer's own.
+//! The response body and future of layers that may answer a request themselves
+//! (authorization, rate limiting): the inner service's, or a small one of the layer's own.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::error::BoxError;
 use pin_project_lite::pin_project;
@@ -89,6 +91,68 @@ where
             Kind::Local { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F, B> {
+        Inner { #[pin] inner: F },
+        // `None` once answered.
+        Local { response: Option<Response<ResponseBody<B>>> },
+    }
+}
+
+pin_project! {
+    /// The response future of a layer that may answer itself: the inner service's, or the
+    /// layer's own answer.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    /// Passes the inner service's answer on.
+    pub fn inner(inner: F) -> Self {
+        Self {
+            state: State::Inner { inner },
+        }
+    }
+
+    /// Answers with `response`.
+    pub fn local(response: Response<ResponseBody<B>>) -> Self {
+        Self {
+            state: State::Local {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { inner } => inner
+                .poll(cx)
+                .map(|r| r.map(|resp| resp.map(ResponseBody::inner))),
+            StateProj::Local { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                // Polled after completion: an error status rather than a panic.
+                None => {
+                    let mut response = Response::new(ResponseBody::empty());
+                    *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                    Poll::Ready(Ok(response))
+                }
+            },
         }
     }
 }

@@ -33,7 +33,7 @@ pub mod authz;
 pub mod backoff;
 #[cfg(feature = "balance")]
 pub mod balance;
-#[cfg(feature = "authz")]
+#[cfg(any(feature = "authz", feature = "ratelimit"))]
 pub mod body;
 #[cfg(feature = "breaker")]
 pub mod breaker;
@@ -45,6 +45,8 @@ pub mod matcher;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
+#[cfg(feature = "ratelimit")]
+pub mod ratelimit;
 pub mod retry;
 #[cfg(feature = "server")]
 pub mod server;

@@ -564,3 +564,123 @@ async fn idle_connections_are_closed() {
         "{idle:?}"
     );
 }
+
+mod rate_limits {
+    use super::*;
+    use mesh_core::Endpoint;
+    use mesh_core::config::{Rate, RateLimitConfig};
+    use mesh_core::discover::StaticDiscovery;
+    use mesh_tower::MeshClient;
+    use mesh_tower::ratelimit::Limits;
+
+    fn per_client(requests: u32, per: Duration) -> Limits {
+        Limits::new(&RateLimitConfig {
+            per_client: Some(Rate {
+                requests,
+                per,
+                burst: Some(1),
+            }),
+            ..RateLimitConfig::default()
+        })
+    }
+
+    /// A server that counts the requests reaching its application.
+    async fn limited_server(
+        pki: &mut Pki,
+        limits: Option<Limits>,
+    ) -> (Server, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let acceptor = MtlsAcceptor::new(
+            &pki.mtls(SERVER_ID),
+            Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut builder = MeshServer::builder().mtls(acceptor);
+        if let Some(limits) = limits {
+            builder = builder.rate_limit(limits);
+        }
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = served.clone();
+        let app = tower::service_fn(move |req: Request<Incoming>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            echo_identity(req)
+        });
+        (builder.serve(listener, app).unwrap(), served)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_carry_retry_after_and_ratelimit_fields_and_the_wait_is_enough() {
+        let mut pki = Pki::new();
+        let (server, _) =
+            limited_server(&mut pki, Some(per_client(1, Duration::from_secs(3)))).await;
+        let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+        assert_eq!(send(&web, "/", false).await.0, StatusCode::OK);
+        let (status, headers, body) = send(&web, "/", false).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "rate limited\n")
+        );
+        assert_eq!(headers["retry-after"], "3");
+        assert_eq!(headers["ratelimit-policy"], "\"client\";q=1;w=3");
+        assert_eq!(headers["ratelimit"], "\"client\";r=0;t=3");
+        // Another client has its own budget.
+        let batch = pki.client(BATCH, server.local_addr(), Protocol::Http2);
+        assert_eq!(send(&batch, "/", false).await.0, StatusCode::OK);
+        // gRPC: trailers-only RESOURCE_EXHAUSTED with pushback.
+        let (status, headers, body) = send(&web, "/users.v1.Users/GetUser", true).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["grpc-status"], "8");
+        let pushback: u64 = headers["grpc-retry-pushback-ms"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((2_900..=3_000).contains(&pushback), "{pushback}");
+        assert!(body.is_empty());
+        // Waiting as told is enough.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(send(&web, "/", false).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_mesh_client_steers_away_from_a_server_whose_limiter_refuses_it() {
+        let mut pki = Pki::new();
+        let (limited, by_limited) =
+            limited_server(&mut pki, Some(per_client(2, Duration::from_secs(1)))).await;
+        let (open, by_open) = limited_server(&mut pki, None).await;
+        let client = MeshClient::builder(Box::pin(StaticDiscovery::new([
+            Endpoint::new(limited.local_addr()),
+            Endpoint::new(open.local_addr()),
+        ])))
+        .mtls(pki.mtls(WEB))
+        .server_identity(SERVER_ID.parse().unwrap())
+        .build()
+        .unwrap();
+        let mut refused = 0;
+        for _ in 0..200 {
+            let resp = client
+                .send(
+                    Request::get("http://users/")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                refused += 1;
+            }
+            resp.into_body().collect().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (limited_n, open_n) = (
+            by_limited.load(std::sync::atomic::Ordering::Relaxed),
+            by_open.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        assert_eq!(refused, 0, "every 429 was retried on the open server");
+        // Over 2 s the limited server admits at most ~5; the penalty keeps the client away.
+        assert!(
+            limited_n <= 6 && open_n >= 194,
+            "limited {limited_n}, open {open_n}"
+        );
+    }
+}

@@ -59,13 +59,12 @@
 //! ```
 
 mod error;
-mod future;
 mod layer;
 mod policy;
 mod service;
 
 pub use self::error::PolicyError;
-pub use self::future::ResponseFuture;
 pub use self::layer::AuthorizeLayer;
 pub use self::policy::{AuthzDecision, Denied, Policy};
 pub use self::service::Authorize;
+pub use crate::body::ResponseFuture;

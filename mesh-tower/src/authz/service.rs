@@ -70,7 +70,7 @@ where
                 }
                 let decision = decision.clone();
                 req.extensions_mut().insert(decision);
-                ResponseFuture::allowed(self.inner.call(req))
+                ResponseFuture::inner(self.inner.call(req))
             }
             Err(denied) => {
                 tracing::info!(
@@ -80,7 +80,7 @@ where
                     policy = denied.policy(),
                     "request denied: no rule of the authorization policy allows it"
                 );
-                ResponseFuture::denied(refusal(mesh_core::classify::is_grpc(req.headers())))
+                ResponseFuture::local(refusal(mesh_core::classify::is_grpc(req.headers())))
             }
         }
     }

@@ -11,6 +11,7 @@
 //! per request:
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
+//!   ratelimit::RateLimit       GCRA per client and in total (default: none)
 //!   the application
 //! ```
 //!
@@ -55,10 +56,11 @@ use mesh_spiffe::MtlsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::Layer;
 use tower_service::Service;
 
 use crate::authz::{Authorize, AuthorizeLayer, Policy};
+use crate::body::ResponseBody;
+use crate::ratelimit::{Limits, RateLimit, RateLimitLayer};
 
 pub use self::limits::ServerLimits;
 
@@ -72,6 +74,7 @@ pub struct MeshServerBuilder {
     transport: Option<Option<MtlsAcceptor>>,
     limits: ServerLimits,
     policy: Option<Policy>,
+    rate_limit: Option<Limits>,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -94,6 +97,7 @@ impl MeshServer {
             transport: None,
             limits: ServerLimits::default(),
             policy: None,
+            rate_limit: None,
         }
     }
 }
@@ -137,6 +141,12 @@ impl MeshServerBuilder {
         self
     }
 
+    /// Limits the requests authorization admits (default: no limit).
+    pub fn rate_limit(mut self, limits: Limits) -> Self {
+        self.rate_limit = Some(limits);
+        self
+    }
+
     /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
     pub fn serve<S, B>(self, listener: TcpListener, app: S) -> Result<Server, ServerError>
     where
@@ -149,7 +159,13 @@ impl MeshServerBuilder {
         let tls = self.transport.ok_or(ServerError::NoTransport)?;
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
         let policy = self.policy.unwrap_or_else(|| Policy::allow_all("default"));
-        let app: Authorize<S> = AuthorizeLayer::new(policy).layer(app);
+        let limits = self
+            .rate_limit
+            .unwrap_or_else(|| Limits::new(&Default::default()));
+        let app = tower::ServiceBuilder::new()
+            .layer(AuthorizeLayer::new(policy))
+            .layer(RateLimitLayer::new(limits))
+            .service(app);
         let shared = Arc::new(conn::Shared {
             http: conn::http_builder(&self.limits),
             app,
@@ -157,9 +173,11 @@ impl MeshServerBuilder {
             limits: self.limits,
         });
         let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(conn::accept_loop::<Authorize<S>, B>(
-            listener, shared, stopping,
-        ));
+        let task = tokio::spawn(
+            conn::accept_loop::<Authorize<RateLimit<S>>, ResponseBody<B>>(
+                listener, shared, stopping,
+            ),
+        );
         tracing::debug!(%addr, "serving");
         Ok(Server { addr, stop, task })
     }

@@ -1,0 +1,140 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use mesh_spiffe::PeerIdentity;
+use tower_service::Service;
+
+use super::Limits;
+use super::limits::Refusal;
+use crate::body::{ResponseBody, ResponseFuture};
+
+/// Admits requests within their client's and the total limit; see the
+/// [module docs](super).
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+impl<S> RateLimit<S> {
+    pub(super) fn new(inner: S, limits: Arc<Limits>) -> Self {
+        Self { inner, limits }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<ResponseBody<RB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, RB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let client = req.extensions().get::<PeerIdentity>().map(PeerIdentity::id);
+        match self.limits.check(client) {
+            Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+            Err(refusal) => {
+                tracing::debug!(
+                    client = %client.map_or("unauthenticated".into(), ToString::to_string),
+                    limit = refusal.limit.id,
+                    wait = ?refusal.wait,
+                    "request refused by the rate limit"
+                );
+                ResponseFuture::local(refusal_response(
+                    &refusal,
+                    mesh_core::classify::is_grpc(req.headers()),
+                ))
+            }
+        }
+    }
+}
+
+/// Whole seconds, rounded up, and at least one (a `Retry-After: 0` invites a storm).
+fn whole_seconds(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// 429 with `Retry-After` and the `RateLimit` / `RateLimit-Policy` fields, or for gRPC a
+/// trailers-only `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`.
+fn refusal_response<B>(refusal: &Refusal<'_>, grpc: bool) -> Response<ResponseBody<B>> {
+    let secs = whole_seconds(refusal.wait);
+    let limit = refusal.limit;
+    let mut response = Response::new(if grpc {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::local(Bytes::from_static(b"rate limited\n"))
+    });
+    if !grpc {
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    }
+    let headers = response.headers_mut();
+    let value = |s: String| HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static("1"));
+    if grpc {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert("grpc-message", HeaderValue::from_static("rate limited"));
+        let ms = refusal.wait.as_millis().max(1);
+        headers.insert("grpc-retry-pushback-ms", value(ms.to_string()));
+    } else {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    headers.insert(
+        "ratelimit-policy",
+        value(format!(
+            "\"{}\";q={};w={}",
+            limit.id, limit.quota, limit.window_secs
+        )),
+    );
+    headers.insert("ratelimit", value(format!("\"{}\";r=0;t={secs}", limit.id)));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_round_up_to_whole_seconds_of_at_least_one() {
+        assert_eq!(whole_seconds(Duration::ZERO), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
+    }
+}
