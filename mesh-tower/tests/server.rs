@@ -684,3 +684,164 @@ mod rate_limits {
         );
     }
 }
+
+mod inbound_metrics {
+    use super::*;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use mesh_core::config::{Rate, RateLimitConfig};
+    use mesh_tower::metrics::server::ServerMetrics;
+    use mesh_tower::ratelimit::Limits;
+    use prometheus_client::registry::Registry;
+
+    type Frames = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >;
+
+    /// HTTP answers 200 with 5 bytes; a gRPC call answers a message and `grpc-status: 5`
+    /// in its trailers.
+    async fn app(req: Request<Incoming>) -> Result<Response<Frames>, Infallible> {
+        let grpc = req.uri().path().starts_with("/users.v1.Users/");
+        let mut frames = vec![Ok(Frame::data(Bytes::from_static(b"hello")))];
+        if grpc {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+        if grpc {
+            resp.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
+        }
+        Ok(resp)
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[tokio::test]
+    async fn requests_decisions_refusals_and_handshake_failures_are_counted() {
+        let mut pki = Pki::new();
+        let mut registry = Registry::default();
+        let metrics = ServerMetrics::register(&mut registry).listener("inbound");
+        let acceptor = MtlsAcceptor::new(
+            &pki.mtls(SERVER_ID),
+            Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+        )
+        .unwrap();
+        let policy = Policy::new(
+            "users",
+            &AuthorizationPolicy {
+                default: DefaultAction::Deny,
+                rules: vec![
+                    rule("web", &[WEB], vec![]),
+                    rule("batch-users", &[BATCH], vec![prefix("/users")]),
+                ],
+            },
+        )
+        .unwrap();
+        let limits = Limits::new(&RateLimitConfig {
+            per_client: Some(Rate {
+                requests: 3,
+                per: Duration::from_secs(60),
+                burst: None,
+            }),
+            ..RateLimitConfig::default()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .mtls(acceptor)
+            .authorization(policy)
+            .rate_limit(limits)
+            .metrics(metrics)
+            .serve(listener, tower::service_fn(app))
+            .unwrap();
+        let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+        let batch = pki.client(BATCH, server.local_addr(), Protocol::Http2);
+        assert_eq!(send(&web, "/a", false).await.0, StatusCode::OK);
+        assert_eq!(
+            send(&web, "/users.v1.Users/GetUser", true).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(send(&web, "/b", false).await.0, StatusCode::OK);
+        assert_eq!(
+            send(&web, "/c", false).await.0,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            send(&batch, "/billing", false).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(send(&batch, "/users", false).await.0, StatusCode::OK);
+        // Plaintext on the mTLS port.
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = tcp.read_to_end(&mut Vec::new()).await;
+        server.shutdown().await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let http = r#"http_server_request_duration_seconds_count{listener="inbound",http_request_method="POST",http_response_status_code="#;
+        assert!(
+            line(
+                &text,
+                &format!("{http}\"200\",network_protocol_version=\"2\"}} 3")
+            )
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(
+                &text,
+                &format!("{http}\"429\",network_protocol_version=\"2\"}} 1")
+            )
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(
+                &text,
+                &format!("{http}\"403\",network_protocol_version=\"2\"}} 1")
+            )
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&text, r#"rpc_server_duration_seconds_count{listener="inbound",rpc_system="grpc",rpc_service="users.v1.Users",rpc_method="GetUser",rpc_grpc_status_code="5"} 1"#).is_some(),
+            "{text}"
+        );
+        for (rule, outcome, n) in [
+            ("web", "allow", 4),
+            ("batch-users", "allow", 1),
+            ("default", "deny", 1),
+        ] {
+            let want = format!(
+                r#"mesh_server_authz_total{{listener="inbound",policy="users",rule="{rule}",outcome="{outcome}"}} {n}"#
+            );
+            assert!(line(&text, &want).is_some(), "{want}\n{text}");
+        }
+        assert!(
+            line(
+                &text,
+                r#"mesh_server_rate_limited_total{listener="inbound",limit="client"} 1"#
+            )
+            .is_some(),
+            "{text}"
+        );
+        assert!(
+            line(
+                &text,
+                r#"mesh_server_tls_handshake_failures_total{listener="inbound",reason="#
+            )
+            .is_some(),
+            "{text}"
+        );
+        // Response bodies of 5 bytes, counted whole.
+        assert!(text.contains(r#"http_server_response_body_size_bytes_sum{listener="inbound",http_request_method="POST"}"#), "{text}");
+    }
+}

@@ -67,6 +67,8 @@ pub struct AuthzDecision {
     /// `None`: no rule matched, and the policy's default allowed the request.
     rule: Option<Arc<str>>,
     audit: bool,
+    /// The rule's position, for its counters.
+    pub(super) index: Option<usize>,
 }
 
 impl AuthzDecision {
@@ -143,6 +145,7 @@ impl Policy {
                         policy: name.clone(),
                         rule: Some(Arc::from(rule.name.as_str())),
                         audit: false,
+                        index: Some(index),
                     },
                 })
             })
@@ -152,6 +155,7 @@ impl Policy {
                 policy: name.clone(),
                 rule: None,
                 audit: config.default == DefaultAction::Audit,
+                index: None,
             },
             name,
             default: config.default,
@@ -168,6 +172,7 @@ impl Policy {
                 policy: name.clone(),
                 rule: None,
                 audit: false,
+                index: None,
             },
             name,
             default: DefaultAction::Allow,
@@ -178,6 +183,11 @@ impl Policy {
     /// The policy's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The rules' names, in order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter_map(|r| r.decision.rule())
     }
 
     /// The decision on a request from `client` (`None`: unauthenticated): the first rule

@@ -6,6 +6,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use mesh_spiffe::PeerIdentity;
 use tower_service::Service;
 
+use super::layer::Counters;
 use super::{Policy, ResponseFuture};
 use crate::body::ResponseBody;
 
@@ -15,11 +16,16 @@ use crate::body::ResponseBody;
 pub struct Authorize<S> {
     inner: S,
     policy: Arc<Policy>,
+    counters: Option<Arc<Counters>>,
 }
 
 impl<S> Authorize<S> {
-    pub(super) fn new(inner: S, policy: Arc<Policy>) -> Self {
-        Self { inner, policy }
+    pub(super) fn new(inner: S, policy: Arc<Policy>, counters: Option<Arc<Counters>>) -> Self {
+        Self {
+            inner,
+            policy,
+            counters,
+        }
     }
 
     /// The compiled policy.
@@ -59,6 +65,21 @@ where
         let client = req.extensions().get::<PeerIdentity>().map(PeerIdentity::id);
         match self.policy.decide(client, &req) {
             Ok(decision) => {
+                if let Some(c) = &self.counters {
+                    match decision.index {
+                        Some(i) => {
+                            if let Some(counter) = c.rules.get(i) {
+                                counter.inc();
+                            }
+                        }
+                        None if decision.is_audit() => {
+                            c.audit.inc();
+                        }
+                        None => {
+                            c.allow.inc();
+                        }
+                    }
+                }
                 if decision.is_audit() {
                     tracing::info!(
                         client = %client.map_or("unauthenticated".into(), ToString::to_string),
@@ -73,6 +94,9 @@ where
                 ResponseFuture::inner(self.inner.call(req))
             }
             Err(denied) => {
+                if let Some(c) = &self.counters {
+                    c.deny.inc();
+                }
                 tracing::info!(
                     client = %client.map_or("unauthenticated".into(), ToString::to_string),
                     method = %req.method(),

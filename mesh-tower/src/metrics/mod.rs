@@ -70,6 +70,7 @@ use crate::breaker::Transition;
 use crate::load::EndpointLoad;
 
 mod future;
+pub mod server;
 mod service;
 
 pub use self::future::ResponseFuture;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use mesh_spiffe::PeerIdentity;
+use prometheus_client::metrics::counter::Counter;
 use tower_service::Service;
 
 use super::Limits;
@@ -17,11 +18,17 @@ use crate::body::{ResponseBody, ResponseFuture};
 pub struct RateLimit<S> {
     inner: S,
     limits: Arc<Limits>,
+    /// Refusals by the client limits and by the total.
+    counters: Option<Arc<[Counter; 2]>>,
 }
 
 impl<S> RateLimit<S> {
-    pub(super) fn new(inner: S, limits: Arc<Limits>) -> Self {
-        Self { inner, limits }
+    pub(super) fn new(inner: S, limits: Arc<Limits>, counters: Option<Arc<[Counter; 2]>>) -> Self {
+        Self {
+            inner,
+            limits,
+            counters,
+        }
     }
 
     /// The limits.
@@ -62,6 +69,9 @@ where
         match self.limits.check(client) {
             Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(refusal) => {
+                if let Some(counters) = &self.counters {
+                    counters[usize::from(refusal.limit.id == "total")].inc();
+                }
                 tracing::debug!(
                     client = %client.map_or("unauthenticated".into(), ToString::to_string),
                     limit = refusal.limit.id,

@@ -25,7 +25,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::{ClientAddr, ServerLimits, ShutdownReport};
-use crate::body::ResponseBody;
+use crate::metrics::server::ListenerMetrics;
 
 /// What every connection shares.
 pub(super) struct Shared<S> {
@@ -33,6 +33,7 @@ pub(super) struct Shared<S> {
     pub(super) tls: Option<MtlsAcceptor>,
     pub(super) limits: ServerLimits,
     pub(super) http: auto::Builder<TokioExecutor>,
+    pub(super) metrics: Option<ListenerMetrics>,
 }
 
 /// The HTTP server settings of `limits`.
@@ -65,11 +66,7 @@ pub(super) async fn accept_loop<S, B>(
     mut shutdown: watch::Receiver<bool>,
 ) -> ShutdownReport
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -145,11 +142,7 @@ async fn connection<S, B>(
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -163,8 +156,24 @@ async fn connection<S, B>(
                 // Plaintext on the mTLS port, an untrusted or unauthorized certificate,
                 // garbage, a stalled client: nothing is served.
                 tracing::debug!(%remote, %error, "TLS handshake refused");
+                if let Some(metrics) = &shared.metrics {
+                    metrics.tls_failure(failure_reason(&error));
+                }
             }
         },
+    }
+}
+
+/// A handshake failure's `reason` label.
+fn failure_reason(error: &mesh_spiffe::TransportError) -> &'static str {
+    use mesh_spiffe::TransportError;
+    match error {
+        TransportError::Io(_) => "io",
+        TransportError::Verify(_) => "certificate_refused",
+        TransportError::Tls(_) => "tls",
+        TransportError::Timeout(_) => "timeout",
+        TransportError::NoPeerIdentity => "no_client_certificate",
+        _ => "other",
     }
 }
 
@@ -177,11 +186,7 @@ async fn serve<IO, S, B>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -261,9 +266,9 @@ struct ConnService<S> {
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody<B>>> + Clone,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
 {
-    type Response = Response<ResponseBody<B>>;
+    type Response = Response<B>;
     type Error = S::Error;
     type Future = Tracked<Oneshot<S, Request<Incoming>>>;
 

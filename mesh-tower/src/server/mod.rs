@@ -10,6 +10,7 @@
 //!                         knowledge in plaintext); the limits of [`ServerLimits`]
 //! per request:
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
+//!   metrics::server            duration, status, sizes (when `metrics` is set)
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
 //!   ratelimit::RateLimit       GCRA per client and in total (default: none)
 //!   the application
@@ -60,6 +61,7 @@ use tower_service::Service;
 
 use crate::authz::{Authorize, AuthorizeLayer, Policy};
 use crate::body::ResponseBody;
+use crate::metrics::server::{InboundMetrics, ListenerMetrics, MeteredBody};
 use crate::ratelimit::{Limits, RateLimit, RateLimitLayer};
 
 pub use self::limits::ServerLimits;
@@ -75,6 +77,7 @@ pub struct MeshServerBuilder {
     limits: ServerLimits,
     policy: Option<Policy>,
     rate_limit: Option<Limits>,
+    metrics: Option<ListenerMetrics>,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -98,6 +101,7 @@ impl MeshServer {
             limits: ServerLimits::default(),
             policy: None,
             rate_limit: None,
+            metrics: None,
         }
     }
 }
@@ -147,6 +151,13 @@ impl MeshServerBuilder {
         self
     }
 
+    /// Records the inbound metrics of this listener (default: none): requests, authorization
+    /// decisions, rate-limit refusals and TLS handshake failures.
+    pub fn metrics(mut self, metrics: ListenerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
     pub fn serve<S, B>(self, listener: TcpListener, app: S) -> Result<Server, ServerError>
     where
@@ -162,22 +173,32 @@ impl MeshServerBuilder {
         let limits = self
             .rate_limit
             .unwrap_or_else(|| Limits::new(&Default::default()));
-        let app = tower::ServiceBuilder::new()
-            .layer(AuthorizeLayer::new(policy))
-            .layer(RateLimitLayer::new(limits))
+        let mut authorize = AuthorizeLayer::new(policy);
+        let mut rate_limit = RateLimitLayer::new(limits);
+        if let Some(metrics) = &self.metrics {
+            authorize = authorize.with_metrics(metrics);
+            rate_limit = rate_limit.with_metrics(metrics);
+        }
+        let inner = tower::ServiceBuilder::new()
+            .layer(authorize)
+            .layer(rate_limit)
             .service(app);
+        let app = match &self.metrics {
+            Some(metrics) => tower::Layer::layer(metrics, inner),
+            None => InboundMetrics::disabled(inner),
+        };
         let shared = Arc::new(conn::Shared {
             http: conn::http_builder(&self.limits),
             app,
             tls,
             limits: self.limits,
+            metrics: self.metrics,
         });
         let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(
-            conn::accept_loop::<Authorize<RateLimit<S>>, ResponseBody<B>>(
-                listener, shared, stopping,
-            ),
-        );
+        let task = tokio::spawn(conn::accept_loop::<
+            InboundMetrics<Authorize<RateLimit<S>>>,
+            MeteredBody<ResponseBody<ResponseBody<B>>>,
+        >(listener, shared, stopping));
         tracing::debug!(%addr, "serving");
         Ok(Server { addr, stop, task })
     }

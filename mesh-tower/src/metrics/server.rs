@@ -1,0 +1,601 @@
+//! Inbound (server) metrics, registered in the host application's `prometheus-client`
+//! registry.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `http_server_request_duration_seconds` | histogram | `listener`, `http_request_method`, `http_response_status_code`, `network_protocol_version` (+ `client`) |
+//! | `rpc_server_duration_seconds` | histogram | `listener`, `rpc_system` (`grpc`), `rpc_service`, `rpc_method`, `rpc_grpc_status_code` (+ `client`) |
+//! | `http_server_request_body_size_bytes` | histogram | `listener`, `http_request_method` |
+//! | `http_server_response_body_size_bytes` | histogram | `listener`, `http_request_method` |
+//! | `mesh_server_authz_total` | counter | `listener`, `policy`, `rule` (`default` when none), `outcome` (`allow`, `deny`, `audit`) |
+//! | `mesh_server_rate_limited_total` | counter | `listener`, `limit` (`client`, `total`) |
+//! | `mesh_server_tls_handshake_failures_total` | counter | `listener`, `reason` |
+//!
+//! Names and labels follow OpenTelemetry's HTTP and RPC semantic conventions
+//! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).
+//! A request is measured from its arrival to the end of its response body, so streamed
+//! answers count whole; a gRPC call's status is read from the response headers
+//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2).
+//!
+//! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; gRPC
+//! service and method names are taken from at most 1,000 distinct paths, then `_OTHER`;
+//! the client's identity becomes a label only with [`ServerMetrics::with_client_label`].
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http::{HeaderMap, Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use mesh_spiffe::PeerIdentity;
+use pin_project_lite::pin_project;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::time::Instant;
+use tower::Layer;
+use tower_service::Service;
+
+/// Distinct gRPC paths named in labels before the rest count as `_OTHER`.
+const MAX_RPC_NAMES: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct HttpLabels {
+    listener: Arc<str>,
+    method: &'static str,
+    status: u16,
+    version: &'static str,
+    client: Option<Arc<str>>,
+}
+
+impl EncodeLabelSet for HttpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("listener", &*self.listener).encode(encoder.encode_label())?;
+        ("http_request_method", self.method).encode(encoder.encode_label())?;
+        ("http_response_status_code", self.status).encode(encoder.encode_label())?;
+        ("network_protocol_version", self.version).encode(encoder.encode_label())?;
+        if let Some(client) = &self.client {
+            ("client", &**client).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct RpcLabels {
+    listener: Arc<str>,
+    service: Arc<str>,
+    method: Arc<str>,
+    code: u16,
+    client: Option<Arc<str>>,
+}
+
+impl EncodeLabelSet for RpcLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("listener", &*self.listener).encode(encoder.encode_label())?;
+        ("rpc_system", "grpc").encode(encoder.encode_label())?;
+        ("rpc_service", &*self.service).encode(encoder.encode_label())?;
+        ("rpc_method", &*self.method).encode(encoder.encode_label())?;
+        ("rpc_grpc_status_code", self.code).encode(encoder.encode_label())?;
+        if let Some(client) = &self.client {
+            ("client", &**client).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SizeLabels {
+    listener: Arc<str>,
+    http_request_method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct AuthzLabels {
+    listener: Arc<str>,
+    policy: Arc<str>,
+    rule: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct LimitLabels {
+    listener: Arc<str>,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabels {
+    listener: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Debug)]
+struct Families {
+    http: Family<HttpLabels, Histogram>,
+    rpc: Family<RpcLabels, Histogram>,
+    request_size: Family<SizeLabels, Histogram>,
+    response_size: Family<SizeLabels, Histogram>,
+    authz: Family<AuthzLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
+    tls_failures: Family<ReasonLabels, Counter>,
+}
+
+/// The inbound metrics of one registry; [`listener`](Self::listener) gives each
+/// listener's handle. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    families: Arc<Families>,
+}
+
+impl ServerMetrics {
+    /// Registers the inbound metrics in `registry` (once per registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let bytes = || Histogram::new(exponential_buckets(64.0, 4.0, 12));
+        let families = Families {
+            http: Family::new_with_constructor(seconds),
+            rpc: Family::new_with_constructor(seconds),
+            request_size: Family::new_with_constructor(bytes),
+            response_size: Family::new_with_constructor(bytes),
+            authz: Family::default(),
+            rate_limited: Family::default(),
+            tls_failures: Family::default(),
+        };
+        registry.register_with_unit(
+            "http_server_request_duration",
+            "Duration of inbound HTTP requests, to the end of the response body",
+            Unit::Seconds,
+            families.http.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_server_duration",
+            "Duration of inbound gRPC calls, to the end of the response",
+            Unit::Seconds,
+            families.rpc.clone(),
+        );
+        registry.register_with_unit(
+            "http_server_request_body_size",
+            "Size of inbound request bodies",
+            Unit::Bytes,
+            families.request_size.clone(),
+        );
+        registry.register_with_unit(
+            "http_server_response_body_size",
+            "Size of response bodies",
+            Unit::Bytes,
+            families.response_size.clone(),
+        );
+        registry.register(
+            "mesh_server_authz",
+            "Authorization decisions by policy, rule and outcome",
+            families.authz.clone(),
+        );
+        registry.register(
+            "mesh_server_rate_limited",
+            "Requests refused by the local rate limit",
+            families.rate_limited.clone(),
+        );
+        registry.register(
+            "mesh_server_tls_handshake_failures",
+            "Refused or failed TLS handshakes by reason",
+            families.tls_failures.clone(),
+        );
+        Self {
+            families: Arc::new(families),
+        }
+    }
+
+    /// The handle of the listener named `name`.
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics(Arc::new(Listener {
+            name: Arc::from(name),
+            families: self.families.clone(),
+            client_label: false,
+            rpc_names: Mutex::new(HashSet::new()),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct Listener {
+    name: Arc<str>,
+    families: Arc<Families>,
+    client_label: bool,
+    /// The gRPC paths already named in labels.
+    rpc_names: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+}
+
+/// One listener's metrics: a `Layer` for its request metrics, and the counters the
+/// authorization, rate-limit and TLS parts feed.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics(Arc<Listener>);
+
+impl ListenerMetrics {
+    /// Adds the client's identity as a `client` label on request metrics (one series per
+    /// client: only for a known, small set of clients).
+    pub fn with_client_label(self) -> Self {
+        let l = &self.0;
+        Self(Arc::new(Listener {
+            name: l.name.clone(),
+            families: l.families.clone(),
+            client_label: true,
+            rpc_names: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// A counter of `outcome` (`allow`, `deny`, `audit`) for `rule` of `policy`.
+    pub fn authz_counter(
+        &self,
+        policy: &str,
+        rule: Option<&str>,
+        outcome: &'static str,
+    ) -> Counter {
+        self.0
+            .families
+            .authz
+            .get_or_create(&AuthzLabels {
+                listener: self.0.name.clone(),
+                policy: Arc::from(policy),
+                rule: Arc::from(rule.unwrap_or("default")),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// The counter of refusals by `limit` (`client`, `total`).
+    pub fn rate_limited_counter(&self, limit: &'static str) -> Counter {
+        self.0
+            .families
+            .rate_limited
+            .get_or_create(&LimitLabels {
+                listener: self.0.name.clone(),
+                limit,
+            })
+            .clone()
+    }
+
+    /// Counts a TLS handshake that failed for `reason`.
+    pub fn tls_failure(&self, reason: &'static str) {
+        self.0
+            .families
+            .tls_failures
+            .get_or_create(&ReasonLabels {
+                listener: self.0.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The gRPC service and method of `path` for labels, within the cardinality bound.
+    fn rpc_names(&self, path: &str) -> (Arc<str>, Arc<str>) {
+        let other = || (Arc::<str>::from("_OTHER"), Arc::<str>::from("_OTHER"));
+        let Some((service, method)) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        else {
+            return other();
+        };
+        let Ok(mut names) = self.0.rpc_names.lock() else {
+            return other();
+        };
+        if let Some(found) = names
+            .iter()
+            .find(|(s, m)| &**s == service && &**m == method)
+        {
+            return found.clone();
+        }
+        if names.len() >= MAX_RPC_NAMES {
+            return other();
+        }
+        let entry = (Arc::<str>::from(service), Arc::<str>::from(method));
+        names.insert(entry.clone());
+        entry
+    }
+}
+
+impl<S> Layer<S> for ListenerMetrics {
+    type Service = InboundMetrics<S>;
+
+    fn layer(&self, inner: S) -> InboundMetrics<S> {
+        InboundMetrics {
+            inner,
+            metrics: Some(self.clone()),
+        }
+    }
+}
+
+/// Records each request's duration, status and body sizes; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct InboundMetrics<S> {
+    inner: S,
+    /// `None`: measures nothing (a server without metrics).
+    metrics: Option<ListenerMetrics>,
+}
+
+impl<S> InboundMetrics<S> {
+    /// Passes requests through unmeasured.
+    pub(crate) fn disabled(inner: S) -> Self {
+        Self {
+            inner,
+            metrics: None,
+        }
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+fn version_label(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "_OTHER",
+    }
+}
+
+/// What a response's end needs to record its request.
+#[derive(Debug)]
+struct Pending {
+    metrics: ListenerMetrics,
+    started: Instant,
+    method: &'static str,
+    version: &'static str,
+    client: Option<PeerIdentity>,
+    /// The service and method, for a gRPC call.
+    rpc: Option<(Arc<str>, Arc<str>)>,
+    request_size: Option<u64>,
+}
+
+impl Pending {
+    fn record(self, status: u16, grpc_status: Option<u16>, response_size: u64) {
+        let l = &*self.metrics.0;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let client = if l.client_label {
+            self.client.map(|p| Arc::from(p.to_string()))
+        } else {
+            None
+        };
+        match self.rpc {
+            Some((service, method)) => l
+                .families
+                .rpc
+                .get_or_create(&RpcLabels {
+                    listener: l.name.clone(),
+                    service,
+                    method,
+                    // A call that ended with no status is UNKNOWN.
+                    code: grpc_status.unwrap_or(2),
+                    client,
+                })
+                .observe(elapsed),
+            None => l
+                .families
+                .http
+                .get_or_create(&HttpLabels {
+                    listener: l.name.clone(),
+                    method: self.method,
+                    status,
+                    version: self.version,
+                    client,
+                })
+                .observe(elapsed),
+        }
+        let sizes = SizeLabels {
+            listener: l.name.clone(),
+            http_request_method: self.method,
+        };
+        if let Some(size) = self.request_size {
+            l.families
+                .request_size
+                .get_or_create(&sizes)
+                .observe(size as f64);
+        }
+        l.families
+            .response_size
+            .get_or_create(&sizes)
+            .observe(response_size as f64);
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for InboundMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    B: Body,
+    RB: Body,
+{
+    type Response = Response<MeteredBody<RB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(metrics) = &self.metrics else {
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                pending: None,
+            };
+        };
+        let grpc = mesh_core::classify::is_grpc(req.headers());
+        let pending = Pending {
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            method: method_label(req.method()),
+            version: version_label(req.version()),
+            client: req.extensions().get::<PeerIdentity>().cloned(),
+            rpc: grpc.then(|| metrics.rpc_names(req.uri().path())),
+            // The declared size (Content-Length, or an empty body); a streamed request
+            // body of unknown length is not measured.
+            request_size: req.body().size_hint().exact(),
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`InboundMetrics`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, RB, E> std::future::Future for ResponseFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<RB>, E>>,
+    RB: Body,
+{
+    type Output = Result<Response<MeteredBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let Some(pending) = this.pending.take() else {
+            return Poll::Ready(result.map(|r| r.map(|body| MeteredBody::new(body, None, 0))));
+        };
+        Poll::Ready(match result {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let grpc_status = pending
+                    .rpc
+                    .is_some()
+                    .then(|| grpc_status(resp.headers()))
+                    .flatten();
+                let (parts, body) = resp.into_parts();
+                let mut body = MeteredBody::new(body, Some(pending), status);
+                body.grpc_status = grpc_status;
+                if http_body::Body::is_end_stream(&body.inner) {
+                    body.finish();
+                }
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(e) => {
+                // The service failed: hyper answers 500 or resets; count it so.
+                pending.record(500, Some(13), 0);
+                Err(e)
+            }
+        })
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+pin_project! {
+    /// A response body that records its request's metrics at its end (or when dropped).
+    #[derive(Debug)]
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        pending: Option<Pending>,
+        status: u16,
+        grpc_status: Option<u16>,
+        size: u64,
+    }
+
+    impl<B> PinnedDrop for MeteredBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(pending) = this.pending.take() {
+                pending.record(*this.status, *this.grpc_status, *this.size);
+            }
+        }
+    }
+}
+
+impl<B> MeteredBody<B> {
+    fn new(inner: B, pending: Option<Pending>, status: u16) -> Self {
+        Self {
+            inner,
+            pending,
+            status,
+            grpc_status: None,
+            size: 0,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.record(self.status, self.grpc_status, self.size);
+        }
+    }
+}
+
+impl<B: Body> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.size += data.remaining() as u64;
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(code) = grpc_status(trailers)
+                {
+                    *this.grpc_status = Some(code);
+                }
+            }
+            // A broken response: the call did not complete.
+            Some(Err(_)) if this.grpc_status.is_none() => *this.grpc_status = Some(2),
+            Some(Err(_)) => {}
+            None => {}
+        }
+        if (frame.is_none() || this.inner.is_end_stream())
+            && let Some(pending) = this.pending.take()
+        {
+            pending.record(*this.status, *this.grpc_status, *this.size);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
