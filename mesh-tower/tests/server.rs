@@ -845,3 +845,110 @@ mod inbound_metrics {
         assert!(text.contains(r#"http_server_response_body_size_bytes_sum{listener="inbound",http_request_method="POST"}"#), "{text}");
     }
 }
+
+mod from_config {
+    use super::*;
+    use mesh_core::config::MeshConfig;
+    use mesh_tower::server::{MeshServerBuilder, ServerError};
+
+    const CONFIG: &str = r#"
+drain_timeout = "5s"
+
+[[inbound]]
+name = "api"
+listen = "127.0.0.1:0"
+target = "127.0.0.1:8080"
+tls = "plaintext"
+authorization = "api"
+rate_limit = "api"
+
+[authorization.api]
+default = "deny"
+
+[[authorization.api.rules]]
+name = "health"
+unauthenticated = true
+routes = [{ path = { exact = "/healthz" } }]
+
+[rate_limits.api]
+per_client = { requests = 2, per = "1m" }
+"#;
+
+    #[tokio::test]
+    async fn an_inbound_section_with_its_policy_and_limit_makes_a_server() {
+        let config = MeshConfig::from_toml(CONFIG).unwrap();
+        let builder = MeshServerBuilder::from_config(0, &config.inbound[0], &config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = builder
+            .serve(listener, tower::service_fn(echo_identity))
+            .unwrap();
+        let client: EndpointClient<Full<Bytes>> =
+            EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+        let (status, _, body) = send(&client, "/healthz", false).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "peer=none decision=api/health addr=true")
+        );
+        assert_eq!(
+            send(&client, "/users", false).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(send(&client, "/healthz", false).await.0, StatusCode::OK);
+        assert_eq!(
+            send(&client, "/healthz", false).await.0,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    #[test]
+    fn bad_references_name_their_key() {
+        let mut config = MeshConfig::from_toml(CONFIG).unwrap();
+        config.inbound[0].authorization = Some("nope".into());
+        let err = MeshServerBuilder::from_config(0, &config.inbound[0], &config).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "inbound[0].authorization: no authorization policy named `nope`"
+        );
+        config.inbound[0].authorization = None;
+        config.inbound[0].rate_limit = Some("nope".into());
+        let err = MeshServerBuilder::from_config(0, &config.inbound[0], &config).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "inbound[0].rate_limit: no rate limit named `nope`"
+        );
+        config.inbound[0].rate_limit = None;
+        config.inbound[0].protocol = Protocol::Opaque;
+        let err = MeshServerBuilder::from_config(0, &config.inbound[0], &config).unwrap_err();
+        assert!(matches!(err, ServerError::Config { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_mtls_section_needs_its_acceptor() {
+        let mut config = MeshConfig::from_toml(CONFIG).unwrap();
+        config.inbound[0].tls = mesh_core::config::TlsMode::Mtls;
+        let builder = MeshServerBuilder::from_config(0, &config.inbound[0], &config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(matches!(
+            builder.serve(listener, tower::service_fn(echo_identity)),
+            Err(ServerError::NoTransport)
+        ));
+        let mut pki = Pki::new();
+        let builder = MeshServerBuilder::from_config(0, &config.inbound[0], &config)
+            .unwrap()
+            .mtls_credentials(&pki.mtls(SERVER_ID))
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = builder
+            .serve(listener, tower::service_fn(echo_identity))
+            .unwrap();
+        let web = pki.client(WEB, server.local_addr(), Protocol::Http2);
+        let (status, _, body) = send(&web, "/healthz", false).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::OK,
+                format!("peer={WEB} decision=api/health addr=true").as_str()
+            )
+        );
+    }
+}

@@ -37,8 +37,17 @@ pub(super) struct Shared<S> {
 }
 
 /// The HTTP server settings of `limits`.
-pub(super) fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+pub(super) fn http_builder(
+    limits: &ServerLimits,
+    protocol: mesh_core::config::Protocol,
+) -> auto::Builder<TokioExecutor> {
+    use mesh_core::config::Protocol;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder = match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 | Protocol::Grpc => builder.http2_only(),
+        _ => builder,
+    };
     builder
         .http1()
         .timer(TokioTimer::new())

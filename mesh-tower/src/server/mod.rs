@@ -52,8 +52,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use mesh_core::config::{InboundConfig, MeshConfig, Protocol, TlsMode};
 use mesh_core::error::BoxError;
-use mesh_spiffe::MtlsAcceptor;
+use mesh_spiffe::{Authorizer, Mtls, MtlsAcceptor};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -78,6 +79,7 @@ pub struct MeshServerBuilder {
     policy: Option<Policy>,
     rate_limit: Option<Limits>,
     metrics: Option<ListenerMetrics>,
+    protocol: Protocol,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -102,6 +104,7 @@ impl MeshServer {
             policy: None,
             rate_limit: None,
             metrics: None,
+            protocol: Protocol::Auto,
         }
     }
 }
@@ -116,9 +119,79 @@ pub enum ServerError {
     /// The listener's address could not be read.
     #[error("reading the listener's address: {0}")]
     Listener(#[source] std::io::Error),
+    /// The configuration does not describe a server this can run.
+    #[error("{key}: {message}")]
+    Config {
+        /// The key at fault (`inbound[0].authorization`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The mTLS acceptor could not be built from the credentials.
+    #[error("mTLS: {0}")]
+    Tls(#[source] tokio_rustls::rustls::Error),
 }
 
 impl MeshServerBuilder {
+    /// A server for the `[[inbound]]` listener `inbound` of `config`: its transport
+    /// (`plaintext` is taken as asked; for `mtls`, add the acceptor with
+    /// [`mtls`](Self::mtls) or [`mtls_credentials`](Self::mtls_credentials)), protocol,
+    /// authorization policy and rate limit by name, and the configuration's
+    /// `drain_timeout` as the shutdown timeout. `index` is the listener's position, for
+    /// error keys.
+    pub fn from_config(
+        index: usize,
+        inbound: &InboundConfig,
+        config: &MeshConfig,
+    ) -> Result<Self, ServerError> {
+        let key = |field: &str| format!("inbound[{index}].{field}");
+        let mut builder = MeshServer::builder();
+        if inbound.tls == TlsMode::Plaintext {
+            builder = builder.plaintext();
+        }
+        builder.protocol = match inbound.protocol {
+            Protocol::Opaque => {
+                return Err(ServerError::Config {
+                    key: key("protocol"),
+                    message: "an opaque TCP listener is not an HTTP server".into(),
+                });
+            }
+            other => other,
+        };
+        if let Some(name) = &inbound.authorization {
+            let policy = config
+                .authorization
+                .get(name)
+                .ok_or_else(|| ServerError::Config {
+                    key: key("authorization"),
+                    message: format!("no authorization policy named `{name}`"),
+                })?;
+            builder.policy = Some(Policy::new(name, policy).map_err(|e| ServerError::Config {
+                key: format!("authorization.{name}"),
+                message: e.to_string(),
+            })?);
+        }
+        if let Some(name) = &inbound.rate_limit {
+            let limits = config
+                .rate_limits
+                .get(name)
+                .ok_or_else(|| ServerError::Config {
+                    key: key("rate_limit"),
+                    message: format!("no rate limit named `{name}`"),
+                })?;
+            builder.rate_limit = Some(Limits::new(limits));
+        }
+        builder.limits.shutdown_timeout = config.drain_timeout;
+        Ok(builder)
+    }
+
+    /// Serves over SPIFFE mTLS with `mtls`'s credentials, admitting any client with a
+    /// verified identity from a trusted domain (authorization then decides per request).
+    pub fn mtls_credentials(self, mtls: &Mtls) -> Result<Self, ServerError> {
+        let acceptor = MtlsAcceptor::new(mtls, Authorizer::any()).map_err(ServerError::Tls)?;
+        Ok(self.mtls(acceptor))
+    }
+
     /// Serves over SPIFFE mTLS: only clients `acceptor` authorizes get past the
     /// handshake, and their identity reaches each request as
     /// [`PeerIdentity`](mesh_spiffe::PeerIdentity).
@@ -188,7 +261,7 @@ impl MeshServerBuilder {
             None => InboundMetrics::disabled(inner),
         };
         let shared = Arc::new(conn::Shared {
-            http: conn::http_builder(&self.limits),
+            http: conn::http_builder(&self.limits, self.protocol),
             app,
             tls,
             limits: self.limits,
