@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
         let p = policy(n);
         let last = n - 1;
         let last_id =
-            SpiffeId::new(&format!("spiffe://example.org/ns/prod/sa/client{last}")).unwrap();
+            SpiffeId::new(format!("spiffe://example.org/ns/prod/sa/client{last}")).unwrap();
         let last_req = http::Request::get(format!("/api/v1/resource{last}/items/42"))
             .body(())
             .unwrap();
