@@ -1,0 +1,600 @@
+//! `MeshServer`'s HTTP/2 under hostile input, with its default limits: hand-written frames
+//! on a raw socket (h2c prior knowledge, plaintext) — rapid reset (CVE-2023-44487), header
+//! blocks over `max_header_list_size`, a CONTINUATION flood (CVE-2024-27316), garbage
+//! after the preface. After each, a fresh connection must still be served.
+//!
+//! Real time, no sleeps: every read is bounded by [`READ_TIMEOUT`], so a server that
+//! neither answers nor closes fails the test instead of hanging it.
+#![cfg(feature = "server")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use mesh_core::config::Protocol;
+use mesh_tower::connect::{ConnectSettings, EndpointClient};
+use mesh_tower::server::{MeshServer, Server, ServerLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+/// Bound on one read from the server.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types (RFC 9113 6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+
+// Flags.
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+// Error codes (RFC 9113 7).
+const PROTOCOL_ERROR: u32 = 0x1;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The largest frame payload a peer may send before SETTINGS say otherwise.
+const MAX_FRAME: usize = 16_384;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    assert!(len < 1 << 24);
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
+    frame(RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+/// A header block split into HEADERS and CONTINUATION frames of at most `MAX_FRAME`.
+fn header_frames(stream: u32, block: &[u8], end_stream: bool) -> Vec<u8> {
+    let mut chunks = block.chunks(MAX_FRAME).peekable();
+    let mut out = Vec::new();
+    let mut kind = HEADERS;
+    let mut flags = if end_stream { END_STREAM } else { 0 };
+    while let Some(chunk) = chunks.next() {
+        if chunks.peek().is_none() {
+            flags |= END_HEADERS;
+        }
+        out.extend(frame(kind, flags, stream, chunk));
+        kind = CONTINUATION;
+        flags = 0;
+    }
+    out
+}
+
+/// An HPACK integer with an `n`-bit prefix, the prefix's other bits `first` (RFC 7541 5.1).
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A string literal, not Huffman-coded (RFC 7541 5.2).
+fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 0, 7, s.len());
+    out.extend_from_slice(s);
+}
+
+/// A GET request's header block: static-table indexes for `:method GET` (2) and `:scheme
+/// http` (6), literals without indexing for `:path` (name 4), `:authority` (name 1) and
+/// every extra field (new names), so that no dynamic-table state carries over.
+fn get_block(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = vec![0x82, 0x86];
+    hpack_int(&mut out, 0x00, 4, 4);
+    hpack_str(&mut out, path.as_bytes());
+    hpack_int(&mut out, 0x00, 4, 1);
+    hpack_str(&mut out, b"x");
+    for (name, value) in extra {
+        out.push(0x00);
+        hpack_str(&mut out, name.as_bytes());
+        hpack_str(&mut out, value.as_bytes());
+    }
+    out
+}
+
+/// Decodes a Huffman-coded string of digits (RFC 7541 Appendix B: '0'..'2' are five bits
+/// 00000..00010, '3'..'9' six bits 011001..011111; the padding is ones).
+fn huffman_digits(bytes: &[u8]) -> Option<String> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let mut out = String::new();
+    let mut at = 0;
+    while bits.len() - at >= 5 {
+        let five = bits[at..at + 5].iter().fold(0u8, |v, b| v << 1 | b);
+        if five == 0x1f {
+            break; // padding
+        }
+        if five <= 2 {
+            out.push(char::from(b'0' + five));
+            at += 5;
+        } else {
+            let six = five << 1 | *bits.get(at + 5)?;
+            if !(0x19..=0x1f).contains(&six) {
+                return None;
+            }
+            out.push(char::from(b'3' + six - 0x19));
+            at += 6;
+        }
+    }
+    Some(out)
+}
+
+/// The `:status` of a response header block, which the server puts first: an indexed
+/// static entry (8..=14), or a literal with `:status`'s name index (8).
+fn status_of(block: &[u8]) -> Option<u16> {
+    const STATIC: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
+    let first = *block.first()?;
+    if (0x88..=0x8e).contains(&first) {
+        return Some(STATIC[usize::from(first - 0x88)]);
+    }
+    // Literal with incremental indexing (01), without indexing (0000) or never (0001).
+    if ![0x48, 0x08, 0x18].contains(&first) {
+        return None;
+    }
+    let head = *block.get(1)?;
+    let len = usize::from(head & 0x7f);
+    let value = block.get(2..2 + len)?;
+    let digits = if head & 0x80 != 0 {
+        huffman_digits(value)?
+    } else {
+        String::from_utf8(value.to_vec()).ok()?
+    };
+    digits.parse().ok()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A GOAWAY's last stream ID and error code.
+    fn goaway(&self) -> Option<(u32, u32)> {
+        if self.kind != GOAWAY || self.payload.len() < 8 {
+            return None;
+        }
+        let word = |i: usize| u32::from_be_bytes(self.payload[i..i + 4].try_into().unwrap());
+        Some((word(0) & 0x7fff_ffff, word(4)))
+    }
+
+    fn debug_data(&self) -> String {
+        String::from_utf8_lossy(self.payload.get(8..).unwrap_or_default()).into_owned()
+    }
+}
+
+/// The next frame, `None` once the server closed (or reset) the connection. Panics if the
+/// server sends nothing for `READ_TIMEOUT`.
+async fn read_frame(rx: &mut OwnedReadHalf) -> Option<Frame> {
+    let read = async {
+        let mut head = [0u8; 9];
+        rx.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        rx.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: head[3],
+            flags: head[4],
+            stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+            payload,
+        })
+    };
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .expect("the server neither answered nor closed the connection")
+}
+
+/// What the server sent until it closed: every frame, in order.
+async fn read_to_close(rx: &mut OwnedReadHalf) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(frame) = read_frame(rx).await {
+        frames.push(frame);
+        assert!(frames.len() < 100_000, "the server keeps talking");
+    }
+    frames
+}
+
+/// A raw HTTP/2 connection past its handshake: the preface and an empty SETTINGS sent,
+/// the server's SETTINGS received and acknowledged.
+struct Raw {
+    rx: OwnedReadHalf,
+    tx: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Self {
+        let (rx, mut tx) = TcpStream::connect(addr).await.unwrap().into_split();
+        tx.write_all(&[PREFACE, &frame(SETTINGS, 0, 0, &[])].concat())
+            .await
+            .unwrap();
+        let mut raw = Self { rx, tx };
+        loop {
+            let f = read_frame(&mut raw.rx)
+                .await
+                .expect("closed before its SETTINGS");
+            if f.kind == SETTINGS && f.flags & ACK == 0 {
+                break;
+            }
+        }
+        raw.tx
+            .write_all(&frame(SETTINGS, ACK, 0, &[]))
+            .await
+            .unwrap();
+        raw
+    }
+
+    /// The status the server answers `stream` with (frames of other streams skipped);
+    /// `Err` with the frame that ended the stream instead (RST_STREAM, GOAWAY), or `None`
+    /// on close.
+    async fn status(&mut self, stream: u32) -> Result<u16, Option<Frame>> {
+        loop {
+            let Some(f) = read_frame(&mut self.rx).await else {
+                return Err(None);
+            };
+            match f.kind {
+                HEADERS if f.stream == stream => return Ok(status_of(&f.payload).unwrap()),
+                RST_STREAM if f.stream == stream => return Err(Some(f)),
+                GOAWAY => return Err(Some(f)),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Counts the requests that reach the application.
+fn counting() -> (
+    impl tower::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static,
+    Arc<AtomicUsize>,
+) {
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let app = tower::service_fn(move |_req: Request<Incoming>| {
+        count.fetch_add(1, Ordering::Relaxed);
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+    });
+    (app, served)
+}
+
+async fn server() -> (Server, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (app, served) = counting();
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(ServerLimits::default())
+        .serve(listener, app)
+        .unwrap();
+    (server, served)
+}
+
+/// The server still serves: a hand-written request on a fresh connection, and one from
+/// the mesh's own HTTP/2 client.
+async fn assert_healthy(addr: SocketAddr) {
+    let mut raw = Raw::connect(addr).await;
+    raw.tx
+        .write_all(&header_frames(1, &get_block("/", &[]), true))
+        .await
+        .unwrap();
+    assert_eq!(raw.status(1).await.unwrap(), 200);
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        addr,
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            ..ConnectSettings::plaintext()
+        },
+    );
+    let resp = tokio::time::timeout(
+        READ_TIMEOUT,
+        client.send(Request::get("http://x/").body(Full::default()).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+}
+
+#[tokio::test]
+async fn hand_written_frames_are_served() {
+    let (server, served) = server().await;
+    let mut raw = Raw::connect(server.local_addr()).await;
+    raw.tx
+        .write_all(&header_frames(1, &get_block("/a", &[("x-a", "b")]), true))
+        .await
+        .unwrap();
+    assert_eq!(raw.status(1).await.unwrap(), 200);
+    assert_eq!(served.load(Ordering::Relaxed), 1);
+    // Closed, rather than left to the shutdown timeout for not answering its PING.
+    drop(raw);
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn rapid_reset_floods_end_in_goaway() {
+    let (server, served) = server().await;
+    let limit = ServerLimits::default().max_pending_accept_reset_streams;
+    const STREAMS: u32 = 2_000;
+    let Raw { mut rx, mut tx } = Raw::connect(server.local_addr()).await;
+    // Write the flood while reading, so that the server's answer is read before its close.
+    let writer = tokio::spawn(async move {
+        let block = get_block("/", &[]);
+        for batch in 0..STREAMS / 100 {
+            let mut bytes = Vec::new();
+            for i in 0..100 {
+                let id = 2 * (batch * 100 + i) + 1;
+                bytes.extend(header_frames(id, &block, true));
+                bytes.extend(rst_stream(id, CANCEL));
+            }
+            if tx.write_all(&bytes).await.is_err() {
+                return batch * 100;
+            }
+        }
+        STREAMS
+    });
+    let frames = read_to_close(&mut rx).await;
+    let sent = writer.await.unwrap();
+    let (last, reason, data) = frames
+        .iter()
+        .find_map(|f| f.goaway().map(|(last, code)| (last, code, f.debug_data())))
+        .unwrap_or_else(|| panic!("no GOAWAY; {} frames, {sent} streams sent", frames.len()));
+    assert_eq!(
+        (reason, data.as_str()),
+        (ENHANCE_YOUR_CALM, "too_many_resets")
+    );
+    let answered = frames.iter().filter(|f| f.kind == HEADERS).count();
+    let reached_app = served.load(Ordering::Relaxed);
+    // The flood stopped after about `limit` resets, not after thousands: the streams the
+    // server took up and the requests that reached the application are a small multiple
+    // of the limit.
+    assert!(
+        frames.len() <= 4 * limit && answered <= 2 * limit && reached_app <= 2 * limit,
+        "{} frames, {answered} answered, {reached_app} reached the app",
+        frames.len()
+    );
+    assert!(last < 8 * limit as u32, "GOAWAY last stream {last}");
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn header_blocks_over_the_limit_are_refused_and_the_connection_goes_on() {
+    let (server, served) = server().await;
+    let limit = ServerLimits::default().max_header_list_size as usize;
+    let big = "a".repeat(limit + 8 * 1024);
+    let many: Vec<(String, String)> = (0..limit / 1000 + 10)
+        .map(|i| (format!("x-h{i}"), "b".repeat(1000)))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    for (shape, block) in [
+        ("one big value", get_block("/", &[("x-big", &big)])),
+        ("many fields", get_block("/", &many)),
+    ] {
+        // Over the limit, in few enough frames not to count as a CONTINUATION flood.
+        assert!(block.len() > limit && block.len() < 5 * MAX_FRAME);
+        let mut raw = Raw::connect(server.local_addr()).await;
+        raw.tx
+            .write_all(&header_frames(1, &block, true))
+            .await
+            .unwrap();
+        // Refused with 431, as `ServerLimits` documents (h2 answers it, then resets the
+        // stream so as not to read a body).
+        assert_eq!(raw.status(1).await, Ok(431), "{shape}");
+        // The same connection still serves the next stream.
+        raw.tx
+            .write_all(&header_frames(3, &get_block("/", &[]), true))
+            .await
+            .unwrap();
+        assert_eq!(raw.status(3).await.unwrap(), 200, "{shape}");
+    }
+    assert_eq!(
+        served.load(Ordering::Relaxed),
+        2,
+        "no oversized request reached the app"
+    );
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn header_blocks_far_over_the_limit_end_the_connection() {
+    let (server, served) = server().await;
+    let limit = ServerLimits::default().max_header_list_size as usize;
+    // Four times the limit takes more CONTINUATION frames than a block within the limit
+    // needs: h2 takes it for a flood.
+    let big = "a".repeat(4 * limit);
+    let mut raw = Raw::connect(server.local_addr()).await;
+    let _ = raw
+        .tx
+        .write_all(&header_frames(1, &get_block("/", &[("x-big", &big)]), true))
+        .await;
+    let frames = read_to_close(&mut raw.rx).await;
+    let goaway = frames.iter().find_map(Frame::goaway);
+    assert!(
+        matches!(goaway, Some((0, ENHANCE_YOUR_CALM))),
+        "{goaway:?} in {frames:?}"
+    );
+    assert_eq!(served.load(Ordering::Relaxed), 0);
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn continuation_floods_end_in_goaway() {
+    let (server, served) = server().await;
+    let mut raw = Raw::connect(server.local_addr()).await;
+    // A header block that never ends: small CONTINUATIONs without END_HEADERS.
+    let mut block = get_block("/", &[]);
+    block.extend_from_slice(&[0x00, 0x03, b'x', b'-', b'a', 0x7f]);
+    let mut bytes = frame(HEADERS, END_STREAM, 1, &block);
+    for _ in 0..1_000 {
+        bytes.extend(frame(CONTINUATION, 0, 1, &[b'a'; 16]));
+    }
+    let _ = raw.tx.write_all(&bytes).await;
+    let frames = read_to_close(&mut raw.rx).await;
+    let goaway = frames.iter().find_map(Frame::goaway);
+    assert!(
+        matches!(goaway, Some((0, ENHANCE_YOUR_CALM))),
+        "{goaway:?} in {frames:?}"
+    );
+    assert_eq!(served.load(Ordering::Relaxed), 0);
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn garbage_after_the_preface_ends_in_goaway() {
+    let (server, served) = server().await;
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        // A frame header announcing more than SETTINGS_MAX_FRAME_SIZE (RFC 9113 4.2).
+        ("random bytes", vec![0xff; 64], FRAME_SIZE_ERROR),
+        // HEADERS on stream 0 (RFC 9113 6.2).
+        (
+            "HEADERS on stream 0",
+            frame(HEADERS, END_HEADERS, 0, &get_block("/", &[])),
+            PROTOCOL_ERROR,
+        ),
+        // DATA on a stream never opened (RFC 9113 5.1, idle).
+        (
+            "DATA on an idle stream",
+            frame(DATA, END_STREAM, 1, b"x"),
+            PROTOCOL_ERROR,
+        ),
+        // CONTINUATION without a HEADERS before it (RFC 9113 6.10).
+        (
+            "a lone CONTINUATION",
+            frame(CONTINUATION, END_HEADERS, 1, &[0x82]),
+            PROTOCOL_ERROR,
+        ),
+        // An even (server-initiated) stream ID from the client (RFC 9113 5.1.1).
+        (
+            "an even stream ID",
+            header_frames(2, &get_block("/", &[]), true),
+            PROTOCOL_ERROR,
+        ),
+        // A header block that is not HPACK (RFC 9113 4.3: COMPRESSION_ERROR is allowed
+        // too; h2 answers PROTOCOL_ERROR).
+        (
+            "an undecodable header block",
+            frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff; 16]),
+            PROTOCOL_ERROR,
+        ),
+    ];
+    for (shape, garbage, expected) in cases {
+        let mut raw = Raw::connect(server.local_addr()).await;
+        let _ = raw.tx.write_all(&garbage).await;
+        let frames = read_to_close(&mut raw.rx).await;
+        let goaway = frames.iter().find_map(Frame::goaway);
+        assert!(
+            matches!(goaway, Some((_, code)) if code == expected),
+            "{shape}: {goaway:?} in {frames:?}"
+        );
+    }
+    assert_eq!(served.load(Ordering::Relaxed), 0);
+    assert_healthy(server.local_addr()).await;
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+/// Rapid reset of streams the server already accepted: each stream is reset only once its
+/// request reached the application, so it never counts as "pending accept" and h2's
+/// bound (`max_pending_accept_reset_streams`) does not see it. hyper cancels each handler
+/// on the reset, so the work in flight stays under `max_concurrent_streams`, but one
+/// connection can start requests without end: 50,000 in under 3 s here, no GOAWAY.
+#[tokio::test]
+#[ignore = "known gap: streams reset after acceptance are not bounded per connection"]
+async fn resets_of_accepted_streams_end_in_goaway() {
+    const ROUNDS: u32 = 50;
+    const PER_ROUND: u32 = 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (reached, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    // A handler that never answers: the client's reset is what ends each request.
+    let app = tower::service_fn(move |_req: Request<Incoming>| {
+        let _ = reached.send(());
+        std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve(listener, app)
+        .unwrap();
+    let limit = ServerLimits::default().max_pending_accept_reset_streams;
+    let Raw { mut rx, mut tx } = Raw::connect(server.local_addr()).await;
+    let reader = tokio::spawn(async move { read_to_close(&mut rx).await });
+    let block = get_block("/", &[]);
+    let mut started = 0;
+    'flood: for round in 0..ROUNDS {
+        let ids: Vec<u32> = (0..PER_ROUND)
+            .map(|i| 2 * (round * PER_ROUND + i) + 1)
+            .collect();
+        let opens: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| header_frames(id, &block, true))
+            .collect();
+        if tx.write_all(&opens).await.is_err() {
+            break;
+        }
+        for _ in 0..PER_ROUND {
+            match tokio::time::timeout(READ_TIMEOUT, arrivals.recv()).await {
+                Ok(Some(())) => started += 1,
+                _ => break 'flood,
+            }
+        }
+        let resets: Vec<u8> = ids.iter().flat_map(|&id| rst_stream(id, CANCEL)).collect();
+        if tx.write_all(&resets).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let frames = tokio::time::timeout(READ_TIMEOUT, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    let goaway = frames.iter().find_map(Frame::goaway);
+    assert!(
+        started < 4 * limit && goaway.is_some(),
+        "{started} requests started and reset on one connection; {goaway:?}"
+    );
+    assert_eq!(server.shutdown().await.forced, 0);
+}
