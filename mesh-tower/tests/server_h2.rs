@@ -544,7 +544,6 @@ async fn garbage_after_the_preface_ends_in_goaway() {
 /// on the reset, so the work in flight stays under `max_concurrent_streams`, but one
 /// connection can start requests without end: 50,000 in under 3 s here, no GOAWAY.
 #[tokio::test]
-#[ignore = "known gap: streams reset after acceptance are not bounded per connection"]
 async fn resets_of_accepted_streams_end_in_goaway() {
     const ROUNDS: u32 = 50;
     const PER_ROUND: u32 = 20;

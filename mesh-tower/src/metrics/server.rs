@@ -325,6 +325,7 @@ pub struct InboundMetrics<S> {
 
 impl<S> InboundMetrics<S> {
     /// Passes requests through unmeasured.
+    #[cfg(feature = "server")]
     pub(crate) fn disabled(inner: S) -> Self {
         Self {
             inner,

@@ -201,7 +201,10 @@ async fn serve<IO, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity {
+        max_cancelled: shared.limits.max_cancelled_requests.max(1),
+        ..Activity::default()
+    });
     let service = ConnService {
         app: shared.app.clone(),
         peer,
@@ -227,6 +230,16 @@ async fn serve<IO, S, B>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = activity.abusive.notified() => {
+                if closing {
+                    // It went on after the GOAWAY: close at once.
+                    tracing::info!(%remote, "client keeps cancelling its requests: closing the connection");
+                    return;
+                }
+                tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
             () = check.as_mut(), if !closing => {
                 let now = Instant::now();
                 if !activity.started.load(Ordering::Relaxed) {
@@ -248,7 +261,8 @@ async fn serve<IO, S, B>(
     }
 }
 
-/// Requests in flight on one connection, read by its idle check.
+/// Requests in flight on one connection, read by its idle check; and how its requests
+/// ended, read by the cancellation bound.
 #[derive(Debug, Default)]
 struct Activity {
     in_flight: AtomicUsize,
@@ -256,11 +270,33 @@ struct Activity {
     started: AtomicBool,
     /// A request began or ended since the idle check last looked.
     touched: AtomicBool,
+    completed: AtomicUsize,
+    cancelled: AtomicUsize,
+    max_cancelled: usize,
+    /// Wakes the connection when its client cancels too many requests.
+    abusive: tokio::sync::Notify,
 }
 
 impl Activity {
     fn take_touched(&self) -> bool {
         self.touched.swap(false, Ordering::Relaxed)
+    }
+
+    fn ended(&self, completed: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.touched.store(true, Ordering::Relaxed);
+        if completed {
+            self.completed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Rapid reset after acceptance: requests started and cancelled without end.
+        // Past the bound the connection shuts down; at twice it, it closes.
+        let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        if (cancelled == self.max_cancelled || cancelled == 2 * self.max_cancelled)
+            && cancelled > self.completed.load(Ordering::Relaxed)
+        {
+            self.abusive.notify_one();
+        }
     }
 }
 
@@ -314,8 +350,7 @@ pin_project! {
     impl<F> PinnedDrop for Tracked<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(activity) = this.project().activity.take() {
-                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                activity.touched.store(true, Ordering::Relaxed);
+                activity.ended(false);
             }
         }
     }
@@ -328,8 +363,7 @@ impl<F: Future> Future for Tracked<F> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
         if let Some(activity) = this.activity.take() {
-            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-            activity.touched.store(true, Ordering::Relaxed);
+            activity.ended(true);
         }
         Poll::Ready(output)
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 /// | `idle_timeout` | 120 s | a connection with no request in flight for that long is shut down gracefully |
 /// | `max_pending_accept_reset_streams` | 20 (HTTP/2) | rapid reset (CVE-2023-44487): the connection is closed with `GOAWAY` |
 /// | `max_local_error_reset_streams` | 256 (HTTP/2) | a peer provoking stream errors is disconnected |
+/// | `max_cancelled_requests` | 20 | a connection whose client cancelled (reset, or hung up on) this many requests, more than it let finish, is shut down with `GOAWAY`, and closed at twice as many: rapid reset of accepted streams |
 /// | `shutdown_timeout` | 30 s | after a shutdown begins, connections still open are closed |
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -39,6 +40,9 @@ pub struct ServerLimits {
     pub max_pending_accept_reset_streams: usize,
     /// Bound on HTTP/2 streams the server had to reset because of the client's errors.
     pub max_local_error_reset_streams: usize,
+    /// Bound on requests a connection's client cancels, once they outnumber those it let
+    /// finish.
+    pub max_cancelled_requests: usize,
     /// How long a graceful shutdown waits for requests in flight.
     pub shutdown_timeout: Duration,
 }
@@ -56,6 +60,7 @@ impl Default for ServerLimits {
             idle_timeout: Duration::from_secs(120),
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 256,
+            max_cancelled_requests: 20,
             shutdown_timeout: Duration::from_secs(30),
         }
     }

@@ -60,6 +60,7 @@ where
     }
 }
 
+#[cfg(all(feature = "balance", feature = "breaker"))]
 impl<S> Timeout<S> {
     /// Times the future `call` makes of `req`, for a caller that reaches the inner
     /// service by shared reference and hands it the deadline itself: `call` gets the
