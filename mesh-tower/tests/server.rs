@@ -952,3 +952,66 @@ per_client = { requests = 2, per = "1m" }
         );
     }
 }
+
+#[tokio::test]
+async fn bodies_declared_over_the_limit_get_413() {
+    let mut limits = ServerLimits::default();
+    limits.max_request_body_size = Some(1024);
+    let server = plaintext(None, limits).await;
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut tcp).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("request body of 100000000 bytes exceeds the limit of 1024"),
+        "{answer}"
+    );
+    // Within the limit: served.
+    let client: EndpointClient<Full<Bytes>> =
+        EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+    let resp = client
+        .send(
+            Request::post("http://x/")
+                .body(Full::new(Bytes::from(vec![b'a'; 1024])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// curl, a client nobody here wrote: HTTP/1.1, h2c prior knowledge, and oversized headers.
+#[tokio::test]
+async fn curl_is_served_and_refused_as_it_should_be() {
+    let server = plaintext(None, ServerLimits::default()).await;
+    let url = format!("http://{}/hello", server.local_addr());
+    let curl = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                    "--max-time",
+                    "10",
+                ])
+                .args(args)
+                .output()
+                .expect("curl is installed (the CI machine has it)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    assert_eq!(curl(vec![url.clone()]).await.unwrap(), "200 1.1");
+    assert_eq!(
+        curl(vec!["--http2-prior-knowledge".into(), url.clone()])
+            .await
+            .unwrap(),
+        "200 2"
+    );
+    let big = format!("x-big: {}", "a".repeat(80 * 1024));
+    assert_eq!(curl(vec!["-H".into(), big, url]).await.unwrap(), "431 1.1");
+}

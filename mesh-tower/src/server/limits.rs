@@ -9,6 +9,7 @@ use std::time::Duration;
 /// | `header_read_timeout` | 10 s | the connection closes (slowloris); also bounds the wait for a new connection's first bytes |
 /// | `max_header_list_size` | 64 KiB | HTTP/1.1: 431; HTTP/2: the stream is refused with 431 |
 /// | `max_headers` | 100 (HTTP/1.1) | 431 |
+/// | `max_request_body_size` | 64 MiB (`None`: no bound) | a request declaring a larger `Content-Length` gets 413 before the application sees it; a streamed body of unknown length is the application's to bound |
 /// | `max_connections` | 10,000 | accepting waits until a connection closes |
 /// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
 /// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |
@@ -26,6 +27,8 @@ pub struct ServerLimits {
     pub max_header_list_size: u32,
     /// Bound on the number of headers of an HTTP/1.1 request.
     pub max_headers: usize,
+    /// Bound on a request body's declared size, in bytes.
+    pub max_request_body_size: Option<u64>,
     /// Bound on open connections (TLS handshakes included).
     pub max_connections: usize,
     /// Bound on concurrent HTTP/2 streams per connection.
@@ -53,6 +56,7 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             max_header_list_size: 64 * 1024,
             max_headers: 100,
+            max_request_body_size: Some(64 * 1024 * 1024),
             max_connections: 10_000,
             max_concurrent_streams: 256,
             keep_alive_interval: Some(Duration::from_secs(20)),

@@ -11,6 +11,7 @@
 //! per request:
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
 //!   metrics::server            duration, status, sizes (when `metrics` is set)
+//!   body limit                 413 past `max_request_body_size` declared
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
 //!   ratelimit::RateLimit       GCRA per client and in total (default: none)
 //!   the application
@@ -42,6 +43,7 @@
 //! # Ok(()) }
 //! ```
 
+mod body_limit;
 mod conn;
 mod limits;
 
@@ -256,6 +258,10 @@ impl MeshServerBuilder {
             .layer(authorize)
             .layer(rate_limit)
             .service(app);
+        let inner = body_limit::BodyLimit {
+            inner,
+            max: self.limits.max_request_body_size,
+        };
         let app = match &self.metrics {
             Some(metrics) => tower::Layer::layer(metrics, inner),
             None => InboundMetrics::disabled(inner),
@@ -269,8 +275,8 @@ impl MeshServerBuilder {
         });
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(conn::accept_loop::<
-            InboundMetrics<Authorize<RateLimit<S>>>,
-            MeteredBody<ResponseBody<ResponseBody<B>>>,
+            InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>,
+            MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>,
         >(listener, shared, stopping));
         tracing::debug!(%addr, "serving");
         Ok(Server { addr, stop, task })
