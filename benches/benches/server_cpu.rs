@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! cargo bench -p mesh-benches --bench server_cpu
+//! benches/server-instructions.sh     # the same, counted in instructions under callgrind
 //! ```
 #![allow(
     missing_docs,
@@ -186,6 +187,18 @@ fn main() {
     };
     run(bare_addr, REQUESTS / 10);
     run(mesh_addr, REQUESTS / 10);
+    // One server only, for N requests, printing nothing: what `server-instructions.sh`
+    // counts under callgrind (the load child is not traced).
+    if let Ok(only) = std::env::var("MESH_SERVER_BENCH_ONLY") {
+        let n = std::env::var("MESH_SERVER_BENCH_REQUESTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2_000);
+        if n > 0 {
+            run(if only == "bare" { bare_addr } else { mesh_addr }, n);
+        }
+        std::process::exit(0);
+    }
     let (mut bare, mut mesh, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let b = run(bare_addr, REQUESTS);

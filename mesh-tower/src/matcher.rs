@@ -242,23 +242,34 @@ impl HeaderCondition {
 /// segments, backslashes, percent-encoded `/`, `\` or `.`.
 pub fn is_ambiguous(path: &str) -> bool {
     let bytes = path.as_bytes();
-    if bytes.contains(&b'\\') {
-        return true;
-    }
-    // Percent-encoded separators and dots.
-    for (i, _) in path.match_indices('%') {
-        if let Some(code) = bytes.get(i + 1..i + 3) {
-            let code = [code[0].to_ascii_uppercase(), code[1].to_ascii_uppercase()];
-            if matches!(&code, b"2F" | b"5C" | b"2E") {
-                return true;
+    // One pass: each byte, with where the current segment began.
+    let mut segment_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return true,
+            b'%' => {
+                if let Some(&[hi, lo]) = bytes.get(i + 1..i + 3) {
+                    let code = [hi.to_ascii_uppercase(), lo.to_ascii_uppercase()];
+                    if matches!(&code, b"2F" | b"5C" | b"2E") {
+                        return true;
+                    }
+                }
             }
+            b'/' => {
+                if is_dot_segment(&bytes[segment_start..i]) || (i > 0 && segment_start == i) {
+                    return true;
+                }
+                segment_start = i + 1;
+            }
+            _ => {}
         }
     }
-    // An empty segment (`//`), or a dot segment.
-    path.contains("//")
-        || path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+    is_dot_segment(&bytes[segment_start..])
+}
+
+/// `.` or `..`: segments a server may resolve away.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    segment == b"." || segment == b".."
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -197,6 +197,7 @@ impl ServerMetrics {
             families: self.families.clone(),
             client_label: false,
             rpc_names: Mutex::new(HashSet::new()),
+            cache: Cache::new(),
         }))
     }
 }
@@ -208,6 +209,40 @@ struct Listener {
     client_label: bool,
     /// The gRPC paths already named in labels.
     rpc_names: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// Handles of the common HTTP series, made on first use: recording then hashes no
+    /// labels.
+    cache: Cache,
+}
+
+/// Statuses whose duration series have a cached handle.
+const CACHED_STATUSES: [u16; 24] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 429,
+    431, 500, 502, 503, 504,
+];
+
+const METHODS: [&str; 10] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE", "_OTHER",
+];
+
+const VERSIONS: [&str; 6] = ["0.9", "1.0", "1.1", "2", "3", "_OTHER"];
+
+#[derive(Debug)]
+struct Cache {
+    /// By method, version and status.
+    durations: Box<[OnceLock<Histogram>]>,
+    request_sizes: [OnceLock<Histogram>; METHODS.len()],
+    response_sizes: [OnceLock<Histogram>; METHODS.len()],
+}
+
+impl Cache {
+    fn new() -> Self {
+        let n = METHODS.len() * VERSIONS.len() * CACHED_STATUSES.len();
+        Self {
+            durations: (0..n).map(|_| OnceLock::new()).collect(),
+            request_sizes: Default::default(),
+            response_sizes: Default::default(),
+        }
+    }
 }
 
 /// One listener's metrics: a `Layer` for its request metrics, and the counters the
@@ -225,6 +260,7 @@ impl ListenerMetrics {
             families: l.families.clone(),
             client_label: true,
             rpc_names: Mutex::new(HashSet::new()),
+            cache: Cache::new(),
         }))
     }
 
@@ -334,29 +370,29 @@ impl<S> InboundMetrics<S> {
     }
 }
 
-fn method_label(method: &Method) -> &'static str {
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "_OTHER",
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::HEAD => 4,
+        Method::OPTIONS => 5,
+        Method::PATCH => 6,
+        Method::CONNECT => 7,
+        Method::TRACE => 8,
+        _ => 9,
     }
 }
 
-fn version_label(version: Version) -> &'static str {
+fn version_index(version: Version) -> usize {
     match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_11 => "1.1",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "_OTHER",
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_11 => 2,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 5,
     }
 }
 
@@ -365,8 +401,8 @@ fn version_label(version: Version) -> &'static str {
 struct Pending {
     metrics: ListenerMetrics,
     started: Instant,
-    method: &'static str,
-    version: &'static str,
+    method: usize,
+    version: usize,
     client: Option<PeerIdentity>,
     /// The service and method, for a gRPC call.
     rpc: Option<(Arc<str>, Arc<str>)>,
@@ -395,32 +431,44 @@ impl Pending {
                     client,
                 })
                 .observe(elapsed),
-            None => l
-                .families
-                .http
-                .get_or_create(&HttpLabels {
+            None => {
+                let labels = || HttpLabels {
                     listener: l.name.clone(),
-                    method: self.method,
+                    method: METHODS[self.method],
                     status,
-                    version: self.version,
-                    client,
-                })
-                .observe(elapsed),
+                    version: VERSIONS[self.version],
+                    client: client.clone(),
+                };
+                let cached = CACHED_STATUSES
+                    .iter()
+                    .position(|&s| s == status)
+                    .filter(|_| client.is_none())
+                    .map(|s| {
+                        (self.method * VERSIONS.len() + self.version) * CACHED_STATUSES.len() + s
+                    })
+                    .and_then(|i| l.cache.durations.get(i));
+                match cached {
+                    Some(slot) => slot
+                        .get_or_init(|| l.families.http.get_or_create(&labels()).clone())
+                        .observe(elapsed),
+                    None => l.families.http.get_or_create(&labels()).observe(elapsed),
+                }
+            }
         }
-        let sizes = SizeLabels {
+        let sizes = || SizeLabels {
             listener: l.name.clone(),
-            http_request_method: self.method,
+            http_request_method: METHODS[self.method],
         };
-        if let Some(size) = self.request_size {
-            l.families
-                .request_size
-                .get_or_create(&sizes)
+        if let Some(size) = self.request_size
+            && let Some(slot) = l.cache.request_sizes.get(self.method)
+        {
+            slot.get_or_init(|| l.families.request_size.get_or_create(&sizes()).clone())
                 .observe(size as f64);
         }
-        l.families
-            .response_size
-            .get_or_create(&sizes)
-            .observe(response_size as f64);
+        if let Some(slot) = l.cache.response_sizes.get(self.method) {
+            slot.get_or_init(|| l.families.response_size.get_or_create(&sizes()).clone())
+                .observe(response_size as f64);
+        }
     }
 }
 
@@ -449,8 +497,8 @@ where
         let pending = Pending {
             metrics: metrics.clone(),
             started: Instant::now(),
-            method: method_label(req.method()),
-            version: version_label(req.version()),
+            method: method_index(req.method()),
+            version: version_index(req.version()),
             client: req.extensions().get::<PeerIdentity>().cloned(),
             rpc: grpc.then(|| metrics.rpc_names(req.uri().path())),
             // The declared size (Content-Length, or an empty body); a streamed request

@@ -12,12 +12,16 @@ use mesh_core::config::{Rate, RateLimitConfig};
 use mesh_core::identity::{IdentityPattern, SpiffeId};
 use tokio::time::Instant;
 
-/// Per-client states kept at most; while the table is full, clients share one overflow
-/// state until idle ones are evicted.
+/// Per-client states kept at most (the table is counted every 64 checks, so it may
+/// overshoot by that many); while it is full, clients share one overflow state until
+/// idle ones are evicted.
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 
 /// Checks between sweeps of idle client states.
 const SWEEP_EVERY: u64 = 4096;
+
+/// Checks between counts of the client states.
+const COUNT_EVERY: u64 = 64;
 
 /// Tokio's clock for `governor`, so that paused time drives the limiters too.
 #[derive(Clone, Debug)]
@@ -73,6 +77,8 @@ struct PerClient {
     limiter: Keyed,
     limit: Limit,
     clients: Vec<IdentityPattern>,
+    /// The table held `max_clients` states when last counted.
+    full: std::sync::atomic::AtomicBool,
 }
 
 /// The total limit: one GCRA state (its theoretical arrival time, in nanoseconds on the
@@ -183,6 +189,7 @@ impl Limits {
                 limiter: keyed(&o.limit),
                 limit: Limit::of("client", &o.limit),
                 clients: o.clients.clone(),
+                full: Default::default(),
             })
             .collect();
         if let Some(rate) = &config.per_client {
@@ -190,6 +197,7 @@ impl Limits {
                 limiter: keyed(rate),
                 limit: Limit::of("client", rate),
                 clients: vec![IdentityPattern::Any],
+                full: Default::default(),
             });
         }
         Self {
@@ -228,10 +236,9 @@ impl Limits {
             None => p.clients.contains(&IdentityPattern::Any),
         });
         if let Some(p) = mine {
-            self.sweep(p);
             // While the table is full (after a sweep), every client shares one state: the
             // memory stays bounded, at the price of coarser limits under that load.
-            let key = if p.limiter.len() >= self.max_clients {
+            let key = if self.sweep(p) {
                 Key::Overflow
             } else {
                 Key::Client(client.cloned())
@@ -253,25 +260,31 @@ impl Limits {
 
     /// Every few thousand checks, and when the cap is reached (at most once a second, as
     /// a sweep visits every state), forgets clients whose state has fully recovered:
-    /// those are indistinguishable from a new client.
-    fn sweep(&self, p: &PerClient) {
+    /// those are indistinguishable from a new client. Counting the states locks every
+    /// shard of the map, so it is done every [`COUNT_EVERY`] checks only; returns whether
+    /// the table is full.
+    fn sweep(&self, p: &PerClient) -> bool {
         let n = self.checks.fetch_add(1, Ordering::Relaxed);
-        let full = p.limiter.len() >= self.max_clients;
-        if n % SWEEP_EVERY != SWEEP_EVERY - 1 && !full {
-            return;
+        if !n.is_multiple_of(COUNT_EVERY) {
+            return p.full.load(Ordering::Relaxed);
         }
-        let now = self.clock.now().as_u64();
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if full && now.saturating_sub(last) < 1_000_000_000 {
-            return;
+        let mut full = p.limiter.len() >= self.max_clients;
+        if n.is_multiple_of(SWEEP_EVERY) || full {
+            let now = self.clock.now().as_u64();
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            let due = !full || now.saturating_sub(last) >= 1_000_000_000;
+            if due
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                p.limiter.retain_recent();
+                full = p.limiter.len() >= self.max_clients;
+            }
         }
-        if self
-            .last_sweep
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            p.limiter.retain_recent();
-        }
+        p.full.store(full, Ordering::Relaxed);
+        full
     }
 
     /// Per-client states held, over all per-client limits.
@@ -434,7 +447,9 @@ mod tests {
                 tokio::time::advance(Duration::from_millis(1100)).await;
             }
         }
-        assert!(limits.clients() <= 101, "{} states", limits.clients());
+        // The table is counted every COUNT_EVERY checks: it may overshoot by that much.
+        let bound = 100 + COUNT_EVERY as usize + 1;
+        assert!(limits.clients() <= bound, "{} states", limits.clients());
         // Once they recover, a sweep forgets them.
         tokio::time::advance(Duration::from_secs(2)).await;
         for _ in 0..SWEEP_EVERY {

@@ -24,7 +24,8 @@
 //! mesh client reads either as a penalty and steers away from this server.
 //!
 //! **Memory is bounded.** Client states that have fully recovered are forgotten every few
-//! thousand requests; at most [`DEFAULT_MAX_CLIENTS`] are kept (`with_max_clients`), and
+//! thousand requests; at most [`DEFAULT_MAX_CLIENTS`] are kept (`with_max_clients`; the
+//! table is counted every 64 requests, so it may overshoot by that many), and
 //! while the table is full every client shares one overflow state.
 //!
 //! ```

@@ -36,6 +36,9 @@ pub(super) struct Shared<S> {
     pub(super) metrics: Option<ListenerMetrics>,
 }
 
+/// hyper's default bound on HTTP/1.1 request headers.
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// The HTTP server settings of `limits`.
 pub(super) fn http_builder(
     limits: &ServerLimits,
@@ -48,13 +51,17 @@ pub(super) fn http_builder(
         Protocol::Http2 | Protocol::Grpc => builder.http2_only(),
         _ => builder,
     };
-    builder
-        .http1()
+    let mut http1 = builder.http1();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_headers(limits.max_headers)
         // hyper answers 431 when the head outgrows its read buffer (at least 8 KiB).
         .max_buf_size((limits.max_header_list_size as usize).max(8192));
+    // hyper's own bound is 100, parsed into a buffer on the stack; an explicit bound costs
+    // a heap buffer per request, so it is set only when it differs.
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        http1.max_headers(limits.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -216,21 +223,55 @@ async fn serve<IO, S, B>(
     let limits = &shared.limits;
     // Until the first request begins, the header-read bound covers the silence too.
     let mut check = pin!(tokio::time::sleep(limits.header_read_timeout));
+    let mut stop = pin!(stopped(&mut shutdown));
+    let mut abuse = pin!(activity.abusive.notified());
     let mut idle_since = Instant::now();
     let mut closing = false;
+    // The connection is polled whenever the task wakes; the shutdown, abuse and idle
+    // signals only when one of them woke it (they are polled with a waker of their own),
+    // so that each request's many wake-ups do not re-poll three timers and channels.
+    let signals = Arc::new(SignalWaker {
+        // Polled once at first, which registers them.
+        woken: AtomicBool::new(true),
+        task: futures_util::task::AtomicWaker::new(),
+    });
+    let signal_waker = std::task::Waker::from(signals.clone());
     loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(error) = result {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result.err()));
+            }
+            signals.task.register(cx.waker());
+            if !signals.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            let mut scx = Context::from_waker(&signal_waker);
+            if abuse.as_mut().poll(&mut scx).is_ready() {
+                return Poll::Ready(Event::Abuse);
+            }
+            if !closing && stop.as_mut().poll(&mut scx).is_ready() {
+                return Poll::Ready(Event::Stop);
+            }
+            if !closing && check.as_mut().poll(&mut scx).is_ready() {
+                return Poll::Ready(Event::Check);
+            }
+            Poll::Pending
+        })
+        .await;
+        // Whatever fired is replaced or reset below: poll the signals again next time.
+        signals.woken.store(true, Ordering::Release);
+        match event {
+            Event::Ended(error) => {
+                if let Some(error) = error {
                     tracing::debug!(%remote, error = %error, "connection ended with an error");
                 }
                 return;
             }
-            () = stopped(&mut shutdown), if !closing => {
+            Event::Stop => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = activity.abusive.notified() => {
+            Event::Abuse => {
                 if closing {
                     // It went on after the GOAWAY: close at once.
                     tracing::info!(%remote, "client keeps cancelling its requests: closing the connection");
@@ -239,8 +280,9 @@ async fn serve<IO, S, B>(
                 tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+                abuse.set(activity.abusive.notified());
             }
-            () = check.as_mut(), if !closing => {
+            Event::Check => {
                 let now = Instant::now();
                 if !activity.started.load(Ordering::Relaxed) {
                     tracing::debug!(%remote, "no request within the header read timeout");
@@ -258,6 +300,33 @@ async fn serve<IO, S, B>(
                 }
             }
         }
+    }
+}
+
+/// What ended a wait in [`serve`].
+enum Event {
+    Ended(Option<BoxError>),
+    Stop,
+    Abuse,
+    Check,
+}
+
+/// The waker of a connection's signals: notes that one of them fired, and wakes the
+/// connection's task.
+#[derive(Debug)]
+struct SignalWaker {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for SignalWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
