@@ -39,7 +39,10 @@ fuzz_target!(|data: &str| {
     let Ok(compiled) = RequestMatch::new(&route) else {
         return;
     };
-    let Ok(req) = http::Request::get(path).header("x-fuzz", header_value).body(()) else {
+    let Ok(req) = http::Request::get(path)
+        .header("x-fuzz", header_value)
+        .body(())
+    else {
         return;
     };
     let path = req.uri().path();
@@ -63,7 +66,11 @@ fuzz_target!(|data: &str| {
             assert_eq!(by_path, expected, "prefix {p:?} on {path:?}");
         }
         Some(PathMatch::Exact(e)) => {
-            assert_eq!(by_path, !is_ambiguous(path) && path == e, "exact {e:?} on {path:?}");
+            assert_eq!(
+                by_path,
+                !is_ambiguous(path) && path == e,
+                "exact {e:?} on {path:?}"
+            );
         }
         _ => {}
     }
