@@ -19,7 +19,7 @@
 //!
 //! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; gRPC
 //! service and method names are taken from at most 1,000 distinct paths, then `_OTHER`;
-//! the client's identity becomes a label only with [`ServerMetrics::with_client_label`].
+//! the client's identity becomes a label only with [`ListenerMetrics::with_client_label`].
 
 use std::collections::HashSet;
 use std::pin::Pin;

@@ -10,6 +10,7 @@ use governor::nanos::Nanos;
 use governor::{Quota, RateLimiter};
 use mesh_core::config::{Rate, RateLimitConfig};
 use mesh_core::identity::{IdentityPattern, SpiffeId};
+use mesh_spiffe::PeerIdentity;
 use tokio::time::Instant;
 
 /// Per-client states kept at most (the table is counted every 64 checks, so it may
@@ -46,11 +47,16 @@ type Keyed = RateLimiter<
     NoOpMiddleware<Nanos>,
 >;
 
-/// A client's key: its identity, `None` for every unauthenticated caller together, and
-/// one shared key for the clients beyond the cap.
+/// A client's key: its identity, one for every unauthenticated caller together, and one
+/// shared key for the clients beyond the cap.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Key {
-    Client(Option<SpiffeId>),
+    /// A verified peer: one reference count to make, where an identity's string would
+    /// be copied.
+    Peer(PeerIdentity),
+    #[cfg(test)]
+    Id(SpiffeId),
+    Unauthenticated,
     Overflow,
 }
 
@@ -219,10 +225,28 @@ impl Limits {
         self
     }
 
-    /// Whether a request of `client` (`None`: unauthenticated) is admitted now. A
-    /// request either limit refuses spends nothing of the other: the total is looked at
-    /// first without spending, then the client's own limit spends, then the total.
+    /// `check_peer` by identity, for tests.
+    #[cfg(test)]
     pub(super) fn check(&self, client: Option<&SpiffeId>) -> Result<(), Refusal<'_>> {
+        self.check_with(client, || {
+            client.map_or(Key::Unauthenticated, |id| Key::Id(id.clone()))
+        })
+    }
+
+    /// Whether a request of `peer` (`None`: unauthenticated) is admitted now. A request
+    /// either limit refuses spends nothing of the other: the total is looked at first
+    /// without spending, then the client's own limit spends, then the total.
+    pub(super) fn check_peer(&self, peer: Option<&PeerIdentity>) -> Result<(), Refusal<'_>> {
+        self.check_with(peer.map(PeerIdentity::id), || {
+            peer.map_or(Key::Unauthenticated, |p| Key::Peer(p.clone()))
+        })
+    }
+
+    fn check_with(
+        &self,
+        client: Option<&SpiffeId>,
+        key: impl FnOnce() -> Key,
+    ) -> Result<(), Refusal<'_>> {
         if self.total.is_none() && self.per_client.is_empty() {
             return Ok(());
         }
@@ -238,11 +262,7 @@ impl Limits {
         if let Some(p) = mine {
             // While the table is full (after a sweep), every client shares one state: the
             // memory stays bounded, at the price of coarser limits under that load.
-            let key = if self.sweep(p) {
-                Key::Overflow
-            } else {
-                Key::Client(client.cloned())
-            };
+            let key = if self.sweep(p) { Key::Overflow } else { key() };
             if let Err(not_until) = p.limiter.check_key(&key) {
                 return Err(Refusal {
                     limit: &p.limit,

@@ -65,8 +65,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let client = req.extensions().get::<PeerIdentity>().map(PeerIdentity::id);
-        match self.limits.check(client) {
+        let peer = req.extensions().get::<PeerIdentity>();
+        let client = peer.map(PeerIdentity::id);
+        match self.limits.check_peer(peer) {
             Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(refusal) => {
                 if let Some(counters) = &self.counters {
