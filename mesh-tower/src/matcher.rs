@@ -242,6 +242,11 @@ impl HeaderCondition {
 /// segments, backslashes, percent-encoded `/`, `\` or `.`.
 pub fn is_ambiguous(path: &str) -> bool {
     let bytes = path.as_bytes();
+    // Most paths hold none of `.`, `%`, `\`: then only an empty segment can make one
+    // ambiguous.
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return path.contains("//");
+    }
     // One pass: each byte, with where the current segment began.
     let mut segment_start = 0;
     for (i, &b) in bytes.iter().enumerate() {

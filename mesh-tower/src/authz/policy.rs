@@ -39,6 +39,89 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// The decision when no rule matches and the default allows (or audits).
     by_default: AuthzDecision,
+    /// For policies of many rules: which rules can admit a client at all.
+    index: Option<ClientIndex>,
+}
+
+/// Rules by the clients they can admit, so that a decision among many rules looks only
+/// at the rules that name its client (still in their order).
+#[derive(Debug)]
+struct ClientIndex {
+    /// Rules open to unauthenticated callers (and so to every caller).
+    open: Vec<usize>,
+    /// Rules with a pattern other than an exact identity (or open ones).
+    patterns: Vec<usize>,
+    /// Rules that name an identity exactly, by identity.
+    exact: std::collections::HashMap<SpiffeId, Vec<usize>>,
+}
+
+/// From this many rules on, decisions go through a [`ClientIndex`].
+const INDEX_FROM: usize = 16;
+
+impl ClientIndex {
+    fn new(rules: &[Rule]) -> Self {
+        let mut index = Self {
+            open: Vec::new(),
+            patterns: Vec::new(),
+            exact: std::collections::HashMap::new(),
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.unauthenticated {
+                index.open.push(i);
+                index.patterns.push(i);
+                continue;
+            }
+            if rule
+                .clients
+                .iter()
+                .any(|c| !matches!(c, IdentityPattern::Exact(_)))
+            {
+                index.patterns.push(i);
+            }
+            for client in &rule.clients {
+                if let IdentityPattern::Exact(id) = client {
+                    let rules = index.exact.entry(id.clone()).or_default();
+                    if rules.last() != Some(&i) {
+                        rules.push(i);
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// The rules that may admit `client`, in order: the two sorted lists merged.
+    fn candidates<'a>(&'a self, client: Option<&SpiffeId>) -> impl Iterator<Item = usize> + 'a {
+        let (mut a, mut b): (&[usize], &[usize]) = match client {
+            None => (&self.open, &[]),
+            Some(id) => (
+                &self.patterns,
+                self.exact.get(id).map_or(&[][..], Vec::as_slice),
+            ),
+        };
+        std::iter::from_fn(move || {
+            let next = match (a.first(), b.first()) {
+                (Some(&x), Some(&y)) if x == y => {
+                    (a, b) = (&a[1..], &b[1..]);
+                    x
+                }
+                (Some(&x), Some(&y)) if x < y => {
+                    a = &a[1..];
+                    x
+                }
+                (_, Some(&y)) => {
+                    b = &b[1..];
+                    y
+                }
+                (Some(&x), None) => {
+                    a = &a[1..];
+                    x
+                }
+                (None, None) => return None,
+            };
+            Some(next)
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -151,6 +234,7 @@ impl Policy {
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         Ok(Self {
+            index: (rules.len() >= INDEX_FROM).then(|| ClientIndex::new(&rules)),
             by_default: AuthzDecision {
                 policy: name.clone(),
                 rule: None,
@@ -177,6 +261,7 @@ impl Policy {
             name,
             default: DefaultAction::Allow,
             rules: Vec::new(),
+            index: None,
         }
     }
 
@@ -208,14 +293,21 @@ impl Policy {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<&AuthzDecision, Denied> {
-        let rule = self.rules.iter().find(|rule| {
+        let admits = |rule: &&Rule| {
             rule.admits_client(client)
                 && (rule.routes.is_empty()
                     || rule
                         .routes
                         .iter()
                         .any(|m| m.matches_parts(method, path, headers)))
-        });
+        };
+        let rule = match &self.index {
+            Some(index) => index
+                .candidates(client)
+                .filter_map(|i| self.rules.get(i))
+                .find(admits),
+            None => self.rules.iter().find(admits),
+        };
         match rule {
             Some(rule) => Ok(&rule.decision),
             None => self.fallback(),
@@ -419,6 +511,53 @@ mod tests {
             )],
         );
         assert!(only_routes.decide_connection(Some(&web)).is_err());
+    }
+
+    proptest::proptest! {
+        /// With the client index (many rules) or without, the same rule decides.
+        #[test]
+        fn the_index_decides_as_the_scan_does(
+            rules in proptest::collection::vec((0usize..6, proptest::bool::ANY, 0usize..3), 0..40),
+            client in proptest::option::of(0usize..6),
+            path in 0usize..3,
+        ) {
+            let ids = |i: usize| format!("spiffe://example.org/ns/n{}/sa/s{i}", i % 2);
+            let config = AuthorizationPolicy {
+                default: DefaultAction::Deny,
+                rules: rules
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &(who, open, route))| {
+                        let clients = match who {
+                            0 => vec!["*".into()],
+                            1 => vec!["spiffe://example.org/ns/n1/*".into()],
+                            w => vec![ids(w), ids(w + 1)],
+                        };
+                        AuthorizationRule {
+                            name: format!("r{k}"),
+                            clients: clients.iter().map(|c| c.parse().unwrap()).collect(),
+                            unauthenticated: open,
+                            routes: match route {
+                                0 => vec![],
+                                r => vec![RouteMatch {
+                                    path: Some(PathMatch::Prefix(format!("/p{r}"))),
+                                    ..RouteMatch::default()
+                                }],
+                            },
+                        }
+                    })
+                    .collect(),
+            };
+            let mut indexed = Policy::new("p", &config).unwrap();
+            indexed.index = Some(ClientIndex::new(&indexed.rules));
+            let mut scanned = Policy::new("p", &config).unwrap();
+            scanned.index = None;
+            let client = client.map(|c| id(&ids(c)));
+            let req = get(&format!("/p{path}/x"));
+            let a = indexed.decide(client.as_ref(), &req).ok().and_then(|d| d.rule().map(str::to_owned));
+            let b = scanned.decide(client.as_ref(), &req).ok().and_then(|d| d.rule().map(str::to_owned));
+            proptest::prop_assert_eq!(a, b);
+        }
     }
 
     #[test]
