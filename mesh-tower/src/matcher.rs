@@ -12,6 +12,7 @@
 //! | `path = { regex = "…" }` | the expression matches the whole path |
 //! | `methods = [...]` | the method is one of them |
 //! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent |
+//! | `query = [{ name, exact / regex }]` | each: the parameter's first value, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive |
 //! | `grpc = { service, method }` | the path is `/service/method` (any method of the service when none is given) |
 //!
 //! **Paths are matched as sent, and only when unambiguous.** A path that a server could
@@ -20,8 +21,10 @@
 //! condition, so that a rule allowing `/public` cannot be used to reach `/admin` through
 //! `/public/../admin`. Such a request still matches conditions without a path.
 
-use http::{HeaderMap, HeaderName, Method, Request};
-use mesh_core::config::{GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, RouteMatch};
+use http::{HeaderMap, HeaderName, Method, Request, Uri};
+use mesh_core::config::{
+    GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, QueryMatch, QueryValueMatch, RouteMatch,
+};
 use regex::Regex;
 
 /// A compiled [`RouteMatch`]; see the [module docs](self).
@@ -46,6 +49,19 @@ pub struct RequestMatch {
     path: Option<PathCondition>,
     methods: Vec<Method>,
     headers: Vec<HeaderCondition>,
+    query: Vec<QueryCondition>,
+}
+
+#[derive(Clone, Debug)]
+struct QueryCondition {
+    name: String,
+    value: QueryValue,
+}
+
+#[derive(Clone, Debug)]
+enum QueryValue {
+    Exact(String),
+    Regex(Regex),
 }
 
 #[derive(Clone, Debug)]
@@ -96,6 +112,9 @@ pub enum MatchError {
     /// A gRPC service or method name is empty or holds `/` or whitespace.
     #[error("`{0}` is not a gRPC service or method name")]
     Grpc(String),
+    /// A query parameter name is empty or holds `&`, `=` or `#`.
+    #[error("`{0}` is not a query parameter name")]
+    QueryName(String),
     /// Both `path` and `grpc` were given.
     #[error("a match cannot have both `path` and `grpc` (a gRPC match is a path match)")]
     PathAndGrpc,
@@ -133,10 +152,16 @@ impl RequestMatch {
             .iter()
             .map(header_condition)
             .collect::<Result<_, _>>()?;
+        let query = m
+            .query
+            .iter()
+            .map(query_condition)
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             path,
             methods: m.methods.clone(),
             headers,
+            query,
         })
     }
 
@@ -146,19 +171,24 @@ impl RequestMatch {
             path: None,
             methods: Vec::new(),
             headers: Vec::new(),
+            query: Vec::new(),
         }
     }
 
     /// Whether `req` satisfies every condition.
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
-        self.matches_parts(req.method(), req.uri().path(), req.headers())
+        self.matches_parts(req.method(), req.uri(), req.headers())
     }
 
     /// [`matches`](Self::matches) on a request's parts.
-    pub fn matches_parts(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    pub fn matches_parts(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
-            && self.path.as_ref().is_none_or(|p| p.matches(path))
+            && self.path.as_ref().is_none_or(|p| p.matches(uri.path()))
             && self.headers.iter().all(|h| h.matches(headers))
+            && (self.query.is_empty() || {
+                let query = uri.query().unwrap_or("");
+                self.query.iter().all(|q| q.matches(query))
+            })
     }
 
     /// Whether the match has a path (or gRPC) condition.
@@ -168,7 +198,10 @@ impl RequestMatch {
 
     /// Whether the match holds for every request (no condition at all).
     pub fn is_any(&self) -> bool {
-        self.path.is_none() && self.methods.is_empty() && self.headers.is_empty()
+        self.path.is_none()
+            && self.methods.is_empty()
+            && self.headers.is_empty()
+            && self.query.is_empty()
     }
 }
 
@@ -198,6 +231,38 @@ fn header_condition(h: &HeaderMatch) -> Result<HeaderCondition, MatchError> {
         _ => ValueCondition::Present(false),
     };
     Ok(HeaderCondition { name, value })
+}
+
+fn query_condition(q: &QueryMatch) -> Result<QueryCondition, MatchError> {
+    if q.name.is_empty() || q.name.contains(['&', '=', '#']) {
+        return Err(MatchError::QueryName(q.name.clone()));
+    }
+    let value = match &q.value {
+        QueryValueMatch::Exact(v) => QueryValue::Exact(v.clone()),
+        QueryValueMatch::Regex(re) => QueryValue::Regex(anchored(re)?),
+        // A kind of match this does not know matches nothing.
+        #[allow(unreachable_patterns)]
+        _ => QueryValue::Exact("\0".into()),
+    };
+    Ok(QueryCondition {
+        name: q.name.clone(),
+        value,
+    })
+}
+
+impl QueryCondition {
+    /// The first value of the parameter, as sent (not decoded), must match.
+    fn matches(&self, query: &str) -> bool {
+        let first = query.split('&').find_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (name == self.name).then_some(value)
+        });
+        match (first, &self.value) {
+            (Some(v), QueryValue::Exact(want)) => v == want,
+            (Some(v), QueryValue::Regex(re)) => re.is_match(v),
+            (None, _) => false,
+        }
+    }
 }
 
 impl PathCondition {
@@ -281,7 +346,9 @@ fn is_dot_segment(segment: &[u8]) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use mesh_core::config::{GrpcMatch, HeaderMatch, HeaderValueMatch};
+    use mesh_core::config::{
+        GrpcMatch, HeaderMatch, HeaderValueMatch, QueryMatch, QueryValueMatch,
+    };
 
     fn req(method: Method, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut r = Request::builder().method(method).uri(uri);
@@ -404,6 +471,38 @@ mod tests {
         // Every value of a repeated header must match.
         let twice = [("x-env", "prod"), ("x-env", "dev"), ("x-user", "ann")];
         assert!(!m.matches(&req(Method::GET, "/", &twice)));
+    }
+
+    #[test]
+    fn query_parameters_match_their_first_value_with_case_sensitive_names() {
+        let m = RequestMatch::new(&RouteMatch {
+            query: vec![
+                QueryMatch {
+                    name: "v".into(),
+                    value: QueryValueMatch::Exact("2".into()),
+                },
+                QueryMatch {
+                    name: "id".into(),
+                    value: QueryValueMatch::Regex("[0-9]+".into()),
+                },
+            ],
+            ..RouteMatch::default()
+        })
+        .unwrap();
+        assert!(m.matches(&get("/x?v=2&id=42")));
+        assert!(m.matches(&get("/x?id=7&other&v=2")));
+        assert!(!m.matches(&get("/x?v=2")));
+        assert!(!m.matches(&get("/x?V=2&id=42")), "names are case-sensitive");
+        assert!(
+            !m.matches(&get("/x?v=2&id=42x")),
+            "regexes match the whole value"
+        );
+        assert!(
+            !m.matches(&get("/x?v=3&v=2&id=1")),
+            "the first value counts"
+        );
+        assert!(!m.matches(&get("/x")));
+        assert!(!m.is_any());
     }
 
     #[test]

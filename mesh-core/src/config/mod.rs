@@ -67,8 +67,8 @@ pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,
 };
 pub use self::route::{
-    BackendRef, FaultConfig, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, RouteConfig,
-    RouteMatch,
+    BackendRef, FaultConfig, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, QueryMatch,
+    QueryValueMatch, RouteConfig, RouteMatch,
 };
 pub use self::service::{
     BackoffConfig, BalancerConfig, BreakerConfig, BudgetConfig, ClassificationConfig,

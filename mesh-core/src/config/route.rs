@@ -57,6 +57,9 @@ pub struct RouteMatch {
     /// Headers, all of which must match. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
+    /// Query parameters, all of which must match. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<QueryMatch>,
     /// A gRPC service and method. Default: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcMatch>,
@@ -99,6 +102,30 @@ pub enum HeaderValueMatch {
     Regex(String),
     /// Present (`true`) or absent (`false`), whatever its value.
     Present(bool),
+}
+
+/// A match on one query parameter: `{ name = "version", exact = "2" }` or
+/// `{ name = "id", regex = "[0-9]+" }`. Names are case-sensitive and compared as sent
+/// (not percent-decoded); when a parameter is repeated, its first value counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatch {
+    /// The parameter's name (case-sensitive).
+    pub name: String,
+    /// The value condition.
+    #[serde(flatten)]
+    pub value: QueryValueMatch,
+}
+
+/// How a query parameter's value must look.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum QueryValueMatch {
+    /// Exactly this value.
+    Exact(String),
+    /// A regular expression matching the whole value.
+    Regex(String),
 }
 
 /// A match on a gRPC request's `/package.Service/Method` path.

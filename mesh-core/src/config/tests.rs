@@ -296,3 +296,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn query_matches_parse_and_are_validated() {
+    let config = MeshConfig::from_toml(
+        r#"
+        [authorization.p]
+        rules = [{ name = "a", clients = ["*"], routes = [{ query = [{ name = "v", exact = "2" }, { name = "id", regex = "[0-9]+" }] }] }]
+        "#,
+    )
+    .unwrap();
+    let query = &config.authorization["p"].rules[0].routes[0].query;
+    assert_eq!(query[0].name, "v");
+    assert_eq!(query[0].value, QueryValueMatch::Exact("2".into()));
+    assert_eq!(query[1].value, QueryValueMatch::Regex("[0-9]+".into()));
+    let errors = invalid(
+        r#"
+        [authorization.p]
+        rules = [{ name = "a", clients = ["*"], routes = [{ query = [{ name = "", exact = "x" }, { name = "a=b", regex = "(" }] }] }]
+        "#,
+    );
+    let expected = [
+        "authorization.p.rules[0].routes[0].query[0].name: `` is not a query parameter name",
+        "authorization.p.rules[0].routes[0].query[1].name: `a=b` is not a query parameter name",
+        "authorization.p.rules[0].routes[0].query[1].regex: invalid regex `(`",
+    ];
+    for want in expected {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+}

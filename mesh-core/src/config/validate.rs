@@ -450,6 +450,18 @@ impl Validator {
                 self.regex(format!("{hpath}.regex"), re);
             }
         }
+        for (i, q) in m.query.iter().enumerate() {
+            let qpath = format!("{path}.query[{i}]");
+            if q.name.is_empty() || q.name.contains(['&', '=', '#']) {
+                self.err(
+                    format!("{qpath}.name"),
+                    format!("`{}` is not a query parameter name", q.name),
+                );
+            }
+            if let QueryValueMatch::Regex(re) = &q.value {
+                self.regex(format!("{qpath}.regex"), re);
+            }
+        }
         if let Some(g) = &m.grpc {
             let valid =
                 |s: &str| !s.is_empty() && !s.contains('/') && !s.contains(char::is_whitespace);

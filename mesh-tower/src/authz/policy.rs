@@ -282,7 +282,7 @@ impl Policy {
         client: Option<&SpiffeId>,
         req: &http::Request<B>,
     ) -> Result<&AuthzDecision, Denied> {
-        self.decide_parts(client, req.method(), req.uri().path(), req.headers())
+        self.decide_parts(client, req.method(), req.uri(), req.headers())
     }
 
     /// [`decide`](Self::decide) on a request's parts.
@@ -290,7 +290,7 @@ impl Policy {
         &self,
         client: Option<&SpiffeId>,
         method: &Method,
-        path: &str,
+        uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Result<&AuthzDecision, Denied> {
         let admits = |rule: &&Rule| {
@@ -299,7 +299,7 @@ impl Policy {
                     || rule
                         .routes
                         .iter()
-                        .any(|m| m.matches_parts(method, path, headers)))
+                        .any(|m| m.matches_parts(method, uri, headers)))
         };
         let rule = match &self.index {
             Some(index) => index
