@@ -48,6 +48,8 @@ pub mod mock;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
 pub mod retry;
+#[cfg(feature = "route")]
+pub mod route;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod timeout;

@@ -191,6 +191,34 @@ impl RequestMatch {
             })
     }
 
+    /// How specific the match is, for route precedence (greater is more specific): the
+    /// path's kind and length (exact, then prefix by length, then regex, then none or
+    /// `/`; a gRPC method is an exact path, a service alone a prefix), whether it names
+    /// methods, and its numbers of header and query conditions.
+    pub fn specificity(&self) -> (u8, usize, bool, usize, usize) {
+        let (kind, len) = match &self.path {
+            Some(PathCondition::Exact(e)) => (4, e.len()),
+            Some(PathCondition::Grpc {
+                service,
+                method: Some(m),
+            }) => (4, service.len() + m.len()),
+            Some(PathCondition::Prefix(p)) if !p.is_empty() => (3, p.len()),
+            Some(PathCondition::Grpc {
+                service,
+                method: None,
+            }) => (3, service.len()),
+            Some(PathCondition::Regex(_)) => (2, 0),
+            Some(PathCondition::Prefix(_)) | None => (1, 0),
+        };
+        (
+            kind,
+            len,
+            !self.methods.is_empty(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+
     /// Whether the match has a path (or gRPC) condition.
     pub fn has_path(&self) -> bool {
         self.path.is_some()
