@@ -229,12 +229,12 @@ fn bad_routes_say_which_and_what() {
     assert!(e.starts_with("route `r`, matches[0]: invalid regex"), "{e}");
 }
 
+/// A matching (route, match): positions, match specificity, hostname rank.
+type Candidate = (usize, usize, (u8, usize, bool, usize, usize), usize);
+
 /// A reference: every (route, match) that matches, with its precedence, computed the
 /// slow way.
-fn candidates(
-    routes: &[RouteConfig],
-    req: &http::Request<()>,
-) -> Vec<(usize, usize, (u8, usize, bool, usize, usize), usize)> {
+fn candidates(routes: &[RouteConfig], req: &http::Request<()>) -> Vec<Candidate> {
     let host = req.uri().host().unwrap_or("").to_ascii_lowercase();
     let mut out = Vec::new();
     for (r, config) in routes.iter().enumerate() {
