@@ -8,34 +8,17 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mesh_core::SpiffeId;
-use mesh_core::config::{
-    AuthorizationPolicy, AuthorizationRule, DefaultAction, PathMatch, RouteMatch,
-};
+use mesh_core::config::{AuthorizationPolicy, DefaultAction};
 use mesh_tower::authz::Policy;
 use mesh_tower::matcher::RequestMatch;
 
-fn route(i: usize) -> RouteMatch {
-    RouteMatch {
-        path: Some(PathMatch::Prefix(format!("/api/v1/resource{i}"))),
-        methods: vec![http::Method::GET, http::Method::POST],
-        ..RouteMatch::default()
-    }
-}
+mod common;
+
+use common::workload_rules;
 
 /// `n` rules, each for its own workload and route.
 fn policy(n: usize) -> Policy {
-    let rules = (0..n)
-        .map(|i| AuthorizationRule {
-            name: format!("rule-{i}"),
-            clients: vec![
-                format!("spiffe://example.org/ns/prod/sa/client{i}")
-                    .parse()
-                    .unwrap(),
-            ],
-            unauthenticated: false,
-            routes: vec![route(i)],
-        })
-        .collect();
+    let rules = workload_rules(n);
     Policy::new(
         "bench",
         &AuthorizationPolicy {
@@ -47,7 +30,7 @@ fn policy(n: usize) -> Policy {
 }
 
 fn bench(c: &mut Criterion) {
-    let single = RequestMatch::new(&route(0)).unwrap();
+    let single = RequestMatch::new(&workload_rules(1)[0].routes[0]).unwrap();
     let first_req = http::Request::get("/api/v1/resource0/items/42")
         .body(())
         .unwrap();

@@ -36,25 +36,13 @@ use mesh_core::discover::StaticDiscovery;
 use mesh_tower::MeshClient;
 use mesh_tower::mock::{Behavior, MockEndpoint};
 
+mod common;
+
+use common::{cpu_ns, median};
+
 const SERVER_ENV: &str = "MESH_CPU_BENCH_SERVER";
 const REQUESTS: u64 = 20_000;
 const ROUNDS: usize = 11;
-
-/// On-CPU nanoseconds of every thread of this process.
-fn cpu_ns() -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let path = task.unwrap().path().join("schedstat");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
-}
 
 fn serve() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -74,11 +62,6 @@ fn serve() {
         .await
         .unwrap();
     });
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -39,29 +39,13 @@ use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::ratelimit::Limits;
 use mesh_tower::server::MeshServer;
 
+mod common;
+
+use common::{cpu_ns, median, workload_rules};
+
 const LOAD_ENV: &str = "MESH_SERVER_BENCH_LOAD";
 const REQUESTS: u64 = 10_000;
 const ROUNDS: usize = 9;
-
-fn cpu_ns() -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let path = task.unwrap().path().join("schedstat");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 async fn handler(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
@@ -89,21 +73,7 @@ fn load(addr: SocketAddr, n: u64) {
 
 /// 99 rules for other clients and routes, then one that admits this traffic.
 fn policy() -> Policy {
-    let mut rules: Vec<AuthorizationRule> = (0..99)
-        .map(|i| AuthorizationRule {
-            name: format!("rule-{i}"),
-            clients: vec![
-                format!("spiffe://example.org/ns/prod/sa/client{i}")
-                    .parse()
-                    .unwrap(),
-            ],
-            unauthenticated: false,
-            routes: vec![RouteMatch {
-                path: Some(PathMatch::Prefix(format!("/api/v1/resource{i}"))),
-                ..RouteMatch::default()
-            }],
-        })
-        .collect();
+    let mut rules = workload_rules(99);
     rules.push(AuthorizationRule {
         name: "bench".into(),
         clients: vec![],

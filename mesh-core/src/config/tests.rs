@@ -7,6 +7,18 @@ use crate::classify::{Code, StatusSet};
 
 const EXAMPLE: &str = include_str!("../../../examples/config/mesh.toml");
 
+/// `errors` are exactly `expected`, each matched by its start.
+fn assert_exactly(errors: &[String], expected: &[&str]) {
+    for want in expected {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+}
+
 fn invalid(text: &str) -> Vec<String> {
     match MeshConfig::from_toml(text) {
         Err(ConfigError::Invalid { errors, .. }) => {
@@ -151,14 +163,7 @@ fn every_validation_error_is_reported_with_its_path() {
         "inbound[0].tls: mtls needs an [identity] section",
         "inbound[0].authorization: no authorization policy named `missing`",
     ];
-    for want in expected {
-        assert!(
-            errors.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in:\n{}",
-            errors.join("\n")
-        );
-    }
-    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+    assert_exactly(&errors, &expected);
 }
 
 #[test]
@@ -205,14 +210,7 @@ fn references_names_and_listeners() {
         "rate_limits.\"bad name!\".total.per: must be greater than zero",
         "rate_limits.\"bad name!\".total.burst: must be at least 1",
     ];
-    for want in expected {
-        assert!(
-            errors.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in:\n{}",
-            errors.join("\n")
-        );
-    }
-    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+    assert_exactly(&errors, &expected);
 }
 
 #[test]
@@ -321,12 +319,5 @@ fn query_matches_parse_and_are_validated() {
         "authorization.p.rules[0].routes[0].query[1].name: `a=b` is not a query parameter name",
         "authorization.p.rules[0].routes[0].query[1].regex: invalid regex `(`",
     ];
-    for want in expected {
-        assert!(
-            errors.iter().any(|e| e.starts_with(want)),
-            "missing {want:?} in:\n{}",
-            errors.join("\n")
-        );
-    }
-    assert_eq!(errors.len(), expected.len(), "{}", errors.join("\n"));
+    assert_exactly(&errors, &expected);
 }
