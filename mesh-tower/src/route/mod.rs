@@ -24,6 +24,9 @@
 //!    query matches;
 //! 4. then route order, then match order within the route.
 //!
+//! **Weighted backends**: a [`WeightedSplit`] picks a route's backend by weight with one
+//! random draw (weights of 0 allowed, all 0 refused).
+//!
 //! Selection looks up the request's exact host and its wildcard suffixes (longest
 //! first), then the any-host routes, and takes the first match in each bucket's
 //! precedence order: the first hit is the answer.
@@ -53,6 +56,8 @@ mod error;
 mod table;
 #[cfg(test)]
 mod tests;
+mod weighted;
 
 pub use self::error::RouteError;
 pub use self::table::{RouteTable, Selected};
+pub use self::weighted::{SplitError, WeightedSplit};
