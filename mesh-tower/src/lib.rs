@@ -33,13 +33,15 @@ pub mod authz;
 pub mod backoff;
 #[cfg(feature = "balance")]
 pub mod balance;
-#[cfg(any(feature = "authz", feature = "ratelimit"))]
+#[cfg(any(feature = "authz", feature = "fault", feature = "ratelimit"))]
 pub mod body;
 #[cfg(feature = "breaker")]
 pub mod breaker;
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub mod client;
 pub mod connect;
+#[cfg(feature = "fault")]
+pub mod fault;
 pub mod load;
 pub mod matcher;
 pub mod metrics;
