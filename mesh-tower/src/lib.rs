@@ -19,14 +19,18 @@
 //! - [`connect`]: per-endpoint HTTP/1.1 and HTTP/2 connections on hyper 1, plaintext or
 //!   SPIFFE mTLS, with a connect timeout and readiness that follows connection health;
 //! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
+//! - [`route`] (feature `route`): HTTPRoute / GRPCRoute route tables with Gateway API
+//!   precedence, and weighted splits; [`fault`] (feature `fault`): delay and abort
+//!   injection; [`matcher`]: the compiled request matches both use;
+//! - [`authz`] (feature `authz`), [`ratelimit`] (feature `ratelimit`) and
+//!   [`metrics::server`]: the inbound layers — authorization by identity and route, GCRA
+//!   rate limits, inbound metrics;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
-//! [`MeshClient`] composes them into the whole client stack for one service; its
-//! [module docs](client) show the stack top to bottom.
-//!
-//! The server side (`MeshServer`: authorization, local rate limiting) is tracked on the
-//! project's server-side issue. The crate builds on `mesh-core` and `mesh-spiffe` and never
-//! depends on tonic.
+//! [`MeshClient`] composes the client layers into the whole client stack for one service;
+//! its [module docs](client) show the stack top to bottom. [`server::MeshServer`] (feature
+//! `server`) serves an application over SPIFFE mTLS with the inbound layers. The crate
+//! builds on `mesh-core` and `mesh-spiffe` and never depends on tonic.
 
 #[cfg(feature = "authz")]
 pub mod authz;
