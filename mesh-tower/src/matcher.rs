@@ -413,6 +413,8 @@ mod tests {
         assert!(!slash.matches(&get("/apix")));
         let root = path(PathMatch::Prefix("/".into()));
         assert!(root.matches(&get("/")) && root.matches(&get("/anything/at/all")));
+        // The asterisk form (`OPTIONS *`) is no path under `/` (found by fuzzing).
+        assert!(!root.matches(&get("*")));
     }
 
     #[test]
