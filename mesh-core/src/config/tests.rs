@@ -321,3 +321,25 @@ fn query_matches_parse_and_are_validated() {
     ];
     assert_exactly(&errors, &expected);
 }
+
+#[test]
+fn fault_aborts_need_a_final_status_and_ratios_in_range() {
+    let errors = invalid(
+        r#"
+        [services.users]
+        discovery = { kind = "static", endpoints = [{ addr = "127.0.0.1:8080" }] }
+        tls = "plaintext"
+        [[routes]]
+        name = "r"
+        backends = [{ service = "users" }]
+        fault = { abort_status = 103, abort_ratio = 1.5 }
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "routes[0].fault.abort_ratio:",
+            "routes[0].fault.abort_status: must be a final HTTP status from 200 to 599 (got 103)",
+        ],
+    );
+}

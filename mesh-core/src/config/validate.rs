@@ -419,12 +419,13 @@ impl Validator {
             }
             self.ratio(format!("{fpath}.delay_ratio"), f.delay_ratio);
             self.ratio(format!("{fpath}.abort_ratio"), f.abort_ratio);
+            // A 1xx status is not a final answer: an abort must end the exchange.
             if let Some(status) = f.abort_status
-                && !(100..=599).contains(&status)
+                && !(200..=599).contains(&status)
             {
                 self.err(
                     format!("{fpath}.abort_status"),
-                    format!("must be an HTTP status from 100 to 599 (got {status})"),
+                    format!("must be a final HTTP status from 200 to 599 (got {status})"),
                 );
             }
         }
