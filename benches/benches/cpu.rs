@@ -10,12 +10,12 @@
 //!
 //! ```text
 //! cargo bench -p mesh-benches --bench cpu
-//! benches/cpu-instructions.sh        # the same, counted in instructions under callgrind
+//! benches/instructions.sh client     # the same, counted in instructions under callgrind
 //! ```
 //!
 //! With `MESH_CPU_BENCH_ONLY=bare` or `=mesh` (and `MESH_CPU_BENCH_REQUESTS=N`) it runs
 //! only that client, for N requests after the warm-up, and prints nothing: the mode
-//! `cpu-instructions.sh` counts under callgrind, where timing would mean nothing.
+//! `benches/instructions.sh client` counts under callgrind, where timing would mean nothing.
 #![allow(
     missing_docs,
     clippy::unwrap_used,

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo bench -p mesh-benches --bench server_cpu
-//! benches/server-instructions.sh     # the same, counted in instructions under callgrind
+//! benches/instructions.sh server     # the same, counted in instructions under callgrind
 //! ```
 #![allow(
     missing_docs,
@@ -157,7 +157,7 @@ fn main() {
     };
     run(bare_addr, REQUESTS / 10);
     run(mesh_addr, REQUESTS / 10);
-    // One server only, for N requests, printing nothing: what `server-instructions.sh`
+    // One server only, for N requests, printing nothing: what `benches/instructions.sh server`
     // counts under callgrind (the load child is not traced).
     if let Ok(only) = std::env::var("MESH_SERVER_BENCH_ONLY") {
         let n = std::env::var("MESH_SERVER_BENCH_REQUESTS")

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::Response;
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::error::BoxError;
 use pin_project_lite::pin_project;
@@ -155,4 +155,32 @@ where
             },
         }
     }
+}
+
+/// A layer's own answer to a gRPC request: trailers-only (HTTP 200, `grpc-status` and
+/// `grpc-message` in the only header block, no message).
+pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    response
+}
+
+/// A layer's own answer to an HTTP request: `status` with a plain-text body.
+pub(crate) fn text_answer<B>(
+    status: StatusCode,
+    text: impl Into<Bytes>,
+) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::local(text.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

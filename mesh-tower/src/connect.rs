@@ -713,14 +713,7 @@ pin_project! {
 
 impl<B> Body<B> {
     fn give_back(&mut self) {
-        if let Some(CheckIn {
-            sender,
-            peer,
-            shared,
-        }) = self.back.take()
-        {
-            shared.check_in(sender, peer);
-        }
+        give_back(&mut self.back);
     }
 }
 

@@ -2,13 +2,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use mesh_spiffe::PeerIdentity;
 use tower_service::Service;
 
 use super::layer::Counters;
 use super::{Policy, ResponseFuture};
-use crate::body::ResponseBody;
+use crate::body::{ResponseBody, grpc_answer, text_answer};
 
 /// Authorizes each request by its peer's identity and its route; see the
 /// [module docs](super).
@@ -114,30 +114,9 @@ where
 /// (HTTP 200, `grpc-status: 7` in the only header block). Names no rule: what the
 /// policy allows is not the client's to learn.
 pub(super) fn refusal<B>(grpc: bool) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(if grpc {
-        ResponseBody::empty()
-    } else {
-        ResponseBody::local(Bytes::from_static(b"forbidden\n"))
-    });
-    if !grpc {
-        *response.status_mut() = StatusCode::FORBIDDEN;
-    }
-    let headers = response.headers_mut();
     if grpc {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static("7"));
-        headers.insert(
-            "grpc-message",
-            HeaderValue::from_static("permission denied"),
-        );
+        grpc_answer(7, "permission denied")
     } else {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        text_answer(StatusCode::FORBIDDEN, Bytes::from_static(b"forbidden\n"))
     }
-    response
 }

@@ -87,7 +87,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 pub use self::error::InvalidFault;
 pub use self::future::ResponseFuture;
@@ -188,27 +188,8 @@ pub(crate) struct Abort {
 impl Abort {
     fn response<B>(self) -> Response<ResponseBody<B>> {
         let mut response = match self.grpc {
-            Some(code) => {
-                let mut response = Response::new(ResponseBody::empty());
-                let headers = response.headers_mut();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-                headers.insert("grpc-status", HeaderValue::from(code));
-                headers.insert("grpc-message", HeaderValue::from_static("fault injected"));
-                response
-            }
-            None => {
-                let mut response =
-                    Response::new(ResponseBody::local(Bytes::from_static(b"fault injected\n")));
-                *response.status_mut() = self.status;
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
-                response
-            }
+            Some(code) => crate::body::grpc_answer(code, "fault injected"),
+            None => crate::body::text_answer(self.status, Bytes::from_static(b"fault injected\n")),
         };
         let headers = response.headers_mut();
         if self.delayed {

@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::Limits;
 use super::limits::Refusal;
-use crate::body::{ResponseBody, ResponseFuture};
+use crate::body::{ResponseBody, ResponseFuture, grpc_answer, text_answer};
 
 /// Admits requests within their client's and the total limit; see the
 /// [module docs](super).
@@ -99,32 +99,25 @@ fn whole_seconds(wait: Duration) -> u64 {
 fn refusal_response<B>(refusal: &Refusal<'_>, grpc: bool) -> Response<ResponseBody<B>> {
     let secs = whole_seconds(refusal.wait);
     let limit = refusal.limit;
-    let mut response = Response::new(if grpc {
-        ResponseBody::empty()
-    } else {
-        ResponseBody::local(Bytes::from_static(b"rate limited\n"))
-    });
-    if !grpc {
-        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    }
-    let headers = response.headers_mut();
     let value = |s: String| HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static("1"));
-    if grpc {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-        headers.insert("grpc-message", HeaderValue::from_static("rate limited"));
+    let mut response = if grpc {
+        let mut response = grpc_answer(8, "rate limited");
         let ms = refusal.wait.as_millis().max(1);
-        headers.insert("grpc-retry-pushback-ms", value(ms.to_string()));
+        response
+            .headers_mut()
+            .insert("grpc-retry-pushback-ms", value(ms.to_string()));
+        response
     } else {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
+        let mut response = text_answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            Bytes::from_static(b"rate limited\n"),
         );
-    }
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+    };
+    let headers = response.headers_mut();
     headers.insert(
         "ratelimit-policy",
         value(format!(

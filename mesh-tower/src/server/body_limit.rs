@@ -2,12 +2,11 @@
 
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::{ResponseBody, ResponseFuture};
+use crate::body::{ResponseBody, ResponseFuture, text_answer};
 
 /// Answers 413 to a request whose declared size (`Content-Length`, as hyper read it)
 /// exceeds `max`; passes every other request on.
@@ -36,15 +35,11 @@ where
             && size > max
         {
             tracing::debug!(size, max, "request body over the bound");
-            let mut response = Response::new(ResponseBody::local(Bytes::from(format!(
-                "request body of {size} bytes exceeds the limit of {max}\n"
-            ))));
-            *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
+            let mut response = text_answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {size} bytes exceeds the limit of {max}\n"),
             );
+            let headers = response.headers_mut();
             // The body is not read: the connection cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             return ResponseFuture::local(response);
