@@ -119,7 +119,7 @@ enum Host<'a> {
     Name(&'a str),
     /// No host: only routes for any host apply.
     Absent,
-    /// A `Host` header that is not `host[:port]`, or a host with an empty label.
+    /// A `Host` header that is not `host[:port]`.
     Malformed,
 }
 
@@ -158,8 +158,9 @@ fn request_host<B>(req: &Request<B>) -> Host<'_> {
     if name.is_empty() || name.len() > 253 {
         return Host::Absent;
     }
+    // A name with an empty label is no hostname: only routes for any host apply.
     if !is_name(name) {
-        return Host::Malformed;
+        return Host::Absent;
     }
     Host::Name(name)
 }

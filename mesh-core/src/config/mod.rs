@@ -67,8 +67,8 @@ pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,
 };
 pub use self::route::{
-    BackendRef, FaultConfig, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch, QueryMatch,
-    QueryValueMatch, RouteConfig, RouteMatch,
+    BackendRef, FaultConfig, FaultHeader, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch,
+    QueryMatch, QueryValueMatch, RouteConfig, RouteMatch,
 };
 pub use self::service::{
     BackoffConfig, BalancerConfig, BreakerConfig, BudgetConfig, ClassificationConfig,
@@ -90,7 +90,8 @@ pub struct MeshConfig {
     /// Outbound services by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
-    /// Outbound routes, matched in order; the first match wins.
+    /// Outbound routes, selected by Gateway API precedence (the most specific hostname,
+    /// then path, method, header and query matches), ties by their order here.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     /// Inbound listeners: mTLS from peers, then authorization and rate limiting, to the

@@ -176,9 +176,34 @@ pub struct FaultConfig {
     /// The HTTP status returned instead of sending the request. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_status: Option<u16>,
-    /// The share of requests aborted, 0 to 1. Default: 1 when `abort_status` is set.
+    /// The share of requests aborted, 0 to 1. Default: 1 when `abort_status` or
+    /// `abort_grpc_code` is set.
     #[serde(default = "one")]
     pub abort_ratio: f64,
+    /// The gRPC code (1 to 16) aborted gRPC requests get, in a trailers-only answer.
+    /// Default: the one `abort_status` maps to (503: 14 `UNAVAILABLE`); set alone, it
+    /// aborts gRPC requests with it and others with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_grpc_code: Option<u16>,
+    /// Fault only requests carrying this header (with this value, when given), for
+    /// targeted tests. Default: every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<FaultHeader>,
+}
+
+/// The header that selects the requests a fault applies to.
+///
+/// ```toml
+/// fault = { abort_status = 503, header = { name = "x-chaos", value = "on" } }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultHeader {
+    /// The header's name (case-insensitive).
+    pub name: String,
+    /// Its value, exactly. Default: any value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 fn one() -> f64 {

@@ -411,11 +411,35 @@ impl Validator {
         }
         if let Some(f) = &r.fault {
             let fpath = format!("{path}.fault");
-            if f.delay.is_none() && f.abort_status.is_none() {
+            if f.delay.is_none() && f.abort_status.is_none() && f.abort_grpc_code.is_none() {
                 self.err(
                     &fpath,
-                    "injects nothing: set `delay`, `abort_status` or both",
+                    "injects nothing: set `delay`, `abort_status` or `abort_grpc_code`",
                 );
+            }
+            if let Some(code) = f.abort_grpc_code
+                && !(1..=16).contains(&code)
+            {
+                self.err(
+                    format!("{fpath}.abort_grpc_code"),
+                    format!("must be a gRPC error code from 1 to 16 (got {code})"),
+                );
+            }
+            if let Some(h) = &f.header {
+                if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                    self.err(
+                        format!("{fpath}.header.name"),
+                        format!("`{}` is not a header name", h.name),
+                    );
+                }
+                if let Some(value) = &h.value
+                    && http::HeaderValue::from_str(value).is_err()
+                {
+                    self.err(
+                        format!("{fpath}.header.value"),
+                        "is not a header value (control characters?)",
+                    );
+                }
             }
             self.ratio(format!("{fpath}.delay_ratio"), f.delay_ratio);
             self.ratio(format!("{fpath}.abort_ratio"), f.abort_ratio);

@@ -1,7 +1,7 @@
 //! The fault layer's configuration errors.
 
 /// A [`FaultConfig`](mesh_core::config::FaultConfig) that cannot be injected.
-#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidFault {
     /// `abort_status` is not a final HTTP status (200 to 599, as Envoy requires).
@@ -15,4 +15,10 @@ pub enum InvalidFault {
         /// The value given.
         value: f64,
     },
+    /// `abort_grpc_code` is not a gRPC error code (1 to 16).
+    #[error("fault abort_grpc_code {0} is not a gRPC error code from 1 to 16")]
+    AbortGrpcCode(u16),
+    /// The `header` that selects faulted requests is not a header name and value.
+    #[error("fault header `{0}` is not a header name (and value)")]
+    Header(String),
 }

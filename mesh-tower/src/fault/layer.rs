@@ -56,8 +56,12 @@ impl FaultLayer {
     /// Compiles `config`: its `delay` for `delay_ratio` of requests, its `abort_status`
     /// for `abort_ratio` of them (a gRPC request gets the mapped gRPC code).
     ///
-    /// Fails on an `abort_status` outside 200 to 599 or a ratio outside 0 to 1 (the
-    /// ratio of an absent delay or abort is not checked).
+    /// With `abort_grpc_code`, gRPC requests get that code; with `header`, only requests
+    /// carrying it are faulted.
+    ///
+    /// Fails on an `abort_status` outside 200 to 599, an `abort_grpc_code` outside 1 to
+    /// 16, a `header` that is not a header name (and value), or a ratio outside 0 to 1
+    /// (the ratio of an absent delay or abort is not checked).
     pub fn from_config(config: &FaultConfig) -> Result<Self, InvalidFault> {
         let ratio = |field, value: f64| {
             if (0.0..=1.0).contains(&value) {
@@ -76,6 +80,25 @@ impl FaultLayer {
                 .filter(|s| (200..600).contains(&s.as_u16()))
                 .ok_or(InvalidFault::AbortStatus(status))?;
             layer = layer.abort(code, ratio("abort_ratio", config.abort_ratio)?);
+        }
+        if let Some(code) = config.abort_grpc_code {
+            if !(1..=16).contains(&code) {
+                return Err(InvalidFault::AbortGrpcCode(code));
+            }
+            let abort_ratio = ratio("abort_ratio", config.abort_ratio)?;
+            layer = layer.abort_grpc_code(code);
+            Arc::make_mut(&mut layer.config).abort_ratio = Ratio::new(abort_ratio);
+        }
+        if let Some(header) = &config.header {
+            let bad = || InvalidFault::Header(header.name.clone());
+            let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| bad())?;
+            layer = match &header.value {
+                None => layer.only_with_header(name),
+                Some(value) => {
+                    let value = HeaderValue::from_str(value).map_err(|_| bad())?;
+                    layer.only_with_header_value(name, value)
+                }
+            };
         }
         Ok(layer)
     }

@@ -159,7 +159,7 @@ pub(crate) enum Dice {
 }
 
 impl Dice {
-    fn roll(&self) -> u64 {
+    pub(crate) fn roll(&self) -> u64 {
         const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
         match self {
             Self::Thread => fastrand::u64(..),

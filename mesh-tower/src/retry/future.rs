@@ -16,8 +16,8 @@ use tower_service::Service;
 use super::body::{Collect, Prepared, Start};
 use super::error::{BudgetExhausted, NoElsewhere};
 use super::layer::Shared;
-use super::{Elsewhere, ReplayBody, Retried};
-use crate::timeout::{Deadline, TryTimeout};
+use super::{Elsewhere, ReplayBody, Retried, RetryBudget, RetryOverride, RetryPolicy};
+use crate::timeout::{Deadline, TimeoutOverride, TryTimeout};
 
 pin_project! {
     #[project = StateProj]
@@ -39,6 +39,10 @@ pin_project! {
         state: State<F>,
         service: S,
         shared: Arc<Shared>,
+        // A route's policy and budget, in place of the service's.
+        route: Option<RetryOverride>,
+        // A route's timeouts, carried to every try (the first takes the extensions).
+        timeouts: Option<TimeoutOverride>,
         head: Parts,
         extensions: Option<Extensions>,
         // Boxed: only bodies that are collected need it.
@@ -73,12 +77,12 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
         B::Error: Into<BoxError>,
     {
         let (mut head, body) = req.into_parts();
-        let policy = &shared.policy;
-        let extensions = Some(std::mem::take(&mut head.extensions));
-        let carried = extensions
-            .as_ref()
-            .and_then(|e| e.get::<Deadline>())
-            .map(|d| d.0);
+        let extensions = std::mem::take(&mut head.extensions);
+        let carried = extensions.get::<Deadline>().map(|d| d.0);
+        let route = extensions.get::<RetryOverride>().cloned();
+        let timeouts = extensions.get::<TimeoutOverride>().copied();
+        let extensions = Some(extensions);
+        let policy = policy_of(&shared, &route);
         let deadline = match (carried, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -86,7 +90,7 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
         let (state, collect, body) = if policy.max_retries == 0 {
             (State::Ready, None, super::body::once(body))
         } else {
-            shared.budget.deposit();
+            budget_of(&shared, &route).deposit();
             match super::body::start(body, policy.max_replay_body) {
                 Start::Done(prepared) => (State::Ready, None, prepared),
                 Start::Collect(c) => (State::Collecting, Some(Box::new(c)), Prepared::Once(None)),
@@ -97,6 +101,8 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             state,
             service,
             shared,
+            route,
+            timeouts,
             head,
             extensions,
             collect,
@@ -169,15 +175,20 @@ where
                     *req.uri_mut() = this.head.uri.clone();
                     *req.version_mut() = this.head.version;
                     let last = !this.body.is_replayable()
-                        || *this.retries >= this.shared.policy.max_retries;
+                        || *this.retries >= policy_of(this.shared, this.route).max_retries;
                     // A try that cannot be followed by another takes the headers.
                     *req.headers_mut() = if last {
                         std::mem::take(&mut this.head.headers)
                     } else {
                         this.head.headers.clone()
                     };
-                    if let Some(ext) = this.extensions.take() {
-                        *req.extensions_mut() = ext;
+                    match this.extensions.take() {
+                        Some(ext) => *req.extensions_mut() = ext,
+                        None => {
+                            if let Some(timeouts) = *this.timeouts {
+                                req.extensions_mut().insert(timeouts);
+                            }
+                        }
                     }
                     if *this.retries > 0 {
                         req.extensions_mut().insert(Retried);
@@ -216,13 +227,13 @@ fn decide<S, F, RB>(
     outcome: Result<Response<RB>, BoxError>,
 ) -> Next<Response<RB>> {
     let shared: &Shared = this.shared;
-    let policy = &shared.policy;
+    // The service's classification; the route's policy, if it has one.
+    let classifier = &shared.policy.classifier;
+    let policy = policy_of(shared, this.route);
     let was_elsewhere = std::mem::replace(this.elsewhere, false);
     let (retryable, pushback) = match &outcome {
         Ok(resp) => {
-            let class = policy
-                .classifier
-                .classify_response(resp.status(), resp.headers());
+            let class = classifier.classify_response(resp.status(), resp.headers());
             let pushback =
                 || mesh_core::classify::pushback(resp.headers(), SystemTime::now(), Duration::MAX);
             match class {
@@ -238,7 +249,7 @@ fn decide<S, F, RB>(
                         && this.kept.is_none()
                         && pushback != Pushback::DoNotRetry
                         && may_retry(this)
-                        && withdraw(shared, this.retries)
+                        && withdraw(shared, this.route, this.retries)
                     {
                         // Try once, at once, on an endpoint that is not rate limiting.
                         tracing::debug!("rate limited: retrying on another endpoint");
@@ -281,7 +292,7 @@ fn decide<S, F, RB>(
     if this.deadline.is_some_and(|at| Instant::now() + delay >= at) {
         return Next::Done(outcome);
     }
-    if !withdraw(shared, this.retries) {
+    if !withdraw(shared, this.route, this.retries) {
         tracing::debug!("retry budget exhausted");
         return Next::Done(outcome.map_err(|e| BudgetExhausted(e).into()));
     }
@@ -291,12 +302,24 @@ fn decide<S, F, RB>(
 
 /// Whether the request may have another try at all.
 fn may_retry<S, F, RB>(this: &Proj<'_, S, F, RB>) -> bool {
-    this.body.is_replayable() && *this.retries < this.shared.policy.max_retries
+    this.body.is_replayable() && *this.retries < policy_of(this.shared, this.route).max_retries
 }
 
-/// Takes a retry from the budget, counting it.
-fn withdraw(shared: &Shared, retries: &mut u32) -> bool {
-    if !shared.budget.withdraw() {
+/// The route's policy, or else the service's.
+fn policy_of<'a>(shared: &'a Shared, route: &'a Option<RetryOverride>) -> &'a RetryPolicy {
+    route.as_ref().map_or(&shared.policy, RetryOverride::policy)
+}
+
+/// The route's budget, or else the service's.
+fn budget_of<'a>(shared: &'a Shared, route: &'a Option<RetryOverride>) -> &'a RetryBudget {
+    route
+        .as_ref()
+        .map_or(&*shared.budget, RetryOverride::budget)
+}
+
+/// Takes a retry from the budget, counting it (in the service's counters).
+fn withdraw(shared: &Shared, route: &Option<RetryOverride>, retries: &mut u32) -> bool {
+    if !budget_of(shared, route).withdraw() {
         if let Some(c) = &shared.exhausted {
             c.inc();
         }

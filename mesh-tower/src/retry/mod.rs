@@ -94,3 +94,37 @@ pub struct Retried;
 /// a rate-limited answer; honoured by [`crate::balance::Balance`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Elsewhere;
+
+/// A request extension that replaces, for this request, the policy and budget of the
+/// [`Retry`] it passes through: how a route's retry settings apply on top of a backend
+/// service's (see [`crate::route`]). What counts as a failure stays the service's: the
+/// service's [`Classifier`](mesh_core::classify::Classifier) still classifies answers.
+/// Cheap to clone; clones share the budget.
+///
+/// ```
+/// use mesh_tower::retry::{RetryBudget, RetryOverride, RetryPolicy};
+///
+/// let route = RetryOverride::new(RetryPolicy { max_retries: 5, ..RetryPolicy::default() }, RetryBudget::default());
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(route.clone());
+/// assert_eq!(req.extensions().get::<RetryOverride>().map(|r| r.policy().max_retries), Some(5));
+/// ```
+#[derive(Clone, Debug)]
+pub struct RetryOverride(std::sync::Arc<(RetryPolicy, RetryBudget)>);
+
+impl RetryOverride {
+    /// Retries by `policy` within `budget` instead of the service's.
+    pub fn new(policy: RetryPolicy, budget: RetryBudget) -> Self {
+        Self(std::sync::Arc::new((policy, budget)))
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.0.0
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.0.1
+    }
+}

@@ -26,3 +26,23 @@ pub enum RouteError {
         host: String,
     },
 }
+
+/// Why a [`Routes`](super::Routes) set cannot be built.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouterError {
+    /// The route table (a match or a hostname).
+    #[error(transparent)]
+    Table(#[from] RouteError),
+    /// A route's backends, weights, retry or fault settings.
+    #[error("route `{route}`: {reason}")]
+    Route {
+        /// The route.
+        route: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The default backend is not one of the backends.
+    #[error("default backend: no backend named `{0}`")]
+    DefaultBackend(String),
+}

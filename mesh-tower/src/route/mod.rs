@@ -31,6 +31,43 @@
 //! first), then the any-host routes, and takes the first match in each bucket's
 //! precedence order: the first hit is the answer.
 //!
+//! # The `Router`
+//!
+//! A [`Router`] sends each request to a backend of its route. Its [`Routes`] are built
+//! once from `RouteConfig`s and named backends — any `Service` that is `Clone`, typically
+//! a [`MeshClient`](crate::MeshClient) per `[services.NAME]` — and every reference is
+//! checked then: an unknown backend, all-zero weights, a bad regex, fault or retry
+//! setting is an error naming the route. Per request:
+//!
+//! 1. **Select** the route ([`RouteTable::select`]). No route: the default backend
+//!    ([`RoutesBuilder::default_backend`]) if set, else 404 with a short text body, or,
+//!    for a gRPC request, a trailers-only `UNIMPLEMENTED` (12), as the Gateway API and
+//!    gRPC expect. Nothing reaches a backend.
+//! 2. **Pick** a backend by weight ([`WeightedSplit`]): one draw from the thread's
+//!    generator, or from a splitmix64 sequence with [`RoutesBuilder::seed`].
+//! 3. **Policy**: a route's `retry` and `timeout` replace the backend's own for this
+//!    request, carried as the [`RetryOverride`](crate::retry::RetryOverride) and
+//!    [`TimeoutOverride`](crate::timeout::TimeoutOverride) request extensions, which this
+//!    crate's [`Retry`](crate::retry::Retry) and [`Timeout`](crate::timeout::Timeout)
+//!    layers (so every `MeshClient`) honour. A route's retry budget is its own, shared by
+//!    its requests; what counts as a failure stays the backend's classification. A
+//!    timeout field the route leaves unset keeps the backend's.
+//! 4. **Faults**: a route's `fault` ([`crate::fault`]) wraps that route's backends only:
+//!    delays and aborts for a share of its requests, optionally only those carrying a
+//!    header, under the fault layer's cap on active faults.
+//! 5. **Send** on a clone of the backend, awaiting its readiness in the response future,
+//!    inside a `route` span naming the route and backend. With [`RouteMetrics`], requests
+//!    are counted by route and backend and answers by route and status class.
+//!
+//! [`Router::replace`] swaps in a new route set atomically (`arc-swap`): requests are
+//! routed by the set current when they are called and finish on the backend they were
+//! sent to, so a reload drops nothing. [`RouterLayer`] is the same router with the
+//! wrapped service as its default backend.
+//!
+//! The request path reads the current set without a lock, selects without allocating,
+//! and clones one backend; a route with a retry or timeout override adds its
+//! extensions to the request.
+//!
 //! ```
 //! use mesh_core::config::{BackendRef, PathMatch, RouteConfig, RouteMatch};
 //! use mesh_tower::route::RouteTable;
@@ -53,11 +90,17 @@
 //! ```
 
 mod error;
+mod metrics;
+mod router;
+#[cfg(test)]
+mod router_tests;
 mod table;
 #[cfg(test)]
 mod tests;
 mod weighted;
 
-pub use self::error::RouteError;
+pub use self::error::{RouteError, RouterError};
+pub use self::metrics::RouteMetrics;
+pub use self::router::{ResponseFuture, Router, RouterLayer, Routes, RoutesBuilder};
 pub use self::table::{RouteTable, Selected};
 pub use self::weighted::{SplitError, WeightedSplit};

@@ -11,7 +11,7 @@ use super::error::RouteError;
 use crate::matcher::RequestMatch;
 
 /// A set of routes compiled for selection; see the [module docs](super).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RouteTable {
     /// Entries of routes naming the host exactly, by lowercase host.
     exact: HashMap<String, Vec<Entry>>,
@@ -24,7 +24,7 @@ pub struct RouteTable {
     names: Vec<Arc<str>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
     route: usize,
     index: usize,
@@ -169,8 +169,11 @@ fn request_host<'b, B>(req: &Request<B>, buf: &'b mut [u8; MAX_HOST]) -> Option<
             }
         }
     };
-    let raw = raw.trim_end_matches('.');
-    if raw.is_empty() || raw.len() > MAX_HOST {
+    // One trailing dot (a fully qualified name) is the same name. A name with an empty
+    // label (`.example.org`, `a..example.org`) is no hostname: no wildcard may take it
+    // as a label, so it gets the routes for any host only.
+    let raw = raw.strip_suffix('.').unwrap_or(raw);
+    if raw.is_empty() || raw.len() > MAX_HOST || raw.starts_with('.') || raw.contains("..") {
         return None;
     }
     let out = &mut buf[..raw.len()];

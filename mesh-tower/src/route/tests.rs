@@ -174,6 +174,19 @@ fn hostnames_exact_then_longest_wildcard_then_any() {
         .body(())
         .unwrap();
     assert_eq!(select(&t, req).as_deref(), Some("exact"));
+    // A fully qualified name is the same name; an empty label is no hostname, so no
+    // wildcard takes it as a label (found by the route_select fuzz target).
+    assert_eq!(
+        select(&t, get("http://api.example.org./")).as_deref(),
+        Some("exact")
+    );
+    for host in [".example.org", "a..example.org", "api.example.org.."] {
+        let req = http::Request::get("/")
+            .header("host", host)
+            .body(())
+            .unwrap();
+        assert_eq!(select(&t, req).as_deref(), Some("any"), "{host}");
+    }
     // A more specific hostname wins over a more specific path.
     let t = RouteTable::new(&[
         route("any-deep", &[], vec![path(PathMatch::Exact("/a/b".into()))]),

@@ -63,11 +63,21 @@ impl WeightedSplit {
 
     /// One backend's index, drawn by weight.
     pub fn pick(&self, rng: &mut fastrand::Rng) -> usize {
+        if self.cumulative.len() == 1 {
+            return 0;
+        }
+        self.pick_from(rng.u64(..))
+    }
+
+    /// One backend's index for `draw`, a uniformly random `u64`: the draw is scaled to
+    /// the total weight (a multiply and a shift, with a bias below total / 2^64).
+    pub fn pick_from(&self, draw: u64) -> usize {
         let total = self.cumulative.last().copied().unwrap_or(0);
         if self.cumulative.len() == 1 || total == 0 {
             return 0;
         }
-        let x = rng.u64(..total);
+        // total < 2^64 and draw < 2^64, so the product's high word is below total.
+        let x = ((u128::from(draw) * u128::from(total)) >> 64) as u64;
         // The first backend whose running sum exceeds the draw: zero-weight backends
         // share their predecessor's sum and are never it.
         self.cumulative.partition_point(|&c| c <= x)

@@ -47,6 +47,55 @@ pub use self::service::Timeout;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
 
+/// A request extension that replaces, for this request, the timeouts of the
+/// [`Timeout`]s it passes through: `request` that of a [`TimeoutLayer::request`],
+/// `per_try` that of a [`TimeoutLayer::per_try`] (on every try: the retry layer carries
+/// it to each). `None` keeps the layer's own. How a route's timeouts apply on top of a
+/// backend service's (see [`crate::route`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{Request, Response};
+/// use mesh_tower::timeout::{RequestTimeout, TimeoutLayer, TimeoutOverride};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let mut svc = ServiceBuilder::new()
+///     .layer(TimeoutLayer::request(Some(Duration::from_secs(10))))
+///     .service_fn(|_req: Request<()>| async {
+///         tokio::time::sleep(Duration::from_secs(1)).await;
+///         Ok::<_, std::convert::Infallible>(Response::new(()))
+///     });
+/// let mut req = Request::new(());
+/// req.extensions_mut().insert(TimeoutOverride { request: Some(Duration::from_millis(200)), per_try: None });
+/// let err = svc.ready().await?.call(req).await.unwrap_err();
+/// assert!(err.is::<RequestTimeout>());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeoutOverride {
+    /// The whole request's timeout, in place of the layer's.
+    pub request: Option<std::time::Duration>,
+    /// Each try's timeout, in place of the layer's.
+    pub per_try: Option<std::time::Duration>,
+}
+
+impl TimeoutOverride {
+    /// The timeout a layer of `kind` applies: this override's, or else `own`.
+    pub(crate) fn apply(
+        over: Option<&Self>,
+        kind: Kind,
+        own: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        let over = over.and_then(|o| match kind {
+            Kind::Request => o.request,
+            Kind::Try => o.per_try,
+        });
+        over.or(own)
+    }
+}
+
 /// Which timeout a layer applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {

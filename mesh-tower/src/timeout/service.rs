@@ -6,7 +6,7 @@ use mesh_core::error::BoxError;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Deadline, Kind, ResponseFuture};
+use super::{Deadline, Kind, ResponseFuture, TimeoutOverride};
 
 /// A request or per-try timeout; see the [module docs](super).
 #[derive(Clone, Debug)]
@@ -71,7 +71,8 @@ impl<S> Timeout<S> {
         req: Request<B>,
         call: impl FnOnce(Request<B>, Option<Instant>) -> F,
     ) -> ResponseFuture<F> {
-        let Some(timeout) = self.timeout else {
+        let over = req.extensions().get::<TimeoutOverride>();
+        let Some(timeout) = TimeoutOverride::apply(over, self.kind, self.timeout) else {
             return ResponseFuture::new(call(req, None), None);
         };
         let deadline = Instant::now() + timeout;
@@ -88,7 +89,7 @@ fn start<B>(
     kind: Kind,
     req: &mut Request<B>,
 ) -> Option<(Instant, Duration, Kind)> {
-    let timeout = timeout?;
+    let timeout = TimeoutOverride::apply(req.extensions().get(), kind, timeout)?;
     let deadline = Instant::now() + timeout;
     if kind == Kind::Request {
         let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
