@@ -19,9 +19,11 @@
 //! - [`connect`]: per-endpoint HTTP/1.1 and HTTP/2 connections on hyper 1, plaintext or
 //!   SPIFFE mTLS, with a connect timeout and readiness that follows connection health;
 //! - [`backoff`]: exponential back-off with jitter, shared by retries and ejections;
-//! - [`route`] (feature `route`): HTTPRoute / GRPCRoute route tables with Gateway API
-//!   precedence, and weighted splits; [`fault`] (feature `fault`): delay and abort
-//!   injection; [`matcher`]: the compiled request matches both use;
+//! - [`route`] (feature `route`): the [`Router`](route::Router) over named backends —
+//!   HTTPRoute / GRPCRoute route tables with Gateway API precedence, weighted splits,
+//!   per-route retry, timeout and fault settings, route sets swapped at run time;
+//!   [`fault`] (feature `fault`): delay and abort injection; [`matcher`]: the compiled
+//!   request matches routes and authorization share;
 //! - [`authz`] (feature `authz`), [`ratelimit`] (feature `ratelimit`) and
 //!   [`metrics::server`]: the inbound layers — authorization by identity and route, GCRA
 //!   rate limits, inbound metrics;

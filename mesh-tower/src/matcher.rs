@@ -219,6 +219,20 @@ impl RequestMatch {
         )
     }
 
+    /// The first segment every path this match takes begins with (`users` for an exact
+    /// `/users/42`, a prefix `/users` or the gRPC service `users`): what a route table
+    /// indexes matches by. `None` when paths of any first segment may match (a regex,
+    /// the prefix `/`, no path condition).
+    pub fn first_segment(&self) -> Option<&str> {
+        let path = match self.path.as_ref()? {
+            PathCondition::Exact(e) => e.as_str(),
+            PathCondition::Prefix(p) if !p.is_empty() => p.as_str(),
+            PathCondition::Grpc { service, .. } => service.as_str(),
+            PathCondition::Prefix(_) | PathCondition::Regex(_) => return None,
+        };
+        first_segment(path)
+    }
+
     /// Whether the match has a path (or gRPC) condition.
     pub fn has_path(&self) -> bool {
         self.path.is_some()
@@ -231,6 +245,13 @@ impl RequestMatch {
             && self.headers.is_empty()
             && self.query.is_empty()
     }
+}
+
+/// The first segment of an origin-form path (`users` of `/users/42`, empty for `/`), or
+/// `None` for a path that does not start with `/`.
+pub fn first_segment(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    Some(rest.split_once('/').map_or(rest, |(first, _)| first))
 }
 
 fn path_condition(p: &PathMatch) -> Result<PathCondition, MatchError> {

@@ -29,7 +29,11 @@
 //!
 //! Selection looks up the request's exact host and its wildcard suffixes (longest
 //! first), then the any-host routes, and takes the first match in each bucket's
-//! precedence order: the first hit is the answer.
+//! precedence order: the first hit is the answer. A bucket of 16 or more matches is
+//! also indexed by the first path segment its matches need (`users` for `/users/42`, a
+//! prefix `/users` or the gRPC service `users`): a lookup walks only the matches for the
+//! request's first segment and those that take any (regexes, `/`, no path), merged in
+//! precedence order, so a thousand path routes on one hostname cost about what ten do.
 //!
 //! # The `Router`
 //!

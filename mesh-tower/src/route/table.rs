@@ -14,15 +14,35 @@ use crate::matcher::RequestMatch;
 #[derive(Clone, Debug)]
 pub struct RouteTable {
     /// Entries of routes naming the host exactly, by lowercase host.
-    exact: HashMap<String, Vec<Entry>>,
+    exact: HashMap<String, Bucket>,
     /// Entries of routes with `*.suffix`, by `.suffix` (lowercase).
-    wildcard: HashMap<String, Vec<Entry>>,
+    wildcard: HashMap<String, Bucket>,
     /// The longest wildcard suffix, in labels: how far a lookup needs to go.
     wildcard_labels: usize,
     /// Entries of routes for any host.
-    any: Vec<Entry>,
+    any: Bucket,
     names: Vec<Arc<str>>,
 }
+
+/// The entries of one hostname, most specific first; with many, an index by the first
+/// path segment.
+#[derive(Clone, Debug, Default)]
+struct Bucket {
+    entries: Vec<Entry>,
+    index: Option<SegmentIndex>,
+}
+
+/// Which entries of a bucket a path may match, by its first segment: the positions of
+/// entries that need that segment, and of those that take any, each ascending.
+#[derive(Clone, Debug, Default)]
+struct SegmentIndex {
+    by_segment: HashMap<Box<str>, Box<[usize]>>,
+    any_segment: Box<[usize]>,
+}
+
+/// Buckets with at least this many entries are indexed: below, a scan is as fast as a
+/// hash of the segment.
+const INDEX_FROM: usize = 16;
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -52,7 +72,7 @@ impl RouteTable {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
             wildcard_labels: 0,
-            any: Vec::new(),
+            any: Bucket::default(),
             names: routes.iter().map(|r| Arc::from(r.name.as_str())).collect(),
         };
         for (route, config) in routes.iter().enumerate() {
@@ -80,7 +100,7 @@ impl RouteTable {
                 })
             };
             if config.hosts.is_empty() {
-                table.any.extend(entries());
+                table.any.entries.extend(entries());
             }
             for host in &config.hosts {
                 let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -96,6 +116,7 @@ impl RouteTable {
                         .wildcard
                         .entry(suffix.to_owned())
                         .or_default()
+                        .entries
                         .extend(entries());
                 } else if host.is_empty() || host.contains('*') || host.len() > MAX_HOST {
                     return Err(RouteError::Host {
@@ -103,7 +124,12 @@ impl RouteTable {
                         host,
                     });
                 } else {
-                    table.exact.entry(host).or_default().extend(entries());
+                    table
+                        .exact
+                        .entry(host)
+                        .or_default()
+                        .entries
+                        .extend(entries());
                 }
             }
         }
@@ -114,7 +140,10 @@ impl RouteTable {
             .chain(std::iter::once(&mut table.any))
         {
             // Most specific first; ties keep route order, then match order (stable).
-            bucket.sort_by_key(|e| std::cmp::Reverse(e.matcher.specificity()));
+            bucket
+                .entries
+                .sort_by_key(|e| std::cmp::Reverse(e.matcher.specificity()));
+            bucket.index = (bucket.entries.len() >= INDEX_FROM).then(|| index(&bucket.entries));
         }
         Ok(table)
     }
@@ -132,7 +161,7 @@ impl RouteTable {
             .into_iter()
             .chain(wildcards)
             .chain(std::iter::once(&self.any))
-            .find_map(|bucket| bucket.iter().find(|e| e.matcher.matches(req)))
+            .find_map(|bucket| bucket.find(req))
             .map(|e| Selected {
                 route: e.route,
                 name: &self.names[e.route],
@@ -142,7 +171,7 @@ impl RouteTable {
 
     /// The wildcard buckets that may hold `host`, longest suffix first: for
     /// `a.b.example.org`, `.b.example.org`, `.example.org`, `.org`.
-    fn wildcard_buckets<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vec<Entry>> + 'a {
+    fn wildcard_buckets<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Bucket> + 'a {
         host.match_indices('.')
             .map(move |(i, _)| &host[i..])
             .filter(move |suffix| suffix.matches('.').count() <= self.wildcard_labels)
@@ -152,6 +181,54 @@ impl RouteTable {
     /// The routes' names, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.iter().map(|n| &**n)
+    }
+}
+
+impl Bucket {
+    /// The first entry, in precedence order, that `req` matches: a scan, or with an
+    /// index, a merge of the entries for the path's first segment and those for any.
+    fn find<B>(&self, req: &Request<B>) -> Option<&Entry> {
+        let Some(index) = &self.index else {
+            return self.entries.iter().find(|e| e.matcher.matches(req));
+        };
+        let segment = crate::matcher::first_segment(req.uri().path())
+            .and_then(|s| index.by_segment.get(s))
+            .map_or(&[][..], |v| &v[..]);
+        let (mut a, mut b) = (
+            segment.iter().peekable(),
+            index.any_segment.iter().peekable(),
+        );
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&x), Some(&&y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => return None,
+            };
+            let entry = next.and_then(|&i| self.entries.get(i))?;
+            if entry.matcher.matches(req) {
+                return Some(entry);
+            }
+        }
+    }
+}
+
+/// The index of a bucket's entries (in precedence order) by first path segment.
+fn index(entries: &[Entry]) -> SegmentIndex {
+    let mut by_segment: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+    let mut any_segment = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match e.matcher.first_segment() {
+            Some(segment) => by_segment.entry(segment.into()).or_default().push(i),
+            None => any_segment.push(i),
+        }
+    }
+    SegmentIndex {
+        by_segment: by_segment
+            .into_iter()
+            .map(|(k, v)| (k, v.into_boxed_slice()))
+            .collect(),
+        any_segment: any_segment.into_boxed_slice(),
     }
 }
 

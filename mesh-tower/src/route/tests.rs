@@ -289,22 +289,28 @@ fn candidates(routes: &[RouteConfig], req: &http::Request<()>) -> Vec<Candidate>
 proptest! {
     /// Random route sets: the chosen route matches, and no matching (route, match) has
     /// a more specific hostname, or the same hostname rank and a more specific match.
+    /// Up to 48 routes, so that hostname buckets are both scanned and indexed by path
+    /// segment.
     #[test]
     fn the_selected_route_matches_and_nothing_more_specific_does(
-        specs in prop::collection::vec((0usize..4, 0usize..5, prop::bool::ANY, 0usize..3), 1..12),
+        specs in prop::collection::vec((0usize..4, 0usize..8, 0usize..3, prop::bool::ANY, 0usize..3), 1..48),
         host in 0usize..4,
-        path_pick in 0usize..5,
+        path_pick in 0usize..9,
         post in prop::bool::ANY,
         with_header in prop::bool::ANY,
     ) {
         let hosts = [vec![], vec!["a.example.org"], vec!["*.example.org"], vec!["*.org"]];
-        let paths = ["/", "/a", "/a/b", "/a/b/c", "/z"];
+        let paths = ["/", "/a", "/a/b", "/a/b/c", "/z", "/b", "/b/c", "/ab", "/a/"];
         let routes: Vec<RouteConfig> = specs
             .iter()
             .enumerate()
-            .map(|(k, &(h, p, method, headers))| {
+            .map(|(k, &(h, p, kind, method, headers))| {
                 let m = RouteMatch {
-                    path: Some(if p % 2 == 0 { PathMatch::Prefix(paths[p].into()) } else { PathMatch::Exact(paths[p].into()) }),
+                    path: Some(match kind {
+                        0 => PathMatch::Prefix(paths[p].into()),
+                        1 => PathMatch::Exact(paths[p].into()),
+                        _ => PathMatch::Regex(format!("{}(/.*)?", paths[p].trim_end_matches('/'))),
+                    }),
                     methods: if method { vec![http::Method::POST] } else { vec![] },
                     headers: (0..headers).map(|_| header("x-h")).collect(),
                     ..RouteMatch::default()
