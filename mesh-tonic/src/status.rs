@@ -1,0 +1,132 @@
+//! Errors of the mesh client stack as [`tonic::Status`], with the code gRPC defines for
+//! each cause.
+//!
+//! tonic's generated clients turn a channel error into a `Status` by downcasting it, and
+//! without tonic's own transport every other error becomes `UNKNOWN`. [`MeshChannel`]
+//! therefore returns `Status` itself, mapped here once, from the first cause in the
+//! error's chain that says what happened:
+//!
+//! | cause | code |
+//! |---|---|
+//! | a `Status` (from the body or a layer) | its own |
+//! | [`RequestTimeout`], the call's deadline | `DEADLINE_EXCEEDED` |
+//! | an HTTP/2 reset: `REFUSED_STREAM` / `CANCEL` / `ENHANCE_YOUR_CALM` / `INADEQUATE_SECURITY` / other | `UNAVAILABLE` / `CANCELLED` / `RESOURCE_EXHAUSTED` / `PERMISSION_DENIED` / `INTERNAL` (gRPC's PROTOCOL-HTTP2) |
+//! | no endpoints, no ready endpoint, a try timeout, a failed connect, a lost connection | `UNAVAILABLE` |
+//! | anything else | `UNKNOWN` |
+//!
+//! [`BudgetExhausted`] takes the code of the last try's error. The message names the
+//! service and the cause (`users: no ready endpoint for `users` within 3s: …`), and the
+//! original error stays reachable as the status's `source()`.
+//!
+//! Answers from servers need no mapping: a denied call (`PERMISSION_DENIED`) or a rate
+//! limited one (`RESOURCE_EXHAUSTED`) comes back as a gRPC status that tonic reads itself.
+//!
+//! [`MeshChannel`]: crate::MeshChannel
+//! [`RequestTimeout`]: mesh_tower::timeout::RequestTimeout
+//! [`BudgetExhausted`]: mesh_tower::client::error::BudgetExhausted
+
+use std::error::Error;
+use std::sync::Arc;
+
+use mesh_core::error::{BoxError, find_cause};
+use mesh_tower::client::error::{ConnectError, NoEndpoints, NoReadyEndpoints, SendError};
+use mesh_tower::timeout::{RequestTimeout, TryTimeout};
+use tonic::{Code, Status};
+
+/// The [`Status`] a caller of `service` gets for `error`; see the [module docs](self).
+pub fn status_from_error(error: BoxError, service: &str) -> Status {
+    let error = match error.downcast::<Status>() {
+        Ok(status) => return *status,
+        Err(error) => error,
+    };
+    let code = code_of(&*error);
+    let mut status = Status::new(code, format!("{service}: {error}"));
+    status.set_source(Arc::from(error));
+    status
+}
+
+/// The gRPC code of the first cause in `error`'s chain that has one.
+pub fn code_of(error: &(dyn Error + 'static)) -> Code {
+    if is::<RequestTimeout>(error) {
+        return Code::DeadlineExceeded;
+    }
+    if let Some(reason) = find_cause::<h2::Error>(error).and_then(h2::Error::reason) {
+        return code_of_reset(reason);
+    }
+    if let Some(status) = find_cause::<Status>(error) {
+        return status.code();
+    }
+    if is::<TryTimeout>(error)
+        || is::<NoEndpoints>(error)
+        || is::<NoReadyEndpoints>(error)
+        || is::<ConnectError>(error)
+        || is::<SendError>(error)
+        || is::<hyper::Error>(error)
+        || is::<h2::Error>(error)
+        || is::<std::io::Error>(error)
+    {
+        return Code::Unavailable;
+    }
+    Code::Unknown
+}
+
+/// gRPC's mapping of an HTTP/2 `RST_STREAM` error code (PROTOCOL-HTTP2, "Errors").
+pub fn code_of_reset(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+fn is<E: Error + 'static>(error: &(dyn Error + 'static)) -> bool {
+    find_cause::<E>(error).is_some()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use mesh_tower::client::error::BudgetExhausted;
+
+    use super::*;
+
+    #[test]
+    fn causes_map_to_their_codes_and_messages_name_the_service() {
+        let status = status_from_error(Box::new(RequestTimeout(Duration::from_secs(1))), "users");
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "users: request timed out after 1s");
+        assert!(status.source().is_some());
+
+        let none = NoEndpoints {
+            service: "users".into(),
+        };
+        let status = status_from_error(Box::new(none), "users");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "users: no endpoints for `users`");
+
+        let budget = BudgetExhausted(Box::new(TryTimeout(Duration::from_millis(50))));
+        let status = status_from_error(Box::new(budget), "users");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("retry budget exhausted"),
+            "{status}"
+        );
+
+        let reset: BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+        assert_eq!(status_from_error(reset, "users").code(), Code::Cancelled);
+        let calm: BoxError = Box::new(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM));
+        assert_eq!(code_of(&*calm), Code::ResourceExhausted);
+
+        let io: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(code_of(&*io), Code::Unavailable);
+        let other: BoxError = "something else".into();
+        assert_eq!(code_of(&*other), Code::Unknown);
+
+        let own = status_from_error(Box::new(Status::not_found("gone")), "users");
+        assert_eq!((own.code(), own.message()), (Code::NotFound, "gone"));
+    }
+}
