@@ -1,16 +1,26 @@
 //! Request bodies that can be replayed on retry.
 //!
-//! **Replay.** Before the first try, a request body whose size is known to be within the
-//! cap (default 64 KiB) — its size hint has an upper bound that fits, as with a complete
-//! body or a `Content-Length` — is collected and sent again, byte for byte, on every
-//! retry. Any other body (larger, or of unknown size such as a stream) is sent once,
-//! as it comes, and the request is not retried. Reading a stream ahead before sending it
-//! could deadlock a peer that waits for the response before producing more (streaming
-//! gRPC), so streams are never held back. A body that turns out to carry trailers is
-//! streamed once too.
+//! **Collected.** Before the first try, a request body whose size is known to be within
+//! the cap (default 64 KiB) — its size hint has an upper bound that fits, as with a
+//! complete body or a `Content-Length` — is collected and sent again, byte for byte, on
+//! every retry. One that turns out to carry trailers is streamed once instead.
+//!
+//! **Teed.** A body of unknown size (a stream: chunked HTTP/1.1, every tonic call) is
+//! sent as it comes, never read ahead — holding a stream back could deadlock a peer that
+//! answers before the stream ends (bidirectional gRPC) — and every frame sent is kept
+//! too, while they fit in the cap. A retry replays the kept frames, then goes on reading
+//! the stream where the last try left it. Once the frames sent exceed the cap, they are
+//! dropped and the request is no longer replayable: gRPC's A6 calls this *committing*
+//! the call. Each retry supersedes the try before: if that try's body is still being
+//! polled (hyper may hold it in a task), it ends with an error and never reads the
+//! stream again, so one stream is read by one try at a time.
+//!
+//! **Once.** A body known to be larger than the cap, or any body when the policy never
+//! retries, is sent once as it comes.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,6 +43,129 @@ enum Kind {
         prefix: VecDeque<Frame<Bytes>>,
         rest: Option<UnsyncBoxBody<Bytes, BoxError>>,
     },
+    /// One try's reader of a teed stream.
+    Tee(TeeReader),
+}
+
+/// A stream shared by the tries of one request: the frames sent so far (within the cap)
+/// and the rest of the stream.
+pub(crate) struct Tee {
+    /// `None` once the stream ended or failed.
+    source: Option<UnsyncBoxBody<Bytes, BoxError>>,
+    /// The frames read so far, while they fit in the cap.
+    kept: Vec<Kept>,
+    kept_len: usize,
+    cap: usize,
+    /// More than the cap was sent, or the stream failed: no replay.
+    committed: bool,
+    /// The try whose reader may read: earlier readers are superseded.
+    generation: u64,
+}
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tee")
+            .field("kept", &self.kept_len)
+            .field("committed", &self.committed)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A kept frame (a `Frame` is not `Clone`).
+#[derive(Clone, Debug)]
+enum Kept {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Kept::Data(b) => Frame::data(b.clone()),
+            Kept::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
+}
+
+/// One try's view of a [`Tee`]: the kept frames from `pos`, then the stream.
+#[derive(Debug)]
+struct TeeReader {
+    tee: Arc<Mutex<Tee>>,
+    generation: u64,
+    pos: usize,
+    done: bool,
+}
+
+impl TeeReader {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let Ok(mut tee) = self.tee.lock() else {
+            return Poll::Ready(Some(Err("request body lost (a try panicked)".into())));
+        };
+        if tee.generation != self.generation {
+            self.done = true;
+            return Poll::Ready(Some(Err("request body superseded by a retry".into())));
+        }
+        if !tee.committed
+            && let Some(kept) = tee.kept.get(self.pos)
+        {
+            self.pos += 1;
+            return Poll::Ready(Some(Ok(kept.frame())));
+        }
+        let Some(source) = tee.source.as_mut() else {
+            self.done = true;
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                tee.source = None;
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tee.source = None;
+                tee.committed = true;
+                tee.kept = Vec::new();
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if !tee.committed {
+                    let size = frame.data_ref().map_or(0, |d| d.len());
+                    if tee.kept_len + size > tee.cap {
+                        // Past the cap: this try is the last; free what was kept.
+                        tee.committed = true;
+                        tee.kept = Vec::new();
+                    } else {
+                        tee.kept_len += size;
+                        let kept = match frame.data_ref() {
+                            Some(d) => Kept::Data(d.clone()),
+                            None => match frame.trailers_ref() {
+                                Some(t) => Kept::Trailers(t.clone()),
+                                None => Kept::Data(Bytes::new()),
+                            },
+                        };
+                        tee.kept.push(kept);
+                        self.pos += 1;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+            || self.tee.lock().is_ok_and(|tee| {
+                tee.generation == self.generation
+                    && tee.source.is_none()
+                    && (tee.committed || self.pos >= tee.kept.len())
+            })
+    }
 }
 
 impl ReplayBody {
@@ -66,6 +199,7 @@ impl Body for ReplayBody {
                     None => Poll::Ready(None),
                 }
             }
+            Kind::Tee(reader) => reader.poll_frame(cx),
         }
     }
 
@@ -75,13 +209,14 @@ impl Body for ReplayBody {
             Kind::Streaming { prefix, rest } => {
                 prefix.is_empty() && rest.as_ref().is_none_or(|b| b.is_end_stream())
             }
+            Kind::Tee(reader) => reader.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Streaming { .. } => SizeHint::default(),
+            Kind::Streaming { .. } | Kind::Tee(_) => SizeHint::default(),
         }
     }
 }
@@ -93,6 +228,8 @@ pub(crate) enum Prepared {
     Replayable(Bytes),
     /// Too large (or with trailers): the first try takes it.
     Once(Option<ReplayBody>),
+    /// A stream of unknown size, kept while it fits in the cap.
+    Tee(Arc<Mutex<Tee>>),
 }
 
 impl Prepared {
@@ -101,12 +238,29 @@ impl Prepared {
         match self {
             Prepared::Replayable(bytes) => Some(ReplayBody::full(bytes.clone())),
             Prepared::Once(body) => body.take(),
+            Prepared::Tee(tee) => {
+                let mut shared = tee.lock().ok()?;
+                if shared.committed {
+                    return None;
+                }
+                shared.generation += 1;
+                Some(ReplayBody(Kind::Tee(TeeReader {
+                    tee: tee.clone(),
+                    generation: shared.generation,
+                    pos: 0,
+                    done: false,
+                })))
+            }
         }
     }
 
     /// Whether further tries can get a body.
     pub(crate) fn is_replayable(&self) -> bool {
-        matches!(self, Prepared::Replayable(_))
+        match self {
+            Prepared::Replayable(_) => true,
+            Prepared::Once(_) => false,
+            Prepared::Tee(tee) => tee.lock().is_ok_and(|t| !t.committed),
+        }
     }
 }
 
@@ -131,8 +285,8 @@ pub(crate) enum Start {
 }
 
 /// Decides how `body` is prepared for a request that may be retried: a body whose size is
-/// known to be within `cap` bytes is collected (see the module docs); any other is sent
-/// once.
+/// known to be within `cap` bytes is collected, one of unknown size is teed, one known to
+/// be larger is sent once (see the module docs).
 pub(crate) fn start<B>(body: B, cap: usize) -> Start
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -142,8 +296,20 @@ where
         return Start::Done(Prepared::Replayable(Bytes::new()));
     }
     let hint = body.size_hint();
-    if hint.upper().is_none_or(|upper| upper > cap as u64) {
-        return Start::Done(once(body));
+    match hint.upper() {
+        Some(upper) if upper > cap as u64 => return Start::Done(once(body)),
+        Some(_) => {}
+        None if hint.lower() > cap as u64 => return Start::Done(once(body)),
+        None => {
+            return Start::Done(Prepared::Tee(Arc::new(Mutex::new(Tee {
+                source: Some(body.map_err(Into::into).boxed_unsync()),
+                kept: Vec::new(),
+                kept_len: 0,
+                cap,
+                committed: false,
+                generation: 0,
+            }))));
+        }
     }
     Start::Collect(Collect {
         body: Some(body.map_err(Into::into).boxed_unsync()),
@@ -274,26 +440,72 @@ mod tests {
         .await
         .expect("preparing a stream waited for it to end")
         .unwrap();
-        assert!(!p.is_replayable());
+        assert!(p.is_replayable(), "teed");
         let mut body = p.next().unwrap();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first");
         drop(tx);
         assert!(body.frame().await.is_none());
-        // Small chunks of unknown total size: streamed once, intact.
+        assert!(body.is_end_stream());
+        // Small chunks of unknown total size: teed, intact, and replayed intact.
         let mut p = prepare(chunked(vec![b"ab", b"cd"]), 64).await.unwrap();
-        assert!(!p.is_replayable());
         assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
+        assert!(p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
+    }
+
+    /// A try that read part of a stream is superseded: the retry replays what was read,
+    /// then reads on where the first left off; the first never reads again.
+    #[tokio::test]
+    async fn a_retry_replays_what_was_sent_then_reads_on() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        let mut p = prepare(StreamBody::new(stream), 64).await.unwrap();
+        let mut first = p.next().unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"one "))))
+            .await
+            .unwrap();
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "one "
+        );
+        // The first try failed: a retry.
+        assert!(p.is_replayable());
+        let second = p.next().unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let err = first.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "request body superseded by a retry");
+        assert!(first.frame().await.is_none());
+        assert_eq!(bytes_of(second).await, "one two");
+        // Everything was sent within the cap: still replayable, whole.
+        assert_eq!(bytes_of(p.next().unwrap()).await, "one two");
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_the_cap_commits_its_try() {
+        let mut p = prepare(chunked(vec![b"abc", b"def", b"ghi"]), 5)
+            .await
+            .unwrap();
+        let mut body = p.next().unwrap();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert!(p.is_replayable(), "3 bytes sent, within 5");
+        assert_eq!(bytes_of(body).await, "defghi", "the rest, as it comes");
+        assert!(!p.is_replayable(), "9 bytes sent: committed");
+        assert!(p.next().is_none());
     }
 
     #[tokio::test]
     async fn large_bodies_stream_once_and_intact() {
-        let mut p = prepare(chunked(vec![b"abc", b"def", b"ghi"]), 4)
-            .await
-            .unwrap();
-        assert!(!p.is_replayable());
-        assert_eq!(bytes_of(p.next().unwrap()).await, "abcdefghi");
-        assert!(p.next().is_none());
         // Known to be too large: not read at all.
         let mut p = prepare(Full::new(Bytes::from(vec![7u8; 100])), 64)
             .await

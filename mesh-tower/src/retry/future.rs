@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Extensions, Request, Response};
+use mesh_core::classify::grpc::Code;
 use mesh_core::classify::{Backoff as Pushback, Class};
 use mesh_core::error::{BoxError, find_cause, is_caused_by};
 use pin_project_lite::pin_project;
@@ -17,7 +18,13 @@ use super::body::{Collect, Prepared, Start};
 use super::error::{BudgetExhausted, NoElsewhere};
 use super::layer::Shared;
 use super::{Elsewhere, ReplayBody, Retried, RetryBudget, RetryOverride, RetryPolicy};
-use crate::timeout::{Deadline, TimeoutOverride, TryTimeout};
+use crate::timeout::{Deadline, DeadlineExceeded, TimeoutOverride, TryTimeout};
+
+/// gRPC's cap on attempts (A6): at most 4 retries, whatever the policy says.
+const GRPC_MAX_RETRIES: u32 = 4;
+
+/// The request header on gRPC retries: how many attempts came before (A6).
+const GRPC_PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
 pin_project! {
     #[project = StateProj]
@@ -49,7 +56,11 @@ pin_project! {
         collect: Option<Box<Collect>>,
         body: Prepared,
         retries: u32,
+        // The policy's retries, capped for gRPC.
+        max_retries: u32,
         idempotent: bool,
+        // A gRPC request: retried by code whatever its method, A6's rules.
+        grpc: bool,
         deadline: Option<Instant>,
         // A rate-limited answer kept while its request is retried elsewhere.
         kept: Option<Box<Response<RB>>>,
@@ -78,16 +89,25 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
     {
         let (mut head, body) = req.into_parts();
         let extensions = std::mem::take(&mut head.extensions);
+        let grpc = mesh_core::classify::is_grpc(&head.headers);
         let carried = extensions.get::<Deadline>().map(|d| d.0);
+        // A gRPC caller's deadline, from its `grpc-timeout`.
+        let header = grpc
+            .then(|| head.headers.get(mesh_core::classify::GRPC_TIMEOUT))
+            .flatten()
+            .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok())
+            .and_then(|t| Instant::now().checked_add(t));
         let route = extensions.get::<RetryOverride>().cloned();
         let timeouts = extensions.get::<TimeoutOverride>().copied();
         let extensions = Some(extensions);
         let policy = policy_of(&shared, &route);
-        let deadline = match (carried, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let deadline = [carried, header, deadline].into_iter().flatten().min();
+        let max_retries = if grpc {
+            policy.max_retries.min(GRPC_MAX_RETRIES)
+        } else {
+            policy.max_retries
         };
-        let (state, collect, body) = if policy.max_retries == 0 {
+        let (state, collect, body) = if max_retries == 0 {
             (State::Ready, None, super::body::once(body))
         } else {
             budget_of(&shared, &route).deposit();
@@ -97,7 +117,10 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             }
         };
         Self {
-            idempotent: policy.is_idempotent(&head.method),
+            // A6: a gRPC policy's codes say what is safe to retry; every call is a POST.
+            idempotent: grpc || policy.is_idempotent(&head.method),
+            grpc,
+            max_retries,
             state,
             service,
             shared,
@@ -167,6 +190,14 @@ where
                         }
                         return Poll::Ready(Err(e));
                     }
+                    if this.deadline.is_some_and(|at| at <= Instant::now()) {
+                        // Nothing is sent past the deadline; an answer kept while its
+                        // request was retried elsewhere is still the caller's.
+                        if let Some(kept) = this.kept.take() {
+                            return Poll::Ready(Ok(*kept));
+                        }
+                        return Poll::Ready(Err(DeadlineExceeded.into()));
+                    }
                     let Some(body) = this.body.next() else {
                         return Poll::Ready(Err("request body already sent".into()));
                     };
@@ -174,8 +205,7 @@ where
                     *req.method_mut() = this.head.method.clone();
                     *req.uri_mut() = this.head.uri.clone();
                     *req.version_mut() = this.head.version;
-                    let last = !this.body.is_replayable()
-                        || *this.retries >= policy_of(this.shared, this.route).max_retries;
+                    let last = !this.body.is_replayable() || *this.retries >= *this.max_retries;
                     // A try that cannot be followed by another takes the headers.
                     *req.headers_mut() = if last {
                         std::mem::take(&mut this.head.headers)
@@ -185,9 +215,30 @@ where
                     match this.extensions.take() {
                         Some(ext) => *req.extensions_mut() = ext,
                         None => {
+                            // Retries carry the route's timeouts and the deadline too.
                             if let Some(timeouts) = *this.timeouts {
                                 req.extensions_mut().insert(timeouts);
                             }
+                            if let Some(at) = *this.deadline {
+                                req.extensions_mut().insert(Deadline(at));
+                            }
+                        }
+                    }
+                    if *this.grpc {
+                        let headers = req.headers_mut();
+                        if let Some(at) = *this.deadline {
+                            // The time left, re-encoded for each try (and so each hop).
+                            let left = at.saturating_duration_since(Instant::now());
+                            headers.insert(
+                                mesh_core::classify::GRPC_TIMEOUT,
+                                mesh_core::classify::grpc::encode_timeout(left),
+                            );
+                        }
+                        if *this.retries > 0 {
+                            headers.insert(
+                                GRPC_PREVIOUS_RPC_ATTEMPTS,
+                                http::HeaderValue::from(*this.retries),
+                            );
                         }
                     }
                     if *this.retries > 0 {
@@ -272,8 +323,15 @@ fn decide<S, F, RB>(
             {
                 return Next::Done(Ok(*kept));
             }
+            // A gRPC try that broke without an answer ended UNAVAILABLE, as gRPC
+            // reports it: retried when that code is.
+            let retryable_error = if *this.grpc {
+                policy.grpc_codes.contains(Code::Unavailable)
+            } else {
+                *this.idempotent
+            };
             (
-                is_connect_error(e.as_ref()) || *this.idempotent && is_retryable_error(e.as_ref()),
+                is_connect_error(e.as_ref()) || retryable_error && is_retryable_error(e.as_ref()),
                 Pushback::Unspecified,
             )
         }
@@ -287,7 +345,8 @@ fn decide<S, F, RB>(
         .backoff
         .delay(*this.retries, &mut fastrand::Rng::new());
     if let Pushback::After(d) = pushback {
-        delay = delay.max(d);
+        // A6: a gRPC server's pushback is the delay; elsewhere, a floor under ours.
+        delay = if *this.grpc { d } else { delay.max(d) };
     }
     if this.deadline.is_some_and(|at| Instant::now() + delay >= at) {
         return Next::Done(outcome);
@@ -302,7 +361,7 @@ fn decide<S, F, RB>(
 
 /// Whether the request may have another try at all.
 fn may_retry<S, F, RB>(this: &Proj<'_, S, F, RB>) -> bool {
-    this.body.is_replayable() && *this.retries < policy_of(this.shared, this.route).max_retries
+    this.body.is_replayable() && *this.retries < *this.max_retries
 }
 
 /// The route's policy, or else the service's.

@@ -7,8 +7,10 @@
 //!
 //! 1. **Body.** A body whose size is known to be within `max_replay_body` (64 KiB) — a
 //!    complete body, or one with a `Content-Length` — is collected and replayed byte for
-//!    byte on each retry. Larger bodies and streams of unknown size are sent once, as they
-//!    come, and not retried (see [`body`]).
+//!    byte on each retry. A stream of unknown size is sent as it comes and teed: a retry
+//!    replays what was sent, then reads on, as long as everything sent fits in the cap;
+//!    past it, the request is committed to its try. Bodies known to be larger are sent
+//!    once and not retried (see [`body`]).
 //! 2. **Each try** waits for the inner service's readiness within the response future, so
 //!    a timeout above bounds it; [`Retry`] itself is always ready.
 //! 3. **Retryable?** Connection failures for any method (the request never left); for
@@ -28,6 +30,17 @@
 //!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to.
 //!    Other rate-limited answers are retried only when their status is in `statuses`, and
 //!    never sooner than their pushback.
+//!
+//! 6. **gRPC** (`content-type: application/grpc…`), after gRFC A6: the policy's
+//!    `grpc_codes` alone say what is retried, whatever the method (every call is a POST);
+//!    a try that broke without an answer counts as `UNAVAILABLE`; at most 5 attempts
+//!    whatever `max_retries` says; each retry carries `grpc-previous-rpc-attempts`; a
+//!    server's `grpc-retry-pushback-ms` is the delay (negative: no retry); a response
+//!    head without `grpc-status` commits the call (its trailers are the caller's). The
+//!    caller's deadline — a [`Deadline`](crate::timeout::Deadline), the request timeout's,
+//!    or the request's own `grpc-timeout` — goes to each try as a `grpc-timeout` of the
+//!    time left, and no try starts past it
+//!    ([`DeadlineExceeded`](crate::timeout::DeadlineExceeded), nothing sent).
 //!
 //! Every retry carries [`Retried`], so that a balancer below sends it to another endpoint
 //! than the try before when it can.
@@ -72,6 +85,8 @@ pub mod body;
 pub mod budget;
 pub mod error;
 mod future;
+#[cfg(test)]
+mod grpc_tests;
 mod layer;
 mod policy;
 mod service;

@@ -11,3 +11,9 @@ pub struct RequestTimeout(pub Duration);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("try timed out after {0:?}")]
 pub struct TryTimeout(pub Duration);
+
+/// The request's [`Deadline`](super::Deadline) (or its `grpc-timeout`) had passed before
+/// a try could be sent: nothing was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the request's deadline passed before it was sent")]
+pub struct DeadlineExceeded;

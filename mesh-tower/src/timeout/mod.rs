@@ -8,6 +8,16 @@
 //! stack, below the breaker and the load measurement, so a timed-out try counts as that
 //! endpoint's failure and raises its latency estimate.
 //!
+//! **Deadlines.** A request timeout ends at the earliest of its own timeout, a
+//! [`Deadline`] the request already carries, and for a gRPC request, the deadline its
+//! `grpc-timeout` header gives (the caller's, propagated). The retry layer carries the
+//! deadline to every try, never starts one past it (failing with
+//! [`DeadlineExceeded`] before sending when it has passed), and re-encodes a gRPC try's
+//! `grpc-timeout` as the time left; a per-try timeout lowers it further when shorter.
+//!
+//! On the serving side, [`GrpcDeadlineLayer`] turns a caller's `grpc-timeout` into the
+//! request's [`Deadline`] and answers `DEADLINE_EXCEEDED` when it passes first.
+//!
 //! tower's own `Timeout` has the same timing but one error type for both uses and no
 //! deadline for the layers below, hence this module. A layer built with `None` passes
 //! everything through, so a stack keeps one type whether or not a timeout is set.
@@ -34,18 +44,36 @@
 
 pub mod error;
 mod future;
+mod inbound;
 mod layer;
 mod service;
 
-pub use self::error::{RequestTimeout, TryTimeout};
+pub use self::error::{DeadlineExceeded, RequestTimeout, TryTimeout};
 pub use self::future::ResponseFuture;
+pub use self::inbound::{GrpcDeadline, GrpcDeadlineLayer, InboundFuture};
 pub use self::layer::TimeoutLayer;
 pub use self::service::Timeout;
 
 /// When a request must be done by, as a request extension set by
-/// [`TimeoutLayer::request`] (or by the application).
+/// [`TimeoutLayer::request`] (or by the application, or an inbound layer from the
+/// caller's `grpc-timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
+
+/// The deadline a request carries: its [`Deadline`] extension, or the one its
+/// `grpc-timeout` header gives from now, whichever is earlier.
+pub fn carried_deadline<B>(req: &http::Request<B>) -> Option<tokio::time::Instant> {
+    let ext = req.extensions().get::<Deadline>().map(|d| d.0);
+    let grpc = req
+        .headers()
+        .get(mesh_core::classify::GRPC_TIMEOUT)
+        .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok())
+        .and_then(|t| tokio::time::Instant::now().checked_add(t));
+    match (ext, grpc) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
 
 /// A request extension that replaces, for this request, the timeouts of the
 /// [`Timeout`]s it passes through: `request` that of a [`TimeoutLayer::request`],

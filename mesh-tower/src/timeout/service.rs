@@ -72,30 +72,64 @@ impl<S> Timeout<S> {
         call: impl FnOnce(Request<B>, Option<Instant>) -> F,
     ) -> ResponseFuture<F> {
         let over = req.extensions().get::<TimeoutOverride>();
-        let Some(timeout) = TimeoutOverride::apply(over, self.kind, self.timeout) else {
+        let own = TimeoutOverride::apply(over, self.kind, self.timeout);
+        let carried = if self.kind == Kind::Request {
+            super::carried_deadline(&req)
+        } else {
+            None
+        };
+        let Some((until, timeout)) = earliest(own, carried) else {
             return ResponseFuture::new(call(req, None), None);
         };
-        let deadline = Instant::now() + timeout;
-        let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
-        let until = earlier.map_or(deadline, |at| at.min(deadline));
-        ResponseFuture::new(call(req, Some(until)), Some((deadline, timeout, self.kind)))
+        ResponseFuture::new(call(req, Some(until)), Some((until, timeout, self.kind)))
     }
 }
 
 /// The timer of one request, and (for a request timeout) its [`Deadline`], unless an
-/// earlier one is set.
+/// earlier one is set. A request timeout ends at the earliest of its own timeout and
+/// the deadline the request carries.
 fn start<B>(
     timeout: Option<Duration>,
     kind: Kind,
     req: &mut Request<B>,
 ) -> Option<(Instant, Duration, Kind)> {
-    let timeout = TimeoutOverride::apply(req.extensions().get(), kind, timeout)?;
-    let deadline = Instant::now() + timeout;
-    if kind == Kind::Request {
-        let earlier = req.extensions().get::<Deadline>().map(|d| d.0);
-        if earlier.is_none_or(|at| at > deadline) {
-            req.extensions_mut().insert(Deadline(deadline));
+    let own = TimeoutOverride::apply(req.extensions().get(), kind, timeout);
+    if kind == Kind::Try {
+        let timeout = own?;
+        if mesh_core::classify::is_grpc(req.headers()) {
+            lower_grpc_timeout(req, timeout);
         }
+        return Some((Instant::now() + timeout, timeout, kind));
     }
-    Some((deadline, timeout, kind))
+    let carried = super::carried_deadline(req);
+    let (until, timeout) = earliest(own, carried)?;
+    if carried.is_none_or(|at| at > until) {
+        req.extensions_mut().insert(Deadline(until));
+    }
+    Some((until, timeout, kind))
+}
+
+/// The earlier of `now + own` and `carried`, with how long from now that is.
+fn earliest(own: Option<Duration>, carried: Option<Instant>) -> Option<(Instant, Duration)> {
+    let now = Instant::now();
+    let own = own.and_then(|t| now.checked_add(t));
+    let until = match (own, carried) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some((until, until.saturating_duration_since(now)))
+}
+
+/// Lowers a gRPC try's `grpc-timeout` to `timeout` when that is shorter (or when it has
+/// none): the server learns the try's own bound.
+fn lower_grpc_timeout<B>(req: &mut Request<B>, timeout: Duration) {
+    let name = mesh_core::classify::GRPC_TIMEOUT;
+    let current = req
+        .headers()
+        .get(name)
+        .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok());
+    if current.is_none_or(|c| c > timeout) {
+        req.headers_mut()
+            .insert(name, mesh_core::classify::grpc::encode_timeout(timeout));
+    }
 }
