@@ -8,8 +8,13 @@
 //! and `grpc-timeout` with the time left, and the whole call, streaming bodies included,
 //! ends with `DEADLINE_EXCEEDED` when it passes.
 //!
-//! Propagation across hops is explicit: a handler that calls another service hands its
-//! own deadline on with [`propagate`], and the next hop sees a smaller `grpc-timeout`.
+//! mesh-tower's retry layer carries the deadline to every try and re-encodes
+//! `grpc-timeout` as the time left on each. On the serving side,
+//! [`GrpcServer`](crate::server::GrpcServer) turns the caller's `grpc-timeout` into the
+//! handler's [`Deadline`] extension (and answers `DEADLINE_EXCEEDED` when it passes
+//! first). Propagation across hops is explicit: a handler that calls another service
+//! hands its own deadline on with [`propagate`], and the next hop sees a smaller
+//! `grpc-timeout`.
 //!
 //! ```
 //! use mesh_tonic::deadline;

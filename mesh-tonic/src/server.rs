@@ -6,6 +6,9 @@
 //!                             and gRPC code), authorization (per gRPC service/method:
 //!                             PERMISSION_DENIED), rate limit (RESOURCE_EXHAUSTED with
 //!                             grpc-retry-pushback-ms)
+//!   timeout::GrpcDeadline     the caller's grpc-timeout as the request's Deadline (for
+//!                             deadline::propagate); DEADLINE_EXCEEDED when it passes
+//!                             before the handler answers; INTERNAL when malformed
 //!   tonic Routes              /{package.Service}/{Method} -> the service; UNIMPLEMENTED
 //!     grpc.health.v1.Health   tonic-health
 //!     your services           handlers read PeerIdentity and AuthzDecision from
@@ -51,11 +54,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_tower::server::{MeshServerBuilder, Server, ServerError, ShutdownReport};
+use mesh_tower::timeout::GrpcDeadlineLayer;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::Layer;
 use tower_service::Service;
 
 /// The name under which health checking reports the server as a whole.
@@ -165,10 +170,9 @@ impl GrpcServerBuilder {
     /// Starts serving on `listener`, in a task of the current Tokio runtime, and reports
     /// every service `SERVING`.
     pub async fn serve(self, listener: TcpListener) -> Result<GrpcServer, ServerError> {
-        // LEAD (mesh-tower `timeout::grpc`): the inbound GrpcTimeoutLayer (Deadline for
-        // handlers, DEADLINE_EXCEEDED at expiry) goes around `routes` here.
         let routes = self.routes.routes().prepare();
-        let server = self.mesh.serve(listener, routes)?;
+        let app = GrpcDeadlineLayer::new().layer(routes);
+        let server = self.mesh.serve(listener, app)?;
         set_all(&self.health, &self.names, ServingStatus::Serving).await;
         tracing::debug!(addr = %server.local_addr(), services = ?self.names, "serving gRPC");
         Ok(GrpcServer {

@@ -9,7 +9,7 @@
 //! | cause | code |
 //! |---|---|
 //! | a `Status` (from the body or a layer) | its own |
-//! | [`RequestTimeout`], the call's deadline | `DEADLINE_EXCEEDED` |
+//! | [`RequestTimeout`], [`DeadlineExceeded`], the call's deadline | `DEADLINE_EXCEEDED` |
 //! | an HTTP/2 reset: `REFUSED_STREAM` / `CANCEL` / `ENHANCE_YOUR_CALM` / `INADEQUATE_SECURITY` / other | `UNAVAILABLE` / `CANCELLED` / `RESOURCE_EXHAUSTED` / `PERMISSION_DENIED` / `INTERNAL` (gRPC's PROTOCOL-HTTP2) |
 //! | no endpoints, no ready endpoint, a try timeout, a failed connect, a lost connection | `UNAVAILABLE` |
 //! | anything else | `UNKNOWN` |
@@ -23,6 +23,7 @@
 //!
 //! [`MeshChannel`]: crate::MeshChannel
 //! [`RequestTimeout`]: mesh_tower::timeout::RequestTimeout
+//! [`DeadlineExceeded`]: mesh_tower::timeout::DeadlineExceeded
 //! [`BudgetExhausted`]: mesh_tower::client::error::BudgetExhausted
 
 use std::error::Error;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 use mesh_core::error::{BoxError, find_cause};
 use mesh_tower::client::error::{ConnectError, NoEndpoints, NoReadyEndpoints, SendError};
-use mesh_tower::timeout::{RequestTimeout, TryTimeout};
+use mesh_tower::timeout::{DeadlineExceeded, RequestTimeout, TryTimeout};
 use tonic::{Code, Status};
 
 /// The [`Status`] a caller of `service` gets for `error`; see the [module docs](self).
@@ -47,7 +48,7 @@ pub fn status_from_error(error: BoxError, service: &str) -> Status {
 
 /// The gRPC code of the first cause in `error`'s chain that has one.
 pub fn code_of(error: &(dyn Error + 'static)) -> Code {
-    if is::<RequestTimeout>(error) {
+    if is::<RequestTimeout>(error) || is::<DeadlineExceeded>(error) {
         return Code::DeadlineExceeded;
     }
     if let Some(reason) = find_cause::<h2::Error>(error).and_then(h2::Error::reason) {
@@ -100,6 +101,9 @@ mod tests {
         assert_eq!(status.code(), Code::DeadlineExceeded);
         assert_eq!(status.message(), "users: request timed out after 1s");
         assert!(status.source().is_some());
+
+        let unsent = status_from_error(Box::new(DeadlineExceeded), "users");
+        assert_eq!(unsent.code(), Code::DeadlineExceeded);
 
         let none = NoEndpoints {
             service: "users".into(),

@@ -110,7 +110,6 @@ async fn scripted(mesh: &mut Mesh, script: Script) -> (GrpcServer, SocketAddr, A
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tee replay body in mesh-tower (lead is building it): tonic bodies have no size, so no tonic call is retried yet; passes with that work in progress"]
 async fn an_endpoint_killed_mid_run_loses_no_unary_call() {
     let mut mesh = Mesh::new();
     let mut eps = Vec::new();
@@ -154,7 +153,6 @@ async fn an_endpoint_killed_mid_run_loses_no_unary_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs gRPC retry mode and the tee replay body in mesh-tower (lead is building them); passes with that work in progress"]
 async fn an_unavailable_endpoint_is_retried_elsewhere() {
     let mut mesh = Mesh::new();
     let (_bad, bad_addr, bad_calls) = scripted(&mut mesh, Script::Unavailable).await;
@@ -194,7 +192,6 @@ async fn a_committed_call_is_not_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs gRPC retry mode in mesh-tower (lead is building it): the RESOURCE_EXHAUSTED answer is retried elsewhere; passes with that work in progress"]
 async fn a_resource_exhausted_endpoint_is_sidelined_for_its_pushback() {
     let mut mesh = Mesh::new();
     let (_busy, busy, busy_calls) =

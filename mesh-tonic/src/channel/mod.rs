@@ -155,9 +155,8 @@ impl MeshChannel {
             if req.extensions().get::<Deadline>().map(|d| d.0) != Some(at) {
                 req.extensions_mut().insert(Deadline(at));
             }
-            // LEAD (mesh-tower `timeout::grpc`): the time left is encoded once here, at
-            // the channel. Once the per-try GrpcTimeoutLayer re-encodes `grpc-timeout` on
-            // every try, this line can go (or stay: that layer overwrites it).
+            // The time left, for the first try; mesh-tower's retry layer re-encodes it
+            // on every try (lowered by a per-try timeout), so each try and hop sees less.
             req.headers_mut()
                 .insert(deadline::GRPC_TIMEOUT, encode(left));
         }
