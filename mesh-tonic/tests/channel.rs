@@ -310,3 +310,65 @@ async fn health_is_serving_while_listening_and_not_serving_on_shutdown() {
     drop(watch);
     shutdown.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_from_config_in_plaintext_and_inbound_metrics_by_method_and_code() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mesh_tower::metrics::server::ServerMetrics::register(&mut registry);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = mesh_tonic::test_util::EchoService::new("plain");
+    let mesh = mesh_tower::server::MeshServer::builder()
+        .plaintext()
+        .metrics(metrics.listener("grpc"));
+    let _server = mesh_tonic::server::GrpcServer::builder(mesh)
+        .add_service(echo.server())
+        .serve(listener)
+        .await
+        .unwrap();
+
+    let config = mesh_core::config::MeshConfig::from_toml(&format!(
+        r#"
+        [identity]
+        source = "spire"
+
+        [services.echo]
+        discovery = {{ kind = "static", endpoints = [{{ addr = "{addr}" }}] }}
+        tls = "plaintext"
+        protocol = "grpc"
+
+        [services.echo.timeout]
+        request = "5s"
+        "#
+    ))
+    .unwrap();
+    let channel = mesh_tonic::MeshChannelBuilder::from_config(
+        "echo",
+        &config.services["echo"],
+        common::discovery(&[addr]),
+    )
+    .build()
+    .unwrap();
+    assert_eq!(channel.service_name(), "echo");
+    let mut client = EchoClient::new(channel);
+    let reply = client.unary(msg("plain")).await.unwrap().into_inner();
+    assert_eq!(
+        (reply.endpoint.as_str(), reply.peer.as_str()),
+        ("plain", "")
+    );
+    // The request timeout reached the server as grpc-timeout.
+    assert!(!reply.grpc_timeout.is_empty());
+    let unknown = client
+        .server_stream(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await;
+    assert!(unknown.is_empty());
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let unary = r#"rpc_server_duration_seconds_count{listener="grpc",rpc_system="grpc",rpc_service="mesh.test.v1.Echo",rpc_method="Unary",rpc_grpc_status_code="0"} 1"#;
+    assert!(text.contains(unary), "{text}");
+}
