@@ -7,7 +7,10 @@
 //! - client CPU per call: the on-CPU time of this process over sequential calls
 //!   (`/proc/self/task/*/schedstat`, as `benches/cpu.rs`).
 //!
-//! Rounds alternate between the two clients; medians are reported with their ratios.
+//! Rounds alternate between the two clients; medians are reported with their ratios. The
+//! CPU figure also gives the generated client straight over a `MeshClient` (an error type
+//! tonic maps to `UNKNOWN`), so that what `MeshChannel` itself adds can be told apart
+//! from the mesh-tower stack.
 //!
 //! ```text
 //! cargo bench -p mesh-benches --bench grpc
@@ -80,6 +83,9 @@ fn request() -> EchoRequest {
 enum Client {
     Tonic(EchoClient<tonic::transport::Channel>),
     Mesh(EchoClient<MeshChannel>),
+    /// The same generated client straight over a `MeshClient`: what `MeshChannel` itself
+    /// adds (statuses, deadlines, the URI) is the difference.
+    Raw(Box<EchoClient<mesh_tower::MeshClient>>),
 }
 
 impl Client {
@@ -87,6 +93,7 @@ impl Client {
         match self {
             Client::Tonic(c) => c.unary(request()).await.unwrap(),
             Client::Mesh(c) => c.unary(request()).await.unwrap(),
+            Client::Raw(c) => c.unary(request()).await.unwrap(),
         };
     }
 }
@@ -119,7 +126,7 @@ async fn throughput(client: &Client) -> f64 {
     calls.load(Ordering::Relaxed) as f64 / THROUGHPUT_TIME.as_secs_f64()
 }
 
-fn clients(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> (Client, Client) {
+fn clients(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> (Client, Client, Client) {
     rt.block_on(async {
         let tonic = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -133,9 +140,18 @@ fn clients(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> (Client,
             .metrics(&mut prometheus_client::registry::Registry::default())
             .build()
             .unwrap();
+        let raw =
+            mesh_tower::MeshClient::builder(Box::pin(StaticDiscovery::new([Endpoint::new(addr)])))
+                .service_name("echo")
+                .plaintext()
+                .protocol(mesh_core::config::Protocol::Grpc)
+                .metrics(&mut prometheus_client::registry::Registry::default())
+                .build()
+                .unwrap();
         (
             Client::Tonic(EchoClient::new(tonic)),
             Client::Mesh(EchoClient::new(mesh)),
+            Client::Raw(Box::new(EchoClient::new(raw))),
         )
     })
 }
@@ -161,11 +177,13 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (mut tonic, mut mesh) = clients(&rt, addr);
+    let (mut tonic, mut mesh, mut raw) = clients(&rt, addr);
     rt.block_on(async {
         latencies(&mut tonic, 1_000).await;
         latencies(&mut mesh, 1_000).await;
+        latencies(&mut raw, 1_000).await;
     });
+    let mut cpu_raw = Vec::new();
     let (mut p50, mut p99) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     let (mut cpu_tonic, mut cpu_mesh, mut cpu_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -186,12 +204,17 @@ fn main() {
                 mesh.call().await;
             }
             let m = (cpu_ns() - start) as f64 / CPU_CALLS as f64;
+            let start = cpu_ns();
+            for _ in 0..CPU_CALLS {
+                raw.call().await;
+            }
+            cpu_raw.push((cpu_ns() - start) as f64 / CPU_CALLS as f64);
             cpu_tonic.push(t);
             cpu_mesh.push(m);
             cpu_ratio.push(m / t);
         });
     }
-    drop((tonic, mesh));
+    drop((tonic, mesh, raw));
 
     // Throughput: 32 tasks on two worker threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -199,7 +222,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (tonic, mesh) = clients(&rt, addr);
+    let (tonic, mesh, _) = clients(&rt, addr);
     let (mut tput_tonic, mut tput_mesh, mut tput_ratio) = (Vec::new(), Vec::new(), Vec::new());
     rt.block_on(async {
         throughput(&tonic).await;
@@ -233,7 +256,13 @@ fn main() {
         median(tput_ratio)
     );
     println!("client CPU per call ({CPU_CALLS} sequential calls, median of {ROUNDS} rounds):");
-    println!("  tonic Channel  {:>8.0} ns", median(cpu_tonic));
+    let tonic_cpu = median(cpu_tonic);
+    println!("  tonic Channel  {tonic_cpu:>8.0} ns");
+    let raw_cpu = median(cpu_raw);
+    println!(
+        "  MeshClient     {raw_cpu:>8.0} ns   {:.3}x (no MeshChannel: the mesh-tower stack alone)",
+        raw_cpu / tonic_cpu
+    );
     println!(
         "  MeshChannel    {:>8.0} ns   ratio {:.3}x",
         median(cpu_mesh),
