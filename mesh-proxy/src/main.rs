@@ -5,24 +5,43 @@
 //! balancing, retries, circuit breaking, mTLS to peers) and an admin listener, configured
 //! by one TOML file (see `examples/config/mesh.toml` for every section).
 //!
-//! Today it provides the `check` command, which loads and validates a configuration file
-//! the way the proxy will at start, reporting every error with its key path:
-//!
 //! ```text
 //! mesh-proxy check mesh.toml           # validate; exit 0 when valid, 1 when not
 //! mesh-proxy check mesh.toml --print   # ... and print the effective config, defaults filled in
+//! mesh-proxy run --config mesh.toml    # serve
 //! ```
 //!
-//! Serving traffic is tracked on the project's proxy issue.
+//! `run` starts only when the configuration validates (every error names its key). It
+//! takes its identity from `[identity]` (PEM files or the SPIFFE Workload API, both
+//! rotating without a restart), serves each `[[inbound]]` listener (mTLS, authorization,
+//! rate limit, then the local application, which gets the peer's SPIFFE ID in a header
+//! the proxy always overwrites), each `[[outbound]]` listener (plaintext from the local
+//! application, routed by `[[routes]]` to `[services]`, HTTP/2 over mTLS to the peer
+//! proxies), and `[admin]` (`/metrics`, `/ready`, `/live`, `/config`, `POST /shutdown`,
+//! `POST /reload`).
+//!
+//! SIGTERM or Ctrl-C: stop accepting, drain within `drain_timeout`, exit 0. SIGHUP (or
+//! `POST /reload`): re-read the file and apply its services and routes without dropping
+//! a connection, or keep the running configuration when it is invalid (logged, and
+//! counted in `mesh_proxy_reloads_total{result="invalid"}`).
+//!
+//! Flags override the file, and `MESH_*` environment variables the flags' defaults:
+//! `--admin` / `MESH_ADMIN`, `--log` / `MESH_LOG` (an `EnvFilter`, default `info`),
+//! `--log-format` / `MESH_LOG_FORMAT` (`plain` or `json`), `--workers` / `MESH_WORKERS`
+//! (runtime worker threads, default 2: a sidecar's share of a machine).
 
 // The command line's output is its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod admin;
+mod proxy;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use mesh_core::config::MeshConfig;
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_core::config::{AdminConfig, MeshConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-proxy", version, about = "The mesh service-mesh proxy")]
@@ -41,12 +60,159 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// Serve: the inbound, outbound and admin listeners of the configuration.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The TOML configuration file.
+    #[arg(long, env = "MESH_CONFIG")]
+    config: PathBuf,
+    /// The admin listener's address, instead of the file's `[admin] listen`.
+    #[arg(long, env = "MESH_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// What to log: a tracing `EnvFilter` (`info`, `mesh_tower=debug,info`, ...).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+    /// How to log.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    /// Worker threads of the runtime.
+    #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, print } => check(&config, print),
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --log `{}`: {e}", args.log);
+            return ExitCode::FAILURE;
+        }
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match args.log_format {
+        LogFormat::Plain => subscriber.try_init(),
+        LogFormat::Json => subscriber.json().try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("error: installing the logger: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut config = match MeshConfig::from_file(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(listen) = args.admin {
+        config.admin = Some(AdminConfig { listen });
+    }
+    if args.workers == 0 {
+        eprintln!("error: --workers must be at least 1");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config, args.config))
+}
+
+async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
+    let proxy = match proxy::Proxy::start(config, path).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "not starting");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (name, addr) in proxy.addrs() {
+        // One line per listener on stdout, for scripts and tests that bind port 0.
+        println!("listening {name} {addr}");
+    }
+    let state = proxy.state.clone();
+    loop {
+        tokio::select! {
+            () = signals::terminate() => {
+                tracing::info!("terminating: draining");
+                break;
+            }
+            () = state.shutdown.notified() => {
+                tracing::info!("shutdown: draining");
+                break;
+            }
+            () = signals::hangup() => proxy.reload().await,
+            () = state.reload.notified() => proxy.reload().await,
+        }
+    }
+    proxy.shutdown().await;
+    tracing::info!("drained; exiting");
+    ExitCode::SUCCESS
+}
+
+mod signals {
+    /// SIGTERM or Ctrl-C.
+    pub(crate) async fn terminate() {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+
+    /// SIGHUP (never, where there is none).
+    pub(crate) async fn hangup() {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut hup) = signal(SignalKind::hangup()) {
+                hup.recv().await;
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
     }
 }
 

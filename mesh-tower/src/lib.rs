@@ -27,6 +27,9 @@
 //! - [`authz`] (feature `authz`), [`ratelimit`] (feature `ratelimit`) and
 //!   [`metrics::server`]: the inbound layers — authorization by identity and route, GCRA
 //!   rate limits, inbound metrics;
+//! - [`forward`]: proxying — connection-specific headers stripped, HTTP/1.1 carried over
+//!   HTTP/2 between proxies, the hop to a local application with the peer's identity, and
+//!   answers for failed requests;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
 //! [`MeshClient`] composes the client layers into the whole client stack for one service;
@@ -48,6 +51,7 @@ pub mod client;
 pub mod connect;
 #[cfg(feature = "fault")]
 pub mod fault;
+pub mod forward;
 pub mod load;
 pub mod matcher;
 pub mod metrics;

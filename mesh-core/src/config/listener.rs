@@ -69,6 +69,11 @@ pub struct InboundConfig {
     /// The local rate limit applied. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// The request header the application reads the peer's verified SPIFFE ID from; the
+    /// proxy always overwrites it (and removes it when the peer has none), so a client
+    /// cannot set it. Default: `x-mesh-client-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_header: Option<String>,
 }
 
 /// An outbound listener: accepts plaintext from the local application and sends each

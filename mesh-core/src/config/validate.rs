@@ -518,6 +518,10 @@ impl Validator {
         let mut names = BTreeSet::new();
         let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
         let mut claim = |v: &mut Self, addr: SocketAddr, path: String| {
+            // Port 0: each listener gets its own ephemeral port.
+            if addr.port() == 0 {
+                return;
+            }
             if let Some(first) = addrs.get(&addr) {
                 v.err(path, format!("{addr} is already used by {first}"));
             } else {
@@ -561,6 +565,14 @@ impl Validator {
                 self.err(
                     format!("{path}.tls"),
                     "mtls needs an [identity] section; set tls = \"plaintext\" to accept in the clear",
+                );
+            }
+            if let Some(name) = &l.identity_header
+                && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            {
+                self.err(
+                    format!("{path}.identity_header"),
+                    format!("`{name}` is not a header name"),
                 );
             }
             if let Some(policy) = &l.authorization

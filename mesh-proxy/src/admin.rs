@@ -1,0 +1,190 @@
+//! The admin listener: `/metrics`, `/ready`, `/live`, `/config`, `POST /shutdown` and
+//! `POST /reload`, in plaintext on the admin address (loopback by default).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use mesh_tower::server::{MeshServer, Server, ServerError};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::State;
+
+/// Serves the admin endpoints for `state` on `listener`.
+pub(crate) fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+) -> Result<Server, ServerError> {
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&state, &req)) }
+    });
+    MeshServer::builder().plaintext().serve(listener, app)
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let mut out = String::new();
+            let registry = state
+                .registry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    format!("encoding metrics: {e}\n"),
+                ),
+            }
+        }
+        (&Method::GET, "/ready") => {
+            if state.is_ready() {
+                text(StatusCode::OK, PLAIN, "ready\n")
+            } else if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "no SVID yet\n")
+            }
+        }
+        (&Method::GET, "/live") => text(StatusCode::OK, PLAIN, "live\n"),
+        (&Method::GET, "/config") => {
+            let config = state
+                .config_text
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            text(StatusCode::OK, "application/toml", config)
+        }
+        (&Method::POST, "/shutdown") => {
+            tracing::info!("shutdown asked for on the admin listener");
+            state.shutdown.notify_one();
+            text(StatusCode::OK, PLAIN, "shutting down\n")
+        }
+        (&Method::POST, "/reload") => {
+            state.reload.notify_one();
+            text(
+                StatusCode::ACCEPTED,
+                PLAIN,
+                "reloading (the outcome is logged and in mesh_proxy_reloads_total)\n",
+            )
+        }
+        (_, "/metrics" | "/ready" | "/live" | "/config" | "/shutdown" | "/reload") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found: /metrics, /ready, /live, /config, POST /shutdown, POST /reload\n",
+        ),
+    }
+}
+
+/// Registers the process metrics (CPU, resident memory, open file descriptors), read
+/// from `/proc/self` at each scrape on Linux; absent elsewhere.
+pub(crate) fn register_process_metrics(registry: &mut Registry) {
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = process_stats();
+        if let Some(cpu) = stats.cpu_seconds {
+            let metric = ConstCounter::new(cpu);
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(m)?;
+        }
+        if let Some(rss) = stats.resident_bytes {
+            let metric = ConstGauge::new(rss);
+            let m = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory size",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(m)?;
+        }
+        if let Some(fds) = stats.open_fds {
+            let metric = ConstGauge::new(fds);
+            let m = encoder.encode_descriptor(
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<i64>,
+    open_fds: Option<i64>,
+}
+
+fn process_stats() -> ProcessStats {
+    let mut stats = ProcessStats::default();
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // After the command name (in parentheses, which may hold spaces): field 3 on.
+        // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on
+        // Linux, whatever the kernel's HZ).
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
+                stats.cpu_seconds = Some((utime + stime) as f64 / 100.0);
+            }
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        stats.resident_bytes = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            .map(|kb| kb * 1024);
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        stats.open_fds = i64::try_from(dir.count()).ok();
+    }
+    stats
+}

@@ -1,0 +1,411 @@
+//! The running proxy: identity, inbound and outbound listeners, admin, reload, drain.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::HeaderName;
+use hyper::body::Incoming;
+use mesh_core::config::{IdentityConfig, MeshConfig, ServiceConfig, TlsMode};
+use mesh_core::error::BoxError;
+use mesh_spiffe::{CredentialSource, Mtls};
+use mesh_tower::MeshClient;
+use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
+use mesh_tower::metrics::server::ServerMetrics;
+use mesh_tower::route::{RouteMetrics, Router, Routes};
+use mesh_tower::server::{MeshServer, MeshServerBuilder, Server};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tower::Layer;
+
+use crate::admin;
+
+/// One outbound backend: a service's client, sent to its peer proxies as HTTP/2.
+pub(crate) type Backend = ToMesh<MeshClient>;
+
+/// Why the proxy cannot start (or a reload cannot be applied); each names its key.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("{key}: {message}")]
+    Config { key: String, message: String },
+    #[error("{key}: binding {addr}: {source}")]
+    Bind {
+        key: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Server(#[from] mesh_tower::server::ServerError),
+}
+
+/// What the admin endpoints and the signal handlers share.
+pub(crate) struct State {
+    /// The identity source, if any: the proxy is ready once it holds an SVID.
+    pub(crate) credentials: Option<Arc<dyn CredentialSource>>,
+    /// The metrics of every client, server, route and of the process.
+    pub(crate) registry: Mutex<Registry>,
+    /// The effective configuration, as TOML.
+    pub(crate) config_text: Mutex<String>,
+    /// The configuration file, for reloads.
+    pub(crate) path: PathBuf,
+    /// Set once shutting down: `/ready` then answers 503.
+    pub(crate) draining: AtomicBool,
+    /// Wakes the main task to shut down (SIGTERM, Ctrl-C, `POST /shutdown`).
+    pub(crate) shutdown: Notify,
+    /// Wakes the main task to reload (SIGHUP, `POST /reload`).
+    pub(crate) reload: Notify,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+impl State {
+    /// Whether the proxy can serve: it holds an SVID (or needs none) and is not draining.
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+            && self.credentials.as_ref().is_none_or(|c| c.svid().is_some())
+    }
+}
+
+/// The running proxy.
+pub(crate) struct Proxy {
+    pub(crate) state: Arc<State>,
+    servers: Vec<(String, Server)>,
+    admin: Option<Server>,
+    routers: Vec<Router<Backend>>,
+    mtls: Option<Mtls>,
+    clients: Mutex<BTreeMap<String, (ServiceConfig, MeshClient)>>,
+    route_metrics: RouteMetrics,
+    config: Mutex<MeshConfig>,
+}
+
+impl Proxy {
+    /// Starts every listener `config` describes.
+    pub(crate) async fn start(config: MeshConfig, path: PathBuf) -> Result<Self, StartError> {
+        let credentials = identity(config.identity.as_ref()).await?;
+        let mtls = credentials.clone().map(Mtls::from_arc);
+        let mut registry = Registry::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "mesh_proxy_reloads",
+            "Configuration reloads, by result (applied, invalid)",
+            reloads.clone(),
+        );
+        admin::register_process_metrics(&mut registry);
+        let server_metrics = ServerMetrics::register(&mut registry);
+        let route_metrics = RouteMetrics::register(&mut registry);
+        let mut clients = BTreeMap::new();
+        for (name, service) in &config.services {
+            let client = client(name, service, &config, mtls.as_ref(), Some(&mut registry)).await?;
+            clients.insert(name.clone(), (service.clone(), client));
+        }
+
+        let mut servers = Vec::new();
+        for (i, inbound) in config.inbound.iter().enumerate() {
+            let key = format!("inbound[{i}]");
+            let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
+                .metrics(server_metrics.listener(&inbound.name));
+            if inbound.tls == TlsMode::Mtls {
+                let mtls = mtls.as_ref().ok_or_else(|| StartError::Config {
+                    key: format!("{key}.tls"),
+                    message: "mtls needs an [identity] section".into(),
+                })?;
+                builder = builder.mtls_credentials(mtls)?;
+            }
+            let header = match &inbound.identity_header {
+                Some(name) => {
+                    HeaderName::from_bytes(name.as_bytes()).map_err(|_| StartError::Config {
+                        key: format!("{key}.identity_header"),
+                        message: format!("`{name}` is not a header name"),
+                    })?
+                }
+                None => mesh_tower::forward::DEFAULT_IDENTITY_HEADER,
+            };
+            let app = Forward::<Incoming>::new(inbound.target).identity_header(header);
+            let listener = bind(&key, inbound.listen).await?;
+            let server = builder.serve(listener, app)?;
+            tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");
+            servers.push((inbound.name.clone(), server));
+        }
+
+        let mut routers = Vec::new();
+        for (i, outbound) in config.outbound.iter().enumerate() {
+            let key = format!("outbound[{i}]");
+            let routes = routes(
+                &config,
+                outbound.default_service.as_deref(),
+                &clients,
+                &route_metrics,
+            )
+            .map_err(|message| StartError::Config {
+                key: key.clone(),
+                message,
+            })?;
+            let router = Router::new(routes);
+            let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
+            let listener = bind(&key, outbound.listen).await?;
+            let mut builder = MeshServer::builder()
+                .plaintext()
+                .metrics(server_metrics.listener(&outbound.name));
+            let mut limits = mesh_tower::server::ServerLimits::default();
+            limits.shutdown_timeout = config.drain_timeout;
+            builder = builder.limits(limits);
+            let server = builder.serve(listener, app)?;
+            tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "outbound listening");
+            servers.push((outbound.name.clone(), server));
+            routers.push(router);
+        }
+
+        let state = Arc::new(State {
+            credentials,
+            registry: Mutex::new(registry),
+            config_text: Mutex::new(effective(&config)),
+            path,
+            draining: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            reload: Notify::new(),
+            reloads,
+        });
+        let admin = match &config.admin {
+            Some(a) => {
+                let listener = bind("admin.listen", a.listen).await?;
+                let server = admin::serve(listener, state.clone())?;
+                tracing::info!(addr = %server.local_addr(), "admin listening");
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Self {
+            state,
+            servers,
+            admin,
+            routers,
+            mtls,
+            clients: Mutex::new(clients),
+            route_metrics,
+            config: Mutex::new(config),
+        })
+    }
+
+    /// The addresses the listeners are bound to, by name (the admin listener as `admin`).
+    pub(crate) fn addrs(&self) -> Vec<(String, std::net::SocketAddr)> {
+        let mut addrs: Vec<_> = self
+            .servers
+            .iter()
+            .map(|(n, s)| (n.clone(), s.local_addr()))
+            .collect();
+        if let Some(a) = &self.admin {
+            addrs.push(("admin".into(), a.local_addr()));
+        }
+        addrs
+    }
+
+    /// Re-reads the configuration file and applies its services and routes to the
+    /// outbound listeners, keeping every connection. An invalid file, or one that changes
+    /// what cannot change without a restart (identity, listeners), keeps the running
+    /// configuration; the outcome is logged and counted.
+    pub(crate) async fn reload(&self) {
+        let outcome = self.try_reload().await;
+        let result = match &outcome {
+            Ok(()) => {
+                tracing::info!(path = %self.state.path.display(), "configuration reloaded");
+                "applied"
+            }
+            Err(e) => {
+                tracing::error!(path = %self.state.path.display(), error = %e, "configuration not reloaded; keeping the running one");
+                "invalid"
+            }
+        };
+        self.state
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    async fn try_reload(&self) -> Result<(), BoxError> {
+        let next = MeshConfig::from_file(&self.state.path)?;
+        let current = lock(&self.config).clone();
+        for (what, same) in [
+            ("identity", next.identity == current.identity),
+            ("inbound", next.inbound == current.inbound),
+            ("outbound", next.outbound == current.outbound),
+            ("admin", next.admin == current.admin),
+        ] {
+            if !same {
+                return Err(format!("`{what}` changed: that needs a restart").into());
+            }
+        }
+        // Unchanged services keep their clients (connections, load, breakers, metrics).
+        let old = lock(&self.clients).clone();
+        let mut clients = BTreeMap::new();
+        for (name, service) in &next.services {
+            let client = match old.get(name) {
+                Some((config, client)) if config == service => client.clone(),
+                _ => client(name, service, &next, self.mtls.as_ref(), None).await?,
+            };
+            clients.insert(name.clone(), (service.clone(), client));
+        }
+        let mut sets = Vec::new();
+        for (outbound, _) in next.outbound.iter().zip(&self.routers) {
+            sets.push(routes(
+                &next,
+                outbound.default_service.as_deref(),
+                &clients,
+                &self.route_metrics,
+            )?);
+        }
+        for (router, set) in self.routers.iter().zip(sets) {
+            router.replace(set);
+        }
+        *lock(&self.clients) = clients;
+        *lock(&self.state.config_text) = effective(&next);
+        *lock(&self.config) = next;
+        Ok(())
+    }
+
+    /// Stops accepting, drains every listener (up to `drain_timeout`), then the admin
+    /// listener.
+    pub(crate) async fn shutdown(self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        let drains = self.servers.into_iter().map(|(name, server)| async move {
+            let report = server.shutdown().await;
+            tracing::info!(listener = %name, open = report.open_at_shutdown, forced = report.forced, "drained");
+        });
+        futures_join_all(drains).await;
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
+    }
+}
+
+/// Awaits every future (a small join without another dependency).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl IntoIterator<Item = F>,
+) {
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    for t in tasks {
+        if let Err(e) = t.await {
+            tracing::warn!(error = %e, "a drain task failed");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The configuration as TOML, for `/config` (it holds paths, never key material).
+fn effective(config: &MeshConfig) -> String {
+    toml::to_string_pretty(config).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+}
+
+async fn bind(
+    key: &str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            key: key.to_owned(),
+            addr,
+            source,
+        })
+}
+
+/// The identity source `config` describes, started.
+async fn identity(
+    config: Option<&IdentityConfig>,
+) -> Result<Option<Arc<dyn CredentialSource>>, StartError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let source: Arc<dyn CredentialSource> = match config {
+        IdentityConfig::Files { .. } => Arc::new(
+            mesh_spiffe::files::PemFiles::from_config(config)
+                .await
+                .map_err(|e| StartError::Identity(e.to_string()))?,
+        ),
+        IdentityConfig::Spire { socket } => {
+            let mut builder = mesh_spiffe::spire::SpireSource::builder();
+            if let Some(socket) = socket {
+                builder = builder.endpoint(socket.clone());
+            }
+            Arc::new(
+                builder
+                    .build()
+                    .await
+                    .map_err(|e| StartError::Identity(e.to_string()))?,
+            )
+        }
+        _ => return Err(StartError::Identity("unsupported identity source".into())),
+    };
+    Ok(Some(source))
+}
+
+/// The client of service `name`.
+async fn client(
+    name: &str,
+    service: &ServiceConfig,
+    config: &MeshConfig,
+    mtls: Option<&Mtls>,
+    registry: Option<&mut Registry>,
+) -> Result<MeshClient, StartError> {
+    let key = format!("services.{name}");
+    let discovery = mesh_core::discover::from_config(&service.discovery)
+        .await
+        .map_err(|e| StartError::Config {
+            key: format!("{key}.discovery"),
+            message: e.to_string(),
+        })?;
+    let mut builder = mesh_tower::MeshClientBuilder::from_config(name, service, discovery)
+        .zone(config.zone.clone(), service.zone.clone());
+    if service.tls == TlsMode::Mtls {
+        let mtls = mtls.ok_or_else(|| StartError::Config {
+            key: format!("{key}.tls"),
+            message: "mtls needs an [identity] section".into(),
+        })?;
+        builder = builder.mtls(mtls.clone());
+    }
+    if let Some(registry) = registry {
+        builder = builder.metrics(registry);
+    }
+    builder.build().map_err(|e| StartError::Config {
+        key,
+        message: e.to_string(),
+    })
+}
+
+/// The route set of an outbound listener: the configuration's routes over every service
+/// (sent to peer proxies as HTTP/2 when the service is mTLS, that is, meshed), and
+/// `default` for requests no route takes.
+fn routes(
+    config: &MeshConfig,
+    default: Option<&str>,
+    clients: &BTreeMap<String, (ServiceConfig, MeshClient)>,
+    metrics: &RouteMetrics,
+) -> Result<Routes<Backend>, String> {
+    let mut builder = Routes::builder()
+        .routes(config.routes.iter().cloned())
+        .metrics(metrics);
+    for (name, (service, client)) in clients {
+        let layer = if service.tls == TlsMode::Mtls {
+            ToMeshLayer::new()
+        } else {
+            ToMeshLayer::passthrough()
+        };
+        builder = builder.backend(name.clone(), layer.layer(client.clone()));
+    }
+    if let Some(name) = default {
+        builder = builder.default_backend(name);
+    }
+    builder.build().map_err(|e| e.to_string())
+}

@@ -1,0 +1,538 @@
+//! Forwarding requests as a proxy: to a local application, and between mesh proxies.
+//!
+//! - [`strip_hop_by_hop`]: the connection-specific header fields a proxy must not pass
+//!   on (RFC 9110 §7.6.1, and HTTP/2 forbids them outright, RFC 9113 §8.2.2):
+//!   `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`,
+//!   `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly `trailers`.
+//! - **Between proxies, HTTP/2 always.** [`ToMeshLayer`] sends an HTTP/1.x request to a
+//!   peer proxy as HTTP/2, marked with [`ORIG_PROTO`] (`mesh-orig-proto: HTTP/1.1`), so
+//!   that many HTTP/1.1 connections from an application share one multiplexed mTLS
+//!   connection between the proxies (as linkerd's `l5d-orig-proto` does); the peer's
+//!   [`Forward`] restores the request to its version before it reaches the application.
+//! - [`Forward`]: the inbound proxy's last hop, to the local application at one address:
+//!   HTTP/1.1 over a connection pool, or HTTP/2 (gRPC) over one connection, as the
+//!   request came (or as [`ORIG_PROTO`] says it came). It always overwrites the
+//!   identity header (default [`DEFAULT_IDENTITY_HEADER`]) with the peer's verified
+//!   SPIFFE ID, or removes it when there is none, so the application cannot be fooled by
+//!   a client that sends one. An application that is down is answered 502 (connection
+//!   refused or reset) or 504 (connect timeout), with the reason in a text body (gRPC:
+//!   trailers-only `UNAVAILABLE`), never a hang.
+//! - [`AnswerErrorsLayer`]: an outbound proxy's answer when the client stack fails a
+//!   request — 503 when the service has no (ready) endpoint, 504 when its timeout or
+//!   deadline passed, 502 otherwise — with the cause in a text body, or a trailers-only
+//!   `UNAVAILABLE` / `DEADLINE_EXCEEDED` for gRPC: the application always gets an answer.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use mesh_core::error::BoxError;
+use tower::Layer;
+use tower_service::Service;
+
+use crate::body::{ResponseBody, grpc_answer, text_answer};
+use crate::connect::{self, ConnectSettings, EndpointClient};
+use mesh_core::config::Protocol;
+
+/// The header that carries an HTTP/1.x request's version across an HTTP/2 hop between
+/// proxies.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
+
+/// The header [`Forward`] puts the peer's SPIFFE ID in, unless told another.
+pub const DEFAULT_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-mesh-client-id");
+
+/// Removes the connection-specific fields from `headers` (see the [module docs](self)).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fields named by `Connection` are connection-specific too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Sends requests to a peer proxy as HTTP/2; see the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct ToMeshLayer {
+    enabled: bool,
+}
+
+impl Default for ToMeshLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ToMeshLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self { enabled: true }
+    }
+
+    /// A layer that only strips connection-specific headers and leaves the version as it
+    /// is: for a service that is not a mesh proxy (plaintext, or any HTTP/1.1 server), so
+    /// that stacks toward both kinds share one type.
+    pub fn passthrough() -> Self {
+        Self { enabled: false }
+    }
+}
+
+impl<S> Layer<S> for ToMeshLayer {
+    type Service = ToMesh<S>;
+
+    fn layer(&self, inner: S) -> ToMesh<S> {
+        ToMesh {
+            inner,
+            enabled: self.enabled,
+        }
+    }
+}
+
+/// Sends requests to a peer proxy as HTTP/2; see [`ToMeshLayer`].
+#[derive(Clone, Debug)]
+pub struct ToMesh<S> {
+    inner: S,
+    enabled: bool,
+}
+
+impl<S, B> Service<Request<B>> for ToMesh<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        strip_hop_by_hop(req.headers_mut());
+        if !self.enabled {
+            return self.inner.call(req);
+        }
+        let orig = match req.version() {
+            Version::HTTP_10 => Some("HTTP/1.0"),
+            Version::HTTP_11 | Version::HTTP_09 => Some("HTTP/1.1"),
+            _ => None,
+        };
+        let headers = req.headers_mut();
+        headers.remove(ORIG_PROTO);
+        if let Some(orig) = orig {
+            headers.insert(ORIG_PROTO, HeaderValue::from_static(orig));
+            // `Host` travels as `:authority` (the URI's) in HTTP/2.
+            if let Some(host) = headers.remove(header::HOST)
+                && req.uri().authority().is_none()
+            {
+                with_authority(&mut req, &host);
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+        self.inner.call(req)
+    }
+}
+
+/// Gives an origin-form request the authority `host` (its `Host` header), so that the
+/// name the caller used survives a hop where only the URI carries it.
+fn with_authority<B>(req: &mut Request<B>, host: &HeaderValue) {
+    let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
+        return;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The inbound proxy's hop to the local application; see the [module docs](self).
+pub struct Forward<B> {
+    http1: EndpointClient<B>,
+    http2: EndpointClient<B>,
+    identity_header: HeaderName,
+    target: SocketAddr,
+}
+
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Self {
+            http1: self.http1.clone(),
+            http2: self.http2.clone(),
+            identity_header: self.identity_header.clone(),
+            target: self.target,
+        }
+    }
+}
+
+impl<B> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("target", &self.target)
+            .field("identity_header", &self.identity_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Forward<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Forwards to the application at `target` (plaintext, on the same host), putting the
+    /// peer's identity in [`DEFAULT_IDENTITY_HEADER`].
+    pub fn new(target: SocketAddr) -> Self {
+        let settings = |protocol| ConnectSettings {
+            protocol,
+            ..ConnectSettings::plaintext()
+        };
+        Self {
+            http1: EndpointClient::new(target, settings(Protocol::Http1)),
+            http2: EndpointClient::new(target, settings(Protocol::Http2)),
+            identity_header: DEFAULT_IDENTITY_HEADER,
+            target,
+        }
+    }
+
+    /// Puts the peer's identity in `name` instead.
+    pub fn identity_header(mut self, name: HeaderName) -> Self {
+        self.identity_header = name;
+        self
+    }
+}
+
+impl<B> Service<Request<B>> for Forward<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<connect::Body<B>>>;
+    type Error = std::convert::Infallible;
+    type Future = ForwardFuture<B>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness of the application is awaited per request (connect, back-off).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let grpc = mesh_core::classify::is_grpc(req.headers());
+        let orig = req.headers_mut().remove(ORIG_PROTO);
+        strip_hop_by_hop(req.headers_mut());
+        let identity = req
+            .extensions()
+            .get::<mesh_spiffe::PeerIdentity>()
+            .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
+        let headers = req.headers_mut();
+        headers.remove(&self.identity_header);
+        if let Some(id) = identity {
+            headers.insert(self.identity_header.clone(), id);
+        }
+        let http1 = match orig.as_ref().map(HeaderValue::as_bytes) {
+            Some(b"HTTP/1.0") => {
+                *req.version_mut() = Version::HTTP_10;
+                true
+            }
+            Some(_) => {
+                *req.version_mut() = Version::HTTP_11;
+                true
+            }
+            None => req.version() < Version::HTTP_2,
+        };
+        if http1 && req.headers().get(header::HOST).is_none() {
+            // From `:authority`: the application sees the name the caller used.
+            if let Some(host) = req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        let client = if http1 { &self.http1 } else { &self.http2 };
+        ForwardFuture {
+            inner: client.send(req),
+            target: self.target,
+            grpc,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a [`Forward`].
+    pub struct ForwardFuture<B> {
+        #[pin]
+        inner: connect::ResponseFuture<B>,
+        target: SocketAddr,
+        grpc: bool,
+    }
+}
+
+impl<B> fmt::Debug for ForwardFuture<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardFuture")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> std::future::Future for ForwardFuture<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<connect::Body<B>>>, std::convert::Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(Ok(match result {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                resp.map(ResponseBody::inner)
+            }
+            Err(e) => {
+                let timeout = mesh_core::error::find_cause::<connect::ConnectError>(
+                    &e as &(dyn std::error::Error + 'static),
+                )
+                .is_some_and(|c| matches!(c, connect::ConnectError::Timeout { .. }));
+                tracing::warn!(target = %this.target, error = %e, "the application did not answer");
+                if *this.grpc {
+                    grpc_answer(14, "the application is unavailable")
+                } else {
+                    let status = if timeout {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    text_answer(
+                        status,
+                        format!("the application at {} did not answer: {e}\n", this.target),
+                    )
+                }
+            }
+        }))
+    }
+}
+
+/// Answers the requests a service failed; see the [module docs](self).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AnswerErrorsLayer {
+    _priv: (),
+}
+
+impl AnswerErrorsLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for AnswerErrorsLayer {
+    type Service = AnswerErrors<S>;
+
+    fn layer(&self, inner: S) -> AnswerErrors<S> {
+        AnswerErrors { inner }
+    }
+}
+
+/// Answers the requests a service failed; see [`AnswerErrorsLayer`].
+#[derive(Clone, Debug)]
+pub struct AnswerErrors<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for AnswerErrors<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<RB>>;
+    type Error = std::convert::Infallible;
+    type Future = AnswerErrorsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A service that cannot become ready fails each request instead.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        AnswerErrorsFuture {
+            grpc: mesh_core::classify::is_grpc(req.headers()),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of an [`AnswerErrors`].
+    #[derive(Debug)]
+    pub struct AnswerErrorsFuture<F> {
+        #[pin]
+        inner: F,
+        grpc: bool,
+    }
+}
+
+impl<F, RB, E> std::future::Future for AnswerErrorsFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<RB>>, std::convert::Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(Ok(match result {
+            Ok(resp) => resp.map(ResponseBody::inner),
+            Err(e) => {
+                let e: BoxError = e.into();
+                let (status, code) = status_of(e.as_ref());
+                tracing::debug!(error = %e, %status, "answering a failed request");
+                if *this.grpc {
+                    grpc_answer(
+                        code,
+                        if code == 4 {
+                            "deadline exceeded"
+                        } else {
+                            "unavailable"
+                        },
+                    )
+                } else {
+                    text_answer(status, format!("{e}\n"))
+                }
+            }
+        }))
+    }
+}
+
+/// The HTTP status and gRPC code for a failed request.
+fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16) {
+    use mesh_core::error::is_caused_by;
+    if is_caused_by::<crate::timeout::RequestTimeout>(e)
+        || is_caused_by::<crate::timeout::DeadlineExceeded>(e)
+    {
+        return (StatusCode::GATEWAY_TIMEOUT, 4);
+    }
+    #[cfg(feature = "balance")]
+    if is_caused_by::<crate::balance::error::NoEndpoints>(e)
+        || is_caused_by::<crate::balance::error::NoReadyEndpoints>(e)
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, 14);
+    }
+    (StatusCode::BAD_GATEWAY, 14)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[test]
+    fn connection_specific_fields_are_stripped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("proxy-connection", "close".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        h.insert(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::TE).is_none(), "TE other than trailers goes");
+    }
+
+    #[tokio::test]
+    async fn http1_requests_go_to_peers_as_http2_with_their_version_and_host() {
+        let seen =
+            tower::service_fn(
+                |req: Request<()>| async move { Ok::<_, std::convert::Infallible>(req) },
+            );
+        let req = Request::get("/users?id=7")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "users.example.org:8080")
+            .header(header::CONNECTION, "close")
+            .body(())
+            .unwrap();
+        let sent = ToMeshLayer::new().layer(seen).oneshot(req).await.unwrap();
+        assert_eq!(sent.version(), Version::HTTP_2);
+        assert_eq!(sent.headers()[ORIG_PROTO], "HTTP/1.1");
+        assert_eq!(sent.uri(), "http://users.example.org:8080/users?id=7");
+        assert!(sent.headers().get(header::HOST).is_none());
+        assert!(sent.headers().get(header::CONNECTION).is_none());
+
+        // Passthrough: the version stays; connection-specific fields still go.
+        let req = Request::get("/")
+            .header(header::UPGRADE, "h2c")
+            .body(())
+            .unwrap();
+        let sent = ToMeshLayer::passthrough()
+            .layer(seen)
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(sent.version(), Version::HTTP_11);
+        assert!(sent.headers().get(ORIG_PROTO).is_none());
+        assert!(sent.headers().get(header::UPGRADE).is_none());
+    }
+
+    #[tokio::test]
+    async fn failed_requests_are_answered_with_the_status_their_cause_calls_for() {
+        let failing = |e: fn() -> BoxError| {
+            AnswerErrorsLayer::new().layer(tower::service_fn(move |_req: Request<()>| async move {
+                Err::<Response<()>, BoxError>(e())
+            }))
+        };
+        let timeout =
+            failing(|| crate::timeout::RequestTimeout(std::time::Duration::from_secs(1)).into());
+        let resp = timeout.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        let other = failing(|| "connection reset".into());
+        let resp = other.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let grpc = Request::post("/a.B/C")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let resp = other.oneshot(grpc).await.unwrap();
+        assert_eq!(resp.headers()["grpc-status"], "14");
+    }
+}
