@@ -1,0 +1,203 @@
+//! What the end-to-end tests share: proxy processes, curl, a local app, identities.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use mesh_spiffe::test_ca::TestCa;
+
+/// A running proxy and the addresses it printed.
+pub struct Proxy {
+    pub child: Child,
+    pub addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Proxy {
+    pub fn start(config: &Path, listeners: usize) -> Self {
+        Self::start_with(config, listeners, Stdio::inherit())
+    }
+
+    /// Starts a proxy whose log goes to `stderr`.
+    pub fn start_with(config: &Path, listeners: usize, stderr: Stdio) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--log", "info"])
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addrs = Vec::new();
+        while addrs.len() < listeners {
+            let line = lines
+                .next()
+                .expect("the proxy exited before listening")
+                .unwrap();
+            let mut words = line.split_whitespace();
+            if words.next() == Some("listening") {
+                let name = words.next().unwrap().to_owned();
+                addrs.push((name, words.next().unwrap().parse().unwrap()));
+            }
+        }
+        Self { child, addrs }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal}");
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 10 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill().unwrap();
+        panic!("the proxy did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl`'s status line and body for `args`.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The local application: answers every request with what it saw.
+pub async fn app() -> SocketAddr {
+    app_with_delay(Duration::ZERO).await
+}
+
+/// The local application, answering after `delay`.
+pub async fn app_with_delay(delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_owned()
+                        };
+                        let seen = format!(
+                            "{} {} {:?} id={} host={}",
+                            req.method(),
+                            req.uri().path(),
+                            req.version(),
+                            header("x-mesh-client-id"),
+                            header("host"),
+                        );
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            seen,
+                        ))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `name`'s SVID, key and the bundle, and returns its `[identity]` section.
+pub fn identity(dir: &Path, ca: &mut TestCa, name: &str) -> String {
+    let svid = ca.issue(&format!("spiffe://example.org/{name}")).unwrap();
+    let (chain, key) = svid.to_pem();
+    std::fs::write(dir.join(format!("{name}.crt")), chain).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+    std::fs::write(dir.join("bundle.pem"), ca.bundle().unwrap().to_pem()).unwrap();
+    format!(
+        "[identity]\nsource = \"files\"\ncert = \"{d}/{name}.crt\"\nkey = \"{d}/{name}.key\"\n\
+         [identity.bundles]\n\"example.org\" = \"{d}/bundle.pem\"\n",
+        d = dir.display()
+    )
+}
+
+/// An inbound proxy's config: `name`'s identity, admitting any peer, to `target`.
+pub fn inbound_config(
+    dir: &Path,
+    ca: &mut TestCa,
+    name: &str,
+    file: &str,
+    target: SocketAddr,
+) -> std::path::PathBuf {
+    let path = dir.join(file);
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n",
+        identity(dir, ca, name)
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// An outbound proxy's config: `name`'s identity, everything to service `app` at
+/// `endpoints` (inbound proxies with the identity `spiffe://example.org/app`).
+pub fn outbound_config(
+    dir: &Path,
+    ca: &mut TestCa,
+    name: &str,
+    endpoints: &[SocketAddr],
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    let text = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [services.app]\ndiscovery = {{ kind = \"static\", endpoints = [{}] }}\n\
+         server_identity = \"spiffe://example.org/app\"\n{extra}\n\n\
+         [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"app\"\n",
+        identity(dir, ca, name),
+        endpoints.join(", ")
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
