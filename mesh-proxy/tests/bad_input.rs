@@ -1,0 +1,120 @@
+//! Bad input at real proxy processes: garbage, TLS on the plaintext port and plaintext on
+//! the mTLS port, a smuggling attempt, oversized headers, a peer with the wrong identity.
+//! Each gets an error status or a closed connection, and the proxy goes on serving.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::{Proxy, app, curl, inbound_config, outbound_config};
+use mesh_spiffe::test_ca::TestCa;
+
+/// Writes `bytes`, then reads until the peer closes or 5 s pass.
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The peer may close before taking everything: that is an answer too.
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(answer: &str) -> Option<u16> {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_and_disturbs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let app = app().await;
+    let b = Proxy::start(
+        &inbound_config(dir.path(), &mut ca, "app", "b.toml", app),
+        2,
+    );
+    let a = Proxy::start(
+        &outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], ""),
+        2,
+    );
+    let egress = a.addr("egress");
+    let inbound = b.addr("app");
+    let works = || {
+        let (code, body) = curl(&[&format!("http://{egress}/still-fine")]);
+        assert_eq!(code, 200, "{body}");
+    };
+    works();
+
+    // Garbage on the plaintext port: 400, or a closed connection.
+    let answer = exchange(egress, b"\x00\x01\x02 not http at all\r\n\r\n");
+    assert!(matches!(status_of(&answer), Some(400) | None), "{answer}");
+    works();
+
+    // A TLS ClientHello on the plaintext port.
+    let hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03";
+    let answer = exchange(egress, hello);
+    assert!(matches!(status_of(&answer), Some(400) | None), "{answer}");
+    works();
+
+    // Plaintext HTTP on the mTLS port: the handshake fails and nothing reaches the app.
+    let answer = exchange(inbound, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!answer.contains("200"), "{answer}");
+    works();
+
+    // Content-Length and Transfer-Encoding together (request smuggling): refused, or
+    // framed by Transfer-Encoding alone; either way the app never sees a request the
+    // client's framing hides.
+    let smuggle = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: x\r\n\r\n";
+    let answer = exchange(egress, smuggle);
+    let first = status_of(&answer);
+    assert!(matches!(first, Some(400) | Some(200) | None), "{answer}");
+    if first == Some(200) {
+        // Framed by Transfer-Encoding: the second request is the client's own,
+        // answered on the same connection like any pipelined one.
+        assert!(answer.matches("HTTP/1.1 ").count() == 2, "{answer}");
+    }
+    works();
+
+    // Oversized headers: 431 (or a closed connection), the proxy unharmed.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let answer = exchange(egress, big.as_bytes());
+    assert!(
+        matches!(status_of(&answer), Some(431) | Some(400) | None),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    works();
+
+    assert!(a.terminate().success());
+
+    // A peer with the wrong identity: refused by the caller's proxy, answered at once.
+    let wrong = outbound_config(dir.path(), &mut ca, "caller", &[inbound], "")
+        .to_string_lossy()
+        .into_owned();
+    let text = std::fs::read_to_string(&wrong).unwrap().replace(
+        "spiffe://example.org/app",
+        "spiffe://example.org/someone-else",
+    );
+    std::fs::write(&wrong, text).unwrap();
+    let a = Proxy::start(std::path::Path::new(&wrong), 2);
+    let started = tokio::time::Instant::now();
+    let (code, body) = curl(&[&format!("http://{}/x", a.addr("egress"))]);
+    assert!(code == 502 || code == 503, "{code}: {body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered, not hung"
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
