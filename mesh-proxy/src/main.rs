@@ -21,9 +21,10 @@
 //! `POST /reload`).
 //!
 //! SIGTERM or Ctrl-C: stop accepting, drain within `drain_timeout`, exit 0. SIGHUP (or
-//! `POST /reload`): re-read the file and apply its services and routes without dropping
-//! a connection, or keep the running configuration when it is invalid (logged, and
-//! counted in `mesh_proxy_reloads_total{result="invalid"}`).
+//! `POST /reload`): re-read the file and apply its services, routes, authorization
+//! policies and rate limits without dropping a connection, or keep the running
+//! configuration when it is invalid or changes what needs a restart (identity,
+//! listeners; logged, and counted in `mesh_proxy_reloads_total{result="invalid"}`).
 //!
 //! Flags override the file, and `MESH_*` environment variables the flags' defaults:
 //! `--admin` / `MESH_ADMIN`, `--log` / `MESH_LOG` (an `EnvFilter`, default `info`),

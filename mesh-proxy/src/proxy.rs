@@ -234,9 +234,21 @@ impl Proxy {
     async fn try_reload(&self) -> Result<(), BoxError> {
         let next = MeshConfig::from_file(&self.state.path)?;
         let current = lock(&self.config).clone();
+        // An inbound listener may change its policy and limit, not its socket or target.
+        let fixed = |c: &MeshConfig| {
+            c.inbound
+                .iter()
+                .map(|l| {
+                    let mut l = l.clone();
+                    l.authorization = None;
+                    l.rate_limit = None;
+                    l
+                })
+                .collect::<Vec<_>>()
+        };
         for (what, same) in [
             ("identity", next.identity == current.identity),
-            ("inbound", next.inbound == current.inbound),
+            ("inbound", fixed(&next) == fixed(&current)),
             ("outbound", next.outbound == current.outbound),
             ("admin", next.admin == current.admin),
         ] {
@@ -263,8 +275,57 @@ impl Proxy {
                 &self.route_metrics,
             )?);
         }
+        // Every inbound listener's policy and limits, compiled before any is applied.
+        let mut inbound = Vec::new();
+        for (i, (l, was)) in next.inbound.iter().zip(&current.inbound).enumerate() {
+            let policy_of = |c: &MeshConfig, name: &Option<String>| {
+                name.as_ref()
+                    .map(|n| (n.clone(), c.authorization.get(n).cloned()))
+            };
+            let limit_of = |c: &MeshConfig, name: &Option<String>| {
+                name.as_ref()
+                    .map(|n| (n.clone(), c.rate_limits.get(n).cloned()))
+            };
+            let policy_changed =
+                policy_of(&next, &l.authorization) != policy_of(&current, &was.authorization);
+            let limits_changed =
+                limit_of(&next, &l.rate_limit) != limit_of(&current, &was.rate_limit);
+            let policy = match &l.authorization {
+                Some(name) => {
+                    let config = next
+                        .authorization
+                        .get(name)
+                        .ok_or_else(|| format!("inbound[{i}].authorization: no policy `{name}`"))?;
+                    mesh_tower::authz::Policy::new(name, config)
+                        .map_err(|e| format!("authorization.{name}: {e}"))?
+                }
+                None => mesh_tower::authz::Policy::allow_all("default"),
+            };
+            let limits = match &l.rate_limit {
+                Some(name) => next
+                    .rate_limits
+                    .get(name)
+                    .ok_or_else(|| format!("inbound[{i}].rate_limit: no rate limit `{name}`"))?
+                    .clone(),
+                None => Default::default(),
+            };
+            inbound.push((
+                policy_changed.then_some(policy),
+                limits_changed.then(|| mesh_tower::ratelimit::Limits::new(&limits)),
+            ));
+        }
         for (router, set) in self.routers.iter().zip(sets) {
             router.replace(set);
+        }
+        // Inbound servers come first, in configuration order.
+        // Only what changed is replaced: unchanged limits keep their limiters' state.
+        for ((_, server), (policy, limits)) in self.servers.iter().zip(inbound) {
+            if let Some(policy) = policy {
+                server.policy().replace(policy);
+            }
+            if let Some(limits) = limits {
+                server.rate_limit().replace(limits);
+            }
         }
         *lock(&self.clients) = clients;
         *lock(&self.state.config_text) = effective(&next);

@@ -119,6 +119,19 @@ async fn curl_through_two_proxies_to_an_app() {
     let (code, body) = curl(&[&format!("{egress}/down")]);
     assert_eq!(code, 200, "now the default service: {body}");
 
+    // A policy reload at B: every path allowed now, on the connections already open.
+    std::fs::write(&b_config, b_text.replace("/[a-z0-9-]*", "/.*")).unwrap();
+    b.signal("HUP");
+    let mut allowed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if curl(&[&format!("{egress}/admin/users")]).0 == 200 {
+            allowed = true;
+            break;
+        }
+    }
+    assert!(allowed, "the new policy was not applied");
+
     assert!(a.terminate().success(), "exit 0 after SIGTERM");
     assert!(b.terminate().success());
 }

@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use mesh_core::config::AuthorizationPolicy;
 use tower::Layer;
 
@@ -7,12 +9,57 @@ use super::{Authorize, Policy, PolicyError};
 use crate::metrics::server::ListenerMetrics;
 use prometheus_client::metrics::counter::Counter;
 
-/// Authorizes requests by a [`Policy`]; see the [module docs](super). Clones share the
-/// compiled policy.
+/// Authorizes requests by a [`Policy`]; see the [module docs](super). Clones, and every
+/// service the layer makes, share the compiled policy, which [`PolicyHandle::replace`]
+/// swaps atomically for all of them.
 #[derive(Clone, Debug)]
 pub struct AuthorizeLayer {
-    policy: Arc<Policy>,
-    counters: Option<Arc<Counters>>,
+    handle: PolicyHandle,
+}
+
+/// Replaces the policy of an [`AuthorizeLayer`] and of every service it made, at run time
+/// (a configuration reload): requests already decided are unaffected, later ones are
+/// judged by the new policy. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PolicyHandle {
+    current: Arc<ArcSwap<Compiled>>,
+    metrics: Option<ListenerMetrics>,
+}
+
+/// A policy with its decision counters.
+#[derive(Debug)]
+pub(super) struct Compiled {
+    pub(super) policy: Arc<Policy>,
+    pub(super) counters: Option<Counters>,
+}
+
+impl PolicyHandle {
+    fn compile(policy: Arc<Policy>, metrics: Option<&ListenerMetrics>) -> Compiled {
+        let counters = metrics.map(|metrics| {
+            let name = policy.name();
+            Counters {
+                rules: policy
+                    .rule_names()
+                    .map(|rule| metrics.authz_counter(name, Some(rule), "allow"))
+                    .collect(),
+                allow: metrics.authz_counter(name, None, "allow"),
+                audit: metrics.authz_counter(name, None, "audit"),
+                deny: metrics.authz_counter(name, None, "deny"),
+            }
+        });
+        Compiled { policy, counters }
+    }
+
+    /// Judges every later request by `policy`; returns the policy it replaces.
+    pub fn replace(&self, policy: Policy) -> Arc<Policy> {
+        let next = Self::compile(Arc::new(policy), self.metrics.as_ref());
+        self.current.swap(Arc::new(next)).policy.clone()
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load().policy.clone()
+    }
 }
 
 /// The decision counters of one policy on one listener, made once.
@@ -27,26 +74,32 @@ pub(super) struct Counters {
 impl AuthorizeLayer {
     /// Authorizes by `policy`.
     pub fn new(policy: Policy) -> Self {
+        let compiled = PolicyHandle::compile(Arc::new(policy), None);
         Self {
-            policy: Arc::new(policy),
-            counters: None,
+            handle: PolicyHandle {
+                current: Arc::new(ArcSwap::from_pointee(compiled)),
+                metrics: None,
+            },
         }
     }
 
-    /// Counts decisions in `metrics` (`mesh_server_authz_total`).
+    /// Counts decisions in `metrics` (`mesh_server_authz_total`), for this policy and
+    /// the ones that replace it. Call it before making services.
     pub fn with_metrics(mut self, metrics: &ListenerMetrics) -> Self {
-        let name = self.policy.name();
-        self.counters = Some(Arc::new(Counters {
-            rules: self
-                .policy
-                .rule_names()
-                .map(|rule| metrics.authz_counter(name, Some(rule), "allow"))
-                .collect(),
-            allow: metrics.authz_counter(name, None, "allow"),
-            audit: metrics.authz_counter(name, None, "audit"),
-            deny: metrics.authz_counter(name, None, "deny"),
-        }));
+        let policy = self.handle.current();
+        self.handle = PolicyHandle {
+            current: Arc::new(ArcSwap::from_pointee(PolicyHandle::compile(
+                policy,
+                Some(metrics),
+            ))),
+            metrics: Some(metrics.clone()),
+        };
         self
+    }
+
+    /// The handle that replaces the policy at run time.
+    pub fn handle(&self) -> &PolicyHandle {
+        &self.handle
     }
 
     /// Compiles the policy named `name` from its configuration.
@@ -54,9 +107,9 @@ impl AuthorizeLayer {
         Policy::new(name, config).map(Self::new)
     }
 
-    /// The compiled policy.
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.handle.current()
     }
 }
 
@@ -64,6 +117,47 @@ impl<S> Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
 
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize::new(inner, self.policy.clone(), self.counters.clone())
+        Authorize::new(inner, self.handle.current.clone())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mesh_core::config::DefaultAction;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_replaced_policy_judges_every_later_request_of_every_service() {
+        let layer = AuthorizeLayer::new(Policy::allow_all("open"));
+        let svc = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
+        let status = |svc: Authorize<_>| async move {
+            svc.oneshot(http::Request::new(())).await.unwrap().status()
+        };
+        assert_eq!(status(svc.clone()).await, 200);
+        let closed = AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            ..AuthorizationPolicy::default()
+        };
+        let old = layer
+            .handle()
+            .replace(Policy::new("closed", &closed).unwrap());
+        assert_eq!(old.name(), "open");
+        assert_eq!(status(svc.clone()).await, 403, "an existing service");
+        assert_eq!(svc.policy().name(), "closed");
+        let made_later = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
+        assert_eq!(
+            made_later
+                .oneshot(http::Request::new(()))
+                .await
+                .unwrap()
+                .status(),
+            403
+        );
     }
 }

@@ -64,7 +64,7 @@ mod policy;
 mod service;
 
 pub use self::error::PolicyError;
-pub use self::layer::AuthorizeLayer;
+pub use self::layer::{AuthorizeLayer, PolicyHandle};
 pub use self::policy::{AuthzDecision, Denied, Policy};
 pub use self::service::Authorize;
 pub use crate::body::ResponseFuture;

@@ -6,7 +6,9 @@ use http::{Request, Response, StatusCode};
 use mesh_spiffe::PeerIdentity;
 use tower_service::Service;
 
-use super::layer::Counters;
+use arc_swap::ArcSwap;
+
+use super::layer::Compiled;
 use super::{Policy, ResponseFuture};
 use crate::body::{ResponseBody, grpc_answer, text_answer};
 
@@ -15,22 +17,17 @@ use crate::body::{ResponseBody, grpc_answer, text_answer};
 #[derive(Clone, Debug)]
 pub struct Authorize<S> {
     inner: S,
-    policy: Arc<Policy>,
-    counters: Option<Arc<Counters>>,
+    current: Arc<ArcSwap<Compiled>>,
 }
 
 impl<S> Authorize<S> {
-    pub(super) fn new(inner: S, policy: Arc<Policy>, counters: Option<Arc<Counters>>) -> Self {
-        Self {
-            inner,
-            policy,
-            counters,
-        }
+    pub(super) fn new(inner: S, current: Arc<ArcSwap<Compiled>>) -> Self {
+        Self { inner, current }
     }
 
-    /// The compiled policy.
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.current.load().policy.clone()
     }
 
     /// The inner service.
@@ -63,9 +60,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let client = req.extensions().get::<PeerIdentity>().map(PeerIdentity::id);
-        match self.policy.decide(client, &req) {
+        let current = self.current.load();
+        match current.policy.decide(client, &req) {
             Ok(decision) => {
-                if let Some(c) = &self.counters {
+                if let Some(c) = &current.counters {
                     match decision.index {
                         Some(i) => {
                             if let Some(counter) = c.rules.get(i) {
@@ -85,7 +83,7 @@ where
                         client = %client.map_or("unauthenticated".into(), ToString::to_string),
                         method = %req.method(),
                         path = req.uri().path(),
-                        policy = self.policy.name(),
+                        policy = current.policy.name(),
                         "authorization audit: no rule allows this request; allowed by the audit default"
                     );
                 }
@@ -94,7 +92,7 @@ where
                 ResponseFuture::inner(self.inner.call(req))
             }
             Err(denied) => {
-                if let Some(c) = &self.counters {
+                if let Some(c) = &current.counters {
                     c.deny.inc();
                 }
                 tracing::info!(

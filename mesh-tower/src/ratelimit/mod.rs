@@ -56,6 +56,6 @@ mod layer;
 mod limits;
 mod service;
 
-pub use self::layer::RateLimitLayer;
+pub use self::layer::{LimitsHandle, RateLimitLayer};
 pub use self::limits::{DEFAULT_MAX_CLIENTS, Limits};
 pub use self::service::RateLimit;

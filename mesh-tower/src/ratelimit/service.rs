@@ -1,4 +1,6 @@
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,13 +19,17 @@ use crate::body::{ResponseBody, ResponseFuture, grpc_answer, text_answer};
 #[derive(Clone, Debug)]
 pub struct RateLimit<S> {
     inner: S,
-    limits: Arc<Limits>,
+    limits: Arc<ArcSwap<Limits>>,
     /// Refusals by the client limits and by the total.
     counters: Option<Arc<[Counter; 2]>>,
 }
 
 impl<S> RateLimit<S> {
-    pub(super) fn new(inner: S, limits: Arc<Limits>, counters: Option<Arc<[Counter; 2]>>) -> Self {
+    pub(super) fn new(
+        inner: S,
+        limits: Arc<ArcSwap<Limits>>,
+        counters: Option<Arc<[Counter; 2]>>,
+    ) -> Self {
         Self {
             inner,
             limits,
@@ -31,9 +37,9 @@ impl<S> RateLimit<S> {
         }
     }
 
-    /// The limits.
-    pub fn limits(&self) -> &Arc<Limits> {
-        &self.limits
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
     }
 
     /// The inner service.
@@ -67,7 +73,8 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let peer = req.extensions().get::<PeerIdentity>();
         let client = peer.map(PeerIdentity::id);
-        match self.limits.check_peer(peer) {
+        let limits = self.limits.load();
+        match limits.check_peer(peer) {
             Ok(()) => ResponseFuture::inner(self.inner.call(req)),
             Err(refusal) => {
                 if let Some(counters) = &self.counters {

@@ -254,6 +254,8 @@ impl MeshServerBuilder {
             authorize = authorize.with_metrics(metrics);
             rate_limit = rate_limit.with_metrics(metrics);
         }
+        let policy = authorize.handle().clone();
+        let limits = rate_limit.handle().clone();
         let inner = tower::ServiceBuilder::new()
             .layer(authorize)
             .layer(rate_limit)
@@ -279,7 +281,13 @@ impl MeshServerBuilder {
             MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>,
         >(listener, shared, stopping));
         tracing::debug!(%addr, "serving");
-        Ok(Server { addr, stop, task })
+        Ok(Server {
+            addr,
+            stop,
+            task,
+            policy,
+            limits,
+        })
     }
 }
 
@@ -289,6 +297,8 @@ pub struct Server {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<ShutdownReport>,
+    policy: crate::authz::PolicyHandle,
+    limits: crate::ratelimit::LimitsHandle,
 }
 
 /// How a shutdown went.
@@ -304,6 +314,16 @@ impl Server {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Replaces the authorization policy at run time (allow-all when none was set).
+    pub fn policy(&self) -> &crate::authz::PolicyHandle {
+        &self.policy
+    }
+
+    /// Replaces the rate limits at run time (none when none were set).
+    pub fn rate_limit(&self) -> &crate::ratelimit::LimitsHandle {
+        &self.limits
     }
 
     /// Stops accepting, lets requests in flight finish (up to the shutdown timeout) and
