@@ -66,3 +66,57 @@ fn invalid_configs_fail_with_every_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_vm_config_is_valid() {
+    let (ok, out, err) = check(&["examples/config/vm.toml"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("identity: SPIFFE Workload API"), "{out}");
+    assert!(
+        out.contains("2 services, 3 routes, 1 inbound and 1 outbound listeners"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_demo_configs_are_valid() {
+    for (file, summary) in [
+        (
+            "web",
+            "1 services, 1 routes, 0 inbound and 1 outbound listeners",
+        ),
+        (
+            "users",
+            "0 services, 0 routes, 1 inbound and 0 outbound listeners",
+        ),
+    ] {
+        let (ok, out, err) = check(&[&format!("examples/config/demo/{file}.toml")]);
+        assert!(ok, "{file}: {err}");
+        assert!(out.contains("identity: PEM files"), "{out}");
+        assert!(out.contains(summary), "{out}");
+    }
+}
+
+/// The `mesh.toml` of the Kubernetes manifest's ConfigMap, as the proxy would read it.
+#[test]
+fn the_kubernetes_config_map_is_valid() {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/kubernetes/users.yaml"
+    ))
+    .unwrap();
+    let toml: String = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "mesh.toml: |")
+        .skip(1)
+        .take_while(|l| !l.starts_with("---"))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(toml.contains("[identity]"), "{toml}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.toml");
+    std::fs::write(&path, toml).unwrap();
+    let (ok, out, err) = check(&[path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 inbound and 1 outbound listeners"), "{out}");
+}

@@ -20,6 +20,8 @@ const WORKLOADS: [(&str, &str); 2] = [
     ("users", "spiffe://example.org/demo/users"),
 ];
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 #[test]
 #[ignore = "rewrites the committed demo identities in examples/config/demo"]
 fn write_demo_certs() {
@@ -27,7 +29,6 @@ fn write_demo_certs() {
     let mut ca = TestCa::new("example.org").unwrap();
     std::fs::write(dir.join("ca.pem"), ca.bundle().unwrap().to_pem()).unwrap();
     let now = SystemTime::now();
-    const DAY: Duration = Duration::from_secs(24 * 3600);
     for (name, id) in WORKLOADS {
         // The test CA's root is valid for ten years from now; the leaves end a day sooner.
         let svid = ca
