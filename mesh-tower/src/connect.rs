@@ -121,7 +121,7 @@ pub struct ConnState {
 }
 
 impl ConnState {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             failures: AtomicU32::new(0),
             down_until: Mutex::new(None),
@@ -150,7 +150,7 @@ impl ConnState {
         self.failures.load(Ordering::Acquire)
     }
 
-    fn connected(&self) {
+    pub(crate) fn connected(&self) {
         if self.failures.swap(0, Ordering::AcqRel) != 0
             && let Ok(mut until) = self.down_until.lock()
         {
@@ -158,7 +158,7 @@ impl ConnState {
         }
     }
 
-    fn failed(&self, backoff: &Backoff) {
+    pub(crate) fn failed(&self, backoff: &Backoff) {
         let attempt = self.failures.fetch_add(1, Ordering::AcqRel);
         let delay = backoff.delay(attempt, &mut fastrand::Rng::new());
         if let Ok(mut until) = self.down_until.lock() {

@@ -30,6 +30,10 @@
 //! - [`forward`]: proxying — connection-specific headers stripped, HTTP/1.1 carried over
 //!   HTTP/2 between proxies, the hop to a local application with the peer's identity, and
 //!   answers for failed requests;
+//! - [`opaque`] (feature `opaque`): opaque TCP — an inbound relay to a target with
+//!   authorization per connection by the peer's identity, and an outbound relay to a
+//!   service's endpoints (P2C over open connections, failover), over SPIFFE mTLS;
+//!   [`detect`]: HTTP/2, HTTP/1.x or opaque, from a client's first bytes;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
 //! [`MeshClient`] composes the client layers into the whole client stack for one service;
@@ -49,6 +53,7 @@ pub mod breaker;
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub mod client;
 pub mod connect;
+pub mod detect;
 #[cfg(feature = "fault")]
 pub mod fault;
 pub mod forward;
@@ -57,6 +62,8 @@ pub mod matcher;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
+#[cfg(feature = "opaque")]
+pub mod opaque;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
 pub mod retry;

@@ -1,0 +1,390 @@
+//! The outbound half: an endpoint picked by P2C over open connections, dialled with
+//! failover, then relayed.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mesh_core::discover::BoxDiscover;
+use mesh_core::identity::IdentityPattern;
+use mesh_spiffe::{Mtls, PeerIdentity};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::endpoints::{Endpoints, MakeTarget, Open, Pick, Target, follow};
+use super::{BuildError, DEFAULT_MAX_CONNECT_ATTEMPTS, Limits, OpaqueError, Serving};
+use crate::backoff::Backoff;
+use crate::balance::DEFAULT_FAIL_FAST;
+use crate::connect::{ConnectError, DEFAULT_CONNECT_BACKOFF, DEFAULT_CONNECT_TIMEOUT};
+
+/// Relays local connections to a service's endpoints; see the [module docs](super).
+/// Cheap to clone: clones share the endpoints and their connection counts.
+#[derive(Clone)]
+pub struct OpaqueClient {
+    shared: Arc<Shared>,
+}
+
+/// Configures an [`OpaqueClient`]; see the [module docs](super).
+#[must_use]
+pub struct OpaqueClientBuilder {
+    discovery: BoxDiscover,
+    transport: Option<Option<Mtls>>,
+    server_identity: Option<IdentityPattern>,
+    service: String,
+    settings: Settings,
+    limits: Limits,
+    seed: Option<u64>,
+}
+
+impl fmt::Debug for OpaqueClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpaqueClientBuilder")
+            .field("service", &self.service)
+            .field("mtls", &matches!(self.transport, Some(Some(_))))
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a relay picks and dials.
+#[derive(Clone, Copy, Debug)]
+struct Settings {
+    connect_timeout: Duration,
+    max_attempts: usize,
+    fail_fast: Duration,
+    backoff: Backoff,
+}
+
+/// What a finished relay did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// The endpoint it was relayed to.
+    pub endpoint: SocketAddr,
+    /// The endpoint's verified identity (mTLS), or `None` in plaintext.
+    pub peer: Option<PeerIdentity>,
+    /// Endpoints tried, the one that connected included.
+    pub attempts: usize,
+    /// Bytes from the local connection to the endpoint.
+    pub sent: u64,
+    /// Bytes from the endpoint to the local connection.
+    pub received: u64,
+}
+
+impl OpaqueClient {
+    /// Starts configuring a client for the endpoints `discovery` gives.
+    pub fn builder(discovery: BoxDiscover) -> OpaqueClientBuilder {
+        OpaqueClientBuilder {
+            discovery,
+            transport: None,
+            server_identity: None,
+            service: String::from("opaque"),
+            settings: Settings {
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                max_attempts: DEFAULT_MAX_CONNECT_ATTEMPTS,
+                fail_fast: DEFAULT_FAIL_FAST,
+                backoff: DEFAULT_CONNECT_BACKOFF,
+            },
+            limits: Limits::default(),
+            seed: None,
+        }
+    }
+}
+
+impl OpaqueClientBuilder {
+    /// Dials endpoints with SPIFFE mTLS, requiring the identity discovery gives for each
+    /// or, when it gives none, one [`server_identity`](Self::server_identity) matches (an
+    /// endpoint with neither is refused: the client fails closed).
+    pub fn mtls(mut self, mtls: Mtls) -> Self {
+        self.transport = Some(Some(mtls));
+        self
+    }
+
+    /// Dials endpoints in plaintext.
+    pub fn plaintext(mut self) -> Self {
+        self.transport = Some(None);
+        self
+    }
+
+    /// The identity endpoints must present when discovery names none for them.
+    pub fn server_identity(mut self, pattern: IdentityPattern) -> Self {
+        self.server_identity = Some(pattern);
+        self
+    }
+
+    /// The service's name, for logs and errors (default `opaque`).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service = name.into();
+        self
+    }
+
+    /// Bounds TCP connect plus TLS handshake to one endpoint (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.connect_timeout = timeout;
+        self
+    }
+
+    /// Distinct endpoints a connection tries before it fails (default 3, at least 1).
+    pub fn max_connect_attempts(mut self, attempts: usize) -> Self {
+        self.settings.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long a connection waits for an endpoint to pick when there is none, or none
+    /// out of back-off (default 3 s).
+    pub fn fail_fast(mut self, timeout: Duration) -> Self {
+        self.settings.fail_fast = timeout;
+        self
+    }
+
+    /// The back-off of an endpoint after a failed connect (default 100 ms to 10 s).
+    pub fn connect_backoff(mut self, backoff: Backoff) -> Self {
+        self.settings.backoff = backoff;
+        self
+    }
+
+    /// Bounds the connections [`OpaqueClient::serve`] has open at once (default 10,000).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.limits.max_connections = max;
+        self
+    }
+
+    /// How long [`OpaqueClient::serve`]'s connections may go on after a shutdown began
+    /// (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Seeds the random picks (default: a random seed).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Builds the client and starts following discovery, in a task of the current Tokio
+    /// runtime (it ends when the last clone of the client is dropped).
+    pub fn build(self) -> Result<OpaqueClient, BuildError> {
+        let transport = self.transport.ok_or(BuildError::NoTransport)?;
+        let endpoints = Arc::new(Endpoints {
+            set: ArcSwap::from_pointee(Vec::new()),
+            changed: watch::Sender::new(()),
+            ended: AtomicBool::new(false),
+        });
+        let make = MakeTarget {
+            transport,
+            server_identity: self.server_identity,
+            service: self.service.clone(),
+        };
+        let task = tokio::spawn(follow(self.discovery, endpoints.clone(), make));
+        Ok(OpaqueClient {
+            shared: Arc::new(Shared {
+                endpoints,
+                service: self.service,
+                settings: self.settings,
+                limits: self.limits,
+                rng: Mutex::new(match self.seed {
+                    Some(seed) => fastrand::Rng::with_seed(seed),
+                    None => fastrand::Rng::new(),
+                }),
+                discovery: task.abort_handle(),
+            }),
+        })
+    }
+}
+
+struct Shared {
+    endpoints: Arc<Endpoints>,
+    service: String,
+    settings: Settings,
+    limits: Limits,
+    rng: Mutex<fastrand::Rng>,
+    discovery: AbortHandle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.discovery.abort();
+    }
+}
+
+/// A connection to an endpoint.
+enum Remote {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl fmt::Debug for OpaqueClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpaqueClient")
+            .field("service", &self.shared.service)
+            .field("endpoints", &self.shared.endpoints.set.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpaqueClient {
+    /// The endpoints discovery currently gives (those left out for a TLS configuration
+    /// error excepted).
+    pub fn endpoint_count(&self) -> usize {
+        self.shared.endpoints.set.load().len()
+    }
+
+    /// Relays `local` to an endpoint of the service until both directions end; see the
+    /// [module docs](super).
+    pub async fn relay(&self, mut local: TcpStream) -> Result<RelayStats, OpaqueError> {
+        let _ = local.set_nodelay(true);
+        let (open, remote, peer, attempts) = self.connect().await?;
+        let addr = open.0.addr;
+        let relayed = match remote {
+            Remote::Plain(mut tcp) => super::relay(&mut local, &mut tcp).await,
+            Remote::Tls(mut tls) => super::relay(&mut local, &mut *tls).await,
+        };
+        drop(open);
+        let (sent, received) = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
+        Ok(RelayStats {
+            endpoint: addr,
+            peer,
+            attempts,
+            sent,
+            received,
+        })
+    }
+
+    /// Relays every connection of `listener`, in a task of the current Tokio runtime.
+    pub fn serve(&self, listener: TcpListener) -> Result<Serving, BuildError> {
+        let client = self.clone();
+        let serving = super::spawn(listener, self.shared.limits, move |tcp, remote| {
+            let client = client.clone();
+            async move {
+                match client.relay(tcp).await {
+                    Ok(stats) => {
+                        tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed")
+                    }
+                    Err(error @ OpaqueError::Relay { .. }) => {
+                        tracing::debug!(%remote, %error, "opaque connection failed");
+                    }
+                    Err(error) => tracing::info!(%remote, %error, "opaque connection refused"),
+                }
+            }
+        })?;
+        tracing::debug!(addr = %serving.local_addr(), service = %self.shared.service, "serving opaque TCP");
+        Ok(serving)
+    }
+
+    /// Picks and dials endpoints until one connects, within the attempt bound.
+    async fn connect(&self) -> Result<(Open, Remote, Option<PeerIdentity>, usize), OpaqueError> {
+        let settings = &self.shared.settings;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last = None;
+        while tried.len() < settings.max_attempts {
+            let target = match self.pick(&tried).await {
+                Ok(target) => target,
+                // Nothing left to fail over to: the connect failure says more.
+                Err(error) => {
+                    return Err(match last {
+                        Some(last) => self.connect_error(tried.len(), last),
+                        None => error,
+                    });
+                }
+            };
+            tried.push(target.addr);
+            let open = Open::new(target);
+            match self.dial(&open.0).await {
+                Ok((remote, peer)) => {
+                    open.0.state.connected();
+                    return Ok((open, remote, peer, tried.len()));
+                }
+                Err(error) => {
+                    open.0.state.failed(&settings.backoff);
+                    tracing::debug!(service = %self.shared.service, %error, "connect failed; trying another endpoint");
+                    last = Some(error);
+                }
+            }
+        }
+        match last {
+            Some(last) => Err(self.connect_error(tried.len(), last)),
+            // Unreachable: at least one attempt is made, and each failure is kept.
+            None => Err(OpaqueError::NoEndpoints {
+                service: self.shared.service.clone(),
+            }),
+        }
+    }
+
+    fn connect_error(&self, attempts: usize, last: ConnectError) -> OpaqueError {
+        OpaqueError::Connect {
+            service: self.shared.service.clone(),
+            attempts,
+            last,
+        }
+    }
+
+    /// An endpoint not in `tried`: at once after a failed attempt, else waiting for one
+    /// up to the fail-fast timeout.
+    async fn pick(&self, tried: &[SocketAddr]) -> Result<Arc<Target>, OpaqueError> {
+        let endpoints = &self.shared.endpoints;
+        let fail_fast = self.shared.settings.fail_fast;
+        let start = Instant::now();
+        let deadline = start + fail_fast;
+        let mut changed = endpoints.changed.subscribe();
+        loop {
+            changed.mark_unchanged();
+            let now = Instant::now();
+            let wake = match endpoints.pick(tried, now, &self.shared.rng) {
+                Pick::Picked(target) => return Ok(target),
+                _ if !tried.is_empty() => {
+                    return Err(OpaqueError::NoEndpoints {
+                        service: self.shared.service.clone(),
+                    });
+                }
+                Pick::Empty if endpoints.ended.load(Ordering::Acquire) || now >= deadline => {
+                    return Err(OpaqueError::NoEndpoints {
+                        service: self.shared.service.clone(),
+                    });
+                }
+                Pick::BackingOff(_) if now >= deadline => {
+                    return Err(OpaqueError::NoReadyEndpoints {
+                        service: self.shared.service.clone(),
+                        waited: now.saturating_duration_since(start),
+                    });
+                }
+                Pick::BackingOff(Some(until)) => until.min(deadline),
+                Pick::BackingOff(None) | Pick::Empty => deadline,
+            };
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Dials `target`: TCP, then mTLS when configured, within the connect timeout.
+    async fn dial(&self, target: &Target) -> Result<(Remote, Option<PeerIdentity>), ConnectError> {
+        let addr = target.addr;
+        let timeout = self.shared.settings.connect_timeout;
+        let dial = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ConnectError::Tcp { addr, source })?;
+            let _ = tcp.set_nodelay(true);
+            match &target.tls {
+                None => Ok((Remote::Plain(tcp), None)),
+                Some(connector) => {
+                    let (tls, peer) = connector
+                        .handshake(addr, tcp)
+                        .await
+                        .map_err(|source| ConnectError::Tls { addr, source })?;
+                    Ok((Remote::Tls(Box::new(tls)), Some(peer)))
+                }
+            }
+        };
+        tokio::time::timeout(timeout, dial)
+            .await
+            .map_err(|_| ConnectError::Timeout { addr, timeout })?
+    }
+}

@@ -1,0 +1,263 @@
+//! Opaque TCP: bytes relayed as they are, over SPIFFE mTLS between proxies, with
+//! authorization by the peer's identity per connection.
+//!
+//! Two halves, each usable alone:
+//!
+//! ```text
+//! app ──plaintext──> OpaqueClient ══mTLS══> OpaqueServer ──plaintext──> target app
+//!                    picks an endpoint      PeerIdentity -> Policy::decide_connection
+//! ```
+//!
+//! # Inbound: [`OpaqueServer`]
+//!
+//! For each accepted connection: the mTLS handshake (with [`mtls`](OpaqueServerBuilder::mtls);
+//! plaintext only when chosen with [`plaintext`](OpaqueServerBuilder::plaintext), and then
+//! every peer is unauthenticated), then the [`Policy`](crate::authz::Policy) judges the
+//! connection with [`decide_connection`](crate::authz::Policy::decide_connection) on the
+//! peer's verified [`PeerIdentity`](mesh_spiffe::PeerIdentity) — only the rules that hold
+//! for every route apply, since there is no request to match. A denied connection is
+//! closed before the target is dialled, so not a byte reaches it; the denial is logged at
+//! `debug` and counted in `mesh_server_authz_total{outcome="deny"}` when
+//! [`metrics`](OpaqueServerBuilder::metrics) are given (refused handshakes in
+//! `mesh_server_tls_handshake_failures_total`, as for `MeshServer`). An admitted
+//! connection dials the target (bounded by the connect timeout, default 1 s; a target that
+//! is down closes the connection) and the bytes are relayed both ways with
+//! [`tokio::io::copy_bidirectional`].
+//!
+//! # Outbound: [`OpaqueClient`]
+//!
+//! For each local (plaintext) connection, an endpoint of the service is picked from
+//! discovery by **power of two choices over open connections** (divided by the
+//! endpoint's weight), among endpoints not in connect back-off: the lighter of two random
+//! ones. Opaque connections are long-lived and carry no requests to time, so the number
+//! open is the load that matters. It is dialled — plaintext or SPIFFE mTLS requiring the
+//! identity discovery gives for the endpoint or else the
+//! [`server_identity`](OpaqueClientBuilder::server_identity) pattern, TCP and TLS within
+//! the connect timeout (default 1 s). A failed connect puts the endpoint in back-off
+//! (100 ms doubling to 10 s, as the HTTP client does) and another endpoint is tried, up to
+//! [`max_connect_attempts`](OpaqueClientBuilder::max_connect_attempts) (default 3) distinct
+//! endpoints. When no endpoint can be picked (discovery has none yet, or all are backing
+//! off), the connection waits for one up to the fail-fast timeout (default 3 s, as the
+//! balancer), then fails.
+//!
+//! # Half-close and shutdown
+//!
+//! When one side finishes sending (a TCP FIN, or TLS `close_notify`), the relay finishes
+//! sending to the other side the same way and keeps relaying the other direction until it
+//! ends too: a client may shut its write side and still read the whole answer.
+//!
+//! Both halves serve a listener in a task that returns a [`Serving`] handle.
+//! [`Serving::shutdown`] stops accepting, lets open connections end on their own for up to
+//! the shutdown timeout (default 30 s, as `MeshServer`; opaque bytes have no message
+//! boundary at which to stop them earlier), then closes the rest and reports how many it
+//! had to force. At most `max_connections` (default 10,000) are open at once; beyond,
+//! accepting waits.
+//!
+//! ```no_run
+//! use mesh_core::{Endpoint, discover::StaticDiscovery};
+//! use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
+//! use mesh_tower::opaque::{OpaqueClient, OpaqueServer};
+//!
+//! # async fn run(credentials: CredentialStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let mtls = Mtls::new(credentials);
+//! // Inbound: peers over mTLS to the local database.
+//! let acceptor = MtlsAcceptor::new(&mtls, Authorizer::any())?;
+//! let inbound = OpaqueServer::builder()
+//!     .mtls(acceptor)
+//!     .serve(tokio::net::TcpListener::bind("0.0.0.0:4143").await?, "127.0.0.1:5432".parse()?)?;
+//! // Outbound: the local application to the service's endpoints.
+//! let discovery = StaticDiscovery::new([Endpoint::new("10.0.0.7:4143".parse()?)]);
+//! let client = OpaqueClient::builder(Box::pin(discovery))
+//!     .mtls(mtls)
+//!     .server_identity("spiffe://example.org/ns/prod/sa/db".parse()?)
+//!     .build()?;
+//! let outbound = client.serve(tokio::net::TcpListener::bind("127.0.0.1:4140").await?)?;
+//! // ... on SIGTERM:
+//! let (a, b) = (inbound.shutdown().await, outbound.shutdown().await);
+//! # let _ = (a, b);
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod endpoints;
+mod error;
+mod server;
+#[cfg(all(test, feature = "test-util"))]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use self::client::{OpaqueClient, OpaqueClientBuilder, RelayStats};
+pub use self::error::{BuildError, OpaqueError};
+pub use self::server::{OpaqueServer, OpaqueServerBuilder};
+
+/// The default bound on open connections per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The default time open connections get to end after a shutdown began.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default number of distinct endpoints an outbound connection tries.
+pub const DEFAULT_MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// How a listener accepts and drains.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+/// A listener being served. Dropping it starts a shutdown without waiting for it.
+#[derive(Debug)]
+pub struct Serving {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<ShutdownReport>,
+}
+
+/// How a shutdown went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections open when the shutdown began.
+    pub open_at_shutdown: usize,
+    /// Connections still open at the shutdown timeout, closed then.
+    pub forced: usize,
+}
+
+impl Serving {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets open connections end (up to the shutdown timeout), then
+    /// closes the rest.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let _ = self.stop.send(true);
+        match (&mut self.task).await {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::warn!(%error, "the opaque listener's task ended abnormally");
+                ShutdownReport {
+                    open_at_shutdown: 0,
+                    forced: 0,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Serves `listener` in a task: `handle` for each connection, within `limits`.
+fn spawn<F, Fut>(listener: TcpListener, limits: Limits, handle: F) -> Result<Serving, BuildError>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let addr = listener.local_addr().map_err(BuildError::Listener)?;
+    let (stop, stopping) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, limits, stopping, handle));
+    Ok(Serving { addr, stop, task })
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    handle: F,
+) -> ShutdownReport
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (tcp, remote) = tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = handle(tcp, remote);
+        conns.spawn(async move {
+            let _permit = permit;
+            conn.await;
+        });
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while conns.try_join_next().is_some() {}
+    let open = conns.len();
+    let mut deadline = pin!(tokio::time::sleep(limits.shutdown_timeout));
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            () = &mut deadline => break,
+        }
+    }
+    let forced = conns.len();
+    if forced > 0 {
+        tracing::info!(forced, "shutdown timeout: closing open opaque connections");
+    }
+    conns.shutdown().await;
+    ShutdownReport {
+        open_at_shutdown: open,
+        forced,
+    }
+}
+
+/// Resolves once a shutdown began (or the handle is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Relays between `a` and `b` until both directions end; the bytes sent from `a` to `b`
+/// and from `b` to `a`.
+async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional(a, b).await
+}

@@ -1,0 +1,226 @@
+//! The inbound half: mTLS, connection-level authorization, relay to the target.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_spiffe::{MtlsAcceptor, PeerIdentity, TransportError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{BuildError, Limits, Serving};
+use crate::authz::Policy;
+use crate::connect::DEFAULT_CONNECT_TIMEOUT;
+use crate::metrics::server::ListenerMetrics;
+
+/// Serves opaque TCP to a target; see the [module docs](super).
+#[derive(Debug)]
+pub struct OpaqueServer;
+
+impl OpaqueServer {
+    /// Starts configuring a server.
+    pub fn builder() -> OpaqueServerBuilder {
+        OpaqueServerBuilder {
+            transport: None,
+            policy: None,
+            metrics: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Configures an [`OpaqueServer`]; see the [module docs](super).
+#[must_use]
+pub struct OpaqueServerBuilder {
+    transport: Option<Option<MtlsAcceptor>>,
+    policy: Option<Policy>,
+    metrics: Option<ListenerMetrics>,
+    connect_timeout: Duration,
+    limits: Limits,
+}
+
+impl fmt::Debug for OpaqueServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpaqueServerBuilder")
+            .field("mtls", &matches!(self.transport, Some(Some(_))))
+            .field("policy", &self.policy.as_ref().map(Policy::name))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpaqueServerBuilder {
+    /// Accepts SPIFFE mTLS only: clients `acceptor` refuses never get past the handshake,
+    /// and the policy judges the identity of the others.
+    pub fn mtls(mut self, acceptor: MtlsAcceptor) -> Self {
+        self.transport = Some(Some(acceptor));
+        self
+    }
+
+    /// Accepts plaintext: every peer is unauthenticated to the policy.
+    pub fn plaintext(mut self) -> Self {
+        self.transport = Some(None);
+        self
+    }
+
+    /// Authorizes each connection by `policy` (default: every peer the transport let in).
+    pub fn authorization(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Counts authorization decisions and refused handshakes in `metrics` (default: none).
+    pub fn metrics(mut self, metrics: ListenerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Bounds connecting to the target (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bounds the connections open at once (default 10,000); beyond, accepting waits.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.limits.max_connections = max;
+        self
+    }
+
+    /// How long open connections may go on after a shutdown began (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Starts relaying the connections of `listener` to `target`, in a task of the current
+    /// Tokio runtime.
+    pub fn serve(self, listener: TcpListener, target: SocketAddr) -> Result<Serving, BuildError> {
+        let tls = self.transport.ok_or(BuildError::NoTransport)?;
+        let inbound = Arc::new(Inbound {
+            tls,
+            policy: self.policy.unwrap_or_else(|| Policy::allow_all("default")),
+            metrics: self.metrics,
+            target,
+            connect_timeout: self.connect_timeout,
+        });
+        let serving = super::spawn(listener, self.limits, move |tcp, remote| {
+            let inbound = inbound.clone();
+            async move { inbound.connection(tcp, remote).await }
+        })?;
+        tracing::debug!(addr = %serving.local_addr(), %target, "serving opaque TCP");
+        Ok(serving)
+    }
+}
+
+/// What every inbound connection shares.
+struct Inbound {
+    tls: Option<MtlsAcceptor>,
+    policy: Policy,
+    metrics: Option<ListenerMetrics>,
+    target: SocketAddr,
+    connect_timeout: Duration,
+}
+
+impl Inbound {
+    async fn connection(&self, tcp: TcpStream, remote: SocketAddr) {
+        match &self.tls {
+            None => self.authorized(tcp, None, remote).await,
+            Some(acceptor) => match acceptor.accept(tcp).await {
+                Ok((tls, peer)) => self.authorized(tls, Some(peer), remote).await,
+                Err(error) => {
+                    tracing::debug!(%remote, %error, "TLS handshake refused");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.tls_failure(failure_reason(&error));
+                    }
+                }
+            },
+        }
+    }
+
+    /// Judges the connection, then relays it to the target.
+    async fn authorized<IO>(&self, mut io: IO, peer: Option<PeerIdentity>, remote: SocketAddr)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let client = peer.as_ref().map(PeerIdentity::id);
+        let policy = self.policy.name();
+        match self.policy.decide_connection(client) {
+            Ok(decision) => {
+                if decision.is_audit() {
+                    tracing::info!(
+                        %remote,
+                        client = %Client(client),
+                        policy,
+                        "authorization audit: no rule allows this connection; allowed by the audit default"
+                    );
+                }
+                if let Some(metrics) = &self.metrics {
+                    let outcome = if decision.is_audit() {
+                        "audit"
+                    } else {
+                        "allow"
+                    };
+                    metrics
+                        .authz_counter(policy, decision.rule(), outcome)
+                        .inc();
+                }
+            }
+            Err(_) => {
+                tracing::debug!(%remote, client = %Client(client), policy, "connection denied: closed");
+                if let Some(metrics) = &self.metrics {
+                    metrics.authz_counter(policy, None, "deny").inc();
+                }
+                return;
+            }
+        }
+        let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target));
+        let mut target = match connect.await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => {
+                tracing::info!(%remote, target = %self.target, %error, "connecting to the target failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%remote, target = %self.target, timeout = ?self.connect_timeout, "connecting to the target timed out");
+                return;
+            }
+        };
+        let _ = target.set_nodelay(true);
+        match super::relay(&mut io, &mut target).await {
+            Ok((sent, received)) => {
+                tracing::debug!(%remote, client = %Client(client), sent, received, "opaque connection closed");
+            }
+            Err(error) => {
+                tracing::debug!(%remote, client = %Client(client), %error, "opaque connection failed");
+            }
+        }
+    }
+}
+
+/// A client identity for logs.
+struct Client<'a>(Option<&'a mesh_core::SpiffeId>);
+
+impl fmt::Display for Client<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(id) => fmt::Display::fmt(id, f),
+            None => f.write_str("unauthenticated"),
+        }
+    }
+}
+
+/// A handshake failure's `reason` label, as `MeshServer` counts it.
+fn failure_reason(error: &TransportError) -> &'static str {
+    match error {
+        TransportError::Io(_) => "io",
+        TransportError::Verify(_) => "certificate_refused",
+        TransportError::Tls(_) => "tls",
+        TransportError::Timeout(_) => "timeout",
+        TransportError::NoPeerIdentity => "no_client_certificate",
+        _ => "other",
+    }
+}

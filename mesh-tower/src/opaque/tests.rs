@@ -1,0 +1,588 @@
+//! Opaque TCP on loopback: plaintext and SPIFFE mTLS from the test CA, authorization per
+//! connection, half-close, balancing and failover, a large transfer, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mesh_core::config::{AuthorizationPolicy, AuthorizationRule, DefaultAction};
+use mesh_core::discover::StaticDiscovery;
+use mesh_core::{Endpoint, SpiffeId};
+use mesh_spiffe::test_ca::TestCa;
+use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor, MtlsConnector};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::authz::Policy;
+use crate::backoff::Backoff;
+use crate::metrics::server::{ListenerMetrics, ServerMetrics};
+
+const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/db";
+const WEB: &str = "spiffe://example.org/ns/prod/sa/web";
+const BATCH: &str = "spiffe://example.org/ns/batch/sa/jobs";
+
+/// What a target saw: connections accepted and bytes read.
+#[derive(Debug, Default)]
+struct Seen {
+    connections: AtomicUsize,
+    bytes: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Writes back what it reads, as it reads it; shuts its write side at EOF.
+    Echo,
+    /// Reads to EOF, then writes it all back, then closes: only works if the client's
+    /// half-close reaches it and the other direction stays open.
+    AfterEof,
+}
+
+async fn target(mode: Mode) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counts.connections.fetch_add(1, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                match mode {
+                    Mode::Echo => {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            counts.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = w.shutdown().await;
+                    }
+                    Mode::AfterEof => {
+                        let mut all = Vec::new();
+                        if r.read_to_end(&mut all).await.is_err() {
+                            return;
+                        }
+                        counts.bytes.fetch_add(all.len() as u64, Ordering::SeqCst);
+                        let _ = w.write_all(b"got: ").await;
+                        let _ = w.write_all(&all).await;
+                        let _ = w.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Writes `msg`, shuts the write side, reads to the end: what came back before the
+/// connection ended (by a close or a reset: a refused connection gives nothing).
+async fn half_close_exchange(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(msg).await;
+    let _ = tcp.shutdown().await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the answer in time");
+        match read {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn static_discovery(addrs: &[SocketAddr]) -> mesh_core::discover::BoxDiscover {
+    Box::pin(StaticDiscovery::new(
+        addrs.iter().map(|a| Endpoint::new(*a)),
+    ))
+}
+
+struct Pki {
+    ca: TestCa,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self {
+            ca: TestCa::new("example.org").unwrap(),
+        }
+    }
+
+    fn mtls(&mut self, id: &str) -> Mtls {
+        let svid = self.ca.issue(id).unwrap();
+        Mtls::new(CredentialStore::with(svid, self.ca.bundle_set().unwrap()))
+    }
+
+    /// The inbound server in front of `target`: any identity of the trust domain passes
+    /// TLS; the policy admits only WEB.
+    async fn server(&mut self, target: SocketAddr, metrics: Option<ListenerMetrics>) -> Serving {
+        let acceptor = MtlsAcceptor::new(
+            &self.mtls(SERVER_ID),
+            Authorizer::trust_domain(self.ca.trust_domain().clone()),
+        )
+        .unwrap();
+        let policy = Policy::new(
+            "db",
+            &AuthorizationPolicy {
+                default: DefaultAction::Deny,
+                rules: vec![AuthorizationRule {
+                    name: "web".into(),
+                    clients: vec![WEB.parse().unwrap()],
+                    unauthenticated: false,
+                    routes: vec![],
+                }],
+            },
+        )
+        .unwrap();
+        let mut builder = OpaqueServer::builder().mtls(acceptor).authorization(policy);
+        if let Some(metrics) = metrics {
+            builder = builder.metrics(metrics);
+        }
+        builder.serve(listener().await, target).unwrap()
+    }
+
+    /// An outbound client as `id`, expecting the server's identity.
+    fn client(&mut self, id: &str, endpoints: &[SocketAddr]) -> OpaqueClient {
+        OpaqueClient::builder(static_discovery(endpoints))
+            .mtls(self.mtls(id))
+            .server_identity(SERVER_ID.parse().unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn plaintext_relays_both_ways_and_half_closes() {
+    let (target_addr, seen) = target(Mode::AfterEof).await;
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .serve(listener().await, target_addr)
+        .unwrap();
+    assert_eq!(
+        half_close_exchange(server.local_addr(), b"hello").await,
+        b"got: hello"
+    );
+    let client = OpaqueClient::builder(static_discovery(&[server.local_addr()]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    assert_eq!(
+        half_close_exchange(outbound.local_addr(), b"through two relays").await,
+        b"got: through two relays"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    let report = outbound.shutdown().await;
+    assert_eq!(report.forced, 0);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn a_transport_must_be_chosen() {
+    assert!(matches!(
+        OpaqueServer::builder().serve(listener().await, "127.0.0.1:1".parse().unwrap()),
+        Err(BuildError::NoTransport)
+    ));
+    assert!(matches!(
+        OpaqueClient::builder(static_discovery(&[])).build(),
+        Err(BuildError::NoTransport)
+    ));
+}
+
+#[tokio::test]
+async fn mtls_end_to_end_with_half_close_and_the_identities_on_both_sides() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::AfterEof).await;
+    let server = pki.server(target_addr, None).await;
+    let client = pki.client(WEB, &[server.local_addr()]);
+
+    // relay() alone, on a local connection accepted here.
+    let local = listener().await;
+    let app = TcpStream::connect(local.local_addr().unwrap());
+    let (app, accepted) = tokio::join!(app, local.accept());
+    let (mut app, (accepted, _)) = (app.unwrap(), accepted.unwrap());
+    let relay = tokio::spawn({
+        let client = client.clone();
+        async move { client.relay(accepted).await }
+    });
+    app.write_all(b"select 1").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"got: select 1");
+    let stats = relay.await.unwrap().unwrap();
+    assert_eq!(stats.endpoint, server.local_addr());
+    assert_eq!(
+        stats.peer.as_ref().map(|p| p.id().to_string()).as_deref(),
+        Some(SERVER_ID)
+    );
+    assert_eq!((stats.sent, stats.received, stats.attempts), (8, 13, 1));
+    assert_eq!(seen.bytes.load(Ordering::SeqCst), 8);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn a_denied_identity_is_closed_before_the_target_sees_anything() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::Echo).await;
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry).listener("db-in");
+    let server = pki.server(target_addr, Some(metrics)).await;
+
+    // Straight over mTLS as BATCH: TLS passes (same trust domain), the policy does not.
+    let connector =
+        MtlsConnector::new(&pki.mtls(BATCH), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let (mut tls, peer) = connector.connect(server.local_addr()).await.unwrap();
+    assert_eq!(peer.id().to_string(), SERVER_ID);
+    let _ = tls.write_all(b"DROP TABLE users").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // Through an outbound client as BATCH: the local connection ends with nothing.
+    let batch = pki.client(BATCH, &[server.local_addr()]);
+    let outbound = batch.serve(listener().await).unwrap();
+    assert_eq!(half_close_exchange(outbound.local_addr(), b"x").await, b"");
+
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        0,
+        "target never dialled"
+    );
+    assert_eq!(seen.bytes.load(Ordering::SeqCst), 0);
+
+    // WEB is allowed.
+    let web = pki.client(WEB, &[server.local_addr()]);
+    let outbound_web = web.serve(listener().await).unwrap();
+    assert_eq!(
+        half_close_exchange(outbound_web.local_addr(), b"ok").await,
+        b"ok"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"mesh_server_authz_total{listener="db-in",policy="db",rule="default",outcome="deny"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"mesh_server_authz_total{listener="db-in",policy="db",rule="web",outcome="allow"} 1"#
+        ),
+        "{text}"
+    );
+    drop((outbound, outbound_web));
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn plaintext_and_untrusted_clients_fail_the_handshake_and_are_counted() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::Echo).await;
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry).listener("db-in");
+    let server = pki.server(target_addr, Some(metrics)).await;
+    // Plaintext on the mTLS port: at most a TLS alert comes back (content type 21).
+    let got = half_close_exchange(server.local_addr(), b"hello").await;
+    assert!(got.is_empty() || got[0] == 21, "{got:?}");
+    // A client of another trust domain.
+    let mut other = TestCa::new("evil.example").unwrap();
+    let evil = Mtls::new(CredentialStore::with(
+        other.issue("spiffe://evil.example/web").unwrap(),
+        pki.ca.bundle_set().unwrap(),
+    ));
+    let client = OpaqueClient::builder(static_discovery(&[server.local_addr()]))
+        .mtls(evil)
+        .server_identity(SERVER_ID.parse().unwrap())
+        .build()
+        .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    assert_eq!(half_close_exchange(outbound.local_addr(), b"x").await, b"");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("mesh_server_tls_handshake_failures_total{listener=\"db-in\""),
+        "{text}"
+    );
+    drop(outbound);
+    drop(server);
+}
+
+#[tokio::test]
+async fn an_unexpected_server_identity_is_refused_by_the_client() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::Echo).await;
+    let server = pki.server(target_addr, None).await;
+    let client = OpaqueClient::builder(static_discovery(&[server.local_addr()]))
+        .mtls(pki.mtls(WEB))
+        .server_identity("spiffe://example.org/ns/prod/sa/other".parse().unwrap())
+        .max_connect_attempts(1)
+        .build()
+        .unwrap();
+    let local = listener().await;
+    let (app, accepted) = tokio::join!(
+        TcpStream::connect(local.local_addr().unwrap()),
+        local.accept()
+    );
+    let _app = app.unwrap();
+    let err = client.relay(accepted.unwrap().0).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, OpaqueError::Connect { attempts: 1, .. }),
+        "{message}"
+    );
+    assert!(message.contains("TLS with"), "{message}");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+}
+
+/// A local connection relayed by `client`, once the echo through it works; held open.
+async fn held_connection(
+    client: &OpaqueClient,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<RelayStats, OpaqueError>>,
+) {
+    let local = listener().await;
+    let (app, accepted) = tokio::join!(
+        TcpStream::connect(local.local_addr().unwrap()),
+        local.accept()
+    );
+    let mut app = app.unwrap();
+    let accepted = accepted.unwrap().0;
+    let client = client.clone();
+    let relay = tokio::spawn(async move { client.relay(accepted).await });
+    app.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    app.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    (app, relay)
+}
+
+#[tokio::test]
+async fn open_connections_balance_across_endpoints() {
+    let (a, seen_a) = target(Mode::Echo).await;
+    let (b, seen_b) = target(Mode::Echo).await;
+    let client = OpaqueClient::builder(static_discovery(&[a, b]))
+        .plaintext()
+        .seed(7)
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(held_connection(&client).await);
+    }
+    // Each pick compares both endpoints' open connections: they stay level.
+    assert_eq!(seen_a.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(seen_b.connections.load(Ordering::SeqCst), 5);
+    let mut to_b = Vec::new();
+    for (app, relay) in held {
+        drop(app);
+        let stats = relay.await.unwrap().unwrap();
+        if stats.endpoint == b {
+            to_b.push(stats);
+        }
+    }
+    assert_eq!(to_b.len(), 5);
+    assert!(to_b.iter().all(|s| s.sent == 4 && s.received == 4));
+}
+
+#[tokio::test]
+async fn a_refusing_endpoint_fails_over_and_backs_off() {
+    let (good, seen) = target(Mode::Echo).await;
+    let refusing = {
+        let l = listener().await;
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        addr
+    };
+    // The refusing endpoint weighs most: whenever it is out of back-off it wins the pick.
+    let heavy = Endpoint::new(refusing).with_weight(std::num::NonZeroU32::new(100).unwrap());
+    let discovery = Box::pin(StaticDiscovery::new([heavy, Endpoint::new(good)]));
+    let client = OpaqueClient::builder(discovery)
+        .plaintext()
+        .build()
+        .unwrap();
+    let mut attempts = Vec::new();
+    for _ in 0..10 {
+        let (app, relay) = held_connection(&client).await;
+        drop(app);
+        let stats = relay.await.unwrap().unwrap();
+        assert_eq!(stats.endpoint, good);
+        attempts.push(stats.attempts);
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
+    // Tried first, failed over at once, then skipped while it backs off (at least 50 ms,
+    // doubling: a few retries at most within this loop).
+    assert_eq!(attempts[0], 2, "{attempts:?}");
+    let total: usize = attempts.iter().sum();
+    assert!((11..=13).contains(&total), "{attempts:?}");
+
+    // Only refusing endpoints: the connect error after each was tried once.
+    let client = OpaqueClient::builder(static_discovery(&[refusing]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let local = listener().await;
+    let (app, accepted) = tokio::join!(
+        TcpStream::connect(local.local_addr().unwrap()),
+        local.accept()
+    );
+    let _app = app.unwrap();
+    let err = client.relay(accepted.unwrap().0).await.unwrap_err();
+    assert!(
+        matches!(err, OpaqueError::Connect { attempts: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&refusing.to_string()), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_endpoint_backing_off_a_connection_waits_then_fails_fast() {
+    let refusing = {
+        let l = listener().await;
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        addr
+    };
+    let client = OpaqueClient::builder(static_discovery(&[refusing]))
+        .plaintext()
+        .connect_backoff(Backoff::constant(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            0.0,
+        ))
+        .fail_fast(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let local = listener().await;
+    for want_backing_off in [false, true] {
+        let (app, accepted) = tokio::join!(
+            TcpStream::connect(local.local_addr().unwrap()),
+            local.accept()
+        );
+        let _app = app.unwrap();
+        let start = tokio::time::Instant::now();
+        let err = client.relay(accepted.unwrap().0).await.unwrap_err();
+        if want_backing_off {
+            assert!(matches!(err, OpaqueError::NoReadyEndpoints { .. }), "{err}");
+            assert_eq!(start.elapsed(), Duration::from_secs(2));
+        } else {
+            assert!(matches!(err, OpaqueError::Connect { .. }), "{err}");
+        }
+    }
+
+    // No endpoints at all, discovery ended: at once.
+    let empty = OpaqueClient::builder(static_discovery(&[]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let (app, accepted) = tokio::join!(
+        TcpStream::connect(local.local_addr().unwrap()),
+        local.accept()
+    );
+    let _app = app.unwrap();
+    let err = empty.relay(accepted.unwrap().0).await.unwrap_err();
+    assert!(matches!(err, OpaqueError::NoEndpoints { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn eight_mib_both_ways_intact_over_mtls() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::Echo).await;
+    let server = pki.server(target_addr, None).await;
+    let client = pki.client(WEB, &[server.local_addr()]);
+    let outbound = client.serve(listener().await).unwrap();
+
+    const LEN: usize = 8 << 20;
+    let data: Arc<Vec<u8>> = Arc::new({
+        let mut rng = fastrand::Rng::with_seed(11);
+        (0..LEN).map(|_| rng.u8(..)).collect()
+    });
+    let tcp = TcpStream::connect(outbound.local_addr()).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn({
+        let data = data.clone();
+        async move {
+            for chunk in data.chunks(100_003) {
+                w.write_all(chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        }
+    });
+    let mut got = Vec::with_capacity(LEN);
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got))
+        .await
+        .expect("in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), LEN);
+    assert!(got == *data, "the bytes came back intact");
+    assert_eq!(seen.bytes.load(Ordering::SeqCst), LEN as u64);
+    assert_eq!(outbound.shutdown().await.forced, 0);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_forces_what_outlives_the_timeout() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .shutdown_timeout(Duration::from_millis(200))
+        .serve(listener().await, target_addr)
+        .unwrap();
+    let addr = server.local_addr();
+    // One connection that ends within the timeout, one that does not.
+    let mut ends = TcpStream::connect(addr).await.unwrap();
+    let mut stays = TcpStream::connect(addr).await.unwrap();
+    for tcp in [&mut ends, &mut stays] {
+        tcp.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        tcp.read_exact(&mut buf).await.unwrap();
+    }
+    let shutdown = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    // The open one still relays during the drain.
+    ends.write_all(b"yo").await.unwrap();
+    let mut buf = [0u8; 2];
+    ends.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"yo");
+    ends.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    ends.read_to_end(&mut rest).await.unwrap();
+    let report = shutdown.await.unwrap();
+    assert_eq!(
+        report,
+        ShutdownReport {
+            open_at_shutdown: 2,
+            forced: 1
+        }
+    );
+    // The forced one is closed.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stays.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "closed by the shutdown");
+}
