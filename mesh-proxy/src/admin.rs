@@ -48,11 +48,10 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let mut out = String::new();
-            let registry = state
-                .registry
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match prometheus_client::encoding::text::encode(&mut out, &registry) {
+            let Some(registry) = state.registry.get() else {
+                return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "starting\n");
+            };
+            match prometheus_client::encoding::text::encode(&mut out, registry) {
                 Ok(()) => text(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -70,6 +69,12 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else if state.registry.get().is_none() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "starting (waiting for an SVID?)\n",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "no SVID yet\n")
             }
@@ -83,6 +88,13 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .clone();
             text(StatusCode::OK, "application/toml", config)
         }
+        // Control only from this machine, even when the admin listener is reachable from
+        // elsewhere (Kubernetes probes need it on the pod's address).
+        (&Method::POST, "/shutdown" | "/reload") if !from_loopback(req) => text(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            "POST /shutdown and /reload are taken from loopback only\n",
+        ),
         (&Method::POST, "/shutdown") => {
             tracing::info!("shutdown asked for on the admin listener");
             state.shutdown.notify_one();
@@ -107,6 +119,13 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: /metrics, /ready, /live, /config, POST /shutdown, POST /reload\n",
         ),
     }
+}
+
+/// Whether the request came from a loopback address.
+fn from_loopback(req: &Request<Incoming>) -> bool {
+    req.extensions()
+        .get::<mesh_tower::server::ClientAddr>()
+        .is_some_and(|a| a.0.ip().is_loopback())
 }
 
 /// Registers the process metrics (CPU, resident memory, open file descriptors), read

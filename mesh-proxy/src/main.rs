@@ -108,7 +108,8 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let installed = match args.log_format {
         LogFormat::Plain => subscriber.try_init(),
         LogFormat::Json => subscriber.json().try_init(),
@@ -146,7 +147,14 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
-    let proxy = match proxy::Proxy::start(config, path).await {
+    let started = tokio::select! {
+        started = proxy::Proxy::start(config, path) => started,
+        () = signals::terminate() => {
+            tracing::info!("terminated while starting");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let proxy = match started {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "not starting");

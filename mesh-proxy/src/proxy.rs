@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::HeaderName;
 use hyper::body::Incoming;
-use mesh_core::config::{IdentityConfig, MeshConfig, ServiceConfig, TlsMode};
+use mesh_core::config::{IdentityConfig, MeshConfig, Protocol, ServiceConfig, TlsMode};
 use mesh_core::error::BoxError;
 use mesh_spiffe::{CredentialSource, Mtls};
 use mesh_tower::MeshClient;
@@ -46,10 +46,13 @@ pub(crate) enum StartError {
 
 /// What the admin endpoints and the signal handlers share.
 pub(crate) struct State {
-    /// The identity source, if any: the proxy is ready once it holds an SVID.
-    pub(crate) credentials: Option<Arc<dyn CredentialSource>>,
-    /// The metrics of every client, server, route and of the process.
-    pub(crate) registry: Mutex<Registry>,
+    /// Whether the configuration has an identity: then the proxy is ready once it holds
+    /// an SVID.
+    needs_identity: bool,
+    /// The identity source, once started.
+    credentials: OnceLock<Arc<dyn CredentialSource>>,
+    /// The metrics of every client, server, route and of the process, once started.
+    pub(crate) registry: OnceLock<Registry>,
     /// The effective configuration, as TOML.
     pub(crate) config_text: Mutex<String>,
     /// The configuration file, for reloads.
@@ -72,16 +75,18 @@ impl State {
     /// Whether the proxy can serve: it holds an SVID (or needs none) and is not draining.
     pub(crate) fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
-            && self.credentials.as_ref().is_none_or(|c| c.svid().is_some())
+            && self.registry.get().is_some()
+            && (!self.needs_identity || self.credentials.get().is_some_and(|c| c.svid().is_some()))
     }
 }
 
 /// The running proxy.
 pub(crate) struct Proxy {
     pub(crate) state: Arc<State>,
-    servers: Vec<(String, Server)>,
+    servers: Vec<(String, Listener)>,
     admin: Option<Server>,
-    routers: Vec<Router<Backend>>,
+    /// One per outbound listener (none for opaque ones).
+    routers: Vec<Option<Router<Backend>>>,
     mtls: Option<Mtls>,
     clients: Mutex<BTreeMap<String, (ServiceConfig, MeshClient)>>,
     route_metrics: RouteMetrics,
@@ -91,10 +96,35 @@ pub(crate) struct Proxy {
 impl Proxy {
     /// Starts every listener `config` describes.
     pub(crate) async fn start(config: MeshConfig, path: PathBuf) -> Result<Self, StartError> {
-        let credentials = identity(config.identity.as_ref()).await?;
-        let mtls = credentials.clone().map(Mtls::from_arc);
-        let mut registry = Registry::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
+        // The admin listener first: `/live` answers and `/ready` says why not while the
+        // identity is awaited.
+        let state = Arc::new(State {
+            needs_identity: config.identity.is_some(),
+            credentials: OnceLock::new(),
+            registry: OnceLock::new(),
+            config_text: Mutex::new(effective(&config)),
+            path,
+            draining: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            reload: Notify::new(),
+            reloads: reloads.clone(),
+        });
+        let admin = match &config.admin {
+            Some(a) => {
+                let listener = bind("admin.listen", a.listen).await?;
+                let server = admin::serve(listener, state.clone())?;
+                tracing::info!(addr = %server.local_addr(), "admin listening");
+                Some(server)
+            }
+            None => None,
+        };
+        let credentials = identity(config.identity.as_ref()).await?;
+        if let Some(c) = &credentials {
+            let _ = state.credentials.set(c.clone());
+        }
+        let mtls = credentials.map(Mtls::from_arc);
+        let mut registry = Registry::default();
         registry.register(
             "mesh_proxy_reloads",
             "Configuration reloads, by result (applied, invalid)",
@@ -112,6 +142,13 @@ impl Proxy {
         let mut servers = Vec::new();
         for (i, inbound) in config.inbound.iter().enumerate() {
             let key = format!("inbound[{i}]");
+            if inbound.protocol == Protocol::Opaque {
+                let server =
+                    opaque_inbound(i, inbound, &config, mtls.as_ref(), &server_metrics).await?;
+                tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "opaque inbound listening");
+                servers.push((inbound.name.clone(), Listener::Opaque(server)));
+                continue;
+            }
             let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
                 .metrics(server_metrics.listener(&inbound.name));
             if inbound.tls == TlsMode::Mtls {
@@ -134,12 +171,19 @@ impl Proxy {
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");
-            servers.push((inbound.name.clone(), server));
+            servers.push((inbound.name.clone(), Listener::Http(server)));
         }
 
         let mut routers = Vec::new();
         for (i, outbound) in config.outbound.iter().enumerate() {
             let key = format!("outbound[{i}]");
+            if outbound.protocol == Protocol::Opaque {
+                let server = opaque_outbound(i, outbound, &config, mtls.as_ref()).await?;
+                tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "opaque outbound listening");
+                servers.push((outbound.name.clone(), Listener::Opaque(server)));
+                routers.push(None);
+                continue;
+            }
             let routes = routes(
                 &config,
                 outbound.default_service.as_deref(),
@@ -161,29 +205,11 @@ impl Proxy {
             builder = builder.limits(limits);
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "outbound listening");
-            servers.push((outbound.name.clone(), server));
-            routers.push(router);
+            servers.push((outbound.name.clone(), Listener::Http(server)));
+            routers.push(Some(router));
         }
 
-        let state = Arc::new(State {
-            credentials,
-            registry: Mutex::new(registry),
-            config_text: Mutex::new(effective(&config)),
-            path,
-            draining: AtomicBool::new(false),
-            shutdown: Notify::new(),
-            reload: Notify::new(),
-            reloads,
-        });
-        let admin = match &config.admin {
-            Some(a) => {
-                let listener = bind("admin.listen", a.listen).await?;
-                let server = admin::serve(listener, state.clone())?;
-                tracing::info!(addr = %server.local_addr(), "admin listening");
-                Some(server)
-            }
-            None => None,
-        };
+        let _ = state.registry.set(registry);
         Ok(Self {
             state,
             servers,
@@ -267,13 +293,17 @@ impl Proxy {
             clients.insert(name.clone(), (service.clone(), client));
         }
         let mut sets = Vec::new();
-        for (outbound, _) in next.outbound.iter().zip(&self.routers) {
-            sets.push(routes(
-                &next,
-                outbound.default_service.as_deref(),
-                &clients,
-                &self.route_metrics,
-            )?);
+        for (outbound, router) in next.outbound.iter().zip(&self.routers) {
+            if router.is_some() {
+                sets.push(Some(routes(
+                    &next,
+                    outbound.default_service.as_deref(),
+                    &clients,
+                    &self.route_metrics,
+                )?));
+            } else {
+                sets.push(None);
+            }
         }
         // Every inbound listener's policy and limits, compiled before any is applied.
         let mut inbound = Vec::new();
@@ -315,11 +345,19 @@ impl Proxy {
             ));
         }
         for (router, set) in self.routers.iter().zip(sets) {
-            router.replace(set);
+            if let (Some(router), Some(set)) = (router, set) {
+                router.replace(set);
+            }
         }
         // Inbound servers come first, in configuration order.
         // Only what changed is replaced: unchanged limits keep their limiters' state.
         for ((_, server), (policy, limits)) in self.servers.iter().zip(inbound) {
+            let Listener::Http(server) = server else {
+                if policy.is_some() || limits.is_some() {
+                    tracing::warn!("an opaque listener's policy changes apply after a restart");
+                }
+                continue;
+            };
             if let Some(policy) = policy {
                 server.policy().replace(policy);
             }
@@ -338,14 +376,139 @@ impl Proxy {
     pub(crate) async fn shutdown(self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let drains = self.servers.into_iter().map(|(name, server)| async move {
-            let report = server.shutdown().await;
-            tracing::info!(listener = %name, open = report.open_at_shutdown, forced = report.forced, "drained");
+            let (open, forced) = server.shutdown().await;
+            tracing::info!(listener = %name, open, forced, "drained");
         });
         futures_join_all(drains).await;
         if let Some(admin) = self.admin {
             admin.shutdown().await;
         }
     }
+}
+
+/// A running listener: HTTP (a `MeshServer`) or opaque TCP.
+enum Listener {
+    Http(Server),
+    Opaque(mesh_tower::opaque::Serving),
+}
+
+impl Listener {
+    fn local_addr(&self) -> std::net::SocketAddr {
+        match self {
+            Self::Http(s) => s.local_addr(),
+            Self::Opaque(s) => s.local_addr(),
+        }
+    }
+
+    async fn shutdown(self) -> (usize, usize) {
+        match self {
+            Self::Http(s) => {
+                let r = s.shutdown().await;
+                (r.open_at_shutdown, r.forced)
+            }
+            Self::Opaque(s) => {
+                let r = s.shutdown().await;
+                (r.open_at_shutdown, r.forced)
+            }
+        }
+    }
+}
+
+/// An opaque TCP inbound listener: mTLS (or plaintext), authorization per connection,
+/// bytes to the target.
+async fn opaque_inbound(
+    i: usize,
+    inbound: &mesh_core::config::InboundConfig,
+    config: &MeshConfig,
+    mtls: Option<&Mtls>,
+    metrics: &ServerMetrics,
+) -> Result<mesh_tower::opaque::Serving, StartError> {
+    let key = format!("inbound[{i}]");
+    let config_error = |field: &str, message: String| StartError::Config {
+        key: format!("{key}.{field}"),
+        message,
+    };
+    let mut builder = mesh_tower::opaque::OpaqueServer::builder()
+        .metrics(metrics.listener(&inbound.name))
+        .shutdown_timeout(config.drain_timeout);
+    builder = match inbound.tls {
+        TlsMode::Plaintext => builder.plaintext(),
+        _ => {
+            let mtls =
+                mtls.ok_or_else(|| config_error("tls", "mtls needs an [identity] section".into()))?;
+            let acceptor = mesh_spiffe::MtlsAcceptor::new(mtls, mesh_spiffe::Authorizer::any())
+                .map_err(|e| config_error("tls", e.to_string()))?;
+            builder.mtls(acceptor)
+        }
+    };
+    if let Some(name) = &inbound.authorization {
+        let policy = config
+            .authorization
+            .get(name)
+            .ok_or_else(|| config_error("authorization", format!("no policy named `{name}`")))?;
+        let policy = mesh_tower::authz::Policy::new(name, policy)
+            .map_err(|e| config_error("authorization", e.to_string()))?;
+        builder = builder.authorization(policy);
+    }
+    let listener = bind(&key, inbound.listen).await?;
+    builder
+        .serve(listener, inbound.target)
+        .map_err(|e| config_error("listen", e.to_string()))
+}
+
+/// An opaque TCP outbound listener: each connection relayed to an endpoint of the
+/// listener's `default_service`, over mTLS when the service is meshed.
+async fn opaque_outbound(
+    i: usize,
+    outbound: &mesh_core::config::OutboundConfig,
+    config: &MeshConfig,
+    mtls: Option<&Mtls>,
+) -> Result<mesh_tower::opaque::Serving, StartError> {
+    let key = format!("outbound[{i}]");
+    let config_error = |field: &str, message: String| StartError::Config {
+        key: format!("{key}.{field}"),
+        message,
+    };
+    let name = outbound.default_service.as_deref().ok_or_else(|| {
+        config_error(
+            "default_service",
+            "an opaque listener needs a service".into(),
+        )
+    })?;
+    let service = config
+        .services
+        .get(name)
+        .ok_or_else(|| config_error("default_service", format!("no service named `{name}`")))?;
+    let discovery = mesh_core::discover::from_config(&service.discovery)
+        .await
+        .map_err(|e| StartError::Config {
+            key: format!("services.{name}.discovery"),
+            message: e.to_string(),
+        })?;
+    let mut builder = mesh_tower::opaque::OpaqueClient::builder(discovery)
+        .service_name(name)
+        .connect_timeout(service.connect_timeout)
+        .shutdown_timeout(config.drain_timeout);
+    builder = match service.tls {
+        TlsMode::Plaintext => builder.plaintext(),
+        _ => {
+            let mtls = mtls.ok_or_else(|| StartError::Config {
+                key: format!("services.{name}.tls"),
+                message: "mtls needs an [identity] section".into(),
+            })?;
+            builder.mtls(mtls.clone())
+        }
+    };
+    if let Some(pattern) = &service.server_identity {
+        builder = builder.server_identity(pattern.clone());
+    }
+    let client = builder
+        .build()
+        .map_err(|e| config_error("default_service", e.to_string()))?;
+    let listener = bind(&key, outbound.listen).await?;
+    client
+        .serve(listener)
+        .map_err(|e| config_error("listen", e.to_string()))
 }
 
 /// Awaits every future (a small join without another dependency).
@@ -396,16 +559,23 @@ async fn identity(
                 .map_err(|e| StartError::Identity(e.to_string()))?,
         ),
         IdentityConfig::Spire { socket } => {
-            let mut builder = mesh_spiffe::spire::SpireSource::builder();
-            if let Some(socket) = socket {
-                builder = builder.endpoint(socket.clone());
+            // The agent may not be up yet, or this workload not registered yet: keep
+            // trying (not ready meanwhile) rather than exit into a restart loop.
+            let mut wait = std::time::Duration::from_millis(500);
+            loop {
+                let mut builder = mesh_spiffe::spire::SpireSource::builder();
+                if let Some(socket) = socket {
+                    builder = builder.endpoint(socket.clone());
+                }
+                match builder.build().await {
+                    Ok(source) => break Arc::new(source),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "no SVID from the Workload API yet");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    }
+                }
             }
-            Arc::new(
-                builder
-                    .build()
-                    .await
-                    .map_err(|e| StartError::Identity(e.to_string()))?,
-            )
         }
         _ => return Err(StartError::Identity("unsupported identity source".into())),
     };

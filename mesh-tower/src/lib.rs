@@ -46,7 +46,6 @@ pub mod authz;
 pub mod backoff;
 #[cfg(feature = "balance")]
 pub mod balance;
-#[cfg(any(feature = "authz", feature = "fault", feature = "ratelimit"))]
 pub mod body;
 #[cfg(feature = "breaker")]
 pub mod breaker;

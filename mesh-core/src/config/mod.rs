@@ -127,7 +127,9 @@ impl MeshConfig {
         Self::parse(text, None)
     }
 
-    /// Reads, parses and validates a configuration file. Errors name the file.
+    /// Reads, parses and validates a configuration file. Errors name the file. Relative
+    /// paths in it (identity PEM files, discovery files) are taken from the file's
+    /// directory, whatever the working directory.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -138,7 +140,7 @@ impl MeshConfig {
     }
 
     fn parse(text: &str, file: Option<&Path>) -> Result<Self, ConfigError> {
-        let config =
+        let mut config =
             deserialize_toml::<Self>(text).map_err(|(key, message)| ConfigError::Parse {
                 file: file.map(Path::to_owned),
                 key,
@@ -148,7 +150,31 @@ impl MeshConfig {
             file: file.map(Path::to_owned),
             errors,
         })?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            config.rebase(dir);
+        }
         Ok(config)
+    }
+
+    /// Makes the relative paths the configuration names (identity PEM files, discovery
+    /// files) relative to `dir`, the configuration file's directory, so that a
+    /// configuration means the same whatever the working directory (under systemd, `/`).
+    fn rebase(&mut self, dir: &Path) {
+        let rebase = |p: &mut std::path::PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if let Some(IdentityConfig::Files { cert, key, bundles }) = &mut self.identity {
+            rebase(cert);
+            rebase(key);
+            bundles.values_mut().for_each(rebase);
+        }
+        for service in self.services.values_mut() {
+            if let DiscoveryConfig::File { path } = &mut service.discovery {
+                rebase(path);
+            }
+        }
     }
 
     /// Checks every semantic rule and returns all violations, each with its key path.

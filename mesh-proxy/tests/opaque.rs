@@ -1,0 +1,104 @@
+//! Opaque TCP through two proxy processes: bytes both ways over mTLS with a half-close,
+//! and a connection-level authorization deny (the connection closes, the target sees
+//! nothing).
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Proxy, identity};
+use mesh_spiffe::test_ca::TestCa;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A TCP echo server counting its connections.
+async fn echo() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let (target, connections) = echo().await;
+    let b_config = dir.path().join("b.toml");
+    std::fs::write(
+        &b_config,
+        format!(
+            "{}\n[[inbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n\
+             protocol = \"opaque\"\nauthorization = \"callers\"\n\n\
+             [authorization.callers]\ndefault = \"deny\"\n\
+             [[authorization.callers.rules]]\nname = \"caller\"\nclients = [\"spiffe://example.org/caller\"]\n",
+            identity(dir.path(), &mut ca, "app")
+        ),
+    )
+    .unwrap();
+    let b = Proxy::start(&b_config, 1);
+    let outbound = |name: &str, ca: &mut TestCa| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n[services.tcp]\ndiscovery = {{ kind = \"static\", endpoints = [{{ addr = \"{}\" }}] }}\n\
+                 server_identity = \"spiffe://example.org/app\"\n\n\
+                 [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"opaque\"\n\
+                 default_service = \"tcp\"\n",
+                identity(dir.path(), ca, name),
+                b.addr("tcp")
+            ),
+        )
+        .unwrap();
+        Proxy::start(&path, 1)
+    };
+
+    let a = outbound("caller", &mut ca);
+    let mut s = tokio::net::TcpStream::connect(a.addr("egress"))
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    s.write_all(&payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "the echo came back intact");
+    assert_eq!(connections.load(Ordering::Relaxed), 1);
+
+    // Another identity: B closes the connection before dialling the target.
+    let stranger = outbound("stranger", &mut ca);
+    let mut s = tokio::net::TcpStream::connect(stranger.addr("egress"))
+        .await
+        .unwrap();
+    let _ = s.write_all(b"hello?").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .expect("the denied connection was closed");
+    assert!(back.is_empty(), "{back:?}");
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        1,
+        "the target saw no new connection"
+    );
+
+    assert!(a.terminate().success());
+    assert!(stranger.terminate().success());
+    assert!(b.terminate().success());
+}
