@@ -203,6 +203,11 @@ impl Proxy {
             let mut limits = mesh_tower::server::ServerLimits::default();
             limits.shutdown_timeout = config.drain_timeout;
             builder = builder.limits(limits);
+            // Auto with a default service: what is not HTTP goes to it as opaque TCP.
+            if outbound.protocol == Protocol::Auto && outbound.default_service.is_some() {
+                builder = builder
+                    .opaque_fallback(opaque_client(i, outbound, &config, mtls.as_ref()).await?);
+            }
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "outbound listening");
             servers.push((outbound.name.clone(), Listener::Http(server)));
@@ -465,6 +470,22 @@ async fn opaque_outbound(
     mtls: Option<&Mtls>,
 ) -> Result<mesh_tower::opaque::Serving, StartError> {
     let key = format!("outbound[{i}]");
+    let client = opaque_client(i, outbound, config, mtls).await?;
+    let listener = bind(&key, outbound.listen).await?;
+    client.serve(listener).map_err(|e| StartError::Config {
+        key: format!("{key}.listen"),
+        message: e.to_string(),
+    })
+}
+
+/// The opaque TCP client of an outbound listener's `default_service`.
+async fn opaque_client(
+    i: usize,
+    outbound: &mesh_core::config::OutboundConfig,
+    config: &MeshConfig,
+    mtls: Option<&Mtls>,
+) -> Result<mesh_tower::opaque::OpaqueClient, StartError> {
+    let key = format!("outbound[{i}]");
     let config_error = |field: &str, message: String| StartError::Config {
         key: format!("{key}.{field}"),
         message,
@@ -502,13 +523,9 @@ async fn opaque_outbound(
     if let Some(pattern) = &service.server_identity {
         builder = builder.server_identity(pattern.clone());
     }
-    let client = builder
+    builder
         .build()
-        .map_err(|e| config_error("default_service", e.to_string()))?;
-    let listener = bind(&key, outbound.listen).await?;
-    client
-        .serve(listener)
-        .map_err(|e| config_error("listen", e.to_string()))
+        .map_err(|e| config_error("default_service", e.to_string()))
 }
 
 /// Awaits every future (a small join without another dependency).

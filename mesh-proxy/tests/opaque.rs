@@ -1,4 +1,5 @@
 //! Opaque TCP through two proxy processes: bytes both ways over mTLS with a half-close,
+//! on an opaque port and on a port that detects the protocol,
 //! and a connection-level authorization deny (the connection closes, the target sees
 //! nothing).
 #![cfg(unix)]
@@ -59,13 +60,15 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
                 "{}\n[services.tcp]\ndiscovery = {{ kind = \"static\", endpoints = [{{ addr = \"{}\" }}] }}\n\
                  server_identity = \"spiffe://example.org/app\"\n\n\
                  [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"opaque\"\n\
+                 default_service = \"tcp\"\n\n\
+                 [[outbound]]\nname = \"detected\"\nlisten = \"127.0.0.1:0\"\n\
                  default_service = \"tcp\"\n",
                 identity(dir.path(), ca, name),
                 b.addr("tcp")
             ),
         )
         .unwrap();
-        Proxy::start(&path, 1)
+        Proxy::start(&path, 2)
     };
 
     let a = outbound("caller", &mut ca);
@@ -81,6 +84,17 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
     assert!(back == payload, "the echo came back intact");
     assert_eq!(connections.load(Ordering::Relaxed), 1);
 
+    // The same on a port that detects the protocol: not HTTP, so opaque.
+    let mut s = tokio::net::TcpStream::connect(a.addr("detected"))
+        .await
+        .unwrap();
+    s.write_all(b"\x00\x01binary protocol").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"\x00\x01binary protocol");
+    assert_eq!(connections.load(Ordering::Relaxed), 2);
+
     // Another identity: B closes the connection before dialling the target.
     let stranger = outbound("stranger", &mut ca);
     let mut s = tokio::net::TcpStream::connect(stranger.addr("egress"))
@@ -94,7 +108,7 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
     assert!(back.is_empty(), "{back:?}");
     assert_eq!(
         connections.load(Ordering::Relaxed),
-        1,
+        2,
         "the target saw no new connection"
     );
 

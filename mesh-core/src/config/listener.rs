@@ -92,7 +92,9 @@ pub struct OutboundConfig {
     pub name: String,
     /// The address to accept connections on; should be a loopback address.
     pub listen: SocketAddr,
-    /// The protocol the application speaks. Default: `auto`.
+    /// The protocol the application speaks. Default: `auto`: each connection's first
+    /// bytes decide — HTTP/1.x and HTTP/2 are routed, and, when `default_service` is
+    /// set, anything else (or a client silent for 1 s) is relayed to it as opaque TCP.
     #[serde(default)]
     pub protocol: Protocol,
     /// Where requests that match no route go. Default: none (they get 404). Required for

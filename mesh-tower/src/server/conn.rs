@@ -34,6 +34,9 @@ pub(super) struct Shared<S> {
     pub(super) limits: ServerLimits,
     pub(super) http: auto::Builder<TokioExecutor>,
     pub(super) metrics: Option<ListenerMetrics>,
+    /// Plaintext connections that are not HTTP, relayed to a service as opaque TCP.
+    #[cfg(feature = "opaque")]
+    pub(super) opaque: Option<crate::opaque::OpaqueClient>,
 }
 
 /// hyper's default bound on HTTP/1.1 request headers.
@@ -165,6 +168,20 @@ async fn connection<S, B>(
     B::Error: Into<BoxError>,
 {
     match &shared.tls {
+        #[cfg(feature = "opaque")]
+        None if shared.opaque.is_some() => {
+            use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
+            match detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
+                Detected::Opaque => {
+                    if let Some(client) = &shared.opaque
+                        && let Err(error) = client.relay(tcp).await
+                    {
+                        tracing::debug!(%remote, %error, "opaque relay failed");
+                    }
+                }
+                _ => serve(tcp, None, remote, &shared, shutdown).await,
+            }
+        }
         None => serve(tcp, None, remote, &shared, shutdown).await,
         Some(acceptor) => match acceptor.accept(tcp).await {
             Ok((tls, peer)) => serve(tls, Some(peer), remote, &shared, shutdown).await,

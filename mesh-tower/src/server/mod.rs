@@ -82,6 +82,8 @@ pub struct MeshServerBuilder {
     rate_limit: Option<Limits>,
     metrics: Option<ListenerMetrics>,
     protocol: Protocol,
+    #[cfg(feature = "opaque")]
+    opaque: Option<crate::opaque::OpaqueClient>,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -107,6 +109,8 @@ impl MeshServer {
             rate_limit: None,
             metrics: None,
             protocol: Protocol::Auto,
+            #[cfg(feature = "opaque")]
+            opaque: None,
         }
     }
 }
@@ -185,6 +189,17 @@ impl MeshServerBuilder {
         }
         builder.limits.shutdown_timeout = config.drain_timeout;
         Ok(builder)
+    }
+
+    /// On a plaintext server, detects each connection's protocol from its first bytes
+    /// ([`crate::detect`], waiting at most
+    /// [`DEFAULT_PEEK_TIMEOUT`](crate::detect::DEFAULT_PEEK_TIMEOUT)): HTTP/1.x and
+    /// HTTP/2 are served, anything else is relayed as opaque TCP by `client` — one
+    /// outbound port for every protocol an application speaks. Ignored over mTLS.
+    #[cfg(feature = "opaque")]
+    pub fn opaque_fallback(mut self, client: crate::opaque::OpaqueClient) -> Self {
+        self.opaque = Some(client);
+        self
     }
 
     /// Serves over SPIFFE mTLS with `mtls`'s credentials, admitting any client with a
@@ -274,6 +289,8 @@ impl MeshServerBuilder {
             tls,
             limits: self.limits,
             metrics: self.metrics,
+            #[cfg(feature = "opaque")]
+            opaque: self.opaque,
         });
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(conn::accept_loop::<
