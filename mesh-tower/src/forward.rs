@@ -46,6 +46,11 @@ pub const DEFAULT_IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-mesh-
 
 /// Removes the connection-specific fields from `headers` (see the [module docs](self)).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the few names present (standard
+    // names compare as enum tags) is cheaper than a hashed lookup for each.
+    if !headers.keys().any(is_connection_specific) {
+        return;
+    }
     // Fields named by `Connection` are connection-specific too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -72,6 +77,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// Whether `name` is one of the fields [`strip_hop_by_hop`] may remove (`TE` included,
+/// which it keeps when it is exactly `trailers`).
+fn is_connection_specific(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Sends requests to a peer proxy as HTTP/2; see the [module docs](self).
