@@ -55,8 +55,9 @@ impl Proxy {
     }
 
     pub fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
+        // The shell's own `kill`: no procps needed.
+        let ok = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {}", self.child.id())])
             .status()
             .unwrap()
             .success();
