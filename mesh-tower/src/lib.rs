@@ -41,6 +41,8 @@
 //! `server`) serves an application over SPIFFE mTLS with the inbound layers. The crate
 //! builds on `mesh-core` and `mesh-spiffe` and never depends on tonic.
 
+#[cfg(any(feature = "server", feature = "opaque"))]
+mod accept;
 #[cfg(feature = "authz")]
 pub mod authz;
 pub mod backoff;

@@ -87,18 +87,17 @@ mod tests;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 pub use self::client::{OpaqueClient, OpaqueClientBuilder, RelayStats};
 pub use self::error::{BuildError, OpaqueError};
 pub use self::server::{OpaqueServer, OpaqueServerBuilder};
+pub use crate::accept::ShutdownReport;
 
 /// The default bound on open connections per listener.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -131,15 +130,6 @@ pub struct Serving {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<ShutdownReport>,
-}
-
-/// How a shutdown went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShutdownReport {
-    /// Connections open when the shutdown began.
-    pub open_at_shutdown: usize,
-    /// Connections still open at the shutdown timeout, closed then.
-    pub forced: usize,
 }
 
 impl Serving {
@@ -179,77 +169,14 @@ where
 {
     let addr = listener.local_addr().map_err(BuildError::Listener)?;
     let (stop, stopping) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, limits, stopping, handle));
+    let task = tokio::spawn(crate::accept::accept_loop(
+        listener,
+        limits.max_connections,
+        limits.shutdown_timeout,
+        stopping,
+        move |tcp, remote, _| handle(tcp, remote),
+    ));
     Ok(Serving { addr, stop, task })
-}
-
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-    handle: F,
-) -> ShutdownReport
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (tcp, remote) = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of descriptors and the like: wait rather than spin.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let conn = handle(tcp, remote);
-        conns.spawn(async move {
-            let _permit = permit;
-            conn.await;
-        });
-        // Reap finished connections as we go.
-        while conns.try_join_next().is_some() {}
-    }
-    drop(listener);
-    while conns.try_join_next().is_some() {}
-    let open = conns.len();
-    let mut deadline = pin!(tokio::time::sleep(limits.shutdown_timeout));
-    loop {
-        tokio::select! {
-            next = conns.join_next() => if next.is_none() { break },
-            () = &mut deadline => break,
-        }
-    }
-    let forced = conns.len();
-    if forced > 0 {
-        tracing::info!(forced, "shutdown timeout: closing open opaque connections");
-    }
-    conns.shutdown().await;
-    ShutdownReport {
-        open_at_shutdown: open,
-        forced,
-    }
-}
-
-/// Resolves once a shutdown began (or the handle is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Relays between `a` and `b` until both directions end; the bytes sent from `a` to `b`

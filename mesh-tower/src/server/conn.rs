@@ -17,14 +17,14 @@ use mesh_spiffe::{MtlsAcceptor, PeerIdentity};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::{ClientAddr, ServerLimits, ShutdownReport};
+use crate::accept::stopped;
 use crate::metrics::server::ListenerMetrics;
 
 /// What every connection shares.
@@ -82,7 +82,7 @@ pub(super) fn http_builder(
 pub(super) async fn accept_loop<S, B>(
     listener: TcpListener,
     shared: Arc<Shared<S>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> ShutdownReport
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -91,67 +91,16 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections.max(1)));
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (tcp, remote) = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of descriptors and the like: wait rather than spin.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            connection(tcp, remote, shared, shutdown).await;
-        });
-        // Reap finished connections as we go.
-        while conns.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let open = conns.len();
-    let deadline = tokio::time::sleep(shared.limits.shutdown_timeout);
-    let mut deadline = pin!(deadline);
-    loop {
-        tokio::select! {
-            next = conns.join_next() => if next.is_none() { break },
-            () = &mut deadline => break,
-        }
-    }
-    let forced = conns.len();
-    if forced > 0 {
-        tracing::info!(
-            forced,
-            "shutdown timeout: closing connections with requests in flight"
-        );
-    }
-    conns.shutdown().await;
-    ShutdownReport {
-        open_at_shutdown: open,
-        forced,
-    }
-}
-
-/// Resolves once a shutdown began (or the server is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    let max = shared.limits.max_connections;
+    let timeout = shared.limits.shutdown_timeout;
+    crate::accept::accept_loop(
+        listener,
+        max,
+        timeout,
+        shutdown,
+        move |tcp, remote, stop| connection(tcp, remote, shared.clone(), stop),
+    )
+    .await
 }
 
 /// One connection: the TLS handshake (bounded by the acceptor's timeout), then HTTP.

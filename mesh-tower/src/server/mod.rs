@@ -318,14 +318,7 @@ pub struct Server {
     limits: crate::ratelimit::LimitsHandle,
 }
 
-/// How a shutdown went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShutdownReport {
-    /// Connections open when the shutdown began.
-    pub open_at_shutdown: usize,
-    /// Connections still open at the shutdown timeout, closed with their requests.
-    pub forced: usize,
-}
+pub use crate::accept::ShutdownReport;
 
 impl Server {
     /// The address it listens on.
