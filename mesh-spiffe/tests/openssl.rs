@@ -65,31 +65,42 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `openssl s_server` and waits until it accepts connections.
+/// Starts `openssl s_server` and waits until it accepts connections. The free port can
+/// be taken by a test running beside this one before openssl binds it: then openssl
+/// exits, and it is started again on another port.
 async fn s_server(dir: &Path, extra: &[&str]) -> (SocketAddr, Reaped) {
-    let port = free_port();
-    let accept = format!("127.0.0.1:{port}");
-    let child = Command::new("openssl")
-        .args(["s_server", "-accept", &accept, "-rev", "-naccept", "1"])
-        .args(extra)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl is installed");
-    let child = Reaped(child);
-    let addr: SocketAddr = accept.parse().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        // Probe readiness without spending the server's single accept: wait for the port
-        // to be bound by trying to bind it ourselves.
-        while std::net::TcpListener::bind(addr).is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..5 {
+        let port = free_port();
+        let accept = format!("127.0.0.1:{port}");
+        let child = Command::new("openssl")
+            .args(["s_server", "-accept", &accept, "-rev", "-naccept", "1"])
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl is installed");
+        let mut child = Reaped(child);
+        let addr: SocketAddr = accept.parse().unwrap();
+        let bound = tokio::time::timeout(Duration::from_secs(10), async {
+            // Probe readiness without spending the server's single accept: wait for the
+            // port to be bound by trying to bind it ourselves.
+            while std::net::TcpListener::bind(addr).is_ok() {
+                if child.0.try_wait().unwrap().is_some() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        })
+        .await
+        .expect("openssl s_server did not start");
+        if bound {
+            return (addr, child);
         }
-    })
-    .await
-    .expect("openssl s_server did not start");
-    (addr, child)
+    }
+    panic!("openssl s_server exited five times before listening");
 }
 
 fn bundle_from_pem(path: &Path) -> Bundle {
