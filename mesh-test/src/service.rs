@@ -1,0 +1,431 @@
+//! Mock services: named groups of scripted endpoints behind one discovery feed.
+//!
+//! # Defaults
+//!
+//! - **Endpoints**: 1, each with [`Script::default`] (healthy, no latency).
+//! - **Identity**: every endpoint gets its own SVID for `spiffe://<trust domain>/<name>`;
+//!   clients built by the mesh expect exactly that ID.
+//! - **Authorization**: none (every verified caller admitted, nothing recorded); with
+//!   [`MockServiceBuilder::policy`] or [`MockService::set_policy`], the policy decides and
+//!   each decision is logged as an [`Authz`](crate::events::Event::Authz) event.
+//! - **Server-side rate limit**: none; [`MockServiceBuilder::rate_limit`] sets one GCRA
+//!   limiter per endpoint.
+//! - **Shutdown**: when the service and every endpoint handle are dropped, the endpoints'
+//!   servers close their connections within 100 ms.
+//! - **Discovery**: every client of the service follows its endpoint set;
+//!   [`MockService::add_endpoint`] inserts, [`MockService::remove_endpoint`] removes
+//!   (clients drain requests in flight). Killing or partitioning an endpoint does not
+//!   touch discovery, as when a process dies behind a stale registry.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use mesh_core::config::{AuthorizationPolicy, RateLimitConfig};
+use mesh_core::discover::{BoxDiscover, Change, EndpointSet};
+use mesh_core::{Endpoint, SpiffeId};
+use mesh_spiffe::{Authorizer, MtlsAcceptor};
+use mesh_tonic::test_util::EchoService;
+use mesh_tower::authz::{AuthorizeLayer, Policy};
+use mesh_tower::ratelimit::{Limits, RateLimitLayer};
+use mesh_tower::server::{MeshServer, ServerLimits};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::Layer;
+
+use crate::client_stats::{ClientStats, Clients};
+use crate::endpoint::{App, Core, EndpointInner, MockEndpoint, Record, mark};
+use crate::error::MockMeshError;
+use crate::events::{EndpointChange, EndpointEvent, EndpointRef, Event};
+use crate::link::Link;
+use crate::mesh::MockMesh;
+use crate::script::Script;
+
+/// How often the metrics of a service's clients are sampled for breaker events.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+
+/// Configures a mock service; see [`MockMesh::service`].
+#[must_use]
+pub struct MockServiceBuilder {
+    mesh: MockMesh,
+    name: String,
+    scripts: Vec<Script>,
+    policy: Option<AuthorizationPolicy>,
+    rate_limit: Option<RateLimitConfig>,
+}
+
+impl fmt::Debug for MockServiceBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockServiceBuilder")
+            .field("name", &self.name)
+            .field("endpoints", &self.scripts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MockServiceBuilder {
+    pub(crate) fn new(mesh: MockMesh, name: &str) -> Self {
+        Self {
+            mesh,
+            name: name.to_owned(),
+            scripts: vec![Script::default()],
+            policy: None,
+            rate_limit: None,
+        }
+    }
+
+    /// `n` endpoints, each with the script of the first (default 1).
+    pub fn endpoints(mut self, n: usize) -> Self {
+        let script = self.scripts.first().cloned().unwrap_or_default();
+        self.scripts = vec![script; n];
+        self
+    }
+
+    /// The same script for every endpoint.
+    pub fn script(mut self, script: impl Into<Script>) -> Self {
+        let script = script.into();
+        self.scripts.iter_mut().for_each(|s| *s = script.clone());
+        self
+    }
+
+    /// One endpoint per script, in order.
+    pub fn scripts(mut self, scripts: impl IntoIterator<Item = Script>) -> Self {
+        self.scripts = scripts.into_iter().collect();
+        self
+    }
+
+    /// Authorizes every request by `policy`, and records each decision.
+    pub fn policy(mut self, policy: AuthorizationPolicy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Limits each endpoint's requests (GCRA, 429 / `RESOURCE_EXHAUSTED` beyond).
+    pub fn rate_limit(mut self, limits: RateLimitConfig) -> Self {
+        self.rate_limit = Some(limits);
+        self
+    }
+
+    /// Starts every endpoint on loopback.
+    pub async fn spawn(self) -> Result<MockService, MockMeshError> {
+        let id = self.mesh.id(&self.name)?;
+        let policy = match &self.policy {
+            Some(p) => Policy::new(&self.name, p)?,
+            None => Policy::allow_all(&self.name),
+        };
+        let inner = Arc::new(ServiceInner {
+            name: Arc::from(self.name.as_str()),
+            id,
+            mesh: self.mesh.clone(),
+            endpoints: Mutex::default(),
+            discovery: watch::Sender::new(EndpointSet::new()),
+            authorize: AuthorizeLayer::new(policy),
+            recording: Arc::new(AtomicBool::new(self.policy.is_some())),
+            rate_limit: self.rate_limit,
+            clients: Clients::default(),
+            sampler: Mutex::new(None),
+        });
+        if let Ok(mut services) = self.mesh.inner.services.lock() {
+            services.retain(|s| s.strong_count() > 0);
+            services.push(Arc::downgrade(&inner));
+        }
+        let service = MockService { inner };
+        for script in self.scripts {
+            service.add_endpoint(script).await?;
+        }
+        Ok(service)
+    }
+}
+
+/// A running mock service. Cheap to clone; clones share the endpoints.
+#[derive(Clone)]
+pub struct MockService {
+    pub(crate) inner: Arc<ServiceInner>,
+}
+
+pub(crate) struct ServiceInner {
+    name: Arc<str>,
+    id: SpiffeId,
+    mesh: MockMesh,
+    endpoints: Mutex<Vec<MockEndpoint>>,
+    discovery: watch::Sender<EndpointSet>,
+    authorize: AuthorizeLayer,
+    recording: Arc<AtomicBool>,
+    rate_limit: Option<RateLimitConfig>,
+    pub(crate) clients: Clients,
+    sampler: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for ServiceInner {
+    fn drop(&mut self) {
+        if let Ok(Some(sampler)) = self.sampler.lock().map(|mut s| s.take()) {
+            sampler.abort();
+        }
+    }
+}
+
+impl fmt::Debug for MockService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockService")
+            .field("name", &self.inner.name)
+            .field("endpoints", &self.endpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
+/// both, so that endpoints draw independent, reproducible sequences.
+fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    service.hash(&mut h);
+    let mut z = seed ^ h.finish() ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl ServiceInner {
+    pub(crate) fn sample(&self) {
+        let endpoints: Vec<(SocketAddr, usize)> = self
+            .endpoints
+            .lock()
+            .map(|e| e.iter().map(|e| (e.addr(), e.index())).collect())
+            .unwrap_or_default();
+        let index_of = |addr| endpoints.iter().find(|(a, _)| *a == addr).map(|(_, i)| *i);
+        self.clients
+            .sample(&self.name, index_of, &self.mesh.inner.log);
+    }
+
+    /// Starts sampling client metrics in the background, once.
+    pub(crate) fn start_sampler(self: &Arc<Self>) {
+        let Ok(mut sampler) = self.sampler.lock() else {
+            return;
+        };
+        if sampler.is_some() || self.clients.is_empty() {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SAMPLE_EVERY).await;
+                let Some(service) = weak.upgrade() else {
+                    return;
+                };
+                service.sample();
+            }
+        });
+        *sampler = Some(task.abort_handle());
+    }
+}
+
+impl MockService {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The SPIFFE ID its endpoints present.
+    pub fn id(&self) -> &SpiffeId {
+        &self.inner.id
+    }
+
+    /// Every endpoint it spawned, removed ones included, by index.
+    pub fn endpoints(&self) -> Vec<MockEndpoint> {
+        self.inner
+            .endpoints
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// Endpoint `index`.
+    pub fn endpoint(&self, index: usize) -> Option<MockEndpoint> {
+        self.inner
+            .endpoints
+            .lock()
+            .ok()
+            .and_then(|e| e.get(index).cloned())
+    }
+
+    /// The number of endpoints spawned, removed ones included.
+    pub fn len(&self) -> usize {
+        self.inner.endpoints.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Whether it has no endpoint.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A discovery stream that follows this service's endpoint set: an `Insert` per
+    /// endpoint now, then the changes as endpoints are added and removed.
+    pub fn discovery(&self) -> BoxDiscover {
+        let mut rx = self.inner.discovery.subscribe();
+        rx.mark_changed();
+        let state = (rx, EndpointSet::new(), VecDeque::<Change>::new());
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |(mut rx, mut last, mut pending)| async move {
+                loop {
+                    if let Some(change) = pending.pop_front() {
+                        return Some((Ok(change), (rx, last, pending)));
+                    }
+                    // The service is gone: the stream ends and clients keep what they have.
+                    rx.changed().await.ok()?;
+                    let next = rx.borrow_and_update().clone();
+                    pending.extend(last.diff(&next));
+                    last = next;
+                }
+            },
+        ))
+    }
+
+    fn discovered(&self, ep: &MockEndpoint) -> Endpoint {
+        Endpoint::new(ep.addr()).with_identity(self.inner.id.clone())
+    }
+
+    /// Starts one more endpoint with `script` and adds it to discovery.
+    pub async fn add_endpoint(
+        &self,
+        script: impl Into<Script>,
+    ) -> Result<MockEndpoint, MockMeshError> {
+        let inner = &self.inner;
+        let mesh = &inner.mesh;
+        let index = self.len();
+        let acceptor = MtlsAcceptor::new(&mesh.mtls(&inner.id.to_string())?, Authorizer::any())
+            .map_err(|e| MockMeshError::Tls(Box::new(e)))?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let link = Link::start(listener.local_addr()?).await?;
+        let at = EndpointRef {
+            service: inner.name.clone(),
+            index,
+            addr: link.addr(),
+        };
+        let core = Arc::new(Core::new(
+            at.clone(),
+            script.into(),
+            endpoint_seed(mesh.seed(), &inner.name, index),
+            mesh.inner.log.clone(),
+            inner.recording.clone(),
+        ));
+        let echo = EchoService::new(&format!("{}-{index}", inner.name));
+        let app = App {
+            core: core.clone(),
+            echo: echo.server(),
+        };
+        let limits = Limits::new(&inner.rate_limit.clone().unwrap_or_default());
+        let stack = Record {
+            inner: inner.authorize.layer(tower::util::MapRequest::new(
+                RateLimitLayer::new(limits).layer(app),
+                mark as fn(_) -> _,
+            )),
+            core: core.clone(),
+        };
+        let mut server_limits = ServerLimits::default();
+        server_limits.shutdown_timeout = Duration::from_millis(100);
+        let server = MeshServer::builder()
+            .mtls(acceptor)
+            .limits(server_limits)
+            .serve(listener, stack)?;
+        let endpoint = MockEndpoint {
+            inner: Arc::new(EndpointInner {
+                core,
+                link,
+                _server: server,
+                echo,
+            }),
+        };
+        if let Ok(mut endpoints) = inner.endpoints.lock() {
+            endpoints.push(endpoint.clone());
+        }
+        let discovered = self.discovered(&endpoint);
+        inner.discovery.send_modify(|set| {
+            set.insert(discovered);
+        });
+        mesh.inner.log.push(Event::Endpoint(EndpointEvent {
+            endpoint: at,
+            change: EndpointChange::Started,
+        }));
+        Ok(endpoint)
+    }
+
+    /// Removes endpoint `index` from discovery (it keeps running, so clients drain
+    /// requests in flight); `false` if there is no such endpoint or it was removed.
+    pub fn remove_endpoint(&self, index: usize) -> bool {
+        let Some(ep) = self.endpoint(index) else {
+            return false;
+        };
+        let key = ep.addr();
+        let removed = self.inner.discovery.send_if_modified(|set| {
+            let next: EndpointSet = set.iter().filter(|e| e.addr() != key).cloned().collect();
+            let changed = next.len() != set.len();
+            *set = next;
+            changed
+        });
+        if removed {
+            self.inner
+                .mesh
+                .inner
+                .log
+                .push(Event::Endpoint(EndpointEvent {
+                    endpoint: ep.at().clone(),
+                    change: EndpointChange::Removed,
+                }));
+        }
+        removed
+    }
+
+    /// Puts endpoint `index` back into discovery after a removal.
+    pub fn reinsert_endpoint(&self, index: usize) -> bool {
+        let Some(ep) = self.endpoint(index) else {
+            return false;
+        };
+        let discovered = self.discovered(&ep);
+        let inserted = self
+            .inner
+            .discovery
+            .send_if_modified(|set| set.insert(discovered).is_none());
+        if inserted {
+            self.inner
+                .mesh
+                .inner
+                .log
+                .push(Event::Endpoint(EndpointEvent {
+                    endpoint: ep.at().clone(),
+                    change: EndpointChange::Started,
+                }));
+        }
+        inserted
+    }
+
+    /// Replaces the authorization policy of every endpoint, and records decisions from
+    /// now on.
+    pub fn set_policy(&self, policy: &AuthorizationPolicy) -> Result<(), MockMeshError> {
+        self.inner
+            .authorize
+            .handle()
+            .replace(Policy::new(&self.inner.name, policy)?);
+        self.inner
+            .recording
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sets every endpoint's script.
+    pub fn set_script(&self, script: impl Into<Script>) {
+        let script = script.into();
+        for ep in self.endpoints() {
+            ep.set_script(script.clone());
+        }
+    }
+
+    /// What the clients the mesh built for this service report; see
+    /// [`client_stats`](crate::client_stats).
+    pub fn client_stats(&self) -> ClientStats {
+        self.inner.clients.stats()
+    }
+}
