@@ -20,6 +20,11 @@
 //! proxies), and `[admin]` (`/metrics`, `/ready`, `/live`, `/config`, `POST /shutdown`,
 //! `POST /reload`).
 //!
+//! A `transparent = true` outbound listener (Linux) takes connections an iptables
+//! `REDIRECT` rule sent it (`packaging/iptables/mesh-redirect.sh`) and meshes each by its
+//! original destination: the service whose `addresses` hold it, or passthrough / refuse
+//! by `unmatched` (see `src/transparent.rs`).
+//!
 //! SIGTERM or Ctrl-C: stop accepting, drain within `drain_timeout`, exit 0. SIGHUP (or
 //! `POST /reload`): re-read the file and apply its services, routes, authorization
 //! policies and rate limits without dropping a connection, or keep the running
@@ -36,6 +41,7 @@
 
 mod admin;
 mod proxy;
+mod transparent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

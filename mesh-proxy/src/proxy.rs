@@ -85,8 +85,11 @@ pub(crate) struct Proxy {
     pub(crate) state: Arc<State>,
     servers: Vec<(String, Listener)>,
     admin: Option<Server>,
-    /// One per outbound listener (none for opaque ones).
+    /// One per outbound listener (none for opaque and transparent ones).
     routers: Vec<Option<Router<Backend>>>,
+    /// The transparent outbound listeners' services.
+    transparent: Vec<crate::transparent::Transparent>,
+    server_metrics: ServerMetrics,
     mtls: Option<Mtls>,
     clients: Mutex<BTreeMap<String, (ServiceConfig, MeshClient)>>,
     route_metrics: RouteMetrics,
@@ -175,8 +178,28 @@ impl Proxy {
         }
 
         let mut routers = Vec::new();
+        let mut transparent = Vec::new();
+        let transparent_metrics =
+            mesh_tower::transparent::TransparentMetrics::register(&mut registry);
         for (i, outbound) in config.outbound.iter().enumerate() {
             let key = format!("outbound[{i}]");
+            if outbound.transparent {
+                let cx = crate::transparent::Context {
+                    config: &config,
+                    mtls: mtls.as_ref(),
+                    clients: &clients,
+                    route_metrics: &route_metrics,
+                    server_metrics: &server_metrics,
+                };
+                let (listener, serving) =
+                    crate::transparent::Transparent::start(i, outbound, &cx, &transparent_metrics)
+                        .await?;
+                tracing::info!(listener = %outbound.name, addr = %serving.local_addr(), "transparent outbound listening");
+                servers.push((outbound.name.clone(), Listener::Opaque(serving)));
+                transparent.push(listener);
+                routers.push(None);
+                continue;
+            }
             if outbound.protocol == Protocol::Opaque {
                 let server = opaque_outbound(i, outbound, &config, mtls.as_ref()).await?;
                 tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "opaque outbound listening");
@@ -205,8 +228,16 @@ impl Proxy {
             builder = builder.limits(limits);
             // Auto with a default service: what is not HTTP goes to it as opaque TCP.
             if outbound.protocol == Protocol::Auto && outbound.default_service.is_some() {
-                builder = builder
-                    .opaque_fallback(opaque_client(i, outbound, &config, mtls.as_ref()).await?);
+                let name = outbound.default_service.as_deref().unwrap_or_default();
+                builder = builder.opaque_fallback(
+                    opaque_client(
+                        &format!("{key}.default_service"),
+                        name,
+                        &config,
+                        mtls.as_ref(),
+                    )
+                    .await?,
+                );
             }
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "outbound listening");
@@ -220,6 +251,8 @@ impl Proxy {
             servers,
             admin,
             routers,
+            transparent,
+            server_metrics,
             mtls,
             clients: Mutex::new(clients),
             route_metrics,
@@ -349,6 +382,21 @@ impl Proxy {
                 limits_changed.then(|| mesh_tower::ratelimit::Limits::new(&limits)),
             ));
         }
+        // Every transparent listener's services, built before any is applied.
+        let mut transparent = Vec::new();
+        for listener in &self.transparent {
+            let cx = crate::transparent::Context {
+                config: &next,
+                mtls: self.mtls.as_ref(),
+                clients: &clients,
+                route_metrics: &self.route_metrics,
+                server_metrics: &self.server_metrics,
+            };
+            transparent.push(listener.prepare(&cx).await?);
+        }
+        for (listener, pending) in self.transparent.iter().zip(transparent) {
+            listener.apply(pending);
+        }
         for (router, set) in self.routers.iter().zip(sets) {
             if let (Some(router), Some(set)) = (router, set) {
                 router.replace(set);
@@ -380,11 +428,18 @@ impl Proxy {
     /// listener.
     pub(crate) async fn shutdown(self) {
         self.state.draining.store(true, Ordering::Relaxed);
-        let drains = self.servers.into_iter().map(|(name, server)| async move {
-            let (open, forced) = server.shutdown().await;
-            tracing::info!(listener = %name, open, forced, "drained");
+        type Drain = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let drains = self.servers.into_iter().map(|(name, server)| -> Drain {
+            Box::pin(async move {
+                let (open, forced) = server.shutdown().await;
+                tracing::info!(listener = %name, open, forced, "drained");
+            })
         });
-        futures_join_all(drains).await;
+        let transparent = self
+            .transparent
+            .into_iter()
+            .map(|t| -> Drain { Box::pin(t.shutdown()) });
+        futures_join_all(drains.chain(transparent)).await;
         if let Some(admin) = self.admin {
             admin.shutdown().await;
         }
@@ -470,7 +525,14 @@ async fn opaque_outbound(
     mtls: Option<&Mtls>,
 ) -> Result<mesh_tower::opaque::Serving, StartError> {
     let key = format!("outbound[{i}]");
-    let client = opaque_client(i, outbound, config, mtls).await?;
+    let name = outbound
+        .default_service
+        .as_deref()
+        .ok_or_else(|| StartError::Config {
+            key: format!("{key}.default_service"),
+            message: "an opaque listener needs a service".into(),
+        })?;
+    let client = opaque_client(&format!("{key}.default_service"), name, config, mtls).await?;
     let listener = bind(&key, outbound.listen).await?;
     client.serve(listener).map_err(|e| StartError::Config {
         key: format!("{key}.listen"),
@@ -478,28 +540,21 @@ async fn opaque_outbound(
     })
 }
 
-/// The opaque TCP client of an outbound listener's `default_service`.
-async fn opaque_client(
-    i: usize,
-    outbound: &mesh_core::config::OutboundConfig,
+/// The opaque TCP client of service `name`, for the listener setting `key`.
+pub(crate) async fn opaque_client(
+    key: &str,
+    name: &str,
     config: &MeshConfig,
     mtls: Option<&Mtls>,
 ) -> Result<mesh_tower::opaque::OpaqueClient, StartError> {
-    let key = format!("outbound[{i}]");
-    let config_error = |field: &str, message: String| StartError::Config {
-        key: format!("{key}.{field}"),
+    let config_error = |message: String| StartError::Config {
+        key: key.to_owned(),
         message,
     };
-    let name = outbound.default_service.as_deref().ok_or_else(|| {
-        config_error(
-            "default_service",
-            "an opaque listener needs a service".into(),
-        )
-    })?;
     let service = config
         .services
         .get(name)
-        .ok_or_else(|| config_error("default_service", format!("no service named `{name}`")))?;
+        .ok_or_else(|| config_error(format!("no service named `{name}`")))?;
     let discovery = mesh_core::discover::from_config(&service.discovery)
         .await
         .map_err(|e| StartError::Config {
@@ -523,9 +578,7 @@ async fn opaque_client(
     if let Some(pattern) = &service.server_identity {
         builder = builder.server_identity(pattern.clone());
     }
-    builder
-        .build()
-        .map_err(|e| config_error("default_service", e.to_string()))
+    builder.build().map_err(|e| config_error(e.to_string()))
 }
 
 /// Awaits every future (a small join without another dependency).
@@ -540,7 +593,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -549,7 +602,7 @@ fn effective(config: &MeshConfig) -> String {
     toml::to_string_pretty(config).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
 }
 
-async fn bind(
+pub(crate) async fn bind(
     key: &str,
     addr: std::net::SocketAddr,
 ) -> Result<tokio::net::TcpListener, StartError> {
@@ -635,7 +688,7 @@ async fn client(
 /// The route set of an outbound listener: the configuration's routes over every service
 /// (sent to peer proxies as HTTP/2 when the service is mTLS, that is, meshed), and
 /// `default` for requests no route takes.
-fn routes(
+pub(crate) fn routes(
     config: &MeshConfig,
     default: Option<&str>,
     clients: &BTreeMap<String, (ServiceConfig, MeshClient)>,

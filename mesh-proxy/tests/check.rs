@@ -23,7 +23,7 @@ fn the_example_config_is_valid() {
     assert!(ok, "{err}");
     assert!(out.contains("valid"), "{out}");
     assert!(
-        out.contains("4 services, 3 routes, 1 inbound and 1 outbound listeners"),
+        out.contains("4 services, 3 routes, 1 inbound and 2 outbound listeners"),
         "{out}"
     );
 }

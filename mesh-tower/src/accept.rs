@@ -1,5 +1,7 @@
 //! The accept loop the HTTP server and the opaque TCP listener share: a bound on open
-//! connections, accept errors waited out, and a graceful drain on shutdown.
+//! connections, accept errors waited out, and a graceful drain on shutdown. Connections
+//! come from a listener, or are handed over by another loop (a transparent listener that
+//! picked this server for them).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 /// How a shutdown went.
@@ -20,12 +22,36 @@ pub struct ShutdownReport {
     pub forced: usize,
 }
 
-/// Accepts connections on `listener` until `shutdown` turns true, at most
+/// Where connections come from.
+pub(crate) enum Source {
+    /// Accepted here.
+    Listener(TcpListener),
+    /// Accepted elsewhere and handed over; ends when every sender is gone.
+    Handed(mpsc::Receiver<(TcpStream, SocketAddr)>),
+}
+
+impl From<TcpListener> for Source {
+    fn from(listener: TcpListener) -> Self {
+        Self::Listener(listener)
+    }
+}
+
+impl Source {
+    /// The next connection; `None` once no more can come.
+    async fn next(&mut self) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+        match self {
+            Self::Listener(l) => Some(l.accept().await),
+            Self::Handed(rx) => rx.recv().await.map(Ok),
+        }
+    }
+}
+
+/// Accepts connections from `source` until `shutdown` turns true, at most
 /// `max_connections` open at once, each served by `handle` (given the connection, its
 /// peer and the shutdown signal) in a task of its own. On shutdown: stops accepting,
 /// waits up to `shutdown_timeout` for open connections to end, then closes the rest.
 pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
+    source: impl Into<Source>,
     max_connections: usize,
     shutdown_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -35,6 +61,7 @@ where
     F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut source = source.into();
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut conns = JoinSet::new();
     loop {
@@ -49,9 +76,10 @@ where
         let (tcp, remote) = tokio::select! {
             biased;
             () = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
+            accepted = source.next() => match accepted {
+                Some(Ok(accepted)) => accepted,
+                None => break,
+                Some(Err(error)) => {
                     // Out of descriptors and the like: wait rather than spin.
                     tracing::warn!(%error, "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -68,7 +96,7 @@ where
         // Reap finished connections as we go.
         while conns.try_join_next().is_some() {}
     }
-    drop(listener);
+    drop(source);
     while conns.try_join_next().is_some() {}
     let open = conns.len();
     let mut deadline = pin!(tokio::time::sleep(shutdown_timeout));

@@ -73,6 +73,8 @@ pub mod route;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod timeout;
+#[cfg(feature = "transparent")]
+pub mod transparent;
 
 /// A duration in whole nanoseconds, saturating (after ~584 years): a `u64`, where
 /// `Duration::as_nanos` gives a `u128` whose division and float conversion cost a

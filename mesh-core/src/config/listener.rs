@@ -101,6 +101,30 @@ pub struct OutboundConfig {
     /// `protocol = "opaque"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_service: Option<String>,
+    /// Transparent mode (Linux): the listener receives connections an iptables `REDIRECT`
+    /// rule sent it, reads each one's original destination (`SO_ORIGINAL_DST`) and
+    /// proxies it to the service whose [`addresses`](super::ServiceConfig::addresses)
+    /// hold that destination, as an outbound listener with that service as its
+    /// `default_service` would. Default: `false`. Needs no `default_service` (it picks
+    /// one per connection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
+    /// What a transparent listener does with a connection whose original destination is
+    /// no service's: `passthrough` (the default: relayed as bytes, in the clear, to where
+    /// it was going, so unmeshed traffic keeps working) or `refuse` (closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmatched: Option<Unmatched>,
+}
+
+/// What a transparent listener does with connections to destinations no service claims.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmatched {
+    /// Relay the bytes to the original destination, without TLS (the default).
+    #[default]
+    Passthrough,
+    /// Close the connection.
+    Refuse,
 }
 
 /// The admin listener.

@@ -62,7 +62,9 @@ mod service;
 mod validate;
 
 pub use self::identity::{IdentityConfig, TrustDomainKey};
-pub use self::listener::{AdminConfig, InboundConfig, OutboundConfig, Protocol, TlsMode};
+pub use self::listener::{
+    AdminConfig, InboundConfig, OutboundConfig, Protocol, TlsMode, Unmatched,
+};
 pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,
 };

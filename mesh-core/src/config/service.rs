@@ -67,6 +67,11 @@ pub struct ServiceConfig {
     /// Zone-aware balancing.
     #[serde(default)]
     pub zone: ZoneConfig,
+    /// The destinations that mean this service to a transparent outbound listener: the
+    /// addresses the application dials (a virtual IP, or what the service's DNS name
+    /// resolves to), each `IP:port`. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::SocketAddr>,
 }
 
 /// Where a service's endpoints come from; the `kind` key selects the source.

@@ -57,6 +57,9 @@ fn example_config_is_valid_and_complete() {
     let limit = &c.rate_limits["api"];
     assert_eq!(limit.per_client.as_ref().unwrap().burst(), 20);
     assert_eq!(limit.total.as_ref().unwrap().burst(), 1000);
+    assert!(c.outbound[1].transparent);
+    assert_eq!(c.outbound[1].unmatched, Some(Unmatched::Passthrough));
+    assert_eq!(users.addresses, ["10.96.0.20:80".parse().unwrap()]);
     assert!(matches!(
         &c.services["billing"].discovery,
         DiscoveryConfig::Static { endpoints } if endpoints[1].addr().is_ipv6()
@@ -263,6 +266,44 @@ fn errors_name_the_file() {
             "mesh.toml: 1 error in configuration:\n  routes[0].backends: needs at least one backend"
         ),
         "{text}"
+    );
+}
+
+#[test]
+fn transparent_listeners_and_service_addresses() {
+    let errors = invalid(
+        r#"
+        [[outbound]]
+        name = "t"
+        listen = "127.0.0.1:4140"
+        transparent = true
+        default_service = "a"
+        protocol = "opaque"
+        [[outbound]]
+        name = "explicit"
+        listen = "127.0.0.1:4141"
+        unmatched = "refuse"
+        [services.a]
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
+        tls = "plaintext"
+        addresses = ["10.96.0.1:80", "0.0.0.0:80", "10.96.0.2:0", "127.0.0.1:4140"]
+        [services.b]
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.2:4143" }] }
+        tls = "plaintext"
+        addresses = ["10.96.0.1:80"]
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "outbound[0].default_service: not used by a transparent listener",
+            "outbound[0].protocol: a transparent listener detects",
+            "outbound[1].unmatched: only for a transparent listener",
+            "services.a.addresses[1]: 0.0.0.0:80 is not a destination",
+            "services.a.addresses[2]: 10.96.0.2:0 is not a destination",
+            "services.a.addresses[3]: 127.0.0.1:4140 is one of this proxy's listeners",
+            "services.b.addresses[0]: 10.96.0.1:80 is already the address of service `a`",
+        ],
     );
 }
 

@@ -592,8 +592,54 @@ impl Validator {
                 );
             }
         }
+        // Which service each transparent destination means: one at most.
+        let mut destinations: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        for (name, s) in &c.services {
+            for (j, addr) in s.addresses.iter().enumerate() {
+                let path = format!("services.{}.addresses[{j}]", key(name));
+                if addr.port() == 0 || addr.ip().is_unspecified() {
+                    self.err(
+                        path,
+                        format!("{addr} is not a destination (a specific IP and port)"),
+                    );
+                } else if let Some(first) = destinations.insert(*addr, name)
+                    && first != name.as_str()
+                {
+                    self.err(
+                        path,
+                        format!("{addr} is already the address of service `{first}`"),
+                    );
+                } else if addrs.contains_key(addr) {
+                    self.err(
+                        path,
+                        format!("{addr} is one of this proxy's listeners (it would loop)"),
+                    );
+                }
+            }
+        }
         for (i, l) in c.outbound.iter().enumerate() {
             let path = format!("outbound[{i}]");
+            if l.transparent {
+                if l.default_service.is_some() {
+                    self.err(
+                        format!("{path}.default_service"),
+                        "not used by a transparent listener: each connection's original destination picks its service (see `services.NAME.addresses`)",
+                    );
+                }
+                if l.protocol == Protocol::Opaque {
+                    self.err(
+                        format!("{path}.protocol"),
+                        "a transparent listener detects each connection's protocol (HTTP, else opaque TCP): use `auto`, `http1` or `http2`",
+                    );
+                }
+                continue;
+            }
+            if l.unmatched.is_some() {
+                self.err(
+                    format!("{path}.unmatched"),
+                    "only for a transparent listener (transparent = true)",
+                );
+            }
             match &l.default_service {
                 Some(s) if !c.services.contains_key(s) => {
                     self.err(

@@ -26,10 +26,18 @@ impl Proxy {
 
     /// Starts a proxy whose log goes to `stderr`.
     pub fn start_with(config: &Path, listeners: usize, stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+        command
             .args(["run", "--config"])
             .arg(config)
-            .args(["--log", "info"])
+            .args(["--log", "info"]);
+        Self::start_command(command, listeners, stderr)
+    }
+
+    /// Starts the proxy `command` runs (through a wrapper, say) and reads the addresses
+    /// of its first `listeners` listeners.
+    pub fn start_command(mut command: Command, listeners: usize, stderr: Stdio) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

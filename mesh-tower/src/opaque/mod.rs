@@ -110,9 +110,9 @@ pub const DEFAULT_MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// How a listener accepts and drains.
 #[derive(Clone, Copy, Debug)]
-struct Limits {
-    max_connections: usize,
-    shutdown_timeout: Duration,
+pub(crate) struct Limits {
+    pub(crate) max_connections: usize,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -162,7 +162,7 @@ impl Drop for Serving {
 }
 
 /// Serves `listener` in a task: `handle` for each connection, within `limits`.
-fn spawn<F, Fut>(listener: TcpListener, limits: Limits, handle: F) -> Result<Serving, BuildError>
+pub(crate) fn spawn<F, Fut>(listener: TcpListener, limits: Limits, handle: F) -> Result<Serving, BuildError>
 where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,

@@ -16,7 +16,6 @@ use mesh_core::error::BoxError;
 use mesh_spiffe::{MtlsAcceptor, PeerIdentity};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -80,7 +79,7 @@ pub(super) fn http_builder(
 /// Accepts until `shutdown` turns true, then shuts every connection down gracefully
 /// within the shutdown timeout.
 pub(super) async fn accept_loop<S, B>(
-    listener: TcpListener,
+    source: crate::accept::Source,
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
 ) -> ShutdownReport
@@ -93,13 +92,9 @@ where
 {
     let max = shared.limits.max_connections;
     let timeout = shared.limits.shutdown_timeout;
-    crate::accept::accept_loop(
-        listener,
-        max,
-        timeout,
-        shutdown,
-        move |tcp, remote, stop| connection(tcp, remote, shared.clone(), stop),
-    )
+    crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
+        connection(tcp, remote, shared.clone(), stop)
+    })
     .await
 }
 

@@ -26,6 +26,11 @@
 //! streams in flight finish), waits up to [`ServerLimits::shutdown_timeout`], then closes
 //! what is left, and reports how many it had to force.
 //!
+//! **Connections accepted elsewhere.** [`MeshServerBuilder::serve_handed`] serves the
+//! connections given to a [`Handoff`] instead of a listener's: a transparent listener
+//! ([`crate::transparent`]) accepts, picks a server by each connection's original
+//! destination and hands the connection over; limits, drain and metrics are the same.
+//!
 //! ```no_run
 //! use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
 //! use mesh_tower::server::MeshServer;
@@ -68,6 +73,42 @@ use crate::metrics::server::{InboundMetrics, ListenerMetrics, MeteredBody};
 use crate::ratelimit::{Limits, RateLimit, RateLimitLayer};
 
 pub use self::limits::ServerLimits;
+
+/// How many handed-over connections wait for a server before [`Handoff::hand`] waits.
+const HANDOFF_QUEUE: usize = 128;
+
+/// Hands connections accepted elsewhere to a server started with
+/// [`MeshServerBuilder::serve_handed`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    tx: tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>,
+}
+
+impl Handoff {
+    /// Gives `tcp` (from client `remote`) to the server, waiting while its queue is full;
+    /// gives it back when the server is gone (shut down).
+    pub async fn hand(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+    ) -> Result<(), tokio::net::TcpStream> {
+        self.tx.send((tcp, remote)).await.map_err(|e| (e.0).0)
+    }
+}
+
+/// The receiving end of a [`Handoff`], for [`MeshServerBuilder::serve_handed`].
+#[derive(Debug)]
+pub struct HandedConnections {
+    addr: SocketAddr,
+    rx: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
+}
+
+/// A [`Handoff`] and the connections it hands over, which a server reports as accepted on
+/// `addr` (the listener that really accepted them).
+pub fn handoff(addr: SocketAddr) -> (Handoff, HandedConnections) {
+    let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_QUEUE);
+    (Handoff { tx }, HandedConnections { addr, rx })
+}
 
 /// The client's address, as a request extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -257,8 +298,43 @@ impl MeshServerBuilder {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let tls = self.transport.ok_or(ServerError::NoTransport)?;
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
+        self.serve_from(listener.into(), addr, app)
+    }
+
+    /// Starts serving `app` on the connections handed over by the [`Handoff`] of
+    /// `connections`, in a task of the current Tokio runtime. The server stops taking
+    /// connections at shutdown or once every `Handoff` is dropped, and then drains.
+    pub fn serve_handed<S, B>(
+        self,
+        connections: HandedConnections,
+        app: S,
+    ) -> Result<Server, ServerError>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let HandedConnections { addr, rx } = connections;
+        self.serve_from(crate::accept::Source::Handed(rx), addr, app)
+    }
+
+    fn serve_from<S, B>(
+        self,
+        source: crate::accept::Source,
+        addr: SocketAddr,
+        app: S,
+    ) -> Result<Server, ServerError>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let tls = self.transport.ok_or(ServerError::NoTransport)?;
         let policy = self.policy.unwrap_or_else(|| Policy::allow_all("default"));
         let limits = self
             .rate_limit
@@ -296,7 +372,7 @@ impl MeshServerBuilder {
         let task = tokio::spawn(conn::accept_loop::<
             InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>,
             MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>,
-        >(listener, shared, stopping));
+        >(source, shared, stopping));
         tracing::debug!(%addr, "serving");
         Ok(Server {
             addr,

@@ -1,0 +1,222 @@
+//! Transparent outbound listeners (`transparent = true`, Linux): connections an iptables
+//! `REDIRECT` rule sent here, each proxied by its original destination.
+//!
+//! Every service with `addresses` gets a plaintext `MeshServer` fed through a handoff:
+//! its HTTP requests go through the outbound routes with that service as the default
+//! backend, and a connection that is not HTTP goes to it as opaque TCP, exactly as on an
+//! explicit outbound listener whose `default_service` it is. The
+//! [`TransparentListener`] reads each connection's original destination and hands it to
+//! the server of the service that claims it; the rest pass through or are refused, by
+//! `unmatched`.
+//!
+//! A reload rebuilds the servers of services that are new or changed, keeps the others
+//! (with their connections) and gives them the new routes, swaps the destination table
+//! at once, and drains the servers of services that are gone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use mesh_core::config::{MeshConfig, OutboundConfig, Protocol, ServiceConfig};
+use mesh_core::error::BoxError;
+use mesh_spiffe::Mtls;
+use mesh_tower::MeshClient;
+use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer};
+use mesh_tower::metrics::server::ServerMetrics;
+use mesh_tower::route::{RouteMetrics, Router};
+use mesh_tower::server::{Handoff, MeshServer, Server};
+use mesh_tower::transparent::{DestinationTable, TransparentListener, TransparentMetrics};
+use tower::Layer;
+
+use crate::proxy::{Backend, StartError, lock, opaque_client, routes};
+
+/// What a transparent listener's services are built from.
+pub(crate) struct Context<'a> {
+    pub(crate) config: &'a MeshConfig,
+    pub(crate) mtls: Option<&'a Mtls>,
+    pub(crate) clients: &'a BTreeMap<String, (ServiceConfig, MeshClient)>,
+    pub(crate) route_metrics: &'a RouteMetrics,
+    pub(crate) server_metrics: &'a ServerMetrics,
+}
+
+/// A running transparent listener's services.
+pub(crate) struct Transparent {
+    index: usize,
+    name: String,
+    protocol: Protocol,
+    addr: SocketAddr,
+    table: DestinationTable,
+    services: Mutex<BTreeMap<String, Meshed>>,
+}
+
+/// One service's server behind a transparent listener.
+struct Meshed {
+    config: ServiceConfig,
+    server: Server,
+    router: Router<Backend>,
+    handoff: Handoff,
+}
+
+/// A reload, built but not applied.
+pub(crate) struct Pending {
+    services: BTreeMap<String, Meshed>,
+    /// Unchanged services: their new route sets.
+    routes: Vec<(String, mesh_tower::route::Routes<Backend>)>,
+}
+
+impl Transparent {
+    /// Starts listener `i` of `cx.config.outbound` and a server per service with
+    /// addresses.
+    pub(crate) async fn start(
+        i: usize,
+        outbound: &OutboundConfig,
+        cx: &Context<'_>,
+        metrics: &TransparentMetrics,
+    ) -> Result<(Self, mesh_tower::opaque::Serving), StartError> {
+        let key = format!("outbound[{i}]");
+        if !cfg!(target_os = "linux") {
+            return Err(StartError::Config {
+                key: format!("{key}.transparent"),
+                message: "transparent mode reads SO_ORIGINAL_DST, which only Linux has; use explicit outbound listeners".into(),
+            });
+        }
+        let listener = crate::proxy::bind(&key, outbound.listen).await?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            key: key.clone(),
+            addr: outbound.listen,
+            source,
+        })?;
+        let this = Self {
+            index: i,
+            name: outbound.name.clone(),
+            protocol: outbound.protocol,
+            addr,
+            table: DestinationTable::default(),
+            services: Mutex::new(BTreeMap::new()),
+        };
+        let mut services = BTreeMap::new();
+        for (name, service) in &cx.config.services {
+            if !service.addresses.is_empty() {
+                services.insert(name.clone(), this.meshed(name, service, cx).await?);
+            }
+        }
+        this.table.replace(table(&services));
+        *lock(&this.services) = services;
+        let serving = TransparentListener::builder()
+            .name(&outbound.name)
+            .unmatched(outbound.unmatched.unwrap_or_default())
+            .shutdown_timeout(cx.config.drain_timeout)
+            .metrics(metrics)
+            .serve(listener, this.table.clone())
+            .map_err(|e| StartError::Config {
+                key: format!("{key}.listen"),
+                message: e.to_string(),
+            })?;
+        Ok((this, serving))
+    }
+
+    /// The server of service `name`, routing by the outbound routes with it as default.
+    async fn meshed(
+        &self,
+        name: &str,
+        service: &ServiceConfig,
+        cx: &Context<'_>,
+    ) -> Result<Meshed, StartError> {
+        let key = format!("outbound[{}]", self.index);
+        let set =
+            routes(cx.config, Some(name), cx.clients, cx.route_metrics).map_err(|message| {
+                StartError::Config {
+                    key: key.clone(),
+                    message,
+                }
+            })?;
+        let router = Router::new(set);
+        let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
+        let mut limits = mesh_tower::server::ServerLimits::default();
+        limits.shutdown_timeout = cx.config.drain_timeout;
+        let mut builder = MeshServer::builder()
+            .plaintext()
+            .limits(limits)
+            .metrics(cx.server_metrics.listener(&self.name));
+        if self.protocol == Protocol::Auto {
+            builder = builder.opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls).await?);
+        }
+        let (handoff, connections) = mesh_tower::server::handoff(self.addr);
+        let server = builder.serve_handed(connections, app)?;
+        tracing::info!(listener = %self.name, service = name, addresses = ?service.addresses, "transparent service");
+        Ok(Meshed {
+            config: service.clone(),
+            server,
+            router,
+            handoff,
+        })
+    }
+
+    /// Builds what `next` asks of this listener without applying any of it.
+    pub(crate) async fn prepare(&self, cx: &Context<'_>) -> Result<Pending, BoxError> {
+        let mut pending = Pending {
+            services: BTreeMap::new(),
+            routes: Vec::new(),
+        };
+        let unchanged: BTreeMap<String, ServiceConfig> = lock(&self.services)
+            .iter()
+            .map(|(n, m)| (n.clone(), m.config.clone()))
+            .collect();
+        for (name, service) in &cx.config.services {
+            if service.addresses.is_empty() {
+                continue;
+            }
+            if unchanged.get(name) == Some(service) {
+                pending.routes.push((
+                    name.clone(),
+                    routes(cx.config, Some(name), cx.clients, cx.route_metrics)?,
+                ));
+            } else {
+                pending
+                    .services
+                    .insert(name.clone(), self.meshed(name, service, cx).await?);
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Applies a prepared reload: new routes, new servers, the new table; the servers of
+    /// services gone or replaced drain in the background.
+    pub(crate) fn apply(&self, pending: Pending) {
+        let mut services = lock(&self.services);
+        let mut next = BTreeMap::new();
+        for (name, set) in pending.routes {
+            if let Some(meshed) = services.remove(&name) {
+                meshed.router.replace(set);
+                next.insert(name, meshed);
+            }
+        }
+        next.extend(pending.services);
+        self.table.replace(table(&next));
+        let retired = std::mem::replace(&mut *services, next);
+        for (name, meshed) in retired {
+            let listener = self.name.clone();
+            tokio::spawn(async move {
+                let report = meshed.server.shutdown().await;
+                tracing::info!(%listener, service = %name, open = report.open_at_shutdown, forced = report.forced, "transparent service retired");
+            });
+        }
+    }
+
+    /// Drains every service's server (after the listener stopped handing any over).
+    pub(crate) async fn shutdown(self) {
+        let services = std::mem::take(&mut *lock(&self.services));
+        for (name, meshed) in services {
+            let report = meshed.server.shutdown().await;
+            tracing::info!(listener = %self.name, service = %name, open = report.open_at_shutdown, forced = report.forced, "drained");
+        }
+    }
+}
+
+/// Every address of every service, to its server.
+fn table(services: &BTreeMap<String, Meshed>) -> HashMap<SocketAddr, Handoff> {
+    services
+        .values()
+        .flat_map(|m| m.config.addresses.iter().map(|a| (*a, m.handoff.clone())))
+        .collect()
+}

@@ -1,0 +1,347 @@
+//! Transparent mode end to end, in a network namespace this test creates: the shipped
+//! iptables script redirects the namespace's outgoing connections to the outbound
+//! proxy's transparent listener, which meshes the ones to a service's address (mTLS to
+//! the inbound proxy, then the app) and passes the others through.
+//!
+//! Needs root (or CAP_NET_ADMIN), `ip` (iproute2), `iptables`, `setpriv` and python3;
+//! where any is missing or namespaces are not permitted, the test says so and passes,
+//! unless `MESH_REQUIRE_NETNS=1` (as CI sets) makes that a failure.
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{Proxy, identity};
+use mesh_spiffe::test_ca::TestCa;
+
+/// The group the proxies run as: the redirect rules exempt it.
+const PROXY_GID: &str = "4242";
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let name = format!("mesh-transparent-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = Self(name);
+        ns.root(&["ip", "netns", "add", &ns.0])?;
+        // 10.55.0.0/24 local to the namespace (on its loopback: no dummy or veth
+        // driver needed), so its addresses stand for other hosts.
+        for setup in ["ip link set lo up", "ip addr add 10.55.0.1/24 dev lo"] {
+            ns.run_sh(setup)?;
+        }
+        Ok(ns)
+    }
+
+    fn root(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{}`: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// A command inside the namespace.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+
+    fn run_sh(&self, script: &str) -> Result<String, String> {
+        let out = self
+            .command("sh")
+            .args(["-c", script])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`{script}`: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// `curl` in the namespace: the status and body.
+    fn curl(&self, url: &str) -> (u16, String) {
+        let out = self
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// A mesh-proxy in the namespace, in the exempt group.
+    fn proxy(&self, config: &Path, listeners: usize) -> Proxy {
+        let mut c = self.command("setpriv");
+        c.args(["--regid", PROXY_GID, "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--log", "info"]);
+        Proxy::start_command(c, listeners, Stdio::inherit())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// An HTTP app and a raw TCP echo in the namespace (python3): the app answers
+/// `NAME PATH id=<x-mesh-client-id>`.
+const APPS: &str = r#"
+import http.server, socketserver, sys, threading
+name, http_port, echo_host, echo_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+class App(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"{name} {self.path} id={self.headers.get('x-mesh-client-id', '-')}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"echo> ")
+        while True:
+            data = self.request.recv(4096)
+            if not data:
+                return
+            self.request.sendall(data)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+http.server.ThreadingHTTPServer.allow_reuse_address = True
+echo = socketserver.ThreadingTCPServer((echo_host, echo_port), Echo)
+threading.Thread(target=echo.serve_forever, daemon=True).start()
+print("ready", flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", http_port), App).serve_forever()
+"#;
+
+/// A raw TCP exchange from inside the namespace: connect, send `line`, read until the
+/// echo of it arrives (python3, so the test needs no netcat).
+const CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(sys.argv[3].encode())
+got = b""
+while not got.endswith(sys.argv[3].encode()):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+print(got.decode(), end="")
+"#;
+
+fn skip(why: &str) {
+    assert!(
+        std::env::var("MESH_REQUIRE_NETNS").as_deref() != Ok("1"),
+        "MESH_REQUIRE_NETNS=1 but the transparent-mode test cannot run: {why}"
+    );
+    eprintln!("SKIPPED transparent mode end to end: {why}");
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/iptables/mesh-redirect.sh")
+}
+
+#[test]
+fn redirected_connections_are_meshed_by_original_destination_or_passed_through() {
+    for tool in ["ip", "iptables", "setpriv", "python3", "curl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return skip(&format!("`{tool}` is not installed"));
+        }
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(e) => return skip(&format!("cannot create a network namespace: {e}")),
+    };
+    if let Err(e) = ns.run_sh("iptables -t nat -S OUTPUT") {
+        return skip(&format!("iptables does not work in the namespace: {e}"));
+    }
+
+    // The apps: HTTP on :8080 behind the inbound proxy, and the same unmeshed on
+    // 10.55.0.1:8080; a TCP echo on 127.0.0.1:7000 behind an opaque inbound listener.
+    let mut apps = ns
+        .command("python3")
+        .args(["-c", APPS, "app", "8080", "127.0.0.1", "7000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(apps.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _apps = Kill(apps);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let inbound = dir.path().join("inbound.toml");
+    std::fs::write(
+        &inbound,
+        format!(
+            "{}\n\
+             [[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:4143\"\ntarget = \"127.0.0.1:8080\"\n\
+             [[inbound]]\nname = \"db\"\nlisten = \"127.0.0.1:4144\"\ntarget = \"127.0.0.1:7000\"\nprotocol = \"opaque\"\n",
+            identity(dir.path(), &mut ca, "app")
+        ),
+    )
+    .unwrap();
+    let outbound = dir.path().join("outbound.toml");
+    std::fs::write(
+        &outbound,
+        format!(
+            "{}\n[admin]\nlisten = \"127.0.0.1:4191\"\n\
+             [services.users]\n\
+             discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4143\" }}] }}\n\
+             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.10:80\"]\n\
+             [services.db]\n\
+             discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
+             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.11:5432\"]\n\
+             [[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:4140\"\ntransparent = true\n",
+            identity(dir.path(), &mut ca, "web")
+        ),
+    )
+    .unwrap();
+    let _inbound = ns.proxy(&inbound, 2);
+    let _outbound = ns.proxy(&outbound, 2);
+
+    // The shipped script: redirect the namespace's 10.55.0.0/24 to the listener, the
+    // proxies' own group exempt.
+    let install = ns
+        .command("sh")
+        .arg(script())
+        .arg("install")
+        .env("PROXY_PORT", "4140")
+        .env("PROXY_GID", PROXY_GID)
+        .env("ONLY", "10.55.0.0/24")
+        .output()
+        .unwrap();
+    assert!(
+        install.status.success(),
+        "{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let rules = ns.run_sh("iptables -t nat -S MESH_OUTPUT").unwrap();
+    assert!(rules.contains("--gid-owner 4242 -j RETURN"), "{rules}");
+    assert!(rules.contains("-j REDIRECT --to-ports 4140"), "{rules}");
+
+    // A meshed destination: through both proxies over mTLS; the app sees the caller's
+    // verified identity.
+    let (status, body) = ns.curl("http://10.55.0.10/hello");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app /hello id=spiffe://example.org/web");
+    for i in 0..20 {
+        let (status, body) = ns.curl(&format!("http://10.55.0.10/{i}"));
+        assert_eq!(
+            (status, body),
+            (200, format!("app /{i} id=spiffe://example.org/web"))
+        );
+    }
+
+    // Opaque TCP to a meshed destination: detected, then relayed over mTLS.
+    let out = ns
+        .command("python3")
+        .args(["-c", CLIENT, "10.55.0.11", "5432", "ping\n"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo> ping\n");
+
+    // Unmatched: passed through as it is, in the clear (no identity: not meshed).
+    let (status, body) = ns.curl("http://10.55.0.1:8080/plain");
+    assert_eq!((status, body.as_str()), (200, "app /plain id=-"));
+
+    // Dialled directly rather than redirected: closed, nothing proxied.
+    let (status, _) = ns.curl("http://127.0.0.1:4140/");
+    assert_eq!(status, 0);
+
+    let (_, metrics) = ns.curl("http://127.0.0.1:4191/metrics");
+    for line in [
+        r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 22"#,
+        r#"mesh_transparent_connections_total{listener="transparent",outcome="passthrough"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // With connection tracking on, the kernel gives an unredirected connection its own
+    // destination (the listener: refused); without, none.
+    assert!(
+        metrics.contains(r#"{listener="transparent",outcome="refused"} 1"#)
+            || metrics.contains(r#"{listener="transparent",outcome="no_destination"} 1"#),
+        "{metrics}"
+    );
+
+    // A reload moves `users` to another address, keeping the listener.
+    let text = std::fs::read_to_string(&outbound).unwrap();
+    std::fs::write(&outbound, text.replace("10.55.0.10:80", "10.55.0.12:80")).unwrap();
+    let reload = ns
+        .command("curl")
+        .args(["-sS", "-X", "POST", "http://127.0.0.1:4191/reload"])
+        .output()
+        .unwrap();
+    assert!(reload.status.success());
+    let (status, body) = ns.curl("http://10.55.0.12/moved");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "app /moved id=spiffe://example.org/web")
+    );
+    // The old address is nobody's now: passed through, to nothing listening there.
+    assert_eq!(ns.curl("http://10.55.0.10/hello").0, 0);
+
+    // The script takes its rules out again.
+    let removed = ns
+        .command("sh")
+        .arg(script())
+        .arg("remove")
+        .status()
+        .unwrap();
+    assert!(removed.success());
+    assert!(ns.run_sh("iptables -t nat -S MESH_OUTPUT").is_err());
+    let (status, body) = ns.curl("http://10.55.0.1:8080/direct");
+    assert_eq!((status, body.as_str()), (200, "app /direct id=-"));
+}

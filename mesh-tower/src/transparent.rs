@@ -1,0 +1,418 @@
+//! Transparent proxying: connections an iptables `REDIRECT` rule sent to a listener, each
+//! proxied by what its original destination means (feature `transparent`).
+//!
+//! The application dials its peer's address as if there were no mesh (a virtual IP, or
+//! what the peer's DNS name resolves to); a `nat` rule on the host redirects the
+//! connection to the proxy's listener, and the kernel remembers where it was going. For
+//! each accepted connection a [`TransparentListener`]:
+//!
+//! 1. reads the **original destination** ([`original_dst`]: `SO_ORIGINAL_DST` for IPv4,
+//!    `IP6T_SO_ORIGINAL_DST` for IPv6; Linux only — elsewhere every connection fails this
+//!    step). A connection that was not redirected has none and is closed, as is one whose
+//!    original destination is the listener itself (dialled directly: there is nowhere to
+//!    proxy it to);
+//! 2. looks the destination up in its [`DestinationTable`], which the owner fills with one
+//!    [`Handoff`] per meshed service and may replace at any time (a reload);
+//! 3. **meshed**: hands the connection to that service's server (a
+//!    [`MeshServer`](crate::server::MeshServer) started with
+//!    [`serve_handed`](crate::server::MeshServerBuilder::serve_handed), typically plaintext
+//!    over a `Router` whose default backend is the service, with an opaque fallback to it);
+//! 4. **unmatched**: by [`Unmatched`], relays the bytes as they are to the original
+//!    destination (`passthrough`, the default: unmeshed traffic keeps working, without
+//!    TLS) or closes the connection (`refuse`). The relay dials within the connect timeout
+//!    (default 1 s).
+//!
+//! **Loops.** The proxy's own outgoing connections must not be redirected back to it: the
+//! iptables rules exempt the proxy's user or group (see `packaging/iptables/`). Should they
+//! not, the listener notices a passthrough connection coming back to it (its client
+//! address is one of the listener's own outgoing sockets) and refuses it with an error
+//! log, rather than relaying in a circle.
+//!
+//! Outcomes are counted in `mesh_transparent_connections_total{listener, outcome}` with
+//! [`TransparentMetrics`]: `meshed`, `passthrough`, `refused` (unmatched under `refuse`,
+//! a loop, or dialled directly), `no_destination` (not redirected) and `failed` (the
+//! passthrough dial failed, or the service's server is gone).
+//!
+//! At most `max_connections` (default 10,000) are open at once, and
+//! [`Serving::shutdown`] stops accepting and drains passthrough relays as the opaque
+//! listeners do; handed-over connections belong to their server and drain with it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mesh_core::config::Unmatched;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::opaque::{BuildError, Serving};
+use crate::server::Handoff;
+
+/// The default time a passthrough relay has to connect to the original destination.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The destination a redirected connection was going to before the `nat` rule sent it
+/// here. Fails (with the OS error) for a connection that was not redirected, and on
+/// systems other than Linux.
+pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+    imp::original_dst(tcp)
+}
+
+#[cfg(target_os = "linux")]
+mod imp {
+    use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
+    use tokio::net::TcpStream;
+
+    pub(super) fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+        let local = tcp.local_addr()?;
+        let dst = if local.is_ipv4() || is_mapped_v4(&local) {
+            let addr = getsockopt(tcp, sockopt::OriginalDst)?;
+            SocketAddr::V4(SocketAddrV4::from(SockaddrIn::from(addr)))
+        } else {
+            let addr = getsockopt(tcp, sockopt::Ip6tOriginalDst)?;
+            SocketAddr::V6(SocketAddrV6::from(SockaddrIn6::from(addr)))
+        };
+        Ok(dst)
+    }
+
+    /// An IPv4 connection accepted on a dual-stack IPv6 socket.
+    fn is_mapped_v4(addr: &SocketAddr) -> bool {
+        matches!(addr, SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod imp {
+    use std::net::SocketAddr;
+
+    use tokio::net::TcpStream;
+
+    pub(super) fn original_dst(_tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "original destinations (SO_ORIGINAL_DST) are read on Linux only",
+        ))
+    }
+}
+
+/// Where each meshed destination's connections go; replaceable while serving. Cheap to
+/// clone (clones share the table).
+#[derive(Clone, Debug, Default)]
+pub struct DestinationTable {
+    inner: Arc<ArcSwap<HashMap<SocketAddr, Handoff>>>,
+}
+
+impl DestinationTable {
+    /// A table sending each destination of `entries` to its handoff.
+    pub fn new(entries: HashMap<SocketAddr, Handoff>) -> Self {
+        Self {
+            inner: Arc::new(ArcSwap::from_pointee(entries)),
+        }
+    }
+
+    /// Replaces every entry at once; connections already handed over stay where they are.
+    pub fn replace(&self, entries: HashMap<SocketAddr, Handoff>) {
+        self.inner.store(Arc::new(entries));
+    }
+
+    /// The handoff for `dst`, if it is meshed.
+    pub fn get(&self, dst: &SocketAddr) -> Option<Handoff> {
+        self.inner.load().get(dst).cloned()
+    }
+
+    /// How many destinations are meshed.
+    pub fn len(&self) -> usize {
+        self.inner.load().len()
+    }
+
+    /// Whether no destination is meshed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    listener: String,
+    outcome: &'static str,
+}
+
+/// `mesh_transparent_connections_total{listener, outcome}`; see the [module docs](self).
+#[derive(Clone, Debug, Default)]
+pub struct TransparentMetrics {
+    family: Family<OutcomeLabels, Counter>,
+}
+
+impl TransparentMetrics {
+    /// Registers the family in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "mesh_transparent_connections",
+            "Connections taken by transparent listeners, by outcome (meshed, passthrough, refused, no_destination, failed)",
+            metrics.family.clone(),
+        );
+        metrics
+    }
+
+    fn count(&self, listener: &str, outcome: &'static str) {
+        self.family
+            .get_or_create(&OutcomeLabels {
+                listener: listener.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
+/// How the original destination of a connection is found: [`original_dst`] unless
+/// replaced (tests, or another platform's mechanism).
+pub type Resolver = Arc<dyn Fn(&TcpStream) -> std::io::Result<SocketAddr> + Send + Sync>;
+
+/// A listener for redirected connections; see the [module docs](self).
+#[derive(Debug)]
+pub struct TransparentListener;
+
+impl TransparentListener {
+    /// Starts configuring one.
+    pub fn builder() -> TransparentBuilder {
+        TransparentBuilder {
+            name: "transparent".into(),
+            unmatched: Unmatched::Passthrough,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connections: crate::opaque::DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout: crate::opaque::DEFAULT_SHUTDOWN_TIMEOUT,
+            metrics: None,
+            resolver: Arc::new(original_dst),
+        }
+    }
+}
+
+/// Configures a [`TransparentListener`].
+#[must_use]
+pub struct TransparentBuilder {
+    name: String,
+    unmatched: Unmatched,
+    connect_timeout: Duration,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+    metrics: Option<TransparentMetrics>,
+    resolver: Resolver,
+}
+
+impl std::fmt::Debug for TransparentBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransparentBuilder")
+            .field("name", &self.name)
+            .field("unmatched", &self.unmatched)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransparentBuilder {
+    /// The listener's name in logs and metrics (default `transparent`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// What happens to connections no entry of the table takes (default: passthrough).
+    pub fn unmatched(mut self, unmatched: Unmatched) -> Self {
+        self.unmatched = unmatched;
+        self
+    }
+
+    /// The time a passthrough relay has to connect (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The bound on connections open at once (default 10,000).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// The time open passthrough relays get to end after a shutdown began (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Counts each connection's outcome (default: not counted).
+    pub fn metrics(mut self, metrics: &TransparentMetrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
+    /// Replaces how the original destination is read (default: [`original_dst`]).
+    pub fn resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Serves `listener`, sending connections by `table`, in a task of the current Tokio
+    /// runtime.
+    pub fn serve(
+        self,
+        listener: TcpListener,
+        table: DestinationTable,
+    ) -> Result<Serving, BuildError> {
+        let addr = listener.local_addr().map_err(BuildError::Listener)?;
+        let shared = Arc::new(Shared {
+            addr,
+            name: self.name,
+            unmatched: self.unmatched,
+            connect_timeout: self.connect_timeout,
+            metrics: self.metrics,
+            resolver: self.resolver,
+            table,
+            outgoing: Mutex::new(HashSet::new()),
+        });
+        let limits = crate::opaque::Limits {
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
+        };
+        tracing::debug!(%addr, "serving redirected connections");
+        crate::opaque::spawn(listener, limits, move |tcp, remote| {
+            let shared = shared.clone();
+            async move { shared.connection(tcp, remote).await }
+        })
+    }
+}
+
+struct Shared {
+    addr: SocketAddr,
+    name: String,
+    unmatched: Unmatched,
+    connect_timeout: Duration,
+    metrics: Option<TransparentMetrics>,
+    resolver: Resolver,
+    table: DestinationTable,
+    /// The local addresses of this listener's passthrough connections, to notice one of
+    /// them redirected back here.
+    outgoing: Mutex<HashSet<SocketAddr>>,
+}
+
+impl Shared {
+    fn count(&self, outcome: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.count(&self.name, outcome);
+        }
+    }
+
+    fn outgoing(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.outgoing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `dst` is this listener itself (dialled directly, not redirected).
+    fn is_self(&self, dst: SocketAddr) -> bool {
+        dst.port() == self.addr.port()
+            && (dst.ip() == self.addr.ip() || self.addr.ip().is_unspecified())
+    }
+
+    async fn connection(&self, tcp: TcpStream, remote: SocketAddr) {
+        let dst = match (self.resolver)(&tcp) {
+            Ok(dst) => dst,
+            Err(error) => {
+                tracing::debug!(listener = %self.name, %remote, %error, "no original destination: not a redirected connection; closed");
+                self.count("no_destination");
+                return;
+            }
+        };
+        if self.outgoing().contains(&remote) {
+            tracing::error!(listener = %self.name, %dst, "a passthrough connection of this proxy was redirected back to it: exempt the proxy's own traffic from the redirect rules; refused");
+            self.count("refused");
+            return;
+        }
+        if self.is_self(dst) {
+            tracing::debug!(listener = %self.name, %remote, "dialled directly, not redirected: nothing to proxy to; closed");
+            self.count("refused");
+            return;
+        }
+        if let Some(handoff) = self.table.get(&dst) {
+            match handoff.hand(tcp, remote).await {
+                Ok(()) => self.count("meshed"),
+                Err(_closed) => {
+                    tracing::debug!(listener = %self.name, %remote, %dst, "the service's server is gone; closed");
+                    self.count("failed");
+                }
+            }
+            return;
+        }
+        if self.unmatched == Unmatched::Refuse {
+            tracing::debug!(listener = %self.name, %remote, %dst, "no service at the original destination; refused");
+            self.count("refused");
+            return;
+        }
+        self.passthrough(tcp, remote, dst).await;
+    }
+
+    async fn passthrough(&self, mut tcp: TcpStream, remote: SocketAddr, dst: SocketAddr) {
+        let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
+            .await
+        {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(error)) => {
+                tracing::debug!(listener = %self.name, %remote, %dst, %error, "passthrough connect failed; closed");
+                self.count("failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(listener = %self.name, %remote, %dst, timeout = ?self.connect_timeout, "passthrough connect timed out; closed");
+                self.count("failed");
+                return;
+            }
+        };
+        self.count("passthrough");
+        let _ = upstream.set_nodelay(true);
+        let mut upstream = Outgoing::new(self, upstream);
+        match tokio::io::copy_bidirectional(&mut tcp, &mut upstream.tcp).await {
+            Ok((sent, received)) => {
+                tracing::debug!(listener = %self.name, %remote, %dst, sent, received, "passthrough connection closed")
+            }
+            Err(error) => {
+                tracing::debug!(listener = %self.name, %remote, %dst, %error, "passthrough connection failed")
+            }
+        }
+    }
+}
+
+/// A passthrough connection, its local address registered for loop detection while open.
+struct Outgoing<'a> {
+    shared: &'a Shared,
+    local: Option<SocketAddr>,
+    tcp: TcpStream,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(shared: &'a Shared, tcp: TcpStream) -> Self {
+        let local = tcp.local_addr().ok();
+        if let Some(local) = local {
+            shared.outgoing().insert(local);
+        }
+        Self { shared, local, tcp }
+    }
+}
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        if let Some(local) = self.local {
+            self.shared.outgoing().remove(&local);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
