@@ -275,7 +275,7 @@ impl EventLog {
         self.0.iter().map(|r| &r.event)
     }
 
-    /// The events at or after `seq` (a mark taken with [`EventLog::len`] earlier), to
+    /// The events at or after `seq` (a mark taken with `len()` earlier), to
     /// look at one phase of a test.
     pub fn since(&self, seq: usize) -> EventLog {
         EventLog(self.0.get(seq..).unwrap_or_default().to_vec())

@@ -63,3 +63,47 @@ async fn grpc_calls_get_the_echo_service_or_the_script() {
         )) >= 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_exhausted_grpc_endpoint_is_sidelined_for_its_pushback() {
+    let mesh = MockMesh::new().unwrap();
+    let echo = mesh
+        .service("echo")
+        .scripts([
+            Script::default(),
+            Script::default(),
+            Script::rate_limited(Some(Duration::from_secs(5))),
+        ])
+        .spawn()
+        .await
+        .unwrap();
+    let client = EchoClient::new(mesh.channel(&echo).unwrap());
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let msg = EchoRequest {
+                    message: "x".into(),
+                    count: 0,
+                };
+                client.unary(msg).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = mesh.events();
+    let exhausted = log.count_outcomes("echo", |o| {
+        *o == Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+        }
+    });
+    assert!(exhausted >= 1);
+    assert!(
+        exhausted < 12,
+        "{exhausted} of 400 calls hit the exhausted endpoint"
+    );
+    assert_eq!(echo.endpoint(2).unwrap().grpc_calls(), 0);
+}
