@@ -19,7 +19,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Weak};
@@ -180,9 +179,11 @@ impl fmt::Debug for MockService {
 /// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
 /// both, so that endpoints draw independent, reproducible sequences.
 fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    service.hash(&mut h);
-    let mut z = seed ^ h.finish() ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // FNV-1a: unlike std's `DefaultHasher`, stable across Rust releases.
+    let name = service.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    let mut z = seed ^ name ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
