@@ -93,7 +93,7 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
         let carried = extensions.get::<Deadline>().map(|d| d.0);
         // A gRPC caller's deadline, from its `grpc-timeout`.
         let header = grpc
-            .then(|| head.headers.get(mesh_core::classify::GRPC_TIMEOUT))
+            .then(|| head.headers.get(&crate::timeout::GRPC_TIMEOUT))
             .flatten()
             .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok())
             .and_then(|t| Instant::now().checked_add(t));
@@ -230,7 +230,7 @@ where
                             // The time left, re-encoded for each try (and so each hop).
                             let left = at.saturating_duration_since(Instant::now());
                             headers.insert(
-                                mesh_core::classify::GRPC_TIMEOUT,
+                                crate::timeout::GRPC_TIMEOUT,
                                 mesh_core::classify::grpc::encode_timeout(left),
                             );
                         }

@@ -154,7 +154,10 @@ impl RouteTable {
     /// most specific match.
     pub fn select<B>(&self, req: &Request<B>) -> Option<Selected<'_>> {
         let mut buf = [0u8; MAX_HOST];
-        let host = request_host(req, &mut buf);
+        // Without routes for named hosts, only the routes for any host can take it: the
+        // host need not be read at all.
+        let by_host = !(self.exact.is_empty() && self.wildcard.is_empty());
+        let host = by_host.then(|| request_host(req, &mut buf)).flatten();
         let exact = host.and_then(|h| self.exact.get(h));
         let wildcards = host.into_iter().flat_map(|h| self.wildcard_buckets(h));
         exact

@@ -90,7 +90,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(value) = req.headers().get(mesh_core::classify::GRPC_TIMEOUT) else {
+        let Some(value) = req.headers().get(&super::GRPC_TIMEOUT) else {
             return InboundFuture::inner(self.inner.call(req), None);
         };
         let timeout = match mesh_core::classify::grpc::parse_timeout(value) {

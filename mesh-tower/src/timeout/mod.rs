@@ -60,13 +60,17 @@ pub use self::service::Timeout;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub tokio::time::Instant);
 
+/// The `grpc-timeout` header name, parsed once: a lookup by `&str` parses it each time.
+pub(crate) const GRPC_TIMEOUT: http::HeaderName =
+    http::HeaderName::from_static(mesh_core::classify::GRPC_TIMEOUT);
+
 /// The deadline a request carries: its [`Deadline`] extension, or the one its
 /// `grpc-timeout` header gives from now, whichever is earlier.
 pub fn carried_deadline<B>(req: &http::Request<B>) -> Option<tokio::time::Instant> {
     let ext = req.extensions().get::<Deadline>().map(|d| d.0);
     let grpc = req
         .headers()
-        .get(mesh_core::classify::GRPC_TIMEOUT)
+        .get(&GRPC_TIMEOUT)
         .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok())
         .and_then(|t| tokio::time::Instant::now().checked_add(t));
     match (ext, grpc) {

@@ -123,10 +123,10 @@ fn earliest(own: Option<Duration>, carried: Option<Instant>) -> Option<(Instant,
 /// Lowers a gRPC try's `grpc-timeout` to `timeout` when that is shorter (or when it has
 /// none): the server learns the try's own bound.
 fn lower_grpc_timeout<B>(req: &mut Request<B>, timeout: Duration) {
-    let name = mesh_core::classify::GRPC_TIMEOUT;
+    let name = super::GRPC_TIMEOUT;
     let current = req
         .headers()
-        .get(name)
+        .get(&name)
         .and_then(|v| mesh_core::classify::grpc::parse_timeout(v).ok());
     if current.is_none_or(|c| c > timeout) {
         req.headers_mut()
