@@ -220,14 +220,28 @@ impl Proxy {
             let router = Router::new(routes);
             let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
             let listener = bind(&key, outbound.listen).await?;
-            let mut builder = MeshServer::builder()
-                .plaintext()
-                .metrics(server_metrics.listener(&outbound.name));
-            let mut limits = mesh_tower::server::ServerLimits::default();
+            let mut builder =
+                MeshServer::builder().metrics(server_metrics.listener(&outbound.name));
+            builder = match &outbound.certificate {
+                None => builder.plaintext(),
+                Some(c) => builder.server_tls(
+                    mesh_spiffe::ServerTlsAcceptor::from_files(&c.cert, &c.key).map_err(|e| {
+                        StartError::Config {
+                            key: format!("{key}.certificate"),
+                            message: e.to_string(),
+                        }
+                    })?,
+                ),
+            };
+            let mut limits =
+                mesh_tower::server::ServerLimits::default().with_config(&outbound.limits);
             limits.shutdown_timeout = config.drain_timeout;
             builder = builder.limits(limits);
             // Auto with a default service: what is not HTTP goes to it as opaque TCP.
-            if outbound.protocol == Protocol::Auto && outbound.default_service.is_some() {
+            if outbound.protocol == Protocol::Auto
+                && outbound.default_service.is_some()
+                && outbound.certificate.is_none()
+            {
                 let name = outbound.default_service.as_deref().unwrap_or_default();
                 builder = builder.opaque_fallback(
                     opaque_client(

@@ -44,6 +44,7 @@ pub(crate) struct Transparent {
     index: usize,
     name: String,
     protocol: Protocol,
+    limits: mesh_core::config::ListenerLimits,
     addr: SocketAddr,
     table: DestinationTable,
     services: Mutex<BTreeMap<String, Meshed>>,
@@ -90,6 +91,7 @@ impl Transparent {
             index: i,
             name: outbound.name.clone(),
             protocol: outbound.protocol,
+            limits: outbound.limits.clone(),
             addr,
             table: DestinationTable::default(),
             services: Mutex::new(BTreeMap::new()),
@@ -132,7 +134,7 @@ impl Transparent {
             })?;
         let router = Router::new(set);
         let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
-        let mut limits = mesh_tower::server::ServerLimits::default();
+        let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
         let mut builder = MeshServer::builder()
             .plaintext()

@@ -1,5 +1,6 @@
 //! Bad input at real proxy processes: garbage, TLS on the plaintext port and plaintext on
-//! the mTLS port, a smuggling attempt, oversized headers, a peer with the wrong identity.
+//! the mTLS port, a smuggling attempt, oversized headers, a peer with the wrong identity,
+//! slow clients.
 //! Each gets an error status or a closed connection, and the proxy goes on serving.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -115,6 +116,63 @@ async fn bad_input_gets_an_error_and_disturbs_nothing() {
         started.elapsed() < Duration::from_secs(8),
         "answered, not hung"
     );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}
+
+/// A slow client dribbling its headers a byte at a time (slowloris) is closed at the
+/// listener's `header_read_timeout`, while requests on other connections are answered
+/// meanwhile. (A client that says nothing at all is, on an `auto` listener with a default
+/// service, a server-first protocol: relayed as opaque TCP after the 1 s peek.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_closed_at_the_header_timeout_and_disturb_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let app = app().await;
+    let b = Proxy::start(
+        &inbound_config(dir.path(), &mut ca, "app", "b.toml", app),
+        2,
+    );
+    let config = outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
+    // The outbound listener is the file's last section: its limits follow it.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("limits = { header_read_timeout = \"1s\" }\n");
+    std::fs::write(&config, text).unwrap();
+    let a = Proxy::start(&config, 2);
+    let egress = a.addr("egress");
+
+    let dribble = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(egress).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let started = tokio::time::Instant::now();
+        let request = b"GET /slow HTTP/1.1\r\nHost: x\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        for byte in request {
+            if s.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Closed before the headers were done; at most a 408 came back, never the app's
+        // answer.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out).into_owned(),
+        )
+    });
+    // Meanwhile, other clients are served.
+    for i in 0..10 {
+        let (code, body) = curl(&[&format!("http://{egress}/fine/{i}")]);
+        assert_eq!(code, 200, "{body}");
+    }
+
+    let (took, answer) = dribble.join().unwrap();
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(matches!(status_of(&answer), Some(408) | None), "{answer}");
+    // The request takes ~16 s to dribble out: the proxy cut it short.
+    assert!(took < Duration::from_secs(12), "closed after {took:?}");
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }

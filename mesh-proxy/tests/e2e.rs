@@ -135,3 +135,99 @@ async fn curl_through_two_proxies_to_an_app() {
     assert!(a.terminate().success(), "exit 0 after SIGTERM");
     assert!(b.terminate().success());
 }
+
+/// An edge listener (`certificate = {..}`): clients outside the mesh speak HTTPS to the
+/// outbound proxy, which verifies nobody but routes into the mesh as before; HTTP/2 by
+/// ALPN; plaintext on that port gets nothing; a bad key file stops the start with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let app = app().await;
+    let b = Proxy::start(
+        &common::inbound_config(dir.path(), &mut ca, "app", "b.toml", app),
+        2,
+    );
+    // A certificate for 127.0.0.1 from openssl (not the mesh CA: any PEM chain serves).
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edge",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            "edge.key",
+            "-out",
+            "edge.crt",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // Relative: taken from the configuration file's directory.
+    text.push_str("certificate = { cert = \"edge.crt\", key = \"edge.key\" }\n");
+    std::fs::write(&config, &text).unwrap();
+    let a = Proxy::start(&config, 2);
+    let edge = a.addr("egress");
+    let cacert = dir.path().join("edge.crt");
+    let cacert = cacert.to_str().unwrap();
+
+    let (code, body) = curl(&[
+        "--http1.1",
+        "--cacert",
+        cacert,
+        &format!("https://{edge}/from-outside"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        "GET /from-outside HTTP/1.1 id=spiffe://example.org/caller host=127.0.0.1:".to_owned()
+            + &edge.port().to_string()
+    );
+    let version = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "--cacert", cacert, "-o", "/dev/null"])
+        .args([
+            "-w",
+            "%{http_code} %{http_version}",
+            &format!("https://{edge}/h2"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout),
+        "200 2",
+        "HTTP/2 by ALPN"
+    );
+    // Plaintext on the TLS port: no answer.
+    let (code, _) = curl(&[&format!("http://{edge}/plain")]);
+    assert_eq!(code, 0);
+    assert!(a.terminate().success());
+
+    // A key that is not a key: the start fails, naming the setting.
+    std::fs::write(dir.path().join("edge.key"), "not a key").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("outbound[0].certificate"), "{stderr}");
+    assert!(stderr.contains("edge.key"), "{stderr}");
+    assert!(b.terminate().success());
+}

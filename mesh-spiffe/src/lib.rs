@@ -66,6 +66,7 @@ pub mod error;
 pub mod fake_workload_api;
 #[cfg(feature = "files")]
 pub mod files;
+pub mod server_tls;
 #[cfg(feature = "spire")]
 pub mod spire;
 #[cfg(feature = "test-util")]
@@ -79,5 +80,6 @@ pub use crate::credentials::{Bundle, BundleSet, CredentialSource, CredentialStor
 pub use crate::error::{CredentialError, VerifyError};
 #[cfg(feature = "files")]
 pub use crate::files::{FilesError, PemFiles};
+pub use crate::server_tls::ServerTlsAcceptor;
 pub use crate::tls::Mtls;
 pub use crate::transport::{MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError};

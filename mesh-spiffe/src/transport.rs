@@ -111,7 +111,7 @@ impl TransportError {
 }
 
 /// Runs a handshake within `timeout`, naming the reason if it fails.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     timeout: Duration,
     handshake: impl std::future::Future<Output = io::Result<T>>,
 ) -> Result<T, TransportError> {

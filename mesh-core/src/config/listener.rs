@@ -2,8 +2,11 @@
 //! services) and admin.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::serde_str::duration;
 
 /// Transport security on a listener or toward a service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -74,6 +77,9 @@ pub struct InboundConfig {
     /// cannot set it. Default: `x-mesh-client-id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_header: Option<String>,
+    /// Protective limits on the listener's clients. Default: the server's defaults.
+    #[serde(default, skip_serializing_if = "ListenerLimits::is_default")]
+    pub limits: ListenerLimits,
 }
 
 /// An outbound listener: accepts plaintext from the local application and sends each
@@ -114,6 +120,83 @@ pub struct OutboundConfig {
     /// it was going, so unmeshed traffic keeps working) or `refuse` (closed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unmatched: Option<Unmatched>,
+    /// Protective limits on the listener's clients. Default: the server's defaults.
+    #[serde(default, skip_serializing_if = "ListenerLimits::is_default")]
+    pub limits: ListenerLimits,
+    /// Terminate TLS with this certificate instead of accepting plaintext: an edge
+    /// listener for clients outside the mesh (HTTPS, HTTP/2 by ALPN), which are not
+    /// authenticated. Default: none (plaintext). Not with `opaque` or `transparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateFiles>,
+}
+
+/// A certificate chain and its private key, PEM files (relative paths are taken from the
+/// configuration file's directory).
+///
+/// ```toml
+/// certificate = { cert = "/etc/mesh/edge.crt", key = "/etc/mesh/edge.key" }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// The chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+}
+
+/// Protective limits of an HTTP listener; each unset one keeps the server's default
+/// (given in brackets).
+///
+/// ```toml
+/// [inbound.limits]
+/// header_read_timeout = "5s"       # [10s] a client slower to send its headers is closed
+/// max_header_list_size = 32768     # [64 KiB] larger header blocks get 431
+/// max_headers = 100                # [100] more HTTP/1.1 headers get 431
+/// max_request_body_size = 1048576  # [64 MiB] a larger declared body gets 413
+/// max_connections = 10000          # [10,000] beyond, accepting waits
+/// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
+/// idle_timeout = "120s"            # [120s] a connection idle this long is closed
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerLimits {
+    /// Bound on reading a request's headers (and a new connection's first bytes).
+    #[serde(
+        default,
+        with = "duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub header_read_timeout: Option<Duration>,
+    /// Bound on a request's header block, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_list_size: Option<u32>,
+    /// Bound on the number of headers of an HTTP/1.1 request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<usize>,
+    /// Bound on a request body's declared size, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body_size: Option<u64>,
+    /// Bound on open connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Bound on concurrent HTTP/2 streams per connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
+    /// How long a connection may have no request in flight.
+    #[serde(
+        default,
+        with = "duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ListenerLimits {
+    /// Whether every limit is left at the server's default.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What a transparent listener does with connections to destinations no service claims.

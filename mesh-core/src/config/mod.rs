@@ -63,7 +63,8 @@ mod validate;
 
 pub use self::identity::{IdentityConfig, TrustDomainKey};
 pub use self::listener::{
-    AdminConfig, InboundConfig, OutboundConfig, Protocol, TlsMode, Unmatched,
+    AdminConfig, CertificateFiles, InboundConfig, ListenerLimits, OutboundConfig, Protocol,
+    TlsMode, Unmatched,
 };
 pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,
@@ -159,7 +160,7 @@ impl MeshConfig {
     }
 
     /// Makes the relative paths the configuration names (identity PEM files, discovery
-    /// files) relative to `dir`, the configuration file's directory, so that a
+    /// files, listener certificates) relative to `dir`, the configuration file's directory, so that a
     /// configuration means the same whatever the working directory (under systemd, `/`).
     fn rebase(&mut self, dir: &Path) {
         let rebase = |p: &mut std::path::PathBuf| {
@@ -175,6 +176,12 @@ impl MeshConfig {
         for service in self.services.values_mut() {
             if let DiscoveryConfig::File { path } = &mut service.discovery {
                 rebase(path);
+            }
+        }
+        for outbound in &mut self.outbound {
+            if let Some(CertificateFiles { cert, key }) = &mut outbound.certificate {
+                rebase(cert);
+                rebase(key);
             }
         }
     }

@@ -57,6 +57,12 @@ fn example_config_is_valid_and_complete() {
     let limit = &c.rate_limits["api"];
     assert_eq!(limit.per_client.as_ref().unwrap().burst(), 20);
     assert_eq!(limit.total.as_ref().unwrap().burst(), 1000);
+    assert_eq!(
+        c.inbound[0].limits.header_read_timeout,
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(c.inbound[0].limits.max_request_body_size, Some(8 << 20));
+    assert!(c.outbound[0].limits.is_default());
     assert!(c.outbound[1].transparent);
     assert_eq!(c.outbound[1].unmatched, Some(Unmatched::Passthrough));
     assert_eq!(users.addresses, ["10.96.0.20:80".parse().unwrap()]);
@@ -283,6 +289,13 @@ fn transparent_listeners_and_service_addresses() {
         name = "explicit"
         listen = "127.0.0.1:4141"
         unmatched = "refuse"
+        limits = { header_read_timeout = "0s", max_connections = 0, max_headers = 10 }
+        [[outbound]]
+        name = "edge"
+        listen = "127.0.0.1:4142"
+        protocol = "opaque"
+        default_service = "a"
+        certificate = { cert = "", key = "edge.key" }
         [services.a]
         discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
         tls = "plaintext"
@@ -299,6 +312,10 @@ fn transparent_listeners_and_service_addresses() {
             "outbound[0].default_service: not used by a transparent listener",
             "outbound[0].protocol: a transparent listener detects",
             "outbound[1].unmatched: only for a transparent listener",
+            "outbound[1].limits.header_read_timeout: must be greater than zero",
+            "outbound[1].limits.max_connections: must be at least 1",
+            "outbound[2].certificate.cert: must not be empty",
+            "outbound[2].certificate: TLS is terminated on HTTP listeners only",
             "services.a.addresses[1]: 0.0.0.0:80 is not a destination",
             "services.a.addresses[2]: 10.96.0.2:0 is not a destination",
             "services.a.addresses[3]: 127.0.0.1:4140 is one of this proxy's listeners",

@@ -543,6 +543,41 @@ impl Validator {
                     .enumerate()
                     .map(|(i, l)| (format!("outbound[{i}]"), &l.name, l.listen)),
             );
+        let limits = c
+            .inbound
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("inbound[{i}].limits"), &l.limits))
+            .chain(
+                c.outbound
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (format!("outbound[{i}].limits"), &l.limits)),
+            );
+        for (path, l) in limits {
+            for (field, value) in [
+                ("header_read_timeout", l.header_read_timeout),
+                ("idle_timeout", l.idle_timeout),
+            ] {
+                if let Some(v) = value {
+                    self.positive(format!("{path}.{field}"), v);
+                }
+            }
+            for (field, zero) in [
+                ("max_header_list_size", l.max_header_list_size == Some(0)),
+                ("max_headers", l.max_headers == Some(0)),
+                ("max_request_body_size", l.max_request_body_size == Some(0)),
+                ("max_connections", l.max_connections == Some(0)),
+                (
+                    "max_concurrent_streams",
+                    l.max_concurrent_streams == Some(0),
+                ),
+            ] {
+                if zero {
+                    self.err(format!("{path}.{field}"), "must be at least 1");
+                }
+            }
+        }
         for (path, name, listen) in common {
             self.name(format!("{path}.name"), name);
             if !names.insert(name.as_str()) {
@@ -619,6 +654,19 @@ impl Validator {
         }
         for (i, l) in c.outbound.iter().enumerate() {
             let path = format!("outbound[{i}]");
+            if let Some(certificate) = &l.certificate {
+                for (field, file) in [("cert", &certificate.cert), ("key", &certificate.key)] {
+                    if file.as_os_str().is_empty() {
+                        self.err(format!("{path}.certificate.{field}"), "must not be empty");
+                    }
+                }
+                if l.transparent || l.protocol == Protocol::Opaque {
+                    self.err(
+                        format!("{path}.certificate"),
+                        "TLS is terminated on HTTP listeners only (not opaque or transparent ones)",
+                    );
+                }
+            }
             if l.transparent {
                 if l.default_service.is_some() {
                     self.err(

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_core::error::BoxError;
-use mesh_spiffe::{MtlsAcceptor, PeerIdentity};
+use mesh_spiffe::{MtlsAcceptor, PeerIdentity, ServerTlsAcceptor};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -26,10 +26,20 @@ use super::{ClientAddr, ServerLimits, ShutdownReport};
 use crate::accept::stopped;
 use crate::metrics::server::ListenerMetrics;
 
+/// How connections are secured.
+pub(super) enum Transport {
+    /// Not at all (chosen explicitly).
+    Plain,
+    /// SPIFFE mTLS: clients present an SVID.
+    Mtls(MtlsAcceptor),
+    /// TLS with the listener's own certificate; clients are not authenticated.
+    Tls(ServerTlsAcceptor),
+}
+
 /// What every connection shares.
 pub(super) struct Shared<S> {
     pub(super) app: S,
-    pub(super) tls: Option<MtlsAcceptor>,
+    pub(super) tls: Transport,
     pub(super) limits: ServerLimits,
     pub(super) http: auto::Builder<TokioExecutor>,
     pub(super) metrics: Option<ListenerMetrics>,
@@ -113,7 +123,7 @@ async fn connection<S, B>(
 {
     match &shared.tls {
         #[cfg(feature = "opaque")]
-        None if shared.opaque.is_some() => {
+        Transport::Plain if shared.opaque.is_some() => {
             use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
             match detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
                 Detected::Opaque => {
@@ -126,8 +136,17 @@ async fn connection<S, B>(
                 _ => serve(tcp, None, remote, &shared, shutdown).await,
             }
         }
-        None => serve(tcp, None, remote, &shared, shutdown).await,
-        Some(acceptor) => match acceptor.accept(tcp).await {
+        Transport::Plain => serve(tcp, None, remote, &shared, shutdown).await,
+        Transport::Tls(acceptor) => match acceptor.accept(tcp).await {
+            Ok(tls) => serve(tls, None, remote, &shared, shutdown).await,
+            Err(error) => {
+                tracing::debug!(%remote, %error, "TLS handshake failed");
+                if let Some(metrics) = &shared.metrics {
+                    metrics.tls_failure(failure_reason(&error));
+                }
+            }
+        },
+        Transport::Mtls(acceptor) => match acceptor.accept(tcp).await {
             Ok((tls, peer)) => serve(tls, Some(peer), remote, &shared, shutdown).await,
             Err(error) => {
                 // Plaintext on the mTLS port, an untrusted or unauthorized certificate,

@@ -50,6 +50,35 @@ pub struct ServerLimits {
     pub shutdown_timeout: Duration,
 }
 
+impl ServerLimits {
+    /// These limits with every limit `config` sets replacing the one here.
+    #[must_use]
+    pub fn with_config(mut self, config: &mesh_core::config::ListenerLimits) -> Self {
+        if let Some(v) = config.header_read_timeout {
+            self.header_read_timeout = v;
+        }
+        if let Some(v) = config.max_header_list_size {
+            self.max_header_list_size = v;
+        }
+        if let Some(v) = config.max_headers {
+            self.max_headers = v;
+        }
+        if let Some(v) = config.max_request_body_size {
+            self.max_request_body_size = Some(v);
+        }
+        if let Some(v) = config.max_connections {
+            self.max_connections = v;
+        }
+        if let Some(v) = config.max_concurrent_streams {
+            self.max_concurrent_streams = v;
+        }
+        if let Some(v) = config.idle_timeout {
+            self.idle_timeout = v;
+        }
+        self
+    }
+}
+
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {

@@ -61,7 +61,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::config::{InboundConfig, MeshConfig, Protocol, TlsMode};
 use mesh_core::error::BoxError;
-use mesh_spiffe::{Authorizer, Mtls, MtlsAcceptor};
+use mesh_spiffe::{Authorizer, Mtls, MtlsAcceptor, ServerTlsAcceptor};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -117,7 +117,7 @@ pub struct ClientAddr(pub SocketAddr);
 /// Configures a [`MeshServer`]; see the [module docs](self).
 #[must_use]
 pub struct MeshServerBuilder {
-    transport: Option<Option<MtlsAcceptor>>,
+    transport: Option<conn::Transport>,
     limits: ServerLimits,
     policy: Option<Policy>,
     rate_limit: Option<Limits>,
@@ -130,7 +130,15 @@ pub struct MeshServerBuilder {
 impl fmt::Debug for MeshServerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MeshServerBuilder")
-            .field("mtls", &matches!(self.transport, Some(Some(_))))
+            .field(
+                "transport",
+                &match &self.transport {
+                    None => "unset",
+                    Some(conn::Transport::Plain) => "plaintext",
+                    Some(conn::Transport::Mtls(_)) => "mtls",
+                    Some(conn::Transport::Tls(_)) => "tls",
+                },
+            )
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
@@ -161,7 +169,9 @@ impl MeshServer {
 #[non_exhaustive]
 pub enum ServerError {
     /// Neither `mtls` nor `plaintext` was chosen.
-    #[error("choose the transport: `mtls(acceptor)`, or `plaintext()` explicitly")]
+    #[error(
+        "choose the transport: `mtls(acceptor)`, `server_tls(acceptor)`, or `plaintext()` explicitly"
+    )]
     NoTransport,
     /// The listener's address could not be read.
     #[error("reading the listener's address: {0}")]
@@ -183,7 +193,7 @@ impl MeshServerBuilder {
     /// A server for the `[[inbound]]` listener `inbound` of `config`: its transport
     /// (`plaintext` is taken as asked; for `mtls`, add the acceptor with
     /// [`mtls`](Self::mtls) or [`mtls_credentials`](Self::mtls_credentials)), protocol,
-    /// authorization policy and rate limit by name, and the configuration's
+    /// authorization policy and rate limit by name, its `limits`, and the configuration's
     /// `drain_timeout` as the shutdown timeout. `index` is the listener's position, for
     /// error keys.
     pub fn from_config(
@@ -228,6 +238,7 @@ impl MeshServerBuilder {
                 })?;
             builder.rate_limit = Some(Limits::new(limits));
         }
+        builder.limits = builder.limits.with_config(&inbound.limits);
         builder.limits.shutdown_timeout = config.drain_timeout;
         Ok(builder)
     }
@@ -254,13 +265,22 @@ impl MeshServerBuilder {
     /// handshake, and their identity reaches each request as
     /// [`PeerIdentity`](mesh_spiffe::PeerIdentity).
     pub fn mtls(mut self, acceptor: MtlsAcceptor) -> Self {
-        self.transport = Some(Some(acceptor));
+        self.transport = Some(conn::Transport::Mtls(acceptor));
+        self
+    }
+
+    /// Serves over TLS with a certificate of the listener's own, asking clients for none
+    /// (an edge listener for clients outside the mesh; see
+    /// [`mesh_spiffe::server_tls`]). Requests carry no `PeerIdentity`: to the policy,
+    /// every client is unauthenticated.
+    pub fn server_tls(mut self, acceptor: ServerTlsAcceptor) -> Self {
+        self.transport = Some(conn::Transport::Tls(acceptor));
         self
     }
 
     /// Serves in plaintext: no identities, every caller unauthenticated.
     pub fn plaintext(mut self) -> Self {
-        self.transport = Some(None);
+        self.transport = Some(conn::Transport::Plain);
         self
     }
 
