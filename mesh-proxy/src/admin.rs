@@ -1,5 +1,11 @@
-//! The admin listener: `/metrics`, `/ready`, `/live`, `/config`, `POST /shutdown` and
-//! `POST /reload`, in plaintext on the admin address (loopback by default).
+//! The admin listener: `/metrics`, `/ready`, `/live`, `/config`, `/decisions`,
+//! `POST /shutdown` and `POST /reload`, in plaintext on the admin address (loopback by
+//! default).
+//!
+//! `GET /decisions` dumps the decision record as text, oldest first, one decision a line
+//! (see `mesh_tower::decision`): the balancer's picks, circuit-breaker changes, retry and
+//! authorization decisions of every service and inbound listener. It is kept only when
+//! `[admin] decisions` is set (its capacity); otherwise the answer is 404.
 
 use std::sync::Arc;
 
@@ -80,6 +86,14 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/live") => text(StatusCode::OK, PLAIN, "live\n"),
+        (&Method::GET, "/decisions") => match &state.decisions {
+            Some(record) => text(StatusCode::OK, PLAIN, record.dump()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                PLAIN,
+                "no decision record: set [admin] decisions = 1024 (its capacity)\n",
+            ),
+        },
         (&Method::GET, "/config") => {
             let config = state
                 .config_text
@@ -108,7 +122,10 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "reloading (the outcome is logged and in mesh_proxy_reloads_total)\n",
             )
         }
-        (_, "/metrics" | "/ready" | "/live" | "/config" | "/shutdown" | "/reload") => text(
+        (
+            _,
+            "/metrics" | "/ready" | "/live" | "/config" | "/decisions" | "/shutdown" | "/reload",
+        ) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             PLAIN,
             "method not allowed\n",
@@ -116,7 +133,7 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found: /metrics, /ready, /live, /config, POST /shutdown, POST /reload\n",
+            "not found: /metrics, /ready, /live, /config, /decisions, POST /shutdown, POST /reload\n",
         ),
     }
 }

@@ -132,7 +132,9 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     if let Some(listen) = args.admin {
-        config.admin = Some(AdminConfig { listen });
+        // The flag moves the listener; the file's other admin settings stay.
+        let decisions = config.admin.as_ref().map_or(0, |a| a.decisions);
+        config.admin = Some(AdminConfig { listen, decisions });
     }
     if args.workers == 0 {
         eprintln!("error: --workers must be at least 1");

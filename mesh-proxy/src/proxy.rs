@@ -64,6 +64,9 @@ pub(crate) struct State {
     /// Wakes the main task to reload (SIGHUP, `POST /reload`).
     pub(crate) reload: Notify,
     reloads: Family<ReloadLabels, Counter>,
+    /// The recent decisions of every client and inbound listener, for `GET /decisions`
+    /// (`[admin] decisions`; none when 0).
+    pub(crate) decisions: Option<mesh_tower::decision::DecisionRecord>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -112,6 +115,11 @@ impl Proxy {
             shutdown: Notify::new(),
             reload: Notify::new(),
             reloads: reloads.clone(),
+            decisions: config
+                .admin
+                .as_ref()
+                .filter(|a| a.decisions > 0)
+                .map(|a| mesh_tower::decision::DecisionRecord::new(a.decisions)),
         });
         let admin = match &config.admin {
             Some(a) => {
@@ -138,7 +146,15 @@ impl Proxy {
         let route_metrics = RouteMetrics::register(&mut registry);
         let mut clients = BTreeMap::new();
         for (name, service) in &config.services {
-            let client = client(name, service, &config, mtls.as_ref(), Some(&mut registry)).await?;
+            let client = client(
+                name,
+                service,
+                &config,
+                mtls.as_ref(),
+                Some(&mut registry),
+                state.decisions.as_ref(),
+            )
+            .await?;
             clients.insert(name.clone(), (service.clone(), client));
         }
 
@@ -154,6 +170,9 @@ impl Proxy {
             }
             let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
                 .metrics(server_metrics.listener(&inbound.name));
+            if let Some(record) = &state.decisions {
+                builder = builder.decisions(record);
+            }
             if inbound.tls == TlsMode::Mtls {
                 let mtls = mtls.as_ref().ok_or_else(|| StartError::Config {
                     key: format!("{key}.tls"),
@@ -340,7 +359,17 @@ impl Proxy {
         for (name, service) in &next.services {
             let client = match old.get(name) {
                 Some((config, client)) if config == service => client.clone(),
-                _ => client(name, service, &next, self.mtls.as_ref(), None).await?,
+                _ => {
+                    client(
+                        name,
+                        service,
+                        &next,
+                        self.mtls.as_ref(),
+                        None,
+                        self.state.decisions.as_ref(),
+                    )
+                    .await?
+                }
             };
             clients.insert(name.clone(), (service.clone(), client));
         }
@@ -673,6 +702,7 @@ async fn client(
     config: &MeshConfig,
     mtls: Option<&Mtls>,
     registry: Option<&mut Registry>,
+    decisions: Option<&mesh_tower::decision::DecisionRecord>,
 ) -> Result<MeshClient, StartError> {
     let key = format!("services.{name}");
     let discovery = mesh_core::discover::from_config(&service.discovery)
@@ -692,6 +722,9 @@ async fn client(
     }
     if let Some(registry) = registry {
         builder = builder.metrics(registry);
+    }
+    if let Some(record) = decisions {
+        builder = builder.decisions(record);
     }
     builder.build().map_err(|e| StartError::Config {
         key,

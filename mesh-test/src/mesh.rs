@@ -11,6 +11,7 @@ use mesh_spiffe::fake_workload_api::{FakeWorkloadApi, X509Update};
 use mesh_spiffe::test_ca::TestCa;
 use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
 use mesh_tonic::{MeshChannel, MeshChannelBuilder};
+use mesh_tower::decision::DecisionRecord;
 use mesh_tower::server::{MeshServer, MeshServerBuilder};
 use mesh_tower::{MeshClient, MeshClientBuilder};
 use prometheus_client::registry::Registry;
@@ -36,6 +37,8 @@ pub(crate) struct MeshInner {
     pub(crate) trust_domain: TrustDomain,
     pub(crate) seed: u64,
     pub(crate) log: Log,
+    /// Every client's and server's decisions.
+    decisions: DecisionRecord,
     client: String,
     /// Every credential store handed out, to rotate.
     stores: Mutex<Vec<(SpiffeId, Weak<CredentialStore>)>>,
@@ -96,6 +99,7 @@ impl MockMeshBuilder {
                 ca: Mutex::new(ca),
                 seed,
                 log: Log::new(),
+                decisions: DecisionRecord::default(),
                 client: self.client,
                 stores: Mutex::default(),
                 agents: Mutex::default(),
@@ -212,7 +216,7 @@ impl MockMesh {
             .metrics(&mut registry);
         service.inner.clients.add(registry);
         service.inner.start_sampler();
-        Ok(builder)
+        Ok(builder.decisions(&self.inner.decisions))
     }
 
     /// A [`MeshClient`] for `service` with every default; see
@@ -250,7 +254,16 @@ impl MockMesh {
     pub fn server_builder(&self, workload: &str) -> Result<MeshServerBuilder, MockMeshError> {
         let acceptor = MtlsAcceptor::new(&self.mtls(workload)?, Authorizer::any())
             .map_err(|e| MockMeshError::Tls(Box::new(e)))?;
-        Ok(MeshServer::builder().mtls(acceptor))
+        Ok(MeshServer::builder()
+            .mtls(acceptor)
+            .decisions(&self.inner.decisions))
+    }
+
+    /// The decision record every client and server the mesh builds writes to (the latest
+    /// 1,024 decisions): balancer picks with both candidates, breaker changes, retry and
+    /// authorization decisions; see [`mesh_tower::decision`].
+    pub fn decisions(&self) -> &DecisionRecord {
+        &self.inner.decisions
     }
 
     fn pattern(&self, id: &SpiffeId) -> Result<IdentityPattern, MockMeshError> {

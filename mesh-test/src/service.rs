@@ -116,13 +116,18 @@ impl MockServiceBuilder {
             Some(p) => Policy::new(&self.name, p)?,
             None => Policy::allow_all(&self.name),
         };
+        let mut authorize = AuthorizeLayer::new(policy);
+        if self.policy.is_some() {
+            // The endpoints' authorization decisions, in the mesh's decision record.
+            authorize = authorize.with_decisions(self.mesh.decisions().recorder(&self.name));
+        }
         let inner = Arc::new(ServiceInner {
             name: Arc::from(self.name.as_str()),
             id,
             mesh: self.mesh.clone(),
             endpoints: Mutex::default(),
             discovery: watch::Sender::new(EndpointSet::new()),
-            authorize: AuthorizeLayer::new(policy),
+            authorize,
             recording: Arc::new(AtomicBool::new(self.policy.is_some())),
             rate_limit: self.rate_limit,
             clients: Clients::default(),

@@ -34,6 +34,9 @@
 //!   authorization per connection by the peer's identity, and an outbound relay to a
 //!   service's endpoints (P2C over open connections, failover), over SPIFFE mTLS;
 //!   [`detect`]: HTTP/2, HTTP/1.x or opaque, from a client's first bytes;
+//! - [`decision`]: the decision record, an optional bounded buffer of recent picks,
+//!   breaker changes, retry and authorization decisions ("why did this request go
+//!   there"), off unless a layer is given one;
 //! - `mock` (feature `test-util`): scripted HTTP endpoints on loopback, the mock mesh.
 //!
 //! [`MeshClient`] composes the client layers into the whole client stack for one service;
@@ -54,6 +57,7 @@ pub mod breaker;
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub mod client;
 pub mod connect;
+pub mod decision;
 pub mod detect;
 #[cfg(feature = "fault")]
 pub mod fault;

@@ -211,9 +211,27 @@ pub enum Unmatched {
 }
 
 /// The admin listener.
+///
+/// ```toml
+/// [admin]
+/// listen = "127.0.0.1:9990"
+/// decisions = 1024   # keep the latest 1,024 decisions for GET /decisions; default 0: off
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// The address to serve `/metrics`, `/ready`, `/live` and `/config` on.
     pub listen: SocketAddr,
+    /// How many recent decisions (balancer picks, circuit-breaker changes, retry and
+    /// authorization decisions) to keep for `GET /decisions`, at most
+    /// [`MAX_DECISIONS`]. Default: 0, no record kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decisions: usize,
+}
+
+/// The largest [`AdminConfig::decisions`]: 100,000 decisions (some tens of MB).
+pub const MAX_DECISIONS: usize = 100_000;
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -63,8 +63,8 @@ mod validate;
 
 pub use self::identity::{IdentityConfig, TrustDomainKey};
 pub use self::listener::{
-    AdminConfig, CertificateFiles, InboundConfig, ListenerLimits, OutboundConfig, Protocol,
-    TlsMode, Unmatched,
+    AdminConfig, CertificateFiles, InboundConfig, ListenerLimits, MAX_DECISIONS, OutboundConfig,
+    Protocol, TlsMode, Unmatched,
 };
 pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,

@@ -401,3 +401,27 @@ fn fault_aborts_need_a_final_status_and_ratios_in_range() {
         ],
     );
 }
+
+#[test]
+fn the_admin_decision_record_is_bounded() {
+    let errors = invalid(
+        r#"
+        [admin]
+        listen = "127.0.0.1:9000"
+        decisions = 1000000
+        "#,
+    );
+    assert_eq!(
+        errors,
+        ["admin.decisions: at most 100000 (0 keeps no record)"]
+    );
+    let ok = MeshConfig::from_toml(
+        r#"
+        [admin]
+        listen = "127.0.0.1:9000"
+        decisions = 1024
+        "#,
+    )
+    .unwrap();
+    assert_eq!(ok.admin.map(|a| a.decisions), Some(1024));
+}

@@ -530,6 +530,12 @@ impl Validator {
         };
         if let Some(admin) = &c.admin {
             claim(self, admin.listen, "admin.listen".to_owned());
+            if admin.decisions > MAX_DECISIONS {
+                self.err(
+                    "admin.decisions",
+                    format!("at most {} (0 keeps no record)", MAX_DECISIONS),
+                );
+            }
         }
         // What every listener shares: a valid, unique name and an address of its own.
         let common = c

@@ -6,6 +6,7 @@ use mesh_core::config::AuthorizationPolicy;
 use tower::Layer;
 
 use super::{Authorize, Policy, PolicyError};
+use crate::decision::Recorder;
 use crate::metrics::server::ListenerMetrics;
 use prometheus_client::metrics::counter::Counter;
 
@@ -15,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 #[derive(Clone, Debug)]
 pub struct AuthorizeLayer {
     handle: PolicyHandle,
+    decisions: Option<Recorder>,
 }
 
 /// Replaces the policy of an [`AuthorizeLayer`] and of every service it made, at run time
@@ -80,6 +82,7 @@ impl AuthorizeLayer {
                 current: Arc::new(ArcSwap::from_pointee(compiled)),
                 metrics: None,
             },
+            decisions: None,
         }
     }
 
@@ -94,6 +97,15 @@ impl AuthorizeLayer {
             ))),
             metrics: Some(metrics.clone()),
         };
+        self
+    }
+
+    /// Records every decision — the client's identity, the method and path, the policy,
+    /// the rule, allow / audit / deny — in `recorder`'s
+    /// [decision record](crate::decision) (default: none). Call it before making
+    /// services.
+    pub fn with_decisions(mut self, recorder: Recorder) -> Self {
+        self.decisions = Some(recorder);
         self
     }
 
@@ -117,7 +129,7 @@ impl<S> Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
 
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize::new(inner, self.handle.current.clone())
+        Authorize::new(inner, self.handle.current.clone()).recording(self.decisions.clone())
     }
 }
 
@@ -127,6 +139,51 @@ mod tests {
     use super::*;
     use mesh_core::config::DefaultAction;
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_deny_and_an_allow_are_recorded() {
+        use crate::decision::{AuthzVerdict, DecisionRecord, Kind};
+        use mesh_core::config::AuthorizationRule;
+        let record = DecisionRecord::new(8);
+        let config = AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            rules: vec![AuthorizationRule {
+                name: "anyone".into(),
+                clients: vec![],
+                unauthenticated: true,
+                routes: vec![mesh_core::config::RouteMatch {
+                    path: Some(mesh_core::config::PathMatch::Prefix("/public".into())),
+                    ..Default::default()
+                }],
+            }],
+        };
+        let layer = AuthorizeLayer::from_config("api", &config)
+            .unwrap()
+            .with_decisions(record.recorder("inbound"));
+        let svc = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
+        let get = |path: &str| http::Request::get(path).body(()).unwrap();
+        let denied = svc.clone().oneshot(get("/admin?token=x")).await.unwrap();
+        assert_eq!(denied.status(), 403);
+        let allowed = svc.oneshot(get("/public/a")).await.unwrap();
+        assert_eq!(allowed.status(), 200);
+        let got = record.of_kind(Kind::Authz);
+        let deny = got[0].event.as_authz().unwrap();
+        assert_eq!(deny.verdict, AuthzVerdict::Deny);
+        assert_eq!(deny.client, None);
+        assert_eq!(&*deny.policy, "api");
+        assert_eq!(deny.rule, None);
+        let line = got[0].to_string();
+        assert!(line.starts_with("#0 +"), "{line}");
+        assert!(
+            line.ends_with("s inbound authz deny unauthenticated GET /admin by api/default"),
+            "{line}"
+        );
+        let allow = got[1].event.as_authz().unwrap();
+        assert_eq!(allow.verdict, AuthzVerdict::Allow);
+        assert_eq!(allow.rule.as_deref(), Some("anyone"));
+    }
 
     #[tokio::test]
     async fn a_replaced_policy_judges_every_later_request_of_every_service() {

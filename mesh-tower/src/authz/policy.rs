@@ -170,6 +170,11 @@ impl AuthzDecision {
     pub fn is_audit(&self) -> bool {
         self.audit
     }
+
+    /// The policy's and the rule's shared names, for the decision record.
+    pub(super) fn names(&self) -> (Arc<str>, Option<Arc<str>>) {
+        (self.policy.clone(), self.rule.clone())
+    }
 }
 
 impl fmt::Display for AuthzDecision {
@@ -194,6 +199,11 @@ impl Denied {
     /// The policy's name.
     pub fn policy(&self) -> &str {
         &self.policy
+    }
+
+    /// The policy's shared name, for the decision record.
+    pub(super) fn policy_name(&self) -> Arc<str> {
+        self.policy.clone()
     }
 }
 

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use super::layer::Compiled;
 use super::{Policy, ResponseFuture};
 use crate::body::{ResponseBody, grpc_answer, text_answer};
+use crate::decision::{AuthzRecord, AuthzVerdict, Event, Recorder};
 
 /// Authorizes each request by its peer's identity and its route; see the
 /// [module docs](super).
@@ -18,11 +19,22 @@ use crate::body::{ResponseBody, grpc_answer, text_answer};
 pub struct Authorize<S> {
     inner: S,
     current: Arc<ArcSwap<Compiled>>,
+    decisions: Option<Recorder>,
 }
 
 impl<S> Authorize<S> {
     pub(super) fn new(inner: S, current: Arc<ArcSwap<Compiled>>) -> Self {
-        Self { inner, current }
+        Self {
+            inner,
+            current,
+            decisions: None,
+        }
+    }
+
+    /// Records every decision in `decisions`, when set.
+    pub(super) fn recording(mut self, decisions: Option<Recorder>) -> Self {
+        self.decisions = decisions;
+        self
     }
 
     /// The policy in force.
@@ -63,6 +75,15 @@ where
         let current = self.current.load();
         match current.policy.decide(client, &req) {
             Ok(decision) => {
+                if let Some(recorder) = &self.decisions {
+                    let (policy, rule) = decision.names();
+                    let verdict = if decision.is_audit() {
+                        AuthzVerdict::Audit
+                    } else {
+                        AuthzVerdict::Allow
+                    };
+                    recorder.record(record(client, &req, policy, rule, verdict));
+                }
                 if let Some(c) = &current.counters {
                     match decision.index {
                         Some(i) => {
@@ -95,6 +116,15 @@ where
                 if let Some(c) = &current.counters {
                     c.deny.inc();
                 }
+                if let Some(recorder) = &self.decisions {
+                    recorder.record(record(
+                        client,
+                        &req,
+                        denied.policy_name(),
+                        None,
+                        AuthzVerdict::Deny,
+                    ));
+                }
                 tracing::info!(
                     client = %client.map_or("unauthenticated".into(), ToString::to_string),
                     method = %req.method(),
@@ -106,6 +136,24 @@ where
             }
         }
     }
+}
+
+/// The decision record's entry for a request.
+fn record<B>(
+    client: Option<&mesh_core::SpiffeId>,
+    req: &Request<B>,
+    policy: Arc<str>,
+    rule: Option<Arc<str>>,
+    verdict: AuthzVerdict,
+) -> Event {
+    Event::Authz(AuthzRecord {
+        client: client.cloned(),
+        method: req.method().clone(),
+        path: req.uri().path_and_query().cloned(),
+        policy,
+        rule,
+        verdict,
+    })
 }
 
 /// The answer to a refused request: 403, or for gRPC a trailers-only `PERMISSION_DENIED`

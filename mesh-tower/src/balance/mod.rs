@@ -138,16 +138,37 @@ fn tier(cost: &Cost) -> Tier {
     }
 }
 
-/// Power of two choices among `indices` not in `skip`, by tier.
+/// An endpoint a pick compared: its index and its weighted cost.
+type Scored = (usize, Cost);
+
+/// A pick and what decided it, for the [decision record](crate::decision).
+#[derive(Clone, Copy, Debug)]
+struct Picked {
+    winner: Scored,
+    /// The pair's other candidate.
+    other: Option<Scored>,
+    zone: Option<Zoned>,
+}
+
+/// Where zone preference sent a pick.
+#[derive(Clone, Copy, Debug)]
+enum Zoned {
+    Local { remote: Option<Scored> },
+    Spilled { local: Scored },
+    NoLocal,
+}
+
+/// Power of two choices among `indices` not in `skip`, by tier: the winner and the
+/// pair's other candidate.
 fn pick_among<S: Load>(
     pool: &Pool<S>,
     indices: &[usize],
     skip: &[usize],
     now: Instant,
     rng: &mut fastrand::Rng,
-) -> Option<(usize, Cost)> {
+) -> Option<(Scored, Option<Scored>)> {
     for max in [Tier::Preferred, Tier::Penalized] {
-        let picked = p2c::pick_by(indices.len(), rng, |i| {
+        let picked = p2c::pick_pair_by(indices.len(), rng, |i| {
             let index = indices[i];
             if skip.contains(&index) {
                 return None;
@@ -155,8 +176,8 @@ fn pick_among<S: Load>(
             let cost = weighted(&pool.endpoints[index], now);
             (tier(&cost) <= max).then_some(cost)
         });
-        if let Some((i, cost)) = picked {
-            return Some((indices[i], cost));
+        if let Some(((i, cost), other)) = picked {
+            return Some(((indices[i], cost), other.map(|(j, c)| (indices[j], c))));
         }
     }
     None
@@ -170,19 +191,80 @@ pub fn pick<S: Load>(
     skip: &[usize],
     rng: &mut fastrand::Rng,
 ) -> Option<usize> {
+    pick_detailed(pool, zone, skip, rng).map(|p| p.winner.0)
+}
+
+/// [`pick`], with what decided it.
+fn pick_detailed<S: Load>(
+    pool: &Pool<S>,
+    zone: ZonePreference,
+    skip: &[usize],
+    rng: &mut fastrand::Rng,
+) -> Option<Picked> {
     let now = Instant::now();
+    let picked = |(winner, other): (Scored, Option<Scored>), zone| Picked {
+        winner,
+        other,
+        zone,
+    };
     if !(zone.enabled && !pool.local.is_empty() && !pool.remote.is_empty()) {
-        return pick_among(pool, &pool.all, skip, now, rng).map(|(i, _)| i);
+        return pick_among(pool, &pool.all, skip, now, rng).map(|p| picked(p, None));
     }
     match pick_among(pool, &pool.local, skip, now, rng) {
-        None => pick_among(pool, &pool.remote, skip, now, rng).map(|(i, _)| i),
-        Some((local, local_cost)) => match pick_among(pool, &pool.remote, skip, now, rng) {
-            Some((remote, remote_cost)) if spill(local_cost, remote_cost, zone.load_band) => {
-                Some(remote)
+        None => {
+            pick_among(pool, &pool.remote, skip, now, rng).map(|p| picked(p, Some(Zoned::NoLocal)))
+        }
+        Some(local) => match pick_among(pool, &pool.remote, skip, now, rng) {
+            Some(remote) if spill(local.0.1, remote.0.1, zone.load_band) => {
+                Some(picked(remote, Some(Zoned::Spilled { local: local.0 })))
             }
-            _ => Some(local),
+            remote => Some(picked(
+                local,
+                Some(Zoned::Local {
+                    remote: remote.map(|r| r.0),
+                }),
+            )),
         },
     }
+}
+
+/// The record's view of a compared endpoint.
+fn candidate<S>(pool: &Pool<S>, (index, cost): Scored) -> crate::decision::Candidate {
+    use crate::decision::Tier as T;
+    crate::decision::Candidate {
+        addr: pool.endpoints[index].endpoint.addr(),
+        cost: cost.cost,
+        tier: match tier(&cost) {
+            Tier::Preferred => T::Preferred,
+            Tier::Penalized => T::Penalized,
+            Tier::Shut => T::Unready,
+        },
+    }
+}
+
+/// The record's view of a pick.
+fn recorded<S>(
+    pool: &Pool<S>,
+    picked: &Picked,
+    path: crate::decision::PickPath,
+    passed_over: u32,
+) -> crate::decision::Event {
+    use crate::decision::ZoneChoice;
+    crate::decision::Event::Pick(crate::decision::Pick {
+        path,
+        winner: candidate(pool, picked.winner),
+        other: picked.other.map(|o| candidate(pool, o)),
+        zone: picked.zone.map(|z| match z {
+            Zoned::Local { remote } => ZoneChoice::Local {
+                remote: remote.map(|r| candidate(pool, r)),
+            },
+            Zoned::Spilled { local } => ZoneChoice::Spilled {
+                local: candidate(pool, local),
+            },
+            Zoned::NoLocal => ZoneChoice::NoLocal,
+        }),
+        passed_over,
+    })
 }
 
 /// Whether a request should leave the local zone: the remote candidate is in a better

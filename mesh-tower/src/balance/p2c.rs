@@ -46,19 +46,33 @@ pub fn pick_by<L: PartialOrd>(
     rng: &mut fastrand::Rng,
     eligible: impl Fn(usize) -> Option<L>,
 ) -> Option<(usize, L)> {
+    pick_pair_by(len, rng, eligible).map(|(winner, _)| winner)
+}
+
+/// What [`pick_pair_by`] returns: the winner and the pair's other candidate, each an
+/// index with its load.
+pub type Pair<L> = ((usize, L), Option<(usize, L)>);
+
+/// [`pick_by`], returning the other candidate of the pair too (the loser, `None` when
+/// only one item was eligible): the winner is the same, for the same random draws.
+pub fn pick_pair_by<L: PartialOrd>(
+    len: usize,
+    rng: &mut fastrand::Rng,
+    eligible: impl Fn(usize) -> Option<L>,
+) -> Option<Pair<L>> {
     if len == 0 {
         return None;
     }
     let a = sample(len, rng, &eligible, None)?;
     let b = match len {
         // No second candidate to draw, or only one: no random draws spent on finding it.
-        1 => return Some(a),
+        1 => return Some((a, None)),
         2 => eligible(1 - a.0).map(|load| (1 - a.0, load)),
         _ => sample(len, rng, &eligible, Some(a.0)),
     };
     match b {
-        Some(b) if b.1 < a.1 => Some(b),
-        _ => Some(a),
+        Some(b) if b.1 < a.1 => Some((b, Some(a))),
+        b => Some((a, b)),
     }
 }
 

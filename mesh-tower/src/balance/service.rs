@@ -15,7 +15,8 @@ use tower_service::Service;
 
 use super::error::{NoEndpoints, NoReadyEndpoints, NotReady};
 use super::pool::{self, Live, MakeEndpoint, Pool, Slot};
-use super::{ResponseFuture, ZonePreference, pick, weighted};
+use super::{Picked, ResponseFuture, ZonePreference, pick_detailed, recorded, weighted};
+use crate::decision::{PickPath, Recorder};
 use crate::load::Load;
 use crate::retry::error::NoElsewhere;
 use crate::retry::{Elsewhere, Retried};
@@ -34,7 +35,7 @@ const TRIED: usize = 4;
 /// # Defaults
 /// Service name `default` (for errors and logs), no local zone, zone preference on with a
 /// band of 1.5 (it applies only when a local zone is set), fail-fast after 3 s, an
-/// unseeded random source.
+/// unseeded random source, no decision record.
 #[derive(Clone, Debug)]
 pub struct BalanceBuilder {
     service: Arc<str>,
@@ -42,6 +43,7 @@ pub struct BalanceBuilder {
     zone: ZonePreference,
     fail_fast: Duration,
     seed: Option<u64>,
+    decisions: Option<Recorder>,
 }
 
 impl Default for BalanceBuilder {
@@ -52,6 +54,7 @@ impl Default for BalanceBuilder {
             zone: ZonePreference::default(),
             fail_fast: DEFAULT_FAIL_FAST,
             seed: None,
+            decisions: None,
         }
     }
 }
@@ -83,6 +86,19 @@ impl BalanceBuilder {
         self
     }
 
+    /// Records every pick in `recorder`'s [decision record](crate::decision): both
+    /// candidates with their costs and tiers, and the winner (default: none).
+    pub fn decisions(mut self, recorder: Recorder) -> Self {
+        self.decisions = Some(recorder);
+        self
+    }
+
+    /// [`decisions`](Self::decisions), when `recorder` is set.
+    pub(crate) fn maybe_decisions(mut self, recorder: Option<Recorder>) -> Self {
+        self.decisions = recorder;
+        self
+    }
+
     /// Starts following `discovery`, making each endpoint's service with `factory`.
     /// Must be called within a Tokio runtime.
     pub fn build<S>(self, discovery: BoxDiscover, factory: impl MakeEndpoint<S>) -> Balance<S>
@@ -102,6 +118,7 @@ impl BalanceBuilder {
             fail_fast: self.fail_fast,
             seed: self.seed,
             clones: AtomicU64::new(0),
+            decisions: self.decisions,
         });
         Balance::from_shared(shared)
     }
@@ -115,6 +132,7 @@ struct Shared<S> {
     fail_fast: Duration,
     seed: Option<u64>,
     clones: AtomicU64,
+    decisions: Option<Recorder>,
 }
 
 /// Waiting for an endpoint to become ready.
@@ -189,6 +207,15 @@ impl<S> Balance<S> {
     pub fn pool(&self) -> Arc<Pool<S>> {
         self.shared.live.current.load_full()
     }
+
+    /// Records a pick, when a decision record is set (one branch otherwise).
+    #[inline]
+    fn record(&self, pool: &Pool<S>, picked: &Picked, path: PickPath, passed_over: usize) {
+        if let Some(recorder) = &self.shared.decisions {
+            let passed_over = u32::try_from(passed_over).unwrap_or(u32::MAX);
+            recorder.record(recorded(pool, picked, path, passed_over));
+        }
+    }
 }
 
 impl<S> Balance<S>
@@ -204,10 +231,14 @@ where
     {
         let mut skip = [usize::MAX; PICKS];
         for round in 0..PICKS {
-            let i = pick(pool, self.shared.zone, &skip[..round], &mut self.rng)?;
+            let picked = pick_detailed(pool, self.shared.zone, &skip[..round], &mut self.rng)?;
+            let i = picked.winner.0;
             let mut service = pool.endpoints[i].service.clone();
             match service.poll_ready(cx) {
-                Poll::Ready(Ok(())) => return Some((service, id(&pool.endpoints[i]))),
+                Poll::Ready(Ok(())) => {
+                    self.record(pool, &picked, PickPath::P2c, round);
+                    return Some((service, id(&pool.endpoints[i])));
+                }
                 Poll::Ready(Err(e)) => {
                     let error: BoxError = e.into();
                     tracing::debug!(%error, endpoint = %pool.endpoints[i].endpoint.key(), "endpoint failed readiness");
@@ -240,14 +271,14 @@ where
             });
             let now = Instant::now();
             waiting.pending.clear();
-            let mut best: Option<(crate::load::Cost, (S, usize))> = None;
-            for slot in &pool.endpoints {
+            let mut best: Option<((usize, crate::load::Cost), (S, usize))> = None;
+            for (index, slot) in pool.endpoints.iter().enumerate() {
                 let mut service = slot.service.clone();
                 match service.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
                         let cost = weighted(slot, now);
-                        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                            best = Some((cost, (service, id(slot))));
+                        if best.as_ref().is_none_or(|((_, c), _)| cost < *c) {
+                            best = Some(((index, cost), (service, id(slot))));
                         }
                     }
                     Poll::Ready(Err(e)) => {
@@ -257,7 +288,13 @@ where
                     Poll::Pending => waiting.pending.push(service),
                 }
             }
-            if let Some((_, picked)) = best {
+            if let Some((winner, picked)) = best {
+                let scan = Picked {
+                    winner,
+                    other: None,
+                    zone: None,
+                };
+                self.record(&pool, &scan, PickPath::Scan, 0);
                 self.picked = Some(picked);
                 self.waiting = None;
                 return Poll::Ready(Ok(()));
@@ -336,7 +373,8 @@ where
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let now = Instant::now();
         for round in 0..PICKS {
-            let i = pick(&pool, self.shared.zone, &skip[..n + round], &mut self.rng)?;
+            let picked = pick_detailed(&pool, self.shared.zone, &skip[..n + round], &mut self.rng)?;
+            let i = picked.winner.0;
             let slot = &pool.endpoints[i];
             if elsewhere && !is_preferred(&weighted(slot, now)) {
                 // The pick prefers unpenalized endpoints: this means there is none.
@@ -344,6 +382,7 @@ where
             }
             let mut service = slot.service.clone();
             if let Poll::Ready(Ok(())) = service.poll_ready(&mut cx) {
+                self.record(&pool, &picked, PickPath::Repick, round);
                 return Some((service, id(slot)));
             }
             skip[n + round] = i;

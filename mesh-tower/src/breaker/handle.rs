@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::gate::{Gate, OPEN, PROBATION, SHUT};
 use super::{BreakerPolicy, BreakerState, EjectionBudget, PROBE_RETRY, Phase, Transition};
+use crate::decision::{BreakerChange, BreakerPhase, Event, Recorder};
 
 /// Outcomes buffered between the request path and a breaker's task.
 const CHANNEL: usize = 1024;
@@ -51,6 +52,21 @@ impl BreakerHandle {
         endpoint: impl fmt::Display + Send + 'static,
         on_transition: impl Fn(Transition) + Send + 'static,
     ) -> Self {
+        Self::spawn_recorded(policy, classifier, budget, endpoint, on_transition, None)
+    }
+
+    /// [`spawn`](Self::spawn), recording every change of phase (and every ejection the
+    /// budget refused) in `decisions`, under the endpoint's name.
+    pub(crate) fn spawn_recorded(
+        policy: BreakerPolicy,
+        classifier: Classifier,
+        budget: Arc<EjectionBudget>,
+        endpoint: impl fmt::Display + Send + 'static,
+        on_transition: impl Fn(Transition) + Send + 'static,
+        decisions: Option<Recorder>,
+    ) -> Self {
+        // The endpoint's name is made once, not per decision.
+        let decisions = decisions.map(|r| (r, Arc::<str>::from(endpoint.to_string())));
         let gate = Arc::new(Gate::default());
         let (tx, rx) = mpsc::channel(CHANNEL);
         budget.add_endpoint();
@@ -62,6 +78,7 @@ impl BreakerHandle {
             budget,
             endpoint,
             on_transition,
+            decisions,
         ));
         Self(Arc::new(Shared {
             gate,
@@ -106,9 +123,11 @@ async fn drive(
     budget: Arc<EjectionBudget>,
     endpoint: impl fmt::Display,
     on_transition: impl Fn(Transition),
+    decisions: Option<(Recorder, Arc<str>)>,
 ) {
     let mut rng = fastrand::Rng::new();
     loop {
+        let from = state.phase();
         let wake = match state.phase() {
             Phase::Ejected { until } => Some(until),
             Phase::Probation => Some(Instant::now() + PROBE_RETRY),
@@ -128,6 +147,20 @@ async fn drive(
                 }
             },
         };
+        if let Some((recorder, name)) = &decisions
+            && let Some(cause) = state.take_cause()
+        {
+            recorder.record(Event::Breaker(BreakerChange {
+                endpoint: name.clone(),
+                from: phase(from),
+                to: phase(state.phase()),
+                cause,
+                ejected_for: match transition {
+                    Some(Transition::Ejected { duration, .. }) => Some(duration),
+                    _ => None,
+                },
+            }));
+        }
         if let Some(t) = transition {
             match t {
                 Transition::Ejected { duration, streak } => {
@@ -150,6 +183,15 @@ async fn drive(
         budget.release();
     }
     budget.remove_endpoint();
+}
+
+/// The record's name of a phase.
+fn phase(phase: Phase) -> BreakerPhase {
+    match phase {
+        Phase::Closed => BreakerPhase::Closed,
+        Phase::Ejected { .. } => BreakerPhase::Ejected,
+        Phase::Probation => BreakerPhase::Probation,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

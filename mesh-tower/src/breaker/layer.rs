@@ -7,6 +7,7 @@ use tower::Layer;
 
 use super::{Breaker, BreakerHandle, BreakerPolicy, EjectionBudget, SuccessRatePolicy, Transition};
 use crate::backoff::{Backoff, InvalidBackoff};
+use crate::decision::Recorder;
 
 /// Wraps each endpoint's service in a [`Breaker`]. Endpoints made by one layer share its
 /// [`EjectionBudget`], so the layer stands for one service's set of endpoints.
@@ -14,12 +15,13 @@ use crate::backoff::{Backoff, InvalidBackoff};
 /// # Defaults
 /// Eject after 7 consecutive failures, for 1 s doubling to 60 s with jitter 0.5; no
 /// success-rate rule; rate-limited answers do not count; at most half the endpoints (and
-/// never the last one) ejected at once; the default [`Classifier`].
+/// never the last one) ejected at once; the default [`Classifier`]; no decision record.
 #[derive(Clone)]
 pub struct BreakerLayer {
     policy: Option<BreakerPolicy>,
     classifier: Classifier,
     budget: Arc<EjectionBudget>,
+    decisions: Option<Recorder>,
 }
 
 impl fmt::Debug for BreakerLayer {
@@ -48,6 +50,7 @@ impl BreakerLayer {
             policy: Some(policy),
             classifier: Classifier::default(),
             budget: Arc::new(EjectionBudget::new(max_ejected_share)),
+            decisions: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl BreakerLayer {
             policy: None,
             classifier: Classifier::default(),
             budget: Arc::new(EjectionBudget::new(0.0)),
+            decisions: None,
         }
     }
 
@@ -96,6 +100,14 @@ impl BreakerLayer {
         self
     }
 
+    /// Records the breakers' changes of phase, and the ejections the budget refused, in
+    /// `recorder`'s [decision record](crate::decision) (default: none). Applies to the
+    /// breakers started after the call.
+    pub fn decisions(mut self, recorder: Recorder) -> Self {
+        self.decisions = Some(recorder);
+        self
+    }
+
     /// The shared ejection budget.
     pub fn budget(&self) -> &Arc<EjectionBudget> {
         &self.budget
@@ -109,12 +121,13 @@ impl BreakerLayer {
         on_transition: impl Fn(Transition) + Send + 'static,
     ) -> Option<BreakerHandle> {
         let policy = self.policy.clone()?;
-        Some(BreakerHandle::spawn(
+        Some(BreakerHandle::spawn_recorded(
             policy,
             self.classifier.clone(),
             self.budget.clone(),
             endpoint,
             on_transition,
+            self.decisions.clone(),
         ))
     }
 

@@ -166,4 +166,83 @@ mod tests {
             "one endpoint left: it may not be ejected"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_and_a_recovery_are_recorded_with_their_causes() {
+        use crate::decision::{BreakerCause, BreakerPhase, DecisionRecord, Kind};
+        let record = DecisionRecord::new(16);
+        let layer = BreakerLayer::new(policy(), 0.5).decisions(record.recorder("users"));
+        layer.budget().add_endpoint(); // another endpoint, so this one may be ejected
+        let breaker = layer.handle("10.0.0.1:80", |_| {}).unwrap();
+        for _ in 0..3 {
+            breaker.record(Class::Failure);
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(breaker.gate().try_probe());
+        breaker.record(Class::Success);
+        settle().await;
+        let changes: Vec<_> = record
+            .of_kind(Kind::Breaker)
+            .iter()
+            .map(|d| d.event.as_breaker().unwrap().clone())
+            .collect();
+        let steps: Vec<_> = changes.iter().map(|c| (c.from, c.to, c.cause)).collect();
+        assert_eq!(
+            steps,
+            [
+                (
+                    BreakerPhase::Closed,
+                    BreakerPhase::Ejected,
+                    BreakerCause::ConsecutiveFailures { failures: 3 }
+                ),
+                (
+                    BreakerPhase::Ejected,
+                    BreakerPhase::Probation,
+                    BreakerCause::EjectionOver
+                ),
+                (
+                    BreakerPhase::Probation,
+                    BreakerPhase::Closed,
+                    BreakerCause::ProbeSucceeded
+                ),
+            ]
+        );
+        assert_eq!(changes[0].ejected_for, Some(Duration::from_secs(1)));
+        assert_eq!(changes[1].ejected_for, None);
+        assert!(changes.iter().all(|c| &*c.endpoint == "10.0.0.1:80"));
+        let line = record.snapshot()[0].to_string();
+        assert!(
+            line.ends_with(
+                "users breaker 10.0.0.1:80 closed -> ejected: 3 consecutive failures (for 1s)"
+            ),
+            "{line}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_the_budget_refuses_is_recorded() {
+        use crate::decision::{BreakerCause, BreakerPhase, DecisionRecord};
+        let record = DecisionRecord::new(16);
+        let layer = BreakerLayer::new(policy(), 0.5).decisions(record.recorder("users"));
+        // A lone endpoint: never ejected.
+        let breaker = layer.handle("10.0.0.1:80", |_| {}).unwrap();
+        for _ in 0..3 {
+            breaker.record(Class::Failure);
+        }
+        settle().await;
+        assert!(breaker.gate().is_open());
+        let changes = record.snapshot();
+        assert_eq!(changes.len(), 1);
+        let change = changes[0].event.as_breaker().unwrap();
+        assert_eq!(
+            (change.from, change.to, change.cause),
+            (
+                BreakerPhase::Closed,
+                BreakerPhase::Closed,
+                BreakerCause::BudgetFull
+            )
+        );
+    }
 }

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::EjectionBudget;
 use crate::backoff::Backoff;
+use crate::decision::BreakerCause;
 
 /// When an endpoint is ejected.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +73,9 @@ pub struct BreakerState {
     /// Ejections in a row without a successful probe: the back-off attempt.
     streak: u32,
     window: VecDeque<(Instant, bool)>,
+    /// Why the last step changed the phase (or was refused an ejection), for the
+    /// decision record.
+    cause: Option<BreakerCause>,
 }
 
 impl BreakerState {
@@ -83,7 +87,15 @@ impl BreakerState {
             consecutive: 0,
             streak: 0,
             window: VecDeque::new(),
+            cause: None,
         }
+    }
+
+    /// Why the last call to [`on_outcome`](Self::on_outcome) or
+    /// [`on_tick`](Self::on_tick) changed the phase, or why it refused an ejection
+    /// ([`BreakerCause::BudgetFull`]); cleared by the call.
+    pub fn take_cause(&mut self) -> Option<BreakerCause> {
+        self.cause.take()
     }
 
     /// The current phase.
@@ -114,6 +126,7 @@ impl BreakerState {
             Phase::Ejected { .. } => None,
             Phase::Probation => {
                 if failed {
+                    self.cause = Some(BreakerCause::ProbeFailed);
                     Some(self.eject(now, rng))
                 } else {
                     self.phase = Phase::Closed;
@@ -121,17 +134,34 @@ impl BreakerState {
                     self.consecutive = 0;
                     self.window.clear();
                     budget.release();
+                    self.cause = Some(BreakerCause::ProbeSucceeded);
                     Some(Transition::Reinstated)
                 }
             }
             Phase::Closed => {
                 self.consecutive = if failed { self.consecutive + 1 } else { 0 };
                 let rate_too_low = self.record(now, !failed);
-                let trip = self.consecutive >= self.policy.consecutive_failures || rate_too_low;
-                if trip {
+                let cause = if self.consecutive >= self.policy.consecutive_failures {
+                    Some(BreakerCause::ConsecutiveFailures {
+                        failures: self.consecutive,
+                    })
+                } else {
+                    rate_too_low.map(|(rate, requests)| BreakerCause::SuccessRate {
+                        rate,
+                        threshold: self
+                            .policy
+                            .success_rate
+                            .as_ref()
+                            .map_or(0.0, |p| p.threshold),
+                        requests,
+                    })
+                };
+                if let Some(cause) = cause {
                     if budget.try_eject() {
+                        self.cause = Some(cause);
                         return Some(self.eject(now, rng));
                     }
+                    self.cause = Some(BreakerCause::BudgetFull);
                     tracing::debug!("not ejecting: the maximum ejected share is reached");
                 }
                 None
@@ -144,6 +174,7 @@ impl BreakerState {
         match self.phase {
             Phase::Ejected { until } if now >= until => {
                 self.phase = Phase::Probation;
+                self.cause = Some(BreakerCause::EjectionOver);
                 Some(Transition::Probation)
             }
             _ => None,
@@ -164,12 +195,10 @@ impl BreakerState {
         }
     }
 
-    /// Records an outcome in the success-rate window; returns whether the rate is now
-    /// below the threshold.
-    fn record(&mut self, now: Instant, ok: bool) -> bool {
-        let Some(policy) = &self.policy.success_rate else {
-            return false;
-        };
+    /// Records an outcome in the success-rate window; returns the rate and the outcomes
+    /// counted when the rate is now below the threshold.
+    fn record(&mut self, now: Instant, ok: bool) -> Option<(f64, u32)> {
+        let policy = self.policy.success_rate.as_ref()?;
         self.window.push_back((now, ok));
         while let Some(&(t, _)) = self.window.front() {
             if now.saturating_duration_since(t) > policy.window {
@@ -179,11 +208,16 @@ impl BreakerState {
             }
         }
         let total = self.window.len();
-        if total < policy.min_requests as usize {
-            return false;
+        if total < policy.min_requests as usize || total == 0 {
+            return None;
         }
         let successes = self.window.iter().filter(|(_, ok)| *ok).count();
-        (successes as f64) < policy.threshold * total as f64
+        ((successes as f64) < policy.threshold * total as f64).then(|| {
+            (
+                successes as f64 / total as f64,
+                u32::try_from(total).unwrap_or(u32::MAX),
+            )
+        })
     }
 }
 

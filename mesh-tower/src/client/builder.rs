@@ -21,6 +21,7 @@ use super::{EndpointStack, MeshClient};
 use crate::balance::{Balance, ZonePreference};
 use crate::breaker::BreakerLayer;
 use crate::connect::{ConnectSettings, DEFAULT_CONNECT_BACKOFF, EndpointClient};
+use crate::decision::DecisionRecord;
 use crate::load::{EndpointLoad, PeakEwmaLayer, RateLimitPenalty};
 use crate::metrics::{ClientMetrics, Metrics};
 use crate::retry::{ReplayBody, RetryBudget, RetryLayer, RetryPolicy};
@@ -54,6 +55,7 @@ pub struct MeshClientBuilder {
     service: String,
     transport: Transport,
     server_identity: Option<IdentityPattern>,
+    decisions: Option<DecisionRecord>,
     protocol: Protocol,
     connect_timeout: Duration,
     balancer: BalancerConfig,
@@ -82,6 +84,7 @@ impl MeshClientBuilder {
             service: "default".to_owned(),
             transport: Transport::Unset,
             server_identity: None,
+            decisions: None,
             protocol: Protocol::Auto,
             connect_timeout: crate::connect::DEFAULT_CONNECT_TIMEOUT,
             balancer: BalancerConfig::default(),
@@ -142,6 +145,14 @@ impl MeshClientBuilder {
     /// Connects in plaintext: endpoints are not authenticated.
     pub fn plaintext(mut self) -> Self {
         self.transport = Transport::Plaintext;
+        self
+    }
+
+    /// Records the client's decisions in `record`, under the service's name (default:
+    /// none; see [`crate::decision`]): the balancer's picks, the endpoints' breaker
+    /// changes, and a retry decision after every failed try.
+    pub fn decisions(mut self, record: &DecisionRecord) -> Self {
+        self.decisions = Some(record.clone());
         self
     }
 
@@ -235,9 +246,15 @@ impl MeshClientBuilder {
             let (retries, exhausted) = m.retry_counters();
             retry = retry.counters(retries, exhausted);
         }
-        let breaker = BreakerLayer::from_config(&self.breaker, &self.rate_limited)
+        let mut breaker = BreakerLayer::from_config(&self.breaker, &self.rate_limited)
             .map_err(|e| invalid("circuit_breaker.backoff", &e))?
             .classifier(classifier.clone());
+        // The decision record, if any, under the service's name.
+        let recorder = self.decisions.as_ref().map(|r| r.recorder(&self.service));
+        if let Some(r) = &recorder {
+            retry = retry.decisions(r.clone());
+            breaker = breaker.decisions(r.clone());
+        }
         let load = PeakEwmaLayer::new()
             .rtt(self.balancer.default_rtt, self.balancer.decay)
             .rate_limited(
@@ -284,6 +301,7 @@ impl MeshClientBuilder {
                     load_band: self.zone.load_band,
                 },
             )
+            .maybe_decisions(recorder)
             .build(self.discovery, factory);
         let stack = ServiceBuilder::new()
             .layer(TimeoutLayer::request(self.timeout.request))

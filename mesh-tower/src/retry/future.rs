@@ -18,6 +18,7 @@ use super::body::{Collect, Prepared, Start};
 use super::error::{BudgetExhausted, NoElsewhere};
 use super::layer::Shared;
 use super::{Elsewhere, ReplayBody, Retried, RetryBudget, RetryOverride, RetryPolicy};
+use crate::decision::{Event, RetryDecision, RetryVerdict, TryOutcome};
 use crate::timeout::{Deadline, DeadlineExceeded, TimeoutOverride, TryTimeout};
 
 /// gRPC's cap on attempts (A6): at most 4 retries, whatever the policy says.
@@ -272,7 +273,8 @@ where
     }
 }
 
-/// Decides, after a try, whether to answer or to try again (and after how long).
+/// Decides, after a try, whether to answer or to try again (and after how long); records
+/// the decision after a failed try when the layer has a decision record.
 fn decide<S, F, RB>(
     this: &mut Proj<'_, S, F, RB>,
     outcome: Result<Response<RB>, BoxError>,
@@ -282,17 +284,23 @@ fn decide<S, F, RB>(
     let classifier = &shared.policy.classifier;
     let policy = policy_of(shared, this.route);
     let was_elsewhere = std::mem::replace(this.elsewhere, false);
+    // What the decision record says the try was (`None`: it succeeded, nothing to say).
+    let mut failed: Option<TryOutcome> = None;
     let (retryable, pushback) = match &outcome {
         Ok(resp) => {
             let class = classifier.classify_response(resp.status(), resp.headers());
             let pushback =
                 || mesh_core::classify::pushback(resp.headers(), SystemTime::now(), Duration::MAX);
             match class {
-                Some(Class::Failure) => (
-                    *this.idempotent && policy.is_retryable_answer(resp),
-                    pushback(),
-                ),
+                Some(Class::Failure) => {
+                    failed = Some(TryOutcome::Failed(resp.status().as_u16()));
+                    (
+                        *this.idempotent && policy.is_retryable_answer(resp),
+                        pushback(),
+                    )
+                }
                 Some(Class::RateLimited) => {
+                    failed = Some(TryOutcome::RateLimited(resp.status().as_u16()));
                     let pushback = pushback();
                     if policy.retry_rate_limited_elsewhere
                         && *this.idempotent
@@ -304,6 +312,7 @@ fn decide<S, F, RB>(
                     {
                         // Try once, at once, on an endpoint that is not rate limiting.
                         tracing::debug!("rate limited: retrying on another endpoint");
+                        note(this, failed, RetryVerdict::RetriedElsewhere, 1);
                         *this.kept = outcome.ok().map(Box::new);
                         *this.elsewhere = true;
                         return Next::RetryAfter(Duration::ZERO);
@@ -321,7 +330,19 @@ fn decide<S, F, RB>(
                 && is_caused_by::<NoElsewhere>(e.as_ref())
                 && let Some(kept) = this.kept.take()
             {
+                if shared.decisions.is_some() {
+                    let status = kept.status().as_u16();
+                    note(
+                        this,
+                        Some(TryOutcome::RateLimited(status)),
+                        RetryVerdict::NoneElsewhere,
+                        0,
+                    );
+                }
                 return Next::Done(Ok(*kept));
+            }
+            if shared.decisions.is_some() {
+                failed = Some(error_outcome(e.as_ref()));
             }
             // A gRPC try that broke without an answer ended UNAVAILABLE, as gRPC
             // reports it: retried when that code is.
@@ -338,7 +359,26 @@ fn decide<S, F, RB>(
     };
     // A newer answer supersedes a kept one.
     *this.kept = None;
-    if !retryable || pushback == Pushback::DoNotRetry || !may_retry(this) {
+    if !retryable {
+        let verdict = if *this.idempotent {
+            RetryVerdict::NotRetryable
+        } else {
+            RetryVerdict::NotIdempotent
+        };
+        note(this, failed, verdict, 0);
+        return Next::Done(outcome);
+    }
+    if pushback == Pushback::DoNotRetry {
+        note(this, failed, RetryVerdict::PushbackForbids, 0);
+        return Next::Done(outcome);
+    }
+    if !may_retry(this) {
+        let verdict = if this.body.is_replayable() {
+            RetryVerdict::AttemptsExhausted
+        } else {
+            RetryVerdict::Committed
+        };
+        note(this, failed, verdict, 0);
         return Next::Done(outcome);
     }
     let mut delay = policy
@@ -349,14 +389,49 @@ fn decide<S, F, RB>(
         delay = if *this.grpc { d } else { delay.max(d) };
     }
     if this.deadline.is_some_and(|at| Instant::now() + delay >= at) {
+        note(this, failed, RetryVerdict::Deadline, 0);
         return Next::Done(outcome);
     }
     if !withdraw(shared, this.route, this.retries) {
         tracing::debug!("retry budget exhausted");
+        note(this, failed, RetryVerdict::BudgetExhausted, 0);
         return Next::Done(outcome.map_err(|e| BudgetExhausted(e).into()));
     }
     tracing::debug!(retries = *this.retries, ?delay, "retrying");
+    note(this, failed, RetryVerdict::Retried { delay }, 1);
     Next::RetryAfter(delay)
+}
+
+/// What the decision record says of a try that failed without an answer.
+fn error_outcome(e: &(dyn std::error::Error + 'static)) -> TryOutcome {
+    if is_connect_error(e) {
+        TryOutcome::ConnectError
+    } else if is_caused_by::<TryTimeout>(e) {
+        TryOutcome::Timeout
+    } else {
+        TryOutcome::Error
+    }
+}
+
+/// Records a decision after the failed try `outcome` (`None`: it did not fail, nothing
+/// is recorded), when the layer has a decision record. `counted` is 1 when the retry
+/// was already counted in `retries`, so that the attempt recorded is the try that ended.
+#[inline]
+fn note<S, F, RB>(
+    this: &Proj<'_, S, F, RB>,
+    outcome: Option<TryOutcome>,
+    verdict: RetryVerdict,
+    counted: u32,
+) {
+    if let (Some(recorder), Some(outcome)) = (&this.shared.decisions, outcome) {
+        recorder.record(Event::Retry(RetryDecision {
+            method: this.head.method.clone(),
+            path: this.head.uri.path_and_query().cloned(),
+            attempt: (*this.retries + 1).saturating_sub(counted),
+            outcome,
+            verdict,
+        }));
+    }
 }
 
 /// Whether the request may have another try at all.

@@ -4,18 +4,21 @@ use prometheus_client::metrics::counter::Counter;
 use tower::Layer;
 
 use super::{Retry, RetryBudget, RetryPolicy};
+use crate::decision::Recorder;
 
 /// Retries failed tries of the service below; see the [module docs](super).
 ///
 /// # Defaults
 /// [`RetryPolicy::default`] and [`RetryBudget::default`] (20 % of requests plus 10 per
-/// second, over 10 s). Services made by one `RetryLayer` (and its clones) share its budget.
+/// second, over 10 s), no decision record. Services made by one `RetryLayer` (and its
+/// clones) share its budget.
 #[derive(Clone, Debug, Default)]
 pub struct RetryLayer {
     policy: RetryPolicy,
     budget: Arc<RetryBudget>,
     retries: Option<Counter>,
     exhausted: Option<Counter>,
+    decisions: Option<Recorder>,
 }
 
 #[derive(Debug)]
@@ -24,6 +27,7 @@ pub(super) struct Shared {
     pub(super) budget: Arc<RetryBudget>,
     pub(super) retries: Option<Counter>,
     pub(super) exhausted: Option<Counter>,
+    pub(super) decisions: Option<Recorder>,
 }
 
 impl RetryLayer {
@@ -34,6 +38,7 @@ impl RetryLayer {
             budget: Arc::new(budget),
             retries: None,
             exhausted: None,
+            decisions: None,
         }
     }
 
@@ -42,6 +47,13 @@ impl RetryLayer {
     pub fn counters(mut self, retries: Counter, exhausted: Counter) -> Self {
         self.retries = Some(retries);
         self.exhausted = Some(exhausted);
+        self
+    }
+
+    /// Records, after every failed try, whether it was retried and why (not), in
+    /// `recorder`'s [decision record](crate::decision) (default: none).
+    pub fn decisions(mut self, recorder: Recorder) -> Self {
+        self.decisions = Some(recorder);
         self
     }
 
@@ -67,6 +79,7 @@ impl<S> Layer<S> for RetryLayer {
                 budget: self.budget.clone(),
                 retries: self.retries.clone(),
                 exhausted: self.exhausted.clone(),
+                decisions: self.decisions.clone(),
             }),
         )
     }

@@ -83,6 +83,8 @@
 
 pub mod body;
 pub mod budget;
+#[cfg(test)]
+mod decision_tests;
 pub mod error;
 mod future;
 #[cfg(test)]

@@ -125,6 +125,10 @@ pub struct MeshServerBuilder {
     protocol: Protocol,
     #[cfg(feature = "opaque")]
     opaque: Option<crate::opaque::OpaqueClient>,
+    /// The decision record, and the listener's name in it (`from_config`'s; else the
+    /// address).
+    decisions: Option<crate::decision::DecisionRecord>,
+    name: Option<String>,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -160,6 +164,8 @@ impl MeshServer {
             protocol: Protocol::Auto,
             #[cfg(feature = "opaque")]
             opaque: None,
+            decisions: None,
+            name: None,
         }
     }
 }
@@ -240,6 +246,7 @@ impl MeshServerBuilder {
         }
         builder.limits = builder.limits.with_config(&inbound.limits);
         builder.limits.shutdown_timeout = config.drain_timeout;
+        builder.name = Some(inbound.name.clone());
         Ok(builder)
     }
 
@@ -309,6 +316,14 @@ impl MeshServerBuilder {
         self
     }
 
+    /// Records every authorization decision in `record` (default: none; see
+    /// [`crate::decision`]), under the listener's name from
+    /// [`from_config`](Self::from_config), or else its address.
+    pub fn decisions(mut self, record: &crate::decision::DecisionRecord) -> Self {
+        self.decisions = Some(record.clone());
+        self
+    }
+
     /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
     pub fn serve<S, B>(self, listener: TcpListener, app: S) -> Result<Server, ServerError>
     where
@@ -364,6 +379,10 @@ impl MeshServerBuilder {
         if let Some(metrics) = &self.metrics {
             authorize = authorize.with_metrics(metrics);
             rate_limit = rate_limit.with_metrics(metrics);
+        }
+        if let Some(record) = &self.decisions {
+            let name = self.name.unwrap_or_else(|| addr.to_string());
+            authorize = authorize.with_decisions(record.recorder(name));
         }
         let policy = authorize.handle().clone();
         let limits = rate_limit.handle().clone();
