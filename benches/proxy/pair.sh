@@ -20,8 +20,9 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 bench=${BENCH_DIR:-$(cd .. && pwd)/shared/bench}
 export RATE=${RATE:-1000} TESTS=${TESTS:-"lat h1c64"}
-cargo build --release -p mesh-proxy
-bin=$root/target/release/mesh-proxy
+# MESH_BIN: a mesh-proxy binary built already (otherwise: cargo build --release).
+if [ -z "${MESH_BIN:-}" ]; then cargo build --release -p mesh-proxy; fi
+bin=${MESH_BIN:-$root/target/release/mesh-proxy}
 up_target=${UPSTREAM_TARGET_DIR:-$root/target/bench-upstream}
 CARGO_TARGET_DIR=$up_target cargo build --release --locked --quiet --manifest-path "$bench/upstream/Cargo.toml"
 if ! command -v oha >/dev/null 2>&1 && [ "${OHA_INSTALL:-0}" = 1 ]; then cargo install oha --locked; fi

@@ -311,6 +311,9 @@ async fn endpoints_added_and_removed_under_load_lose_no_request() {
     tokio::time::sleep(ms(400)).await;
     assert!(users.remove_endpoint(0));
     assert!(!users.remove_endpoint(0), "removed twice");
+    // Discovery reaches the balancer through a task of its own: give it time to run on a
+    // busy machine before counting.
+    tokio::time::sleep(ms(200)).await;
     let mark = mesh.events().len();
     let run = run.await.unwrap();
     assert_eq!(run.failed, 0, "{:?}", run.failures);
@@ -319,7 +322,7 @@ async fn endpoints_added_and_removed_under_load_lose_no_request() {
         log.request_counts("users", 3)[2] > 0,
         "the added endpoint got nothing"
     );
-    // Requests in flight at the removal may finish; after that, nothing more.
+    // Requests in flight when the balancer saw the removal may finish; nothing more.
     assert!(log.since(mark).request_counts("users", 3)[0] <= 4);
     assert!(users.reinsert_endpoint(0));
 }

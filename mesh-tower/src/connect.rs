@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -114,10 +114,17 @@ pub const DEFAULT_CONNECT_BACKOFF: Backoff =
     Backoff::constant(Duration::from_millis(100), Duration::from_secs(10), 0.5);
 
 /// An endpoint's connection health, read by the balancer.
+///
+/// Failures escalate the back-off only one at a time: connects that were already under way
+/// when a failure was recorded (a burst of dials to an endpoint that stopped answering,
+/// say) fail for the same reason and do not lengthen it again. Without that, a hundred
+/// dials timing out together would push a single endpoint to the 10 s ceiling at once.
 #[derive(Debug)]
 pub struct ConnState {
     failures: AtomicU32,
     down_until: Mutex<Option<Instant>>,
+    /// Bumped by every recorded outcome; a connect remembers it when it starts.
+    epoch: AtomicU64,
 }
 
 impl ConnState {
@@ -125,6 +132,7 @@ impl ConnState {
         Self {
             failures: AtomicU32::new(0),
             down_until: Mutex::new(None),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -150,7 +158,13 @@ impl ConnState {
         self.failures.load(Ordering::Acquire)
     }
 
+    /// What a connect starting now remembers, for [`failed`](Self::failed).
+    pub(crate) fn attempt(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     pub(crate) fn connected(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         if self.failures.swap(0, Ordering::AcqRel) != 0
             && let Ok(mut until) = self.down_until.lock()
         {
@@ -158,12 +172,20 @@ impl ConnState {
         }
     }
 
-    pub(crate) fn failed(&self, backoff: &Backoff) {
+    /// Records a failed connect that started at `started` (from [`attempt`](Self::attempt)):
+    /// it escalates the back-off unless another outcome was recorded since it started.
+    pub(crate) fn failed(&self, backoff: &Backoff, started: u64) {
+        let Ok(mut until) = self.down_until.lock() else {
+            return;
+        };
+        if self.epoch.load(Ordering::Acquire) != started && until.is_some() {
+            // Under way when an earlier failure was recorded: the same outage.
+            return;
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         let attempt = self.failures.fetch_add(1, Ordering::AcqRel);
         let delay = backoff.delay(attempt, &mut fastrand::Rng::new());
-        if let Ok(mut until) = self.down_until.lock() {
-            *until = Some(Instant::now() + delay);
-        }
+        *until = Some(Instant::now() + delay);
     }
 }
 
@@ -497,6 +519,7 @@ where
     async fn dial(&self) -> Result<Checkout<B>, Arc<ConnectError>> {
         let addr = self.addr;
         let timeout = self.settings.connect_timeout;
+        let started = self.state.attempt();
         let result = tokio::time::timeout(timeout, self.handshake())
             .await
             .unwrap_or(Err(ConnectError::Timeout { addr, timeout }));
@@ -507,7 +530,7 @@ where
             }
             Err(error) => {
                 tracing::debug!(%addr, %error, "connect failed");
-                self.state.failed(&self.settings.backoff);
+                self.state.failed(&self.settings.backoff, started);
                 Err(Arc::new(error))
             }
         }
@@ -1166,6 +1189,32 @@ mod tests {
             "{chain:?}"
         );
         assert!(!c.conn_state().is_ready(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_failed_connects_escalates_the_back_off_once() {
+        let backoff = DEFAULT_CONNECT_BACKOFF;
+        let state = ConnState::new();
+        // A hundred dials under way together, all failing: one failure's back-off.
+        let started: Vec<u64> = (0..100).map(|_| state.attempt()).collect();
+        for s in started {
+            state.failed(&backoff, s);
+        }
+        assert_eq!(state.failures(), 1);
+        let until = state.backoff_until(Instant::now()).unwrap();
+        assert!(until <= Instant::now() + Duration::from_millis(150), "{until:?}");
+        // The next dial, started after that failure, escalates.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(state.is_ready(Instant::now()));
+        let next = state.attempt();
+        state.failed(&backoff, next);
+        assert_eq!(state.failures(), 2);
+        // A success clears it; a stale failure after it starts a new back-off from one.
+        let stale = state.attempt();
+        state.connected();
+        assert!(state.is_ready(Instant::now()));
+        state.failed(&backoff, stale);
+        assert_eq!(state.failures(), 1);
     }
 
     #[tokio::test(start_paused = true)]

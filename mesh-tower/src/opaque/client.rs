@@ -295,13 +295,14 @@ impl OpaqueClient {
             };
             tried.push(target.addr);
             let open = Open::new(target);
+            let started = open.0.state.attempt();
             match self.dial(&open.0).await {
                 Ok((remote, peer)) => {
                     open.0.state.connected();
                     return Ok((open, remote, peer, tried.len()));
                 }
                 Err(error) => {
-                    open.0.state.failed(&settings.backoff);
+                    open.0.state.failed(&settings.backoff, started);
                     tracing::debug!(service = %self.shared.service, %error, "connect failed; trying another endpoint");
                     last = Some(error);
                 }

@@ -130,12 +130,20 @@ pub struct Serving {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<ShutdownReport>,
+    policy: Option<crate::authz::PolicyHandle>,
 }
 
 impl Serving {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// An [`OpaqueServer`]'s authorization policy, replaceable while it serves (new
+    /// connections are judged by the new one; open ones stay); `None` for other
+    /// listeners.
+    pub fn policy(&self) -> Option<&crate::authz::PolicyHandle> {
+        self.policy.as_ref()
     }
 
     /// Stops accepting, lets open connections end (up to the shutdown timeout), then
@@ -162,7 +170,11 @@ impl Drop for Serving {
 }
 
 /// Serves `listener` in a task: `handle` for each connection, within `limits`.
-pub(crate) fn spawn<F, Fut>(listener: TcpListener, limits: Limits, handle: F) -> Result<Serving, BuildError>
+pub(crate) fn spawn<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    handle: F,
+) -> Result<Serving, BuildError>
 where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -176,7 +188,12 @@ where
         stopping,
         move |tcp, remote, _| handle(tcp, remote),
     ));
-    Ok(Serving { addr, stop, task })
+    Ok(Serving {
+        addr,
+        stop,
+        task,
+        policy: None,
+    })
 }
 
 /// Relays between `a` and `b` until both directions end; the bytes sent from `a` to `b`

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{BuildError, Limits, Serving};
-use crate::authz::Policy;
+use crate::authz::{Policy, PolicyHandle};
 use crate::connect::DEFAULT_CONNECT_TIMEOUT;
 use crate::metrics::server::ListenerMetrics;
 
@@ -100,17 +100,24 @@ impl OpaqueServerBuilder {
     /// Tokio runtime.
     pub fn serve(self, listener: TcpListener, target: SocketAddr) -> Result<Serving, BuildError> {
         let tls = self.transport.ok_or(BuildError::NoTransport)?;
+        // A handle without decision counters: this server counts its own.
+        let policy = crate::authz::AuthorizeLayer::new(
+            self.policy.unwrap_or_else(|| Policy::allow_all("default")),
+        )
+        .handle()
+        .clone();
         let inbound = Arc::new(Inbound {
             tls,
-            policy: self.policy.unwrap_or_else(|| Policy::allow_all("default")),
+            policy: policy.clone(),
             metrics: self.metrics,
             target,
             connect_timeout: self.connect_timeout,
         });
-        let serving = super::spawn(listener, self.limits, move |tcp, remote| {
+        let mut serving = super::spawn(listener, self.limits, move |tcp, remote| {
             let inbound = inbound.clone();
             async move { inbound.connection(tcp, remote).await }
         })?;
+        serving.policy = Some(policy);
         tracing::debug!(addr = %serving.local_addr(), %target, "serving opaque TCP");
         Ok(serving)
     }
@@ -119,7 +126,9 @@ impl OpaqueServerBuilder {
 /// What every inbound connection shares.
 struct Inbound {
     tls: Option<MtlsAcceptor>,
-    policy: Policy,
+    /// Replaceable while serving; each connection is judged by the policy current when
+    /// its handshake completed.
+    policy: PolicyHandle,
     metrics: Option<ListenerMetrics>,
     target: SocketAddr,
     connect_timeout: Duration,
@@ -147,8 +156,9 @@ impl Inbound {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let client = peer.as_ref().map(PeerIdentity::id);
-        let policy = self.policy.name();
-        match self.policy.decide_connection(client) {
+        let current = self.policy.current();
+        let policy = current.name();
+        match current.decide_connection(client) {
             Ok(decision) => {
                 if decision.is_audit() {
                     tracing::info!(
