@@ -448,11 +448,14 @@ impl Proxy {
         // Inbound servers come first, in configuration order.
         // Only what changed is replaced: unchanged limits keep their limiters' state.
         for ((_, server), (policy, limits)) in self.servers.iter().zip(inbound) {
-            let Listener::Http(server) = server else {
-                if policy.is_some() || limits.is_some() {
-                    tracing::warn!("an opaque listener's policy changes apply after a restart");
+            let server = match server {
+                Listener::Http(server) => server,
+                Listener::Opaque(serving) => {
+                    if let (Some(policy), Some(handle)) = (policy, serving.policy()) {
+                        handle.replace(policy);
+                    }
+                    continue;
                 }
-                continue;
             };
             if let Some(policy) = policy {
                 server.policy().replace(policy);

@@ -112,6 +112,34 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         "the target saw no new connection"
     );
 
+    // A reload of B's policy admits the stranger too, without a restart.
+    let text = std::fs::read_to_string(&b_config).unwrap();
+    std::fs::write(
+        &b_config,
+        text.replace(
+            "clients = [\"spiffe://example.org/caller\"]",
+            "clients = [\"spiffe://example.org/caller\", \"spiffe://example.org/stranger\"]",
+        ),
+    )
+    .unwrap();
+    b.signal("HUP");
+    let mut admitted = false;
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(stranger.addr("egress"))
+            .await
+            .unwrap();
+        s.write_all(b"now?").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back).await;
+        if back == b"now?" {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the reloaded policy admits the stranger");
+
     assert!(a.terminate().success());
     assert!(stranger.terminate().success());
     assert!(b.terminate().success());

@@ -44,8 +44,9 @@
 //!   actions, breaker transitions read from the clients' metrics) with helpers for
 //!   counts and shares; [`MockService::client_stats`] for retries against the budget.
 //! - **Determinism hooks**: a [`seed`](MockMeshBuilder::seed) from which every endpoint's
-//!   script randomness is derived. (The client's own random choices — P2C picks, back-off
-//!   jitter — are not seeded yet: `MeshClientBuilder` has no seed option.)
+//!   script randomness and every client's P2C picks are derived. (Retry back-off and
+//!   breaker jitter still draw from the thread's generator, and real sockets keep timing
+//!   real: replaying a run exactly needs the simulation still to come.)
 //!
 //! Everything runs on real loopback sockets with real TLS handshakes, so tests need a
 //! multi-threaded or current-thread Tokio runtime with real time. Paused time works

@@ -74,8 +74,9 @@ impl MockMeshBuilder {
         self
     }
 
-    /// Seeds every endpoint's script randomness (default: a random seed, logged and
-    /// readable with [`MockMesh::seed`], so that a failing run can be replayed).
+    /// Seeds every endpoint's script randomness and every client's balancer (default: a
+    /// random seed, logged and readable with [`MockMesh::seed`], so that a failing run can
+    /// be replayed).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self
@@ -192,7 +193,8 @@ impl MockMesh {
 
     /// A [`MeshClientBuilder`] for `service`, already wired: discovery that follows the
     /// service's endpoints, mTLS as the mesh's client workload, the service's identity
-    /// expected of every endpoint, and metrics the mesh reads
+    /// expected of every endpoint, balancer picks seeded from the mesh's seed, and
+    /// metrics the mesh reads
     /// ([`MockService::client_stats`], breaker events). Change any policy before
     /// `build()`.
     pub fn client_builder(
@@ -213,6 +215,12 @@ impl MockMesh {
             .service_name(service.name())
             .mtls(self.mtls(workload)?)
             .server_identity(self.pattern(service.id())?)
+            // The balancer's picks follow the mesh's seed too.
+            .seed(crate::service::endpoint_seed(
+                self.inner.seed,
+                &format!("{}/client/{workload}", service.name()),
+                0,
+            ))
             .metrics(&mut registry);
         service.inner.clients.add(registry);
         service.inner.start_sampler();

@@ -183,7 +183,7 @@ impl fmt::Debug for MockService {
 
 /// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
 /// both, so that endpoints draw independent, reproducible sequences.
-fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
+pub(crate) fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
     // FNV-1a: unlike std's `DefaultHasher`, stable across Rust releases.
     let name = service.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)

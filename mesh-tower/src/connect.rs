@@ -1202,7 +1202,10 @@ mod tests {
         }
         assert_eq!(state.failures(), 1);
         let until = state.backoff_until(Instant::now()).unwrap();
-        assert!(until <= Instant::now() + Duration::from_millis(150), "{until:?}");
+        assert!(
+            until <= Instant::now() + Duration::from_millis(150),
+            "{until:?}"
+        );
         // The next dial, started after that failure, escalates.
         tokio::time::advance(Duration::from_millis(200)).await;
         assert!(state.is_ready(Instant::now()));

@@ -305,7 +305,7 @@ async fn a_server_needs_its_transport_chosen() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "choose the transport: `mtls(acceptor)`, or `plaintext()` explicitly"
+        "choose the transport: `mtls(acceptor)`, `server_tls(acceptor)`, or `plaintext()` explicitly"
     );
 }
 

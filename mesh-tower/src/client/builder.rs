@@ -67,6 +67,8 @@ pub struct MeshClientBuilder {
     zone: ZoneConfig,
     local_zone: Option<String>,
     metrics: Option<ClientMetrics>,
+    seed: Option<u64>,
+    fail_fast: Option<Duration>,
 }
 
 impl fmt::Debug for MeshClientBuilder {
@@ -96,6 +98,8 @@ impl MeshClientBuilder {
             zone: ZoneConfig::default(),
             local_zone: None,
             metrics: None,
+            seed: None,
+            fail_fast: None,
         }
     }
 
@@ -211,6 +215,20 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Seeds the balancer's endpoint picks, so that the same calls in the same order pick
+    /// the same endpoints (tests and simulation; default: a random seed per process).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// How long a request waits for an endpoint to become ready before failing with
+    /// `NoReadyEndpoints` (default 3 s; see [`balance`](crate::balance)).
+    pub fn fail_fast(mut self, timeout: Duration) -> Self {
+        self.fail_fast = Some(timeout);
+        self
+    }
+
     /// Registers the client's metrics in `registry`.
     pub fn metrics(mut self, registry: &mut Registry) -> Self {
         self.metrics = Some(ClientMetrics::register(registry, &self.service));
@@ -292,7 +310,14 @@ impl MeshClientBuilder {
                     .service(client),
             )
         };
-        let balance = Balance::builder()
+        let mut balance = Balance::builder();
+        if let Some(seed) = self.seed {
+            balance = balance.seed(seed);
+        }
+        if let Some(timeout) = self.fail_fast {
+            balance = balance.fail_fast(timeout);
+        }
+        let balance = balance
             .service_name(&self.service)
             .zone(
                 self.local_zone.clone(),
