@@ -55,6 +55,7 @@ pub struct MockServiceBuilder {
     scripts: Vec<Script>,
     policy: Option<AuthorizationPolicy>,
     rate_limit: Option<RateLimitConfig>,
+    plaintext: bool,
 }
 
 impl fmt::Debug for MockServiceBuilder {
@@ -74,6 +75,7 @@ impl MockServiceBuilder {
             scripts: vec![Script::default()],
             policy: None,
             rate_limit: None,
+            plaintext: false,
         }
     }
 
@@ -109,6 +111,16 @@ impl MockServiceBuilder {
         self
     }
 
+    /// Serves plaintext HTTP/1.1 and HTTP/2 instead of mTLS: the endpoints stand for
+    /// applications behind a proxy (an inbound `mesh-proxy` listener forwarding to
+    /// [`MockEndpoint::addr`]), so that the same scripts and the same event log serve
+    /// tests of the proxy. Clients the mesh builds for the service expect mTLS and cannot
+    /// reach such endpoints; requests carry no verified peer identity.
+    pub fn plaintext(mut self) -> Self {
+        self.plaintext = true;
+        self
+    }
+
     /// Starts every endpoint on loopback.
     pub async fn spawn(self) -> Result<MockService, MockMeshError> {
         let id = self.mesh.id(&self.name)?;
@@ -130,6 +142,7 @@ impl MockServiceBuilder {
             authorize,
             recording: Arc::new(AtomicBool::new(self.policy.is_some())),
             rate_limit: self.rate_limit,
+            plaintext: self.plaintext,
             clients: Clients::default(),
             sampler: Mutex::new(None),
         });
@@ -160,6 +173,7 @@ pub(crate) struct ServiceInner {
     authorize: AuthorizeLayer,
     recording: Arc<AtomicBool>,
     rate_limit: Option<RateLimitConfig>,
+    plaintext: bool,
     pub(crate) clients: Clients,
     sampler: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -302,8 +316,13 @@ impl MockService {
         let inner = &self.inner;
         let mesh = &inner.mesh;
         let index = self.len();
-        let acceptor = MtlsAcceptor::new(&mesh.mtls(&inner.id.to_string())?, Authorizer::any())
-            .map_err(|e| MockMeshError::Tls(Box::new(e)))?;
+        let builder = if inner.plaintext {
+            MeshServer::builder().plaintext()
+        } else {
+            let acceptor = MtlsAcceptor::new(&mesh.mtls(&inner.id.to_string())?, Authorizer::any())
+                .map_err(|e| MockMeshError::Tls(Box::new(e)))?;
+            MeshServer::builder().mtls(acceptor)
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let link = Link::start(listener.local_addr()?).await?;
         let at = EndpointRef {
@@ -333,10 +352,7 @@ impl MockService {
         };
         let mut server_limits = ServerLimits::default();
         server_limits.shutdown_timeout = Duration::from_millis(100);
-        let server = MeshServer::builder()
-            .mtls(acceptor)
-            .limits(server_limits)
-            .serve(listener, stack)?;
+        let server = builder.limits(server_limits).serve(listener, stack)?;
         let endpoint = MockEndpoint {
             inner: Arc::new(EndpointInner {
                 core,
