@@ -26,6 +26,9 @@ fn client() -> Client {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
+/// A response whose head had come through when its body broke off.
+const CUT: &str = "cut after 200";
+
 /// `workers` tasks each sending `per_worker` GETs to `egress`; returns the statuses that
 /// were not 200 (or the errors), and calls `midway` once half are done.
 async fn load(
@@ -48,7 +51,9 @@ async fn load(
                 let req = http::Request::get(uri).body(Empty::new()).unwrap();
                 match client.request(req).await {
                     Ok(resp) if resp.status() == 200 => {
-                        resp.into_body().collect().await.unwrap();
+                        if let Err(e) = resp.into_body().collect().await {
+                            failures.push(format!("{CUT}: {e:?}"));
+                        }
                     }
                     Ok(resp) => {
                         let status = resp.status();
@@ -105,11 +110,13 @@ async fn an_inbound_proxy_killed_under_load_loses_no_idempotent_request() {
     })
     .await;
     assert!(b1.lock().unwrap().is_none(), "the kill happened mid-run");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {failures:?}",
-        failures.len()
-    );
+    // A response whose status had already reached the client when B1 died cannot be
+    // retried by anyone (the client has its answer's head): at most one per worker, and
+    // rarely any, since the app's answer is one small frame behind its head. Every other
+    // request must succeed.
+    let (cut, failed): (Vec<_>, Vec<_>) = failures.into_iter().partition(|f| f.starts_with(CUT));
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(cut.len() <= 8, "{} cut: {cut:?}", cut.len());
     assert!(a.terminate().success());
     assert!(b2.terminate().success());
 }
