@@ -53,7 +53,6 @@ macro_rules! ensure {
 
 mod harness;
 mod proxy;
-mod relay;
 mod scenarios;
 
 use std::fmt;

@@ -1,7 +1,7 @@
 //! The proxy stack: `mesh-proxy` processes, their configuration files and identities.
 //!
 //! For a mock service of N plaintext endpoints: N inbound proxies (identity
-//! `spiffe://<td>/<service>`, target: the endpoint), each behind a [`Relay`], and one
+//! `spiffe://<td>/<service>`, target: the endpoint), each behind a [`Link`](mesh_test::Link), and one
 //! outbound proxy (identity `spiffe://<td>/client`, the mesh's default client, so that
 //! policies name the same caller on both stacks) whose `[services.<service>]` lists the
 //! relays. Identities are PEM files written from the mock mesh's CA into one directory:
@@ -18,8 +18,8 @@ use std::time::Duration;
 use mesh_spiffe::CredentialSource;
 use mesh_test::{DEFAULT_CLIENT, MockMesh, MockService};
 
-use crate::relay::Relay;
 use crate::{Failure, Result};
+use mesh_test::Link;
 
 /// How long a proxy may take to print its listeners.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -115,7 +115,7 @@ async fn spawn_proxy(
 /// One endpoint's inbound proxy and the relay in front of it.
 #[derive(Debug)]
 struct Inbound {
-    relay: Relay,
+    relay: Link,
     process: Mutex<Option<ProxyProcess>>,
     config: PathBuf,
     index: usize,
@@ -191,7 +191,7 @@ impl Proxies {
             let config = files.path(&format!("inbound-{index}.toml"));
             std::fs::write(&config, text)?;
             let process = start_inbound(binary, &files, &config, index).await?;
-            let relay = Relay::start(process.addr()).await?;
+            let relay = Link::start(process.addr()).await?;
             inbound.push(Inbound {
                 relay,
                 process: Mutex::new(Some(process)),
@@ -260,7 +260,7 @@ impl Proxies {
         let inbound = self.inbound(index)?;
         let process =
             start_inbound(&self.binary, &self.files, &inbound.config, inbound.index).await?;
-        inbound.relay.restart(process.addr()).await?;
+        inbound.relay.restart_to(process.addr()).await?;
         if let Ok(mut slot) = inbound.process.lock() {
             *slot = Some(process);
         }
@@ -270,11 +270,7 @@ impl Proxies {
     /// Drops every connection to endpoint `index` (its proxy keeps running), so that the
     /// next ones handshake anew.
     pub(crate) async fn bounce(&self, index: usize) -> Result<()> {
-        let relay = &self.inbound(index)?.relay;
-        let backend = relay
-            .backend()
-            .ok_or_else(|| Failure::msg("the relay lost its backend"))?;
-        relay.restart(backend).await?;
+        self.inbound(index)?.relay.restart().await?;
         Ok(())
     }
 

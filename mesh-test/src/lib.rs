@@ -65,6 +65,7 @@ pub use crate::client_stats::ClientStats;
 pub use crate::endpoint::MockEndpoint;
 pub use crate::error::MockMeshError;
 pub use crate::events::{Event, EventLog, Outcome};
+pub use crate::link::Link;
 pub use crate::mesh::{
     DEFAULT_CLIENT, DEFAULT_TRUST_DOMAIN, MockMesh, MockMeshBuilder, WorkloadApi,
 };

@@ -1,5 +1,6 @@
 //! An endpoint's network link: a TCP relay on the address clients dial, in front of the
-//! endpoint's server on a private port.
+//! endpoint's server on a private port. Public as [`Link`], to put any server (a
+//! `mesh-proxy` process, say) behind an address a test can kill, restart and partition.
 //!
 //! The relay moves bytes, nothing else (TLS runs end to end through it), and is what
 //! kills, restarts and partitions act on:
@@ -25,10 +26,17 @@ use tokio::task::JoinSet;
 /// How long a restart keeps trying to bind the old address.
 const REBIND_FOR: Duration = Duration::from_secs(2);
 
+/// A TCP relay on a loopback address of its own to a backend. It moves bytes only (TLS
+/// runs end to end through it). [`kill`](Self::kill) closes the listener and drops every
+/// relayed connection at once, as when a process dies; [`restart`](Self::restart) binds
+/// the same address again (retrying for up to 2 s); a partition
+/// ([`set_partitioned`](Self::set_partitioned)) is a black hole: connections are still
+/// accepted but no byte moves either way until it ends.
 #[derive(Debug)]
-pub(crate) struct Link {
+pub struct Link {
     addr: SocketAddr,
-    backend: SocketAddr,
+    /// Read for each new connection: a restart may point it elsewhere.
+    backend: Mutex<SocketAddr>,
     partitioned: watch::Sender<bool>,
     /// The accept loop and, inside it, the relayed connections; `None` while killed.
     tasks: Mutex<Option<JoinSet<()>>>,
@@ -36,12 +44,12 @@ pub(crate) struct Link {
 
 impl Link {
     /// A relay on a new loopback port to `backend`.
-    pub(crate) async fn start(backend: SocketAddr) -> io::Result<Self> {
+    pub async fn start(backend: SocketAddr) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let link = Self {
             addr,
-            backend,
+            backend: Mutex::new(backend),
             partitioned: watch::Sender::new(false),
             tasks: Mutex::new(None),
         };
@@ -49,12 +57,21 @@ impl Link {
         Ok(link)
     }
 
-    pub(crate) fn addr(&self) -> SocketAddr {
+    /// The address clients dial.
+    pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The backend new connections are relayed to.
+    pub fn backend(&self) -> SocketAddr {
+        *self
+            .backend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn run(&self, listener: TcpListener) {
-        let backend = self.backend;
+        let backend = self.backend();
         let partitioned = self.partitioned.subscribe();
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
@@ -75,18 +92,30 @@ impl Link {
         }
     }
 
-    pub(crate) fn is_running(&self) -> bool {
+    /// Whether it listens (not killed).
+    pub fn is_running(&self) -> bool {
         self.tasks.lock().map(|t| t.is_some()).unwrap_or(false)
     }
 
-    pub(crate) fn kill(&self) {
+    /// Closes the listener and drops every relayed connection at once.
+    pub fn kill(&self) {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.take();
         }
     }
 
-    pub(crate) async fn restart(&self) -> io::Result<()> {
+    /// Listens on the same address again (after a kill, or to drop every connection now).
+    pub async fn restart(&self) -> io::Result<()> {
+        self.restart_to(self.backend()).await
+    }
+
+    /// The same, relaying to `backend` from now on (a backend restarted elsewhere).
+    pub async fn restart_to(&self, backend: SocketAddr) -> io::Result<()> {
         self.kill();
+        *self
+            .backend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = backend;
         let deadline = tokio::time::Instant::now() + REBIND_FOR;
         let listener = loop {
             match TcpListener::bind(self.addr).await {
@@ -99,11 +128,13 @@ impl Link {
         Ok(())
     }
 
-    pub(crate) fn set_partitioned(&self, partitioned: bool) {
+    /// Starts (`true`) or ends (`false`) a partition: a black hole in both directions.
+    pub fn set_partitioned(&self, partitioned: bool) {
         self.partitioned.send_replace(partitioned);
     }
 
-    pub(crate) fn is_partitioned(&self) -> bool {
+    /// Whether a partition holds the link.
+    pub fn is_partitioned(&self) -> bool {
         *self.partitioned.borrow()
     }
 }
