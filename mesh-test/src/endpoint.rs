@@ -341,7 +341,8 @@ impl fmt::Debug for MockEndpoint {
 }
 
 impl MockEndpoint {
-    fn changed(&self, change: EndpointChange) {
+    /// Logs a change of this endpoint in the mesh's event log.
+    pub(crate) fn changed(&self, change: EndpointChange) {
         self.inner.core.log.push(Event::Endpoint(EndpointEvent {
             endpoint: self.inner.core.at.clone(),
             change,

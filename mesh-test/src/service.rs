@@ -39,7 +39,7 @@ use tower::Layer;
 use crate::client_stats::{ClientStats, Clients};
 use crate::endpoint::{App, Core, EndpointInner, MockEndpoint, Record, mark};
 use crate::error::MockMeshError;
-use crate::events::{EndpointChange, EndpointEvent, EndpointRef, Event};
+use crate::events::{EndpointChange, EndpointRef};
 use crate::link::Link;
 use crate::mesh::MockMesh;
 use crate::script::Script;
@@ -368,10 +368,7 @@ impl MockService {
         inner.discovery.send_modify(|set| {
             set.insert(discovered);
         });
-        mesh.inner.log.push(Event::Endpoint(EndpointEvent {
-            endpoint: at,
-            change: EndpointChange::Started,
-        }));
+        endpoint.changed(EndpointChange::Started);
         Ok(endpoint)
     }
 
@@ -389,14 +386,7 @@ impl MockService {
             changed
         });
         if removed {
-            self.inner
-                .mesh
-                .inner
-                .log
-                .push(Event::Endpoint(EndpointEvent {
-                    endpoint: ep.at().clone(),
-                    change: EndpointChange::Removed,
-                }));
+            ep.changed(EndpointChange::Removed);
         }
         removed
     }
@@ -412,14 +402,7 @@ impl MockService {
             .discovery
             .send_if_modified(|set| set.insert(discovered).is_none());
         if inserted {
-            self.inner
-                .mesh
-                .inner
-                .log
-                .push(Event::Endpoint(EndpointEvent {
-                    endpoint: ep.at().clone(),
-                    change: EndpointChange::Started,
-                }));
+            ep.changed(EndpointChange::Started);
         }
         inserted
     }
