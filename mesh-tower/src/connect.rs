@@ -33,6 +33,13 @@
 //! after the back-off reconnects. The server's verified [`PeerIdentity`] is attached to
 //! every response as an extension.
 //!
+//! **The transport is pluggable.** By default each connection is a Tokio `TcpStream`
+//! (with `TCP_NODELAY`). A [`Dialer`] in [`ConnectSettings::dialer`] replaces that dial
+//! with any byte stream — a simulated network (turmoil), an in-memory pipe, a Unix
+//! socket, a SOCKS tunnel — and everything above it (mTLS, HTTP/1.1 or HTTP/2, pooling,
+//! back-off) stays the same. The default path pays nothing for it: no box, no dynamic
+//! call.
+//!
 //! **Errors say why.** A failed request is a [`SendError`] whose message names the cause
 //! itself — a refused server identity, a connect timeout, a reset — not only hyper's
 //! generic text.
@@ -57,6 +64,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::config::Protocol;
 use mesh_spiffe::{MtlsConnector, PeerIdentity, TransportError};
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -77,6 +85,8 @@ pub struct ConnectSettings {
     pub connect_timeout: Duration,
     /// Back-off after failed connects (default 100 ms to 10 s, jitter 0.5).
     pub backoff: Backoff,
+    /// How to open the byte stream to the endpoint; `None` (the default) dials TCP.
+    pub dialer: Option<Dialer>,
 }
 
 impl fmt::Debug for ConnectSettings {
@@ -85,6 +95,7 @@ impl fmt::Debug for ConnectSettings {
             .field("protocol", &self.protocol)
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
+            .field("dialer", &self.dialer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +108,7 @@ impl ConnectSettings {
             tls: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             backoff: DEFAULT_CONNECT_BACKOFF,
+            dialer: None,
         }
     }
 
@@ -106,6 +118,55 @@ impl ConnectSettings {
             tls: Some(connector),
             ..Self::plaintext()
         }
+    }
+}
+
+/// A byte stream a [`Dialer`] opened.
+pub trait DialedIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DialedIo for T {}
+
+/// What a [`Dialer`] returns.
+pub type DialFuture = Pin<Box<dyn Future<Output = io::Result<Box<dyn DialedIo>>> + Send>>;
+
+/// Opens the byte streams an [`EndpointClient`] runs its connections on, in place of
+/// TCP; see the [module docs](self). Cheap to clone.
+///
+/// The connect timeout, mTLS, protocol negotiation and back-off apply as they do to TCP: a
+/// dial that fails or takes too long is a connect failure of the endpoint.
+///
+/// ```
+/// # use mesh_tower::connect::Dialer;
+/// // Dial a simulated network, an in-memory pipe, a tunnel... here, plain TCP again.
+/// let dialer = Dialer::new(|addr| tokio::net::TcpStream::connect(addr));
+/// # let _ = dialer;
+/// ```
+#[derive(Clone)]
+pub struct Dialer(Arc<dyn Fn(SocketAddr) -> DialFuture + Send + Sync>);
+
+impl Dialer {
+    /// A dialer calling `dial` with each endpoint's address.
+    pub fn new<F, Fut, IO>(dial: F) -> Self
+    where
+        F: Fn(SocketAddr) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<IO>> + Send + 'static,
+        IO: DialedIo,
+    {
+        Self(Arc::new(move |addr| {
+            let dialled = dial(addr);
+            Box::pin(async move { Ok(Box::new(dialled.await?) as Box<dyn DialedIo>) })
+        }))
+    }
+
+    /// Opens a byte stream to `addr`.
+    pub fn dial(&self, addr: SocketAddr) -> DialFuture {
+        (self.0)(addr)
+    }
+}
+
+impl fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dialer")
     }
 }
 
@@ -234,6 +295,9 @@ pub enum ConnectError {
 enum Conn {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+    /// Opened by a [`Dialer`].
+    Dialed(TokioIo<Box<dyn DialedIo>>),
+    DialedTls(Box<TokioIo<tokio_rustls::client::TlsStream<Box<dyn DialedIo>>>>),
 }
 
 impl hyper::rt::Read for Conn {
@@ -245,6 +309,8 @@ impl hyper::rt::Read for Conn {
         match self.get_mut() {
             Conn::Plain(io) => Pin::new(io).poll_read(cx, buf),
             Conn::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+            Conn::Dialed(io) => Pin::new(io).poll_read(cx, buf),
+            Conn::DialedTls(io) => Pin::new(&mut **io).poll_read(cx, buf),
         }
     }
 }
@@ -258,6 +324,8 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Plain(io) => Pin::new(io).poll_write(cx, buf),
             Conn::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+            Conn::Dialed(io) => Pin::new(io).poll_write(cx, buf),
+            Conn::DialedTls(io) => Pin::new(&mut **io).poll_write(cx, buf),
         }
     }
 
@@ -265,6 +333,8 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Plain(io) => Pin::new(io).poll_flush(cx),
             Conn::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+            Conn::Dialed(io) => Pin::new(io).poll_flush(cx),
+            Conn::DialedTls(io) => Pin::new(&mut **io).poll_flush(cx),
         }
     }
 
@@ -272,6 +342,8 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Plain(io) => Pin::new(io).poll_shutdown(cx),
             Conn::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+            Conn::Dialed(io) => Pin::new(io).poll_shutdown(cx),
+            Conn::DialedTls(io) => Pin::new(&mut **io).poll_shutdown(cx),
         }
     }
 
@@ -283,6 +355,8 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             Conn::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+            Conn::Dialed(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Conn::DialedTls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -290,6 +364,8 @@ impl hyper::rt::Write for Conn {
         match self {
             Conn::Plain(io) => io.is_write_vectored(),
             Conn::Tls(io) => io.is_write_vectored(),
+            Conn::Dialed(io) => io.is_write_vectored(),
+            Conn::DialedTls(io) => io.is_write_vectored(),
         }
     }
 }
@@ -538,20 +614,36 @@ where
 
     async fn handshake(&self) -> Result<Checkout<B>, ConnectError> {
         let addr = self.addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ConnectError::Tcp { addr, source })?;
-        let _ = tcp.set_nodelay(true);
         let configured_h2 = matches!(self.settings.protocol, Protocol::Http2 | Protocol::Grpc);
-        let (io, peer, h2) = match &self.settings.tls {
-            None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
-            Some(tls) => {
-                let (stream, peer) = tls
-                    .handshake(addr, tcp)
-                    .await
-                    .map_err(|source| ConnectError::Tls { addr, source })?;
-                let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                (Conn::Tls(Box::new(TokioIo::new(stream))), Some(peer), h2)
+        let tcp_failed = |source| ConnectError::Tcp { addr, source };
+        let tls_failed = |source| ConnectError::Tls { addr, source };
+        let (io, peer, h2) = match (&self.settings.dialer, &self.settings.tls) {
+            (None, tls) => {
+                let tcp = TcpStream::connect(addr).await.map_err(tcp_failed)?;
+                let _ = tcp.set_nodelay(true);
+                match tls {
+                    None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
+                    Some(tls) => {
+                        let (stream, peer) = tls.handshake(addr, tcp).await.map_err(tls_failed)?;
+                        let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        (Conn::Tls(Box::new(TokioIo::new(stream))), Some(peer), h2)
+                    }
+                }
+            }
+            (Some(dialer), tls) => {
+                let io = dialer.dial(addr).await.map_err(tcp_failed)?;
+                match tls {
+                    None => (Conn::Dialed(TokioIo::new(io)), None, configured_h2),
+                    Some(tls) => {
+                        let (stream, peer) = tls.handshake(addr, io).await.map_err(tls_failed)?;
+                        let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        (
+                            Conn::DialedTls(Box::new(TokioIo::new(stream))),
+                            Some(peer),
+                            h2,
+                        )
+                    }
+                }
             }
         };
         let failed = |source| ConnectError::Handshake { addr, source };
@@ -1187,6 +1279,115 @@ mod tests {
         assert!(
             chain.iter().any(|m| m.contains("is not authorized")),
             "{chain:?}"
+        );
+        assert!(!c.conn_state().is_ready(Instant::now()));
+    }
+
+    /// A dialer that reaches the real endpoint `to` through an in-memory pipe, whatever
+    /// address it is asked for, and counts the dials.
+    fn piped(to: SocketAddr, dials: Arc<AtomicU32>) -> Dialer {
+        Dialer::new(move |_addr| {
+            dials.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let (near, mut far) = tokio::io::duplex(64 * 1024);
+                let mut tcp = TcpStream::connect(to).await?;
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut far, &mut tcp).await;
+                });
+                Ok(near)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_dialer_carries_plaintext_and_mtls_connections_and_its_failures_back_off() {
+        // Plaintext, HTTP/1.1 and HTTP/2, at an address nothing listens on: only the
+        // dialer can reach the endpoint.
+        let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let nowhere: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let dials = Arc::new(AtomicU32::new(0));
+            let client = EndpointClient::new(
+                nowhere,
+                ConnectSettings {
+                    protocol,
+                    dialer: Some(piped(ep.addr(), dials.clone())),
+                    ..ConnectSettings::plaintext()
+                },
+            );
+            for _ in 0..3 {
+                let resp = client.send(request("piped")).await.unwrap();
+                assert_eq!(read(resp).await, "piped");
+            }
+            // Pooled or multiplexed as over TCP: one dial.
+            assert_eq!(dials.load(Ordering::Relaxed), 1, "{protocol:?}");
+        }
+
+        // mTLS over the dialer: the server's identity is verified as over TCP.
+        let mut ca = TestCa::new("example.org").unwrap();
+        let server = Mtls::new(CredentialStore::with(
+            ca.issue("spiffe://example.org/users").unwrap(),
+            ca.bundle_set().unwrap(),
+        ));
+        let client = Mtls::new(CredentialStore::with(
+            ca.issue("spiffe://example.org/web").unwrap(),
+            ca.bundle_set().unwrap(),
+        ));
+        let acceptor = MtlsAcceptor::new(&server, Authorizer::any()).unwrap();
+        let tls_ep = MockEndpoint::spawn_mtls("users", Behavior::default(), acceptor)
+            .await
+            .unwrap();
+        let expected = mesh_core::SpiffeId::new("spiffe://example.org/users").unwrap();
+        let dials = Arc::new(AtomicU32::new(0));
+        let c = EndpointClient::new(
+            nowhere,
+            ConnectSettings {
+                dialer: Some(piped(tls_ep.addr(), dials.clone())),
+                ..ConnectSettings::mtls(MtlsConnector::new(&client, expected.clone()).unwrap())
+            },
+        );
+        let resp = c.send(request("hi")).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(
+            resp.extensions().get::<PeerIdentity>().unwrap().id(),
+            &expected
+        );
+        // A wrong identity still fails closed through a dialer.
+        let wrong = MtlsConnector::new(
+            &client,
+            mesh_core::SpiffeId::new("spiffe://example.org/billing").unwrap(),
+        )
+        .unwrap();
+        let c = EndpointClient::new(
+            nowhere,
+            ConnectSettings {
+                dialer: Some(piped(tls_ep.addr(), dials.clone())),
+                ..ConnectSettings::mtls(wrong)
+            },
+        );
+        let err = c.send(request("hi")).await.unwrap_err();
+        assert!(err.to_string().contains("is not authorized"), "{err}");
+
+        // A dialer's error is a connect failure naming the endpoint, and backs it off.
+        let refusing = Dialer::new(|_| async {
+            Err::<tokio::io::DuplexStream, _>(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "simulated refusal",
+            ))
+        });
+        let c = EndpointClient::new(
+            nowhere,
+            ConnectSettings {
+                dialer: Some(refusing),
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let err = c.send(request("hi")).await.unwrap_err();
+        assert!(err.is_connect());
+        let message = err.to_string();
+        assert!(
+            message.contains("192.0.2.1:9") && message.contains("simulated refusal"),
+            "{message}"
         );
         assert!(!c.conn_state().is_ready(Instant::now()));
     }

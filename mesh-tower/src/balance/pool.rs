@@ -12,7 +12,7 @@
 //! load, breaker) when only its zone, weight or metadata changed, and makes a new one when
 //! its expected identity changed (a new identity needs a new TLS configuration).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,10 +133,13 @@ async fn follow<S: Clone>(
     live: Arc<Live<S>>,
     tx: watch::Sender<u64>,
 ) {
-    let mut slots: HashMap<EndpointKey, Arc<Slot<S>>> = HashMap::new();
+    // Ordered by address, so that the pool's order (which the seeded picks index) does
+    // not depend on a hasher's random keys: a seeded run replays exactly.
+    let mut slots: BTreeMap<EndpointKey, Arc<Slot<S>>> = BTreeMap::new();
     loop {
         // Wait for one change, then take every change already available as one batch.
         let first = tokio::select! {
+            biased;
             next = discovery.next() => next,
             // Every balancer is gone: nobody reads the pool any more.
             () = tx.closed() => return,

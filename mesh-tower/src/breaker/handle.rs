@@ -133,7 +133,9 @@ async fn drive(
             Phase::Probation => Some(Instant::now() + PROBE_RETRY),
             Phase::Closed => None,
         };
+        // Biased (outcomes first), so that a seeded simulation replays exactly.
         let transition = tokio::select! {
+            biased;
             class = rx.recv() => match class {
                 Some(class) => state.on_outcome(class, Instant::now(), &budget, &mut rng),
                 None => break,

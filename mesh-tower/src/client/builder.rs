@@ -20,7 +20,7 @@ use tower::ServiceBuilder;
 use super::{EndpointStack, MeshClient};
 use crate::balance::{Balance, ZonePreference};
 use crate::breaker::BreakerLayer;
-use crate::connect::{ConnectSettings, DEFAULT_CONNECT_BACKOFF, EndpointClient};
+use crate::connect::{ConnectSettings, DEFAULT_CONNECT_BACKOFF, Dialer, EndpointClient};
 use crate::decision::DecisionRecord;
 use crate::load::{EndpointLoad, PeakEwmaLayer, RateLimitPenalty};
 use crate::metrics::{ClientMetrics, Metrics};
@@ -69,6 +69,7 @@ pub struct MeshClientBuilder {
     metrics: Option<ClientMetrics>,
     seed: Option<u64>,
     fail_fast: Option<Duration>,
+    dialer: Option<Dialer>,
 }
 
 impl fmt::Debug for MeshClientBuilder {
@@ -100,6 +101,7 @@ impl MeshClientBuilder {
             metrics: None,
             seed: None,
             fail_fast: None,
+            dialer: None,
         }
     }
 
@@ -229,6 +231,14 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Opens each endpoint's byte streams with `dialer` instead of TCP: a simulated
+    /// network, an in-memory pipe, a tunnel (see [`connect`](crate::connect)). mTLS,
+    /// timeouts and back-off apply on top of it unchanged.
+    pub fn dialer(mut self, dialer: Dialer) -> Self {
+        self.dialer = Some(dialer);
+        self
+    }
+
     /// Registers the client's metrics in `registry`.
     pub fn metrics(mut self, registry: &mut Registry) -> Self {
         self.metrics = Some(ClientMetrics::register(registry, &self.service));
@@ -285,6 +295,7 @@ impl MeshClientBuilder {
             server_identity: self.server_identity.clone(),
             protocol: self.protocol,
             connect_timeout: self.connect_timeout,
+            dialer: self.dialer.clone(),
         };
         let metrics = self.metrics.clone();
         let factory = move |endpoint: &Endpoint| -> Option<EndpointStack> {
@@ -346,6 +357,7 @@ struct Connect {
     server_identity: Option<IdentityPattern>,
     protocol: Protocol,
     connect_timeout: Duration,
+    dialer: Option<Dialer>,
 }
 
 impl Connect {
@@ -381,6 +393,7 @@ impl Connect {
                 tls,
                 connect_timeout: self.connect_timeout,
                 backoff: DEFAULT_CONNECT_BACKOFF,
+                dialer: self.dialer.clone(),
             },
         ))
     }

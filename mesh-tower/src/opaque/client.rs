@@ -358,6 +358,7 @@ impl OpaqueClient {
                 Pick::BackingOff(None) | Pick::Empty => deadline,
             };
             tokio::select! {
+                biased;
                 _ = changed.changed() => {}
                 () = tokio::time::sleep_until(wake) => {}
             }
