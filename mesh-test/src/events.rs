@@ -232,19 +232,50 @@ pub enum CredentialEvent {
 #[derive(Clone, Debug)]
 pub(crate) struct Log {
     inner: Arc<Mutex<Vec<Recorded>>>,
-    start: Instant,
+    clock: Clock,
+}
+
+/// Where the log's times come from.
+#[derive(Clone, Debug)]
+enum Clock {
+    /// Tokio's clock, from the mesh's start.
+    Tokio(Instant),
+    /// The simulation's virtual time: turmoil's inside a host, else the time the
+    /// simulation last stepped to (in nanoseconds).
+    #[cfg(feature = "sim")]
+    Sim(Arc<std::sync::atomic::AtomicU64>),
 }
 
 impl Log {
     pub(crate) fn new() -> Self {
         Self {
             inner: Arc::default(),
-            start: Instant::now(),
+            clock: Clock::Tokio(Instant::now()),
+        }
+    }
+
+    /// A log stamped with a simulation's virtual time; `stepped` is kept up to date by
+    /// the simulation.
+    #[cfg(feature = "sim")]
+    pub(crate) fn simulated(stepped: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            inner: Arc::default(),
+            clock: Clock::Sim(stepped),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        match &self.clock {
+            Clock::Tokio(start) => start.elapsed(),
+            #[cfg(feature = "sim")]
+            Clock::Sim(stepped) => turmoil::sim_elapsed().unwrap_or_else(|| {
+                Duration::from_nanos(stepped.load(std::sync::atomic::Ordering::Relaxed))
+            }),
         }
     }
 
     pub(crate) fn push(&self, event: Event) {
-        let at = self.start.elapsed();
+        let at = self.now();
         if let Ok(mut log) = self.inner.lock() {
             let seq = log.len() as u64;
             tracing::trace!(seq, ?event, "mock mesh event");

@@ -60,6 +60,8 @@ mod link;
 mod mesh;
 pub mod script;
 mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 pub use crate::client_stats::ClientStats;
 pub use crate::endpoint::MockEndpoint;

@@ -91,6 +91,11 @@ impl MockMeshBuilder {
 
     /// Creates the mesh's CA.
     pub fn build(self) -> Result<MockMesh, MockMeshError> {
+        self.build_with(Log::new())
+    }
+
+    /// Builds the mesh around `log` (a simulation's, stamped with virtual time).
+    pub(crate) fn build_with(self, log: Log) -> Result<MockMesh, MockMeshError> {
         let ca = TestCa::new(&self.trust_domain)?;
         let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
         tracing::info!(trust_domain = %self.trust_domain, seed, "mock mesh");
@@ -99,7 +104,7 @@ impl MockMeshBuilder {
                 trust_domain: ca.trust_domain().clone(),
                 ca: Mutex::new(ca),
                 seed,
-                log: Log::new(),
+                log,
                 decisions: DecisionRecord::default(),
                 client: self.client,
                 stores: Mutex::default(),
@@ -274,7 +279,12 @@ impl MockMesh {
         &self.inner.decisions
     }
 
-    fn pattern(&self, id: &SpiffeId) -> Result<IdentityPattern, MockMeshError> {
+    /// The workload the mesh's clients run as.
+    pub(crate) fn client_workload(&self) -> &str {
+        &self.inner.client
+    }
+
+    pub(crate) fn pattern(&self, id: &SpiffeId) -> Result<IdentityPattern, MockMeshError> {
         id.to_string()
             .parse()
             .map_err(|e: mesh_core::identity::PatternError| {

@@ -197,6 +197,28 @@ impl fmt::Debug for MockService {
 
 /// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
 /// both, so that endpoints draw independent, reproducible sequences.
+/// A discovery stream that follows `set`: an `Insert` per endpoint now, then the changes.
+pub(crate) fn follow(set: &watch::Sender<EndpointSet>) -> BoxDiscover {
+    let mut rx = set.subscribe();
+    rx.mark_changed();
+    let state = (rx, EndpointSet::new(), VecDeque::<Change>::new());
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut rx, mut last, mut pending)| async move {
+            loop {
+                if let Some(change) = pending.pop_front() {
+                    return Some((Ok(change), (rx, last, pending)));
+                }
+                // The service is gone: the stream ends and clients keep what they have.
+                rx.changed().await.ok()?;
+                let next = rx.borrow_and_update().clone();
+                pending.extend(last.diff(&next));
+                last = next;
+            }
+        },
+    ))
+}
+
 pub(crate) fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
     // FNV-1a: unlike std's `DefaultHasher`, stable across Rust releases.
     let name = service.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
@@ -284,24 +306,7 @@ impl MockService {
     /// A discovery stream that follows this service's endpoint set: an `Insert` per
     /// endpoint now, then the changes as endpoints are added and removed.
     pub fn discovery(&self) -> BoxDiscover {
-        let mut rx = self.inner.discovery.subscribe();
-        rx.mark_changed();
-        let state = (rx, EndpointSet::new(), VecDeque::<Change>::new());
-        Box::pin(futures_util::stream::unfold(
-            state,
-            |(mut rx, mut last, mut pending)| async move {
-                loop {
-                    if let Some(change) = pending.pop_front() {
-                        return Some((Ok(change), (rx, last, pending)));
-                    }
-                    // The service is gone: the stream ends and clients keep what they have.
-                    rx.changed().await.ok()?;
-                    let next = rx.borrow_and_update().clone();
-                    pending.extend(last.diff(&next));
-                    last = next;
-                }
-            },
-        ))
+        follow(&self.inner.discovery)
     }
 
     fn discovered(&self, ep: &MockEndpoint) -> Endpoint {
