@@ -246,10 +246,17 @@ impl MockMesh {
         service: &MockService,
     ) -> Result<MeshChannelBuilder, MockMeshError> {
         let mut registry = Registry::default();
+        let workload = self.inner.client.clone();
         let builder = MeshChannel::builder(service.discovery())
             .service_name(service.name())
-            .mtls(self.mtls(&self.inner.client.clone())?)
+            .mtls(self.mtls(&workload)?)
             .server_identity(self.pattern(service.id())?)
+            .seed(crate::service::endpoint_seed(
+                self.inner.seed,
+                &format!("{}/channel/{workload}", service.name()),
+                0,
+            ))
+            .decisions(&self.inner.decisions)
             .metrics(&mut registry);
         service.inner.clients.add(registry);
         service.inner.start_sampler();

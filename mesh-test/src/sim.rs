@@ -71,6 +71,7 @@ use mesh_core::error::BoxError;
 use mesh_core::{Endpoint, SpiffeId};
 use mesh_spiffe::{Authorizer, MtlsAcceptor};
 use mesh_tonic::test_util::EchoService;
+use mesh_tonic::{MeshChannel, MeshChannelBuilder};
 use mesh_tower::authz::{AuthorizeLayer, Policy};
 use mesh_tower::connect::Dialer;
 use mesh_tower::decision::DecisionRecord;
@@ -499,7 +500,7 @@ struct SimServiceInner {
     endpoints: Vec<SimEndpoint>,
     discovery: watch::Sender<EndpointSet>,
     /// Clients built, for distinct seeds.
-    clients: Mutex<u64>,
+    clients: Mutex<usize>,
 }
 
 impl fmt::Debug for SimService {
@@ -539,13 +540,7 @@ impl SimService {
     pub fn client_builder(&self) -> Result<MeshClientBuilder, MockMeshError> {
         let inner = &self.inner;
         let mesh = &inner.mesh;
-        let nth = match inner.clients.lock() {
-            Ok(mut n) => {
-                *n += 1;
-                *n
-            }
-            Err(_) => return Err(MockMeshError::Poisoned),
-        };
+        let nth = self.next_client()?;
         let client = mesh.client_workload();
         Ok(MeshClient::builder(follow(&inner.discovery))
             .service_name(&*inner.name)
@@ -554,10 +549,47 @@ impl SimService {
             .seed(endpoint_seed(
                 mesh.seed(),
                 &format!("{}/sim-client/{client}", inner.name),
-                usize::try_from(nth).unwrap_or(usize::MAX),
+                nth,
             ))
             .dialer(simulated_dialer())
             .decisions(mesh.decisions()))
+    }
+
+    /// A [`MeshChannelBuilder`] (gRPC; the endpoints serve `mesh_tonic::test_util`'s
+    /// `Echo`) wired like [`client_builder`](Self::client_builder). Call it inside a
+    /// client host.
+    pub fn channel_builder(&self) -> Result<MeshChannelBuilder, MockMeshError> {
+        let inner = &self.inner;
+        let mesh = &inner.mesh;
+        let nth = self.next_client()?;
+        let client = mesh.client_workload();
+        Ok(MeshChannel::builder(follow(&inner.discovery))
+            .service_name(&*inner.name)
+            .mtls(mesh.mtls(client)?)
+            .server_identity(mesh.pattern(&inner.id)?)
+            .seed(endpoint_seed(
+                mesh.seed(),
+                &format!("{}/sim-channel/{client}", inner.name),
+                nth,
+            ))
+            .dialer(simulated_dialer())
+            .decisions(mesh.decisions()))
+    }
+
+    /// A [`MeshChannel`] with every default; see
+    /// [`channel_builder`](Self::channel_builder).
+    pub fn channel(&self) -> Result<MeshChannel, MockMeshError> {
+        Ok(self.channel_builder()?.build()?)
+    }
+
+    fn next_client(&self) -> Result<usize, MockMeshError> {
+        let mut n = self
+            .inner
+            .clients
+            .lock()
+            .map_err(|_| MockMeshError::Poisoned)?;
+        *n += 1;
+        Ok(*n)
     }
 
     /// A [`MeshClient`] with every default; see [`client_builder`](Self::client_builder).

@@ -290,3 +290,60 @@ fn property_no_request_is_lost_during_discovery_churn() {
         assert_eq!(served.len(), 4, "seed {seed}: served by {served:?}");
     }
 }
+
+#[test]
+fn grpc_through_the_simulation_sidelines_a_resource_exhausted_endpoint_for_its_pushback() {
+    use mesh_tonic::test_util::echo::EchoRequest;
+    use mesh_tonic::test_util::echo::echo_client::EchoClient;
+
+    for seed in 0..4 {
+        let mut sim = Simulation::new(seed).unwrap();
+        let echo = sim
+            .service("echo")
+            .endpoints(3)
+            .scripts([
+                Script::default(),
+                Script::default(),
+                Script::rate_limited(Some(Duration::from_secs(5))),
+            ])
+            .spawn()
+            .unwrap();
+        let caller = echo.clone();
+        sim.client("caller", async move {
+            let client = EchoClient::new(caller.channel()?);
+            let callers = (0..4).map(|_| {
+                let mut client = client.clone();
+                async move {
+                    for _ in 0..50 {
+                        let msg = EchoRequest {
+                            message: "x".into(),
+                            count: 0,
+                        };
+                        // Every call succeeds: a 429'd one is retried elsewhere at once.
+                        let reply = client.unary(msg).await?.into_inner();
+                        assert_eq!(reply.message, "x");
+                        assert_eq!(reply.peer, "spiffe://example.org/client");
+                    }
+                    Ok::<_, tonic::Status>(())
+                }
+            });
+            for done in join_all(callers).await {
+                done?;
+            }
+            Ok(())
+        });
+        sim.run().unwrap();
+        let log = sim.events();
+        assert!(log.requests("echo").all(|r| r.grpc));
+        let exhausted = log.count_outcomes("echo", |o| {
+            *o == mesh_test::Outcome::RateLimited {
+                retry_after: Some(Duration::from_secs(5)),
+            }
+        });
+        assert!(exhausted >= 1, "seed {seed}");
+        assert!(
+            exhausted < 12,
+            "seed {seed}: {exhausted} of 200 calls hit the exhausted endpoint"
+        );
+    }
+}

@@ -12,6 +12,8 @@ use mesh_core::identity::IdentityPattern;
 use mesh_spiffe::Mtls;
 use mesh_tower::MeshClientBuilder;
 use mesh_tower::client::BuildError;
+use mesh_tower::connect::Dialer;
+use mesh_tower::decision::DecisionRecord;
 use prometheus_client::registry::Registry;
 
 use super::MeshChannel;
@@ -139,6 +141,27 @@ impl MeshChannelBuilder {
     /// This workload's zone and the zone preference.
     pub fn zone(mut self, local_zone: Option<String>, config: ZoneConfig) -> Self {
         self.client = self.client.zone(local_zone, config);
+        self
+    }
+
+    /// Seeds the balancer's picks (tests and simulation); see
+    /// [`MeshClientBuilder::seed`].
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.client = self.client.seed(seed);
+        self
+    }
+
+    /// Opens connections with `dialer` instead of TCP (a simulated network, a tunnel); see
+    /// [`MeshClientBuilder::dialer`].
+    pub fn dialer(mut self, dialer: Dialer) -> Self {
+        self.client = self.client.dialer(dialer);
+        self
+    }
+
+    /// Records picks, breaker transitions and retry decisions in `record`; see
+    /// [`mesh_tower::decision`].
+    pub fn decisions(mut self, record: &DecisionRecord) -> Self {
+        self.client = self.client.decisions(record);
         self
     }
 
