@@ -46,7 +46,10 @@
 //! - **Determinism hooks**: a [`seed`](MockMeshBuilder::seed) from which every endpoint's
 //!   script randomness and every client's P2C picks are derived. (Retry back-off and
 //!   breaker jitter still draw from the thread's generator, and real sockets keep timing
-//!   real: replaying a run exactly needs the simulation still to come.)
+//!   real: to replay a run exactly, use the simulation.)
+//! - **Deterministic simulation** ([`sim`], feature `sim`): the same scripted endpoints
+//!   and the real client stack on turmoil's simulated network, in virtual time, so that
+//!   a seed replays a scenario byte for byte.
 //!
 //! Everything runs on real loopback sockets with real TLS handshakes, so tests need a
 //! multi-threaded or current-thread Tokio runtime with real time. Paused time works
