@@ -65,9 +65,17 @@ pub struct MockMeshBuilder {
     trust_domain: String,
     seed: Option<u64>,
     client: String,
+    decisions: usize,
 }
 
 impl MockMeshBuilder {
+    /// How many recent decisions [`MockMesh::decisions`] keeps (default
+    /// [`mesh_tower::decision::DEFAULT_CAPACITY`]).
+    pub fn decisions(mut self, capacity: usize) -> Self {
+        self.decisions = capacity;
+        self
+    }
+
     /// The trust domain (default `example.org`).
     pub fn trust_domain(mut self, trust_domain: impl Into<String>) -> Self {
         self.trust_domain = trust_domain.into();
@@ -105,7 +113,7 @@ impl MockMeshBuilder {
                 ca: Mutex::new(ca),
                 seed,
                 log,
-                decisions: DecisionRecord::default(),
+                decisions: DecisionRecord::new(self.decisions),
                 client: self.client,
                 stores: Mutex::default(),
                 agents: Mutex::default(),
@@ -132,6 +140,7 @@ impl MockMesh {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             seed: None,
             client: DEFAULT_CLIENT.to_owned(),
+            decisions: mesh_tower::decision::DEFAULT_CAPACITY,
         }
     }
 

@@ -114,9 +114,17 @@ pub struct SimulationBuilder {
     latency: (Duration, Duration),
     duration: Duration,
     tick: Duration,
+    decisions: usize,
 }
 
 impl SimulationBuilder {
+    /// How many recent decisions [`Simulation::decisions`] keeps (default
+    /// [`mesh_tower::decision::DEFAULT_CAPACITY`]).
+    pub fn decisions(mut self, capacity: usize) -> Self {
+        self.decisions = capacity;
+        self
+    }
+
     /// The seed of every random choice (default 0).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
@@ -155,6 +163,7 @@ impl SimulationBuilder {
         let mesh = MockMesh::builder()
             .seed(self.seed)
             .trust_domain(self.trust_domain)
+            .decisions(self.decisions)
             .build_with(Log::simulated(stepped.clone()))?;
         let sim = turmoil::Builder::new()
             .rng_seed(self.seed)
@@ -201,6 +210,7 @@ impl Simulation {
             latency: (Duration::ZERO, Duration::from_millis(1)),
             duration: DEFAULT_DURATION,
             tick: Duration::from_millis(1),
+            decisions: mesh_tower::decision::DEFAULT_CAPACITY,
         }
     }
 

@@ -347,3 +347,55 @@ fn grpc_through_the_simulation_sidelines_a_resource_exhausted_endpoint_for_its_p
         );
     }
 }
+
+#[test]
+fn a_partitioned_endpoint_costs_no_request_and_serves_again_once_repaired() {
+    // No timeout is configured: requests already on the cut connection are freed by its
+    // HTTP/2 keep-alive (20 s without a frame, then 20 s for the ping) and retried. Their
+    // 40 s count as the endpoint's latency, so peak-EWMA sidelines it until that decays
+    // (about 90 s): the run lasts long enough to see it chosen again.
+    let mut sim = Simulation::builder().seed(3).build().unwrap();
+    let users = sim
+        .service("users")
+        .endpoints(3)
+        .script(Script::default().with_latency(Latency::Uniform(ms(1), ms(3))))
+        .spawn()
+        .unwrap();
+    let cut = users.endpoint(1).unwrap().clone();
+    let caller = users.clone();
+    sim.client("caller", async move {
+        let answers = load(caller, 2, 1600, ms(100)).await?;
+        let failed: Vec<_> = answers
+            .iter()
+            .filter(|a| *a != &Ok(StatusCode::OK))
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        Ok(())
+    });
+    assert!(!sim.run_for(Duration::from_secs(1)).unwrap());
+    let before = sim.events();
+    sim.partition("caller", &cut);
+    assert!(!sim.run_for(Duration::from_secs(60)).unwrap());
+    let during = sim.events().since(before.len());
+    sim.repair("caller", &cut);
+    let mark = sim.events().len();
+    sim.run().unwrap();
+    let after = sim.events().since(mark);
+    let to_cut = |log: &EventLog| {
+        log.requests("users")
+            .filter(|r| r.endpoint.index == 1)
+            .count()
+    };
+    assert!(to_cut(&before) > 0);
+    // Nothing crosses a partition; the others serve meanwhile.
+    assert_eq!(to_cut(&during), 0);
+    assert!(
+        during.requests("users").count() > 300,
+        "{}",
+        during.requests("users").count()
+    );
+    assert!(
+        to_cut(&after) > 0,
+        "the repaired endpoint never served again"
+    );
+}

@@ -15,6 +15,11 @@
 //!   left discovery) or the server closes them;
 //! - `Auto`: HTTP/2 when ALPN negotiates `h2` over mTLS, HTTP/1.1 otherwise.
 //!
+//! An HTTP/2 connection with requests open is pinged after 20 s without a frame from the
+//! endpoint and closed if the ping is not answered within 20 s more, so requests to an
+//! endpoint that vanished without a reset fail (and are retried) rather than hang. An
+//! HTTP/1.1 request has no such check: bound it with a timeout.
+//!
 //! A request that a pooled connection could not take before writing it (the server had
 //! just closed it) is sent again on another connection, whatever its method. Requests to
 //! HTTP/1.1 go in origin form with a `Host` header from the URI's authority (the logical
@@ -60,7 +65,7 @@ use http::Uri;
 use http::header::HOST;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::config::Protocol;
 use mesh_spiffe::{MtlsConnector, PeerIdentity, TransportError};
 use pin_project_lite::pin_project;
@@ -370,6 +375,13 @@ impl hyper::rt::Write for Conn {
     }
 }
 
+/// HTTP/2 connections with requests open are pinged after this long without a frame
+/// from the endpoint, and closed when the ping goes unanswered as long again: requests
+/// on a connection to an endpoint that vanished without a reset (a black hole, a host
+/// powered off) fail after at most 40 s, and are retried, instead of hanging with no
+/// timeout configured. (Found by the simulation's partition test.)
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// How long an HTTP/1.1 connection may sit idle in the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -648,7 +660,11 @@ where
         };
         let failed = |source| ConnectError::Handshake { addr, source };
         if h2 {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_KEEP_ALIVE)
+                .keep_alive_timeout(H2_KEEP_ALIVE)
+                .handshake(io)
                 .await
                 .map_err(failed)?;
             tokio::spawn(async move {
