@@ -49,6 +49,16 @@ use crate::script::{Script, Verdict};
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The stack each mock endpoint serves; see [`crate::service::scripted_stack`].
+pub(crate) type Stack = Record<
+    mesh_tower::authz::Authorize<
+        tower::util::MapRequest<
+            mesh_tower::ratelimit::RateLimit<App>,
+            fn(Request<Incoming>) -> Request<Incoming>,
+        >,
+    >,
+>;
+
 /// What one endpoint's application and recorder share.
 #[derive(Debug)]
 pub(crate) struct Core {

@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tower::Layer;
 
 use crate::client_stats::{ClientStats, Clients};
-use crate::endpoint::{App, Core, EndpointInner, MockEndpoint, Record, mark};
+use crate::endpoint::{App, Core, EndpointInner, MockEndpoint, Record, Stack, mark};
 use crate::error::MockMeshError;
 use crate::events::{EndpointChange, EndpointRef};
 use crate::link::Link;
@@ -197,6 +197,43 @@ impl fmt::Debug for MockService {
 
 /// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
 /// both, so that endpoints draw independent, reproducible sequences.
+/// Takes the endpoint at `addr` out of `set`; whether it was in.
+pub(crate) fn undiscover(set: &watch::Sender<EndpointSet>, addr: SocketAddr) -> bool {
+    set.send_if_modified(|set| {
+        let next: EndpointSet = set.iter().filter(|e| e.addr() != addr).cloned().collect();
+        let changed = next.len() != set.len();
+        *set = next;
+        changed
+    })
+}
+
+/// Puts `endpoint` into `set`; whether it was not in already.
+pub(crate) fn rediscover(set: &watch::Sender<EndpointSet>, endpoint: Endpoint) -> bool {
+    set.send_if_modified(|set| set.insert(endpoint).is_none())
+}
+
+/// The scripted stack one endpoint serves: the recorder, the service's authorization,
+/// its rate limit (none by default), the application.
+pub(crate) fn scripted_stack(
+    core: &Arc<Core>,
+    echo: &EchoService,
+    authorize: &AuthorizeLayer,
+    rate_limit: Option<&RateLimitConfig>,
+) -> Stack {
+    let app = App {
+        core: core.clone(),
+        echo: echo.server(),
+    };
+    let limits = Limits::new(&rate_limit.cloned().unwrap_or_default());
+    Record {
+        inner: authorize.layer(tower::util::MapRequest::new(
+            RateLimitLayer::new(limits).layer(app),
+            mark as fn(_) -> _,
+        )),
+        core: core.clone(),
+    }
+}
+
 /// A discovery stream that follows `set`: an `Insert` per endpoint now, then the changes.
 pub(crate) fn follow(set: &watch::Sender<EndpointSet>) -> BoxDiscover {
     let mut rx = set.subscribe();
@@ -343,18 +380,7 @@ impl MockService {
             inner.recording.clone(),
         ));
         let echo = EchoService::new(&format!("{}-{index}", inner.name));
-        let app = App {
-            core: core.clone(),
-            echo: echo.server(),
-        };
-        let limits = Limits::new(&inner.rate_limit.clone().unwrap_or_default());
-        let stack = Record {
-            inner: inner.authorize.layer(tower::util::MapRequest::new(
-                RateLimitLayer::new(limits).layer(app),
-                mark as fn(_) -> _,
-            )),
-            core: core.clone(),
-        };
+        let stack = scripted_stack(&core, &echo, &inner.authorize, inner.rate_limit.as_ref());
         let mut server_limits = ServerLimits::default();
         server_limits.shutdown_timeout = Duration::from_millis(100);
         let server = builder.limits(server_limits).serve(listener, stack)?;
@@ -383,13 +409,7 @@ impl MockService {
         let Some(ep) = self.endpoint(index) else {
             return false;
         };
-        let key = ep.addr();
-        let removed = self.inner.discovery.send_if_modified(|set| {
-            let next: EndpointSet = set.iter().filter(|e| e.addr() != key).cloned().collect();
-            let changed = next.len() != set.len();
-            *set = next;
-            changed
-        });
+        let removed = undiscover(&self.inner.discovery, ep.addr());
         if removed {
             ep.changed(EndpointChange::Removed);
         }
@@ -401,11 +421,7 @@ impl MockService {
         let Some(ep) = self.endpoint(index) else {
             return false;
         };
-        let discovered = self.discovered(&ep);
-        let inserted = self
-            .inner
-            .discovery
-            .send_if_modified(|set| set.insert(discovered).is_none());
+        let inserted = rediscover(&self.inner.discovery, self.discovered(&ep));
         if inserted {
             ep.changed(EndpointChange::Started);
         }

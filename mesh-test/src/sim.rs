@@ -75,17 +75,16 @@ use mesh_tonic::{MeshChannel, MeshChannelBuilder};
 use mesh_tower::authz::{AuthorizeLayer, Policy};
 use mesh_tower::connect::Dialer;
 use mesh_tower::decision::DecisionRecord;
-use mesh_tower::ratelimit::{Limits, RateLimitLayer};
 use mesh_tower::{MeshClient, MeshClientBuilder};
 use tokio::sync::watch;
-use tower::{Layer, ServiceExt};
+use tower::ServiceExt;
 
-use crate::endpoint::{App, Core, Record, mark};
+use crate::endpoint::Core;
 use crate::error::MockMeshError;
 use crate::events::{EndpointChange, EndpointEvent, EndpointRef, Event, EventLog, Log};
 use crate::mesh::{DEFAULT_TRUST_DOMAIN, MockMesh};
 use crate::script::Script;
-use crate::service::{endpoint_seed, follow};
+use crate::service::{endpoint_seed, follow, rediscover, scripted_stack, undiscover};
 
 /// The port every simulated endpoint serves mTLS on.
 pub const PORT: u16 = 443;
@@ -415,18 +414,7 @@ impl SimServiceBuilder<'_> {
                 recording.clone(),
             ));
             let echo = EchoService::new(&host);
-            let app = App {
-                core: core.clone(),
-                echo: echo.server(),
-            };
-            let limits = Limits::new(&self.rate_limit.clone().unwrap_or_default());
-            let stack = Record {
-                inner: authorize.layer(tower::util::MapRequest::new(
-                    RateLimitLayer::new(limits).layer(app),
-                    mark as fn(_) -> _,
-                )),
-                core: core.clone(),
-            };
+            let stack = scripted_stack(&core, &echo, &authorize, self.rate_limit.as_ref());
             let acceptor = acceptor.clone();
             sim.sim.host(host.as_str(), move || {
                 serve(acceptor.clone(), stack.clone())
@@ -613,13 +601,7 @@ impl SimService {
         let Some(ep) = self.endpoint(index) else {
             return false;
         };
-        let key = ep.addr();
-        let removed = self.inner.discovery.send_if_modified(|set| {
-            let next: EndpointSet = set.iter().filter(|e| e.addr() != key).cloned().collect();
-            let changed = next.len() != set.len();
-            *set = next;
-            changed
-        });
+        let removed = undiscover(&self.inner.discovery, ep.addr());
         if removed {
             ep.changed(EndpointChange::Removed);
         }
@@ -631,11 +613,7 @@ impl SimService {
         let Some(ep) = self.endpoint(index) else {
             return false;
         };
-        let discovered = ep.discovered();
-        let inserted = self
-            .inner
-            .discovery
-            .send_if_modified(|set| set.insert(discovered).is_none());
+        let inserted = rediscover(&self.inner.discovery, ep.discovered());
         if inserted {
             ep.changed(EndpointChange::Started);
         }

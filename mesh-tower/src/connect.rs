@@ -1251,15 +1251,7 @@ mod tests {
 
     #[tokio::test]
     async fn mtls_negotiates_h2_and_attaches_the_server_identity() {
-        let mut ca = TestCa::new("example.org").unwrap();
-        let server = Mtls::new(CredentialStore::with(
-            ca.issue("spiffe://example.org/users").unwrap(),
-            ca.bundle_set().unwrap(),
-        ));
-        let client = Mtls::new(CredentialStore::with(
-            ca.issue("spiffe://example.org/web").unwrap(),
-            ca.bundle_set().unwrap(),
-        ));
+        let (server, client) = users_and_web();
         let acceptor = MtlsAcceptor::new(&server, Authorizer::any()).unwrap();
         let ep = MockEndpoint::spawn_mtls("users", Behavior::default(), acceptor)
             .await
@@ -1297,6 +1289,21 @@ mod tests {
             "{chain:?}"
         );
         assert!(!c.conn_state().is_ready(Instant::now()));
+    }
+
+    /// Credentials of `users` (the server) and `web` (the client), from one test CA.
+    fn users_and_web() -> (Mtls, Mtls) {
+        let mut ca = TestCa::new("example.org").unwrap();
+        let mut issue = |id| {
+            Mtls::new(CredentialStore::with(
+                ca.issue(id).unwrap(),
+                ca.bundle_set().unwrap(),
+            ))
+        };
+        (
+            issue("spiffe://example.org/users"),
+            issue("spiffe://example.org/web"),
+        )
     }
 
     /// A dialer that reaches the real endpoint `to` through an in-memory pipe, whatever
@@ -1340,15 +1347,7 @@ mod tests {
         }
 
         // mTLS over the dialer: the server's identity is verified as over TCP.
-        let mut ca = TestCa::new("example.org").unwrap();
-        let server = Mtls::new(CredentialStore::with(
-            ca.issue("spiffe://example.org/users").unwrap(),
-            ca.bundle_set().unwrap(),
-        ));
-        let client = Mtls::new(CredentialStore::with(
-            ca.issue("spiffe://example.org/web").unwrap(),
-            ca.bundle_set().unwrap(),
-        ));
+        let (server, client) = users_and_web();
         let acceptor = MtlsAcceptor::new(&server, Authorizer::any()).unwrap();
         let tls_ep = MockEndpoint::spawn_mtls("users", Behavior::default(), acceptor)
             .await
