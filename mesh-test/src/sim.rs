@@ -28,8 +28,8 @@
 //! [`MeshClient`] from [`SimService::client`] is the real mesh-tower stack — balancer,
 //! breakers, retries, timeouts — whose connections go through turmoil's network by a
 //! [`Dialer`]. Every host runs on a paused Tokio runtime that turmoil advances, so
-//! timeouts, back-offs, ejections and scripted latencies happen in virtual time: a
-//! scenario of minutes runs in a fraction of a second.
+//! timeouts, back-offs, ejections and scripted latencies happen in virtual time: waiting
+//! costs nothing, only the work does.
 //!
 //! **What the seed fixes.** The seed gives:
 //! - turmoil's own draws (message latencies between `latency(min, max)`, default 0–1 ms);
