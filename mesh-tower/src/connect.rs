@@ -576,7 +576,9 @@ where
                     }
                 },
                 Next::Dial { h2 } => {
-                    let dialled = self.dial().await;
+                    // Boxed: a dial (TCP, TLS, HTTP/2 handshakes) is a large future and a
+                    // rare one; inline, it would make every request's exchange that large.
+                    let dialled = Box::pin(self.dial()).await;
                     if h2 {
                         let mut pool = self.pool();
                         pool.dialling = false;

@@ -121,42 +121,66 @@ async fn connection<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // The handshake and the serving of each kind of stream are boxed, each bound before it
+    // is awaited: a task is as large as the largest future it awaits inline, for its whole
+    // life, and a connection needs one of them at a time (measured: the task of a
+    // plaintext connection went from 10 KB to 3 KB, plus a 2.3 KB box while serving).
     match &shared.tls {
         #[cfg(feature = "opaque")]
         Transport::Plain if shared.opaque.is_some() => {
             use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
-            match detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
+            let detected = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await;
+            match detected {
                 Detected::Opaque => {
-                    if let Some(client) = &shared.opaque
-                        && let Err(error) = client.relay(tcp).await
-                    {
-                        tracing::debug!(%remote, %error, "opaque relay failed");
+                    if let Some(client) = &shared.opaque {
+                        let relay = Box::pin(client.relay(tcp));
+                        if let Err(error) = relay.await {
+                            tracing::debug!(%remote, %error, "opaque relay failed");
+                        }
                     }
                 }
-                _ => serve(tcp, None, remote, &shared, shutdown).await,
+                _ => {
+                    let serving = Box::pin(serve(tcp, None, remote, &shared, shutdown));
+                    serving.await;
+                }
             }
         }
-        Transport::Plain => serve(tcp, None, remote, &shared, shutdown).await,
-        Transport::Tls(acceptor) => match acceptor.accept(tcp).await {
-            Ok(tls) => serve(tls, None, remote, &shared, shutdown).await,
-            Err(error) => {
-                tracing::debug!(%remote, %error, "TLS handshake failed");
-                if let Some(metrics) = &shared.metrics {
-                    metrics.tls_failure(failure_reason(&error));
+        Transport::Plain => {
+            let serving = Box::pin(serve(tcp, None, remote, &shared, shutdown));
+            serving.await;
+        }
+        Transport::Tls(acceptor) => {
+            let accept = Box::pin(acceptor.accept(tcp));
+            match accept.await {
+                Ok(tls) => {
+                    let serving = Box::pin(serve(tls, None, remote, &shared, shutdown));
+                    serving.await;
+                }
+                Err(error) => {
+                    tracing::debug!(%remote, %error, "TLS handshake failed");
+                    if let Some(metrics) = &shared.metrics {
+                        metrics.tls_failure(failure_reason(&error));
+                    }
                 }
             }
-        },
-        Transport::Mtls(acceptor) => match acceptor.accept(tcp).await {
-            Ok((tls, peer)) => serve(tls, Some(peer), remote, &shared, shutdown).await,
-            Err(error) => {
-                // Plaintext on the mTLS port, an untrusted or unauthorized certificate,
-                // garbage, a stalled client: nothing is served.
-                tracing::debug!(%remote, %error, "TLS handshake refused");
-                if let Some(metrics) = &shared.metrics {
-                    metrics.tls_failure(failure_reason(&error));
+        }
+        Transport::Mtls(acceptor) => {
+            let accept = Box::pin(acceptor.accept(tcp));
+            match accept.await {
+                Ok((tls, peer)) => {
+                    let serving = Box::pin(serve(tls, Some(peer), remote, &shared, shutdown));
+                    serving.await;
+                }
+                Err(error) => {
+                    // Plaintext on the mTLS port, an untrusted or unauthorized
+                    // certificate, garbage, a stalled client: nothing is served.
+                    tracing::debug!(%remote, %error, "TLS handshake refused");
+                    if let Some(metrics) = &shared.metrics {
+                        metrics.tls_failure(failure_reason(&error));
+                    }
                 }
             }
-        },
+        }
     }
 }
 
@@ -198,8 +222,7 @@ async fn serve<IO, S, B>(
         remote: ClientAddr(remote),
         activity: activity.clone(),
     };
-    let conn = shared.http.serve_connection(TokioIo::new(io), service);
-    let mut conn = pin!(conn);
+    let mut conn = pin!(shared.http.serve_connection(TokioIo::new(io), service));
     let limits = &shared.limits;
     // Until the first request begins, the header-read bound covers the silence too.
     let mut check = pin!(tokio::time::sleep(limits.header_read_timeout));
