@@ -1015,3 +1015,135 @@ async fn curl_is_served_and_refused_as_it_should_be() {
     let big = format!("x-big: {}", "a".repeat(80 * 1024));
     assert_eq!(curl(vec!["-H".into(), big, url]).await.unwrap(), "431 1.1");
 }
+
+/// An application that counts its clones and, when `late` is set, is not ready at the
+/// first `poll_ready` of each instance (it asks to be polled again); with `broken`, its
+/// readiness fails.
+#[derive(Debug)]
+struct Counted {
+    clones: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    late: bool,
+    broken: bool,
+    polled: bool,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            clones: self.clones.clone(),
+            late: self.late,
+            broken: self.broken,
+            polled: false,
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Counted {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.broken {
+            return std::task::Poll::Ready(Err(std::io::Error::other("not today")));
+        }
+        if self.late && !self.polled {
+            self.polled = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Incoming>) -> Self::Future {
+        // Readiness is used once: the next call needs another `poll_ready`.
+        self.polled = false;
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
+    }
+}
+
+fn counted(late: bool, broken: bool) -> (Counted, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = Counted {
+        clones: clones.clone(),
+        late,
+        broken,
+        polled: false,
+    };
+    (app, clones)
+}
+
+#[tokio::test]
+async fn a_ready_application_is_called_in_place_and_a_late_one_is_waited_for() {
+    for (late, protocol) in [
+        (false, Protocol::Http1),
+        (false, Protocol::Http2),
+        (true, Protocol::Http1),
+        (true, Protocol::Http2),
+    ] {
+        let (app, clones) = counted(late, false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .plaintext()
+            .serve(listener, app)
+            .unwrap();
+        let client = EndpointClient::new(
+            server.local_addr(),
+            ConnectSettings {
+                protocol,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        for _ in 0..5 {
+            let (status, _, body) = send(&client, "/", false).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, "ok"),
+                "{protocol:?}"
+            );
+        }
+        let clones = clones.load(std::sync::atomic::Ordering::Relaxed);
+        if late {
+            // Not ready at once: a request that finds it so drives a clone of its own to
+            // readiness (every other one here: the connection's instance is ready at its
+            // second poll).
+            assert!(clones >= 3, "{protocol:?} late: {clones} clones");
+        } else {
+            // Ready at once: the connection's own instance serves every request.
+            assert!(clones <= 2, "{protocol:?}: {clones} clones for 5 requests");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_application_whose_readiness_fails_fails_the_request_not_the_server() {
+    let (app, _) = counted(false, true);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve(listener, app)
+        .unwrap();
+    for _ in 0..2 {
+        let client: EndpointClient<Full<Bytes>> =
+            EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());
+        let result = client
+            .send(
+                Request::get("http://users/")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+        assert!(
+            result.is_err(),
+            "answered: {:?}",
+            result.map(|r| r.status())
+        );
+    }
+    // The server is still accepting.
+    TcpStream::connect(server.local_addr()).await.unwrap();
+}

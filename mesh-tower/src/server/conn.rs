@@ -217,7 +217,7 @@ async fn serve<IO, S, B>(
         ..Activity::default()
     });
     let service = ConnService {
-        app: shared.app.clone(),
+        app: std::sync::Mutex::new(shared.app.clone()),
         peer,
         remote: ClientAddr(remote),
         activity: activity.clone(),
@@ -374,8 +374,15 @@ impl Activity {
 
 /// The application as hyper calls it for one connection: each request gets the peer's
 /// identity and address as extensions, and counts as activity while it runs.
+///
+/// The connection keeps its own instance of the application, called in place when it is
+/// ready at once (the usual case: the mesh's layers are always ready), so that a request
+/// does not clone and drop the whole stack, whose reference counts every worker thread
+/// shares. Only a service that is not ready at once is cloned and driven to readiness in
+/// the request's future. The lock is the connection's own: hyper calls the service from
+/// the connection's task only, so it is never contended.
 struct ConnService<S> {
-    app: S,
+    app: std::sync::Mutex<S>,
     peer: Option<PeerIdentity>,
     remote: ClientAddr,
     activity: Arc<Activity>,
@@ -384,10 +391,11 @@ struct ConnService<S> {
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = Response<B>;
-    type Error = S::Error;
-    type Future = Tracked<Oneshot<S, Request<Incoming>>>;
+    type Error = BoxError;
+    type Future = Tracked<Call<S>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let extensions = req.extensions_mut();
@@ -404,9 +412,58 @@ where
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         self.activity.started.store(true, Ordering::Relaxed);
         self.activity.touched.store(true, Ordering::Relaxed);
+        let mut app = self
+            .app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ready = Context::from_waker(std::task::Waker::noop());
+        let inner = match app.poll_ready(&mut ready) {
+            Poll::Ready(Ok(())) => Call::Called { fut: app.call(req) },
+            Poll::Ready(Err(error)) => Call::Failed {
+                error: Some(error.into()),
+            },
+            // Not ready at once: a clone of its own waits for readiness, woken properly.
+            Poll::Pending => Call::Waiting {
+                fut: app.clone().oneshot(req),
+            },
+        };
         Tracked {
-            inner: self.app.clone().oneshot(req),
+            inner,
             activity: Some(self.activity.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// A request's call of the application: made in place, waiting for readiness, or
+    /// failed readiness.
+    #[project = CallProj]
+    enum Call<S>
+    where
+        S: Service<Request<Incoming>>,
+    {
+        Called { #[pin] fut: S::Future },
+        Waiting { #[pin] fut: Oneshot<S, Request<Incoming>> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S> Future for Call<S>
+where
+    S: Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CallProj::Called { fut } => fut.poll(cx).map_err(Into::into),
+            CallProj::Waiting { fut } => fut.poll(cx).map_err(Into::into),
+            CallProj::Failed { error } => match error.take() {
+                Some(error) => Poll::Ready(Err(error)),
+                // Polled again after it completed: hyper does not, and nothing is left.
+                None => Poll::Pending,
+            },
         }
     }
 }
