@@ -89,10 +89,10 @@ where
         };
         let _ = tcp.set_nodelay(true);
         let conn = handle(tcp, remote, shutdown.clone());
-        conns.spawn(async move {
-            let _permit = permit;
-            conn.await;
-        });
+        // The permit is released when the connection ends. A combinator rather than an
+        // `async move` block: the block would keep `conn` twice in the task (captured,
+        // and again as the future it awaits), doubling every connection's task.
+        conns.spawn(futures_util::FutureExt::map(conn, move |()| drop(permit)));
         // Reap finished connections as we go.
         while conns.try_join_next().is_some() {}
     }

@@ -669,19 +669,21 @@ where
                 .handshake(io)
                 .await
                 .map_err(failed)?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
+            // Combinators rather than `async move` blocks, which would hold the
+            // connection twice (captured, and as the future awaited).
+            tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
+                if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/2 connection ended");
                 }
-            });
+            }));
             Ok(Checkout::H2(sender, peer))
         } else {
             let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
+            tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
+                if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
                 }
-            });
+            }));
             Ok(Checkout::H1(sender, peer))
         }
     }
