@@ -461,8 +461,8 @@ where
             CallProj::Waiting { fut } => fut.poll(cx).map_err(Into::into),
             CallProj::Failed { error } => match error.take() {
                 Some(error) => Poll::Ready(Err(error)),
-                // Polled again after it completed: hyper does not, and nothing is left.
-                None => Poll::Pending,
+                // Polled again after it completed (hyper does not).
+                None => Poll::Ready(Err("request future polled after it completed".into())),
             },
         }
     }
