@@ -1067,7 +1067,11 @@ impl tower::Service<Request<Incoming>> for Counted {
     }
 }
 
-fn counted(late: bool, broken: bool) -> (Counted, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A plaintext server of a [`Counted`] application, and its clone count.
+async fn serve_counted(
+    late: bool,
+    broken: bool,
+) -> (Server, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let clones = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = Counted {
         clones: clones.clone(),
@@ -1075,7 +1079,12 @@ fn counted(late: bool, broken: bool) -> (Counted, std::sync::Arc<std::sync::atom
         broken,
         polled: false,
     };
-    (app, clones)
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve(listener, app)
+        .unwrap();
+    (server, clones)
 }
 
 #[tokio::test]
@@ -1086,12 +1095,7 @@ async fn a_ready_application_is_called_in_place_and_a_late_one_is_waited_for() {
         (true, Protocol::Http1),
         (true, Protocol::Http2),
     ] {
-        let (app, clones) = counted(late, false);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = MeshServer::builder()
-            .plaintext()
-            .serve(listener, app)
-            .unwrap();
+        let (server, clones) = serve_counted(late, false).await;
         let client = EndpointClient::new(
             server.local_addr(),
             ConnectSettings {
@@ -1122,12 +1126,7 @@ async fn a_ready_application_is_called_in_place_and_a_late_one_is_waited_for() {
 
 #[tokio::test]
 async fn an_application_whose_readiness_fails_fails_the_request_not_the_server() {
-    let (app, _) = counted(false, true);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = MeshServer::builder()
-        .plaintext()
-        .serve(listener, app)
-        .unwrap();
+    let (server, _) = serve_counted(false, true).await;
     for _ in 0..2 {
         let client: EndpointClient<Full<Bytes>> =
             EndpointClient::new(server.local_addr(), ConnectSettings::plaintext());

@@ -123,7 +123,7 @@ async fn connection<S, B>(
 {
     // The handshake and the serving of each kind of stream are boxed, each bound before it
     // is awaited: a task is as large as the largest future it awaits inline, for its whole
-    // life, and a connection needs one of them at a time (measured: the task of a
+    // life, and a connection needs one of them at a time (measured: the future of a
     // plaintext connection went from 10 KB to 3 KB, plus a 2.3 KB box while serving).
     match &shared.tls {
         #[cfg(feature = "opaque")]

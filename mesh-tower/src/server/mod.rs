@@ -325,6 +325,9 @@ impl MeshServerBuilder {
     }
 
     /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
+    ///
+    /// Each connection holds a clone of `app` and calls it in place whenever it is ready
+    /// at once; a request that finds it not ready drives a clone of its own to readiness.
     pub fn serve<S, B>(self, listener: TcpListener, app: S) -> Result<Server, ServerError>
     where
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
