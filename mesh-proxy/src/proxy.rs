@@ -14,7 +14,7 @@ use mesh_tower::MeshClient;
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router, Routes};
-use mesh_tower::server::{MeshServer, MeshServerBuilder, Server};
+use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -168,8 +168,10 @@ impl Proxy {
                 servers.push((inbound.name.clone(), Listener::Opaque(server)));
                 continue;
             }
+            // The proxy's handlers only forward: a connection's streams run in its task.
             let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
-                .metrics(server_metrics.listener(&inbound.name));
+                .metrics(server_metrics.listener(&inbound.name))
+                .h2_streams(StreamTasks::InConnection);
             if let Some(record) = &state.decisions {
                 builder = builder.decisions(record);
             }
@@ -239,8 +241,9 @@ impl Proxy {
             let router = Router::new(routes);
             let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
             let listener = bind(&key, outbound.listen).await?;
-            let mut builder =
-                MeshServer::builder().metrics(server_metrics.listener(&outbound.name));
+            let mut builder = MeshServer::builder()
+                .metrics(server_metrics.listener(&outbound.name))
+                .h2_streams(StreamTasks::InConnection);
             builder = match &outbound.certificate {
                 None => builder.plaintext(),
                 Some(c) => builder.server_tls(

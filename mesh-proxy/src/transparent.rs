@@ -139,7 +139,8 @@ impl Transparent {
         let mut builder = MeshServer::builder()
             .plaintext()
             .limits(limits)
-            .metrics(cx.server_metrics.listener(&self.name));
+            .metrics(cx.server_metrics.listener(&self.name))
+            .h2_streams(mesh_tower::server::StreamTasks::InConnection);
         if self.protocol == Protocol::Auto {
             builder = builder.opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls).await?);
         }

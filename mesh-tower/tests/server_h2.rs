@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use mesh_core::config::Protocol;
 use mesh_tower::connect::{ConnectSettings, EndpointClient};
-use mesh_tower::server::{MeshServer, Server, ServerLimits};
+use mesh_tower::server::{MeshServer, Server, ServerLimits, StreamTasks};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -596,4 +596,127 @@ async fn resets_of_accepted_streams_end_in_goaway() {
         "{started} requests started and reset on one connection; {goaway:?}"
     );
     assert_eq!(server.shutdown().await.forced, 0);
+}
+
+/// Either way streams run (`StreamTasks`), a handler that panics ends its own stream,
+/// reset, while the streams beside it on the same connection, one waiting since before
+/// the panic and one opened with it, are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_resets_only_its_stream_in_the_connection_task() {
+    panicking_handler_resets_only_its_stream(StreamTasks::InConnection).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_resets_only_its_stream_in_a_task_of_its_own() {
+    panicking_handler_resets_only_its_stream(StreamTasks::Spawned).await;
+}
+
+async fn panicking_handler_resets_only_its_stream(streams: StreamTasks) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let waiting = release.clone();
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let waiting = waiting.clone();
+        async move {
+            match req.uri().path() {
+                "/panic" => panic!("scripted handler panic"),
+                "/wait" => waiting.notified().await,
+                _ => {}
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .h2_streams(streams)
+        .serve(listener, app)
+        .unwrap();
+    let mut raw = Raw::connect(server.local_addr()).await;
+    let requests = [
+        header_frames(1, &get_block("/wait", &[]), true),
+        header_frames(3, &get_block("/panic", &[]), true),
+        header_frames(5, &get_block("/ok", &[]), true),
+    ];
+    raw.tx.write_all(&requests.concat()).await.unwrap();
+    // Stream 5 is answered and stream 3 reset, in either order; stream 1 still waits.
+    let (mut reset, mut answered) = (None, None);
+    while reset.is_none() || answered.is_none() {
+        let f = read_frame(&mut raw.rx)
+            .await
+            .expect("the connection closed");
+        match (f.kind, f.stream) {
+            (RST_STREAM, 3) => reset = Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap())),
+            (HEADERS, 5) => answered = status_of(&f.payload),
+            (HEADERS | RST_STREAM, 1) | (GOAWAY, _) => panic!("unexpected {f:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(answered, Some(200));
+    assert!(
+        [CANCEL, 0x2].contains(&reset.unwrap()),
+        "reset with CANCEL or INTERNAL_ERROR, got {reset:?}"
+    );
+    release.notify_one();
+    assert_eq!(raw.status(1).await.unwrap(), 200);
+    // The connection still takes new streams.
+    raw.tx
+        .write_all(&header_frames(7, &get_block("/ok", &[]), true))
+        .await
+        .unwrap();
+    assert_eq!(raw.status(7).await.unwrap(), 200);
+    drop(raw);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+/// The tasks that run the handlers of 8 concurrent streams on one connection.
+async fn handler_tasks(streams: StreamTasks) -> std::collections::HashSet<tokio::task::Id> {
+    const N: usize = 8;
+    let tasks = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    // Every handler waits for all N to have started: they are in flight together.
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let (seen, wait) = (tasks.clone(), barrier.clone());
+    let app = tower::service_fn(move |_req: Request<Incoming>| {
+        let (seen, wait) = (seen.clone(), wait.clone());
+        async move {
+            seen.lock().unwrap().insert(tokio::task::id());
+            wait.wait().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .h2_streams(streams)
+        .serve(listener, app)
+        .unwrap();
+    let mut raw = Raw::connect(server.local_addr()).await;
+    let ids: Vec<u32> = (0..N as u32).map(|i| 2 * i + 1).collect();
+    let requests: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| header_frames(id, &get_block("/", &[]), true))
+        .collect();
+    raw.tx.write_all(&requests).await.unwrap();
+    // Answers come in any order: read until each stream has its status.
+    let mut statuses = std::collections::HashMap::new();
+    while statuses.len() < N {
+        let f = read_frame(&mut raw.rx)
+            .await
+            .expect("the connection closed");
+        assert!(f.kind != RST_STREAM && f.kind != GOAWAY, "{f:?}");
+        if f.kind == HEADERS {
+            statuses.insert(f.stream, status_of(&f.payload));
+        }
+    }
+    for id in ids {
+        assert_eq!(statuses[&id], Some(200), "stream {id}");
+    }
+    drop(raw);
+    assert_eq!(server.shutdown().await.forced, 0);
+    tasks.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_connection_streams_run_in_one_task_and_spawned_ones_each_in_their_own() {
+    assert_eq!(handler_tasks(StreamTasks::InConnection).await.len(), 1);
+    assert_eq!(handler_tasks(StreamTasks::Spawned).await.len(), 8);
 }

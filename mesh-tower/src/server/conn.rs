@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_core::error::BoxError;
 use mesh_spiffe::{MtlsAcceptor, PeerIdentity, ServerTlsAcceptor};
@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 use tower_service::Service;
 
+use super::streams::{StreamExec, Streams};
 use super::{ClientAddr, ServerLimits, ShutdownReport};
 use crate::accept::stopped;
 use crate::metrics::server::ListenerMetrics;
@@ -41,7 +42,11 @@ pub(super) struct Shared<S> {
     pub(super) app: S,
     pub(super) tls: Transport,
     pub(super) limits: ServerLimits,
-    pub(super) http: auto::Builder<TokioExecutor>,
+    /// The HTTP versions served (each connection builds its server with its own stream
+    /// executor: see [`super::streams`]).
+    pub(super) protocol: mesh_core::config::Protocol,
+    /// Where HTTP/2 streams run.
+    pub(super) streams: super::StreamTasks,
     pub(super) metrics: Option<ListenerMetrics>,
     /// Plaintext connections that are not HTTP, relayed to a service as opaque TCP.
     #[cfg(feature = "opaque")]
@@ -51,13 +56,14 @@ pub(super) struct Shared<S> {
 /// hyper's default bound on HTTP/1.1 request headers.
 const HYPER_MAX_HEADERS: usize = 100;
 
-/// The HTTP server settings of `limits`.
-pub(super) fn http_builder(
+/// The HTTP server settings of `limits`, with `exec` running HTTP/2 streams.
+pub(super) fn http_builder<E>(
     limits: &ServerLimits,
     protocol: mesh_core::config::Protocol,
-) -> auto::Builder<TokioExecutor> {
+    exec: E,
+) -> auto::Builder<E> {
     use mesh_core::config::Protocol;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(exec);
     builder = match protocol {
         Protocol::Http1 => builder.http1_only(),
         Protocol::Http2 | Protocol::Grpc => builder.http2_only(),
@@ -222,8 +228,15 @@ async fn serve<IO, S, B>(
         remote: ClientAddr(remote),
         activity: activity.clone(),
     };
-    let mut conn = pin!(shared.http.serve_connection(TokioIo::new(io), service));
     let limits = &shared.limits;
+    // This connection's HTTP/2 streams, in this task or spawned (see `streams`).
+    let exec = match shared.streams {
+        super::StreamTasks::InConnection => StreamExec::in_connection(),
+        super::StreamTasks::Spawned => StreamExec::spawn(),
+    };
+    let http = http_builder(limits, shared.protocol, exec.clone());
+    let mut streams = Streams::new(exec);
+    let mut conn = pin!(http.serve_connection(TokioIo::new(io), service));
     // Until the first request begins, the header-read bound covers the silence too.
     let mut check = pin!(tokio::time::sleep(limits.header_read_timeout));
     let mut stop = pin!(stopped(&mut shutdown));
@@ -241,9 +254,13 @@ async fn serve<IO, S, B>(
     let signal_waker = std::task::Waker::from(signals.clone());
     loop {
         let event = std::future::poll_fn(|cx| {
+            // Streams first: what they answer is written by the connection's poll.
+            streams.poll(cx);
             if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Event::Ended(result.err()));
             }
+            // The streams the connection just accepted.
+            streams.poll_queued(cx);
             signals.task.register(cx.waker());
             if !signals.woken.swap(false, Ordering::AcqRel) {
                 return Poll::Pending;

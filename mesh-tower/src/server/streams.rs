@@ -1,0 +1,188 @@
+//! A connection's HTTP/2 streams, run inside the connection's own task
+//! ([`StreamTasks::InConnection`](super::StreamTasks::InConnection)) or spawned.
+//!
+//! hyper hands every HTTP/2 stream (and every tunnel an extended CONNECT opens) to an
+//! executor. With `tokio::spawn` each would be a task of its own: a cache-aligned
+//! allocation per request, reference-counted wake-ups, and the streams of one connection
+//! scattered over the worker threads, where they contend for the connection's shared
+//! state. Here, as in nginx, a connection and its streams stay on one thread:
+//!
+//! - [`StreamExec`], the executor of one connection, queues each new stream;
+//! - [`Streams`] moves queued streams into a `FuturesUnordered` and polls the ones that
+//!   were woken, between polls of the connection: once before it (so that responses the
+//!   streams produce are written by that poll) and once after, for the streams it has just
+//!   accepted.
+//!
+//! A stream that panics is dropped alone, as a panicking task would be (hyper then resets
+//! the stream); its siblings go on. When the connection ends, its remaining streams are
+//! dropped with it: they could no longer answer.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The executor of one connection: queues each stream hyper hands it for [`Streams`], or
+/// spawns it when made by [`StreamExec::spawn`].
+#[derive(Clone)]
+pub(super) struct StreamExec(Option<Arc<Mutex<Vec<Stream>>>>);
+
+impl StreamExec {
+    /// An executor that queues streams for the connection's task.
+    pub(super) fn in_connection() -> Self {
+        Self(Some(Arc::default()))
+    }
+
+    /// An executor that spawns each stream as a task of its own.
+    pub(super) fn spawn() -> Self {
+        Self(None)
+    }
+}
+
+impl std::fmt::Debug for StreamExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamExec")
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match &self.0 {
+            Some(queue) => {
+                let stream: Stream = Box::pin(async_catch(fut));
+                queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(stream);
+            }
+            None => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+}
+
+/// `fut`, with a panic caught and logged instead of unwinding into the connection.
+fn async_catch<F: Future<Output = ()>>(fut: F) -> impl Future<Output = ()> {
+    AssertUnwindSafe(fut).catch_unwind().map(|result| {
+        if result.is_err() {
+            tracing::error!("an HTTP/2 stream panicked: the stream is reset");
+        }
+    })
+}
+
+/// The streams of one connection, polled by the connection's task.
+pub(super) struct Streams {
+    queued: StreamExec,
+    running: FuturesUnordered<Stream>,
+}
+
+impl Streams {
+    /// The streams `exec` will queue.
+    pub(super) fn new(exec: StreamExec) -> Self {
+        Self {
+            queued: exec,
+            running: FuturesUnordered::new(),
+        }
+    }
+
+    /// Takes the queued streams; whether there were any.
+    fn take_queued(&mut self) -> bool {
+        let Some(queue) = &self.queued.0 else {
+            return false;
+        };
+        let mut queued = queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let any = !queued.is_empty();
+        for stream in queued.drain(..) {
+            self.running.push(stream);
+        }
+        any
+    }
+
+    /// Polls every stream that was woken or queued since the last poll.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) {
+        self.take_queued();
+        self.poll_running(cx);
+    }
+
+    /// Polls the streams queued since the last poll (and any woken meanwhile), if any
+    /// were queued.
+    pub(super) fn poll_queued(&mut self, cx: &mut Context<'_>) {
+        if self.take_queued() {
+            self.poll_running(cx);
+        }
+    }
+
+    fn poll_running(&mut self, cx: &mut Context<'_>) {
+        // Completed streams are counted out; `Pending` leaves the woken ones to a later
+        // poll (FuturesUnordered also yields, waking the task, after a long run).
+        while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
+    }
+
+    /// How many streams are running or queued.
+    #[cfg(test)]
+    pub(super) fn len(&mut self) -> usize {
+        self.take_queued();
+        self.running.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use hyper::rt::Executor;
+
+    #[tokio::test]
+    async fn queued_streams_run_in_the_polling_task_and_a_panic_ends_only_its_stream() {
+        let exec = StreamExec::in_connection();
+        let mut streams = Streams::new(exec.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiting = done.clone();
+        exec.execute(async move {
+            let _ = rx.await;
+            waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        exec.execute(async { panic!("scripted") });
+        let quick = done.clone();
+        exec.execute(async move {
+            quick.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert_eq!(streams.len(), 3);
+        // Nothing runs until the connection's task polls.
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
+        std::future::poll_fn(|cx| {
+            streams.poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        // The quick stream ran, the panicking one ended alone, the waiting one waits.
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(streams.len(), 1);
+        tx.send(()).unwrap();
+        std::future::poll_fn(|cx| {
+            streams.poll_queued(cx);
+            assert_eq!(
+                streams.len(),
+                1,
+                "poll_queued polls only when a stream was queued"
+            );
+            streams.poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(streams.len(), 0);
+    }
+}
