@@ -62,7 +62,7 @@ print(f"{name:12} cpu {us(t1 - t0):6.2f} us/req  user {us(u1 - u0):6.2f}  "
 EOF
 }
 
-"$bin" run --config benches/proxy/bench.toml --log warn --workers "${MESH_WORKERS:-2}" \
+"$bin" run --config benches/proxy/bench.toml --log warn --workers "${MESH_WORKERS:-1}" \
   >"$run/mesh.log" 2>&1 &
 mesh=$!
 pids+=("$mesh")

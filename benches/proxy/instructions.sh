@@ -49,7 +49,7 @@ for i in "${!bins[@]}"; do
   bin=${bins[$i]}
   name=$(basename "$bin")-$i
   valgrind --tool=callgrind --callgrind-out-file="$out/$name.%p" \
-    "$bin" run --config benches/proxy/bench.toml --log warn --workers 2 >"$out/$name.log" 2>&1 &
+    "$bin" run --config benches/proxy/bench.toml --log warn --workers "${MESH_WORKERS:-1}" >"$out/$name.log" 2>&1 &
   pid=$!
   pids+=("$pid")
   for _ in $(seq 100); do curl -fs http://127.0.0.1:19480/ >/dev/null && break; sleep 0.3; done

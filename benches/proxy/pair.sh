@@ -29,7 +29,7 @@ if ! command -v oha >/dev/null 2>&1 && [ "${OHA_INSTALL:-0}" = 1 ]; then cargo i
 command -v oha >/dev/null 2>&1 || { echo "pair.sh needs oha for the latency test (OHA_INSTALL=1)" >&2; exit 2; }
 for tool in wrk; do command -v $tool >/dev/null 2>&1 || apt-get install -y -qq $tool >/dev/null; done
 
-workers=${MESH_WORKERS:-2}
+workers=${MESH_WORKERS:-1}
 run="run --log warn --workers $workers --config"
 one="$bin $run $root/benches/proxy/bench.toml"
 # One process tree: the inbound proxy in the background of the shell that becomes the

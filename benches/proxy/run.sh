@@ -8,7 +8,7 @@
 # `tls`: mesh-proxy terminates TLS with the bench's throwaway certificate
 # (bench-tls.toml.in: an outbound listener with `certificate`), beside nginx-1w-tls and
 # haproxy-1t-tls.
-#   MESH_WORKERS=1 benches/proxy/run.sh plain      # the proxy's runtime worker threads
+#   MESH_WORKERS=2 benches/proxy/run.sh plain      # the proxy's runtime worker threads (default 1)
 #
 # Results land in ../shared/bench/results/MODE-TIME/summary.md; report the ratios.
 set -euo pipefail
@@ -18,7 +18,7 @@ bench=${BENCH_DIR:-$(cd .. && pwd)/shared/bench}
 # MESH_BIN: a mesh-proxy binary built already (otherwise: cargo build --release).
 if [ -z "${MESH_BIN:-}" ]; then cargo build --release -p mesh-proxy; fi
 bin=${MESH_BIN:-$PWD/target/release/mesh-proxy}
-flags="--log warn --workers ${MESH_WORKERS:-2}"
+flags="--log warn --workers ${MESH_WORKERS:-1}"
 if [ "$mode" = tls ]; then
   # The bench writes its certificate into its run directory (@DIR@ in MESH_CMD).
   export MESH_CMD="sh -c 'sed s#__DIR__#@DIR@#g $PWD/benches/proxy/bench-tls.toml.in >@DIR@/mesh-tls.toml && exec $bin run --config @DIR@/mesh-tls.toml $flags'"

@@ -34,7 +34,8 @@
 //! Flags override the file, and `MESH_*` environment variables the flags' defaults:
 //! `--admin` / `MESH_ADMIN`, `--log` / `MESH_LOG` (an `EnvFilter`, default `info`),
 //! `--log-format` / `MESH_LOG_FORMAT` (`plain` or `json`), `--workers` / `MESH_WORKERS`
-//! (runtime worker threads, default 2: a sidecar's share of a machine).
+//! (runtime worker threads, default 1: a sidecar's share of a machine; one worker runs a
+//! current-thread runtime, more a multi-threaded one).
 
 // The command line's output is its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -85,8 +86,9 @@ struct RunArgs {
     /// How to log.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     log_format: LogFormat,
-    /// Worker threads of the runtime.
-    #[arg(long, env = "MESH_WORKERS", default_value_t = 2)]
+    /// Worker threads of the runtime: 1 (the default) runs everything on one thread, like
+    /// nginx's and HAProxy's single worker; more spread connections over that many threads.
+    #[arg(long, env = "MESH_WORKERS", default_value_t = 1)]
     workers: usize,
 }
 
@@ -140,11 +142,16 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("error: --workers must be at least 1");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime, whose tasks wake each other without atomics
+    // shared between threads or work stealing (as linkerd2-proxy does with one core).
+    let mut builder = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(args.workers);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
