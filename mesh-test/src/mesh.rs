@@ -296,6 +296,7 @@ impl MockMesh {
     }
 
     /// The workload the mesh's clients run as.
+    #[cfg(feature = "sim")]
     pub(crate) fn client_workload(&self) -> &str {
         &self.inner.client
     }
