@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -31,7 +32,17 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The executor of one connection: queues each stream hyper hands it for [`Streams`], or
 /// spawns it when made by [`StreamExec::spawn`].
 #[derive(Clone)]
-pub(super) struct StreamExec(Option<Arc<Mutex<Vec<Stream>>>>);
+pub(super) struct StreamExec(Option<Arc<Queue>>);
+
+/// The streams handed over since the connection's task last took them.
+#[derive(Default)]
+struct Queue {
+    streams: Mutex<Vec<Stream>>,
+    /// Whether `streams` may be non-empty: read before locking, so that the connection's
+    /// task (which looks twice per wake-up) takes no lock while nothing was queued, as on
+    /// every HTTP/1.1 connection.
+    any: AtomicBool,
+}
 
 impl StreamExec {
     /// An executor that queues streams for the connection's task.
@@ -60,9 +71,11 @@ where
             Some(queue) => {
                 let stream: Stream = Box::pin(async_catch(fut));
                 queue
+                    .streams
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(stream);
+                queue.any.store(true, Ordering::Release);
             }
             None => {
                 tokio::spawn(fut);
@@ -100,7 +113,11 @@ impl Streams {
         let Some(queue) = &self.queued.0 else {
             return false;
         };
-        let mut queued = queue.lock().unwrap_or_else(PoisonError::into_inner);
+        // A plain load first: the usual answer is no, and a swap would write the line.
+        if !queue.any.load(Ordering::Acquire) || !queue.any.swap(false, Ordering::Acquire) {
+            return false;
+        }
+        let mut queued = queue.streams.lock().unwrap_or_else(PoisonError::into_inner);
         let any = !queued.is_empty();
         for stream in queued.drain(..) {
             self.running.push(stream);
