@@ -598,6 +598,27 @@ async fn resets_of_accepted_streams_end_in_goaway() {
     assert_eq!(server.shutdown().await.forced, 0);
 }
 
+/// `app` served in plaintext with its HTTP/2 streams run as `streams` says, and a raw
+/// connection to it.
+async fn serve_streams<S>(streams: StreamTasks, app: S) -> (Server, Raw)
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = MeshServer::builder()
+        .plaintext()
+        .h2_streams(streams)
+        .serve(listener, app)
+        .unwrap();
+    let raw = Raw::connect(server.local_addr()).await;
+    (server, raw)
+}
+
 /// Either way streams run (`StreamTasks`), a handler that panics ends its own stream,
 /// reset, while the streams beside it on the same connection, one waiting since before
 /// the panic and one opened with it, are answered.
@@ -625,13 +646,7 @@ async fn panicking_handler_resets_only_its_stream(streams: StreamTasks) {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = MeshServer::builder()
-        .plaintext()
-        .h2_streams(streams)
-        .serve(listener, app)
-        .unwrap();
-    let mut raw = Raw::connect(server.local_addr()).await;
+    let (server, mut raw) = serve_streams(streams, app).await;
     let requests = [
         header_frames(1, &get_block("/wait", &[]), true),
         header_frames(3, &get_block("/panic", &[]), true),
@@ -683,13 +698,7 @@ async fn handler_tasks(streams: StreamTasks) -> std::collections::HashSet<tokio:
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = MeshServer::builder()
-        .plaintext()
-        .h2_streams(streams)
-        .serve(listener, app)
-        .unwrap();
-    let mut raw = Raw::connect(server.local_addr()).await;
+    let (server, mut raw) = serve_streams(streams, app).await;
     let ids: Vec<u32> = (0..N as u32).map(|i| 2 * i + 1).collect();
     let requests: Vec<u8> = ids
         .iter()
