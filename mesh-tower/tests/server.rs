@@ -559,8 +559,11 @@ async fn idle_connections_are_closed() {
     let rest = read_to_close(&mut tcp).await;
     assert!(rest.is_empty());
     let idle = started.elapsed();
+    // HTTP/1.1: hyper's header-read timer (10 s by default) runs while a keep-alive
+    // connection waits for its next request, so it, not the longer idle timeout, closes
+    // the connection (documented on ServerLimits).
     assert!(
-        idle >= Duration::from_secs(10) && idle <= Duration::from_secs(61),
+        idle >= Duration::from_secs(10) && idle < Duration::from_secs(11),
         "{idle:?}"
     );
 }

@@ -157,6 +157,7 @@ pub struct CertificateFiles {
 /// max_connections = 10000          # [10,000] beyond, accepting waits
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
 /// idle_timeout = "120s"            # [120s] a connection idle this long is closed
+///                                  # (HTTP/1.1: header_read_timeout, when shorter)
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,7 +184,9 @@ pub struct ListenerLimits {
     /// Bound on concurrent HTTP/2 streams per connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
-    /// How long a connection may have no request in flight.
+    /// How long a connection may have no request in flight. An idle HTTP/1.1 connection
+    /// closes at `header_read_timeout` already when that is shorter: hyper's header timer
+    /// runs while the connection waits for its next request.
     #[serde(
         default,
         with = "duration::option",
