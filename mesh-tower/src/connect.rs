@@ -678,12 +678,7 @@ where
             }));
             Ok(Checkout::H2(sender, peer))
         } else {
-            // A request's head and body in one write, as the server side does.
-            let (sender, conn) = http1::Builder::new()
-                .writev(false)
-                .handshake(io)
-                .await
-                .map_err(failed)?;
+            let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
             tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");

@@ -72,9 +72,6 @@ pub(super) fn http_builder<E>(
     let mut http1 = builder.http1();
     http1
         .timer(TokioTimer::new())
-        // A response's head and body in one buffer and one write(2), not writev(2) over
-        // several (proxy bench, HTTP/1.1: 0.96x the CPU per request, 0.93x in the kernel).
-        .writev(false)
         .header_read_timeout(limits.header_read_timeout)
         // hyper answers 431 when the head outgrows its read buffer (at least 8 KiB).
         .max_buf_size((limits.max_header_list_size as usize).max(8192));
