@@ -729,3 +729,58 @@ async fn in_connection_streams_run_in_one_task_and_spawned_ones_each_in_their_ow
     assert_eq!(handler_tasks(StreamTasks::InConnection).await.len(), 1);
     assert_eq!(handler_tasks(StreamTasks::Spawned).await.len(), 8);
 }
+
+/// A CONNECT request's header block with a `content-length`, which hyper refuses by
+/// ending the whole connection: `:method CONNECT` and `:authority` as literals with
+/// indexed names (2, 1), `content-length` (28).
+fn connect_block_with_length() -> Vec<u8> {
+    let mut out = Vec::new();
+    hpack_int(&mut out, 0x00, 4, 2);
+    hpack_str(&mut out, b"CONNECT");
+    hpack_int(&mut out, 0x00, 4, 1);
+    hpack_str(&mut out, b"x:443");
+    hpack_int(&mut out, 0x00, 4, 28);
+    hpack_str(&mut out, b"1");
+    out
+}
+
+/// A request accepted in the same poll that ends its connection (here: a GET, then a
+/// CONNECT hyper refuses by ending the connection) is dropped with the connection, in
+/// either way streams run: its future is not kept alive by the queue it waited in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_accepted_as_the_connection_ends_are_dropped() {
+    for streams in [StreamTasks::InConnection, StreamTasks::Spawned] {
+        struct Guard(Arc<AtomicUsize>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let counter = dropped.clone();
+        let app = tower::service_fn(move |_req: Request<Incoming>| {
+            let guard = Guard(counter.clone());
+            async move {
+                std::future::pending::<()>().await;
+                drop(guard);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        });
+        let (server, mut raw) = serve_streams(streams, app).await;
+        let requests = [
+            header_frames(1, &get_block("/", &[]), true),
+            header_frames(3, &connect_block_with_length(), false),
+        ];
+        raw.tx.write_all(&requests.concat()).await.unwrap();
+        read_to_close(&mut raw.rx).await;
+        // The connection's task drops its streams just after the socket.
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "{streams:?}");
+        assert_eq!(server.shutdown().await.forced, 0);
+    }
+}

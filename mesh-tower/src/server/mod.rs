@@ -124,8 +124,9 @@ pub enum StreamTasks {
     /// even when all calls share one connection (as gRPC clients' do). The default.
     #[default]
     Spawned,
-    /// Every stream in its connection's task: no task, cache-aligned allocation or
-    /// cross-thread wake-up per request, and a connection's streams stay on one thread
+    /// Every stream in its connection's task: no task of its own (a stream is still a
+    /// box and a node of the connection's set) and no cross-thread wake-up per request,
+    /// and a connection's streams stay on one thread
     /// (measured on the proxy bench: 0.98x the instructions and about 0.92x the CPU per
     /// request of `Spawned`). For handlers that mostly wait, such as a proxy's (mesh-proxy
     /// uses it on every listener): a handler that computes or blocks holds up the other

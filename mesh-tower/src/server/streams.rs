@@ -1,8 +1,8 @@
 //! A connection's HTTP/2 streams, run inside the connection's own task
 //! ([`StreamTasks::InConnection`](super::StreamTasks::InConnection)) or spawned.
 //!
-//! hyper hands every HTTP/2 stream (and every tunnel an extended CONNECT opens) to an
-//! executor. With `tokio::spawn` each would be a task of its own: a cache-aligned
+//! hyper hands every HTTP/2 stream (and the task that sends a successful CONNECT's tunnel
+//! data) to an executor. With `tokio::spawn` each would be a task of its own: a cache-aligned
 //! allocation per request, reference-counted wake-ups, and the streams of one connection
 //! scattered over the worker threads, where they contend for the connection's shared
 //! state. Here, as in nginx, a connection and its streams stay on one thread:
@@ -13,9 +13,11 @@
 //!   streams produce are written by that poll) and once after, for the streams it has just
 //!   accepted.
 //!
-//! A stream that panics is dropped alone, as a panicking task would be (hyper then resets
-//! the stream); its siblings go on. When the connection ends, its remaining streams are
-//! dropped with it: they could no longer answer.
+//! A stream that panics is dropped alone, as a panicking task would be (dropping its
+//! response handle resets the stream); its siblings go on. When the connection ends, its
+//! remaining streams, running or still queued, are dropped with it: they could no longer
+//! answer. Queued ones must be dropped explicitly ([`Streams`]' `Drop`): each holds a clone
+//! of the executor, and so of the queue it waits in, a cycle that would otherwise leak it.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -132,9 +134,10 @@ impl Streams {
     }
 
     /// Polls the streams queued since the last poll (and any woken meanwhile), if any
-    /// were queued.
+    /// were queued; again while polling them queues more (a CONNECT's tunnel task is
+    /// queued from its stream's poll, and nothing else would wake the task for it).
     pub(super) fn poll_queued(&mut self, cx: &mut Context<'_>) {
-        if self.take_queued() {
+        while self.take_queued() {
             self.poll_running(cx);
         }
     }
@@ -150,6 +153,19 @@ impl Streams {
     pub(super) fn len(&mut self) -> usize {
         self.take_queued();
         self.running.len()
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        // Queued streams hold the queue (through their executor): take them out, and drop
+        // them after the lock is released (a stream's drop may lock nothing of ours, but
+        // need not be known not to).
+        if let Some(queue) = &self.queued.0 {
+            let queued =
+                std::mem::take(&mut *queue.streams.lock().unwrap_or_else(PoisonError::into_inner));
+            drop(queued);
+        }
     }
 }
 
