@@ -29,7 +29,23 @@ pub(crate) fn serve(
 ) -> Result<Server, ServerError> {
     let app = tower::service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(answer(&state, &req)) }
+        async move {
+            if req.uri().path() != "/metrics" {
+                return Ok::<_, std::convert::Infallible>(answer(&state, &req));
+            }
+            // Rendering reads /proc (every open file descriptor) and walks every metric
+            // family: on the blocking pool, not the runtime's thread, which with one worker
+            // (the default) is the only one serving traffic.
+            let rendered = tokio::task::spawn_blocking(move || answer(&state, &req)).await;
+            Ok(rendered.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "rendering /metrics failed");
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "rendering metrics failed\n",
+                )
+            }))
+        }
     });
     MeshServer::builder().plaintext().serve(listener, app)
 }
