@@ -23,6 +23,11 @@ use tower::Layer;
 
 use crate::admin;
 
+/// Where every listener of the proxy runs HTTP/2 streams: in their connection's task. The
+/// proxy's handlers only forward, so no stream computes long enough to hold up the others
+/// (see [`StreamTasks::InConnection`]).
+pub(crate) const H2_STREAMS: StreamTasks = StreamTasks::InConnection;
+
 /// One outbound backend: a service's client, sent to its peer proxies as HTTP/2.
 pub(crate) type Backend = ToMesh<MeshClient>;
 
@@ -168,10 +173,9 @@ impl Proxy {
                 servers.push((inbound.name.clone(), Listener::Opaque(server)));
                 continue;
             }
-            // The proxy's handlers only forward: a connection's streams run in its task.
             let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
                 .metrics(server_metrics.listener(&inbound.name))
-                .h2_streams(StreamTasks::InConnection);
+                .h2_streams(H2_STREAMS);
             if let Some(record) = &state.decisions {
                 builder = builder.decisions(record);
             }
@@ -243,7 +247,7 @@ impl Proxy {
             let listener = bind(&key, outbound.listen).await?;
             let mut builder = MeshServer::builder()
                 .metrics(server_metrics.listener(&outbound.name))
-                .h2_streams(StreamTasks::InConnection);
+                .h2_streams(H2_STREAMS);
             builder = match &outbound.certificate {
                 None => builder.plaintext(),
                 Some(c) => builder.server_tls(

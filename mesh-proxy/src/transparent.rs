@@ -140,7 +140,7 @@ impl Transparent {
             .plaintext()
             .limits(limits)
             .metrics(cx.server_metrics.listener(&self.name))
-            .h2_streams(mesh_tower::server::StreamTasks::InConnection);
+            .h2_streams(crate::proxy::H2_STREAMS);
         if self.protocol == Protocol::Auto {
             builder = builder.opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls).await?);
         }

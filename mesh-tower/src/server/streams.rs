@@ -158,9 +158,8 @@ impl Streams {
 
 impl Drop for Streams {
     fn drop(&mut self) {
-        // Queued streams hold the queue (through their executor): take them out, and drop
-        // them after the lock is released (a stream's drop may lock nothing of ours, but
-        // need not be known not to).
+        // Queued streams hold the queue (through their executor clone): take them out, so
+        // that the cycle breaks. The guard is a temporary, so they drop after the unlock.
         if let Some(queue) = &self.queued.0 {
             let queued =
                 std::mem::take(&mut *queue.streams.lock().unwrap_or_else(PoisonError::into_inner));
@@ -185,23 +184,23 @@ mod tests {
         let waiting = done.clone();
         exec.execute(async move {
             let _ = rx.await;
-            waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            waiting.fetch_add(1, Ordering::SeqCst);
         });
         exec.execute(async { panic!("scripted") });
         let quick = done.clone();
         exec.execute(async move {
-            quick.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            quick.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(streams.len(), 3);
         // Nothing runs until the connection's task polls.
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(done.load(Ordering::SeqCst), 0);
         std::future::poll_fn(|cx| {
             streams.poll(cx);
             Poll::Ready(())
         })
         .await;
         // The quick stream ran, the panicking one ended alone, the waiting one waits.
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(done.load(Ordering::SeqCst), 1);
         assert_eq!(streams.len(), 1);
         tx.send(()).unwrap();
         std::future::poll_fn(|cx| {
@@ -215,7 +214,7 @@ mod tests {
             Poll::Ready(())
         })
         .await;
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(done.load(Ordering::SeqCst), 2);
         assert_eq!(streams.len(), 0);
     }
 }
