@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use mesh_tower::server::{MeshServer, Server, ServerError};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
@@ -165,6 +166,53 @@ fn from_loopback(req: &Request<Incoming>) -> bool {
 /// from `/proc/self` at each scrape on Linux; absent elsewhere.
 pub(crate) fn register_process_metrics(registry: &mut Registry) {
     registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// Registers, for each edge listener (`certificate = {..}`), when its certificate expires
+/// and how its reloads went, read from the acceptor at each scrape.
+pub(crate) fn register_edge_certificates(
+    registry: &mut Registry,
+    listeners: Vec<(String, mesh_spiffe::ServerTlsAcceptor)>,
+) {
+    if !listeners.is_empty() {
+        registry.register_collector(Box::new(EdgeCertificates(listeners)));
+    }
+}
+
+#[derive(Debug)]
+struct EdgeCertificates(Vec<(String, mesh_spiffe::ServerTlsAcceptor)>);
+
+impl Collector for EdgeCertificates {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "mesh_proxy_edge_certificate_expiry_timestamp_seconds",
+            "When each edge listener's certificate expires (its notAfter, in Unix seconds)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, acceptor) in &self.0 {
+            let not_after = acceptor.status().not_after;
+            let secs = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let labels = [("listener", listener.as_str())];
+            ConstGauge::new(secs).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "mesh_proxy_edge_certificate_reloads",
+            "Changes to an edge listener's certificate files, by result (applied, invalid: the last good certificate stays)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, acceptor) in &self.0 {
+            let status = acceptor.status();
+            for (result, count) in [("applied", status.reloads), ("invalid", status.rejected)] {
+                let labels = [("listener", listener.as_str()), ("result", result)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

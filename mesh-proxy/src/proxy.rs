@@ -204,6 +204,7 @@ impl Proxy {
 
         let mut routers = Vec::new();
         let mut transparent = Vec::new();
+        let mut edge_certificates = Vec::new();
         let transparent_metrics =
             mesh_tower::transparent::TransparentMetrics::register(&mut registry);
         for (i, outbound) in config.outbound.iter().enumerate() {
@@ -250,14 +251,18 @@ impl Proxy {
                 .h2_streams(H2_STREAMS);
             builder = match &outbound.certificate {
                 None => builder.plaintext(),
-                Some(c) => builder.server_tls(
-                    mesh_spiffe::ServerTlsAcceptor::from_files(&c.cert, &c.key).map_err(|e| {
-                        StartError::Config {
+                Some(c) => {
+                    // Watched: a rewritten certificate is presented from the next
+                    // handshake on, without a restart.
+                    let acceptor = mesh_spiffe::ServerTlsAcceptor::watch_files(&c.cert, &c.key)
+                        .await
+                        .map_err(|e| StartError::Config {
                             key: format!("{key}.certificate"),
                             message: e.to_string(),
-                        }
-                    })?,
-                ),
+                        })?;
+                    edge_certificates.push((outbound.name.clone(), acceptor.clone()));
+                    builder.server_tls(acceptor)
+                }
             };
             let mut limits =
                 mesh_tower::server::ServerLimits::default().with_config(&outbound.limits);
@@ -285,6 +290,7 @@ impl Proxy {
             routers.push(Some(router));
         }
 
+        admin::register_edge_certificates(&mut registry, edge_certificates);
         let _ = state.registry.set(registry);
         Ok(Self {
             state,

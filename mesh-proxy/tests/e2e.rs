@@ -138,7 +138,8 @@ async fn curl_through_two_proxies_to_an_app() {
 
 /// An edge listener (`certificate = {..}`): clients outside the mesh speak HTTPS to the
 /// outbound proxy, which verifies nobody but routes into the mesh as before; HTTP/2 by
-/// ALPN; plaintext on that port gets nothing; a bad key file stops the start with its key.
+/// ALPN; plaintext on that port gets nothing; a new pair written over the files is
+/// presented without a restart (and counted); a bad key file stops the start with its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,34 +150,7 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
         2,
     );
     // A certificate for 127.0.0.1 from openssl (not the mesh CA: any PEM chain serves).
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edge",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            "edge.key",
-            "-out",
-            "edge.crt",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    self_signed(dir.path(), "edge");
     let config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
     let mut text = std::fs::read_to_string(&config).unwrap();
     // Relative: taken from the configuration file's directory.
@@ -184,8 +158,10 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     std::fs::write(&config, &text).unwrap();
     let a = Proxy::start(&config, 2);
     let edge = a.addr("egress");
-    let cacert = dir.path().join("edge.crt");
-    let cacert = cacert.to_str().unwrap();
+    // A copy: edge.crt is replaced below.
+    let cacert_old = dir.path().join("first.crt");
+    std::fs::copy(dir.path().join("edge.crt"), &cacert_old).unwrap();
+    let cacert = cacert_old.to_str().unwrap();
 
     let (code, body) = curl(&[
         "--http1.1",
@@ -216,6 +192,46 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     // Plaintext on the TLS port: no answer.
     let (code, _) = curl(&[&format!("http://{edge}/plain")]);
     assert_eq!(code, 0);
+
+    // Rotation: a new pair renamed over the files is presented from the next handshake,
+    // without a restart; a client trusting only the old certificate is then refused.
+    let admin = format!("http://{}/metrics", a.addr("admin"));
+    let (_, metrics) = curl(&[&admin]);
+    assert!(
+        metrics.contains(
+            "mesh_proxy_edge_certificate_reloads_total{listener=\"egress\",result=\"applied\"} 0"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("mesh_proxy_edge_certificate_expiry_timestamp_seconds{listener=\"egress\"} "),
+        "{metrics}"
+    );
+    self_signed(dir.path(), "next");
+    let next = dir.path().join("next.crt");
+    let next = next.to_str().unwrap();
+    std::fs::rename(dir.path().join("next.key"), dir.path().join("edge.key")).unwrap();
+    std::fs::copy(next, dir.path().join("edge.crt.tmp")).unwrap();
+    std::fs::rename(dir.path().join("edge.crt.tmp"), dir.path().join("edge.crt")).unwrap();
+    let url = format!("https://{edge}/rotated");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while curl(&["--cacert", next, &url]).0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was never presented"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _) = curl(&["--cacert", cacert_old.to_str().unwrap(), &url]);
+    assert_eq!(code, 0, "the old certificate is no longer presented");
+    let (_, metrics) = curl(&[&admin]);
+    assert!(
+        metrics.contains(
+            "mesh_proxy_edge_certificate_reloads_total{listener=\"egress\",result=\"applied\"} 1"
+        ),
+        "{metrics}"
+    );
     assert!(a.terminate().success());
 
     // A key that is not a key: the start fails, naming the setting.
@@ -230,4 +246,37 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     assert!(stderr.contains("outbound[0].certificate"), "{stderr}");
     assert!(stderr.contains("edge.key"), "{stderr}");
     assert!(b.terminate().success());
+}
+
+/// A self-signed ECDSA certificate for 127.0.0.1 by openssl: `NAME.crt` and `NAME.key` in
+/// `dir`.
+fn self_signed(dir: &std::path::Path, name: &str) {
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edge",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(format!("{name}.key"))
+        .arg("-out")
+        .arg(format!("{name}.crt"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
 }

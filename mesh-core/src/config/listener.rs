@@ -125,7 +125,9 @@ pub struct OutboundConfig {
     pub limits: ListenerLimits,
     /// Terminate TLS with this certificate instead of accepting plaintext: an edge
     /// listener for clients outside the mesh (HTTPS, HTTP/2 by ALPN), which are not
-    /// authenticated. Default: none (plaintext). Not with `opaque` or `transparent`.
+    /// authenticated. The files are watched: a rewritten valid pair is presented from the
+    /// next handshake, an invalid or expired one keeps the last good pair. Default: none
+    /// (plaintext). Not with `opaque` or `transparent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateFiles>,
 }
