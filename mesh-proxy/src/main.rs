@@ -41,6 +41,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod admin;
+mod notify;
 mod proxy;
 mod transparent;
 
@@ -177,10 +178,15 @@ async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for (name, addr) in proxy.addrs() {
+    let addrs = proxy.addrs();
+    for (name, addr) in &addrs {
         // One line per listener on stdout, for scripts and tests that bind port 0.
         println!("listening {name} {addr}");
     }
+    notify::notify(&format!(
+        "READY=1\nSTATUS=serving on {} listeners",
+        addrs.len()
+    ));
     let state = proxy.state.clone();
     loop {
         tokio::select! {
@@ -196,6 +202,7 @@ async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
             () = state.reload.notified() => proxy.reload().await,
         }
     }
+    notify::notify("STOPPING=1\nSTATUS=draining");
     proxy.shutdown().await;
     tracing::info!("drained; exiting");
     ExitCode::SUCCESS

@@ -280,3 +280,57 @@ fn self_signed(dir: &std::path::Path, name: &str) {
         String::from_utf8_lossy(&made.stderr)
     );
 }
+
+/// systemd's `Type=notify`: with `NOTIFY_SOCKET` set (a path, or on Linux an abstract
+/// name), the proxy says `READY=1` once its listeners are up and `STOPPING=1` when SIGTERM
+/// starts the drain.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_manager_hears_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let app = app().await;
+    let config = common::outbound_config(dir.path(), &mut ca, "caller", &[app], "");
+    let path = dir.path().join("notify.sock");
+    let mut sockets = vec![(
+        UnixDatagram::bind(&path).unwrap(),
+        path.to_str().unwrap().to_owned(),
+    )];
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("mesh-proxy-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        sockets.push((UnixDatagram::bind_addr(&addr).unwrap(), format!("@{name}")));
+    }
+    for (socket, address) in sockets {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+        command
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &address);
+        let proxy = Proxy::start_command(command, 2, std::process::Stdio::inherit());
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "READY=1\nSTATUS=serving on 2 listeners",
+            "{address}"
+        );
+        // Ready means serving.
+        let (code, _) = curl(&[&format!("http://{}/ready", proxy.addr("admin"))]);
+        assert_eq!(code, 200);
+        proxy.signal("TERM");
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "STOPPING=1\nSTATUS=draining",
+            "{address}"
+        );
+        assert!(proxy.terminate().success());
+    }
+}
