@@ -143,6 +143,11 @@ impl Streams {
     }
 
     fn poll_running(&mut self, cx: &mut Context<'_>) {
+        // None running (always so on HTTP/1.1): nothing to poll, and no waker to register.
+        // A stream pushed later is polled as it is pushed.
+        if self.running.is_empty() {
+            return;
+        }
         // Completed streams are counted out; `Pending` leaves the woken ones to a later
         // poll (FuturesUnordered also yields, waking the task, after a long run).
         while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
