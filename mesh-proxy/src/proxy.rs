@@ -244,7 +244,14 @@ impl Proxy {
                 message,
             })?;
             let router = Router::new(routes);
-            let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
+            // An edge listener's clients are outside the mesh: its error answers do not
+            // name endpoints or their errors (the log does).
+            let answers = if outbound.certificate.is_some() {
+                AnswerErrorsLayer::brief()
+            } else {
+                AnswerErrorsLayer::new()
+            };
+            let app: AnswerErrors<Router<Backend>> = answers.layer(router.clone());
             let listener = bind(&key, outbound.listen).await?;
             let mut builder = MeshServer::builder()
                 .metrics(server_metrics.listener(&outbound.name))

@@ -232,6 +232,18 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
         ),
         "{metrics}"
     );
+
+    // The mesh behind it down: outside clients get the status's reason, not the mesh's
+    // addresses and errors.
+    let inbound = b.addr("app");
+    assert!(b.terminate().success());
+    let (code, body) = curl(&["--cacert", next, &format!("https://{edge}/down")]);
+    assert!(code == 502 || code == 503, "{code} {body}");
+    assert!(
+        body == "bad gateway\n" || body == "service unavailable\n",
+        "{body}"
+    );
+    assert!(!body.contains(&inbound.port().to_string()), "{body}");
     assert!(a.terminate().success());
 
     // A key that is not a key: the start fails, naming the setting.
@@ -245,7 +257,6 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("outbound[0].certificate"), "{stderr}");
     assert!(stderr.contains("edge.key"), "{stderr}");
-    assert!(b.terminate().success());
 }
 
 /// A self-signed ECDSA certificate for 127.0.0.1 by openssl: `NAME.crt` and `NAME.key` in

@@ -15,7 +15,7 @@
 //! | anything else | `UNKNOWN` |
 //!
 //! [`BudgetExhausted`] takes the code of the last try's error. The message names the
-//! service and the cause (`users: no ready endpoint for `users` within 3s: …`), and the
+//! service and the cause (`users: no ready endpoint for `users` within 3.0s: …`), and the
 //! original error stays reachable as the status's `source()`.
 //!
 //! Answers from servers need no mapping: a denied call (`PERMISSION_DENIED`) or a rate

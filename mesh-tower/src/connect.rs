@@ -191,6 +191,8 @@ pub struct ConnState {
     down_until: Mutex<Option<Instant>>,
     /// Bumped by every recorded outcome; a connect remembers it when it starts.
     epoch: AtomicU64,
+    /// Why the last connect failed, until one succeeds.
+    last_error: Mutex<Option<Arc<str>>>,
 }
 
 impl ConnState {
@@ -199,7 +201,35 @@ impl ConnState {
             failures: AtomicU32::new(0),
             down_until: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// Why the last connect failed, while no connect has succeeded since.
+    pub fn last_error(&self) -> Option<Arc<str>> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Remembers why a connect failed, for [`last_error`](Self::last_error).
+    pub(crate) fn note_error(&self, error: &dyn fmt::Display) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(Arc::from(error.to_string()));
+        }
+    }
+
+    /// Why the endpoint is not ready at `now`, if it is inside a connect back-off: how many
+    /// connects failed, the last one's error, and when the next may start.
+    pub fn unready_reason(&self, now: Instant) -> Option<String> {
+        let until = self.backoff_until(now)?;
+        let failures = self.failures();
+        let plural = if failures == 1 { "" } else { "s" };
+        let next = until.saturating_duration_since(now);
+        Some(match self.last_error() {
+            Some(error) => format!(
+                "{failures} failed connect{plural} (the last: {error}), the next in {next:.1?}"
+            ),
+            None => format!("{failures} failed connect{plural}, the next in {next:.1?}"),
+        })
     }
 
     /// Whether the endpoint may be picked: not inside a connect back-off.
@@ -231,10 +261,13 @@ impl ConnState {
 
     pub(crate) fn connected(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        if self.failures.swap(0, Ordering::AcqRel) != 0
-            && let Ok(mut until) = self.down_until.lock()
-        {
-            *until = None;
+        if self.failures.swap(0, Ordering::AcqRel) != 0 {
+            if let Ok(mut until) = self.down_until.lock() {
+                *until = None;
+            }
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = None;
+            }
         }
     }
 
@@ -620,6 +653,7 @@ where
             }
             Err(error) => {
                 tracing::debug!(%addr, %error, "connect failed");
+                self.state.note_error(&error);
                 self.state.failed(&self.settings.backoff, started);
                 Err(Arc::new(error))
             }

@@ -359,15 +359,27 @@ where
 }
 
 /// Answers the requests a service failed; see the [module docs](self).
+///
+/// By default an answer's body is the error's whole message: which service, which
+/// endpoints, why (a refused connect, an ejection, a timeout), for the local application
+/// and whoever debugs it. [`brief`](Self::brief) answers with the status's reason alone,
+/// for listeners that face clients outside the mesh, who should not learn the mesh's
+/// addresses and internal errors; the whole message is then only logged (at `debug`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AnswerErrorsLayer {
-    _priv: (),
+    brief: bool,
 }
 
 impl AnswerErrorsLayer {
-    /// The layer.
+    /// The layer, answering with the error's whole message.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The layer, answering with the status's reason alone (`service unavailable`,
+    /// `gateway timeout`, `bad gateway`).
+    pub fn brief() -> Self {
+        Self { brief: true }
     }
 }
 
@@ -375,7 +387,10 @@ impl<S> Layer<S> for AnswerErrorsLayer {
     type Service = AnswerErrors<S>;
 
     fn layer(&self, inner: S) -> AnswerErrors<S> {
-        AnswerErrors { inner }
+        AnswerErrors {
+            inner,
+            brief: self.brief,
+        }
     }
 }
 
@@ -383,6 +398,7 @@ impl<S> Layer<S> for AnswerErrorsLayer {
 #[derive(Clone, Debug)]
 pub struct AnswerErrors<S> {
     inner: S,
+    brief: bool,
 }
 
 impl<S, B, RB> Service<Request<B>> for AnswerErrors<S>
@@ -405,6 +421,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         AnswerErrorsFuture {
             grpc: mesh_core::classify::is_grpc(req.headers()),
+            brief: self.brief,
             inner: self.inner.call(req),
         }
     }
@@ -417,6 +434,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         grpc: bool,
+        brief: bool,
     }
 }
 
@@ -445,6 +463,9 @@ where
                             "unavailable"
                         },
                     )
+                } else if *this.brief {
+                    let reason = status.canonical_reason().unwrap_or("error");
+                    text_answer(status, format!("{}\n", reason.to_ascii_lowercase()))
                 } else {
                     text_answer(status, format!("{e}\n"))
                 }
@@ -550,5 +571,34 @@ mod tests {
             .unwrap();
         let resp = other.oneshot(grpc).await.unwrap();
         assert_eq!(resp.headers()["grpc-status"], "14");
+    }
+
+    #[tokio::test]
+    async fn brief_answers_keep_the_mesh_internals_to_themselves() {
+        use http_body_util::BodyExt;
+        let failing = |layer: AnswerErrorsLayer| {
+            layer.layer(tower::service_fn(|_req: Request<()>| async {
+                Err::<Response<http_body_util::Empty<bytes::Bytes>>, BoxError>(
+                    crate::balance::error::NoReadyEndpoints {
+                        service: "users".into(),
+                        endpoints: 1,
+                        waited: std::time::Duration::from_secs(3),
+                        causes: vec!["10.0.0.7:8080: ejected by its circuit breaker".into()],
+                    }
+                    .into(),
+                )
+            }))
+        };
+        let body = |resp: Response<ResponseBody<http_body_util::Empty<bytes::Bytes>>>| async move {
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let detailed = failing(AnswerErrorsLayer::new());
+        let text = body(detailed.oneshot(Request::new(())).await.unwrap()).await;
+        assert!(text.contains("10.0.0.7:8080: ejected"), "{text}");
+        let brief = failing(AnswerErrorsLayer::brief());
+        let text = body(brief.oneshot(Request::new(())).await.unwrap()).await;
+        assert_eq!(text, "service unavailable\n");
     }
 }

@@ -356,6 +356,25 @@ async fn with_no_ready_endpoint_the_balancer_waits_without_spinning_then_fails_f
     let err = err.downcast::<NoReadyEndpoints>().unwrap();
     assert_eq!(err.endpoints, 2);
     assert!(script.polls.load(Ordering::Relaxed) <= 16, "it spun");
+    // Told nothing about why: the message says what it knows.
+    assert!(err.causes.is_empty());
+    assert!(err.to_string().ends_with("after failed connects"), "{err}");
+
+    // Told how to ask: each endpoint's reason, the first five, then how many more.
+    let script = Script::new(&[false; 7]);
+    let mut balance = script
+        .balance()
+        .with_unready_reasons(|s: &Scripted, _| Some(format!("reason {}", s.id)));
+    filled(&balance, 7).await;
+    let err = balance.ready().await.unwrap_err();
+    let err = err.downcast::<NoReadyEndpoints>().unwrap();
+    assert_eq!(err.causes.len(), 6, "{err}");
+    assert_eq!(err.causes[5], "and 2 more");
+    assert!(
+        err.to_string()
+            .contains("after failed connects (10.0.0.1:8000: reason 0; 10.0.0.1:8001: reason 1;"),
+        "{err}"
+    );
 
     // No endpoints and discovery over: at once.
     let mut empty: Balance<Scripted> = Balance::builder()

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use mesh_core::Endpoint;
-use mesh_core::config::{RetryConfig, TimeoutConfig, ZoneConfig};
+use mesh_core::config::{BreakerConfig, RetryConfig, TimeoutConfig, ZoneConfig};
 use mesh_core::discover::StaticDiscovery;
 use mesh_core::error::is_caused_by;
 use mesh_tower::MeshClient;
-use mesh_tower::client::error::RequestTimeout;
+use mesh_tower::client::error::{NoReadyEndpoints, RequestTimeout};
 use mesh_tower::mock::{Behavior, MockEndpoint};
 use tokio::time::Instant;
 
@@ -251,4 +251,88 @@ async fn a_client_built_from_configuration_applies_its_policies() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("choose mTLS"), "{err}");
+}
+
+/// When no endpoint becomes ready, the error says why, endpoint by endpoint: connects
+/// refused (with the socket's error and when the next may start), or a breaker's ejection.
+#[tokio::test]
+async fn no_ready_endpoint_says_why_for_each() {
+    // Two ports nobody listens on: every connect is refused.
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        closed.push(listener.local_addr().unwrap());
+    }
+    let refused = client(closed.iter().map(|a| Endpoint::new(*a)))
+        .fail_fast(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut message = String::new();
+    // The first tries meet the refusals themselves; once both back off, the balancer
+    // gives up with its reasons.
+    for _ in 0..5 {
+        let err = refused.send(get()).await.unwrap_err();
+        if let Some(e) = mesh_core::error::find_cause::<NoReadyEndpoints>(err.as_ref()) {
+            message = e.to_string();
+            assert_eq!(e.causes.len(), 2, "{message}");
+            break;
+        }
+    }
+    for addr in &closed {
+        let (_, reason) = message
+            .split_once(&format!("{addr}: "))
+            .unwrap_or_else(|| panic!("{addr} not named: {message}"));
+        assert!(reason.contains(" failed connect"), "{message}");
+        assert!(
+            reason.contains(&format!("(the last: connecting to {addr}: ")),
+            "{message}"
+        );
+    }
+    assert!(message.contains("refused"), "{message}");
+    assert!(message.contains(", the next in "), "{message}");
+
+    // An endpoint whose breaker ejected it, beside one that refuses connects (a breaker
+    // always leaves one endpoint in: alone, a failing one would not be ejected).
+    let failing = MockEndpoint::spawn(
+        "failing",
+        Behavior {
+            error_rate: 1.0,
+            ..Behavior::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ejecting = client([Endpoint::new(failing.addr()), Endpoint::new(closed[0])])
+        .circuit_breaker(BreakerConfig {
+            consecutive_failures: 2,
+            max_ejected_share: 1.0,
+            ..BreakerConfig::default()
+        })
+        .retry(RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        })
+        .fail_fast(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut message = String::new();
+    for _ in 0..20 {
+        match ejecting.send(get()).await {
+            Ok(resp) => assert!(resp.status().is_server_error(), "{}", resp.status()),
+            Err(err) => {
+                if let Some(e) = mesh_core::error::find_cause::<NoReadyEndpoints>(err.as_ref()) {
+                    message = e.to_string();
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        message.contains(&format!(
+            "{}: ejected by its circuit breaker",
+            failing.addr()
+        )),
+        "{message}"
+    );
+    assert!(message.contains(&format!("{}: ", closed[0])), "{message}");
 }

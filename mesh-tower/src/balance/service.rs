@@ -1,8 +1,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::error::{NoEndpoints, NoReadyEndpoints, NotReady};
+use super::error::{MAX_CAUSES, NoEndpoints, NoReadyEndpoints, NotReady};
 use super::pool::{self, Live, MakeEndpoint, Pool, Slot};
 use super::{Picked, ResponseFuture, ZonePreference, pick_detailed, recorded, weighted};
 use crate::decision::{PickPath, Recorder};
@@ -119,6 +119,7 @@ impl BalanceBuilder {
             seed: self.seed,
             clones: AtomicU64::new(0),
             decisions: self.decisions,
+            reasons: OnceLock::new(),
         });
         Balance::from_shared(shared)
     }
@@ -133,7 +134,12 @@ struct Shared<S> {
     seed: Option<u64>,
     clones: AtomicU64,
     decisions: Option<Recorder>,
+    /// Says why an endpoint's service is not ready, for [`NoReadyEndpoints`].
+    reasons: OnceLock<Reasons<S>>,
 }
+
+/// Why an endpoint's service is not ready at an instant, if it can tell.
+type Reasons<S> = Box<dyn Fn(&S, Instant) -> Option<String> + Send + Sync>;
 
 /// Waiting for an endpoint to become ready.
 struct Waiting<S> {
@@ -182,6 +188,18 @@ impl Balance<()> {
 }
 
 impl<S> Balance<S> {
+    /// Tells the balancer how to ask an endpoint's service why it is not ready, so that a
+    /// [`NoReadyEndpoints`] lists each endpoint's reason (the first
+    /// [`MAX_CAUSES`](super::error::MAX_CAUSES)). Takes effect for every clone; only the
+    /// first call counts. Asked only when the balancer gives up, never per request.
+    pub fn with_unready_reasons(
+        self,
+        reasons: impl Fn(&S, Instant) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        let _ = self.shared.reasons.set(Box::new(reasons));
+        self
+    }
+
     fn from_shared(shared: Arc<Shared<S>>) -> Self {
         let rng = match shared.seed {
             Some(seed) => fastrand::Rng::with_seed(
@@ -332,6 +350,7 @@ where
                         service: shared.service.clone(),
                         endpoints: pool.endpoints.len(),
                         waited,
+                        causes: causes(shared, &pool.endpoints, now),
                     }
                     .into()
                 };
@@ -340,6 +359,29 @@ where
             return Poll::Pending;
         }
     }
+}
+
+/// Each endpoint's reason for not being ready, as far as the service can tell: the first
+/// [`MAX_CAUSES`], then how many more there are.
+fn causes<S>(shared: &Shared<S>, endpoints: &[Arc<Slot<S>>], now: Instant) -> Vec<String> {
+    let Some(reasons) = shared.reasons.get() else {
+        return Vec::new();
+    };
+    let mut causes = Vec::new();
+    let mut more = 0;
+    for slot in endpoints {
+        if let Some(reason) = reasons(&slot.service, now) {
+            if causes.len() < MAX_CAUSES {
+                causes.push(format!("{}: {reason}", slot.endpoint.key()));
+            } else {
+                more += 1;
+            }
+        }
+    }
+    if more > 0 {
+        causes.push(format!("and {more} more"));
+    }
+    causes
 }
 
 /// A slot's identity while it lives.

@@ -338,7 +338,8 @@ impl MeshClientBuilder {
                 },
             )
             .maybe_decisions(recorder)
-            .build(self.discovery, factory);
+            .build(self.discovery, factory)
+            .with_unready_reasons(unready_reason);
         let stack = ServiceBuilder::new()
             .layer(TimeoutLayer::request(self.timeout.request))
             .layer(retry)
@@ -396,5 +397,24 @@ impl Connect {
                 dialer: self.dialer.clone(),
             },
         ))
+    }
+}
+
+/// Why an endpoint's stack is not ready: its breaker ejected it, or its connects are
+/// backing off (with the last connect's error).
+fn unready_reason(stack: &EndpointStack, now: tokio::time::Instant) -> Option<String> {
+    let breaker = stack.handle().and_then(|h| match h.gate().state() {
+        crate::breaker::GateState::Ejected => Some("ejected by its circuit breaker"),
+        crate::breaker::GateState::Probation if !h.gate().may_admit() => {
+            Some("on probation, its circuit breaker's probe request in flight")
+        }
+        _ => None,
+    });
+    let client = stack.get_ref().get_ref().get_ref().get_ref();
+    let connects = client.conn_state().unready_reason(now);
+    match (breaker, connects) {
+        (Some(b), Some(c)) => Some(format!("{b}; {c}")),
+        (Some(b), None) => Some(b.to_owned()),
+        (None, c) => c,
     }
 }

@@ -302,6 +302,7 @@ impl OpaqueClient {
                     return Ok((open, remote, peer, tried.len()));
                 }
                 Err(error) => {
+                    open.0.state.note_error(&error);
                     open.0.state.failed(&settings.backoff, started);
                     tracing::debug!(service = %self.shared.service, %error, "connect failed; trying another endpoint");
                     last = Some(error);
