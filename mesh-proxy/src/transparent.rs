@@ -13,7 +13,7 @@
 //! (with their connections) and gives them the new routes, swaps the destination table
 //! at once, and drains the servers of services that are gone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
@@ -25,7 +25,9 @@ use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer};
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router};
 use mesh_tower::server::{Handoff, MeshServer, Server};
-use mesh_tower::transparent::{DestinationTable, TransparentListener, TransparentMetrics};
+use mesh_tower::transparent::{
+    DestinationTable, Destinations, TransparentListener, TransparentMetrics,
+};
 use tower::Layer;
 
 use crate::proxy::{Backend, StartError, lock, opaque_client, routes};
@@ -216,8 +218,8 @@ impl Transparent {
     }
 }
 
-/// Every address of every service, to its server.
-fn table(services: &BTreeMap<String, Meshed>) -> HashMap<SocketAddr, Handoff> {
+/// Every address and network of every service, to its server.
+fn table(services: &BTreeMap<String, Meshed>) -> Destinations {
     services
         .values()
         .flat_map(|m| m.config.addresses.iter().map(|a| (*a, m.handoff.clone())))

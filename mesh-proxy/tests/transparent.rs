@@ -243,7 +243,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
              server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.10:80\"]\n\
              [services.db]\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
-             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.11:5432\"]\n\
+             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.8/29:5432\"]\n\
              [[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:4140\"\ntransparent = true\n",
             identity(dir.path(), &mut ca, "web")
         ),
@@ -285,13 +285,16 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         );
     }
 
-    // Opaque TCP to a meshed destination: detected, then relayed over mTLS.
-    let out = ns
-        .command("python3")
-        .args(["-c", CLIENT, "10.55.0.11", "5432", "ping\n"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo> ping\n");
+    // Opaque TCP to a meshed destination: detected, then relayed over mTLS. The service
+    // claims a network (10.55.0.8/29 at 5432): any of its addresses is the service.
+    for ip in ["10.55.0.11", "10.55.0.14"] {
+        let out = ns
+            .command("python3")
+            .args(["-c", CLIENT, ip, "5432", "ping\n"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "echo> ping\n", "{ip}");
+    }
 
     // Unmatched: passed through as it is, in the clear (no identity: not meshed).
     let (status, body) = ns.curl("http://10.55.0.1:8080/plain");
@@ -303,7 +306,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
 
     let (_, metrics) = ns.curl("http://127.0.0.1:4191/metrics");
     for line in [
-        r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 22"#,
+        r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 23"#,
         r#"mesh_transparent_connections_total{listener="transparent",outcome="passthrough"} 1"#,
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");

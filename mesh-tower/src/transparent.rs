@@ -12,7 +12,9 @@
 //!    original destination is the listener itself (dialled directly: there is nowhere to
 //!    proxy it to);
 //! 2. looks the destination up in its [`DestinationTable`], which the owner fills with one
-//!    [`Handoff`] per meshed service and may replace at any time (a reload);
+//!    [`Handoff`] per meshed service and may replace at any time (a reload): an exact
+//!    address first, then the network with the longest prefix holding it at its port
+//!    ([`Destinations`]);
 //! 3. **meshed**: hands the connection to that service's server (a
 //!    [`MeshServer`](crate::server::MeshServer) started with
 //!    [`serve_handed`](crate::server::MeshServerBuilder::serve_handed), typically plaintext
@@ -43,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mesh_core::config::Unmatched;
+use mesh_core::config::{Destination, Network, Unmatched};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -102,24 +104,97 @@ mod imp {
     }
 }
 
-/// Where each meshed destination's connections go; replaceable while serving. Cheap to
-/// clone (clones share the table).
+/// Meshed destinations, each with the handoff its connections go to: exact addresses, and
+/// networks at a port ([`Destination`]). A connection's original destination takes its
+/// exact entry, else the network with the longest prefix that holds it.
+#[derive(Clone, Debug, Default)]
+pub struct Destinations {
+    exact: HashMap<SocketAddr, Handoff>,
+    /// Longest prefix first.
+    networks: Vec<(Network, Handoff)>,
+}
+
+impl Destinations {
+    /// No destination.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `dst`'s connections to `handoff` (replacing what that same destination had).
+    pub fn insert(&mut self, dst: Destination, handoff: Handoff) {
+        match dst {
+            Destination::Addr(addr) => {
+                self.exact.insert(addr, handoff);
+            }
+            Destination::Network(net) => {
+                self.networks.retain(|(n, _)| *n != net);
+                // After every network with a prefix at least as long: longest first.
+                let at = self
+                    .networks
+                    .partition_point(|(n, _)| n.prefix() >= net.prefix());
+                self.networks.insert(at, (net, handoff));
+            }
+        }
+    }
+
+    /// The handoff for `dst`, if it is meshed.
+    pub fn get(&self, dst: &SocketAddr) -> Option<&Handoff> {
+        self.exact.get(dst).or_else(|| {
+            self.networks
+                .iter()
+                .find(|(net, _)| net.contains(dst))
+                .map(|(_, handoff)| handoff)
+        })
+    }
+
+    /// How many destinations (addresses and networks) there are.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.networks.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<HashMap<SocketAddr, Handoff>> for Destinations {
+    fn from(exact: HashMap<SocketAddr, Handoff>) -> Self {
+        Self {
+            exact,
+            networks: Vec::new(),
+        }
+    }
+}
+
+impl FromIterator<(Destination, Handoff)> for Destinations {
+    fn from_iter<I: IntoIterator<Item = (Destination, Handoff)>>(iter: I) -> Self {
+        let mut destinations = Self::new();
+        for (dst, handoff) in iter {
+            destinations.insert(dst, handoff);
+        }
+        destinations
+    }
+}
+
+/// Where each meshed destination's connections go ([`Destinations`]); replaceable while
+/// serving. Cheap to clone (clones share the table).
 #[derive(Clone, Debug, Default)]
 pub struct DestinationTable {
-    inner: Arc<ArcSwap<HashMap<SocketAddr, Handoff>>>,
+    inner: Arc<ArcSwap<Destinations>>,
 }
 
 impl DestinationTable {
     /// A table sending each destination of `entries` to its handoff.
-    pub fn new(entries: HashMap<SocketAddr, Handoff>) -> Self {
+    pub fn new(entries: impl Into<Destinations>) -> Self {
         Self {
-            inner: Arc::new(ArcSwap::from_pointee(entries)),
+            inner: Arc::new(ArcSwap::from_pointee(entries.into())),
         }
     }
 
     /// Replaces every entry at once; connections already handed over stay where they are.
-    pub fn replace(&self, entries: HashMap<SocketAddr, Handoff>) {
-        self.inner.store(Arc::new(entries));
+    pub fn replace(&self, entries: impl Into<Destinations>) {
+        self.inner.store(Arc::new(entries.into()));
     }
 
     /// The handoff for `dst`, if it is meshed.

@@ -54,6 +54,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod destination;
 mod identity;
 mod listener;
 mod policy;
@@ -61,6 +62,7 @@ mod route;
 mod service;
 mod validate;
 
+pub use self::destination::{Destination, Network};
 pub use self::identity::{IdentityConfig, TrustDomainKey};
 pub use self::listener::{
     AdminConfig, CertificateFiles, InboundConfig, ListenerLimits, MAX_DECISIONS, OutboundConfig,

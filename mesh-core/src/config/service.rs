@@ -69,9 +69,11 @@ pub struct ServiceConfig {
     pub zone: ZoneConfig,
     /// The destinations that mean this service to a transparent outbound listener: the
     /// addresses the application dials (a virtual IP, or what the service's DNS name
-    /// resolves to), each `IP:port`. Default: none.
+    /// resolves to), each `IP:port`, or a whole network at a port (`10.1.2.0/24:5432`,
+    /// `[2001:db8::/64]:443`: see [`Destination`](super::Destination); an exact address
+    /// wins over a network, a longer prefix over a shorter). Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<std::net::SocketAddr>,
+    pub addresses: Vec<super::Destination>,
 }
 
 /// Where a service's endpoints come from; the `kind` key selects the source.

@@ -247,6 +247,15 @@ fn parse_errors_name_the_key_and_line() {
     assert!(e.contains("authorization.p.rules[0].clients[0]"), "{e}");
     assert!(e.contains("write `spiffe://td/*`"), "{e}");
 
+    let e = parse_error(
+        "[services.db]\ndiscovery = { kind = \"dns\", host = \"a\", port = 1 }\naddresses = [\"10.1.2.7/24:5432\"]\n",
+    );
+    assert!(e.contains("services.db.addresses[0]"), "{e}");
+    assert!(
+        e.contains("host bits set (the network is 10.1.2.0/24)"),
+        "{e}"
+    );
+
     let e = parse_error("[services.s]\ndiscovery = { kind = \"consul\" }\n");
     assert!(e.contains("unknown variant `consul`"), "{e}");
 
@@ -299,11 +308,11 @@ fn transparent_listeners_and_service_addresses() {
         [services.a]
         discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
         tls = "plaintext"
-        addresses = ["10.96.0.1:80", "0.0.0.0:80", "10.96.0.2:0", "127.0.0.1:4140"]
+        addresses = ["10.96.0.1:80", "0.0.0.0:80", "10.96.0.2:0", "127.0.0.1:4140", "10.1.0.0/16:5432", "127.0.0.0/8:4141", "10.2.0.0/16:0"]
         [services.b]
         discovery = { kind = "static", endpoints = [{ addr = "10.0.0.2:4143" }] }
         tls = "plaintext"
-        addresses = ["10.96.0.1:80"]
+        addresses = ["10.96.0.1:80", "10.1.0.0/16:5432", "10.1.2.0/24:5432", "[2001:db8::/32]:443"]
         "#,
     );
     assert_exactly(
@@ -319,7 +328,10 @@ fn transparent_listeners_and_service_addresses() {
             "services.a.addresses[1]: 0.0.0.0:80 is not a destination",
             "services.a.addresses[2]: 10.96.0.2:0 is not a destination",
             "services.a.addresses[3]: 127.0.0.1:4140 is one of this proxy's listeners",
+            "services.a.addresses[5]: 127.0.0.0/8:4141 holds this proxy's listener 127.0.0.1:4141 (it would loop)",
+            "services.a.addresses[6]: 10.2.0.0/16:0 is not a destination",
             "services.b.addresses[0]: 10.96.0.1:80 is already the address of service `a`",
+            "services.b.addresses[1]: 10.1.0.0/16:5432 is already the address of service `a`",
         ],
     );
 }

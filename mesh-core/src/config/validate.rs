@@ -634,27 +634,33 @@ impl Validator {
             }
         }
         // Which service each transparent destination means: one at most.
-        let mut destinations: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        let mut destinations: BTreeMap<Destination, &str> = BTreeMap::new();
         for (name, s) in &c.services {
-            for (j, addr) in s.addresses.iter().enumerate() {
+            for (j, dst) in s.addresses.iter().enumerate() {
                 let path = format!("services.{}.addresses[{j}]", key(name));
-                if addr.port() == 0 || addr.ip().is_unspecified() {
+                let unspecified = matches!(dst, Destination::Addr(a) if a.ip().is_unspecified());
+                if dst.port() == 0 || unspecified {
                     self.err(
                         path,
-                        format!("{addr} is not a destination (a specific IP and port)"),
+                        format!(
+                            "{dst} is not a destination (a specific IP, or a network, and a port)"
+                        ),
                     );
-                } else if let Some(first) = destinations.insert(*addr, name)
+                } else if let Some(first) = destinations.insert(*dst, name)
                     && first != name.as_str()
                 {
                     self.err(
                         path,
-                        format!("{addr} is already the address of service `{first}`"),
+                        format!("{dst} is already the address of service `{first}`"),
                     );
-                } else if addrs.contains_key(addr) {
-                    self.err(
-                        path,
-                        format!("{addr} is one of this proxy's listeners (it would loop)"),
-                    );
+                } else if let Some(listener) = addrs.keys().find(|l| dst.matches(l)) {
+                    let what = match dst {
+                        Destination::Addr(_) => format!("{dst} is one of this proxy's listeners"),
+                        Destination::Network(_) => {
+                            format!("{dst} holds this proxy's listener {listener}")
+                        }
+                    };
+                    self.err(path, format!("{what} (it would loop)"));
                 }
             }
         }

@@ -266,3 +266,51 @@ async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
         "{text}"
     );
 }
+
+/// Networks: an exact address wins, then the longest prefix holding the destination at
+/// its port; a destination outside every network, or at another port, is unmatched.
+#[tokio::test]
+async fn networks_take_what_no_exact_address_does_longest_prefix_first() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    drop(listener);
+    let (exact, _exact_server) = http_server("exact", local);
+    let (narrow, _narrow_server) = http_server("narrow", local);
+    let (wide, _wide_server) = http_server("wide", local);
+    let dst = |s: &str| s.parse::<Destination>().unwrap();
+    // Inserted widest first: the table orders them.
+    let table = DestinationTable::new(Destinations::from_iter([
+        (dst("10.1.0.0/16:80"), wide),
+        (dst("10.1.2.0/24:80"), narrow),
+        (dst("10.1.2.3:80"), exact),
+    ]));
+    assert_eq!(table.len(), 3);
+    let metrics = TransparentMetrics::default();
+    for (original, answer) in [
+        ("10.1.2.3:80", Some("exact")),
+        ("10.1.2.4:80", Some("narrow")),
+        ("10.1.9.9:80", Some("wide")),
+        ("10.2.0.1:80", None),
+        ("10.1.2.4:81", None),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _serving = TransparentListener::builder()
+            .name("nets")
+            .unmatched(Unmatched::Refuse)
+            .metrics(&metrics)
+            .resolver(resolver_to(original.parse().unwrap()))
+            .serve(listener, table.clone())
+            .unwrap();
+        match answer {
+            Some(name) => {
+                let got = get(addr).await;
+                assert!(
+                    got.ends_with(&format!("hello from {name}")),
+                    "{original}: {got}"
+                );
+            }
+            None => assert!(closed_without_data(addr).await, "{original}"),
+        }
+    }
+}
