@@ -20,8 +20,20 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// One destination of a service: an address, or a network at a port; see the
-/// [module docs](self).
+/// One destination of a service: an address, or a network at a port.
+///
+/// ```toml
+/// addresses = [
+///     "10.96.0.20:80",         # one IP and port (IPv6: "[2001:db8::20]:80")
+///     "10.1.2.0/24:5432",      # any IP of 10.1.2.0/24, port 5432
+///     "[2001:db8:5::/64]:443", # IPv6: the network in brackets, then the port
+/// ]
+/// ```
+///
+/// A connection's original destination matches an exact address first; otherwise the
+/// network with the longest prefix that holds its IP at its port (as IP routing picks a
+/// route). A network is written with its host bits clear (`10.1.2.0/24`, not
+/// `10.1.2.7/24`): anything else is refused as a likely typo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Destination {
     /// Exactly this IP and port.
