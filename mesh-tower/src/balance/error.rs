@@ -39,8 +39,25 @@ pub struct NoReadyEndpoints {
 /// How many endpoints' reasons a [`NoReadyEndpoints`] lists.
 pub const MAX_CAUSES: usize = 5;
 
+/// The first [`MAX_CAUSES`] of `causes`, then `and N more`.
+pub(crate) fn capped(causes: impl Iterator<Item = String>) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut more = 0usize;
+    for cause in causes {
+        if listed.len() < MAX_CAUSES {
+            listed.push(cause);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        listed.push(format!("and {more} more"));
+    }
+    listed
+}
+
 /// The causes, as the message's tail: ` (a; b)`, or nothing.
-struct Causes<'a>(&'a [String]);
+pub(crate) struct Causes<'a>(pub(crate) &'a [String]);
 
 impl std::fmt::Display for Causes<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::error::{MAX_CAUSES, NoEndpoints, NoReadyEndpoints, NotReady};
+use super::error::{NoEndpoints, NoReadyEndpoints, NotReady};
 use super::pool::{self, Live, MakeEndpoint, Pool, Slot};
 use super::{Picked, ResponseFuture, ZonePreference, pick_detailed, recorded, weighted};
 use crate::decision::{PickPath, Recorder};
@@ -362,26 +362,14 @@ where
 }
 
 /// Each endpoint's reason for not being ready, as far as the service can tell: the first
-/// [`MAX_CAUSES`], then how many more there are.
+/// [`MAX_CAUSES`](super::error::MAX_CAUSES), then how many more there are.
 fn causes<S>(shared: &Shared<S>, endpoints: &[Arc<Slot<S>>], now: Instant) -> Vec<String> {
     let Some(reasons) = shared.reasons.get() else {
         return Vec::new();
     };
-    let mut causes = Vec::new();
-    let mut more = 0;
-    for slot in endpoints {
-        if let Some(reason) = reasons(&slot.service, now) {
-            if causes.len() < MAX_CAUSES {
-                causes.push(format!("{}: {reason}", slot.endpoint.key()));
-            } else {
-                more += 1;
-            }
-        }
-    }
-    if more > 0 {
-        causes.push(format!("and {more} more"));
-    }
-    causes
+    super::error::capped(endpoints.iter().filter_map(|slot| {
+        reasons(&slot.service, now).map(|reason| format!("{}: {reason}", slot.endpoint.key()))
+    }))
 }
 
 /// A slot's identity while it lives.

@@ -350,9 +350,16 @@ impl OpaqueClient {
                     });
                 }
                 Pick::BackingOff(_) if now >= deadline => {
+                    let set = endpoints.set.load();
+                    let causes = crate::balance::error::capped(set.iter().filter_map(|t| {
+                        t.state
+                            .unready_reason(now)
+                            .map(|reason| format!("{}: {reason}", t.addr))
+                    }));
                     return Err(OpaqueError::NoReadyEndpoints {
                         service: self.shared.service.clone(),
                         waited: now.saturating_duration_since(start),
+                        causes,
                     });
                 }
                 Pick::BackingOff(Some(until)) => until.min(deadline),

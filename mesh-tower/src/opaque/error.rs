@@ -30,12 +30,18 @@ pub enum OpaqueError {
         service: String,
     },
     /// Every endpoint stayed in connect back-off for the fail-fast timeout.
-    #[error("service `{service}` has no endpoint out of connect back-off after {waited:?}")]
+    #[error(
+        "service `{service}` has no endpoint out of connect back-off after {waited:.1?}{}",
+        crate::balance::error::Causes(causes)
+    )]
     NoReadyEndpoints {
         /// The service.
         service: String,
         /// How long the connection waited.
         waited: Duration,
+        /// Each endpoint's failed connects and the last one's error (`address: reason`;
+        /// at most [`MAX_CAUSES`](crate::balance::error::MAX_CAUSES), then how many more).
+        causes: Vec<String>,
     },
     /// Connecting failed on every endpoint tried.
     #[error("service `{service}`: connecting failed on {attempts} endpoint(s), last: {last}")]

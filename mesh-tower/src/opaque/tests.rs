@@ -486,6 +486,15 @@ async fn with_every_endpoint_backing_off_a_connection_waits_then_fails_fast() {
         if want_backing_off {
             assert!(matches!(err, OpaqueError::NoReadyEndpoints { .. }), "{err}");
             assert_eq!(start.elapsed(), Duration::from_secs(2));
+            // Why: the endpoint's failed connect, the socket's error, the next attempt.
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "({refusing}: 1 failed connect (the last: connecting to {refusing}: "
+                )),
+                "{text}"
+            );
+            assert!(text.contains("the next in 58.0s)"), "{text}");
         } else {
             assert!(matches!(err, OpaqueError::Connect { .. }), "{err}");
         }
