@@ -12,6 +12,7 @@ use mesh_core::error::BoxError;
 use mesh_spiffe::{CredentialSource, Mtls};
 use mesh_tower::MeshClient;
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
+use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
@@ -101,6 +102,7 @@ pub(crate) struct Proxy {
     mtls: Option<Mtls>,
     clients: Mutex<BTreeMap<String, (ServiceConfig, MeshClient)>>,
     route_metrics: RouteMetrics,
+    client_metrics: ClientMetrics,
     config: Mutex<MeshConfig>,
 }
 
@@ -149,6 +151,8 @@ impl Proxy {
         admin::register_process_metrics(&mut registry);
         let server_metrics = ServerMetrics::register(&mut registry);
         let route_metrics = RouteMetrics::register(&mut registry);
+        // One registration for every client, those a reload makes included.
+        let client_metrics = ClientMetrics::register_families(&mut registry);
         let mut clients = BTreeMap::new();
         for (name, service) in &config.services {
             let client = client(
@@ -156,7 +160,7 @@ impl Proxy {
                 service,
                 &config,
                 mtls.as_ref(),
-                Some(&mut registry),
+                &client_metrics,
                 state.decisions.as_ref(),
             )
             .await?;
@@ -309,6 +313,7 @@ impl Proxy {
             mtls,
             clients: Mutex::new(clients),
             route_metrics,
+            client_metrics,
             config: Mutex::new(config),
         })
     }
@@ -385,7 +390,7 @@ impl Proxy {
                         service,
                         &next,
                         self.mtls.as_ref(),
-                        None,
+                        &self.client_metrics,
                         self.state.decisions.as_ref(),
                     )
                     .await?
@@ -724,7 +729,7 @@ async fn client(
     service: &ServiceConfig,
     config: &MeshConfig,
     mtls: Option<&Mtls>,
-    registry: Option<&mut Registry>,
+    metrics: &ClientMetrics,
     decisions: Option<&mesh_tower::decision::DecisionRecord>,
 ) -> Result<MeshClient, StartError> {
     let key = format!("services.{name}");
@@ -743,9 +748,7 @@ async fn client(
         })?;
         builder = builder.mtls(mtls.clone());
     }
-    if let Some(registry) = registry {
-        builder = builder.metrics(registry);
-    }
+    builder = builder.shared_metrics(metrics);
     if let Some(record) = decisions {
         builder = builder.decisions(record);
     }

@@ -98,6 +98,17 @@ async fn curl_through_two_proxies_to_an_app() {
     ] {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");
     }
+    // Each family once, whatever the number of services (Prometheus refuses a family
+    // described twice), with both services' series in it.
+    assert_families_once(&metrics);
+    for service in ["app", "down"] {
+        assert!(
+            metrics.contains(&format!(
+                "mesh_client_try_duration_seconds_count{{service=\"{service}\"}}"
+            )),
+            "{service}: {metrics}"
+        );
+    }
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/nope")]).0, 404);
 
     // A broken reload keeps serving and says so.
@@ -111,13 +122,34 @@ async fn curl_through_two_proxies_to_an_app() {
         "{metrics}"
     );
 
-    // A valid reload applies new routes without a restart.
-    let reloaded = a_text.replace("prefix = \"/down\"", "prefix = \"/gone\"");
+    // A valid reload applies new routes without a restart, and a changed service's new
+    // client records in the same families.
+    let answered = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("mesh_client_try_duration_seconds_count{service=\"app\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = answered(&curl(&[&format!("{admin}/metrics")]).1);
+    let reloaded = a_text
+        .replace("prefix = \"/down\"", "prefix = \"/gone\"")
+        .replace(
+            "server_identity = \"spiffe://example.org/app\"\n",
+            "server_identity = \"spiffe://example.org/app\"\nconnect_timeout = \"2s\"\n",
+        );
     std::fs::write(&a_config, reloaded).unwrap();
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/reload")]).0, 202);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, body) = curl(&[&format!("{egress}/down")]);
     assert_eq!(code, 200, "now the default service: {body}");
+    let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
+    assert_families_once(&metrics);
+    assert!(
+        answered(&metrics) > before,
+        "the reloaded service's answers are counted: {before} before\n{metrics}"
+    );
 
     // A policy reload at B: every path allowed now, on the connections already open.
     std::fs::write(&b_config, b_text.replace("/[a-z0-9-]*", "/.*")).unwrap();
@@ -343,5 +375,13 @@ async fn the_service_manager_hears_ready_and_stopping() {
             "{address}"
         );
         assert!(proxy.terminate().success());
+    }
+}
+
+/// Every `# TYPE` line of a Prometheus text exposition appears once.
+fn assert_families_once(metrics: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(seen.insert(line), "described twice: {line}\n{metrics}");
     }
 }

@@ -165,10 +165,20 @@ impl MeshChannelBuilder {
         self
     }
 
-    /// Registers the client's metrics in `registry` (call after
-    /// [`service_name`](Self::service_name): the metrics carry it).
+    /// Registers the client metric families in `registry`, for this channel. Once per
+    /// registry: other channels (and clients) of the process take
+    /// [`shared_metrics`](Self::shared_metrics) (a family registered twice is exposed
+    /// twice, which Prometheus refuses).
     pub fn metrics(mut self, registry: &mut Registry) -> Self {
         self.client = self.client.metrics(registry);
+        self
+    }
+
+    /// Records in `metrics`' families (registered once, by
+    /// `ClientMetrics::register_families` or another channel's or client's metrics), under
+    /// this channel's service name.
+    pub fn shared_metrics(mut self, metrics: &mesh_tower::metrics::ClientMetrics) -> Self {
+        self.client = self.client.shared_metrics(metrics);
         self
     }
 

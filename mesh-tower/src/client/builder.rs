@@ -239,17 +239,34 @@ impl MeshClientBuilder {
         self
     }
 
-    /// Registers the client's metrics in `registry`.
+    /// Registers the client metric families in `registry`, for this client. Once per
+    /// registry: a process with several clients registers with the first and gives the
+    /// others [`shared_metrics`](Self::shared_metrics) (a family registered twice is
+    /// exposed twice, which Prometheus refuses to scrape).
     pub fn metrics(mut self, registry: &mut Registry) -> Self {
         self.metrics = Some(ClientMetrics::register(registry, &self.service));
         self
     }
 
+    /// Records in `metrics`' families (registered once, by
+    /// [`ClientMetrics::register`] or another client's [`metrics`](Self::metrics)), under
+    /// this client's service name.
+    pub fn shared_metrics(mut self, metrics: &ClientMetrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
     /// Starts the client: its discovery task runs from now on. The stack it composes is
     /// shown in the [module docs](super).
-    pub fn build(self) -> Result<MeshClient, BuildError> {
+    pub fn build(mut self) -> Result<MeshClient, BuildError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BuildError::NoRuntime);
+        }
+        // Under this client's name, whenever the metrics were given.
+        if let Some(m) = &self.metrics
+            && m.service() != self.service
+        {
+            self.metrics = Some(m.for_service(&self.service));
         }
         let invalid =
             |what: &'static str, e: &dyn fmt::Display| BuildError::Invalid(what, e.to_string());

@@ -112,13 +112,19 @@ pub struct ClientMetrics {
     duration: Histogram,
     retries: Counter,
     budget_exhausted: Counter,
+    retries_family: Family<ServiceLabels, Counter>,
+    exhausted_family: Family<ServiceLabels, Counter>,
     breaker: Family<BreakerLabels, Counter>,
     load: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
-    /// The series objects alive per address: an address can have two for a while (an
-    /// endpoint re-made under a new identity while the old one drains), and only the last
-    /// one to go removes the address's series.
-    live: Arc<Mutex<HashMap<Arc<str>, Live>>>,
+    /// The series objects alive per service and address: an address can have two for a
+    /// while (an endpoint re-made under a new identity while the old one drains, or a
+    /// service's client replaced by a reload), and only the last one to go removes the
+    /// address's series. Shared by every [`for_service`](Self::for_service) derivative.
+    live: Arc<Mutex<HashMap<ServiceAddress, Live>>>,
 }
+
+/// A service's name and an endpoint's address.
+type ServiceAddress = (Arc<str>, Arc<str>);
 
 #[derive(Debug, Default)]
 struct Live {
@@ -137,10 +143,20 @@ fn class_name(class: Option<Class>) -> &'static str {
 }
 
 impl ClientMetrics {
-    /// Registers the metrics of service `service` in `registry`.
+    /// Registers the client metric families in `registry`, and gives service `service`'s
+    /// metrics. Register once per registry: the metrics of other services come from
+    /// [`for_service`](Self::for_service) (a family registered twice would be exposed
+    /// twice, which Prometheus refuses).
     pub fn register(registry: &mut Registry, service: &str) -> Self {
+        Self::register_families(registry).for_service(service)
+    }
+
+    /// Registers the client metric families in `registry`, with no service's series yet:
+    /// each client takes its own with [`for_service`](Self::for_service) (or
+    /// `MeshClientBuilder::shared_metrics`, which does). Once per registry.
+    pub fn register_families(registry: &mut Registry) -> Self {
         let this = Self {
-            service: Arc::from(service),
+            service: Arc::from(""),
             responses: Family::default(),
             errors: Family::default(),
             durations: Family::new_with_constructor(|| {
@@ -150,6 +166,8 @@ impl ClientMetrics {
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             retries: Counter::default(),
             budget_exhausted: Counter::default(),
+            retries_family: Family::default(),
+            exhausted_family: Family::default(),
             breaker: Family::default(),
             load: Family::default(),
             live: Arc::default(),
@@ -169,24 +187,15 @@ impl ClientMetrics {
             "Time from sending a try to its response head",
             this.durations.clone(),
         );
-        let retries = Family::<ServiceLabels, Counter>::default();
-        let exhausted = Family::<ServiceLabels, Counter>::default();
-        let labels = ServiceLabels {
-            service: this.service.clone(),
-        };
-        // Bind the service label once; the handles are shared with the families.
-        let duration = this.durations.get_or_create(&labels).clone();
-        let this = Self {
-            duration,
-            retries: retries.get_or_create(&labels).clone(),
-            budget_exhausted: exhausted.get_or_create(&labels).clone(),
-            ..this
-        };
-        registry.register("mesh_client_retries", "Retries sent", retries);
+        registry.register(
+            "mesh_client_retries",
+            "Retries sent",
+            this.retries_family.clone(),
+        );
         registry.register(
             "mesh_client_retry_budget_exhausted",
             "Retries not sent because the retry budget was exhausted",
-            exhausted,
+            this.exhausted_family.clone(),
         );
         registry.register(
             "mesh_client_breaker_transitions",
@@ -199,6 +208,27 @@ impl ClientMetrics {
             this.load.clone(),
         );
         this
+    }
+
+    /// The service these record under.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Service `service`'s metrics, in the same families (and so the same registry) as
+    /// these: one registration serves every client of a process. Two clients of the same
+    /// service (one replacing the other, say) share its series.
+    pub fn for_service(&self, service: &str) -> Self {
+        let labels = ServiceLabels {
+            service: Arc::from(service),
+        };
+        Self {
+            duration: self.durations.get_or_create(&labels).clone(),
+            retries: self.retries_family.get_or_create(&labels).clone(),
+            budget_exhausted: self.exhausted_family.get_or_create(&labels).clone(),
+            service: labels.service,
+            ..self.clone()
+        }
     }
 
     /// The series of the endpoint labelled `address` (usually its `ip:port`), answers
@@ -217,7 +247,9 @@ impl ClientMetrics {
             class: class_name(Some(Class::Success)),
         };
         if let Ok(mut live) = self.live.lock() {
-            live.entry(address.clone()).or_default().count += 1;
+            live.entry((self.service.clone(), address.clone()))
+                .or_default()
+                .count += 1;
         }
         EndpointMetrics(Arc::new(Handle {
             series: Arc::new(EndpointSeries {
@@ -367,7 +399,8 @@ impl Drop for EndpointSeries {
         let Ok(mut live) = c.live.lock() else {
             return;
         };
-        if let Some(entry) = live.get_mut(&self.address) {
+        let key = (c.service.clone(), self.address.clone());
+        if let Some(entry) = live.get_mut(&key) {
             entry.count = entry.count.saturating_sub(1);
             if entry.count > 0 {
                 // Another series object of this address lives on: it removes them all.
@@ -376,7 +409,7 @@ impl Drop for EndpointSeries {
             }
             seen.append(&mut entry.seen);
         }
-        live.remove(&self.address);
+        live.remove(&key);
         drop(live);
         c.responses
             .remove(&self.response_labels(200, class_name(Some(Class::Success))));
@@ -431,5 +464,46 @@ mod tests {
         drop(new);
         let t = text(&registry);
         assert!(!t.contains("10.0.0.1:80"), "{t}");
+    }
+
+    #[test]
+    fn services_share_one_registration_and_keep_their_own_series() {
+        let mut registry = Registry::default();
+        let families = ClientMetrics::register_families(&mut registry);
+        assert!(
+            !text(&registry).contains("service="),
+            "no series before a service"
+        );
+        let users = families.for_service("users");
+        let orders = families.for_service("orders");
+        assert_eq!(users.service(), "users");
+        // The same address under two services: each keeps its series until its own last
+        // endpoint goes.
+        let u = users.endpoint("10.0.0.1:80".into(), Classifier::default());
+        let o = orders.endpoint("10.0.0.1:80".into(), Classifier::default());
+        u.response(StatusCode::OK, &http::HeaderMap::new(), Duration::ZERO);
+        o.response(StatusCode::OK, &http::HeaderMap::new(), Duration::ZERO);
+        users.retry_counters().0.inc();
+        let t = text(&registry);
+        let mut types: Vec<&str> = t.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        let all = types.len();
+        types.sort_unstable();
+        types.dedup();
+        assert_eq!(types.len(), all, "a family described twice:\n{t}");
+        assert!(
+            t.contains(r#"mesh_client_retries_total{service="users"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"mesh_client_retries_total{service="orders"} 0"#),
+            "{t}"
+        );
+        drop(u);
+        let t = text(&registry);
+        assert!(!t.contains(r#"service="users",server_address"#), "{t}");
+        assert!(
+            t.contains(r#"service="orders",server_address="10.0.0.1:80""#),
+            "{t}"
+        );
     }
 }
