@@ -4,10 +4,12 @@
 //! one datagram per state change: `READY=1` once every listener is bound and the identity
 //! is held (so units ordered `After=mesh-proxy.service` start when the mesh is usable,
 //! not when the process was forked), `STOPPING=1` when it begins to drain, and a
-//! human-readable `STATUS=` with each (shown by `systemctl status`). Without
-//! `NOTIFY_SOCKET` nothing is sent. The socket is a path or, on Linux, an abstract name
-//! (a leading `@`). A failure to send is logged and otherwise ignored: readiness to
-//! systemd must not stop a proxy that is serving. Other platforms send nothing.
+//! human-readable `STATUS=` with each (shown by `systemctl status`), and while it waits
+//! for its identity. Without `NOTIFY_SOCKET` nothing is sent. The socket is a path or, on
+//! Linux, an abstract name (a leading `@`). A send never blocks (a full queue is a failed
+//! send); a failure is logged as an error and otherwise ignored: the proxy serves on, and
+//! a unit that waits for `READY=1` then says why it timed out. Other platforms send
+//! nothing.
 
 /// Sends `state` (newline-separated `KEY=value` assignments) to the service manager, if
 /// one asked for it.
@@ -15,7 +17,7 @@ pub(crate) fn notify(state: &str) {
     #[cfg(unix)]
     if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
         if let Err(error) = unix::send(&socket, state) {
-            tracing::warn!(socket = ?socket, %error, "cannot notify the service manager");
+            tracing::error!(socket = ?socket, %error, state, "cannot notify the service manager");
         } else {
             tracing::debug!(state, "notified the service manager");
         }
@@ -33,6 +35,7 @@ mod unix {
 
     pub(super) fn send(socket: &OsStr, state: &str) -> io::Result<()> {
         let sender = UnixDatagram::unbound()?;
+        sender.set_nonblocking(true)?;
         let bytes = socket.as_bytes();
         let sent = match bytes.first() {
             Some(b'/') => sender.send_to(state.as_bytes(), socket)?,

@@ -137,6 +137,9 @@ impl Proxy {
             }
             None => None,
         };
+        if config.identity.is_some() {
+            crate::notify::notify("STATUS=waiting for the identity (the first SVID)");
+        }
         let credentials = identity(config.identity.as_ref()).await?;
         if let Some(c) = &credentials {
             let _ = state.credentials.set(c.clone());
@@ -248,8 +251,9 @@ impl Proxy {
                 message,
             })?;
             let router = Router::new(routes);
-            // An edge listener's clients are outside the mesh: its error answers do not
-            // name endpoints or their errors (the log does).
+            // An edge listener's clients are outside the mesh: its error answers, and the
+            // mesh's answers relayed from peers, do not name endpoints or their errors (the
+            // log does, at debug).
             let answers = if outbound.certificate.is_some() {
                 AnswerErrorsLayer::brief()
             } else {

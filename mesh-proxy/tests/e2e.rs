@@ -361,6 +361,12 @@ async fn the_service_manager_hears_ready_and_stopping() {
         let n = socket.recv(&mut buf).unwrap();
         assert_eq!(
             std::str::from_utf8(&buf[..n]).unwrap(),
+            "STATUS=waiting for the identity (the first SVID)",
+            "{address}"
+        );
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
             "READY=1\nSTATUS=serving on 2 listeners",
             "{address}"
         );
@@ -376,6 +382,17 @@ async fn the_service_manager_hears_ready_and_stopping() {
         );
         assert!(proxy.terminate().success());
     }
+
+    // A socket nobody listens on: an error in the log, and the proxy serves all the same.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+    command
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", dir.path().join("nobody.sock"));
+    let proxy = Proxy::start_command(command, 2, std::process::Stdio::null());
+    let (code, _) = curl(&[&format!("http://{}/ready", proxy.addr("admin"))]);
+    assert_eq!(code, 200);
+    assert!(proxy.terminate().success());
 }
 
 /// Every `# TYPE` line of a Prometheus text exposition appears once.
@@ -384,4 +401,52 @@ fn assert_families_once(metrics: &str) {
     for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
         assert!(seen.insert(line), "described twice: {line}\n{metrics}");
     }
+}
+
+/// A peer's inbound proxy whose application is down answers 502 naming the application's
+/// address: the local app behind a plain outbound listener sees that, marked
+/// `x-mesh-error`; a client of an edge listener gets the status's reason alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_listener_does_not_relay_a_peers_error_details() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    // An application address nobody listens on.
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let b = Proxy::start(
+        &common::inbound_config(dir.path(), &mut ca, "app", "b.toml", down),
+        2,
+    );
+    self_signed(dir.path(), "edge");
+    let config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "certificate = { cert = \"edge.crt\", key = \"edge.key\" }\n\n\
+         [[outbound]]\nname = \"local\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"app\"\n",
+    );
+    std::fs::write(&config, &text).unwrap();
+    let a = Proxy::start(&config, 3);
+    let cacert = dir.path().join("edge.crt");
+
+    let local = format!("http://{}/x", a.addr("local"));
+    let (code, body) = curl(&[&local]);
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains(&down.to_string()),
+        "the local app is told why: {body}"
+    );
+    let headers = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-D", "-", &local])
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&headers.stdout).to_ascii_lowercase();
+    assert!(headers.contains("x-mesh-error: true"), "{headers}");
+
+    let edge = format!("https://{}/x", a.addr("egress"));
+    let (code, body) = curl(&["--cacert", cacert.to_str().unwrap(), &edge]);
+    assert_eq!((code, body.as_str()), (502, "bad gateway\n"));
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }

@@ -171,16 +171,26 @@ pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<Respo
     response
 }
 
-/// A layer's own answer to an HTTP request: `status` with a plain-text body.
+/// Marks the answers the mesh makes itself (a refused request, an unreachable service or
+/// application, a missing route), as opposed to the application's: `x-mesh-error: true`.
+/// A client can tell the two apart; an edge listener's brief answers
+/// ([`AnswerErrorsLayer::brief`](crate::forward::AnswerErrorsLayer::brief)) replace the
+/// body of any answer so marked, a peer proxy's included, with the status's reason.
+pub const MESH_ERROR: http::HeaderName = http::HeaderName::from_static("x-mesh-error");
+
+/// A layer's own answer to an HTTP request: `status` with a plain-text body, marked with
+/// [`MESH_ERROR`].
 pub(crate) fn text_answer<B>(
     status: StatusCode,
     text: impl Into<Bytes>,
 ) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::local(text.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    headers.insert(MESH_ERROR, HeaderValue::from_static("true"));
     response
 }

@@ -449,6 +449,12 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         Poll::Ready(Ok(match result {
+            // An answer the mesh made further on (a peer proxy's, say) names what it could
+            // not reach: brief listeners keep only its status.
+            Ok(resp) if *this.brief && resp.headers().contains_key(crate::body::MESH_ERROR) => {
+                tracing::debug!(status = %resp.status(), "a mesh error answer, made brief");
+                brief_answer(resp.status())
+            }
             Ok(resp) => resp.map(ResponseBody::inner),
             Err(e) => {
                 let e: BoxError = e.into();
@@ -464,14 +470,19 @@ where
                         },
                     )
                 } else if *this.brief {
-                    let reason = status.canonical_reason().unwrap_or("error");
-                    text_answer(status, format!("{}\n", reason.to_ascii_lowercase()))
+                    brief_answer(status)
                 } else {
                     text_answer(status, format!("{e}\n"))
                 }
             }
         }))
     }
+}
+
+/// `status` with its reason alone for a body (`service unavailable`).
+fn brief_answer<B>(status: StatusCode) -> Response<ResponseBody<B>> {
+    let reason = status.canonical_reason().unwrap_or("error");
+    text_answer(status, format!("{}\n", reason.to_ascii_lowercase()))
 }
 
 /// The HTTP status and gRPC code for a failed request.

@@ -20,6 +20,7 @@ pub struct NoEndpoints {
 /// 10.0.0.7:8080: Connection refused), the next in 1.6s`, `10.0.0.8:8080: ejected by its
 /// circuit breaker`.
 #[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
 #[error(
     "no ready endpoint for `{service}` within {waited:.1?}: all {endpoints} are ejected or backing off after failed connects{}",
     Causes(causes)

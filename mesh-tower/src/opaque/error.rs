@@ -30,6 +30,7 @@ pub enum OpaqueError {
         service: String,
     },
     /// Every endpoint stayed in connect back-off for the fail-fast timeout.
+    #[non_exhaustive]
     #[error(
         "service `{service}` has no endpoint out of connect back-off after {waited:.1?}{}",
         crate::balance::error::Causes(causes)
