@@ -8,9 +8,9 @@
 #
 #   benches/proxy/floor.sh [REQUESTS] [ROUNDS]        (default 200000 3)
 #
-# Needs h2load, nginx, curl, the bench upstream (target/bench-upstream, built by
-# ../shared/bench/run.sh) and release builds of mesh-proxy and the example (built here
-# when missing). Traffic goes to 127.0.0.1 only (ports 18080, 18081, 19480, 19481, 19490).
+# Needs h2load, nginx, curl and the bench upstream (target/bench-upstream, built by
+# ../shared/bench/run.sh); builds mesh-proxy (unless MESH_BIN names one) and the example.
+# Traffic goes to 127.0.0.1 only (ports 18080, 18081, 19480, 19481, 19490).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-200000}
@@ -21,9 +21,10 @@ bin=${MESH_BIN:-$PWD/target/release/mesh-proxy}
 floor=$PWD/target/release/examples/proxy_floor
 run=$(mktemp -d)
 pids=()
+main=
 cleanup() {
   local status=$?
-  kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true
+  kill "${pids[@]}" $main 2>/dev/null || true; wait 2>/dev/null || true
   if [ "$status" != 0 ]; then for f in "$run"/*.log; do echo "== $f"; tail -n 5 "$f"; done >&2; fi
   rm -rf "$run"
 }
@@ -33,8 +34,9 @@ for tool in h2load nginx curl; do
   command -v "$tool" >/dev/null || { echo "floor: $tool not found" >&2; exit 1; }
 done
 [ -x "$up/upstream" ] || { echo "floor: no upstream in $up (run ../shared/bench/run.sh once)" >&2; exit 1; }
-[ -x "$bin" ] || cargo build --release --locked -p mesh-proxy
-[ -x "$floor" ] || cargo build --release --locked -p mesh-benches --example proxy_floor
+# Built (or found current) every time: a stale binary would be measured silently.
+[ -n "${MESH_BIN:-}" ] || cargo build --release --locked -p mesh-proxy
+cargo build --release --locked -p mesh-benches --example proxy_floor
 
 "$up/upstream" --h1 127.0.0.1:18080 --h2 127.0.0.1:18081 >"$run/upstream.log" 2>&1 &
 pids+=($!)
@@ -77,6 +79,7 @@ for r in $(seq "$rounds"); do
     ok=$(h2load --h1 -n "$n" -c 64 -t 1 http://127.0.0.1:19480/ | awk '/^requests:/ {print $8}')
     read -r t1 u1 < <(cpu "$pid")
     kill "$main" 2>/dev/null || true; wait "$main" 2>/dev/null || true
+    main=
     [ "$ok" = "$n" ] || { echo "floor: $name answered $ok of $n" >&2; exit 1; }
     echo "$name $t0 $u0 $t1 $u1" >>"$run/results"
   done

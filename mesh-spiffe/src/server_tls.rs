@@ -20,10 +20,11 @@
 //! events, which see atomic renames and Kubernetes secret symlink swaps; a 100 ms
 //! debounce; a 10 s safety-net poll). When either changes, both are re-read and the pair
 //! replaces the one presented **only if** it is valid: PEM that parses, a key that matches
-//! the leaf, and a leaf not yet expired. Anything else — a half-written file, a
-//! certificate written before its key, an expired replacement — keeps the last good pair,
-//! logs the reason with `tracing::warn!` naming the file, and is tried again when a file
-//! next changes. Handshakes under way keep the pair they started with; connections
+//! the leaf, and a leaf not yet expired. Anything else — a half-written file, an expired
+//! replacement — keeps the last good pair, logs the reason with `tracing::warn!` naming
+//! the file, and is tried again when a file next changes. A certificate and key that do
+//! not match (one written before the other) get 2 s for the other file to change before
+//! they count as refused. Handshakes under way keep the pair they started with; connections
 //! already established are not touched. The watch stops when the last clone of the
 //! acceptor is dropped. [`status`](ServerTlsAcceptor::status) tells what is presented
 //! (the leaf's expiry) and how many reloads were applied and refused, for metrics.
@@ -83,7 +84,7 @@ pub enum ServerTlsError {
     /// The files' directories could not be watched.
     #[error("watching {path}: {reason}")]
     Watch {
-        /// The certificate file.
+        /// The certificate and key files.
         path: String,
         /// What the watch said.
         reason: String,
@@ -231,7 +232,7 @@ impl ServerTlsAcceptor {
                     source,
                 },
                 other => ServerTlsError::Watch {
-                    path: cert.display().to_string(),
+                    path: format!("{} and {}", cert.display(), key.display()),
                     reason: other.to_string(),
                 },
             })?;
@@ -262,6 +263,11 @@ impl ServerTlsAcceptor {
     }
 
     fn new(pair: Pair, provider: Arc<CryptoProvider>) -> Result<Self, ServerTlsError> {
+        if pair.not_after <= unix_now() {
+            // Served all the same (a replacement may be on its way), but every client will
+            // refuse it.
+            tracing::warn!("the edge certificate has expired: clients will refuse it");
+        }
         let current = Arc::new(Current {
             not_after: AtomicI64::new(pair.not_after),
             key: ArcSwap::from_pointee(pair.key),
@@ -316,6 +322,13 @@ impl ServerTlsAcceptor {
     }
 }
 
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, ServerTlsError> {
     std::fs::read(path).map_err(|source| ServerTlsError::Read {
         path: path.display().to_string(),
@@ -358,6 +371,11 @@ impl Pair {
     }
 }
 
+/// How long a certificate and key that do not match may wait for the other file before
+/// the change counts as refused: tools write the two one after the other.
+#[cfg(feature = "files")]
+const MISMATCH_GRACE: Duration = Duration::from_secs(2);
+
 /// The watch task's state.
 #[cfg(feature = "files")]
 struct Reloader {
@@ -373,27 +391,57 @@ struct Reloader {
 #[cfg(feature = "files")]
 impl Reloader {
     async fn run(mut self, mut watch: mesh_core::watch::FileWatch) {
+        // A certificate and key that do not match yet: refused if no change comes within
+        // the grace (the other file is usually on its way).
+        let mut mismatch: Option<(ServerTlsError, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
         loop {
-            let snapshot = watch.changed().await;
+            let snapshot = match &mut mismatch {
+                Some((_, grace)) => {
+                    tokio::select! {
+                        snapshot = watch.changed() => snapshot,
+                        () = grace.as_mut() => {
+                            if let Some((error, _)) = mismatch.take() {
+                                self.refuse(&error);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => watch.changed().await,
+            };
+            mismatch = None;
             let files = snapshot.files();
             let (Some(cert), Some(key)) = (files.first(), files.get(1)) else {
                 continue;
             };
-            self.apply(cert.content(), key.content());
+            if let Some(error) = self.apply(cert.content(), key.content()) {
+                tracing::info!("{error}; waiting up to {MISMATCH_GRACE:?} for the other file");
+                mismatch = Some((error, Box::pin(tokio::time::sleep(MISMATCH_GRACE))));
+            }
         }
     }
 
-    /// Presents the pair read from the files if it is valid and new.
-    fn apply(&mut self, cert: Result<&[u8], &std::io::Error>, key: Result<&[u8], &std::io::Error>) {
+    fn refuse(&self, error: &ServerTlsError) {
+        self.current.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{error}; keeping the last good edge certificate");
+    }
+
+    /// Presents the pair read from the files if it is valid and new; gives back the error
+    /// of a certificate and key that do not match (not refused yet: see `run`).
+    fn apply(
+        &mut self,
+        cert: Result<&[u8], &std::io::Error>,
+        key: Result<&[u8], &std::io::Error>,
+    ) -> Option<ServerTlsError> {
         let (cert, key) = match (cert, key) {
             (Ok(cert), Ok(key)) => (cert, key),
             (Err(error), _) | (_, Err(error)) => {
                 tracing::warn!(cert = %self.cert.display(), key = %self.key.display(), %error, "edge certificate files unreadable; keeping the last good pair");
-                return;
+                return None;
             }
         };
         if self.good.0 == cert && self.good.1 == key {
-            return;
+            return None;
         }
         self.good = (cert.to_vec(), key.to_vec());
         let pair = Pair::parse(
@@ -404,10 +452,7 @@ impl Reloader {
             &self.provider,
         )
         .and_then(|pair| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            if pair.not_after <= now {
+            if pair.not_after <= unix_now() {
                 return Err(ServerTlsError::Certificate {
                     path: self.cert.display().to_string(),
                     reason: "the new certificate has expired".into(),
@@ -420,10 +465,16 @@ impl Reloader {
                 self.current.set(pair);
                 self.current.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(cert = %self.cert.display(), "edge certificate reloaded");
+                None
             }
+            Err(
+                error @ ServerTlsError::Tls(rustls::Error::InconsistentKeys(
+                    rustls::InconsistentKeys::KeyMismatch,
+                )),
+            ) => Some(error),
             Err(error) => {
-                self.current.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("{error}; keeping the last good edge certificate");
+                self.refuse(&error);
+                None
             }
         }
     }

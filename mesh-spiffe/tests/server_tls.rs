@@ -170,6 +170,8 @@ async fn a_rewritten_certificate_is_presented_to_new_handshakes() {
     }
     assert_eq!(acceptor.status().reloads, 1);
     assert_eq!(acceptor.status().not_after, not_after(&second));
+    // The moment the pair did not match was not a refusal: the other file came in time.
+    assert_eq!(acceptor.status().rejected, 0);
     let (_, leaf) = connect(&edge, addr).await;
     assert_eq!(leaf, second.0[0], "new handshakes get the new certificate");
     // The connection made before the rotation goes on.
@@ -185,9 +187,11 @@ async fn invalid_replacements_keep_the_last_good_pair() {
     let acceptor = edge.watch().await;
     let addr = serve(acceptor.clone()).await;
 
-    // A certificate whose key has not arrived: refused.
+    // A certificate whose key has not arrived: given 2 s for the key, then refused.
     let next = edge.pair();
     edge.write_cert(&next);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(acceptor.status().rejected, 0, "refused within the grace");
     settled(&acceptor, 0, 1).await;
     assert_eq!(connect(&edge, addr).await.1, good.0[0]);
     // Its key arrives: applied.

@@ -153,9 +153,11 @@ impl FromStr for Destination {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if !s.contains('/') {
-            return s.parse().map(Self::Addr).map_err(|_| {
+            let addr: SocketAddr = s.parse().map_err(|_| {
                 format!("`{s}` is not `IP:port`, `[IPv6]:port`, `IP/prefix:port` or `[IPv6/prefix]:port`")
-            });
+            })?;
+            not_mapped(s, addr.ip())?;
+            return Ok(Self::Addr(addr));
         }
         let (net, port) = match s.strip_prefix('[') {
             Some(rest) => rest
@@ -165,9 +167,10 @@ impl FromStr for Destination {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("`{s}`: a network needs a port (`IP/prefix:port`)"))?,
         };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("`{s}`: `{port}` is not a port"))?;
+        let port: u16 = Some(port)
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| format!("`{s}`: `{port}` is not a port"))?;
         let (addr, prefix) = net
             .split_once('/')
             .ok_or_else(|| format!("`{s}`: no `/prefix` in `{net}`"))?;
@@ -179,9 +182,10 @@ impl FromStr for Destination {
                 "`{s}`: an IPv6 network is written in brackets (`[ADDR/PREFIX]:PORT`), an IPv4 one without"
             ));
         }
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
+        not_mapped(s, addr)?;
+        let prefix: u8 = Some(prefix)
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse().ok())
             .filter(|p| u32::from(*p) <= bits(addr))
             .ok_or_else(|| {
                 format!(
@@ -189,6 +193,10 @@ impl FromStr for Destination {
                     bits(addr)
                 )
             })?;
+        if u32::from(prefix) == bits(addr) {
+            // One address: the same destination as `IP:port`, and compared as one.
+            return Ok(Self::Addr(SocketAddr::new(addr, port)));
+        }
         Network::new(addr, prefix, port)
             .map(Self::Network)
             .ok_or_else(|| {
@@ -197,6 +205,20 @@ impl FromStr for Destination {
                     masked(addr, prefix)
                 )
             })
+    }
+}
+
+/// Refuses an IPv4-mapped IPv6 address: connections to IPv4 destinations are seen with
+/// their IPv4 address, which such an entry would never match.
+fn not_mapped(s: &str, addr: IpAddr) -> Result<(), String> {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Err(format!(
+                "`{s}`: an IPv4-mapped address never matches (connections to {v4} are seen as IPv4): write it as IPv4"
+            )),
+            None => Ok(()),
+        },
+        IpAddr::V4(_) => Ok(()),
     }
 }
 
@@ -234,7 +256,6 @@ mod tests {
             "[2001:db8::20]:80",
             "10.1.2.0/24:5432",
             "0.0.0.0/0:443",
-            "10.1.2.3/32:80",
             "[2001:db8:5::/64]:443",
             "[::/0]:443",
         ] {
@@ -265,6 +286,10 @@ mod tests {
             ("[2001:db8::/32:443", "written `[ADDR/PREFIX]:PORT`"),
             ("users:80", "is not `IP:port`"),
             ("10.1.2.x/24:80", "`10.1.2.x` is not an IP address"),
+            ("10.1.2.0/+24:80", "`+24` is not a prefix length"),
+            ("10.1.2.0/24:+80", "`+80` is not a port"),
+            ("[::ffff:10.0.0.1]:80", "IPv4-mapped"),
+            ("[::ffff:10.0.0.0/104]:80", "IPv4-mapped"),
         ] {
             let err = s.parse::<Destination>().unwrap_err();
             assert!(err.contains(says), "{s}: {err}");
@@ -288,7 +313,10 @@ mod tests {
         let v6 = dst("[2001:db8:5::/64]:443");
         assert!(v6.matches(&addr("[2001:db8:5::9]:443")));
         assert!(!v6.matches(&addr("[2001:db8:6::9]:443")));
+        // A /32 (or /128) is one address, compared as such.
         let one = dst("10.1.2.3/32:80");
+        assert_eq!(one, dst("10.1.2.3:80"));
+        assert_eq!(dst("[2001:db8::1/128]:80"), dst("[2001:db8::1]:80"));
         assert!(one.matches(&addr("10.1.2.3:80")));
         assert!(!one.matches(&addr("10.1.2.4:80")));
         assert_eq!(dst("10.96.0.20:80").port(), 80);
