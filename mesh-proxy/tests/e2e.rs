@@ -4,7 +4,7 @@
 //! an authorization deny, an application that is down, the admin endpoints, a broken
 //! reload that keeps serving, and a drain on SIGTERM that exits 0.
 #![cfg(unix)]
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 mod common;
 
