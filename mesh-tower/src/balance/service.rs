@@ -318,11 +318,17 @@ where
                 return Poll::Ready(Ok(()));
             }
             if pool.endpoints.is_empty() && shared.live.ended.load(Ordering::Acquire) {
-                self.waiting = None;
-                return Poll::Ready(Err(NoEndpoints {
-                    service: shared.service.clone(),
+                // Discovery stores its last endpoints before it sets `ended`: the pool read
+                // afresh is final, where the one read above may predate them (discovery
+                // ended meanwhile, on another thread). Seen in a full test run.
+                if shared.live.current.load().endpoints.is_empty() {
+                    self.waiting = None;
+                    return Poll::Ready(Err(NoEndpoints {
+                        service: shared.service.clone(),
+                    }
+                    .into()));
                 }
-                .into()));
+                continue;
             }
             // Woken by discovery too: a new endpoint may be ready.
             if !waiting.discovery_over {

@@ -344,6 +344,15 @@ impl OpaqueClient {
                         service: self.shared.service.clone(),
                     });
                 }
+                // Discovery stores its last endpoints before it sets `ended`: an empty pick
+                // from a set read before that is tried again on the final set.
+                Pick::Empty
+                    if endpoints.ended.load(Ordering::Acquire)
+                        && !endpoints.set.load().is_empty()
+                        && now < deadline =>
+                {
+                    continue;
+                }
                 Pick::Empty if endpoints.ended.load(Ordering::Acquire) || now >= deadline => {
                     return Err(OpaqueError::NoEndpoints {
                         service: self.shared.service.clone(),
