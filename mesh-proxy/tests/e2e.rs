@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proxy, app, curl, identity};
+use common::{Proxy, app, assert_families_once, curl, identity};
 use mesh_spiffe::test_ca::TestCa;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,6 +163,10 @@ async fn curl_through_two_proxies_to_an_app() {
         }
     }
     assert!(allowed, "the new policy was not applied");
+    // The inbound side's metrics (authorization, servers) parse as well.
+    let (_, metrics) = curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
+    assert!(metrics.contains("mesh_server_authz_total"), "{metrics}");
+    assert_families_once(&metrics);
 
     assert!(a.terminate().success(), "exit 0 after SIGTERM");
     assert!(b.terminate().success());
@@ -394,54 +398,6 @@ async fn the_service_manager_hears_ready_and_stopping() {
     let (code, _) = curl(&[&format!("http://{}/ready", proxy.addr("admin"))]);
     assert_eq!(code, 200);
     assert!(proxy.terminate().success());
-}
-
-/// Every `# TYPE` line of a Prometheus text exposition appears once, and the whole
-/// parses with the Python `prometheus_client`'s strict OpenMetrics parser (someone else's,
-/// as a scraper is), when the test Python has it (`.ci/run` installs it in `target/py`).
-fn assert_families_once(metrics: &str) {
-    use std::io::Write;
-    let mut seen = std::collections::BTreeSet::new();
-    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
-        assert!(seen.insert(line), "described twice: {line}\n{metrics}");
-    }
-    let python = std::env::var_os("MESH_PYTHON_GRPC").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python"),
-        std::path::PathBuf::from,
-    );
-    const PARSE: &str = "import sys\n\
-        from prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
-        print(len(list(p(sys.stdin.read()))))";
-    let child = std::process::Command::new(&python)
-        .args(["-c", "import prometheus_client"])
-        .output();
-    if !child.is_ok_and(|o| o.status.success()) {
-        let message = format!("no Python with prometheus_client at {}", python.display());
-        if std::env::var_os("MESH_REQUIRE_PYTHON_GRPC").is_some_and(|v| v == "1") {
-            panic!("MESH_REQUIRE_PYTHON_GRPC=1: {message}");
-        }
-        eprintln!("\n!!!!! SKIPPED: the OpenMetrics parser check: {message} !!!!!\n");
-        return;
-    }
-    let mut child = std::process::Command::new(&python)
-        .args(["-c", PARSE])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the OpenMetrics parser refused /metrics: {}\n{metrics}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A peer's inbound proxy whose application is down answers 502 naming the application's

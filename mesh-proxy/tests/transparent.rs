@@ -305,6 +305,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     assert_eq!(status, 0);
 
     let (_, metrics) = ns.curl("http://127.0.0.1:4191/metrics");
+    common::assert_families_once(&metrics);
     for line in [
         r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 23"#,
         r#"mesh_transparent_connections_total{listener="transparent",outcome="passthrough"} 1"#,

@@ -1,5 +1,11 @@
 //! What the end-to-end tests share: proxy processes, curl, a local app, identities.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -209,4 +215,52 @@ pub fn outbound_config(
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Every `# TYPE` line of a Prometheus text exposition appears once, and the whole
+/// parses with the Python `prometheus_client`'s strict OpenMetrics parser (someone else's,
+/// as a scraper is), when the test Python has it (`.ci/run` installs it in `target/py`).
+pub fn assert_families_once(metrics: &str) {
+    use std::io::Write;
+    let mut seen = std::collections::BTreeSet::new();
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(seen.insert(line), "described twice: {line}\n{metrics}");
+    }
+    let python = std::env::var_os("MESH_PYTHON_GRPC").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python"),
+        std::path::PathBuf::from,
+    );
+    const PARSE: &str = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+        print(len(list(p(sys.stdin.read()))))";
+    let child = std::process::Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if !child.is_ok_and(|o| o.status.success()) {
+        let message = format!("no Python with prometheus_client at {}", python.display());
+        if std::env::var_os("MESH_REQUIRE_PYTHON_GRPC").is_some_and(|v| v == "1") {
+            panic!("MESH_REQUIRE_PYTHON_GRPC=1: {message}");
+        }
+        eprintln!("\n!!!!! SKIPPED: the OpenMetrics parser check: {message} !!!!!\n");
+        return;
+    }
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused /metrics: {}\n{metrics}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
