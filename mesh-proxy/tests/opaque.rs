@@ -43,7 +43,8 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
     std::fs::write(
         &b_config,
         format!(
-            "{}\n[[inbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n\
+            "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[inbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n\
              protocol = \"opaque\"\nauthorization = \"callers\"\n\n\
              [authorization.callers]\ndefault = \"deny\"\n\
              [[authorization.callers.rules]]\nname = \"caller\"\nclients = [\"spiffe://example.org/caller\"]\n",
@@ -51,7 +52,7 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         ),
     )
     .unwrap();
-    let b = Proxy::start(&b_config, 1);
+    let b = Proxy::start(&b_config, 2);
     let outbound = |name: &str, ca: &mut TestCa| {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(
@@ -139,6 +140,10 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(admitted, "the reloaded policy admits the stranger");
+    // Its metrics (opaque connections, their authorization) parse as a scraper's would.
+    let (_, metrics) = common::curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
+    assert!(metrics.contains("listener=\"tcp\""), "{metrics}");
+    common::assert_families_once(&metrics);
 
     assert!(a.terminate().success());
     assert!(stranger.terminate().success());
