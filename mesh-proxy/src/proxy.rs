@@ -253,7 +253,7 @@ impl Proxy {
             let router = Router::new(routes);
             // An edge listener's clients are outside the mesh: its error answers, and the
             // mesh's answers relayed from peers, do not name endpoints or their errors (the
-            // log does, at debug).
+            // log does: at info once a second, else at debug).
             let answers = if outbound.certificate.is_some() {
                 AnswerErrorsLayer::brief()
             } else {

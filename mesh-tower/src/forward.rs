@@ -364,7 +364,9 @@ where
 /// endpoints, why (a refused connect, an ejection, a timeout), for the local application
 /// and whoever debugs it. [`brief`](Self::brief) answers with the status's reason alone,
 /// for listeners that face clients outside the mesh, who should not learn the mesh's
-/// addresses and internal errors; the whole message is then only logged (at `debug`).
+/// addresses and internal errors; the whole message is then logged, at `info` once a
+/// second and at `debug` otherwise. Brief layers also make answers marked
+/// [`MESH_ERROR`](crate::body::MESH_ERROR) brief: a peer proxy's, say.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AnswerErrorsLayer {
     brief: bool,
@@ -452,14 +454,25 @@ where
             // An answer the mesh made further on (a peer proxy's, say) names what it could
             // not reach: brief listeners keep only its status.
             Ok(resp) if *this.brief && resp.headers().contains_key(crate::body::MESH_ERROR) => {
-                tracing::debug!(status = %resp.status(), "a mesh error answer, made brief");
-                brief_answer(resp.status())
+                let status = resp.status();
+                if brief_log_due() {
+                    tracing::info!(%status, "a mesh error answer from further on, made brief (more within a second at debug)");
+                } else {
+                    tracing::debug!(%status, "a mesh error answer from further on, made brief");
+                }
+                brief_answer(status)
             }
             Ok(resp) => resp.map(ResponseBody::inner),
             Err(e) => {
                 let e: BoxError = e.into();
                 let (status, code) = status_of(e.as_ref());
-                tracing::debug!(error = %e, %status, "answering a failed request");
+                // A brief answer hides the cause from the client: the log keeps it, at
+                // info once a second (an outage must not flood it), else at debug.
+                if *this.brief && brief_log_due() {
+                    tracing::info!(error = %e, %status, "answering a failed request briefly (more within a second at debug)");
+                } else {
+                    tracing::debug!(error = %e, %status, "answering a failed request");
+                }
                 if *this.grpc {
                     grpc_answer(
                         code,
@@ -477,6 +490,25 @@ where
             }
         }))
     }
+}
+
+/// Whether a brief answer's cause is due an `info` line: at most one a second in the
+/// process.
+fn brief_log_due() -> bool {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(tokio::time::Instant::now);
+    // Milliseconds since the first brief answer, plus one so that the first is due.
+    let now = u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1_000);
+    let last = LAST.load(Ordering::Relaxed);
+    now.saturating_sub(last) >= 1_000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// `status` with its reason alone for a body (`service unavailable`).
