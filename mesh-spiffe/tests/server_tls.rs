@@ -124,20 +124,23 @@ async fn echo(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) {
     assert_eq!(&buf, b"ping");
 }
 
-/// Waits until `acceptor` has applied `reloads` and refused `rejected` changes.
-async fn settled(acceptor: &ServerTlsAcceptor, reloads: u64, rejected: u64) {
+/// Waits (at most [`EVENT`]) until `done` holds; `what` names it in the failure.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + EVENT;
-    loop {
-        let status = acceptor.status();
-        if status.reloads == reloads && status.rejected == rejected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited for {reloads} reloads and {rejected} refusals: {status:?}"
-        );
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "waited for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `acceptor` has applied `reloads` and refused `rejected` changes.
+async fn settled(acceptor: &ServerTlsAcceptor, reloads: u64, rejected: u64) {
+    let what = format!("{reloads} reloads and {rejected} refusals");
+    until(&what, || {
+        let status = acceptor.status();
+        status.reloads == reloads && status.rejected == rejected
+    })
+    .await;
 }
 
 fn not_after(pair: &Pair) -> SystemTime {
@@ -163,11 +166,7 @@ async fn a_rewritten_certificate_is_presented_to_new_handshakes() {
     let second = edge.pair();
     edge.write_key(&second);
     edge.write_cert(&second);
-    let deadline = tokio::time::Instant::now() + EVENT;
-    while acceptor.status().reloads == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("a reload", || acceptor.status().reloads > 0).await;
     assert_eq!(acceptor.status().reloads, 1);
     assert_eq!(acceptor.status().not_after, not_after(&second));
     // The moment the pair did not match was not a refusal: the other file came in time.
@@ -218,14 +217,10 @@ async fn invalid_replacements_keep_the_last_good_pair() {
         .unwrap();
     edge.write_key(&expired);
     edge.write_cert(&expired);
-    let deadline = tokio::time::Instant::now() + EVENT;
-    while acceptor.status().rejected < 4 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expired pair not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the expired pair refused", || {
+        acceptor.status().rejected >= 4
+    })
+    .await;
     // A deleted file is not a change to a pair: nothing is refused or applied.
     std::fs::remove_file(edge.path("edge.crt")).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -238,11 +233,7 @@ async fn invalid_replacements_keep_the_last_good_pair() {
     let last = edge.pair();
     edge.write_key(&last);
     edge.write_cert(&last);
-    let deadline = tokio::time::Instant::now() + EVENT;
-    while acceptor.status().reloads < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the second reload", || acceptor.status().reloads >= 2).await;
     assert_eq!(connect(&edge, addr).await.1, last.0[0]);
 }
 
@@ -301,12 +292,5 @@ async fn the_watch_ends_with_the_last_acceptor() {
     tokio::task::yield_now().await;
     assert_eq!(tasks(), 1, "a clone keeps it");
     drop(clone);
-    let deadline = tokio::time::Instant::now() + EVENT;
-    while tasks() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the watch task outlived its acceptor"
-        );
-        tokio::task::yield_now().await;
-    }
+    until("the watch task to end with its acceptor", || tasks() == 0).await;
 }
