@@ -161,8 +161,8 @@ async fn a_rewritten_certificate_is_presented_to_new_handshakes() {
     let (mut before, leaf) = connect(&edge, addr).await;
     assert_eq!(leaf, first.0[0]);
 
-    // Key first, then certificate: in between the pair does not match and is refused
-    // (unless the debounce saw both writes at once).
+    // Key first, then certificate: in between the pair does not match, which waits for
+    // the other file (2 s) rather than counting as refused.
     let second = edge.pair();
     edge.write_key(&second);
     edge.write_cert(&second);
