@@ -207,11 +207,16 @@ where
                     *req.uri_mut() = this.head.uri.clone();
                     *req.version_mut() = this.head.version;
                     let last = !this.body.is_replayable() || *this.retries >= *this.max_retries;
-                    // A try that cannot be followed by another takes the headers.
+                    // A try that cannot be followed by another takes the headers. Any
+                    // other try takes them too, and a copy stays for the next: the map
+                    // sent is the one the server parsed, with room to spare, which the
+                    // HTTP/1.1 connection reuses for its response's headers (a clone
+                    // has exactly its length, so the response's headers would grow it).
                     *req.headers_mut() = if last {
                         std::mem::take(&mut this.head.headers)
                     } else {
-                        this.head.headers.clone()
+                        let kept = this.head.headers.clone();
+                        std::mem::replace(&mut this.head.headers, kept)
                     };
                     match this.extensions.take() {
                         Some(ext) => *req.extensions_mut() = ext,
