@@ -159,12 +159,12 @@ pub struct CertificateFiles {
 /// max_connections = 10000          # [10,000] beyond, accepting waits
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
 /// idle_timeout = "120s"            # [120s] a connection idle this long is closed
-///                                  # (HTTP/1.1: header_read_timeout, when shorter)
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerLimits {
-    /// Bound on reading a request's headers (and a new connection's first bytes).
+    /// Bound on reading a request's headers, from their first byte (and on a new
+    /// connection's wait for its first request).
     #[serde(
         default,
         with = "duration::option",
@@ -186,9 +186,8 @@ pub struct ListenerLimits {
     /// Bound on concurrent HTTP/2 streams per connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
-    /// How long a connection may have no request in flight. An idle HTTP/1.1 connection
-    /// closes at `header_read_timeout` already when that is shorter: hyper's header timer
-    /// runs while the connection waits for its next request.
+    /// How long a connection may have no request in flight (the header-read bound starts
+    /// at a head's first byte, so it does not shorten this).
     #[serde(
         default,
         with = "duration::option",

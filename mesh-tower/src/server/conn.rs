@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 use tower_service::Service;
 
+use super::head_timer::{HeadClock, HeadTimer, Watched};
 use super::streams::{StreamExec, Streams};
 use super::{ClientAddr, ServerLimits, ShutdownReport};
 use crate::accept::stopped;
@@ -56,11 +57,13 @@ pub(super) struct Shared<S> {
 /// hyper's default bound on HTTP/1.1 request headers.
 const HYPER_MAX_HEADERS: usize = 100;
 
-/// The HTTP server settings of `limits`, with `exec` running HTTP/2 streams.
+/// The HTTP server settings of `limits`, with `exec` running HTTP/2 streams and
+/// `head_timer` bounding HTTP/1.1 heads (see [`super::head_timer`]).
 pub(super) fn http_builder<E>(
     limits: &ServerLimits,
     protocol: mesh_core::config::Protocol,
     exec: E,
+    head_timer: HeadTimer,
 ) -> auto::Builder<E> {
     use mesh_core::config::Protocol;
     let mut builder = auto::Builder::new(exec);
@@ -71,7 +74,7 @@ pub(super) fn http_builder<E>(
     };
     let mut http1 = builder.http1();
     http1
-        .timer(TokioTimer::new())
+        .timer(head_timer)
         .header_read_timeout(limits.header_read_timeout)
         // hyper answers 431 when the head outgrows its read buffer (at least 8 KiB).
         .max_buf_size((limits.max_header_list_size as usize).max(8192));
@@ -239,14 +242,26 @@ async fn serve<IO, S, B>(
         super::StreamTasks::InConnection => StreamExec::in_connection(),
         super::StreamTasks::Spawned => StreamExec::spawn(),
     };
-    let http = http_builder(limits, shared.protocol, exec.clone());
+    let clock = HeadClock::new(limits.header_read_timeout);
+    let http = http_builder(
+        limits,
+        shared.protocol,
+        exec.clone(),
+        HeadTimer::new(clock.clone()),
+    );
     let mut streams = Streams::new(exec);
-    let mut conn = pin!(http.serve_connection(TokioIo::new(io), service));
-    // Until the first request begins, the header-read bound covers the silence too.
-    let mut check = pin!(tokio::time::sleep(limits.header_read_timeout));
+    let io = TokioIo::new(Watched::new(io, clock));
+    let mut conn = pin!(http.serve_connection(io, service));
+    // Until the first request begins, the header-read bound covers the silence too;
+    // after it, the idle timeout. Activity is not timed per request: a check every
+    // `step` sees whether there was any, so a connection closes between `idle_timeout`
+    // and `idle_timeout + step` after its last request.
+    let connected = Instant::now();
+    let step = idle_check_step(limits.idle_timeout);
+    let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
     let mut stop = pin!(stopped(&mut shutdown));
     let mut abuse = pin!(activity.abusive.notified());
-    let mut idle_since = Instant::now();
+    let mut idle_since = connected;
     let mut closing = false;
     // The connection is polled whenever the task wakes; the shutdown, abuse and idle
     // signals only when one of them woke it (they are polled with a waker of their own),
@@ -310,22 +325,34 @@ async fn serve<IO, S, B>(
             Event::Check => {
                 let now = Instant::now();
                 if !activity.started.load(Ordering::Relaxed) {
-                    tracing::debug!(%remote, "no request within the header read timeout");
-                    return;
+                    let deadline = connected + limits.header_read_timeout;
+                    if now >= deadline {
+                        tracing::debug!(%remote, "no request within the header read timeout");
+                        return;
+                    }
+                    check.as_mut().reset(deadline.min(now + step));
+                    continue;
                 }
                 if activity.in_flight.load(Ordering::Relaxed) > 0 || activity.take_touched() {
                     idle_since = now;
                 }
-                if now.saturating_duration_since(idle_since) >= limits.idle_timeout {
+                let deadline = idle_since + limits.idle_timeout;
+                if now >= deadline {
                     tracing::debug!(%remote, "idle timeout");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 } else {
-                    check.as_mut().reset(idle_since + limits.idle_timeout);
+                    check.as_mut().reset(deadline.min(now + step));
                 }
             }
         }
     }
+}
+
+/// How often a connection looks for activity: an eighth of the idle timeout, at least
+/// 100 ms.
+fn idle_check_step(idle_timeout: std::time::Duration) -> std::time::Duration {
+    (idle_timeout / 8).max(std::time::Duration::from_millis(100))
 }
 
 /// What ended a wait in [`serve`].

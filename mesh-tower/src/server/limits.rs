@@ -6,14 +6,14 @@ use std::time::Duration;
 /// # Defaults
 /// | limit | default | when exceeded |
 /// |---|---|---|
-/// | `header_read_timeout` | 10 s | the connection closes (slowloris); also bounds the wait for a new connection's first bytes, and, since hyper's HTTP/1.1 timer runs while a keep-alive connection waits for its next request, an idle HTTP/1.1 connection's life |
+/// | `header_read_timeout` | 10 s | the connection closes, HTTP/1.1 with a 408 (slowloris); counted from a request head's first byte, so that the silence between keep-alive requests is left to `idle_timeout`; also bounds the wait for a new connection's first request |
 /// | `max_header_list_size` | 64 KiB | HTTP/1.1: 431; HTTP/2: the stream is refused with 431 |
 /// | `max_headers` | 100 (HTTP/1.1) | 431 |
 /// | `max_request_body_size` | 64 MiB (`None`: no bound) | a request declaring a larger `Content-Length` gets 413 before the application sees it; a streamed body of unknown length is the application's to bound |
 /// | `max_connections` | 10,000 | accepting waits until a connection closes |
 /// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
 /// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |
-/// | `idle_timeout` | 120 s | a connection with no request in flight for that long is shut down gracefully (HTTP/1.1 connections close at `header_read_timeout` first, when it is shorter) |
+/// | `idle_timeout` | 120 s | a connection with no request in flight for that long is shut down gracefully (looked for every eighth of it: the close comes within `idle_timeout` × 1.125) |
 /// | `max_pending_accept_reset_streams` | 20 (HTTP/2) | rapid reset (CVE-2023-44487): the connection is closed with `GOAWAY` |
 /// | `max_local_error_reset_streams` | 256 (HTTP/2) | a peer provoking stream errors is disconnected |
 /// | `max_cancelled_requests` | 20 | a connection whose client cancelled (reset, or hung up on) this many requests, more than it let finish, is shut down with `GOAWAY`, and closed at twice as many: rapid reset of accepted streams |

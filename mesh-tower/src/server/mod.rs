@@ -50,6 +50,7 @@
 
 mod body_limit;
 mod conn;
+mod head_timer;
 mod limits;
 mod streams;
 
