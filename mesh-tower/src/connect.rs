@@ -759,20 +759,7 @@ where
     /// always to this endpoint. The URI's authority (the logical service, e.g.
     /// `users.prod`) is kept for `Host` / `:authority`; a request with a relative URI gets
     /// the endpoint's address instead.
-    pub fn send(&self, mut req: http::Request<B>) -> ResponseFuture<B> {
-        if req.uri().authority().is_none() || req.uri().scheme().is_none() {
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
-            parts
-                .authority
-                .get_or_insert_with(|| self.shared.authority.clone());
-            parts
-                .path_and_query
-                .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
-            if let Ok(uri) = Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
+    pub fn send(&self, req: http::Request<B>) -> ResponseFuture<B> {
         ResponseFuture {
             inner: Box::pin(send(self.shared.clone(), req)),
         }
@@ -790,19 +777,25 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let absolute = req.uri().clone();
+    // The request's absolute URI, while an HTTP/1.1 try holds it in origin form.
+    let mut absolute: Option<Uri> = None;
     let mut unsent = 0;
     loop {
         let error = match shared.check_out().await? {
             Checkout::H2(mut sender, peer) => {
-                *req.uri_mut() = absolute.clone();
+                match absolute.take() {
+                    Some(uri) => *req.uri_mut() = uri,
+                    None => to_absolute_form(&mut req, &shared.authority),
+                }
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(finish(resp, None, peer)),
                     Err(e) => e,
                 }
             }
             Checkout::H1(mut sender, peer) => {
-                to_origin_form(&mut req, &absolute);
+                if let Some(uri) = to_origin_form(&mut req, &shared.authority) {
+                    absolute = Some(uri);
+                }
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
                         let back = Some(CheckIn {
@@ -829,19 +822,42 @@ where
     }
 }
 
-/// HTTP/1.1 takes the path in the request line and the authority in `Host`.
-fn to_origin_form<B>(req: &mut http::Request<B>, absolute: &Uri) {
-    if !req.headers().contains_key(HOST)
-        && let Some(authority) = absolute.authority()
-        && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
-    {
-        req.headers_mut().insert(HOST, host);
+/// HTTP/2 takes the whole URI: a relative one gets the scheme `http` and `endpoint` as
+/// its authority.
+fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) {
+    if req.uri().authority().is_some() && req.uri().scheme().is_some() {
+        return;
     }
-    let path = absolute
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
+    parts.authority.get_or_insert_with(|| endpoint.clone());
+    parts
+        .path_and_query
+        .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// HTTP/1.1 takes the path in the request line and the authority in `Host`: the URI's
+/// authority, else `endpoint`. Returns the URI it replaced, when it was not in origin form
+/// already (an HTTP/2 try of the same request takes it back).
+fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) -> Option<Uri> {
+    if !req.headers().contains_key(HOST) {
+        let authority = req.uri().authority().unwrap_or(endpoint);
+        if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(HOST, host);
+        }
+    }
+    if req.uri().authority().is_none() && req.uri().scheme().is_none() {
+        return None;
+    }
+    let path = req
+        .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
+    Some(std::mem::replace(req.uri_mut(), Uri::from(path)))
 }
 
 /// The response with its body wrapped to give the connection back at its end, and the
@@ -1099,6 +1115,92 @@ mod tests {
         }
         // One connection per client: reused (HTTP/1.1) or multiplexed (HTTP/2).
         assert_eq!(ep.stats().connections.load(Ordering::Relaxed), 3);
+    }
+
+    /// A server that answers each request with the target and `Host` it received.
+    #[cfg(feature = "server")]
+    async fn target_echo() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let echo =
+                        hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                            let host = req
+                                .headers()
+                                .get(HOST)
+                                .map_or("-", |h| h.to_str().unwrap_or("?"))
+                                .to_owned();
+                            let answer = format!("{} {}", req.uri(), host);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(answer),
+                            )))
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), echo)
+                    .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn http1_gets_origin_form_and_host_http2_the_whole_uri() {
+        let addr = target_echo().await;
+        let get = |uri: &str, host: Option<&str>| {
+            let mut req = http::Request::get(uri);
+            if let Some(host) = host {
+                req = req.header(HOST, host);
+            }
+            req.body(Full::new(Bytes::new())).unwrap()
+        };
+        let cases = [
+            // (protocol, URI, Host sent, what the server saw)
+            (Protocol::Http1, "/x?y", None, format!("/x?y {addr}")),
+            (
+                Protocol::Http1,
+                "/x",
+                Some("users.prod"),
+                "/x users.prod".to_owned(),
+            ),
+            (
+                Protocol::Http1,
+                "http://users.prod/x?y",
+                None,
+                "/x?y users.prod".to_owned(),
+            ),
+            (
+                Protocol::Http2,
+                "/x?y",
+                None,
+                format!("http://{addr}/x?y -"),
+            ),
+            (
+                Protocol::Http2,
+                "http://users.prod/x",
+                None,
+                "http://users.prod/x -".to_owned(),
+            ),
+        ];
+        for (protocol, uri, host, want) in cases {
+            let client = EndpointClient::new(
+                addr,
+                ConnectSettings {
+                    protocol,
+                    ..ConnectSettings::plaintext()
+                },
+            );
+            let resp = client.send(get(uri, host)).await.unwrap();
+            assert_eq!(read(resp).await, want, "{protocol:?} {uri} {host:?}");
+        }
     }
 
     fn connections(ep: &MockEndpoint) -> u64 {
