@@ -683,6 +683,90 @@ async fn panicking_handler_resets_only_its_stream(streams: StreamTasks) {
     assert_eq!(server.shutdown().await.forced, 0);
 }
 
+/// A value whose `Drop` panics.
+struct PanicOnDrop;
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        panic!("scripted panic in drop");
+    }
+}
+
+/// Sends on its channel when dropped.
+struct SignalOnDrop(tokio::sync::mpsc::UnboundedSender<()>);
+
+impl Drop for SignalOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// Either way streams run, a connection that ends drops every handler still in flight,
+/// even when one of them panics as it is dropped: none is leaked, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panicking_when_dropped_leaks_no_sibling_in_the_connection_task() {
+    handler_panicking_when_dropped_leaks_no_sibling(StreamTasks::InConnection).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panicking_when_dropped_leaks_no_sibling_in_a_task_of_its_own() {
+    handler_panicking_when_dropped_leaks_no_sibling(StreamTasks::Spawned).await;
+}
+
+async fn handler_panicking_when_dropped_leaks_no_sibling(streams: StreamTasks) {
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let (started, dropped) = (started_tx.clone(), dropped_tx.clone());
+        async move {
+            match req.uri().path() {
+                "/hold" => {
+                    let _signal = SignalOnDrop(dropped);
+                    let _ = started.send(());
+                    std::future::pending::<()>().await;
+                }
+                "/panic-when-dropped" => {
+                    let _guard = PanicOnDrop;
+                    let _ = started.send(());
+                    std::future::pending::<()>().await;
+                }
+                _ => {}
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let (server, mut raw) = serve_streams(streams, app).await;
+    let requests = [
+        header_frames(1, &get_block("/hold", &[]), true),
+        header_frames(3, &get_block("/panic-when-dropped", &[]), true),
+        header_frames(5, &get_block("/hold", &[]), true),
+    ];
+    raw.tx.write_all(&requests.concat()).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::timeout(READ_TIMEOUT, started.recv())
+            .await
+            .expect("a handler did not start")
+            .unwrap();
+    }
+    // The client goes away: the connection ends, and its handlers are dropped.
+    drop(raw);
+    for _ in 0..2 {
+        tokio::time::timeout(READ_TIMEOUT, dropped.recv())
+            .await
+            .expect("a handler beside the panicking one was never dropped")
+            .unwrap();
+    }
+    // The server still serves.
+    let mut raw = Raw::connect(server.local_addr()).await;
+    raw.tx
+        .write_all(&header_frames(1, &get_block("/ok", &[]), true))
+        .await
+        .unwrap();
+    assert_eq!(raw.status(1).await.unwrap(), 200);
+    drop(raw);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
 /// The tasks that run the handlers of 8 concurrent streams on one connection.
 async fn handler_tasks(streams: StreamTasks) -> std::collections::HashSet<tokio::task::Id> {
     const N: usize = 8;

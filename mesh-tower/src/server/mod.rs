@@ -131,7 +131,9 @@ pub enum StreamTasks {
     /// (measured on the proxy bench: 0.98x the instructions and about 0.92x the CPU per
     /// request of `Spawned`). For handlers that mostly wait, such as a proxy's (mesh-proxy
     /// uses it on every listener): a handler that computes or blocks holds up the other
-    /// streams of its connection. A handler that panics still resets only its stream.
+    /// streams of its connection. As with tasks, a handler that panics resets only its
+    /// stream, and one that panics as it is dropped is caught too (its siblings are still
+    /// dropped when their connection ends).
     InConnection,
 }
 

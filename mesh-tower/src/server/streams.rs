@@ -14,7 +14,9 @@
 //!   accepted.
 //!
 //! A stream that panics is dropped alone, as a panicking task would be (dropping its
-//! response handle resets the stream); its siblings go on. When the connection ends, its
+//! response handle resets the stream); its siblings go on. A panic while a stream is
+//! dropped (its future's, or a value it holds, `Drop` panicking, once it has finished or
+//! when the connection ends) is caught too, as tokio catches it for a task. When the connection ends, its
 //! remaining streams, running or still queued, are dropped with it: they could no longer
 //! answer. Queued ones must be dropped explicitly ([`Streams`]' `Drop`): each holds a clone
 //! of the executor, and so of the queue it waits in, a cycle that would otherwise leak it.
@@ -26,10 +28,59 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
-type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// One stream: its future (one allocation, as a task's would be), with panics caught.
+///
+/// A panic while polling ends the stream; so does completion. Either way the future is
+/// dropped at once, inside a guard of its own, and so is a stream still held when the
+/// connection ends: a `Drop` that panics unwinds into neither the connection's task nor
+/// the other streams.
+struct Stream {
+    fut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Stream {
+    fn new<F: Future<Output = ()> + Send + 'static>(fut: F) -> Self {
+        Self {
+            fut: Some(Box::pin(fut)),
+        }
+    }
+
+    /// Drops the future, catching a panic of its `Drop`.
+    fn release(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            let dropped = std::panic::catch_unwind(AssertUnwindSafe(move || drop(fut)));
+            if dropped.is_err() {
+                tracing::error!("an HTTP/2 stream panicked while being dropped");
+            }
+        }
+    }
+}
+
+impl Future for Stream {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(fut) = this.fut.as_mut() else {
+            return Poll::Ready(());
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(())) => {}
+            Err(_) => tracing::error!("an HTTP/2 stream panicked: the stream is reset"),
+        }
+        this.release();
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
 
 /// The executor of one connection: queues each stream hyper hands it for [`Streams`], or
 /// spawns it when made by [`StreamExec::spawn`].
@@ -71,7 +122,7 @@ where
     fn execute(&self, fut: F) {
         match &self.0 {
             Some(queue) => {
-                let stream: Stream = Box::pin(async_catch(fut));
+                let stream = Stream::new(fut);
                 queue
                     .streams
                     .lock()
@@ -84,15 +135,6 @@ where
             }
         }
     }
-}
-
-/// `fut`, with a panic caught and logged instead of unwinding into the connection.
-fn async_catch<F: Future<Output = ()>>(fut: F) -> impl Future<Output = ()> {
-    AssertUnwindSafe(fut).catch_unwind().map(|result| {
-        if result.is_err() {
-            tracing::error!("an HTTP/2 stream panicked: the stream is reset");
-        }
-    })
 }
 
 /// The streams of one connection, polled by the connection's task.
@@ -221,5 +263,93 @@ mod tests {
         .await;
         assert_eq!(done.load(Ordering::SeqCst), 2);
         assert_eq!(streams.len(), 0);
+    }
+
+    /// A value whose `Drop` panics.
+    struct PanicOnDrop;
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("scripted panic in drop");
+        }
+    }
+
+    /// A future that is ready at once and panics when dropped.
+    struct DoneThenPanic(#[allow(dead_code)] PanicOnDrop);
+
+    impl Future for DoneThenPanic {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_panicking_when_dropped_after_it_finished_ends_alone() {
+        let exec = StreamExec::in_connection();
+        let mut streams = Streams::new(exec.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiting = done.clone();
+        exec.execute(async move {
+            let _ = rx.await;
+            waiting.fetch_add(1, Ordering::SeqCst);
+        });
+        exec.execute(DoneThenPanic(PanicOnDrop));
+        std::future::poll_fn(|cx| {
+            streams.poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        // The finished stream is gone (its drop's panic caught); the other still runs.
+        assert_eq!(streams.len(), 1);
+        tx.send(()).unwrap();
+        std::future::poll_fn(|cx| {
+            streams.poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        assert_eq!(streams.len(), 0);
+    }
+
+    /// When the connection ends, every stream is dropped, running or queued, even when
+    /// one of them panics as it is dropped: none is leaked and no panic escapes.
+    #[test]
+    fn streams_dropped_with_their_connection_are_all_dropped_despite_a_panic() {
+        for polled in [true, false] {
+            let exec = StreamExec::in_connection();
+            let mut streams = Streams::new(exec.clone());
+            let held = Arc::new(());
+            let (first, last) = (held.clone(), held.clone());
+            // Pending for ever, each holding a clone of `held`; the middle one panics
+            // when dropped.
+            exec.execute(async move {
+                let _held = first;
+                std::future::pending::<()>().await;
+            });
+            exec.execute(async move {
+                let _guard = PanicOnDrop;
+                std::future::pending::<()>().await;
+            });
+            exec.execute(async move {
+                let _held = last;
+                std::future::pending::<()>().await;
+            });
+            if polled {
+                let waker = std::task::Waker::noop();
+                streams.poll(&mut Context::from_waker(waker));
+                assert_eq!(streams.len(), 3);
+            }
+            let dropped = std::panic::catch_unwind(AssertUnwindSafe(move || drop(streams)));
+            assert!(dropped.is_ok(), "a panic escaped (polled: {polled})");
+            assert_eq!(
+                Arc::strong_count(&held),
+                1,
+                "a stream was leaked (polled: {polled})"
+            );
+            drop(exec);
+        }
     }
 }
