@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use mesh_core::discover::BoxDiscover;
 use mesh_core::identity::IdentityPattern;
 use mesh_spiffe::{Mtls, PeerIdentity};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -20,7 +21,9 @@ use super::endpoints::{Endpoints, MakeTarget, Open, Pick, Target, follow};
 use super::{BuildError, DEFAULT_MAX_CONNECT_ATTEMPTS, Limits, OpaqueError, Serving};
 use crate::backoff::Backoff;
 use crate::balance::DEFAULT_FAIL_FAST;
-use crate::connect::{ConnectError, DEFAULT_CONNECT_BACKOFF, DEFAULT_CONNECT_TIMEOUT};
+use crate::connect::{
+    ConnectError, DEFAULT_CONNECT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DialedIo, Dialer,
+};
 
 /// Relays local connections to a service's endpoints; see the [module docs](super).
 /// Cheap to clone: clones share the endpoints and their connection counts.
@@ -39,6 +42,7 @@ pub struct OpaqueClientBuilder {
     settings: Settings,
     limits: Limits,
     seed: Option<u64>,
+    dialer: Option<Dialer>,
 }
 
 impl fmt::Debug for OpaqueClientBuilder {
@@ -47,6 +51,7 @@ impl fmt::Debug for OpaqueClientBuilder {
             .field("service", &self.service)
             .field("mtls", &matches!(self.transport, Some(Some(_))))
             .field("settings", &self.settings)
+            .field("dialer", &self.dialer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +97,7 @@ impl OpaqueClient {
             },
             limits: Limits::default(),
             seed: None,
+            dialer: None,
         }
     }
 }
@@ -161,6 +167,16 @@ impl OpaqueClientBuilder {
         self
     }
 
+    /// Opens the byte streams to endpoints with `dialer` instead of TCP (a simulated
+    /// network, an in-memory pipe, a tunnel), as
+    /// [`MeshClientBuilder::dialer`](crate::client::MeshClientBuilder::dialer) does for
+    /// HTTP. The connect timeout, mTLS with its identity checks, failover and back-off
+    /// apply as they do to TCP: a dial that fails is a connect failure of the endpoint.
+    pub fn dialer(mut self, dialer: Dialer) -> Self {
+        self.dialer = Some(dialer);
+        self
+    }
+
     /// Seeds the random picks (default: a random seed).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -193,6 +209,7 @@ impl OpaqueClientBuilder {
                     None => fastrand::Rng::new(),
                 }),
                 discovery: task.abort_handle(),
+                dialer: self.dialer,
             }),
         })
     }
@@ -205,6 +222,7 @@ struct Shared {
     limits: Limits,
     rng: Mutex<fastrand::Rng>,
     discovery: AbortHandle,
+    dialer: Option<Dialer>,
 }
 
 impl Drop for Shared {
@@ -217,6 +235,9 @@ impl Drop for Shared {
 enum Remote {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Opened by a [`Dialer`].
+    Dialed(Box<dyn DialedIo>),
+    DialedTls(Box<tokio_rustls::client::TlsStream<Box<dyn DialedIo>>>),
 }
 
 impl fmt::Debug for OpaqueClient {
@@ -237,13 +258,24 @@ impl OpaqueClient {
 
     /// Relays `local` to an endpoint of the service until both directions end; see the
     /// [module docs](super).
-    pub async fn relay(&self, mut local: TcpStream) -> Result<RelayStats, OpaqueError> {
+    pub async fn relay(&self, local: TcpStream) -> Result<RelayStats, OpaqueError> {
         let _ = local.set_nodelay(true);
+        self.relay_io(local).await
+    }
+
+    /// [`relay`](Self::relay) for a local connection of any kind: a simulated or
+    /// in-memory stream, a Unix socket, one already wrapped.
+    pub async fn relay_io<L>(&self, mut local: L) -> Result<RelayStats, OpaqueError>
+    where
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
         let (open, remote, peer, attempts) = self.connect().await?;
         let addr = open.0.addr;
         let relayed = match remote {
             Remote::Plain(mut tcp) => super::relay(&mut local, &mut tcp).await,
             Remote::Tls(mut tls) => super::relay(&mut local, &mut *tls).await,
+            Remote::Dialed(mut io) => super::relay(&mut local, &mut *io).await,
+            Remote::DialedTls(mut tls) => super::relay(&mut local, &mut *tls).await,
         };
         drop(open);
         let (sent, received) = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
@@ -382,10 +414,32 @@ impl OpaqueClient {
         }
     }
 
-    /// Dials `target`: TCP, then mTLS when configured, within the connect timeout.
+    /// Dials `target`: TCP (or the [`Dialer`]), then mTLS when configured, within the
+    /// connect timeout.
     async fn dial(&self, target: &Target) -> Result<(Remote, Option<PeerIdentity>), ConnectError> {
         let addr = target.addr;
         let timeout = self.shared.settings.connect_timeout;
+        if let Some(dialer) = &self.shared.dialer {
+            let dial = async {
+                let io = dialer
+                    .dial(addr)
+                    .await
+                    .map_err(|source| ConnectError::Tcp { addr, source })?;
+                match &target.tls {
+                    None => Ok((Remote::Dialed(io), None)),
+                    Some(connector) => {
+                        let (tls, peer) = connector
+                            .handshake(addr, io)
+                            .await
+                            .map_err(|source| ConnectError::Tls { addr, source })?;
+                        Ok((Remote::DialedTls(Box::new(tls)), Some(peer)))
+                    }
+                }
+            };
+            return tokio::time::timeout(timeout, dial)
+                .await
+                .map_err(|_| ConnectError::Timeout { addr, timeout })?;
+        }
         let dial = async {
             let tcp = TcpStream::connect(addr)
                 .await

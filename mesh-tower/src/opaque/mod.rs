@@ -38,7 +38,11 @@
 //! [`max_connect_attempts`](OpaqueClientBuilder::max_connect_attempts) (default 3) distinct
 //! endpoints. When no endpoint can be picked (discovery has none yet, or all are backing
 //! off), the connection waits for one up to the fail-fast timeout (default 3 s, as the
-//! balancer), then fails.
+//! balancer), then fails. A [`Dialer`](crate::connect::Dialer)
+//! ([`dialer`](OpaqueClientBuilder::dialer)) opens the byte streams instead of TCP, as it
+//! does for the HTTP client, and [`relay_io`](OpaqueClient::relay_io) takes a local
+//! connection of any kind: together they run the outbound half on a simulated network or
+//! in memory, mTLS and failover included.
 //!
 //! # Half-close and shutdown
 //!

@@ -595,3 +595,174 @@ async fn shutdown_stops_accepting_and_forces_what_outlives_the_timeout() {
     let read = tokio::time::timeout(Duration::from_secs(5), stays.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "closed by the shutdown");
 }
+
+/// A dialer that opens TCP to `to` for `reachable`, refuses every other address, and
+/// counts its dials per address.
+fn redirecting_dialer(
+    reachable: SocketAddr,
+    to: SocketAddr,
+    dials: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+) -> crate::connect::Dialer {
+    crate::connect::Dialer::new(move |addr| {
+        dials.lock().unwrap().push(addr);
+        async move {
+            if addr == reachable {
+                TcpStream::connect(to).await
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "scripted refusal",
+                ))
+            }
+        }
+    })
+}
+
+/// Through a [`Dialer`](crate::connect::Dialer), endpoints whose addresses are not
+/// reachable over TCP are reached all the same: mTLS with the server's identity checked,
+/// failover from an endpoint the dialer refuses, and the local side an in-memory pipe
+/// (`relay_io`).
+#[tokio::test]
+async fn a_dialer_opens_the_streams_with_mtls_and_failover() {
+    let mut pki = Pki::new();
+    let (target_addr, seen) = target(Mode::AfterEof).await;
+    let server = pki.server(target_addr, None).await;
+    // Documentation addresses (RFC 5737): nothing answers there over TCP.
+    let refused: SocketAddr = "192.0.2.1:7000".parse().unwrap();
+    let reached: SocketAddr = "192.0.2.2:7000".parse().unwrap();
+    let dials = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // The refused endpoint weighs most: out of back-off, it wins the pick.
+    let heavy = Endpoint::new(refused).with_weight(std::num::NonZeroU32::new(100).unwrap());
+    let discovery = Box::pin(StaticDiscovery::new([heavy, Endpoint::new(reached)]));
+    let client = OpaqueClient::builder(discovery)
+        .mtls(pki.mtls(WEB))
+        .server_identity(SERVER_ID.parse().unwrap())
+        .dialer(redirecting_dialer(
+            reached,
+            server.local_addr(),
+            dials.clone(),
+        ))
+        .build()
+        .unwrap();
+    let mut attempts = 0;
+    for i in 0..6 {
+        let (mut app, local) = tokio::io::duplex(1024);
+        let relay = tokio::spawn({
+            let client = client.clone();
+            async move { client.relay_io(local).await }
+        });
+        let msg = format!("query {i}");
+        app.write_all(msg.as_bytes()).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, format!("got: {msg}").as_bytes());
+        let stats = relay.await.unwrap().unwrap();
+        assert_eq!(stats.endpoint, reached);
+        assert_eq!(
+            stats.peer.as_ref().map(|p| p.id().to_string()).as_deref(),
+            Some(SERVER_ID)
+        );
+        if i == 0 {
+            assert_eq!(
+                stats.attempts, 2,
+                "the refused endpoint first, then failover"
+            );
+        }
+        attempts += stats.attempts;
+    }
+    // Every attempt was a dial, and only the reachable endpoint's reached the server.
+    let dials = dials.lock().unwrap().clone();
+    assert_eq!(dials.len(), attempts, "{dials:?}");
+    assert_eq!(
+        dials.iter().filter(|a| **a == reached).count(),
+        6,
+        "{dials:?}"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
+
+    // Refused by the dialer, the only endpoint fails the connection with the dial's
+    // error; one that presents the wrong identity is refused as over TCP.
+    let only_refused = OpaqueClient::builder(static_discovery(&[refused]))
+        .mtls(pki.mtls(WEB))
+        .server_identity(SERVER_ID.parse().unwrap())
+        .dialer(redirecting_dialer(
+            reached,
+            server.local_addr(),
+            Arc::default(),
+        ))
+        .max_connect_attempts(1)
+        .build()
+        .unwrap();
+    let (_app, local) = tokio::io::duplex(64);
+    let err = only_refused.relay_io(local).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, OpaqueError::Connect { attempts: 1, .. }),
+        "{message}"
+    );
+    assert!(message.contains("scripted refusal"), "{message}");
+
+    let wrong_identity = OpaqueClient::builder(static_discovery(&[reached]))
+        .mtls(pki.mtls(WEB))
+        .server_identity("spiffe://example.org/ns/prod/sa/other".parse().unwrap())
+        .dialer(redirecting_dialer(
+            reached,
+            server.local_addr(),
+            Arc::default(),
+        ))
+        .max_connect_attempts(1)
+        .build()
+        .unwrap();
+    let (_app, local) = tokio::io::duplex(64);
+    let err = wrong_identity.relay_io(local).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("TLS with"), "{message}");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
+/// Plaintext through a dialer, both sides in memory: no socket at all.
+#[tokio::test]
+async fn a_dialer_relays_plaintext_wholly_in_memory() {
+    let dialer = crate::connect::Dialer::new(|_addr| async {
+        let (near, mut far) = tokio::io::duplex(4096);
+        // The endpoint: echoes, then closes its side at EOF.
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match far.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if far.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = far.shutdown().await;
+        });
+        Ok::<_, std::io::Error>(near)
+    });
+    let endpoint: SocketAddr = "192.0.2.3:5432".parse().unwrap();
+    let client = OpaqueClient::builder(static_discovery(&[endpoint]))
+        .plaintext()
+        .dialer(dialer)
+        .build()
+        .unwrap();
+    let (mut app, local) = tokio::io::duplex(4096);
+    let relay = tokio::spawn(async move { client.relay_io(local).await });
+    app.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    app.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let stats = relay.await.unwrap().unwrap();
+    assert_eq!(
+        (stats.endpoint, stats.peer, stats.sent, stats.received),
+        (endpoint, None, 4, 4)
+    );
+}
