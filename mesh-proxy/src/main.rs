@@ -36,6 +36,10 @@
 //! `--log-format` / `MESH_LOG_FORMAT` (`plain` or `json`), `--workers` / `MESH_WORKERS`
 //! (runtime worker threads, default 1: a sidecar's share of a machine; one worker runs a
 //! current-thread runtime, more a multi-threaded one).
+//!
+//! A listener with `access_log = true` logs each request, when its response ends, as one
+//! event on the `mesh_access` target (see `mesh_tower::access_log`), whatever `--log`
+//! says of other targets unless it names that one (`--log warn,mesh_access=off`).
 
 // The command line's output is its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -113,6 +117,16 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("error: --log `{}`: {e}", args.log);
             return ExitCode::FAILURE;
+        }
+    };
+    // Access logs are on or off by listener (`access_log`), whatever the level of the
+    // rest, unless the filter says otherwise about their target.
+    let filter = if args.log.contains(mesh_tower::access_log::TARGET) {
+        filter
+    } else {
+        match format!("{}=info", mesh_tower::access_log::TARGET).parse() {
+            Ok(directive) => filter.add_directive(directive),
+            Err(_) => filter,
         }
     };
     let subscriber = tracing_subscriber::fmt()

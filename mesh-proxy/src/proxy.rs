@@ -11,6 +11,7 @@ use mesh_core::config::{IdentityConfig, MeshConfig, Protocol, ServiceConfig, Tls
 use mesh_core::error::BoxError;
 use mesh_spiffe::{CredentialSource, Mtls};
 use mesh_tower::MeshClient;
+use mesh_tower::access_log::{AccessLogHandle, AccessLogLayer};
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
 use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
@@ -104,6 +105,18 @@ pub(crate) struct Proxy {
     route_metrics: RouteMetrics,
     client_metrics: ClientMetrics,
     config: Mutex<MeshConfig>,
+    /// The access-log switch of each listener, inbound then outbound in configuration
+    /// order (none for opaque listeners).
+    access_logs: Vec<Option<AccessLogHandle>>,
+}
+
+/// The access log of listener `name`, on or off as configured.
+pub(crate) fn access_log(name: &str, enabled: bool) -> AccessLogLayer {
+    if enabled {
+        AccessLogLayer::new(name)
+    } else {
+        AccessLogLayer::disabled(name)
+    }
 }
 
 impl Proxy {
@@ -171,6 +184,7 @@ impl Proxy {
         }
 
         let mut servers = Vec::new();
+        let mut access_logs = Vec::new();
         for (i, inbound) in config.inbound.iter().enumerate() {
             let key = format!("inbound[{i}]");
             if inbound.protocol == Protocol::Opaque {
@@ -178,10 +192,14 @@ impl Proxy {
                     opaque_inbound(i, inbound, &config, mtls.as_ref(), &server_metrics).await?;
                 tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "opaque inbound listening");
                 servers.push((inbound.name.clone(), Listener::Opaque(server)));
+                access_logs.push(None);
                 continue;
             }
+            let log = access_log(&inbound.name, inbound.access_log);
+            access_logs.push(Some(log.handle().clone()));
             let mut builder = MeshServerBuilder::from_config(i, inbound, &config)?
                 .metrics(server_metrics.listener(&inbound.name))
+                .access_log(log)
                 .h2_streams(H2_STREAMS);
             if let Some(record) = &state.decisions {
                 builder = builder.decisions(record);
@@ -229,6 +247,7 @@ impl Proxy {
                         .await?;
                 tracing::info!(listener = %outbound.name, addr = %serving.local_addr(), "transparent outbound listening");
                 servers.push((outbound.name.clone(), Listener::Opaque(serving)));
+                access_logs.push(Some(listener.access_log().clone()));
                 transparent.push(listener);
                 routers.push(None);
                 continue;
@@ -237,6 +256,7 @@ impl Proxy {
                 let server = opaque_outbound(i, outbound, &config, mtls.as_ref()).await?;
                 tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "opaque outbound listening");
                 servers.push((outbound.name.clone(), Listener::Opaque(server)));
+                access_logs.push(None);
                 routers.push(None);
                 continue;
             }
@@ -261,8 +281,11 @@ impl Proxy {
             };
             let app: AnswerErrors<Router<Backend>> = answers.layer(router.clone());
             let listener = bind(&key, outbound.listen).await?;
+            let log = access_log(&outbound.name, outbound.access_log);
+            access_logs.push(Some(log.handle().clone()));
             let mut builder = MeshServer::builder()
                 .metrics(server_metrics.listener(&outbound.name))
+                .access_log(log)
                 .h2_streams(H2_STREAMS);
             builder = match &outbound.certificate {
                 None => builder.plaintext(),
@@ -319,6 +342,7 @@ impl Proxy {
             route_metrics,
             client_metrics,
             config: Mutex::new(config),
+            access_logs,
         })
     }
 
@@ -368,6 +392,18 @@ impl Proxy {
                     let mut l = l.clone();
                     l.authorization = None;
                     l.rate_limit = None;
+                    l.access_log = false;
+                    l
+                })
+                .collect::<Vec<_>>()
+        };
+        // An outbound listener may switch its access log.
+        let fixed_out = |c: &MeshConfig| {
+            c.outbound
+                .iter()
+                .map(|l| {
+                    let mut l = l.clone();
+                    l.access_log = false;
                     l
                 })
                 .collect::<Vec<_>>()
@@ -375,7 +411,7 @@ impl Proxy {
         for (what, same) in [
             ("identity", next.identity == current.identity),
             ("inbound", fixed(&next) == fixed(&current)),
-            ("outbound", next.outbound == current.outbound),
+            ("outbound", fixed_out(&next) == fixed_out(&current)),
             ("admin", next.admin == current.admin),
         ] {
             if !same {
@@ -491,6 +527,19 @@ impl Proxy {
             }
             if let Some(limits) = limits {
                 server.rate_limit().replace(limits);
+            }
+        }
+        let wanted = next
+            .inbound
+            .iter()
+            .map(|l| (&l.name, l.access_log))
+            .chain(next.outbound.iter().map(|l| (&l.name, l.access_log)));
+        for ((name, enabled), handle) in wanted.zip(&self.access_logs) {
+            if let Some(handle) = handle
+                && handle.is_enabled() != enabled
+            {
+                handle.set_enabled(enabled);
+                tracing::info!(listener = %name, enabled, "access log switched");
             }
         }
         *lock(&self.clients) = clients;

@@ -50,6 +50,8 @@ pub(crate) struct Transparent {
     addr: SocketAddr,
     table: DestinationTable,
     services: Mutex<BTreeMap<String, Meshed>>,
+    /// One access log for every service's server: one switch.
+    access_log: mesh_tower::access_log::AccessLogLayer,
 }
 
 /// One service's server behind a transparent listener.
@@ -97,6 +99,7 @@ impl Transparent {
             addr,
             table: DestinationTable::default(),
             services: Mutex::new(BTreeMap::new()),
+            access_log: crate::proxy::access_log(&outbound.name, outbound.access_log),
         };
         let mut services = BTreeMap::new();
         for (name, service) in &cx.config.services {
@@ -142,6 +145,7 @@ impl Transparent {
             .plaintext()
             .limits(limits)
             .metrics(cx.server_metrics.listener(&self.name))
+            .access_log(self.access_log.clone())
             .h2_streams(crate::proxy::H2_STREAMS);
         if self.protocol == Protocol::Auto {
             builder = builder.opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls).await?);
@@ -155,6 +159,11 @@ impl Transparent {
             router,
             handoff,
         })
+    }
+
+    /// The switch of this listener's access log.
+    pub(crate) fn access_log(&self) -> &mesh_tower::access_log::AccessLogHandle {
+        self.access_log.handle()
     }
 
     /// Builds what `next` asks of this listener without applying any of it.

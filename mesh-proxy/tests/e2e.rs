@@ -2,7 +2,7 @@
 //! `mesh-proxy` processes on loopback and identities from PEM files written by the test
 //! CA: HTTP/1.1 and HTTP/2 end to end, the peer identity header (never the client's),
 //! an authorization deny, an application that is down, the admin endpoints, a broken
-//! reload that keeps serving, and a drain on SIGTERM that exits 0.
+//! reload that keeps serving, a drain on SIGTERM that exits 0, and access logs.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proxy, app, assert_families_once, curl, identity};
+use common::{Proxy, app, assert_families_once, curl, identity, inbound_config, outbound_config};
 use mesh_spiffe::test_ca::TestCa;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,4 +446,135 @@ async fn an_edge_listener_does_not_relay_a_peers_error_details() {
     assert_eq!((code, body.as_str()), (502, "bad gateway\n"));
     assert!(a.terminate().success());
     assert!(b.terminate().success());
+}
+
+/// The access-log events `stderr` holds, by a JSON log (`--log-format json`).
+fn json_access_lines(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "mesh_access")
+        .collect()
+}
+
+/// `access_log = true` on both sides: one line per request on each, whatever `--log`
+/// says of the rest, with the caller's identity on the inbound side and the answering
+/// peer's on the outbound side; JSON and plain; a reload switches one off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_name_the_caller_the_peer_and_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let app = app().await;
+    let b_config = inbound_config(dir.path(), &mut ca, "app", "b.toml", app);
+    let mut b_text = std::fs::read_to_string(&b_config).unwrap();
+    b_text.push_str(
+        "access_log = true\nauthorization = \"p\"\n\n\
+         [authorization.p]\ndefault = \"deny\"\n\
+         [[authorization.p.rules]]\nname = \"web\"\n\
+         clients = [\"spiffe://example.org/web\"]\n\
+         routes = [{ path = { regex = \"/(orders/[0-9]+|second)\" } }]\n",
+    );
+    std::fs::write(&b_config, &b_text).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+    command.args(["run", "--config"]).arg(&b_config).args([
+        "--log",
+        "warn",
+        "--log-format",
+        "json",
+    ]);
+    let b = Proxy::start_command(command, 2, std::process::Stdio::piped());
+    let a_config = outbound_config(dir.path(), &mut ca, "web", &[b.addr("app")], "");
+    let mut a_text = std::fs::read_to_string(&a_config).unwrap();
+    a_text.push_str("access_log = true\n");
+    std::fs::write(&a_config, &a_text).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+    command
+        .args(["run", "--config"])
+        .arg(&a_config)
+        .args(["--log", "warn"]);
+    let a = Proxy::start_command(command, 2, std::process::Stdio::piped());
+    let egress = a.addr("egress");
+
+    let (code, _) = curl(&[
+        "-A",
+        "tester \"quoted\" status=500",
+        &format!("http://{egress}/orders/7?page=2"),
+    ]);
+    assert_eq!(code, 200);
+
+    // Off by a reload on the outbound side: the next request is logged by the inbound
+    // side only.
+    a_text = a_text.replace("access_log = true\n", "");
+    std::fs::write(&a_config, &a_text).unwrap();
+    a.signal("HUP");
+    let admin = format!("http://{}", a.addr("admin"));
+    let mut switched = false;
+    for _ in 0..50 {
+        let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
+        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1") {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "the reload was applied");
+    let (code, _) = curl(&[&format!("http://{egress}/second")]);
+    assert_eq!(code, 200);
+    // Denied by the inbound policy: logged there with its 403.
+    let (code, _) = curl(&[&format!("http://{egress}/admin")]);
+    assert_eq!(code, 403);
+
+    let stderr = |mut proxy: Proxy| {
+        let mut pipe = proxy.child.stderr.take().unwrap();
+        assert!(proxy.terminate().success());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut text).unwrap();
+        text
+    };
+    let (a_log, b_log) = (stderr(a), stderr(b));
+
+    // The inbound side, in JSON: the caller's identity, the request as the app got it.
+    let lines = json_access_lines(&b_log);
+    assert_eq!(lines.len(), 3, "{b_log}");
+    let f = &lines[0]["fields"];
+    assert_eq!(f["listener"], "app", "{f}");
+    assert_eq!(f["client.id"], "spiffe://example.org/web", "{f}");
+    assert_eq!(f["method"], "GET", "{f}");
+    assert_eq!(f["uri"], "/orders/7?page=2", "{f}");
+    assert_eq!(f["user_agent"], "tester \"quoted\" status=500", "{f}");
+    assert_eq!(f["status"], "200", "{f}");
+    assert_eq!(f["outcome"], "complete", "{f}");
+    assert!(f["response_bytes"].as_u64().unwrap() > 0, "{f}");
+    assert!(f["duration_us"].as_u64().is_some(), "{f}");
+    assert_eq!(lines[1]["fields"]["uri"], "/second");
+    let denied = &lines[2]["fields"];
+    assert_eq!(
+        (&denied["uri"], &denied["status"], &denied["outcome"]),
+        (&"/admin".into(), &"403".into(), &"complete".into()),
+        "{denied}"
+    );
+    // Nothing else at info: `--log warn` still holds for the other targets.
+    assert!(!b_log.contains("\"level\":\"INFO\",\"fields\":{\"message\":\"inbound listening"));
+
+    // The outbound side, plain: the answering peer's identity; one line, as the second
+    // request came after the reload switched it off.
+    let lines: Vec<&str> = a_log
+        .lines()
+        .filter(|l| l.contains("mesh_access"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{a_log}");
+    let line = lines[0];
+    for field in [
+        "listener=egress",
+        "server.id=spiffe://example.org/app",
+        "client.addr=127.0.0.1:",
+        "method=GET",
+        "uri=\"/orders/7?page=2\"",
+        // The client's text is quoted and escaped: it cannot forge a field.
+        "user_agent=\"tester \\\"quoted\\\" status=500\"",
+        "status=200",
+        "outcome=\"complete\"",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
 }

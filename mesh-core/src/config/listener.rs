@@ -80,6 +80,11 @@ pub struct InboundConfig {
     /// Protective limits on the listener's clients. Default: the server's defaults.
     #[serde(default, skip_serializing_if = "ListenerLimits::is_default")]
     pub limits: ListenerLimits,
+    /// Log every request, when its response ends, as one event on the `mesh_access`
+    /// target (client address and identity, method, target, status, bytes, duration,
+    /// outcome). Default: `false`. HTTP listeners only; a reload may switch it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// An outbound listener: accepts plaintext from the local application and sends each
@@ -130,6 +135,12 @@ pub struct OutboundConfig {
     /// (plaintext). Not with `opaque` or `transparent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateFiles>,
+    /// Log every request, when its response ends, as one event on the `mesh_access`
+    /// target (client address, the answering peer's identity, method, target, status,
+    /// bytes, duration, outcome). Default: `false`. HTTP listeners only (not `opaque`; on a
+    /// transparent listener, its meshed HTTP connections); a reload may switch it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// A certificate chain and its private key, PEM files (relative paths are taken from the

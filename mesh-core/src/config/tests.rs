@@ -337,6 +337,40 @@ fn transparent_listeners_and_service_addresses() {
 }
 
 #[test]
+fn access_logs_are_for_http_listeners() {
+    let errors = invalid(
+        r#"
+        [[inbound]]
+        name = "db"
+        listen = "0.0.0.0:4143"
+        target = "127.0.0.1:5432"
+        tls = "plaintext"
+        protocol = "opaque"
+        access_log = true
+        [[outbound]]
+        name = "db-out"
+        listen = "127.0.0.1:4140"
+        protocol = "opaque"
+        default_service = "a"
+        access_log = true
+        [services.a]
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
+        tls = "plaintext"
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "inbound[0].access_log: opaque listeners relay bytes, not requests",
+            "outbound[0].access_log: opaque listeners relay bytes, not requests",
+        ],
+    );
+    let c = MeshConfig::from_toml(EXAMPLE).unwrap();
+    assert!(c.inbound[0].access_log);
+    assert!(!c.outbound[0].access_log);
+}
+
+#[test]
 fn serializes_back_to_an_equal_config() {
     let c = MeshConfig::from_toml(EXAMPLE).unwrap();
     let text = toml::to_string(&c).unwrap();

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use super::*;
 
+/// Why `access_log` is refused on an opaque listener.
+const ACCESS_LOG_OPAQUE: &str = "opaque listeners relay bytes, not requests: there is nothing to log per request (use it on an HTTP or `auto` listener)";
+
 #[derive(Default)]
 pub(super) struct Validator {
     errors: Vec<ValidationError>,
@@ -632,6 +635,9 @@ impl Validator {
                     format!("no rate limit named `{limit}`"),
                 );
             }
+            if l.access_log && l.protocol == Protocol::Opaque {
+                self.err(format!("{path}.access_log"), ACCESS_LOG_OPAQUE);
+            }
         }
         // Which service each transparent destination means: one at most.
         let mut destinations: BTreeMap<Destination, &str> = BTreeMap::new();
@@ -666,6 +672,9 @@ impl Validator {
         }
         for (i, l) in c.outbound.iter().enumerate() {
             let path = format!("outbound[{i}]");
+            if l.access_log && l.protocol == Protocol::Opaque {
+                self.err(format!("{path}.access_log"), ACCESS_LOG_OPAQUE);
+            }
             if let Some(certificate) = &l.certificate {
                 for (field, file) in [("cert", &certificate.cert), ("key", &certificate.key)] {
                     if file.as_os_str().is_empty() {

@@ -10,6 +10,7 @@
 //!                         knowledge in plaintext); the limits of [`ServerLimits`]
 //! per request:
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
+//!   access_log::AccessLog      one line per request when its response ends (when switched on)
 //!   metrics::server            duration, status, sizes (when `metrics` is set)
 //!   body limit                 413 past `max_request_body_size` declared
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
@@ -69,6 +70,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_service::Service;
 
+use crate::access_log::{AccessLog, AccessLogHandle, AccessLogLayer, LoggedBody};
 use crate::authz::{Authorize, AuthorizeLayer, Policy};
 use crate::body::ResponseBody;
 use crate::metrics::server::{InboundMetrics, ListenerMetrics, MeteredBody};
@@ -153,6 +155,7 @@ pub struct MeshServerBuilder {
     /// address).
     decisions: Option<crate::decision::DecisionRecord>,
     name: Option<String>,
+    access_log: Option<AccessLogLayer>,
 }
 
 impl fmt::Debug for MeshServerBuilder {
@@ -191,6 +194,7 @@ impl MeshServer {
             opaque: None,
             decisions: None,
             name: None,
+            access_log: None,
         }
     }
 }
@@ -356,6 +360,15 @@ impl MeshServerBuilder {
         self
     }
 
+    /// Logs every request with `layer` (default: a disabled [`AccessLogLayer`], which
+    /// [`Server::access_log`] can switch on). It is the outermost layer, so that what
+    /// authorization, rate limiting and the body limit answer is logged too; see
+    /// [`access_log`](crate::access_log).
+    pub fn access_log(mut self, layer: AccessLogLayer) -> Self {
+        self.access_log = Some(layer);
+        self
+    }
+
     /// Starts serving `app` on `listener`, in a task of the current Tokio runtime.
     ///
     /// Each connection is one task, which holds a clone of `app` and calls it in place
@@ -416,10 +429,13 @@ impl MeshServerBuilder {
             authorize = authorize.with_metrics(metrics);
             rate_limit = rate_limit.with_metrics(metrics);
         }
+        let name = self.name.unwrap_or_else(|| addr.to_string());
         if let Some(record) = &self.decisions {
-            let name = self.name.unwrap_or_else(|| addr.to_string());
-            authorize = authorize.with_decisions(record.recorder(name));
+            authorize = authorize.with_decisions(record.recorder(name.clone()));
         }
+        let access_log = self
+            .access_log
+            .unwrap_or_else(|| AccessLogLayer::disabled(name));
         let policy = authorize.handle().clone();
         let limits = rate_limit.handle().clone();
         let inner = tower::ServiceBuilder::new()
@@ -434,6 +450,7 @@ impl MeshServerBuilder {
             Some(metrics) => tower::Layer::layer(metrics, inner),
             None => InboundMetrics::disabled(inner),
         };
+        let app = tower::Layer::layer(&access_log, app);
         let shared = Arc::new(conn::Shared {
             protocol: self.protocol,
             streams: self.streams,
@@ -446,8 +463,8 @@ impl MeshServerBuilder {
         });
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(conn::accept_loop::<
-            InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>,
-            MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>,
+            AccessLog<InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>>,
+            LoggedBody<MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>>,
         >(source, shared, stopping));
         tracing::debug!(%addr, "serving");
         Ok(Server {
@@ -456,6 +473,7 @@ impl MeshServerBuilder {
             task,
             policy,
             limits,
+            access_log: access_log.handle().clone(),
         })
     }
 }
@@ -468,6 +486,7 @@ pub struct Server {
     task: JoinHandle<ShutdownReport>,
     policy: crate::authz::PolicyHandle,
     limits: crate::ratelimit::LimitsHandle,
+    access_log: AccessLogHandle,
 }
 
 pub use crate::accept::ShutdownReport;
@@ -486,6 +505,12 @@ impl Server {
     /// Replaces the rate limits at run time (none when none were set).
     pub fn rate_limit(&self) -> &crate::ratelimit::LimitsHandle {
         &self.limits
+    }
+
+    /// Switches the access log on or off at run time (see
+    /// [`MeshServerBuilder::access_log`]).
+    pub fn access_log(&self) -> &AccessLogHandle {
+        &self.access_log
     }
 
     /// Stops accepting, lets requests in flight finish (up to the shutdown timeout) and
