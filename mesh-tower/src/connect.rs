@@ -23,7 +23,7 @@
 //! A request that a pooled connection could not take before writing it (the server had
 //! just closed it) is sent again on another connection, whatever its method. Requests to
 //! HTTP/1.1 go in origin form with a `Host` header from the URI's authority (the logical
-//! service); to HTTP/2 in absolute form.
+//! service); to HTTP/2 in absolute form, the authority in `:authority` alone.
 //!
 //! One endpoint means one address, so the pool needs no key: a checkout is one uncontended
 //! lock and a pop, where a general-purpose client hashes the URI's scheme and authority
@@ -757,8 +757,8 @@ where
 
     /// Sends `req` to this endpoint, whatever its URI's authority says: the connection is
     /// always to this endpoint. The URI's authority (the logical service, e.g.
-    /// `users.prod`) is kept for `Host` / `:authority`; a request with a relative URI gets
-    /// the endpoint's address instead.
+    /// `users.prod`) is kept for `Host` / `:authority`; a request with a relative URI keeps
+    /// its `Host`, or gets the endpoint's address.
     pub fn send(&self, req: http::Request<B>) -> ResponseFuture<B> {
         ResponseFuture {
             inner: Box::pin(send(self.shared.clone(), req)),
@@ -783,10 +783,10 @@ where
     loop {
         let error = match shared.check_out().await? {
             Checkout::H2(mut sender, peer) => {
-                match absolute.take() {
-                    Some(uri) => *req.uri_mut() = uri,
-                    None => to_absolute_form(&mut req, &shared.authority),
+                if let Some(uri) = absolute.take() {
+                    *req.uri_mut() = uri;
                 }
+                to_absolute_form(&mut req, &shared.authority);
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(finish(resp, None, peer)),
                     Err(e) => e,
@@ -822,34 +822,70 @@ where
     }
 }
 
-/// HTTP/2 takes the whole URI: a relative one gets the scheme `http` and `endpoint` as
-/// its authority.
+/// HTTP/2 takes the whole URI (RFC 9113 §8.3.1): a URI without a scheme gets `http`; one
+/// without an authority gets the `Host` header's value, else `endpoint`; userinfo is
+/// dropped (`:authority` must not carry it). `:authority` then says what `Host` would,
+/// so a `Host` header is removed: beside it, it could only disagree (a request routed
+/// by one name and served by another).
 fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) {
-    if req.uri().authority().is_some() && req.uri().scheme().is_some() {
-        return;
+    let uri = req.uri();
+    let whole = uri.scheme().is_some()
+        && uri.path_and_query().is_some()
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'));
+    if !whole {
+        let mut parts = uri.clone().into_parts();
+        parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
+        let authority = match parts.authority.take() {
+            Some(authority) => Some(without_userinfo(authority)),
+            None => req
+                .headers()
+                .get(HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .map(without_userinfo),
+        };
+        parts.authority = Some(authority.unwrap_or_else(|| endpoint.clone()));
+        parts
+            .path_and_query
+            .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
     }
-    let mut parts = req.uri().clone().into_parts();
-    parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
-    parts.authority.get_or_insert_with(|| endpoint.clone());
-    parts
-        .path_and_query
-        .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    if req.headers().contains_key(HOST) {
+        req.headers_mut().remove(HOST);
     }
 }
 
-/// HTTP/1.1 takes the path in the request line and the authority in `Host`: the URI's
-/// authority, else `endpoint`. Returns the URI it replaced, when it was not in origin form
-/// already (an HTTP/2 try of the same request takes it back).
+/// HTTP/1.1 takes the path in the request line and the authority in `Host`
+/// (RFC 9112 §3.2): `Host` is the URI's authority without userinfo when it has one
+/// (replacing a `Host` that says otherwise), else the request's own `Host`, else
+/// `endpoint`. A `CONNECT` keeps its authority form. Returns the URI it replaced, when it
+/// was not in origin form already (an HTTP/2 try of the same request takes it back).
 fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) -> Option<Uri> {
-    if !req.headers().contains_key(HOST) {
-        let authority = req.uri().authority().unwrap_or(endpoint);
-        if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
-            req.headers_mut().insert(HOST, host);
+    match req.uri().authority() {
+        Some(authority) => {
+            let host = host_of(authority);
+            if req.headers().get(HOST).map(|h| h.as_bytes()) != Some(host.as_bytes())
+                && let Ok(value) = http::HeaderValue::from_str(host)
+            {
+                req.headers_mut().insert(HOST, value);
+            }
+        }
+        None => {
+            if !req.headers().contains_key(HOST)
+                && let Ok(value) = http::HeaderValue::from_str(endpoint.as_str())
+            {
+                req.headers_mut().insert(HOST, value);
+            }
         }
     }
+    if req.method() == http::Method::CONNECT {
+        return None;
+    }
     if req.uri().authority().is_none() && req.uri().scheme().is_none() {
+        if req.uri().path_and_query().is_none() {
+            *req.uri_mut() = Uri::from_static("/");
+        }
         return None;
     }
     let path = req
@@ -858,6 +894,20 @@ fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     Some(std::mem::replace(req.uri_mut(), Uri::from(path)))
+}
+
+/// An authority's host and port: what follows a userinfo's `@`, if any.
+fn host_of(authority: &http::uri::Authority) -> &str {
+    let s = authority.as_str();
+    s.rfind('@').map_or(s, |at| &s[at + 1..])
+}
+
+/// `authority` without its userinfo.
+fn without_userinfo(authority: http::uri::Authority) -> http::uri::Authority {
+    if !authority.as_str().contains('@') {
+        return authority;
+    }
+    http::uri::Authority::try_from(host_of(&authority)).unwrap_or(authority)
 }
 
 /// The response with its body wrapped to give the connection back at its end, and the
@@ -1187,6 +1237,39 @@ mod tests {
                 Protocol::Http2,
                 "http://users.prod/x",
                 None,
+                "http://users.prod/x -".to_owned(),
+            ),
+            // The URI's authority wins over a Host that names another (RFC 9112 §3.2.2,
+            // RFC 9113 §8.3.1), and userinfo goes nowhere.
+            (
+                Protocol::Http1,
+                "http://users.prod/x",
+                Some("admin.internal"),
+                "/x users.prod".to_owned(),
+            ),
+            (
+                Protocol::Http1,
+                "http://user:secret@users.prod:8080/x",
+                None,
+                "/x users.prod:8080".to_owned(),
+            ),
+            (
+                Protocol::Http2,
+                "http://users.prod/x",
+                Some("admin.internal"),
+                "http://users.prod/x -".to_owned(),
+            ),
+            (
+                Protocol::Http2,
+                "http://user:secret@users.prod/x",
+                None,
+                "http://users.prod/x -".to_owned(),
+            ),
+            // A relative URI to HTTP/2: its Host becomes :authority.
+            (
+                Protocol::Http2,
+                "/x",
+                Some("users.prod"),
                 "http://users.prod/x -".to_owned(),
             ),
         ];
