@@ -568,6 +568,49 @@ async fn idle_connections_are_closed_at_the_idle_timeout() {
     );
 }
 
+/// A server whose one client asked for a response too long for the sockets' buffers and
+/// stopped reading after its head (idle timeout 30 s).
+async fn stalled_reader() -> (Server, TcpStream) {
+    let mut limits = ServerLimits::default();
+    limits.idle_timeout = Duration::from_secs(30);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let big = Bytes::from(vec![b'x'; 64 << 20]);
+    let app = tower::service_fn(move |_req: Request<Incoming>| {
+        let big = big.clone();
+        async move { Ok::<_, Infallible>(Response::new(Full::new(big))) }
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    (server, tcp)
+}
+
+/// A client that stops reading a long response: the connection has no request in flight
+/// (the response's head went out), so it idles out into a graceful shutdown, which the
+/// stalled write never lets finish; moving no byte for the idle timeout more, it is
+/// closed. Before, only a server shutdown ended it.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_closed_after_twice_the_idle_timeout() {
+    // Still open within the idle timeout.
+    let (server, _tcp) = stalled_reader().await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(server.shutdown().await.open_at_shutdown, 1);
+    // Closed once it made no progress for the idle timeout after shutting down
+    // (30 s + a check step of 3.75 s, then 30 s + a step).
+    let (server, _tcp) = stalled_reader().await;
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    assert_eq!(server.shutdown().await.open_at_shutdown, 0);
+}
+
 /// Reads one response of `Content-Length` framing from a keep-alive connection.
 async fn read_response(tcp: &mut TcpStream) -> String {
     let mut got = Vec::new();

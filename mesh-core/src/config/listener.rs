@@ -198,7 +198,8 @@ pub struct ListenerLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
     /// How long a connection may have no request in flight (the header-read bound starts
-    /// at a head's first byte, so it does not shorten this).
+    /// at a head's first byte, so it does not shorten this); then it shuts down, and one
+    /// that moves no byte for as long again while shutting down is closed.
     #[serde(
         default,
         with = "duration::option",

@@ -250,12 +250,13 @@ async fn serve<IO, S, B>(
         HeadTimer::new(clock.clone()),
     );
     let mut streams = Streams::new(exec);
-    let io = TokioIo::new(Watched::new(io, clock));
+    let io = TokioIo::new(Watched::new(io, clock.clone()));
     let mut conn = pin!(http.serve_connection(io, service));
     // Until the first request begins, the header-read bound covers the silence too;
     // after it, the idle timeout. Activity is not timed per request: a check every
     // `step` sees whether there was any, so a connection closes between `idle_timeout`
-    // and `idle_timeout + step` after its last request.
+    // and `idle_timeout + step` after its last request. A connection shutting down (idle,
+    // server shutdown, abuse) that then moves no byte for `idle_timeout` is closed.
     let connected = Instant::now();
     let step = idle_check_step(limits.idle_timeout);
     let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
@@ -292,7 +293,7 @@ async fn serve<IO, S, B>(
             if !closing && stop.as_mut().poll(&mut scx).is_ready() {
                 return Poll::Ready(Event::Stop);
             }
-            if !closing && check.as_mut().poll(&mut scx).is_ready() {
+            if check.as_mut().poll(&mut scx).is_ready() {
                 return Poll::Ready(Event::Check);
             }
             Poll::Pending
@@ -310,6 +311,8 @@ async fn serve<IO, S, B>(
             Event::Stop => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+                idle_since = Instant::now();
+                check.as_mut().reset(idle_since + step);
             }
             Event::Abuse => {
                 if closing {
@@ -320,6 +323,8 @@ async fn serve<IO, S, B>(
                 tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+                idle_since = Instant::now();
+                check.as_mut().reset(idle_since + step);
                 abuse.set(activity.abusive.notified());
             }
             Event::Check => {
@@ -333,6 +338,21 @@ async fn serve<IO, S, B>(
                     check.as_mut().reset(deadline.min(now + step));
                     continue;
                 }
+                if closing {
+                    // Shutting down: what is left (a response still being written, a
+                    // request body still arriving) may take its time, but not stall: no
+                    // byte either way for the idle timeout closes the connection.
+                    if clock.take_moved() {
+                        idle_since = now;
+                    }
+                    let deadline = idle_since + limits.idle_timeout;
+                    if now >= deadline {
+                        tracing::debug!(%remote, "no progress while closing: closed");
+                        return;
+                    }
+                    check.as_mut().reset(deadline.min(now + step));
+                    continue;
+                }
                 if activity.in_flight.load(Ordering::Relaxed) > 0 || activity.take_touched() {
                     idle_since = now;
                 }
@@ -341,6 +361,9 @@ async fn serve<IO, S, B>(
                     tracing::debug!(%remote, "idle timeout");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                    clock.take_moved();
+                    idle_since = now;
+                    check.as_mut().reset(now + step);
                 } else {
                     check.as_mut().reset(deadline.min(now + step));
                 }

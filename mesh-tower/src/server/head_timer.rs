@@ -42,6 +42,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(super) struct HeadClock {
     /// Bytes arrived since hyper began to wait for the current head.
     read: AtomicBool,
+    /// Bytes moved either way since the connection's check last looked: progress, for a
+    /// connection that is closing.
+    moved: AtomicBool,
     /// The bound on reading a head, from its first byte.
     timeout: Duration,
 }
@@ -51,12 +54,19 @@ impl HeadClock {
     pub(super) fn new(timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             read: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
             timeout,
         })
     }
+
+    /// Whether bytes moved since the last call.
+    pub(super) fn take_moved(&self) -> bool {
+        self.moved.swap(false, Ordering::Relaxed)
+    }
 }
 
-/// A connection's stream, noting arriving bytes on its [`HeadClock`].
+/// A connection's stream, noting arriving bytes, and bytes moved either way, on its
+/// [`HeadClock`].
 #[derive(Debug)]
 pub(super) struct Watched<IO> {
     io: IO,
@@ -81,6 +91,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let result = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.clock.read.store(true, Ordering::Relaxed);
+            this.clock.moved.store(true, Ordering::Relaxed);
         }
         result
     }
@@ -92,7 +103,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.moved.store(true, Ordering::Relaxed);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -100,7 +115,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.moved.store(true, Ordering::Relaxed);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
