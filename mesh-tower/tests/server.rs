@@ -611,6 +611,42 @@ async fn a_client_that_stops_reading_is_closed_after_twice_the_idle_timeout() {
     assert_eq!(server.shutdown().await.open_at_shutdown, 0);
 }
 
+/// A response that is only quiet (a stream between its messages) is not cut: the
+/// connection idles out into a graceful shutdown, but no write waits on the client, so
+/// it stays until the response ends.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_streaming_response_outlives_twice_the_idle_timeout() {
+    let mut limits = ServerLimits::default();
+    limits.idle_timeout = Duration::from_secs(30);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tower::service_fn(|_req: Request<Incoming>| async {
+        let first = futures_util::stream::once(async {
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"first")))
+        });
+        let last = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(200)).await;
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"last")))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, last));
+        Ok::<_, Infallible>(Response::new(body))
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let got = String::from_utf8(read_to_close(&mut tcp).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("first") && got.contains("last"), "{got}");
+    assert!(started.elapsed() >= Duration::from_secs(200));
+    assert_eq!(server.shutdown().await.open_at_shutdown, 0);
+}
+
 /// Reads one response of `Content-Length` framing from a keep-alive connection.
 async fn read_response(tcp: &mut TcpStream) -> String {
     let mut got = Vec::new();

@@ -199,7 +199,7 @@ pub struct ListenerLimits {
     pub max_concurrent_streams: Option<u32>,
     /// How long a connection may have no request in flight (the header-read bound starts
     /// at a head's first byte, so it does not shorten this); then it shuts down, and one
-    /// that moves no byte for as long again while shutting down is closed.
+    /// whose client stops reading for as long again while shutting down is closed.
     #[serde(
         default,
         with = "duration::option",

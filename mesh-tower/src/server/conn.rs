@@ -256,7 +256,8 @@ async fn serve<IO, S, B>(
     // after it, the idle timeout. Activity is not timed per request: a check every
     // `step` sees whether there was any, so a connection closes between `idle_timeout`
     // and `idle_timeout + step` after its last request. A connection shutting down (idle,
-    // server shutdown, abuse) that then moves no byte for `idle_timeout` is closed.
+    // server shutdown, abuse) whose client then leaves a write waiting, moving no byte,
+    // for `idle_timeout` is closed.
     let connected = Instant::now();
     let step = idle_check_step(limits.idle_timeout);
     let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
@@ -339,15 +340,16 @@ async fn serve<IO, S, B>(
                     continue;
                 }
                 if closing {
-                    // Shutting down: what is left (a response still being written, a
-                    // request body still arriving) may take its time, but not stall: no
-                    // byte either way for the idle timeout closes the connection.
-                    if clock.take_moved() {
+                    // Shutting down: what is left may take its time (a response streaming
+                    // slowly, or quiet between messages), but a client that stops reading
+                    // does not hold it: a write waiting on the client, with no byte moved
+                    // either way for the idle timeout, closes the connection.
+                    if clock.take_moved() || !clock.write_blocked() {
                         idle_since = now;
                     }
                     let deadline = idle_since + limits.idle_timeout;
                     if now >= deadline {
-                        tracing::debug!(%remote, "no progress while closing: closed");
+                        tracing::debug!(%remote, "the client stopped reading: closed");
                         return;
                     }
                     check.as_mut().reset(deadline.min(now + step));

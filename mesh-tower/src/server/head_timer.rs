@@ -45,6 +45,8 @@ pub(super) struct HeadClock {
     /// Bytes moved either way since the connection's check last looked: progress, for a
     /// connection that is closing.
     moved: AtomicBool,
+    /// The last write found the stream full: the client is not reading.
+    write_blocked: AtomicBool,
     /// The bound on reading a head, from its first byte.
     timeout: Duration,
 }
@@ -55,6 +57,7 @@ impl HeadClock {
         Arc::new(Self {
             read: AtomicBool::new(false),
             moved: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
             timeout,
         })
     }
@@ -62,6 +65,24 @@ impl HeadClock {
     /// Whether bytes moved since the last call.
     pub(super) fn take_moved(&self) -> bool {
         self.moved.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether the last write waits for the client to read.
+    pub(super) fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    fn wrote(&self, written: &Poll<io::Result<usize>>) {
+        match written {
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.moved.store(true, Ordering::Relaxed);
+                }
+                self.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => self.write_blocked.store(false, Ordering::Relaxed),
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+        }
     }
 }
 
@@ -104,9 +125,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.moved.store(true, Ordering::Relaxed);
-        }
+        self.clock.wrote(&written);
         written
     }
 
@@ -116,9 +135,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.moved.store(true, Ordering::Relaxed);
-        }
+        self.clock.wrote(&written);
         written
     }
 
