@@ -832,16 +832,23 @@ fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authori
     let whole = uri.scheme().is_some()
         && uri.path_and_query().is_some()
         && uri.authority().is_some_and(|a| !a.as_str().contains('@'));
+    // A Host that is no authority cannot become `:authority`: it is passed on as it came.
+    let mut keep_host = false;
     if !whole {
         let mut parts = uri.clone().into_parts();
         parts.scheme.get_or_insert(http::uri::Scheme::HTTP);
         let authority = match parts.authority.take() {
             Some(authority) => Some(without_userinfo(authority)),
-            None => req
-                .headers()
-                .get(HOST)
-                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-                .map(without_userinfo),
+            None => match req.headers().get(HOST) {
+                Some(host) => match http::uri::Authority::try_from(host.as_bytes()) {
+                    Ok(authority) => Some(without_userinfo(authority)),
+                    Err(_) => {
+                        keep_host = true;
+                        None
+                    }
+                },
+                None => None,
+            },
         };
         parts.authority = Some(authority.unwrap_or_else(|| endpoint.clone()));
         parts
@@ -851,7 +858,7 @@ fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authori
             *req.uri_mut() = uri;
         }
     }
-    if req.headers().contains_key(HOST) {
+    if !keep_host && req.headers().contains_key(HOST) {
         req.headers_mut().remove(HOST);
     }
 }
@@ -1265,12 +1272,19 @@ mod tests {
                 None,
                 "http://users.prod/x -".to_owned(),
             ),
-            // A relative URI to HTTP/2: its Host becomes :authority.
+            // A relative URI to HTTP/2: its Host becomes :authority; one that is no
+            // authority stays a header, beside the endpoint's address.
             (
                 Protocol::Http2,
                 "/x",
                 Some("users.prod"),
                 "http://users.prod/x -".to_owned(),
+            ),
+            (
+                Protocol::Http2,
+                "/x",
+                Some("bad{host}"),
+                format!("http://{addr}/x bad{{host}}"),
             ),
         ];
         for (protocol, uri, host, want) in cases {

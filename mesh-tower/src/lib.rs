@@ -27,8 +27,7 @@
 //! - [`authz`] (feature `authz`), [`ratelimit`] (feature `ratelimit`) and
 //!   [`metrics::server`]: the inbound layers — authorization by identity and route, GCRA
 //!   rate limits, inbound metrics;
-//! - [`access_log`] (feature `access-log`): one structured `tracing` event per request,
-//!   when its response ends;
+//! - [`access_log`]: one structured `tracing` event per request, when its response ends;
 //! - [`forward`]: proxying — connection-specific headers stripped, HTTP/1.1 carried over
 //!   HTTP/2 between proxies, the hop to a local application with the peer's identity, and
 //!   answers for failed requests;
@@ -48,7 +47,6 @@
 
 #[cfg(any(feature = "server", feature = "opaque"))]
 mod accept;
-#[cfg(feature = "access-log")]
 pub mod access_log;
 #[cfg(feature = "authz")]
 pub mod authz;

@@ -568,9 +568,10 @@ async fn idle_connections_are_closed_at_the_idle_timeout() {
     );
 }
 
-/// A server whose one client asked for a response too long for the sockets' buffers and
-/// stopped reading after its head (idle timeout 30 s).
-async fn stalled_reader() -> (Server, TcpStream) {
+/// A server whose one client (over mTLS when `tls`) asked for a response too long for the
+/// sockets' buffers and stopped reading after its head (idle timeout 30 s). The second
+/// value keeps the client's connection open.
+async fn stalled_reader(tls: bool) -> (Server, Box<dyn Send>) {
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(30);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -579,36 +580,69 @@ async fn stalled_reader() -> (Server, TcpStream) {
         let big = big.clone();
         async move { Ok::<_, Infallible>(Response::new(Full::new(big))) }
     });
-    let server = MeshServer::builder()
-        .plaintext()
-        .limits(limits)
-        .serve(listener, app)
+    let mut pki = Pki::new();
+    let builder = MeshServer::builder().limits(limits);
+    let builder = if tls {
+        let acceptor = MtlsAcceptor::new(
+            &pki.mtls(SERVER_ID),
+            Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+        )
         .unwrap();
-    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+        builder.mtls(acceptor)
+    } else {
+        builder.plaintext()
+    };
+    let server = builder.serve(listener, app).unwrap();
+    let tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
     let mut buf = [0u8; 1024];
-    let n = tcp.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    (server, tcp)
+    if tls {
+        let connector =
+            MtlsConnector::new(&pki.mtls(WEB), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+        let (mut stream, _) = connector.handshake(server.local_addr(), tcp).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        (server, Box::new(stream))
+    } else {
+        let mut tcp = tcp;
+        tcp.write_all(request).await.unwrap();
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        (server, Box::new(tcp))
+    }
 }
 
-/// A client that stops reading a long response: the connection has no request in flight
-/// (the response's head went out), so it idles out into a graceful shutdown, which the
-/// stalled write never lets finish; moving no byte for the idle timeout more, it is
-/// closed. Before, only a server shutdown ended it.
-#[tokio::test(start_paused = true)]
+/// A client that stops reading a long response, in plaintext and over mTLS (where the
+/// TLS stream meets the full socket when flushing): the connection has no request in
+/// flight (the response's head went out), so it idles out into a graceful shutdown,
+/// which the stalled write never lets finish; with a write waiting on the client and no
+/// byte moved for the idle timeout more, it is closed. Before, only a server shutdown
+/// ended it.
+///
+/// Time is paused once the client has its response's head (a TLS handshake on a paused
+/// clock would meet its own timeout as the clock jumps).
+#[tokio::test]
 async fn a_client_that_stops_reading_is_closed_after_twice_the_idle_timeout() {
-    // Still open within the idle timeout.
-    let (server, _tcp) = stalled_reader().await;
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    assert_eq!(server.shutdown().await.open_at_shutdown, 1);
-    // Closed once it made no progress for the idle timeout after shutting down
-    // (30 s + a check step of 3.75 s, then 30 s + a step).
-    let (server, _tcp) = stalled_reader().await;
-    tokio::time::sleep(Duration::from_secs(70)).await;
-    assert_eq!(server.shutdown().await.open_at_shutdown, 0);
+    for (tls, wait, open) in [
+        // Still open within the idle timeout.
+        (false, 25, 1),
+        (true, 25, 1),
+        // Closed once it made no progress for the idle timeout after shutting down
+        // (30 s + a check step of 3.75 s, then 30 s + a step).
+        (false, 70, 0),
+        (true, 70, 0),
+    ] {
+        let (server, _client) = stalled_reader(tls).await;
+        tokio::time::pause();
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        assert_eq!(
+            server.shutdown().await.open_at_shutdown,
+            open,
+            "tls: {tls}, after {wait} s"
+        );
+        tokio::time::resume();
+    }
 }
 
 /// A response that is only quiet (a stream between its messages) is not cut: the

@@ -3,15 +3,14 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::{Entry, Outcome, grpc_status};
+use super::{Entry, Outcome};
 
 pin_project! {
-    /// A response body that logs its request when it ends: at its last frame, at an
-    /// error, or when dropped before its end.
+    /// A response body that logs its request when it ends: at its last frame (data
+    /// that ends it, or trailers), at an error, or when dropped before its end.
     #[derive(Debug)]
     pub struct LoggedBody<B> {
         #[pin]
@@ -64,14 +63,7 @@ impl<B: Body> Body for LoggedBody<B> {
         };
         let outcome = match &frame {
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    entry.response_bytes += data.remaining() as u64;
-                } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(code) = grpc_status(trailers)
-                {
-                    entry.grpc_status = Some(code);
-                }
-                this.inner.is_end_stream().then_some(Outcome::Complete)
+                (entry.frame(frame) || this.inner.is_end_stream()).then_some(Outcome::Complete)
             }
             Some(Err(_)) => Some(Outcome::BodyError),
             None => Some(Outcome::Complete),

@@ -49,8 +49,13 @@ where
         let mut entry = this.entry.take();
         Poll::Ready(match result {
             Ok(resp) => {
-                if let Some(entry) = entry.as_mut() {
-                    entry.respond(&resp);
+                if let Some(e) = entry.as_mut() {
+                    e.respond(&resp);
+                    if e.bodiless()
+                        && let Some(e) = entry.take()
+                    {
+                        e.emit(Outcome::Complete);
+                    }
                 }
                 Ok(resp.map(|body| LoggedBody::new(body, entry)))
             }

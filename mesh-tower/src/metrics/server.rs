@@ -40,6 +40,8 @@ use tokio::time::Instant;
 use tower::Layer;
 use tower_service::Service;
 
+use crate::access_log::{Entry, Outcome, Recorder};
+
 /// Distinct gRPC paths named in labels before the rest count as `_OTHER`.
 const MAX_RPC_NAMES: usize = 1000;
 
@@ -347,6 +349,7 @@ impl<S> Layer<S> for ListenerMetrics {
         InboundMetrics {
             inner,
             metrics: Some(self.clone()),
+            access_log: None,
         }
     }
 }
@@ -357,6 +360,8 @@ pub struct InboundMetrics<S> {
     inner: S,
     /// `None`: measures nothing (a server without metrics).
     metrics: Option<ListenerMetrics>,
+    /// The server's access log, written at the same points as the metrics.
+    access_log: Option<Recorder>,
 }
 
 impl<S> InboundMetrics<S> {
@@ -366,7 +371,16 @@ impl<S> InboundMetrics<S> {
         Self {
             inner,
             metrics: None,
+            access_log: None,
         }
+    }
+
+    /// Writes `log` too, at the request's end (the server's access log, with no layer of
+    /// its own: see [`Recorder`]).
+    #[cfg(feature = "server")]
+    pub(crate) fn with_access_log(mut self, log: Recorder) -> Self {
+        self.access_log = Some(log);
+        self
     }
 }
 
@@ -487,10 +501,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let entry = self.access_log.as_ref().and_then(|log| log.start(&req));
         let Some(metrics) = &self.metrics else {
             return ResponseFuture {
                 inner: self.inner.call(req),
                 pending: None,
+                entry,
             };
         };
         let grpc = mesh_core::classify::is_grpc(req.headers());
@@ -508,6 +524,7 @@ where
         ResponseFuture {
             inner: self.inner.call(req),
             pending: Some(pending),
+            entry,
         }
     }
 }
@@ -519,6 +536,15 @@ pin_project! {
         #[pin]
         inner: F,
         pending: Option<Pending>,
+        entry: Option<Box<Entry>>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(entry) = this.project().entry.take() {
+                entry.emit(Outcome::Cancelled);
+            }
+        }
     }
 }
 
@@ -532,8 +558,33 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
+        let mut entry = this.entry.take();
+        if let Some(e) = entry.as_mut() {
+            match &result {
+                Ok(resp) => {
+                    e.respond(resp);
+                    if e.bodiless()
+                        && let Some(e) = entry.take()
+                    {
+                        e.emit(Outcome::Complete);
+                    }
+                }
+                Err(_) => {
+                    if let Some(e) = entry.take() {
+                        e.emit(Outcome::Error);
+                    }
+                }
+            }
+        }
         let Some(pending) = this.pending.take() else {
-            return Poll::Ready(result.map(|r| r.map(|body| MeteredBody::new(body, None, 0))));
+            return Poll::Ready(result.map(|r| {
+                r.map(|body| {
+                    let mut body = MeteredBody::new(body, None, 0);
+                    body.entry = entry;
+                    body.end_if_empty();
+                    body
+                })
+            }));
         };
         Poll::Ready(match result {
             Ok(resp) => {
@@ -546,9 +597,8 @@ where
                 let (parts, body) = resp.into_parts();
                 let mut body = MeteredBody::new(body, Some(pending), status);
                 body.grpc_status = grpc_status;
-                if http_body::Body::is_end_stream(&body.inner) {
-                    body.finish();
-                }
+                body.entry = entry;
+                body.end_if_empty();
                 Ok(Response::from_parts(parts, body))
             }
             Err(e) => {
@@ -577,6 +627,7 @@ pin_project! {
         status: u16,
         grpc_status: Option<u16>,
         size: u64,
+        entry: Option<Box<Entry>>,
     }
 
     impl<B> PinnedDrop for MeteredBody<B> {
@@ -584,6 +635,9 @@ pin_project! {
             let this = this.project();
             if let Some(pending) = this.pending.take() {
                 pending.record(*this.status, *this.grpc_status, *this.size);
+            }
+            if let Some(entry) = this.entry.take() {
+                entry.emit(Outcome::BodyDropped);
             }
         }
     }
@@ -597,12 +651,22 @@ impl<B> MeteredBody<B> {
             status,
             grpc_status: None,
             size: 0,
+            entry: None,
         }
     }
 
-    fn finish(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            pending.record(self.status, self.grpc_status, self.size);
+    /// Records and logs a body that has ended already (an empty one).
+    fn end_if_empty(&mut self)
+    where
+        B: Body,
+    {
+        if self.inner.is_end_stream() {
+            if let Some(pending) = self.pending.take() {
+                pending.record(self.status, self.grpc_status, self.size);
+            }
+            if let Some(entry) = self.entry.take() {
+                entry.emit(Outcome::Complete);
+            }
         }
     }
 }
@@ -636,6 +700,20 @@ impl<B: Body> Body for MeteredBody<B> {
             && let Some(pending) = this.pending.take()
         {
             pending.record(*this.status, *this.grpc_status, *this.size);
+        }
+        if let Some(entry) = this.entry.as_mut() {
+            let outcome = match &frame {
+                Some(Ok(frame)) => {
+                    (entry.frame(frame) || this.inner.is_end_stream()).then_some(Outcome::Complete)
+                }
+                Some(Err(_)) => Some(Outcome::BodyError),
+                None => Some(Outcome::Complete),
+            };
+            if let Some(outcome) = outcome
+                && let Some(entry) = this.entry.take()
+            {
+                entry.emit(outcome);
+            }
         }
         Poll::Ready(frame)
     }

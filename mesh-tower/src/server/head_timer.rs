@@ -72,6 +72,12 @@ impl HeadClock {
         self.write_blocked.load(Ordering::Relaxed)
     }
 
+    /// A flush (or shutdown) came back: `pending` when it waits on the client. hyper
+    /// flushes only once its writes went through, so a completed flush means nothing waits.
+    fn flushed(&self, pending: bool) {
+        self.write_blocked.store(pending, Ordering::Relaxed);
+    }
+
     fn wrote(&self, written: &Poll<io::Result<usize>>) {
         match written {
             Poll::Ready(Ok(n)) => {
@@ -143,12 +149,19 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         self.io.is_write_vectored()
     }
 
+    // A TLS stream takes writes into its own buffer and meets a full socket only when
+    // flushing (or sending its close_notify): a pending flush is a write waiting on the
+    // client too.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        self.clock.flushed(flushed.is_pending());
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let shut = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.clock.flushed(shut.is_pending());
+        shut
     }
 }
 

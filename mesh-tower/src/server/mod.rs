@@ -10,8 +10,8 @@
 //!                         knowledge in plaintext); the limits of [`ServerLimits`]
 //! per request:
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
-//!   access_log::AccessLog      one line per request when its response ends (when switched on)
-//!   metrics::server            duration, status, sizes (when `metrics` is set)
+//!   metrics::server            duration, status, sizes (when `metrics` is set); the access
+//!                              log's line when its response ends (when switched on)
 //!   body limit                 413 past `max_request_body_size` declared
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
 //!   ratelimit::RateLimit       GCRA per client and in total (default: none)
@@ -70,7 +70,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_service::Service;
 
-use crate::access_log::{AccessLog, AccessLogHandle, AccessLogLayer, LoggedBody};
+use crate::access_log::{AccessLogHandle, AccessLogLayer};
 use crate::authz::{Authorize, AuthorizeLayer, Policy};
 use crate::body::ResponseBody;
 use crate::metrics::server::{InboundMetrics, ListenerMetrics, MeteredBody};
@@ -360,10 +360,11 @@ impl MeshServerBuilder {
         self
     }
 
-    /// Logs every request with `layer` (default: a disabled [`AccessLogLayer`], which
-    /// [`Server::access_log`] can switch on). It is the outermost layer, so that what
-    /// authorization, rate limiting and the body limit answer is logged too; see
-    /// [`access_log`](crate::access_log).
+    /// Logs every request with `layer`'s log (default: a disabled one, which
+    /// [`Server::access_log`] can switch on); see [`access_log`](crate::access_log). The
+    /// line is written by the outermost layer (the inbound metrics, which wrap each
+    /// request already), so what authorization, rate limiting and the body limit answer
+    /// is logged too.
     pub fn access_log(mut self, layer: AccessLogLayer) -> Self {
         self.access_log = Some(layer);
         self
@@ -446,11 +447,13 @@ impl MeshServerBuilder {
             inner,
             max: self.limits.max_request_body_size,
         };
+        // The access log is written by the metrics layer, at the same points: a layer of
+        // its own would cost every request a move of its whole future and response.
         let app = match &self.metrics {
             Some(metrics) => tower::Layer::layer(metrics, inner),
             None => InboundMetrics::disabled(inner),
-        };
-        let app = tower::Layer::layer(&access_log, app);
+        }
+        .with_access_log(access_log.recorder());
         let shared = Arc::new(conn::Shared {
             protocol: self.protocol,
             streams: self.streams,
@@ -463,8 +466,8 @@ impl MeshServerBuilder {
         });
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(conn::accept_loop::<
-            AccessLog<InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>>,
-            LoggedBody<MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>>,
+            InboundMetrics<body_limit::BodyLimit<Authorize<RateLimit<S>>>>,
+            MeteredBody<ResponseBody<ResponseBody<ResponseBody<B>>>>,
         >(source, shared, stopping));
         tracing::debug!(%addr, "serving");
         Ok(Server {
