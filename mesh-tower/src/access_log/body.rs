@@ -58,21 +58,7 @@ impl<B: Body> Body for LoggedBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let Some(entry) = this.entry.as_mut() else {
-            return Poll::Ready(frame);
-        };
-        let outcome = match &frame {
-            Some(Ok(frame)) => {
-                (entry.frame(frame) || this.inner.is_end_stream()).then_some(Outcome::Complete)
-            }
-            Some(Err(_)) => Some(Outcome::BodyError),
-            None => Some(Outcome::Complete),
-        };
-        if let Some(outcome) = outcome
-            && let Some(entry) = this.entry.take()
-        {
-            entry.emit(outcome);
-        }
+        super::polled(this.entry, &frame, || this.inner.is_end_stream());
         Poll::Ready(frame)
     }
 

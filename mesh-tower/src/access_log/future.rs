@@ -47,24 +47,7 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let mut entry = this.entry.take();
-        Poll::Ready(match result {
-            Ok(resp) => {
-                if let Some(e) = entry.as_mut() {
-                    e.respond(&resp);
-                    if e.bodiless()
-                        && let Some(e) = entry.take()
-                    {
-                        e.emit(Outcome::Complete);
-                    }
-                }
-                Ok(resp.map(|body| LoggedBody::new(body, entry)))
-            }
-            Err(e) => {
-                if let Some(entry) = entry {
-                    entry.emit(Outcome::Error);
-                }
-                Err(e)
-            }
-        })
+        super::answered(&mut entry, &result);
+        Poll::Ready(result.map(|resp| resp.map(|body| LoggedBody::new(body, entry))))
     }
 }

@@ -275,7 +275,7 @@ impl Entry {
     }
 
     /// Notes the response's head.
-    pub(crate) fn respond<B>(&mut self, resp: &Response<B>) {
+    fn respond<B>(&mut self, resp: &Response<B>) {
         self.status = Some(resp.status().as_u16());
         self.server_id = resp.extensions().get::<PeerIdentity>().cloned();
         if let Some(code) = grpc_status(resp.headers()) {
@@ -285,7 +285,7 @@ impl Entry {
 
     /// Notes a frame of the response body; whether it ends the body (trailers do:
     /// servers poll no further).
-    pub(crate) fn frame<D: bytes::Buf>(&mut self, frame: &http_body::Frame<D>) -> bool {
+    fn frame<D: bytes::Buf>(&mut self, frame: &http_body::Frame<D>) -> bool {
         if let Some(data) = frame.data_ref() {
             self.response_bytes += data.remaining() as u64;
             return false;
@@ -302,7 +302,7 @@ impl Entry {
     /// Whether the response has no body to send, whatever its body holds: an answer to
     /// `HEAD`, or a 1xx, 204 or 304 (RFC 9110 §6.4.1); the server drops such a body
     /// unread, which is the response's end, not an abandoned one.
-    pub(crate) fn bodiless(&self) -> bool {
+    fn bodiless(&self) -> bool {
         self.method == Method::HEAD
             || self
                 .status
@@ -350,6 +350,48 @@ impl Entry {
             outcome = outcome.as_str(),
             "request"
         );
+    }
+}
+
+/// Notes a service's answer in `entry`, and writes the line at once when nothing more
+/// will come: an error, or a response with no body to send.
+pub(crate) fn answered<B, E>(entry: &mut Option<Box<Entry>>, result: &Result<Response<B>, E>) {
+    let Some(e) = entry.as_mut() else {
+        return;
+    };
+    let outcome = match result {
+        Ok(resp) => {
+            e.respond(resp);
+            e.bodiless().then_some(Outcome::Complete)
+        }
+        Err(_) => Some(Outcome::Error),
+    };
+    if let Some(outcome) = outcome
+        && let Some(e) = entry.take()
+    {
+        e.emit(outcome);
+    }
+}
+
+/// Notes what a poll of the response body gave, and writes the line when the body ended
+/// (`ended`: whether the body says it has, after a data frame).
+pub(crate) fn polled<D: bytes::Buf, E>(
+    entry: &mut Option<Box<Entry>>,
+    frame: &Option<Result<http_body::Frame<D>, E>>,
+    ended: impl FnOnce() -> bool,
+) {
+    let Some(e) = entry.as_mut() else {
+        return;
+    };
+    let outcome = match frame {
+        Some(Ok(frame)) => (e.frame(frame) || ended()).then_some(Outcome::Complete),
+        Some(Err(_)) => Some(Outcome::BodyError),
+        None => Some(Outcome::Complete),
+    };
+    if let Some(outcome) = outcome
+        && let Some(e) = entry.take()
+    {
+        e.emit(outcome);
     }
 }
 

@@ -559,23 +559,7 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let mut entry = this.entry.take();
-        if let Some(e) = entry.as_mut() {
-            match &result {
-                Ok(resp) => {
-                    e.respond(resp);
-                    if e.bodiless()
-                        && let Some(e) = entry.take()
-                    {
-                        e.emit(Outcome::Complete);
-                    }
-                }
-                Err(_) => {
-                    if let Some(e) = entry.take() {
-                        e.emit(Outcome::Error);
-                    }
-                }
-            }
-        }
+        crate::access_log::answered(&mut entry, &result);
         let Some(pending) = this.pending.take() else {
             return Poll::Ready(result.map(|r| {
                 r.map(|body| {
@@ -701,20 +685,7 @@ impl<B: Body> Body for MeteredBody<B> {
         {
             pending.record(*this.status, *this.grpc_status, *this.size);
         }
-        if let Some(entry) = this.entry.as_mut() {
-            let outcome = match &frame {
-                Some(Ok(frame)) => {
-                    (entry.frame(frame) || this.inner.is_end_stream()).then_some(Outcome::Complete)
-                }
-                Some(Err(_)) => Some(Outcome::BodyError),
-                None => Some(Outcome::Complete),
-            };
-            if let Some(outcome) = outcome
-                && let Some(entry) = this.entry.take()
-            {
-                entry.emit(outcome);
-            }
-        }
+        crate::access_log::polled(this.entry, &frame, || this.inner.is_end_stream());
         Poll::Ready(frame)
     }
 
