@@ -125,6 +125,19 @@ where
     ways
 }
 
+/// `GET /`, with no body.
+fn get() -> Request<Empty<Bytes>> {
+    Request::get("/").body(Empty::new()).unwrap()
+}
+
+/// `svc`'s answer to `req`.
+async fn call(
+    svc: &mut Logged,
+    req: Request<Empty<Bytes>>,
+) -> Result<Response<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, BoxError> {
+    svc.ready().await?.call(req).await
+}
+
 #[tokio::test]
 async fn a_request_is_logged_once_when_its_body_ends() {
     let (lines, _guard) = capture();
@@ -138,7 +151,7 @@ async fn a_request_is_logged_once_when_its_body_ends() {
             .insert(crate::server::ClientAddr("10.0.0.9:4711".parse().unwrap()));
         req.headers_mut()
             .insert("host", http::HeaderValue::from_static("users.prod:80"));
-        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let resp = call(&mut svc, req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         // Nothing until the body ended.
         assert!(lines.take().is_empty(), "{way}");
@@ -171,13 +184,12 @@ async fn a_disabled_log_writes_nothing_until_switched_on() {
     let (lines, _guard) = capture();
     for (way, mut svc, handle) in both("quiet", || ok_service("x")) {
         handle.set_enabled(false);
-        let get = || Request::get("/").body(Empty::<Bytes>::new()).unwrap();
-        let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+        let resp = call(&mut svc, get()).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert!(lines.take().is_empty(), "{way}");
         assert!(!handle.is_enabled());
         handle.set_enabled(true);
-        let resp = svc.ready().await.unwrap().call(get()).await.unwrap();
+        let resp = call(&mut svc, get()).await.unwrap();
         resp.into_body().collect().await.unwrap();
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
@@ -202,13 +214,7 @@ async fn an_empty_body_is_logged_at_once_and_a_dropped_one_when_dropped() {
         })
     };
     for (way, mut svc, _) in both("l", empty) {
-        let resp = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::get("/").body(Empty::new()).unwrap())
-            .await
-            .unwrap();
+        let resp = call(&mut svc, get()).await.unwrap();
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
         assert_eq!(
@@ -219,13 +225,7 @@ async fn an_empty_body_is_logged_at_once_and_a_dropped_one_when_dropped() {
         assert!(lines.take().is_empty(), "{way}: logged once only");
     }
     for (way, mut svc, _) in both("l", || ok_service("unread")) {
-        let resp = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::get("/").body(Empty::new()).unwrap())
-            .await
-            .unwrap();
+        let resp = call(&mut svc, get()).await.unwrap();
         drop(resp);
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
@@ -249,12 +249,7 @@ async fn errors_and_cancelled_requests_are_logged_without_a_status() {
         })
     };
     for (way, mut svc, _) in both("l", failing) {
-        let err = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::get("/").body(Empty::new()).unwrap())
-            .await;
+        let err = call(&mut svc, get()).await;
         assert!(err.is_err());
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
@@ -270,11 +265,7 @@ async fn errors_and_cancelled_requests_are_logged_without_a_status() {
         })
     };
     for (way, mut svc, _) in both("l", hanging) {
-        let fut = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::get("/").body(Empty::new()).unwrap());
+        let fut = svc.ready().await.unwrap().call(get());
         drop(fut);
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
@@ -305,7 +296,7 @@ async fn a_grpc_status_is_read_from_trailers() {
             .version(http::Version::HTTP_2)
             .body(Empty::new())
             .unwrap();
-        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let resp = call(&mut svc, req).await.unwrap();
         resp.into_body().collect().await.unwrap();
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way}");
@@ -336,13 +327,7 @@ async fn trailers_end_a_body_and_bodiless_answers_are_complete() {
         })
     };
     for (way, mut svc, _) in both("l", with_trailers) {
-        let resp = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::get("/").body(Empty::new()).unwrap())
-            .await
-            .unwrap();
+        let resp = call(&mut svc, get()).await.unwrap();
         let mut body = resp.into_body();
         assert!(body.frame().await.unwrap().unwrap().is_data());
         assert!(lines.take().is_empty(), "{way}");
@@ -385,7 +370,7 @@ async fn trailers_end_a_body_and_bodiless_answers_are_complete() {
             .uri("/")
             .body(Empty::new())
             .unwrap();
-        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let resp = call(&mut svc, req).await.unwrap();
         drop(resp);
         let logged = lines.take();
         assert_eq!(logged.len(), 1, "{way} {method}: {logged:?}");
@@ -402,7 +387,7 @@ async fn a_clients_long_text_is_cut() {
             .header("user-agent", long.as_str())
             .body(Empty::new())
             .unwrap();
-        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let resp = call(&mut svc, req).await.unwrap();
         resp.into_body().collect().await.unwrap();
         let logged = lines.take();
         for field in ["uri", "user_agent"] {
