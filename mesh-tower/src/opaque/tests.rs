@@ -683,19 +683,25 @@ async fn a_dialer_opens_the_streams_with_mtls_and_failover() {
 
     // Refused by the dialer, the only endpoint fails the connection with the dial's
     // error; one that presents the wrong identity is refused as over TCP.
-    let only_refused = OpaqueClient::builder(static_discovery(&[refused]))
-        .mtls(pki.mtls(WEB))
-        .server_identity(SERVER_ID.parse().unwrap())
-        .dialer(redirecting_dialer(
-            reached,
-            server.local_addr(),
-            Arc::default(),
-        ))
-        .max_connect_attempts(1)
-        .build()
-        .unwrap();
+    // One try, by the redirecting dialer, of `endpoint` expecting `identity`.
+    let one_try = |endpoint: SocketAddr, identity: &str, pki: &mut Pki| {
+        OpaqueClient::builder(static_discovery(&[endpoint]))
+            .mtls(pki.mtls(WEB))
+            .server_identity(identity.parse().unwrap())
+            .dialer(redirecting_dialer(
+                reached,
+                server.local_addr(),
+                Arc::default(),
+            ))
+            .max_connect_attempts(1)
+            .build()
+            .unwrap()
+    };
     let (_app, local) = tokio::io::duplex(64);
-    let err = only_refused.relay_io(local).await.unwrap_err();
+    let err = one_try(refused, SERVER_ID, &mut pki)
+        .relay_io(local)
+        .await
+        .unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(err, OpaqueError::Connect { attempts: 1, .. }),
@@ -703,19 +709,11 @@ async fn a_dialer_opens_the_streams_with_mtls_and_failover() {
     );
     assert!(message.contains("scripted refusal"), "{message}");
 
-    let wrong_identity = OpaqueClient::builder(static_discovery(&[reached]))
-        .mtls(pki.mtls(WEB))
-        .server_identity("spiffe://example.org/ns/prod/sa/other".parse().unwrap())
-        .dialer(redirecting_dialer(
-            reached,
-            server.local_addr(),
-            Arc::default(),
-        ))
-        .max_connect_attempts(1)
-        .build()
-        .unwrap();
     let (_app, local) = tokio::io::duplex(64);
-    let err = wrong_identity.relay_io(local).await.unwrap_err();
+    let err = one_try(reached, "spiffe://example.org/ns/prod/sa/other", &mut pki)
+        .relay_io(local)
+        .await
+        .unwrap_err();
     let message = err.to_string();
     assert!(message.contains("TLS with"), "{message}");
     assert_eq!(seen.connections.load(Ordering::SeqCst), 6);

@@ -26,6 +26,12 @@
 //! that hyper read while the previous response was still being written (pipelining) are
 //! already buffered when the head is awaited, so the bound starts at the next read, or the
 //! idle timeout closes the connection.
+//!
+//! The watched stream also tells the connection's check whether bytes moved either way,
+//! and whether the last write (or flush: a TLS stream meets the full socket there) waits
+//! on the client. A connection shutting down closes when a write has waited, with no byte
+//! moved, for the idle timeout: a client that stops reading cannot hold it (see
+//! `ServerLimits::idle_timeout`).
 
 use std::future::Future;
 use std::io;

@@ -222,10 +222,14 @@ mod tests {
     use super::*;
     use hyper::rt::Executor;
 
-    #[tokio::test]
-    async fn queued_streams_run_in_the_polling_task_and_a_panic_ends_only_its_stream() {
-        let exec = StreamExec::in_connection();
-        let mut streams = Streams::new(exec.clone());
+    /// Queues a stream that waits for the returned sender, then counts itself in the
+    /// returned counter.
+    fn waiting_stream(
+        exec: &StreamExec,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let waiting = done.clone();
@@ -233,6 +237,23 @@ mod tests {
             let _ = rx.await;
             waiting.fetch_add(1, Ordering::SeqCst);
         });
+        (tx, done)
+    }
+
+    /// One poll of `streams`, as the connection's task makes.
+    async fn poll_once(streams: &mut Streams) {
+        std::future::poll_fn(|cx| {
+            streams.poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn queued_streams_run_in_the_polling_task_and_a_panic_ends_only_its_stream() {
+        let exec = StreamExec::in_connection();
+        let mut streams = Streams::new(exec.clone());
+        let (tx, done) = waiting_stream(&exec);
         exec.execute(async { panic!("scripted") });
         let quick = done.clone();
         exec.execute(async move {
@@ -241,11 +262,7 @@ mod tests {
         assert_eq!(streams.len(), 3);
         // Nothing runs until the connection's task polls.
         assert_eq!(done.load(Ordering::SeqCst), 0);
-        std::future::poll_fn(|cx| {
-            streams.poll(cx);
-            Poll::Ready(())
-        })
-        .await;
+        poll_once(&mut streams).await;
         // The quick stream ran, the panicking one ended alone, the waiting one waits.
         assert_eq!(done.load(Ordering::SeqCst), 1);
         assert_eq!(streams.len(), 1);
@@ -289,27 +306,13 @@ mod tests {
     async fn a_stream_panicking_when_dropped_after_it_finished_ends_alone() {
         let exec = StreamExec::in_connection();
         let mut streams = Streams::new(exec.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let waiting = done.clone();
-        exec.execute(async move {
-            let _ = rx.await;
-            waiting.fetch_add(1, Ordering::SeqCst);
-        });
+        let (tx, done) = waiting_stream(&exec);
         exec.execute(DoneThenPanic(PanicOnDrop));
-        std::future::poll_fn(|cx| {
-            streams.poll(cx);
-            Poll::Ready(())
-        })
-        .await;
+        poll_once(&mut streams).await;
         // The finished stream is gone (its drop's panic caught); the other still runs.
         assert_eq!(streams.len(), 1);
         tx.send(()).unwrap();
-        std::future::poll_fn(|cx| {
-            streams.poll(cx);
-            Poll::Ready(())
-        })
-        .await;
+        poll_once(&mut streams).await;
         assert_eq!(done.load(Ordering::SeqCst), 1);
         assert_eq!(streams.len(), 0);
     }
