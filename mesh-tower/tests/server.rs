@@ -614,24 +614,24 @@ async fn stalled_reader(tls: bool) -> (Server, Box<dyn Send>) {
 }
 
 /// A client that stops reading a long response, in plaintext and over mTLS (where the
-/// TLS stream meets the full socket when flushing): the connection has no request in
-/// flight (the response's head went out), so it idles out into a graceful shutdown,
-/// which the stalled write never lets finish; with a write waiting on the client and no
-/// byte moved for the idle timeout more, it is closed. Before, only a server shutdown
-/// ended it.
+/// TLS stream meets the full socket when flushing): a write waits on the client and the
+/// response body is not asked for its next frame; with no byte moved for the idle
+/// timeout, the connection is closed. Before, the response in flight kept it open until
+/// the idle check took it for idle and shut it down gracefully, which the stalled write
+/// never let finish.
 ///
 /// Time is paused once the client has its response's head (a TLS handshake on a paused
 /// clock would meet its own timeout as the clock jumps).
 #[tokio::test]
-async fn a_client_that_stops_reading_is_closed_after_twice_the_idle_timeout() {
+async fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
     for (tls, wait, open) in [
         // Still open within the idle timeout.
         (false, 25, 1),
         (true, 25, 1),
-        // Closed once it made no progress for the idle timeout after shutting down
-        // (30 s + a check step of 3.75 s, then 30 s + a step).
-        (false, 70, 0),
-        (true, 70, 0),
+        // Closed once it made no progress for the idle timeout (30 s, looked at every
+        // 3.75 s, from the first look that saw no progress).
+        (false, 40, 0),
+        (true, 40, 0),
     ] {
         let (server, _client) = stalled_reader(tls).await;
         tokio::time::pause();
@@ -645,40 +645,205 @@ async fn a_client_that_stops_reading_is_closed_after_twice_the_idle_timeout() {
     }
 }
 
-/// A response that is only quiet (a stream between its messages) is not cut: the
-/// connection idles out into a graceful shutdown, but no write waits on the client, so
-/// it stays until the response ends.
-#[tokio::test(start_paused = true)]
-async fn a_quiet_streaming_response_outlives_twice_the_idle_timeout() {
+/// A server whose responses are streamed: a frame after each of `pauses` (in seconds),
+/// with an idle timeout of 30 s.
+fn streaming_server(pauses: &'static [u64]) -> Server {
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(30);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = tower::service_fn(|_req: Request<Incoming>| async {
-        let first = futures_util::stream::once(async {
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"first")))
-        });
-        let last = futures_util::stream::once(async {
-            tokio::time::sleep(Duration::from_secs(200)).await;
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"last")))
-        });
-        let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, last));
-        Ok::<_, Infallible>(Response::new(body))
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(listener).unwrap();
+    let app = tower::service_fn(move |_req: Request<Incoming>| async move {
+        let frames =
+            futures_util::StreamExt::then(futures_util::stream::iter(pauses), |pause| async move {
+                tokio::time::sleep(Duration::from_secs(*pause)).await;
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"tick;")))
+            });
+        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(frames)))
     });
-    let server = MeshServer::builder()
+    MeshServer::builder()
         .plaintext()
         .limits(limits)
         .serve(listener, app)
+        .unwrap()
+}
+
+/// One client connection of either HTTP version.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::H1(sender) => {
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+            Sender::H2(sender) => {
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+        }
+    }
+}
+
+/// A streamed response is in flight until its last frame: its connection is not idle
+/// meanwhile, whether frames come every 20 s or after 200 s of silence (idle timeout
+/// 30 s), and serves the next request afterwards. Before, the connection was taken for
+/// idle once the head was out: HTTP/1.1 closed after the response, and HTTP/2 sent
+/// `GOAWAY` mid-stream, so the next request needed a new connection.
+#[tokio::test(start_paused = true)]
+async fn a_streamed_response_keeps_its_connection_busy_until_it_ends() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    const PACED: &[u64] = &[0, 20, 20, 20, 20, 20];
+    const QUIET: &[u64] = &[0, 200];
+    for (pauses, http2) in [(PACED, false), (PACED, true), (QUIET, false), (QUIET, true)] {
+        let server = streaming_server(pauses);
+        let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
+        let mut sender = if http2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            Sender::H1(sender)
+        };
+        let request = || {
+            Request::get(format!("http://{}/", server.local_addr()))
+                .body(Full::default())
+                .unwrap()
+        };
+        let started = tokio::time::Instant::now();
+        let body = sender
+            .send(request())
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let ticks = body.to_bytes().len() / b"tick;".len();
+        let case = format!("pauses {pauses:?}, HTTP/2: {http2}");
+        assert_eq!(ticks, pauses.len(), "{case}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(pauses.iter().sum()),
+            "{case}: {took:?}"
+        );
+        // The same connection serves again.
+        let again = sender.send(request()).await;
+        assert_eq!(again.map(|r| r.status()).unwrap(), StatusCode::OK, "{case}");
+        drop(sender);
+        server.shutdown().await;
+    }
+}
+
+/// An HTTP/2 client that takes a response's head and never opens its window for the body
+/// (while it answers the server's pings, which move bytes every 20 s) holds the
+/// connection only for the idle timeout: the body has a frame taken and is not asked for
+/// the next. Before, the connection idled out into a graceful shutdown that the stream
+/// never let finish.
+#[tokio::test(start_paused = true)]
+async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    for (wait, open) in [(25, 1), (40, 0)] {
+        let mut limits = ServerLimits::default();
+        limits.idle_timeout = Duration::from_secs(30);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = tower::service_fn(|_req: Request<Incoming>| async {
+            let big = Bytes::from(vec![b'x'; 1 << 20]);
+            Ok::<_, Infallible>(Response::new(Full::new(big)))
+        });
+        let server = MeshServer::builder()
+            .plaintext()
+            .limits(limits)
+            .serve(listener, app)
+            .unwrap();
+        let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(1024)
+            .initial_connection_window_size(1024)
+            .handshake(tcp)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = Request::get(format!("http://{}/", server.local_addr()))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        // The head, and a body never read: the window stays closed.
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        assert_eq!(conn.is_finished(), open == 0, "after {wait} s");
+        assert_eq!(
+            server.shutdown().await.open_at_shutdown,
+            open,
+            "after {wait} s"
+        );
+        drop(response);
+    }
+}
+
+/// A response body handed to HTTP/2 in pieces (see the stall check) arrives whole, in
+/// order, with its length declared and its trailers after its data.
+#[tokio::test]
+async fn large_http2_bodies_arrive_whole_with_their_length_and_trailers() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let data = Bytes::from((0..300_001u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sent = data.clone();
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let sent = sent.clone();
+        async move {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let frames = [
+                http_body::Frame::data(sent.clone()),
+                http_body::Frame::data(sent),
+                http_body::Frame::trailers(trailers),
+            ];
+            let body = if req.uri().path() == "/trailers" {
+                http_body_util::StreamBody::new(futures_util::stream::iter(
+                    frames.into_iter().map(Ok::<_, Infallible>),
+                ))
+                .boxed()
+            } else {
+                Full::new(frames[0].data_ref().unwrap().clone())
+                    .map_err(|e| match e {})
+                    .boxed()
+            };
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve(listener, app)
         .unwrap();
-    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
         .await
         .unwrap();
-    let started = tokio::time::Instant::now();
-    let got = String::from_utf8(read_to_close(&mut tcp).await).unwrap();
-    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(got.contains("first") && got.contains("last"), "{got}");
-    assert!(started.elapsed() >= Duration::from_secs(200));
-    assert_eq!(server.shutdown().await.open_at_shutdown, 0);
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{}{path}", server.local_addr()))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let response = sender.send_request(get("/")).await.unwrap();
+    assert_eq!(response.headers()["content-length"], "300001");
+    let got = response.collect().await.unwrap().to_bytes();
+    assert!(got == data, "{} bytes", got.len());
+
+    let response = sender.send_request(get("/trailers")).await.unwrap();
+    let got = response.collect().await.unwrap();
+    assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+    let got = got.to_bytes();
+    assert_eq!(got.len(), 2 * data.len());
+    assert!(got[..data.len()] == data && got[data.len()..] == data);
 }
 
 /// Reads one response of `Content-Length` framing from a keep-alive connection.

@@ -197,9 +197,10 @@ pub struct ListenerLimits {
     /// Bound on concurrent HTTP/2 streams per connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
-    /// How long a connection may have no request in flight (the header-read bound starts
-    /// at a head's first byte, so it does not shorten this); then it shuts down, and one
-    /// whose client stops reading for as long again while shutting down is closed.
+    /// How long a connection may have no request or response in flight (the header-read
+    /// bound starts at a head's first byte, so it does not shorten this); then it shuts
+    /// down. One whose client stops reading (a full socket, or a closed HTTP/2 window)
+    /// for as long is closed.
     #[serde(
         default,
         with = "duration::option",

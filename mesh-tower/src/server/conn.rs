@@ -255,15 +255,18 @@ async fn serve<IO, S, B>(
     // Until the first request begins, the header-read bound covers the silence too;
     // after it, the idle timeout. Activity is not timed per request: a check every
     // `step` sees whether there was any, so a connection closes between `idle_timeout`
-    // and `idle_timeout + step` after its last request. A connection shutting down (idle,
-    // server shutdown, abuse) whose client then leaves a write waiting, moving no byte,
-    // for `idle_timeout` is closed.
+    // and `idle_timeout + step` after its last request ends (its response's last byte
+    // taken, for a streamed response). A connection whose client stops reading (a write
+    // waiting on it, or a response body not asked for its next frame) for `idle_timeout`
+    // is closed, shutting down or not.
     let connected = Instant::now();
     let step = idle_check_step(limits.idle_timeout);
     let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
     let mut stop = pin!(stopped(&mut shutdown));
     let mut abuse = pin!(activity.abusive.notified());
     let mut idle_since = connected;
+    let mut writes_since = connected;
+    let mut pulls_since = connected;
     let mut closing = false;
     // The connection is polled whenever the task wakes; the shutdown, abuse and idle
     // signals only when one of them woke it (they are polled with a waker of their own),
@@ -312,8 +315,7 @@ async fn serve<IO, S, B>(
             Event::Stop => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
-                idle_since = Instant::now();
-                check.as_mut().reset(idle_since + step);
+                check.as_mut().reset(Instant::now() + step);
             }
             Event::Abuse => {
                 if closing {
@@ -324,8 +326,7 @@ async fn serve<IO, S, B>(
                 tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
-                idle_since = Instant::now();
-                check.as_mut().reset(idle_since + step);
+                check.as_mut().reset(Instant::now() + step);
                 abuse.set(activity.abusive.notified());
             }
             Event::Check => {
@@ -336,26 +337,33 @@ async fn serve<IO, S, B>(
                         tracing::debug!(%remote, "no request within the header read timeout");
                         return;
                     }
+                    writes_since = now;
+                    pulls_since = now;
                     check.as_mut().reset(deadline.min(now + step));
                     continue;
+                }
+                // A client that stops reading: a write waits on it with no byte moved, or
+                // a response body has a frame taken and is not asked for the next (an
+                // HTTP/2 window the client does not open; its pings still move bytes).
+                // Either, for the idle timeout, closes the connection, shutting down or
+                // not. A response that is only quiet waits on the application, not the
+                // client, and is not cut.
+                if clock.take_moved() || !clock.write_blocked() {
+                    writes_since = now;
+                }
+                if activity.take_pulled() || !activity.owes_a_pull() {
+                    pulls_since = now;
+                }
+                let stalled = writes_since.min(pulls_since) + limits.idle_timeout;
+                if now >= stalled {
+                    tracing::debug!(%remote, "the client stopped reading: closed");
+                    return;
                 }
                 if closing {
-                    // Shutting down: what is left may take its time (a response streaming
-                    // slowly, or quiet between messages), but a client that stops reading
-                    // does not hold it: a write waiting on the client, with no byte moved
-                    // either way for the idle timeout, closes the connection.
-                    if clock.take_moved() || !clock.write_blocked() {
-                        idle_since = now;
-                    }
-                    let deadline = idle_since + limits.idle_timeout;
-                    if now >= deadline {
-                        tracing::debug!(%remote, "the client stopped reading: closed");
-                        return;
-                    }
-                    check.as_mut().reset(deadline.min(now + step));
+                    check.as_mut().reset(stalled.min(now + step));
                     continue;
                 }
-                if activity.in_flight.load(Ordering::Relaxed) > 0 || activity.take_touched() {
+                if activity.busy() || activity.take_touched() {
                     idle_since = now;
                 }
                 let deadline = idle_since + limits.idle_timeout;
@@ -363,11 +371,9 @@ async fn serve<IO, S, B>(
                     tracing::debug!(%remote, "idle timeout");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
-                    clock.take_moved();
-                    idle_since = now;
-                    check.as_mut().reset(now + step);
+                    check.as_mut().reset(stalled.min(now + step));
                 } else {
-                    check.as_mut().reset(deadline.min(now + step));
+                    check.as_mut().reset(deadline.min(stalled).min(now + step));
                 }
             }
         }
@@ -407,11 +413,19 @@ impl std::task::Wake for SignalWaker {
     }
 }
 
-/// Requests in flight on one connection, read by its idle check; and how its requests
-/// ended, read by the cancellation bound.
+/// Requests and responses in flight on one connection, read by its idle and stall checks;
+/// and how its requests ended, read by the cancellation bound.
 #[derive(Debug, Default)]
 struct Activity {
+    /// Requests whose response head is not yet answered.
     in_flight: AtomicUsize,
+    /// Response bodies not yet ended (dropped by hyper).
+    bodies: AtomicUsize,
+    /// Response bodies whose last poll was pending: waiting on the application, not on
+    /// the client.
+    bodies_waiting: AtomicUsize,
+    /// A response body was polled since the stall check last looked.
+    pulled: AtomicBool,
     /// A request began (ever).
     started: AtomicBool,
     /// A request began or ended since the idle check last looked.
@@ -428,10 +442,38 @@ impl Activity {
         self.touched.swap(false, Ordering::Relaxed)
     }
 
-    fn ended(&self, completed: bool) {
+    fn take_pulled(&self) -> bool {
+        self.pulled.swap(false, Ordering::Relaxed)
+    }
+
+    /// A request or a response is in flight.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0 || self.bodies.load(Ordering::Relaxed) > 0
+    }
+
+    /// A response body has a frame taken and waits to be polled again: the next move is
+    /// the client's (reading, or opening its HTTP/2 window).
+    fn owes_a_pull(&self) -> bool {
+        self.bodies.load(Ordering::Relaxed) > self.bodies_waiting.load(Ordering::Relaxed)
+    }
+
+    /// A request's head is answered; its body is in flight until [`Self::body_ended`].
+    fn answered(&self) {
+        self.bodies.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn body_ended(&self) {
+        self.bodies.fetch_sub(1, Ordering::Relaxed);
+        self.touched.store(true, Ordering::Relaxed);
+    }
+
+    /// A request ended without a response: failed, or `cancelled` by the client.
+    fn ended(&self, cancelled: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.touched.store(true, Ordering::Relaxed);
-        if completed {
+        if !cancelled {
             self.completed.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -467,7 +509,7 @@ where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
 {
-    type Response = Response<B>;
+    type Response = Response<InFlight<B>>;
     type Error = BoxError;
     type Future = Tracked<Call<S>>;
 
@@ -483,6 +525,7 @@ where
             }
         }
         extensions.insert(self.remote);
+        let http2 = req.version() == http::Version::HTTP_2;
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         self.activity.started.store(true, Ordering::Relaxed);
         self.activity.touched.store(true, Ordering::Relaxed);
@@ -504,6 +547,7 @@ where
         Tracked {
             inner,
             activity: Some(self.activity.clone()),
+            http2,
         }
     }
 }
@@ -543,31 +587,150 @@ where
 }
 
 pin_project! {
-    /// A request's future, counted in flight until it completes or is dropped.
+    /// A request's future, counted in flight until it completes or is dropped; its
+    /// response's body is counted from then on.
     struct Tracked<F> {
         #[pin]
         inner: F,
         activity: Option<Arc<Activity>>,
+        // The response goes out on HTTP/2: its body is handed over in pieces.
+        http2: bool,
     }
 
     impl<F> PinnedDrop for Tracked<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(activity) = this.project().activity.take() {
-                activity.ended(false);
+                activity.ended(true);
             }
         }
     }
 }
 
-impl<F: Future> Future for Tracked<F> {
-    type Output = F::Output;
+impl<F, B> Future for Tracked<F>
+where
+    F: Future<Output = Result<Response<B>, BoxError>>,
+{
+    type Output = Result<Response<InFlight<B>>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
-        if let Some(activity) = this.activity.take() {
-            activity.ended(true);
+        let activity = this.activity.take();
+        Poll::Ready(match output {
+            Ok(response) => {
+                if let Some(activity) = &activity {
+                    activity.answered();
+                }
+                let piece = if *this.http2 { HTTP2_PIECE } else { usize::MAX };
+                Ok(response.map(|body| InFlight {
+                    body,
+                    activity,
+                    waiting: false,
+                    rest: Bytes::new(),
+                    piece,
+                }))
+            }
+            Err(error) => {
+                if let Some(activity) = activity {
+                    activity.ended(false);
+                }
+                Err(error)
+            }
+        })
+    }
+}
+
+/// The largest piece of a response body handed to HTTP/2 at once (64 KiB).
+///
+/// hyper's HTTP/2 server polls a body for its next frame as soon as the previous one is
+/// handed to the h2 crate, which takes a whole frame's data whatever the client's window,
+/// and buffers what the window does not yet let out. A body of one large frame would be
+/// handed over at once and end, leaving its bytes to a client that may never open its
+/// window, out of the stall check's sight. In pieces, the body waits for the window as
+/// an HTTP/1.1 body waits for the socket, and at most two pieces are buffered beyond the
+/// window. Splitting is a reference count, not a copy.
+const HTTP2_PIECE: usize = 64 * 1024;
+
+pin_project! {
+    /// A response body, counted in flight until hyper drops it (its end, or the client
+    /// gone), and noting for the stall check when it was polled and whether it waits on
+    /// the application. On HTTP/2 its data is handed over in pieces of at most
+    /// [`HTTP2_PIECE`].
+    pub(super) struct InFlight<B> {
+        #[pin]
+        body: B,
+        activity: Option<Arc<Activity>>,
+        // The last poll was pending (counted in `bodies_waiting`).
+        waiting: bool,
+        // What is left of a frame larger than a piece.
+        rest: Bytes,
+        // The largest piece handed over at once.
+        piece: usize,
+    }
+
+    impl<B> PinnedDrop for InFlight<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(activity) = this.activity.take() {
+                if *this.waiting {
+                    activity.bodies_waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                activity.body_ended();
+            }
         }
-        Poll::Ready(output)
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for InFlight<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if let Some(activity) = this.activity {
+            activity.pulled.store(true, Ordering::Relaxed);
+        }
+        if !this.rest.is_empty() {
+            let piece = this.rest.split_to((*this.piece).min(this.rest.len()));
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+        }
+        let mut polled = this.body.poll_frame(cx);
+        if let Some(activity) = this.activity {
+            // Only a change is counted: a body answering at once costs no count.
+            if polled.is_pending() != *this.waiting {
+                *this.waiting = polled.is_pending();
+                if *this.waiting {
+                    activity.bodies_waiting.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    activity.bodies_waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(data) = frame.data_mut()
+            && data.len() > *this.piece
+        {
+            *this.rest = data.split_off(*this.piece);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let mut hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        if rest > 0 {
+            hint.set_lower(hint.lower().saturating_add(rest));
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(rest));
+            }
+        }
+        hint
     }
 }

@@ -29,9 +29,10 @@
 //!
 //! The watched stream also tells the connection's check whether bytes moved either way,
 //! and whether the last write (or flush: a TLS stream meets the full socket there) waits
-//! on the client. A connection shutting down closes when a write has waited, with no byte
-//! moved, for the idle timeout: a client that stops reading cannot hold it (see
-//! `ServerLimits::idle_timeout`).
+//! on the client. A connection closes when a write has waited, with no byte moved, for
+//! the idle timeout: a client that stops reading cannot hold it (see
+//! `ServerLimits::idle_timeout`; an HTTP/2 client that keeps reading but opens no window
+//! is seen by the response bodies instead, in `conn`).
 
 use std::future::Future;
 use std::io;

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// | `max_connections` | 10,000 | accepting waits until a connection closes |
 /// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
 /// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |
-/// | `idle_timeout` | 120 s | a connection with no request in flight for that long is shut down gracefully (looked for every eighth of it: the close comes within `idle_timeout` × 1.125); a connection shutting down (so, or by a server shutdown or the cancellation bound) whose client leaves a write waiting, moving no byte, for as long again is closed: a client that stops reading a long response cannot hold it open (a response that is only quiet, between a stream's messages, is not cut) |
+/// | `idle_timeout` | 120 s | a connection with no request in flight, and no response body (a streamed response is in flight until its last frame), for that long is shut down gracefully (looked for every eighth of it: the close comes within `idle_timeout` × 1.125); a connection whose client stops reading for as long is closed, shutting down or not: a write waits on it with no byte moved, or a response body waits for it to take the next piece (an HTTP/2 window it does not open, though it answers pings); a response that is only quiet, between a stream's messages, waits on the application and is not cut |
 /// | `max_pending_accept_reset_streams` | 20 (HTTP/2) | rapid reset (CVE-2023-44487): the connection is closed with `GOAWAY` |
 /// | `max_local_error_reset_streams` | 256 (HTTP/2) | a peer provoking stream errors is disconnected |
 /// | `max_cancelled_requests` | 20 | a connection whose client cancelled (reset, or hung up on) this many requests, more than it let finish, is shut down with `GOAWAY`, and closed at twice as many: rapid reset of accepted streams |
@@ -37,7 +37,8 @@ pub struct ServerLimits {
     pub keep_alive_interval: Option<Duration>,
     /// How long a ping may go unanswered.
     pub keep_alive_timeout: Duration,
-    /// How long a connection may have no request in flight.
+    /// How long a connection may have no request or response in flight, and how long its
+    /// client may stop reading.
     pub idle_timeout: Duration,
     /// Bound on HTTP/2 streams a client opened and reset before the server accepted them.
     pub max_pending_accept_reset_streams: usize,
