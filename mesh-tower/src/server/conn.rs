@@ -621,13 +621,13 @@ where
                 if let Some(activity) = &activity {
                     activity.answered();
                 }
-                let piece = if *this.http2 { HTTP2_PIECE } else { usize::MAX };
+                let http2 = *this.http2;
                 Ok(response.map(|body| InFlight {
                     body,
                     activity,
                     waiting: false,
-                    rest: Bytes::new(),
-                    piece,
+                    http2,
+                    rest: None,
                 }))
             }
             Err(error) => {
@@ -662,10 +662,11 @@ pin_project! {
         activity: Option<Arc<Activity>>,
         // The last poll was pending (counted in `bodies_waiting`).
         waiting: bool,
-        // What is left of a frame larger than a piece.
-        rest: Bytes,
-        // The largest piece handed over at once.
-        piece: usize,
+        // Handed over in pieces.
+        http2: bool,
+        // What is left of a frame larger than a piece (boxed: hyper moves a body several
+        // times, and only large HTTP/2 frames need it).
+        rest: Option<Box<Bytes>>,
     }
 
     impl<B> PinnedDrop for InFlight<B> {
@@ -693,8 +694,11 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for InFlight<B> {
         if let Some(activity) = this.activity {
             activity.pulled.store(true, Ordering::Relaxed);
         }
-        if !this.rest.is_empty() {
-            let piece = this.rest.split_to((*this.piece).min(this.rest.len()));
+        if let Some(rest) = this.rest {
+            let piece = rest.split_to(HTTP2_PIECE.min(rest.len()));
+            if rest.is_empty() {
+                *this.rest = None;
+            }
             return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
         }
         let mut polled = this.body.poll_frame(cx);
@@ -709,23 +713,26 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for InFlight<B> {
                 }
             }
         }
-        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+        if *this.http2
+            && let Poll::Ready(Some(Ok(frame))) = &mut polled
             && let Some(data) = frame.data_mut()
-            && data.len() > *this.piece
+            && data.len() > HTTP2_PIECE
         {
-            *this.rest = data.split_off(*this.piece);
+            *this.rest = Some(Box::new(data.split_off(HTTP2_PIECE)));
         }
         polled
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.body.is_end_stream()
+        self.rest.is_none() && self.body.is_end_stream()
     }
 
+    #[inline]
     fn size_hint(&self) -> http_body::SizeHint {
         let mut hint = self.body.size_hint();
-        let rest = self.rest.len() as u64;
-        if rest > 0 {
+        if let Some(rest) = &self.rest {
+            let rest = rest.len() as u64;
             hint.set_lower(hint.lower().saturating_add(rest));
             if let Some(upper) = hint.upper() {
                 hint.set_upper(upper.saturating_add(rest));
