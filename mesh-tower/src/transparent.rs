@@ -391,10 +391,14 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether `dst` is this listener itself (dialled directly, not redirected).
-    fn is_self(&self, dst: SocketAddr) -> bool {
-        dst.port() == self.addr.port()
-            && (dst.ip() == self.addr.ip() || self.addr.ip().is_unspecified())
+    /// Whether `dst` is where `tcp` landed: the listener itself, dialled directly rather
+    /// than redirected. A redirected connection lands on the listener's port at an
+    /// address of the redirecting interface, never at its original destination. Only the
+    /// accepted socket tells: a listener bound to a wildcard address also proxies
+    /// connections redirected from other hosts' addresses at its own port.
+    fn is_self(&self, tcp: &TcpStream, dst: SocketAddr) -> bool {
+        let landed = tcp.local_addr().unwrap_or(self.addr);
+        canonical(landed) == canonical(dst)
     }
 
     async fn connection(&self, tcp: TcpStream, remote: SocketAddr) {
@@ -411,7 +415,7 @@ impl Shared {
             self.count("refused");
             return;
         }
-        if self.is_self(dst) {
+        if self.is_self(&tcp, dst) {
             tracing::debug!(listener = %self.name, %remote, "dialled directly, not redirected: nothing to proxy to; closed");
             self.count("refused");
             return;
@@ -461,6 +465,18 @@ impl Shared {
                 tracing::debug!(listener = %self.name, %remote, %dst, %error, "passthrough connection failed")
             }
         }
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it maps (a dual-stack
+/// socket reports the one, the original destination the other).
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     }
 }
 

@@ -217,6 +217,44 @@ async fn connections_not_redirected_or_dialled_directly_are_closed() {
     }
 }
 
+/// A listener bound to every address proxies a connection redirected from another host's
+/// address at the listener's own port: only where the connection landed tells a direct
+/// dial. Before, any destination at that port was taken for the listener itself.
+#[tokio::test]
+async fn a_wildcard_listener_proxies_other_hosts_at_its_own_port() {
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let elsewhere = SocketAddr::from(([10, 96, 0, 10], port));
+    let (users, _server) = http_server("users", local);
+    let table = DestinationTable::new(HashMap::from([(elsewhere, users.clone())]));
+    let serving = TransparentListener::builder()
+        .resolver(resolver_to(elsewhere))
+        .serve(listener, table)
+        .unwrap();
+    let answer = get(local).await;
+    assert!(answer.ends_with("hello from users"), "{answer}");
+    serving.shutdown().await;
+
+    // The same listener's address as the destination, through an IPv4-mapped address (a
+    // dual-stack socket): still itself.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let own = listener.local_addr().unwrap();
+    let mapped = SocketAddr::new(
+        match own.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().into(),
+            other => other,
+        },
+        own.port(),
+    );
+    let table = DestinationTable::new(HashMap::from([(mapped, users)]));
+    let _serving = TransparentListener::builder()
+        .resolver(resolver_to(mapped))
+        .serve(listener, table)
+        .unwrap();
+    assert!(closed_without_data(own).await);
+}
+
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_kernel_has_no_original_destination_for_a_plain_connection() {
