@@ -107,11 +107,15 @@ mod imp {
 /// Meshed destinations, each with the handoff its connections go to: exact addresses, and
 /// networks at a port ([`Destination`]). A connection's original destination takes its
 /// exact entry, else the network with the longest prefix that holds it.
+///
+/// A lookup costs one hash lookup for the exact address and one per distinct prefix
+/// length among the networks (longest first), however many networks there are.
 #[derive(Clone, Debug, Default)]
 pub struct Destinations {
     exact: HashMap<SocketAddr, Handoff>,
-    /// Longest prefix first.
-    networks: Vec<(Network, Handoff)>,
+    networks: HashMap<Network, Handoff>,
+    /// The networks' distinct prefix lengths, longest first.
+    prefixes: Vec<u8>,
 }
 
 impl Destinations {
@@ -127,23 +131,23 @@ impl Destinations {
                 self.exact.insert(addr, handoff);
             }
             Destination::Network(net) => {
-                self.networks.retain(|(n, _)| *n != net);
-                // After every network with a prefix at least as long: longest first.
-                let at = self
-                    .networks
-                    .partition_point(|(n, _)| n.prefix() >= net.prefix());
-                self.networks.insert(at, (net, handoff));
+                let prefix = net.prefix();
+                if let Err(at) = self.prefixes.binary_search_by(|p| prefix.cmp(p)) {
+                    self.prefixes.insert(at, prefix);
+                }
+                self.networks.insert(net, handoff);
             }
         }
     }
 
     /// The handoff for `dst`, if it is meshed.
     pub fn get(&self, dst: &SocketAddr) -> Option<&Handoff> {
-        self.exact.get(dst).or_else(|| {
-            self.networks
-                .iter()
-                .find(|(net, _)| net.contains(dst))
-                .map(|(_, handoff)| handoff)
+        if let Some(handoff) = self.exact.get(dst) {
+            return Some(handoff);
+        }
+        self.prefixes.iter().find_map(|&prefix| {
+            let net = Network::holding(dst, prefix)?;
+            self.networks.get(&net)
         })
     }
 
@@ -162,7 +166,7 @@ impl From<HashMap<SocketAddr, Handoff>> for Destinations {
     fn from(exact: HashMap<SocketAddr, Handoff>) -> Self {
         Self {
             exact,
-            networks: Vec::new(),
+            ..Self::default()
         }
     }
 }

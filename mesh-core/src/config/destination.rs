@@ -76,6 +76,19 @@ impl Network {
         self.port
     }
 
+    /// The network of `prefix` bits holding `dst`, at its port: `None` when the prefix is
+    /// longer than the address.
+    pub fn holding(dst: &SocketAddr, prefix: u8) -> Option<Self> {
+        if u32::from(prefix) > bits(dst.ip()) {
+            return None;
+        }
+        Some(Self {
+            addr: masked(dst.ip(), prefix),
+            prefix,
+            port: dst.port(),
+        })
+    }
+
     /// Whether `dst` is one of its addresses at its port (an IPv4 address in an IPv6
     /// network, or the reverse, is not).
     pub fn contains(&self, dst: &SocketAddr) -> bool {

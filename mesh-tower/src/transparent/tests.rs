@@ -315,14 +315,20 @@ async fn networks_take_what_no_exact_address_does_longest_prefix_first() {
     let (exact, _exact_server) = http_server("exact", local);
     let (narrow, _narrow_server) = http_server("narrow", local);
     let (wide, _wide_server) = http_server("wide", local);
+    let (any, _any_server) = http_server("any", local);
+    let (v6, _v6_server) = http_server("v6", local);
     let dst = |s: &str| s.parse::<Destination>().unwrap();
-    // Inserted widest first: the table orders them.
+    // Inserted widest first: the table orders them. The same network inserted again
+    // replaces its handoff.
     let table = DestinationTable::new(Destinations::from_iter([
+        (dst("0.0.0.0/0:443"), wide.clone()),
         (dst("10.1.0.0/16:80"), wide),
         (dst("10.1.2.0/24:80"), narrow),
         (dst("10.1.2.3:80"), exact),
+        (dst("[fd00::/64]:80"), v6),
+        (dst("0.0.0.0/0:443"), any),
     ]));
-    assert_eq!(table.len(), 3);
+    assert_eq!(table.len(), 5);
     let metrics = TransparentMetrics::default();
     for (original, answer) in [
         ("10.1.2.3:80", Some("exact")),
@@ -330,6 +336,10 @@ async fn networks_take_what_no_exact_address_does_longest_prefix_first() {
         ("10.1.9.9:80", Some("wide")),
         ("10.2.0.1:80", None),
         ("10.1.2.4:81", None),
+        ("192.0.2.1:443", Some("any")),
+        ("[fd00::5]:80", Some("v6")),
+        ("[fd00:0:0:1::5]:80", None),
+        ("[::ffff:10.1.2.3]:443", None),
     ] {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
