@@ -5,7 +5,8 @@
 //! `GET /decisions` dumps the decision record as text, oldest first, one decision a line
 //! (see `mesh_tower::decision`): the balancer's picks, circuit-breaker changes, retry and
 //! authorization decisions of every service and inbound listener. It is kept only when
-//! `[admin] decisions` is set (its capacity); otherwise the answer is 404.
+//! `[admin] decisions` is set (its capacity); otherwise the answer is 404. A reload
+//! applies a changed capacity: on, off, larger or smaller (the oldest entries go).
 
 use std::sync::Arc;
 
@@ -103,14 +104,14 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/live") => text(StatusCode::OK, PLAIN, "live\n"),
-        (&Method::GET, "/decisions") => match &state.decisions {
-            Some(record) => text(StatusCode::OK, PLAIN, record.dump()),
-            None => text(
-                StatusCode::NOT_FOUND,
-                PLAIN,
-                "no decision record: set [admin] decisions = 1024 (its capacity)\n",
-            ),
-        },
+        (&Method::GET, "/decisions") if state.decisions.is_enabled() => {
+            text(StatusCode::OK, PLAIN, state.decisions.dump())
+        }
+        (&Method::GET, "/decisions") => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "no decision record: set [admin] decisions = 1024 (its capacity), then reload\n",
+        ),
         (&Method::GET, "/config") => {
             let config = state
                 .config_text

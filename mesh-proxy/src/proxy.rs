@@ -72,8 +72,9 @@ pub(crate) struct State {
     pub(crate) reload: Notify,
     reloads: Family<ReloadLabels, Counter>,
     /// The recent decisions of every client and inbound listener, for `GET /decisions`
-    /// (`[admin] decisions`; none when 0).
-    pub(crate) decisions: Option<mesh_tower::decision::DecisionRecord>,
+    /// (`[admin] decisions`; off when 0). Every layer holds it, off or not, so that a
+    /// reload can switch it on, off, or resize it.
+    pub(crate) decisions: mesh_tower::decision::DecisionRecord,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -135,11 +136,11 @@ impl Proxy {
             shutdown: Notify::new(),
             reload: Notify::new(),
             reloads: reloads.clone(),
-            decisions: config
-                .admin
-                .as_ref()
-                .filter(|a| a.decisions > 0)
-                .map(|a| mesh_tower::decision::DecisionRecord::new(a.decisions)),
+            decisions: {
+                let record = mesh_tower::decision::DecisionRecord::disabled();
+                record.set_capacity(config.admin.as_ref().map_or(0, |a| a.decisions));
+                record
+            },
         });
         let admin = match &config.admin {
             Some(a) => {
@@ -177,7 +178,7 @@ impl Proxy {
                 &config,
                 mtls.as_ref(),
                 &client_metrics,
-                state.decisions.as_ref(),
+                &state.decisions,
             )
             .await?;
             clients.insert(name.clone(), (service.clone(), client));
@@ -201,9 +202,7 @@ impl Proxy {
                 .metrics(server_metrics.listener(&inbound.name))
                 .access_log(log)
                 .h2_streams(H2_STREAMS);
-            if let Some(record) = &state.decisions {
-                builder = builder.decisions(record);
-            }
+            builder = builder.decisions(&state.decisions);
             if inbound.tls == TlsMode::Mtls {
                 let mtls = mtls.as_ref().ok_or_else(|| StartError::Config {
                     key: format!("{key}.tls"),
@@ -382,6 +381,8 @@ impl Proxy {
     }
 
     async fn try_reload(&self) -> Result<(), BoxError> {
+        // The admin listener's address needs a restart; its decision record does not.
+        let admin_listen = |c: &MeshConfig| c.admin.as_ref().map(|a| a.listen);
         let next = MeshConfig::from_file(&self.state.path)?;
         let current = lock(&self.config).clone();
         // An inbound listener may change its policy and limit, not its socket or target.
@@ -412,7 +413,7 @@ impl Proxy {
             ("identity", next.identity == current.identity),
             ("inbound", fixed(&next) == fixed(&current)),
             ("outbound", fixed_out(&next) == fixed_out(&current)),
-            ("admin", next.admin == current.admin),
+            ("admin", admin_listen(&next) == admin_listen(&current)),
         ] {
             if !same {
                 return Err(format!("`{what}` changed: that needs a restart").into());
@@ -431,7 +432,7 @@ impl Proxy {
                         &next,
                         self.mtls.as_ref(),
                         &self.client_metrics,
-                        self.state.decisions.as_ref(),
+                        &self.state.decisions,
                     )
                     .await?
                 }
@@ -541,6 +542,11 @@ impl Proxy {
                 handle.set_enabled(enabled);
                 tracing::info!(listener = %name, enabled, "access log switched");
             }
+        }
+        let decisions = next.admin.as_ref().map_or(0, |a| a.decisions);
+        if self.state.decisions.capacity() != decisions {
+            self.state.decisions.set_capacity(decisions);
+            tracing::info!(capacity = decisions, "decision record resized (0: off)");
         }
         *lock(&self.clients) = clients;
         *lock(&self.state.config_text) = effective(&next);
@@ -783,7 +789,7 @@ async fn client(
     config: &MeshConfig,
     mtls: Option<&Mtls>,
     metrics: &ClientMetrics,
-    decisions: Option<&mesh_tower::decision::DecisionRecord>,
+    decisions: &mesh_tower::decision::DecisionRecord,
 ) -> Result<MeshClient, StartError> {
     let key = format!("services.{name}");
     let discovery = mesh_core::discover::from_config(&service.discovery)
@@ -802,9 +808,7 @@ async fn client(
         builder = builder.mtls(mtls.clone());
     }
     builder = builder.shared_metrics(metrics);
-    if let Some(record) = decisions {
-        builder = builder.decisions(record);
-    }
+    builder = builder.decisions(decisions);
     builder.build().map_err(|e| StartError::Config {
         key,
         message: e.to_string(),

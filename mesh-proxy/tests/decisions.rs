@@ -1,6 +1,7 @@
 //! `GET /decisions` on the admin listener: the caller's proxy shows its balancer's picks
 //! over two inbound listeners, the application's proxy its authorization decisions, a
-//! deny among them; without `[admin] decisions` the endpoint answers 404.
+//! deny among them; without `[admin] decisions` the endpoint answers 404, and a reload
+//! switches the record on and off.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -92,13 +93,62 @@ async fn decisions_show_picks_and_an_authorization_deny() {
     );
 }
 
+/// Without `[admin] decisions` there is no record (404); a reload switches it on, with
+/// the layers already built recording into it, and off again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_capacity_there_is_no_record() {
+async fn a_reload_switches_the_record_on_and_off() {
     let dir = tempfile::tempdir().unwrap();
     let mut ca = TestCa::new("example.org").unwrap();
     let app = app().await;
-    let config = common::inbound_config(dir.path(), &mut ca, "app", "b.toml", app);
-    let b = Proxy::start(&config, 2);
-    let (code, body) = curl(&[&format!("http://{}/decisions", b.addr("admin"))]);
+    let b_config = common::inbound_config(dir.path(), &mut ca, "app", "b.toml", app);
+    let b = Proxy::start(&b_config, 2);
+    let a_config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
+    let a = Proxy::start(&a_config, 2);
+    let admin = format!("http://{}", a.addr("admin"));
+    let egress = format!("http://{}", a.addr("egress"));
+    let decisions = || curl(&[&format!("{admin}/decisions")]);
+    let reload_with = |text: &str| {
+        std::fs::write(&a_config, text).unwrap();
+        let (code, body) = curl(&["-X", "POST", &format!("{admin}/reload")]);
+        assert_eq!(code, 202, "{body}");
+    };
+    let off = std::fs::read_to_string(&a_config).unwrap();
+    let on = off.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ndecisions = 8\n",
+    );
+    assert_ne!(on, off);
+
+    assert_eq!(curl(&[&format!("{egress}/hello")]).0, 200);
+    let (code, body) = decisions();
     assert_eq!(code, 404, "{body}");
+
+    reload_with(&on);
+    let mut record = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(curl(&[&format!("{egress}/hello")]).0, 200);
+        let (code, body) = decisions();
+        if code == 200 && body.contains(" app pick ") {
+            record = body;
+            break;
+        }
+    }
+    assert!(
+        record.contains(" app pick ") && record.contains(&b.addr("app").to_string()),
+        "the service's balancer, built before the reload, records into it: {record}"
+    );
+    assert!(record.contains("(capacity 8)"), "{record}");
+
+    reload_with(&off);
+    let mut code = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        code = decisions().0;
+        if code == 404 {
+            break;
+        }
+    }
+    assert_eq!(code, 404);
+    assert_eq!(curl(&[&format!("{egress}/hello")]).0, 200);
 }

@@ -75,7 +75,9 @@ where
         let current = self.current.load();
         match current.policy.decide(client, &req) {
             Ok(decision) => {
-                if let Some(recorder) = &self.decisions {
+                if let Some(recorder) = &self.decisions
+                    && recorder.is_enabled()
+                {
                     let (policy, rule) = decision.names();
                     let verdict = if decision.is_audit() {
                         AuthzVerdict::Audit
@@ -116,7 +118,9 @@ where
                 if let Some(c) = &current.counters {
                     c.deny.inc();
                 }
-                if let Some(recorder) = &self.decisions {
+                if let Some(recorder) = &self.decisions
+                    && recorder.is_enabled()
+                {
                     recorder.record(record(
                         client,
                         &req,

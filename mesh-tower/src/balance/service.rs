@@ -229,7 +229,9 @@ impl<S> Balance<S> {
     /// Records a pick, when a decision record is set (one branch otherwise).
     #[inline]
     fn record(&self, pool: &Pool<S>, picked: &Picked, path: PickPath, passed_over: usize) {
-        if let Some(recorder) = &self.shared.decisions {
+        if let Some(recorder) = &self.shared.decisions
+            && recorder.is_enabled()
+        {
             let passed_over = u32::try_from(passed_over).unwrap_or(u32::MAX);
             recorder.record(recorded(pool, picked, path, passed_over));
         }

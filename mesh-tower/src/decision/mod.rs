@@ -29,6 +29,13 @@
 //! counted ([`DecisionRecord::dropped`]). Names are shared `Arc<str>`s. Successful tries
 //! are not retry decisions and are not recorded.
 //!
+//! **Resizable at run time.** [`DecisionRecord::set_capacity`] grows or shrinks the
+//! buffer (dropping the oldest entries that no longer fit) and `0` switches it off: a
+//! recorder then returns at once, and the layers skip building the decision
+//! ([`Recorder::is_enabled`], one atomic load). A record made with
+//! [`DecisionRecord::disabled`] can be attached to every layer and switched on later,
+//! which is how `mesh-proxy` reloads `[admin] decisions`.
+//!
 //! The layers take a named [`Recorder`] (`record.recorder("users")`);
 //! [`MeshClientBuilder::decisions`](crate::MeshClientBuilder::decisions) and
 //! `MeshServerBuilder::decisions` (feature `server`) name it after the service or
@@ -62,6 +69,7 @@ mod event;
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -106,7 +114,8 @@ impl fmt::Display for Decision {
 }
 
 struct Ring {
-    capacity: usize,
+    /// 0: off.
+    capacity: AtomicUsize,
     created: Instant,
     state: Mutex<State>,
 }
@@ -126,7 +135,7 @@ impl fmt::Debug for DecisionRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.lock();
         f.debug_struct("DecisionRecord")
-            .field("capacity", &self.0.capacity)
+            .field("capacity", &self.capacity())
             .field("len", &state.entries.len())
             .field("dropped", &state.dropped)
             .finish()
@@ -144,9 +153,17 @@ impl DecisionRecord {
     /// A record keeping the latest `capacity` decisions (at least one), its buffer
     /// allocated now. Its clock starts now (Tokio's: paused time applies).
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
+        Self::with_capacity(capacity.max(1))
+    }
+
+    /// A record that keeps nothing until [`Self::set_capacity`] switches it on.
+    pub fn disabled() -> Self {
+        Self::with_capacity(0)
+    }
+
+    fn with_capacity(capacity: usize) -> Self {
         Self(Arc::new(Ring {
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             created: Instant::now(),
             state: Mutex::new(State {
                 next: 0,
@@ -170,13 +187,21 @@ impl DecisionRecord {
     }
 
     fn push(&self, source: &Arc<str>, event: Event) {
+        if !self.is_enabled() {
+            return;
+        }
         let at = Instant::now();
         let elapsed = at.saturating_duration_since(self.0.created);
         let source = source.clone();
         let mut state = self.lock();
+        // Read under the lock: a resize in between cannot leave the buffer over it.
+        let capacity = self.capacity();
+        if capacity == 0 {
+            return;
+        }
         let seq = state.next;
         state.next += 1;
-        if state.entries.len() >= self.0.capacity {
+        while state.entries.len() >= capacity {
             state.entries.pop_front();
             state.dropped += 1;
         }
@@ -237,9 +262,37 @@ impl DecisionRecord {
         self.len() == 0
     }
 
-    /// How many decisions are kept at most.
+    /// How many decisions are kept at most (0: off).
     pub fn capacity(&self) -> usize {
-        self.0.capacity
+        self.0.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Whether decisions are kept (a capacity above 0).
+    pub fn is_enabled(&self) -> bool {
+        self.capacity() > 0
+    }
+
+    /// Keeps at most `capacity` decisions from now on; `0` switches the record off.
+    /// Shrinking drops the oldest entries that no longer fit, counted as dropped;
+    /// switching off forgets every entry (the sequence numbers go on).
+    pub fn set_capacity(&self, capacity: usize) {
+        let mut state = self.lock();
+        self.0.capacity.store(capacity, Ordering::Relaxed);
+        let excess = state.entries.len().saturating_sub(capacity);
+        if excess > 0 {
+            state.entries.drain(..excess);
+            if capacity > 0 {
+                state.dropped += excess as u64;
+            }
+        }
+        if capacity == 0 {
+            state.entries = VecDeque::new();
+        } else if state.entries.capacity() < capacity {
+            let more = capacity - state.entries.len();
+            state.entries.reserve_exact(more);
+        } else {
+            state.entries.shrink_to(capacity);
+        }
     }
 
     /// Forgets the decisions kept (sequence numbers go on).
@@ -258,7 +311,7 @@ impl DecisionRecord {
             out,
             "# {} decisions kept (capacity {}), {dropped} dropped",
             entries.len(),
-            self.0.capacity
+            self.capacity()
         );
         for d in &entries {
             let _ = writeln!(out, "{d}");
@@ -284,9 +337,16 @@ impl fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    /// Records `event`, dropping the oldest decision if the buffer is full.
+    /// Records `event`, dropping the oldest decision if the buffer is full; nothing
+    /// when the record is off.
     pub fn record(&self, event: Event) {
         self.record.push(&self.source, event);
+    }
+
+    /// Whether the record keeps decisions: layers check it before building one.
+    #[inline]
+    pub fn is_enabled(&self) -> bool {
+        self.record.is_enabled()
     }
 
     /// The name decisions are recorded under.

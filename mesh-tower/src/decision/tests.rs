@@ -64,6 +64,51 @@ fn a_zero_capacity_keeps_one() {
 }
 
 #[test]
+fn a_record_resizes_and_switches_off_and_on() {
+    let record = DecisionRecord::disabled();
+    let r = record.recorder("users");
+    assert!(!r.is_enabled());
+    r.record(pick("10.0.0.1:80"));
+    assert!(record.is_empty());
+    assert_eq!(record.next_seq(), 0, "nothing recorded while off");
+
+    record.set_capacity(4);
+    assert!(r.is_enabled());
+    for i in 0..4 {
+        r.record(retry(i, RetryVerdict::Deadline));
+    }
+    assert_eq!(record.len(), 4);
+    // Shrinking drops the oldest, counted.
+    record.set_capacity(2);
+    assert_eq!(
+        record.snapshot().iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert_eq!(record.dropped(), 2);
+    r.record(pick("10.0.0.2:80"));
+    assert_eq!(
+        record.snapshot().iter().map(|d| d.seq).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    // Growing keeps what is there.
+    record.set_capacity(8);
+    r.record(pick("10.0.0.3:80"));
+    assert_eq!(record.len(), 3);
+    assert!(
+        record
+            .dump()
+            .starts_with("# 3 decisions kept (capacity 8), 3 dropped")
+    );
+    // Off forgets everything; on again, the sequence goes on.
+    record.set_capacity(0);
+    assert!(record.is_empty() && !r.is_enabled());
+    r.record(pick("10.0.0.4:80"));
+    record.set_capacity(1);
+    r.record(pick("10.0.0.5:80"));
+    assert_eq!(record.snapshot()[0].seq, 6);
+}
+
+#[test]
 fn filters_by_kind() {
     let record = DecisionRecord::default();
     assert_eq!(record.capacity(), DEFAULT_CAPACITY);

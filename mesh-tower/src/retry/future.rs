@@ -428,7 +428,9 @@ fn note<S, F, RB>(
     verdict: RetryVerdict,
     counted: u32,
 ) {
-    if let (Some(recorder), Some(outcome)) = (&this.shared.decisions, outcome) {
+    if let (Some(recorder), Some(outcome)) = (&this.shared.decisions, outcome)
+        && recorder.is_enabled()
+    {
         recorder.record(Event::Retry(RetryDecision {
             method: this.head.method.clone(),
             path: this.head.uri.path_and_query().cloned(),
