@@ -614,11 +614,10 @@ async fn stalled_reader(tls: bool) -> (Server, Box<dyn Send>) {
 }
 
 /// A client that stops reading a long response, in plaintext and over mTLS (where the
-/// TLS stream meets the full socket when flushing): a write waits on the client and the
-/// response body is not asked for its next frame; with no byte moved for the idle
-/// timeout, the connection is closed. Before, the response in flight kept it open until
-/// the idle check took it for idle and shut it down gracefully, which the stalled write
-/// never let finish.
+/// TLS stream meets the full socket when flushing): a write waits on the client; with no
+/// progress for the idle timeout, the connection is closed. Before, the idle check took it
+/// for idle and shut it down gracefully, which the stalled write never let finish, and
+/// the closing connection was bounded only after another idle timeout.
 ///
 /// Time is paused once the client has its response's head (a TLS handshake on a paused
 /// clock would meet its own timeout as the clock jumps).
@@ -744,18 +743,28 @@ async fn a_streamed_response_keeps_its_connection_busy_until_it_ends() {
 
 /// An HTTP/2 client that takes a response's head and never opens its window for the body
 /// (while it answers the server's pings, which move bytes every 20 s) holds the
-/// connection only for the idle timeout: the body has a frame taken and is not asked for
-/// the next. Before, the connection idled out into a graceful shutdown that the stream
-/// never let finish.
+/// connection only for the idle timeout:
+/// - a large body has a piece taken and is not asked for the next: closed by 40 s;
+/// - a small one is handed whole to h2 and ends, so the connection idles out into a
+///   graceful shutdown (about 34 s), and with nothing of the application's left and no
+///   progress, it is closed an idle timeout later.
+///
+/// Before, the connection idled out into a graceful shutdown that the stream never let
+/// finish.
 #[tokio::test(start_paused = true)]
 async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    for (wait, open) in [(25, 1), (40, 0)] {
+    for (size, wait, open) in [
+        (1 << 20, 25, 1),
+        (1 << 20, 40, 0),
+        (32 << 10, 60, 1),
+        (32 << 10, 80, 0),
+    ] {
         let mut limits = ServerLimits::default();
         limits.idle_timeout = Duration::from_secs(30);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = tower::service_fn(|_req: Request<Incoming>| async {
-            let big = Bytes::from(vec![b'x'; 1 << 20]);
+        let app = tower::service_fn(move |_req: Request<Incoming>| async move {
+            let big = Bytes::from(vec![b'x'; size]);
             Ok::<_, Infallible>(Response::new(Full::new(big)))
         });
         let server = MeshServer::builder()
@@ -778,14 +787,61 @@ async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout()
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         tokio::time::sleep(Duration::from_secs(wait)).await;
-        assert_eq!(conn.is_finished(), open == 0, "after {wait} s");
-        assert_eq!(
-            server.shutdown().await.open_at_shutdown,
-            open,
-            "after {wait} s"
-        );
+        let case = format!("{size} bytes, after {wait} s");
+        assert_eq!(conn.is_finished(), open == 0, "{case}");
+        assert_eq!(server.shutdown().await.open_at_shutdown, open, "{case}");
         drop(response);
     }
+}
+
+/// A client reading a long response slowly but steadily (1 MiB every 5 s, idle timeout
+/// 60 s) gets it whole, over 160 s, although hyper, writing one 32 MiB frame out, asks
+/// the body for nothing meanwhile: bytes moving are progress. (Slower readers show their
+/// progress later: the kernel's buffers, several MB on loopback, let a write through only
+/// once they have drained enough.)
+#[tokio::test(start_paused = true)]
+async fn a_slow_steady_reader_gets_its_response_whole() {
+    let mut limits = ServerLimits::default();
+    limits.idle_timeout = Duration::from_secs(60);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tower::service_fn(|_req: Request<Incoming>| async {
+        let frames = [
+            Bytes::from(vec![b'x'; 32 << 20]),
+            Bytes::from_static(b"end"),
+        ]
+        .map(|data| Ok::<_, Infallible>(http_body::Frame::data(data)));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        Ok::<_, Infallible>(Response::new(body))
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got: Vec<u8> = Vec::new();
+    while !got.ends_with(b"end\r\n0\r\n\r\n") {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut read = 0;
+        while read < buf.len() && !buf[..read].ends_with(b"0\r\n\r\n") {
+            let n = tcp.read(&mut buf[read..]).await.unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len() + read);
+            read += n;
+        }
+        got.extend_from_slice(&buf[..read]);
+    }
+    assert!(got.len() > 32 << 20);
+    assert!(
+        started.elapsed() >= Duration::from_secs(160),
+        "{:?}",
+        started.elapsed()
+    );
+    server.shutdown().await;
 }
 
 /// A response body handed to HTTP/2 in pieces (see the stall check) arrives whole, in

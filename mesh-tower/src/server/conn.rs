@@ -256,17 +256,16 @@ async fn serve<IO, S, B>(
     // after it, the idle timeout. Activity is not timed per request: a check every
     // `step` sees whether there was any, so a connection closes between `idle_timeout`
     // and `idle_timeout + step` after its last request ends (its response's last byte
-    // taken, for a streamed response). A connection whose client stops reading (a write
-    // waiting on it, or a response body not asked for its next frame) for `idle_timeout`
-    // is closed, shutting down or not.
+    // taken, for a streamed response). A connection whose client stops reading (see
+    // `waits_on_client`) for `idle_timeout` is closed, shutting down or not.
     let connected = Instant::now();
     let step = idle_check_step(limits.idle_timeout);
     let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
     let mut stop = pin!(stopped(&mut shutdown));
     let mut abuse = pin!(activity.abusive.notified());
     let mut idle_since = connected;
-    let mut writes_since = connected;
-    let mut pulls_since = connected;
+    let mut stalled_since = connected;
+    let mut moved_at_check = 0;
     let mut closing = false;
     // The connection is polled whenever the task wakes; the shutdown, abuse and idle
     // signals only when one of them woke it (they are polled with a waker of their own),
@@ -337,24 +336,21 @@ async fn serve<IO, S, B>(
                         tracing::debug!(%remote, "no request within the header read timeout");
                         return;
                     }
-                    writes_since = now;
-                    pulls_since = now;
+                    stalled_since = now;
+                    moved_at_check = clock.moved();
                     check.as_mut().reset(deadline.min(now + step));
                     continue;
                 }
-                // A client that stops reading: a write waits on it with no byte moved, or
-                // a response body has a frame taken and is not asked for the next (an
-                // HTTP/2 window the client does not open; its pings still move bytes).
-                // Either, for the idle timeout, closes the connection, shutting down or
-                // not. A response that is only quiet waits on the application, not the
-                // client, and is not cut.
-                if clock.take_moved() || !clock.write_blocked() {
-                    writes_since = now;
+                // A client that stopped reading (see `MIN_PROGRESS`): something waits on
+                // it, and for the idle timeout the connection made no progress.
+                let moved = clock.moved();
+                let progress =
+                    activity.take_pulled() || moved.wrapping_sub(moved_at_check) >= MIN_PROGRESS;
+                moved_at_check = moved;
+                if progress || !waits_on_client(&clock, &activity, closing) {
+                    stalled_since = now;
                 }
-                if activity.take_pulled() || !activity.owes_a_pull() {
-                    pulls_since = now;
-                }
-                let stalled = writes_since.min(pulls_since) + limits.idle_timeout;
+                let stalled = stalled_since + limits.idle_timeout;
                 if now >= stalled {
                     tracing::debug!(%remote, "the client stopped reading: closed");
                     return;
@@ -378,6 +374,35 @@ async fn serve<IO, S, B>(
             }
         }
     }
+}
+
+/// The bytes a connection must move, either way, between two of its checks to count as
+/// progress when no response body was polled: 1 KiB.
+///
+/// Any byte would do but for HTTP/2 pings: the server's keep-alive pings and their
+/// answers (34 bytes a round) go on while a client holds its flow-control window shut,
+/// and must not pass for reading. A client reading a response slower than 1 KiB per
+/// eighth of the idle timeout (68 bytes a second at the default 120 s) is taken for one
+/// that stopped.
+const MIN_PROGRESS: u64 = 1024;
+
+/// Whether what the connection waits for is the client: a write waits on it (HTTP/1.1,
+/// or a full socket); or, with no request waiting for the application's answer, a
+/// response body has a frame taken and waits to be asked for the next (the client's
+/// HTTP/2 window is shut), or the connection is shutting down with nothing of the
+/// application's left in flight (what remains is in hyper's and h2's buffers, for the
+/// client to take: the last piece of an HTTP/2 body, say).
+///
+/// A request waiting for its answer keeps a stalled body's connection open: the
+/// application is still at work there, and closing would lose that request too.
+fn waits_on_client(clock: &HeadClock, activity: &Activity, closing: bool) -> bool {
+    if clock.write_blocked() {
+        return true;
+    }
+    if activity.in_flight.load(Ordering::Relaxed) > 0 {
+        return false;
+    }
+    activity.owes_a_pull() || (closing && activity.bodies.load(Ordering::Relaxed) == 0)
 }
 
 /// How often a connection looks for activity: an eighth of the idle timeout, at least
@@ -733,10 +758,11 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for InFlight<B> {
         let mut hint = self.body.size_hint();
         if let Some(rest) = &self.rest {
             let rest = rest.len() as u64;
-            hint.set_lower(hint.lower().saturating_add(rest));
+            // The upper bound first: `set_lower` asserts that it stays below it.
             if let Some(upper) = hint.upper() {
                 hint.set_upper(upper.saturating_add(rest));
             }
+            hint.set_lower(hint.lower().saturating_add(rest));
         }
         hint
     }

@@ -27,18 +27,16 @@
 //! already buffered when the head is awaited, so the bound starts at the next read, or the
 //! idle timeout closes the connection.
 //!
-//! The watched stream also tells the connection's check whether bytes moved either way,
+//! The watched stream also tells the connection's check how many bytes moved either way,
 //! and whether the last write (or flush: a TLS stream meets the full socket there) waits
-//! on the client. A connection closes when a write has waited, with no byte moved, for
-//! the idle timeout: a client that stops reading cannot hold it (see
-//! `ServerLimits::idle_timeout`; an HTTP/2 client that keeps reading but opens no window
-//! is seen by the response bodies instead, in `conn`).
+//! on the client: with what the response bodies tell, that is how the check sees a client
+//! that stopped reading (see `conn`'s stall check and `ServerLimits::idle_timeout`).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,9 +47,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(super) struct HeadClock {
     /// Bytes arrived since hyper began to wait for the current head.
     read: AtomicBool,
-    /// Bytes moved either way since the connection's check last looked: progress, for a
-    /// connection that is closing.
-    moved: AtomicBool,
+    /// Bytes moved either way, ever: the connection's check tells progress by it. Only
+    /// the connection's task writes it (a load and a store, not a read-modify-write).
+    moved: AtomicU64,
     /// The last write found the stream full: the client is not reading.
     write_blocked: AtomicBool,
     /// The bound on reading a head, from its first byte.
@@ -63,15 +61,20 @@ impl HeadClock {
     pub(super) fn new(timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             read: AtomicBool::new(false),
-            moved: AtomicBool::new(false),
+            moved: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             timeout,
         })
     }
 
-    /// Whether bytes moved since the last call.
-    pub(super) fn take_moved(&self) -> bool {
-        self.moved.swap(false, Ordering::Relaxed)
+    /// Bytes moved either way since the connection began.
+    pub(super) fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    fn add_moved(&self, n: usize) {
+        let total = self.moved.load(Ordering::Relaxed).wrapping_add(n as u64);
+        self.moved.store(total, Ordering::Relaxed);
     }
 
     /// Whether the last write waits for the client to read.
@@ -88,9 +91,7 @@ impl HeadClock {
     fn wrote(&self, written: &Poll<io::Result<usize>>) {
         match written {
             Poll::Ready(Ok(n)) => {
-                if *n > 0 {
-                    self.moved.store(true, Ordering::Relaxed);
-                }
+                self.add_moved(*n);
                 self.write_blocked.store(false, Ordering::Relaxed);
             }
             Poll::Ready(Err(_)) => self.write_blocked.store(false, Ordering::Relaxed),
@@ -123,9 +124,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         let before = buf.filled().len();
         let this = &mut *self;
         let result = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             this.clock.read.store(true, Ordering::Relaxed);
-            this.clock.moved.store(true, Ordering::Relaxed);
+            this.clock.add_moved(n);
         }
         result
     }
