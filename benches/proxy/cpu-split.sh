@@ -4,9 +4,10 @@
 # comparable as ratios. A quick companion to run.sh, not a replacement: no latency, no
 # HAProxy, no rotation of the order.
 #
-#   benches/proxy/cpu-split.sh [h1|h2] [REQUESTS]        (default h1 200000)
+#   benches/proxy/cpu-split.sh [h1|h2|post] [REQUESTS]        (default h1 200000)
 #
-# h1: h2load --h1, 64 connections; h2: 8 connections x 32 streams (h2c, prior knowledge).
+# h1: h2load --h1, 64 connections; h2: 8 connections x 32 streams (h2c, prior knowledge);
+# post: HTTP/1.1 POSTs of 4 KiB to /echo, 64 connections (run.sh's post4k).
 # Needs the bench upstream built by ../shared/bench/run.sh (target/bench-upstream), h2load,
 # nginx and a release mesh-proxy (MESH_BIN, default target/release/mesh-proxy). Traffic
 # goes to 127.0.0.1 only; the ports are the bench's (18080, 18081, 18090, 19480, 19481).
@@ -35,9 +36,12 @@ pids+=($!)
 # cpu PID -> "total user" in clock ticks
 cpu() { awk '{print $14 + $15, $14}' "/proc/$1/stat"; }
 
+head -c 4096 /dev/urandom >"$run/body4k"
 load() {
   if [ "$mode" = h1 ]; then
     h2load --h1 -n "$n" -c 64 -t 1 http://127.0.0.1:19480/
+  elif [ "$mode" = post ]; then
+    h2load --h1 -n "$n" -c 64 -t 1 -d "$run/body4k" http://127.0.0.1:19480/echo
   else
     h2load -n "$n" -c 8 -m 32 -t 1 http://127.0.0.1:19481/
   fi | grep -E '^requests:'

@@ -169,7 +169,7 @@ pub struct CertificateFiles {
 /// max_request_body_size = 1048576  # [64 MiB] a larger declared body gets 413
 /// max_connections = 10000          # [10,000] beyond, accepting waits
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
-/// idle_timeout = "120s"            # [120s] a connection idle this long is closed
+/// idle_timeout = "120s"            # [120s] idle this long: shut down; a client not reading this long: closed
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
