@@ -23,8 +23,10 @@
 //!
 //! **What is simulated.** Each endpoint of a [`SimService`] is a turmoil host
 //! (`users-0`, `users-1`, ...) running the same scripted application, authorization and
-//! rate limit as a [`MockService`](crate::MockService)'s endpoints, behind SPIFFE mTLS on
-//! port [`PORT`]. Clients run in client hosts ([`Simulation::client`]): a
+//! rate limit as a [`MockService`](crate::MockService)'s endpoints, served by mesh-tower's
+//! own `MeshServer` (its limits, idle and stall checks included) over SPIFFE mTLS on port
+//! [`PORT`], on turmoil's connections
+//! ([`serve_incoming`](mesh_tower::server::MeshServerBuilder::serve_incoming)). Clients run in client hosts ([`Simulation::client`]): a
 //! [`MeshClient`] from [`SimService::client`] is the real mesh-tower stack — balancer,
 //! breakers, retries, timeouts — whose connections go through turmoil's network by a
 //! [`Dialer`]. Every host runs on a paused Tokio runtime that turmoil advances, so
@@ -64,7 +66,6 @@ use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::config::{AuthorizationPolicy, RateLimitConfig};
 use mesh_core::discover::EndpointSet;
 use mesh_core::error::BoxError;
@@ -75,9 +76,9 @@ use mesh_tonic::{MeshChannel, MeshChannelBuilder};
 use mesh_tower::authz::{AuthorizeLayer, Policy};
 use mesh_tower::connect::Dialer;
 use mesh_tower::decision::DecisionRecord;
+use mesh_tower::server::{MeshServer, ServerLimits};
 use mesh_tower::{MeshClient, MeshClientBuilder};
 use tokio::sync::watch;
-use tower::ServiceExt;
 
 use crate::endpoint::Core;
 use crate::error::MockMeshError;
@@ -443,45 +444,36 @@ impl SimServiceBuilder<'_> {
     }
 }
 
-/// One endpoint's host software: accept, mTLS, HTTP/1.1 or HTTP/2, the scripted stack.
+/// One endpoint's host software: mesh-tower's own `MeshServer` (mTLS, HTTP/1.1 or HTTP/2,
+/// its limits) serving the scripted stack on turmoil's connections, until the host
+/// crashes.
 async fn serve<S, B>(acceptor: MtlsAcceptor, stack: S) -> turmoil::Result
 where
     S: tower_service::Service<Request<Incoming>, Response = http::Response<B>>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let listener =
-        turmoil::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT))
-            .await?;
-    loop {
-        let (tcp, remote) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        let stack = stack.clone();
-        tokio::spawn(async move {
-            let (tls, peer) = match acceptor.accept(tcp).await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::debug!(%remote, %error, "simulated endpoint: handshake failed");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                stack.clone().oneshot(req)
-            });
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-            if let Err(error) = served {
-                tracing::debug!(%remote, %error, "simulated endpoint: connection ended");
-            }
-        });
-    }
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
+    let listener = turmoil::net::TcpListener::bind(addr).await?;
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await;
+        Some((accepted, listener))
+    });
+    let mut limits = ServerLimits::default();
+    limits.shutdown_timeout = Duration::from_millis(100);
+    let _server = MeshServer::builder()
+        .mtls(acceptor)
+        .limits(limits)
+        .serve_incoming(addr, incoming, stack)
+        .map_err(|e| e.to_string())?;
+    std::future::pending::<()>().await;
+    Ok(())
 }
 
 /// A simulated service: its endpoints and discovery. Cheap to clone, and `'static`, so

@@ -1,11 +1,12 @@
 //! The accept loop the HTTP server and the opaque TCP listener share: a bound on open
 //! connections, accept errors waited out, and a graceful drain on shutdown. Connections
-//! come from a listener, or are handed over by another loop (a transparent listener that
-//! picked this server for them).
+//! come from a listener, are handed over by another loop (a transparent listener that
+//! picked this server for them), or are byte streams of any kind from a stream the owner
+//! feeds (Unix sockets, a simulated network).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,13 +37,67 @@ impl From<TcpListener> for Source {
     }
 }
 
-impl Source {
+/// Where an accept loop's connections come from.
+pub(crate) trait Incoming: Send + 'static {
+    /// A connection.
+    type Conn: Send + 'static;
+
     /// The next connection; `None` once no more can come.
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Option<std::io::Result<(Self::Conn, SocketAddr)>>> + Send;
+}
+
+impl Incoming for Source {
+    type Conn = TcpStream;
+
     async fn next(&mut self) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
-        match self {
+        let accepted = match self {
             Self::Listener(l) => Some(l.accept().await),
             Self::Handed(rx) => rx.recv().await.map(Ok),
+        };
+        if let Some(Ok((tcp, _))) = &accepted {
+            let _ = tcp.set_nodelay(true);
         }
+        accepted
+    }
+}
+
+/// A byte stream of any kind a server can serve.
+pub(crate) trait Io:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+
+impl<T> Io for T where T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+/// A boxed [`Io`].
+pub(crate) type BoxIo = Box<dyn Io>;
+
+/// A connection from a stream the owner feeds, or the error it gave.
+type StreamItem = std::io::Result<(BoxIo, SocketAddr)>;
+
+/// Connections from a stream the owner feeds, each boxed.
+pub(crate) struct Streams(Pin<Box<dyn futures_util::Stream<Item = StreamItem> + Send>>);
+
+impl Streams {
+    pub(crate) fn new<S, IO>(incoming: S) -> Self
+    where
+        S: futures_util::Stream<Item = std::io::Result<(IO, SocketAddr)>> + Send + 'static,
+        IO: Io,
+    {
+        use futures_util::StreamExt as _;
+        Self(Box::pin(incoming.map(|accepted| {
+            accepted.map(|(io, remote)| (Box::new(io) as BoxIo, remote))
+        })))
+    }
+}
+
+impl Incoming for Streams {
+    type Conn = BoxIo;
+
+    async fn next(&mut self) -> Option<StreamItem> {
+        futures_util::StreamExt::next(&mut self.0).await
     }
 }
 
@@ -50,18 +105,18 @@ impl Source {
 /// `max_connections` open at once, each served by `handle` (given the connection, its
 /// peer and the shutdown signal) in a task of its own. On shutdown: stops accepting,
 /// waits up to `shutdown_timeout` for open connections to end, then closes the rest.
-pub(crate) async fn accept_loop<F, Fut>(
-    source: impl Into<Source>,
+pub(crate) async fn accept_loop<I, F, Fut>(
+    mut source: I,
     max_connections: usize,
     shutdown_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
     handle: F,
 ) -> ShutdownReport
 where
-    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    I: Incoming,
+    F: Fn(I::Conn, SocketAddr, watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut source = source.into();
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut conns = JoinSet::new();
     loop {
@@ -73,7 +128,7 @@ where
                 Err(_) => break,
             },
         };
-        let (tcp, remote) = tokio::select! {
+        let (conn, remote) = tokio::select! {
             biased;
             () = stopped(&mut shutdown) => break,
             accepted = source.next() => match accepted {
@@ -87,8 +142,7 @@ where
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
-        let conn = handle(tcp, remote, shutdown.clone());
+        let conn = handle(conn, remote, shutdown.clone());
         // The permit is released when the connection ends. A combinator rather than an
         // `async move` block: the block would keep `conn` twice in the task (captured,
         // and again as the future it awaits), doubling every connection's task.

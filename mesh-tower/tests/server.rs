@@ -1570,3 +1570,93 @@ async fn an_application_whose_readiness_fails_fails_the_request_not_the_server()
     // The server is still accepting.
     TcpStream::connect(server.local_addr()).await.unwrap();
 }
+
+/// `serve_incoming`: byte streams of any kind. In-memory pipes over mTLS (the peer's
+/// identity reaches the handler, an error from the stream is waited out, the stream's
+/// end stops the accepting and a shutdown drains), and a Unix socket served to curl.
+#[tokio::test]
+async fn byte_streams_of_any_kind_are_served() {
+    use hyper_util::rt::TokioIo;
+    let mut pki = Pki::new();
+    let acceptor = MtlsAcceptor::new(
+        &pki.mtls(SERVER_ID),
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    type Piped = std::io::Result<(tokio::io::DuplexStream, SocketAddr)>;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Piped>(4);
+    let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|next| (next, rx))
+    });
+    let addr: SocketAddr = "10.0.0.1:4143".parse().unwrap();
+    let server = MeshServer::builder()
+        .mtls(acceptor)
+        .serve_incoming(addr, incoming, tower::service_fn(echo_identity))
+        .unwrap();
+    assert_eq!(server.local_addr(), addr);
+    tx.send(Err(std::io::Error::other("a failing accept")))
+        .await
+        .unwrap();
+    let connector = MtlsConnector::new(&pki.mtls(WEB), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let (client, served) = tokio::io::duplex(64 << 10);
+        tx.send(Ok((served, "10.0.0.2:5555".parse().unwrap())))
+            .await
+            .unwrap();
+        let (tls, peer) = connector.handshake(addr, client).await.unwrap();
+        assert_eq!(peer.to_string(), SERVER_ID);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = Request::get("/users/1")
+            .header("host", "users")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            body,
+            format!("peer={WEB} decision=default/default addr=true").as_bytes()
+        );
+        senders.push(sender);
+    }
+    // No more streams: the server takes no more, and its shutdown closes the two open.
+    drop(tx);
+    let report = server.shutdown().await;
+    assert_eq!((report.open_at_shutdown, report.forced), (2, 0));
+
+    // A Unix socket, to curl.
+    let path = std::env::temp_dir().join(format!("mesh-server-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener
+            .accept()
+            .await
+            .map(|(stream, _)| (stream, SocketAddr::from(([127, 0, 0, 1], 0))));
+        Some((accepted, listener))
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .serve_incoming(addr, incoming, tower::service_fn(echo_identity))
+        .unwrap();
+    let socket = path.to_string_lossy().into_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "--unix-socket", &socket])
+            .arg("http://users/hello")
+            .output()
+            .expect("curl is installed (the CI machine has it)")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "peer=none decision=default/default addr=true"
+    );
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+}

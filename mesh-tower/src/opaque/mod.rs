@@ -186,7 +186,7 @@ where
     let addr = listener.local_addr().map_err(BuildError::Listener)?;
     let (stop, stopping) = watch::channel(false);
     let task = tokio::spawn(crate::accept::accept_loop(
-        listener,
+        crate::accept::Source::Listener(listener),
         limits.max_connections,
         limits.shutdown_timeout,
         stopping,

@@ -764,3 +764,29 @@ async fn a_dialer_relays_plaintext_wholly_in_memory() {
         (endpoint, None, 4, 4)
     );
 }
+
+/// The opaque fallback peeks at a TCP connection's first bytes: a server serving byte
+/// streams of other kinds is refused with it, naming it.
+#[cfg(feature = "server")]
+#[tokio::test]
+async fn the_opaque_fallback_needs_tcp() {
+    let client = OpaqueClient::builder(static_discovery(&[]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let incoming =
+        futures_util::stream::empty::<std::io::Result<(tokio::io::DuplexStream, SocketAddr)>>();
+    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    });
+    let err = crate::server::MeshServer::builder()
+        .plaintext()
+        .opaque_fallback(client)
+        .serve_incoming("127.0.0.1:1".parse().unwrap(), incoming, app)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("opaque_fallback: the opaque fallback needs TCP"),
+        "{err}"
+    );
+}

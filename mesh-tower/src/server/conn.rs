@@ -96,9 +96,10 @@ pub(super) fn http_builder<E>(
 }
 
 /// Accepts until `shutdown` turns true, then shuts every connection down gracefully
-/// within the shutdown timeout.
+/// within the shutdown timeout: TCP connections (from a listener, or handed over) or
+/// byte streams of any kind.
 pub(super) async fn accept_loop<S, B>(
-    source: crate::accept::Source,
+    source: Accepted,
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
 ) -> ShutdownReport
@@ -111,19 +112,66 @@ where
 {
     let max = shared.limits.max_connections;
     let timeout = shared.limits.shutdown_timeout;
-    crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
-        connection(tcp, remote, shared.clone(), stop)
-    })
-    .await
+    match source {
+        Accepted::Tcp(source) => {
+            crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
+                connection(tcp, remote, shared.clone(), stop)
+            })
+            .await
+        }
+        Accepted::Streams(source) => {
+            crate::accept::accept_loop(source, max, timeout, shutdown, move |io, remote, stop| {
+                secured(io, remote, shared.clone(), stop)
+            })
+            .await
+        }
+    }
 }
 
-/// One connection: the TLS handshake (bounded by the acceptor's timeout), then HTTP.
+/// Where a server's connections come from.
+pub(super) enum Accepted {
+    /// TCP: a listener's, or handed over.
+    Tcp(crate::accept::Source),
+    /// Byte streams of any kind.
+    Streams(crate::accept::Streams),
+}
+
+/// One TCP connection: relayed as opaque TCP when it is not HTTP and an opaque fallback
+/// is set, otherwise secured and served.
 async fn connection<S, B>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
 ) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    #[cfg(feature = "opaque")]
+    if let (Transport::Plain, Some(client)) = (&shared.tls, &shared.opaque) {
+        use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
+        if let Detected::Opaque = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
+            let relay = Box::pin(client.relay(tcp));
+            if let Err(error) = relay.await {
+                tracing::debug!(%remote, %error, "opaque relay failed");
+            }
+            return;
+        }
+    }
+    secured(tcp, remote, shared, shutdown).await;
+}
+
+/// One connection: the TLS handshake (bounded by the acceptor's timeout), then HTTP.
+async fn secured<IO, S, B>(
+    io: IO,
+    remote: SocketAddr,
+    shared: Arc<Shared<S>>,
+    shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -139,31 +187,12 @@ async fn connection<S, B>(
     // and once inside hyper's connection (measured in a debug build: the serving future
     // 4.9 KB -> 2.5 KB, plus the stream's 1.2 KB box: 1.2 KB less per TLS connection).
     match &shared.tls {
-        #[cfg(feature = "opaque")]
-        Transport::Plain if shared.opaque.is_some() => {
-            use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
-            let detected = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await;
-            match detected {
-                Detected::Opaque => {
-                    if let Some(client) = &shared.opaque {
-                        let relay = Box::pin(client.relay(tcp));
-                        if let Err(error) = relay.await {
-                            tracing::debug!(%remote, %error, "opaque relay failed");
-                        }
-                    }
-                }
-                _ => {
-                    let serving = Box::pin(serve(tcp, None, remote, &shared, shutdown));
-                    serving.await;
-                }
-            }
-        }
         Transport::Plain => {
-            let serving = Box::pin(serve(tcp, None, remote, &shared, shutdown));
+            let serving = Box::pin(serve(io, None, remote, &shared, shutdown));
             serving.await;
         }
         Transport::Tls(acceptor) => {
-            let accept = Box::pin(acceptor.accept(tcp));
+            let accept = Box::pin(acceptor.accept(io));
             match accept.await {
                 Ok(tls) => {
                     let serving = Box::pin(serve(Box::new(tls), None, remote, &shared, shutdown));
@@ -178,7 +207,7 @@ async fn connection<S, B>(
             }
         }
         Transport::Mtls(acceptor) => {
-            let accept = Box::pin(acceptor.accept(tcp));
+            let accept = Box::pin(acceptor.accept(io));
             match accept.await {
                 Ok((tls, peer)) => {
                     let serving =

@@ -31,6 +31,8 @@
 //! connections given to a [`Handoff`] instead of a listener's: a transparent listener
 //! ([`crate::transparent`]) accepts, picks a server by each connection's original
 //! destination and hands the connection over; limits, drain and metrics are the same.
+//! [`MeshServerBuilder::serve_incoming`] serves byte streams of any kind (a Unix socket's,
+//! an in-memory pipe's, a simulated network's) from a stream the caller feeds.
 //!
 //! ```no_run
 //! use mesh_spiffe::{Authorizer, CredentialStore, Mtls, MtlsAcceptor};
@@ -384,7 +386,7 @@ impl MeshServerBuilder {
         B::Error: Into<BoxError>,
     {
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
-        self.serve_from(listener.into(), addr, app)
+        self.serve_from(conn::Accepted::Tcp(listener.into()), addr, app)
     }
 
     /// Starts serving `app` on the connections handed over by the [`Handoff`] of
@@ -403,12 +405,70 @@ impl MeshServerBuilder {
         B::Error: Into<BoxError>,
     {
         let HandedConnections { addr, rx } = connections;
-        self.serve_from(crate::accept::Source::Handed(rx), addr, app)
+        self.serve_from(
+            conn::Accepted::Tcp(crate::accept::Source::Handed(rx)),
+            addr,
+            app,
+        )
+    }
+
+    /// Starts serving `app` on byte streams of any kind (a Unix socket's, an in-memory
+    /// pipe's, a simulated network's), each given with the client's address, in a task of
+    /// the current Tokio runtime; `addr` is the address the server reports as its own.
+    /// The server stops taking connections at shutdown or when `incoming` ends, and then
+    /// drains. An error from `incoming` is logged and waited out, as a listener's accept
+    /// error is.
+    ///
+    /// Everything but the transport is as on TCP: TLS or mTLS over the stream, limits,
+    /// drain, metrics. The opaque fallback needs TCP (it peeks at a connection's first
+    /// bytes), so a server with one is refused here.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use mesh_tower::server::MeshServer;
+    ///
+    /// let listener = tokio::net::UnixListener::bind("/run/app/mesh.sock")?;
+    /// let incoming = futures_util::stream::unfold(listener, |listener| async move {
+    ///     let accepted = listener.accept().await;
+    ///     let accepted = accepted.map(|(stream, _)| (stream, ([127, 0, 0, 1], 0).into()));
+    ///     Some((accepted, listener))
+    /// });
+    /// let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+    /// });
+    /// let addr = ([127, 0, 0, 1], 0).into();
+    /// let server = MeshServer::builder().plaintext().serve_incoming(addr, incoming, app)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn serve_incoming<I, IO, S, B>(
+        self,
+        addr: SocketAddr,
+        incoming: I,
+        app: S,
+    ) -> Result<Server, ServerError>
+    where
+        I: futures_util::Stream<Item = std::io::Result<(IO, SocketAddr)>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        #[cfg(feature = "opaque")]
+        if self.opaque.is_some() {
+            return Err(ServerError::Config {
+                key: "opaque_fallback".into(),
+                message: "the opaque fallback needs TCP connections (it peeks at their first bytes); serve a listener instead".into(),
+            });
+        }
+        let source = crate::accept::Streams::new(incoming);
+        self.serve_from(conn::Accepted::Streams(source), addr, app)
     }
 
     fn serve_from<S, B>(
         self,
-        source: crate::accept::Source,
+        source: conn::Accepted,
         addr: SocketAddr,
         app: S,
     ) -> Result<Server, ServerError>
