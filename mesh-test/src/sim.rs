@@ -26,7 +26,10 @@
 //! rate limit as a [`MockService`](crate::MockService)'s endpoints, served by mesh-tower's
 //! own `MeshServer` (its limits, idle and stall checks included) over SPIFFE mTLS on port
 //! [`PORT`], on turmoil's connections
-//! ([`serve_incoming`](mesh_tower::server::MeshServerBuilder::serve_incoming)). Clients run in client hosts ([`Simulation::client`]): a
+//! ([`serve_incoming`](mesh_tower::server::MeshServerBuilder::serve_incoming)). Its
+//! timers run in virtual time too: HTTP/2 keep-alive pings (every 20 s, 20 s to answer)
+//! close a connection partitioned for longer, as they would on a real network. The one
+//! real-clock input is the `Date` header hyper writes on each response. Clients run in client hosts ([`Simulation::client`]): a
 //! [`MeshClient`] from [`SimService::client`] is the real mesh-tower stack — balancer,
 //! breakers, retries, timeouts — whose connections go through turmoil's network by a
 //! [`Dialer`]. Every host runs on a paused Tokio runtime that turmoil advances, so

@@ -105,6 +105,8 @@ impl Incoming for Streams {
 /// `max_connections` open at once, each served by `handle` (given the connection, its
 /// peer and the shutdown signal) in a task of its own. On shutdown: stops accepting,
 /// waits up to `shutdown_timeout` for open connections to end, then closes the rest.
+/// When `source` ends first, the open connections run to their own end, or until a
+/// shutdown drains them.
 pub(crate) async fn accept_loop<I, F, Fut>(
     mut source: I,
     max_connections: usize,
@@ -119,6 +121,7 @@ where
 {
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut conns = JoinSet::new();
+    let mut ended = false;
     loop {
         let permit = tokio::select! {
             biased;
@@ -133,7 +136,10 @@ where
             () = stopped(&mut shutdown) => break,
             accepted = source.next() => match accepted {
                 Some(Ok(accepted)) => accepted,
-                None => break,
+                None => {
+                    ended = true;
+                    break;
+                }
                 Some(Err(error)) => {
                     // Out of descriptors and the like: wait rather than spin.
                     tracing::warn!(%error, "accepting a connection failed");
@@ -151,6 +157,17 @@ where
         while conns.try_join_next().is_some() {}
     }
     drop(source);
+    if ended {
+        // No more connections can come: the open ones run to their end, unless a
+        // shutdown begins, which drains them as below.
+        loop {
+            tokio::select! {
+                biased;
+                () = stopped(&mut shutdown) => break,
+                next = conns.join_next() => if next.is_none() { break },
+            }
+        }
+    }
     while conns.try_join_next().is_some() {}
     let open = conns.len();
     let mut deadline = pin!(tokio::time::sleep(shutdown_timeout));

@@ -1660,3 +1660,98 @@ async fn byte_streams_of_any_kind_are_served() {
     server.shutdown().await;
     let _ = std::fs::remove_file(&path);
 }
+
+/// When the stream of connections ends, the open ones run to their own end (here past
+/// the shutdown timeout), and a shutdown later drains them. Before, they were waited on
+/// for the shutdown timeout and then cut.
+#[tokio::test(start_paused = true)]
+async fn connections_outlive_the_end_of_their_stream() {
+    use hyper_util::rt::TokioIo;
+    let (client, served) = tokio::io::duplex(64 << 10);
+    let remote: SocketAddr = "10.0.0.2:5555".parse().unwrap();
+    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>((served, remote))]);
+    let mut limits = ServerLimits::default();
+    limits.shutdown_timeout = Duration::from_secs(1);
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve_incoming(
+            "10.0.0.1:80".parse().unwrap(),
+            incoming,
+            tower::service_fn(echo_identity),
+        )
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for wait in [0, 5] {
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        sender.ready().await.unwrap();
+        let request = Request::get("/").body(Full::<Bytes>::default()).unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "after {wait} s");
+        response.collect().await.unwrap();
+    }
+    let report = server.shutdown().await;
+    assert_eq!((report.open_at_shutdown, report.forced), (1, 0));
+}
+
+/// One HTTP/2 stream whose reader keeps its window shut does not take down a sibling
+/// that waits on the application: the connection stays while the sibling works, serves
+/// its answer, and is closed an idle timeout after only the stalled stream is left.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_stream_waits_for_its_siblings_to_end() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut limits = ServerLimits::default();
+    limits.idle_timeout = Duration::from_secs(30);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tower::service_fn(|req: Request<Incoming>| async move {
+        let body = if req.uri().path() == "/slow" {
+            // Its head at once, its one message after 60 s.
+            let late = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"late")))
+            });
+            http_body_util::StreamBody::new(late).boxed()
+        } else {
+            Full::new(Bytes::from(vec![b'x'; 1 << 20]))
+                .map_err(|e| match e {})
+                .boxed()
+        };
+        Ok::<_, Infallible>(Response::new(body))
+    });
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1 << 20)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{}{path}", server.local_addr()))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    // Never read: its window stays shut.
+    let stalled = sender.send_request(get("/big")).await.unwrap();
+    let slow = sender.send_request(get("/slow")).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let late = slow.collect().await.unwrap().to_bytes();
+    assert_eq!(late, "late");
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert!(!conn.is_finished());
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert!(
+        conn.is_finished(),
+        "closed once only the stalled stream was left"
+    );
+    drop(stalled);
+    server.shutdown().await;
+}

@@ -410,20 +410,26 @@ async fn serve<IO, S, B>(
 ///
 /// Any byte would do but for HTTP/2 pings: the server's keep-alive pings and their
 /// answers (34 bytes a round) go on while a client holds its flow-control window shut,
-/// and must not pass for reading. A client reading a response slower than 1 KiB per
-/// eighth of the idle timeout (68 bytes a second at the default 120 s) is taken for one
-/// that stopped.
+/// and must not pass for reading.
+///
+/// A reader is seen through the socket: a write goes through once the kernel's send
+/// buffer has drained enough (about a third of it on Linux), so, as with nginx's
+/// `send_timeout`, a client is taken for one that stopped when it reads less than that
+/// in an idle timeout. Send buffers grow with what a connection carries, so that is
+/// little for a slow client's, and several MB on loopback.
 const MIN_PROGRESS: u64 = 1024;
 
 /// Whether what the connection waits for is the client: a write waits on it (HTTP/1.1,
-/// or a full socket); or, with no request waiting for the application's answer, a
-/// response body has a frame taken and waits to be asked for the next (the client's
-/// HTTP/2 window is shut), or the connection is shutting down with nothing of the
-/// application's left in flight (what remains is in hyper's and h2's buffers, for the
-/// client to take: the last piece of an HTTP/2 body, say).
+/// or a full socket); or, with no request waiting for the application's answer, every
+/// response body in flight has a frame taken and waits to be asked for the next (the
+/// client's HTTP/2 window is shut), or the connection is shutting down with nothing of
+/// the application's left in flight (what remains is in hyper's and h2's buffers, for
+/// the client to take: the last piece of an HTTP/2 body, say).
 ///
-/// A request waiting for its answer keeps a stalled body's connection open: the
-/// application is still at work there, and closing would lose that request too.
+/// Anything of the application's still at work keeps the connection open: a request
+/// waiting for its answer, or a response waiting for its next message. Closing would
+/// cut those too, for one stream whose reader paused: the stalled stream waits for them
+/// to end (the bound is the connection's, not each stream's).
 fn waits_on_client(clock: &HeadClock, activity: &Activity, closing: bool) -> bool {
     if clock.write_blocked() {
         return true;
@@ -431,7 +437,7 @@ fn waits_on_client(clock: &HeadClock, activity: &Activity, closing: bool) -> boo
     if activity.in_flight.load(Ordering::Relaxed) > 0 {
         return false;
     }
-    activity.owes_a_pull() || (closing && activity.bodies.load(Ordering::Relaxed) == 0)
+    activity.all_owe_a_pull() || (closing && activity.bodies.load(Ordering::Relaxed) == 0)
 }
 
 /// How often a connection looks for activity: an eighth of the idle timeout, at least
@@ -505,10 +511,11 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed) > 0 || self.bodies.load(Ordering::Relaxed) > 0
     }
 
-    /// A response body has a frame taken and waits to be polled again: the next move is
-    /// the client's (reading, or opening its HTTP/2 window).
-    fn owes_a_pull(&self) -> bool {
-        self.bodies.load(Ordering::Relaxed) > self.bodies_waiting.load(Ordering::Relaxed)
+    /// Every response body in flight (at least one) has a frame taken and waits to be
+    /// polled again: the next move is the client's (reading, or opening its HTTP/2
+    /// window), and none waits on the application.
+    fn all_owe_a_pull(&self) -> bool {
+        self.bodies_waiting.load(Ordering::Relaxed) == 0 && self.bodies.load(Ordering::Relaxed) > 0
     }
 
     /// A request's head is answered; its body is in flight until [`Self::body_ended`].

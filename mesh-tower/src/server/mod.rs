@@ -414,10 +414,19 @@ impl MeshServerBuilder {
 
     /// Starts serving `app` on byte streams of any kind (a Unix socket's, an in-memory
     /// pipe's, a simulated network's), each given with the client's address, in a task of
-    /// the current Tokio runtime; `addr` is the address the server reports as its own.
-    /// The server stops taking connections at shutdown or when `incoming` ends, and then
-    /// drains. An error from `incoming` is logged and waited out, as a listener's accept
-    /// error is.
+    /// the current Tokio runtime.
+    ///
+    /// - `addr` is only a label: what [`Server::local_addr`] reports, and the listener's
+    ///   name in the decision record and the access log's default unless its
+    ///   configuration names it.
+    /// - Each stream's client address becomes its requests' [`ClientAddr`] and the access
+    ///   log's `client.addr` (for a Unix socket, say, a placeholder of your choice).
+    /// - The server stops taking connections at shutdown or when `incoming` ends; in the
+    ///   second case the open ones run to their end, and a later shutdown drains them.
+    /// - An error from `incoming` is logged and waited out (50 ms), as a listener's accept
+    ///   error is.
+    /// - A `TcpStream` given here is served as it is: set `TCP_NODELAY` on it yourself
+    ///   ([`serve`](Self::serve) does).
     ///
     /// Everything but the transport is as on TCP: TLS or mTLS over the stream, limits,
     /// drain, metrics. The opaque fallback needs TCP (it peeks at a connection's first
