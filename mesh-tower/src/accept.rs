@@ -159,7 +159,8 @@ where
     drop(source);
     if ended {
         // No more connections can come: the open ones run to their end, unless a
-        // shutdown begins, which drains them as below.
+        // shutdown begins, which drains them as below. They see the shutdown as this
+        // task does, and may end before it counts them: they are counted as they were.
         loop {
             tokio::select! {
                 biased;
@@ -167,8 +168,9 @@ where
                 next = conns.join_next() => if next.is_none() { break },
             }
         }
+    } else {
+        while conns.try_join_next().is_some() {}
     }
-    while conns.try_join_next().is_some() {}
     let open = conns.len();
     let mut deadline = pin!(tokio::time::sleep(shutdown_timeout));
     loop {

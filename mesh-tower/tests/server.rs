@@ -741,6 +741,27 @@ async fn a_streamed_response_keeps_its_connection_busy_until_it_ends() {
     }
 }
 
+/// An HTTP/2 client of `addr` that grants the server these flow-control windows (and
+/// opens them only as its caller reads), its connection driven in a task.
+async fn h2_client(
+    addr: SocketAddr,
+    stream_window: u32,
+    connection_window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that takes a response's head and never opens its window for the body
 /// (while it answers the server's pings, which move bytes every 20 s) holds the
 /// connection only for the idle timeout:
@@ -753,7 +774,6 @@ async fn a_streamed_response_keeps_its_connection_busy_until_it_ends() {
 /// finish.
 #[tokio::test(start_paused = true)]
 async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     for (size, wait, open) in [
         (1 << 20, 25, 1),
         (1 << 20, 40, 0),
@@ -772,14 +792,7 @@ async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout()
             .limits(limits)
             .serve(listener, app)
             .unwrap();
-        let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(1024)
-            .initial_connection_window_size(1024)
-            .handshake(tcp)
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = h2_client(server.local_addr(), 1024, 1024).await;
         let request = Request::get(format!("http://{}/", server.local_addr()))
             .body(Full::<Bytes>::default())
             .unwrap();
@@ -1702,7 +1715,6 @@ async fn connections_outlive_the_end_of_their_stream() {
 /// its answer, and is closed an idle timeout after only the stalled stream is left.
 #[tokio::test(start_paused = true)]
 async fn a_stalled_stream_waits_for_its_siblings_to_end() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(30);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1726,14 +1738,7 @@ async fn a_stalled_stream_waits_for_its_siblings_to_end() {
         .limits(limits)
         .serve(listener, app)
         .unwrap();
-    let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1 << 20)
-        .handshake(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2_client(server.local_addr(), 1024, 1 << 20).await;
     let get = |path: &str| {
         Request::get(format!("http://{}{path}", server.local_addr()))
             .body(Full::<Bytes>::default())
