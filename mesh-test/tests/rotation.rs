@@ -50,7 +50,10 @@ async fn svid_and_trust_anchor_rotation_under_load_fail_no_request() {
     mesh.finish_trust_rotation().unwrap();
     users.endpoint(2).unwrap().kill();
     users.endpoint(2).unwrap().restart().await.unwrap();
-    let run = run.await.unwrap();
+    let run = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the load hung")
+        .unwrap();
     assert_eq!(
         run.failed,
         0,
@@ -63,13 +66,24 @@ async fn svid_and_trust_anchor_rotation_under_load_fail_no_request() {
 
     // A fresh client handshakes with the new root; one still on the old root cannot.
     let fresh = mesh.client(&users).unwrap();
-    assert!(fresh.send(get()).await.unwrap().status().is_success());
+    let hang = Duration::from_secs(20);
+    let answer = tokio::time::timeout(hang, fresh.send(get())).await;
+    assert!(
+        answer
+            .expect("the fresh client hung")
+            .unwrap()
+            .status()
+            .is_success()
+    );
     let stale = MeshClient::builder(users.discovery())
         .mtls(Mtls::new(frozen))
         .server_identity(users.id().to_string().parse().unwrap())
         .build()
         .unwrap();
-    let err = stale.send(get()).await.unwrap_err();
+    let err = tokio::time::timeout(hang, stale.send(get()))
+        .await
+        .expect("the stale client hung")
+        .unwrap_err();
     assert!(!err.to_string().is_empty());
 
     let rotations: Vec<_> = mesh

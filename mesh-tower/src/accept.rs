@@ -141,10 +141,14 @@ where
                     break;
                 }
                 Some(Err(error)) => {
-                    // Out of descriptors and the like: wait rather than spin.
+                    // Out of descriptors and the like: wait rather than spin (a
+                    // shutdown ends the wait).
                     tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    tokio::select! {
+                        biased;
+                        () = stopped(&mut shutdown) => break,
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    }
                 }
             },
         };

@@ -23,6 +23,9 @@ pub struct Run {
     pub failures: Vec<String>,
 }
 
+/// How long one request of [`load`] may take before it counts as hung.
+const HANG: Duration = Duration::from_secs(20);
+
 /// `workers` loops of GETs for `duration`.
 pub async fn load(client: &MeshClient, workers: usize, duration: Duration) -> Run {
     let ok = Arc::new(AtomicU64::new(0));
@@ -33,13 +36,24 @@ pub async fn load(client: &MeshClient, workers: usize, duration: Duration) -> Ru
         tasks.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             while Instant::now() < until {
-                match client.send(get()).await {
-                    Ok(resp) if resp.status().is_success() => {
-                        let _ = resp.into_body().collect().await;
+                // A hang is a failure that says where, not a test stuck until nextest's
+                // timeout.
+                let sent = tokio::time::timeout(HANG, client.send(get())).await;
+                match sent {
+                    Ok(Ok(resp)) if resp.status().is_success() => {
+                        let body = tokio::time::timeout(HANG, resp.into_body().collect()).await;
+                        if body.is_err() {
+                            failures.push(format!("response body not ended within {HANG:?}"));
+                            break;
+                        }
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(resp) => failures.push(format!("status {}", resp.status())),
-                    Err(e) => failures.push(e.to_string()),
+                    Ok(Ok(resp)) => failures.push(format!("status {}", resp.status())),
+                    Ok(Err(e)) => failures.push(e.to_string()),
+                    Err(_) => {
+                        failures.push(format!("no response within {HANG:?}"));
+                        break;
+                    }
                 }
             }
             failures
