@@ -506,6 +506,39 @@ impl<B> fmt::Debug for EndpointClient<B> {
     }
 }
 
+/// The HTTP/2 dial latch of one request (`Pool::dialling`): the requests that found a
+/// dial under way wait for its end. Released when the dial ends, and also when the
+/// dialling request is dropped mid-dial (its timeout fired, its caller went away):
+/// otherwise the waiters, and every later request to the endpoint, would wait for a dial
+/// nobody makes. After a dropped dial, the next request dials again.
+struct DialLatch<'a, B> {
+    shared: &'a Shared<B>,
+    held: bool,
+}
+
+impl<B> DialLatch<'_, B> {
+    /// Ends the dial: the waiters wake and look at the pool again.
+    fn release(mut self) {
+        self.open();
+    }
+
+    fn open(&mut self) {
+        if std::mem::take(&mut self.held) {
+            let mut pool = self.shared.pool();
+            pool.dialling = false;
+            pool.dials += 1;
+            drop(pool);
+            self.shared.dialled.notify_waiters();
+        }
+    }
+}
+
+impl<B> Drop for DialLatch<'_, B> {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
 impl<B> Shared<B> {
     fn pool(&self) -> std::sync::MutexGuard<'_, Pool<B>> {
         // The pool holds connections and flags only; a panic while holding the lock cannot
@@ -609,27 +642,28 @@ where
                     }
                 },
                 Next::Dial { h2 } => {
+                    // Held while this request dials the HTTP/2 connection others wait for:
+                    // released by the dial's end, or by dropping it mid-dial.
+                    let latch = DialLatch {
+                        shared: self,
+                        held: h2,
+                    };
                     // Boxed: a dial (TCP, TLS, HTTP/2 handshakes) is a large future and a
                     // rare one; inline, it would make every request's exchange that large.
                     let dialled = Box::pin(self.dial()).await;
-                    if h2 {
-                        let mut pool = self.pool();
-                        pool.dialling = false;
-                        pool.dials += 1;
-                        if let Err(error) = &dialled {
-                            pool.failure = Some((pool.dials, error.clone()));
-                        }
-                        drop(pool);
-                        self.dialled.notify_waiters();
+                    let mut pool = self.pool();
+                    if let Ok(Checkout::H2(sender, peer)) = &dialled {
+                        // Stored before the waiters wake: they take it, not dial again.
+                        pool.h2_known = true;
+                        pool.h2 = Some((sender.clone(), peer.clone()));
                     }
+                    if h2 && let Err(error) = &dialled {
+                        pool.failure = Some((pool.dials + 1, error.clone()));
+                    }
+                    drop(pool);
+                    latch.release();
                     return match dialled {
-                        Ok(Checkout::H2(sender, peer)) => {
-                            let mut pool = self.pool();
-                            pool.h2_known = true;
-                            pool.h2 = Some((sender.clone(), peer.clone()));
-                            Ok(Checkout::H2(sender, peer))
-                        }
-                        Ok(h1) => Ok(h1),
+                        Ok(checkout) => Ok(checkout),
                         Err(error) => Err(SendError::connect(self.addr, error)),
                     };
                 }
@@ -1394,6 +1428,49 @@ mod tests {
             assert_eq!(body, "x");
         }
         assert_eq!(connections(&ep), 1);
+    }
+
+    /// A request dropped while it dials the HTTP/2 connection (its timeout fired, its
+    /// caller went away) releases the requests waiting for that dial: the next one dials
+    /// again. Before, they waited forever, and so did every later request.
+    #[tokio::test]
+    async fn a_dial_dropped_midway_releases_the_requests_waiting_for_it() {
+        let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let to = ep.addr();
+        let dials = Arc::new(AtomicU32::new(0));
+        let count = dials.clone();
+        // The first dial never ends; the next reach the endpoint.
+        let dialer = Dialer::new(move |_addr| {
+            let first = count.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                let (near, mut far) = tokio::io::duplex(64 * 1024);
+                let mut tcp = TcpStream::connect(to).await?;
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut far, &mut tcp).await;
+                });
+                Ok(near)
+            }
+        });
+        let client = EndpointClient::new(
+            to,
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                dialer: Some(dialer),
+                ..ConnectSettings::plaintext()
+            },
+        );
+        // The first request dials (and is given up after 200 ms, within the connect
+        // timeout); the second, polled after it, waits for that dial.
+        let dialling = tokio::time::timeout(Duration::from_millis(200), client.send(request("x")));
+        let waiting = tokio::time::timeout(Duration::from_secs(10), client.send(request("y")));
+        let (dialling, waiting) = tokio::join!(dialling, waiting);
+        assert!(dialling.is_err(), "the first request was given up mid-dial");
+        let resp = waiting.expect("the waiting request was released").unwrap();
+        assert_eq!(read(resp).await, "y");
+        assert_eq!(dials.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
