@@ -644,14 +644,28 @@ async fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
     }
 }
 
+/// A plaintext server of `app` with `limits`, on a loopback port.
+async fn serve_plain<S, B>(limits: ServerLimits, app: S) -> Server
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap()
+}
+
 /// A server whose responses are streamed: a frame after each of `pauses` (in seconds),
 /// with an idle timeout of 30 s.
-fn streaming_server(pauses: &'static [u64]) -> Server {
+async fn streaming_server(pauses: &'static [u64]) -> Server {
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(30);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let listener = TcpListener::from_std(listener).unwrap();
     let app = tower::service_fn(move |_req: Request<Incoming>| async move {
         let frames =
             futures_util::StreamExt::then(futures_util::stream::iter(pauses), |pause| async move {
@@ -660,11 +674,7 @@ fn streaming_server(pauses: &'static [u64]) -> Server {
             });
         Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(frames)))
     });
-    MeshServer::builder()
-        .plaintext()
-        .limits(limits)
-        .serve(listener, app)
-        .unwrap()
+    serve_plain(limits, app).await
 }
 
 /// One client connection of either HTTP version.
@@ -699,7 +709,7 @@ async fn a_streamed_response_keeps_its_connection_busy_until_it_ends() {
     const PACED: &[u64] = &[0, 20, 20, 20, 20, 20];
     const QUIET: &[u64] = &[0, 200];
     for (pauses, http2) in [(PACED, false), (PACED, true), (QUIET, false), (QUIET, true)] {
-        let server = streaming_server(pauses);
+        let server = streaming_server(pauses).await;
         let tcp = TokioIo::new(TcpStream::connect(server.local_addr()).await.unwrap());
         let mut sender = if http2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), tcp)
@@ -782,16 +792,11 @@ async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout()
     ] {
         let mut limits = ServerLimits::default();
         limits.idle_timeout = Duration::from_secs(30);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = tower::service_fn(move |_req: Request<Incoming>| async move {
             let big = Bytes::from(vec![b'x'; size]);
             Ok::<_, Infallible>(Response::new(Full::new(big)))
         });
-        let server = MeshServer::builder()
-            .plaintext()
-            .limits(limits)
-            .serve(listener, app)
-            .unwrap();
+        let server = serve_plain(limits, app).await;
         let (mut sender, conn) = h2_client(server.local_addr(), 1024, 1024).await;
         let request = Request::get(format!("http://{}/", server.local_addr()))
             .body(Full::<Bytes>::default())
@@ -816,7 +821,6 @@ async fn an_http2_client_that_opens_no_window_is_closed_after_the_idle_timeout()
 async fn a_slow_steady_reader_gets_its_response_whole() {
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(60);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = tower::service_fn(|_req: Request<Incoming>| async {
         let frames = [
             Bytes::from(vec![b'x'; 32 << 20]),
@@ -826,11 +830,7 @@ async fn a_slow_steady_reader_gets_its_response_whole() {
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         Ok::<_, Infallible>(Response::new(body))
     });
-    let server = MeshServer::builder()
-        .plaintext()
-        .limits(limits)
-        .serve(listener, app)
-        .unwrap();
+    let server = serve_plain(limits, app).await;
     let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -1717,7 +1717,6 @@ async fn connections_outlive_the_end_of_their_stream() {
 async fn a_stalled_stream_waits_for_its_siblings_to_end() {
     let mut limits = ServerLimits::default();
     limits.idle_timeout = Duration::from_secs(30);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = tower::service_fn(|req: Request<Incoming>| async move {
         let body = if req.uri().path() == "/slow" {
             // Its head at once, its one message after 60 s.
@@ -1733,11 +1732,7 @@ async fn a_stalled_stream_waits_for_its_siblings_to_end() {
         };
         Ok::<_, Infallible>(Response::new(body))
     });
-    let server = MeshServer::builder()
-        .plaintext()
-        .limits(limits)
-        .serve(listener, app)
-        .unwrap();
+    let server = serve_plain(limits, app).await;
     let (mut sender, conn) = h2_client(server.local_addr(), 1024, 1 << 20).await;
     let get = |path: &str| {
         Request::get(format!("http://{}{path}", server.local_addr()))
