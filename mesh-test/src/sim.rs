@@ -28,8 +28,8 @@
 //! [`PORT`], on turmoil's connections
 //! ([`serve_incoming`](mesh_tower::server::MeshServerBuilder::serve_incoming)). Its
 //! timers run in virtual time too: HTTP/2 keep-alive pings (every 20 s, 20 s to answer)
-//! close a connection partitioned for longer, as they would on a real network. The one
-//! real-clock input is the `Date` header hyper writes on each response. Clients run in client hosts ([`Simulation::client`]): a
+//! close a connection partitioned for longer, as they would on a real network. Responses
+//! carry no `Date` header: hyper would read the real clock for it. Clients run in client hosts ([`Simulation::client`]): a
 //! [`MeshClient`] from [`SimService::client`] is the real mesh-tower stack — balancer,
 //! breakers, retries, timeouts — whose connections go through turmoil's network by a
 //! [`Dialer`]. Every host runs on a paused Tokio runtime that turmoil advances, so
@@ -473,6 +473,7 @@ where
     let _server = MeshServer::builder()
         .mtls(acceptor)
         .limits(limits)
+        .date_header(false)
         .serve_incoming(addr, incoming, stack)
         .map_err(|e| e.to_string())?;
     std::future::pending::<()>().await;

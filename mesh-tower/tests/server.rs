@@ -1755,3 +1755,30 @@ async fn a_stalled_stream_waits_for_its_siblings_to_end() {
     drop(stalled);
     server.shutdown().await;
 }
+
+/// A `Date` header by default, on HTTP/1.1 and HTTP/2; none when switched off (as the
+/// deterministic simulation does: hyper reads the real clock for it).
+#[tokio::test]
+async fn the_date_header_can_be_switched_off() {
+    for date in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .plaintext()
+            .date_header(date)
+            .serve(listener, tower::service_fn(echo_identity))
+            .unwrap();
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut tcp).await.to_ascii_lowercase();
+        assert_eq!(answer.contains("\r\ndate: "), date, "HTTP/1.1: {answer}");
+        let (mut sender, _conn) = h2_client(server.local_addr(), 65_535, 65_535).await;
+        let request = Request::get(format!("http://{}/", server.local_addr()))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.headers().contains_key("date"), date, "HTTP/2");
+        server.shutdown().await;
+    }
+}

@@ -48,6 +48,8 @@ pub(super) struct Shared<S> {
     pub(super) protocol: mesh_core::config::Protocol,
     /// Where HTTP/2 streams run.
     pub(super) streams: super::StreamTasks,
+    /// Whether responses without a `Date` get one.
+    pub(super) date_header: bool,
     pub(super) metrics: Option<ListenerMetrics>,
     /// Plaintext connections that are not HTTP, relayed to a service as opaque TCP.
     #[cfg(feature = "opaque")]
@@ -62,6 +64,7 @@ const HYPER_MAX_HEADERS: usize = 100;
 pub(super) fn http_builder<E>(
     limits: &ServerLimits,
     protocol: mesh_core::config::Protocol,
+    date_header: bool,
     exec: E,
     head_timer: HeadTimer,
 ) -> auto::Builder<E> {
@@ -74,6 +77,7 @@ pub(super) fn http_builder<E>(
     };
     let mut http1 = builder.http1();
     http1
+        .auto_date_header(date_header)
         .timer(head_timer)
         .header_read_timeout(limits.header_read_timeout)
         // hyper answers 431 when the head outgrows its read buffer (at least 8 KiB).
@@ -85,6 +89,7 @@ pub(super) fn http_builder<E>(
     }
     builder
         .http2()
+        .auto_date_header(date_header)
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_list_size)
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -275,6 +280,7 @@ async fn serve<IO, S, B>(
     let http = http_builder(
         limits,
         shared.protocol,
+        shared.date_header,
         exec.clone(),
         HeadTimer::new(clock.clone()),
     );

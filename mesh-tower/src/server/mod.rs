@@ -151,6 +151,7 @@ pub struct MeshServerBuilder {
     metrics: Option<ListenerMetrics>,
     protocol: Protocol,
     streams: StreamTasks,
+    date_header: bool,
     #[cfg(feature = "opaque")]
     opaque: Option<crate::opaque::OpaqueClient>,
     /// The decision record, and the listener's name in it (`from_config`'s; else the
@@ -192,6 +193,7 @@ impl MeshServer {
             metrics: None,
             protocol: Protocol::Auto,
             streams: StreamTasks::Spawned,
+            date_header: true,
             #[cfg(feature = "opaque")]
             opaque: None,
             decisions: None,
@@ -351,6 +353,15 @@ impl MeshServerBuilder {
     /// own).
     pub fn h2_streams(mut self, streams: StreamTasks) -> Self {
         self.streams = streams;
+        self
+    }
+
+    /// Whether a response without a `Date` header gets one (default: yes, as RFC 9110
+    /// asks of an origin server with a clock). hyper reads the system clock for it, at
+    /// most once a second: a deterministic simulation turns it off, as nothing else in
+    /// the server reads the real clock.
+    pub fn date_header(mut self, enabled: bool) -> Self {
+        self.date_header = enabled;
         self
     }
 
@@ -526,6 +537,7 @@ impl MeshServerBuilder {
         let shared = Arc::new(conn::Shared {
             protocol: self.protocol,
             streams: self.streams,
+            date_header: self.date_header,
             app,
             tls,
             limits: self.limits,
