@@ -56,6 +56,43 @@ pub(super) struct Shared<S> {
     pub(super) opaque: Option<crate::opaque::OpaqueClient>,
 }
 
+/// The application as a connection serves it: a cloneable service of requests, its
+/// futures sendable to other tasks. (The server's public methods spell the same bounds
+/// out.)
+pub(super) trait App<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> App<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A response body a connection can send.
+pub(super) trait AppBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> AppBody for B where B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
 /// hyper's default bound on HTTP/1.1 request headers.
 const HYPER_MAX_HEADERS: usize = 100;
 
@@ -109,11 +146,8 @@ pub(super) async fn accept_loop<S, B>(
     shutdown: watch::Receiver<bool>,
 ) -> ShutdownReport
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: App<B>,
+    B: AppBody,
 {
     let max = shared.limits.max_connections;
     let timeout = shared.limits.shutdown_timeout;
@@ -149,11 +183,8 @@ async fn connection<S, B>(
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: App<B>,
+    B: AppBody,
 {
     #[cfg(feature = "opaque")]
     if let (Transport::Plain, Some(client)) = (&shared.tls, &shared.opaque) {
@@ -177,11 +208,8 @@ async fn secured<IO, S, B>(
     shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: App<B>,
+    B: AppBody,
 {
     // The handshake and the serving of each kind of stream are boxed, each bound before it
     // is awaited: a task is as large as the largest future it awaits inline, for its whole
@@ -254,11 +282,8 @@ async fn serve<IO, S, B>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: App<B>,
+    B: AppBody,
 {
     let activity = Arc::new(Activity {
         max_cancelled: shared.limits.max_cancelled_requests.max(1),

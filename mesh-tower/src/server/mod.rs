@@ -493,11 +493,8 @@ impl MeshServerBuilder {
         app: S,
     ) -> Result<Server, ServerError>
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: conn::App<B>,
+        B: conn::AppBody,
     {
         let tls = self.transport.ok_or(ServerError::NoTransport)?;
         let policy = self.policy.unwrap_or_else(|| Policy::allow_all("default"));
