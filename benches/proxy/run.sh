@@ -9,6 +9,8 @@
 # (bench-tls.toml.in: an outbound listener with `certificate`), beside nginx-1w-tls and
 # haproxy-1t-tls.
 #   MESH_WORKERS=2 benches/proxy/run.sh plain      # the proxy's runtime worker threads (default 1)
+#   MESH_BIN=target/pgo/mesh-proxy benches/proxy/run.sh plain   # the profile-guided build
+#                                                  # (scripts/release-pgo)
 #
 # Results land in ../shared/bench/results/MODE-TIME/summary.md; report the ratios.
 set -euo pipefail
