@@ -15,8 +15,9 @@
 //!   forwards to the app.
 //!
 //! Through them: HTTP/1.1 `GET`s on many connections, `POST`s of 4 and 32 KiB, HTTP/2
-//! streams multiplexed on few connections, gRPC unary and client-streaming calls, a
-//! request the pair's policy denies, and a `/metrics` scrape. Every answer is checked, so
+//! streams multiplexed on few connections, gRPC unary and client-streaming calls, opaque
+//! TCP through the pair (a second listener on each side, to a TCP echo), a request the
+//! pair's policy denies, and a `/metrics` scrape. Every answer is checked, so
 //! a run doubles as a smoke test of the proxy: the trainer exits non-zero when any
 //! request failed or a proxy did not exit 0 after `POST /shutdown` on its admin listener
 //! (the instrumented binary writes its profile only on a clean exit).
@@ -46,6 +47,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -81,6 +83,7 @@ fn free_port() -> SocketAddr {
 
 async fn train(proxy: PathBuf, scale: f64) -> u64 {
     let upstream = serve_upstream().await;
+    let echo = serve_echo().await;
     let dir = std::env::temp_dir().join(format!("mesh-pgo-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/demo");
@@ -99,6 +102,7 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
          [admin]\nlisten = \"{hop_admin}\"\n"
     );
     let (out, out_admin, inb, inb_admin) = (free_port(), free_port(), free_port(), free_port());
+    let (out_tcp, inb_tcp) = (free_port(), free_port());
     let identity = |name: &str| {
         format!(
             "drain_timeout = \"2s\"\n[identity]\nsource = \"files\"\n\
@@ -112,6 +116,9 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
          [[authorization.clients.rules]]\nname = \"web\"\n\
          clients = [\"spiffe://example.org/demo/web\"]\n\
          routes = [{{ path = {{ prefix = \"/\" }}, methods = [\"GET\", \"POST\"] }}]\n\
+         [[inbound]]\nname = \"tcp\"\nlisten = \"{inb_tcp}\"\ntarget = \"{echo}\"\n\
+         protocol = \"opaque\"\nauthorization = \"tcp\"\n[authorization.tcp]\ndefault = \"deny\"\n\
+         [[authorization.tcp.rules]]\nname = \"web\"\nclients = [\"spiffe://example.org/demo/web\"]\n\
          [admin]\nlisten = \"{inb_admin}\"\n",
         identity("users")
     );
@@ -120,6 +127,11 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
          discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{inb}\" }}] }}\n\
          server_identity = \"spiffe://example.org/demo/users\"\n\
          [[outbound]]\nname = \"egress\"\nlisten = \"{out}\"\ndefault_service = \"users\"\n\
+         [services.tcp]\n\
+         discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{inb_tcp}\" }}] }}\n\
+         server_identity = \"spiffe://example.org/demo/users\"\n\
+         [[outbound]]\nname = \"tcp\"\nlisten = \"{out_tcp}\"\nprotocol = \"opaque\"\n\
+         default_service = \"tcp\"\n\
          [admin]\nlisten = \"{out_admin}\"\n",
         identity("web")
     );
@@ -147,54 +159,50 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
 
     let failures = Arc::new(AtomicU64::new(0));
     let n = |count: f64| ((count * scale).ceil() as usize).max(1);
-    let small = Bytes::from(vec![b'x'; 4096]);
-    let large = Bytes::from(vec![b'y'; 32 * 1024]);
+    let get = Call::new(Method::GET, "/", None);
+    let post_small = Call::new(Method::POST, "/echo", Some(Bytes::from(vec![b'x'; 4096])));
+    let post_large = Call::new(
+        Method::POST,
+        "/echo",
+        Some(Bytes::from(vec![b'y'; 32 * 1024])),
+    );
     let started = tokio::time::Instant::now();
-    // The one hop, then the pair; each phase's connections run at once.
+    // The one hop and the pair (half as much); each phase's connections run at once.
     let mut phases = Vec::new();
-    for target in [hop, out] {
-        let share = if target == hop { 1.0 } else { 0.5 };
-        phases.push(tokio::spawn(http1_load(
-            target,
-            32,
-            n(1000.0 * share),
-            None,
-            failures.clone(),
-        )));
-        phases.push(tokio::spawn(http1_load(
-            target,
-            8,
-            n(600.0 * share),
-            Some(small.clone()),
-            failures.clone(),
-        )));
-        phases.push(tokio::spawn(http1_load(
-            target,
-            4,
-            n(150.0 * share),
-            Some(large.clone()),
-            failures.clone(),
-        )));
-        phases.push(tokio::spawn(http2_load(
-            target,
-            4,
-            32,
-            n(200.0 * share),
-            failures.clone(),
-        )));
+    for (target, share) in [(hop, 1.0), (out, 0.5)] {
+        let mut load = |version, connections, streams, per_stream: f64, call: &Call| {
+            let load = Load {
+                target,
+                version,
+                connections,
+                streams,
+                per_stream: n(per_stream * share),
+            };
+            phases.push(tokio::spawn(load.run(call.clone(), failures.clone())));
+        };
+        load(Version::Http1, 32, 1, 1000.0, &get);
+        load(Version::Http1, 8, 1, 600.0, &post_small);
+        load(Version::Http1, 4, 1, 150.0, &post_large);
+        load(Version::Http2, 4, 32, 200.0, &get);
     }
-    phases.push(tokio::spawn(grpc_load(
-        hop,
-        16,
-        n(500.0),
-        1,
-        failures.clone(),
-    )));
-    phases.push(tokio::spawn(grpc_load(
-        hop,
-        4,
-        n(100.0),
+    // gRPC on the one hop: unary calls, and client streams of 8 messages.
+    for (callers, calls, messages) in [(16, 500.0, 1), (4, 100.0, 8)] {
+        let load = Load {
+            target: hop,
+            version: Version::Http2,
+            connections: 1,
+            streams: callers,
+            per_stream: n(calls),
+        };
+        phases.push(tokio::spawn(
+            load.run(Call::grpc(messages), failures.clone()),
+        ));
+    }
+    // Opaque TCP through the pair: 16 KiB out and back, many times per connection.
+    phases.push(tokio::spawn(opaque_load(
+        out_tcp,
         8,
+        n(100.0),
         failures.clone(),
     )));
     for phase in phases {
@@ -312,6 +320,61 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     ))
 }
 
+/// A TCP echo, for the opaque listeners.
+async fn serve_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `connections` opaque connections to `target`, each sending 16 KiB and reading it back
+/// `rounds` times; a connection stops at its first failure, and counts it.
+async fn opaque_load(
+    target: SocketAddr,
+    connections: usize,
+    rounds: usize,
+    failures: Arc<AtomicU64>,
+) {
+    let payload: Bytes = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (payload, failures) = (payload.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let ok = async {
+                let mut tcp = TcpStream::connect(target).await?;
+                tcp.set_nodelay(true)?;
+                let mut back = vec![0; payload.len()];
+                for _ in 0..rounds {
+                    tcp.write_all(&payload).await?;
+                    tcp.read_exact(&mut back).await?;
+                    if back != payload {
+                        return Err(std::io::Error::other("the echo differs"));
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            if let Err(e) = ok.await {
+                eprintln!("pgo_train: opaque connection to {target}: {e}");
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 fn status(code: StatusCode) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
     *response.status_mut() = code;
@@ -353,181 +416,162 @@ async fn http1_once(
     Some(status)
 }
 
-/// `connections` keep-alive HTTP/1.1 connections, `per_connection` requests each: `GET /`,
-/// or `POST /echo` of `body`, whose echo is checked.
-async fn http1_load(
-    target: SocketAddr,
-    connections: usize,
-    per_connection: usize,
+/// What each request of a load sends, and what its answer must be: 200, the request body
+/// echoed when there is one, and `grpc-status: 0` in trailers for gRPC.
+#[derive(Clone)]
+struct Call {
+    method: Method,
+    path: &'static str,
     body: Option<Bytes>,
-    failures: Arc<AtomicU64>,
-) {
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let body = body.clone();
-        let failures = failures.clone();
-        tasks.push(tokio::spawn(async move {
-            let Ok(tcp) = TcpStream::connect(target).await else {
-                failures.fetch_add(per_connection as u64, Ordering::Relaxed);
-                return;
-            };
-            let _ = tcp.set_nodelay(true);
-            let Ok((mut send, conn)) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
-            else {
-                failures.fetch_add(per_connection as u64, Ordering::Relaxed);
-                return;
-            };
-            tokio::spawn(conn);
-            for _ in 0..per_connection {
-                let (method, path) = match body {
-                    Some(_) => (Method::POST, "/echo"),
-                    None => (Method::GET, "/"),
-                };
-                let ok = match send
-                    .send_request(request(target, method, path, body.clone()))
-                    .await
-                {
-                    Ok(response) if response.status() == StatusCode::OK => {
-                        match response.into_body().collect().await {
-                            Ok(got) => body.as_ref().is_none_or(|sent| got.to_bytes() == *sent),
-                            Err(_) => false,
-                        }
-                    }
-                    _ => false,
-                };
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
-        }));
+    grpc: bool,
+}
+
+impl Call {
+    fn new(method: Method, path: &'static str, body: Option<Bytes>) -> Self {
+        Call {
+            method,
+            path,
+            body,
+            grpc: false,
+        }
     }
-    for task in tasks {
-        task.await.unwrap();
+
+    /// A gRPC call of `messages` 100-byte request messages (1: unary).
+    fn grpc(messages: usize) -> Self {
+        let mut body = BytesMut::new();
+        for _ in 0..messages {
+            body.put_u8(0);
+            body.put_u32(100);
+            body.put_slice(&[b'g'; 100]);
+        }
+        let path = if messages == 1 {
+            "/echo.Echo/Unary"
+        } else {
+            "/echo.Echo/Collect"
+        };
+        Call {
+            method: Method::POST,
+            path,
+            body: Some(body.freeze()),
+            grpc: true,
+        }
+    }
+
+    fn request(&self, target: SocketAddr) -> Request<Full<Bytes>> {
+        let mut req = request(target, self.method.clone(), self.path, self.body.clone());
+        if self.grpc {
+            let headers = req.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        req
+    }
+
+    async fn answered(&self, response: hyper::Result<Response<Incoming>>) -> bool {
+        let Ok(response) = response else { return false };
+        if response.status() != StatusCode::OK {
+            return false;
+        }
+        let Ok(got) = response.into_body().collect().await else {
+            return false;
+        };
+        let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
+        let grpc_ok = !self.grpc || status.is_some_and(|s| s == "0");
+        grpc_ok
+            && self
+                .body
+                .as_ref()
+                .is_none_or(|sent| got.to_bytes() == *sent)
     }
 }
 
-/// `connections` h2c connections (prior knowledge), `streams` requests in flight on each,
-/// `per_stream` after one another.
-async fn http2_load(
+#[derive(Clone, Copy)]
+enum Version {
+    Http1,
+    /// h2c with prior knowledge.
+    Http2,
+}
+
+/// `connections` connections to `target`, `streams` callers on each (HTTP/2; one on an
+/// HTTP/1.1 connection), each making `per_stream` calls one after another. A caller stops at its
+/// first failure, and counts it.
+struct Load {
     target: SocketAddr,
+    version: Version,
     connections: usize,
     streams: usize,
     per_stream: usize,
-    failures: Arc<AtomicU64>,
-) {
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let Ok(tcp) = TcpStream::connect(target).await else {
-            failures.fetch_add((streams * per_stream) as u64, Ordering::Relaxed);
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let Ok((send, conn)) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await
-        else {
-            failures.fetch_add((streams * per_stream) as u64, Ordering::Relaxed);
-            continue;
-        };
-        tokio::spawn(conn);
-        for _ in 0..streams {
-            let mut send = send.clone();
-            let failures = failures.clone();
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..per_stream {
-                    let ok = match send
-                        .send_request(request(target, Method::GET, "/", None))
-                        .await
-                    {
-                        Ok(response) => {
-                            response.status() == StatusCode::OK
-                                && response.into_body().collect().await.is_ok()
-                        }
-                        Err(_) => false,
-                    };
-                    if !ok {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            }));
+}
+
+/// Either version's request sender.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    /// Senders for `callers` callers: one for HTTP/1.1, which has no multiplexing.
+    fn split(self, callers: usize) -> Vec<Sender> {
+        match self {
+            Sender::Http1(_) => vec![self],
+            Sender::Http2(send) => (0..callers).map(|_| Sender::Http2(send.clone())).collect(),
         }
     }
-    for task in tasks {
-        task.await.unwrap();
+
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::Http1(send) => send.send_request(request).await,
+            Sender::Http2(send) => send.send_request(request).await,
+        }
     }
 }
 
-/// gRPC calls over h2c: `concurrency` at a time on one connection, `messages` request
-/// messages each (1: unary), every message echoed and `grpc-status: 0` checked.
-async fn grpc_load(
-    target: SocketAddr,
-    concurrency: usize,
-    per_caller: usize,
-    messages: usize,
-    failures: Arc<AtomicU64>,
-) {
-    let Ok(tcp) = TcpStream::connect(target).await else {
-        failures.fetch_add((concurrency * per_caller) as u64, Ordering::Relaxed);
-        return;
-    };
-    let _ = tcp.set_nodelay(true);
-    let Ok((send, conn)) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await
-    else {
-        failures.fetch_add((concurrency * per_caller) as u64, Ordering::Relaxed);
-        return;
-    };
-    tokio::spawn(conn);
-    let mut message = BytesMut::new();
-    for _ in 0..messages {
-        message.put_u8(0);
-        message.put_u32(100);
-        message.put_slice(&[b'g'; 100]);
-    }
-    let message = message.freeze();
-    let path = if messages == 1 {
-        "/echo.Echo/Unary"
-    } else {
-        "/echo.Echo/Collect"
-    };
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let mut send = send.clone();
-        let failures = failures.clone();
-        let message = message.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per_caller {
-                let mut req = request(target, Method::POST, path, Some(message.clone()));
-                let headers = req.headers_mut();
-                headers.insert(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-                headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-                let ok = match send.send_request(req).await {
-                    Ok(response) if response.status() == StatusCode::OK => {
-                        match response.into_body().collect().await {
-                            Ok(got) => {
-                                let status =
-                                    got.trailers().and_then(|t| t.get("grpc-status")).cloned();
-                                got.to_bytes() == message
-                                    && status.as_ref().is_some_and(|s| s == "0")
-                            }
-                            Err(_) => false,
+impl Load {
+    async fn run(self, call: Call, failures: Arc<AtomicU64>) {
+        let mut callers = Vec::new();
+        for _ in 0..self.connections {
+            let Some(sender) = self.connect().await else {
+                failures.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            for mut sender in sender.split(self.streams) {
+                let (call, failures) = (call.clone(), failures.clone());
+                let (target, calls) = (self.target, self.per_stream);
+                callers.push(tokio::spawn(async move {
+                    for _ in 0..calls {
+                        if !call.answered(sender.send(call.request(target)).await).await {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            return;
                         }
                     }
-                    _ => false,
-                };
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+                }));
             }
-        }));
+        }
+        for caller in callers {
+            caller.await.unwrap();
+        }
     }
-    for task in tasks {
-        task.await.unwrap();
+
+    async fn connect(&self) -> Option<Sender> {
+        let tcp = TcpStream::connect(self.target).await.ok()?;
+        let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(tcp);
+        Some(match self.version {
+            Version::Http1 => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+                tokio::spawn(conn);
+                Sender::Http1(send)
+            }
+            Version::Http2 => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                Sender::Http2(send)
+            }
+        })
     }
 }
