@@ -215,7 +215,9 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
         failures.fetch_add(1, Ordering::Relaxed);
     }
     for (_, _, admin) in &proxies.0 {
-        if http1_once(*admin, Method::GET, "/metrics", None).await != Some(StatusCode::OK) {
+        let scrape = http1_once(*admin, Method::GET, "/metrics", None).await;
+        if scrape != Some(StatusCode::OK) {
+            eprintln!("pgo_train: GET {admin}/metrics: {scrape:?}");
             failures.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -470,21 +472,24 @@ impl Call {
         req
     }
 
-    async fn answered(&self, response: hyper::Result<Response<Incoming>>) -> bool {
-        let Ok(response) = response else { return false };
+    /// Whether `response` is the answer expected; if not, what was wrong with it.
+    async fn check(&self, response: hyper::Result<Response<Incoming>>) -> Result<(), String> {
+        let response = response.map_err(|e| format!("no response: {e}"))?;
         if response.status() != StatusCode::OK {
-            return false;
+            return Err(format!("status {}", response.status()));
         }
-        let Ok(got) = response.into_body().collect().await else {
-            return false;
-        };
-        let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
-        let grpc_ok = !self.grpc || status.is_some_and(|s| s == "0");
-        grpc_ok
-            && self
-                .body
-                .as_ref()
-                .is_none_or(|sent| got.to_bytes() == *sent)
+        let got = response.into_body().collect().await;
+        let got = got.map_err(|e| format!("the body failed: {e}"))?;
+        if self.grpc {
+            let status = got.trailers().and_then(|t| t.get("grpc-status")).cloned();
+            if status.as_ref().is_none_or(|s| s != "0") {
+                return Err(format!("grpc-status {status:?}"));
+            }
+        }
+        match &self.body {
+            Some(sent) if got.to_bytes() != *sent => Err("the echo differs".into()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -534,6 +539,7 @@ impl Load {
         let mut callers = Vec::new();
         for _ in 0..self.connections {
             let Some(sender) = self.connect().await else {
+                eprintln!("pgo_train: no connection to {}", self.target);
                 failures.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -542,7 +548,9 @@ impl Load {
                 let (target, calls) = (self.target, self.per_stream);
                 callers.push(tokio::spawn(async move {
                     for _ in 0..calls {
-                        if !call.answered(sender.send(call.request(target)).await).await {
+                        let response = sender.send(call.request(target)).await;
+                        if let Err(e) = call.check(response).await {
+                            eprintln!("pgo_train: {} {target}{}: {e}", call.method, call.path);
                             failures.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
