@@ -58,9 +58,14 @@ fn main() {
         eprintln!("usage: pgo_train MESH_PROXY_BINARY [SCALE]");
         std::process::exit(2);
     };
-    let scale: f64 = args
-        .next()
-        .map_or(1.0, |s| s.parse().expect("SCALE: a number"));
+    let scale = match args.next().map(|s| s.parse::<f64>()) {
+        None => 1.0,
+        Some(Ok(scale)) if scale > 0.0 && scale.is_finite() => scale,
+        Some(_) => {
+            eprintln!("pgo_train: SCALE must be a positive number (1.0: about 100,000 requests)");
+            std::process::exit(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
