@@ -3,7 +3,8 @@
 //! that the profile the instrumented binary writes at exit weighs the request path the way
 //! production does.
 //!
-//! What it runs, all on 127.0.0.1 with ports the system picks:
+//! What it runs, all on 127.0.0.1, every listener on port 0 (each proxy reports its
+//! addresses as `listening NAME ADDR` lines on stdout, which the trainer reads):
 //!
 //! - an upstream app (hyper, HTTP/1.1 and h2c on one port): `GET` answers 1 KiB, `POST
 //!   /echo` echoes its body, `/echo.Echo/*` answers gRPC (each request message echoed,
@@ -33,7 +34,10 @@
     clippy::print_stderr
 )]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -78,14 +82,6 @@ fn main() {
     }
 }
 
-/// A port free at the time of asking, for a proxy's config.
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 async fn train(proxy: PathBuf, scale: f64) -> u64 {
     let upstream = serve_upstream().await;
     let echo = serve_echo().await;
@@ -95,7 +91,7 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
     let demo = demo.canonicalize().expect("examples/config/demo");
     let demo = demo.display();
 
-    let (hop, hop_admin) = (free_port(), free_port());
+    // Every listener binds port 0; each proxy reports its addresses on stdout.
     let hop_config = format!(
         "[services.upstream]\ntls = \"plaintext\"\nprotocol = \"http1\"\n\
          discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{upstream}\" }}] }}\n\
@@ -103,11 +99,9 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
          discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{upstream}\" }}] }}\n\
          [[routes]]\nname = \"grpc\"\nmatches = [{{ path = {{ prefix = \"/echo.Echo\" }} }}]\n\
          backends = [{{ service = \"grpc\" }}]\n\
-         [[outbound]]\nname = \"app\"\nlisten = \"{hop}\"\ndefault_service = \"upstream\"\n\
-         [admin]\nlisten = \"{hop_admin}\"\n"
+         [[outbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"upstream\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n"
     );
-    let (out, out_admin, inb, inb_admin) = (free_port(), free_port(), free_port(), free_port());
-    let (out_tcp, inb_tcp) = (free_port(), free_port());
     let identity = |name: &str| {
         format!(
             "drain_timeout = \"2s\"\n[identity]\nsource = \"files\"\n\
@@ -116,48 +110,45 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
         )
     };
     let inbound_config = format!(
-        "{}[[inbound]]\nname = \"app\"\nlisten = \"{inb}\"\ntarget = \"{upstream}\"\n\
+        "{}[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{upstream}\"\n\
          authorization = \"clients\"\n[authorization.clients]\ndefault = \"deny\"\n\
          [[authorization.clients.rules]]\nname = \"web\"\n\
          clients = [\"spiffe://example.org/demo/web\"]\n\
          routes = [{{ path = {{ prefix = \"/\" }}, methods = [\"GET\", \"POST\"] }}]\n\
-         [[inbound]]\nname = \"tcp\"\nlisten = \"{inb_tcp}\"\ntarget = \"{echo}\"\n\
+         [[inbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{echo}\"\n\
          protocol = \"opaque\"\nauthorization = \"tcp\"\n[authorization.tcp]\ndefault = \"deny\"\n\
          [[authorization.tcp.rules]]\nname = \"web\"\nclients = [\"spiffe://example.org/demo/web\"]\n\
-         [admin]\nlisten = \"{inb_admin}\"\n",
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
         identity("users")
-    );
-    let outbound_config = format!(
-        "{}[services.users]\n\
-         discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{inb}\" }}] }}\n\
-         server_identity = \"spiffe://example.org/demo/users\"\n\
-         [[outbound]]\nname = \"egress\"\nlisten = \"{out}\"\ndefault_service = \"users\"\n\
-         [services.tcp]\n\
-         discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{inb_tcp}\" }}] }}\n\
-         server_identity = \"spiffe://example.org/demo/users\"\n\
-         [[outbound]]\nname = \"tcp\"\nlisten = \"{out_tcp}\"\nprotocol = \"opaque\"\n\
-         default_service = \"tcp\"\n\
-         [admin]\nlisten = \"{out_admin}\"\n",
-        identity("web")
     );
 
     let mut proxies = Proxies(Vec::new());
-    for (name, config, admin) in [
-        ("hop", hop_config, hop_admin),
-        ("inbound", inbound_config, inb_admin),
-        ("outbound", outbound_config, out_admin),
-    ] {
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new(&proxy)
-            .args(["run", "--log", "warn", "--workers", "1", "--config"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", proxy.display()));
-        proxies.0.push((name, child, admin));
-    }
+    let hop = proxies.start(&proxy, &dir, "hop", hop_config, &["app"]);
+    let inbound = proxies.start(&proxy, &dir, "inbound", inbound_config, &["app", "tcp"]);
+    // The outbound side of the pair needs the inbound side's addresses.
+    let outbound_config = format!(
+        "{}[services.users]\n\
+         discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{}\" }}] }}\n\
+         server_identity = \"spiffe://example.org/demo/users\"\n\
+         [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"users\"\n\
+         [services.tcp]\n\
+         discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{}\" }}] }}\n\
+         server_identity = \"spiffe://example.org/demo/users\"\n\
+         [[outbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"opaque\"\n\
+         default_service = \"tcp\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        identity("web"),
+        inbound[0],
+        inbound[1],
+    );
+    let outbound = proxies.start(
+        &proxy,
+        &dir,
+        "outbound",
+        outbound_config,
+        &["egress", "tcp"],
+    );
+    let (hop, out, out_tcp) = (hop[0], outbound[0], outbound[1]);
     for (name, child, admin) in &mut proxies.0 {
         wait_ready(name, child, *admin).await;
     }
@@ -243,6 +234,52 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
 /// The proxy processes, killed when the trainer ends before they exit (a panic included).
 struct Proxies(Vec<(&'static str, Child, SocketAddr)>);
 
+impl Proxies {
+    /// Starts a proxy on `config` and returns the addresses of its `listeners`, in that
+    /// order, as it reports them (`listening NAME ADDR` on stdout); its admin address is
+    /// kept for readiness and shutdown.
+    fn start(
+        &mut self,
+        proxy: &Path,
+        dir: &Path,
+        name: &'static str,
+        config: String,
+        listeners: &[&str],
+    ) -> Vec<SocketAddr> {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(proxy)
+            .args(["run", "--log", "warn", "--workers", "1", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", proxy.display()));
+        let stdout = child.stdout.take().unwrap();
+        let mut addrs = HashMap::new();
+        let mut lines = BufReader::new(stdout).lines();
+        // The proxy prints every listener at once when it starts, or exits (end of
+        // output) when it cannot.
+        while addrs.len() < listeners.len() + 1 {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("pgo_train: the {name} proxy stopped before it listened (its log is above)");
+            };
+            let mut words = line.split_whitespace();
+            if let (Some("listening"), Some(listener), Some(addr)) =
+                (words.next(), words.next(), words.next())
+            {
+                addrs.insert(listener.to_owned(), addr.parse::<SocketAddr>().unwrap());
+            }
+        }
+        // Nothing else is printed there, but a full pipe must never stall the proxy.
+        std::thread::spawn(move || lines.for_each(drop));
+        let admin = addrs["admin"];
+        self.0.push((name, child, admin));
+        listeners.iter().map(|l| addrs[*l]).collect()
+    }
+}
+
 impl Drop for Proxies {
     fn drop(&mut self) {
         for (_, child, _) in &mut self.0 {
@@ -278,25 +315,43 @@ async fn wait_ready(name: &str, child: &mut Child, admin: SocketAddr) {
     panic!("pgo_train: the {name} proxy was not ready after 15 s");
 }
 
-/// The upstream app: HTTP/1.1 and h2c on one port.
-async fn serve_upstream() -> SocketAddr {
+/// A server on a port of its own: `connection` serves each accepted connection.
+async fn serve<F, Fut>(connection: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(answer))
-                    .await;
-            });
+            if let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(connection(tcp));
+            }
         }
     });
     addr
+}
+
+/// The upstream app: HTTP/1.1 and h2c on one port.
+async fn serve_upstream() -> SocketAddr {
+    serve(|tcp| async move {
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let _ = builder
+            .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(answer))
+            .await;
+    })
+    .await
+}
+
+/// A TCP echo, for the opaque listeners.
+async fn serve_echo() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let (mut read, mut write) = tcp.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    })
+    .await
 }
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -325,24 +380,6 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(
         Full::new(body).map_err(|e| match e {}).boxed(),
     ))
-}
-
-/// A TCP echo, for the opaque listeners.
-async fn serve_echo() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut read, mut write) = tcp.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
 }
 
 /// `connections` opaque connections to `target`, each sending 16 KiB and reading it back
