@@ -25,7 +25,8 @@
 //! original destination: the service whose `addresses` hold it, or passthrough / refuse
 //! by `unmatched` (see `src/transparent.rs`).
 //!
-//! SIGTERM or Ctrl-C: stop accepting, drain within `drain_timeout`, exit 0. SIGHUP (or
+//! SIGTERM or Ctrl-C (on Windows also Ctrl-Break and the console's close, log-off and
+//! shutdown events): stop accepting, drain within `drain_timeout`, exit 0. SIGHUP (or
 //! `POST /reload`): re-read the file and apply its services, routes, authorization
 //! policies and rate limits without dropping a connection, or keep the running
 //! configuration when it is invalid or changes what needs a restart (identity,
@@ -223,7 +224,8 @@ async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
 }
 
 mod signals {
-    /// SIGTERM or Ctrl-C.
+    /// SIGTERM or Ctrl-C; on Windows, Ctrl-C, Ctrl-Break and the console's close, log-off
+    /// and shutdown events.
     pub(crate) async fn terminate() {
         #[cfg(unix)]
         {
@@ -241,7 +243,31 @@ mod signals {
                 }
             }
         }
-        #[cfg(not(unix))]
+        // A console program on Windows: Ctrl-C, Ctrl-Break, its console closing, and the
+        // user logging off or the system shutting down (for these last, tokio's handler
+        // holds the process until the drain ends or Windows' own deadline passes).
+        #[cfg(windows)]
+        {
+            use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_logoff, ctrl_shutdown};
+            match (ctrl_break(), ctrl_close(), ctrl_logoff(), ctrl_shutdown()) {
+                (Ok(mut brk), Ok(mut close), Ok(mut logoff), Ok(mut shutdown)) => {
+                    tokio::select! {
+                        _ = brk.recv() => {}
+                        _ = close.recv() => {}
+                        _ = logoff.recv() => {}
+                        _ = shutdown.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                _ => {
+                    tracing::warn!(
+                        "cannot watch the console's close and shutdown events; Ctrl-C only"
+                    );
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(any(unix, windows)))]
         {
             let _ = tokio::signal::ctrl_c().await;
         }

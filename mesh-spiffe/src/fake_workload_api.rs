@@ -1,7 +1,9 @@
 //! A fake SPIFFE Workload API server for tests (feature `test-util`).
 //!
 //! [`FakeWorkloadApi`] plays the part of a SPIRE agent: it serves the X.509 half of the
-//! Workload API over a Unix socket to any client (the `spiffe` crate's `X509Source` and
+//! Workload API over a Unix socket ([`start`](FakeWorkloadApi::start), Unix only) or a
+//! loopback TCP port ([`start_tcp`](FakeWorkloadApi::start_tcp), every platform: the
+//! Workload API's `tcp://IP:PORT` endpoints, which Windows tests need) to any client (the `spiffe` crate's `X509Source` and
 //! `WorkloadApiClient`, SPIRE's Go client, our [`SpireSource`](crate::spire)), and
 //! streams whatever [`X509Update`] the test pushes to every open `FetchX509SVID` and
 //! `FetchX509Bundles` call, as an agent does on rotation. Updates come from the
@@ -21,10 +23,11 @@
 //! use mesh_spiffe::test_ca::TestCa;
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! let dir = tempfile::tempdir().unwrap();
 //! let mut ca = TestCa::new("example.org").unwrap();
 //! let first = X509Update::new(&ca.issue("spiffe://example.org/web").unwrap(), &ca.bundle_set().unwrap());
-//! let agent = FakeWorkloadApi::start(dir.path().join("agent.sock"), first).unwrap();
+//! // On Unix, `FakeWorkloadApi::start(dir.path().join("agent.sock"), first)` serves on a socket.
+//! let agent = FakeWorkloadApi::start_tcp("127.0.0.1:0".parse().unwrap(), first).unwrap();
+//! assert!(agent.endpoint().starts_with("tcp://127.0.0.1:"));
 //! // Point a client at `agent.endpoint()` (or `SPIFFE_ENDPOINT_SOCKET`), then rotate:
 //! agent.push(X509Update::new(&ca.issue("spiffe://example.org/web").unwrap(), &ca.bundle_set().unwrap()));
 //! agent.shutdown().await;
@@ -34,15 +37,21 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
+#[cfg(unix)]
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(unix)]
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+#[cfg(unix)]
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
@@ -184,16 +193,24 @@ impl X509Update {
 /// Dropping it stops the server at once (open calls are cut) and removes the socket file;
 /// [`shutdown`](Self::shutdown) stops it gracefully.
 pub struct FakeWorkloadApi {
-    socket: PathBuf,
+    listen: Listen,
     updates: Option<watch::Sender<Arc<X509Update>>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
+/// Where a [`FakeWorkloadApi`] listens.
+#[derive(Debug)]
+enum Listen {
+    #[cfg(unix)]
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
 impl fmt::Debug for FakeWorkloadApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FakeWorkloadApi")
-            .field("socket", &self.socket)
+            .field("listen", &self.listen)
             .field("open_streams", &self.open_streams())
             .finish_non_exhaustive()
     }
@@ -206,9 +223,47 @@ impl FakeWorkloadApi {
     /// Must be called within a Tokio runtime. Fails when the socket cannot be bound, for
     /// instance because a file already exists at `socket`. Use an absolute path (a
     /// temporary directory's) so that [`endpoint`](Self::endpoint) is a valid address.
+    #[cfg(unix)]
     pub fn start(socket: impl Into<PathBuf>, initial: X509Update) -> io::Result<Self> {
         let socket = socket.into();
         let listener = UnixListener::bind(&socket)?;
+        tracing::debug!(socket = %socket.display(), "fake Workload API listening");
+        Ok(Self::serve(
+            Listen::Unix(socket),
+            UnixListenerStream::new(listener),
+            initial,
+        ))
+    }
+
+    /// Binds a TCP listener at `addr` (`127.0.0.1:0` picks a free port) and serves
+    /// `initial` to every caller until the next [`push`](Self::push); the Workload API
+    /// allows `tcp://IP:PORT` endpoints, and this works on every platform.
+    ///
+    /// Must be called within a Tokio runtime. Fails when `addr` cannot be bound. The
+    /// Workload API has no transport security of its own: keep it on loopback.
+    pub fn start_tcp(addr: SocketAddr, initial: X509Update) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        tracing::debug!(%addr, "fake Workload API listening");
+        Ok(Self::serve(
+            Listen::Tcp(addr),
+            TcpListenerStream::new(listener),
+            initial,
+        ))
+    }
+
+    fn serve<S, IO>(listen: Listen, incoming: S, initial: X509Update) -> Self
+    where
+        S: Stream<Item = io::Result<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Send
+            + Unpin
+            + 'static,
+    {
         let (updates, rx) = watch::channel(Arc::new(initial));
         let (shutdown, signal) = oneshot::channel::<()>();
         let service = SpiffeWorkloadApiServer::with_interceptor(
@@ -217,33 +272,45 @@ impl FakeWorkloadApi {
         );
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
-                .serve_with_incoming_shutdown(
-                    service,
-                    UnixListenerStream::new(listener),
-                    async move {
-                        let _ = signal.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(service, incoming, async move {
+                    let _ = signal.await;
+                })
                 .await
         });
-        tracing::debug!(socket = %socket.display(), "fake Workload API listening");
-        Ok(Self {
-            socket,
+        Self {
+            listen,
             updates: Some(updates),
             shutdown: Some(shutdown),
             task: Some(task),
-        })
+        }
     }
 
-    /// The socket's path.
-    pub fn socket_path(&self) -> &Path {
-        &self.socket
+    /// The Unix socket's path; `None` for a server on TCP.
+    pub fn socket_path(&self) -> Option<&Path> {
+        match &self.listen {
+            #[cfg(unix)]
+            Listen::Unix(path) => Some(path),
+            Listen::Tcp(_) => None,
+        }
     }
 
-    /// The socket's address in the form clients and `SPIFFE_ENDPOINT_SOCKET` take:
-    /// `unix:///path/to/socket`.
+    /// The TCP address it listens on; `None` for a server on a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.listen {
+            #[cfg(unix)]
+            Listen::Unix(_) => None,
+            Listen::Tcp(addr) => Some(*addr),
+        }
+    }
+
+    /// The address in the form clients and `SPIFFE_ENDPOINT_SOCKET` take:
+    /// `unix:///path/to/socket`, or `tcp://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
+        match &self.listen {
+            #[cfg(unix)]
+            Listen::Unix(path) => format!("unix://{}", path.display()),
+            Listen::Tcp(addr) => format!("tcp://{addr}"),
+        }
     }
 
     /// Serves `update` from now on: every open `FetchX509SVID` and `FetchX509Bundles` call
@@ -290,7 +357,10 @@ impl Drop for FakeWorkloadApi {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        #[cfg(unix)]
+        if let Listen::Unix(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

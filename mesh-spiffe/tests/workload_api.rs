@@ -34,12 +34,41 @@ struct Agent {
     api: FakeWorkloadApi,
 }
 
+/// Where the fake agent listens.
+#[derive(Clone, Copy)]
+enum Transport {
+    #[cfg(unix)]
+    Unix,
+    Tcp,
+}
+
 impl Agent {
+    /// On a Unix socket where there are Unix sockets, else on loopback TCP.
     fn start() -> Self {
+        #[cfg(unix)]
+        return Self::start_on(Transport::Unix);
+        #[cfg(not(unix))]
+        return Self::start_on(Transport::Tcp);
+    }
+
+    fn start_on(transport: Transport) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut ca = TestCa::new("example.org").unwrap();
         let first = update(&mut ca, "spiffe://example.org/web");
-        let api = FakeWorkloadApi::start(dir.path().join("agent.sock"), first).unwrap();
+        let api = match transport {
+            #[cfg(unix)]
+            Transport::Unix => {
+                FakeWorkloadApi::start(dir.path().join("agent.sock"), first).unwrap()
+            }
+            Transport::Tcp => {
+                let api =
+                    FakeWorkloadApi::start_tcp("127.0.0.1:0".parse().unwrap(), first).unwrap();
+                let addr = api.local_addr().expect("a TCP server has an address");
+                assert_eq!(api.endpoint(), format!("tcp://{addr}"));
+                assert_eq!(api.socket_path(), None);
+                api
+            }
+        };
         Self { _dir: dir, ca, api }
     }
 
@@ -139,7 +168,16 @@ async fn x509_source_receives_the_svid_and_bundles() {
 
 #[tokio::test]
 async fn x509_source_observes_rotations() {
-    let mut agent = Agent::start();
+    observes_rotations(Agent::start()).await;
+}
+
+/// The Workload API's other transport, `tcp://IP:PORT` (the one Windows has).
+#[tokio::test]
+async fn x509_source_observes_rotations_over_tcp() {
+    observes_rotations(Agent::start_on(Transport::Tcp)).await;
+}
+
+async fn observes_rotations(mut agent: Agent) {
     let source = agent.x509_source().await;
     let mut updates = source.updated();
 
@@ -168,7 +206,9 @@ async fn x509_source_observes_rotations() {
 #[tokio::test]
 async fn calls_without_the_security_header_are_refused() {
     let agent = Agent::start();
-    let channel = tonic::transport::Endpoint::from_shared(agent.api.endpoint())
+    // tonic names a TCP address `http://`.
+    let uri = agent.api.endpoint().replace("tcp://", "http://");
+    let channel = tonic::transport::Endpoint::from_shared(uri)
         .unwrap()
         .connect()
         .await
@@ -212,7 +252,15 @@ async fn calls_without_the_security_header_are_refused() {
 
 #[tokio::test]
 async fn spire_source_feeds_mtls_and_follows_rotation() {
-    let mut agent = Agent::start();
+    feeds_mtls_and_follows_rotation(Agent::start()).await;
+}
+
+#[tokio::test]
+async fn spire_source_over_tcp_feeds_mtls_and_follows_rotation() {
+    feeds_mtls_and_follows_rotation(Agent::start_on(Transport::Tcp)).await;
+}
+
+async fn feeds_mtls_and_follows_rotation(mut agent: Agent) {
     let spire = SpireSource::builder()
         .endpoint(agent.api.endpoint())
         .initial_timeout(WAIT)

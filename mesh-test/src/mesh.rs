@@ -309,9 +309,10 @@ impl MockMesh {
             })
     }
 
-    /// Starts a fake SPIFFE Workload API serving an SVID for `workload`, on a Unix
-    /// socket in a new temporary directory; rotations reach it. Hand
-    /// [`WorkloadApi::endpoint`] to code that reads `SPIFFE_ENDPOINT_SOCKET`.
+    /// Starts a fake SPIFFE Workload API serving an SVID for `workload`: on Unix on a
+    /// socket in a new temporary directory, elsewhere on a loopback TCP port; rotations
+    /// reach it. Hand [`WorkloadApi::endpoint`] to code that reads
+    /// `SPIFFE_ENDPOINT_SOCKET`.
     pub fn workload_api(&self, workload: &str) -> Result<WorkloadApi, MockMeshError> {
         let id = self.id(workload)?;
         let update = {
@@ -319,10 +320,14 @@ impl MockMesh {
             X509Update::new(&ca.issue(&id.to_string())?, &self.bundles(&ca)?)
         };
         let dir = tempfile::tempdir()?;
-        let server = Arc::new(FakeWorkloadApi::start(
-            dir.path().join("agent.sock"),
+        #[cfg(unix)]
+        let server = FakeWorkloadApi::start(dir.path().join("agent.sock"), update)?;
+        #[cfg(not(unix))]
+        let server = FakeWorkloadApi::start_tcp(
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             update,
-        )?);
+        )?;
+        let server = Arc::new(server);
         let mut agents = lock(&self.inner.agents)?;
         agents.retain(|(_, a)| a.strong_count() > 0);
         agents.push((id.clone(), Arc::downgrade(&server)));
@@ -464,13 +469,14 @@ impl WorkloadApi {
         &self.id
     }
 
-    /// The address, as `SPIFFE_ENDPOINT_SOCKET` takes it: `unix:///path/to/agent.sock`.
+    /// The address, as `SPIFFE_ENDPOINT_SOCKET` takes it: `unix:///path/to/agent.sock`
+    /// (on Unix), or `tcp://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         self.server.endpoint()
     }
 
-    /// The socket's path.
-    pub fn socket_path(&self) -> &Path {
+    /// The socket's path (`None` where the server listens on TCP: off Unix).
+    pub fn socket_path(&self) -> Option<&Path> {
         self.server.socket_path()
     }
 

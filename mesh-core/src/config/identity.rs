@@ -29,8 +29,8 @@ use crate::identity::TrustDomain;
 pub enum IdentityConfig {
     /// The SPIFFE Workload API, as served by a SPIRE agent.
     Spire {
-        /// The Workload API socket (`unix:///path` or `unix:/path`). Default: the
-        /// `SPIFFE_ENDPOINT_SOCKET` environment variable.
+        /// The Workload API socket (`unix:///path`, `unix:/path` or `tcp://IP:PORT`).
+        /// Default: the `SPIFFE_ENDPOINT_SOCKET` environment variable.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         socket: Option<String>,
     },
