@@ -322,10 +322,12 @@ impl Files {
 
     /// `workload`'s `[identity]` section: its PEM files and the mesh's bundle.
     fn identity(&self, workload: &str) -> String {
-        let file = |name: &str| self.path(name).display().to_string();
+        // Quoted as TOML strings: a Windows path's backslashes are escapes in `"..."`.
+        let file =
+            |name: &str| toml::Value::String(self.path(name).display().to_string()).to_string();
         format!(
-            "[identity]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n\
-             [identity.bundles]\n\"{}\" = \"{}\"\n",
+            "[identity]\nsource = \"files\"\ncert = {}\nkey = {}\n\
+             [identity.bundles]\n\"{}\" = {}\n",
             file(&format!("{workload}.crt")),
             file(&format!("{workload}.key")),
             self.mesh.trust_domain(),

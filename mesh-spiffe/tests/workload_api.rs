@@ -373,8 +373,20 @@ async fn spire_source_waits_for_a_usable_first_svid() {
 
 #[tokio::test]
 async fn spire_source_times_out_without_an_agent() {
+    #[cfg(unix)]
     let dir = tempfile::tempdir().unwrap();
+    #[cfg(unix)]
     let endpoint = format!("unix://{}", dir.path().join("nobody.sock").display());
+    // Elsewhere a port nothing listens on (bound, then released).
+    #[cfg(not(unix))]
+    let endpoint = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("tcp://127.0.0.1:{port}")
+    };
     let error = SpireSource::builder()
         .endpoint(endpoint)
         .initial_timeout(Duration::from_millis(300))

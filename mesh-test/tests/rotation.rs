@@ -103,7 +103,14 @@ async fn svid_and_trust_anchor_rotation_under_load_fail_no_request() {
 async fn the_fake_workload_api_serves_the_mesh_identity_and_its_rotations() {
     let mesh = MockMesh::new().unwrap();
     let agent = mesh.workload_api("web").unwrap();
-    assert!(agent.endpoint().starts_with("unix://"));
+    // A Unix socket where there are Unix sockets, else loopback TCP.
+    let scheme = if cfg!(unix) {
+        "unix://"
+    } else {
+        "tcp://127.0.0.1:"
+    };
+    assert!(agent.endpoint().starts_with(scheme), "{}", agent.endpoint());
+    assert_eq!(agent.socket_path().is_some(), cfg!(unix));
     // What code reading SPIFFE_ENDPOINT_SOCKET does, with the address given explicitly.
     let source = SpireSource::builder()
         .endpoint(agent.endpoint())
