@@ -3,12 +3,12 @@
 //! [`FakeWorkloadApi`] plays the part of a SPIRE agent: it serves the X.509 half of the
 //! Workload API over a Unix socket ([`start`](FakeWorkloadApi::start), Unix only) or a
 //! loopback TCP port ([`start_tcp`](FakeWorkloadApi::start_tcp), every platform: the
-//! Workload API's `tcp://IP:PORT` endpoints, which Windows tests need) to any client (the `spiffe` crate's `X509Source` and
-//! `WorkloadApiClient`, SPIRE's Go client, our [`SpireSource`](crate::spire)), and
-//! streams whatever [`X509Update`] the test pushes to every open `FetchX509SVID` and
-//! `FetchX509Bundles` call, as an agent does on rotation. Updates come from the
-//! [`TestCa`](crate::test_ca::TestCa) through [`X509Update::new`], or from raw bytes
-//! through [`X509Update::from_der`] to feed clients malformed input.
+//! Workload API's `tcp://IP:PORT` endpoints, which Windows tests need) to any client (the
+//! `spiffe` crate's `X509Source` and `WorkloadApiClient`, SPIRE's Go client, our
+//! [`SpireSource`](crate::spire)), and streams whatever [`X509Update`] the test pushes to
+//! every open `FetchX509SVID` and `FetchX509Bundles` call, as an agent does on rotation.
+//! Updates come from the [`TestCa`](crate::test_ca::TestCa) through [`X509Update::new`],
+//! or from raw bytes through [`X509Update::from_der`] to feed clients malformed input.
 //!
 //! What it checks, like the specification asks of a real agent: every call must carry the
 //! gRPC metadata `workload.spiffe.io: true` ([`SECURITY_HEADER`]), otherwise it is refused
@@ -190,8 +190,8 @@ impl X509Update {
 
 /// A running fake Workload API server; see the [module docs](self).
 ///
-/// Dropping it stops the server at once (open calls are cut) and removes the socket file;
-/// [`shutdown`](Self::shutdown) stops it gracefully.
+/// Dropping it stops the server at once (open calls are cut) and removes its socket file,
+/// if it has one; [`shutdown`](Self::shutdown) stops it gracefully.
 pub struct FakeWorkloadApi {
     listen: Listen,
     updates: Option<watch::Sender<Arc<X509Update>>>,
@@ -254,6 +254,7 @@ impl FakeWorkloadApi {
         ))
     }
 
+    /// Serves the Workload API on the connections `incoming` yields.
     fn serve<S, IO>(listen: Listen, incoming: S, initial: X509Update) -> Self
     where
         S: Stream<Item = io::Result<IO>> + Send + 'static,
