@@ -89,7 +89,6 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
     std::fs::create_dir_all(&dir).unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config/demo");
     let demo = demo.canonicalize().expect("examples/config/demo");
-    let demo = demo.display();
 
     // Every listener binds port 0; each proxy reports its addresses on stdout.
     let hop_config = format!(
@@ -102,11 +101,15 @@ async fn train(proxy: PathBuf, scale: f64) -> u64 {
          [[outbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"upstream\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n"
     );
+    // Paths quoted as TOML strings: a Windows path's backslashes are escapes in `"..."`.
+    let file = |name: &str| toml::Value::String(demo.join(name).display().to_string());
     let identity = |name: &str| {
         format!(
             "drain_timeout = \"2s\"\n[identity]\nsource = \"files\"\n\
-             cert = \"{demo}/{name}.crt\"\nkey = \"{demo}/{name}.key\"\n\
-             [identity.bundles]\n\"example.org\" = \"{demo}/ca.pem\"\n"
+             cert = {}\nkey = {}\n[identity.bundles]\n\"example.org\" = {}\n",
+            file(&format!("{name}.crt")),
+            file(&format!("{name}.key")),
+            file("ca.pem"),
         )
     };
     let inbound_config = format!(

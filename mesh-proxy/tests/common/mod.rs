@@ -166,10 +166,14 @@ pub fn identity(dir: &Path, ca: &mut TestCa, name: &str) -> String {
     std::fs::write(dir.join(format!("{name}.crt")), chain).unwrap();
     std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
     std::fs::write(dir.join("bundle.pem"), ca.bundle().unwrap().to_pem()).unwrap();
+    // Quoted as TOML strings, whatever characters the temporary directory's path holds.
+    let file = |name: &str| toml::Value::String(dir.join(name).display().to_string());
     format!(
-        "[identity]\nsource = \"files\"\ncert = \"{d}/{name}.crt\"\nkey = \"{d}/{name}.key\"\n\
-         [identity.bundles]\n\"example.org\" = \"{d}/bundle.pem\"\n",
-        d = dir.display()
+        "[identity]\nsource = \"files\"\ncert = {}\nkey = {}\n\
+         [identity.bundles]\n\"example.org\" = {}\n",
+        file(&format!("{name}.crt")),
+        file(&format!("{name}.key")),
+        file("bundle.pem"),
     )
 }
 
