@@ -17,6 +17,7 @@ use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
+use mesh_tower::upgrade::Tunnel;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -219,7 +220,8 @@ impl Proxy {
                 }
                 None => mesh_tower::forward::DEFAULT_IDENTITY_HEADER,
             };
-            let app = Forward::<Incoming>::new(inbound.target).identity_header(header);
+            // Upgrades (WebSocket) are spliced to the application's connection.
+            let app = Tunnel::new(Forward::<Incoming>::new(inbound.target).identity_header(header));
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");
@@ -278,7 +280,9 @@ impl Proxy {
             } else {
                 AnswerErrorsLayer::new()
             };
-            let app: AnswerErrors<Router<Backend>> = answers.layer(router.clone());
+            // Upgrades (WebSocket) are spliced to the upstream's connection.
+            let app: Tunnel<AnswerErrors<Router<Backend>>> =
+                Tunnel::new(answers.layer(router.clone()));
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
             access_logs.push(Some(log.handle().clone()));

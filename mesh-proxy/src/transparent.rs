@@ -28,6 +28,7 @@ use mesh_tower::server::{Handoff, MeshServer, Server};
 use mesh_tower::transparent::{
     DestinationTable, Destinations, TransparentListener, TransparentMetrics,
 };
+use mesh_tower::upgrade::Tunnel;
 use tower::Layer;
 
 use crate::proxy::{Backend, StartError, lock, opaque_client, routes};
@@ -138,7 +139,8 @@ impl Transparent {
                 }
             })?;
         let router = Router::new(set);
-        let app: AnswerErrors<Router<Backend>> = AnswerErrorsLayer::new().layer(router.clone());
+        let app: Tunnel<AnswerErrors<Router<Backend>>> =
+            Tunnel::new(AnswerErrorsLayer::new().layer(router.clone()));
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
         let mut builder = MeshServer::builder()

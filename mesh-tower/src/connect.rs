@@ -747,6 +747,9 @@ where
             Ok(Checkout::H2(sender, peer))
         } else {
             let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
+            // With upgrades: a `101` (or a `2xx` to CONNECT) hands the connection to the
+            // response's `OnUpgrade` (see `crate::upgrade`).
+            let conn = conn.with_upgrades();
             tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
@@ -830,9 +833,13 @@ where
                 if let Some(uri) = to_origin_form(&mut req, &shared.authority) {
                     absolute = Some(uri);
                 }
+                let connect = req.method() == http::Method::CONNECT;
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let back = Some(CheckIn {
+                        // A switched connection belongs to the response's `OnUpgrade`.
+                        let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                            || (connect && resp.status().is_success());
+                        let back = (!switched).then(|| CheckIn {
                             sender,
                             peer: peer.clone(),
                             shared: shared.clone(),

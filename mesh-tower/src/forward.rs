@@ -79,6 +79,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// [`strip_hop_by_hop`] on an HTTP/1.1 message, but keeping `Upgrade` and `Connection:
+/// upgrade` when it asks to switch protocols (a request) or switches (a `101`); see
+/// [`crate::upgrade`]. Returns the protocol when it kept them.
+pub(crate) fn strip_keeping_upgrade(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    if !headers.keys().any(is_connection_specific) {
+        return None;
+    }
+    let upgrade = crate::upgrade::requested(headers);
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = &upgrade {
+        crate::upgrade::set_upgrade_fields(headers, protocol.clone());
+    }
+    upgrade
+}
+
 /// Whether `name` is one of the fields [`strip_hop_by_hop`] may remove (`TE` included,
 /// which it keeps when it is exactly `trailers`).
 fn is_connection_specific(name: &HeaderName) -> bool {
@@ -134,30 +149,51 @@ pub struct ToMesh<S> {
     enabled: bool,
 }
 
-impl<S, B> Service<Request<B>> for ToMesh<S>
+impl<S, B, RB> Service<Request<B>> for ToMesh<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<RB>>,
 {
-    type Response = S::Response;
+    type Response = Response<RB>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ToMeshFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
-        strip_hop_by_hop(req.headers_mut());
+    fn call(&mut self, mut req: Request<B>) -> ToMeshFuture<S::Future> {
+        let upgrade = if req.version() == Version::HTTP_11 {
+            strip_keeping_upgrade(req.headers_mut())
+        } else {
+            strip_hop_by_hop(req.headers_mut());
+            None
+        };
         if !self.enabled {
-            return self.inner.call(req);
+            return ToMeshFuture {
+                inner: self.inner.call(req),
+                upgrade: None,
+            };
         }
         let orig = match req.version() {
             Version::HTTP_10 => Some("HTTP/1.0"),
             Version::HTTP_11 | Version::HTTP_09 => Some("HTTP/1.1"),
             _ => None,
         };
+        req.headers_mut().remove(ORIG_PROTO);
+        // An upgrade crosses as an extended CONNECT (RFC 8441), `GET` only: see
+        // `crate::upgrade`. Any other crosses as an ordinary request.
+        let upgrade = upgrade.and_then(|protocol| {
+            req.headers_mut().remove(header::CONNECTION);
+            req.headers_mut().remove(header::UPGRADE);
+            if req.method() != http::Method::GET {
+                return None;
+            }
+            let name = hyper::ext::Protocol::from(protocol.to_str().ok()?);
+            req.extensions_mut().insert(name);
+            *req.method_mut() = http::Method::CONNECT;
+            Some(protocol)
+        });
         let headers = req.headers_mut();
-        headers.remove(ORIG_PROTO);
         if let Some(orig) = orig {
             headers.insert(ORIG_PROTO, HeaderValue::from_static(orig));
             // `Host` travels as `:authority` (the URI's) in HTTP/2.
@@ -168,7 +204,49 @@ where
             }
             *req.version_mut() = Version::HTTP_2;
         }
-        self.inner.call(req)
+        ToMeshFuture {
+            inner: self.inner.call(req),
+            upgrade,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a [`ToMesh`]: an upgrade the peer accepted (`2xx` to its
+    /// extended CONNECT) becomes the `101` the HTTP/1.1 client waits for.
+    pub struct ToMeshFuture<F> {
+        #[pin]
+        inner: F,
+        upgrade: Option<HeaderValue>,
+    }
+}
+
+impl<F> fmt::Debug for ToMeshFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ToMeshFuture")
+            .field("upgrade", &self.upgrade)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, RB, E> std::future::Future for ToMeshFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<RB>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(protocol) = this.upgrade.take()
+            && resp.status().is_success()
+        {
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *resp.version_mut() = Version::HTTP_11;
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+            crate::upgrade::set_upgrade_fields(resp.headers_mut(), protocol);
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -261,7 +339,31 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let grpc = mesh_core::classify::is_grpc(req.headers());
         let orig = req.headers_mut().remove(ORIG_PROTO);
-        strip_hop_by_hop(req.headers_mut());
+        // An HTTP/1.1 upgrade that crossed the mesh as an extended CONNECT goes back to
+        // `GET` with `Upgrade` (see `crate::upgrade`).
+        let tunnelled = if orig.is_some() && req.method() == http::Method::CONNECT {
+            req.extensions_mut()
+                .remove::<hyper::ext::Protocol>()
+                .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+        } else {
+            None
+        };
+        let tunnelled = match tunnelled {
+            Some(protocol) => {
+                strip_hop_by_hop(req.headers_mut());
+                crate::upgrade::set_upgrade_fields(req.headers_mut(), protocol);
+                *req.method_mut() = http::Method::GET;
+                true
+            }
+            None if req.version() == Version::HTTP_11 => {
+                strip_keeping_upgrade(req.headers_mut());
+                false
+            }
+            None => {
+                strip_hop_by_hop(req.headers_mut());
+                false
+            }
+        };
         let identity = req
             .extensions()
             .get::<mesh_spiffe::PeerIdentity>()
@@ -297,6 +399,7 @@ where
             inner: client.send(req),
             target: self.target,
             grpc,
+            tunnelled,
         }
     }
 }
@@ -308,6 +411,7 @@ pin_project_lite::pin_project! {
         inner: connect::ResponseFuture<B>,
         target: SocketAddr,
         grpc: bool,
+        tunnelled: bool,
     }
 }
 
@@ -330,8 +434,30 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         Poll::Ready(Ok(match result {
-            Ok(mut resp) => {
+            Ok(mut resp) if *this.tunnelled => {
+                // The client's proxy waits for a successful CONNECT: `2xx` means switched.
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    *resp.status_mut() = StatusCode::OK;
+                    *resp.version_mut() = Version::HTTP_2;
+                } else if resp.status().is_success() {
+                    tracing::info!(target = %this.target, status = %resp.status(), "the application answered an upgrade without switching: answered 502");
+                    return Poll::Ready(Ok(text_answer(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "the application answered the upgrade with {} without switching protocols\n",
+                            resp.status()
+                        ),
+                    )));
+                }
                 strip_hop_by_hop(resp.headers_mut());
+                resp.map(ResponseBody::inner)
+            }
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    strip_keeping_upgrade(resp.headers_mut());
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
                 resp.map(ResponseBody::inner)
             }
             Err(e) => {
@@ -562,17 +688,21 @@ mod tests {
 
     #[tokio::test]
     async fn http1_requests_go_to_peers_as_http2_with_their_version_and_host() {
-        let seen =
-            tower::service_fn(
-                |req: Request<()>| async move { Ok::<_, std::convert::Infallible>(req) },
-            );
+        let seen = tower::service_fn(|req: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(Response::new(req))
+        });
         let req = Request::get("/users?id=7")
             .version(Version::HTTP_11)
             .header(header::HOST, "users.example.org:8080")
             .header(header::CONNECTION, "close")
             .body(())
             .unwrap();
-        let sent = ToMeshLayer::new().layer(seen).oneshot(req).await.unwrap();
+        let sent = ToMeshLayer::new()
+            .layer(seen)
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body();
         assert_eq!(sent.version(), Version::HTTP_2);
         assert_eq!(sent.headers()[ORIG_PROTO], "HTTP/1.1");
         assert_eq!(sent.uri(), "http://users.example.org:8080/users?id=7");
@@ -588,10 +718,92 @@ mod tests {
             .layer(seen)
             .oneshot(req)
             .await
-            .unwrap();
+            .unwrap()
+            .into_body();
         assert_eq!(sent.version(), Version::HTTP_11);
         assert!(sent.headers().get(ORIG_PROTO).is_none());
         assert!(sent.headers().get(header::UPGRADE).is_none());
+    }
+
+    /// `GET /chat` asking to switch to WebSocket, with a hop's own field beside.
+    fn websocket_request(method: http::Method) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri("/chat")
+            .header(header::HOST, "chat.example")
+            .header(header::CONNECTION, "Upgrade, x-secret")
+            .header("x-secret", "1")
+            .header(header::UPGRADE, "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn upgrades_cross_to_peers_as_extended_connect_and_come_back_as_101() {
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let record = sent.clone();
+        let peer = tower::service_fn(move |req: Request<()>| {
+            let upgrade = req.method() == http::Method::CONNECT;
+            *record.lock().unwrap() = Some(req);
+            async move {
+                // The peer's answer to a successful extended CONNECT.
+                let status = if upgrade { 200 } else { 404 };
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder().status(status).body(()).unwrap(),
+                )
+            }
+        });
+        let resp = ToMeshLayer::new()
+            .layer(peer.clone())
+            .oneshot(websocket_request(http::Method::GET))
+            .await
+            .unwrap();
+        let req = sent.lock().unwrap().take().unwrap();
+        assert_eq!(req.method(), http::Method::CONNECT);
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(
+            req.extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| p.as_str()),
+            Some("websocket")
+        );
+        assert_eq!(req.uri(), "http://chat.example/chat");
+        assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1");
+        assert_eq!(
+            req.headers()["sec-websocket-key"],
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+        for gone in ["connection", "upgrade", "x-secret"] {
+            assert!(req.headers().get(gone).is_none(), "{gone} crossed");
+        }
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(resp.headers()[header::UPGRADE], "websocket");
+        assert_eq!(resp.headers()[header::CONNECTION], "upgrade");
+
+        // Another method than GET has no HTTP/2 form: it crosses as an ordinary request.
+        let resp = ToMeshLayer::new()
+            .layer(peer.clone())
+            .oneshot(websocket_request(http::Method::POST))
+            .await
+            .unwrap();
+        let req = sent.lock().unwrap().take().unwrap();
+        assert_eq!(req.method(), http::Method::POST);
+        assert!(req.extensions().get::<hyper::ext::Protocol>().is_none());
+        assert!(req.headers().get(header::UPGRADE).is_none());
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+        // Passthrough (an HTTP/1.1 server): the upgrade's own fields stay, no others.
+        ToMeshLayer::passthrough()
+            .layer(peer)
+            .oneshot(websocket_request(http::Method::GET))
+            .await
+            .unwrap();
+        let req = sent.lock().unwrap().take().unwrap();
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(req.headers()[header::UPGRADE], "websocket");
+        assert_eq!(req.headers()[header::CONNECTION], "upgrade");
+        assert!(req.headers().get("x-secret").is_none());
     }
 
     #[tokio::test]

@@ -81,6 +81,7 @@ pub mod server;
 pub mod timeout;
 #[cfg(feature = "transparent")]
 pub mod transparent;
+pub mod upgrade;
 
 /// A duration in whole nanoseconds, saturating (after ~584 years): a `u64`, where
 /// `Duration::as_nanos` gives a `u128` whose division and float conversion cost a

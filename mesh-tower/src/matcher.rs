@@ -176,8 +176,14 @@ impl RequestMatch {
     }
 
     /// Whether `req` satisfies every condition.
+    /// An HTTP/2 extended CONNECT matches as the `GET` it stands for
+    /// ([`crate::upgrade::request_method`]).
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
-        self.matches_parts(req.method(), req.uri(), req.headers())
+        self.matches_parts(
+            crate::upgrade::request_method(req),
+            req.uri(),
+            req.headers(),
+        )
     }
 
     /// [`matches`](Self::matches) on a request's parts.

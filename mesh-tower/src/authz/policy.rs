@@ -286,13 +286,20 @@ impl Policy {
     }
 
     /// The decision on a request from `client` (`None`: unauthenticated): the first rule
-    /// that admits both the client and the request, else the default.
+    /// that admits both the client and the request, else the default. An HTTP/2
+    /// extended CONNECT is judged as the `GET` it stands for
+    /// ([`crate::upgrade::request_method`]).
     pub fn decide<B>(
         &self,
         client: Option<&SpiffeId>,
         req: &http::Request<B>,
     ) -> Result<&AuthzDecision, Denied> {
-        self.decide_parts(client, req.method(), req.uri(), req.headers())
+        self.decide_parts(
+            client,
+            crate::upgrade::request_method(req),
+            req.uri(),
+            req.headers(),
+        )
     }
 
     /// [`decide`](Self::decide) on a request's parts.

@@ -133,7 +133,10 @@ pub(super) fn http_builder<E>(
         .keep_alive_interval(limits.keep_alive_interval)
         .keep_alive_timeout(limits.keep_alive_timeout)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.max_local_error_reset_streams);
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+        // Extended CONNECT (RFC 8441): WebSocket over HTTP/2, and upgrades from peer
+        // proxies (see `crate::upgrade`).
+        .enable_connect_protocol();
     builder
 }
 
@@ -311,7 +314,9 @@ async fn serve<IO, S, B>(
     );
     let mut streams = Streams::new(exec);
     let io = TokioIo::new(Watched::new(io, clock.clone()));
-    let mut conn = pin!(http.serve_connection(io, service));
+    // With upgrades: a request's `OnUpgrade` takes the connection over once a `101` (or a
+    // `2xx` to CONNECT) is written (see `crate::upgrade`); the connection's task ends.
+    let mut conn = pin!(http.serve_connection_with_upgrades(io, service));
     // Until the first request begins, the header-read bound covers the silence too;
     // after it, the idle timeout. Activity is not timed per request: a check every
     // `step` sees whether there was any, so a connection closes between `idle_timeout`

@@ -1,0 +1,493 @@
+//! HTTP upgrades through a proxy: WebSocket, or any other protocol a request switches to
+//! with `Upgrade` (but `h2c`), and HTTP/2 CONNECT, spliced between the client's
+//! connection and the upstream's.
+//!
+//! After `101 Switching Protocols` the bytes on a connection are no longer HTTP, so a
+//! proxy that forwards requests one by one cannot carry them. [`Tunnel`] (the layer
+//! [`TunnelLayer`]), above a proxy's forwarding stack, does:
+//!
+//! 1. A request that asks to switch — HTTP/1.1 with `Upgrade` and a `Connection` naming
+//!    `upgrade` (RFC 9110 §7.8), or HTTP/2 `CONNECT`, extended (RFC 8441, `:protocol`) or
+//!    not — has the client connection's half of the switch (hyper's [`OnUpgrade`]) taken
+//!    off and goes down the stack as any request does: routing, authorization, balancing,
+//!    retries and timeouts apply to it.
+//! 2. An answer that accepts — `101` to HTTP/1.1, `2xx` to HTTP/2 `CONNECT` — brings the
+//!    upstream connection's half in its extensions (hyper's client puts it there). Once
+//!    both connections have switched, a task copies bytes both ways until each side has
+//!    closed (a side's end shuts the other's write half) or either fails. An answer that
+//!    accepts with no upstream half to splice (a stack that dropped it), or a `101` to a
+//!    request that did not ask to switch, becomes `502`: a client told it switched would
+//!    otherwise wait on a connection nobody serves.
+//! 3. Any other answer goes back as it is; the client's connection stays HTTP.
+//!
+//! A request with `Upgrade: h2c` (RFC 9113 deprecates it, and it is a hop's own business)
+//! or `Upgrade` without `Connection: upgrade` is an ordinary request: the proxy strips
+//! both fields ([`crate::forward::strip_hop_by_hop`]). HTTP/1.0 cannot switch (RFC 9110
+//! §7.8: its `Upgrade` is ignored).
+//!
+//! **Across the mesh** ([`crate::forward`]): between two proxies every request travels
+//! over one multiplexed HTTP/2 connection, where `Upgrade` does not exist. An HTTP/1.1
+//! `GET` that asks to switch goes as an extended CONNECT (RFC 8441) with the `Upgrade`
+//! token as `:protocol` — the way HTTP/2 carries WebSocket — and the peer restores it to
+//! HTTP/1.1 with `Upgrade` for the application. The application's `101` crosses back as
+//! `200` (a successful CONNECT) and becomes `101` again for the client. Upgrades with
+//! other methods than `GET` (rare: RFC 8441 defines none) cross as ordinary requests, the
+//! upgrade stripped. Policies and route matches see an extended CONNECT as the `GET` it
+//! stands for ([`request_method`]).
+//!
+//! A tunnel's bytes are not HTTP: no timeout, no limit but the connections' own, and no
+//! per-request metric applies to them once switched (the switch itself is a request with
+//! status 101 in the metrics and the access log). Tunnels end when either side closes or
+//! the proxy exits; a drain does not wait for them.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tower::Layer;
+use tower_service::Service;
+
+/// The method a request stands for: `GET` for an HTTP/2 extended CONNECT (RFC 8441,
+/// `:protocol`), which opens what an HTTP/1.1 `GET` with `Upgrade` opens; its own
+/// otherwise. Route matches and authorization policies judge requests by it.
+pub fn request_method<B>(req: &Request<B>) -> &Method {
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some() {
+        &Method::GET
+    } else {
+        req.method()
+    }
+}
+
+/// The protocol an HTTP/1.1 message's headers ask to switch to: its `Upgrade` value,
+/// when a `Connection` field names `upgrade` and the value is not `h2c`.
+pub(crate) fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    let named = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    let h2c = protocol
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"));
+    (named && !h2c && !protocol.is_empty()).then(|| protocol.clone())
+}
+
+/// Sets the two fields of an HTTP/1.1 upgrade: `Connection: upgrade` and `Upgrade`.
+pub(crate) fn set_upgrade_fields(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// How a request asked to switch, as it reached [`Tunnel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asked {
+    /// HTTP/1.1 `Upgrade`: accepted by `101`.
+    Upgrade,
+    /// `CONNECT` (HTTP/2, extended or not, or HTTP/1.1): accepted by any `2xx`.
+    Connect,
+}
+
+impl Asked {
+    fn of<B>(req: &Request<B>) -> Option<Self> {
+        if req.method() == Method::CONNECT {
+            Some(Self::Connect)
+        } else if req.version() == Version::HTTP_11 && requested(req.headers()).is_some() {
+            Some(Self::Upgrade)
+        } else {
+            None
+        }
+    }
+
+    fn accepted(self, status: StatusCode) -> bool {
+        match self {
+            Self::Upgrade => status == StatusCode::SWITCHING_PROTOCOLS,
+            Self::Connect => status.is_success(),
+        }
+    }
+}
+
+/// Splices upgraded connections; see the [module docs](self).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TunnelLayer {
+    _priv: (),
+}
+
+impl TunnelLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for TunnelLayer {
+    type Service = Tunnel<S>;
+
+    fn layer(&self, inner: S) -> Tunnel<S> {
+        Tunnel { inner }
+    }
+}
+
+/// Splices upgraded connections; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Tunnel<S> {
+    inner: S,
+}
+
+impl<S> Tunnel<S> {
+    /// `inner` with upgrades spliced.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Tunnel<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = TunnelFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // hyper's server puts a half in every request that may switch; most do not.
+        let client = match req.extensions_mut().remove::<OnUpgrade>() {
+            None => None,
+            Some(half) => Asked::of(&req).map(|asked| ClientHalf {
+                half,
+                asked,
+                protocol: protocol_name(&req),
+            }),
+        };
+        TunnelFuture {
+            inner: self.inner.call(req),
+            client,
+        }
+    }
+}
+
+/// The name a tunnel is logged by: the upgrade's protocol, or `CONNECT`.
+fn protocol_name<B>(req: &Request<B>) -> HeaderValue {
+    if let Some(p) = req.extensions().get::<hyper::ext::Protocol>() {
+        return HeaderValue::from_str(p.as_str())
+            .unwrap_or(HeaderValue::from_static("extended-connect"));
+    }
+    match req.headers().get(header::UPGRADE) {
+        Some(p) if req.method() != Method::CONNECT => p.clone(),
+        _ => HeaderValue::from_static("CONNECT"),
+    }
+}
+
+/// The client connection's half of a switch, waiting for the answer.
+struct ClientHalf {
+    half: OnUpgrade,
+    asked: Asked,
+    protocol: HeaderValue,
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a [`Tunnel`].
+    pub struct TunnelFuture<F> {
+        #[pin]
+        inner: F,
+        client: Option<ClientHalf>,
+    }
+}
+
+impl<F> fmt::Debug for TunnelFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TunnelFuture")
+            .field("switching", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, RB, E> Future for TunnelFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<RB>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        let client = this.client.take();
+        let status = resp.status();
+        match client {
+            Some(client) if client.asked.accepted(status) => {
+                match resp.extensions_mut().remove::<OnUpgrade>() {
+                    Some(upstream) => {
+                        tokio::spawn(splice(client.half, upstream, client.protocol));
+                    }
+                    None => {
+                        tracing::warn!(protocol = ?client.protocol, %status, "the upstream accepted the switch, but no upgraded connection came with its answer: answered 502");
+                        refuse(&mut resp);
+                    }
+                }
+            }
+            None if status == StatusCode::SWITCHING_PROTOCOLS => {
+                tracing::warn!(
+                    "the upstream answered 101 to a request that did not ask to switch: answered 502"
+                );
+                refuse(&mut resp);
+            }
+            // Not accepted: the client's half is dropped, its connection stays HTTP.
+            _ => {}
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+/// Turns an answer that cannot be kept into a `502` (its body, empty for a switch, kept).
+fn refuse<RB>(resp: &mut Response<RB>) {
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    let headers = resp.headers_mut();
+    headers.remove(header::UPGRADE);
+    headers.remove(header::CONNECTION);
+}
+
+/// Copies bytes both ways between the two switched connections, once both have switched.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue) {
+    let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(?protocol, %error, "a connection did not switch: tunnel closed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    tracing::debug!(?protocol, "tunnel open");
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            tracing::debug!(?protocol, bytes_up = up, bytes_down = down, "tunnel closed");
+        }
+        Err(error) => tracing::debug!(?protocol, %error, "tunnel failed"),
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use hyper::body::Incoming;
+    use mesh_core::config::Protocol;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::connect::{ConnectSettings, EndpointClient};
+    use crate::forward::ToMeshLayer;
+    use crate::server::MeshServer;
+
+    /// Reads an HTTP/1.1 head (through its blank line) from `io`, byte by byte so that
+    /// nothing after it is consumed.
+    async fn read_head(io: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0];
+            if io.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    /// An application that switches every request asking for `test-proto` and then
+    /// echoes bytes until the client's end, answering others 426. Each head it read goes
+    /// to `heads`.
+    async fn switching_app() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, heads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut io, _) = listener.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let head = read_head(&mut io).await;
+                    let switch = head.to_ascii_lowercase().contains("upgrade: test-proto");
+                    let _ = tx.send(head);
+                    if !switch {
+                        let _ = io
+                            .write_all(
+                                b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                    io.write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: test-proto\r\n\r\n",
+                    )
+                    .await
+                    .unwrap();
+                    let (mut r, mut w) = io.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    /// A proxy hop: `MeshServer` in plaintext, `Tunnel` over an HTTP/1.1 client to `app`.
+    async fn proxy(app: SocketAddr) -> crate::server::Server {
+        let client = EndpointClient::<Incoming>::new(
+            app,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let stack = TunnelLayer::new().layer(ToMeshLayer::passthrough().layer(client));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        MeshServer::builder()
+            .plaintext()
+            .serve(listener, stack)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_http1_upgrade_is_spliced_through_a_proxy_hop() {
+        let (app, mut heads) = switching_app().await;
+        let server = proxy(app).await;
+        let mut io = TcpStream::connect(server.local_addr()).await.unwrap();
+        io.write_all(
+            b"GET /chat HTTP/1.1\r\nhost: chat.example\r\nconnection: keep-alive, Upgrade, x-secret\r\n\
+              x-secret: 1\r\nupgrade: test-proto\r\nsec-test-key: abc\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("upgrade: test-proto"), "{head}");
+        assert!(lower.contains("connection: upgrade"), "{head}");
+        // The application got the upgrade's fields, and none of the hop's own.
+        let seen = heads.recv().await.unwrap().to_ascii_lowercase();
+        assert!(seen.starts_with("get /chat http/1.1"), "{seen}");
+        assert!(seen.contains("connection: upgrade\r\n"), "{seen}");
+        assert!(seen.contains("upgrade: test-proto"), "{seen}");
+        assert!(seen.contains("sec-test-key: abc"), "{seen}");
+        assert!(!seen.contains("x-secret"), "{seen}");
+
+        // Switched: bytes both ways, any size, then each side's end reaches the other.
+        let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = io.into_split();
+        let send = blob.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&send).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        r.read_to_end(&mut echoed).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(echoed.len(), blob.len());
+        assert!(echoed == blob, "the tunnel changed the bytes");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_unasked_switch_leaves_the_connection_http() {
+        let (app, mut heads) = switching_app().await;
+        let server = proxy(app).await;
+        let mut io = TcpStream::connect(server.local_addr()).await.unwrap();
+        // `h2c` is a hop's own: not passed on, so the application answers 426, and the
+        // client's connection goes on with HTTP.
+        io.write_all(
+            b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n\
+              upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        let seen = heads.recv().await.unwrap().to_ascii_lowercase();
+        assert!(!seen.contains("upgrade"), "{seen}");
+        assert!(!seen.contains("http2-settings"), "{seen}");
+        // `Upgrade` without `Connection: upgrade` asks for nothing (RFC 9110 §7.8).
+        io.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\nupgrade: test-proto\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        let seen = heads.recv().await.unwrap().to_ascii_lowercase();
+        assert!(seen.starts_with("get /b "), "{seen}");
+        assert!(!seen.contains("upgrade"), "{seen}");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_switch_nobody_asked_for_is_answered_502() {
+        let switching = tower::service_fn(|_req: Request<()>| async {
+            let resp = Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(header::UPGRADE, "test-proto")
+                .header(header::CONNECTION, "upgrade")
+                .body(())
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let resp = Tunnel::new(switching)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert!(resp.headers().get(header::UPGRADE).is_none());
+    }
+
+    #[test]
+    fn an_extended_connect_stands_for_get() {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("http://chat.example/ws")
+            .body(())
+            .unwrap();
+        assert_eq!(request_method(&req), Method::CONNECT);
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert_eq!(request_method(&req), Method::GET);
+        let post = Request::post("/").body(()).unwrap();
+        assert_eq!(request_method(&post), Method::POST);
+    }
+
+    #[test]
+    fn only_a_connection_naming_upgrade_asks_for_one() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let ws = [("connection", "keep-alive"), ("connection", " UPGRADE ")];
+        let mut h = headers(&ws);
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert_eq!(requested(&h).unwrap(), "websocket");
+        assert!(requested(&headers(&[("upgrade", "websocket")])).is_none());
+        assert!(requested(&headers(&[("connection", "upgrade"), ("upgrade", "h2c")])).is_none());
+        assert!(
+            requested(&headers(&[
+                ("connection", "upgrade"),
+                ("upgrade", "foo, H2C")
+            ]))
+            .is_none()
+        );
+        assert!(requested(&headers(&[("connection", "upgraded"), ("upgrade", "x")])).is_none());
+    }
+}
