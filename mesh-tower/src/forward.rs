@@ -155,13 +155,13 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = ToMeshFuture<S::Future>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> ToMeshFuture<S::Future> {
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
         let upgrade = if req.version() == Version::HTTP_11 {
             strip_keeping_upgrade(req.headers_mut())
         } else {
@@ -169,10 +169,7 @@ where
             None
         };
         if !self.enabled {
-            return ToMeshFuture {
-                inner: self.inner.call(req),
-                upgrade: None,
-            };
+            return self.inner.call(req);
         }
         let orig = match req.version() {
             Version::HTTP_10 => Some("HTTP/1.0"),
@@ -182,17 +179,19 @@ where
         req.headers_mut().remove(ORIG_PROTO);
         // An upgrade crosses as an extended CONNECT (RFC 8441), `GET` only: see
         // `crate::upgrade`. Any other crosses as an ordinary request.
-        let upgrade = upgrade.and_then(|protocol| {
+        // The peer's `200` comes back as it is, with the switched stream's `OnUpgrade`:
+        // `crate::upgrade::Tunnel` answers the client's `101`.
+        if let Some(protocol) = upgrade {
             req.headers_mut().remove(header::CONNECTION);
             req.headers_mut().remove(header::UPGRADE);
-            if req.method() != http::Method::GET {
-                return None;
+            if req.method() == http::Method::GET
+                && let Ok(name) = protocol.to_str()
+            {
+                req.extensions_mut()
+                    .insert(hyper::ext::Protocol::from(name));
+                *req.method_mut() = http::Method::CONNECT;
             }
-            let name = hyper::ext::Protocol::from(protocol.to_str().ok()?);
-            req.extensions_mut().insert(name);
-            *req.method_mut() = http::Method::CONNECT;
-            Some(protocol)
-        });
+        }
         let headers = req.headers_mut();
         if let Some(orig) = orig {
             headers.insert(ORIG_PROTO, HeaderValue::from_static(orig));
@@ -204,49 +203,7 @@ where
             }
             *req.version_mut() = Version::HTTP_2;
         }
-        ToMeshFuture {
-            inner: self.inner.call(req),
-            upgrade,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response future of a [`ToMesh`]: an upgrade the peer accepted (`2xx` to its
-    /// extended CONNECT) becomes the `101` the HTTP/1.1 client waits for.
-    pub struct ToMeshFuture<F> {
-        #[pin]
-        inner: F,
-        upgrade: Option<HeaderValue>,
-    }
-}
-
-impl<F> fmt::Debug for ToMeshFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ToMeshFuture")
-            .field("upgrade", &self.upgrade)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<F, RB, E> std::future::Future for ToMeshFuture<F>
-where
-    F: std::future::Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = Result<Response<RB>, E>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut resp = std::task::ready!(this.inner.poll(cx))?;
-        if let Some(protocol) = this.upgrade.take()
-            && resp.status().is_success()
-        {
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            *resp.version_mut() = Version::HTTP_11;
-            resp.headers_mut().remove(header::CONTENT_LENGTH);
-            crate::upgrade::set_upgrade_fields(resp.headers_mut(), protocol);
-        }
-        Poll::Ready(Ok(resp))
+        self.inner.call(req)
     }
 }
 
@@ -740,7 +697,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn upgrades_cross_to_peers_as_extended_connect_and_come_back_as_101() {
+    async fn upgrades_cross_to_peers_as_extended_connect() {
         let sent = std::sync::Arc::new(std::sync::Mutex::new(None));
         let record = sent.clone();
         let peer = tower::service_fn(move |req: Request<()>| {
@@ -777,9 +734,8 @@ mod tests {
         for gone in ["connection", "upgrade", "x-secret"] {
             assert!(req.headers().get(gone).is_none(), "{gone} crossed");
         }
-        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-        assert_eq!(resp.headers()[header::UPGRADE], "websocket");
-        assert_eq!(resp.headers()[header::CONNECTION], "upgrade");
+        // The peer's answer comes back as it is (`Tunnel` answers the client's `101`).
+        assert_eq!(resp.status(), StatusCode::OK);
 
         // Another method than GET has no HTTP/2 form: it crosses as an ordinary request.
         let resp = ToMeshLayer::new()

@@ -30,7 +30,8 @@
 //! - [`access_log`]: one structured `tracing` event per request, when its response ends;
 //! - [`forward`]: proxying — connection-specific headers stripped, HTTP/1.1 carried over
 //!   HTTP/2 between proxies, the hop to a local application with the peer's identity, and
-//!   answers for failed requests;
+//!   answers for failed requests; [`upgrade`]: HTTP upgrades (WebSocket) and CONNECT
+//!   spliced through a proxy, and across the mesh as HTTP/2 extended CONNECT;
 //! - [`opaque`] (feature `opaque`): opaque TCP — an inbound relay to a target with
 //!   authorization per connection by the peer's identity, and an outbound relay to a
 //!   service's endpoints (P2C over open connections, failover), over SPIFFE mTLS;

@@ -7,17 +7,19 @@
 //! [`TunnelLayer`]), above a proxy's forwarding stack, does:
 //!
 //! 1. A request that asks to switch — HTTP/1.1 with `Upgrade` and a `Connection` naming
-//!    `upgrade` (RFC 9110 §7.8), or HTTP/2 `CONNECT`, extended (RFC 8441, `:protocol`) or
-//!    not — has the client connection's half of the switch (hyper's [`OnUpgrade`]) taken
-//!    off and goes down the stack as any request does: routing, authorization, balancing,
-//!    retries and timeouts apply to it.
-//! 2. An answer that accepts — `101` to HTTP/1.1, `2xx` to HTTP/2 `CONNECT` — brings the
-//!    upstream connection's half in its extensions (hyper's client puts it there). Once
-//!    both connections have switched, a task copies bytes both ways until each side has
-//!    closed (a side's end shuts the other's write half) or either fails. An answer that
-//!    accepts with no upstream half to splice (a stack that dropped it), or a `101` to a
-//!    request that did not ask to switch, becomes `502`: a client told it switched would
-//!    otherwise wait on a connection nobody serves.
+//!    `upgrade` (RFC 9110 §7.8), or `CONNECT` (HTTP/2, extended with `:protocol` as in
+//!    RFC 8441 or not, or HTTP/1.1) — has the client connection's half of the switch
+//!    (hyper's [`OnUpgrade`]) taken off and goes down the stack as any request does:
+//!    routing, authorization, balancing, retries and timeouts apply to it.
+//! 2. An answer that accepts — `101` to HTTP/1.1, `2xx` to `CONNECT`, or a `2xx` to an
+//!    HTTP/1.1 upgrade that crossed the mesh as extended CONNECT (below), which becomes
+//!    the client's `101` — brings the upstream connection's half in its extensions
+//!    (hyper's client puts it there). Once both connections have switched, a task
+//!    copies bytes both ways until each side has closed (a side's end shuts the other's
+//!    write half) or either fails. An answer that accepts with no upstream half to
+//!    splice (a stack that dropped it), or a `101` to a request that did not ask to
+//!    switch, becomes `502`: a client told it switched would otherwise wait on a
+//!    connection nobody serves.
 //! 3. Any other answer goes back as it is; the client's connection stays HTTP.
 //!
 //! A request with `Upgrade: h2c` (RFC 9113 deprecates it, and it is a hop's own business)
@@ -30,15 +32,19 @@
 //! `GET` that asks to switch goes as an extended CONNECT (RFC 8441) with the `Upgrade`
 //! token as `:protocol` — the way HTTP/2 carries WebSocket — and the peer restores it to
 //! HTTP/1.1 with `Upgrade` for the application. The application's `101` crosses back as
-//! `200` (a successful CONNECT) and becomes `101` again for the client. Upgrades with
+//! `200` (a successful CONNECT), which [`Tunnel`] turns into the client's `101` (the
+//! application's other fields, `Sec-WebSocket-Accept` say, kept). Upgrades with
 //! other methods than `GET` (rare: RFC 8441 defines none) cross as ordinary requests, the
 //! upgrade stripped. Policies and route matches see an extended CONNECT as the `GET` it
 //! stands for ([`request_method`]).
 //!
 //! A tunnel's bytes are not HTTP: no timeout, no limit but the connections' own, and no
 //! per-request metric applies to them once switched (the switch itself is a request with
-//! status 101 in the metrics and the access log). Tunnels end when either side closes or
-//! the proxy exits; a drain does not wait for them.
+//! status 101 in the metrics and the access log). A tunnel ends when both sides have
+//! closed, either fails, or the proxy exits. A server's drain and `max_connections`
+//! count it as long as its client connection does: a tunnel on an HTTP/2 stream holds
+//! its connection open (a drain waits for it up to the shutdown timeout); a switched
+//! HTTP/1.1 connection has left the server, which no longer counts it.
 
 use std::fmt;
 use std::future::Future;
@@ -160,8 +166,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // hyper's server puts a half in every request that may switch; most do not.
-        let client = match req.extensions_mut().remove::<OnUpgrade>() {
+        // hyper's server puts a half in every request that may switch: an HTTP/1.x one
+        // with `Upgrade` or CONNECT, an HTTP/2 CONNECT.
+        let may_switch = req.version() < Version::HTTP_2 || req.method() == Method::CONNECT;
+        let half = if may_switch {
+            req.extensions_mut().remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        let client = match half {
             None => None,
             Some(half) => Asked::of(&req).map(|asked| ClientHalf {
                 half,
@@ -224,9 +237,18 @@ where
         let client = this.client.take();
         let status = resp.status();
         match client {
-            Some(client) if client.asked.accepted(status) => {
+            Some(client) if client.asked.accepted(status) || crossed(&client, &resp) => {
                 match resp.extensions_mut().remove::<OnUpgrade>() {
                     Some(upstream) => {
+                        if client.asked == Asked::Upgrade
+                            && status != StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            // Switched across the mesh: the client waits for its `101`.
+                            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            *resp.version_mut() = Version::HTTP_11;
+                            resp.headers_mut().remove(header::CONTENT_LENGTH);
+                            set_upgrade_fields(resp.headers_mut(), client.protocol.clone());
+                        }
                         tokio::spawn(splice(client.half, upstream, client.protocol));
                     }
                     None => {
@@ -246,6 +268,15 @@ where
         }
         Poll::Ready(Ok(resp))
     }
+}
+
+/// Whether `resp` accepts an HTTP/1.1 upgrade that crossed to a peer proxy as an HTTP/2
+/// extended CONNECT ([`crate::forward::ToMesh`]): a `2xx` with the switched stream's
+/// half, which hyper's HTTP/2 client puts only in a successful CONNECT's answer.
+fn crossed<RB>(client: &ClientHalf, resp: &Response<RB>) -> bool {
+    client.asked == Asked::Upgrade
+        && resp.status().is_success()
+        && resp.extensions().get::<OnUpgrade>().is_some()
 }
 
 /// Turns an answer that cannot be kept into a `502` (its body, empty for a switch, kept).
@@ -427,6 +458,86 @@ mod tests {
         assert!(seen.starts_with("get /b "), "{seen}");
         assert!(!seen.contains("upgrade"), "{seen}");
         server.shutdown().await;
+    }
+
+    /// An in-process application that switches by itself: it takes the request's
+    /// `OnUpgrade` and echoes what the switched connection brings.
+    fn echoing_app(
+        mut req: Request<Incoming>,
+    ) -> std::future::Ready<Result<Response<String>, std::convert::Infallible>> {
+        let half = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(half.await.unwrap());
+            let mut buf = [0; 64];
+            loop {
+                let n = io.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                io.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let status = if req.method() == Method::CONNECT {
+            StatusCode::OK
+        } else {
+            StatusCode::SWITCHING_PROTOCOLS
+        };
+        let mut resp = Response::new(String::new());
+        *resp.status_mut() = status;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            set_upgrade_fields(resp.headers_mut(), HeaderValue::from_static("test-proto"));
+        }
+        std::future::ready(Ok(resp))
+    }
+
+    #[tokio::test]
+    async fn mesh_server_lets_an_application_switch_over_http1_and_http2() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .plaintext()
+            .serve(listener, tower::service_fn(echoing_app))
+            .unwrap();
+        // HTTP/1.1 Upgrade.
+        let mut io = TcpStream::connect(server.local_addr()).await.unwrap();
+        io.write_all(
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: test-proto\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        io.write_all(b"over http/1.1").await.unwrap();
+        let mut buf = [0; 13];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"over http/1.1");
+
+        // HTTP/2 extended CONNECT (RFC 8441): the server announced it in its settings.
+        let tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("http://x/chat")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("test-proto"));
+        let mut resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        io.write_all(b"over an h2 stream").await.unwrap();
+        let mut buf = [0; 17];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"over an h2 stream");
+        // Its stream held the connection open; closed, it lets a drain end at once.
+        drop((io, sender));
+        let report = server.shutdown().await;
+        assert_eq!(report.forced, 0);
     }
 
     #[tokio::test]
