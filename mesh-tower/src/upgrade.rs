@@ -176,10 +176,13 @@ where
         };
         let client = match half {
             None => None,
-            Some(half) => Asked::of(&req).map(|asked| ClientHalf {
-                half,
-                asked,
-                protocol: protocol_name(&req),
+            // Boxed: a rare case should not grow every request's future.
+            Some(half) => Asked::of(&req).map(|asked| {
+                Box::new(ClientHalf {
+                    half,
+                    asked,
+                    protocol: protocol_name(&req),
+                })
             }),
         };
         TunnelFuture {
@@ -213,7 +216,7 @@ pin_project_lite::pin_project! {
     pub struct TunnelFuture<F> {
         #[pin]
         inner: F,
-        client: Option<ClientHalf>,
+        client: Option<Box<ClientHalf>>,
     }
 }
 
