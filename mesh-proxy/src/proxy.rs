@@ -286,10 +286,13 @@ impl Proxy {
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
             access_logs.push(Some(log.handle().clone()));
+            // No WebSocket over HTTP/2 from clients (RFC 8441): the service behind may
+            // speak HTTP/1.1 only, so browsers keep to HTTP/1.1 upgrades, which cross.
             let mut builder = MeshServer::builder()
                 .metrics(server_metrics.listener(&outbound.name))
                 .access_log(log)
-                .h2_streams(H2_STREAMS);
+                .h2_streams(H2_STREAMS)
+                .extended_connect(false);
             builder = match &outbound.certificate {
                 None => builder.plaintext(),
                 Some(c) => {

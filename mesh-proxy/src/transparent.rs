@@ -143,8 +143,10 @@ impl Transparent {
             Tunnel::new(AnswerErrorsLayer::new().layer(router.clone()));
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
+        // As an outbound listener: no WebSocket over HTTP/2 from clients (RFC 8441).
         let mut builder = MeshServer::builder()
             .plaintext()
+            .extended_connect(false)
             .limits(limits)
             .metrics(cx.server_metrics.listener(&self.name))
             .access_log(self.access_log.clone())

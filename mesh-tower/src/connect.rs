@@ -20,6 +20,11 @@
 //! endpoint that vanished without a reset fail (and are retried) rather than hang. An
 //! HTTP/1.1 request has no such check: bound it with a timeout.
 //!
+//! A CONNECT (a tunnel: WebSocket across the mesh, say; see [`crate::upgrade`]) to an
+//! HTTP/2 endpoint goes on a connection of its own, which closes when the tunnel ends: a
+//! tunnel holds its stream for its whole life and would otherwise take the shared
+//! connection's streams and flow-control window from the requests.
+//!
 //! A request that a pooled connection could not take before writing it (the server had
 //! just closed it) is sent again on another connection, whatever its method. Requests to
 //! HTTP/1.1 go in origin form with a `Host` header from the URI's authority (the logical
@@ -817,8 +822,21 @@ where
     // The request's absolute URI, while an HTTP/1.1 try holds it in origin form.
     let mut absolute: Option<Uri> = None;
     let mut unsent = 0;
+    // A CONNECT holds its stream for as long as its tunnel lives: on a connection of its
+    // own, so that tunnels neither take the shared HTTP/2 connection's streams (a peer
+    // allows a few hundred) nor share its flow-control window.
+    let own_connection = req.method() == http::Method::CONNECT
+        && !matches!(shared.settings.protocol, Protocol::Http1);
     loop {
-        let error = match shared.check_out().await? {
+        let checkout = if own_connection {
+            shared
+                .dial()
+                .await
+                .map_err(|e| SendError::connect(shared.addr, e))?
+        } else {
+            shared.check_out().await?
+        };
+        let error = match checkout {
             Checkout::H2(mut sender, peer) => {
                 if let Some(uri) = absolute.take() {
                     *req.uri_mut() = uri;
@@ -1114,7 +1132,7 @@ enum Cause {
 }
 
 impl SendError {
-    fn connect(addr: SocketAddr, error: Arc<ConnectError>) -> Self {
+    pub(crate) fn connect(addr: SocketAddr, error: Arc<ConnectError>) -> Self {
         Self {
             addr,
             cause: Cause::Connect(error),

@@ -3,7 +3,14 @@
 //! - [`strip_hop_by_hop`]: the connection-specific header fields a proxy must not pass
 //!   on (RFC 9110 §7.6.1, and HTTP/2 forbids them outright, RFC 9113 §8.2.2):
 //!   `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`,
-//!   `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly `trailers`.
+//!   `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly `trailers`. An
+//!   HTTP/1.1 request that asks to switch protocols, and its `101`, keep `Upgrade` and
+//!   `Connection: upgrade` on an HTTP/1.1 hop ([`crate::upgrade`]).
+//! - **Upgrades across the mesh.** [`ToMesh`] sends an HTTP/1.1 `GET` that asks to switch
+//!   (one protocol: WebSocket, say) as an HTTP/2 extended CONNECT (RFC 8441) with the
+//!   protocol as `:protocol`; the peer's [`Forward`] restores the `GET` with `Upgrade` for
+//!   the application and answers its `101` with `200`, which the client's proxy's
+//!   [`Tunnel`](crate::upgrade::Tunnel) turns back into a `101`.
 //! - **Between proxies, HTTP/2 always.** [`ToMeshLayer`] sends an HTTP/1.x request to a
 //!   peer proxy as HTTP/2, marked with [`ORIG_PROTO`] (`mesh-orig-proto: HTTP/1.1`), so
 //!   that many HTTP/1.1 connections from an application share one multiplexed mTLS
@@ -184,8 +191,11 @@ where
         if let Some(protocol) = upgrade {
             req.headers_mut().remove(header::CONNECTION);
             req.headers_mut().remove(header::UPGRADE);
+            // `:protocol` is one token (RFC 8441); a list of choices crosses as an
+            // ordinary request.
             if req.method() == http::Method::GET
                 && let Ok(name) = protocol.to_str()
+                && !name.contains(',')
             {
                 req.extensions_mut()
                     .insert(hyper::ext::Protocol::from(name));

@@ -38,13 +38,20 @@
 //! upgrade stripped. Policies and route matches see an extended CONNECT as the `GET` it
 //! stands for ([`request_method`]).
 //!
+//! `Upgrade` with a list of protocols crosses as an ordinary request too, since
+//! `:protocol` is one token.
+//!
 //! A tunnel's bytes are not HTTP: no timeout, no limit but the connections' own, and no
-//! per-request metric applies to them once switched (the switch itself is a request with
-//! status 101 in the metrics and the access log). A tunnel ends when both sides have
-//! closed, either fails, or the proxy exits. A server's drain and `max_connections`
-//! count it as long as its client connection does: a tunnel on an HTTP/2 stream holds
-//! its connection open (a drain waits for it up to the shutdown timeout); a switched
-//! HTTP/1.1 connection has left the server, which no longer counts it.
+//! per-request metric applies to them once switched (the switch itself is a request in
+//! the metrics and the access log: `101` where the client asked over HTTP/1.1, a
+//! `CONNECT` answered `200` on the inbound side of the mesh). A tunnel ends when both
+//! sides have closed, either fails, or the proxy exits. Through the [`Hold`] its
+//! `MeshServer` lends, it counts as its client connection's work: the connection's idle
+//! and stall checks leave a quiet tunnel alone, a switched HTTP/1.1 connection stays
+//! counted against `max_connections`, and a drain waits for tunnels up to its timeout,
+//! then cuts them. Towards an HTTP/2 peer each tunnel has a connection of its own
+//! ([`crate::connect`]), so that many do not exhaust the streams of the connection the
+//! requests share.
 
 use std::fmt;
 use std::future::Future;
@@ -89,6 +96,45 @@ pub(crate) fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
 pub(crate) fn set_upgrade_fields(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, protocol);
+}
+
+/// A server connection's part in the tunnels that leave it: what it puts in a request
+/// that may switch, and [`Tunnel`] keeps for as long as the request's tunnel lives.
+///
+/// `MeshServer` gives one to every request that may switch; [`Tunnel`] keeps it, and so
+/// should an application that switches by itself (taking it out of the request's
+/// extensions into the task that serves the switched connection). While a tunnel holds it the
+/// connection counts as busy (its idle and stall checks leave a quiet tunnel on an
+/// HTTP/2 stream alone) and stays counted against `max_connections` and a drain (a
+/// switched HTTP/1.1 connection too); when the connection is closed by force (a drain's
+/// timeout), [`Hold::cut`] ends the tunnel with it. Cheap to clone; the tunnel is
+/// counted until the last clone is dropped.
+#[derive(Clone)]
+pub struct Hold(std::sync::Arc<dyn Held>);
+
+impl Hold {
+    /// A hold on `connection`.
+    pub fn new(connection: impl Held) -> Self {
+        Self(std::sync::Arc::new(connection))
+    }
+
+    /// Resolves when the connection that lent this hold is closed by force.
+    pub async fn cut(&self) {
+        self.0.cut().await;
+    }
+}
+
+impl fmt::Debug for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hold").finish_non_exhaustive()
+    }
+}
+
+/// What a server connection lends its tunnels through a [`Hold`]: its count of them
+/// goes down when the value is dropped.
+pub trait Held: Send + Sync + 'static {
+    /// Resolves when the connection is closed by force.
+    fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 /// How a request asked to switch, as it reached [`Tunnel`].
@@ -182,6 +228,7 @@ where
                     half,
                     asked,
                     protocol: protocol_name(&req),
+                    hold: req.extensions_mut().remove::<Hold>(),
                 })
             }),
         };
@@ -209,6 +256,8 @@ struct ClientHalf {
     half: OnUpgrade,
     asked: Asked,
     protocol: HeaderValue,
+    /// The client connection's, when its server lends one.
+    hold: Option<Hold>,
 }
 
 pin_project_lite::pin_project! {
@@ -252,7 +301,13 @@ where
                             resp.headers_mut().remove(header::CONTENT_LENGTH);
                             set_upgrade_fields(resp.headers_mut(), client.protocol.clone());
                         }
-                        tokio::spawn(splice(client.half, upstream, client.protocol));
+                        let ClientHalf {
+                            half,
+                            protocol,
+                            hold,
+                            ..
+                        } = *client;
+                        tokio::spawn(splice(half, upstream, protocol, hold));
                     }
                     None => {
                         tracing::warn!(protocol = ?client.protocol, %status, "the upstream accepted the switch, but no upgraded connection came with its answer: answered 502");
@@ -260,11 +315,14 @@ where
                     }
                 }
             }
-            None if status == StatusCode::SWITCHING_PROTOCOLS => {
+            // A `101` it did not accept: to a request that did not ask, or to a CONNECT
+            // (HTTP/2 has no 101 at all, RFC 9113 §8.6).
+            _ if status == StatusCode::SWITCHING_PROTOCOLS => {
                 tracing::warn!(
-                    "the upstream answered 101 to a request that did not ask to switch: answered 502"
+                    "the upstream answered 101 to a request that did not ask to switch to it: answered 502"
                 );
                 refuse(&mut resp);
+                resp.extensions_mut().remove::<OnUpgrade>();
             }
             // Not accepted: the client's half is dropped, its connection stays HTTP.
             _ => {}
@@ -290,24 +348,40 @@ fn refuse<RB>(resp: &mut Response<RB>) {
     headers.remove(header::CONNECTION);
 }
 
-/// Copies bytes both ways between the two switched connections, once both have switched.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue) {
-    let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
-        Ok(both) => both,
-        Err(error) => {
-            tracing::debug!(?protocol, %error, "a connection did not switch: tunnel closed");
-            return;
+/// Copies bytes both ways between the two switched connections, once both have switched,
+/// until both sides have closed, either fails, or the client connection's server cuts it.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue, hold: Option<Hold>) {
+    let work = async {
+        let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!(?protocol, %error, "a connection did not switch: tunnel closed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        tracing::debug!(?protocol, "tunnel open");
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => {
+                tracing::debug!(?protocol, bytes_up = up, bytes_down = down, "tunnel closed");
+            }
+            Err(error) => tracing::debug!(?protocol, %error, "tunnel failed"),
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    tracing::debug!(?protocol, "tunnel open");
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => {
-            tracing::debug!(?protocol, bytes_up = up, bytes_down = down, "tunnel closed");
+    match &hold {
+        Some(hold) => {
+            tokio::select! {
+                () = work => {}
+                () = hold.cut() => {
+                    tracing::debug!(?protocol, "the client's connection was closed by force: tunnel cut");
+                }
+            }
         }
-        Err(error) => tracing::debug!(?protocol, %error, "tunnel failed"),
+        None => work.await,
     }
+    // The connection's count of its tunnels goes down only now.
+    drop(hold);
 }
 
 #[cfg(all(test, feature = "server"))]
@@ -468,16 +542,29 @@ mod tests {
     fn echoing_app(
         mut req: Request<Incoming>,
     ) -> std::future::Ready<Result<Response<String>, std::convert::Infallible>> {
+        if req.extensions().get::<OnUpgrade>().is_none() {
+            return std::future::ready(Ok(Response::new("ok".to_owned())));
+        }
         let half = hyper::upgrade::on(&mut req);
+        // The connection's hold, kept by the tunnel while it lives.
+        let hold = req.extensions_mut().remove::<Hold>();
         tokio::spawn(async move {
-            let mut io = TokioIo::new(half.await.unwrap());
-            let mut buf = [0; 64];
-            loop {
-                let n = io.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
+            let echo = async {
+                let mut io = TokioIo::new(half.await.unwrap());
+                let mut buf = [0; 64];
+                loop {
+                    let n = io.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    io.write_all(&buf[..n]).await.unwrap();
                 }
-                io.write_all(&buf[..n]).await.unwrap();
+            };
+            // Ended by the client, or by the server cutting its connection.
+            let hold = hold.unwrap();
+            tokio::select! {
+                () = echo => {}
+                () = hold.cut() => {}
             }
         });
         let status = if req.method() == Method::CONNECT {
@@ -495,13 +582,32 @@ mod tests {
 
     #[tokio::test]
     async fn mesh_server_lets_an_application_switch_over_http1_and_http2() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = MeshServer::builder()
-            .plaintext()
-            .serve(listener, tower::service_fn(echoing_app))
-            .unwrap();
+        let server = echo_server(crate::server::ServerLimits::default()).await;
         // HTTP/1.1 Upgrade.
-        let mut io = TcpStream::connect(server.local_addr()).await.unwrap();
+        let mut h1 = switched(server.local_addr()).await;
+        echoes(&mut h1).await;
+        // HTTP/2 extended CONNECT (RFC 8441): the server announced it in its settings.
+        let (sender, mut h2) = h2_tunnel(server.local_addr()).await;
+        echoes(&mut h2).await;
+        // Each tunnel held its connection; closed, they let a drain end at once.
+        drop((h1, h2, sender));
+        let report = server.shutdown().await;
+        assert_eq!(report.forced, 0);
+    }
+
+    /// `MeshServer` in plaintext with `limits`, serving [`echoing_app`].
+    async fn echo_server(limits: crate::server::ServerLimits) -> crate::server::Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        MeshServer::builder()
+            .plaintext()
+            .limits(limits)
+            .serve(listener, tower::service_fn(echoing_app))
+            .unwrap()
+    }
+
+    /// An HTTP/1.1 connection to `addr`, switched to `test-proto`.
+    async fn switched(addr: SocketAddr) -> TcpStream {
+        let mut io = TcpStream::connect(addr).await.unwrap();
         io.write_all(
             b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: test-proto\r\n\r\n",
         )
@@ -509,13 +615,17 @@ mod tests {
         .unwrap();
         let head = read_head(&mut io).await;
         assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-        io.write_all(b"over http/1.1").await.unwrap();
-        let mut buf = [0; 13];
-        io.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"over http/1.1");
+        io
+    }
 
-        // HTTP/2 extended CONNECT (RFC 8441): the server announced it in its settings.
-        let tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    /// An HTTP/2 connection to `addr` and a tunnel on it (extended CONNECT).
+    async fn h2_tunnel(
+        addr: SocketAddr,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+        TokioIo<hyper::upgrade::Upgraded>,
+    ) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             TokioIo::new(tcp),
@@ -526,21 +636,126 @@ mod tests {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri("http://x/chat")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .body(http_body_util::Empty::new())
             .unwrap();
         req.extensions_mut()
             .insert(hyper::ext::Protocol::from_static("test-proto"));
         let mut resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
-        let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
-        io.write_all(b"over an h2 stream").await.unwrap();
-        let mut buf = [0; 17];
+        let io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        (sender, io)
+    }
+
+    async fn echoes<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut IO) {
+        io.write_all(b"still there?").await.unwrap();
+        let mut buf = [0; 12];
         io.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"over an h2 stream");
-        // Its stream held the connection open; closed, it lets a drain end at once.
-        drop((io, sender));
+        assert_eq!(&buf, b"still there?");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_outlives_its_connections_idle_timeout() {
+        let limits = crate::server::ServerLimits {
+            idle_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        };
+        let server = echo_server(limits).await;
+        let (_sender, mut io) = h2_tunnel(server.local_addr()).await;
+        echoes(&mut io).await;
+        // Three idle timeouts without a byte: the tunnel's connection stays.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        echoes(&mut io).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_switched_connection_counts_until_its_tunnel_ends_and_a_drain_cuts_it() {
+        let limits = crate::server::ServerLimits {
+            max_connections: 1,
+            shutdown_timeout: std::time::Duration::from_secs(2),
+            ..Default::default()
+        };
+        let server = echo_server(limits).await;
+        let addr = server.local_addr();
+        let mut tunnel = switched(addr).await;
+        echoes(&mut tunnel).await;
+        // The one connection allowed is the tunnel's: another is not served meanwhile.
+        let get = async move {
+            let mut io = TcpStream::connect(addr).await.unwrap();
+            io.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            read_head(&mut io).await
+        };
+        let mut get = Box::pin(get);
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), &mut get).await;
+        assert!(waited.is_err(), "served beside the tunnel: {waited:?}");
+        // The tunnel ends: the waiting connection is served.
+        tunnel.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tunnel.read_to_end(&mut rest).await.unwrap();
+        let head = get.await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+
+        // A drain waits for a tunnel up to its timeout, then cuts it.
+        let mut tunnel = switched(addr).await;
+        echoes(&mut tunnel).await;
         let report = server.shutdown().await;
-        assert_eq!(report.forced, 0);
+        assert_eq!(report.forced, 1);
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tunnel.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the tunnel was not cut: {read:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tunnels_to_an_http2_endpoint_leave_its_shared_connection_free() {
+        // One stream per connection: a tunnel on the shared connection would block the
+        // next request until it ended.
+        let limits = crate::server::ServerLimits {
+            max_concurrent_streams: 1,
+            ..Default::default()
+        };
+        let server = echo_server(limits).await;
+        let client = EndpointClient::<http_body_util::Empty<bytes::Bytes>>::new(
+            server.local_addr(),
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let tunnel = |client: EndpointClient<_>| async move {
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .uri("http://x/chat")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("test-proto"));
+            let mut resp = client.send(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap())
+        };
+        let wait = std::time::Duration::from_secs(5);
+        let mut first = tunnel(client.clone()).await;
+        let mut second = tokio::time::timeout(wait, tunnel(client.clone()))
+            .await
+            .expect("a tunnel waited behind another");
+        let get = Request::get("http://x/")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(wait, client.send(get))
+            .await
+            .expect("a request waited behind the tunnels")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        echoes(&mut first).await;
+        echoes(&mut second).await;
     }
 
     #[tokio::test]

@@ -51,6 +51,9 @@ pin_project! {
         route: Option<RetryOverride>,
         // A route's timeouts, carried to every try (the first takes the extensions).
         timeouts: Option<TimeoutOverride>,
+        // An extended CONNECT's protocol (RFC 8441), carried to every try too; boxed, as
+        // it is rare.
+        protocol: Option<Box<hyper::ext::Protocol>>,
         head: Parts,
         extensions: Option<Extensions>,
         // Boxed: only bodies that are collected need it.
@@ -100,6 +103,14 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             .and_then(|t| Instant::now().checked_add(t));
         let route = extensions.get::<RetryOverride>().cloned();
         let timeouts = extensions.get::<TimeoutOverride>().copied();
+        let protocol = (head.method == http::Method::CONNECT)
+            .then(|| {
+                extensions
+                    .get::<hyper::ext::Protocol>()
+                    .cloned()
+                    .map(Box::new)
+            })
+            .flatten();
         let extensions = Some(extensions);
         let policy = policy_of(&shared, &route);
         let deadline = [carried, header, deadline].into_iter().flatten().min();
@@ -127,6 +138,7 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             shared,
             route,
             timeouts,
+            protocol,
             head,
             extensions,
             collect,
@@ -227,6 +239,9 @@ where
                             }
                             if let Some(at) = *this.deadline {
                                 req.extensions_mut().insert(Deadline(at));
+                            }
+                            if let Some(protocol) = this.protocol.as_deref() {
+                                req.extensions_mut().insert(protocol.clone());
                             }
                         }
                     }

@@ -84,6 +84,8 @@
 pub mod body;
 pub mod budget;
 #[cfg(test)]
+mod carry_tests;
+#[cfg(test)]
 mod decision_tests;
 pub mod error;
 mod future;

@@ -50,6 +50,8 @@ pub(super) struct Shared<S> {
     pub(super) streams: super::StreamTasks,
     /// Whether responses without a `Date` get one.
     pub(super) date_header: bool,
+    /// Whether HTTP/2 clients may send extended CONNECT (RFC 8441).
+    pub(super) extended_connect: bool,
     pub(super) metrics: Option<ListenerMetrics>,
     /// Plaintext connections that are not HTTP, relayed to a service as opaque TCP.
     #[cfg(feature = "opaque")]
@@ -102,6 +104,7 @@ pub(super) fn http_builder<E>(
     limits: &ServerLimits,
     protocol: mesh_core::config::Protocol,
     date_header: bool,
+    extended_connect: bool,
     exec: E,
     head_timer: HeadTimer,
 ) -> auto::Builder<E> {
@@ -133,10 +136,12 @@ pub(super) fn http_builder<E>(
         .keep_alive_interval(limits.keep_alive_interval)
         .keep_alive_timeout(limits.keep_alive_timeout)
         .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams);
+    if extended_connect {
         // Extended CONNECT (RFC 8441): WebSocket over HTTP/2, and upgrades from peer
         // proxies (see `crate::upgrade`).
-        .enable_connect_protocol();
+        builder.http2().enable_connect_protocol();
+    }
     builder
 }
 
@@ -292,6 +297,9 @@ async fn serve<IO, S, B>(
         max_cancelled: shared.limits.max_cancelled_requests.max(1),
         ..Activity::default()
     });
+    // However this task ends, normally (its tunnels closed) or aborted by a drain's
+    // timeout, the tunnels out of it end with it.
+    let _cut = CutOnDrop(activity.clone());
     let service = ConnService {
         app: std::sync::Mutex::new(shared.app.clone()),
         peer,
@@ -309,6 +317,7 @@ async fn serve<IO, S, B>(
         limits,
         shared.protocol,
         shared.date_header,
+        shared.extended_connect,
         exec.clone(),
         HeadTimer::new(clock.clone()),
     );
@@ -374,6 +383,9 @@ async fn serve<IO, S, B>(
                 if let Some(error) = error {
                     tracing::debug!(%remote, error = %error, "connection ended with an error");
                 }
+                // A switched HTTP/1.1 connection has left hyper for a tunnel: it stays
+                // counted (connections, drain) until the tunnel ends.
+                activity.tunnels_closed().await;
                 return;
             }
             Event::Stop => {
@@ -470,7 +482,9 @@ fn waits_on_client(clock: &HeadClock, activity: &Activity, closing: bool) -> boo
     if clock.write_blocked() {
         return true;
     }
-    if activity.in_flight.load(Ordering::Relaxed) > 0 {
+    if activity.in_flight.load(Ordering::Relaxed) > 0
+        || activity.tunnels.load(Ordering::Relaxed) > 0
+    {
         return false;
     }
     activity.all_owe_a_pull() || (closing && activity.bodies.load(Ordering::Relaxed) == 0)
@@ -509,6 +523,50 @@ impl std::task::Wake for SignalWaker {
     }
 }
 
+/// Cuts a connection's tunnels when dropped: with the connection's task.
+struct CutOnDrop(Arc<Activity>);
+
+impl Drop for CutOnDrop {
+    fn drop(&mut self) {
+        self.0.cut.store(true, Ordering::Release);
+        self.0.cut_notify.notify_waiters();
+    }
+}
+
+/// One tunnel out of a connection, counted in its [`Activity`] while alive: the
+/// [`Hold`](crate::upgrade::Hold) a request that may switch carries.
+struct TunnelCount(Arc<Activity>);
+
+impl TunnelCount {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.tunnels.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for TunnelCount {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.0.tunnel_ended.notify_waiters();
+    }
+}
+
+impl crate::upgrade::Held for TunnelCount {
+    fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let cut = self.0.cut_notify.notified();
+                let mut cut = pin!(cut);
+                cut.as_mut().enable();
+                if self.0.cut.load(Ordering::Acquire) {
+                    return;
+                }
+                cut.await;
+            }
+        })
+    }
+}
+
 /// Requests and responses in flight on one connection, read by its idle and stall checks;
 /// and how its requests ended, read by the cancellation bound.
 #[derive(Debug, Default)]
@@ -529,6 +587,14 @@ struct Activity {
     completed: AtomicUsize,
     cancelled: AtomicUsize,
     max_cancelled: usize,
+    /// Tunnels out of this connection's requests still open (see [`TunnelCount`]).
+    tunnels: AtomicUsize,
+    /// Signalled when a tunnel ends.
+    tunnel_ended: tokio::sync::Notify,
+    /// The connection was closed by force: its tunnels end (see [`TunnelCount`]).
+    cut: AtomicBool,
+    /// Signalled when `cut` turns true.
+    cut_notify: tokio::sync::Notify,
     /// Wakes the connection when its client cancels too many requests.
     abusive: tokio::sync::Notify,
 }
@@ -542,9 +608,24 @@ impl Activity {
         self.pulled.swap(false, Ordering::Relaxed)
     }
 
-    /// A request or a response is in flight.
+    /// A request, a response or a tunnel is in flight.
     fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0 || self.bodies.load(Ordering::Relaxed) > 0
+        self.in_flight.load(Ordering::Relaxed) > 0
+            || self.bodies.load(Ordering::Relaxed) > 0
+            || self.tunnels.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits until no tunnel out of this connection is open.
+    async fn tunnels_closed(&self) {
+        loop {
+            let ended = self.tunnel_ended.notified();
+            let mut ended = pin!(ended);
+            ended.as_mut().enable();
+            if self.tunnels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Every response body in flight (at least one) has a frame taken and waits to be
@@ -623,6 +704,17 @@ where
         }
         extensions.insert(self.remote);
         let http2 = req.version() == http::Version::HTTP_2;
+        // A request that may switch (hyper gave it its half of the switch: HTTP/1.x with
+        // `Upgrade`, or CONNECT) carries the connection's hold for its tunnel.
+        if (!http2 || req.method() == http::Method::CONNECT)
+            && req
+                .extensions()
+                .get::<hyper::upgrade::OnUpgrade>()
+                .is_some()
+        {
+            let hold = crate::upgrade::Hold::new(TunnelCount::new(&self.activity));
+            req.extensions_mut().insert(hold);
+        }
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         self.activity.started.store(true, Ordering::Relaxed);
         self.activity.touched.store(true, Ordering::Relaxed);

@@ -152,6 +152,7 @@ pub struct MeshServerBuilder {
     protocol: Protocol,
     streams: StreamTasks,
     date_header: bool,
+    extended_connect: bool,
     #[cfg(feature = "opaque")]
     opaque: Option<crate::opaque::OpaqueClient>,
     /// The decision record, and the listener's name in it (`from_config`'s; else the
@@ -194,6 +195,7 @@ impl MeshServer {
             protocol: Protocol::Auto,
             streams: StreamTasks::Spawned,
             date_header: true,
+            extended_connect: true,
             #[cfg(feature = "opaque")]
             opaque: None,
             decisions: None,
@@ -362,6 +364,16 @@ impl MeshServerBuilder {
     /// the server reads the real clock.
     pub fn date_header(mut self, enabled: bool) -> Self {
         self.date_header = enabled;
+        self
+    }
+
+    /// Whether HTTP/2 clients may open tunnels with extended CONNECT (RFC 8441, the
+    /// `SETTINGS_ENABLE_CONNECT_PROTOCOL` setting; default: yes): WebSocket over HTTP/2
+    /// for an application that serves it, and upgrades from peer proxies (see
+    /// [`crate::upgrade`]). Off, a browser opens its WebSockets over HTTP/1.1: for a
+    /// proxy whose upstreams may speak HTTP/1.1 only.
+    pub fn extended_connect(mut self, enabled: bool) -> Self {
+        self.extended_connect = enabled;
         self
     }
 
@@ -535,6 +547,7 @@ impl MeshServerBuilder {
             protocol: self.protocol,
             streams: self.streams,
             date_header: self.date_header,
+            extended_connect: self.extended_connect,
             app,
             tls,
             limits: self.limits,
