@@ -829,8 +829,8 @@ where
         && !matches!(shared.settings.protocol, Protocol::Http1);
     loop {
         let checkout = if own_connection {
-            shared
-                .dial()
+            // Boxed: the dial's state would otherwise grow every request's future.
+            Box::pin(shared.dial())
                 .await
                 .map_err(|e| SendError::connect(shared.addr, e))?
         } else {
