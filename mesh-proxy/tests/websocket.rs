@@ -3,8 +3,9 @@
 //! proxy → application, where the upgrade crosses the mesh as an HTTP/2 extended CONNECT
 //! on the proxies' shared connection and is restored to HTTP/1.1 for the application;
 //! the same through a plaintext HTTP/1.1 hop; several at once; a policy that admits `GET`
-//! admits the upgrade and one that does not refuses it (403 to the client's handshake);
-//! and plain HTTP to the same application still works beside the tunnels.
+//! admits the upgrade and one that does not refuses it (403 to the client's handshake),
+//! leaving the client's connection HTTP for its next request; and plain HTTP to the same
+//! application still works beside the tunnels.
 //!
 //! The interpreter is `$MESH_PYTHON_GRPC`, else `target/py/bin/python` (the venv
 //! `.ci/run` fills); without `websockets` the test is skipped with a message, or fails
@@ -176,6 +177,21 @@ async fn websockets_cross_the_mesh_and_a_plaintext_hop() {
         &["status", &format!("ws://{egress}/private")],
     ));
     assert_eq!(said, "status 403");
+
+    // A refused switch leaves the client's connection HTTP: curl sends two upgrade
+    // requests on one connection, the first refused by B's policy, the second answered
+    // by the application (400: no WebSocket key), and opens no second connection.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(["-o", "/dev/null", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{num_connects}\n"])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"])
+        .arg(format!("http://{egress}/private"))
+        .arg(format!("http://{egress}/chat"))
+        .output()
+        .expect("curl is installed");
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(said, "403 1\n400 0\n", "{said}");
 
     // Plain HTTP to the same application beside the tunnels: its own answer (426, a
     // WebSocket server's to a request that does not upgrade) comes back.
