@@ -825,8 +825,8 @@ where
     // A CONNECT holds its stream for as long as its tunnel lives: on a connection of its
     // own, so that tunnels neither take the shared HTTP/2 connection's streams (a peer
     // allows a few hundred) nor share its flow-control window.
-    let own_connection = req.method() == http::Method::CONNECT
-        && !matches!(shared.settings.protocol, Protocol::Http1);
+    // (HTTP/1.1 connections serve one request at a time anyway: a pooled one will do.)
+    let own_connection = req.method() == http::Method::CONNECT && shared.pool().h2_known;
     loop {
         let checkout = if own_connection {
             // Boxed: the dial's state would otherwise grow every request's future.

@@ -713,6 +713,49 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_gone_before_the_answer_frees_its_connection() {
+        // An application that never answers an upgrade, keeping the request (and with it
+        // the connection's hold).
+        let app = tower::service_fn(|req: Request<Incoming>| async move {
+            if req.headers().contains_key(header::UPGRADE) {
+                let _kept = req;
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+        });
+        let limits = crate::server::ServerLimits {
+            max_connections: 1,
+            ..Default::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .plaintext()
+            .limits(limits)
+            .serve(listener, app)
+            .unwrap();
+        let addr = server.local_addr();
+        let mut io = TcpStream::connect(addr).await.unwrap();
+        io.write_all(
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: test-proto\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(io);
+        // The one connection allowed is free again: the next is served.
+        let mut io = TcpStream::connect(addr).await.unwrap();
+        io.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut io))
+            .await
+            .expect("the first connection still holds the only place");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        let report = server.shutdown().await;
+        assert_eq!(report.forced, 0);
+    }
+
     #[tokio::test]
     async fn tunnels_to_an_http2_endpoint_leave_its_shared_connection_free() {
         // One stream per connection: a tunnel on the shared connection would block the

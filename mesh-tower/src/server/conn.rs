@@ -287,7 +287,7 @@ async fn serve<IO, S, B>(
     peer: Option<PeerIdentity>,
     remote: SocketAddr,
     shared: &Shared<S>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: App<B>,
@@ -300,6 +300,30 @@ async fn serve<IO, S, B>(
     // However this task ends, normally (its tunnels closed) or aborted by a drain's
     // timeout, the tunnels out of it end with it.
     let _cut = CutOnDrop(activity.clone());
+    // hyper's connection and its streams are dropped before the wait: a request that
+    // still holds a tunnel's hold (waiting for its answer) ends with them.
+    if serve_http(io, peer, remote, shared, shutdown, &activity).await {
+        // A switched HTTP/1.1 connection has left hyper for a tunnel: it stays counted
+        // (connections, drain) until the tunnel ends.
+        activity.tunnels_closed().await;
+    }
+}
+
+/// [`serve`]'s HTTP: true when hyper's connection ended (the client closed it, or it
+/// switched protocols), false when this side closed it.
+async fn serve_http<IO, S, B>(
+    io: IO,
+    peer: Option<PeerIdentity>,
+    remote: SocketAddr,
+    shared: &Shared<S>,
+    mut shutdown: watch::Receiver<bool>,
+    activity: &Arc<Activity>,
+) -> bool
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: App<B>,
+    B: AppBody,
+{
     let service = ConnService {
         app: std::sync::Mutex::new(shared.app.clone()),
         peer,
@@ -383,10 +407,7 @@ async fn serve<IO, S, B>(
                 if let Some(error) = error {
                     tracing::debug!(%remote, error = %error, "connection ended with an error");
                 }
-                // A switched HTTP/1.1 connection has left hyper for a tunnel: it stays
-                // counted (connections, drain) until the tunnel ends.
-                activity.tunnels_closed().await;
-                return;
+                return true;
             }
             Event::Stop => {
                 closing = true;
@@ -397,7 +418,7 @@ async fn serve<IO, S, B>(
                 if closing {
                     // It went on after the GOAWAY: close at once.
                     tracing::info!(%remote, "client keeps cancelling its requests: closing the connection");
-                    return;
+                    return false;
                 }
                 tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
                 closing = true;
@@ -411,7 +432,7 @@ async fn serve<IO, S, B>(
                     let deadline = connected + limits.header_read_timeout;
                     if now >= deadline {
                         tracing::debug!(%remote, "no request within the header read timeout");
-                        return;
+                        return false;
                     }
                     stalled_since = now;
                     moved_at_check = clock.moved();
@@ -424,13 +445,13 @@ async fn serve<IO, S, B>(
                 let progress =
                     activity.take_pulled() || moved.wrapping_sub(moved_at_check) >= MIN_PROGRESS;
                 moved_at_check = moved;
-                if progress || !waits_on_client(&clock, &activity, closing) {
+                if progress || !waits_on_client(&clock, activity, closing) {
                     stalled_since = now;
                 }
                 let stalled = stalled_since + limits.idle_timeout;
                 if now >= stalled {
                     tracing::debug!(%remote, "the client stopped reading: closed");
-                    return;
+                    return false;
                 }
                 if closing {
                     check.as_mut().reset(stalled.min(now + step));
@@ -482,12 +503,15 @@ fn waits_on_client(clock: &HeadClock, activity: &Activity, closing: bool) -> boo
     if clock.write_blocked() {
         return true;
     }
-    if activity.in_flight.load(Ordering::Relaxed) > 0
-        || activity.tunnels.load(Ordering::Relaxed) > 0
-    {
+    if activity.in_flight.load(Ordering::Relaxed) > 0 {
         return false;
     }
-    activity.all_owe_a_pull() || (closing && activity.bodies.load(Ordering::Relaxed) == 0)
+    let bodies = activity.bodies.load(Ordering::Relaxed);
+    // A tunnel's silence is its own business; bodies beside it are judged as ever.
+    if bodies == 0 && activity.tunnels.load(Ordering::Relaxed) > 0 {
+        return false;
+    }
+    activity.all_owe_a_pull() || (closing && bodies == 0)
 }
 
 /// How often a connection looks for activity: an eighth of the idle timeout, at least
