@@ -21,7 +21,8 @@
 //! HTTP/1.1 request has no such check: bound it with a timeout.
 //!
 //! A CONNECT (a tunnel: WebSocket across the mesh, say; see [`crate::upgrade`]) to an
-//! HTTP/2 endpoint goes on a connection of its own, which closes when the tunnel ends: a
+//! endpoint known to speak HTTP/2 (configured, or learned from ALPN) goes on a
+//! connection of its own, which closes when the tunnel ends: a
 //! tunnel holds its stream for its whole life and would otherwise take the shared
 //! connection's streams and flow-control window from the requests.
 //!

@@ -49,7 +49,8 @@
 //! `MeshServer` lends, it counts as its client connection's work: the connection's idle
 //! and stall checks leave a quiet tunnel alone, a switched HTTP/1.1 connection stays
 //! counted against `max_connections`, and a drain waits for tunnels up to its timeout,
-//! then cuts them. Towards an HTTP/2 peer each tunnel has a connection of its own
+//! then cuts them. Towards an endpoint known to speak HTTP/2 (configured, or learned from
+//! an earlier connection's ALPN) each tunnel has a connection of its own
 //! ([`crate::connect`]), so that many do not exhaust the streams of the connection the
 //! requests share.
 
