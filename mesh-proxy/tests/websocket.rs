@@ -22,27 +22,6 @@ use std::process::{Child, Command, Stdio};
 use common::{Proxy, curl, identity};
 use mesh_spiffe::test_ca::TestCa;
 
-/// A Python with `websockets`, or `None` (skipped) where there is none.
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("MESH_PYTHON_GRPC").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python"),
-        PathBuf::from,
-    );
-    let ok = Command::new(&python)
-        .args(["-c", "import websockets"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    let message = format!("no Python with websockets at {}", python.display());
-    if std::env::var_os("MESH_REQUIRE_PYTHON_GRPC").is_some_and(|v| v == "1") {
-        panic!("MESH_REQUIRE_PYTHON_GRPC=1: {message}");
-    }
-    eprintln!("\n!!!!! SKIPPED: WebSocket end to end: {message} !!!!!\n");
-    None
-}
-
 fn peer_script() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ws/peer.py")
 }
@@ -101,7 +80,9 @@ fn finish(child: Child) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_cross_the_mesh_and_a_plaintext_hop() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python_with("websockets", "WebSocket end to end") else {
+        return;
+    };
     let (_app, port) = start_app(&python);
     let dir = tempfile::tempdir().unwrap();
     let mut ca = TestCa::new("example.org").unwrap();

@@ -619,6 +619,18 @@ mod tests {
         io
     }
 
+    /// An extended CONNECT (RFC 8441) to `test-proto`.
+    fn extended_connect() -> Request<http_body_util::Empty<bytes::Bytes>> {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("http://x/chat")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("test-proto"));
+        req
+    }
+
     /// An HTTP/2 connection to `addr` and a tunnel on it (extended CONNECT).
     async fn h2_tunnel(
         addr: SocketAddr,
@@ -634,14 +646,7 @@ mod tests {
         .await
         .unwrap();
         tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri("http://x/chat")
-            .body(http_body_util::Empty::new())
-            .unwrap();
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("test-proto"));
-        let mut resp = sender.send_request(req).await.unwrap();
+        let mut resp = sender.send_request(extended_connect()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
         (sender, io)
@@ -774,14 +779,7 @@ mod tests {
             },
         );
         let tunnel = |client: EndpointClient<_>| async move {
-            let mut req = Request::builder()
-                .method(Method::CONNECT)
-                .uri("http://x/chat")
-                .body(http_body_util::Empty::new())
-                .unwrap();
-            req.extensions_mut()
-                .insert(hyper::ext::Protocol::from_static("test-proto"));
-            let mut resp = client.send(req).await.unwrap();
+            let mut resp = client.send(extended_connect()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap())
         };

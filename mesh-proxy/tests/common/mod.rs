@@ -230,24 +230,12 @@ pub fn assert_families_once(metrics: &str) {
     for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
         assert!(seen.insert(line), "described twice: {line}\n{metrics}");
     }
-    let python = std::env::var_os("MESH_PYTHON_GRPC").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python"),
-        std::path::PathBuf::from,
-    );
     const PARSE: &str = "import sys\n\
         from prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
         print(len(list(p(sys.stdin.read()))))";
-    let child = std::process::Command::new(&python)
-        .args(["-c", "import prometheus_client"])
-        .output();
-    if !child.is_ok_and(|o| o.status.success()) {
-        let message = format!("no Python with prometheus_client at {}", python.display());
-        if std::env::var_os("MESH_REQUIRE_PYTHON_GRPC").is_some_and(|v| v == "1") {
-            panic!("MESH_REQUIRE_PYTHON_GRPC=1: {message}");
-        }
-        eprintln!("\n!!!!! SKIPPED: the OpenMetrics parser check: {message} !!!!!\n");
+    let Some(python) = python_with("prometheus_client", "the OpenMetrics parser check") else {
         return;
-    }
+    };
     let mut child = std::process::Command::new(&python)
         .args(["-c", PARSE])
         .stdin(std::process::Stdio::piped())
@@ -267,4 +255,27 @@ pub fn assert_families_once(metrics: &str) {
         "the OpenMetrics parser refused /metrics: {}\n{metrics}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The test Python (`$MESH_PYTHON_GRPC`, else `target/py/bin/python`, the venv `.ci/run`
+/// fills) if it has `module`; else `None`, after a message that `what` is skipped, or a
+/// failure when `MESH_REQUIRE_PYTHON_GRPC=1` (as in CI).
+pub fn python_with(module: &str, what: &str) -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("MESH_PYTHON_GRPC").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python"),
+        std::path::PathBuf::from,
+    );
+    let found = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(python);
+    }
+    let message = format!("no Python with {module} at {}", python.display());
+    if std::env::var_os("MESH_REQUIRE_PYTHON_GRPC").is_some_and(|v| v == "1") {
+        panic!("MESH_REQUIRE_PYTHON_GRPC=1: {message}");
+    }
+    eprintln!("\n!!!!! SKIPPED: {what}: {message} !!!!!\n");
+    None
 }
