@@ -104,12 +104,12 @@ pub(crate) fn set_upgrade_fields(headers: &mut HeaderMap, protocol: HeaderValue)
 ///
 /// `MeshServer` gives one to every request that may switch; [`Tunnel`] keeps it, and so
 /// should an application that switches by itself (taking it out of the request's
-/// extensions into the task that serves the switched connection). While a tunnel holds it the
-/// connection counts as busy (its idle and stall checks leave a quiet tunnel on an
-/// HTTP/2 stream alone) and stays counted against `max_connections` and a drain (a
-/// switched HTTP/1.1 connection too); when the connection is closed by force (a drain's
-/// timeout), [`Hold::cut`] ends the tunnel with it. Cheap to clone; the tunnel is
-/// counted until the last clone is dropped.
+/// extensions into the task that serves the switched connection). While a tunnel holds
+/// it, the connection counts as busy (its idle and stall checks leave a quiet tunnel on
+/// an HTTP/2 stream alone) and stays counted against `max_connections` and by a drain (a
+/// switched HTTP/1.1 connection too). When the server ends the connection first (a
+/// drain's timeout, the stall check), [`Hold::cut`] ends the tunnel with it. Cheap to
+/// clone; the tunnel is counted until the last clone is dropped.
 #[derive(Clone)]
 pub struct Hold(std::sync::Arc<dyn Held>);
 
@@ -119,7 +119,7 @@ impl Hold {
         Self(std::sync::Arc::new(connection))
     }
 
-    /// Resolves when the connection that lent this hold is closed by force.
+    /// Resolves when the server ends the connection that lent this hold (see above).
     pub async fn cut(&self) {
         self.0.cut().await;
     }
@@ -134,7 +134,7 @@ impl fmt::Debug for Hold {
 /// What a server connection lends its tunnels through a [`Hold`]: its count of them
 /// goes down when the value is dropped.
 pub trait Held: Send + Sync + 'static {
-    /// Resolves when the connection is closed by force.
+    /// Resolves when the server ends the connection.
     fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
@@ -375,7 +375,7 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue, h
             tokio::select! {
                 () = work => {}
                 () = hold.cut() => {
-                    tracing::debug!(?protocol, "the client's connection was closed by force: tunnel cut");
+                    tracing::debug!(?protocol, "the server ended the client's connection: tunnel cut");
                 }
             }
         }

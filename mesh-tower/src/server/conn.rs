@@ -615,7 +615,7 @@ struct Activity {
     tunnels: AtomicUsize,
     /// Signalled when a tunnel ends.
     tunnel_ended: tokio::sync::Notify,
-    /// The connection was closed by force: its tunnels end (see [`TunnelCount`]).
+    /// The connection's task ended: its tunnels end (see [`TunnelCount`]).
     cut: AtomicBool,
     /// Signalled when `cut` turns true.
     cut_notify: tokio::sync::Notify,
