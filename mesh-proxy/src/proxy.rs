@@ -17,7 +17,7 @@ use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
-use mesh_tower::upgrade::Tunnel;
+use mesh_tower::upgrade::{Tunnel, TunnelLayer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -102,6 +102,7 @@ pub(crate) struct Proxy {
     /// The transparent outbound listeners' services.
     transparent: Vec<crate::transparent::Transparent>,
     server_metrics: ServerMetrics,
+    tunnel_metrics: mesh_tower::upgrade::TunnelMetrics,
     mtls: Option<Mtls>,
     clients: Mutex<BTreeMap<String, (ServiceConfig, MeshClient)>>,
     route_metrics: RouteMetrics,
@@ -185,6 +186,7 @@ impl Proxy {
             clients.insert(name.clone(), (service.clone(), client));
         }
 
+        let tunnel_metrics = mesh_tower::upgrade::TunnelMetrics::register(&mut registry);
         let mut servers = Vec::new();
         let mut access_logs = Vec::new();
         for (i, inbound) in config.inbound.iter().enumerate() {
@@ -221,7 +223,9 @@ impl Proxy {
                 None => mesh_tower::forward::DEFAULT_IDENTITY_HEADER,
             };
             // Upgrades (WebSocket) are spliced to the application's connection.
-            let app = Tunnel::new(Forward::<Incoming>::new(inbound.target).identity_header(header));
+            let app = TunnelLayer::new()
+                .metrics(tunnel_metrics.listener(&inbound.name))
+                .layer(Forward::<Incoming>::new(inbound.target).identity_header(header));
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");
@@ -242,6 +246,7 @@ impl Proxy {
                     clients: &clients,
                     route_metrics: &route_metrics,
                     server_metrics: &server_metrics,
+                    tunnel_metrics: &tunnel_metrics,
                 };
                 let (listener, serving) =
                     crate::transparent::Transparent::start(i, outbound, &cx, &transparent_metrics)
@@ -281,8 +286,9 @@ impl Proxy {
                 AnswerErrorsLayer::new()
             };
             // Upgrades (WebSocket) are spliced to the upstream's connection.
-            let app: Tunnel<AnswerErrors<Router<Backend>>> =
-                Tunnel::new(answers.layer(router.clone()));
+            let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
+                .metrics(tunnel_metrics.listener(&outbound.name))
+                .layer(answers.layer(router.clone()));
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
             access_logs.push(Some(log.handle().clone()));
@@ -343,6 +349,7 @@ impl Proxy {
             routers,
             transparent,
             server_metrics,
+            tunnel_metrics,
             mtls,
             clients: Mutex::new(clients),
             route_metrics,
@@ -507,6 +514,7 @@ impl Proxy {
                 clients: &clients,
                 route_metrics: &self.route_metrics,
                 server_metrics: &self.server_metrics,
+                tunnel_metrics: &self.tunnel_metrics,
             };
             transparent.push(listener.prepare(&cx).await?);
         }

@@ -28,7 +28,7 @@ use mesh_tower::server::{Handoff, MeshServer, Server};
 use mesh_tower::transparent::{
     DestinationTable, Destinations, TransparentListener, TransparentMetrics,
 };
-use mesh_tower::upgrade::Tunnel;
+use mesh_tower::upgrade::{Tunnel, TunnelLayer};
 use tower::Layer;
 
 use crate::proxy::{Backend, StartError, lock, opaque_client, routes};
@@ -40,6 +40,7 @@ pub(crate) struct Context<'a> {
     pub(crate) clients: &'a BTreeMap<String, (ServiceConfig, MeshClient)>,
     pub(crate) route_metrics: &'a RouteMetrics,
     pub(crate) server_metrics: &'a ServerMetrics,
+    pub(crate) tunnel_metrics: &'a mesh_tower::upgrade::TunnelMetrics,
 }
 
 /// A running transparent listener's services.
@@ -139,8 +140,9 @@ impl Transparent {
                 }
             })?;
         let router = Router::new(set);
-        let app: Tunnel<AnswerErrors<Router<Backend>>> =
-            Tunnel::new(AnswerErrorsLayer::new().layer(router.clone()));
+        let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
+            .metrics(cx.tunnel_metrics.listener(&self.name))
+            .layer(AnswerErrorsLayer::new().layer(router.clone()));
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
         // As an outbound listener: no WebSocket over HTTP/2 from clients (RFC 8441).

@@ -174,6 +174,33 @@ async fn websockets_cross_the_mesh_and_a_plaintext_hop() {
     let said = String::from_utf8(out.stdout).unwrap();
     assert_eq!(said, "403 1\n400 0\n", "{said}");
 
+    // The tunnels in each proxy's metrics: six opened by A's egress (one, one plaintext,
+    // four at once), five by B's inbound; none left open; every byte counted.
+    let metrics = |admin: std::net::SocketAddr| curl(&[&format!("http://{admin}/metrics")]).1;
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    let mut text = metrics(a.addr("admin"));
+    for _ in 0..50 {
+        if value(&text, "mesh_tunnels_open{listener=\"egress\"}") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        text = metrics(a.addr("admin"));
+    }
+    assert_eq!(value(&text, "mesh_tunnels_open{listener=\"egress\"}"), 0.0);
+    assert_eq!(value(&text, "mesh_tunnels_total{listener=\"egress\"}"), 6.0);
+    let up = value(
+        &text,
+        "mesh_tunnel_bytes_total{listener=\"egress\",direction=\"client_to_upstream\"}",
+    );
+    assert!(up > 6.0 * f64::from(1 << 20), "{up}");
+    common::assert_families_once(&text);
+    let text = metrics(b.addr("admin"));
+    assert_eq!(value(&text, "mesh_tunnels_total{listener=\"app\"}"), 5.0);
+
     // Plain HTTP to the same application beside the tunnels: its own answer (426, a
     // WebSocket server's to a request that does not upgrade) comes back.
     let (code, body) = curl(&[&format!("http://{egress}/chat")]);

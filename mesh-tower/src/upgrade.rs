@@ -42,8 +42,9 @@
 //! `:protocol` is one token.
 //!
 //! A tunnel's bytes are not HTTP: no timeout, no limit but the connections' own, and no
-//! per-request metric applies to them once switched (the switch itself is a request in
-//! the metrics and the access log: `101` where the client asked over HTTP/1.1, a
+//! per-request metric applies to them once switched; [`TunnelMetrics`] counts tunnels
+//! and their bytes per listener (the switch itself is a request in the metrics and the
+//! access log: `101` where the client asked over HTTP/1.1, a
 //! `CONNECT` answered `200` on the inbound side of the mesh). A tunnel ends when both
 //! sides have closed, either fails, or the proxy exits. Through the [`Hold`] its
 //! `MeshServer` lends, it counts as its client connection's work: the connection's idle
@@ -63,6 +64,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tower::Layer;
 use tower_service::Service;
 
@@ -166,10 +172,91 @@ impl Asked {
     }
 }
 
+/// Prometheus metrics of tunnels, by listener:
+///
+/// - `mesh_tunnels_open{listener}`: tunnels open now (both sides switched);
+/// - `mesh_tunnels_total{listener}`: tunnels opened;
+/// - `mesh_tunnel_bytes_total{listener, direction}`: bytes carried, `direction` being
+///   `client_to_upstream` or `upstream_to_client`, counted when a tunnel closes (not
+///   when it fails or is cut).
+#[derive(Clone, Debug, Default)]
+pub struct TunnelMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    opened: Family<ListenerLabel, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    listener: String,
+    direction: &'static str,
+}
+
+impl TunnelMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "mesh_tunnels_open",
+            "Tunnels open (upgraded connections spliced), by listener",
+            metrics.open.clone(),
+        );
+        registry.register(
+            "mesh_tunnels",
+            "Tunnels opened, by listener",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "mesh_tunnel_bytes",
+            "Bytes carried by tunnels, by listener and direction, counted when a tunnel ends",
+            metrics.bytes.clone(),
+        );
+        metrics
+    }
+
+    /// The series of listener `name`.
+    pub fn listener(&self, name: &str) -> ListenerTunnels {
+        let listener = || ListenerLabel {
+            listener: name.to_owned(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    listener: name.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        ListenerTunnels(std::sync::Arc::new(Series {
+            open: self.open.get_or_create(&listener()).clone(),
+            opened: self.opened.get_or_create(&listener()).clone(),
+            up: bytes("client_to_upstream"),
+            down: bytes("upstream_to_client"),
+        }))
+    }
+}
+
+/// One listener's tunnel series ([`TunnelMetrics::listener`]). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ListenerTunnels(std::sync::Arc<Series>);
+
+#[derive(Debug)]
+struct Series {
+    open: Gauge,
+    opened: Counter,
+    up: Counter,
+    down: Counter,
+}
+
 /// Splices upgraded connections; see the [module docs](self).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TunnelLayer {
-    _priv: (),
+    metrics: Option<ListenerTunnels>,
 }
 
 impl TunnelLayer {
@@ -177,13 +264,22 @@ impl TunnelLayer {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Counts its tunnels in `metrics` (default: not counted).
+    pub fn metrics(mut self, metrics: ListenerTunnels) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
 }
 
 impl<S> Layer<S> for TunnelLayer {
     type Service = Tunnel<S>;
 
     fn layer(&self, inner: S) -> Tunnel<S> {
-        Tunnel { inner }
+        Tunnel {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -191,12 +287,16 @@ impl<S> Layer<S> for TunnelLayer {
 #[derive(Clone, Debug)]
 pub struct Tunnel<S> {
     inner: S,
+    metrics: Option<ListenerTunnels>,
 }
 
 impl<S> Tunnel<S> {
-    /// `inner` with upgrades spliced.
+    /// `inner` with upgrades spliced (and not counted: see [`TunnelLayer::metrics`]).
     pub fn new(inner: S) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            metrics: None,
+        }
     }
 }
 
@@ -230,6 +330,7 @@ where
                     asked,
                     protocol: protocol_name(&req),
                     hold: req.extensions_mut().remove::<Hold>(),
+                    metrics: self.metrics.clone(),
                 })
             }),
         };
@@ -259,6 +360,7 @@ struct ClientHalf {
     protocol: HeaderValue,
     /// The client connection's, when its server lends one.
     hold: Option<Hold>,
+    metrics: Option<ListenerTunnels>,
 }
 
 pin_project_lite::pin_project! {
@@ -306,9 +408,10 @@ where
                             half,
                             protocol,
                             hold,
+                            metrics,
                             ..
                         } = *client;
-                        tokio::spawn(splice(half, upstream, protocol, hold));
+                        tokio::spawn(splice(half, upstream, protocol, hold, metrics));
                     }
                     None => {
                         tracing::warn!(protocol = ?client.protocol, %status, "the upstream accepted the switch, but no upgraded connection came with its answer: answered 502");
@@ -349,9 +452,32 @@ fn refuse<RB>(resp: &mut Response<RB>) {
     headers.remove(header::CONNECTION);
 }
 
+/// A tunnel counted open in its listener's series until dropped.
+struct OpenTunnel<'a>(&'a ListenerTunnels);
+
+impl<'a> OpenTunnel<'a> {
+    fn new(metrics: &'a ListenerTunnels) -> Self {
+        metrics.0.opened.inc();
+        metrics.0.open.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.0.open.dec();
+    }
+}
+
 /// Copies bytes both ways between the two switched connections, once both have switched,
 /// until both sides have closed, either fails, or the client connection's server cuts it.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue, hold: Option<Hold>) {
+async fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    protocol: HeaderValue,
+    hold: Option<Hold>,
+    metrics: Option<ListenerTunnels>,
+) {
     let work = async {
         let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
             Ok(both) => both,
@@ -363,9 +489,14 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, protocol: HeaderValue, h
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         tracing::debug!(?protocol, "tunnel open");
+        let _open = metrics.as_ref().map(OpenTunnel::new);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((up, down)) => {
                 tracing::debug!(?protocol, bytes_up = up, bytes_down = down, "tunnel closed");
+                if let Some(m) = &metrics {
+                    m.0.up.inc_by(up);
+                    m.0.down.inc_by(down);
+                }
             }
             Err(error) => tracing::debug!(?protocol, %error, "tunnel failed"),
         }
