@@ -56,7 +56,7 @@ fn start_app(python: &PathBuf) -> (App, u16) {
     (App(child), port)
 }
 
-/// Runs `peer.py` with `args`; returns what it printed, and fails the test on its failure.
+/// Starts `peer.py` with `args` ([`finish`] waits for it and checks it succeeded).
 fn peer(python: &PathBuf, args: &[&str]) -> std::process::Child {
     Command::new(python)
         .arg(peer_script())
@@ -67,6 +67,7 @@ fn peer(python: &PathBuf, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// What a `peer.py` run printed, once it exited; fails the test if it failed.
 fn finish(child: Child) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(

@@ -156,11 +156,11 @@ pub struct ToMesh<S> {
     enabled: bool,
 }
 
-impl<S, B, RB> Service<Request<B>> for ToMesh<S>
+impl<S, B> Service<Request<B>> for ToMesh<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>>,
 {
-    type Response = Response<RB>;
+    type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 

@@ -18,6 +18,14 @@
 //!   the application
 //! ```
 //!
+//! **Upgrades.** An application may switch a request's connection (WebSocket over
+//! HTTP/1.1, or over HTTP/2 with extended CONNECT, RFC 8441, offered unless
+//! [`MeshServerBuilder::extended_connect`] turns it off): it takes hyper's `OnUpgrade`
+//! (`hyper::upgrade::on`) and should keep the request's
+//! [`Hold`](crate::upgrade::Hold) in the task that serves the switched connection, so that
+//! the connection's idle checks, `max_connections` and drains count the tunnel. A proxy
+//! puts [`Tunnel`](crate::upgrade::Tunnel) in front of its forwarding stack instead.
+//!
 //! Plaintext is served only when chosen with [`MeshServerBuilder::plaintext`]; requests
 //! then carry no [`PeerIdentity`](mesh_spiffe::PeerIdentity) and are unauthenticated to
 //! the policy.
