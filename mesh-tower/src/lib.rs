@@ -74,6 +74,7 @@ pub mod mock;
 pub mod opaque;
 #[cfg(feature = "ratelimit")]
 pub mod ratelimit;
+pub mod relay;
 pub mod retry;
 #[cfg(feature = "route")]
 pub mod route;

@@ -16,7 +16,7 @@
 //!    the client's `101` — brings the upstream connection's half in its extensions
 //!    (hyper's client puts it there). Once both connections have switched, a task
 //!    copies bytes both ways until each side has closed (a side's end shuts the other's
-//!    write half) or either fails. An answer that accepts with no upstream half to
+//!    write half), either fails, or both stay quiet for the idle timeout. An answer that accepts with no upstream half to
 //!    splice (a stack that dropped it), or a `101` to a request that did not ask to
 //!    switch, becomes `502`: a client told it switched would otherwise wait on a
 //!    connection nobody serves.
@@ -41,36 +41,36 @@
 //! `Upgrade` with a list of protocols crosses as an ordinary request too, since
 //! `:protocol` is one token.
 //!
-//! A tunnel's bytes are not HTTP: no timeout, no limit but the connections' own, and no
-//! per-request metric applies to them once switched; [`TunnelMetrics`] counts tunnels
-//! and their bytes per listener (the switch itself is a request in the metrics and the
-//! access log: `101` where the client asked over HTTP/1.1, a
-//! `CONNECT` answered `200` on the inbound side of the mesh). A tunnel ends when both
-//! sides have closed, either fails, or the proxy exits. Through the [`Hold`] its
-//! `MeshServer` lends, it counts as its client connection's work: the connection's idle
-//! and stall checks leave a quiet tunnel alone, a switched HTTP/1.1 connection stays
-//! counted against `max_connections`, and a drain waits for tunnels up to its timeout,
-//! then cuts them. Towards an endpoint known to speak HTTP/2 (configured, or learned from
-//! an earlier connection's ALPN) each tunnel has a connection of its own
-//! ([`crate::connect`]), so that many do not exhaust the streams of the connection the
-//! requests share.
+//! A tunnel's bytes are not HTTP: no request timeout, no limit but the connections' own,
+//! and no per-request metric applies to them once switched (the switch itself is a
+//! request in the metrics and the access log: `101` where the client asked over
+//! HTTP/1.1, a `CONNECT` answered `200` on the inbound side of the mesh). They are
+//! relayed by [`crate::relay`]: a tunnel ends when both sides have closed, either fails,
+//! no byte moves either way for its idle timeout (default 1 hour,
+//! [`TunnelLayer::idle_timeout`]), or the proxy exits; [`TunnelMetrics`] counts tunnels
+//! and their bytes per listener, as they move. Through the [`Hold`] its `MeshServer`
+//! lends, a tunnel counts as its client connection's work: the connection's idle and
+//! stall checks leave a quiet tunnel alone (its own idle timeout applies), a switched
+//! HTTP/1.1 connection stays counted against `max_connections`, and a drain waits for
+//! tunnels up to its timeout, then cuts them. Towards an endpoint known to speak HTTP/2
+//! (configured, or learned from an earlier connection's ALPN) each tunnel has a
+//! connection of its own ([`crate::connect`]), so that many do not exhaust the streams of
+//! the connection the requests share.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tower::Layer;
 use tower_service::Service;
+
+use crate::relay::Relay;
 
 /// The method a request stands for: `GET` for an HTTP/2 extended CONNECT (RFC 8441,
 /// `:protocol`), which opens what an HTTP/1.1 `GET` with `Upgrade` opens; its own
@@ -172,91 +172,12 @@ impl Asked {
     }
 }
 
-/// Prometheus metrics of tunnels, by listener:
-///
-/// - `mesh_tunnels_open{listener}`: tunnels open now (both sides switched);
-/// - `mesh_tunnels_total{listener}`: tunnels opened;
-/// - `mesh_tunnel_bytes_total{listener, direction}`: bytes carried, `direction` being
-///   `client_to_upstream` or `upstream_to_client`, counted when a tunnel closes (not
-///   when it fails or is cut).
-#[derive(Clone, Debug, Default)]
-pub struct TunnelMetrics {
-    open: Family<ListenerLabel, Gauge>,
-    opened: Family<ListenerLabel, Counter>,
-    bytes: Family<BytesLabels, Counter>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabel {
-    listener: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BytesLabels {
-    listener: String,
-    direction: &'static str,
-}
-
-impl TunnelMetrics {
-    /// Registers the families in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
-        registry.register(
-            "mesh_tunnels_open",
-            "Tunnels open (upgraded connections spliced), by listener",
-            metrics.open.clone(),
-        );
-        registry.register(
-            "mesh_tunnels",
-            "Tunnels opened, by listener",
-            metrics.opened.clone(),
-        );
-        registry.register(
-            "mesh_tunnel_bytes",
-            "Bytes carried by tunnels, by listener and direction, counted when a tunnel ends",
-            metrics.bytes.clone(),
-        );
-        metrics
-    }
-
-    /// The series of listener `name`.
-    pub fn listener(&self, name: &str) -> ListenerTunnels {
-        let listener = || ListenerLabel {
-            listener: name.to_owned(),
-        };
-        let bytes = |direction| {
-            self.bytes
-                .get_or_create(&BytesLabels {
-                    listener: name.to_owned(),
-                    direction,
-                })
-                .clone()
-        };
-        ListenerTunnels(std::sync::Arc::new(Series {
-            open: self.open.get_or_create(&listener()).clone(),
-            opened: self.opened.get_or_create(&listener()).clone(),
-            up: bytes("client_to_upstream"),
-            down: bytes("upstream_to_client"),
-        }))
-    }
-}
-
-/// One listener's tunnel series ([`TunnelMetrics::listener`]). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct ListenerTunnels(std::sync::Arc<Series>);
-
-#[derive(Debug)]
-struct Series {
-    open: Gauge,
-    opened: Counter,
-    up: Counter,
-    down: Counter,
-}
+pub use crate::relay::{ListenerTunnels, TunnelMetrics};
 
 /// Splices upgraded connections; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
 pub struct TunnelLayer {
-    metrics: Option<ListenerTunnels>,
+    relay: Relay,
 }
 
 impl TunnelLayer {
@@ -267,7 +188,14 @@ impl TunnelLayer {
 
     /// Counts its tunnels in `metrics` (default: not counted).
     pub fn metrics(mut self, metrics: ListenerTunnels) -> Self {
-        self.metrics = Some(metrics);
+        self.relay = self.relay.metrics(metrics);
+        self
+    }
+
+    /// Closes a tunnel after this long without a byte either way (`None`: never;
+    /// default [`DEFAULT_IDLE_TIMEOUT`](crate::relay::DEFAULT_IDLE_TIMEOUT), 1 hour).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.relay = self.relay.idle_timeout(timeout);
         self
     }
 }
@@ -278,7 +206,7 @@ impl<S> Layer<S> for TunnelLayer {
     fn layer(&self, inner: S) -> Tunnel<S> {
         Tunnel {
             inner,
-            metrics: self.metrics.clone(),
+            relay: self.relay.clone(),
         }
     }
 }
@@ -287,7 +215,7 @@ impl<S> Layer<S> for TunnelLayer {
 #[derive(Clone, Debug)]
 pub struct Tunnel<S> {
     inner: S,
-    metrics: Option<ListenerTunnels>,
+    relay: Relay,
 }
 
 impl<S> Tunnel<S> {
@@ -295,7 +223,7 @@ impl<S> Tunnel<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            metrics: None,
+            relay: Relay::new(),
         }
     }
 }
@@ -330,7 +258,7 @@ where
                     asked,
                     protocol: protocol_name(&req),
                     hold: req.extensions_mut().remove::<Hold>(),
-                    metrics: self.metrics.clone(),
+                    relay: self.relay.clone(),
                 })
             }),
         };
@@ -360,7 +288,7 @@ struct ClientHalf {
     protocol: HeaderValue,
     /// The client connection's, when its server lends one.
     hold: Option<Hold>,
-    metrics: Option<ListenerTunnels>,
+    relay: Relay,
 }
 
 pin_project_lite::pin_project! {
@@ -408,10 +336,10 @@ where
                             half,
                             protocol,
                             hold,
-                            metrics,
+                            relay,
                             ..
                         } = *client;
-                        tokio::spawn(splice(half, upstream, protocol, hold, metrics));
+                        tokio::spawn(splice(half, upstream, protocol, hold, relay));
                     }
                     None => {
                         tracing::warn!(protocol = ?client.protocol, %status, "the upstream accepted the switch, but no upgraded connection came with its answer: answered 502");
@@ -452,31 +380,15 @@ fn refuse<RB>(resp: &mut Response<RB>) {
     headers.remove(header::CONNECTION);
 }
 
-/// A tunnel counted open in its listener's series until dropped.
-struct OpenTunnel<'a>(&'a ListenerTunnels);
-
-impl<'a> OpenTunnel<'a> {
-    fn new(metrics: &'a ListenerTunnels) -> Self {
-        metrics.0.opened.inc();
-        metrics.0.open.inc();
-        Self(metrics)
-    }
-}
-
-impl Drop for OpenTunnel<'_> {
-    fn drop(&mut self) {
-        self.0.0.open.dec();
-    }
-}
-
 /// Copies bytes both ways between the two switched connections, once both have switched,
-/// until both sides have closed, either fails, or the client connection's server cuts it.
+/// until both sides have closed, either fails or stays idle for the relay's idle timeout,
+/// or the client connection's server cuts it.
 async fn splice(
     client: OnUpgrade,
     upstream: OnUpgrade,
     protocol: HeaderValue,
     hold: Option<Hold>,
-    metrics: Option<ListenerTunnels>,
+    relay: Relay,
 ) {
     let work = async {
         let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
@@ -489,16 +401,23 @@ async fn splice(
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         tracing::debug!(?protocol, "tunnel open");
-        let _open = metrics.as_ref().map(OpenTunnel::new);
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((up, down)) => {
-                tracing::debug!(?protocol, bytes_up = up, bytes_down = down, "tunnel closed");
-                if let Some(m) = &metrics {
-                    m.0.up.inc_by(up);
-                    m.0.down.inc_by(down);
-                }
+        match relay.run(&mut client, &mut upstream).await {
+            Ok(relayed) => tracing::debug!(
+                ?protocol,
+                bytes_up = relayed.client_to_upstream,
+                bytes_down = relayed.upstream_to_client,
+                "tunnel closed"
+            ),
+            Err(error) => {
+                let relayed = error.relayed();
+                tracing::debug!(
+                    ?protocol,
+                    %error,
+                    bytes_up = relayed.client_to_upstream,
+                    bytes_down = relayed.upstream_to_client,
+                    "tunnel failed"
+                );
             }
-            Err(error) => tracing::debug!(?protocol, %error, "tunnel failed"),
         }
     };
     match &hold {
@@ -584,6 +503,11 @@ mod tests {
 
     /// A proxy hop: `MeshServer` in plaintext, `Tunnel` over an HTTP/1.1 client to `app`.
     async fn proxy(app: SocketAddr) -> crate::server::Server {
+        proxy_with(app, TunnelLayer::new()).await
+    }
+
+    /// [`proxy`] with the tunnel layer given.
+    async fn proxy_with(app: SocketAddr, tunnels: TunnelLayer) -> crate::server::Server {
         let client = EndpointClient::<Incoming>::new(
             app,
             ConnectSettings {
@@ -591,7 +515,7 @@ mod tests {
                 ..ConnectSettings::plaintext()
             },
         );
-        let stack = TunnelLayer::new().layer(ToMeshLayer::passthrough().layer(client));
+        let stack = tunnels.layer(ToMeshLayer::passthrough().layer(client));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         MeshServer::builder()
             .plaintext()
@@ -788,6 +712,50 @@ mod tests {
         let mut buf = [0; 12];
         io.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"still there?");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_is_counted_as_bytes_move_and_closed_when_quiet_for_its_idle_timeout() {
+        let (app, _heads) = switching_app().await;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = TunnelMetrics::register(&mut registry);
+        let idle = std::time::Duration::from_secs(30);
+        let tunnels = TunnelLayer::new()
+            .idle_timeout(Some(idle))
+            .metrics(metrics.listener("out"));
+        let server = proxy_with(app, tunnels).await;
+        let mut io = TcpStream::connect(server.local_addr()).await.unwrap();
+        io.write_all(
+            b"GET /chat HTTP/1.1\r\nhost: chat.example\r\nconnection: upgrade\r\nupgrade: test-proto\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut io).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        io.write_all(b"hello").await.unwrap();
+        let mut back = [0; 5];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        // Counted while the tunnel is open.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for series in [
+            "mesh_tunnels_open{listener=\"out\"} 1\n",
+            "mesh_tunnel_bytes_total{listener=\"out\",direction=\"client_to_upstream\"} 5\n",
+            "mesh_tunnel_bytes_total{listener=\"out\",direction=\"upstream_to_client\"} 5\n",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
+        // Quiet: closed at the idle timeout (not the server's 120 s), both ways.
+        let quiet = tokio::time::Instant::now();
+        assert_eq!(io.read(&mut [0; 16]).await.unwrap(), 0);
+        assert_eq!(tokio::time::Instant::now() - quiet, idle);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("mesh_tunnels_open{listener=\"out\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,702 @@
+//! Relaying bytes both ways between two connections, with an idle timeout and live byte
+//! counts: what opaque TCP ([`crate::opaque`]) and switched HTTP connections
+//! ([`crate::upgrade`]: WebSocket, CONNECT) do once nothing on them is HTTP any more.
+//!
+//! [`Relay::run`] moves bytes between a *client* connection (the one accepted) and an
+//! *upstream* one until both directions have ended.
+//!
+//! # The algorithm
+//!
+//! Each direction has a buffer of [`BUFFER_SIZE`] (8 KiB), allocated when the relay
+//! starts. It reads into it, writes everything read to the other side, then reads again;
+//! when its source has nothing more for now it flushes the other side, so that a TLS
+//! writer sends what it holds. The two directions are polled by one task and neither
+//! waits for the other.
+//!
+//! - **Half-close passes through.** When a source's reads end (a TCP FIN, a TLS
+//!   `close_notify`), what is left in the buffer is written, the other side is flushed and
+//!   its writing half shut down the same way, and the opposite direction goes on: a client
+//!   may finish sending and still read the whole answer.
+//! - **End.** The relay ends when both directions have ended; when either side fails (a
+//!   reset, a TLS error, a write that takes no byte), with [`RelayError::Io`] naming the
+//!   side; or when no byte has been read or written either way for the idle timeout, with
+//!   [`RelayError::Idle`]. The byte counts so far come with either error.
+//! - **Idle timeout** (default [`DEFAULT_IDLE_TIMEOUT`], 1 hour, as Envoy's TCP proxy;
+//!   nginx's stream proxy uses 10 minutes; `None` for none). It bounds the life of a
+//!   connection whose peer vanished without a FIN or a reset, which would otherwise hold
+//!   its place (and two sockets) forever. A write waiting on a peer that stopped reading
+//!   moves no byte, so it counts as idle too. The time of the last byte is read from the
+//!   clock once per wake-up that moved some; the timer is not touched on the byte path
+//!   (when it fires early it is set again from the last byte), so the timeout costs
+//!   nothing per read or write.
+//! - **Counting** ([`Relay::metrics`]): [`TunnelMetrics`] counts relays open and opened
+//!   per listener, and their bytes per direction as they are written, so a long-lived
+//!   connection's traffic shows while it lasts, and bytes moved before a failure count
+//!   too.
+//!
+//! ```
+//! use mesh_tower::relay::Relay;
+//! use std::time::Duration;
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (mut client, mut client_side) = tokio::io::duplex(64);
+//! let (mut upstream_side, mut upstream) = tokio::io::duplex(64);
+//! let relay = tokio::spawn(async move {
+//!     Relay::new()
+//!         .idle_timeout(Some(Duration::from_secs(300)))
+//!         .run(&mut client_side, &mut upstream_side)
+//!         .await
+//! });
+//! client.write_all(b"ping").await?;
+//! client.shutdown().await?; // half-close: the answer still comes back
+//! let mut got = Vec::new();
+//! upstream.read_to_end(&mut got).await?;
+//! assert_eq!(got, b"ping");
+//! upstream.write_all(b"pong").await?;
+//! drop(upstream);
+//! let mut answer = Vec::new();
+//! client.read_to_end(&mut answer).await?;
+//! assert_eq!(answer, b"pong");
+//! let relayed = relay.await??;
+//! assert_eq!((relayed.client_to_upstream, relayed.upstream_to_client), (4, 4));
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// The default idle timeout: 1 hour.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Each direction's buffer: 8 KiB.
+pub const BUFFER_SIZE: usize = 8 * 1024;
+
+/// How relays run: their idle timeout and where they are counted. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    idle_timeout: Option<Duration>,
+    metrics: Option<ListenerTunnels>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Relay {
+    /// Relays with the default idle timeout, uncounted.
+    pub fn new() -> Self {
+        Self {
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            metrics: None,
+        }
+    }
+
+    /// Ends a relay after this long without a byte either way (`None`: never).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout_value(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// Counts relays and their bytes in `metrics` (default: not counted).
+    pub fn metrics(mut self, metrics: ListenerTunnels) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Relays between `client` and `upstream` until both directions have ended, either
+    /// side fails, or the idle timeout passes; see the [module docs](self).
+    pub async fn run<C, U>(&self, client: &mut C, upstream: &mut U) -> Result<Relayed, RelayError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let _open = self.metrics.as_ref().map(OpenTunnel::new);
+        let series = self.metrics.as_ref().map(|m| &*m.0);
+        let mut up = Direction::new(
+            Side::Client,
+            Side::Upstream,
+            series.map(|s| &s.client_to_upstream),
+        );
+        let mut down = Direction::new(
+            Side::Upstream,
+            Side::Client,
+            series.map(|s| &s.upstream_to_client),
+        );
+        let mut idle = self.idle_timeout.map(|timeout| {
+            let last = Instant::now();
+            (
+                timeout,
+                last,
+                Box::pin(tokio::time::sleep_until(last + timeout)),
+            )
+        });
+        let relayed = |up: &Direction<'_>, down: &Direction<'_>| Relayed {
+            client_to_upstream: up.moved,
+            upstream_to_client: down.moved,
+        };
+        poll_fn(|cx| {
+            let mut progress = false;
+            let done_up = up.poll(cx, &mut *client, &mut *upstream, &mut progress);
+            let done_down = down.poll(cx, &mut *upstream, &mut *client, &mut progress);
+            match (done_up, done_down) {
+                (Poll::Ready(Err((side, source))), _) | (_, Poll::Ready(Err((side, source)))) => {
+                    return Poll::Ready(Err(RelayError::Io {
+                        side,
+                        source,
+                        relayed: relayed(&up, &down),
+                    }));
+                }
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                    return Poll::Ready(Ok(relayed(&up, &down)));
+                }
+                _ => {}
+            }
+            if let Some((timeout, last, sleep)) = &mut idle {
+                if progress {
+                    *last = Instant::now();
+                }
+                while sleep.as_mut().poll(cx).is_ready() {
+                    let deadline = *last + *timeout;
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Err(RelayError::Idle {
+                            timeout: *timeout,
+                            relayed: relayed(&up, &down),
+                        }));
+                    }
+                    sleep.as_mut().reset(deadline);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The bytes a relay moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Relayed {
+    /// From the client connection to the upstream one.
+    pub client_to_upstream: u64,
+    /// From the upstream connection to the client one.
+    pub upstream_to_client: u64,
+}
+
+/// One of a relay's two connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The connection accepted (the local application's, or the peer proxy's).
+    Client,
+    /// The connection dialled (the target's, or the endpoint's).
+    Upstream,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Client => "the client's connection",
+            Self::Upstream => "the upstream connection",
+        })
+    }
+}
+
+/// Why a relay ended before both directions did.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// No byte was read or written either way for the idle timeout.
+    #[error("no byte moved either way for {timeout:?}: closed")]
+    Idle {
+        /// The idle timeout.
+        timeout: Duration,
+        /// The bytes moved before.
+        relayed: Relayed,
+    },
+    /// Reading or writing one side failed.
+    #[error("{side}: {source}")]
+    Io {
+        /// The side that failed.
+        side: Side,
+        /// The failure.
+        #[source]
+        source: io::Error,
+        /// The bytes moved before.
+        relayed: Relayed,
+    },
+}
+
+impl RelayError {
+    /// The bytes moved before the relay ended.
+    pub fn relayed(&self) -> Relayed {
+        match self {
+            Self::Idle { relayed, .. } | Self::Io { relayed, .. } => *relayed,
+        }
+    }
+}
+
+/// One direction of a relay: from a source to a sink.
+struct Direction<'m> {
+    buf: Box<[u8]>,
+    /// What is left to write: `buf[pos..end]`.
+    pos: usize,
+    end: usize,
+    /// The source's reads ended.
+    read_done: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    state: State,
+    moved: u64,
+    from: Side,
+    to: Side,
+    counter: Option<&'m Counter>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Copying,
+    ShuttingDown,
+    Done,
+}
+
+type Failed = (Side, io::Error);
+
+impl<'m> Direction<'m> {
+    fn new(from: Side, to: Side, counter: Option<&'m Counter>) -> Self {
+        Self {
+            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            read_done: false,
+            unflushed: false,
+            state: State::Copying,
+            moved: 0,
+            from,
+            to,
+            counter,
+        }
+    }
+
+    /// Moves what it can; ready when this direction has ended (its sink shut down).
+    /// `progress` is set when a byte was read or written.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut R,
+        sink: &mut W,
+        progress: &mut bool,
+    ) -> Poll<Result<(), Failed>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self.state {
+                State::Done => return Poll::Ready(Ok(())),
+                State::ShuttingDown => {
+                    ready!(Pin::new(&mut *sink).poll_shutdown(cx)).map_err(|e| (self.to, e))?;
+                    self.state = State::Done;
+                }
+                State::Copying => {
+                    if self.pos == self.end && !self.read_done {
+                        let mut read = ReadBuf::new(&mut self.buf);
+                        match Pin::new(&mut *source).poll_read(cx, &mut read) {
+                            Poll::Pending => {
+                                // Nothing more for now: what was written goes out.
+                                if self.unflushed {
+                                    ready!(Pin::new(&mut *sink).poll_flush(cx))
+                                        .map_err(|e| (self.to, e))?;
+                                    self.unflushed = false;
+                                }
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err((self.from, e))),
+                            Poll::Ready(Ok(())) => {
+                                let n = read.filled().len();
+                                if n == 0 {
+                                    self.read_done = true;
+                                } else {
+                                    self.pos = 0;
+                                    self.end = n;
+                                    *progress = true;
+                                }
+                            }
+                        }
+                    }
+                    while self.pos < self.end {
+                        let n = ready!(
+                            Pin::new(&mut *sink).poll_write(cx, &self.buf[self.pos..self.end])
+                        )
+                        .map_err(|e| (self.to, e))?;
+                        if n == 0 {
+                            let e = io::Error::new(io::ErrorKind::WriteZero, "wrote no byte");
+                            return Poll::Ready(Err((self.to, e)));
+                        }
+                        self.pos += n;
+                        self.moved += n as u64;
+                        self.unflushed = true;
+                        *progress = true;
+                        if let Some(counter) = self.counter {
+                            counter.inc_by(n as u64);
+                        }
+                    }
+                    if self.read_done {
+                        ready!(Pin::new(&mut *sink).poll_flush(cx)).map_err(|e| (self.to, e))?;
+                        self.unflushed = false;
+                        self.state = State::ShuttingDown;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prometheus metrics of relays — tunnels of switched HTTP connections ([`crate::upgrade`])
+/// and opaque TCP connections ([`crate::opaque`]) — by listener:
+///
+/// - `mesh_tunnels_open{listener}`: relays open now;
+/// - `mesh_tunnels_total{listener}`: relays opened;
+/// - `mesh_tunnel_bytes_total{listener, direction}`: bytes carried, `direction` being
+///   `client_to_upstream` or `upstream_to_client`, counted as they are written.
+#[derive(Clone, Debug, Default)]
+pub struct TunnelMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    opened: Family<ListenerLabel, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    listener: String,
+    direction: &'static str,
+}
+
+impl TunnelMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "mesh_tunnels_open",
+            "Tunnels open (upgraded connections spliced, opaque TCP connections relayed), by listener",
+            metrics.open.clone(),
+        );
+        registry.register(
+            "mesh_tunnels",
+            "Tunnels opened, by listener",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "mesh_tunnel_bytes",
+            "Bytes carried by tunnels, by listener and direction, counted as they are written",
+            metrics.bytes.clone(),
+        );
+        metrics
+    }
+
+    /// The series of listener `name`.
+    pub fn listener(&self, name: &str) -> ListenerTunnels {
+        let listener = || ListenerLabel {
+            listener: name.to_owned(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    listener: name.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        ListenerTunnels(Arc::new(Series {
+            open: self.open.get_or_create(&listener()).clone(),
+            opened: self.opened.get_or_create(&listener()).clone(),
+            client_to_upstream: bytes("client_to_upstream"),
+            upstream_to_client: bytes("upstream_to_client"),
+        }))
+    }
+}
+
+/// One listener's relay series ([`TunnelMetrics::listener`]). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ListenerTunnels(Arc<Series>);
+
+#[derive(Debug)]
+struct Series {
+    open: Gauge,
+    opened: Counter,
+    client_to_upstream: Counter,
+    upstream_to_client: Counter,
+}
+
+/// A relay counted open in its listener's series until dropped.
+struct OpenTunnel<'a>(&'a ListenerTunnels);
+
+impl<'a> OpenTunnel<'a> {
+    fn new(metrics: &'a ListenerTunnels) -> Self {
+        metrics.0.opened.inc();
+        metrics.0.open.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.0.open.dec();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    use super::*;
+
+    /// A relay between two in-memory pipes: (client end, upstream end, the relay).
+    fn relay(
+        relay: Relay,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<Result<Relayed, RelayError>>,
+    ) {
+        let (client, mut client_side) = duplex(1024);
+        let (mut upstream_side, upstream) = duplex(1024);
+        let task =
+            tokio::spawn(async move { relay.run(&mut client_side, &mut upstream_side).await });
+        (client, upstream, task)
+    }
+
+    fn encoded(metrics: &TunnelMetrics) -> String {
+        let mut registry = Registry::default();
+        registry.register("t", "t", metrics.open.clone());
+        registry.register("t_opened", "t", metrics.opened.clone());
+        registry.register("t_bytes", "t", metrics.bytes.clone());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_larger_than_the_buffers() {
+        let (mut client, mut upstream, task) = relay(Relay::new());
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        // The client half-closed and still gets the upstream's answer.
+        upstream.write_all(&got[..70_000]).await.unwrap();
+        drop(upstream);
+        assert_eq!(writer.await.unwrap(), &data[..70_000]);
+        let relayed = task.await.unwrap().unwrap();
+        assert_eq!(relayed.client_to_upstream, 200_000);
+        assert_eq!(relayed.upstream_to_client, 70_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_relay_ends_at_its_idle_timeout() {
+        let idle = Duration::from_secs(60);
+        let (mut client, mut upstream, task) = relay(Relay::new().idle_timeout(Some(idle)));
+        let started = Instant::now();
+        // A byte every 50 s keeps it open past the timeout, whichever way it goes.
+        for round in 0..4u8 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            if round % 2 == 0 {
+                client.write_all(&[round]).await.unwrap();
+                assert_eq!(upstream.read_u8().await.unwrap(), round);
+            } else {
+                upstream.write_all(&[round]).await.unwrap();
+                assert_eq!(client.read_u8().await.unwrap(), round);
+            }
+        }
+        let last = Instant::now();
+        assert!(!task.is_finished());
+        let err = task.await.unwrap().unwrap_err();
+        // Ended one timeout after the last byte, not one after the start.
+        assert_eq!(Instant::now() - last, idle);
+        assert!(last - started >= Duration::from_secs(200));
+        assert!(matches!(err, RelayError::Idle { timeout, .. } if timeout == idle));
+        assert_eq!(
+            err.relayed(),
+            Relayed {
+                client_to_upstream: 2,
+                upstream_to_client: 2
+            }
+        );
+        assert_eq!(err.to_string(), "no byte moved either way for 60s: closed");
+        // Both connections were closed with it.
+        assert_eq!(client.read(&mut [0; 1]).await.unwrap(), 0);
+        assert_eq!(upstream.read(&mut [0; 1]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_counts_as_idle() {
+        let idle = Duration::from_secs(10);
+        let (mut client, upstream, task) = relay(Relay::new().idle_timeout(Some(idle)));
+        // The upstream reads nothing: the pipes fill, then nothing moves.
+        let filler = tokio::spawn(async move {
+            let _ = client.write_all(&vec![7; 1 << 20]).await;
+            client
+        });
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, RelayError::Idle { .. }), "{err}");
+        // The relay held what the pipes and its buffer hold, no more.
+        let moved = err.relayed().client_to_upstream;
+        assert!(moved >= 1024 && moved < 1 << 20, "{moved}");
+        drop(upstream);
+        drop(filler.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_idle_timeout_a_quiet_relay_stays() {
+        let (mut client, mut upstream, task) = relay(Relay::new().idle_timeout(None));
+        tokio::time::sleep(DEFAULT_IDLE_TIMEOUT * 3).await;
+        assert!(!task.is_finished());
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(upstream.read_u8().await.unwrap(), b'x');
+        drop((client, upstream));
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Relayed {
+                client_to_upstream: 1,
+                upstream_to_client: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_while_the_relay_lasts() {
+        let metrics = TunnelMetrics::default();
+        let (mut client, mut upstream, task) = relay(Relay::new().metrics(metrics.listener("db")));
+        client.write_all(&[1; 3000]).await.unwrap();
+        let mut got = vec![0; 3000];
+        upstream.read_exact(&mut got).await.unwrap();
+        upstream.write_all(&[2; 10]).await.unwrap();
+        client.read_exact(&mut [0; 10]).await.unwrap();
+        // Open, and its bytes already counted.
+        let text = encoded(&metrics);
+        assert!(text.contains("t{listener=\"db\"} 1\n"), "{text}");
+        assert!(
+            text.contains("t_opened_total{listener=\"db\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_bytes_total{listener=\"db\",direction=\"client_to_upstream\"} 3000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_bytes_total{listener=\"db\",direction=\"upstream_to_client\"} 10\n"),
+            "{text}"
+        );
+        drop((client, upstream));
+        task.await.unwrap().unwrap();
+        assert!(encoded(&metrics).contains("t{listener=\"db\"} 0\n"));
+    }
+
+    /// A stream that fails every read and write, to see the failing side named.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_names_its_side_and_keeps_the_counts() {
+        let (mut client, mut client_side) = duplex(1024);
+        client.write_all(b"abc").await.unwrap();
+        let err = Relay::new()
+            .run(&mut client_side, &mut Broken)
+            .await
+            .unwrap_err();
+        match &err {
+            RelayError::Io { side, source, .. } => {
+                // Either the upstream's read (reset) or its write (broken pipe) failed
+                // first; both are the upstream's.
+                assert_eq!(*side, Side::Upstream, "{err}");
+                assert!(
+                    matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ),
+                    "{err}"
+                );
+            }
+            other => panic!("{other}"),
+        }
+        assert!(
+            err.to_string().starts_with("the upstream connection: "),
+            "{err}"
+        );
+        // The client's side failing is named as the client's.
+        let (_peer, mut upstream_side) = duplex(1024);
+        let err = Relay::new()
+            .run(&mut Broken, &mut upstream_side)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RelayError::Io {
+                    side: Side::Client,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
