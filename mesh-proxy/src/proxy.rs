@@ -15,6 +15,7 @@ use mesh_tower::access_log::{AccessLogHandle, AccessLogLayer};
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
 use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
+use mesh_tower::relay::{ListenerTunnels, TunnelMetrics};
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
 use mesh_tower::upgrade::{Tunnel, TunnelLayer};
@@ -186,14 +187,21 @@ impl Proxy {
             clients.insert(name.clone(), (service.clone(), client));
         }
 
-        let tunnel_metrics = mesh_tower::upgrade::TunnelMetrics::register(&mut registry);
+        let tunnel_metrics = TunnelMetrics::register(&mut registry);
         let mut servers = Vec::new();
         let mut access_logs = Vec::new();
         for (i, inbound) in config.inbound.iter().enumerate() {
             let key = format!("inbound[{i}]");
             if inbound.protocol == Protocol::Opaque {
-                let server =
-                    opaque_inbound(i, inbound, &config, mtls.as_ref(), &server_metrics).await?;
+                let server = opaque_inbound(
+                    i,
+                    inbound,
+                    &config,
+                    mtls.as_ref(),
+                    &server_metrics,
+                    &tunnel_metrics,
+                )
+                .await?;
                 tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "opaque inbound listening");
                 servers.push((inbound.name.clone(), Listener::Opaque(server)));
                 access_logs.push(None);
@@ -225,6 +233,7 @@ impl Proxy {
             // Upgrades (WebSocket) are spliced to the application's connection.
             let app = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&inbound.name))
+                .idle_timeout(tunnel_idle(&inbound.limits))
                 .layer(Forward::<Incoming>::new(inbound.target).identity_header(header));
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
@@ -259,7 +268,8 @@ impl Proxy {
                 continue;
             }
             if outbound.protocol == Protocol::Opaque {
-                let server = opaque_outbound(i, outbound, &config, mtls.as_ref()).await?;
+                let server =
+                    opaque_outbound(i, outbound, &config, mtls.as_ref(), &tunnel_metrics).await?;
                 tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "opaque outbound listening");
                 servers.push((outbound.name.clone(), Listener::Opaque(server)));
                 access_logs.push(None);
@@ -288,6 +298,7 @@ impl Proxy {
             // Upgrades (WebSocket) are spliced to the upstream's connection.
             let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&outbound.name))
+                .idle_timeout(tunnel_idle(&outbound.limits))
                 .layer(answers.layer(router.clone()));
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
@@ -330,6 +341,10 @@ impl Proxy {
                         name,
                         &config,
                         mtls.as_ref(),
+                        RelayFor {
+                            limits: &outbound.limits,
+                            tunnels: tunnel_metrics.listener(&outbound.name),
+                        },
                     )
                     .await?,
                 );
@@ -627,6 +642,7 @@ async fn opaque_inbound(
     config: &MeshConfig,
     mtls: Option<&Mtls>,
     metrics: &ServerMetrics,
+    tunnels: &TunnelMetrics,
 ) -> Result<mesh_tower::opaque::Serving, StartError> {
     let key = format!("inbound[{i}]");
     let config_error = |field: &str, message: String| StartError::Config {
@@ -635,7 +651,12 @@ async fn opaque_inbound(
     };
     let mut builder = mesh_tower::opaque::OpaqueServer::builder()
         .metrics(metrics.listener(&inbound.name))
+        .tunnels(tunnels.listener(&inbound.name))
+        .idle_timeout(tunnel_idle(&inbound.limits))
         .shutdown_timeout(config.drain_timeout);
+    if let Some(max) = inbound.limits.max_connections {
+        builder = builder.max_connections(max);
+    }
     builder = match inbound.tls {
         TlsMode::Plaintext => builder.plaintext(),
         _ => {
@@ -668,6 +689,7 @@ async fn opaque_outbound(
     outbound: &mesh_core::config::OutboundConfig,
     config: &MeshConfig,
     mtls: Option<&Mtls>,
+    tunnels: &TunnelMetrics,
 ) -> Result<mesh_tower::opaque::Serving, StartError> {
     let key = format!("outbound[{i}]");
     let name = outbound
@@ -677,7 +699,12 @@ async fn opaque_outbound(
             key: format!("{key}.default_service"),
             message: "an opaque listener needs a service".into(),
         })?;
-    let client = opaque_client(&format!("{key}.default_service"), name, config, mtls).await?;
+    let relay = RelayFor {
+        limits: &outbound.limits,
+        tunnels: tunnels.listener(&outbound.name),
+    };
+    let client =
+        opaque_client(&format!("{key}.default_service"), name, config, mtls, relay).await?;
     let listener = bind(&key, outbound.listen).await?;
     client.serve(listener).map_err(|e| StartError::Config {
         key: format!("{key}.listen"),
@@ -685,12 +712,32 @@ async fn opaque_outbound(
     })
 }
 
-/// The opaque TCP client of service `name`, for the listener setting `key`.
+/// The idle timeout of a listener's relays: its `tunnel_idle_timeout`, the relay's
+/// default when unset, none for `0s`.
+pub(crate) fn tunnel_idle(
+    limits: &mesh_core::config::ListenerLimits,
+) -> Option<std::time::Duration> {
+    match limits.tunnel_idle_timeout {
+        None => Some(mesh_tower::relay::DEFAULT_IDLE_TIMEOUT),
+        Some(timeout) if timeout.is_zero() => None,
+        Some(timeout) => Some(timeout),
+    }
+}
+
+/// How a listener relays opaque TCP: its limits and its series of tunnel metrics.
+pub(crate) struct RelayFor<'a> {
+    pub(crate) limits: &'a mesh_core::config::ListenerLimits,
+    pub(crate) tunnels: ListenerTunnels,
+}
+
+/// The opaque TCP client of service `name`, for the listener setting `key`, relaying as
+/// `relay` says.
 pub(crate) async fn opaque_client(
     key: &str,
     name: &str,
     config: &MeshConfig,
     mtls: Option<&Mtls>,
+    relay: RelayFor<'_>,
 ) -> Result<mesh_tower::opaque::OpaqueClient, StartError> {
     let config_error = |message: String| StartError::Config {
         key: key.to_owned(),
@@ -709,7 +756,12 @@ pub(crate) async fn opaque_client(
     let mut builder = mesh_tower::opaque::OpaqueClient::builder(discovery)
         .service_name(name)
         .connect_timeout(service.connect_timeout)
-        .shutdown_timeout(config.drain_timeout);
+        .shutdown_timeout(config.drain_timeout)
+        .idle_timeout(tunnel_idle(relay.limits))
+        .tunnels(relay.tunnels);
+    if let Some(max) = relay.limits.max_connections {
+        builder = builder.max_connections(max);
+    }
     builder = match service.tls {
         TlsMode::Plaintext => builder.plaintext(),
         _ => {

@@ -31,7 +31,7 @@ use mesh_tower::transparent::{
 use mesh_tower::upgrade::{Tunnel, TunnelLayer};
 use tower::Layer;
 
-use crate::proxy::{Backend, StartError, lock, opaque_client, routes};
+use crate::proxy::{Backend, RelayFor, StartError, lock, opaque_client, routes, tunnel_idle};
 
 /// What a transparent listener's services are built from.
 pub(crate) struct Context<'a> {
@@ -111,16 +111,23 @@ impl Transparent {
         }
         this.table.replace(table(&services));
         *lock(&this.services) = services;
-        let serving = TransparentListener::builder()
+        let mut builder = TransparentListener::builder()
             .name(&outbound.name)
             .unmatched(outbound.unmatched.unwrap_or_default())
             .shutdown_timeout(cx.config.drain_timeout)
-            .metrics(metrics)
-            .serve(listener, this.table.clone())
-            .map_err(|e| StartError::Config {
-                key: format!("{key}.listen"),
-                message: e.to_string(),
-            })?;
+            .idle_timeout(tunnel_idle(&outbound.limits))
+            .tunnels(cx.tunnel_metrics.listener(&outbound.name))
+            .metrics(metrics);
+        if let Some(max) = outbound.limits.max_connections {
+            builder = builder.max_connections(max);
+        }
+        let serving =
+            builder
+                .serve(listener, this.table.clone())
+                .map_err(|e| StartError::Config {
+                    key: format!("{key}.listen"),
+                    message: e.to_string(),
+                })?;
         Ok((this, serving))
     }
 
@@ -142,6 +149,7 @@ impl Transparent {
         let router = Router::new(set);
         let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
             .metrics(cx.tunnel_metrics.listener(&self.name))
+            .idle_timeout(tunnel_idle(&self.limits))
             .layer(AnswerErrorsLayer::new().layer(router.clone()));
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
@@ -154,7 +162,12 @@ impl Transparent {
             .access_log(self.access_log.clone())
             .h2_streams(crate::proxy::H2_STREAMS);
         if self.protocol == Protocol::Auto {
-            builder = builder.opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls).await?);
+            let relay = RelayFor {
+                limits: &self.limits,
+                tunnels: cx.tunnel_metrics.listener(&self.name),
+            };
+            builder = builder
+                .opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls, relay).await?);
         }
         let (handoff, connections) = mesh_tower::server::handoff(self.addr);
         let server = builder.serve_handed(connections, app)?;

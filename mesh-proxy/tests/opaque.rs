@@ -1,7 +1,7 @@
 //! Opaque TCP through two proxy processes: bytes both ways over mTLS with a half-close,
 //! on an opaque port and on a port that detects the protocol,
-//! and a connection-level authorization deny (the connection closes, the target sees
-//! nothing).
+//! a connection-level authorization deny (the connection closes, the target sees
+//! nothing), a quiet connection closed at its idle timeout, and the relays' metrics.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +45,8 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         format!(
             "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [[inbound]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{target}\"\n\
-             protocol = \"opaque\"\nauthorization = \"callers\"\n\n\
+             protocol = \"opaque\"\nauthorization = \"callers\"\n\
+             limits = {{ tunnel_idle_timeout = \"2s\" }}\n\n\
              [authorization.callers]\ndefault = \"deny\"\n\
              [[authorization.callers.rules]]\nname = \"caller\"\nclients = [\"spiffe://example.org/caller\"]\n",
             identity(dir.path(), &mut ca, "app")
@@ -140,10 +141,46 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(admitted, "the reloaded policy admits the stranger");
-    // Its metrics (opaque connections, their authorization) parse as a scraper's would.
+
+    // A connection quiet for B's tunnel_idle_timeout (2 s) is closed, through A too.
+    let mut s = tokio::net::TcpStream::connect(a.addr("egress"))
+        .await
+        .unwrap();
+    s.write_all(b"idle?").await.unwrap();
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"idle?");
+    let quiet = tokio::time::Instant::now();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut [0; 8]))
+        .await
+        .expect("the quiet connection was closed");
+    assert_eq!(read.unwrap(), 0);
+    assert!(
+        quiet.elapsed() >= std::time::Duration::from_secs(1),
+        "closed after {:?}, before the idle timeout",
+        quiet.elapsed()
+    );
+
+    // Its metrics (opaque connections, their authorization, the relays and their bytes)
+    // parse as a scraper's would.
     let (_, metrics) = common::curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
     assert!(metrics.contains("listener=\"tcp\""), "{metrics}");
     common::assert_families_once(&metrics);
+    // Relayed: the 256 KiB echo, the detected one, the reloaded stranger's, the quiet one
+    // (denied connections are not relayed); every byte counted, both ways.
+    let bytes = 256 * 1024 + 17 + 4 + 5;
+    for series in [
+        "mesh_tunnels_total{listener=\"tcp\"} 4\n".to_owned(),
+        "mesh_tunnels_open{listener=\"tcp\"} 0\n".to_owned(),
+        format!(
+            "mesh_tunnel_bytes_total{{listener=\"tcp\",direction=\"client_to_upstream\"}} {bytes}\n"
+        ),
+        format!(
+            "mesh_tunnel_bytes_total{{listener=\"tcp\",direction=\"upstream_to_client\"}} {bytes}\n"
+        ),
+    ] {
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 
     assert!(a.terminate().success());
     assert!(stranger.terminate().success());

@@ -22,7 +22,9 @@
 //! 4. **unmatched**: by [`Unmatched`], relays the bytes as they are to the original
 //!    destination (`passthrough`, the default: unmeshed traffic keeps working, without
 //!    TLS) or closes the connection (`refuse`). The relay dials within the connect timeout
-//!    (default 1 s).
+//!    (default 1 s) and relays with [`crate::relay`]: closed after its idle timeout
+//!    without a byte either way (default 1 hour), its bytes counted with
+//!    [`tunnels`](TransparentBuilder::tunnels).
 //!
 //! **Loops.** The proxy's own outgoing connections must not be redirected back to it: the
 //! iptables rules exempt the proxy's user or group (see `packaging/iptables/`). Should they
@@ -53,6 +55,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::opaque::{BuildError, Serving};
+use crate::relay::{ListenerTunnels, Relay};
 use crate::server::Handoff;
 
 /// The default time a passthrough relay has to connect to the original destination.
@@ -270,6 +273,7 @@ impl TransparentListener {
             shutdown_timeout: crate::opaque::DEFAULT_SHUTDOWN_TIMEOUT,
             metrics: None,
             resolver: Arc::new(original_dst),
+            relay: Relay::new(),
         }
     }
 }
@@ -284,6 +288,7 @@ pub struct TransparentBuilder {
     shutdown_timeout: Duration,
     metrics: Option<TransparentMetrics>,
     resolver: Resolver,
+    relay: Relay,
 }
 
 impl std::fmt::Debug for TransparentBuilder {
@@ -327,6 +332,21 @@ impl TransparentBuilder {
         self
     }
 
+    /// Closes a passthrough connection after this long without a byte either way
+    /// (`None`: never; default [`DEFAULT_IDLE_TIMEOUT`](crate::relay::DEFAULT_IDLE_TIMEOUT),
+    /// 1 hour).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.relay = self.relay.idle_timeout(timeout);
+        self
+    }
+
+    /// Counts passthrough connections and their bytes in `tunnels` (default: not
+    /// counted).
+    pub fn tunnels(mut self, tunnels: ListenerTunnels) -> Self {
+        self.relay = self.relay.metrics(tunnels);
+        self
+    }
+
     /// Counts each connection's outcome (default: not counted).
     pub fn metrics(mut self, metrics: &TransparentMetrics) -> Self {
         self.metrics = Some(metrics.clone());
@@ -354,6 +374,7 @@ impl TransparentBuilder {
             connect_timeout: self.connect_timeout,
             metrics: self.metrics,
             resolver: self.resolver,
+            relay: self.relay,
             table,
             outgoing: Mutex::new(HashSet::new()),
         });
@@ -376,6 +397,7 @@ struct Shared {
     connect_timeout: Duration,
     metrics: Option<TransparentMetrics>,
     resolver: Resolver,
+    relay: Relay,
     table: DestinationTable,
     /// The local addresses of this listener's passthrough connections, to notice one of
     /// them redirected back here.
@@ -461,12 +483,13 @@ impl Shared {
         self.count("passthrough");
         let _ = upstream.set_nodelay(true);
         let mut upstream = Outgoing::new(self, upstream);
-        match tokio::io::copy_bidirectional(&mut tcp, &mut upstream.tcp).await {
-            Ok((sent, received)) => {
-                tracing::debug!(listener = %self.name, %remote, %dst, sent, received, "passthrough connection closed")
+        match self.relay.run(&mut tcp, &mut upstream.tcp).await {
+            Ok(relayed) => {
+                tracing::debug!(listener = %self.name, %remote, %dst, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "passthrough connection closed")
             }
             Err(error) => {
-                tracing::debug!(listener = %self.name, %remote, %dst, %error, "passthrough connection failed")
+                let relayed = error.relayed();
+                tracing::debug!(listener = %self.name, %remote, %dst, %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "passthrough connection ended")
             }
         }
     }

@@ -170,7 +170,11 @@ pub struct CertificateFiles {
 /// max_connections = 10000          # [10,000] beyond, accepting waits
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
 /// idle_timeout = "120s"            # [120s] idle this long: shut down; a client not reading this long: closed
+/// tunnel_idle_timeout = "10m"      # [1h] a relayed connection without a byte either way this long: closed ("0s": never)
 /// ```
+///
+/// An opaque listener relays bytes, not requests: of these it takes `max_connections` and
+/// `tunnel_idle_timeout` only, and refuses the others.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerLimits {
@@ -207,9 +211,45 @@ pub struct ListenerLimits {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
+    /// How long a relayed connection may go without a byte either way; then both its
+    /// sides are closed. Relayed are: every connection of an opaque listener, what an
+    /// `auto` or transparent listener relays as opaque TCP (and a transparent listener's
+    /// passthrough), and a switched HTTP connection (WebSocket, CONNECT) on any listener.
+    /// `0s` turns it off.
+    #[serde(
+        default,
+        with = "duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tunnel_idle_timeout: Option<Duration>,
 }
 
 impl ListenerLimits {
+    /// The limits that only HTTP connections have (set, with their keys): an opaque
+    /// listener refuses them.
+    pub fn http_only(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        for (key, is_set) in [
+            ("header_read_timeout", self.header_read_timeout.is_some()),
+            ("max_header_list_size", self.max_header_list_size.is_some()),
+            ("max_headers", self.max_headers.is_some()),
+            (
+                "max_request_body_size",
+                self.max_request_body_size.is_some(),
+            ),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams.is_some(),
+            ),
+            ("idle_timeout", self.idle_timeout.is_some()),
+        ] {
+            if is_set {
+                set.push(key);
+            }
+        }
+        set
+    }
+
     /// Whether every limit is left at the server's default.
     pub fn is_default(&self) -> bool {
         *self == Self::default()

@@ -371,6 +371,73 @@ fn access_logs_are_for_http_listeners() {
 }
 
 #[test]
+fn opaque_listeners_take_only_the_limits_of_relays() {
+    let errors = invalid(
+        r#"
+        [[inbound]]
+        name = "db"
+        listen = "0.0.0.0:4143"
+        target = "127.0.0.1:5432"
+        tls = "plaintext"
+        protocol = "opaque"
+        limits = { max_connections = 100, tunnel_idle_timeout = "10m", idle_timeout = "30s", max_headers = 10 }
+        [[outbound]]
+        name = "db-out"
+        listen = "127.0.0.1:4140"
+        protocol = "opaque"
+        default_service = "a"
+        limits = { tunnel_idle_timeout = "0s", header_read_timeout = "1s" }
+        [[outbound]]
+        name = "web"
+        listen = "127.0.0.1:4141"
+        default_service = "a"
+        limits = { tunnel_idle_timeout = "90s", idle_timeout = "30s" }
+        [services.a]
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
+        tls = "plaintext"
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "inbound[0].limits.max_headers: an HTTP limit, and opaque listeners relay bytes",
+            "inbound[0].limits.idle_timeout: an HTTP limit, and opaque listeners relay bytes",
+            "outbound[0].limits.header_read_timeout: an HTTP limit, and opaque listeners relay bytes",
+        ],
+    );
+    // Without the HTTP limits it is valid, and `0s` (off) is allowed.
+    let c = MeshConfig::from_toml(
+        r#"
+        [[inbound]]
+        name = "db"
+        listen = "0.0.0.0:4143"
+        target = "127.0.0.1:5432"
+        tls = "plaintext"
+        protocol = "opaque"
+        limits = { max_connections = 100, tunnel_idle_timeout = "10m" }
+        [[outbound]]
+        name = "db-out"
+        listen = "127.0.0.1:4140"
+        protocol = "opaque"
+        default_service = "a"
+        limits = { tunnel_idle_timeout = "0s" }
+        [services.a]
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:4143" }] }
+        tls = "plaintext"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.inbound[0].limits.tunnel_idle_timeout,
+        Some(std::time::Duration::from_secs(600))
+    );
+    assert_eq!(
+        c.outbound[0].limits.tunnel_idle_timeout,
+        Some(std::time::Duration::ZERO)
+    );
+}
+
+#[test]
 fn serializes_back_to_an_equal_config() {
     let c = MeshConfig::from_toml(EXAMPLE).unwrap();
     let text = toml::to_string(&c).unwrap();

@@ -9,6 +9,9 @@ use super::*;
 /// Why `access_log` is refused on an opaque listener.
 const ACCESS_LOG_OPAQUE: &str = "opaque listeners relay bytes, not requests: there is nothing to log per request (use it on an HTTP or `auto` listener)";
 
+/// Why an HTTP limit is refused on an opaque listener.
+const LIMIT_OPAQUE: &str = "an HTTP limit, and opaque listeners relay bytes, not requests: they take `max_connections` and `tunnel_idle_timeout`";
+
 #[derive(Default)]
 pub(super) struct Validator {
     errors: Vec<ValidationError>,
@@ -67,6 +70,13 @@ impl Validator {
     fn ratio(&mut self, path: impl Into<String>, value: f64) {
         if !(0.0..=1.0).contains(&value) {
             self.err(path, format!("must be between 0 and 1 (got {value})"));
+        }
+    }
+
+    /// Refuses the HTTP-only limits of an opaque listener at `path`.
+    fn http_limits(&mut self, path: &str, limits: &ListenerLimits) {
+        for key in limits.http_only() {
+            self.err(format!("{path}.limits.{key}"), LIMIT_OPAQUE);
         }
     }
 
@@ -638,6 +648,9 @@ impl Validator {
             if l.access_log && l.protocol == Protocol::Opaque {
                 self.err(format!("{path}.access_log"), ACCESS_LOG_OPAQUE);
             }
+            if l.protocol == Protocol::Opaque {
+                self.http_limits(&path, &l.limits);
+            }
         }
         // Which service each transparent destination means: one at most.
         let mut destinations: BTreeMap<Destination, &str> = BTreeMap::new();
@@ -674,6 +687,9 @@ impl Validator {
             let path = format!("outbound[{i}]");
             if l.access_log && l.protocol == Protocol::Opaque {
                 self.err(format!("{path}.access_log"), ACCESS_LOG_OPAQUE);
+            }
+            if l.protocol == Protocol::Opaque && !l.transparent {
+                self.http_limits(&path, &l.limits);
             }
             if let Some(certificate) = &l.certificate {
                 for (field, file) in [("cert", &certificate.cert), ("key", &certificate.key)] {

@@ -24,6 +24,7 @@ use crate::balance::DEFAULT_FAIL_FAST;
 use crate::connect::{
     ConnectError, DEFAULT_CONNECT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DialedIo, Dialer,
 };
+use crate::relay::{ListenerTunnels, Relay};
 
 /// Relays local connections to a service's endpoints; see the [module docs](super).
 /// Cheap to clone: clones share the endpoints and their connection counts.
@@ -41,6 +42,7 @@ pub struct OpaqueClientBuilder {
     service: String,
     settings: Settings,
     limits: Limits,
+    relay: Relay,
     seed: Option<u64>,
     dialer: Option<Dialer>,
 }
@@ -96,6 +98,7 @@ impl OpaqueClient {
                 backoff: DEFAULT_CONNECT_BACKOFF,
             },
             limits: Limits::default(),
+            relay: Relay::new(),
             seed: None,
             dialer: None,
         }
@@ -126,6 +129,19 @@ impl OpaqueClientBuilder {
     /// The service's name, for logs and errors (default `opaque`).
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service = name.into();
+        self
+    }
+
+    /// Counts connections relayed and their bytes in `tunnels` (default: not counted).
+    pub fn tunnels(mut self, tunnels: ListenerTunnels) -> Self {
+        self.relay = self.relay.metrics(tunnels);
+        self
+    }
+
+    /// Closes a connection after this long without a byte either way (`None`: never;
+    /// default [`DEFAULT_IDLE_TIMEOUT`](crate::relay::DEFAULT_IDLE_TIMEOUT), 1 hour).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.relay = self.relay.idle_timeout(timeout);
         self
     }
 
@@ -204,6 +220,7 @@ impl OpaqueClientBuilder {
                 service: self.service,
                 settings: self.settings,
                 limits: self.limits,
+                relay: self.relay,
                 rng: Mutex::new(match self.seed {
                     Some(seed) => fastrand::Rng::with_seed(seed),
                     None => fastrand::Rng::new(),
@@ -220,6 +237,7 @@ struct Shared {
     service: String,
     settings: Settings,
     limits: Limits,
+    relay: Relay,
     rng: Mutex<fastrand::Rng>,
     discovery: AbortHandle,
     dialer: Option<Dialer>,
@@ -271,20 +289,21 @@ impl OpaqueClient {
     {
         let (open, remote, peer, attempts) = self.connect().await?;
         let addr = open.0.addr;
+        let relay = &self.shared.relay;
         let relayed = match remote {
-            Remote::Plain(mut tcp) => super::relay(&mut local, &mut tcp).await,
-            Remote::Tls(mut tls) => super::relay(&mut local, &mut *tls).await,
-            Remote::Dialed(mut io) => super::relay(&mut local, &mut *io).await,
-            Remote::DialedTls(mut tls) => super::relay(&mut local, &mut *tls).await,
+            Remote::Plain(mut tcp) => relay.run(&mut local, &mut tcp).await,
+            Remote::Tls(mut tls) => relay.run(&mut local, &mut *tls).await,
+            Remote::Dialed(mut io) => relay.run(&mut local, &mut *io).await,
+            Remote::DialedTls(mut tls) => relay.run(&mut local, &mut *tls).await,
         };
         drop(open);
-        let (sent, received) = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
+        let relayed = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
         Ok(RelayStats {
             endpoint: addr,
             peer,
             attempts,
-            sent,
-            received,
+            sent: relayed.client_to_upstream,
+            received: relayed.upstream_to_client,
         })
     }
 
@@ -299,7 +318,7 @@ impl OpaqueClient {
                         tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed")
                     }
                     Err(error @ OpaqueError::Relay { .. }) => {
-                        tracing::debug!(%remote, %error, "opaque connection failed");
+                        tracing::debug!(%remote, %error, "opaque connection ended");
                     }
                     Err(error) => tracing::info!(%remote, %error, "opaque connection refused"),
                 }

@@ -55,13 +55,14 @@ pub enum OpaqueError {
         #[source]
         last: ConnectError,
     },
-    /// The relay failed after connecting (a reset, a TLS error).
+    /// The relay failed after connecting (a reset, a TLS error), or stayed idle for its
+    /// idle timeout.
     #[error("relaying with {addr}: {source}")]
     Relay {
         /// The endpoint.
         addr: SocketAddr,
-        /// The error.
+        /// The error, with the bytes moved before it.
         #[source]
-        source: io::Error,
+        source: crate::relay::RelayError,
     },
 }

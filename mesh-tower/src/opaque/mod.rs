@@ -21,8 +21,8 @@
 //! [`metrics`](OpaqueServerBuilder::metrics) are given (refused handshakes in
 //! `mesh_server_tls_handshake_failures_total`, as for `MeshServer`). An admitted
 //! connection dials the target (bounded by the connect timeout, default 1 s; a target that
-//! is down closes the connection) and the bytes are relayed both ways with
-//! [`tokio::io::copy_bidirectional`].
+//! is down closes the connection) and the bytes are relayed both ways by
+//! [`crate::relay`].
 //!
 //! # Outbound: [`OpaqueClient`]
 //!
@@ -44,11 +44,16 @@
 //! connection of any kind: together they run the outbound half on a simulated network or
 //! in memory, mTLS and failover included.
 //!
-//! # Half-close and shutdown
+//! # Half-close, idle connections and shutdown
 //!
 //! When one side finishes sending (a TCP FIN, or TLS `close_notify`), the relay finishes
 //! sending to the other side the same way and keeps relaying the other direction until it
-//! ends too: a client may shut its write side and still read the whole answer.
+//! ends too: a client may shut its write side and still read the whole answer. A
+//! connection without a byte either way for the idle timeout (`idle_timeout`, default 1
+//! hour, as Envoy's TCP proxy) is closed on both sides, so that one whose peer vanished
+//! without a FIN does not hold its place forever. With `tunnels`
+//! ([`TunnelMetrics`](crate::relay::TunnelMetrics)) the connections relayed and their
+//! bytes are counted per listener, the bytes as they move.
 //!
 //! Both halves serve a listener in a task that returns a [`Serving`] handle.
 //! [`Serving::shutdown`] stops accepting, lets open connections end on their own for up to
@@ -93,7 +98,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -198,14 +202,4 @@ where
         task,
         policy: None,
     })
-}
-
-/// Relays between `a` and `b` until both directions end; the bytes sent from `a` to `b`
-/// and from `b` to `a`.
-async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional(a, b).await
 }

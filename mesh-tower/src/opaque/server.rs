@@ -13,6 +13,7 @@ use super::{BuildError, Limits, Serving};
 use crate::authz::{Policy, PolicyHandle};
 use crate::connect::DEFAULT_CONNECT_TIMEOUT;
 use crate::metrics::server::ListenerMetrics;
+use crate::relay::{ListenerTunnels, Relay};
 
 /// Serves opaque TCP to a target; see the [module docs](super).
 #[derive(Debug)]
@@ -27,6 +28,7 @@ impl OpaqueServer {
             metrics: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             limits: Limits::default(),
+            relay: Relay::new(),
         }
     }
 }
@@ -39,6 +41,7 @@ pub struct OpaqueServerBuilder {
     metrics: Option<ListenerMetrics>,
     connect_timeout: Duration,
     limits: Limits,
+    relay: Relay,
 }
 
 impl fmt::Debug for OpaqueServerBuilder {
@@ -48,6 +51,7 @@ impl fmt::Debug for OpaqueServerBuilder {
             .field("policy", &self.policy.as_ref().map(Policy::name))
             .field("connect_timeout", &self.connect_timeout)
             .field("limits", &self.limits)
+            .field("idle_timeout", &self.relay.idle_timeout_value())
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +79,19 @@ impl OpaqueServerBuilder {
     /// Counts authorization decisions and refused handshakes in `metrics` (default: none).
     pub fn metrics(mut self, metrics: ListenerMetrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts connections relayed and their bytes in `tunnels` (default: not counted).
+    pub fn tunnels(mut self, tunnels: ListenerTunnels) -> Self {
+        self.relay = self.relay.metrics(tunnels);
+        self
+    }
+
+    /// Closes a connection after this long without a byte either way (`None`: never;
+    /// default [`DEFAULT_IDLE_TIMEOUT`](crate::relay::DEFAULT_IDLE_TIMEOUT), 1 hour).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.relay = self.relay.idle_timeout(timeout);
         self
     }
 
@@ -112,6 +129,7 @@ impl OpaqueServerBuilder {
             metrics: self.metrics,
             target,
             connect_timeout: self.connect_timeout,
+            relay: self.relay,
         });
         let mut serving = super::spawn(listener, self.limits, move |tcp, remote| {
             let inbound = inbound.clone();
@@ -132,6 +150,7 @@ struct Inbound {
     metrics: Option<ListenerMetrics>,
     target: SocketAddr,
     connect_timeout: Duration,
+    relay: Relay,
 }
 
 impl Inbound {
@@ -200,12 +219,13 @@ impl Inbound {
             }
         };
         let _ = target.set_nodelay(true);
-        match super::relay(&mut io, &mut target).await {
-            Ok((sent, received)) => {
-                tracing::debug!(%remote, client = %Client(client), sent, received, "opaque connection closed");
+        match self.relay.run(&mut io, &mut target).await {
+            Ok(relayed) => {
+                tracing::debug!(%remote, client = %Client(client), bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection closed");
             }
             Err(error) => {
-                tracing::debug!(%remote, client = %Client(client), %error, "opaque connection failed");
+                let relayed = error.relayed();
+                tracing::debug!(%remote, client = %Client(client), %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection ended");
             }
         }
     }

@@ -790,3 +790,68 @@ async fn the_opaque_fallback_needs_tcp() {
         "{err}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn quiet_connections_close_at_the_idle_timeout_and_bytes_count_as_they_move() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let mut registry = Registry::default();
+    let tunnels = crate::relay::TunnelMetrics::register(&mut registry);
+    // The inbound relay allows 40 s of silence, the outbound one 25 s.
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .idle_timeout(Some(Duration::from_secs(40)))
+        .tunnels(tunnels.listener("db-in"))
+        .serve(listener().await, target_addr)
+        .unwrap();
+    let client = OpaqueClient::builder(static_discovery(&[server.local_addr()]))
+        .plaintext()
+        .idle_timeout(Some(Duration::from_secs(25)))
+        .tunnels(tunnels.listener("db-out"))
+        .build()
+        .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    let mut tcp = TcpStream::connect(outbound.local_addr()).await.unwrap();
+    // A byte every 20 s keeps both open well past their timeouts.
+    for round in 0..5u8 {
+        tcp.write_all(&[round; 100]).await.unwrap();
+        let mut back = [0u8; 100];
+        tcp.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [round; 100]);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let encoded = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    };
+    // Counted while open, on both listeners.
+    let text = encoded(&registry);
+    for listener in ["db-out", "db-in"] {
+        for series in [
+            format!("mesh_tunnels_open{{listener=\"{listener}\"}} 1\n"),
+            format!("mesh_tunnels_total{{listener=\"{listener}\"}} 1\n"),
+            format!(
+                "mesh_tunnel_bytes_total{{listener=\"{listener}\",direction=\"client_to_upstream\"}} 500\n"
+            ),
+            format!(
+                "mesh_tunnel_bytes_total{{listener=\"{listener}\",direction=\"upstream_to_client\"}} 500\n"
+            ),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+    }
+    // Quiet since the last echo, 20 s ago: the outbound relay closes 25 s after it.
+    let waited = tokio::time::Instant::now();
+    assert_eq!(tcp.read(&mut [0; 8]).await.unwrap(), 0);
+    assert_eq!(tokio::time::Instant::now() - waited, Duration::from_secs(5));
+    // Its close ended the inbound one too (its client went away), long before its own
+    // timeout.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let text = encoded(&registry);
+    for listener in ["db-out", "db-in"] {
+        let series = format!("mesh_tunnels_open{{listener=\"{listener}\"}} 0\n");
+        assert!(text.contains(&series), "{series} in {text}");
+    }
+    assert_eq!(outbound.shutdown().await.forced, 0);
+    assert_eq!(server.shutdown().await.forced, 0);
+}

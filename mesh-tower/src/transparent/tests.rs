@@ -128,12 +128,14 @@ async fn unmatched_destinations_pass_through_or_are_refused() {
     let upstream = echo(b"upstream\n").await;
     let mut registry = Registry::default();
     let metrics = TransparentMetrics::register(&mut registry);
+    let tunnels = crate::relay::TunnelMetrics::register(&mut registry);
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = TransparentListener::builder()
         .name("pass")
         .metrics(&metrics)
+        .tunnels(tunnels.listener("pass"))
         .resolver(resolver_to(upstream))
         .serve(listener, DestinationTable::default())
         .unwrap();
@@ -177,6 +179,10 @@ async fn unmatched_destinations_pass_through_or_are_refused() {
         r#"{listener="pass",outcome="passthrough"} 1"#,
         r#"{listener="refuse",outcome="refused"} 1"#,
         r#"{listener="dead",outcome="failed"} 1"#,
+        // The passthrough relay's bytes, counted as they moved.
+        r#"mesh_tunnels_total{listener="pass"} 1"#,
+        r#"mesh_tunnel_bytes_total{listener="pass",direction="client_to_upstream"} 4"#,
+        r#"mesh_tunnel_bytes_total{listener="pass",direction="upstream_to_client"} 13"#,
     ] {
         assert!(text.contains(line), "{line} in {text}");
     }
@@ -279,6 +285,7 @@ async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         metrics: Some(metrics),
         resolver: resolver_to(upstream),
+        relay: crate::relay::Relay::new(),
         table: DestinationTable::default(),
         outgoing: Mutex::new(HashSet::new()),
     };
