@@ -749,7 +749,8 @@ mod tests {
         // Quiet: closed at the idle timeout (not the server's 120 s), both ways.
         let quiet = tokio::time::Instant::now();
         assert_eq!(io.read(&mut [0; 16]).await.unwrap(), 0);
-        assert_eq!(tokio::time::Instant::now() - quiet, idle);
+        let waited = tokio::time::Instant::now() - quiet;
+        assert!(waited >= idle && waited <= idle + idle / 8, "{waited:?}");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(

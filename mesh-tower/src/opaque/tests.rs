@@ -840,10 +840,15 @@ async fn quiet_connections_close_at_the_idle_timeout_and_bytes_count_as_they_mov
             assert!(text.contains(&series), "{series} in {text}");
         }
     }
-    // Quiet since the last echo, 20 s ago: the outbound relay closes 25 s after it.
+    // Quiet since the last echo, 20 s ago: the outbound relay closes 25 s after it (within
+    // an eighth).
     let waited = tokio::time::Instant::now();
     assert_eq!(tcp.read(&mut [0; 8]).await.unwrap(), 0);
-    assert_eq!(tokio::time::Instant::now() - waited, Duration::from_secs(5));
+    let waited = tokio::time::Instant::now() - waited;
+    assert!(
+        waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5_000 + 25_000 / 8),
+        "{waited:?}"
+    );
     // Its close ended the inbound one too (its client went away), long before its own
     // timeout.
     tokio::time::sleep(Duration::from_millis(10)).await;
