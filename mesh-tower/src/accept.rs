@@ -56,8 +56,8 @@ impl Incoming for Source {
             Self::Listener(l) => Some(l.accept().await),
             Self::Handed(rx) => rx.recv().await.map(Ok),
         };
-        if let Some(Ok((tcp, _))) = &accepted {
-            let _ = tcp.set_nodelay(true);
+        if let Some(Ok((tcp, remote))) = &accepted {
+            crate::sock::tune(tcp, *remote);
         }
         accepted
     }

@@ -708,7 +708,7 @@ where
         let (io, peer, h2) = match (&self.settings.dialer, &self.settings.tls) {
             (None, tls) => {
                 let tcp = TcpStream::connect(addr).await.map_err(tcp_failed)?;
-                let _ = tcp.set_nodelay(true);
+                crate::sock::tune(&tcp, addr);
                 match tls {
                     None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
                     Some(tls) => {

@@ -80,6 +80,7 @@ pub mod retry;
 pub mod route;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod sock;
 pub mod timeout;
 #[cfg(feature = "transparent")]
 pub mod transparent;

@@ -481,7 +481,7 @@ impl Shared {
             }
         };
         self.count("passthrough");
-        let _ = upstream.set_nodelay(true);
+        crate::sock::tune(&upstream, dst);
         let mut upstream = Outgoing::new(self, upstream);
         match self.relay.run(&mut tcp, &mut upstream.tcp).await {
             Ok(relayed) => {

@@ -463,7 +463,7 @@ impl OpaqueClient {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
-            let _ = tcp.set_nodelay(true);
+            crate::sock::tune(&tcp, addr);
             match &target.tls {
                 None => Ok((Remote::Plain(tcp), None)),
                 Some(connector) => {

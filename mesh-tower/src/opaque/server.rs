@@ -218,7 +218,7 @@ impl Inbound {
                 return;
             }
         };
-        let _ = target.set_nodelay(true);
+        crate::sock::tune(&target, self.target);
         match self.relay.run(&mut io, &mut target).await {
             Ok(relayed) => {
                 tracing::debug!(%remote, client = %Client(client), bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection closed");
