@@ -759,6 +759,8 @@ pub(crate) async fn opaque_client(
         .shutdown_timeout(config.drain_timeout)
         .idle_timeout(tunnel_idle(relay.limits))
         .tunnels(relay.tunnels);
+    // Bounds an opaque listener's connections (`serve`); an `auto` or transparent
+    // listener's fallback relays connections its own server bounds.
     if let Some(max) = relay.limits.max_connections {
         builder = builder.max_connections(max);
     }

@@ -151,10 +151,26 @@ impl Relay {
             client_to_upstream: up.written.bytes,
             upstream_to_client: down.written.bytes,
         };
+        // Which direction goes first, swapped on every poll: a direction whose source and
+        // sink are always ready may use up the task's budget of Tokio operations, and the
+        // other would never get its turn if it always came second.
+        let mut up_first = true;
         poll_fn(|cx| {
             let mut progress = false;
-            let done_up = up.poll(cx, &mut *client, &mut *upstream, &mut progress);
-            let done_down = down.poll(cx, &mut *upstream, &mut *client, &mut progress);
+            let (done_up, done_down) = if up_first {
+                let done_up = up.poll(cx, &mut *client, &mut *upstream, &mut progress);
+                (
+                    done_up,
+                    down.poll(cx, &mut *upstream, &mut *client, &mut progress),
+                )
+            } else {
+                let done_down = down.poll(cx, &mut *upstream, &mut *client, &mut progress);
+                (
+                    up.poll(cx, &mut *client, &mut *upstream, &mut progress),
+                    done_down,
+                )
+            };
+            up_first = !up_first;
             match (done_up, done_down) {
                 (Poll::Ready(Err((side, source))), _) | (_, Poll::Ready(Err((side, source)))) => {
                     return Poll::Ready(Err(RelayError::Io {
@@ -169,8 +185,7 @@ impl Relay {
                 _ => {}
             }
             if let Some(check) = &mut idle {
-                check.moved |= progress;
-                if check.poll_idle(cx) {
+                if check.poll_idle(cx, progress) {
                     return Poll::Ready(Err(RelayError::Idle {
                         timeout: check.timeout,
                         relayed: relayed(&up, &down),
@@ -210,8 +225,11 @@ impl IdleCheck {
         }
     }
 
-    /// Whether the relay is idle now; otherwise the next tick wakes the task.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Whether the relay is idle now (never when this poll `moved` a byte); otherwise the
+    /// next tick wakes the task. A task polled late counts one tick, not every one it
+    /// missed: a stalled runtime delays the timeout rather than ending a relay early.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, moved: bool) -> bool {
+        self.moved |= moved;
         while self.tick.as_mut().poll(cx).is_ready() {
             if std::mem::take(&mut self.moved) {
                 self.quiet = 0;
@@ -221,7 +239,11 @@ impl IdleCheck {
                     return true;
                 }
             }
-            let next = self.tick.deadline() + self.step;
+            let mut next = self.tick.deadline() + self.step;
+            let now = tokio::time::Instant::now();
+            if next <= now {
+                next = now + self.step;
+            }
             self.tick.as_mut().reset(next);
         }
         false
@@ -711,6 +733,110 @@ mod tests {
         drop((client, upstream));
         task.await.unwrap().unwrap();
         assert!(encoded(&metrics).contains("t{listener=\"db\"} 0\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_that_comes_late_does_not_end_a_relay_that_just_moved_bytes() {
+        let idle = Duration::from_secs(8);
+        let (mut client, mut upstream, task) = relay(Relay::new().idle_timeout(Some(idle)));
+        // The relay runs...
+        client.write_all(b"a").await.unwrap();
+        assert_eq!(upstream.read_u8().await.unwrap(), b'a');
+        // ... then the runtime stalls for longer than the timeout (no task runs
+        // meanwhile), right after a byte was written to the relay.
+        client.write_all(b"x").await.unwrap();
+        tokio::time::advance(idle * 2).await;
+        assert_eq!(upstream.read_u8().await.unwrap(), b'x');
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "{:?}", task.await);
+        // It still ends once quiet for the timeout.
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, RelayError::Idle { .. }), "{err}");
+        drop(client);
+    }
+
+    /// A stream that is always ready: reads give `fill`, writes take everything.
+    struct Flood;
+
+    impl AsyncRead for Flood {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            // Counted against the task's budget, as Tokio's own streams are.
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            coop.made_progress();
+            let n = buf.remaining().min(1024);
+            buf.put_slice(&[1; 1024][..n]);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Flood {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            coop.made_progress();
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    // When one direction always went first, this test hung (the upstream's bytes never
+    // moved, and nextest ended it as slow).
+    #[tokio::test]
+    async fn a_direction_that_never_waits_does_not_shut_out_the_other() {
+        // The client floods the upstream without end; the upstream's two bytes still come
+        // back to the client.
+        let (mut peer, upstream_side) = duplex(1);
+        let (back_tx, mut back) = tokio::sync::mpsc::unbounded_channel();
+        let mut client = tokio::io::join(Flood, Collect(back_tx));
+        let mut upstream = tokio::io::join(upstream_side, Flood);
+        let task = tokio::spawn(async move {
+            Relay::new()
+                .idle_timeout(None)
+                .run(&mut client, &mut upstream)
+                .await
+        });
+        peer.write_all(b"xy").await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), back.recv())
+                .await
+                .expect("the upstream's bytes got through");
+            got.extend(chunk.unwrap());
+        }
+        assert_eq!(got, b"xy");
+        task.abort();
+    }
+
+    /// A sink sending what it is given to a channel.
+    struct Collect(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+    impl AsyncWrite for Collect {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let _ = self.0.send(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
 
     /// A stream that fails every read and write, to see the failing side named.
