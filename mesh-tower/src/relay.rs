@@ -184,13 +184,13 @@ impl Relay {
                 }
                 _ => {}
             }
-            if let Some(check) = &mut idle {
-                if check.poll_idle(cx, progress) {
-                    return Poll::Ready(Err(RelayError::Idle {
-                        timeout: check.timeout,
-                        relayed: relayed(&up, &down),
-                    }));
-                }
+            if let Some(check) = &mut idle
+                && check.poll_idle(cx, progress)
+            {
+                return Poll::Ready(Err(RelayError::Idle {
+                    timeout: check.timeout,
+                    relayed: relayed(&up, &down),
+                }));
             }
             Poll::Pending
         })
