@@ -186,7 +186,7 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
         2,
     );
     // A certificate for 127.0.0.1 from openssl (not the mesh CA: any PEM chain serves).
-    self_signed(dir.path(), "edge");
+    common::self_signed(dir.path(), "edge");
     let config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
     let mut text = std::fs::read_to_string(&config).unwrap();
     // Relative: taken from the configuration file's directory.
@@ -244,7 +244,7 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
             .contains("mesh_proxy_edge_certificate_expiry_timestamp_seconds{listener=\"egress\"} "),
         "{metrics}"
     );
-    self_signed(dir.path(), "next");
+    common::self_signed(dir.path(), "next");
     let next = dir.path().join("next.crt");
     let next = next.to_str().unwrap();
     std::fs::rename(dir.path().join("next.key"), dir.path().join("edge.key")).unwrap();
@@ -294,39 +294,6 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("outbound[0].certificate"), "{stderr}");
     assert!(stderr.contains("edge.key"), "{stderr}");
-}
-
-/// A self-signed ECDSA certificate for 127.0.0.1 by openssl: `NAME.crt` and `NAME.key` in
-/// `dir`.
-fn self_signed(dir: &std::path::Path, name: &str) {
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edge",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(format!("{name}.key"))
-        .arg("-out")
-        .arg(format!("{name}.crt"))
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
 }
 
 /// systemd's `Type=notify`: with `NOTIFY_SOCKET` set (a path, or on Linux an abstract
@@ -416,7 +383,7 @@ async fn an_edge_listener_does_not_relay_a_peers_error_details() {
         &common::inbound_config(dir.path(), &mut ca, "app", "b.toml", down),
         2,
     );
-    self_signed(dir.path(), "edge");
+    common::self_signed(dir.path(), "edge");
     let config = common::outbound_config(dir.path(), &mut ca, "caller", &[b.addr("app")], "");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(

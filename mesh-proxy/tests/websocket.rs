@@ -5,7 +5,9 @@
 //! the same through a plaintext HTTP/1.1 hop; several at once; a policy that admits `GET`
 //! admits the upgrade and one that does not refuses it (403 to the client's handshake),
 //! leaving the client's connection HTTP for its next request; and plain HTTP to the same
-//! application still works beside the tunnels.
+//! application still works beside the tunnels. Also `wss://` through an edge listener
+//! that terminates TLS, and a quiet tunnel closed at the listener's
+//! `tunnel_idle_timeout`.
 //!
 //! The interpreter is `$MESH_PYTHON_GRPC`, else `target/py/bin/python` (the venv
 //! `.ci/run` fills); without `websockets` the test is skipped with a message, or fails
@@ -58,7 +60,16 @@ fn start_app(python: &PathBuf) -> (App, u16) {
 
 /// Starts `peer.py` with `args` ([`finish`] waits for it and checks it succeeded).
 fn peer(python: &PathBuf, args: &[&str]) -> std::process::Child {
-    Command::new(python)
+    peer_trusting(python, args, None)
+}
+
+/// [`peer`], verifying a `wss://` server against the CA file `ca`.
+fn peer_trusting(python: &PathBuf, args: &[&str], ca: Option<&std::path::Path>) -> Child {
+    let mut command = Command::new(python);
+    if let Some(ca) = ca {
+        command.env("MESH_WS_CA", ca);
+    }
+    command
         .arg(peer_script())
         .args(args)
         .stdout(Stdio::piped())
@@ -208,4 +219,68 @@ async fn websockets_cross_the_mesh_and_a_plaintext_hop() {
     assert_eq!(code, 426, "{body}");
     let (code, body) = curl(&[&format!("http://{egress}/direct")]);
     assert_eq!(code, 426, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_through_an_edge_listener_and_a_quiet_tunnel_closed_at_its_idle_timeout() {
+    let Some(python) = common::python_with("websockets", "WebSocket end to end") else {
+        return;
+    };
+    let (_app, port) = start_app(&python);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = TestCa::new("example.org").unwrap();
+    let b_config = dir.path().join("b.toml");
+    std::fs::write(
+        &b_config,
+        format!(
+            "{}\n[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"127.0.0.1:{port}\"\n",
+            identity(dir.path(), &mut ca, "app")
+        ),
+    )
+    .unwrap();
+    let b = Proxy::start(&b_config, 1);
+
+    // A: an edge listener terminating TLS (a certificate from openssl), whose tunnels
+    // close after 2 s without a byte.
+    common::self_signed(dir.path(), "edge");
+    let a_config = dir.path().join("a.toml");
+    std::fs::write(
+        &a_config,
+        format!(
+            "{}\n[services.app]\ndiscovery = {{ kind = \"static\", endpoints = [{{ addr = \"{}\" }}] }}\n\
+             server_identity = \"spiffe://example.org/app\"\n\n\
+             [[outbound]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"app\"\n\
+             certificate = {{ cert = \"edge.crt\", key = \"edge.key\" }}\n\
+             limits = {{ tunnel_idle_timeout = \"2s\" }}\n",
+            identity(dir.path(), &mut ca, "caller"),
+            b.addr("app")
+        ),
+    )
+    .unwrap();
+    let a = Proxy::start(&a_config, 1);
+    let edge = a.addr("edge");
+    let cert = dir.path().join("edge.crt");
+
+    // wss:// verified against the edge certificate, then across the mesh.
+    let said = finish(peer_trusting(
+        &python,
+        &["client", &format!("wss://{edge}/chat"), "20"],
+        Some(&cert),
+    ));
+    assert_eq!(said, "ok /chat spiffe://example.org/caller");
+
+    // A quiet tunnel is closed at the edge listener's idle timeout (B's is an hour).
+    let said = finish(peer_trusting(
+        &python,
+        &["quiet", &format!("wss://{edge}/quiet")],
+        Some(&cert),
+    ));
+    let waited: f64 = said
+        .strip_prefix("closed after ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(
+        (1.5..20.0).contains(&waited),
+        "closed {waited} s after its last byte, for an idle timeout of 2 s"
+    );
 }

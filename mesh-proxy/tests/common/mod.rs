@@ -279,3 +279,36 @@ pub fn python_with(module: &str, what: &str) -> Option<std::path::PathBuf> {
     eprintln!("\n!!!!! SKIPPED: {what}: {message} !!!!!\n");
     None
 }
+
+/// A self-signed ECDSA certificate for 127.0.0.1 by openssl: `NAME.crt` and `NAME.key` in
+/// `dir`.
+pub fn self_signed(dir: &std::path::Path, name: &str) {
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edge",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(format!("{name}.key"))
+        .arg("-out")
+        .arg(format!("{name}.crt"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
