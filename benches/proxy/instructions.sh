@@ -4,9 +4,11 @@
 # compared by a change of a few percent. Each binary serves the bench hop
 # (benches/proxy/bench.toml) under callgrind; after 2,000 warm-up requests the counters
 # are zeroed, N requests are sent (h2load, 16 connections for h1; 4 x 8 streams for h2),
-# and the count is dumped: start-up and warm-up are left out.
+# and the count is dumped: start-up and warm-up are left out. `opaque` sends the h1 load
+# through an opaque TCP relay instead (an outbound listener with protocol = "opaque" in
+# front of the same upstream): the relay's instructions per request and answer.
 #
-#   benches/proxy/instructions.sh [h1|h2] [N] [BINARY...]    (default h1 10000 target/release/mesh-proxy)
+#   benches/proxy/instructions.sh [h1|h2|opaque] [N] [BINARY...]    (default h1 10000 target/release/mesh-proxy)
 #
 # Prints "NAME: I instructions/request" per binary, and ratios against the first. The
 # dumps stay in $OUT (default: a temporary folder, printed) for callgrind_annotate. Needs
@@ -35,9 +37,25 @@ trap cleanup EXIT
 "$up/upstream" --h1 127.0.0.1:18080 --h2 127.0.0.1:18081 >"$out/upstream.log" 2>&1 &
 pids+=($!)
 
+config=benches/proxy/bench.toml
+if [ "$mode" = opaque ]; then
+  config=$out/opaque.toml
+  cat >"$config" <<'EOF'
+[services.upstream]
+tls = "plaintext"
+discovery = { kind = "static", endpoints = [{ addr = "127.0.0.1:18080" }] }
+
+[[outbound]]
+name = "relay"
+listen = "127.0.0.1:19480"
+protocol = "opaque"
+default_service = "upstream"
+EOF
+fi
+
 # load REQUESTS: prints how many succeeded
 load() {
-  if [ "$mode" = h1 ]; then
+  if [ "$mode" = h1 ] || [ "$mode" = opaque ]; then
     h2load --h1 -n "$1" -c 16 -t 1 http://127.0.0.1:19480/
   else
     h2load -n "$1" -c 4 -m 8 -t 1 http://127.0.0.1:19481/
@@ -49,7 +67,7 @@ for i in "${!bins[@]}"; do
   bin=${bins[$i]}
   name=$(basename "$bin")-$i
   valgrind --tool=callgrind --callgrind-out-file="$out/$name.%p" \
-    "$bin" run --config benches/proxy/bench.toml --log warn --workers "${MESH_WORKERS:-1}" >"$out/$name.log" 2>&1 &
+    "$bin" run --config "$config" --log warn --workers "${MESH_WORKERS:-1}" >"$out/$name.log" 2>&1 &
   pid=$!
   pids+=("$pid")
   for _ in $(seq 100); do curl -fs http://127.0.0.1:19480/ >/dev/null && break; sleep 0.3; done

@@ -141,7 +141,7 @@ measure_idle() {
   local holder=$!
   exec 4>"$run/hold.in"
   for _ in $(seq 300); do grep -q held "$run/hold.out" && break; sleep 0.1; done
-  grep -q held "$run/hold.out" || { echo "relay: $name did not hold $n connections" >&2; exit 1; }
+  grep -q held "$run/hold.out" || { echo "relay: $name did not hold $n connections" >&2; tail -n 5 "$run"/*.log >&2; ss -s >&2; exit 1; }
   after=$(rss "$pid")
   exec 4>&-
   wait "$holder" || true
@@ -161,10 +161,6 @@ measure() {
   echo "$mode $name $t0 $u0 $t1 $u1 $n $hwm $rate" >>"$run/results"
 }
 
-start_mesh() {
-  "$1" run --config "$run/mesh.toml" --log warn --workers 1 >"$run/mesh.log" 2>&1 &
-  echo $!
-}
 
 relays="direct mesh-proxy nginx haproxy"
 [ -n "$bin_b" ] && relays="$relays mesh-proxy-b"
@@ -178,7 +174,9 @@ for mode in $modes; do
         direct) measure direct 0 18080 ;;
         mesh-proxy | mesh-proxy-b)
           b=$bin; [ "$relay" = mesh-proxy-b ] && b=$bin_b
-          pid=$(start_mesh "$b"); pids+=("$pid"); ready 19470
+          # Started by this shell, not a subshell, so that `wait` sees it exit.
+          "$b" run --config "$run/mesh.toml" --log warn --workers 1 >"$run/mesh.log" 2>&1 &
+          pid=$!; pids+=("$pid"); ready 19470
           measure "$relay" "$pid" 19470
           kill "$pid"; wait "$pid" 2>/dev/null || true ;;
         nginx)

@@ -211,6 +211,8 @@ struct IdleCheck {
     tick: Pin<Box<tokio::time::Sleep>>,
     moved: bool,
     quiet: u32,
+    /// The timer has been polled (it holds the task's waker).
+    armed: bool,
 }
 
 impl IdleCheck {
@@ -222,14 +224,22 @@ impl IdleCheck {
             tick: Box::pin(tokio::time::sleep(step)),
             moved: false,
             quiet: 0,
+            armed: false,
         }
     }
 
     /// Whether the relay is idle now (never when this poll `moved` a byte); otherwise the
     /// next tick wakes the task. A task polled late counts one tick, not every one it
     /// missed: a stalled runtime delays the timeout rather than ending a relay early.
+    ///
+    /// A poll that moved bytes leaves an armed timer alone: it holds this task's waker
+    /// from an earlier poll, and looking at it on every wake of a busy relay would cost
+    /// more than the rest of the relay's own work.
     fn poll_idle(&mut self, cx: &mut Context<'_>, moved: bool) -> bool {
         self.moved |= moved;
+        if moved && self.armed && !self.tick.is_elapsed() {
+            return false;
+        }
         while self.tick.as_mut().poll(cx).is_ready() {
             if std::mem::take(&mut self.moved) {
                 self.quiet = 0;
@@ -246,6 +256,7 @@ impl IdleCheck {
             }
             self.tick.as_mut().reset(next);
         }
+        self.armed = true;
         false
     }
 }
@@ -755,7 +766,28 @@ mod tests {
         drop(client);
     }
 
-    /// A stream that is always ready: reads give `fill`, writes take everything.
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_that_moves_bytes_on_its_first_poll_still_times_out() {
+        let idle = Duration::from_secs(5);
+        let (mut client, mut client_side) = duplex(1024);
+        let (mut upstream_side, mut upstream) = duplex(1024);
+        // Bytes wait before the relay's first poll, which therefore moves some.
+        client.write_all(b"early").await.unwrap();
+        let task = tokio::spawn(async move {
+            Relay::new()
+                .idle_timeout(Some(idle))
+                .run(&mut client_side, &mut upstream_side)
+                .await
+        });
+        let mut got = [0; 5];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early");
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, RelayError::Idle { .. }), "{err}");
+        drop(client);
+    }
+
+    /// A stream that is always ready: reads give ones, writes take everything.
     struct Flood;
 
     impl AsyncRead for Flood {
