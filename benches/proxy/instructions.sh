@@ -6,15 +6,16 @@
 # are zeroed, N requests are sent (h2load, 16 connections for h1; 4 x 8 streams for h2),
 # and the count is dumped: start-up and warm-up are left out. `opaque` sends the h1 load
 # through an opaque TCP relay instead (an outbound listener with protocol = "opaque" in
-# front of the same upstream): the relay's instructions per request and answer.
+# front of the same upstream, benches/proxy/opaque.toml): the relay's instructions per
+# request and answer.
 #
 #   benches/proxy/instructions.sh [h1|h2|opaque] [N] [BINARY...]    (default h1 10000 target/release/mesh-proxy)
 #
 # Prints "NAME: I instructions/request" per binary, and ratios against the first. The
 # dumps stay in $OUT (default: a temporary folder, printed) for callgrind_annotate. Needs
 # valgrind, h2load, curl and the bench upstream (target/bench-upstream, built by
-# ../shared/bench/run.sh). Traffic goes to 127.0.0.1 only (ports 18080, 18081, 19480,
-# 19481, 19490). Kernel time and cache effects (atomic reference counts shared between
+# ../shared/bench/run.sh). Traffic goes to 127.0.0.1 only (ports 18080, 18081, 19470,
+# 19480, 19481, 19490). Kernel time and cache effects (atomic reference counts shared between
 # worker threads, say) are not counted: confirm a change with cpu-split.sh too.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,25 +39,16 @@ trap cleanup EXIT
 pids+=($!)
 
 config=benches/proxy/bench.toml
+port=19480
 if [ "$mode" = opaque ]; then
-  config=$out/opaque.toml
-  cat >"$config" <<'EOF'
-[services.upstream]
-tls = "plaintext"
-discovery = { kind = "static", endpoints = [{ addr = "127.0.0.1:18080" }] }
-
-[[outbound]]
-name = "relay"
-listen = "127.0.0.1:19480"
-protocol = "opaque"
-default_service = "upstream"
-EOF
+  config=benches/proxy/opaque.toml
+  port=19470
 fi
 
 # load REQUESTS: prints how many succeeded
 load() {
   if [ "$mode" = h1 ] || [ "$mode" = opaque ]; then
-    h2load --h1 -n "$1" -c 16 -t 1 http://127.0.0.1:19480/
+    h2load --h1 -n "$1" -c 16 -t 1 "http://127.0.0.1:$port/"
   else
     h2load -n "$1" -c 4 -m 8 -t 1 http://127.0.0.1:19481/
   fi | awk '/^requests:/ {print $8}'
@@ -70,7 +62,7 @@ for i in "${!bins[@]}"; do
     "$bin" run --config "$config" --log warn --workers "${MESH_WORKERS:-1}" >"$out/$name.log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  for _ in $(seq 100); do curl -fs http://127.0.0.1:19480/ >/dev/null && break; sleep 0.3; done
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.3; done
   load 2000 >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
   ok=$(load "$n")

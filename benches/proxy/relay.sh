@@ -42,17 +42,6 @@ stream_module=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so
 pids+=($!)
 head -c 65536 /dev/urandom >"$run/body64k"
 
-cat >"$run/mesh.toml" <<'EOF'
-[services.upstream]
-tls = "plaintext"
-discovery = { kind = "static", endpoints = [{ addr = "127.0.0.1:18080" }] }
-
-[[outbound]]
-name = "relay"
-listen = "127.0.0.1:19470"
-protocol = "opaque"
-default_service = "upstream"
-EOF
 mkdir -p "$run/nginx"
 cat >"$run/nginx.conf" <<EOF
 load_module $stream_module;
@@ -175,7 +164,7 @@ for mode in $modes; do
         mesh-proxy | mesh-proxy-b)
           b=$bin; [ "$relay" = mesh-proxy-b ] && b=$bin_b
           # Started by this shell, not a subshell, so that `wait` sees it exit.
-          "$b" run --config "$run/mesh.toml" --log warn --workers 1 >"$run/mesh.log" 2>&1 &
+          "$b" run --config benches/proxy/opaque.toml --log warn --workers 1 >"$run/mesh.log" 2>&1 &
           pid=$!; pids+=("$pid"); ready 19470
           measure "$relay" "$pid" 19470
           kill "$pid"; wait "$pid" 2>/dev/null || true ;;
