@@ -120,3 +120,19 @@ fn the_kubernetes_config_map_is_valid() {
     assert!(ok, "{err}");
     assert!(out.contains("1 inbound and 1 outbound listeners"), "{out}");
 }
+
+#[test]
+fn the_benchmark_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/proxy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, out, err) = check(&[path.to_str().unwrap()]);
+            assert!(ok, "{}: {err}", path.display());
+            assert!(out.contains("valid"), "{out}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "{checked} configs in {}", dir.display());
+}
