@@ -287,7 +287,9 @@ impl OpaqueClient {
     where
         L: AsyncRead + AsyncWrite + Unpin,
     {
-        let (open, remote, peer, attempts) = self.connect().await?;
+        // Boxed: the dial's states (TLS handshake included) are large and short-lived; a
+        // relay's task keeps only what the relay needs for the connection's life.
+        let (open, remote, peer, attempts) = Box::pin(self.connect()).await?;
         let addr = open.0.addr;
         let relay = &self.shared.relay;
         let relayed = match remote {

@@ -157,7 +157,9 @@ impl Inbound {
     async fn connection(&self, tcp: TcpStream, remote: SocketAddr) {
         match &self.tls {
             None => self.authorized(tcp, None, remote).await,
-            Some(acceptor) => match acceptor.accept(tcp).await {
+            // Boxed: the handshake's state is large and short-lived, and would otherwise
+            // stay in the connection's task for its whole life.
+            Some(acceptor) => match Box::pin(acceptor.accept(tcp)).await {
                 Ok((tls, peer)) => self.authorized(tls, Some(peer), remote).await,
                 Err(error) => {
                     tracing::debug!(%remote, %error, "TLS handshake refused");
