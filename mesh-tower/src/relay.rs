@@ -7,16 +7,20 @@
 //!
 //! # The algorithm
 //!
-//! Each direction has a buffer of [`BUFFER_SIZE`] (16 KiB, a TLS record's largest
-//! plaintext, and the size nginx's stream proxy and HAProxy use), allocated when the relay
-//! starts; against 8 KiB it halves the system calls of a bulk transfer (measured 0.72×
-//! the CPU per byte of `tokio::io::copy_bidirectional`'s 8 KiB, `benches/proxy/relay.sh`). It reads into it, writes everything read to the other side, then reads again;
-//! when its source has nothing more for now it flushes the other side, so that a TLS
-//! writer sends what it holds. The two directions are polled by one task and neither
-//! waits for the other.
+//! Each direction reads up to [`BUFFER_SIZE`] at a time (16 KiB: a TLS record's largest
+//! plaintext, and the size nginx's stream proxy and HAProxy use; against 8 KiB it halves
+//! the system calls of a bulk transfer) into a buffer on the stack, and writes what it
+//! read to the other side at once. Only what the other side does not take then is copied
+//! to a heap buffer of the direction's, written first when that side is ready again and
+//! freed once the source has nothing more for now: a relay that keeps up, or is quiet,
+//! holds no buffer (one through `tokio::io::copy_bidirectional` holds 16 KiB for its
+//! life). When its source has nothing more for now a direction flushes the other side, so
+//! that a TLS writer sends what it holds. Both directions are polled by one task, taking
+//! turns at going first, so that one whose source and sink never wait cannot use up the
+//! task's budget of Tokio operations and starve the other.
 //!
 //! - **Half-close passes through.** When a source's reads end (a TCP FIN, a TLS
-//!   `close_notify`), what is left in the buffer is written, the other side is flushed and
+//!   `close_notify`), what the other side has not taken is written, it is flushed and
 //!   its writing half shut down the same way, and the opposite direction goes on: a client
 //!   may finish sending and still read the whole answer.
 //! - **End.** The relay ends when both directions have ended; when either side fails (a
