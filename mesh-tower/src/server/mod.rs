@@ -37,8 +37,9 @@
 //!
 //! **Connections accepted elsewhere.** [`MeshServerBuilder::serve_handed`] serves the
 //! connections given to a [`Handoff`] instead of a listener's: a transparent listener
-//! (`mesh_tower::transparent`, feature `transparent`) accepts, picks a server by each connection's original
-//! destination and hands the connection over; limits, drain and metrics are the same.
+//! (`mesh_tower::transparent`, feature `transparent`) accepts, picks a server by each
+//! connection's original destination and hands the connection over; limits, drain and
+//! metrics are the same.
 //! [`MeshServerBuilder::serve_incoming`] serves byte streams of any kind (a Unix socket's,
 //! an in-memory pipe's, a simulated network's) from a stream the caller feeds.
 //!
