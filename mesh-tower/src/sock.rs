@@ -6,9 +6,14 @@
 //!   peer every [`KEEPALIVE_INTERVAL`] (10 s) and resets the connection after
 //!   [`KEEPALIVE_PROBES`] (3) unanswered: a peer whose host vanished (powered off, cut off
 //!   by a partition) is noticed within about 40 s of silence, instead of the kernel's two
-//!   hours, so a pooled connection or a relay does not wait on it. A loopback peer cannot
-//!   vanish without its kernel resetting the connection, so loopback connections (a local
-//!   application's, the local target's) skip the three system calls.
+//!   hours, so a pooled connection or a relay does not wait on it.
+//! - **`TCP_USER_TIMEOUT`** (Linux), [`USER_TIMEOUT`] (40 s, the same bound): data sent
+//!   and not acknowledged for that long resets the connection, where the kernel would
+//!   otherwise retransmit for about 15 minutes — keepalive only covers a quiet connection,
+//!   not one whose peer vanished while it was sending.
+//!
+//! A loopback peer cannot vanish without its kernel resetting the connection, so loopback
+//! connections (a local application's, the local target's) skip these system calls.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -25,6 +30,10 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the connection is reset: 3.
 pub const KEEPALIVE_PROBES: u32 = 3;
 
+/// How long sent data may go unacknowledged before the connection is reset (Linux): 40 s,
+/// the keepalive's own bound.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(40);
+
 /// Sets the mesh's options on `tcp`, connected to `peer`. Failures are ignored (logged at
 /// `trace`): an option the platform refuses leaves the connection as it was.
 pub(crate) fn tune(tcp: &TcpStream, peer: SocketAddr) {
@@ -39,8 +48,13 @@ pub(crate) fn tune(tcp: &TcpStream, peer: SocketAddr) {
         .with_interval(KEEPALIVE_INTERVAL);
     #[cfg(any(target_os = "linux", target_os = "macos", target_os = "windows"))]
     let keepalive = keepalive.with_retries(KEEPALIVE_PROBES);
-    if let Err(error) = SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+    let sock = SockRef::from(tcp);
+    if let Err(error) = sock.set_tcp_keepalive(&keepalive) {
         tracing::trace!(%peer, %error, "TCP keepalive refused");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::trace!(%peer, %error, "TCP_USER_TIMEOUT refused");
     }
 }
 
@@ -82,12 +96,16 @@ mod tests {
             assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
             assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
         }
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
         // A loopback peer (IPv4, IPv6, IPv4-mapped): no keepalive.
         for peer in ["127.0.0.1:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
             let (other, _accepted) = pair().await;
             tune(&other, peer.parse().unwrap());
             assert!(other.nodelay().unwrap());
             assert!(!SockRef::from(&other).keepalive().unwrap(), "{peer}");
+            #[cfg(target_os = "linux")]
+            assert_eq!(SockRef::from(&other).tcp_user_timeout().unwrap(), None);
         }
         assert!(!is_local("::ffff:10.0.0.1".parse().unwrap()));
         drop(accepted);
