@@ -89,7 +89,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The default idle timeout: 1 hour.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Each direction's buffer: 16 KiB.
+/// The most a direction reads at a time (into a buffer on the stack): 16 KiB.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 
 /// How relays run: their idle timeout and where they are counted. Cheap to clone.
@@ -351,18 +351,35 @@ struct Written<'m> {
 }
 
 impl Written<'_> {
-    /// Counts `n` bytes written.
-    fn add(&mut self, n: usize, progress: &mut bool) {
+    /// Writes some of `buf` (not empty) to `sink`, the side `to`: how much (never 0),
+    /// counted. A sink that takes no byte fails with `WriteZero`.
+    fn write<W>(
+        &mut self,
+        to: Side,
+        cx: &mut Context<'_>,
+        sink: &mut W,
+        buf: &[u8],
+        progress: &mut bool,
+    ) -> Poll<Result<usize, Failed>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let n = ready!(Pin::new(sink).poll_write(cx, buf)).map_err(|e| (to, e))?;
+        if n == 0 {
+            let e = io::Error::new(io::ErrorKind::WriteZero, "wrote no byte");
+            return Poll::Ready(Err((to, e)));
+        }
         self.bytes += n as u64;
         self.unflushed = true;
         *progress = true;
         if let Some(counter) = self.counter {
             counter.inc_by(n as u64);
         }
+        Poll::Ready(Ok(n))
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum State {
     Copying,
     ShuttingDown,
@@ -418,15 +435,9 @@ impl<'m> Direction<'m> {
                     // What the sink left last time goes first.
                     if let Some(spill) = &self.spill {
                         while self.pos < self.end {
-                            let n = ready!(
-                                Pin::new(&mut *sink).poll_write(cx, &spill[self.pos..self.end])
-                            )
-                            .map_err(|e| (self.to, e))?;
-                            if n == 0 {
-                                return Poll::Ready(Err((self.to, write_zero())));
-                            }
-                            self.pos += n;
-                            self.written.add(n, progress);
+                            let buf = &spill[self.pos..self.end];
+                            self.pos +=
+                                ready!(self.written.write(self.to, cx, sink, buf, progress))?;
                         }
                     }
                     if self.read_done {
@@ -458,15 +469,8 @@ impl<'m> Direction<'m> {
                             let data = read.filled();
                             let mut at = 0;
                             while at < data.len() {
-                                match Pin::new(&mut *sink).poll_write(cx, &data[at..]) {
-                                    Poll::Ready(Ok(0)) => {
-                                        return Poll::Ready(Err((self.to, write_zero())));
-                                    }
-                                    Poll::Ready(Ok(n)) => {
-                                        at += n;
-                                        self.written.add(n, progress);
-                                    }
-                                    Poll::Ready(Err(e)) => return Poll::Ready(Err((self.to, e))),
+                                match self.written.write(self.to, cx, sink, &data[at..], progress) {
+                                    Poll::Ready(n) => at += n?,
                                     Poll::Pending => {
                                         // The sink is behind: keep the rest until it is
                                         // ready (its waker is set).
@@ -487,10 +491,6 @@ impl<'m> Direction<'m> {
             }
         }
     }
-}
-
-fn write_zero() -> io::Error {
-    io::Error::new(io::ErrorKind::WriteZero, "wrote no byte")
 }
 
 /// Prometheus metrics of relays — tunnels of switched HTTP connections ([`crate::upgrade`])
