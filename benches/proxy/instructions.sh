@@ -7,9 +7,10 @@
 # and the count is dumped: start-up and warm-up are left out. `opaque` sends the h1 load
 # through an opaque TCP relay instead (an outbound listener with protocol = "opaque" in
 # front of the same upstream, benches/proxy/opaque.toml): the relay's instructions per
-# request and answer.
+# request and answer. `grpc` sends unary echo calls (4 x 8 streams) to the bench's
+# grpc-echo through the h2c listener's gRPC route.
 #
-#   benches/proxy/instructions.sh [h1|h2|opaque] [N] [BINARY...]    (default h1 10000 target/release/mesh-proxy)
+#   benches/proxy/instructions.sh [h1|h2|grpc|opaque] [N] [BINARY...]    (default h1 10000 target/release/mesh-proxy)
 #
 # Prints "NAME: I instructions/request" per binary, and ratios against the first. The
 # dumps stay in $OUT (default: a temporary folder, printed) for callgrind_annotate. Needs
@@ -37,6 +38,13 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 "$up/upstream" --h1 127.0.0.1:18080 --h2 127.0.0.1:18081 >"$out/upstream.log" 2>&1 &
 pids+=($!)
+if [ "$mode" = grpc ]; then
+  [ -x "$up/grpc-echo" ] || { echo "instructions: no grpc-echo in $up" >&2; exit 1; }
+  "$up/grpc-echo" 127.0.0.1:18090 >"$out/grpc-echo.log" 2>&1 &
+  pids+=($!)
+  # one gRPC frame: EchoRequest{payload: "Hello, world!"}
+  printf '\x00\x00\x00\x00\x0f\x0a\x0dHello, world!' >"$out/grpc.bin"
+fi
 
 config=benches/proxy/bench.toml
 port=19480
@@ -49,6 +57,9 @@ fi
 load() {
   if [ "$mode" = h1 ] || [ "$mode" = opaque ]; then
     h2load --h1 -n "$1" -c 16 -t 1 "http://127.0.0.1:$port/"
+  elif [ "$mode" = grpc ]; then
+    h2load -n "$1" -c 4 -m 8 -t 1 -d "$out/grpc.bin" -H 'content-type: application/grpc' \
+      -H 'te: trailers' http://127.0.0.1:19481/echo.Echo/Unary
   else
     h2load -n "$1" -c 4 -m 8 -t 1 http://127.0.0.1:19481/
   fi | awk '/^requests:/ {print $8}'

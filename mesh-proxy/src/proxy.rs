@@ -18,6 +18,7 @@ use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::relay::{ListenerTunnels, TunnelMetrics};
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
+use mesh_tower::sock::TcpOptions;
 use mesh_tower::upgrade::{Tunnel, TunnelLayer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -306,6 +307,7 @@ impl Proxy {
             // No WebSocket over HTTP/2 from clients (RFC 8441): the service behind may
             // speak HTTP/1.1 only, so browsers keep to HTTP/1.1 upgrades, which cross.
             let mut builder = MeshServer::builder()
+                .tcp(TcpOptions::from_config(&config.tcp))
                 .metrics(server_metrics.listener(&outbound.name))
                 .access_log(log)
                 .h2_streams(H2_STREAMS)
@@ -389,7 +391,7 @@ impl Proxy {
 
     /// Re-reads the configuration file and applies its services and routes to the
     /// outbound listeners, keeping every connection. An invalid file, or one that changes
-    /// what cannot change without a restart (identity, listeners), keeps the running
+    /// what cannot change without a restart (identity, listeners, `[tcp]`), keeps the running
     /// configuration; the outcome is logged and counted.
     pub(crate) async fn reload(&self) {
         let outcome = self.try_reload().await;
@@ -443,6 +445,8 @@ impl Proxy {
             ("inbound", fixed(&next) == fixed(&current)),
             ("outbound", fixed_out(&next) == fixed_out(&current)),
             ("admin", admin_listen(&next) == admin_listen(&current)),
+            // Listeners and services alike hold their sockets' options.
+            ("tcp", next.tcp == current.tcp),
         ] {
             if !same {
                 return Err(format!("`{what}` changed: that needs a restart").into());
@@ -653,7 +657,8 @@ async fn opaque_inbound(
         .metrics(metrics.listener(&inbound.name))
         .tunnels(tunnels.listener(&inbound.name))
         .idle_timeout(tunnel_idle(&inbound.limits))
-        .shutdown_timeout(config.drain_timeout);
+        .shutdown_timeout(config.drain_timeout)
+        .tcp(TcpOptions::from_config(&config.tcp));
     if let Some(max) = inbound.limits.max_connections {
         builder = builder.max_connections(max);
     }
@@ -756,6 +761,7 @@ pub(crate) async fn opaque_client(
     let mut builder = mesh_tower::opaque::OpaqueClient::builder(discovery)
         .service_name(name)
         .connect_timeout(service.connect_timeout)
+        .tcp(TcpOptions::from_config(&config.tcp))
         .shutdown_timeout(config.drain_timeout)
         .idle_timeout(tunnel_idle(relay.limits))
         .tunnels(relay.tunnels);
@@ -868,7 +874,8 @@ async fn client(
             message: e.to_string(),
         })?;
     let mut builder = mesh_tower::MeshClientBuilder::from_config(name, service, discovery)
-        .zone(config.zone.clone(), service.zone.clone());
+        .zone(config.zone.clone(), service.zone.clone())
+        .tcp(TcpOptions::from_config(&config.tcp));
     if service.tls == TlsMode::Mtls {
         let mtls = mtls.ok_or_else(|| StartError::Config {
             key: format!("{key}.tls"),

@@ -25,6 +25,7 @@ use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer};
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router};
 use mesh_tower::server::{Handoff, MeshServer, Server};
+use mesh_tower::sock::TcpOptions;
 use mesh_tower::transparent::{
     DestinationTable, Destinations, TransparentListener, TransparentMetrics,
 };
@@ -115,6 +116,7 @@ impl Transparent {
             .name(&outbound.name)
             .unmatched(outbound.unmatched.unwrap_or_default())
             .shutdown_timeout(cx.config.drain_timeout)
+            .tcp(TcpOptions::from_config(&cx.config.tcp))
             .idle_timeout(tunnel_idle(&outbound.limits))
             .tunnels(cx.tunnel_metrics.listener(&outbound.name))
             .metrics(metrics);
@@ -156,6 +158,7 @@ impl Transparent {
         // As an outbound listener: no WebSocket over HTTP/2 from clients (RFC 8441).
         let mut builder = MeshServer::builder()
             .plaintext()
+            .tcp(TcpOptions::from_config(&cx.config.tcp))
             .extended_connect(false)
             .limits(limits)
             .metrics(cx.server_metrics.listener(&self.name))

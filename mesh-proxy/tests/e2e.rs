@@ -121,6 +121,20 @@ async fn curl_through_two_proxies_to_an_app() {
         metrics.contains(r#"mesh_proxy_reloads_total{result="invalid"} 1"#),
         "{metrics}"
     );
+    // So does a valid file that changes what needs a restart: the sockets' options.
+    std::fs::write(
+        &a_config,
+        format!("{a_text}\n[tcp]\nkeepalive_idle = \"60s\"\n"),
+    )
+    .unwrap();
+    a.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(curl(&[&format!("{egress}/after-tcp-reload")]).0, 200);
+    let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
+    assert!(
+        metrics.contains(r#"mesh_proxy_reloads_total{result="invalid"} 2"#),
+        "{metrics}"
+    );
 
     // A valid reload applies new routes without a restart, and a changed service's new
     // client records in the same families.

@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::sock::TcpOptions;
+
 /// How a shutdown went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -23,18 +25,12 @@ pub struct ShutdownReport {
     pub forced: usize,
 }
 
-/// Where connections come from.
+/// Where connections come from, and the socket options each gets.
 pub(crate) enum Source {
     /// Accepted here.
-    Listener(TcpListener),
+    Listener(TcpListener, TcpOptions),
     /// Accepted elsewhere and handed over; ends when every sender is gone.
-    Handed(mpsc::Receiver<(TcpStream, SocketAddr)>),
-}
-
-impl From<TcpListener> for Source {
-    fn from(listener: TcpListener) -> Self {
-        Self::Listener(listener)
-    }
+    Handed(mpsc::Receiver<(TcpStream, SocketAddr)>, TcpOptions),
 }
 
 /// Where an accept loop's connections come from.
@@ -52,12 +48,12 @@ impl Incoming for Source {
     type Conn = TcpStream;
 
     async fn next(&mut self) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
-        let accepted = match self {
-            Self::Listener(l) => Some(l.accept().await),
-            Self::Handed(rx) => rx.recv().await.map(Ok),
+        let (accepted, options) = match self {
+            Self::Listener(l, options) => (Some(l.accept().await), options),
+            Self::Handed(rx, options) => (rx.recv().await.map(Ok), options),
         };
         if let Some(Ok((tcp, remote))) = &accepted {
-            crate::sock::tune(tcp, *remote);
+            crate::sock::tune(tcp, *remote, options);
         }
         accepted
     }

@@ -98,6 +98,9 @@ pub struct ConnectSettings {
     pub backoff: Backoff,
     /// How to open the byte stream to the endpoint; `None` (the default) dials TCP.
     pub dialer: Option<Dialer>,
+    /// Socket options for a TCP connection to another host (default
+    /// [`TcpOptions::default`](crate::sock::TcpOptions::default); see [`crate::sock`]).
+    pub tcp: crate::sock::TcpOptions,
 }
 
 impl fmt::Debug for ConnectSettings {
@@ -107,6 +110,7 @@ impl fmt::Debug for ConnectSettings {
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("dialer", &self.dialer.is_some())
+            .field("tcp", &self.tcp)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +124,7 @@ impl ConnectSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             backoff: DEFAULT_CONNECT_BACKOFF,
             dialer: None,
+            tcp: crate::sock::TcpOptions::default(),
         }
     }
 
@@ -708,7 +713,7 @@ where
         let (io, peer, h2) = match (&self.settings.dialer, &self.settings.tls) {
             (None, tls) => {
                 let tcp = TcpStream::connect(addr).await.map_err(tcp_failed)?;
-                crate::sock::tune(&tcp, addr);
+                crate::sock::tune(&tcp, addr, &self.settings.tcp);
                 match tls {
                     None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
                     Some(tls) => {

@@ -57,6 +57,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::opaque::{BuildError, Serving};
 use crate::relay::{ListenerTunnels, Relay};
 use crate::server::Handoff;
+use crate::sock::TcpOptions;
 
 /// The default time a passthrough relay has to connect to the original destination.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -274,6 +275,7 @@ impl TransparentListener {
             metrics: None,
             resolver: Arc::new(original_dst),
             relay: Relay::new(),
+            tcp: TcpOptions::default(),
         }
     }
 }
@@ -289,6 +291,7 @@ pub struct TransparentBuilder {
     metrics: Option<TransparentMetrics>,
     resolver: Resolver,
     relay: Relay,
+    tcp: TcpOptions,
 }
 
 impl std::fmt::Debug for TransparentBuilder {
@@ -347,6 +350,15 @@ impl TransparentBuilder {
         self
     }
 
+    /// Socket options for redirected connections from other hosts and passthrough
+    /// connections to them (default [`TcpOptions::default`]: keepalive after 10 s, a 40 s
+    /// user timeout; see [`crate::sock`]). Meshed connections, handed to a server, get
+    /// that server's.
+    pub fn tcp(mut self, options: TcpOptions) -> Self {
+        self.tcp = options;
+        self
+    }
+
     /// Counts each connection's outcome (default: not counted).
     pub fn metrics(mut self, metrics: &TransparentMetrics) -> Self {
         self.metrics = Some(metrics.clone());
@@ -375,12 +387,14 @@ impl TransparentBuilder {
             metrics: self.metrics,
             resolver: self.resolver,
             relay: self.relay,
+            tcp: self.tcp,
             table,
             outgoing: Mutex::new(HashSet::new()),
         });
         let limits = crate::opaque::Limits {
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
+            tcp: self.tcp,
         };
         tracing::debug!(%addr, "serving redirected connections");
         crate::opaque::spawn(listener, limits, move |tcp, remote| {
@@ -398,6 +412,7 @@ struct Shared {
     metrics: Option<TransparentMetrics>,
     resolver: Resolver,
     relay: Relay,
+    tcp: TcpOptions,
     table: DestinationTable,
     /// The local addresses of this listener's passthrough connections, to notice one of
     /// them redirected back here.
@@ -481,7 +496,7 @@ impl Shared {
             }
         };
         self.count("passthrough");
-        crate::sock::tune(&upstream, dst);
+        crate::sock::tune(&upstream, dst, &self.tcp);
         let mut upstream = Outgoing::new(self, upstream);
         match self.relay.run(&mut tcp, &mut upstream.tcp).await {
             Ok(relayed) => {

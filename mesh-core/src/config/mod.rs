@@ -60,6 +60,7 @@ mod listener;
 mod policy;
 mod route;
 mod service;
+mod tcp;
 mod validate;
 
 pub use self::destination::{Destination, Network};
@@ -80,6 +81,7 @@ pub use self::service::{
     DiscoveryConfig, RateLimitedConfig, RetryConfig, ServiceConfig, SuccessRateConfig,
     TimeoutConfig, ZoneConfig,
 };
+pub use self::tcp::{MAX_KEEPALIVE_PROBES, MAX_KEEPALIVE_SECS, TcpConfig};
 
 /// The configuration of a mesh: everything `mesh-proxy` reads from its file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -120,6 +122,10 @@ pub struct MeshConfig {
     /// 30 s.
     #[serde(default = "default_drain_timeout", with = "crate::serde_str::duration")]
     pub drain_timeout: Duration,
+    /// TCP keepalive and user timeout for connections to and from other hosts. Default:
+    /// keepalive after 10 s of silence, then 3 probes 10 s apart; a 40 s user timeout.
+    #[serde(default, skip_serializing_if = "TcpConfig::is_default")]
+    pub tcp: TcpConfig,
 }
 
 fn default_drain_timeout() -> Duration {

@@ -39,6 +39,7 @@ fn parse_error(text: &str) -> String {
 fn example_config_is_valid_and_complete() {
     let c = MeshConfig::from_toml(EXAMPLE).unwrap();
     assert_eq!(c.zone.as_deref(), Some("eu-west-1a"));
+    assert_eq!(c.tcp, TcpConfig::default());
     assert_eq!(c.services.len(), 4);
     assert_eq!(c.routes.len(), 3);
     assert_eq!(c.inbound[0].authorization.as_deref(), Some("api"));
@@ -537,4 +538,70 @@ fn the_admin_decision_record_is_bounded() {
     )
     .unwrap();
     assert_eq!(ok.admin.map(|a| a.decisions), Some(1024));
+}
+
+#[test]
+fn tcp_options_parse_and_stay_in_the_kernels_ranges() {
+    let defaults = MeshConfig::from_toml("").unwrap().tcp;
+    assert_eq!(defaults, TcpConfig::default());
+    assert_eq!(defaults.keepalive_idle, Duration::from_secs(10));
+    assert_eq!(defaults.keepalive_interval, Duration::from_secs(10));
+    assert_eq!(defaults.keepalive_probes, 3);
+    assert_eq!(defaults.user_timeout, Duration::from_secs(40));
+    let c = MeshConfig::from_toml(
+        r#"
+        [tcp]
+        keepalive_idle = "2m"
+        keepalive_probes = 5
+        user_timeout = "0s"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.tcp.keepalive_idle, Duration::from_secs(120));
+    assert_eq!(c.tcp.keepalive_interval, Duration::from_secs(10));
+    assert_eq!(c.tcp.keepalive_probes, 5);
+    assert!(c.tcp.user_timeout.is_zero());
+    assert!(c.tcp.keepalive());
+    // Keepalive off: its other options are not looked at.
+    let off = MeshConfig::from_toml(
+        r#"
+        [tcp]
+        keepalive_idle = "0s"
+        keepalive_interval = "0s"
+        keepalive_probes = 0
+        "#,
+    )
+    .unwrap();
+    assert!(!off.tcp.keepalive());
+    assert_exactly(
+        &invalid(
+            r#"
+            [tcp]
+            keepalive_idle = "1500ms"
+            keepalive_interval = "10h"
+            keepalive_probes = 128
+            user_timeout = "25d"
+            "#,
+        ),
+        &[
+            "tcp.keepalive_idle: must be whole seconds from 1s to 32767s",
+            "tcp.keepalive_interval: must be whole seconds from 1s to 32767s",
+            "tcp.keepalive_probes: must be from 1 to 127",
+            "tcp.user_timeout: must be whole milliseconds up to 2147483647ms",
+        ],
+    );
+    assert_exactly(
+        &invalid("[tcp]\nkeepalive_interval = \"0s\"\nkeepalive_probes = 0\n"),
+        &["tcp.keepalive_interval: ", "tcp.keepalive_probes: "],
+    );
+    assert_exactly(
+        &invalid("[tcp]\nuser_timeout = \"1500us\"\n"),
+        &["tcp.user_timeout: "],
+    );
+    assert!(parse_error("[tcp]\nkeepalive = true\n").contains("tcp"));
+    // Written back only when set.
+    let text = toml::to_string(&MeshConfig::default()).unwrap();
+    assert!(!text.contains("[tcp]"), "{text}");
+    let text = toml::to_string(&c).unwrap();
+    assert_eq!(MeshConfig::from_toml(&text).unwrap().tcp, c.tcp);
 }

@@ -153,6 +153,7 @@ impl Validator {
             self.route(&path, route, &c.services);
         }
         self.listeners(c);
+        self.tcp(&c.tcp);
         for (name, policy) in &c.authorization {
             let path = format!("authorization.{}", key(name));
             self.name(&path, name);
@@ -162,6 +163,46 @@ impl Validator {
             let path = format!("rate_limits.{}", key(name));
             self.name(&path, name);
             self.rate_limit(&path, limit);
+        }
+    }
+
+    fn tcp(&mut self, tcp: &TcpConfig) {
+        // Linux takes keepalive times in whole seconds, up to MAX_TCP_KEEPIDLE, and would
+        // refuse (or round to zero) anything else when the socket is set up.
+        let seconds = |v: &mut Self, key: &str, d: Duration, zero_ok: bool| {
+            if d.is_zero() && zero_ok {
+                return;
+            }
+            if d.subsec_nanos() != 0 || d.is_zero() || d.as_secs() > MAX_KEEPALIVE_SECS {
+                v.err(
+                    format!("tcp.{key}"),
+                    format!(
+                        "must be whole seconds from 1s to {MAX_KEEPALIVE_SECS}s (the kernel's \
+                         range for keepalive){}",
+                        if zero_ok { ", or 0s for none" } else { "" }
+                    ),
+                );
+            }
+        };
+        seconds(self, "keepalive_idle", tcp.keepalive_idle, true);
+        if tcp.keepalive() {
+            seconds(self, "keepalive_interval", tcp.keepalive_interval, false);
+            if !(1..=MAX_KEEPALIVE_PROBES).contains(&tcp.keepalive_probes) {
+                self.err(
+                    "tcp.keepalive_probes",
+                    format!("must be from 1 to {MAX_KEEPALIVE_PROBES} (the kernel's range)"),
+                );
+            }
+        }
+        // TCP_USER_TIMEOUT is a C int of milliseconds.
+        let max_user_timeout = Duration::from_millis(i32::MAX as u64);
+        if tcp.user_timeout > max_user_timeout
+            || !tcp.user_timeout.subsec_nanos().is_multiple_of(1_000_000)
+        {
+            self.err(
+                "tcp.user_timeout",
+                "must be whole milliseconds up to 2147483647ms (about 24 days), or 0s for none",
+            );
         }
     }
 

@@ -70,6 +70,7 @@ pub struct MeshClientBuilder {
     seed: Option<u64>,
     fail_fast: Option<Duration>,
     dialer: Option<Dialer>,
+    tcp: crate::sock::TcpOptions,
 }
 
 impl fmt::Debug for MeshClientBuilder {
@@ -102,6 +103,7 @@ impl MeshClientBuilder {
             seed: None,
             fail_fast: None,
             dialer: None,
+            tcp: crate::sock::TcpOptions::default(),
         }
     }
 
@@ -171,6 +173,14 @@ impl MeshClientBuilder {
     /// The connect timeout (default 1 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Socket options for TCP connections to endpoints on other hosts (default
+    /// [`TcpOptions::default`](crate::sock::TcpOptions::default): keepalive after 10 s, a
+    /// 40 s user timeout; see [`crate::sock`]).
+    pub fn tcp(mut self, options: crate::sock::TcpOptions) -> Self {
+        self.tcp = options;
         self
     }
 
@@ -313,6 +323,7 @@ impl MeshClientBuilder {
             protocol: self.protocol,
             connect_timeout: self.connect_timeout,
             dialer: self.dialer.clone(),
+            tcp: self.tcp,
         };
         let metrics = self.metrics.clone();
         let factory = move |endpoint: &Endpoint| -> Option<EndpointStack> {
@@ -376,6 +387,7 @@ struct Connect {
     protocol: Protocol,
     connect_timeout: Duration,
     dialer: Option<Dialer>,
+    tcp: crate::sock::TcpOptions,
 }
 
 impl Connect {
@@ -412,6 +424,7 @@ impl Connect {
                 connect_timeout: self.connect_timeout,
                 backoff: DEFAULT_CONNECT_BACKOFF,
                 dialer: self.dialer.clone(),
+                tcp: self.tcp,
             },
         ))
     }

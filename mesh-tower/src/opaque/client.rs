@@ -183,6 +183,14 @@ impl OpaqueClientBuilder {
         self
     }
 
+    /// Socket options for the connections to and from other hosts, accepted and dialled (default
+    /// [`TcpOptions::default`](crate::sock::TcpOptions::default): keepalive after 10 s, a
+    /// 40 s user timeout; see [`crate::sock`]).
+    pub fn tcp(mut self, options: crate::sock::TcpOptions) -> Self {
+        self.limits.tcp = options;
+        self
+    }
+
     /// Opens the byte streams to endpoints with `dialer` instead of TCP (a simulated
     /// network, an in-memory pipe, a tunnel), as
     /// [`MeshClientBuilder::dialer`](crate::client::MeshClientBuilder::dialer) does for
@@ -465,7 +473,7 @@ impl OpaqueClient {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
-            crate::sock::tune(&tcp, addr);
+            crate::sock::tune(&tcp, addr, &self.shared.limits.tcp);
             match &target.tls {
                 None => Ok((Remote::Plain(tcp), None)),
                 Some(connector) => {

@@ -121,6 +121,8 @@ pub const DEFAULT_MAX_CONNECT_ATTEMPTS: usize = 3;
 pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     pub(crate) shutdown_timeout: Duration,
+    /// Options for accepted and dialled connections.
+    pub(crate) tcp: crate::sock::TcpOptions,
 }
 
 impl Default for Limits {
@@ -128,6 +130,7 @@ impl Default for Limits {
         Self {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            tcp: crate::sock::TcpOptions::default(),
         }
     }
 }
@@ -190,7 +193,7 @@ where
     let addr = listener.local_addr().map_err(BuildError::Listener)?;
     let (stop, stopping) = watch::channel(false);
     let task = tokio::spawn(crate::accept::accept_loop(
-        crate::accept::Source::Listener(listener),
+        crate::accept::Source::Listener(listener, limits.tcp),
         limits.max_connections,
         limits.shutdown_timeout,
         stopping,

@@ -113,6 +113,14 @@ impl OpaqueServerBuilder {
         self
     }
 
+    /// Socket options for the connections to and from other hosts (default
+    /// [`TcpOptions::default`](crate::sock::TcpOptions::default): keepalive after 10 s, a
+    /// 40 s user timeout; see [`crate::sock`]).
+    pub fn tcp(mut self, options: crate::sock::TcpOptions) -> Self {
+        self.limits.tcp = options;
+        self
+    }
+
     /// Starts relaying the connections of `listener` to `target`, in a task of the current
     /// Tokio runtime.
     pub fn serve(self, listener: TcpListener, target: SocketAddr) -> Result<Serving, BuildError> {
@@ -129,6 +137,7 @@ impl OpaqueServerBuilder {
             metrics: self.metrics,
             target,
             connect_timeout: self.connect_timeout,
+            tcp: self.limits.tcp,
             relay: self.relay,
         });
         let mut serving = super::spawn(listener, self.limits, move |tcp, remote| {
@@ -150,6 +159,7 @@ struct Inbound {
     metrics: Option<ListenerMetrics>,
     target: SocketAddr,
     connect_timeout: Duration,
+    tcp: crate::sock::TcpOptions,
     relay: Relay,
 }
 
@@ -220,7 +230,7 @@ impl Inbound {
                 return;
             }
         };
-        crate::sock::tune(&target, self.target);
+        crate::sock::tune(&target, self.target, &self.tcp);
         match self.relay.run(&mut io, &mut target).await {
             Ok(relayed) => {
                 tracing::debug!(%remote, client = %Client(client), bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection closed");

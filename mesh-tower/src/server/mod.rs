@@ -155,6 +155,7 @@ pub enum StreamTasks {
 pub struct MeshServerBuilder {
     transport: Option<conn::Transport>,
     limits: ServerLimits,
+    tcp: crate::sock::TcpOptions,
     policy: Option<Policy>,
     rate_limit: Option<Limits>,
     metrics: Option<ListenerMetrics>,
@@ -198,6 +199,7 @@ impl MeshServer {
         MeshServerBuilder {
             transport: None,
             limits: ServerLimits::default(),
+            tcp: crate::sock::TcpOptions::default(),
             policy: None,
             rate_limit: None,
             metrics: None,
@@ -290,6 +292,7 @@ impl MeshServerBuilder {
         }
         builder.limits = builder.limits.with_config(&inbound.limits);
         builder.limits.shutdown_timeout = config.drain_timeout;
+        builder.tcp = crate::sock::TcpOptions::from_config(&config.tcp);
         builder.name = Some(inbound.name.clone());
         Ok(builder)
     }
@@ -338,6 +341,14 @@ impl MeshServerBuilder {
     /// The limits (default: [`ServerLimits::default`]).
     pub fn limits(mut self, limits: ServerLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Socket options for accepted TCP connections from other hosts (default
+    /// [`TcpOptions::default`](crate::sock::TcpOptions::default): keepalive after 10 s, a
+    /// 40 s user timeout; see [`crate::sock`]).
+    pub fn tcp(mut self, options: crate::sock::TcpOptions) -> Self {
+        self.tcp = options;
         self
     }
 
@@ -418,7 +429,8 @@ impl MeshServerBuilder {
         B::Error: Into<BoxError>,
     {
         let addr = listener.local_addr().map_err(ServerError::Listener)?;
-        self.serve_from(conn::Accepted::Tcp(listener.into()), addr, app)
+        let source = crate::accept::Source::Listener(listener, self.tcp);
+        self.serve_from(conn::Accepted::Tcp(source), addr, app)
     }
 
     /// Starts serving `app` on the connections handed over by the [`Handoff`] of
@@ -437,11 +449,8 @@ impl MeshServerBuilder {
         B::Error: Into<BoxError>,
     {
         let HandedConnections { addr, rx } = connections;
-        self.serve_from(
-            conn::Accepted::Tcp(crate::accept::Source::Handed(rx)),
-            addr,
-            app,
-        )
+        let source = crate::accept::Source::Handed(rx, self.tcp);
+        self.serve_from(conn::Accepted::Tcp(source), addr, app)
     }
 
     /// Starts serving `app` on byte streams of any kind (a Unix socket's, an in-memory

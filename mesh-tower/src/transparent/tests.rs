@@ -286,6 +286,7 @@ async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
         metrics: Some(metrics),
         resolver: resolver_to(upstream),
         relay: crate::relay::Relay::new(),
+        tcp: TcpOptions::default(),
         table: DestinationTable::default(),
         outgoing: Mutex::new(HashSet::new()),
     };
