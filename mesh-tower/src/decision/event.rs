@@ -368,7 +368,8 @@ pub enum RetryVerdict {
     NotRetryable,
     /// The method is not idempotent, and the policy does not retry those.
     NotIdempotent,
-    /// The server's pushback forbids a retry (a negative `grpc-retry-pushback-ms`).
+    /// The server's pushback forbids a retry: a negative `grpc-retry-pushback-ms`, or a
+    /// `Retry-After` or pushback longer than [`MAX_PUSHBACK`](crate::retry::MAX_PUSHBACK).
     PushbackForbids,
     /// The policy's retries are used up.
     AttemptsExhausted,

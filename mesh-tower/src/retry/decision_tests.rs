@@ -108,3 +108,61 @@ async fn retries_then_exhausted_attempts_and_no_record_of_successes() {
         [(1, TryOutcome::Failed(503), RetryVerdict::NotIdempotent)]
     );
 }
+
+/// A server answering 503 with `retry_after` on its first try and 200 after; counts tries.
+fn pushing_back(
+    retry_after: &'static str,
+    tries: Arc<AtomicU32>,
+) -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError> {
+    ServiceBuilder::new()
+        .layer(RetryLayer::default())
+        .service_fn(move |_req: Request<ReplayBody>| {
+            let first = tries.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                let resp = if first {
+                    Response::builder()
+                        .status(503)
+                        .header("retry-after", retry_after)
+                        .body(())?
+                } else {
+                    Response::new(())
+                };
+                Ok::<_, BoxError>(resp)
+            }
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_asking_for_a_longer_wait_than_max_pushback_gets_its_answer_passed_on() {
+    // Within the bound: retried after exactly the server's wait.
+    let tries = Arc::new(AtomicU32::new(0));
+    let started = tokio::time::Instant::now();
+    let resp = pushing_back("3", tries.clone())
+        .oneshot(request(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(tries.load(Ordering::Relaxed), 2);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    // Longer than MAX_PUSHBACK, or too large for any clock, with or without a deadline:
+    // the 503 at once, never a panic or a request held for the server's whole wait.
+    for retry_after in ["11", "99999999999999999999", "18446744073709551615"] {
+        for deadline in [None, Some(Duration::from_secs(5))] {
+            let tries = Arc::new(AtomicU32::new(0));
+            let mut req = request(Method::GET);
+            if let Some(left) = deadline {
+                req.extensions_mut()
+                    .insert(crate::timeout::Deadline(tokio::time::Instant::now() + left));
+            }
+            let started = tokio::time::Instant::now();
+            let resp = pushing_back(retry_after, tries.clone())
+                .oneshot(req)
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 503, "{retry_after} {deadline:?}");
+            assert_eq!(resp.headers()["retry-after"], retry_after);
+            assert_eq!(tries.load(Ordering::Relaxed), 1, "{retry_after}");
+            assert_eq!(started.elapsed(), Duration::ZERO, "{retry_after}");
+        }
+    }
+}

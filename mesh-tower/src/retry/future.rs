@@ -388,7 +388,10 @@ fn decide<S, F, RB>(
         note(this, failed, verdict, 0);
         return Next::Done(outcome);
     }
-    if pushback == Pushback::DoNotRetry {
+    // A negative gRPC pushback forbids a retry; a wait longer than we hold a request is
+    // left to the caller.
+    let too_long = matches!(pushback, Pushback::After(d) if d > super::MAX_PUSHBACK);
+    if pushback == Pushback::DoNotRetry || too_long {
         note(this, failed, RetryVerdict::PushbackForbids, 0);
         return Next::Done(outcome);
     }
@@ -408,7 +411,11 @@ fn decide<S, F, RB>(
         // A6: a gRPC server's pushback is the delay; elsewhere, a floor under ours.
         delay = if *this.grpc { d } else { delay.max(d) };
     }
-    if this.deadline.is_some_and(|at| Instant::now() + delay >= at) {
+    if this.deadline.is_some_and(|at| {
+        Instant::now()
+            .checked_add(delay)
+            .is_none_or(|end| end >= at)
+    }) {
         note(this, failed, RetryVerdict::Deadline, 0);
         return Next::Done(outcome);
     }

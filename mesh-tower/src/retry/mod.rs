@@ -21,7 +21,8 @@
 //!    10/s over 10 s), shared by every request of the layer.
 //! 4. **Back-off** 25–250 ms with jitter ([`crate::backoff`]), or the server's
 //!    `Retry-After` / `grpc-retry-pushback-ms` if longer; a negative gRPC pushback forbids
-//!    retrying. A retry whose back-off would end past the request's
+//!    retrying, and so does a wait longer than [`MAX_PUSHBACK`] (10 s): the caller gets
+//!    the server's answer at once. A retry whose back-off would end past the request's
 //!    [`Deadline`](crate::timeout::Deadline) is not made.
 //! 5. **Rate limited elsewhere** (`retry_rate_limited_elsewhere`, default on): an
 //!    idempotent request answered 429 / `RESOURCE_EXHAUSTED` is retried once, at once,
@@ -94,6 +95,12 @@ mod grpc_tests;
 mod layer;
 mod policy;
 mod service;
+
+/// The longest wait a server's `Retry-After` or `grpc-retry-pushback-ms` gets a retry
+/// after: 10 s. A server that asks for longer gets its answer passed to the caller, not a
+/// retry held that long (a header's value is the server's to choose, and holding every
+/// request it answers for an hour, or 10^20 seconds, is not a proxy's call to make).
+pub const MAX_PUSHBACK: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub use self::body::ReplayBody;
 pub use self::budget::RetryBudget;
