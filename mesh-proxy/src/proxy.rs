@@ -554,6 +554,9 @@ impl Proxy {
                     if let (Some(policy), Some(handle)) = (policy, serving.policy()) {
                         handle.replace(policy);
                     }
+                    if let (Some(limits), Some(handle)) = (limits, serving.rate_limit()) {
+                        handle.replace(limits);
+                    }
                     continue;
                 }
             };
@@ -680,6 +683,14 @@ async fn opaque_inbound(
         let policy = mesh_tower::authz::Policy::new(name, policy)
             .map_err(|e| config_error("authorization", e.to_string()))?;
         builder = builder.authorization(policy);
+    }
+    // On an opaque listener the rate limit counts connections.
+    if let Some(name) = &inbound.rate_limit {
+        let limit = config
+            .rate_limits
+            .get(name)
+            .ok_or_else(|| config_error("rate_limit", format!("no rate limit named `{name}`")))?;
+        builder = builder.rate_limit(mesh_tower::ratelimit::Limits::new(limit));
     }
     let listener = bind(&key, inbound.listen).await?;
     builder

@@ -182,6 +182,52 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         assert!(metrics.contains(&series), "{series} in {metrics}");
     }
 
+    // A rate limit on B's opaque listener counts connections: reloaded in, one an hour
+    // for each client; the caller's second is closed before B dials the target.
+    let text = std::fs::read_to_string(&b_config).unwrap();
+    std::fs::write(
+        &b_config,
+        text.replace(
+            "authorization = \"callers\"\n",
+            "authorization = \"callers\"\nrate_limit = \"few\"\n",
+        ) + "\n[rate_limits.few]\nper_client = { requests = 1, per = \"1h\" }\n",
+    )
+    .unwrap();
+    b.signal("HUP");
+    let exchange = |addr| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"limited?").await;
+        let _ = s.shutdown().await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .expect("answered or closed");
+        back
+    };
+    let mut limited = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (_, metrics) = common::curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
+        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 2") {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "the rate limit was reloaded");
+    let seen = connections.load(Ordering::Relaxed);
+    assert_eq!(exchange(a.addr("egress")).await, b"limited?");
+    assert_eq!(exchange(a.addr("egress")).await, b"");
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        seen + 1,
+        "the target saw one"
+    );
+    let (_, metrics) = common::curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
+    assert!(
+        metrics.contains("mesh_server_rate_limited_total{listener=\"tcp\",limit=\"client\"} 1\n"),
+        "{metrics}"
+    );
+
     assert!(a.terminate().success());
     assert!(stranger.terminate().success());
     assert!(b.terminate().success());

@@ -69,7 +69,9 @@ pub struct InboundConfig {
     /// verified identity from a trusted domain (and, on a plaintext listener, anyone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<String>,
-    /// The local rate limit applied. Default: none.
+    /// The local rate limit applied: to each request, or on an opaque listener to each
+    /// new connection (one over the limit is closed before the target is dialled).
+    /// Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
     /// The request header the application reads the peer's verified SPIFFE ID from; the

@@ -19,8 +19,11 @@
 //! closed before the target is dialled, so not a byte reaches it; the denial is logged at
 //! `debug` and counted in `mesh_server_authz_total{outcome="deny"}` when
 //! [`metrics`](OpaqueServerBuilder::metrics) are given (refused handshakes in
-//! `mesh_server_tls_handshake_failures_total`, as for `MeshServer`). An admitted
-//! connection dials the target (bounded by the connect timeout, default 1 s; a target that
+//! `mesh_server_tls_handshake_failures_total`, as for `MeshServer`). A
+//! [`rate_limit`](OpaqueServerBuilder::rate_limit) then limits new connections as
+//! [`crate::ratelimit`] limits requests, per client identity and in total: one over it is
+//! closed before the target is dialled (logged at `debug`, counted in
+//! `mesh_server_rate_limited_total`). An admitted connection dials the target (bounded by the connect timeout, default 1 s; a target that
 //! is down closes the connection) and the bytes are relayed both ways by
 //! [`crate::relay`].
 //!
@@ -142,6 +145,7 @@ pub struct Serving {
     stop: watch::Sender<bool>,
     task: JoinHandle<ShutdownReport>,
     policy: Option<crate::authz::PolicyHandle>,
+    rate_limit: Option<crate::ratelimit::LimitsHandle>,
 }
 
 impl Serving {
@@ -155,6 +159,12 @@ impl Serving {
     /// listeners.
     pub fn policy(&self) -> Option<&crate::authz::PolicyHandle> {
         self.policy.as_ref()
+    }
+
+    /// An [`OpaqueServer`]'s connection rate limit, replaceable while it serves (the new
+    /// limiters start full); `None` for other listeners.
+    pub fn rate_limit(&self) -> Option<&crate::ratelimit::LimitsHandle> {
+        self.rate_limit.as_ref()
     }
 
     /// Stops accepting, lets open connections end (up to the shutdown timeout), then
@@ -204,5 +214,6 @@ where
         stop,
         task,
         policy: None,
+        rate_limit: None,
     })
 }

@@ -13,7 +13,9 @@ use super::{BuildError, Limits, Serving};
 use crate::authz::{Policy, PolicyHandle};
 use crate::connect::DEFAULT_CONNECT_TIMEOUT;
 use crate::metrics::server::ListenerMetrics;
+use crate::ratelimit::{Limits as RateLimits, LimitsHandle};
 use crate::relay::{ListenerTunnels, Relay};
+use prometheus_client::metrics::counter::Counter;
 
 /// Serves opaque TCP to a target; see the [module docs](super).
 #[derive(Debug)]
@@ -28,6 +30,7 @@ impl OpaqueServer {
             metrics: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             limits: Limits::default(),
+            rate_limit: None,
             relay: Relay::new(),
         }
     }
@@ -41,6 +44,7 @@ pub struct OpaqueServerBuilder {
     metrics: Option<ListenerMetrics>,
     connect_timeout: Duration,
     limits: Limits,
+    rate_limit: Option<RateLimits>,
     relay: Relay,
 }
 
@@ -101,6 +105,14 @@ impl OpaqueServerBuilder {
         self
     }
 
+    /// Limits new connections, per client identity and in total, as
+    /// [`crate::ratelimit`] limits requests (default: no limit). A connection over it is
+    /// closed before the target is dialled.
+    pub fn rate_limit(mut self, limits: RateLimits) -> Self {
+        self.rate_limit = Some(limits);
+        self
+    }
+
     /// Bounds the connections open at once (default 10,000); beyond, accepting waits.
     pub fn max_connections(mut self, max: usize) -> Self {
         self.limits.max_connections = max;
@@ -131,9 +143,23 @@ impl OpaqueServerBuilder {
         )
         .handle()
         .clone();
+        let rate_limit = crate::ratelimit::RateLimitLayer::new(
+            self.rate_limit
+                .unwrap_or_else(|| RateLimits::new(&Default::default())),
+        )
+        .handle()
+        .clone();
+        let refused = self.metrics.as_ref().map(|m| {
+            [
+                m.rate_limited_counter("client"),
+                m.rate_limited_counter("total"),
+            ]
+        });
         let inbound = Arc::new(Inbound {
             tls,
             policy: policy.clone(),
+            rate_limit: rate_limit.clone(),
+            refused,
             metrics: self.metrics,
             target,
             connect_timeout: self.connect_timeout,
@@ -145,6 +171,7 @@ impl OpaqueServerBuilder {
             async move { inbound.connection(tcp, remote).await }
         })?;
         serving.policy = Some(policy);
+        serving.rate_limit = Some(rate_limit);
         tracing::debug!(addr = %serving.local_addr(), %target, "serving opaque TCP");
         Ok(serving)
     }
@@ -156,6 +183,10 @@ struct Inbound {
     /// Replaceable while serving; each connection is judged by the policy current when
     /// its handshake completed.
     policy: PolicyHandle,
+    /// Replaceable while serving, as the policy is.
+    rate_limit: LimitsHandle,
+    /// Refusals by the client's limit and by the total.
+    refused: Option<[Counter; 2]>,
     metrics: Option<ListenerMetrics>,
     target: SocketAddr,
     connect_timeout: Duration,
@@ -217,6 +248,13 @@ impl Inbound {
                 }
                 return;
             }
+        }
+        if let Err(refused) = self.rate_limit.current().admit(peer.as_ref()) {
+            tracing::debug!(%remote, client = %Client(client), limit = refused.limit, wait = ?refused.wait, "connection refused by the rate limit: closed");
+            if let Some(counters) = &self.refused {
+                counters[usize::from(refused.limit == "total")].inc();
+            }
+            return;
         }
         let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target));
         let mut target = match connect.await {

@@ -860,3 +860,55 @@ async fn quiet_connections_close_at_the_idle_timeout_and_bytes_count_as_they_mov
     assert_eq!(outbound.shutdown().await.forced, 0);
     assert_eq!(server.shutdown().await.forced, 0);
 }
+
+#[tokio::test]
+async fn connections_over_the_rate_limit_are_closed_before_the_target_is_dialled() {
+    use mesh_core::config::{Rate, RateLimitConfig};
+    let (target_addr, seen) = target(Mode::AfterEof).await;
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry).listener("db-in");
+    // One connection an hour for each client (all plaintext callers are one client), and
+    // three in all.
+    let per_hour = |requests| Rate {
+        requests,
+        per: Duration::from_secs(3600),
+        burst: None,
+    };
+    let config = RateLimitConfig {
+        per_client: Some(per_hour(1)),
+        total: Some(per_hour(3)),
+        ..RateLimitConfig::default()
+    };
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .metrics(metrics)
+        .rate_limit(crate::ratelimit::Limits::new(&config))
+        .serve(listener().await, target_addr)
+        .unwrap();
+    assert_eq!(
+        half_close_exchange(server.local_addr(), b"first").await,
+        b"got: first"
+    );
+    assert_eq!(
+        half_close_exchange(server.local_addr(), b"second").await,
+        b""
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1, "never dialled");
+    // A reload's new limits start full.
+    server
+        .rate_limit()
+        .unwrap()
+        .replace(crate::ratelimit::Limits::new(&config));
+    assert_eq!(
+        half_close_exchange(server.local_addr(), b"third").await,
+        b"got: third"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"mesh_server_rate_limited_total{listener="db-in",limit="client"} 1"#),
+        "{text}"
+    );
+    assert_eq!(server.shutdown().await.forced, 0);
+}

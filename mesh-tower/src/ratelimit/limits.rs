@@ -139,6 +139,16 @@ impl Total {
     }
 }
 
+/// A refusal by [`Limits::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Refused {
+    /// The limit that refused: `"client"` (the client's own) or `"total"`.
+    pub limit: &'static str,
+    /// How long until that limit would admit one more.
+    pub wait: Duration,
+}
+
 /// A refusal: which limit, and when the limiter would admit the request.
 #[derive(Debug)]
 pub(super) struct Refusal<'a> {
@@ -230,6 +240,17 @@ impl Limits {
     pub(super) fn check(&self, client: Option<&SpiffeId>) -> Result<(), Refusal<'_>> {
         self.check_with(client, || {
             client.map_or(Key::Unauthenticated, |id| Key::Id(id.clone()))
+        })
+    }
+
+    /// Whether one more request (or connection) of `peer` (`None`: unauthenticated) is
+    /// admitted now, spending its cells when it is: what [`RateLimit`](super::RateLimit)
+    /// asks for each request, and an opaque listener for each connection. A refusal says
+    /// which limit refused (`"client"` or `"total"`) and how long until it would admit.
+    pub fn admit(&self, peer: Option<&PeerIdentity>) -> Result<(), Refused> {
+        self.check_peer(peer).map_err(|r| Refused {
+            limit: r.limit.id,
+            wait: r.wait,
         })
     }
 

@@ -57,5 +57,5 @@ mod limits;
 mod service;
 
 pub use self::layer::{LimitsHandle, RateLimitLayer};
-pub use self::limits::{DEFAULT_MAX_CLIENTS, Limits};
+pub use self::limits::{DEFAULT_MAX_CLIENTS, Limits, Refused};
 pub use self::service::RateLimit;
