@@ -55,7 +55,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_core::config::{AdminConfig, MeshConfig};
+use mesh_core::config::MeshConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-proxy", version, about = "The mesh service-mesh proxy")]
@@ -149,11 +149,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(listen) = args.admin {
-        // The flag moves the listener; the file's other admin settings stay.
-        let decisions = config.admin.as_ref().map_or(0, |a| a.decisions);
-        config.admin = Some(AdminConfig { listen, decisions });
-    }
+    // The flag moves the listener (here and at every reload); the file's other admin
+    // settings stay.
+    proxy::override_admin(&mut config, args.admin);
     if args.workers == 0 {
         eprintln!("error: --workers must be at least 1");
         return ExitCode::FAILURE;
@@ -174,13 +172,20 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, args.config))
+    let code = runtime.block_on(serve(config, args.config, args.admin));
+    // A file read still blocked in a worker of its own (a reload given up on, reading a
+    // FIFO or a stale network mount) does not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
-async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
+async fn serve(config: MeshConfig, path: PathBuf, admin: Option<SocketAddr>) -> ExitCode {
+    // Watched from here on: a SIGHUP while starting waits for the first reload, a SIGTERM
+    // ends the start.
+    let mut signals = signals::Signals::new();
     let started = tokio::select! {
-        started = proxy::Proxy::start(config, path) => started,
-        () = signals::terminate() => {
+        started = proxy::Proxy::start(config, path, admin) => started,
+        () = signals.stop.recv() => {
             tracing::info!("terminated while starting");
             return ExitCode::SUCCESS;
         }
@@ -204,17 +209,36 @@ async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
     ));
     let state = proxy.state.clone();
     loop {
-        tokio::select! {
-            () = signals::terminate() => {
+        let reload = tokio::select! {
+            () = signals.stop.recv() => {
                 tracing::info!("terminating: draining");
-                break;
+                false
             }
             () = state.shutdown.notified() => {
                 tracing::info!("shutdown: draining");
-                break;
+                false
             }
-            () = signals::hangup() => proxy.reload().await,
-            () = state.reload.notified() => proxy.reload().await,
+            () = signals.hangup.recv() => true,
+            () = state.reload.notified() => true,
+        };
+        if !reload {
+            break;
+        }
+        // A reload that hangs (a discovery file on a stale mount) does not hold up a
+        // shutdown: it is dropped, and nothing of it applied.
+        let stop = tokio::select! {
+            () = proxy.reload() => false,
+            () = signals.stop.recv() => {
+                tracing::info!("terminating during a reload: draining");
+                true
+            }
+            () = state.shutdown.notified() => {
+                tracing::info!("shutdown during a reload: draining");
+                true
+            }
+        };
+        if stop {
+            break;
         }
     }
     notify::notify("STOPPING=1\nSTATUS=draining");
@@ -224,66 +248,154 @@ async fn serve(config: MeshConfig, path: PathBuf) -> ExitCode {
 }
 
 mod signals {
-    /// SIGTERM or Ctrl-C; on Windows, Ctrl-C, Ctrl-Break and the console's close, log-off
-    /// and shutdown events.
-    pub(crate) async fn terminate() {
+    //! The process's signals, each watched by one stream from start to exit: a signal that
+    //! arrives while the main task is busy (starting, reloading) waits in its stream
+    //! instead of being lost, as it would be between two short-lived streams (tokio's
+    //! handler stays installed, so the default action would not run either).
+
+    /// What stops or reloads the proxy.
+    pub(crate) struct Signals {
+        /// What stops it.
+        pub(crate) stop: Stop,
+        /// What reloads it.
+        pub(crate) hangup: Hangup,
+    }
+
+    /// SIGTERM or SIGINT (Ctrl-C); on Windows, Ctrl-C, Ctrl-Break and the console's
+    /// close, log-off and shutdown events (for these last, tokio's handler holds the
+    /// process until the drain ends or Windows' own deadline passes).
+    pub(crate) struct Stop {
         #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        // A console program on Windows: Ctrl-C, Ctrl-Break, its console closing, and the
-        // user logging off or the system shutting down (for these last, tokio's handler
-        // holds the process until the drain ends or Windows' own deadline passes).
+        term: Option<tokio::signal::unix::Signal>,
+        #[cfg(unix)]
+        int: Option<tokio::signal::unix::Signal>,
         #[cfg(windows)]
-        {
-            use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_logoff, ctrl_shutdown};
-            match (ctrl_break(), ctrl_close(), ctrl_logoff(), ctrl_shutdown()) {
-                (Ok(mut brk), Ok(mut close), Ok(mut logoff), Ok(mut shutdown)) => {
-                    tokio::select! {
-                        _ = brk.recv() => {}
-                        _ = close.recv() => {}
-                        _ = logoff.recv() => {}
-                        _ = shutdown.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                _ => {
-                    tracing::warn!(
-                        "cannot watch the console's close and shutdown events; Ctrl-C only"
-                    );
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        #[cfg(not(any(unix, windows)))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        console: Option<Console>,
     }
 
     /// SIGHUP (never, where there is none).
-    pub(crate) async fn hangup() {
+    pub(crate) struct Hangup {
         #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let Ok(mut hup) = signal(SignalKind::hangup()) {
-                hup.recv().await;
-                return;
+        hup: Option<tokio::signal::unix::Signal>,
+    }
+
+    #[cfg(windows)]
+    struct Console {
+        c: tokio::signal::windows::CtrlC,
+        brk: tokio::signal::windows::CtrlBreak,
+        close: tokio::signal::windows::CtrlClose,
+        logoff: tokio::signal::windows::CtrlLogoff,
+        shutdown: tokio::signal::windows::CtrlShutdown,
+    }
+
+    impl Signals {
+        /// Starts watching (inside the runtime). A signal that cannot be watched is
+        /// logged, and keeps its default action.
+        pub(crate) fn new() -> Self {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                let watch = |kind: SignalKind, name: &str| match signal(kind) {
+                    Ok(s) => Some(s),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot watch {name}");
+                        None
+                    }
+                };
+                Self {
+                    stop: Stop {
+                        term: watch(SignalKind::terminate(), "SIGTERM"),
+                        int: watch(SignalKind::interrupt(), "SIGINT"),
+                    },
+                    hangup: Hangup {
+                        hup: watch(SignalKind::hangup(), "SIGHUP"),
+                    },
+                }
+            }
+            #[cfg(windows)]
+            {
+                use tokio::signal::windows::{
+                    ctrl_break, ctrl_c, ctrl_close, ctrl_logoff, ctrl_shutdown,
+                };
+                let console = (|| {
+                    Ok::<_, std::io::Error>(Console {
+                        c: ctrl_c()?,
+                        brk: ctrl_break()?,
+                        close: ctrl_close()?,
+                        logoff: ctrl_logoff()?,
+                        shutdown: ctrl_shutdown()?,
+                    })
+                })();
+                Self {
+                    stop: Stop {
+                        console: console
+                            .map_err(|error| {
+                                tracing::warn!(%error, "cannot watch the console's events");
+                            })
+                            .ok(),
+                    },
+                    hangup: Hangup {},
+                }
+            }
+            #[cfg(not(any(unix, windows)))]
+            {
+                Self {
+                    stop: Stop {},
+                    hangup: Hangup {},
+                }
             }
         }
-        std::future::pending::<()>().await;
+    }
+
+    impl Stop {
+        /// The next stop signal.
+        pub(crate) async fn recv(&mut self) {
+            #[cfg(unix)]
+            {
+                tokio::select! {
+                    () = recv(&mut self.term) => {}
+                    () = recv(&mut self.int) => {}
+                }
+            }
+            #[cfg(windows)]
+            match &mut self.console {
+                Some(w) => {
+                    tokio::select! {
+                        _ = w.c.recv() => {}
+                        _ = w.brk.recv() => {}
+                        _ = w.close.recv() => {}
+                        _ = w.logoff.recv() => {}
+                        _ = w.shutdown.recv() => {}
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+            #[cfg(not(any(unix, windows)))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+
+    impl Hangup {
+        /// The next SIGHUP.
+        pub(crate) async fn recv(&mut self) {
+            #[cfg(unix)]
+            recv(&mut self.hup).await;
+            #[cfg(not(unix))]
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The next delivery of a watched signal; never, for one not watched.
+    #[cfg(unix)]
+    async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+        if let Some(s) = signal
+            && s.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending::<()>().await
     }
 }
 

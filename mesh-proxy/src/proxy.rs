@@ -1,6 +1,7 @@
 //! The running proxy: identity, inbound and outbound listeners, admin, reload, drain.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -113,6 +114,18 @@ pub(crate) struct Proxy {
     /// The access-log switch of each listener, inbound then outbound in configuration
     /// order (none for opaque listeners).
     access_logs: Vec<Option<AccessLogHandle>>,
+    /// `--admin`'s address, which every configuration read (at start and at each reload)
+    /// takes instead of the file's.
+    admin_override: Option<SocketAddr>,
+}
+
+/// Moves `config`'s admin listener to `listen` (`--admin`), keeping the file's other
+/// admin settings; `None` leaves it.
+pub(crate) fn override_admin(config: &mut MeshConfig, listen: Option<SocketAddr>) {
+    if let Some(listen) = listen {
+        let decisions = config.admin.as_ref().map_or(0, |a| a.decisions);
+        config.admin = Some(mesh_core::config::AdminConfig { listen, decisions });
+    }
 }
 
 /// The access log of listener `name`, on or off as configured.
@@ -126,7 +139,11 @@ pub(crate) fn access_log(name: &str, enabled: bool) -> AccessLogLayer {
 
 impl Proxy {
     /// Starts every listener `config` describes.
-    pub(crate) async fn start(config: MeshConfig, path: PathBuf) -> Result<Self, StartError> {
+    pub(crate) async fn start(
+        config: MeshConfig,
+        path: PathBuf,
+        admin_override: Option<SocketAddr>,
+    ) -> Result<Self, StartError> {
         let reloads = Family::<ReloadLabels, Counter>::default();
         // The admin listener first: `/live` answers and `/ready` says why not while the
         // identity is awaited.
@@ -360,6 +377,7 @@ impl Proxy {
         admin::register_edge_certificates(&mut registry, edge_certificates);
         let _ = state.registry.set(registry);
         Ok(Self {
+            admin_override,
             state,
             servers,
             admin,
@@ -414,7 +432,8 @@ impl Proxy {
     async fn try_reload(&self) -> Result<(), BoxError> {
         // The admin listener's address needs a restart; its decision record does not.
         let admin_listen = |c: &MeshConfig| c.admin.as_ref().map(|a| a.listen);
-        let next = MeshConfig::from_file(&self.state.path)?;
+        let mut next = MeshConfig::from_file(&self.state.path)?;
+        override_admin(&mut next, self.admin_override);
         let current = lock(&self.config).clone();
         // An inbound listener may change its policy and limit, not its socket or target.
         let fixed = |c: &MeshConfig| {

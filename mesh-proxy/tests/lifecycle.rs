@@ -1,0 +1,134 @@
+//! The process's life around its signals: a SIGHUP while the proxy is still starting
+//! (waiting for SPIRE) neither kills it nor is lost; `--admin` holds across reloads; a
+//! reload that hangs (a discovery file that is a FIFO nobody writes) does not hold up a
+//! SIGTERM's drain and exit.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Proxy, app, curl};
+
+/// Sends `signal` to process `pid` with the shell's `kill`.
+fn kill(signal: &str, pid: u32) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -{signal} {pid}")])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_waits_and_sigterm_still_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("spire.toml");
+    // No agent: the proxy keeps trying for its first SVID, not ready meanwhile.
+    std::fs::write(
+        &config,
+        "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(child.try_wait().unwrap().is_none(), "starting");
+    kill("HUP", child.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a SIGHUP while starting killed the proxy: {:?}",
+        child.try_wait()
+    );
+    kill("TERM", child.id());
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    assert!(
+        status.expect("exits within 10 s of SIGTERM").success(),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_the_admin_flag_and_a_hung_one_does_not_hold_up_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = app().await;
+    let endpoints = dir.path().join("endpoints.toml");
+    std::fs::write(
+        &endpoints,
+        format!("[[endpoints]]\naddr = \"{upstream}\"\n"),
+    )
+    .unwrap();
+    // No [admin] in the file: `--admin` gives it.
+    let text = |discovery: &str, prefix: &str| {
+        format!(
+            "[services.app]\ntls = \"plaintext\"\ndiscovery = {{ kind = \"file\", path = \"{discovery}\" }}\n\n\
+             [[routes]]\nname = \"only\"\nmatches = [{{ path = {{ prefix = \"{prefix}\" }} }}]\n\
+             backends = [{{ service = \"app\" }}]\n\n\
+             [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\n"
+        )
+    };
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, text("endpoints.toml", "/a")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"));
+    command.args(["run", "--config"]).arg(&config).args([
+        "--admin",
+        "127.0.0.1:0",
+        "--log",
+        "info",
+    ]);
+    let proxy = Proxy::start_command(command, 2, Stdio::inherit());
+    let egress = format!("http://{}", proxy.addr("egress"));
+    let admin = format!("http://{}", proxy.addr("admin"));
+    assert_eq!(curl(&[&format!("{egress}/a")]).0, 200);
+    assert_eq!(curl(&[&format!("{egress}/b")]).0, 404);
+
+    // A reload of the file, which has no [admin]: applied, the flag's listener kept.
+    std::fs::write(&config, text("endpoints.toml", "/b")).unwrap();
+    assert_eq!(curl(&["-X", "POST", &format!("{admin}/reload")]).0, 202);
+    let mut applied = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
+        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1") {
+            applied = true;
+            break;
+        }
+        assert!(
+            !metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"}"),
+            "{metrics}"
+        );
+    }
+    assert!(applied, "the reload was applied");
+    assert_eq!(curl(&[&format!("{egress}/b")]).0, 200);
+
+    // A reload that reads a FIFO no one writes hangs; SIGTERM drains and exits anyway.
+    let fifo = dir.path().join("fifo.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    std::fs::write(&config, text("fifo.toml", "/c")).unwrap();
+    assert_eq!(curl(&["-X", "POST", &format!("{admin}/reload")]).0, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Still serving with the old configuration meanwhile.
+    assert_eq!(curl(&[&format!("{egress}/b")]).0, 200);
+    let started = tokio::time::Instant::now();
+    assert!(proxy.terminate().success(), "exit 0 after SIGTERM");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+}
