@@ -58,13 +58,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_connection_specific) {
         return;
     }
-    // Fields named by `Connection` are connection-specific too.
+    // Fields named by `Connection` are connection-specific too (split as bytes: a value
+    // with other bytes beside the names still names them).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -78,11 +78,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
+    // `TE` goes on as exactly `trailers` when any of its fields lists it, else not at all:
+    // HTTP/2 allows no other value (RFC 9113 §8.2.2), and a peer resets a stream that
+    // carries one, counting it against the connection every client of that peer shares.
+    let mut te = headers.get_all(header::TE).iter();
+    match (te.next(), te.next()) {
+        (None, _) => {}
+        (Some(only), None) if only.as_bytes().eq_ignore_ascii_case(b"trailers") => {}
+        _ => {
+            let trailers = headers.get_all(header::TE).iter().any(|v| {
+                v.as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|m| m.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            });
+            headers.remove(header::TE);
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+        }
     }
 }
 
@@ -651,6 +664,44 @@ mod tests {
         h.insert(header::TE, "gzip".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none(), "TE other than trailers goes");
+    }
+
+    /// Every `TE` field counts, not only the first: `TE: trailers` beside `TE: gzip` (or
+    /// `TE: gzip, trailers`) leaves exactly `trailers`, the one value HTTP/2 allows, so a
+    /// peer's HTTP/2 server never resets the stream for it.
+    #[test]
+    fn te_fields_are_all_read_and_only_trailers_goes_on() {
+        for fields in [
+            &["trailers", "gzip"][..],
+            &["gzip", "trailers"],
+            &["gzip, TRAILERS"],
+            &["deflate", "gzip;q=0.5 , trailers"],
+        ] {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::TE, f.parse().unwrap());
+            }
+            strip_hop_by_hop(&mut h);
+            let te: Vec<_> = h.get_all(header::TE).iter().collect();
+            assert_eq!(te, ["trailers"], "{fields:?}");
+        }
+        for fields in [&["gzip", "deflate"][..], &["gzip, chunked"]] {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::TE, f.parse().unwrap());
+            }
+            strip_hop_by_hop(&mut h);
+            assert!(h.get(header::TE).is_none(), "{fields:?}");
+        }
+        // A `Connection` value with bytes beyond ASCII still names its fields.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \xe9t\xe9").unwrap(),
+        );
+        h.insert("x-secret", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[tokio::test]
