@@ -69,6 +69,15 @@ async fn curl_through_two_proxies_to_an_app() {
         "{body}"
     );
 
+    // A Host with userinfo would be routed by one name and served by another: 400.
+    let (code, body) = curl(&[
+        "-H",
+        "Host: app:1@admin.internal",
+        &format!("{egress}/hello"),
+    ]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Host"), "{body}");
+
     // HTTP/2 in the clear from the client: HTTP/2 to the app.
     let (code, body) = curl(&["--http2-prior-knowledge", &format!("{egress}/h2")]);
     assert_eq!(code, 200, "{body}");

@@ -1704,7 +1704,10 @@ async fn connections_outlive_the_end_of_their_stream() {
     for wait in [0, 5] {
         tokio::time::sleep(Duration::from_secs(wait)).await;
         sender.ready().await.unwrap();
-        let request = Request::get("/").body(Full::<Bytes>::default()).unwrap();
+        let request = Request::get("/")
+            .header("host", "10.0.0.1")
+            .body(Full::<Bytes>::default())
+            .unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "after {wait} s");
         response.collect().await.unwrap();

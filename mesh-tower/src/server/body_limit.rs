@@ -1,15 +1,17 @@
-//! Refuses requests that declare a body larger than the server's bound.
+//! The server's own checks of a request, before authorization sees it: a `Host` it may
+//! act on, and a declared body within the server's bound.
 
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{ResponseBody, ResponseFuture, text_answer};
 
-/// Answers 413 to a request whose declared size (`Content-Length`, as hyper read it)
-/// exceeds `max`; passes every other request on.
+/// Answers 400 to a request whose `Host` a server must refuse ([`host_problem`]), 413 to
+/// one whose declared size (`Content-Length`, as hyper read it) exceeds `max`; passes
+/// every other request on.
 #[derive(Clone, Debug)]
 pub(super) struct BodyLimit<S> {
     pub(super) inner: S,
@@ -30,6 +32,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(problem) = host_problem(&req) {
+            tracing::debug!(problem, "request refused: 400");
+            let mut response =
+                text_answer(StatusCode::BAD_REQUEST, format!("bad request: {problem}\n"));
+            if req.version() != Version::HTTP_2 {
+                // Its body is not read: the connection cannot carry another request.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return ResponseFuture::local(response);
+        }
         let declared = req.body().size_hint().exact();
         if let (Some(max), Some(size)) = (self.max, declared)
             && size > max
@@ -45,5 +59,157 @@ where
             return ResponseFuture::local(response);
         }
         ResponseFuture::inner(self.inner.call(req))
+    }
+}
+
+/// Why a server must refuse `req` for its `Host` or authority, if it must: more than one
+/// `Host` field, none on an HTTP/1.1 request, or one that is not `host[:port]` (RFC 9112
+/// §3.2: a 400 for each; an absolute-form request without `Host` is let through, its
+/// target naming the host as a proxy reads it anyway, as hyper's low-level client sends
+/// them), or userinfo in the request's authority (RFC 9113 §8.3.1 forbids
+/// it in `:authority`; RFC 9110 §4.2.4 has recipients treat it as an error). A `Host` of
+/// `b.example:1@admin.internal` would otherwise be routed by one name (`b.example`) and
+/// served by another (`admin.internal`, once it became a URI's authority).
+pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Some("more than one Host field"),
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Some("an HTTP/1.1 request without a Host field");
+        }
+        (Some(host), None) if !host.is_empty() && !is_host_port(host.as_bytes()) => {
+            return Some("a Host that is not host[:port]");
+        }
+        _ => {}
+    }
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Some("userinfo in the request's authority");
+    }
+    None
+}
+
+/// Whether `value` is `host[:port]`: an authority without userinfo, whose port (if any)
+/// is a number that fits (the `http` crate's parse leaves the port unchecked).
+fn is_host_port(value: &[u8]) -> bool {
+    if value.contains(&b'@') {
+        return false;
+    }
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    let text = authority.as_str();
+    if text.ends_with(']') {
+        return true;
+    }
+    match text.rsplit_once(':') {
+        None | Some((_, "")) => true,
+        Some((_, port)) => port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, uri: &str, hosts: &[&[u8]]) -> Request<()> {
+        let mut req = Request::builder().version(version).uri(uri);
+        for host in hosts {
+            req = req.header(header::HOST, HeaderValue::from_bytes(host).unwrap());
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn hosts_a_server_must_refuse() {
+        const HTTP_10: Version = Version::HTTP_10;
+        const HTTP_11: Version = Version::HTTP_11;
+        const HTTP_2: Version = Version::HTTP_2;
+        for (version, uri, hosts, problem) in [
+            (HTTP_11, "/", &[&b"users"[..]][..], None),
+            (HTTP_11, "/", &[b"users.prod:8080"], None),
+            (HTTP_11, "/", &[b"[::1]:80"], None),
+            (HTTP_11, "/", &[b"10.0.0.1"], None),
+            // The target has no authority: an empty Host (RFC 9112 §3.2).
+            (HTTP_11, "*", &[b""], None),
+            (HTTP_10, "/", &[], None),
+            (HTTP_2, "http://users/", &[], None),
+            (HTTP_11, "http://users/", &[b"users"], None),
+            (HTTP_11, "http://users/", &[], None),
+            (
+                HTTP_11,
+                "/",
+                &[],
+                Some("an HTTP/1.1 request without a Host field"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"a", b"b"],
+                Some("more than one Host field"),
+            ),
+            (
+                HTTP_2,
+                "http://a/",
+                &[b"a", b"a"],
+                Some("more than one Host field"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"b.example:1@admin.internal"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_2,
+                "http://a/",
+                &[b"a@b"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"a b"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"users/admin"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"users:port"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"users:+80"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"users:99999"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (HTTP_11, "/", &[b"users:"], None),
+            (
+                HTTP_2,
+                "http://b.example:1@admin.internal/",
+                &[],
+                Some("userinfo in the request's authority"),
+            ),
+        ] {
+            let req = request(version, uri, hosts);
+            assert_eq!(host_problem(&req), problem, "{version:?} {uri} {hosts:?}");
+        }
     }
 }
