@@ -12,11 +12,12 @@
 //! | `path = { regex = "…" }` | the expression matches the whole path |
 //! | `methods = [...]` | the method is one of them |
 //! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent |
-//! | `query = [{ name, exact / regex }]` | each: the parameter's first value, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive |
+//! | `query = [{ name, exact / regex }]` | each: the parameter is there and every value it has, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive |
 //! | `grpc = { service, method }` | the path is `/service/method` (any method of the service when none is given) |
 //!
 //! **Paths are matched as sent, and only when unambiguous.** A path that a server could
-//! read as another one — with a dot segment (`/a/../b`, `/./b`), an empty segment
+//! read as another one — with a dot segment (`/a/../b`, `/./b`, or with path parameters,
+//! `/a/..;x/b`, which Tomcat and Jetty resolve once they drop the parameters), an empty segment
 //! (`//b`), a backslash, or a percent-encoded `/`, `\` or `.` — satisfies no path or gRPC
 //! condition, so that a rule allowing `/public` cannot be used to reach `/admin` through
 //! `/public/../admin`. Such a request still matches conditions without a path.
@@ -306,17 +307,25 @@ fn query_condition(q: &QueryMatch) -> Result<QueryCondition, MatchError> {
 }
 
 impl QueryCondition {
-    /// The first value of the parameter, as sent (not decoded), must match.
+    /// The parameter must be there, and every value it has, as sent (not decoded), must
+    /// match, as every value of a header must: applications differ on which of a repeated
+    /// parameter they read (the first, the last, all), so `?tenant=a&tenant=b` meets a
+    /// condition on `tenant=a` for none of them. (The Gateway API leaves repeated
+    /// parameters undefined and suggests the first; a rule that admits must hold whichever
+    /// the application reads.)
     fn matches(&self, query: &str) -> bool {
-        let first = query.split('&').find_map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (name == self.name).then_some(value)
-        });
-        match (first, &self.value) {
-            (Some(v), QueryValue::Exact(want)) => v == want,
-            (Some(v), QueryValue::Regex(re)) => re.is_match(v),
-            (None, _) => false,
-        }
+        let mut values = query
+            .split('&')
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (name == self.name).then_some(value)
+            })
+            .peekable();
+        values.peek().is_some()
+            && values.all(|v| match &self.value {
+                QueryValue::Exact(want) => v == want,
+                QueryValue::Regex(re) => re.is_match(v),
+            })
     }
 }
 
@@ -392,9 +401,22 @@ pub fn is_ambiguous(path: &str) -> bool {
     is_dot_segment(&bytes[segment_start..])
 }
 
-/// `.` or `..`: segments a server may resolve away.
+/// `.` or `..`: segments a server may resolve away, with path parameters too (`..;x`,
+/// `..%3b`): Tomcat and Jetty drop a segment's `;` parameters before they resolve dot
+/// segments, so `/public/..;/admin` is `/admin` to them.
 fn is_dot_segment(segment: &[u8]) -> bool {
-    segment == b"." || segment == b".."
+    let name = match segment.iter().position(|&b| b == b';') {
+        Some(end) => &segment[..end],
+        None => segment,
+    };
+    let name = match name
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'3' && w[2].eq_ignore_ascii_case(&b'b'))
+    {
+        Some(end) => &name[..end],
+        None => name,
+    };
+    name == b"." || name == b".."
 }
 
 #[cfg(test)]
@@ -470,6 +492,11 @@ mod tests {
             "/public\\..\\admin",
             "/public/..",
             "/public/x/%5c",
+            "/public/..;/admin",
+            "/public/..;jsessionid=x/admin",
+            "/public/.;/x",
+            "/public/..%3b/admin",
+            "/public/..%3B",
         ] {
             assert!(is_ambiguous(sneaky), "{sneaky}");
             assert!(!m.matches(&get(sneaky)), "{sneaky}");
@@ -480,6 +507,8 @@ mod tests {
             "/public/a.b",
             "/public/..a",
             "/public/%41",
+            "/public/a;b",
+            "/public/...;x",
         ] {
             assert!(!is_ambiguous(plain), "{plain}");
         }
@@ -531,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn query_parameters_match_their_first_value_with_case_sensitive_names() {
+    fn query_parameters_match_with_every_value_and_case_sensitive_names() {
         let m = RequestMatch::new(&RouteMatch {
             query: vec![
                 QueryMatch {
@@ -554,10 +583,9 @@ mod tests {
             !m.matches(&get("/x?v=2&id=42x")),
             "regexes match the whole value"
         );
-        assert!(
-            !m.matches(&get("/x?v=3&v=2&id=1")),
-            "the first value counts"
-        );
+        assert!(!m.matches(&get("/x?v=3&v=2&id=1")), "every value counts");
+        assert!(!m.matches(&get("/x?v=2&v=3&id=1")), "every value counts");
+        assert!(m.matches(&get("/x?v=2&v=2&id=1&id=3")));
         assert!(!m.matches(&get("/x")));
         assert!(!m.is_any());
     }

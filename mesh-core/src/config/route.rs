@@ -106,7 +106,7 @@ pub enum HeaderValueMatch {
 
 /// A match on one query parameter: `{ name = "version", exact = "2" }` or
 /// `{ name = "id", regex = "[0-9]+" }`. Names are case-sensitive and compared as sent
-/// (not percent-decoded); when a parameter is repeated, its first value counts.
+/// (not percent-decoded); when a parameter is repeated, every value must match.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryMatch {
