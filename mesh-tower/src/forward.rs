@@ -21,7 +21,8 @@
 //!   request came (or as [`ORIG_PROTO`] says it came). It always overwrites the
 //!   identity header (default [`DEFAULT_IDENTITY_HEADER`]) with the peer's verified
 //!   SPIFFE ID, or removes it when there is none, so the application cannot be fooled by
-//!   a client that sends one. An application that is down is answered 502 (connection
+//!   a client that sends one (nor by one spelled with `_` for `-`, which CGI, WSGI and
+//!   FastCGI servers take for the same header). An application that is down is answered 502 (connection
 //!   refused or reset) or 504 (connect timeout), with the reason in a text body (gRPC:
 //!   trailers-only `UNAVAILABLE`), never a hang.
 //! - [`AnswerErrorsLayer`]: an outbound proxy's answer when the client stack fails a
@@ -252,7 +253,18 @@ pub struct Forward<B> {
     http1: EndpointClient<B>,
     http2: EndpointClient<B>,
     identity_header: HeaderName,
+    /// The identity header with `_` for `-` (`x_mesh_client_id`), removed too: CGI, WSGI
+    /// and FastCGI servers map both spellings to one variable.
+    identity_alias: Option<HeaderName>,
     target: SocketAddr,
+}
+
+/// `name` with `_` for each `-`, when it has one.
+fn underscored(name: &HeaderName) -> Option<HeaderName> {
+    let name = name.as_str();
+    name.contains('-')
+        .then(|| HeaderName::from_bytes(name.replace('-', "_").as_bytes()).ok())
+        .flatten()
 }
 
 impl<B> Clone for Forward<B> {
@@ -261,6 +273,7 @@ impl<B> Clone for Forward<B> {
             http1: self.http1.clone(),
             http2: self.http2.clone(),
             identity_header: self.identity_header.clone(),
+            identity_alias: self.identity_alias.clone(),
             target: self.target,
         }
     }
@@ -291,12 +304,14 @@ where
             http1: EndpointClient::new(target, settings(Protocol::Http1)),
             http2: EndpointClient::new(target, settings(Protocol::Http2)),
             identity_header: DEFAULT_IDENTITY_HEADER,
+            identity_alias: underscored(&DEFAULT_IDENTITY_HEADER),
             target,
         }
     }
 
     /// Puts the peer's identity in `name` instead.
     pub fn identity_header(mut self, name: HeaderName) -> Self {
+        self.identity_alias = underscored(&name);
         self.identity_header = name;
         self
     }
@@ -350,6 +365,9 @@ where
             .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
         let headers = req.headers_mut();
         headers.remove(&self.identity_header);
+        if let Some(alias) = &self.identity_alias {
+            headers.remove(alias);
+        }
         if let Some(id) = identity {
             headers.insert(self.identity_header.clone(), id);
         }
@@ -702,6 +720,48 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    /// The application behind [`Forward`] never sees a client's own identity header,
+    /// in either spelling, whatever its case or number.
+    #[tokio::test]
+    async fn a_clients_identity_header_never_reaches_the_application() {
+        use http_body_util::{BodyExt, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let seen: Vec<String> = req
+                        .headers()
+                        .iter()
+                        .filter(|(name, _)| name.as_str().contains("client"))
+                        .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
+                        .collect();
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        seen.join(" "),
+                    ))))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
+                .await;
+        });
+        let forward = Forward::<Full<Bytes>>::new(target)
+            .identity_header(HeaderName::from_static("x-client-id"));
+        let req = Request::get("/")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "app")
+            .header("X-Client-Id", "spiffe://example.org/spoofed")
+            .header("x-client-id", "spiffe://example.org/again")
+            .header("x_client_id", "spiffe://example.org/underscored")
+            .header("X_Client_ID", "spiffe://example.org/shouting")
+            .header("x-client-idx", "kept")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = forward.oneshot(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "x-client-idx=kept");
     }
 
     #[tokio::test]
