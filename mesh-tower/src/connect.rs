@@ -80,6 +80,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::backoff::Backoff;
+use futures_util::FutureExt as _;
 
 /// The default connect timeout (TCP and TLS).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -429,6 +430,13 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// How long an HTTP/1.1 connection may sit idle in the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long a request waits for an idle HTTP/1.1 connection that was not ready at once:
+/// its last exchange may still be sending a request body the application stopped reading
+/// (it answered early), and a client trickling that body would otherwise hold every
+/// request that took the connection. Past it, the connection is let go (it closes once
+/// that exchange ends) and another is taken.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
 /// At most this many idle HTTP/1.1 connections are kept per endpoint.
 const MAX_IDLE: usize = 1024;
 
@@ -623,11 +631,19 @@ where
             };
             match next {
                 Next::Idle(mut idle) => {
-                    // Ready once the previous exchange is wound up; an error means the
-                    // connection closed meanwhile: take another.
-                    if idle.sender.ready().await.is_ok() {
+                    // Ready once the previous exchange is wound up (most often at once);
+                    // an error means the connection closed meanwhile: take another. One
+                    // still busy after READY_WAIT is dropped.
+                    let ready = match idle.sender.ready().now_or_never() {
+                        Some(ready) => ready.is_ok(),
+                        None => tokio::time::timeout(READY_WAIT, idle.sender.ready())
+                            .await
+                            .is_ok_and(|ready| ready.is_ok()),
+                    };
+                    if ready {
                         return Ok(Checkout::H1(idle.sender, idle.peer));
                     }
+                    tracing::debug!(addr = %self.addr, "an idle connection was not ready: let go");
                 }
                 Next::Wait(dials) => loop {
                     let dialled = self.dialled.notified();
@@ -1404,6 +1420,73 @@ mod tests {
             "five"
         );
         assert_eq!(connections(&ep), 2);
+    }
+
+    /// An application that answers before it has read the request's body (a 401 to an
+    /// upload) leaves the connection busy with that body, which a client may trickle
+    /// forever: a later request that finds it idle is not held by it.
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_does_not_hold_the_next_request() {
+        use http_body_util::{StreamBody, combinators::BoxBody};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // Each head is answered at once; whatever follows is read and
+                        // dropped, as an application that ignores an upload does.
+                        let Ok(n) = tcp.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let answer =
+                                b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno";
+                            if tcp.write_all(answer).await.is_err() {
+                                return;
+                            }
+                            head.clear();
+                        }
+                    }
+                });
+            }
+        });
+        let client = EndpointClient::<BoxBody<Bytes, std::convert::Infallible>>::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        // One chunk, then nothing, never an end.
+        use futures_util::StreamExt as _;
+        let trickle = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(Bytes::from_static(b"partial")),
+        )])
+        .chain(futures_util::stream::pending());
+        let upload = http::Request::post("http://users.prod/upload")
+            .header(http::header::CONTENT_LENGTH, "100000")
+            .body(BodyExt::boxed(StreamBody::new(trickle)))
+            .unwrap();
+        let resp = client.send(upload).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        resp.into_body().collect().await.unwrap();
+        let get = http::Request::get("http://users.prod/")
+            .body(BodyExt::boxed(Full::new(Bytes::new())))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.send(get))
+            .await
+            .expect("not held by the connection still sending the upload")
+            .unwrap();
+        assert_eq!(resp.status(), 401);
     }
 
     #[tokio::test]
