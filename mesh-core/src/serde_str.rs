@@ -52,12 +52,23 @@ pub(crate) mod duration {
         deserializer: D,
     ) -> Result<Duration, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        humantime::parse_duration(&s).map_err(|e| {
+        let d = humantime::parse_duration(&s).map_err(|e| {
             serde::de::Error::custom(format_args!(
                 "invalid duration `{s}`: {e} (write e.g. \"250ms\", \"10s\", \"1m\")"
             ))
-        })
+        })?;
+        // Far past any timeout's use, and `Instant + d` would overflow (a panic where a
+        // clock reading meets it).
+        if d > MAX {
+            return Err(serde::de::Error::custom(format_args!(
+                "duration `{s}` is too long: at most 10 years (use \"0s\" where a key allows none)"
+            )));
+        }
+        Ok(d)
     }
+
+    /// The longest duration a configuration takes: 10 years.
+    pub(crate) const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
     pub(crate) fn serialize<S: Serializer>(
         value: &Duration,

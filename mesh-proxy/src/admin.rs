@@ -156,11 +156,12 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Whether the request came from a loopback address.
+/// Whether the request came from a loopback address (an IPv4 one seen by a listener on
+/// `[::]`, `::ffff:127.0.0.1`, included).
 fn from_loopback(req: &Request<Incoming>) -> bool {
     req.extensions()
         .get::<mesh_tower::server::ClientAddr>()
-        .is_some_and(|a| a.0.ip().is_loopback())
+        .is_some_and(|a| a.0.ip().to_canonical().is_loopback())
 }
 
 /// Registers the process metrics (CPU, resident memory, open file descriptors), read

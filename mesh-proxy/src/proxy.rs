@@ -409,7 +409,8 @@ impl Proxy {
 
     /// Re-reads the configuration file and applies its services and routes to the
     /// outbound listeners, keeping every connection. An invalid file, or one that changes
-    /// what cannot change without a restart (identity, listeners, `[tcp]`), keeps the running
+    /// what cannot change without a restart (identity, listeners, `[tcp]`,
+    /// `drain_timeout`), keeps the running
     /// configuration; the outcome is logged and counted.
     pub(crate) async fn reload(&self) {
         let outcome = self.try_reload().await;
@@ -466,6 +467,8 @@ impl Proxy {
             ("admin", admin_listen(&next) == admin_listen(&current)),
             // Listeners and services alike hold their sockets' options.
             ("tcp", next.tcp == current.tcp),
+            // Every server and relay took it as its shutdown timeout.
+            ("drain_timeout", next.drain_timeout == current.drain_timeout),
         ] {
             if !same {
                 return Err(format!("`{what}` changed: that needs a restart").into());
@@ -475,8 +478,11 @@ impl Proxy {
         let old = lock(&self.clients).clone();
         let mut clients = BTreeMap::new();
         for (name, service) in &next.services {
+            // A client holds its zone preference: a new zone rebuilds them all.
             let client = match old.get(name) {
-                Some((config, client)) if config == service => client.clone(),
+                Some((config, client)) if config == service && next.zone == current.zone => {
+                    client.clone()
+                }
                 _ => {
                     client(
                         name,

@@ -242,10 +242,16 @@ impl Transparent {
     /// Drains every service's server (after the listener stopped handing any over).
     pub(crate) async fn shutdown(self) {
         let services = std::mem::take(&mut *lock(&self.services));
+        // All at once: each gets the whole drain timeout, not what the ones before left.
+        let mut drains = tokio::task::JoinSet::new();
         for (name, meshed) in services {
-            let report = meshed.server.shutdown().await;
-            tracing::info!(listener = %self.name, service = %name, open = report.open_at_shutdown, forced = report.forced, "drained");
+            let listener = self.name.clone();
+            drains.spawn(async move {
+                let report = meshed.server.shutdown().await;
+                tracing::info!(%listener, service = %name, open = report.open_at_shutdown, forced = report.forced, "drained");
+            });
         }
+        while drains.join_next().await.is_some() {}
     }
 }
 

@@ -132,3 +132,53 @@ async fn reloads_keep_the_admin_flag_and_a_hung_one_does_not_hold_up_the_drain()
     assert!(proxy.terminate().success(), "exit 0 after SIGTERM");
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_on_every_address_takes_local_ipv4_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, "[admin]\nlisten = \"[::]:0\"\n").unwrap();
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("skipped: no IPv6 here");
+        return;
+    }
+    let proxy = Proxy::start(&config, 1);
+    let port = proxy.addr("admin").port();
+    // 127.0.0.1 reaches a `[::]` listener as ::ffff:127.0.0.1: loopback all the same.
+    let reload = format!("http://127.0.0.1:{port}/reload");
+    assert_eq!(curl(&["-X", "POST", &reload]).0, 202);
+    let mut applied = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1") {
+            applied = true;
+            break;
+        }
+    }
+    assert!(applied, "the reload from 127.0.0.1 was taken");
+    // A change to what every server took at start needs a restart.
+    std::fs::write(
+        &config,
+        "drain_timeout = \"5s\"\n[admin]\nlisten = \"[::]:0\"\n",
+    )
+    .unwrap();
+    assert_eq!(curl(&["-X", "POST", &reload]).0, 202);
+    let mut counted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1")
+            && metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"} 1")
+        {
+            counted = true;
+            break;
+        }
+    }
+    let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+    assert!(
+        counted,
+        "one reload applied, the drain_timeout change refused: {metrics}"
+    );
+    assert!(proxy.terminate().success());
+}

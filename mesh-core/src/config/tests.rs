@@ -605,3 +605,25 @@ fn tcp_options_parse_and_stay_in_the_kernels_ranges() {
     let text = toml::to_string(&c).unwrap();
     assert_eq!(MeshConfig::from_toml(&text).unwrap().tcp, c.tcp);
 }
+
+#[test]
+fn sizes_and_durations_far_past_any_use_are_refused() {
+    let e = parse_error("drain_timeout = \"300000000000years\"\n");
+    assert!(e.contains("at `drain_timeout`"), "{e}");
+    assert!(e.contains("too long: at most 10 years"), "{e}");
+    let e = parse_error(
+        "[[outbound]]\nname = \"o\"\nlisten = \"127.0.0.1:1\"\nlimits = { idle_timeout = \"11y\" }\n",
+    );
+    assert!(e.contains("too long"), "{e}");
+    assert!(MeshConfig::from_toml("drain_timeout = \"9y\"\n").is_ok());
+    assert_exactly(
+        &invalid(
+            "[[outbound]]\nname = \"o\"\nlisten = \"127.0.0.1:1\"\n\
+             limits = { max_headers = 100000, max_connections = 4611686018427387904 }\n",
+        ),
+        &[
+            "outbound[0].limits.max_headers: at most 32767",
+            "outbound[0].limits.max_connections: at most 10000000",
+        ],
+    );
+}

@@ -10,6 +10,12 @@ use super::*;
 const ACCESS_LOG_OPAQUE: &str = "opaque listeners relay bytes, not requests: there is nothing to log per request (use it on an HTTP or `auto` listener)";
 
 /// Why an HTTP limit is refused on an opaque listener.
+/// The most header fields a listener may be told to take (HAProxy's own ceiling).
+const MAX_HEADERS_LIMIT: u64 = 32_767;
+
+/// The most connections a listener may be told to hold open.
+const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
+
 const LIMIT_OPAQUE: &str = "an HTTP limit, and opaque listeners relay bytes, not requests: they take `max_connections` and `tunnel_idle_timeout`";
 
 #[derive(Default)]
@@ -635,6 +641,25 @@ impl Validator {
             ] {
                 if zero {
                     self.err(format!("{path}.{field}"), "must be at least 1");
+                }
+            }
+            // Each is a size the server allocates or a count it holds state for: far
+            // past any real need they would abort the process (hyper sizes a parse by
+            // `max_headers`; tokio's semaphore panics past 2^61 permits).
+            for (field, value, max) in [
+                (
+                    "max_headers",
+                    l.max_headers.map(|v| v as u64),
+                    MAX_HEADERS_LIMIT,
+                ),
+                (
+                    "max_connections",
+                    l.max_connections.map(|v| v as u64),
+                    MAX_CONNECTIONS_LIMIT,
+                ),
+            ] {
+                if value.is_some_and(|v| v > max) {
+                    self.err(format!("{path}.{field}"), format!("at most {max}"));
                 }
             }
         }
