@@ -92,23 +92,49 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
-/// Whether `value` is `host[:port]`: an authority without userinfo, whose port (if any)
-/// is a number that fits (the `http` crate's parse leaves the port unchecked).
+/// Whether `value` is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal in
+/// brackets, or a name of unreserved, percent-encoded and sub-delimiter characters, then
+/// an optional port of at most 65535 (it may be empty). One pass, no allocation: every
+/// request with a `Host` is checked.
 fn is_host_port(value: &[u8]) -> bool {
-    if value.contains(&b'@') {
-        return false;
-    }
-    let Ok(authority) = http::uri::Authority::try_from(value) else {
-        return false;
+    let (host, port) = match value.first() {
+        Some(b'[') => {
+            let Some(close) = value.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &value[1..close];
+            if literal.is_empty()
+                || !literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return false;
+            }
+            match &value[close + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (&value[..=close], port),
+                _ => return false,
+            }
+        }
+        _ => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        },
     };
-    let text = authority.as_str();
-    if text.ends_with(']') {
-        return true;
-    }
-    match text.rsplit_once(':') {
-        None | Some((_, "")) => true,
-        Some((_, port)) => port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok(),
-    }
+    let name_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host.iter().enumerate().all(|(i, &b)| match b {
+                b'%' => host
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
+                | b'+' | b',' | b';' | b'=' => true,
+                _ => b.is_ascii_alphanumeric(),
+            }));
+    let port_ok = port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535;
+    name_ok && port_ok
 }
 
 #[cfg(test)]
@@ -201,6 +227,56 @@ mod tests {
                 Some("a Host that is not host[:port]"),
             ),
             (HTTP_11, "/", &[b"users:"], None),
+            (HTTP_11, "/", &[b"[::ffff:10.0.0.1]:8443"], None),
+            (HTTP_11, "/", &[b"caf%C3%A9.example"], None),
+            (
+                HTTP_11,
+                "/",
+                &[b"[::1"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"[]"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"[::1]x"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"[::1]:x"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"a:1:2"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b":80"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"a%zz"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"a\tb"],
+                Some("a Host that is not host[:port]"),
+            ),
             (
                 HTTP_2,
                 "http://b.example:1@admin.internal/",
