@@ -70,6 +70,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    // A message framed by `Transfer-Encoding` keeps a `Content-Length` only by mistake (or
+    // to smuggle): RFC 9112 §6.3 has an intermediary remove it before forwarding, or the
+    // next hop would frame the body by it.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     for name in [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
@@ -586,7 +592,15 @@ where
                 }
                 brief_answer(status)
             }
-            Ok(resp) => resp.map(ResponseBody::inner),
+            Ok(mut resp) => {
+                // A plaintext HTTP/1.1 service's connection-specific fields are its own.
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    strip_keeping_upgrade(resp.headers_mut());
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
+                resp.map(ResponseBody::inner)
+            }
             Err(e) => {
                 let e: BoxError = e.into();
                 let (status, code) = status_of(e.as_ref());
@@ -679,6 +693,17 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
+        // Framed by Transfer-Encoding: a Content-Length beside it goes too.
+        let mut framed = HeaderMap::new();
+        framed.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        framed.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        strip_hop_by_hop(&mut framed);
+        assert!(framed.is_empty(), "{framed:?}");
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        plain.insert(header::CONNECTION, "close".parse().unwrap());
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1, "a Content-Length alone stays");
         h.insert(header::TE, "gzip".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert!(h.get(header::TE).is_none(), "TE other than trailers goes");
@@ -881,6 +906,42 @@ mod tests {
         assert_eq!(req.headers()[header::UPGRADE], "websocket");
         assert_eq!(req.headers()[header::CONNECTION], "upgrade");
         assert!(req.headers().get("x-secret").is_none());
+    }
+
+    /// A service's own connection-specific fields do not reach the outbound client; a
+    /// `101`'s `Upgrade` and `Connection: upgrade` do.
+    #[tokio::test]
+    async fn answers_lose_the_services_connection_specific_fields() {
+        let answering = |status: u16| {
+            AnswerErrorsLayer::new().layer(tower::service_fn(move |_req: Request<()>| async move {
+                Response::builder()
+                    .status(status)
+                    .header(header::CONNECTION, "keep-alive, x-hop")
+                    .header("keep-alive", "timeout=5")
+                    .header("x-hop", "1")
+                    .header("proxy-connection", "keep-alive")
+                    .header("x-end", "kept")
+                    .body(())
+                    .map_err(BoxError::from)
+            }))
+        };
+        let resp = answering(200).oneshot(Request::new(())).await.unwrap();
+        let names: Vec<&str> = resp.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-end"]);
+        let switching =
+            AnswerErrorsLayer::new().layer(tower::service_fn(|_req: Request<()>| async {
+                Response::builder()
+                    .status(101)
+                    .header(header::CONNECTION, "upgrade")
+                    .header(header::UPGRADE, "websocket")
+                    .header("keep-alive", "timeout=5")
+                    .body(())
+                    .map_err(BoxError::from)
+            }));
+        let resp = switching.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.headers()[header::UPGRADE], "websocket");
+        assert_eq!(resp.headers()[header::CONNECTION], "upgrade");
+        assert!(resp.headers().get("keep-alive").is_none());
     }
 
     #[tokio::test]
