@@ -104,6 +104,9 @@ pub(crate) struct Proxy {
     routers: Vec<Option<Router<Backend>>>,
     /// The transparent outbound listeners' services.
     transparent: Vec<crate::transparent::Transparent>,
+    /// The opaque TCP clients of outbound listeners (`opaque` ones, and `auto` ones'
+    /// fallback), which a reload replaces when their service changed.
+    opaque_clients: Vec<OpaqueHandle>,
     server_metrics: ServerMetrics,
     tunnel_metrics: mesh_tower::upgrade::TunnelMetrics,
     mtls: Option<Mtls>,
@@ -117,6 +120,15 @@ pub(crate) struct Proxy {
     /// `--admin`'s address, which every configuration read (at start and at each reload)
     /// takes instead of the file's.
     admin_override: Option<SocketAddr>,
+}
+
+/// An outbound listener's opaque TCP client, and where it came from.
+struct OpaqueHandle {
+    /// The outbound listener's position.
+    listener: usize,
+    /// Its service.
+    service: String,
+    client: mesh_tower::opaque::OpaqueClient,
 }
 
 /// Moves `config`'s admin listener to `listen` (`--admin`), keeping the file's other
@@ -261,6 +273,7 @@ impl Proxy {
 
         let mut routers = Vec::new();
         let mut transparent = Vec::new();
+        let mut opaque_clients = Vec::new();
         let mut edge_certificates = Vec::new();
         let transparent_metrics =
             mesh_tower::transparent::TransparentMetrics::register(&mut registry);
@@ -286,8 +299,15 @@ impl Proxy {
                 continue;
             }
             if outbound.protocol == Protocol::Opaque {
-                let server =
+                let (server, client) =
                     opaque_outbound(i, outbound, &config, mtls.as_ref(), &tunnel_metrics).await?;
+                if let Some(service) = &outbound.default_service {
+                    opaque_clients.push(OpaqueHandle {
+                        listener: i,
+                        service: service.clone(),
+                        client,
+                    });
+                }
                 tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "opaque outbound listening");
                 servers.push((outbound.name.clone(), Listener::Opaque(server)));
                 access_logs.push(None);
@@ -354,19 +374,23 @@ impl Proxy {
                 && outbound.certificate.is_none()
             {
                 let name = outbound.default_service.as_deref().unwrap_or_default();
-                builder = builder.opaque_fallback(
-                    opaque_client(
-                        &format!("{key}.default_service"),
-                        name,
-                        &config,
-                        mtls.as_ref(),
-                        RelayFor {
-                            limits: &outbound.limits,
-                            tunnels: tunnel_metrics.listener(&outbound.name),
-                        },
-                    )
-                    .await?,
-                );
+                let client = opaque_client(
+                    &format!("{key}.default_service"),
+                    name,
+                    &config,
+                    mtls.as_ref(),
+                    RelayFor {
+                        limits: &outbound.limits,
+                        tunnels: tunnel_metrics.listener(&outbound.name),
+                    },
+                )
+                .await?;
+                opaque_clients.push(OpaqueHandle {
+                    listener: i,
+                    service: name.to_owned(),
+                    client: client.clone(),
+                });
+                builder = builder.opaque_fallback(client);
             }
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %outbound.name, addr = %server.local_addr(), "outbound listening");
@@ -383,6 +407,7 @@ impl Proxy {
             admin,
             routers,
             transparent,
+            opaque_clients,
             server_metrics,
             tunnel_metrics,
             mtls,
@@ -562,8 +587,31 @@ impl Proxy {
             };
             transparent.push(listener.prepare(&cx).await?);
         }
+        // Every opaque client whose service changed, rebuilt before any is applied.
+        let mut opaque = Vec::new();
+        for handle in &self.opaque_clients {
+            if next.services.get(&handle.service) == current.services.get(&handle.service) {
+                continue;
+            }
+            let Some(outbound) = next.outbound.get(handle.listener) else {
+                continue;
+            };
+            let relay = RelayFor {
+                limits: &outbound.limits,
+                tunnels: self.tunnel_metrics.listener(&outbound.name),
+            };
+            let key = format!("outbound[{}].default_service", handle.listener);
+            let client = opaque_client(&key, &handle.service, &next, self.mtls.as_ref(), relay)
+                .await
+                .map_err(|e| e.to_string())?;
+            opaque.push((&handle.client, client));
+        }
         for (listener, pending) in self.transparent.iter().zip(transparent) {
             listener.apply(pending);
+        }
+        // New opaque connections go by the new service; open ones go on.
+        for (running, next) in opaque {
+            running.replace(&next);
         }
         for (router, set) in self.routers.iter().zip(sets) {
             if let (Some(router), Some(set)) = (router, set) {
@@ -731,7 +779,13 @@ async fn opaque_outbound(
     config: &MeshConfig,
     mtls: Option<&Mtls>,
     tunnels: &TunnelMetrics,
-) -> Result<mesh_tower::opaque::Serving, StartError> {
+) -> Result<
+    (
+        mesh_tower::opaque::Serving,
+        mesh_tower::opaque::OpaqueClient,
+    ),
+    StartError,
+> {
     let key = format!("outbound[{i}]");
     let name = outbound
         .default_service
@@ -747,10 +801,11 @@ async fn opaque_outbound(
     let client =
         opaque_client(&format!("{key}.default_service"), name, config, mtls, relay).await?;
     let listener = bind(&key, outbound.listen).await?;
-    client.serve(listener).map_err(|e| StartError::Config {
+    let serving = client.serve(listener).map_err(|e| StartError::Config {
         key: format!("{key}.listen"),
         message: e.to_string(),
-    })
+    })?;
+    Ok((serving, client))
 }
 
 /// The idle timeout of a listener's relays: its `tunnel_idle_timeout`, the relay's

@@ -182,3 +182,72 @@ async fn an_admin_listener_on_every_address_takes_local_ipv4_control() {
     );
     assert!(proxy.terminate().success());
 }
+
+/// A TCP server that answers each connection with `tag` and closes.
+async fn tagged(tag: &'static str) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp.write_all(tag.as_bytes()).await;
+            let _ = tcp.shutdown().await;
+        }
+    });
+    addr
+}
+
+/// What a connection to `addr` is answered (after sending a byte that is no HTTP).
+async fn answer(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(b"\x00").await;
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut out))
+        .await
+        .expect("answered");
+    out
+}
+
+/// A reload that changes the service behind an opaque listener, or behind an `auto`
+/// listener's opaque fallback, takes the next connections there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_opaque_listeners_to_their_services_new_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (tagged("old").await, tagged("new").await);
+    let text = |endpoint| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [services.db]\ntls = \"plaintext\"\n\
+             discovery = {{ kind = \"static\", endpoints = [{{ addr = \"{endpoint}\" }}] }}\n\n\
+             [[outbound]]\nname = \"opaque\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"opaque\"\n\
+             default_service = \"db\"\n\n\
+             [[outbound]]\nname = \"auto\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"db\"\n"
+        )
+    };
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, text(old)).unwrap();
+    let proxy = Proxy::start(&config, 3);
+    for listener in ["opaque", "auto"] {
+        assert_eq!(answer(proxy.addr(listener)).await, "old", "{listener}");
+    }
+    std::fs::write(&config, text(new)).unwrap();
+    proxy.signal("HUP");
+    let admin = format!("http://{}/metrics", proxy.addr("admin"));
+    let mut applied = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if curl(&[&admin])
+            .1
+            .contains("mesh_proxy_reloads_total{result=\"applied\"} 1")
+        {
+            applied = true;
+            break;
+        }
+    }
+    assert!(applied, "reloaded");
+    for listener in ["opaque", "auto"] {
+        assert_eq!(answer(proxy.addr(listener)).await, "new", "{listener}");
+    }
+    assert!(proxy.terminate().success());
+}

@@ -28,8 +28,16 @@ use crate::relay::{ListenerTunnels, Relay};
 
 /// Relays local connections to a service's endpoints; see the [module docs](super).
 /// Cheap to clone: clones share the endpoints and their connection counts.
+///
+/// [`replace`](OpaqueClient::replace) swaps what a client and its clones relay with, while
+/// they serve (a configuration reload).
 #[derive(Clone)]
 pub struct OpaqueClient {
+    current: Arc<ArcSwap<Shared>>,
+}
+
+/// One relay's view of its client: what was current when it began.
+struct Current {
     shared: Arc<Shared>,
 }
 
@@ -223,7 +231,7 @@ impl OpaqueClientBuilder {
         };
         let task = tokio::spawn(follow(self.discovery, endpoints.clone(), make));
         Ok(OpaqueClient {
-            shared: Arc::new(Shared {
+            current: Arc::new(ArcSwap::from_pointee(Shared {
                 endpoints,
                 service: self.service,
                 settings: self.settings,
@@ -235,7 +243,7 @@ impl OpaqueClientBuilder {
                 }),
                 discovery: task.abort_handle(),
                 dialer: self.dialer,
-            }),
+            })),
         })
     }
 }
@@ -269,8 +277,8 @@ enum Remote {
 impl fmt::Debug for OpaqueClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpaqueClient")
-            .field("service", &self.shared.service)
-            .field("endpoints", &self.shared.endpoints.set.load().len())
+            .field("service", &self.current.load().service)
+            .field("endpoints", &self.endpoint_count())
             .finish_non_exhaustive()
     }
 }
@@ -279,7 +287,15 @@ impl OpaqueClient {
     /// The endpoints discovery currently gives (those left out for a TLS configuration
     /// error excepted).
     pub fn endpoint_count(&self) -> usize {
-        self.shared.endpoints.set.load().len()
+        self.current.load().endpoints.set.load().len()
+    }
+
+    /// From now on, this client and its clones relay new connections as `other` does:
+    /// its discovery, transport, identity checks, connect settings and relay settings.
+    /// Open relays go on as they began. [`serve`](Self::serve)'s bound on connections and
+    /// its shutdown timeout stay those it started with.
+    pub fn replace(&self, other: &OpaqueClient) {
+        self.current.store(other.current.load_full());
     }
 
     /// Relays `local` to an endpoint of the service until both directions end; see the
@@ -291,7 +307,42 @@ impl OpaqueClient {
 
     /// [`relay`](Self::relay) for a local connection of any kind: a simulated or
     /// in-memory stream, a Unix socket, one already wrapped.
-    pub async fn relay_io<L>(&self, mut local: L) -> Result<RelayStats, OpaqueError>
+    pub async fn relay_io<L>(&self, local: L) -> Result<RelayStats, OpaqueError>
+    where
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
+        Current {
+            shared: self.current.load_full(),
+        }
+        .relay_io(local)
+        .await
+    }
+
+    /// Relays every connection of `listener`, in a task of the current Tokio runtime.
+    pub fn serve(&self, listener: TcpListener) -> Result<Serving, BuildError> {
+        let client = self.clone();
+        let current = self.current.load();
+        let serving = super::spawn(listener, current.limits, move |tcp, remote| {
+            let client = client.clone();
+            async move {
+                match client.relay(tcp).await {
+                    Ok(stats) => {
+                        tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed")
+                    }
+                    Err(error @ OpaqueError::Relay { .. }) => {
+                        tracing::debug!(%remote, %error, "opaque connection ended");
+                    }
+                    Err(error) => tracing::info!(%remote, %error, "opaque connection refused"),
+                }
+            }
+        })?;
+        tracing::debug!(addr = %serving.local_addr(), service = %current.service, "serving opaque TCP");
+        Ok(serving)
+    }
+}
+
+impl Current {
+    async fn relay_io<L>(&self, mut local: L) -> Result<RelayStats, OpaqueError>
     where
         L: AsyncRead + AsyncWrite + Unpin,
     {
@@ -315,27 +366,6 @@ impl OpaqueClient {
             sent: relayed.client_to_upstream,
             received: relayed.upstream_to_client,
         })
-    }
-
-    /// Relays every connection of `listener`, in a task of the current Tokio runtime.
-    pub fn serve(&self, listener: TcpListener) -> Result<Serving, BuildError> {
-        let client = self.clone();
-        let serving = super::spawn(listener, self.shared.limits, move |tcp, remote| {
-            let client = client.clone();
-            async move {
-                match client.relay(tcp).await {
-                    Ok(stats) => {
-                        tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed")
-                    }
-                    Err(error @ OpaqueError::Relay { .. }) => {
-                        tracing::debug!(%remote, %error, "opaque connection ended");
-                    }
-                    Err(error) => tracing::info!(%remote, %error, "opaque connection refused"),
-                }
-            }
-        })?;
-        tracing::debug!(addr = %serving.local_addr(), service = %self.shared.service, "serving opaque TCP");
-        Ok(serving)
     }
 
     /// Picks and dials endpoints until one connects, within the attempt bound.

@@ -912,3 +912,40 @@ async fn connections_over_the_rate_limit_are_closed_before_the_target_is_dialled
     );
     assert_eq!(server.shutdown().await.forced, 0);
 }
+
+/// A reload's new client takes the connections that come after it, through the same
+/// listener; an open relay goes on to the endpoint it had.
+#[tokio::test]
+async fn a_replaced_client_relays_new_connections_its_way() {
+    let (first, first_seen) = target(Mode::Echo).await;
+    let (second, second_seen) = target(Mode::AfterEof).await;
+    let client = OpaqueClient::builder(static_discovery(&[first]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    // Open before the swap, and still relayed to the first endpoint after it.
+    let mut open = TcpStream::connect(outbound.local_addr()).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+    let next = OpaqueClient::builder(static_discovery(&[second]))
+        .plaintext()
+        .build()
+        .unwrap();
+    client.replace(&next);
+    drop(next);
+    assert_eq!(
+        half_close_exchange(outbound.local_addr(), b"after").await,
+        b"got: after"
+    );
+    assert_eq!(second_seen.connections.load(Ordering::SeqCst), 1);
+    open.write_all(b"still").await.unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still");
+    assert_eq!(first_seen.connections.load(Ordering::SeqCst), 1);
+    drop(open);
+    assert_eq!(outbound.shutdown().await.forced, 0);
+}
