@@ -903,6 +903,24 @@ where
     }
 }
 
+/// Joins several `Cookie` fields into one, with `; ` between them.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut cookies = headers.get_all(http::header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, cookie) in headers.get_all(http::header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    if let Ok(value) = http::HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, value);
+    }
+}
+
 /// HTTP/2 takes the whole URI (RFC 9113 §8.3.1): a URI without a scheme gets `http`; one
 /// without an authority gets the `Host` header's value, else `endpoint`; userinfo is
 /// dropped (`:authority` must not carry it). `:authority` then says what `Host` would,
@@ -947,9 +965,12 @@ fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authori
 /// HTTP/1.1 takes the path in the request line and the authority in `Host`
 /// (RFC 9112 §3.2): `Host` is the URI's authority without userinfo when it has one
 /// (replacing a `Host` that says otherwise), else the request's own `Host`, else
-/// `endpoint`. A `CONNECT` keeps its authority form. Returns the URI it replaced, when it
-/// was not in origin form already (an HTTP/2 try of the same request takes it back).
+/// `endpoint`. A `CONNECT` keeps its authority form. Cookies an HTTP/2 client split into
+/// several fields become one (RFC 9113 §8.2.3: many HTTP/1.1 servers read only the first).
+/// Returns the URI it replaced, when it was not in origin form already (an HTTP/2 try of
+/// the same request takes it back).
 fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) -> Option<Uri> {
+    join_cookies(req.headers_mut());
     match req.uri().authority() {
         Some(authority) => {
             let host = host_of(authority);
@@ -1420,6 +1441,27 @@ mod tests {
             "five"
         );
         assert_eq!(connections(&ep), 2);
+    }
+
+    /// Cookies an HTTP/2 client sent as several fields reach an HTTP/1.1 server as one.
+    #[test]
+    fn cookie_fields_are_joined_for_http1() {
+        let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
+        let mut req = http::Request::get("http://users/")
+            .header(http::header::COOKIE, "a=1")
+            .header(http::header::COOKIE, "b=2")
+            .header(http::header::COOKIE, "c=3")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut req, &endpoint);
+        let cookies: Vec<_> = req.headers().get_all(http::header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        let mut one = http::Request::get("/")
+            .header(http::header::COOKIE, "a=1")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut one, &endpoint);
+        assert_eq!(one.headers()[http::header::COOKIE], "a=1");
     }
 
     /// An application that answers before it has read the request's body (a 401 to an
