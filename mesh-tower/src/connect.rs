@@ -476,7 +476,7 @@ struct Pool<B> {
 }
 
 struct Idle<B> {
-    sender: http1::SendRequest<B>,
+    sender: http1::SendRequest<Bounded<B>>,
     peer: Option<PeerIdentity>,
     since: Instant,
 }
@@ -491,7 +491,7 @@ impl<B> Pool<B> {
 
 /// A connection a request may be sent on.
 enum Checkout<B> {
-    H1(http1::SendRequest<B>, Option<PeerIdentity>),
+    H1(http1::SendRequest<Bounded<B>>, Option<PeerIdentity>),
     H2(http2::SendRequest<B>, Option<PeerIdentity>),
 }
 
@@ -566,7 +566,7 @@ impl<B> Shared<B> {
     }
 
     /// Returns an HTTP/1.1 connection whose response was read to the end.
-    fn check_in(&self, sender: http1::SendRequest<B>, peer: Option<PeerIdentity>) {
+    fn check_in(&self, sender: http1::SendRequest<Bounded<B>>, peer: Option<PeerIdentity>) {
         if sender.is_closed() {
             return;
         }
@@ -858,7 +858,7 @@ where
         } else {
             shared.check_out().await?
         };
-        let error = match checkout {
+        let (unsent_req, error) = match checkout {
             Checkout::H2(mut sender, peer) => {
                 if let Some(uri) = absolute.take() {
                     *req.uri_mut() = uri;
@@ -866,7 +866,7 @@ where
                 to_absolute_form(&mut req, &shared.authority);
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(finish(resp, None, peer)),
-                    Err(e) => e,
+                    Err(mut e) => (e.take_message(), e.into_error()),
                 }
             }
             Checkout::H1(mut sender, peer) => {
@@ -874,7 +874,7 @@ where
                     absolute = Some(uri);
                 }
                 let connect = req.method() == http::Method::CONNECT;
-                match sender.try_send_request(req).await {
+                match sender.try_send_request(req.map(Bounded::new)).await {
                     Ok(resp) => {
                         // A switched connection belongs to the response's `OnUpgrade`.
                         let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
@@ -886,20 +886,114 @@ where
                         });
                         return Ok(finish(resp, back, peer));
                     }
-                    Err(e) => e,
+                    Err(mut e) => (
+                        e.take_message().map(|r| r.map(Bounded::into_inner)),
+                        e.into_error(),
+                    ),
                 }
             }
         };
-        let mut error = error;
-        match error.take_message() {
+        match unsent_req {
             // Never written: the connection had closed. Another one may take it.
             Some(unsent_req) if unsent < MAX_UNSENT => {
-                tracing::debug!(addr = %shared.addr, error = %error.error(), "connection closed before the request was sent; sending it on another");
+                tracing::debug!(addr = %shared.addr, %error, "connection closed before the request was sent; sending it on another");
                 unsent += 1;
                 req = unsent_req;
             }
-            _ => return Err(SendError::http(shared.addr, error.into_error())),
+            _ => return Err(SendError::http(shared.addr, error)),
         }
+    }
+}
+
+/// How long an HTTP/1.1 request's body may keep its connection waiting for its next
+/// piece: 60 s, as nginx's `client_body_timeout`. Each such request holds a connection
+/// to the endpoint of its own, so a client that sends a head and then trickles its body,
+/// or nothing (an HTTP/2 stream without `END_STREAM`, hundreds of them on one
+/// connection), would otherwise hold as many of the application's connections for as
+/// long as it likes. Past it the request fails and its connection closes. HTTP/2 sends,
+/// which share one connection, are not bounded.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+pin_project! {
+    /// A request body sent over HTTP/1.1, ended with an error ([`BodyReadTimeout`]) once
+    /// it has kept its connection waiting for [`BODY_READ_TIMEOUT`].
+    struct Bounded<B> {
+        #[pin]
+        inner: B,
+        // Armed when the body first waits; re-armed after each piece.
+        timer: Option<Pin<Box<Sleep>>>,
+        moved: bool,
+    }
+}
+
+impl<B> Bounded<B> {
+    fn new(inner: B) -> Self {
+        Self {
+            inner,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+/// A request body kept its HTTP/1.1 connection waiting longer than
+/// [`BODY_READ_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body sent nothing for {0:?}")]
+pub struct BodyReadTimeout(pub Duration);
+
+impl<B> http_body::Body for Bounded<B>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.moved = true;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timer = match this.timer {
+                    Some(timer) => {
+                        if std::mem::take(this.moved) {
+                            timer.as_mut().reset(Instant::now() + BODY_READ_TIMEOUT);
+                        }
+                        timer
+                    }
+                    None => {
+                        *this.moved = false;
+                        this.timer
+                            .insert(Box::pin(tokio::time::sleep(BODY_READ_TIMEOUT)))
+                    }
+                };
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(BodyReadTimeout(BODY_READ_TIMEOUT).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -1039,7 +1133,7 @@ fn finish<B>(
 
 /// An HTTP/1.1 connection to give back to the pool when its response is read.
 struct CheckIn<B> {
-    sender: http1::SendRequest<B>,
+    sender: http1::SendRequest<Bounded<B>>,
     peer: Option<PeerIdentity>,
     shared: Arc<Shared<B>>,
 }
@@ -1441,6 +1535,51 @@ mod tests {
             "five"
         );
         assert_eq!(connections(&ep), 2);
+    }
+
+    /// A request body that keeps its HTTP/1.1 connection waiting fails the request after
+    /// BODY_READ_TIMEOUT, and the connection to the application closes: a client cannot
+    /// hold the application's connections with bodies it never finishes.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_body_lets_its_connection_go() {
+        use futures_util::StreamExt as _;
+        use http_body_util::{StreamBody, combinators::BoxBody};
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Reads whatever comes, answers nothing; says when the connection closed.
+        let closed = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            tokio::time::Instant::now()
+        });
+        let client = EndpointClient::<BoxBody<Bytes, std::convert::Infallible>>::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let trickle = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(Bytes::from_static(b"partial")),
+        )])
+        .chain(futures_util::stream::pending());
+        let upload = http::Request::post("http://users.prod/upload")
+            .body(BodyExt::boxed(StreamBody::new(trickle)))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let error = client.send(upload).await.unwrap_err();
+        assert!(
+            error.to_string().contains("body") || format!("{error:?}").contains("BodyReadTimeout"),
+            "{error:?}"
+        );
+        let at = closed.await.unwrap();
+        let waited = at - started;
+        assert!(
+            waited >= BODY_READ_TIMEOUT && waited < BODY_READ_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
     }
 
     /// Cookies an HTTP/2 client sent as several fields reach an HTTP/1.1 server as one.
