@@ -92,6 +92,36 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
+/// The bytes a registered name takes as they are (RFC 3986 §3.2.2: unreserved and
+/// sub-delimiters; `%` starts an escape, checked apart).
+static NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Whether `value` is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal in
 /// brackets, or a name of unreserved, percent-encoded and sub-delimiter characters, then
 /// an optional port of at most 65535 (it may be empty). One pass, no allocation: every
@@ -123,13 +153,12 @@ fn is_host_port(value: &[u8]) -> bool {
     };
     let name_ok = host.first() == Some(&b'[')
         || (!host.is_empty()
-            && host.iter().enumerate().all(|(i, &b)| match b {
-                b'%' => host
-                    .get(i + 1..i + 3)
-                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)),
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
-                | b'+' | b',' | b';' | b'=' => true,
-                _ => b.is_ascii_alphanumeric(),
+            && host.iter().enumerate().all(|(i, &b)| {
+                NAME_BYTES[usize::from(b)]
+                    || (b == b'%'
+                        && host
+                            .get(i + 1..i + 3)
+                            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
             }));
     let port_ok = port.len() <= 5
         && port.iter().all(u8::is_ascii_digit)
