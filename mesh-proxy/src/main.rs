@@ -368,7 +368,10 @@ mod signals {
                         _ = w.shutdown.recv() => {}
                     }
                 }
-                None => std::future::pending::<()>().await,
+                // The console's events could not be watched: Ctrl-C at least.
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
             #[cfg(not(any(unix, windows)))]
             {

@@ -458,7 +458,16 @@ impl Proxy {
     async fn try_reload(&self) -> Result<(), BoxError> {
         // The admin listener's address needs a restart; its decision record does not.
         let admin_listen = |c: &MeshConfig| c.admin.as_ref().map(|a| a.listen);
-        let mut next = MeshConfig::from_file(&self.state.path)?;
+        // Read off the runtime's threads: a file on a stale mount must not stall the
+        // proxy, and a shutdown drops this reload while it waits.
+        let path = &self.state.path;
+        let text = tokio::fs::read_to_string(path).await.map_err(|source| {
+            mesh_core::config::ConfigError::Read {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let mut next = MeshConfig::from_file_contents(path, &text)?;
         override_admin(&mut next, self.admin_override);
         let current = lock(&self.config).clone();
         // An inbound listener may change its policy and limit, not its socket or target.

@@ -430,13 +430,6 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// How long an HTTP/1.1 connection may sit idle in the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How long a request waits for an idle HTTP/1.1 connection that was not ready at once:
-/// its last exchange may still be sending a request body the application stopped reading
-/// (it answered early), and a client trickling that body would otherwise hold every
-/// request that took the connection. Past it, the connection is let go (it closes once
-/// that exchange ends) and another is taken.
-const READY_WAIT: Duration = Duration::from_millis(100);
-
 /// At most this many idle HTTP/1.1 connections are kept per endpoint.
 const MAX_IDLE: usize = 1024;
 
@@ -482,6 +475,31 @@ struct Idle<B> {
 }
 
 impl<B> Pool<B> {
+    /// The most recently used idle HTTP/1.1 connection that can take a request now.
+    /// hyper readies a connection as it reads the end of a response, so one that is not
+    /// ready at once is still busy: its last exchange is sending a body the application
+    /// stopped reading (it answered early), which a client may trickle for as long as
+    /// [`BODY_READ_TIMEOUT`] allows. Such connections go back, behind the others, for a
+    /// later request once they are done; closed ones are dropped.
+    fn ready_idle(&mut self) -> Option<Idle<B>> {
+        let mut busy = Vec::new();
+        let found = loop {
+            let Some(mut idle) = self.idle.pop() else {
+                break None;
+            };
+            match idle.sender.ready().now_or_never() {
+                Some(Ok(())) => break Some(idle),
+                Some(Err(_)) => {}
+                None => busy.push(idle),
+            }
+        };
+        if !busy.is_empty() {
+            busy.reverse();
+            self.idle.splice(0..0, busy);
+        }
+        found
+    }
+
     fn prune(&mut self, now: Instant) {
         self.idle.retain(|i| {
             !i.sender.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT
@@ -623,28 +641,14 @@ where
                             pool.prune(now);
                         }
                     }
-                    match pool.idle.pop() {
+                    match pool.ready_idle() {
                         Some(idle) => Next::Idle(idle),
                         None => Next::Dial { h2: false },
                     }
                 }
             };
             match next {
-                Next::Idle(mut idle) => {
-                    // Ready once the previous exchange is wound up (most often at once);
-                    // an error means the connection closed meanwhile: take another. One
-                    // still busy after READY_WAIT is dropped.
-                    let ready = match idle.sender.ready().now_or_never() {
-                        Some(ready) => ready.is_ok(),
-                        None => tokio::time::timeout(READY_WAIT, idle.sender.ready())
-                            .await
-                            .is_ok_and(|ready| ready.is_ok()),
-                    };
-                    if ready {
-                        return Ok(Checkout::H1(idle.sender, idle.peer));
-                    }
-                    tracing::debug!(addr = %self.addr, "an idle connection was not ready: let go");
-                }
+                Next::Idle(idle) => return Ok(Checkout::H1(idle.sender, idle.peer)),
                 Next::Wait(dials) => loop {
                     let dialled = self.dialled.notified();
                     tokio::pin!(dialled);
@@ -938,6 +942,15 @@ impl<B> Bounded<B> {
     fn into_inner(self) -> B {
         self.inner
     }
+}
+
+/// Whether `error` is the request's own doing, not the endpoint's: its body stalled past
+/// [`BODY_READ_TIMEOUT`] or failed as it was read (the client went away), or hyper
+/// refused the request as given. Such a try says nothing of the endpoint: breakers do not
+/// count it, retries do not repeat it, and the answer is not a 502.
+pub fn is_request_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    mesh_core::error::is_caused_by::<BodyReadTimeout>(error)
+        || mesh_core::error::find_cause::<hyper::Error>(error).is_some_and(hyper::Error::is_user)
 }
 
 /// A request body kept its HTTP/1.1 connection waiting longer than
@@ -1571,9 +1584,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         let error = client.send(upload).await.unwrap_err();
         assert!(
-            error.to_string().contains("body") || format!("{error:?}").contains("BodyReadTimeout"),
+            mesh_core::error::is_caused_by::<BodyReadTimeout>(&error),
             "{error:?}"
         );
+        // The request's doing, not the endpoint's: breakers and retries leave it be.
+        assert!(is_request_error(&error));
         let at = closed.await.unwrap();
         let waited = at - started;
         assert!(

@@ -3,9 +3,12 @@
 //! - [`strip_hop_by_hop`]: the connection-specific header fields a proxy must not pass
 //!   on (RFC 9110 §7.6.1, and HTTP/2 forbids them outright, RFC 9113 §8.2.2):
 //!   `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`,
-//!   `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly `trailers`. An
+//!   `Transfer-Encoding` (and a `Content-Length` beside it, RFC 9112 §6.3), `Upgrade`,
+//!   and `TE`, which goes on as exactly `trailers` when any of its fields lists that. An
 //!   HTTP/1.1 request that asks to switch protocols, and its `101`, keep `Upgrade` and
-//!   `Connection: upgrade` on an HTTP/1.1 hop ([`crate::upgrade`]).
+//!   `Connection: upgrade` on an HTTP/1.1 hop ([`crate::upgrade`]). Requests lose them on
+//!   every hop, and so do answers: an application's ([`Forward`]) and a service's
+//!   ([`AnswerErrors`]).
 //! - **Upgrades across the mesh.** [`ToMesh`] sends an HTTP/1.1 `GET` that asks to switch
 //!   (one protocol: WebSocket, say) as an HTTP/2 extended CONNECT (RFC 8441) with the
 //!   protocol as `:protocol`; the peer's [`Forward`] restores the `GET` with `Upgrade` for
@@ -21,8 +24,8 @@
 //!   request came (or as [`ORIG_PROTO`] says it came). It always overwrites the
 //!   identity header (default [`DEFAULT_IDENTITY_HEADER`]) with the peer's verified
 //!   SPIFFE ID, or removes it when there is none, so the application cannot be fooled by
-//!   a client that sends one (nor by one spelled with `_` for `-`, which CGI, WSGI and
-//!   FastCGI servers take for the same header). An application that is down is answered 502 (connection
+//!   a client that sends one (nor by one spelled with `_` for any `-`, which CGI, WSGI
+//!   and FastCGI servers take for the same header). An application that is down is answered 502 (connection
 //!   refused or reset) or 504 (connect timeout), with the reason in a text body (gRPC:
 //!   trailers-only `UNAVAILABLE`), never a hang.
 //! - [`AnswerErrorsLayer`]: an outbound proxy's answer when the client stack fails a
@@ -259,18 +262,33 @@ pub struct Forward<B> {
     http1: EndpointClient<B>,
     http2: EndpointClient<B>,
     identity_header: HeaderName,
-    /// The identity header with `_` for `-` (`x_mesh_client_id`), removed too: CGI, WSGI
-    /// and FastCGI servers map both spellings to one variable.
-    identity_alias: Option<HeaderName>,
     target: SocketAddr,
 }
 
-/// `name` with `_` for each `-`, when it has one.
-fn underscored(name: &HeaderName) -> Option<HeaderName> {
-    let name = name.as_str();
-    name.contains('-')
-        .then(|| HeaderName::from_bytes(name.replace('-', "_").as_bytes()).ok())
-        .flatten()
+/// Removes `name` from `headers`, and every field spelled as `name` with `_` for any of
+/// its `-` (`x_mesh_client_id`, `x-mesh_client-id`): CGI, WSGI and FastCGI servers map
+/// them all to the same variable (`HTTP_X_MESH_CLIENT_ID`).
+fn remove_every_spelling(headers: &mut HeaderMap, name: &HeaderName) {
+    headers.remove(name);
+    let want = name.as_str().as_bytes();
+    if !want.contains(&b'-') {
+        return;
+    }
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str().as_bytes();
+            k.len() == want.len()
+                && k.contains(&b'_')
+                && k.iter()
+                    .zip(want)
+                    .all(|(&a, &b)| a == b || (a == b'_' && b == b'-'))
+        })
+        .cloned()
+        .collect();
+    for alias in aliases {
+        headers.remove(alias);
+    }
 }
 
 impl<B> Clone for Forward<B> {
@@ -279,7 +297,6 @@ impl<B> Clone for Forward<B> {
             http1: self.http1.clone(),
             http2: self.http2.clone(),
             identity_header: self.identity_header.clone(),
-            identity_alias: self.identity_alias.clone(),
             target: self.target,
         }
     }
@@ -310,14 +327,12 @@ where
             http1: EndpointClient::new(target, settings(Protocol::Http1)),
             http2: EndpointClient::new(target, settings(Protocol::Http2)),
             identity_header: DEFAULT_IDENTITY_HEADER,
-            identity_alias: underscored(&DEFAULT_IDENTITY_HEADER),
             target,
         }
     }
 
     /// Puts the peer's identity in `name` instead.
     pub fn identity_header(mut self, name: HeaderName) -> Self {
-        self.identity_alias = underscored(&name);
         self.identity_header = name;
         self
     }
@@ -370,10 +385,7 @@ where
             .get::<mesh_spiffe::PeerIdentity>()
             .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
         let headers = req.headers_mut();
-        headers.remove(&self.identity_header);
-        if let Some(alias) = &self.identity_alias {
-            headers.remove(alias);
-        }
+        remove_every_spelling(headers, &self.identity_header);
         if let Some(id) = identity {
             headers.insert(self.identity_header.clone(), id);
         }
@@ -658,6 +670,10 @@ fn brief_answer<B>(status: StatusCode) -> Response<ResponseBody<B>> {
 /// The HTTP status and gRPC code for a failed request.
 fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16) {
     use mesh_core::error::is_caused_by;
+    if is_caused_by::<connect::BodyReadTimeout>(e) {
+        // The client's body stalled: a 408 (gRPC: CANCELLED).
+        return (StatusCode::REQUEST_TIMEOUT, 1);
+    }
     if is_caused_by::<crate::timeout::RequestTimeout>(e)
         || is_caused_by::<crate::timeout::DeadlineExceeded>(e)
     {
@@ -781,12 +797,15 @@ mod tests {
             .header("x-client-id", "spiffe://example.org/again")
             .header("x_client_id", "spiffe://example.org/underscored")
             .header("X_Client_ID", "spiffe://example.org/shouting")
+            .header("x-client_id", "spiffe://example.org/mixed")
+            .header("X_Client-Id", "spiffe://example.org/mixed-again")
+            .header("x_client_idx", "kept too")
             .header("x-client-idx", "kept")
             .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = forward.oneshot(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(body, "x-client-idx=kept");
+        assert_eq!(body, "x-client-idx=kept x_client_idx=kept too");
     }
 
     #[tokio::test]
@@ -964,6 +983,10 @@ mod tests {
             .unwrap();
         let resp = other.oneshot(grpc).await.unwrap();
         assert_eq!(resp.headers()["grpc-status"], "14");
+        let stalled = failing(|| connect::BodyReadTimeout(connect::BODY_READ_TIMEOUT).into());
+        let resp = stalled.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(!connect::is_request_error(&std::io::Error::other("reset")));
     }
 
     #[tokio::test]

@@ -352,8 +352,8 @@ impl TransparentBuilder {
 
     /// Socket options for redirected connections from other hosts and passthrough
     /// connections to them (default [`TcpOptions::default`]: keepalive after 10 s, a 40 s
-    /// user timeout; see [`crate::sock`]). Meshed connections, handed to a server, get
-    /// that server's.
+    /// user timeout; see [`crate::sock`]). Meshed connections, handed to a server, are set
+    /// again with that server's options; what those leave unset (`None`) stays as set here.
     pub fn tcp(mut self, options: TcpOptions) -> Self {
         self.tcp = options;
         self

@@ -150,6 +150,13 @@ impl MeshConfig {
         Self::parse(&text, Some(path))
     }
 
+    /// [`from_file`](Self::from_file) for a caller that reads the file itself (without
+    /// blocking, say, with `tokio::fs`): parses and validates `text`, read from `path`,
+    /// which errors name and relative paths are taken from.
+    pub fn from_file_contents(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, Some(path.as_ref()))
+    }
+
     fn parse(text: &str, file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut config =
             deserialize_toml::<Self>(text).map_err(|(key, message)| ConfigError::Parse {

@@ -9,13 +9,13 @@ use super::*;
 /// Why `access_log` is refused on an opaque listener.
 const ACCESS_LOG_OPAQUE: &str = "opaque listeners relay bytes, not requests: there is nothing to log per request (use it on an HTTP or `auto` listener)";
 
-/// Why an HTTP limit is refused on an opaque listener.
 /// The most header fields a listener may be told to take (HAProxy's own ceiling).
 const MAX_HEADERS_LIMIT: u64 = 32_767;
 
 /// The most connections a listener may be told to hold open.
 const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
 
+/// Why an HTTP limit is refused on an opaque listener.
 const LIMIT_OPAQUE: &str = "an HTTP limit, and opaque listeners relay bytes, not requests: they take `max_connections` and `tunnel_idle_timeout`";
 
 #[derive(Default)]

@@ -32,9 +32,24 @@ impl<F> ResponseFuture<F> {
     }
 }
 
+/// Whether a failed try's error (the endpoint client's [`SendError`], or boxed) is the
+/// request's own doing ([`is_request_error`]).
+///
+/// [`SendError`]: crate::connect::SendError
+/// [`is_request_error`]: crate::connect::is_request_error
+fn caused_by_the_request<E: 'static>(e: &E) -> bool {
+    let any = e as &dyn std::any::Any;
+    if let Some(e) = any.downcast_ref::<mesh_core::error::BoxError>() {
+        return crate::connect::is_request_error(e.as_ref());
+    }
+    any.downcast_ref::<crate::connect::SendError>()
+        .is_some_and(|e| crate::connect::is_request_error(e))
+}
+
 impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
+    E: 'static,
 {
     type Output = Result<Response<ResponseBody<RB>>, E>;
 
@@ -64,9 +79,13 @@ where
                 Poll::Ready(Ok(resp.map(|b| ResponseBody::new(b, pending))))
             }
             Err(e) => {
-                handle.record(Class::Failure);
-                if let Some(p) = permit {
-                    p.consume();
+                // A try the request itself failed (its body stalled, its client left) says
+                // nothing of the endpoint: not counted, and a probe's permit is not spent.
+                if !caused_by_the_request(&e) {
+                    handle.record(Class::Failure);
+                    if let Some(p) = permit {
+                        p.consume();
+                    }
                 }
                 Poll::Ready(Err(e))
             }

@@ -167,6 +167,39 @@ mod tests {
         );
     }
 
+    /// Tries the request failed itself (its body stalled past the body read timeout)
+    /// are not the endpoint's failures: however many, it stays in; real failures count.
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_the_request_itself_do_not_eject() {
+        use tower::ServiceExt;
+        let layer = BreakerLayer::new(policy(), 0.5);
+        layer.budget().add_endpoint(); // another endpoint, so this one may be ejected
+        let handle = layer.handle("10.0.0.1:80", |_| {}).unwrap();
+        let stalled = tower::service_fn(|_req: http::Request<()>| async {
+            Err::<http::Response<()>, mesh_core::error::BoxError>(
+                crate::connect::BodyReadTimeout(crate::connect::BODY_READ_TIMEOUT).into(),
+            )
+        });
+        let breaker = layer.layer_with(stalled, Some(handle.clone()));
+        for _ in 0..5 {
+            let _ = breaker.clone().oneshot(http::Request::new(())).await;
+        }
+        settle().await;
+        assert!(
+            handle.gate().may_admit(),
+            "not ejected by the requests' own failures"
+        );
+        let reset = tower::service_fn(|_req: http::Request<()>| async {
+            Err::<http::Response<()>, mesh_core::error::BoxError>("connection reset".into())
+        });
+        let breaker = layer.layer_with(reset, Some(handle.clone()));
+        for _ in 0..3 {
+            let _ = breaker.clone().oneshot(http::Request::new(())).await;
+        }
+        settle().await;
+        assert!(!handle.gate().may_admit(), "ejected by the endpoint's");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_ejection_and_a_recovery_are_recorded_with_their_causes() {
         use crate::decision::{BreakerCause, BreakerPhase, DecisionRecord, Kind};

@@ -117,6 +117,7 @@ impl<S: Load> Load for Breaker<S> {
 impl<S, B, RB> Service<Request<B>> for Breaker<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: 'static,
 {
     type Response = Response<ResponseBody<RB>>;
     type Error = S::Error;

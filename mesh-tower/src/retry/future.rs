@@ -167,9 +167,11 @@ pub(crate) fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Whether a try failed without an answer in a way worth another try (for idempotent
 /// requests): it timed out, or its connection broke.
 fn is_retryable_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    is_caused_by::<TryTimeout>(e)
-        || is_caused_by::<crate::connect::SendError>(e)
-        || is_caused_by::<hyper::Error>(e)
+    // A try the request failed itself (a stalled body) would fail the same way again.
+    !crate::connect::is_request_error(e)
+        && (is_caused_by::<TryTimeout>(e)
+            || is_caused_by::<crate::connect::SendError>(e)
+            || is_caused_by::<hyper::Error>(e))
 }
 
 impl<S, F, RB> Future for ResponseFuture<S, F, RB>

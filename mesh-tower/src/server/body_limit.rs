@@ -123,7 +123,7 @@ static NAME_BYTES: [bool; 256] = {
 };
 
 /// Whether `value` is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal in
-/// brackets, or a name of unreserved, percent-encoded and sub-delimiter characters, then
+/// brackets (checked for its characters, not parsed), or a name of unreserved, percent-encoded and sub-delimiter characters, then
 /// an optional port of at most 65535 (it may be empty). One pass, no allocation: every
 /// request with a `Host` is checked.
 fn is_host_port(value: &[u8]) -> bool {
@@ -132,11 +132,18 @@ fn is_host_port(value: &[u8]) -> bool {
             let Some(close) = value.iter().position(|&b| b == b']') else {
                 return false;
             };
+            // IPv6 (with a zone, `%25eth0`, RFC 6874) or IPvFuture (`v1.x`): the bytes a
+            // name takes, `:`, and escapes.
             let literal = &value[1..close];
             if literal.is_empty()
-                || !literal
-                    .iter()
-                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                || !literal.iter().enumerate().all(|(i, &b)| {
+                    NAME_BYTES[usize::from(b)]
+                        || b == b':'
+                        || (b == b'%'
+                            && literal
+                                .get(i + 1..i + 3)
+                                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
+                })
             {
                 return false;
             }
@@ -257,6 +264,20 @@ mod tests {
             ),
             (HTTP_11, "/", &[b"users:"], None),
             (HTTP_11, "/", &[b"[::ffff:10.0.0.1]:8443"], None),
+            (HTTP_11, "/", &[b"[fe80::1%25eth0]:8080"], None),
+            (HTTP_11, "/", &[b"[v1.fe80::a+en1]"], None),
+            (
+                HTTP_11,
+                "/",
+                &[b"[fe80::1%eth0]"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (
+                HTTP_11,
+                "/",
+                &[b"[::1@x]"],
+                Some("a Host that is not host[:port]"),
+            ),
             (HTTP_11, "/", &[b"caf%C3%A9.example"], None),
             (
                 HTTP_11,
