@@ -1550,13 +1550,41 @@ mod tests {
         assert_eq!(connections(&ep), 2);
     }
 
+    type BoxedBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+    /// A client of the endpoint at `addr` that speaks HTTP/1.1, with boxed bodies.
+    fn http1_client(addr: SocketAddr) -> EndpointClient<BoxedBody> {
+        EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        )
+    }
+
+    /// An upload whose body sends one piece, then nothing, and never ends (declaring
+    /// `length` when given).
+    fn stalled_upload(length: Option<u64>) -> http::Request<BoxedBody> {
+        use futures_util::StreamExt as _;
+        let trickle = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(Bytes::from_static(b"partial")),
+        )])
+        .chain(futures_util::stream::pending());
+        let mut upload = http::Request::post("http://users.prod/upload");
+        if let Some(length) = length {
+            upload = upload.header(http::header::CONTENT_LENGTH, length);
+        }
+        upload
+            .body(BodyExt::boxed(http_body_util::StreamBody::new(trickle)))
+            .unwrap()
+    }
+
     /// A request body that keeps its HTTP/1.1 connection waiting fails the request after
     /// BODY_READ_TIMEOUT, and the connection to the application closes: a client cannot
     /// hold the application's connections with bodies it never finishes.
     #[tokio::test(start_paused = true)]
     async fn a_stalled_request_body_lets_its_connection_go() {
-        use futures_util::StreamExt as _;
-        use http_body_util::{StreamBody, combinators::BoxBody};
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1567,20 +1595,8 @@ mod tests {
             while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
             tokio::time::Instant::now()
         });
-        let client = EndpointClient::<BoxBody<Bytes, std::convert::Infallible>>::new(
-            addr,
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                ..ConnectSettings::plaintext()
-            },
-        );
-        let trickle = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            http_body::Frame::data(Bytes::from_static(b"partial")),
-        )])
-        .chain(futures_util::stream::pending());
-        let upload = http::Request::post("http://users.prod/upload")
-            .body(BodyExt::boxed(StreamBody::new(trickle)))
-            .unwrap();
+        let client = http1_client(addr);
+        let upload = stalled_upload(None);
         let started = tokio::time::Instant::now();
         let error = client.send(upload).await.unwrap_err();
         assert!(
@@ -1623,7 +1639,6 @@ mod tests {
     /// forever: a later request that finds it idle is not held by it.
     #[tokio::test]
     async fn a_connection_still_sending_a_body_does_not_hold_the_next_request() {
-        use http_body_util::{StreamBody, combinators::BoxBody};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1655,23 +1670,8 @@ mod tests {
                 });
             }
         });
-        let client = EndpointClient::<BoxBody<Bytes, std::convert::Infallible>>::new(
-            addr,
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                ..ConnectSettings::plaintext()
-            },
-        );
-        // One chunk, then nothing, never an end.
-        use futures_util::StreamExt as _;
-        let trickle = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            http_body::Frame::data(Bytes::from_static(b"partial")),
-        )])
-        .chain(futures_util::stream::pending());
-        let upload = http::Request::post("http://users.prod/upload")
-            .header(http::header::CONTENT_LENGTH, "100000")
-            .body(BodyExt::boxed(StreamBody::new(trickle)))
-            .unwrap();
+        let client = http1_client(addr);
+        let upload = stalled_upload(Some(100_000));
         let resp = client.send(upload).await.unwrap();
         assert_eq!(resp.status(), 401);
         resp.into_body().collect().await.unwrap();

@@ -124,6 +124,16 @@ pub(crate) fn strip_keeping_upgrade(headers: &mut HeaderMap) -> Option<HeaderVal
     upgrade
 }
 
+/// [`strip_hop_by_hop`] on an answer, but a `101` keeps its `Upgrade` and `Connection:
+/// upgrade`.
+fn strip_answer<B>(resp: &mut Response<B>) {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        strip_keeping_upgrade(resp.headers_mut());
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+}
+
 /// Whether `name` is one of the fields [`strip_hop_by_hop`] may remove (`TE` included,
 /// which it keeps when it is exactly `trailers`).
 fn is_connection_specific(name: &HeaderName) -> bool {
@@ -469,11 +479,7 @@ where
                 resp.map(ResponseBody::inner)
             }
             Ok(mut resp) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    strip_keeping_upgrade(resp.headers_mut());
-                } else {
-                    strip_hop_by_hop(resp.headers_mut());
-                }
+                strip_answer(&mut resp);
                 resp.map(ResponseBody::inner)
             }
             Err(e) => {
@@ -606,11 +612,7 @@ where
             }
             Ok(mut resp) => {
                 // A plaintext HTTP/1.1 service's connection-specific fields are its own.
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    strip_keeping_upgrade(resp.headers_mut());
-                } else {
-                    strip_hop_by_hop(resp.headers_mut());
-                }
+                strip_answer(&mut resp);
                 resp.map(ResponseBody::inner)
             }
             Err(e) => {
