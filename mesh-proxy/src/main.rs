@@ -30,7 +30,8 @@
 //! `POST /reload`): re-read the file and apply its services, routes, authorization
 //! policies and rate limits without dropping a connection, or keep the running
 //! configuration when it is invalid or changes what needs a restart (identity,
-//! listeners, `[tcp]`, `drain_timeout`; logged, and counted in `mesh_proxy_reloads_total{result="invalid"}`).
+//! listeners, `[tcp]`, `drain_timeout`; logged, and counted in
+//! `mesh_proxy_reloads_total{result="invalid"}`).
 //!
 //! Flags override the file, and `MESH_*` environment variables the flags' defaults:
 //! `--admin` / `MESH_ADMIN`, `--log` / `MESH_LOG` (an `EnvFilter`, default `info`),
