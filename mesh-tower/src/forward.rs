@@ -25,7 +25,8 @@
 //!   identity header (default [`DEFAULT_IDENTITY_HEADER`]) with the peer's verified
 //!   SPIFFE ID, or removes it when there is none, so the application cannot be fooled by
 //!   a client that sends one (nor by one spelled with `_` for any `-`, which CGI, WSGI
-//!   and FastCGI servers take for the same header). An application that is down is answered 502 (connection
+//!   and FastCGI servers take for the same header, nor by one sent as a trailer:
+//!   [`NoIdentityTrailers`]). An application that is down is answered 502 (connection
 //!   refused or reset) or 504 (connect timeout), with the reason in a text body (gRPC:
 //!   trailers-only `UNAVAILABLE`), never a hang.
 //! - [`AnswerErrorsLayer`]: an outbound proxy's answer when the client stack fails a
@@ -269,10 +270,59 @@ fn with_authority<B>(req: &mut Request<B>, host: &HeaderValue) {
 
 /// The inbound proxy's hop to the local application; see the [module docs](self).
 pub struct Forward<B> {
-    http1: EndpointClient<B>,
-    http2: EndpointClient<B>,
+    http1: EndpointClient<NoIdentityTrailers<B>>,
+    http2: EndpointClient<NoIdentityTrailers<B>>,
     identity_header: HeaderName,
     target: SocketAddr,
+}
+
+pin_project_lite::pin_project! {
+    /// A request body on its way to the application through [`Forward`]: its trailers
+    /// lose the identity header, in every spelling, as its head does. Only the proxy says
+    /// who the peer is; a client's trailer must not (HTTP/2 trailers are passed on, and
+    /// HTTP/1.1 ones the client lists in `Trailer`).
+    pub struct NoIdentityTrailers<B> {
+        #[pin]
+        inner: B,
+        // `None` for a request without a body: nothing to watch.
+        identity: Option<HeaderName>,
+    }
+}
+
+impl<B> fmt::Debug for NoIdentityTrailers<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NoIdentityTrailers").finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for NoIdentityTrailers<B>
+where
+    B: http_body::Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let mut frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let (Some(name), Some(Ok(frame))) = (this.identity.as_ref(), frame.as_mut())
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            remove_every_spelling(trailers, name);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Removes `name` from `headers`, and every field spelled as `name` with `_` for any of
@@ -353,7 +403,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ResponseBody<connect::Body<B>>>;
+    type Response = Response<ResponseBody<connect::Body<NoIdentityTrailers<B>>>>;
     type Error = std::convert::Infallible;
     type Future = ForwardFuture<B>;
 
@@ -421,6 +471,12 @@ where
             }
         }
         let client = if http1 { &self.http1 } else { &self.http2 };
+        // Trailers come only after a body: a request that has none needs no watch.
+        let watch = (!req.body().is_end_stream()).then(|| self.identity_header.clone());
+        let req = req.map(|inner| NoIdentityTrailers {
+            inner,
+            identity: watch,
+        });
         ForwardFuture {
             inner: client.send(req),
             target: self.target,
@@ -434,7 +490,7 @@ pin_project_lite::pin_project! {
     /// The response future of a [`Forward`].
     pub struct ForwardFuture<B> {
         #[pin]
-        inner: connect::ResponseFuture<B>,
+        inner: connect::ResponseFuture<NoIdentityTrailers<B>>,
         target: SocketAddr,
         grpc: bool,
         tunnelled: bool,
@@ -454,7 +510,10 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<ResponseBody<connect::Body<B>>>, std::convert::Infallible>;
+    type Output = Result<
+        Response<ResponseBody<connect::Body<NoIdentityTrailers<B>>>>,
+        std::convert::Infallible,
+    >;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -808,6 +867,64 @@ mod tests {
         let resp = forward.oneshot(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "x-client-idx=kept x_client_idx=kept too");
+    }
+
+    /// Nor as a trailer: the application sees the client's other trailers, not that one.
+    #[tokio::test]
+    async fn a_clients_identity_trailer_never_reaches_the_application() {
+        use http_body_util::{BodyExt, Full, StreamBody};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let collected = req.into_body().collect().await.unwrap();
+                    let mut seen: Vec<String> = collected
+                        .trailers()
+                        .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
+                        .unwrap_or_default();
+                    seen.sort();
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        seen.join(" "),
+                    ))))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
+                .await;
+        });
+        type Frames = StreamBody<
+            futures_util::stream::Iter<
+                std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+            >,
+        >;
+        let forward = Forward::<Frames>::new(target);
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "x-mesh-client-id",
+            "spiffe://example.org/spoofed".parse().unwrap(),
+        );
+        trailers.insert(
+            "x_mesh_client_id",
+            "spiffe://example.org/again".parse().unwrap(),
+        );
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let body = StreamBody::new(futures_util::stream::iter(vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"data"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]));
+        let req = Request::post("/upload")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "app")
+            .header(
+                header::TRAILER,
+                "x-mesh-client-id, x_mesh_client_id, x-checksum",
+            )
+            .body(body)
+            .unwrap();
+        let resp = forward.oneshot(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "x-checksum");
     }
 
     #[tokio::test]
