@@ -824,31 +824,45 @@ mod tests {
         assert!(h.is_empty(), "{h:?}");
     }
 
+    /// An HTTP/1.1 application on loopback for one connection, answering each request
+    /// with what `report` says of it.
+    async fn reporting_app<F, Fut>(report: F) -> SocketAddr
+    where
+        F: Fn(Request<hyper::body::Incoming>) -> Fut + Send + Copy + 'static,
+        Fut: std::future::Future<Output = String> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app = hyper::service::service_fn(move |req| async move {
+                let seen = report(req).await;
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    Bytes::from(seen),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
+                .await;
+        });
+        target
+    }
+
     /// The application behind [`Forward`] never sees a client's own identity header,
     /// in either spelling, whatever its case or number.
     #[tokio::test]
     async fn a_clients_identity_header_never_reaches_the_application() {
         use http_body_util::{BodyExt, Full};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let app =
-                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let seen: Vec<String> = req
-                        .headers()
-                        .iter()
-                        .filter(|(name, _)| name.as_str().contains("client"))
-                        .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
-                        .collect();
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                        seen.join(" "),
-                    ))))
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
-                .await;
-        });
+        let target = reporting_app(|req| async move {
+            let seen: Vec<String> = req
+                .headers()
+                .iter()
+                .filter(|(name, _)| name.as_str().contains("client"))
+                .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
+                .collect();
+            seen.join(" ")
+        })
+        .await;
         let forward = Forward::<Full<Bytes>>::new(target)
             .identity_header(HeaderName::from_static("x-client-id"));
         let req = Request::get("/")
@@ -872,27 +886,17 @@ mod tests {
     /// Nor as a trailer: the application sees the client's other trailers, not that one.
     #[tokio::test]
     async fn a_clients_identity_trailer_never_reaches_the_application() {
-        use http_body_util::{BodyExt, Full, StreamBody};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let app =
-                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let collected = req.into_body().collect().await.unwrap();
-                    let mut seen: Vec<String> = collected
-                        .trailers()
-                        .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
-                        .unwrap_or_default();
-                    seen.sort();
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                        seen.join(" "),
-                    ))))
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
-                .await;
-        });
+        use http_body_util::{BodyExt, StreamBody};
+        let target = reporting_app(|req| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let mut seen: Vec<String> = collected
+                .trailers()
+                .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
+                .unwrap_or_default();
+            seen.sort();
+            seen.join(" ")
+        })
+        .await;
         type Frames = StreamBody<
             futures_util::stream::Iter<
                 std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
