@@ -10,7 +10,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Proxy, app, curl};
+use common::{Proxy, app, curl, metrics_until};
+
+/// The series that counts a first applied reload.
+const RELOADED: &str = "mesh_proxy_reloads_total{result=\"applied\"} 1";
 
 /// Sends `signal` to process `pid` with the shell's `kill`.
 fn kill(signal: &str, pid: u32) {
@@ -117,20 +120,12 @@ async fn reloads_keep_the_admin_flag_and_a_hung_one_does_not_hold_up_the_drain()
     // A reload of the file, which has no [admin]: applied, the flag's listener kept.
     std::fs::write(&config, text("endpoints.toml", "/b")).unwrap();
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/reload")]).0, 202);
-    let mut applied = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
-        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1") {
-            applied = true;
-            break;
-        }
-        assert!(
-            !metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"}"),
-            "{metrics}"
-        );
-    }
-    assert!(applied, "the reload was applied");
+    let (applied, metrics) = metrics_until(&format!("{admin}/metrics"), &[RELOADED]).await;
+    assert!(applied, "the reload was applied: {metrics}");
+    assert!(
+        !metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"}"),
+        "{metrics}"
+    );
     assert_eq!(curl(&[&format!("{egress}/b")]).0, 200);
 
     // A reload that reads a FIFO no one writes hangs; SIGTERM drains and exits anyway.
@@ -166,15 +161,8 @@ async fn an_admin_listener_on_every_address_takes_local_ipv4_control() {
     // 127.0.0.1 reaches a `[::]` listener as ::ffff:127.0.0.1: loopback all the same.
     let reload = format!("http://127.0.0.1:{port}/reload");
     assert_eq!(curl(&["-X", "POST", &reload]).0, 202);
-    let mut applied = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
-        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1") {
-            applied = true;
-            break;
-        }
-    }
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let (applied, _) = metrics_until(&metrics, &[RELOADED]).await;
     assert!(applied, "the reload from 127.0.0.1 was taken");
     // A change to what every server took at start needs a restart.
     std::fs::write(
@@ -183,18 +171,11 @@ async fn an_admin_listener_on_every_address_takes_local_ipv4_control() {
     )
     .unwrap();
     assert_eq!(curl(&["-X", "POST", &reload]).0, 202);
-    let mut counted = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
-        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 1")
-            && metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"} 1")
-        {
-            counted = true;
-            break;
-        }
-    }
-    let (_, metrics) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+    let (counted, metrics) = metrics_until(
+        &metrics,
+        &[RELOADED, "mesh_proxy_reloads_total{result=\"invalid\"} 1"],
+    )
+    .await;
     assert!(
         counted,
         "one reload applied, the drain_timeout change refused: {metrics}"
@@ -253,17 +234,7 @@ async fn a_reload_moves_opaque_listeners_to_their_services_new_endpoints() {
     std::fs::write(&config, text(new)).unwrap();
     proxy.signal("HUP");
     let admin = format!("http://{}/metrics", proxy.addr("admin"));
-    let mut applied = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if curl(&[&admin])
-            .1
-            .contains("mesh_proxy_reloads_total{result=\"applied\"} 1")
-        {
-            applied = true;
-            break;
-        }
-    }
+    let (applied, _) = metrics_until(&admin, &[RELOADED]).await;
     assert!(applied, "reloaded");
     for listener in ["opaque", "auto"] {
         assert_eq!(answer(proxy.addr(listener)).await, "new", "{listener}");

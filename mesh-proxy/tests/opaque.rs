@@ -204,15 +204,11 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
             .expect("answered or closed");
         back
     };
-    let mut limited = false;
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let (_, metrics) = common::curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
-        if metrics.contains("mesh_proxy_reloads_total{result=\"applied\"} 2") {
-            limited = true;
-            break;
-        }
-    }
+    let (limited, _) = common::metrics_until(
+        &format!("http://{}/metrics", b.addr("admin")),
+        &["mesh_proxy_reloads_total{result=\"applied\"} 2"],
+    )
+    .await;
     assert!(limited, "the rate limit was reloaded");
     let seen = connections.load(Ordering::Relaxed);
     assert_eq!(exchange(a.addr("egress")).await, b"limited?");

@@ -312,3 +312,17 @@ pub fn self_signed(dir: &std::path::Path, name: &str) {
         String::from_utf8_lossy(&made.stderr)
     );
 }
+
+/// Scrapes `metrics` (a proxy's `/metrics` URL) every 100 ms, for up to 5 s, until its
+/// text holds every one of `series`: whether it came to, and the last text read.
+pub async fn metrics_until(metrics: &str, series: &[&str]) -> (bool, String) {
+    let mut text = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = curl(&[metrics]).1;
+        if series.iter().all(|s| text.contains(s)) {
+            return (true, text);
+        }
+    }
+    (false, text)
+}
