@@ -264,7 +264,11 @@ impl Proxy {
             let app = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&inbound.name))
                 .idle_timeout(tunnel_idle(&inbound.limits))
-                .layer(Forward::<Incoming>::new(inbound.target).identity_header(header));
+                .layer(
+                    Forward::<Incoming>::new(inbound.target)
+                        .identity_header(header)
+                        .pool(inbound.pool),
+                );
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");

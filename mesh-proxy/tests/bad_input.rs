@@ -176,3 +176,40 @@ async fn slow_clients_are_closed_at_the_header_timeout_and_disturb_nothing() {
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }
+
+/// A burst past the application's pool: with one HTTP/1.1 connection allowed and nobody
+/// allowed to wait, a second request while the first is at the application is answered
+/// 503 with the reason, the first is answered, and the next finds the connection free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_applications_pool_is_answered_503_and_disturbs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = common::app_with_delay(Duration::from_secs(2)).await;
+    let config = dir.path().join("pool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{app}\"\n\
+             tls = \"plaintext\"\npool = {{ max_connections = 1, max_pending = 0 }}\n"
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&config, 1);
+    let url = format!("http://{}/slow", proxy.addr("app"));
+    let first = {
+        let url = url.clone();
+        std::thread::spawn(move || curl(&[&url]))
+    };
+    // The first request holds the one connection for 2 s.
+    std::thread::sleep(Duration::from_millis(700));
+    let (code, body) = curl(&[&url]);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("all 1 HTTP/1.1 connections") && body.contains("not sent to the application"),
+        "{body}"
+    );
+    let (code, body) = first.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(&[&url]);
+    assert_eq!(code, 200, "{body}");
+    assert!(proxy.terminate().success());
+}

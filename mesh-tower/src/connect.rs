@@ -10,9 +10,15 @@
 //!   it closes;
 //! - `Http1`: a pool of HTTP/1.1 connections. A connection goes back to the pool when its
 //!   response body has been read to the end (a body dropped early closes it), and is
-//!   reused most-recently-first. A connection idle for 90 s is closed when the pool is
-//!   next used (no timer runs for it); all close when the client is dropped (the endpoint
-//!   left discovery) or the server closes them;
+//!   reused most-recently-first. A connection idle for 90 s (`idle_timeout`) is closed
+//!   when the pool is next used (no timer runs for it); all close when the client is
+//!   dropped (the endpoint left discovery) or the server closes them. At most 1,024
+//!   (`max_connections`) are open at once, idle ones included; a request that finds them
+//!   all busy waits for one to come back, and one that finds 1,024 (`max_pending`)
+//!   waiting already fails at once with [`PoolOverflow`], never sent. A request body that
+//!   keeps its connection waiting 60 s (`body_read_timeout`) fails its request
+//!   ([`BodyReadTimeout`]). The bounds are [`ConnectSettings::pool`] (a
+//!   [`PoolConfig`]);
 //! - `Auto`: HTTP/2 when ALPN negotiates `h2` over mTLS, HTTP/1.1 otherwise.
 //!
 //! An HTTP/2 connection with requests open is pinged after 20 s without a frame from the
@@ -62,7 +68,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,7 +78,7 @@ use http::header::HOST;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_core::config::Protocol;
+use mesh_core::config::{PoolConfig, Protocol};
 use mesh_spiffe::{MtlsConnector, PeerIdentity, TransportError};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -102,6 +108,9 @@ pub struct ConnectSettings {
     /// Socket options for a TCP connection to another host (default
     /// [`TcpOptions::default`](crate::sock::TcpOptions::default); see [`crate::sock`]).
     pub tcp: crate::sock::TcpOptions,
+    /// Bounds on the HTTP/1.1 connections (default [`PoolConfig::default`]; see the
+    /// [module docs](self)).
+    pub pool: PoolConfig,
 }
 
 impl fmt::Debug for ConnectSettings {
@@ -112,6 +121,7 @@ impl fmt::Debug for ConnectSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("dialer", &self.dialer.is_some())
             .field("tcp", &self.tcp)
+            .field("pool", &self.pool)
             .finish_non_exhaustive()
     }
 }
@@ -126,6 +136,7 @@ impl ConnectSettings {
             backoff: DEFAULT_CONNECT_BACKOFF,
             dialer: None,
             tcp: crate::sock::TcpOptions::default(),
+            pool: PoolConfig::default(),
         }
     }
 
@@ -427,11 +438,10 @@ impl hyper::rt::Write for Conn {
 /// timeout configured. (Found by the simulation's partition test.)
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// How long an HTTP/1.1 connection may sit idle in the pool.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// At most this many idle HTTP/1.1 connections are kept per endpoint.
-const MAX_IDLE: usize = 1024;
+/// How often a request waiting for a connection looks again at pooled connections that
+/// were still sending a request body when they came back: nothing wakes it when one
+/// finishes.
+const BUSY_RECHECK: Duration = Duration::from_millis(50);
 
 /// Sends of one request that found their connection closed before it was written.
 const MAX_UNSENT: usize = 3;
@@ -454,6 +464,71 @@ struct Shared<B> {
     pool: Mutex<Pool<B>>,
     /// Wakes the requests waiting for an HTTP/2 connection being dialled.
     dialled: tokio::sync::Notify,
+    /// The HTTP/1.1 connections open (or being dialled), against `max_connections`.
+    slots: Arc<Slots>,
+    /// Requests waiting for an HTTP/1.1 connection, against `max_pending`.
+    waiting: AtomicUsize,
+}
+
+/// The count of one endpoint's open HTTP/1.1 connections, shared with their tasks (which
+/// must not hold the pool itself: its idle connections would then never close).
+struct Slots {
+    open: AtomicUsize,
+    /// Wakes a request waiting for a connection: one came back, or one closed.
+    freed: tokio::sync::Notify,
+}
+
+impl Slots {
+    /// A slot for one more connection, unless `max` are open.
+    fn reserve(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// One open HTTP/1.1 connection's place in [`Slots`]: held by its connection task, and
+/// freed (waking a waiting request) when the connection ends or its dial fails.
+struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// A request's place among those waiting for a connection.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request found every HTTP/1.1 connection to its endpoint busy (`max_connections`
+/// open) and `max_pending` requests waiting for one already: it was not sent. Answered
+/// 503; a retry policy may send it to another endpoint, and breakers do not count it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "all {connections} HTTP/1.1 connections to {addr} are busy and {pending} requests are waiting for one (pool.max_connections, pool.max_pending)"
+)]
+pub struct PoolOverflow {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Its `max_connections`.
+    pub connections: usize,
+    /// Its `max_pending`.
+    pub pending: usize,
+}
+
+/// Whether `error` is (caused by) a [`PoolOverflow`].
+pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
+    mesh_core::error::is_caused_by::<PoolOverflow>(error)
 }
 
 struct Pool<B> {
@@ -500,9 +575,9 @@ impl<B> Pool<B> {
         found
     }
 
-    fn prune(&mut self, now: Instant) {
+    fn prune(&mut self, now: Instant, idle_timeout: Duration) {
         self.idle.retain(|i| {
-            !i.sender.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT
+            !i.sender.is_closed() && now.saturating_duration_since(i.since) < idle_timeout
         });
     }
 }
@@ -511,6 +586,20 @@ impl<B> Pool<B> {
 enum Checkout<B> {
     H1(http1::SendRequest<Bounded<B>>, Option<PeerIdentity>),
     H2(http2::SendRequest<B>, Option<PeerIdentity>),
+}
+
+/// What a request does next to get a connection.
+enum Next<B> {
+    Idle(Idle<B>),
+    /// Wait for the HTTP/2 dial under way (the number of dials finished before it).
+    Wait(u64),
+    /// Dial: HTTP/2, or HTTP/1.1 in the slot reserved for it.
+    Dial {
+        h2: bool,
+        slot: Option<Slot>,
+    },
+    /// Every HTTP/1.1 connection is busy and no slot is left.
+    Full,
 }
 
 impl<B> Clone for EndpointClient<B> {
@@ -583,22 +672,84 @@ impl<B> Shared<B> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns an HTTP/1.1 connection whose response was read to the end.
+    /// Returns an HTTP/1.1 connection whose response was read to the end, and wakes a
+    /// request waiting for one. (Every open connection holds a slot, so the pool never
+    /// holds more than `max_connections`.)
     fn check_in(&self, sender: http1::SendRequest<Bounded<B>>, peer: Option<PeerIdentity>) {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
-        let mut pool = self.pool();
-        if pool.idle.len() >= MAX_IDLE {
-            pool.prune(now);
+        self.pool().idle.push(Idle {
+            sender,
+            peer,
+            since: Instant::now(),
+        });
+        self.slots.freed.notify_one();
+    }
+
+    /// Takes a place among the requests waiting for an HTTP/1.1 connection, or fails the
+    /// request when `max_pending` have taken theirs.
+    fn wait_in_line(&self) -> Result<Waiting<'_>, SendError> {
+        let pool = &self.settings.pool;
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < pool.max_pending).then_some(n + 1)
+            })
+            .map(|_| Waiting(&self.waiting))
+            .map_err(|_| SendError {
+                addr: self.addr,
+                cause: Cause::Overflow(PoolOverflow {
+                    addr: self.addr,
+                    connections: pool.max_connections,
+                    pending: pool.max_pending,
+                }),
+            })
+    }
+
+    /// An idle HTTP/1.1 connection ready now, else a slot to dial one in; `Full` when
+    /// neither. Called with the pool locked.
+    fn h1_next(&self, pool: &mut Pool<B>) -> Next<B> {
+        if !pool.idle.is_empty() {
+            // The oldest idle connections are first: drop the expired ones.
+            let now = Instant::now();
+            let idle_timeout = self.settings.pool.idle_timeout;
+            if pool.idle[0].since + idle_timeout <= now {
+                pool.prune(now, idle_timeout);
+            }
         }
-        if pool.idle.len() < MAX_IDLE {
-            pool.idle.push(Idle {
-                sender,
-                peer,
-                since: now,
-            });
+        if let Some(idle) = pool.ready_idle() {
+            return Next::Idle(idle);
+        }
+        match self.slots.reserve(self.settings.pool.max_connections) {
+            Some(slot) => Next::Dial {
+                h2: false,
+                slot: Some(slot),
+            },
+            None => Next::Full,
+        }
+    }
+
+    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees.
+    async fn wait_for_h1(&self) -> Result<Next<B>, SendError> {
+        let _waiting = self.wait_in_line()?;
+        loop {
+            let freed = self.slots.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the look, so that nothing freed between slips past.
+            freed.as_mut().enable();
+            let busy = {
+                let mut pool = self.pool();
+                match self.h1_next(&mut pool) {
+                    Next::Full => !pool.idle.is_empty(),
+                    next => return Ok(next),
+                }
+            };
+            if busy {
+                // Pooled connections still sending a body ready themselves unannounced.
+                let _ = tokio::time::timeout(BUSY_RECHECK, freed).await;
+            } else {
+                freed.await;
+            }
         }
     }
 }
@@ -612,11 +763,6 @@ where
     /// A connection to send on: the HTTP/2 one, an idle HTTP/1.1 one once it is ready,
     /// or a new one.
     async fn check_out(&self) -> Result<Checkout<B>, SendError> {
-        enum Next<B> {
-            Idle(Idle<B>),
-            Wait(u64),
-            Dial { h2: bool },
-        }
         loop {
             let next = {
                 let mut pool = self.pool();
@@ -631,21 +777,19 @@ where
                         Next::Wait(pool.dials)
                     } else {
                         pool.dialling = true;
-                        Next::Dial { h2: true }
-                    }
-                } else {
-                    if !pool.idle.is_empty() {
-                        // The oldest idle connections are first: drop the expired ones.
-                        let now = Instant::now();
-                        if pool.idle[0].since + IDLE_TIMEOUT <= now {
-                            pool.prune(now);
+                        Next::Dial {
+                            h2: true,
+                            slot: None,
                         }
                     }
-                    match pool.ready_idle() {
-                        Some(idle) => Next::Idle(idle),
-                        None => Next::Dial { h2: false },
-                    }
+                } else {
+                    self.h1_next(&mut pool)
                 }
+            };
+            let next = match next {
+                // Boxed: rare, and it would grow every request's future.
+                Next::Full => Box::pin(self.wait_for_h1()).await?,
+                next => next,
             };
             match next {
                 Next::Idle(idle) => return Ok(Checkout::H1(idle.sender, idle.peer)),
@@ -672,7 +816,8 @@ where
                         Some(None) => break,
                     }
                 },
-                Next::Dial { h2 } => {
+                Next::Full => {}
+                Next::Dial { h2, slot } => {
                     // Held while this request dials the HTTP/2 connection others wait for:
                     // released by the dial's end, or by dropping it mid-dial.
                     let latch = DialLatch {
@@ -681,7 +826,7 @@ where
                     };
                     // Boxed: a dial (TCP, TLS, HTTP/2 handshakes) is a large future and a
                     // rare one; inline, it would make every request's exchange that large.
-                    let dialled = Box::pin(self.dial()).await;
+                    let dialled = Box::pin(self.dial(slot)).await;
                     let mut pool = self.pool();
                     if let Ok(Checkout::H2(sender, peer)) = &dialled {
                         // Stored before the waiters wake: they take it, not dial again.
@@ -704,11 +849,13 @@ where
 
     /// A new connection, HTTP/2 or HTTP/1.1 by configuration and ALPN, within the connect
     /// timeout; feeds the endpoint's [`ConnState`].
-    async fn dial(&self) -> Result<Checkout<B>, Arc<ConnectError>> {
+    /// An HTTP/1.1 connection takes `slot` for its life; without one (a tunnel's own
+    /// connection to an HTTP/2 endpoint) only HTTP/2 is expected.
+    async fn dial(&self, slot: Option<Slot>) -> Result<Checkout<B>, Arc<ConnectError>> {
         let addr = self.addr;
         let timeout = self.settings.connect_timeout;
         let started = self.state.attempt();
-        let result = tokio::time::timeout(timeout, self.handshake())
+        let result = tokio::time::timeout(timeout, self.handshake(slot))
             .await
             .unwrap_or(Err(ConnectError::Timeout { addr, timeout }));
         match result {
@@ -725,7 +872,7 @@ where
         }
     }
 
-    async fn handshake(&self) -> Result<Checkout<B>, ConnectError> {
+    async fn handshake(&self, slot: Option<Slot>) -> Result<Checkout<B>, ConnectError> {
         let addr = self.addr;
         let configured_h2 = matches!(self.settings.protocol, Protocol::Http2 | Protocol::Grpc);
         let tcp_failed = |source| ConnectError::Tcp { addr, source };
@@ -781,7 +928,10 @@ where
             // With upgrades: a `101` (or a `2xx` to CONNECT) hands the connection to the
             // response's `OnUpgrade` (see `crate::upgrade`).
             let conn = conn.with_upgrades();
+            // The slot is freed when the connection ends (or switches protocols: a tunnel
+            // is bounded by its listener's connections, not the pool).
             tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
+                drop(slot);
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
                 }
@@ -816,6 +966,11 @@ where
                 failure: None,
             }),
             dialled: tokio::sync::Notify::new(),
+            slots: Arc::new(Slots {
+                open: AtomicUsize::new(0),
+                freed: tokio::sync::Notify::new(),
+            }),
+            waiting: AtomicUsize::new(0),
         });
         Self {
             shared,
@@ -856,7 +1011,7 @@ where
     loop {
         let checkout = if own_connection {
             // Boxed: the dial's state would otherwise grow every request's future.
-            Box::pin(shared.dial())
+            Box::pin(shared.dial(None))
                 .await
                 .map_err(|e| SendError::connect(shared.addr, e))?
         } else {
@@ -878,7 +1033,11 @@ where
                     absolute = Some(uri);
                 }
                 let connect = req.method() == http::Method::CONNECT;
-                match sender.try_send_request(req.map(Bounded::new)).await {
+                let bound = shared.settings.pool.body_read_timeout;
+                match sender
+                    .try_send_request(req.map(|b| Bounded::new(b, bound)))
+                    .await
+                {
                     Ok(resp) => {
                         // A switched connection belongs to the response's `OnUpgrade`.
                         let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
@@ -910,32 +1069,35 @@ where
 }
 
 /// How long an HTTP/1.1 request's body may keep its connection waiting for its next
-/// piece: 60 s, as nginx's `client_body_timeout`. Each such request holds a connection
-/// to the endpoint of its own, so a client that sends a head and then trickles its body,
-/// or nothing (an HTTP/2 stream without `END_STREAM`, hundreds of them on one
-/// connection), would otherwise hold as many of the application's connections for as
-/// long as it likes. Past it the request fails and its connection closes. HTTP/2 sends,
-/// which share one connection, are not bounded.
+/// piece, unless [`PoolConfig::body_read_timeout`] says otherwise: 60 s, as nginx's
+/// `client_body_timeout`. Each such request holds a connection to the endpoint of its
+/// own, so a client that sends a head and then trickles its body, or nothing (an HTTP/2
+/// stream without `END_STREAM`, hundreds of them on one connection), would otherwise hold
+/// as many of the application's connections for as long as it likes. Past it the request
+/// fails and its connection closes. HTTP/2 sends, which share one connection, are not
+/// bounded.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pin_project! {
     /// A request body sent over HTTP/1.1, ended with an error ([`BodyReadTimeout`]) once
-    /// it has kept its connection waiting for [`BODY_READ_TIMEOUT`].
+    /// it has kept its connection waiting for its bound (none when zero).
     struct Bounded<B> {
         #[pin]
         inner: B,
         // Armed when the body first waits; re-armed after each piece.
         timer: Option<Pin<Box<Sleep>>>,
         moved: bool,
+        bound: Duration,
     }
 }
 
 impl<B> Bounded<B> {
-    fn new(inner: B) -> Self {
+    fn new(inner: B, bound: Duration) -> Self {
         Self {
             inner,
             timer: None,
             moved: false,
+            bound,
         }
     }
 
@@ -945,7 +1107,7 @@ impl<B> Bounded<B> {
 }
 
 /// Whether `error` is the request's own doing, not the endpoint's: its body stalled past
-/// [`BODY_READ_TIMEOUT`] or failed as it was read (the client went away), or hyper
+/// its bound ([`BodyReadTimeout`]) or failed as it was read (the client went away), or hyper
 /// refused the request as given. Such a try says nothing of the endpoint: breakers do not
 /// count it, retries do not repeat it, and the answer is not a 502.
 pub fn is_request_error(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -953,8 +1115,8 @@ pub fn is_request_error(error: &(dyn std::error::Error + 'static)) -> bool {
         || mesh_core::error::find_cause::<hyper::Error>(error).is_some_and(hyper::Error::is_user)
 }
 
-/// A request body kept its HTTP/1.1 connection waiting longer than
-/// [`BODY_READ_TIMEOUT`].
+/// A request body kept its HTTP/1.1 connection waiting longer than its bound
+/// ([`PoolConfig::body_read_timeout`], default [`BODY_READ_TIMEOUT`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the request body sent nothing for {0:?}")]
 pub struct BodyReadTimeout(pub Duration);
@@ -977,24 +1139,23 @@ where
                 *this.moved = true;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            Poll::Pending if this.bound.is_zero() => Poll::Pending,
             Poll::Pending => {
+                let bound = *this.bound;
                 let timer = match this.timer {
                     Some(timer) => {
                         if std::mem::take(this.moved) {
-                            timer.as_mut().reset(Instant::now() + BODY_READ_TIMEOUT);
+                            timer.as_mut().reset(Instant::now() + bound);
                         }
                         timer
                     }
                     None => {
                         *this.moved = false;
-                        this.timer
-                            .insert(Box::pin(tokio::time::sleep(BODY_READ_TIMEOUT)))
+                        this.timer.insert(Box::pin(tokio::time::sleep(bound)))
                     }
                 };
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Some(Err(BodyReadTimeout(BODY_READ_TIMEOUT).into())))
-                    }
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyReadTimeout(bound).into()))),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -1025,6 +1186,26 @@ fn join_cookies(headers: &mut http::HeaderMap) {
     }
     if let Ok(value) = http::HeaderValue::from_bytes(&joined) {
         headers.insert(http::header::COOKIE, value);
+    }
+}
+
+/// `TE` speaks of the connection it is sent on, so on HTTP/1.1 its sender lists it in
+/// `Connection` too (RFC 9110 §10.1.4): a `TE: trailers` that came over HTTP/2 (every
+/// gRPC request's), or from another hop, says so to an HTTP/1.1 server.
+fn te_in_connection(headers: &mut http::HeaderMap) {
+    if !headers.contains_key(http::header::TE) {
+        return;
+    }
+    let listed = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"te"));
+    if !listed {
+        headers.append(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("te"),
+        );
     }
 }
 
@@ -1078,6 +1259,7 @@ fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authori
 /// the same request takes it back).
 fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) -> Option<Uri> {
     join_cookies(req.headers_mut());
+    te_in_connection(req.headers_mut());
     match req.uri().authority() {
         Some(authority) => {
             let host = host_of(authority);
@@ -1279,6 +1461,7 @@ pub struct SendError {
 enum Cause {
     Connect(Arc<ConnectError>),
     Http(hyper::Error),
+    Overflow(PoolOverflow),
 }
 
 impl SendError {
@@ -1315,6 +1498,7 @@ impl fmt::Display for SendError {
                 format!("request to {} failed: {e}", self.addr),
                 std::error::Error::source(e),
             ),
+            Cause::Overflow(e) => (e.to_string(), None),
         };
         // Name every cause below that adds something.
         while let Some(e) = cause {
@@ -1334,6 +1518,7 @@ impl std::error::Error for SendError {
         match &self.cause {
             Cause::Connect(e) => Some(&**e),
             Cause::Http(e) => Some(e),
+            Cause::Overflow(e) => Some(e),
         }
     }
 }
@@ -1613,6 +1798,166 @@ mod tests {
         );
     }
 
+    /// `pool.body_read_timeout` replaces the 60 s bound, and `0s` lifts it.
+    #[tokio::test(start_paused = true)]
+    async fn the_body_read_bound_is_configurable_and_zero_lifts_it() {
+        use tokio::io::AsyncReadExt;
+        for bound in [Duration::from_secs(5), Duration::ZERO] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+            let client = EndpointClient::new(
+                addr,
+                ConnectSettings {
+                    protocol: Protocol::Http1,
+                    pool: PoolConfig {
+                        body_read_timeout: bound,
+                        ..PoolConfig::default()
+                    },
+                    ..ConnectSettings::plaintext()
+                },
+            );
+            let started = tokio::time::Instant::now();
+            let sent = tokio::time::timeout(
+                BODY_READ_TIMEOUT * 3,
+                client.send(stalled_upload(Some(100))),
+            )
+            .await;
+            if bound.is_zero() {
+                assert!(sent.is_err(), "no bound: still sending");
+            } else {
+                let error = sent.unwrap().unwrap_err();
+                let Some(BodyReadTimeout(after)) = mesh_core::error::find_cause(&error) else {
+                    panic!("{error:?}");
+                };
+                assert_eq!(*after, bound);
+                let waited = started.elapsed();
+                assert!(
+                    waited >= bound && waited < bound + Duration::from_secs(1),
+                    "{waited:?}"
+                );
+            }
+        }
+    }
+
+    /// At most `max_connections` are open to an endpoint: the requests past them wait
+    /// for one to come back, and those past `max_pending` waiting fail at once, not sent
+    /// and not the endpoint's fault.
+    #[tokio::test]
+    async fn the_pool_bounds_connections_and_the_requests_waiting() {
+        let ep = MockEndpoint::spawn(
+            "a",
+            Behavior {
+                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
+                ..Behavior::default()
+            },
+        )
+        .await
+        .unwrap();
+        let client = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 2,
+                    max_pending: 3,
+                    ..PoolConfig::default()
+                },
+                ..ConnectSettings::plaintext()
+            },
+        );
+        for round in 0..2 {
+            // Polled in order: two dial, three wait in line, the sixth finds it full.
+            let sends = (0..6).map(|i| {
+                let client = &client;
+                async move {
+                    match client.send(request("x")).await {
+                        Ok(resp) => Ok(read(resp).await),
+                        Err(error) => Err((i, error)),
+                    }
+                }
+            });
+            let results = futures_util::future::join_all(sends).await;
+            let mut failed = Vec::new();
+            for result in results {
+                match result {
+                    Ok(body) => assert_eq!(body, "x"),
+                    Err((i, error)) => {
+                        assert!(is_pool_overflow(&error), "{error:?}");
+                        assert!(!error.is_connect() && !is_request_error(&error));
+                        let text = error.to_string();
+                        assert!(text.contains("all 2 HTTP/1.1 connections"), "{text}");
+                        failed.push(i);
+                    }
+                }
+            }
+            assert_eq!(failed, [5], "round {round}");
+            assert_eq!(connections(&ep), 2, "round {round}: never more than two");
+        }
+        // Nobody waits past the limit when no one may wait.
+        let strict = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 1,
+                    max_pending: 0,
+                    ..PoolConfig::default()
+                },
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let first = strict.send(request("a"));
+        let second = strict.send(request("b"));
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(read(first.unwrap()).await, "a");
+        assert!(is_pool_overflow(&second.unwrap_err()));
+        // Its one connection came back: the next request takes it.
+        assert_eq!(read(strict.send(request("c")).await.unwrap()).await, "c");
+    }
+
+    /// A slot freed by a connection that closed (not only one given back) lets a waiting
+    /// request dial.
+    #[tokio::test]
+    async fn a_closed_connection_frees_its_place_for_a_waiting_request() {
+        let ep = MockEndpoint::spawn(
+            "a",
+            Behavior {
+                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
+                ..Behavior::default()
+            },
+        )
+        .await
+        .unwrap();
+        let client = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 1,
+                    ..PoolConfig::default()
+                },
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let first = client.send(request("a"));
+        let second = client.send(request("b"));
+        let (first, second) = tokio::join!(
+            async {
+                // Dropped unread: the connection closes rather than coming back.
+                drop(first.await.unwrap());
+            },
+            second
+        );
+        let () = first;
+        assert_eq!(read(second.unwrap()).await, "b");
+        assert_eq!(connections(&ep), 2);
+    }
+
     /// Cookies an HTTP/2 client sent as several fields reach an HTTP/1.1 server as one.
     #[test]
     fn cookie_fields_are_joined_for_http1() {
@@ -1632,6 +1977,39 @@ mod tests {
             .unwrap();
         to_origin_form(&mut one, &endpoint);
         assert_eq!(one.headers()[http::header::COOKIE], "a=1");
+    }
+
+    /// A `TE` sent over HTTP/1.1 is named in `Connection` (beside an upgrade's `upgrade`),
+    /// once; a request without `TE` gets no `Connection` from it.
+    #[test]
+    fn te_is_named_in_connection_for_http1() {
+        let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
+        let connection = |req: &http::Request<()>| -> Vec<String> {
+            req.headers()
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        let mut grpc = http::Request::post("http://users/a.B/C")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut grpc, &endpoint);
+        assert_eq!(connection(&grpc), ["te"]);
+        to_origin_form(&mut grpc, &endpoint);
+        assert_eq!(connection(&grpc), ["te"], "not twice");
+        let mut upgrade = http::Request::get("/chat")
+            .header(http::header::TE, "trailers")
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        to_origin_form(&mut upgrade, &endpoint);
+        assert_eq!(connection(&upgrade), ["upgrade", "te"]);
+        let mut plain = http::Request::get("/").body(()).unwrap();
+        to_origin_form(&mut plain, &endpoint);
+        assert!(connection(&plain).is_empty());
     }
 
     /// An application that answers before it has read the request's body (a 401 to an
@@ -1865,10 +2243,11 @@ mod tests {
             },
         );
         read(client.send(request("x")).await.unwrap()).await;
-        tokio::time::advance(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        let idle_timeout = PoolConfig::default().idle_timeout;
+        tokio::time::advance(idle_timeout - Duration::from_secs(1)).await;
         read(client.send(request("x")).await.unwrap()).await;
         assert_eq!(connections(&ep), 1, "not yet expired");
-        tokio::time::advance(IDLE_TIMEOUT).await;
+        tokio::time::advance(idle_timeout).await;
         read(client.send(request("x")).await.unwrap()).await;
         assert_eq!(connections(&ep), 2);
     }

@@ -396,6 +396,21 @@ where
         self.identity_header = name;
         self
     }
+
+    /// Bounds the HTTP/1.1 connections to the application (default
+    /// [`PoolConfig::default`](mesh_core::config::PoolConfig::default): 1,024 connections,
+    /// 1,024 requests waiting, 90 s idle, 60 s for a stalled request body; see
+    /// [`crate::connect`]). A request that finds the pool full and the line too is answered
+    /// 503 (gRPC: `UNAVAILABLE`).
+    pub fn pool(mut self, config: mesh_core::config::PoolConfig) -> Self {
+        let settings = ConnectSettings {
+            protocol: Protocol::Http1,
+            pool: config,
+            ..ConnectSettings::plaintext()
+        };
+        self.http1 = EndpointClient::new(self.target, settings);
+        self
+    }
 }
 
 impl<B> Service<Request<B>> for Forward<B>
@@ -542,23 +557,32 @@ where
                 resp.map(ResponseBody::inner)
             }
             Err(e) => {
-                let timeout = mesh_core::error::find_cause::<connect::ConnectError>(
-                    &e as &(dyn std::error::Error + 'static),
-                )
-                .is_some_and(|c| matches!(c, connect::ConnectError::Timeout { .. }));
-                tracing::warn!(target = %this.target, error = %e, "the application did not answer");
-                if *this.grpc {
-                    grpc_answer(14, "the application is unavailable")
+                let error = &e as &(dyn std::error::Error + 'static);
+                let timeout = mesh_core::error::find_cause::<connect::ConnectError>(error)
+                    .is_some_and(|c| matches!(c, connect::ConnectError::Timeout { .. }));
+                // The request's own failure (a stalled body) and a full pool are not the
+                // application's: each gets its own status, and the reason.
+                let (status, code, what) = if connect::is_request_error(error) {
+                    let (status, code) = status_of(error);
+                    (status, code, "the request failed")
+                } else if connect::is_pool_overflow(error) {
+                    let not_sent = "the request was not sent to the application";
+                    (StatusCode::SERVICE_UNAVAILABLE, 14, not_sent)
+                } else if timeout {
+                    let silent = "the application did not answer";
+                    (StatusCode::GATEWAY_TIMEOUT, 14, silent)
                 } else {
-                    let status = if timeout {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    };
-                    text_answer(
-                        status,
-                        format!("the application at {} did not answer: {e}\n", this.target),
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        14,
+                        "the application did not answer",
                     )
+                };
+                tracing::warn!(target = %this.target, error = %e, "{what}");
+                if *this.grpc {
+                    grpc_answer(code, what)
+                } else {
+                    text_answer(status, format!("{what} at {}: {e}\n", this.target))
                 }
             }
         }))
@@ -734,6 +758,10 @@ fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16) {
     if is_caused_by::<connect::BodyReadTimeout>(e) {
         // The client's body stalled: a 408 (gRPC: CANCELLED).
         return (StatusCode::REQUEST_TIMEOUT, 1);
+    }
+    if connect::is_pool_overflow(e) {
+        // Not sent: every connection to the endpoint was busy, and the line full.
+        return (StatusCode::SERVICE_UNAVAILABLE, 14);
     }
     if is_caused_by::<crate::timeout::RequestTimeout>(e)
         || is_caused_by::<crate::timeout::DeadlineExceeded>(e)
@@ -931,6 +959,65 @@ mod tests {
         assert_eq!(body, "x-checksum");
     }
 
+    /// A client's body that stalls past the pool's `body_read_timeout` is answered 408
+    /// (the request's doing, not a 502 blaming the application), and an HTTP/2 client's
+    /// `TE: trailers` reaches an HTTP/1.1 application named in `Connection`.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_answered_408_and_te_is_named_in_connection() {
+        use http_body_util::BodyExt;
+        let target = reporting_app(|req| async move {
+            let named = |name| {
+                req.headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let seen = format!(
+                "te={} connection={}",
+                named(header::TE),
+                named(header::CONNECTION)
+            );
+            let _ = req.into_body().collect().await;
+            seen
+        })
+        .await;
+        let pool = mesh_core::config::PoolConfig {
+            body_read_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        let forward = Forward::<BoxBody>::new(target).pool(pool);
+        let whole = Request::post("/a")
+            .version(Version::HTTP_2)
+            .header(header::TE, "trailers")
+            .header(ORIG_PROTO, "HTTP/1.1")
+            .body(http_body_util::Full::new(Bytes::from_static(b"x")).boxed_unsync())
+            .unwrap();
+        let resp = forward.clone().oneshot(whole).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "te=trailers connection=te");
+        let stalled = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let req = Request::post("/upload")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "app")
+            .header(header::CONTENT_LENGTH, "10")
+            .body(stalled.boxed_unsync())
+            .unwrap();
+        let resp = forward.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("the request body sent nothing for 5s"),
+            "{text}"
+        );
+    }
+
+    type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
     #[tokio::test]
     async fn http1_requests_go_to_peers_as_http2_with_their_version_and_host() {
         let seen = tower::service_fn(|req: Request<()>| async move {
@@ -1110,6 +1197,16 @@ mod tests {
         let resp = stalled.oneshot(Request::new(())).await.unwrap();
         assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
         assert!(!connect::is_request_error(&std::io::Error::other("reset")));
+        let full = failing(|| {
+            connect::PoolOverflow {
+                addr: "10.0.0.7:8080".parse().unwrap(),
+                connections: 2,
+                pending: 0,
+            }
+            .into()
+        });
+        let resp = full.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]

@@ -82,6 +82,10 @@ pub struct InboundConfig {
     /// Protective limits on the listener's clients. Default: the server's defaults.
     #[serde(default, skip_serializing_if = "ListenerLimits::is_default")]
     pub limits: ListenerLimits,
+    /// Bounds on the HTTP/1.1 connections to the application. Default: see
+    /// [`PoolConfig`](super::PoolConfig). HTTP listeners only; a change needs a restart.
+    #[serde(default, skip_serializing_if = "super::PoolConfig::is_default")]
+    pub pool: super::PoolConfig,
     /// Log every request, when its response ends, as one event on the `mesh_access`
     /// target (client address and identity, method, target, status, bytes, duration,
     /// outcome). Default: `false`. HTTP listeners only; a reload may switch it.

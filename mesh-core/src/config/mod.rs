@@ -58,6 +58,7 @@ mod destination;
 mod identity;
 mod listener;
 mod policy;
+mod pool;
 mod route;
 mod service;
 mod tcp;
@@ -72,6 +73,7 @@ pub use self::listener::{
 pub use self::policy::{
     AuthorizationPolicy, AuthorizationRule, DefaultAction, Rate, RateLimitConfig, RateLimitOverride,
 };
+pub use self::pool::{MAX_POOL_LIMIT, PoolConfig};
 pub use self::route::{
     BackendRef, FaultConfig, FaultHeader, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch,
     QueryMatch, QueryValueMatch, RouteConfig, RouteMatch,

@@ -67,6 +67,9 @@ pub struct ServiceConfig {
     /// Zone-aware balancing.
     #[serde(default)]
     pub zone: ZoneConfig,
+    /// Bounds on each endpoint's HTTP/1.1 connections. Default: see [`PoolConfig`](super::PoolConfig).
+    #[serde(default, skip_serializing_if = "super::PoolConfig::is_default")]
+    pub pool: super::PoolConfig,
     /// The destinations that mean this service to a transparent outbound listener: the
     /// addresses the application dials (a virtual IP, or what the service's DNS name
     /// resolves to), each `IP:port`, or a whole network at a port (`10.1.2.0/24:5432`,

@@ -627,3 +627,73 @@ fn sizes_and_durations_far_past_any_use_are_refused() {
         ],
     );
 }
+
+#[test]
+fn pools_parse_default_and_are_bounded() {
+    let base = r#"
+        [services.web]
+        tls = "plaintext"
+        discovery = { kind = "static", endpoints = [{ addr = "127.0.0.1:8080" }] }
+    "#;
+    let c = MeshConfig::from_toml(base).unwrap();
+    let pool = c.services["web"].pool;
+    assert!(pool.is_default());
+    assert_eq!(pool.max_connections, 1024);
+    assert_eq!(pool.max_pending, 1024);
+    assert_eq!(pool.idle_timeout, Duration::from_secs(90));
+    assert_eq!(pool.body_read_timeout, Duration::from_secs(60));
+    let c = MeshConfig::from_toml(&format!(
+        r#"{base}
+        [services.web.pool]
+        max_connections = 8
+        max_pending = 0
+        body_read_timeout = "0s"
+
+        [[inbound]]
+        name = "app"
+        listen = "127.0.0.1:4143"
+        target = "127.0.0.1:8080"
+        tls = "plaintext"
+        pool = {{ idle_timeout = "5s", body_read_timeout = "5m" }}
+        "#
+    ))
+    .unwrap();
+    let pool = c.services["web"].pool;
+    assert_eq!((pool.max_connections, pool.max_pending), (8, 0));
+    assert!(pool.body_read_timeout.is_zero());
+    let app = c.inbound[0].pool;
+    assert_eq!(app.idle_timeout, Duration::from_secs(5));
+    assert_eq!(app.body_read_timeout, Duration::from_secs(300));
+    assert_eq!(app.max_connections, 1024);
+    // The effective config shows a pool only where one is set.
+    let shown = toml::to_string(&c).unwrap();
+    assert_eq!(shown.matches("pool").count(), 2, "{shown}");
+    assert_exactly(
+        &invalid(&format!(
+            r#"{base}
+            pool = {{ max_connections = 0, max_pending = 10000001, idle_timeout = "0s" }}
+
+            [services.tcp]
+            tls = "plaintext"
+            protocol = "opaque"
+            discovery = {{ kind = "static", endpoints = [{{ addr = "127.0.0.1:5432" }}] }}
+            pool = {{ max_connections = 4 }}
+
+            [[inbound]]
+            name = "db"
+            listen = "127.0.0.1:4144"
+            target = "127.0.0.1:5432"
+            tls = "plaintext"
+            protocol = "opaque"
+            pool = {{ max_pending = 1 }}
+            "#
+        )),
+        &[
+            "services.web.pool.max_connections: must be between 1 and 10000000",
+            "services.web.pool.max_pending: at most 10000000",
+            "services.web.pool.idle_timeout: must be greater than zero",
+            "services.tcp.pool: bounds HTTP/1.1 connections",
+            "inbound[0].pool: bounds HTTP/1.1 connections",
+        ],
+    );
+}

@@ -15,6 +15,9 @@ const MAX_HEADERS_LIMIT: u64 = 32_767;
 /// The most connections a listener may be told to hold open.
 const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
 
+/// Why `pool` is refused on an opaque listener or service.
+const POOL_OPAQUE: &str = "bounds HTTP/1.1 connections, and opaque TCP relays each connection as it comes: remove it (an opaque listener bounds its connections with `limits.max_connections`)";
+
 /// Why an HTTP limit is refused on an opaque listener.
 const LIMIT_OPAQUE: &str = "an HTTP limit, and opaque listeners relay bytes, not requests: they take `max_connections` and `tunnel_idle_timeout`";
 
@@ -340,6 +343,13 @@ impl Validator {
             }
         }
         self.positive(format!("{path}.connect_timeout"), s.connect_timeout);
+        if s.protocol == Protocol::Opaque {
+            if !s.pool.is_default() {
+                self.err(format!("{path}.pool"), POOL_OPAQUE);
+            }
+        } else {
+            self.pool(&format!("{path}.pool"), &s.pool);
+        }
         self.positive(
             format!("{path}.balancer.default_rtt"),
             s.balancer.default_rtt,
@@ -360,6 +370,22 @@ impl Validator {
                 format!("must be a number of at least 1 (got {})", s.zone.load_band),
             );
         }
+    }
+
+    fn pool(&mut self, path: &str, p: &PoolConfig) {
+        if !(1..=MAX_POOL_LIMIT).contains(&p.max_connections) {
+            self.err(
+                format!("{path}.max_connections"),
+                format!("must be between 1 and {MAX_POOL_LIMIT}"),
+            );
+        }
+        if p.max_pending > MAX_POOL_LIMIT {
+            self.err(
+                format!("{path}.max_pending"),
+                format!("at most {MAX_POOL_LIMIT} (0: no request waits)"),
+            );
+        }
+        self.positive(format!("{path}.idle_timeout"), p.idle_timeout);
     }
 
     fn ttls(&mut self, path: &str, min: Duration, max: Duration) {
@@ -716,6 +742,11 @@ impl Validator {
             }
             if l.protocol == Protocol::Opaque {
                 self.http_limits(&path, &l.limits);
+                if !l.pool.is_default() {
+                    self.err(format!("{path}.pool"), POOL_OPAQUE);
+                }
+            } else {
+                self.pool(&format!("{path}.pool"), &l.pool);
             }
         }
         // Which service each transparent destination means: one at most.

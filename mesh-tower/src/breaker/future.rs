@@ -32,18 +32,23 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-/// Whether a failed try's error (the endpoint client's [`SendError`], or boxed) is the
-/// request's own doing ([`is_request_error`]).
+/// Whether a failed try's error (the endpoint client's [`SendError`], or boxed) says
+/// nothing of the endpoint: it is the request's own doing ([`is_request_error`]), or the
+/// request found no free connection and was not sent ([`PoolOverflow`]).
 ///
 /// [`SendError`]: crate::connect::SendError
 /// [`is_request_error`]: crate::connect::is_request_error
+/// [`PoolOverflow`]: crate::connect::PoolOverflow
 fn caused_by_the_request<E: 'static>(e: &E) -> bool {
+    let blameless = |e: &(dyn std::error::Error + 'static)| {
+        crate::connect::is_request_error(e) || crate::connect::is_pool_overflow(e)
+    };
     let any = e as &dyn std::any::Any;
     if let Some(e) = any.downcast_ref::<mesh_core::error::BoxError>() {
-        return crate::connect::is_request_error(e.as_ref());
+        return blameless(e.as_ref());
     }
     any.downcast_ref::<crate::connect::SendError>()
-        .is_some_and(|e| crate::connect::is_request_error(e))
+        .is_some_and(|e| blameless(e))
 }
 
 impl<F, RB, E> Future for ResponseFuture<F>

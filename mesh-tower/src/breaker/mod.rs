@@ -167,8 +167,9 @@ mod tests {
         );
     }
 
-    /// Tries the request failed itself (its body stalled past the body read timeout)
-    /// are not the endpoint's failures: however many, it stays in; real failures count.
+    /// Tries the request failed itself (its body stalled past the body read timeout),
+    /// and tries never sent because the endpoint's pool was full, are not the endpoint's
+    /// failures: however many, it stays in; real failures count.
     #[tokio::test(start_paused = true)]
     async fn failures_of_the_request_itself_do_not_eject() {
         use tower::ServiceExt;
@@ -181,6 +182,20 @@ mod tests {
             )
         });
         let breaker = layer.layer_with(stalled, Some(handle.clone()));
+        for _ in 0..5 {
+            let _ = breaker.clone().oneshot(http::Request::new(())).await;
+        }
+        let full = tower::service_fn(|_req: http::Request<()>| async {
+            Err::<http::Response<()>, mesh_core::error::BoxError>(
+                crate::connect::PoolOverflow {
+                    addr: "10.0.0.1:80".parse().unwrap(),
+                    connections: 1,
+                    pending: 0,
+                }
+                .into(),
+            )
+        });
+        let breaker = layer.layer_with(full, Some(handle.clone()));
         for _ in 0..5 {
             let _ = breaker.clone().oneshot(http::Request::new(())).await;
         }

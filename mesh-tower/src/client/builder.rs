@@ -7,8 +7,8 @@ use std::time::Duration;
 use mesh_core::Endpoint;
 use mesh_core::classify::Classifier;
 use mesh_core::config::{
-    BalancerConfig, BreakerConfig, ClassificationConfig, Protocol, RateLimitedConfig, RetryConfig,
-    ServiceConfig, TimeoutConfig, TlsMode, ZoneConfig,
+    BalancerConfig, BreakerConfig, ClassificationConfig, PoolConfig, Protocol, RateLimitedConfig,
+    RetryConfig, ServiceConfig, TimeoutConfig, TlsMode, ZoneConfig,
 };
 use mesh_core::discover::BoxDiscover;
 use mesh_core::identity::IdentityPattern;
@@ -71,6 +71,7 @@ pub struct MeshClientBuilder {
     fail_fast: Option<Duration>,
     dialer: Option<Dialer>,
     tcp: crate::sock::TcpOptions,
+    pool: PoolConfig,
 }
 
 impl fmt::Debug for MeshClientBuilder {
@@ -104,6 +105,7 @@ impl MeshClientBuilder {
             fail_fast: None,
             dialer: None,
             tcp: crate::sock::TcpOptions::default(),
+            pool: PoolConfig::default(),
         }
     }
 
@@ -127,6 +129,7 @@ impl MeshClientBuilder {
         b.classification = config.classification.clone();
         b.zone = config.zone.clone();
         b.server_identity = config.server_identity.clone();
+        b.pool = config.pool;
         b
     }
 
@@ -181,6 +184,14 @@ impl MeshClientBuilder {
     /// 40 s user timeout; see [`crate::sock`]).
     pub fn tcp(mut self, options: crate::sock::TcpOptions) -> Self {
         self.tcp = options;
+        self
+    }
+
+    /// Bounds on each endpoint's HTTP/1.1 connections (default [`PoolConfig::default`]:
+    /// 1,024 connections, 1,024 requests waiting, 90 s idle, 60 s for a stalled request
+    /// body; see [`crate::connect`]).
+    pub fn pool(mut self, config: PoolConfig) -> Self {
+        self.pool = config;
         self
     }
 
@@ -324,6 +335,7 @@ impl MeshClientBuilder {
             connect_timeout: self.connect_timeout,
             dialer: self.dialer.clone(),
             tcp: self.tcp,
+            pool: self.pool,
         };
         let metrics = self.metrics.clone();
         let factory = move |endpoint: &Endpoint| -> Option<EndpointStack> {
@@ -388,6 +400,7 @@ struct Connect {
     connect_timeout: Duration,
     dialer: Option<Dialer>,
     tcp: crate::sock::TcpOptions,
+    pool: PoolConfig,
 }
 
 impl Connect {
@@ -425,6 +438,7 @@ impl Connect {
                 backoff: DEFAULT_CONNECT_BACKOFF,
                 dialer: self.dialer.clone(),
                 tcp: self.tcp,
+                pool: self.pool,
             },
         ))
     }

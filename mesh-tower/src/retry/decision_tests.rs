@@ -166,3 +166,37 @@ async fn a_server_asking_for_a_longer_wait_than_max_pushback_gets_its_answer_pas
         }
     }
 }
+
+/// A try never sent because the endpoint's pool was full is retried whatever the method,
+/// as a failed connect is: the request never left.
+#[tokio::test(start_paused = true)]
+async fn a_try_the_pool_refused_is_retried_even_for_a_post() {
+    let record = DecisionRecord::new(16);
+    let tries = Arc::new(AtomicU32::new(0));
+    let seen = tries.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::default().decisions(record.recorder("users")))
+        .service_fn(move |_req: Request<ReplayBody>| {
+            let first = seen.fetch_add(1, Ordering::Relaxed) == 0;
+            async move {
+                if first {
+                    return Err::<Response<()>, BoxError>(
+                        crate::connect::PoolOverflow {
+                            addr: "10.0.0.1:80".parse().unwrap(),
+                            connections: 1,
+                            pending: 0,
+                        }
+                        .into(),
+                    );
+                }
+                Ok(Response::new(()))
+            }
+        });
+    let resp = svc.oneshot(request(Method::POST)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(tries.load(Ordering::Relaxed), 2);
+    assert!(matches!(
+        verdicts(&record)[..],
+        [(1, TryOutcome::ConnectError, RetryVerdict::Retried { .. })]
+    ));
+}

@@ -157,10 +157,11 @@ enum Next<T> {
     RetryAfter(Duration),
 }
 
-/// Whether no connection could be made: the request never left, so any method may be
-/// retried.
+/// Whether no connection could be made, or none was free: the request never left, so
+/// any method may be retried.
 pub(crate) fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
     find_cause::<crate::connect::SendError>(e).is_some_and(|e| e.is_connect())
+        || crate::connect::is_pool_overflow(e)
         || find_cause::<hyper_util::client::legacy::Error>(e).is_some_and(|e| e.is_connect())
 }
 
