@@ -182,8 +182,31 @@ async fn slow_clients_are_closed_at_the_header_timeout_and_disturb_nothing() {
 /// 503 with the reason, the first is answered, and the next finds the connection free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_past_the_applications_pool_is_answered_503_and_disturbs_nothing() {
+    // The application says when a request arrives, and answers when the test lets it.
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let answer = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let permits = answer.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (arrived, answer) = (arrived_tx.clone(), permits.clone());
+            let service = hyper::service::service_fn(move |_req| {
+                let (arrived, answer) = (arrived.clone(), answer.clone());
+                async move {
+                    let _ = arrived.send(());
+                    answer.acquire().await.unwrap().forget();
+                    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"done"));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
     let dir = tempfile::tempdir().unwrap();
-    let app = common::app_with_delay(Duration::from_secs(2)).await;
     let config = dir.path().join("pool.toml");
     std::fs::write(
         &config,
@@ -199,17 +222,26 @@ async fn a_burst_past_the_applications_pool_is_answered_503_and_disturbs_nothing
         let url = url.clone();
         std::thread::spawn(move || curl(&[&url]))
     };
-    // The first request holds the one connection for 2 s.
-    std::thread::sleep(Duration::from_millis(700));
+    // The first request holds the one connection until it is answered.
+    tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let (code, body) = curl(&[&url]);
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("all 1 HTTP/1.1 connections") && body.contains("not sent to the application"),
         "{body}"
     );
+    answer.add_permits(2);
     let (code, body) = first.join().unwrap();
-    assert_eq!(code, 200, "{body}");
+    assert_eq!((code, body.as_str()), (200, "done"));
     let (code, body) = curl(&[&url]);
-    assert_eq!(code, 200, "{body}");
+    assert_eq!((code, body.as_str()), (200, "done"));
+    assert!(
+        arrived.try_recv().is_ok(),
+        "the third reached the application"
+    );
+    assert!(arrived.try_recv().is_err(), "the second never did");
     assert!(proxy.terminate().success());
 }

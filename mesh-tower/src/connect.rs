@@ -438,10 +438,9 @@ impl hyper::rt::Write for Conn {
 /// timeout configured. (Found by the simulation's partition test.)
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// How often a request waiting for a connection looks again at pooled connections that
-/// were still sending a request body when they came back: nothing wakes it when one
-/// finishes.
-const BUSY_RECHECK: Duration = Duration::from_millis(50);
+/// The longest duration the pool takes for a timeout: past it, `Instant + d` could
+/// overflow (a configuration caps durations at 10 years too).
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Sends of one request that found their connection closed before it was written.
 const MAX_UNSENT: usize = 3;
@@ -472,9 +471,15 @@ struct Shared<B> {
 
 /// The count of one endpoint's open HTTP/1.1 connections, shared with their tasks (which
 /// must not hold the pool itself: its idle connections would then never close).
+///
+/// Each connection's [`Slot`] travels with its `SendRequest` (dialled, in use, idle) and is
+/// freed with it: a connection dropped from the pool (expired, closed) frees its place at
+/// once, not when its task notices. The task wakes a waiting request when the connection
+/// ends, so that one closed by the server while idle is noticed and dropped.
 struct Slots {
     open: AtomicUsize,
-    /// Wakes a request waiting for a connection: one came back, or one closed.
+    /// Wakes a request waiting for a connection: one came back, one closed, or a place
+    /// freed.
     freed: tokio::sync::Notify,
 }
 
@@ -490,8 +495,8 @@ impl Slots {
     }
 }
 
-/// One open HTTP/1.1 connection's place in [`Slots`]: held by its connection task, and
-/// freed (waking a waiting request) when the connection ends or its dial fails.
+/// One open HTTP/1.1 connection's place in [`Slots`]: held beside its `SendRequest`, and
+/// freed (waking a waiting request) when that is dropped, or when the dial fails.
 struct Slot(Arc<Slots>);
 
 impl Drop for Slot {
@@ -513,10 +518,7 @@ impl Drop for Waiting<'_> {
 /// A request found every HTTP/1.1 connection to its endpoint busy (`max_connections`
 /// open) and `max_pending` requests waiting for one already: it was not sent. Answered
 /// 503; a retry policy may send it to another endpoint, and breakers do not count it.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "all {connections} HTTP/1.1 connections to {addr} are busy and {pending} requests are waiting for one (pool.max_connections, pool.max_pending)"
-)]
+#[derive(Debug)]
 pub struct PoolOverflow {
     /// The endpoint.
     pub addr: SocketAddr,
@@ -525,6 +527,22 @@ pub struct PoolOverflow {
     /// Its `max_pending`.
     pub pending: usize,
 }
+
+impl fmt::Display for PoolOverflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "all {} HTTP/1.1 connections to {} are in use (pool.max_connections), and ",
+            self.connections, self.addr
+        )?;
+        match self.pending {
+            0 => f.write_str("no request may wait for one (pool.max_pending is 0)"),
+            n => write!(f, "{n} requests wait for one already (pool.max_pending)"),
+        }
+    }
+}
+
+impl std::error::Error for PoolOverflow {}
 
 /// Whether `error` is (caused by) a [`PoolOverflow`].
 pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -547,32 +565,20 @@ struct Idle<B> {
     sender: http1::SendRequest<Bounded<B>>,
     peer: Option<PeerIdentity>,
     since: Instant,
+    slot: Option<Slot>,
 }
 
 impl<B> Pool<B> {
     /// The most recently used idle HTTP/1.1 connection that can take a request now.
-    /// hyper readies a connection as it reads the end of a response, so one that is not
-    /// ready at once is still busy: its last exchange is sending a body the application
-    /// stopped reading (it answered early), which a client may trickle for as long as
-    /// [`BODY_READ_TIMEOUT`] allows. Such connections go back, behind the others, for a
-    /// later request once they are done; closed ones are dropped.
+    /// Connections come back ready ([`Shared::check_in`]), so one that is not is closed
+    /// or closing: dropped, with its slot.
     fn ready_idle(&mut self) -> Option<Idle<B>> {
-        let mut busy = Vec::new();
-        let found = loop {
-            let Some(mut idle) = self.idle.pop() else {
-                break None;
-            };
-            match idle.sender.ready().now_or_never() {
-                Some(Ok(())) => break Some(idle),
-                Some(Err(_)) => {}
-                None => busy.push(idle),
+        while let Some(mut idle) = self.idle.pop() {
+            if let Some(Ok(())) = idle.sender.ready().now_or_never() {
+                return Some(idle);
             }
-        };
-        if !busy.is_empty() {
-            busy.reverse();
-            self.idle.splice(0..0, busy);
         }
-        found
+        None
     }
 
     fn prune(&mut self, now: Instant, idle_timeout: Duration) {
@@ -584,7 +590,11 @@ impl<B> Pool<B> {
 
 /// A connection a request may be sent on.
 enum Checkout<B> {
-    H1(http1::SendRequest<Bounded<B>>, Option<PeerIdentity>),
+    H1(
+        http1::SendRequest<Bounded<B>>,
+        Option<PeerIdentity>,
+        Option<Slot>,
+    ),
     H2(http2::SendRequest<B>, Option<PeerIdentity>),
 }
 
@@ -600,6 +610,8 @@ enum Next<B> {
     },
     /// Every HTTP/1.1 connection is busy and no slot is left.
     Full,
+    /// The endpoint speaks HTTP/2 after all (ALPN said so): look again.
+    Again,
 }
 
 impl<B> Clone for EndpointClient<B> {
@@ -672,21 +684,6 @@ impl<B> Shared<B> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns an HTTP/1.1 connection whose response was read to the end, and wakes a
-    /// request waiting for one. (Every open connection holds a slot, so the pool never
-    /// holds more than `max_connections`.)
-    fn check_in(&self, sender: http1::SendRequest<Bounded<B>>, peer: Option<PeerIdentity>) {
-        if sender.is_closed() {
-            return;
-        }
-        self.pool().idle.push(Idle {
-            sender,
-            peer,
-            since: Instant::now(),
-        });
-        self.slots.freed.notify_one();
-    }
-
     /// Takes a place among the requests waiting for an HTTP/1.1 connection, or fails the
     /// request when `max_pending` have taken theirs.
     fn wait_in_line(&self) -> Result<Waiting<'_>, SendError> {
@@ -707,8 +704,15 @@ impl<B> Shared<B> {
     }
 
     /// An idle HTTP/1.1 connection ready now, else a slot to dial one in; `Full` when
-    /// neither. Called with the pool locked.
-    fn h1_next(&self, pool: &mut Pool<B>) -> Next<B> {
+    /// neither, or when requests wait in line already and `queued` is not one of them
+    /// (a newcomer does not pass them). Called with the pool locked.
+    fn h1_next(&self, pool: &mut Pool<B>, queued: bool) -> Next<B> {
+        if pool.h2_known {
+            return Next::Again;
+        }
+        if !queued && self.waiting.load(Ordering::Acquire) > 0 {
+            return Next::Full;
+        }
         if !pool.idle.is_empty() {
             // The oldest idle connections are first: drop the expired ones.
             let now = Instant::now();
@@ -729,7 +733,9 @@ impl<B> Shared<B> {
         }
     }
 
-    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees.
+    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees. The
+    /// line is first come, first served: `Notify` wakes its waiters in order, and a
+    /// request that arrives while others wait joins them.
     async fn wait_for_h1(&self) -> Result<Next<B>, SendError> {
         let _waiting = self.wait_in_line()?;
         loop {
@@ -737,20 +743,61 @@ impl<B> Shared<B> {
             tokio::pin!(freed);
             // Registered before the look, so that nothing freed between slips past.
             freed.as_mut().enable();
-            let busy = {
-                let mut pool = self.pool();
-                match self.h1_next(&mut pool) {
-                    Next::Full => !pool.idle.is_empty(),
-                    next => return Ok(next),
-                }
-            };
-            if busy {
-                // Pooled connections still sending a body ready themselves unannounced.
-                let _ = tokio::time::timeout(BUSY_RECHECK, freed).await;
-            } else {
-                freed.await;
+            match self.h1_next(&mut self.pool(), true) {
+                Next::Full => {}
+                next => return Ok(next),
+            }
+            freed.await;
+        }
+    }
+}
+
+impl<B> Shared<B>
+where
+    B: Send + 'static,
+{
+    /// Returns an HTTP/1.1 connection whose response was read to the end, and wakes a
+    /// request waiting for one. hyper readies a connection as it reads the end of a
+    /// response; one not ready yet is still sending a request body the application did
+    /// not wait for (it answered early), which a client may trickle for as long as
+    /// `body_read_timeout` allows: it comes back once it is ready, or is dropped with its
+    /// slot if it fails.
+    fn check_in(
+        self: &Arc<Self>,
+        mut sender: http1::SendRequest<Bounded<B>>,
+        peer: Option<PeerIdentity>,
+        slot: Option<Slot>,
+    ) {
+        match sender.ready().now_or_never() {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return,
+            None => {
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        shared.idle(sender, peer, slot);
+                    }
+                });
+                return;
             }
         }
+        self.idle(sender, peer, slot);
+    }
+
+    /// Puts a ready connection in the pool and wakes a request waiting for one.
+    fn idle(
+        &self,
+        sender: http1::SendRequest<Bounded<B>>,
+        peer: Option<PeerIdentity>,
+        slot: Option<Slot>,
+    ) {
+        self.pool().idle.push(Idle {
+            sender,
+            peer,
+            since: Instant::now(),
+            slot,
+        });
+        self.slots.freed.notify_one();
     }
 }
 
@@ -783,7 +830,7 @@ where
                         }
                     }
                 } else {
-                    self.h1_next(&mut pool)
+                    self.h1_next(&mut pool, false)
                 }
             };
             let next = match next {
@@ -792,7 +839,7 @@ where
                 next => next,
             };
             match next {
-                Next::Idle(idle) => return Ok(Checkout::H1(idle.sender, idle.peer)),
+                Next::Idle(idle) => return Ok(Checkout::H1(idle.sender, idle.peer, idle.slot)),
                 Next::Wait(dials) => loop {
                     let dialled = self.dialled.notified();
                     tokio::pin!(dialled);
@@ -816,7 +863,7 @@ where
                         Some(None) => break,
                     }
                 },
-                Next::Full => {}
+                Next::Full | Next::Again => {}
                 Next::Dial { h2, slot } => {
                     // Held while this request dials the HTTP/2 connection others wait for:
                     // released by the dial's end, or by dropping it mid-dial.
@@ -836,8 +883,14 @@ where
                     if h2 && let Err(error) = &dialled {
                         pool.failure = Some((pool.dials + 1, error.clone()));
                     }
+                    let learned = !h2 && matches!(dialled, Ok(Checkout::H2(..)));
                     drop(pool);
                     latch.release();
+                    if learned {
+                        // ALPN said HTTP/2: the requests in line for an HTTP/1.1
+                        // connection take this one instead.
+                        self.slots.freed.notify_waiters();
+                    }
                     return match dialled {
                         Ok(checkout) => Ok(checkout),
                         Err(error) => Err(SendError::connect(self.addr, error)),
@@ -928,15 +981,16 @@ where
             // With upgrades: a `101` (or a `2xx` to CONNECT) hands the connection to the
             // response's `OnUpgrade` (see `crate::upgrade`).
             let conn = conn.with_upgrades();
-            // The slot is freed when the connection ends (or switches protocols: a tunnel
-            // is bounded by its listener's connections, not the pool).
+            // Its end wakes a request waiting for a connection, which then drops this one
+            // (and its slot) from the pool if it was idle there.
+            let slots = self.slots.clone();
             tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
-                drop(slot);
+                slots.freed.notify_one();
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
                 }
             }));
-            Ok(Checkout::H1(sender, peer))
+            Ok(Checkout::H1(sender, peer, slot))
         }
     }
 }
@@ -948,7 +1002,13 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// A client for the endpoint at `addr`. Connections are made on first use.
-    pub fn new(addr: SocketAddr, settings: ConnectSettings) -> Self {
+    pub fn new(addr: SocketAddr, mut settings: ConnectSettings) -> Self {
+        // Bounds that would stop every request, or overflow an `Instant`, are clamped
+        // (a configuration refuses them outright).
+        let pool = &mut settings.pool;
+        pool.max_connections = pool.max_connections.max(1);
+        pool.idle_timeout = pool.idle_timeout.clamp(Duration::from_millis(1), LONGEST);
+        pool.body_read_timeout = pool.body_read_timeout.min(LONGEST);
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("endpoint"));
         let h2_known = matches!(settings.protocol, Protocol::Http2 | Protocol::Grpc);
@@ -1028,7 +1088,7 @@ where
                     Err(mut e) => (e.take_message(), e.into_error()),
                 }
             }
-            Checkout::H1(mut sender, peer) => {
+            Checkout::H1(mut sender, peer, slot) => {
                 if let Some(uri) = to_origin_form(&mut req, &shared.authority) {
                     absolute = Some(uri);
                 }
@@ -1042,10 +1102,13 @@ where
                         // A switched connection belongs to the response's `OnUpgrade`.
                         let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                             || (connect && resp.status().is_success());
+                        // A switched connection leaves the pool, and frees its slot: a
+                        // tunnel is bounded by its listener's connections.
                         let back = (!switched).then(|| CheckIn {
                             sender,
                             peer: peer.clone(),
                             shared: shared.clone(),
+                            slot,
                         });
                         return Ok(finish(resp, back, peer));
                     }
@@ -1310,7 +1373,7 @@ fn without_userinfo(authority: http::uri::Authority) -> http::uri::Authority {
 
 /// The response with its body wrapped to give the connection back at its end, and the
 /// server's identity attached.
-fn finish<B>(
+fn finish<B: Send + 'static>(
     resp: http::Response<Incoming>,
     back: Option<CheckIn<B>>,
     peer: Option<PeerIdentity>,
@@ -1331,6 +1394,7 @@ struct CheckIn<B> {
     sender: http1::SendRequest<Bounded<B>>,
     peer: Option<PeerIdentity>,
     shared: Arc<Shared<B>>,
+    slot: Option<Slot>,
 }
 
 pin_project! {
@@ -1344,7 +1408,7 @@ pin_project! {
     }
 }
 
-impl<B> Body<B> {
+impl<B: Send + 'static> Body<B> {
     fn give_back(&mut self) {
         give_back(&mut self.back);
     }
@@ -1356,7 +1420,7 @@ impl<B> fmt::Debug for Body<B> {
     }
 }
 
-impl<B> http_body::Body for Body<B> {
+impl<B: Send + 'static> http_body::Body for Body<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -1385,14 +1449,15 @@ impl<B> http_body::Body for Body<B> {
     }
 }
 
-fn give_back<B>(back: &mut Option<CheckIn<B>>) {
+fn give_back<B: Send + 'static>(back: &mut Option<CheckIn<B>>) {
     if let Some(CheckIn {
         sender,
         peer,
         shared,
+        slot,
     }) = back.take()
     {
-        shared.check_in(sender, peer);
+        shared.check_in(sender, peer, slot);
     }
 }
 
@@ -2063,6 +2128,90 @@ mod tests {
         assert_eq!(resp.status(), 401);
     }
 
+    /// With one connection allowed, a request waiting for it gets it once the upload it
+    /// was still sending (after the application's early answer) is done: the connection
+    /// comes back when it is ready, and wakes the request.
+    #[tokio::test]
+    async fn a_request_waiting_for_a_connection_gets_it_when_its_upload_ends() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    // Answers each head at once; the 10-byte upload after the first is
+                    // read and dropped.
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let mut answered = 0;
+                    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        let heads = seen.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                        while answered < heads {
+                            answered += 1;
+                            let answer =
+                                b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno";
+                            if tcp.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let client: EndpointClient<BoxedBody> = EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 1,
+                    ..PoolConfig::default()
+                },
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let (more, rx) = tokio::sync::mpsc::unbounded_channel::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >();
+        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        more.send(Ok(http_body::Frame::data(Bytes::from_static(b"partial"))))
+            .unwrap();
+        let upload = http::Request::post("http://users.prod/upload")
+            .header(http::header::CONTENT_LENGTH, 10)
+            .body(BodyExt::boxed(http_body_util::StreamBody::new(rest)))
+            .unwrap();
+        let resp = client.send(upload).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        resp.into_body().collect().await.unwrap();
+        let get = || {
+            http::Request::get("http://users.prod/")
+                .body(BodyExt::boxed(Full::new(Bytes::new())))
+                .unwrap()
+        };
+        let waiting = client.send(get());
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+                .await
+                .is_err(),
+            "the one connection is still sending the upload"
+        );
+        more.send(Ok(http_body::Frame::data(Bytes::from_static(b"123"))))
+            .unwrap();
+        drop(more);
+        let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken when the connection came back")
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(accepted.load(Ordering::Relaxed), 1, "the same connection");
+    }
+
     #[tokio::test]
     async fn concurrent_http1_requests_open_connections_then_reuse_them() {
         let ep = MockEndpoint::spawn(
@@ -2232,18 +2381,27 @@ mod tests {
         assert_eq!(accepted.load(Ordering::Relaxed), 5);
     }
 
+    /// Idle connections expire after `idle_timeout`, and an expired one frees its place
+    /// at once: with one connection allowed and nobody allowed to wait, the request that
+    /// finds it expired dials a new one rather than being refused.
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire() {
         let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let idle_timeout = Duration::from_secs(30);
         let client = EndpointClient::new(
             ep.addr(),
             ConnectSettings {
                 protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 1,
+                    max_pending: 0,
+                    idle_timeout,
+                    ..PoolConfig::default()
+                },
                 ..ConnectSettings::plaintext()
             },
         );
         read(client.send(request("x")).await.unwrap()).await;
-        let idle_timeout = PoolConfig::default().idle_timeout;
         tokio::time::advance(idle_timeout - Duration::from_secs(1)).await;
         read(client.send(request("x")).await.unwrap()).await;
         assert_eq!(connections(&ep), 1, "not yet expired");

@@ -14,8 +14,8 @@ pub const MAX_POOL_LIMIT: usize = 10_000_000;
 /// or to an inbound listener's application (`[inbound.pool]`). An HTTP/1.1 connection
 /// carries one request at a time, so every concurrent request needs one: without a bound
 /// one client's burst of HTTP/2 streams opens as many connections to the application.
-/// HTTP/2 endpoints multiplex every request over one connection; only `body_read_timeout`
-/// and the bounds on connections do not apply to them.
+/// HTTP/2 endpoints multiplex every request over one connection: none of these apply to
+/// them.
 ///
 /// ```toml
 /// [services.users.pool]

@@ -332,6 +332,9 @@ pub enum TryOutcome {
     RateLimited(u16),
     /// No connection could be made: the request never left.
     ConnectError,
+    /// Every connection to the endpoint was busy and the line for one full: the request
+    /// never left.
+    NotSent,
     /// The per-try timeout fired.
     Timeout,
     /// Another error: a broken connection, a refused readiness, ….
@@ -344,6 +347,7 @@ impl fmt::Display for TryOutcome {
             TryOutcome::Failed(s) => write!(f, "failed with {s}"),
             TryOutcome::RateLimited(s) => write!(f, "rate limited ({s})"),
             TryOutcome::ConnectError => f.write_str("could not connect"),
+            TryOutcome::NotSent => f.write_str("found no free connection"),
             TryOutcome::Timeout => f.write_str("timed out"),
             TryOutcome::Error => f.write_str("failed without an answer"),
         }

@@ -197,6 +197,11 @@ async fn a_try_the_pool_refused_is_retried_even_for_a_post() {
     assert_eq!(tries.load(Ordering::Relaxed), 2);
     assert!(matches!(
         verdicts(&record)[..],
-        [(1, TryOutcome::ConnectError, RetryVerdict::Retried { .. })]
+        [(1, TryOutcome::NotSent, RetryVerdict::Retried { .. })]
     ));
+    let line = record.snapshot()[0].to_string();
+    assert!(
+        line.contains("attempt 1 found no free connection"),
+        "{line}"
+    );
 }

@@ -434,7 +434,9 @@ fn decide<S, F, RB>(
 
 /// What the decision record says of a try that failed without an answer.
 fn error_outcome(e: &(dyn std::error::Error + 'static)) -> TryOutcome {
-    if is_connect_error(e) {
+    if crate::connect::is_pool_overflow(e) {
+        TryOutcome::NotSent
+    } else if is_connect_error(e) {
         TryOutcome::ConnectError
     } else if is_caused_by::<TryTimeout>(e) {
         TryOutcome::Timeout
