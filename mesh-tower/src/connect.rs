@@ -570,11 +570,13 @@ struct Idle<B> {
 
 impl<B> Pool<B> {
     /// The most recently used idle HTTP/1.1 connection that can take a request now.
-    /// Connections come back ready ([`Shared::check_in`]), so one that is not is closed
-    /// or closing: dropped, with its slot.
+    /// Connections come back ready ([`Shared::check_in`]) and stay so until sent on, so
+    /// one is good unless it closed since: then it is dropped, with its slot. (One that
+    /// closes between this look and the send gives its request back unsent, to be sent
+    /// on another.)
     fn ready_idle(&mut self) -> Option<Idle<B>> {
-        while let Some(mut idle) = self.idle.pop() {
-            if let Some(Ok(())) = idle.sender.ready().now_or_never() {
+        while let Some(idle) = self.idle.pop() {
+            if !idle.sender.is_closed() {
                 return Some(idle);
             }
         }
@@ -784,7 +786,9 @@ where
         self.idle(sender, peer, slot);
     }
 
-    /// Puts a ready connection in the pool and wakes a request waiting for one.
+    /// Puts a ready connection in the pool and wakes a request waiting for one, if any:
+    /// a request joins the line before it looks at the pool under its lock, so one that
+    /// this does not see waiting finds the connection there.
     fn idle(
         &self,
         sender: http1::SendRequest<Bounded<B>>,
@@ -797,7 +801,9 @@ where
             since: Instant::now(),
             slot,
         });
-        self.slots.freed.notify_one();
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.slots.freed.notify_one();
+        }
     }
 }
 
@@ -1256,9 +1262,6 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 /// `Connection` too (RFC 9110 §10.1.4): a `TE: trailers` that came over HTTP/2 (every
 /// gRPC request's), or from another hop, says so to an HTTP/1.1 server.
 fn te_in_connection(headers: &mut http::HeaderMap) {
-    if !headers.contains_key(http::header::TE) {
-        return;
-    }
     let listed = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -1321,8 +1324,18 @@ fn to_absolute_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authori
 /// Returns the URI it replaced, when it was not in origin form already (an HTTP/2 try of
 /// the same request takes it back).
 fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority) -> Option<Uri> {
-    join_cookies(req.headers_mut());
-    te_in_connection(req.headers_mut());
+    // One pass over the names rather than a hashed lookup for each of the two.
+    let (mut cookie, mut te) = (false, false);
+    for name in req.headers().keys() {
+        cookie |= *name == http::header::COOKIE;
+        te |= *name == http::header::TE;
+    }
+    if cookie {
+        join_cookies(req.headers_mut());
+    }
+    if te {
+        te_in_connection(req.headers_mut());
+    }
     match req.uri().authority() {
         Some(authority) => {
             let host = host_of(authority);
