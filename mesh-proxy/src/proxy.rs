@@ -14,6 +14,7 @@ use mesh_spiffe::{CredentialSource, Mtls};
 use mesh_tower::MeshClient;
 use mesh_tower::access_log::{AccessLogHandle, AccessLogLayer};
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMeshLayer};
+use mesh_tower::max_forwards::{MaxForwards, MaxForwardsLayer};
 use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::relay::{ListenerTunnels, TunnelMetrics};
@@ -265,9 +266,11 @@ impl Proxy {
                 .metrics(tunnel_metrics.listener(&inbound.name))
                 .idle_timeout(tunnel_idle(&inbound.limits))
                 .layer(
-                    Forward::<Incoming>::new(inbound.target)
-                        .identity_header(header)
-                        .pool(inbound.pool),
+                    MaxForwardsLayer::new().layer(
+                        Forward::<Incoming>::new(inbound.target)
+                            .identity_header(header)
+                            .pool(inbound.pool),
+                    ),
                 );
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
@@ -338,10 +341,10 @@ impl Proxy {
                 AnswerErrorsLayer::new()
             };
             // Upgrades (WebSocket) are spliced to the upstream's connection.
-            let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
+            let app: Tunnel<MaxForwards<AnswerErrors<Router<Backend>>>> = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&outbound.name))
                 .idle_timeout(tunnel_idle(&outbound.limits))
-                .layer(answers.layer(router.clone()));
+                .layer(MaxForwardsLayer::new().layer(answers.layer(router.clone())));
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
             access_logs.push(Some(log.handle().clone()));

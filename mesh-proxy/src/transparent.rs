@@ -22,6 +22,7 @@ use mesh_core::error::BoxError;
 use mesh_spiffe::Mtls;
 use mesh_tower::MeshClient;
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer};
+use mesh_tower::max_forwards::{MaxForwards, MaxForwardsLayer};
 use mesh_tower::metrics::server::ServerMetrics;
 use mesh_tower::route::{RouteMetrics, Router};
 use mesh_tower::server::{Handoff, MeshServer, Server};
@@ -149,10 +150,10 @@ impl Transparent {
                 }
             })?;
         let router = Router::new(set);
-        let app: Tunnel<AnswerErrors<Router<Backend>>> = TunnelLayer::new()
+        let app: Tunnel<MaxForwards<AnswerErrors<Router<Backend>>>> = TunnelLayer::new()
             .metrics(cx.tunnel_metrics.listener(&self.name))
             .idle_timeout(tunnel_idle(&self.limits))
-            .layer(AnswerErrorsLayer::new().layer(router.clone()));
+            .layer(MaxForwardsLayer::new().layer(AnswerErrorsLayer::new().layer(router.clone())));
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
         // As an outbound listener: no WebSocket over HTTP/2 from clients (RFC 8441).

@@ -78,6 +78,30 @@ async fn curl_through_two_proxies_to_an_app() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("Host"), "{body}");
 
+    // Max-Forwards: each proxy is a hop. 0 stops at A, 1 at B, 2 reaches the app.
+    let probe = |method: &str, hops: &str| {
+        curl(&[
+            "-X",
+            method,
+            "-H",
+            &format!("Max-Forwards: {hops}"),
+            "-H",
+            "Authorization: Bearer secret",
+            &format!("{egress}/probe"),
+        ])
+    };
+    assert_eq!(probe("OPTIONS", "0"), (200, String::new()));
+    assert_eq!(probe("OPTIONS", "1"), (200, String::new()));
+    let (code, body) = probe("OPTIONS", "2");
+    assert_eq!(code, 200);
+    assert!(body.starts_with("OPTIONS /probe HTTP/1.1"), "{body}");
+    // TRACE stopped at B: the request B received, crossed as HTTP/2, without credentials.
+    let (code, body) = probe("TRACE", "1");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("TRACE /probe HTTP/1.1\r\n"), "{body}");
+    assert!(body.contains("max-forwards: 0\r\n"), "{body}");
+    assert!(!body.contains("secret"), "{body}");
+
     // HTTP/2 in the clear from the client: HTTP/2 to the app.
     let (code, body) = curl(&["--http2-prior-knowledge", &format!("{egress}/h2")]);
     assert_eq!(code, 200, "{body}");

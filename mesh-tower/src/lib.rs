@@ -32,6 +32,7 @@
 //!   HTTP/2 between proxies, the hop to a local application with the peer's identity, and
 //!   answers for failed requests; [`upgrade`]: HTTP upgrades (WebSocket) and CONNECT
 //!   spliced through a proxy, and across the mesh as HTTP/2 extended CONNECT;
+//!   [`max_forwards`]: `Max-Forwards` on `TRACE` and `OPTIONS` at each proxy hop;
 //! - [`opaque`] (feature `opaque`): opaque TCP — an inbound relay to a target with
 //!   authorization per connection by the peer's identity, and an outbound relay to a
 //!   service's endpoints (P2C over open connections, failover), over SPIFFE mTLS;
@@ -67,6 +68,7 @@ pub mod fault;
 pub mod forward;
 pub mod load;
 pub mod matcher;
+pub mod max_forwards;
 pub mod metrics;
 #[cfg(feature = "test-util")]
 pub mod mock;
