@@ -95,11 +95,17 @@ async fn curl_through_two_proxies_to_an_app() {
     let (code, body) = probe("OPTIONS", "2");
     assert_eq!(code, 200);
     assert!(body.starts_with("OPTIONS /probe HTTP/1.1"), "{body}");
-    // TRACE stopped at B: the request B received, crossed as HTTP/2, without credentials.
+    // TRACE says which hop answered: A reflects the request as curl sent it; B the one
+    // that crossed the mesh (marked with its HTTP/1.1 origin). Neither shows credentials.
+    let (code, body) = probe("TRACE", "0");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("TRACE /probe HTTP/1.1\r\n"), "{body}");
+    assert!(!body.contains("mesh-orig-proto"), "{body}");
     let (code, body) = probe("TRACE", "1");
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("TRACE /probe HTTP/1.1\r\n"), "{body}");
     assert!(body.contains("max-forwards: 0\r\n"), "{body}");
+    assert!(body.contains("mesh-orig-proto: HTTP/1.1\r\n"), "{body}");
     assert!(!body.contains("secret"), "{body}");
 
     // HTTP/2 in the clear from the client: HTTP/2 to the app.

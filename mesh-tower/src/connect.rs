@@ -735,9 +735,12 @@ impl<B> Shared<B> {
         }
     }
 
-    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees. The
-    /// line is first come, first served: `Notify` wakes its waiters in order, and a
-    /// request that arrives while others wait joins them.
+    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees. Waiters
+    /// are woken one at a time in the order they last began to wait, and a request that
+    /// arrives while others wait joins them; but what wakes one is not reserved for it
+    /// (another waiter may take it first, and the one woken waits again, behind the
+    /// others), so the order is not strict: a waiter is bounded only by its request's
+    /// own timeouts.
     async fn wait_for_h1(&self) -> Result<Next<B>, SendError> {
         let _waiting = self.wait_in_line()?;
         loop {
@@ -774,12 +777,15 @@ where
             Some(Ok(())) => {}
             Some(Err(_)) => return,
             None => {
-                let shared = self.clone();
-                tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        shared.idle(sender, peer, slot);
-                    }
-                });
+                // Outside a runtime (a body read by other means) it is dropped instead.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let shared = self.clone();
+                    runtime.spawn(async move {
+                        if sender.ready().await.is_ok() {
+                            shared.idle(sender, peer, slot);
+                        }
+                    });
+                }
                 return;
             }
         }
@@ -788,19 +794,29 @@ where
 
     /// Puts a ready connection in the pool and wakes a request waiting for one, if any:
     /// a request joins the line before it looks at the pool under its lock, so one that
-    /// this does not see waiting finds the connection there.
+    /// this does not see waiting finds the connection there. A connection without a slot
+    /// (dialled for HTTP/2, which ALPN refused) serves one request only, and none is
+    /// kept once the endpoint is known to speak HTTP/2.
     fn idle(
         &self,
         sender: http1::SendRequest<Bounded<B>>,
         peer: Option<PeerIdentity>,
         slot: Option<Slot>,
     ) {
-        self.pool().idle.push(Idle {
+        if slot.is_none() {
+            return;
+        }
+        let mut pool = self.pool();
+        if pool.h2_known {
+            return;
+        }
+        pool.idle.push(Idle {
             sender,
             peer,
             since: Instant::now(),
             slot,
         });
+        drop(pool);
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.slots.freed.notify_one();
         }
@@ -885,9 +901,18 @@ where
                         // Stored before the waiters wake: they take it, not dial again.
                         pool.h2_known = true;
                         pool.h2 = Some((sender.clone(), peer.clone()));
+                        // Idle HTTP/1.1 connections are not used again: they go, with
+                        // their slots.
+                        pool.idle.clear();
                     }
                     if h2 && let Err(error) = &dialled {
                         pool.failure = Some((pool.dials + 1, error.clone()));
+                    }
+                    if h2 && matches!(dialled, Ok(Checkout::H1(..))) {
+                        // ALPN no longer offers HTTP/2: back to the HTTP/1.1 pool (this
+                        // connection, dialled without a slot, serves this request only).
+                        pool.h2_known = false;
+                        pool.h2 = None;
                     }
                     let learned = !h2 && matches!(dialled, Ok(Checkout::H2(..)));
                     drop(pool);

@@ -11,10 +11,12 @@
 //!   received as `message/http` content (RFC 9110 §9.3.8), less the fields that may carry
 //!   credentials (`Authorization`, `Proxy-Authorization`, `Cookie`), which the RFC asks a
 //!   recipient to leave out;
-//! - **more than zero**: it goes on with the value decremented (a single field).
+//! - **more than zero**: it goes on with the value decremented, as a single field (a value
+//!   past 64 bits counts as the largest that fits, the "maximum supported value" of the
+//!   RFC).
 //!
-//! A value that is not a decimal number, or too large for 64 bits, is left as it is: the
-//! request goes on unchanged, as with no field at all. Only the first field counts.
+//! With several fields the smallest counts. A value that is not a decimal number is
+//! ignored; with no valid value the request goes on unchanged, as with no field at all.
 //!
 //! In the mesh each proxy is a hop: a request from an application through its outbound
 //! proxy and the peer's inbound proxy takes two. The layer sits above each proxy's routing
@@ -114,8 +116,10 @@ where
         if (*method == Method::OPTIONS || *method == Method::TRACE)
             && let Some(left) = req
                 .headers()
-                .get(header::MAX_FORWARDS)
-                .and_then(|v| parse(v.as_bytes()))
+                .get_all(header::MAX_FORWARDS)
+                .iter()
+                .filter_map(|v| parse(v.as_bytes()))
+                .min()
         {
             if left == 0 {
                 return ResponseFuture::local(answer(&req));
@@ -127,17 +131,14 @@ where
     }
 }
 
-/// A `Max-Forwards` value: `1*DIGIT`, within 64 bits.
+/// A `Max-Forwards` value: `1*DIGIT`, saturating at `u64::MAX`.
 fn parse(value: &[u8]) -> Option<u64> {
     if value.is_empty() {
         return None;
     }
     value.iter().try_fold(0u64, |n, &b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
+        b.is_ascii_digit()
+            .then(|| n.saturating_mul(10).saturating_add(u64::from(b - b'0')))
     })
 }
 
@@ -253,16 +254,18 @@ mod tests {
         for method in [Method::OPTIONS, Method::TRACE] {
             assert_eq!(through(method.clone(), &["5"]).await.unwrap(), ["4"]);
             assert_eq!(through(method.clone(), &["1"]).await.unwrap(), ["0"]);
-            // Only the first field counts; one value goes on.
-            assert_eq!(through(method.clone(), &["2", "9"]).await.unwrap(), ["1"]);
-            assert_eq!(
-                through(method.clone(), &["18446744073709551615"])
-                    .await
-                    .unwrap(),
-                ["18446744073709551614"]
-            );
-            // Not a number (or past 64 bits): left as it is.
-            for odd in ["", "-1", "1.5", " 3", "0x10", "18446744073709551616"] {
+            // The smallest of several fields counts; one value goes on.
+            assert_eq!(through(method.clone(), &["9", "2"]).await.unwrap(), ["1"]);
+            assert_eq!(through(method.clone(), &["x", "4"]).await.unwrap(), ["3"]);
+            // Past 64 bits: the largest value that fits.
+            for huge in ["18446744073709551615", "99999999999999999999999"] {
+                assert_eq!(
+                    through(method.clone(), &[huge]).await.unwrap(),
+                    ["18446744073709551614"]
+                );
+            }
+            // Not a number: left as it is.
+            for odd in ["", "-1", "1.5", " 3", "0x10"] {
                 assert_eq!(
                     through(method.clone(), &[odd]).await.unwrap(),
                     [odd]
