@@ -181,6 +181,59 @@ pub(crate) fn register_edge_certificates(
     }
 }
 
+/// Registers, for each HTTP inbound listener, how its pool of HTTP/1.1 connections to
+/// the application stands, read at each scrape.
+pub(crate) fn register_app_pools(
+    registry: &mut Registry,
+    listeners: Vec<(String, mesh_tower::forward::Forward<Incoming>)>,
+) {
+    if !listeners.is_empty() {
+        registry.register_collector(Box::new(AppPools(listeners)));
+    }
+}
+
+#[derive(Debug)]
+struct AppPools(Vec<(String, mesh_tower::forward::Forward<Incoming>)>);
+
+impl Collector for AppPools {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let statuses: Vec<_> = self
+            .0
+            .iter()
+            .map(|(listener, forward)| (listener.as_str(), forward.pool_status()))
+            .collect();
+        for (name, help, value) in [
+            (
+                "mesh_proxy_app_connections",
+                "HTTP/1.1 connections open to each inbound listener's application (in use, idle or being dialled; at most pool.max_connections)",
+                (|s: &mesh_tower::connect::PoolStatus| s.open) as fn(&_) -> usize,
+            ),
+            (
+                "mesh_proxy_app_requests_waiting",
+                "Requests waiting for an HTTP/1.1 connection to the application (at most pool.max_pending)",
+                |s| s.waiting,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (listener, status) in &statuses {
+                let value = i64::try_from(value(status)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(&[("listener", *listener)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "mesh_proxy_app_pool_overflows",
+            "Requests answered 503 without being sent: every HTTP/1.1 connection to the application busy and pool.max_pending waiting",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, status) in &statuses {
+            ConstCounter::new(status.overflows)
+                .encode(family.encode_family(&[("listener", *listener)])?)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct EdgeCertificates(Vec<(String, mesh_spiffe::ServerTlsAcceptor)>);
 

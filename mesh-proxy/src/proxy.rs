@@ -221,6 +221,7 @@ impl Proxy {
         let tunnel_metrics = TunnelMetrics::register(&mut registry);
         let mut servers = Vec::new();
         let mut access_logs = Vec::new();
+        let mut app_pools = Vec::new();
         for (i, inbound) in config.inbound.iter().enumerate() {
             let key = format!("inbound[{i}]");
             if inbound.protocol == Protocol::Opaque {
@@ -261,17 +262,15 @@ impl Proxy {
                 }
                 None => mesh_tower::forward::DEFAULT_IDENTITY_HEADER,
             };
+            let forward = Forward::<Incoming>::new(inbound.target)
+                .identity_header(header)
+                .pool(inbound.pool);
+            app_pools.push((inbound.name.clone(), forward.clone()));
             // Upgrades (WebSocket) are spliced to the application's connection.
             let app = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&inbound.name))
                 .idle_timeout(tunnel_idle(&inbound.limits))
-                .layer(
-                    MaxForwardsLayer::new().layer(
-                        Forward::<Incoming>::new(inbound.target)
-                            .identity_header(header)
-                            .pool(inbound.pool),
-                    ),
-                );
+                .layer(MaxForwardsLayer::new().layer(forward));
             let listener = bind(&key, inbound.listen).await?;
             let server = builder.serve(listener, app)?;
             tracing::info!(listener = %inbound.name, addr = %server.local_addr(), target = %inbound.target, "inbound listening");
@@ -406,6 +405,7 @@ impl Proxy {
         }
 
         admin::register_edge_certificates(&mut registry, edge_certificates);
+        admin::register_app_pools(&mut registry, app_pools);
         let _ = state.registry.set(registry);
         Ok(Self {
             admin_override,

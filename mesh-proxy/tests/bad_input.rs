@@ -211,13 +211,15 @@ async fn a_burst_past_the_applications_pool_is_answered_503_and_disturbs_nothing
     std::fs::write(
         &config,
         format!(
-            "[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{app}\"\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{app}\"\n\
              tls = \"plaintext\"\npool = {{ max_connections = 1, max_pending = 0 }}\n"
         ),
     )
     .unwrap();
-    let proxy = Proxy::start(&config, 1);
+    let proxy = Proxy::start(&config, 2);
     let url = format!("http://{}/slow", proxy.addr("app"));
+    let metrics = format!("http://{}/metrics", proxy.addr("admin"));
     let first = {
         let url = url.clone();
         std::thread::spawn(move || curl(&[&url]))
@@ -233,6 +235,15 @@ async fn a_burst_past_the_applications_pool_is_answered_503_and_disturbs_nothing
         body.contains("all 1 HTTP/1.1 connections") && body.contains("not sent to the application"),
         "{body}"
     );
+    // The pool's state is in the metrics: the one connection, and the refusal.
+    let (_, scraped) = curl(&[&metrics]);
+    for series in [
+        "mesh_proxy_app_connections{listener=\"app\"} 1\n",
+        "mesh_proxy_app_requests_waiting{listener=\"app\"} 0\n",
+        "mesh_proxy_app_pool_overflows_total{listener=\"app\"} 1\n",
+    ] {
+        assert!(scraped.contains(series), "{series} not in\n{scraped}");
+    }
     answer.add_permits(2);
     let (code, body) = first.join().unwrap();
     assert_eq!((code, body.as_str()), (200, "done"));

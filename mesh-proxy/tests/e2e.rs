@@ -149,6 +149,24 @@ async fn curl_through_two_proxies_to_an_app() {
         );
     }
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/nope")]).0, 404);
+    // B's: its pool to the application (connections kept), in the strict format too.
+    let (_, b_metrics) = curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
+    assert_families_once(&b_metrics);
+    let open: u64 = b_metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_proxy_app_connections{listener=\"app\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no connections gauge in\n{b_metrics}"));
+    assert!(open >= 1, "{b_metrics}");
+    for series in [
+        "mesh_proxy_app_requests_waiting{listener=\"app\"} 0\n",
+        "mesh_proxy_app_pool_overflows_total{listener=\"app\"} 0\n",
+    ] {
+        assert!(
+            b_metrics.contains(series),
+            "{series} missing from\n{b_metrics}"
+        );
+    }
 
     // A broken reload keeps serving and says so.
     std::fs::write(&a_config, "this is not toml [").unwrap();

@@ -467,6 +467,21 @@ struct Shared<B> {
     slots: Arc<Slots>,
     /// Requests waiting for an HTTP/1.1 connection, against `max_pending`.
     waiting: AtomicUsize,
+    /// Requests refused with [`PoolOverflow`].
+    overflows: AtomicU64,
+}
+
+/// How an endpoint's HTTP/1.1 pool stands ([`EndpointClient::pool_status`]), for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// HTTP/1.1 connections open (in use, idle, or being dialled).
+    pub open: usize,
+    /// Requests waiting for one.
+    pub waiting: usize,
+    /// Requests refused since the client was made: every connection busy and the line
+    /// full ([`PoolOverflow`]).
+    pub overflows: u64,
 }
 
 /// The count of one endpoint's open HTTP/1.1 connections, shared with their tasks (which
@@ -635,6 +650,16 @@ impl<B> EndpointClient<B> {
     pub fn conn_state(&self) -> &Arc<ConnState> {
         &self.shared.state
     }
+
+    /// How the endpoint's HTTP/1.1 pool stands: connections open, requests waiting, and
+    /// requests refused so far.
+    pub fn pool_status(&self) -> PoolStatus {
+        PoolStatus {
+            open: self.shared.slots.open.load(Ordering::Relaxed),
+            waiting: self.shared.waiting.load(Ordering::Relaxed),
+            overflows: self.shared.overflows.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl<B> fmt::Debug for EndpointClient<B> {
@@ -695,13 +720,16 @@ impl<B> Shared<B> {
                 (n < pool.max_pending).then_some(n + 1)
             })
             .map(|_| Waiting(&self.waiting))
-            .map_err(|_| SendError {
-                addr: self.addr,
-                cause: Cause::Overflow(PoolOverflow {
+            .map_err(|_| {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+                SendError {
                     addr: self.addr,
-                    connections: pool.max_connections,
-                    pending: pool.max_pending,
-                }),
+                    cause: Cause::Overflow(PoolOverflow {
+                        addr: self.addr,
+                        connections: pool.max_connections,
+                        pending: pool.max_pending,
+                    }),
+                }
             })
     }
 
@@ -1062,6 +1090,7 @@ where
                 freed: tokio::sync::Notify::new(),
             }),
             waiting: AtomicUsize::new(0),
+            overflows: AtomicU64::new(0),
         });
         Self {
             shared,
@@ -2000,6 +2029,9 @@ mod tests {
             }
             assert_eq!(failed, [5], "round {round}");
             assert_eq!(connections(&ep), 2, "round {round}: never more than two");
+            let status = client.pool_status();
+            assert_eq!((status.open, status.waiting), (2, 0), "round {round}");
+            assert_eq!(status.overflows, round + 1);
         }
         // Nobody waits past the limit when no one may wait.
         let strict = EndpointClient::new(

@@ -397,6 +397,12 @@ where
         self
     }
 
+    /// How the HTTP/1.1 pool to the application stands (connections open, requests
+    /// waiting, requests refused), for metrics.
+    pub fn pool_status(&self) -> connect::PoolStatus {
+        self.http1.pool_status()
+    }
+
     /// Bounds the HTTP/1.1 connections to the application (default
     /// [`PoolConfig::default`](mesh_core::config::PoolConfig::default): 1,024 connections,
     /// 1,024 requests waiting, 90 s idle, 60 s for a stalled request body; see
