@@ -463,10 +463,9 @@ struct Shared<B> {
     pool: Mutex<Pool<B>>,
     /// Wakes the requests waiting for an HTTP/2 connection being dialled.
     dialled: tokio::sync::Notify,
-    /// The HTTP/1.1 connections open (or being dialled), against `max_connections`.
+    /// The HTTP/1.1 connections open (or being dialled), against `max_connections`, and
+    /// the line of requests waiting for one.
     slots: Arc<Slots>,
-    /// Requests waiting for an HTTP/1.1 connection, against `max_pending`.
-    waiting: AtomicUsize,
     /// Requests refused with [`PoolOverflow`].
     overflows: AtomicU64,
 }
@@ -493,40 +492,99 @@ pub struct PoolStatus {
 /// ends, so that one closed by the server while idle is noticed and dropped.
 struct Slots {
     open: AtomicUsize,
-    /// Wakes a request waiting for a connection: one came back, one closed, or a place
-    /// freed.
-    freed: tokio::sync::Notify,
+    /// Requests in `line`, against `max_pending`; read without the lock to skip it when
+    /// nobody waits.
+    waiting: AtomicUsize,
+    line: Mutex<Line>,
+}
+
+/// The requests waiting for an HTTP/1.1 connection, first come first served: each has
+/// its own wake-up, and only the one at the front may take a connection or a place.
+#[derive(Default)]
+struct Line {
+    next_ticket: u64,
+    queue: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
 }
 
 impl Slots {
     /// A slot for one more connection, unless `max` are open.
     fn reserve(self: &Arc<Self>, max: usize) -> Option<Slot> {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |open| {
                 (open < max).then_some(open + 1)
             })
             .ok()
             .map(|_| Slot(self.clone()))
     }
+
+    fn line(&self) -> std::sync::MutexGuard<'_, Line> {
+        // A queue of wake-ups: a panic while holding the lock cannot leave it
+        // inconsistent.
+        self.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the request at the front of the line, if any: a connection came back, one
+    /// closed, a place freed, or the front changed. (Waiters join before they look, so
+    /// one this does not see finds what was freed when it looks.)
+    fn wake_front(&self) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if let Some((_, wake)) = self.line().queue.front() {
+            wake.notify_one();
+        }
+    }
+
+    /// Wakes every request in line (the endpoint turned out to speak HTTP/2).
+    fn wake_all(&self) {
+        for (_, wake) in &self.line().queue {
+            wake.notify_one();
+        }
+    }
 }
 
 /// One open HTTP/1.1 connection's place in [`Slots`]: held beside its `SendRequest`, and
-/// freed (waking a waiting request) when that is dropped, or when the dial fails.
+/// freed (waking the request at the front of the line) when that is dropped, or when the
+/// dial fails.
 struct Slot(Arc<Slots>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.freed.notify_one();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.wake_front();
     }
 }
 
-/// A request's place among those waiting for a connection.
-struct Waiting<'a>(&'a AtomicUsize);
+/// A request's place in the line; leaving it (with a connection, or given up) wakes the
+/// next one when it was at the front.
+struct InLine<'a> {
+    slots: &'a Slots,
+    ticket: u64,
+    wake: Arc<tokio::sync::Notify>,
+}
 
-impl Drop for Waiting<'_> {
+impl InLine<'_> {
+    fn is_front(&self) -> bool {
+        self.slots
+            .line()
+            .queue
+            .front()
+            .is_some_and(|(ticket, _)| *ticket == self.ticket)
+    }
+}
+
+impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut line = self.slots.line();
+        let at = line.queue.iter().position(|(t, _)| *t == self.ticket);
+        if let Some(at) = at {
+            line.queue.remove(at);
+        }
+        drop(line);
+        self.slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        if at == Some(0) {
+            self.slots.wake_front();
+        }
     }
 }
 
@@ -656,7 +714,7 @@ impl<B> EndpointClient<B> {
     pub fn pool_status(&self) -> PoolStatus {
         PoolStatus {
             open: self.shared.slots.open.load(Ordering::Relaxed),
-            waiting: self.shared.waiting.load(Ordering::Relaxed),
+            waiting: self.shared.slots.waiting.load(Ordering::Relaxed),
             overflows: self.shared.overflows.load(Ordering::Relaxed),
         }
     }
@@ -711,26 +769,38 @@ impl<B> Shared<B> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a place among the requests waiting for an HTTP/1.1 connection, or fails the
+    /// Takes a place at the back of the line for an HTTP/1.1 connection, or fails the
     /// request when `max_pending` have taken theirs.
-    fn wait_in_line(&self) -> Result<Waiting<'_>, SendError> {
+    fn wait_in_line(&self) -> Result<InLine<'_>, SendError> {
         let pool = &self.settings.pool;
-        self.waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        let slots = &*self.slots;
+        if slots
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < pool.max_pending).then_some(n + 1)
             })
-            .map(|_| Waiting(&self.waiting))
-            .map_err(|_| {
-                self.overflows.fetch_add(1, Ordering::Relaxed);
-                SendError {
+            .is_err()
+        {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(SendError {
+                addr: self.addr,
+                cause: Cause::Overflow(PoolOverflow {
                     addr: self.addr,
-                    cause: Cause::Overflow(PoolOverflow {
-                        addr: self.addr,
-                        connections: pool.max_connections,
-                        pending: pool.max_pending,
-                    }),
-                }
-            })
+                    connections: pool.max_connections,
+                    pending: pool.max_pending,
+                }),
+            });
+        }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut line = slots.line();
+        let ticket = line.next_ticket;
+        line.next_ticket += 1;
+        line.queue.push_back((ticket, wake.clone()));
+        Ok(InLine {
+            slots,
+            ticket,
+            wake,
+        })
     }
 
     /// An idle HTTP/1.1 connection ready now, else a slot to dial one in; `Full` when
@@ -740,7 +810,7 @@ impl<B> Shared<B> {
         if pool.h2_known {
             return Next::Again;
         }
-        if !queued && self.waiting.load(Ordering::Acquire) > 0 {
+        if !queued && self.slots.waiting.load(Ordering::SeqCst) > 0 {
             return Next::Full;
         }
         if !pool.idle.is_empty() {
@@ -763,24 +833,26 @@ impl<B> Shared<B> {
         }
     }
 
-    /// Waits, in line, until an HTTP/1.1 connection comes back or a slot frees. Waiters
-    /// are woken one at a time in the order they last began to wait, and a request that
-    /// arrives while others wait joins them; but what wakes one is not reserved for it
-    /// (another waiter may take it first, and the one woken waits again, behind the
-    /// others), so the order is not strict: a waiter is bounded only by its request's
-    /// own timeouts.
+    /// Waits in line until, at its front, an HTTP/1.1 connection comes back or a slot
+    /// frees: first come, first served (a request that arrives while others wait joins
+    /// them). Bounded by the request's own timeouts.
     async fn wait_for_h1(&self) -> Result<Next<B>, SendError> {
-        let _waiting = self.wait_in_line()?;
+        let me = self.wait_in_line()?;
         loop {
-            let freed = self.slots.freed.notified();
-            tokio::pin!(freed);
-            // Registered before the look, so that nothing freed between slips past.
-            freed.as_mut().enable();
-            match self.h1_next(&mut self.pool(), true) {
-                Next::Full => {}
-                next => return Ok(next),
+            {
+                let mut pool = self.pool();
+                if pool.h2_known {
+                    return Ok(Next::Again);
+                }
+                if me.is_front() {
+                    match self.h1_next(&mut pool, true) {
+                        Next::Full => {}
+                        next => return Ok(next),
+                    }
+                }
             }
-            freed.await;
+            // A wake-up between the look and here is kept for this wait.
+            me.wake.notified().await;
         }
     }
 }
@@ -845,9 +917,7 @@ where
             slot,
         });
         drop(pool);
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            self.slots.freed.notify_one();
-        }
+        self.slots.wake_front();
     }
 }
 
@@ -948,7 +1018,7 @@ where
                     if learned {
                         // ALPN said HTTP/2: the requests in line for an HTTP/1.1
                         // connection take this one instead.
-                        self.slots.freed.notify_waiters();
+                        self.slots.wake_all();
                     }
                     return match dialled {
                         Ok(checkout) => Ok(checkout),
@@ -1044,7 +1114,7 @@ where
             // (and its slot) from the pool if it was idle there.
             let slots = self.slots.clone();
             tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
-                slots.freed.notify_one();
+                slots.wake_front();
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/1.1 connection ended");
                 }
@@ -1087,9 +1157,9 @@ where
             dialled: tokio::sync::Notify::new(),
             slots: Arc::new(Slots {
                 open: AtomicUsize::new(0),
-                freed: tokio::sync::Notify::new(),
+                waiting: AtomicUsize::new(0),
+                line: Mutex::new(Line::default()),
             }),
-            waiting: AtomicUsize::new(0),
             overflows: AtomicU64::new(0),
         });
         Self {
@@ -2053,6 +2123,72 @@ mod tests {
         assert!(is_pool_overflow(&second.unwrap_err()));
         // Its one connection came back: the next request takes it.
         assert_eq!(read(strict.send(request("c")).await.unwrap()).await, "c");
+    }
+
+    /// The line is first come, first served: a connection given back goes to the request
+    /// at its front, not to one that arrives at that moment (here, in the same task that
+    /// gives it back, before the waiters can run).
+    #[tokio::test]
+    async fn the_line_is_first_come_first_served() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let log = log.clone();
+                let app = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    log.lock().unwrap().push(req.uri().path().to_owned());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), app),
+                );
+            }
+        });
+        let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool: PoolConfig {
+                    max_connections: 1,
+                    ..PoolConfig::default()
+                },
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let get = |path: &str| {
+            http::Request::get(format!("http://users.prod{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        // The one connection, held while its answer is unread.
+        let first = client.send(get("/0")).await.unwrap();
+        let waiters: Vec<_> = ["/1", "/2"]
+            .into_iter()
+            .map(|path| tokio::spawn(client.send(get(path))))
+            .collect();
+        // Both in line before the connection comes back.
+        while client.pool_status().waiting < 2 {
+            tokio::task::yield_now().await;
+        }
+        read(first).await;
+        // Arrives as the connection comes back, and looks before the waiters run.
+        let mut late = client.send(get("/late"));
+        assert!((&mut late).now_or_never().is_none(), "in line, behind them");
+        for waiter in waiters {
+            let answered = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("the waiters come first: the late request is behind them");
+            read(answered.unwrap().unwrap()).await;
+        }
+        read(late.await.unwrap()).await;
+        assert_eq!(*seen.lock().unwrap(), ["/0", "/1", "/2", "/late"]);
     }
 
     /// A slot freed by a connection that closed (not only one given back) lets a waiting
