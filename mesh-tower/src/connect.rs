@@ -14,8 +14,11 @@
 //!   when the pool is next used (no timer runs for it); all close when the client is
 //!   dropped (the endpoint left discovery) or the server closes them. At most 1,024
 //!   (`max_connections`) are open at once, idle ones included; a request that finds them
-//!   all busy waits for one to come back, and one that finds 1,024 (`max_pending`)
-//!   waiting already fails at once with [`PoolOverflow`], never sent. A request body that
+//!   all busy waits in line (first come, first served) for one to come back or close,
+//!   and one that finds 1,024 (`max_pending`) waiting already fails at once with
+//!   [`PoolOverflow`], never sent. A connection that comes back while still sending a
+//!   request body (the application answered early) rejoins the pool once it is done. A
+//!   request body that
 //!   keeps its connection waiting 60 s (`body_read_timeout`) fails its request
 //!   ([`BodyReadTimeout`]). The bounds are [`ConnectSettings::pool`] (a
 //!   [`PoolConfig`]);
