@@ -18,9 +18,8 @@
 //!   and one that finds 1,024 (`max_pending`) waiting already fails at once with
 //!   [`PoolOverflow`], never sent. A connection that comes back while still sending a
 //!   request body (the application answered early) rejoins the pool once it is done. A
-//!   request body that
-//!   keeps its connection waiting 60 s (`body_read_timeout`) fails its request
-//!   ([`BodyReadTimeout`]). The bounds are [`ConnectSettings::pool`] (a
+//!   request body that keeps its connection waiting 60 s (`body_read_timeout`) fails its
+//!   request ([`BodyReadTimeout`]). The bounds are [`ConnectSettings::pool`] (a
 //!   [`PoolConfig`]);
 //! - `Auto`: HTTP/2 when ALPN negotiates `h2` over mTLS, HTTP/1.1 otherwise.
 //!
