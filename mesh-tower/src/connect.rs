@@ -1898,6 +1898,32 @@ mod tests {
         }
     }
 
+    /// An HTTP/1.1 client of `addr` whose pool has the bounds `pool`.
+    fn pooled<B>(addr: SocketAddr, pool: PoolConfig) -> EndpointClient<B>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                pool,
+                ..ConnectSettings::plaintext()
+            },
+        )
+    }
+
+    /// A scripted endpoint that answers after 30 ms.
+    async fn slow_endpoint() -> MockEndpoint {
+        let slow = Behavior {
+            latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
+            ..Behavior::default()
+        };
+        MockEndpoint::spawn("a", slow).await.unwrap()
+    }
+
     fn connections(ep: &MockEndpoint) -> u64 {
         ep.stats().connections.load(Ordering::Relaxed)
     }
@@ -2014,15 +2040,11 @@ mod tests {
                 let mut buf = [0u8; 4096];
                 while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
             });
-            let client = EndpointClient::new(
+            let client = pooled(
                 addr,
-                ConnectSettings {
-                    protocol: Protocol::Http1,
-                    pool: PoolConfig {
-                        body_read_timeout: bound,
-                        ..PoolConfig::default()
-                    },
-                    ..ConnectSettings::plaintext()
+                PoolConfig {
+                    body_read_timeout: bound,
+                    ..PoolConfig::default()
                 },
             );
             let started = tokio::time::Instant::now();
@@ -2053,25 +2075,13 @@ mod tests {
     /// and not the endpoint's fault.
     #[tokio::test]
     async fn the_pool_bounds_connections_and_the_requests_waiting() {
-        let ep = MockEndpoint::spawn(
-            "a",
-            Behavior {
-                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
-                ..Behavior::default()
-            },
-        )
-        .await
-        .unwrap();
-        let client = EndpointClient::new(
+        let ep = slow_endpoint().await;
+        let client = pooled(
             ep.addr(),
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                pool: PoolConfig {
-                    max_connections: 2,
-                    max_pending: 3,
-                    ..PoolConfig::default()
-                },
-                ..ConnectSettings::plaintext()
+            PoolConfig {
+                max_connections: 2,
+                max_pending: 3,
+                ..PoolConfig::default()
             },
         );
         for round in 0..2 {
@@ -2106,16 +2116,12 @@ mod tests {
             assert_eq!(status.overflows, round + 1);
         }
         // Nobody waits past the limit when no one may wait.
-        let strict = EndpointClient::new(
+        let strict = pooled(
             ep.addr(),
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                pool: PoolConfig {
-                    max_connections: 1,
-                    max_pending: 0,
-                    ..PoolConfig::default()
-                },
-                ..ConnectSettings::plaintext()
+            PoolConfig {
+                max_connections: 1,
+                max_pending: 0,
+                ..PoolConfig::default()
             },
         );
         let first = strict.send(request("a"));
@@ -2153,15 +2159,11 @@ mod tests {
                 );
             }
         });
-        let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        let client: EndpointClient<Full<Bytes>> = pooled(
             addr,
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                pool: PoolConfig {
-                    max_connections: 1,
-                    ..PoolConfig::default()
-                },
-                ..ConnectSettings::plaintext()
+            PoolConfig {
+                max_connections: 1,
+                ..PoolConfig::default()
             },
         );
         let get = |path: &str| {
@@ -2197,24 +2199,12 @@ mod tests {
     /// request dial.
     #[tokio::test]
     async fn a_closed_connection_frees_its_place_for_a_waiting_request() {
-        let ep = MockEndpoint::spawn(
-            "a",
-            Behavior {
-                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
-                ..Behavior::default()
-            },
-        )
-        .await
-        .unwrap();
-        let client = EndpointClient::new(
+        let ep = slow_endpoint().await;
+        let client = pooled(
             ep.addr(),
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                pool: PoolConfig {
-                    max_connections: 1,
-                    ..PoolConfig::default()
-                },
-                ..ConnectSettings::plaintext()
+            PoolConfig {
+                max_connections: 1,
+                ..PoolConfig::default()
             },
         );
         let first = client.send(request("a"));
@@ -2370,15 +2360,11 @@ mod tests {
                 });
             }
         });
-        let client: EndpointClient<BoxedBody> = EndpointClient::new(
+        let client: EndpointClient<BoxedBody> = pooled(
             addr,
-            ConnectSettings {
-                protocol: Protocol::Http1,
-                pool: PoolConfig {
-                    max_connections: 1,
-                    ..PoolConfig::default()
-                },
-                ..ConnectSettings::plaintext()
+            PoolConfig {
+                max_connections: 1,
+                ..PoolConfig::default()
             },
         );
         let (more, rx) = tokio::sync::mpsc::unbounded_channel::<
@@ -2422,15 +2408,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_http1_requests_open_connections_then_reuse_them() {
-        let ep = MockEndpoint::spawn(
-            "a",
-            Behavior {
-                latency: crate::mock::Latency::Fixed(Duration::from_millis(30)),
-                ..Behavior::default()
-            },
-        )
-        .await
-        .unwrap();
+        let ep = slow_endpoint().await;
         let client = EndpointClient::new(ep.addr(), ConnectSettings::plaintext());
         for round in 0..3 {
             let sends =
