@@ -807,11 +807,9 @@ impl<B> Shared<B> {
 
     /// An idle HTTP/1.1 connection ready now, else a slot to dial one in; `Full` when
     /// neither, or when requests wait in line already and `queued` is not one of them
-    /// (a newcomer does not pass them). Called with the pool locked.
+    /// (a newcomer does not pass them). Called with the pool locked, and only while the
+    /// endpoint is not known to speak HTTP/2 (both callers look first).
     fn h1_next(&self, pool: &mut Pool<B>, queued: bool) -> Next<B> {
-        if pool.h2_known {
-            return Next::Again;
-        }
         if !queued && self.slots.waiting.load(Ordering::SeqCst) > 0 {
             return Next::Full;
         }

@@ -58,7 +58,7 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use tower::Layer;
 use tower_service::Service;
 
@@ -145,24 +145,21 @@ fn parse(value: &[u8]) -> Option<u64> {
 /// The answer of the final recipient: `200` to an `OPTIONS`, and to a `TRACE` its request
 /// as `message/http`.
 fn answer<B, RB>(req: &Request<B>) -> Response<ResponseBody<RB>> {
-    let content = if req.method() == Method::TRACE {
-        Some(reflect(req))
-    } else {
-        None
-    };
-    let mut response = Response::new(match &content {
-        Some(bytes) => ResponseBody::local(bytes.clone()),
-        None => ResponseBody::empty(),
-    });
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    if content.is_some() {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("message/http"),
-        );
+    if req.method() != Method::TRACE {
+        let mut response = Response::new(ResponseBody::empty());
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        return response;
     }
-    let length = content.as_ref().map_or(0, Bytes::len);
+    let message = reflect(req);
+    let length = message.len();
+    let mut response = Response::new(ResponseBody::local(message));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("message/http"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     response
 }
@@ -208,6 +205,7 @@ fn reflect<B>(req: &Request<B>) -> Bytes {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use http::StatusCode;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
