@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use mesh_tower::connect::PoolStatus;
+use mesh_tower::metrics::PoolFamilies;
 use mesh_tower::server::{MeshServer, Server, ServerError};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -198,40 +198,29 @@ struct AppPools(Vec<(String, mesh_tower::forward::Forward<Incoming>)>);
 
 impl Collector for AppPools {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let statuses: Vec<_> = self
+        let rows: Vec<_> = self
             .0
             .iter()
-            .map(|(listener, forward)| (listener.as_str(), forward.pool_status()))
+            .map(|(listener, forward)| ([("listener", listener.as_str())], forward.pool_status()))
             .collect();
-        let mut gauge = |name, help, value: fn(&PoolStatus) -> usize| {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (listener, status) in &statuses {
-                let value = i64::try_from(value(status)).unwrap_or(i64::MAX);
-                ConstGauge::new(value).encode(family.encode_family(&[("listener", *listener)])?)?;
-            }
-            Ok::<_, std::fmt::Error>(())
-        };
-        gauge(
-            "mesh_proxy_app_connections",
-            "HTTP/1.1 connections open to each inbound listener's application (in use, idle or being dialled; at most pool.max_connections)",
-            |s| s.open,
-        )?;
-        gauge(
-            "mesh_proxy_app_requests_waiting",
-            "Requests waiting for an HTTP/1.1 connection to the application (at most pool.max_pending)",
-            |s| s.waiting,
-        )?;
-        let mut family = encoder.encode_descriptor(
-            "mesh_proxy_app_pool_overflows",
-            "Requests answered 503 without being sent: every HTTP/1.1 connection to the application busy and pool.max_pending waiting",
-            None,
-            MetricType::Counter,
-        )?;
-        for (listener, status) in &statuses {
-            ConstCounter::new(status.overflows)
-                .encode(family.encode_family(&[("listener", *listener)])?)?;
-        }
-        Ok(())
+        mesh_tower::metrics::encode_pools(
+            &mut encoder,
+            &PoolFamilies {
+                connections: (
+                    "mesh_proxy_app_connections",
+                    "HTTP/1.1 connections open to each inbound listener's application (in use, idle or being dialled; at most pool.max_connections)",
+                ),
+                waiting: (
+                    "mesh_proxy_app_requests_waiting",
+                    "Requests waiting for an HTTP/1.1 connection to the application (at most pool.max_pending)",
+                ),
+                overflows: (
+                    "mesh_proxy_app_pool_overflows",
+                    "Requests answered 503 without being sent: every HTTP/1.1 connection to the application busy and pool.max_pending waiting",
+                ),
+            },
+            &rows,
+        )
     }
 }
 

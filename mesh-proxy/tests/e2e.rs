@@ -134,6 +134,9 @@ async fn curl_through_two_proxies_to_an_app() {
         "process_resident_memory_bytes",
         "mesh_route_unmatched_total",
         "mesh_client_responses_total",
+        // The service's endpoint pool; HTTP/2 to B (ALPN), so no HTTP/1.1 connection.
+        "mesh_client_pool_connections{service=\"app\",server_address=",
+        "mesh_client_pool_overflows_total{service=\"app\",server_address=",
     ] {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");
     }

@@ -468,11 +468,10 @@ struct Shared<B> {
     /// The HTTP/1.1 connections open (or being dialled), against `max_connections`, and
     /// the line of requests waiting for one.
     slots: Arc<Slots>,
-    /// Requests refused with [`PoolOverflow`].
-    overflows: AtomicU64,
 }
 
-/// How an endpoint's HTTP/1.1 pool stands ([`EndpointClient::pool_status`]), for metrics.
+/// How an endpoint's HTTP/1.1 pool stands ([`EndpointClient::pool_status`],
+/// [`PoolProbe::status`]), for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolStatus {
@@ -498,6 +497,31 @@ struct Slots {
     /// nobody waits.
     waiting: AtomicUsize,
     line: Mutex<Line>,
+    /// Requests refused with [`PoolOverflow`].
+    overflows: AtomicU64,
+}
+
+/// A read-only view of one endpoint's HTTP/1.1 pool ([`EndpointClient::pool_probe`]),
+/// for a metrics collector to read at scrape time: it holds the pool's counts, not its
+/// connections, so keeping it does not keep the endpoint's client alive. Cheap to clone.
+#[derive(Clone)]
+pub struct PoolProbe(Arc<Slots>);
+
+impl PoolProbe {
+    /// How the pool stands now.
+    pub fn status(&self) -> PoolStatus {
+        PoolStatus {
+            open: self.0.open.load(Ordering::Relaxed),
+            waiting: self.0.waiting.load(Ordering::Relaxed),
+            overflows: self.0.overflows.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for PoolProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PoolProbe").field(&self.status()).finish()
+    }
 }
 
 /// The requests waiting for an HTTP/1.1 connection, first come first served: each has
@@ -714,11 +738,14 @@ impl<B> EndpointClient<B> {
     /// How the endpoint's HTTP/1.1 pool stands: connections open, requests waiting, and
     /// requests refused so far.
     pub fn pool_status(&self) -> PoolStatus {
-        PoolStatus {
-            open: self.shared.slots.open.load(Ordering::Relaxed),
-            waiting: self.shared.slots.waiting.load(Ordering::Relaxed),
-            overflows: self.shared.overflows.load(Ordering::Relaxed),
-        }
+        self.pool_probe().status()
+    }
+
+    /// A view of the endpoint's HTTP/1.1 pool that a metrics collector can keep and read
+    /// at each scrape ([`ClientMetrics`](crate::metrics::ClientMetrics) does, through
+    /// `EndpointMetrics::with_pool`).
+    pub fn pool_probe(&self) -> PoolProbe {
+        PoolProbe(self.shared.slots.clone())
     }
 }
 
@@ -783,7 +810,7 @@ impl<B> Shared<B> {
             })
             .is_err()
         {
-            self.overflows.fetch_add(1, Ordering::Relaxed);
+            slots.overflows.fetch_add(1, Ordering::Relaxed);
             return Err(SendError {
                 addr: self.addr,
                 cause: Cause::Overflow(PoolOverflow {
@@ -1159,8 +1186,8 @@ where
                 open: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 line: Mutex::new(Line::default()),
+                overflows: AtomicU64::new(0),
             }),
-            overflows: AtomicU64::new(0),
         });
         Self {
             shared,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use mesh_core::config::{BreakerConfig, RetryConfig};
+use mesh_core::config::{BreakerConfig, PoolConfig, Protocol, RetryConfig};
 use mesh_core::discover::{BoxDiscover, Change, StaticDiscovery};
 use mesh_core::{Endpoint, SpiffeId};
 use mesh_spiffe::test_ca::TestCa;
@@ -451,4 +451,112 @@ async fn endpoints_are_authenticated_and_wrong_identities_refused() {
         "{chain:?}"
     );
     assert_eq!(ep.stats().requests(), 0);
+}
+
+/// The registry's text, and the value of the series named `name` whose labels contain
+/// `labels` (as written in the text).
+fn series(
+    registry: &prometheus_client::registry::Registry,
+    name: &str,
+    labels: &str,
+) -> Option<f64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn an_endpoints_http1_pool_is_on_metrics_while_it_lives() {
+    let ep = MockEndpoint::spawn(
+        "a",
+        Behavior {
+            hang: true,
+            ..Behavior::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let client = MeshClient::builder(endpoints(&[&ep]))
+        .service_name("users")
+        .plaintext()
+        .protocol(Protocol::Http1)
+        .pool(PoolConfig {
+            max_connections: 1,
+            max_pending: 1,
+            ..PoolConfig::default()
+        })
+        .retry(RetryConfig {
+            enabled: false,
+            ..RetryConfig::default()
+        })
+        .metrics(&mut registry)
+        .build()
+        .unwrap();
+    // An HTTP/2-only service beside it, in the same families: it never pools HTTP/1.1
+    // connections, so it has no pool series.
+    let h2 = MeshClient::builder(endpoints(&[&ep]))
+        .service_name("grpc")
+        .plaintext()
+        .protocol(Protocol::Grpc)
+        .shared_metrics(client.metrics().unwrap())
+        .build()
+        .unwrap();
+    let labels = format!(r#"service="users",server_address="{}""#, ep.addr());
+    let connections = |r: &_| series(r, "mesh_client_pool_connections", &labels);
+    let waiting = |r: &_| series(r, "mesh_client_pool_requests_waiting", &labels);
+    let overflows = |r: &_| series(r, "mesh_client_pool_overflows_total", &labels);
+
+    // One request holds the only connection (the endpoint never answers), one waits.
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(get()).await }
+    });
+    let queued = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(get()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (connections(&registry), waiting(&registry)) != (Some(1.0), Some(1.0)) {
+        assert!(Instant::now() < deadline, "the pool never filled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(overflows(&registry), Some(0.0));
+    // A third finds the line full: refused unsent, and counted.
+    let error = client.send(get()).await.unwrap_err();
+    assert!(
+        mesh_tower::connect::is_pool_overflow(error.as_ref()),
+        "{error}"
+    );
+    assert_eq!(overflows(&registry), Some(1.0));
+    assert_eq!(ep.stats().requests(), 1);
+    // The HTTP/2 service has its endpoint series, and no pool series.
+    let grpc = format!(r#"service="grpc",server_address="{}""#, ep.addr());
+    while series(&registry, "mesh_client_endpoint_load", &grpc).is_none() {
+        assert!(Instant::now() < deadline, "the grpc endpoint never came up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        series(&registry, "mesh_client_pool_connections", &grpc),
+        None
+    );
+
+    // Given up, then the client gone: its pool series go with the endpoint's others.
+    held.abort();
+    queued.abort();
+    assert!(held.await.unwrap_err().is_cancelled());
+    assert!(queued.await.unwrap_err().is_cancelled());
+    assert_eq!(waiting(&registry), Some(0.0));
+    drop((client, h2));
+    while connections(&registry).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the pool series outlived the client"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(overflows(&registry), None);
 }

@@ -343,8 +343,14 @@ impl MeshClientBuilder {
             let label: Arc<str> = Arc::from(endpoint.key().to_string());
             let load_handle = EndpointLoad::new(self.balancer.default_rtt, self.balancer.decay);
             let series = metrics.as_ref().map(|m| {
-                m.endpoint(label.clone(), classifier.clone())
-                    .with_load(load_handle.clone())
+                let series = m
+                    .endpoint(label.clone(), classifier.clone())
+                    .with_load(load_handle.clone());
+                // HTTP/2-only services never pool HTTP/1.1 connections: no pool series.
+                match connect.protocol {
+                    Protocol::Auto | Protocol::Http1 => series.with_pool(client.pool_probe()),
+                    _ => series,
+                }
             });
             let transitions = series.clone();
             let breaker_handle = breaker.handle(endpoint.key(), move |t| {

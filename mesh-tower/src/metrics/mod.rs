@@ -10,6 +10,16 @@
 //! | `mesh_client_retry_budget_exhausted_total` | counter | `service` |
 //! | `mesh_client_breaker_transitions_total` | counter | `service`, `server_address`, `state` (`ejected`, `probation`, `reinstated`) |
 //! | `mesh_client_endpoint_load` | gauge | `service`, `server_address` (peak-EWMA cost in seconds at the last response) |
+//! | `mesh_client_pool_connections` | gauge | `service`, `server_address` (HTTP/1.1 connections open: in use, idle or being dialled) |
+//! | `mesh_client_pool_requests_waiting` | gauge | `service`, `server_address` (requests waiting for an HTTP/1.1 connection) |
+//! | `mesh_client_pool_overflows_total` | counter | `service`, `server_address` (requests refused unsent: every connection busy, the line full) |
+//!
+//! The three pool series exist for endpoints whose connection pool was attached with
+//! [`EndpointMetrics::with_pool`] (`MeshClient` attaches it for services that may speak
+//! HTTP/1.1: `auto` and `http1`). They are read from the pool at each scrape, not kept
+//! up to date on the request path; an address served by two clients for a while (a reload
+//! re-making a service's client) shows their sum, and the overflow count starts again
+//! from zero once only the new client is left, which Prometheus takes for a counter reset.
 //!
 //! Label names follow OpenTelemetry's HTTP semantic conventions where they exist
 //! (`server.address`, `http.response.status_code`, with dots as underscores). Label values
@@ -56,7 +66,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use mesh_core::classify::Class;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -67,6 +79,7 @@ use mesh_core::classify::Classifier;
 
 #[cfg(feature = "breaker")]
 use crate::breaker::Transition;
+use crate::connect::{PoolProbe, PoolStatus};
 use crate::load::EndpointLoad;
 
 mod future;
@@ -120,7 +133,7 @@ pub struct ClientMetrics {
     /// while (an endpoint re-made under a new identity while the old one drains, or a
     /// service's client replaced by a reload), and only the last one to go removes the
     /// address's series. Shared by every [`for_service`](Self::for_service) derivative.
-    live: Arc<Mutex<HashMap<ServiceAddress, Live>>>,
+    live: LiveMap,
 }
 
 /// A service's name and an endpoint's address.
@@ -131,6 +144,113 @@ struct Live {
     count: usize,
     /// Status labels recorded by series already gone.
     seen: Vec<(u16, &'static str)>,
+    /// The connection pools of the address's live series, each beside its series (by
+    /// address), to be read at scrape time.
+    pools: Vec<(usize, PoolProbe)>,
+}
+
+/// The live endpoints, by service and address.
+type LiveMap = Arc<Mutex<HashMap<ServiceAddress, Live>>>;
+
+/// Encodes the pool series of every live endpoint with a pool, read at scrape time.
+#[derive(Debug)]
+struct PoolCollector(LiveMap);
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut pools: Vec<(ServiceAddress, PoolStatus)> = {
+            let Ok(live) = self.0.lock() else {
+                return Ok(());
+            };
+            live.iter()
+                .filter(|(_, l)| !l.pools.is_empty())
+                .map(|(key, l)| {
+                    let sum = l
+                        .pools
+                        .iter()
+                        .fold(PoolStatus::default(), |mut sum, (_, p)| {
+                            let s = p.status();
+                            sum.open += s.open;
+                            sum.waiting += s.waiting;
+                            sum.overflows += s.overflows;
+                            sum
+                        });
+                    (key.clone(), sum)
+                })
+                .collect()
+        };
+        if pools.is_empty() {
+            return Ok(());
+        }
+        pools.sort_by(|a, b| a.0.cmp(&b.0));
+        let rows: Vec<_> = pools
+            .into_iter()
+            .map(|((service, server_address), status)| {
+                let labels = EndpointLabels {
+                    service,
+                    server_address,
+                };
+                (labels, status)
+            })
+            .collect();
+        encode_pools(
+            &mut encoder,
+            &PoolFamilies {
+                connections: (
+                    "mesh_client_pool_connections",
+                    "HTTP/1.1 connections open to each endpoint (in use, idle or being dialled; at most pool.max_connections)",
+                ),
+                waiting: (
+                    "mesh_client_pool_requests_waiting",
+                    "Requests waiting for an HTTP/1.1 connection to each endpoint (at most pool.max_pending)",
+                ),
+                overflows: (
+                    "mesh_client_pool_overflows",
+                    "Requests refused without being sent: every HTTP/1.1 connection to the endpoint busy and pool.max_pending waiting",
+                ),
+            },
+            &rows,
+        )
+    }
+}
+
+/// The names and help texts of the three families [`encode_pools`] writes: two gauges and
+/// a counter (whose name gets `_total` in the text format).
+#[derive(Clone, Copy, Debug)]
+pub struct PoolFamilies {
+    /// Connections open ([`PoolStatus::open`]).
+    pub connections: (&'static str, &'static str),
+    /// Requests waiting ([`PoolStatus::waiting`]).
+    pub waiting: (&'static str, &'static str),
+    /// Requests refused ([`PoolStatus::overflows`]).
+    pub overflows: (&'static str, &'static str),
+}
+
+/// Writes one series per row in each of `families`, from a collector: how connection
+/// pools stand (say, each endpoint's or each listener's, labelled by `L`).
+pub fn encode_pools<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    families: &PoolFamilies,
+    rows: &[(L, PoolStatus)],
+) -> Result<(), std::fmt::Error> {
+    let mut gauge = |(name, help): (&str, &str), value: fn(&PoolStatus) -> usize| {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, status) in rows {
+            let value = i64::try_from(value(status)).unwrap_or(i64::MAX);
+            prometheus_client::metrics::gauge::ConstGauge::new(value)
+                .encode(family.encode_family(labels)?)?;
+        }
+        Ok::<_, std::fmt::Error>(())
+    };
+    gauge(families.connections, |s| s.open)?;
+    gauge(families.waiting, |s| s.waiting)?;
+    let (name, help) = families.overflows;
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, status) in rows {
+        prometheus_client::metrics::counter::ConstCounter::new(status.overflows)
+            .encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
 
 fn class_name(class: Option<Class>) -> &'static str {
@@ -207,6 +327,7 @@ impl ClientMetrics {
             "Peak-EWMA load of each endpoint, in seconds, at its last response",
             this.load.clone(),
         );
+        registry.register_collector(Box::new(PoolCollector(this.live.clone())));
         this
     }
 
@@ -316,6 +437,18 @@ impl EndpointMetrics {
         }))
     }
 
+    /// Also exposes the endpoint's HTTP/1.1 pool (`mesh_client_pool_*`, read from `pool`
+    /// at each scrape) for as long as the endpoint's series live.
+    pub fn with_pool(self, pool: PoolProbe) -> Self {
+        let s = &self.0.series;
+        if let Ok(mut live) = s.client.live.lock()
+            && let Some(entry) = live.get_mut(&(s.client.service.clone(), s.address.clone()))
+        {
+            entry.pools.push((Arc::as_ptr(s) as usize, pool));
+        }
+        self
+    }
+
     fn response(&self, status: StatusCode, headers: &http::HeaderMap, took: Duration) {
         let s = &*self.0.series;
         let class = s.classifier.classify_response(status, headers);
@@ -401,6 +534,8 @@ impl Drop for EndpointSeries {
         };
         let key = (c.service.clone(), self.address.clone());
         if let Some(entry) = live.get_mut(&key) {
+            let me = std::ptr::from_ref::<Self>(self) as usize;
+            entry.pools.retain(|(series, _)| *series != me);
             entry.count = entry.count.saturating_sub(1);
             if entry.count > 0 {
                 // Another series object of this address lives on: it removes them all.
