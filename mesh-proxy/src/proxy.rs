@@ -334,16 +334,21 @@ impl Proxy {
             // An edge listener's clients are outside the mesh: its error answers, and the
             // mesh's answers relayed from peers, do not name endpoints or their errors (the
             // log does: at info once a second, else at debug).
-            let answers = if outbound.certificate.is_some() {
-                AnswerErrorsLayer::brief()
+            // Nor do they get TRACE: with `Max-Forwards: 1` it would show them what the
+            // peer's proxy received.
+            let (answers, hops) = if outbound.certificate.is_some() {
+                (
+                    AnswerErrorsLayer::brief(),
+                    MaxForwardsLayer::new().refuse_trace(),
+                )
             } else {
-                AnswerErrorsLayer::new()
+                (AnswerErrorsLayer::new(), MaxForwardsLayer::new())
             };
             // Upgrades (WebSocket) are spliced to the upstream's connection.
             let app: Tunnel<MaxForwards<AnswerErrors<Router<Backend>>>> = TunnelLayer::new()
                 .metrics(tunnel_metrics.listener(&outbound.name))
                 .idle_timeout(tunnel_idle(&outbound.limits))
-                .layer(MaxForwardsLayer::new().layer(answers.layer(router.clone())));
+                .layer(hops.layer(answers.layer(router.clone())));
             let listener = bind(&key, outbound.listen).await?;
             let log = access_log(&outbound.name, outbound.access_log);
             access_logs.push(Some(log.handle().clone()));

@@ -302,6 +302,31 @@ async fn an_edge_listener_terminates_tls_from_outside_the_mesh() {
     // Plaintext on the TLS port: no answer.
     let (code, _) = curl(&[&format!("http://{edge}/plain")]);
     assert_eq!(code, 0);
+    // TRACE is refused at the edge, whatever Max-Forwards says (the peer would reflect
+    // mesh-internal fields); OPTIONS still counts down.
+    for hops in ["0", "1", "5"] {
+        let (code, body) = curl(&[
+            "--cacert",
+            cacert,
+            "-X",
+            "TRACE",
+            "-H",
+            &format!("max-forwards: {hops}"),
+            &format!("https://{edge}/probe"),
+        ]);
+        assert_eq!(code, 405, "{hops}: {body}");
+        assert_eq!(body, "TRACE is not served on this listener\n");
+    }
+    let (code, body) = curl(&[
+        "--cacert",
+        cacert,
+        "-X",
+        "OPTIONS",
+        "-H",
+        "max-forwards: 0",
+        &format!("https://{edge}/probe"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, ""));
 
     // Rotation: a new pair renamed over the files is presented from the next handshake,
     // without a restart; a client trusting only the old certificate is then refused.

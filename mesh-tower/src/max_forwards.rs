@@ -18,6 +18,13 @@
 //! With several fields the smallest counts. A value that is not a decimal number is
 //! ignored; with no valid value the request goes on unchanged, as with no field at all.
 //!
+//! **Refusing `TRACE`.** With [`MaxForwardsLayer::refuse_trace`], every `TRACE` is
+//! answered `405 Method Not Allowed` (with an `Allow` field naming the methods that do go
+//! on, and `x-mesh-error: true`), whatever its `Max-Forwards`, and goes no further.
+//! mesh-proxy refuses it on edge listeners, whose clients are outside the mesh: a caller
+//! there could otherwise send `TRACE` with `Max-Forwards: 1` and read back what the next
+//! proxy received, mesh-internal fields included. nginx refuses `TRACE` the same way.
+//!
 //! In the mesh each proxy is a hop: a request from an application through its outbound
 //! proxy and the peer's inbound proxy takes two. The layer sits above each proxy's routing
 //! and forwarding (mesh-proxy puts it on every HTTP listener), and is usable alone in any
@@ -67,7 +74,7 @@ use crate::body::{ResponseBody, ResponseFuture};
 /// Applies [`MaxForwards`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MaxForwardsLayer {
-    _private: (),
+    refuse_trace: bool,
 }
 
 impl MaxForwardsLayer {
@@ -75,13 +82,23 @@ impl MaxForwardsLayer {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Answers every `TRACE` with `405`, neither reflected nor forwarded (see the [module
+    /// docs](self)). Off by default.
+    pub fn refuse_trace(mut self) -> Self {
+        self.refuse_trace = true;
+        self
+    }
 }
 
 impl<S> Layer<S> for MaxForwardsLayer {
     type Service = MaxForwards<S>;
 
     fn layer(&self, inner: S) -> MaxForwards<S> {
-        MaxForwards { inner }
+        MaxForwards {
+            inner,
+            refuse_trace: self.refuse_trace,
+        }
     }
 }
 
@@ -90,6 +107,7 @@ impl<S> Layer<S> for MaxForwardsLayer {
 #[derive(Clone, Debug)]
 pub struct MaxForwards<S> {
     inner: S,
+    refuse_trace: bool,
 }
 
 impl<S> MaxForwards<S> {
@@ -113,6 +131,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let method = req.method();
+        if self.refuse_trace && *method == Method::TRACE {
+            return ResponseFuture::local(refusal());
+        }
         if (*method == Method::OPTIONS || *method == Method::TRACE)
             && let Some(left) = req
                 .headers()
@@ -161,6 +182,28 @@ fn answer<B, RB>(req: &Request<B>) -> Response<ResponseBody<RB>> {
         HeaderValue::from_static("message/http"),
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+/// The methods a listener that refuses `TRACE` still forwards, for the `Allow` field its
+/// `405` must carry (RFC 9110 §15.5.6): every method of RFC 9110 and `PATCH` but `TRACE`
+/// (extension methods go on too).
+const ALLOWED: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, PATCH");
+
+/// The answer to a refused `TRACE`.
+fn refusal<RB>() -> Response<ResponseBody<RB>> {
+    const WHY: &str = "TRACE is not served on this listener\n";
+    let mut response = Response::new(ResponseBody::local(Bytes::from_static(WHY.as_bytes())));
+    *response.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, ALLOWED);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(WHY.len()));
+    headers.insert(crate::body::MESH_ERROR, HeaderValue::from_static("true"));
     response
 }
 
@@ -332,5 +375,62 @@ mod tests {
             body,
             "TRACE /probe?x=1 HTTP/1.1\r\nhost: users.example\r\nmax-forwards: 0\r\nx-request-id: abc\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_refuses_trace_answers_405_whatever_the_count() {
+        let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = forwarded.clone();
+        let next = tower::service_fn(move |_req: Request<()>| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async move { Ok::<_, std::convert::Infallible>(Response::new(String::new())) }
+        });
+        let svc = MaxForwardsLayer::new().refuse_trace().layer(next);
+        let request = |method: Method, count: Option<&'static str>| {
+            let mut req = Request::builder()
+                .method(method)
+                .uri("http://users.example/probe");
+            if let Some(count) = count {
+                req = req.header(header::MAX_FORWARDS, count);
+            }
+            req.body(()).unwrap()
+        };
+        for count in [None, Some("0"), Some("1"), Some("70")] {
+            let resp = svc
+                .clone()
+                .oneshot(request(Method::TRACE, count))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{count:?}");
+            let allow = resp.headers()[header::ALLOW].to_str().unwrap().to_owned();
+            assert!(
+                allow.contains("GET") && allow.contains("OPTIONS"),
+                "{allow}"
+            );
+            assert!(!allow.contains("TRACE"), "{allow}");
+            assert_eq!(resp.headers()[crate::body::MESH_ERROR], "true");
+            let length = resp.headers()[header::CONTENT_LENGTH].clone();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(length, body.len().to_string().as_str());
+            assert_eq!(body, "TRACE is not served on this listener\n");
+        }
+        assert_eq!(forwarded.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // OPTIONS and other methods are as without it.
+        let resp = svc
+            .clone()
+            .oneshot(request(Method::OPTIONS, Some("0")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.body().is_local());
+        for method in [Method::OPTIONS, Method::GET] {
+            let resp = svc
+                .clone()
+                .oneshot(request(method, Some("3")))
+                .await
+                .unwrap();
+            assert!(!resp.body().is_local());
+        }
+        assert_eq!(forwarded.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }
