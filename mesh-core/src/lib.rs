@@ -21,6 +21,9 @@
 //! - `watch` (feature `file-watch`): `FileWatch`, the robust watch of a set of files
 //!   (directory events, debounce, a safety-net poll, atomic replace and symlink swaps) that
 //!   file discovery and `mesh-spiffe`'s PEM credential files share.
+//! - `sock` (feature `sock`): the TCP options every mesh connection gets (keepalive,
+//!   `TCP_USER_TIMEOUT`, `TCP_NODELAY`), which `mesh-spiffe`'s connector and `mesh-tower`'s
+//!   clients and servers set.
 //!
 //! # Features
 //!
@@ -30,6 +33,7 @@
 //! | `discover-file` | no | `discover::FileDiscovery` (tokio, notify) |
 //! | `discover-dns` | no | `discover::DnsDiscovery` (tokio, hickory-resolver) |
 //! | `file-watch` | no (on with `discover-file`) | `watch::FileWatch` (tokio, notify) |
+//! | `sock` | no | `sock::TcpOptions`, `sock::tune` (tokio, socket2) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod classify;
@@ -39,6 +43,8 @@ pub mod endpoint;
 pub mod error;
 pub mod identity;
 mod serde_str;
+#[cfg(feature = "sock")]
+pub mod sock;
 #[cfg(feature = "file-watch")]
 pub mod watch;
 

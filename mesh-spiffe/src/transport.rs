@@ -29,6 +29,7 @@ use crate::error::VerifyError;
 use crate::tls::Mtls;
 use crate::verify::spiffe_id_of;
 use mesh_core::identity::SpiffeId;
+use mesh_core::sock::TcpOptions;
 
 /// The default bound on one TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,6 +127,7 @@ pub(crate) async fn bounded<T>(
 pub struct MtlsConnector {
     connector: tokio_rustls::TlsConnector,
     handshake_timeout: Duration,
+    tcp: TcpOptions,
 }
 
 impl fmt::Debug for MtlsConnector {
@@ -143,6 +145,7 @@ impl MtlsConnector {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tcp: TcpOptions::default(),
         })
     }
 
@@ -152,14 +155,22 @@ impl MtlsConnector {
         self
     }
 
-    /// Connects to `addr` over TCP and runs the handshake.
+    /// The TCP options [`connect`](Self::connect) sets (default
+    /// [`TcpOptions::default`]: keepalive after 10 s and a 40 s `TCP_USER_TIMEOUT` to
+    /// other hosts, `TCP_NODELAY` always; see [`mesh_core::sock`]).
+    pub fn with_tcp_options(mut self, options: TcpOptions) -> Self {
+        self.tcp = options;
+        self
+    }
+
+    /// Connects to `addr` over TCP, with the connector's TCP options, and runs the
+    /// handshake.
     pub async fn connect(
         &self,
         addr: SocketAddr,
     ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, PeerIdentity), TransportError> {
         let tcp = TcpStream::connect(addr).await.map_err(TransportError::Io)?;
-        // Nagle's algorithm only delays small request frames.
-        let _ = tcp.set_nodelay(true);
+        mesh_core::sock::tune(&tcp, addr, &self.tcp);
         self.handshake(addr, tcp).await
     }
 
@@ -187,6 +198,7 @@ pub struct MtlsAcceptor {
     acceptor: tokio_rustls::TlsAcceptor,
     handshake_timeout: Duration,
     max_concurrent: usize,
+    tcp: TcpOptions,
 }
 
 impl fmt::Debug for MtlsAcceptor {
@@ -206,7 +218,15 @@ impl MtlsAcceptor {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_concurrent: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            tcp: TcpOptions::default(),
         })
+    }
+
+    /// The TCP options set on each connection [`incoming`](Self::incoming) accepts
+    /// (default [`TcpOptions::default`], as [`MtlsConnector::with_tcp_options`]).
+    pub fn with_tcp_options(mut self, options: TcpOptions) -> Self {
+        self.tcp = options;
+        self
     }
 
     /// Bounds each handshake (default 10 s).
@@ -312,7 +332,7 @@ async fn accept_loop(
             },
             () = tx.closed() => return,
         };
-        let _ = tcp.set_nodelay(true);
+        mesh_core::sock::tune(&tcp, remote, &acceptor.tcp);
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {

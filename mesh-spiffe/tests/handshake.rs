@@ -1,7 +1,7 @@
 //! Real TLS handshakes over loopback with certificates from the test CA: who is accepted,
 //! who is refused, and why.
 #![cfg(feature = "test-util")]
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 mod common;
 
@@ -322,4 +322,60 @@ async fn the_aws_lc_rs_provider_interoperates_with_ring() {
         seen.recv().await.unwrap().unwrap(),
         "spiffe://example.org/web"
     );
+}
+
+/// One of this host's own addresses that is not loopback (the one its default route
+/// leaves from; nothing is sent), or `None` on a host without one.
+fn own_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.1:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// The connector and the acceptor set their TCP options on connections to and from other
+/// hosts. This host's own non-loopback address stands in for another host (loopback
+/// peers get `TCP_NODELAY` only).
+#[tokio::test]
+async fn the_connector_and_the_acceptor_set_their_tcp_options() {
+    use mesh_core::sock::{Keepalive, TcpOptions};
+    let Some(ip) = own_address() else {
+        eprintln!("skipped: this host has no address but loopback");
+        return;
+    };
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let options = |idle: u64| {
+        TcpOptions::default().keepalive(Some(Keepalive {
+            idle: Duration::from_secs(idle),
+            ..Keepalive::default()
+        }))
+    };
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut incoming = MtlsAcceptor::new(&mtls(&server), authorizer_any_in(&ca))
+        .unwrap()
+        .with_tcp_options(options(41))
+        .incoming(listener);
+    let connector = MtlsConnector::new(&mtls(&client), id("spiffe://example.org/api"))
+        .unwrap()
+        .with_tcp_options(options(42));
+    let (dialled, _) = connector.connect(addr).await.unwrap();
+    let accepted = incoming.next().await.unwrap().unwrap();
+    for (stream, idle) in [(dialled.get_ref().0, 42), (accepted.stream.get_ref().0, 41)] {
+        let sock = socket2::SockRef::from(stream);
+        assert!(stream.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        #[cfg(any(target_os = "linux", target_os = "macos"))]
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(idle)
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(mesh_core::sock::USER_TIMEOUT)
+        );
+    }
 }

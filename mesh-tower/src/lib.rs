@@ -82,7 +82,7 @@ pub mod retry;
 pub mod route;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod sock;
+pub use mesh_core::sock;
 pub mod timeout;
 #[cfg(feature = "transparent")]
 pub mod transparent;

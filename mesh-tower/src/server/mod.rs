@@ -648,3 +648,70 @@ impl Drop for Server {
         let _ = self.stop.send(true);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use mesh_core::sock::{Keepalive, TcpOptions, USER_TIMEOUT};
+    use socket2::SockRef;
+    use tokio::net::TcpStream;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialled = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (dialled, accepted)
+    }
+
+    /// A server applies its builder's options to the connections it is handed (and, by
+    /// the same code, to those it accepts): the client address decides, not the socket.
+    #[tokio::test]
+    async fn a_server_sets_its_builders_options() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let custom = TcpOptions::default().keepalive(Some(Keepalive {
+            idle: Duration::from_secs(33),
+            interval: Duration::from_secs(7),
+            probes: 2,
+        }));
+        let (handoff, connections) = super::handoff("127.0.0.1:1".parse().unwrap());
+        let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+        });
+        let server = super::MeshServer::builder()
+            .plaintext()
+            .tcp(custom)
+            .serve_handed(connections, app)
+            .unwrap();
+        let (mut client, accepted) = pair().await;
+        // The same socket, through another descriptor: its options as the server set them.
+        let watch = SockRef::from(&accepted).try_clone().unwrap();
+        handoff
+            .hand(accepted, "10.9.8.7:5000".parse().unwrap())
+            .await
+            .unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("ok"), "{answer}");
+        assert!(watch.keepalive().unwrap());
+        #[cfg(any(target_os = "linux", target_os = "macos"))]
+        {
+            assert_eq!(watch.tcp_keepalive_time().unwrap(), Duration::from_secs(33));
+            assert_eq!(
+                watch.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(7)
+            );
+            assert_eq!(watch.tcp_keepalive_retries().unwrap(), 2);
+        }
+        #[cfg(target_os = "linux")]
+        assert_eq!(watch.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        server.shutdown().await;
+    }
+}

@@ -66,7 +66,7 @@ impl Default for Keepalive {
 ///
 /// ```
 /// use std::time::Duration;
-/// use mesh_tower::sock::{Keepalive, TcpOptions};
+/// use mesh_core::sock::{Keepalive, TcpOptions};
 ///
 /// // Probe after a minute of silence; leave the retransmission bound to the kernel.
 /// let tcp = TcpOptions::default()
@@ -93,7 +93,7 @@ impl Default for TcpOptions {
 impl TcpOptions {
     /// The options of a configuration's `[tcp]` section: `0s` turns keepalive (by
     /// `keepalive_idle`) or the user timeout off.
-    pub fn from_config(config: &mesh_core::config::TcpConfig) -> Self {
+    pub fn from_config(config: &crate::config::TcpConfig) -> Self {
         Self {
             keepalive: config.keepalive().then_some(Keepalive {
                 idle: config.keepalive_idle,
@@ -138,7 +138,7 @@ impl TcpOptions {
 /// Sets `options` on `tcp`, connected to `peer` (and `TCP_NODELAY`, always). Failures are
 /// ignored (logged at `trace`): an option the platform refuses leaves the connection as it
 /// was.
-pub(crate) fn tune(tcp: &TcpStream, peer: SocketAddr, options: &TcpOptions) {
+pub fn tune(tcp: &TcpStream, peer: SocketAddr, options: &TcpOptions) {
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::trace!(%peer, %error, "TCP_NODELAY refused");
     }
@@ -223,7 +223,7 @@ mod tests {
 
     #[test]
     fn the_default_config_gives_the_defaults() {
-        use mesh_core::config::TcpConfig;
+        use crate::config::TcpConfig;
         assert_eq!(
             TcpOptions::from_config(&TcpConfig::default()),
             TcpOptions::default()
@@ -270,54 +270,5 @@ mod tests {
         assert!(!SockRef::from(&other).keepalive().unwrap());
         #[cfg(target_os = "linux")]
         assert_eq!(SockRef::from(&other).tcp_user_timeout().unwrap(), None);
-    }
-
-    /// A server applies its builder's options to the connections it is handed (and, by
-    /// the same code, to those it accepts): the client address decides, not the socket.
-    #[cfg(feature = "server")]
-    #[tokio::test]
-    async fn a_server_sets_its_builders_options() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let custom = TcpOptions::default().keepalive(Some(Keepalive {
-            idle: Duration::from_secs(33),
-            interval: Duration::from_secs(7),
-            probes: 2,
-        }));
-        let (handoff, connections) = crate::server::handoff("127.0.0.1:1".parse().unwrap());
-        let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
-        });
-        let server = crate::server::MeshServer::builder()
-            .plaintext()
-            .tcp(custom)
-            .serve_handed(connections, app)
-            .unwrap();
-        let (mut client, accepted) = pair().await;
-        // The same socket, through another descriptor: its options as the server set them.
-        let watch = SockRef::from(&accepted).try_clone().unwrap();
-        handoff
-            .hand(accepted, "10.9.8.7:5000".parse().unwrap())
-            .await
-            .unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.ends_with("ok"), "{answer}");
-        assert!(watch.keepalive().unwrap());
-        #[cfg(any(target_os = "linux", target_os = "macos"))]
-        {
-            assert_eq!(watch.tcp_keepalive_time().unwrap(), Duration::from_secs(33));
-            assert_eq!(
-                watch.tcp_keepalive_interval().unwrap(),
-                Duration::from_secs(7)
-            );
-            assert_eq!(watch.tcp_keepalive_retries().unwrap(), 2);
-        }
-        #[cfg(target_os = "linux")]
-        assert_eq!(watch.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
-        server.shutdown().await;
     }
 }
