@@ -12,7 +12,7 @@
 //! | `path = { regex = "…" }` | the expression matches the whole path |
 //! | `methods = [...]` | the method is one of them |
 //! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent |
-//! | `query = [{ name, exact / regex }]` | each: the parameter is there and every value it has, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive |
+//! | `query = [{ name, exact / regex }]` | each: the parameter is there and every value it has, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive and compared decoded (`%74enant` is `tenant`); a query holding `;` satisfies none |
 //! | `grpc = { service, method }` | the path is `/service/method` (any method of the service when none is given) |
 //!
 //! **Paths are matched as sent, and only when unambiguous.** A path that a server could
@@ -113,7 +113,7 @@ pub enum MatchError {
     /// A gRPC service or method name is empty or holds `/` or whitespace.
     #[error("`{0}` is not a gRPC service or method name")]
     Grpc(String),
-    /// A query parameter name is empty or holds `&`, `=` or `#`.
+    /// A query parameter name is empty or holds `&`, `=`, `#` or `;`.
     #[error("`{0}` is not a query parameter name")]
     QueryName(String),
     /// Both `path` and `grpc` were given.
@@ -123,7 +123,7 @@ pub enum MatchError {
 
 /// The whole of `pattern` must match.
 fn anchored(pattern: &str) -> Result<Regex, MatchError> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| MatchError::Regex {
+    mesh_core::config::anchored_regex(pattern).map_err(|e| MatchError::Regex {
         pattern: pattern.to_owned(),
         reason: e.to_string(),
     })
@@ -290,7 +290,7 @@ fn header_condition(h: &HeaderMatch) -> Result<HeaderCondition, MatchError> {
 }
 
 fn query_condition(q: &QueryMatch) -> Result<QueryCondition, MatchError> {
-    if q.name.is_empty() || q.name.contains(['&', '=', '#']) {
+    if q.name.is_empty() || q.name.contains(['&', '=', '#', ';']) {
         return Err(MatchError::QueryName(q.name.clone()));
     }
     let value = match &q.value {
@@ -313,12 +313,22 @@ impl QueryCondition {
     /// condition on `tenant=a` for none of them. (The Gateway API leaves repeated
     /// parameters undefined and suggests the first; a rule that admits must hold whichever
     /// the application reads.)
+    ///
+    /// For the same reason names are compared as the application reads them, decoded
+    /// (`%XX`, and `+` for a space, as form decoding does): otherwise
+    /// `?tenant=a&%74enant=b` would meet `tenant=a` here while the application reads
+    /// `tenant=b` too. And a query holding `;` meets no condition: some applications split
+    /// parameters on it as well as on `&` (`?tenant=a;tenant=b`), others take it as part
+    /// of a value, and no single reading holds for both.
     fn matches(&self, query: &str) -> bool {
+        if query.contains(';') {
+            return false;
+        }
         let mut values = query
             .split('&')
             .filter_map(|pair| {
                 let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (name == self.name).then_some(value)
+                decoded_eq(name, &self.name).then_some(value)
             })
             .peekable();
         values.peek().is_some()
@@ -327,6 +337,39 @@ impl QueryCondition {
                 QueryValue::Regex(re) => re.is_match(v),
             })
     }
+}
+
+/// Whether `raw`, a query parameter name as sent, is `want` once decoded (`%XX` escapes,
+/// and `+` for a space); an escape that is not one (`%zz`) stands for itself.
+fn decoded_eq(raw: &str, want: &str) -> bool {
+    if !raw.contains(['%', '+']) {
+        return raw == want;
+    }
+    let (raw, want) = (raw.as_bytes(), want.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let (byte, width) = match raw[i] {
+            b'+' => (b' ', 1),
+            b'%' => match raw.get(i + 1..i + 3).and_then(hex_pair) {
+                Some(byte) => (byte, 3),
+                None => (b'%', 1),
+            },
+            b => (b, 1),
+        };
+        if want.get(j) != Some(&byte) {
+            return false;
+        }
+        i += width;
+        j += 1;
+    }
+    j == want.len()
+}
+
+/// The byte two hex digits stand for.
+fn hex_pair(digits: &[u8]) -> Option<u8> {
+    let digit = |d: u8| (d as char).to_digit(16);
+    let (hi, lo) = (digit(*digits.first()?)?, digit(*digits.get(1)?)?);
+    u8::try_from(hi * 16 + lo).ok()
 }
 
 impl PathCondition {
@@ -368,56 +411,9 @@ impl HeaderCondition {
 }
 
 /// Whether a server might resolve `path` to another path than it reads as: dot or empty
-/// segments, backslashes, percent-encoded `/`, `\` or `.`.
-pub fn is_ambiguous(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    // Most paths hold none of `.`, `%`, `\`: then only an empty segment can make one
-    // ambiguous.
-    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
-        return path.contains("//");
-    }
-    // One pass: each byte, with where the current segment began.
-    let mut segment_start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'\\' => return true,
-            b'%' => {
-                if let Some(&[hi, lo]) = bytes.get(i + 1..i + 3) {
-                    let code = [hi.to_ascii_uppercase(), lo.to_ascii_uppercase()];
-                    if matches!(&code, b"2F" | b"5C" | b"2E") {
-                        return true;
-                    }
-                }
-            }
-            b'/' => {
-                if is_dot_segment(&bytes[segment_start..i]) || (i > 0 && segment_start == i) {
-                    return true;
-                }
-                segment_start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    is_dot_segment(&bytes[segment_start..])
-}
-
-/// `.` or `..`: segments a server may resolve away, with path parameters too (`..;x`,
-/// `..%3b`): Tomcat and Jetty drop a segment's `;` parameters before they resolve dot
-/// segments, so `/public/..;/admin` is `/admin` to them.
-fn is_dot_segment(segment: &[u8]) -> bool {
-    let name = match segment.iter().position(|&b| b == b';') {
-        Some(end) => &segment[..end],
-        None => segment,
-    };
-    let name = match name
-        .windows(3)
-        .position(|w| w[0] == b'%' && w[1] == b'3' && w[2].eq_ignore_ascii_case(&b'b'))
-    {
-        Some(end) => &name[..end],
-        None => name,
-    };
-    name == b"." || name == b".."
-}
+/// segments, backslashes, percent-encoded `/`, `\` or `.` (see
+/// [`mesh_core::config::is_ambiguous_path`]).
+pub use mesh_core::config::is_ambiguous_path as is_ambiguous;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -588,6 +584,74 @@ mod tests {
         assert!(m.matches(&get("/x?v=2&v=2&id=1&id=3")));
         assert!(!m.matches(&get("/x")));
         assert!(!m.is_any());
+        // Names as the application decodes them: an encoded twin is one more value.
+        for query in [
+            "v=2&%76=3&id=1",
+            "%76=3&v=2&id=1",
+            "v=2&id=1&i%64=x",
+            "v=2&id=1&i%64=x",
+        ] {
+            assert!(!m.matches(&get(&format!("/x?{query}"))), "{query}");
+        }
+        assert!(m.matches(&get("/x?%76=2&%69%64=5")), "encoded names count");
+        assert!(
+            m.matches(&get("/x?v=2&id=1&%7a=9&v%zz=1&%=2")),
+            "other names do not"
+        );
+        // `;` splits parameters for some applications and not for others: no match.
+        assert!(!m.matches(&get("/x?v=2&id=1;v=3")));
+        assert!(!m.matches(&get("/x?v=2;&id=1")));
+        let spaced = RequestMatch::new(&RouteMatch {
+            query: vec![QueryMatch {
+                name: "a b".into(),
+                value: QueryValueMatch::Exact("1".into()),
+            }],
+            ..RouteMatch::default()
+        })
+        .unwrap();
+        assert!(spaced.matches(&get("/x?a+b=1")));
+        assert!(spaced.matches(&get("/x?a%20b=1")));
+        assert!(!spaced.matches(&get("/x?a%20b=1&a+b=2")));
+    }
+
+    #[test]
+    fn regexes_match_whole_texts_and_cannot_escape_their_anchors() {
+        let path = |re: &str| {
+            RequestMatch::new(&RouteMatch {
+                path: Some(PathMatch::Regex(re.into())),
+                ..RouteMatch::default()
+            })
+        };
+        // Wrapped as text, this would leave its second branch unanchored.
+        for escape in ["/a)|(/b", "/a)|.*(", "(/a"] {
+            assert!(
+                matches!(path(escape), Err(MatchError::Regex { .. })),
+                "{escape}"
+            );
+        }
+        // A verbose-mode comment at the end does not swallow the anchor.
+        let verbose = path("(?x)/users/[0-9]+ # an id").unwrap();
+        assert!(verbose.matches(&get("/users/42")));
+        assert!(!verbose.matches(&get("/users/42/x")));
+        assert!(!verbose.matches(&get("/x/users/42")));
+        let alternation = path("/a|/b").unwrap();
+        assert!(alternation.matches(&get("/b")));
+        assert!(!alternation.matches(&get("/x/b")));
+        assert!(!alternation.matches(&get("/a/x")));
+    }
+
+    #[test]
+    fn decoding_names() {
+        assert!(decoded_eq("tenant", "tenant"));
+        assert!(decoded_eq("%74enant", "tenant"));
+        assert!(decoded_eq("%74%65NANT", "teNANT"));
+        assert!(!decoded_eq("%74enan", "tenant"));
+        assert!(!decoded_eq("%74enantx", "tenant"));
+        assert!(decoded_eq("%zz", "%zz"));
+        assert!(decoded_eq("a%", "a%"));
+        assert!(decoded_eq("a%4", "a%4"));
+        assert!(decoded_eq("%E2%82%AC", "€"));
+        assert!(!decoded_eq("%E2%82", "€"));
     }
 
     #[test]

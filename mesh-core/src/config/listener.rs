@@ -94,7 +94,8 @@ pub struct InboundConfig {
 }
 
 /// An outbound listener: accepts plaintext from the local application and sends each
-/// request along the first matching route (or, if none, the `default_service`).
+/// request along the route that takes it (the most specific, see [`RouteConfig`]; if
+/// none, to the `default_service`).
 ///
 /// ```toml
 /// [[outbound]]

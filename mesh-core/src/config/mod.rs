@@ -76,7 +76,7 @@ pub use self::policy::{
 pub use self::pool::{MAX_POOL_LIMIT, PoolConfig};
 pub use self::route::{
     BackendRef, FaultConfig, FaultHeader, GrpcMatch, HeaderMatch, HeaderValueMatch, PathMatch,
-    QueryMatch, QueryValueMatch, RouteConfig, RouteMatch,
+    QueryMatch, QueryValueMatch, RouteConfig, RouteMatch, is_ambiguous_path,
 };
 pub use self::service::{
     BackoffConfig, BalancerConfig, BreakerConfig, BudgetConfig, ClassificationConfig,
@@ -84,6 +84,21 @@ pub use self::service::{
     TimeoutConfig, ZoneConfig,
 };
 pub use self::tcp::{MAX_KEEPALIVE_PROBES, MAX_KEEPALIVE_SECS, TcpConfig};
+
+/// `pattern` compiled to match only a whole text (a path, a header or query value), as
+/// route and authorization regexes do.
+///
+/// `pattern` must compile on its own first: wrapped as `^(?:pattern)$` without that check,
+/// `/a)|(/b` would become `^(?:/a)|(/b)$`, whose second branch matches anywhere. A
+/// pattern that compiles on its own has balanced groups, so the wrapper's group closes
+/// after it, unless the pattern ends in a verbose-mode (`(?x)`) comment, which would
+/// swallow the wrapper's end: that case is closed by a line break, which verbose mode
+/// ignores.
+pub fn anchored_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(pattern)?;
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .or_else(|_| regex::Regex::new(&format!("^(?:{pattern}\n)$")))
+}
 
 /// The configuration of a mesh: everything `mesh-proxy` reads from its file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

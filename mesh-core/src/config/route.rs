@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 use super::service::{RetryConfig, TimeoutConfig};
 use crate::serde_str::duration;
 
-/// One outbound route. Routes are tried in order; the first whose `hosts` and any of
-/// whose `matches` fit the request wins.
+/// One outbound route. Of the routes whose `hosts` and any of whose `matches` fit a
+/// request, the most specific wins, as in the Gateway API: the most specific host (exact,
+/// then the longest wildcard, then none), then the most specific match (an exact path,
+/// then the longest prefix, then a regex; then methods, then more header conditions, then
+/// more query conditions); the order in the file decides only between equals.
 ///
 /// ```toml
 /// [[routes]]
@@ -232,4 +235,59 @@ mod methods {
     ) -> Result<S::Ok, S::Error> {
         s.collect_seq(methods.iter().map(http::Method::as_str))
     }
+}
+
+/// Whether a server might resolve `path` to another path than it reads as: dot or empty
+/// segments, backslashes, percent-encoded `/`, `\` or `.`. Such a path satisfies no path
+/// condition of a route or an authorization rule (so that `/public/../admin` cannot pass
+/// for `/public`), and a path condition holding one could never match: configurations
+/// refuse it.
+pub fn is_ambiguous_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    // Most paths hold none of `.`, `%`, `\`: then only an empty segment can make one
+    // ambiguous.
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return path.contains("//");
+    }
+    // One pass: each byte, with where the current segment began.
+    let mut segment_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return true,
+            b'%' => {
+                if let Some(&[hi, lo]) = bytes.get(i + 1..i + 3) {
+                    let code = [hi.to_ascii_uppercase(), lo.to_ascii_uppercase()];
+                    if matches!(&code, b"2F" | b"5C" | b"2E") {
+                        return true;
+                    }
+                }
+            }
+            b'/' => {
+                if is_dot_segment(&bytes[segment_start..i]) || (i > 0 && segment_start == i) {
+                    return true;
+                }
+                segment_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    is_dot_segment(&bytes[segment_start..])
+}
+
+/// `.` or `..`: segments a server may resolve away, with path parameters too (`..;x`,
+/// `..%3b`): Tomcat and Jetty drop a segment's `;` parameters before they resolve dot
+/// segments, so `/public/..;/admin` is `/admin` to them.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let name = match segment.iter().position(|&b| b == b';') {
+        Some(end) => &segment[..end],
+        None => segment,
+    };
+    let name = match name
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'3' && w[2].eq_ignore_ascii_case(&b'b'))
+    {
+        Some(end) => &name[..end],
+        None => name,
+    };
+    name == b"." || name == b".."
 }

@@ -495,6 +495,41 @@ fn query_matches_parse_and_are_validated() {
 }
 
 #[test]
+fn conditions_that_could_never_match_are_refused() {
+    let errors = invalid(
+        r#"
+        [authorization.p]
+        rules = [{ name = "a", clients = ["*"], routes = [
+            { path = { exact = "/a/../b" } },
+            { path = { prefix = "//" } },
+            { path = { prefix = "/p/%2Fq" } },
+            { path = { exact = "/a?x=1" } },
+            { path = { prefix = "/a/." } },
+            { path = { regex = "(?x)/users/[0-9]+ # an id" } },
+            { path = { regex = "/a)|(/b" } },
+            { path = { prefix = "/api/" }, headers = [{ name = "x-env", exact = "a" }, { name = "X-Env", exact = "b" }] },
+            { query = [{ name = "v", exact = "1" }, { name = "v", exact = "2" }, { name = "a;b", exact = "3" }] },
+        ] }]
+        "#,
+    );
+    let r = "authorization.p.rules[0].routes";
+    let never = "can never match: a path with a `.`, `..` or empty segment, a `\\`, or an encoded `/`, `\\` or `.` matches no path condition";
+    let expected = [
+        format!("{r}[0].path: `/a/../b` {never}"),
+        format!("{r}[1].path: `//` {never}"),
+        format!("{r}[2].path: `/p/%2Fq` {never}"),
+        format!("{r}[3].path: `/a?x=1` can never match: `?` and `#` end a path (match the query with `query`)"),
+        format!("{r}[4].path: `/a/.` {never}"),
+        format!("{r}[6].path.regex: invalid regex `/a)|(/b`"),
+        format!("{r}[7].headers[1].name: header `X-Env` is matched twice in this match: give one condition per header"),
+        format!("{r}[8].query[1].name: parameter `v` is matched twice in this match: give one condition per parameter"),
+        format!("{r}[8].query[2].name: `a;b` is not a query parameter name"),
+    ];
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    assert_exactly(&errors, &expected);
+}
+
+#[test]
 fn fault_aborts_need_a_final_status_and_ratios_in_range() {
     let errors = invalid(
         r#"

@@ -123,7 +123,7 @@ impl Validator {
     }
 
     fn regex(&mut self, path: impl Into<String>, pattern: &str) {
-        if let Err(e) = regex::Regex::new(pattern) {
+        if let Err(e) = super::anchored_regex(pattern) {
             let message = e
                 .to_string()
                 .lines()
@@ -546,15 +546,36 @@ impl Validator {
             Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
                 self.err(format!("{path}.path"), format!("`{p}` must start with `/`"));
             }
+            Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if p.contains(['?', '#']) => {
+                self.err(
+                    format!("{path}.path"),
+                    format!("`{p}` can never match: `?` and `#` end a path (match the query with `query`)"),
+                );
+            }
+            Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if super::is_ambiguous_path(p) => {
+                self.err(
+                    format!("{path}.path"),
+                    format!("`{p}` can never match: a path with a `.`, `..` or empty segment, a `\\`, or an encoded `/`, `\\` or `.` matches no path condition"),
+                );
+            }
             Some(PathMatch::Regex(re)) => self.regex(format!("{path}.path.regex"), re),
             _ => {}
         }
+        let mut names = std::collections::HashSet::new();
         for (i, h) in m.headers.iter().enumerate() {
             let hpath = format!("{path}.headers[{i}]");
             if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
                 self.err(
                     format!("{hpath}.name"),
                     format!("`{}` is not a valid header name", h.name),
+                );
+            } else if !names.insert(h.name.to_ascii_lowercase()) {
+                self.err(
+                    format!("{hpath}.name"),
+                    format!(
+                        "header `{}` is matched twice in this match: give one condition per header",
+                        h.name
+                    ),
                 );
             }
             if let HeaderValueMatch::Regex(re) = &h.value {
@@ -563,10 +584,15 @@ impl Validator {
         }
         for (i, q) in m.query.iter().enumerate() {
             let qpath = format!("{path}.query[{i}]");
-            if q.name.is_empty() || q.name.contains(['&', '=', '#']) {
+            if q.name.is_empty() || q.name.contains(['&', '=', '#', ';']) {
                 self.err(
                     format!("{qpath}.name"),
                     format!("`{}` is not a query parameter name", q.name),
+                );
+            } else if m.query[..i].iter().any(|other| other.name == q.name) {
+                self.err(
+                    format!("{qpath}.name"),
+                    format!("parameter `{}` is matched twice in this match: give one condition per parameter", q.name),
                 );
             }
             if let QueryValueMatch::Regex(re) = &q.value {
