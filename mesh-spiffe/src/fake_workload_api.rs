@@ -118,7 +118,7 @@ impl X509Update {
         let federated = bundles
             .trust_domains()
             .filter(|td| *td != own)
-            .filter_map(|td| Some((td.to_string(), der(bundles.get(td)?))))
+            .filter_map(|td| Some((td.id_string(), der(bundles.get(td)?))))
             .collect();
         Self {
             spiffe_id: svid.id().to_string(),
@@ -160,7 +160,16 @@ impl X509Update {
     /// Adds (or replaces) the federated bundle of `trust_domain`.
     pub fn with_federated_bundle(mut self, trust_domain: &TrustDomain, bundle: &Bundle) -> Self {
         let der = concat(bundle.certs().iter().map(|c| c.as_ref()));
-        self.federated.insert(trust_domain.to_string(), der);
+        self.federated.insert(trust_domain.id_string(), der);
+        self
+    }
+
+    /// Adds (or replaces) a federated bundle as raw fields, unchecked: its key (the
+    /// Workload API keys bundles by the trust domain's SPIFFE ID, `spiffe://other.org`)
+    /// and its DER certificates, concatenated (empty: a trust domain with no X.509
+    /// authorities).
+    pub fn with_raw_federated_bundle(mut self, key: &str, der: Vec<u8>) -> Self {
+        self.federated.insert(key.to_owned(), der);
         self
     }
 
@@ -180,7 +189,10 @@ impl X509Update {
 
     fn bundles_response(&self) -> pb::X509BundlesResponse {
         let mut bundles = self.federated.clone();
-        bundles.insert(self.trust_domain.clone(), self.bundle.clone());
+        bundles.insert(
+            format!("spiffe://{}", self.trust_domain),
+            self.bundle.clone(),
+        );
         pb::X509BundlesResponse {
             crl: Vec::new(),
             bundles,

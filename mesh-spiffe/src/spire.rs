@@ -51,7 +51,9 @@ use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spiffe::{X509BundleSet, X509Source, X509SourceError, X509SourceUpdates, X509Svid};
+use spiffe::{
+    TrustDomain, X509BundleSet, X509Source, X509SourceError, X509SourceUpdates, X509Svid,
+};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -131,7 +133,8 @@ impl SpireSourceBuilder {
         let mut publisher = Publisher {
             store: Arc::new(CredentialStore::new()),
             provider: self.provider.unwrap_or_else(crate::tls::default_provider),
-            applied: None,
+            applied_svid: None,
+            applied_bundles: None,
         };
         // Subscribe before the first read, so that no update falls between the two.
         let mut updates = x509.updated();
@@ -258,52 +261,103 @@ impl fmt::Display for Rejected {
 struct Publisher {
     store: Arc<CredentialStore>,
     provider: Arc<CryptoProvider>,
-    /// What was last published, to skip re-publishing an unchanged state.
-    applied: Option<(Arc<X509Svid>, Arc<X509BundleSet>)>,
+    /// The SVID and bundles last published, to skip re-publishing an unchanged state.
+    applied_svid: Option<Arc<X509Svid>>,
+    applied_bundles: Option<Arc<X509BundleSet>>,
 }
 
 impl Publisher {
     fn apply(&mut self, x509: &X509Source) -> Result<(), Rejected> {
         // One coherent snapshot: the SVID and the bundles of the same response.
         let state = x509.state();
-        let svid = state.svid().map_err(Rejected::Source)?;
         let context = state.context().map_err(Rejected::Source)?;
         let bundles = context.bundle_set().clone();
-        if let Some((old_svid, old_bundles)) = &self.applied
+        let svid = match state.svid() {
+            Ok(svid) => svid,
+            Err(error) => {
+                // No usable SVID (expired by this host's clock, say), but the response's
+                // bundles still count: a root or a federation the agent removed must stop
+                // being trusted (Workload API §4.4), whatever the SVID's state.
+                if self
+                    .applied_bundles
+                    .as_ref()
+                    .is_none_or(|b| !Arc::ptr_eq(b, &bundles))
+                {
+                    let own = self.store.svid().map(|s| s.id().trust_domain().clone());
+                    if let Ok(set) = convert_bundles(&bundles, own.as_ref()) {
+                        tracing::info!(
+                            trust_domains = set.len(),
+                            "trust bundles from the Workload API (no usable SVID in the update)"
+                        );
+                        self.store.set_bundles(set);
+                        self.applied_bundles = Some(bundles);
+                    }
+                }
+                return Err(Rejected::Source(error));
+            }
+        };
+        if let Some(old_svid) = &self.applied_svid
             && Arc::ptr_eq(old_svid, &svid)
-            && Arc::ptr_eq(old_bundles, &bundles)
+            && self
+                .applied_bundles
+                .as_ref()
+                .is_some_and(|b| Arc::ptr_eq(b, &bundles))
         {
             return Ok(());
         }
-        let (ours, set) = convert(&svid, &bundles, &self.provider).map_err(Rejected::Credential)?;
+        let ours = convert_svid(&svid, &self.provider).map_err(Rejected::Credential)?;
+        let own = ours.id().trust_domain().clone();
+        let set = convert_bundles(&bundles, Some(&own)).map_err(Rejected::Credential)?;
         tracing::info!(
             id = %ours.id(),
             trust_domains = set.len(),
             "credentials from the Workload API"
         );
         self.store.set(ours, set);
-        self.applied = Some((svid, bundles));
+        self.applied_svid = Some(svid);
+        self.applied_bundles = Some(bundles);
         Ok(())
     }
 }
 
-/// The `spiffe` crate's SVID and bundles as this crate's, validated.
-fn convert(
-    svid: &X509Svid,
-    bundles: &X509BundleSet,
-    provider: &CryptoProvider,
-) -> Result<(Svid, BundleSet), CredentialError> {
-    let der = |cert: &spiffe::Certificate| CertificateDer::from(cert.as_bytes().to_vec());
+/// The `spiffe` crate's SVID as this crate's, validated.
+fn convert_svid(svid: &X509Svid, provider: &CryptoProvider) -> Result<Svid, CredentialError> {
     let chain = svid.cert_chain().iter().map(der).collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         svid.private_key().as_bytes().to_vec(),
     ));
     let ours = Svid::new(chain, key)?;
     ours.check_key(provider)?;
+    Ok(ours)
+}
+
+fn der(cert: &spiffe::Certificate) -> CertificateDer<'static> {
+    CertificateDer::from(cert.as_bytes().to_vec())
+}
+
+/// The `spiffe` crate's bundles as this crate's. The bundle of `own` (the SVID's trust
+/// domain) must be valid, or the whole update is refused; a federated bundle that is not
+/// (empty: that trust domain has no X.509 authorities, X509-SVID §6.2; or holding no
+/// usable authority) is left out with a warning, so that one foreign domain cannot stop
+/// the workload's own SVID from rotating. Leaving it out means trusting nothing from that
+/// domain: the safe side.
+fn convert_bundles(
+    bundles: &X509BundleSet,
+    own: Option<&TrustDomain>,
+) -> Result<BundleSet, CredentialError> {
     let mut set = BundleSet::new();
     for (trust_domain, bundle) in bundles.iter() {
-        let bundle = Bundle::new(bundle.authorities().iter().map(der).collect())?;
-        set.insert(trust_domain.clone(), bundle);
+        match Bundle::new(bundle.authorities().iter().map(der).collect()) {
+            Ok(bundle) => set.insert(trust_domain.clone(), bundle),
+            Err(error) if Some(trust_domain) != own => {
+                tracing::warn!(
+                    %trust_domain,
+                    %error,
+                    "federated bundle from the Workload API left out: nothing from that trust domain is trusted"
+                );
+            }
+            Err(error) => return Err(error),
+        }
     }
-    Ok((ours, set))
+    Ok(set)
 }

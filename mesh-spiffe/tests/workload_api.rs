@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use mesh_spiffe::credentials::{CredentialSource, CredentialStore};
 use mesh_spiffe::fake_workload_api::{FakeWorkloadApi, SECURITY_HEADER, X509Update};
@@ -336,6 +336,63 @@ async fn feeds_mtls_and_follows_rotation(mut agent: Agent) {
     );
 
     observer.shutdown().await;
+    spire.shutdown().await;
+    agent.api.shutdown().await;
+}
+
+/// A federated bundle the store cannot use (empty: that trust domain has no X.509
+/// authorities) is left out of an update, not a reason to refuse it: the SVID still
+/// rotates and the other bundles are taken. A federation the agent drops is dropped.
+#[tokio::test]
+async fn a_bad_federated_bundle_does_not_stop_rotation() {
+    let mut agent = Agent::start();
+    let spire = SpireSource::builder()
+        .endpoint(agent.api.endpoint())
+        .initial_timeout(WAIT)
+        .build()
+        .await
+        .unwrap();
+    let mut updates = spire.updates();
+    let third = TestCa::new("third.org").unwrap();
+    let svid = agent.ca.issue("spiffe://example.org/web-v2").unwrap();
+    let update = X509Update::new(&svid, &agent.ca.bundle_set().unwrap())
+        .with_federated_bundle(third.trust_domain(), &third.bundle().unwrap())
+        .with_raw_federated_bundle("spiffe://other.org", Vec::new());
+    agent.api.push(update);
+    bounded("store update", updates.changed()).await.unwrap();
+    assert_eq!(
+        spire.svid().unwrap().id().to_string(),
+        "spiffe://example.org/web-v2"
+    );
+    let bundles = spire.bundles();
+    let domains: Vec<String> = bundles.trust_domains().map(|t| t.to_string()).collect();
+    assert!(
+        bundles.get(agent.ca.trust_domain()).is_some(),
+        "{domains:?}"
+    );
+    assert!(bundles.get(third.trust_domain()).is_some(), "{domains:?}");
+    assert_eq!(bundles.len(), 2, "{domains:?}");
+
+    // The federation with third.org ends, in an update whose SVID has expired by this
+    // host's clock: the SVID is not taken, the end of the federation is.
+    let hour = Duration::from_secs(3600);
+    let expired = agent
+        .ca
+        .leaf()
+        .uri("spiffe://example.org/web-v3")
+        .validity(SystemTime::now() - 2 * hour, SystemTime::now() - hour)
+        .build()
+        .unwrap();
+    agent
+        .api
+        .push(X509Update::new(&expired, &agent.ca.bundle_set().unwrap()));
+    bounded("store update", updates.changed()).await.unwrap();
+    assert!(spire.bundles().get(third.trust_domain()).is_none());
+    assert!(spire.bundles().get(agent.ca.trust_domain()).is_some());
+    assert_eq!(
+        spire.svid().unwrap().id().to_string(),
+        "spiffe://example.org/web-v2"
+    );
     spire.shutdown().await;
     agent.api.shutdown().await;
 }

@@ -518,11 +518,17 @@ fn conditions_that_could_never_match_are_refused() {
         format!("{r}[0].path: `/a/../b` {never}"),
         format!("{r}[1].path: `//` {never}"),
         format!("{r}[2].path: `/p/%2Fq` {never}"),
-        format!("{r}[3].path: `/a?x=1` can never match: `?` and `#` end a path (match the query with `query`)"),
+        format!(
+            "{r}[3].path: `/a?x=1` can never match: `?` and `#` end a path (match the query with `query`)"
+        ),
         format!("{r}[4].path: `/a/.` {never}"),
         format!("{r}[6].path.regex: invalid regex `/a)|(/b`"),
-        format!("{r}[7].headers[1].name: header `X-Env` is matched twice in this match: give one condition per header"),
-        format!("{r}[8].query[1].name: parameter `v` is matched twice in this match: give one condition per parameter"),
+        format!(
+            "{r}[7].headers[1].name: header `X-Env` is matched twice in this match: give one condition per header"
+        ),
+        format!(
+            "{r}[8].query[1].name: parameter `v` is matched twice in this match: give one condition per parameter"
+        ),
         format!("{r}[8].query[2].name: `a;b` is not a query parameter name"),
     ];
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
