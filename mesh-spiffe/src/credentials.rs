@@ -104,8 +104,10 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// A bundle of DER CA certificates. Fails if any does not parse as a trust anchor, or
-    /// if there is none.
+    /// A bundle of DER CA certificates. Fails if there is none, or if any does not parse
+    /// as a trust anchor or is no signing certificate (X509-SVID 4.1 and 4.3: basic
+    /// constraints with `CA=true`, and `keyCertSign` if it has a key usage extension), so
+    /// that an SVID put in a bundle by mistake cannot become a root.
     pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, CredentialError> {
         if certs.is_empty() {
             return Err(CredentialError::EmptyBundle);
@@ -114,6 +116,12 @@ impl Bundle {
             .iter()
             .enumerate()
             .map(|(i, der)| {
+                crate::verify::check_signing_cert(der).map_err(|reason| {
+                    CredentialError::Anchor {
+                        index: i,
+                        reason: format!("the certificate {reason}"),
+                    }
+                })?;
                 webpki::anchor_from_trusted_cert(der)
                     .map(|a| a.to_owned())
                     .map_err(|e| CredentialError::Anchor {

@@ -76,7 +76,7 @@ struct Generation {
 /// An in-memory SPIFFE CA for one trust domain. See the [module docs](self).
 pub struct TestCa {
     trust_domain: TrustDomain,
-    with_intermediate: bool,
+    intermediate: Intermediate,
     current: Generation,
     /// The previous root during a rotation's overlap.
     previous: Option<Generation>,
@@ -87,7 +87,7 @@ impl fmt::Debug for TestCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestCa")
             .field("trust_domain", &self.trust_domain)
-            .field("with_intermediate", &self.with_intermediate)
+            .field("intermediate", &self.intermediate)
             .field("rotating", &self.previous.is_some())
             .finish()
     }
@@ -104,6 +104,14 @@ fn to_offset(t: SystemTime) -> time::OffsetDateTime {
 /// Distinguishes the CAs of one process, so that two CAs of the same trust domain have
 /// different names, as real ones do.
 static CA_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether SVIDs are signed by an intermediate under the root, and what kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intermediate {
+    None,
+    Signing,
+    NotSigning,
+}
 
 fn ca_params(
     trust_domain: &TrustDomain,
@@ -131,21 +139,28 @@ fn ca_params(
 impl TestCa {
     /// A CA with a self-signed root for `trust_domain`.
     pub fn new(trust_domain: &str) -> Result<Self, TestCaError> {
-        Self::build(trust_domain, false)
+        Self::build(trust_domain, Intermediate::None)
     }
 
     /// A CA whose SVIDs are signed by an intermediate under the root; SVID chains then
     /// carry the intermediate.
     pub fn with_intermediate(trust_domain: &str) -> Result<Self, TestCaError> {
-        Self::build(trust_domain, true)
+        Self::build(trust_domain, Intermediate::Signing)
     }
 
-    fn build(trust_domain: &str, with_intermediate: bool) -> Result<Self, TestCaError> {
+    /// A CA whose SVIDs are signed by an intermediate that is a CA but whose key usage
+    /// lacks `keyCertSign`: chains a verifier must refuse (X509-SVID 4.3, RFC 5280
+    /// 6.1.4 (n)).
+    pub fn with_non_signing_intermediate(trust_domain: &str) -> Result<Self, TestCaError> {
+        Self::build(trust_domain, Intermediate::NotSigning)
+    }
+
+    fn build(trust_domain: &str, intermediate: Intermediate) -> Result<Self, TestCaError> {
         let trust_domain = TrustDomain::new(trust_domain)?;
-        let current = Self::generation(&trust_domain, with_intermediate, 0)?;
+        let current = Self::generation(&trust_domain, intermediate, 0)?;
         Ok(Self {
             trust_domain,
-            with_intermediate,
+            intermediate,
             current,
             previous: None,
             serial: 0,
@@ -154,15 +169,18 @@ impl TestCa {
 
     fn generation(
         td: &TrustDomain,
-        with_intermediate: bool,
+        intermediate: Intermediate,
         serial: u64,
     ) -> Result<Generation, TestCaError> {
         let params = ca_params(td, "root", serial)?;
         let key = KeyPair::generate()?;
         let der = params.self_signed(&key)?.der().clone();
         let root = Authority { params, key, der };
-        let intermediate = if with_intermediate {
-            let params = ca_params(td, "intermediate", serial)?;
+        let intermediate = if intermediate != Intermediate::None {
+            let mut params = ca_params(td, "intermediate", serial)?;
+            if intermediate == Intermediate::NotSigning {
+                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            }
             let key = KeyPair::generate()?;
             let der = params.signed_by(&key, &root.issuer())?.der().clone();
             Some(Authority { params, key, der })
@@ -200,7 +218,7 @@ impl TestCa {
     /// bundle holds the old and the new root until [`finish_rotation`](Self::finish_rotation).
     pub fn begin_rotation(&mut self) -> Result<(), TestCaError> {
         self.serial += 1;
-        let next = Self::generation(&self.trust_domain, self.with_intermediate, self.serial)?;
+        let next = Self::generation(&self.trust_domain, self.intermediate, self.serial)?;
         self.previous = Some(std::mem::replace(&mut self.current, next));
         Ok(())
     }

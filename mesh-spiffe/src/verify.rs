@@ -108,6 +108,27 @@ fn check_leaf_rules(cert: &X509Certificate<'_>) -> Result<(), VerifyError> {
     Ok(())
 }
 
+/// Checks what X509-SVID 4.1 and 4.3 require of a signing certificate (a root of a bundle,
+/// an intermediate of a chain): basic constraints with `CA=true`, and, when it has a key
+/// usage extension, `keyCertSign` in it. The error completes "the certificate …".
+pub(crate) fn check_signing_cert(der: &[u8]) -> Result<(), String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("does not parse: {e}"))?;
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|e| format!("has a malformed basic constraints extension: {e}"))?;
+    if !constraints.is_some_and(|ext| ext.value.ca) {
+        return Err("is not a CA certificate (its basic constraints do not say CA=true)".into());
+    }
+    let usage = cert
+        .key_usage()
+        .map_err(|e| format!("has a malformed key usage extension: {e}"))?;
+    if usage.is_some_and(|ext| !ext.value.key_cert_sign()) {
+        return Err("may not sign certificates (its key usage lacks keyCertSign)".into());
+    }
+    Ok(())
+}
+
 /// Runs the verifier's four checks (see the [module docs](self)) on a peer's certificates,
 /// as a handshake does: for a server (`server == true`, usage `serverAuth`) or a client
 /// (`clientAuth`), with the bundles `source` holds now.
@@ -184,28 +205,36 @@ impl SpiffeVerifier {
             Role::Server => webpki::KeyUsage::server_auth(),
             Role::Client => webpki::KeyUsage::client_auth(),
         };
-        cert.verify_for_usage(
-            self.algorithms.all,
-            bundle.anchors(),
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::CertExpired { .. } | webpki::Error::InvalidCertValidity => {
-                VerifyError::Expired
-            }
-            webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
-            // Either no anchor has the issuer's name, or one has it but did not sign: both
-            // mean the chain does not lead to this domain's roots.
-            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
-                VerifyError::UnknownIssuer(id.trust_domain().clone())
-            }
-            webpki::Error::CaUsedAsEndEntity => VerifyError::CaAsLeaf,
-            other => VerifyError::Chain(format!("{other:?}")),
-        })?;
+        let path = cert
+            .verify_for_usage(
+                self.algorithms.all,
+                bundle.anchors(),
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } | webpki::Error::InvalidCertValidity => {
+                    VerifyError::Expired
+                }
+                webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+                // Either no anchor has the issuer's name, or one has it but did not sign: both
+                // mean the chain does not lead to this domain's roots.
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                    VerifyError::UnknownIssuer(id.trust_domain().clone())
+                }
+                webpki::Error::CaUsedAsEndEntity => VerifyError::CaAsLeaf,
+                other => VerifyError::Chain(format!("{other:?}")),
+            })?;
+        // webpki checks that intermediates are CAs, not their key usage: X509-SVID 4.3
+        // asks signing certificates for `keyCertSign` (RFC 5280 6.1.4 (n)).
+        for (i, intermediate) in path.intermediate_certificates().enumerate() {
+            check_signing_cert(intermediate.der().as_ref()).map_err(|reason| {
+                VerifyError::Chain(format!("intermediate certificate #{i} {reason}"))
+            })?;
+        }
         self.authorizer.authorize(&id)?;
         Ok(id)
     }

@@ -11,7 +11,8 @@ use common::*;
 use mesh_core::identity::SpiffeId;
 use mesh_spiffe::test_ca::TestCa;
 use mesh_spiffe::{
-    Authorizer, BundleSet, MtlsAcceptor, MtlsConnector, TransportError, VerifyError,
+    Authorizer, Bundle, BundleSet, CredentialStore, Mtls, MtlsAcceptor, MtlsConnector,
+    TransportError, VerifyError,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
@@ -227,6 +228,61 @@ async fn servers_verifying_clients_refuse_bad_certificates_naming_the_reason() {
     assert_eq!(
         seen.recv().await.unwrap().unwrap(),
         "spiffe://example.org/peer"
+    );
+}
+
+/// X509-SVID 4.3: a signing certificate must have `keyCertSign`. webpki checks only that
+/// an intermediate is a CA; the verifier refuses one whose key usage may not sign, on
+/// both sides, and a bundle refuses a certificate that is no CA.
+#[tokio::test]
+async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
+    let mut good = TestCa::new("example.org").unwrap();
+    let mut weak = TestCa::with_non_signing_intermediate("example.org").unwrap();
+    // Both roots are trusted: only the intermediate's key usage is wrong.
+    let bundle = Bundle::new(vec![good.root().clone(), weak.root().clone()]).unwrap();
+    let bundles = BundleSet::new().with(good.trust_domain().clone(), bundle);
+    let server = Mtls::new(CredentialStore::with(
+        good.issue("spiffe://example.org/api").unwrap(),
+        bundles.clone(),
+    ));
+    let acceptor = MtlsAcceptor::new(&server, Authorizer::any()).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    let weak_svid = weak.issue("spiffe://example.org/web").unwrap();
+    assert_eq!(weak_svid.chain().len(), 2);
+    let client_side = raw_client(
+        addr,
+        weak_svid.chain().to_vec(),
+        weak_svid.key().clone_key(),
+    )
+    .await;
+    assert!(client_side.is_err(), "the client was served");
+    let err = seen.recv().await.unwrap().unwrap_err();
+    let why = reason(&err.error);
+    assert!(why.contains("may not sign certificates"), "{why}");
+    // As a server's chain.
+    let (chain, key) = weak
+        .leaf()
+        .uri("spiffe://example.org/api")
+        .build_raw()
+        .unwrap();
+    let addr = raw_server(chain, key).await;
+    let client = Mtls::new(CredentialStore::with(
+        good.issue("spiffe://example.org/web").unwrap(),
+        bundles,
+    ));
+    let connector = MtlsConnector::new(&client, Authorizer::any()).unwrap();
+    let err = connector.connect(addr).await.err().expect("accepted");
+    let why = reason(&err);
+    assert!(why.contains("may not sign certificates"), "{why}");
+
+    // A leaf in a bundle (its SVID file given as the bundle, say) cannot become a root.
+    let leaf = good.issue("spiffe://example.org/x").unwrap().chain()[0].clone();
+    let err = Bundle::new(vec![good.root().clone(), leaf])
+        .err()
+        .expect("a leaf taken as a root");
+    assert!(
+        err.to_string().contains("#1") && err.to_string().contains("is not a CA certificate"),
+        "{err}"
     );
 }
 
