@@ -271,15 +271,17 @@ async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
         bundles,
     ));
     let connector = MtlsConnector::new(&client, Authorizer::any()).unwrap();
-    let err = connector.connect(addr).await.err().expect("accepted");
+    let Err(err) = connector.connect(addr).await else {
+        panic!("accepted");
+    };
     let why = reason(&err);
     assert!(why.contains("may not sign certificates"), "{why}");
 
     // A leaf in a bundle (its SVID file given as the bundle, say) cannot become a root.
     let leaf = good.issue("spiffe://example.org/x").unwrap().chain()[0].clone();
-    let err = Bundle::new(vec![good.root().clone(), leaf])
-        .err()
-        .expect("a leaf taken as a root");
+    let Err(err) = Bundle::new(vec![good.root().clone(), leaf]) else {
+        panic!("a leaf taken as a root");
+    };
     assert!(
         err.to_string().contains("#1") && err.to_string().contains("is not a CA certificate"),
         "{err}"
