@@ -235,8 +235,9 @@ impl MtlsAcceptor {
         self
     }
 
-    /// Bounds the handshakes in progress in [`incoming`](Self::incoming) (default 1024);
-    /// beyond it, accepting waits.
+    /// Bounds the handshakes in progress in [`incoming`](Self::incoming), with the
+    /// connections handshaken but not yet taken from its [`Incoming`] past the 64 it
+    /// buffers (default 1024); beyond it, accepting waits.
     pub fn with_max_concurrent_handshakes(mut self, max: usize) -> Self {
         self.max_concurrent = max.max(1);
         self
@@ -350,8 +351,11 @@ async fn accept_loop(
                     Err(HandshakeError { remote, error })
                 }
             };
-            drop(permit);
+            // The permit is held until the outcome is handed over, so a consumer that does
+            // not take them holds back accepting, not a growing pile of finished
+            // connections.
             let _ = tx.send(outcome).await;
+            drop(permit);
         });
     }
 }

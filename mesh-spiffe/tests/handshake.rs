@@ -288,6 +288,41 @@ async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
     );
 }
 
+/// Connections handshaken but not taken from `Incoming` count against the bound on
+/// handshakes, past the 64 it buffers: a consumer that stops taking them stops accepting.
+#[tokio::test]
+async fn an_incoming_nobody_reads_stops_accepting() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let client = store(&mut ca, "spiffe://example.org/web");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut incoming = MtlsAcceptor::new(&mtls(&server), authorizer_any_in(&ca))
+        .unwrap()
+        .with_max_concurrent_handshakes(2)
+        .incoming(listener);
+    let connector = MtlsConnector::new(&mtls(&client), Authorizer::any()).unwrap();
+    let mut held = Vec::new();
+    // 64 buffered, and 2 handed over as soon as there is room.
+    for i in 0..66 {
+        let connected = tokio::time::timeout(Duration::from_secs(5), connector.connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not served"));
+        held.push(connected.unwrap());
+    }
+    let blocked = tokio::time::timeout(Duration::from_millis(300), connector.connect(addr)).await;
+    assert!(blocked.is_err(), "a 67th connection was handshaken");
+    // Taking some lets the next in: the first frees room for the two waiting, the
+    // third for the 67th (given up by its client, so refused).
+    for _ in 0..3 {
+        incoming.next().await.unwrap().ok();
+    }
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(addr))
+        .await
+        .expect("served once one was taken")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn plaintext_and_garbage_are_refused() {
     let mut ca = TestCa::new("example.org").unwrap();
