@@ -516,6 +516,15 @@ impl Reloader {
             return None;
         }
         match parse_svid(&self.cert, cert_bytes, &self.key, key_bytes, &self.provider) {
+            // An old pair put back (a restored backup, a configuration tool's stale copy)
+            // would replace a working SVID with one every peer refuses.
+            Ok(svid) if leaf_expired(&svid) => {
+                tracing::warn!(
+                    id = %svid.id(), cert = %self.cert.display(),
+                    "the new SVID's certificate has expired; keeping the last good SVID"
+                );
+                None
+            }
             Ok(svid) => {
                 tracing::info!(id = %svid.id(), cert = %self.cert.display(), "SVID reloaded");
                 self.svid_good = (cert_bytes.to_vec(), key_bytes.to_vec());
@@ -527,6 +536,18 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Whether the SVID's leaf certificate has expired by this host's clock.
+fn leaf_expired(svid: &Svid) -> bool {
+    let Some(leaf) = svid.chain().first() else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    x509_parser::parse_x509_certificate(leaf.as_ref())
+        .is_ok_and(|(_, cert)| cert.validity().not_after.timestamp() <= now)
 }
 
 /// The file's bytes, or `None` after logging why it could not be read.

@@ -286,6 +286,37 @@ async fn half_written_and_garbage_files_keep_the_last_good_credentials() {
     wait_until(&files, &mut updates, "the bundle", |c| c.roots == 2).await;
 }
 
+/// An expired pair written over a working one (a restored backup, say) is not taken: every
+/// peer would refuse it. A good one after it is.
+#[tokio::test]
+async fn an_expired_replacement_keeps_the_last_good_svid() {
+    let mut f = Files::new();
+    let files = f.start().await;
+    let first = leaf(&files);
+    let mut updates = files.updates();
+    updates.mark_unchanged();
+    let hour = std::time::Duration::from_secs(3600);
+    let now = std::time::SystemTime::now();
+    let expired =
+        f.ca.leaf()
+            .uri(ID)
+            .validity(now - 3 * hour, now - hour)
+            .build()
+            .unwrap();
+    let (cert, key) = expired.to_pem();
+    std::fs::write(f.path("svid.key"), &key).unwrap();
+    std::fs::write(f.path("svid.pem"), &cert).unwrap();
+    assert_quiet(&mut updates).await;
+    assert_eq!(leaf(&files), first);
+
+    let next = f.ca.issue(ID).unwrap();
+    let (cert, key) = next.to_pem();
+    std::fs::write(f.path("svid.key"), &key).unwrap();
+    std::fs::write(f.path("svid.pem"), &cert).unwrap();
+    let want = next.chain()[0].clone();
+    wait_until(&files, &mut updates, "the good SVID", |c| c.leaf == want).await;
+}
+
 #[tokio::test]
 async fn bundle_rotation_applies_independently_of_the_svid() {
     let mut f = Files::new();
