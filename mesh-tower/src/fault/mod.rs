@@ -158,6 +158,15 @@ pub(crate) enum Dice {
     Seeded(Arc<AtomicU64>),
 }
 
+/// A seed for the `stream`-th of several independent sequences drawn from `seed`: the two
+/// mixed through splitmix64's finalizer, so that nearby streams start far apart.
+pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Dice {
     pub(crate) fn roll(&self) -> u64 {
         const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;

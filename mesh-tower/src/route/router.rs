@@ -19,7 +19,7 @@ use super::error::RouterError;
 use super::metrics::{RouteHandles, RouteMetrics};
 use super::{RouteTable, WeightedSplit};
 use crate::body::{ResponseBody, grpc_answer, text_answer};
-use crate::fault::{Dice, Fault, FaultLayer};
+use crate::fault::{Dice, Fault, FaultLayer, derive_seed};
 use crate::retry::{RetryBudget, RetryOverride, RetryPolicy};
 use crate::timeout::TimeoutOverride;
 
@@ -176,8 +176,9 @@ impl<S: Clone> RoutesBuilder<S> {
 
     /// Draws the weighted picks from a splitmix64 sequence seeded with `seed` (shared by
     /// every request of these routes) instead of the thread's generator, so that a test
-    /// sees the same sequence of backends every run. Route faults with this seed are
-    /// drawn the same way.
+    /// sees the same sequence of backends every run. Route faults are drawn the same
+    /// way, each backend of each route from a sequence of its own derived from `seed`
+    /// (independent of the picks and of one another).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self
@@ -188,7 +189,7 @@ impl<S: Clone> RoutesBuilder<S> {
         let table = RouteTable::new(&self.routes)?;
         let mut seen = std::collections::HashSet::new();
         let mut routes = Vec::with_capacity(self.routes.len());
-        for config in &self.routes {
+        for (route_index, config) in self.routes.iter().enumerate() {
             let route = |reason: String| RouterError::Route {
                 route: config.name.clone(),
                 reason,
@@ -201,13 +202,7 @@ impl<S: Clone> RoutesBuilder<S> {
             let fault = config
                 .fault
                 .as_ref()
-                .map(|f| {
-                    let layer = FaultLayer::from_config(f).map_err(|e| route(e.to_string()))?;
-                    Ok::<_, RouterError>(match self.seed {
-                        Some(seed) => layer.seed(seed),
-                        None => layer,
-                    })
-                })
+                .map(|f| FaultLayer::from_config(f).map_err(|e| route(e.to_string())))
                 .transpose()?;
             let handles = self
                 .metrics
@@ -216,16 +211,26 @@ impl<S: Clone> RoutesBuilder<S> {
             let backends = config
                 .backends
                 .iter()
-                .map(|b| {
+                .enumerate()
+                .map(|(backend_index, b)| {
                     let service = self
                         .backends
                         .get(&b.service)
                         .ok_or_else(|| route(format!("no backend named `{}`", b.service)))?;
                     Ok(Backend {
                         name: Arc::from(b.service.as_str()),
-                        target: match &fault {
-                            Some(layer) => Target::Faulted(layer.layer(service.clone())),
-                            None => Target::Plain(service.clone()),
+                        target: match (&fault, self.seed) {
+                            // Each backend's faults from a sequence of its own: from the
+                            // picks' seed itself, the n-th fault draw would equal the n-th
+                            // pick, and faults would follow the backend choice.
+                            (Some(layer), Some(seed)) => {
+                                let stream =
+                                    ((route_index as u64 + 1) << 32) | (backend_index as u64 + 1);
+                                let layer = layer.clone().seed(derive_seed(seed, stream));
+                                Target::Faulted(layer.layer(service.clone()))
+                            }
+                            (Some(layer), None) => Target::Faulted(layer.layer(service.clone())),
+                            (None, _) => Target::Plain(service.clone()),
                         },
                         requests: self
                             .metrics

@@ -331,6 +331,58 @@ async fn route_faults_apply_to_their_route_only_and_may_need_a_header() {
     );
 }
 
+/// Seeded, each backend's faults come from a sequence of its own: two routes with the
+/// same fault abort different requests, the same way every run. (From the one seed, every
+/// backend drew the same sequence: the k-th request of each was aborted alike, and a
+/// route's first pick equalled its first fault draw.)
+#[tokio::test]
+async fn seeded_faults_differ_between_backends_and_repeat_between_runs() {
+    let run = || async {
+        let fault = FaultConfig {
+            delay: None,
+            delay_ratio: 1.0,
+            abort_status: Some(503),
+            abort_ratio: 0.5,
+            abort_grpc_code: None,
+            header: None,
+        };
+        let mut one = route("one", "/one", &[("a", 1)]);
+        one.fault = Some(fault.clone());
+        let mut two = route("two", "/two", &[("b", 1)]);
+        two.fault = Some(fault);
+        let count = Arc::new(AtomicUsize::new(0));
+        let routes = Routes::builder()
+            .backend("a", named("a", count.clone()))
+            .backend("b", named("b", count.clone()))
+            .routes([one, two])
+            .seed(7)
+            .build()
+            .unwrap();
+        let router = Router::new(routes);
+        let mut aborted = (Vec::new(), Vec::new());
+        for _ in 0..200 {
+            for (path, log) in [("/one", &mut aborted.0), ("/two", &mut aborted.1)] {
+                let resp = router.clone().oneshot(get(path)).await.unwrap();
+                log.push(resp.status() == StatusCode::SERVICE_UNAVAILABLE);
+            }
+        }
+        aborted
+    };
+    let (one, two) = run().await;
+    assert_eq!(
+        (one.clone(), two.clone()),
+        run().await,
+        "the same every run"
+    );
+    let differ = one.iter().zip(&two).filter(|(x, y)| x != y).count();
+    // Independent halves differ in about 100 of 200 places; identical ones in none.
+    assert!((60..=140).contains(&differ), "{differ} of 200 differ");
+    for log in [&one, &two] {
+        let n = log.iter().filter(|a| **a).count();
+        assert!((60..=140).contains(&n), "{n} of 200 aborted");
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_by_route_and_backend() {
     let mut registry = prometheus_client::registry::Registry::default();
