@@ -85,22 +85,35 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
-    /// The `VerifyError` inside a rustls error, if it carries one.
-    pub fn from_rustls(err: &rustls::Error) -> Option<&VerifyError> {
+    /// The `VerifyError` a rustls error stands for, if any: the one it carries, or
+    /// [`Expired`](Self::Expired) / [`NotYetValid`](Self::NotYetValid) for rustls' own
+    /// variants of those.
+    pub fn from_rustls(err: &rustls::Error) -> Option<VerifyError> {
+        use rustls::CertificateError as E;
         match err {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
-                other.0.downcast_ref::<VerifyError>()
+            rustls::Error::InvalidCertificate(E::Other(other)) => {
+                other.0.downcast_ref::<VerifyError>().cloned()
+            }
+            rustls::Error::InvalidCertificate(E::Expired | E::ExpiredContext { .. }) => {
+                Some(Self::Expired)
+            }
+            rustls::Error::InvalidCertificate(E::NotValidYet | E::NotValidYetContext { .. }) => {
+                Some(Self::NotYetValid)
             }
             _ => None,
         }
     }
 
-    /// Wraps this error for rustls. Expiry keeps rustls' own variants so that the peer
-    /// receives the matching TLS alert (`certificate_expired`).
+    /// Wraps this error for rustls. Expiry and a validity not begun keep rustls' own
+    /// variants, so that the peer receives the matching TLS alert (`certificate_expired`)
+    /// and can tell its clock or its rotation is at fault; every other refusal carries its
+    /// details, and the peer gets `certificate_unknown`.
     pub(crate) fn into_rustls(self) -> rustls::Error {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-            Arc::new(self),
-        )))
+        rustls::Error::InvalidCertificate(match self {
+            Self::Expired => rustls::CertificateError::Expired,
+            Self::NotYetValid => rustls::CertificateError::NotValidYet,
+            other => rustls::CertificateError::Other(rustls::OtherError(Arc::new(other))),
+        })
     }
 }
 

@@ -103,7 +103,7 @@ impl TransportError {
             .map(|inner| inner.downcast::<rustls::Error>())
         {
             Some(Ok(tls)) => match VerifyError::from_rustls(&tls) {
-                Some(verify) => Self::Verify(verify.clone()),
+                Some(verify) => Self::Verify(verify),
                 None => Self::Tls(*tls),
             },
             _ => Self::Io(io::Error::other("TLS error")),

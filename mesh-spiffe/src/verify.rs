@@ -216,9 +216,10 @@ impl SpiffeVerifier {
                 None,
             )
             .map_err(|e| match e {
-                webpki::Error::CertExpired { .. } | webpki::Error::InvalidCertValidity => {
-                    VerifyError::Expired
-                }
+                webpki::Error::CertExpired { .. } => VerifyError::Expired,
+                webpki::Error::InvalidCertValidity => VerifyError::Chain(
+                    "a certificate's validity period ends before it begins".into(),
+                ),
                 webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
                 // Either no anchor has the issuer's name, or one has it but did not sign: both
                 // mean the chain does not lead to this domain's roots.

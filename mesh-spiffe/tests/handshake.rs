@@ -288,6 +288,55 @@ async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
     );
 }
 
+/// A peer whose certificate has expired (or is not valid yet) hears so in the TLS alert
+/// (`certificate_expired`), so its own logs can point at its clock or its rotation; other
+/// refusals get `certificate_unknown`, their details kept to this side's error.
+#[tokio::test]
+async fn an_expired_peer_hears_certificate_expired() {
+    let mut ca = TestCa::new("example.org").unwrap();
+    let server = store(&mut ca, "spiffe://example.org/api");
+    let acceptor = MtlsAcceptor::new(&mtls(&server), authorizer_any_in(&ca)).unwrap();
+    let (addr, mut seen) = echo_server(acceptor).await;
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cases = [
+        (
+            now - 3 * hour,
+            now - hour,
+            "CertificateExpired",
+            "has expired",
+        ),
+        (
+            now + hour,
+            now + 3 * hour,
+            "CertificateExpired",
+            "not valid yet",
+        ),
+    ];
+    for (from, until, alert, why) in cases {
+        let (chain, key) = ca
+            .leaf()
+            .uri("spiffe://example.org/web")
+            .validity(from, until)
+            .build_raw()
+            .unwrap();
+        let err = raw_client(addr, chain, key).await.unwrap_err();
+        assert!(format!("{err:?}").contains(alert), "{why}: {err:?}");
+        let refused = seen.recv().await.unwrap().unwrap_err();
+        assert!(reason(&refused.error).contains(why), "{refused}");
+    }
+    let mut other = TestCa::new("example.org").unwrap();
+    let (chain, key) = other
+        .leaf()
+        .uri("spiffe://example.org/web")
+        .build_raw()
+        .unwrap();
+    let err = raw_client(addr, chain, key).await.unwrap_err();
+    assert!(format!("{err:?}").contains("CertificateUnknown"), "{err:?}");
+    let refused = seen.recv().await.unwrap().unwrap_err();
+    assert!(reason(&refused.error).contains("trusted root"), "{refused}");
+}
+
 /// Connections handshaken but not taken from `Incoming` count against the bound on
 /// handshakes, past the 64 it buffers: a consumer that stops taking them stops accepting.
 #[tokio::test]
