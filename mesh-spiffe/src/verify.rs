@@ -61,6 +61,23 @@ pub fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
         uri: uri.chars().take(256).collect(),
         reason,
     };
+    // The `spiffe` crate lower-cases the scheme and trust domain; a certificate must
+    // carry them lower-case already (as go-spiffe requires), so that the identity
+    // authorized and logged is the one the certificate says.
+    let authority = uri
+        .strip_prefix("spiffe://")
+        .map(|rest| rest.split('/').next().unwrap_or(rest));
+    if authority.is_some_and(|a| a.bytes().any(|b| b.is_ascii_uppercase())) {
+        return Err(not_spiffe(
+            "the trust domain name must be lower-case".into(),
+        ));
+    }
+    if uri
+        .get(..9)
+        .is_some_and(|scheme| scheme != "spiffe://" && scheme.eq_ignore_ascii_case("spiffe://"))
+    {
+        return Err(not_spiffe("the scheme must be lower-case `spiffe`".into()));
+    }
     let id = SpiffeId::new(uri).map_err(|e| not_spiffe(e.to_string()))?;
     if id.path().is_empty() {
         return Err(not_spiffe(

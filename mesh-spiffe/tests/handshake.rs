@@ -93,6 +93,22 @@ fn bad_certificates(ca: &mut TestCa) -> Vec<Case> {
             "is not a workload SPIFFE ID",
         ),
         (
+            "upper-case trust domain",
+            ca.leaf()
+                .uri("spiffe://EXAMPLE.org/peer")
+                .build_raw()
+                .unwrap(),
+            "must be lower-case",
+        ),
+        (
+            "upper-case scheme",
+            ca.leaf()
+                .uri("SPIFFE://example.org/peer")
+                .build_raw()
+                .unwrap(),
+            "must be lower-case",
+        ),
+        (
             "trust-domain ID as a leaf",
             ca.leaf().uri("spiffe://example.org").build_raw().unwrap(),
             "needs a path",
