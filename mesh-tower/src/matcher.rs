@@ -20,7 +20,8 @@
 //! `/a/..;x/b`, which Tomcat and Jetty resolve once they drop the parameters), an empty segment
 //! (`//b`), a backslash, or a percent-encoded `/`, `\` or `.` — satisfies no path or gRPC
 //! condition, so that a rule allowing `/public` cannot be used to reach `/admin` through
-//! `/public/../admin`. Such a request still matches conditions without a path.
+//! `/public/../admin`. Such a request still matches conditions without a path, and the
+//! prefix `/`, which takes every path whatever it resolves to.
 
 use http::{HeaderMap, HeaderName, Method, Request, Uri};
 use mesh_core::config::{
@@ -116,6 +117,13 @@ pub enum MatchError {
     /// A query parameter name is empty or holds `&`, `=`, `#` or `;`.
     #[error("`{0}` is not a query parameter name")]
     QueryName(String),
+    /// An exact or prefix path no request path can match: it holds `?` or `#`, or is
+    /// ambiguous ([`is_ambiguous`]: `..`, `.` or empty segments, `\`, an encoded `/`,
+    /// `\` or `.`), which request paths must not be to match.
+    #[error(
+        "path `{0}` can never match (`?` or `#`, or a `.`, `..` or empty segment, a `\\`, or an encoded `/`, `\\` or `.`)"
+    )]
+    NeverMatches(String),
     /// Both `path` and `grpc` were given.
     #[error("a match cannot have both `path` and `grpc` (a gRPC match is a path match)")]
     PathAndGrpc,
@@ -262,6 +270,11 @@ pub fn first_segment(path: &str) -> Option<&str> {
 }
 
 fn path_condition(p: &PathMatch) -> Result<PathCondition, MatchError> {
+    if let PathMatch::Exact(path) | PathMatch::Prefix(path) = p
+        && (path.contains(['?', '#']) || is_ambiguous(path))
+    {
+        return Err(MatchError::NeverMatches(path.clone()));
+    }
     Ok(match p {
         PathMatch::Exact(e) if e.starts_with('/') => PathCondition::Exact(e.clone()),
         PathMatch::Prefix(prefix) if prefix.starts_with('/') => {
@@ -374,7 +387,10 @@ fn hex_pair(digits: &[u8]) -> Option<u8> {
 
 impl PathCondition {
     fn matches(&self, path: &str) -> bool {
-        if is_ambiguous(path) {
+        // The prefix `/` takes every path, however a server resolves it: no ambiguity can
+        // lead outside it, so it takes ambiguous ones too (a route on `/` is the
+        // catch-all the Gateway API says it is; a rule on `/` allows what it says).
+        if is_ambiguous(path) && !matches!(self, Self::Prefix(p) if p.is_empty()) {
             return false;
         }
         match self {
@@ -508,8 +524,13 @@ mod tests {
         ] {
             assert!(!is_ambiguous(plain), "{plain}");
         }
-        // A match without a path condition still holds.
+        // A match without a path condition still holds, and so does the prefix `/`.
         assert!(RequestMatch::any().matches(&get("/public/../admin")));
+        let everything = path(PathMatch::Prefix("/".into()));
+        for sneaky in ["/public/../admin", "//x", "/a/%2e%2e/b", "/x\\y"] {
+            assert!(everything.matches(&get(sneaky)), "{sneaky}");
+        }
+        assert!(!everything.matches(&Request::options("*").body(()).unwrap()));
     }
 
     #[test]
