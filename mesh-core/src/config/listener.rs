@@ -94,7 +94,7 @@ pub struct InboundConfig {
 }
 
 /// An outbound listener: accepts plaintext from the local application and sends each
-/// request along the route that takes it (the most specific, see [`RouteConfig`]; if
+/// request along the route that takes it (the most specific, see [`RouteConfig`](super::RouteConfig); if
 /// none, to the `default_service`).
 ///
 /// ```toml
