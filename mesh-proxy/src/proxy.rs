@@ -523,14 +523,17 @@ impl Proxy {
         // Unchanged services keep their clients (connections, load, breakers, metrics).
         let old = lock(&self.clients).clone();
         let mut clients = BTreeMap::new();
+        // Rebuilt clients that replace one with endpoints: each must find its own before
+        // the swap (below).
+        let mut replacing = Vec::new();
         for (name, service) in &next.services {
             // A client holds its zone preference: a new zone rebuilds them all.
             let client = match old.get(name) {
                 Some((config, client)) if config == service && next.zone == current.zone => {
                     client.clone()
                 }
-                _ => {
-                    client(
+                previous => {
+                    let client = client(
                         name,
                         service,
                         &next,
@@ -538,7 +541,11 @@ impl Proxy {
                         &self.client_metrics,
                         &self.state.decisions,
                     )
-                    .await?
+                    .await?;
+                    if previous.is_some_and(|(_, old)| !old.endpoints().is_empty()) {
+                        replacing.push((name.clone(), client.clone()));
+                    }
+                    client
                 }
             };
             clients.insert(name.clone(), (service.clone(), client));
@@ -625,13 +632,14 @@ impl Proxy {
             let client = opaque_client(&key, &handle.service, &next, self.mtls.as_ref(), relay)
                 .await
                 .map_err(|e| e.to_string())?;
-            opaque.push((&handle.client, client));
+            opaque.push((handle.service.as_str(), &handle.client, client));
         }
+        discovered(&replacing, &opaque).await?;
         for (listener, pending) in self.transparent.iter().zip(transparent) {
             listener.apply(pending);
         }
         // New opaque connections go by the new service; open ones go on.
-        for (running, next) in opaque {
+        for (_, running, next) in opaque {
             running.replace(&next);
         }
         for (router, set) in self.routers.iter().zip(sets) {
@@ -970,6 +978,60 @@ async fn identity(
 }
 
 /// The client of service `name`.
+/// How long a client rebuilt at a reload may take to find its first endpoints.
+const RELOAD_DISCOVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits (at most [`RELOAD_DISCOVERY`]) until every rebuilt client that would replace one
+/// with endpoints has found its own. A DNS service is rebuilt before its first lookup has
+/// answered: swapped in at once it would have no endpoint for a while, and none at all
+/// while DNS is down. So the reload waits, and fails if one finds none in time: the
+/// running configuration, whose clients have their endpoints, stays.
+async fn discovered(
+    replacing: &[(String, MeshClient)],
+    opaque: &[(
+        &str,
+        &mesh_tower::opaque::OpaqueClient,
+        mesh_tower::opaque::OpaqueClient,
+    )],
+) -> Result<(), BoxError> {
+    let opaque: Vec<_> = opaque
+        .iter()
+        .filter(|(_, running, _)| running.endpoint_count() > 0)
+        .collect();
+    // Each discovery runs in its own task: waiting on them one after another takes as
+    // long as the slowest.
+    let all = async {
+        for (_, client) in replacing {
+            client.discovered().await;
+        }
+        for (_, _, next) in &opaque {
+            next.discovered().await;
+        }
+    };
+    let _ = tokio::time::timeout(RELOAD_DISCOVERY, all).await;
+    let missing: Vec<&str> = replacing
+        .iter()
+        .filter(|(_, client)| client.endpoints().is_empty())
+        .map(|(name, _)| name.as_str())
+        .chain(
+            opaque
+                .iter()
+                .filter(|(_, _, next)| next.endpoint_count() == 0)
+                .map(|(name, _, _)| *name),
+        )
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "services {}: rebuilt with the new settings, found no endpoint within {}s (is their \
+         discovery reachable?); the running clients keep theirs",
+        missing.join(", "),
+        RELOAD_DISCOVERY.as_secs()
+    )
+    .into())
+}
+
 async fn client(
     name: &str,
     service: &ServiceConfig,

@@ -242,6 +242,65 @@ async fn a_reload_moves_opaque_listeners_to_their_services_new_endpoints() {
     assert!(proxy.terminate().success());
 }
 
+#[path = "../../mesh-core/tests/support/dns.rs"]
+mod dns;
+
+/// A reload that rebuilds a DNS-discovered service while DNS is down keeps the running
+/// clients, which have their endpoints, and says so: swapped in, the new ones would have
+/// had none (their first lookup cannot answer), and every request would have failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_dns_is_down_keeps_the_services_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = app().await;
+    let db = tagged("db").await;
+    let mut server = dns::TestDns::start().await;
+    server.set_a("app.example.test.", 1, &["127.0.0.1"]).await;
+    server.set_a("db.example.test.", 1, &["127.0.0.1"]).await;
+    let text = |retries: u32| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [services.app]\ntls = \"plaintext\"\n\
+             discovery = {{ kind = \"dns\", host = \"app.example.test\", port = {}, min_ttl = \"1s\", name_servers = [\"{dns}\"] }}\n\
+             retry = {{ max_retries = {retries} }}\n\n\
+             [services.db]\ntls = \"plaintext\"\nprotocol = \"opaque\"\n\
+             discovery = {{ kind = \"dns\", host = \"db.example.test\", port = {}, min_ttl = \"1s\", name_servers = [\"{dns}\"] }}\n\
+             connect_timeout = \"{retries}s\"\n\n\
+             [[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:0\"\ndefault_service = \"app\"\n\n\
+             [[outbound]]\nname = \"opaque\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"opaque\"\n\
+             default_service = \"db\"\n",
+            upstream.port(),
+            db.port(),
+            dns = server.addr,
+        )
+    };
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, text(2)).unwrap();
+    let proxy = Proxy::start(&config, 3);
+    let egress = format!("http://{}/x", proxy.addr("egress"));
+    assert_eq!(curl(&[&egress]).0, 200, "resolved at start");
+    assert_eq!(answer(proxy.addr("opaque")).await, "db");
+
+    // DNS goes away; both services change, so both clients are rebuilt.
+    server.server.shutdown_gracefully().await.unwrap();
+    std::fs::write(&config, text(3)).unwrap();
+    proxy.signal("HUP");
+    let metrics = format!("http://{}/metrics", proxy.addr("admin"));
+    // The reload waits up to 5 s for the new clients' endpoints.
+    let invalid = "mesh_proxy_reloads_total{result=\"invalid\"} 1";
+    let (mut refused, mut text_now) = metrics_until(&metrics, &[invalid]).await;
+    for _ in 0..2 {
+        if !refused {
+            (refused, text_now) = metrics_until(&metrics, &[invalid]).await;
+        }
+    }
+    assert!(refused, "the reload was not refused: {text_now}");
+    assert!(!text_now.contains(RELOADED), "{text_now}");
+    // The running clients kept their endpoints.
+    assert_eq!(curl(&[&egress]).0, 200);
+    assert_eq!(answer(proxy.addr("opaque")).await, "db");
+    assert!(proxy.terminate().success());
+}
+
 /// A configuration file that cannot be read (here a FIFO no one writes; on a VM, a stale
 /// network mount) stalls neither the proxy nor its drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! Outbound services: how endpoints are found, balanced, retried, timed out and ejected.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -114,6 +115,10 @@ pub enum DiscoveryConfig {
         /// Longest re-resolution interval, whatever the TTL. Default: 5 min.
         #[serde(default = "defaults::dns_max_ttl", with = "duration")]
         max_ttl: Duration,
+        /// The name servers to ask, `IP:port` (a local Consul agent's DNS interface is
+        /// `127.0.0.1:8600`, say). Default: the `nameserver` lines of `/etc/resolv.conf`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        name_servers: Vec<SocketAddr>,
     },
     /// DNS SRV records: each target's addresses at the record's port, weighted.
     DnsSrv {
@@ -125,6 +130,9 @@ pub enum DiscoveryConfig {
         /// Longest re-resolution interval, whatever the TTL. Default: 5 min.
         #[serde(default = "defaults::dns_max_ttl", with = "duration")]
         max_ttl: Duration,
+        /// The name servers to ask, as for `dns`. Default: `/etc/resolv.conf`'s.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        name_servers: Vec<SocketAddr>,
     },
 }
 

@@ -495,6 +495,45 @@ fn query_matches_parse_and_are_validated() {
 }
 
 #[test]
+fn dns_discovery_takes_its_name_servers_and_no_address_for_a_name() {
+    let config = MeshConfig::from_toml(
+        r#"
+        [services.web]
+        tls = "plaintext"
+        discovery = { kind = "dns", host = "web.service.consul", port = 8080, name_servers = ["127.0.0.1:8600", "[::1]:53"] }
+        "#,
+    )
+    .unwrap();
+    let DiscoveryConfig::Dns { name_servers, .. } = &config.services["web"].discovery else {
+        panic!("not dns");
+    };
+    assert_eq!(
+        name_servers,
+        &[
+            "127.0.0.1:8600".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    let errors = invalid(
+        r#"
+        [services.web]
+        tls = "plaintext"
+        discovery = { kind = "dns", host = "10.0.0.1", port = 80, name_servers = ["127.0.0.1:0", "0.0.0.0:53"] }
+        [services.srv]
+        tls = "plaintext"
+        discovery = { kind = "dns-srv", name = "_http._tcp.example.org", name_servers = ["[::]:53"] }
+        "#,
+    );
+    let expected = [
+        "services.srv.discovery.name_servers[0]: `[::]:53` is not a name server's address (an IP and a port)",
+        "services.web.discovery.host: `10.0.0.1` is an address, not a DNS name: list it with kind = \"static\"",
+        "services.web.discovery.name_servers[0]: `127.0.0.1:0` is not a name server's address (an IP and a port)",
+        "services.web.discovery.name_servers[1]: `0.0.0.0:53` is not a name server's address (an IP and a port)",
+    ];
+    assert_exactly(&errors, &expected);
+}
+
+#[test]
 fn conditions_that_could_never_match_are_refused() {
     let errors = invalid(
         r#"

@@ -122,6 +122,17 @@ impl Validator {
         }
     }
 
+    fn name_servers(&mut self, path: &str, servers: &[std::net::SocketAddr]) {
+        for (i, addr) in servers.iter().enumerate() {
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                self.err(
+                    format!("{path}.discovery.name_servers[{i}]"),
+                    format!("`{addr}` is not a name server's address (an IP and a port)"),
+                );
+            }
+        }
+    }
+
     fn regex(&mut self, path: impl Into<String>, pattern: &str) {
         if let Err(e) = super::anchored_regex(pattern) {
             let message = e
@@ -284,8 +295,16 @@ impl Validator {
                 port,
                 min_ttl,
                 max_ttl,
+                name_servers,
             } => {
-                if !is_hostname(host) {
+                if host.parse::<std::net::IpAddr>().is_ok() {
+                    self.err(
+                        format!("{path}.discovery.host"),
+                        format!(
+                            "`{host}` is an address, not a DNS name: list it with kind = \"static\""
+                        ),
+                    );
+                } else if !is_hostname(host) {
                     self.err(
                         format!("{path}.discovery.host"),
                         format!("`{host}` is not a valid DNS name"),
@@ -295,12 +314,15 @@ impl Validator {
                     self.err(format!("{path}.discovery.port"), "must not be 0");
                 }
                 self.ttls(path, *min_ttl, *max_ttl);
+                self.name_servers(path, name_servers);
             }
             DiscoveryConfig::DnsSrv {
                 name,
                 min_ttl,
                 max_ttl,
+                name_servers,
             } => {
+                self.name_servers(path, name_servers);
                 let mut labels = name.split('.');
                 let srv_form = labels
                     .next()

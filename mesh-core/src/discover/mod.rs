@@ -134,8 +134,13 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
             port,
             min_ttl,
             max_ttl,
+            name_servers,
         } => Ok(Box::pin(
-            DnsDiscovery::host(host.clone(), *port)
+            name_servers
+                .iter()
+                .fold(DnsDiscovery::host(host.clone(), *port), |b, addr| {
+                    b.name_server(*addr)
+                })
                 .ttl_floor(*min_ttl)
                 .ttl_ceiling(*max_ttl)
                 .build()?,
@@ -145,8 +150,13 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
             name,
             min_ttl,
             max_ttl,
+            name_servers,
         } => Ok(Box::pin(
-            DnsDiscovery::srv(name.clone())
+            name_servers
+                .iter()
+                .fold(DnsDiscovery::srv(name.clone()), |b, addr| {
+                    b.name_server(*addr)
+                })
                 .ttl_floor(*min_ttl)
                 .ttl_ceiling(*max_ttl)
                 .build()?,

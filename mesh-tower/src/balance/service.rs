@@ -226,6 +226,22 @@ impl<S> Balance<S> {
         self.shared.live.current.load_full()
     }
 
+    /// Waits until discovery has given at least one endpoint: `true` then, `false` if
+    /// discovery ended without any. Not bounded: wrap it in a timeout. (A client rebuilt
+    /// at a reload waits for this before it replaces one that had endpoints.)
+    pub async fn discovered(&self) -> bool {
+        let mut updates = self.shared.updates.clone();
+        loop {
+            updates.mark_unchanged();
+            if !self.shared.live.current.load().endpoints.is_empty() {
+                return true;
+            }
+            if self.shared.live.ended.load(Ordering::Acquire) || updates.changed().await.is_err() {
+                return !self.shared.live.current.load().endpoints.is_empty();
+            }
+        }
+    }
+
     /// Records a pick, when a decision record is set (one branch otherwise).
     #[inline]
     fn record(&self, pool: &Pool<S>, picked: &Picked, path: PickPath, passed_over: usize) {

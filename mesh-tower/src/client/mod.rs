@@ -134,6 +134,12 @@ impl MeshClient {
         self.balance().endpoints()
     }
 
+    /// Waits until discovery has given at least one endpoint: `true` then, `false` if
+    /// discovery ended without any. Not bounded: wrap it in a timeout.
+    pub async fn discovered(&self) -> bool {
+        self.balance().discovered().await
+    }
+
     /// The client's metrics, when registered with [`MeshClientBuilder::metrics`].
     pub fn metrics(&self) -> Option<&crate::metrics::ClientMetrics> {
         self.metrics.as_ref()

@@ -290,6 +290,24 @@ impl OpaqueClient {
         self.current.load().endpoints.set.load().len()
     }
 
+    /// Waits until discovery has given at least one endpoint: `true` then, `false` if
+    /// discovery ended without any. Not bounded: wrap it in a timeout.
+    pub async fn discovered(&self) -> bool {
+        let endpoints = self.current.load().endpoints.clone();
+        let mut changed = endpoints.changed.subscribe();
+        loop {
+            changed.mark_unchanged();
+            if !endpoints.set.load().is_empty() {
+                return true;
+            }
+            if endpoints.ended.load(std::sync::atomic::Ordering::Acquire)
+                || changed.changed().await.is_err()
+            {
+                return !endpoints.set.load().is_empty();
+            }
+        }
+    }
+
     /// From now on, this client and its clones relay new connections as `other` does:
     /// its discovery, transport, identity checks, connect settings and relay settings.
     /// Open relays go on as they began. [`serve`](Self::serve)'s bound on connections and
