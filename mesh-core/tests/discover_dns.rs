@@ -297,10 +297,61 @@ async fn invalid_settings_fail_at_construction() {
         DnsDiscovery::host("users.example.test", 80)
             .ttl_floor(Duration::from_secs(10))
             .ttl_ceiling(Duration::from_secs(1)),
+        // After a failure the servers would be asked again at once, without end.
+        DnsDiscovery::host("users.example.test", 80).ttl_floor(Duration::ZERO),
     ] {
         let err = b.name_server(ns).build().unwrap_err();
         assert!(matches!(err, DiscoverError::Dns { .. }), "{err:?}");
     }
+}
+
+/// A name server that answers every A query for any name with `ip` (TTL 1 s) and never
+/// answers anything else, as some firewalls and DNS proxies treat AAAA: UDP only.
+async fn a_only_server(ip: [u8; 4]) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let query = &buf[..n];
+            // The question: 12 header bytes, then labels up to a zero byte, then the type.
+            let Some(end) = query.get(12..).and_then(|q| q.iter().position(|&b| b == 0)) else {
+                continue;
+            };
+            let qtype_at = 12 + end + 1;
+            let Some(qtype) = query.get(qtype_at..qtype_at + 2) else {
+                continue;
+            };
+            if qtype != [0, 1] {
+                continue; // not A: no answer at all
+            }
+            let question = &query[12..qtype_at + 4];
+            let mut answer = Vec::with_capacity(64);
+            answer.extend_from_slice(&query[..2]); // the id
+            answer.extend_from_slice(&[0x85, 0x80]); // a response, authoritative, recursion
+            answer.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]); // 1 question, 1 answer
+            answer.extend_from_slice(question);
+            // The answer: a pointer to the question's name, A, IN, TTL 1, 4 bytes.
+            answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
+            answer.extend_from_slice(&ip);
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    addr
+}
+
+/// One family failing (AAAA unanswered) while the other answers still gives that family's
+/// endpoints; before, the whole lookup failed and the name never got any.
+#[tokio::test]
+async fn a_server_that_drops_aaaa_still_gives_the_ipv4_endpoints() {
+    let server = a_only_server([10, 0, 0, 7]).await;
+    let mut d = DnsDiscovery::host("users.example.test", 8080)
+        .name_server(server)
+        .ttl_floor(FLOOR)
+        .query_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
 }
 
 #[test]

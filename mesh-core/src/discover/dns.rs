@@ -3,12 +3,15 @@
 //! Two kinds of names:
 //!
 //! - **A/AAAA** ([`DnsDiscovery::host`]): every IPv4 and IPv6 address of the host becomes
-//!   an endpoint at the given port. Both families are always queried.
+//!   an endpoint at the given port. Both families are always queried; when one fails and
+//!   the other answers, the failed family keeps its last addresses.
 //! - **SRV** ([`DnsDiscovery::srv`], a name like `_http._tcp.users.example.org`): every
 //!   SRV target is resolved to its A/AAAA addresses; each address becomes an endpoint at
 //!   the record's port, weighted by the record's weight (a weight of 0 counts as 1; two
-//!   records for the same address and port add their weights). SRV priorities are not
-//!   modelled: all targets are used. A target of `.` ("no service") yields nothing.
+//!   records for the same address and port add their weights). Priorities are honoured
+//!   as RFC 2782 asks: only the targets of the lowest priority are used, and those of the
+//!   next only while none of the lower ones has an address. A target of `.` ("no
+//!   service") yields nothing.
 //!
 //! An expected [identity](DnsDiscoveryBuilder::identity) and a
 //! [zone](DnsDiscoveryBuilder::zone) can be set for all endpoints of the source.
@@ -199,7 +202,7 @@ impl DnsDiscoveryBuilder {
     /// # Errors
     ///
     /// [`DiscoverError::Dns`] if the name is not a valid host name (or, for SRV, not of the
-    /// form `_service._proto.domain`), if the floor exceeds the ceiling, if no name server
+    /// form `_service._proto.domain`), if the floor is zero or exceeds the ceiling, if no name server
     /// is configured and `/etc/resolv.conf` names none, or if there is no tokio runtime.
     pub fn build(self) -> Result<DnsDiscovery, DiscoverError> {
         let (query, display) = match &self.query {
@@ -210,6 +213,13 @@ impl DnsDiscoveryBuilder {
             name: display.clone(),
             message,
         };
+        if self.ttl_floor.is_zero() {
+            return Err(error(
+                "TTL floor must be above zero: after a failure the name servers would be \
+                 asked again at once, without end"
+                    .into(),
+            ));
+        }
         if self.ttl_floor > self.ttl_ceiling {
             return Err(error(format!(
                 "TTL floor {:?} exceeds TTL ceiling {:?}",
@@ -249,6 +259,7 @@ impl DnsDiscoveryBuilder {
             set: EndpointSet::new(),
             target_addrs: HashMap::new(),
             last_error: None,
+            half_failed: None,
             tx,
         };
         runtime.spawn(task.run());
@@ -387,6 +398,7 @@ struct SrvRecord {
     target: Name,
     port: u16,
     weight: u16,
+    priority: u16,
 }
 
 /// The endpoints of `records`, given each target's addresses: one per address and record,
@@ -395,6 +407,28 @@ struct SrvRecord {
 /// 2181 §5, but a server may send them).
 fn srv_endpoints(
     records: &[SrvRecord],
+    addrs: &HashMap<Name, Vec<IpAddr>>,
+    template: &Template,
+) -> EndpointSet {
+    // RFC 2782: the targets of the lowest priority are used; those of the next only when
+    // none of the lower ones has an address.
+    let priorities: BTreeSet<u16> = records.iter().map(|r| r.priority).collect();
+    for priority in priorities {
+        let set = weighted_endpoints(
+            records.iter().filter(|r| r.priority == priority),
+            addrs,
+            template,
+        );
+        if !set.is_empty() {
+            return set;
+        }
+    }
+    EndpointSet::new()
+}
+
+/// The endpoints of one priority's records.
+fn weighted_endpoints<'r>(
+    records: impl Iterator<Item = &'r SrvRecord>,
     addrs: &HashMap<Name, Vec<IpAddr>>,
     template: &Template,
 ) -> EndpointSet {
@@ -429,6 +463,7 @@ pub fn srv_answer_endpoints(
                 target: Name::from_ascii(target).ok()?,
                 port: *port,
                 weight: *weight,
+                priority: 0,
             })
         })
         .collect();
@@ -474,8 +509,17 @@ async fn lookup<T>(
     }
 }
 
-/// The A and AAAA addresses of `name` and their shortest TTL.
-async fn lookup_ips(resolver: &TokioResolver, name: &Name) -> Result<Answer<IpAddr>, NetError> {
+/// The A and AAAA addresses of `name` and their shortest TTL, and whether one family's
+/// lookup failed (`Some` reason). A failed family keeps its addresses from `previous`,
+/// the last good answer: a resolver that answers A but drops or refuses AAAA (some
+/// firewalls and DNS proxies do) must not leave the name without endpoints, nor take
+/// away the addresses of the family that did not answer this time. Both failing is an
+/// error.
+async fn lookup_ips(
+    resolver: &TokioResolver,
+    name: &Name,
+    previous: &[IpAddr],
+) -> Result<(Vec<IpAddr>, Option<Duration>, Option<String>), NetError> {
     let (v4, v6) = tokio::join!(
         lookup(resolver, name, RecordType::A, |d| match d {
             RData::A(a) => Some(IpAddr::V4(a.0)),
@@ -486,10 +530,28 @@ async fn lookup_ips(resolver: &TokioResolver, name: &Name) -> Result<Answer<IpAd
             _ => None,
         }),
     );
-    let (mut ips, ttl4) = v4?;
-    let (ips6, ttl6) = v6?;
-    ips.extend(ips6);
-    Ok((ips, min_ttl(ttl4, ttl6)))
+    let kept = |v6: bool| {
+        previous
+            .iter()
+            .filter(move |ip| ip.is_ipv6() == v6)
+            .copied()
+    };
+    match (v4, v6) {
+        (Ok((mut ips, ttl4)), Ok((ips6, ttl6))) => {
+            ips.extend(ips6);
+            Ok((ips, min_ttl(ttl4, ttl6), None))
+        }
+        (Ok((mut ips, ttl)), Err(e)) => {
+            ips.extend(kept(true));
+            Ok((ips, ttl, Some(format!("AAAA lookup failed: {e}"))))
+        }
+        (Err(e), Ok((ips6, ttl))) => {
+            let mut ips: Vec<IpAddr> = kept(false).collect();
+            ips.extend(ips6);
+            Ok((ips, ttl, Some(format!("A lookup failed: {e}"))))
+        }
+        (Err(e), Err(_)) => Err(e),
+    }
 }
 
 fn min_ttl(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
@@ -513,6 +575,8 @@ struct ResolveTask {
     target_addrs: HashMap<Name, Vec<IpAddr>>,
     /// The last failure logged, so that a persisting failure is logged once.
     last_error: Option<String>,
+    /// Why the last round's lookup of one address family failed, if it did.
+    half_failed: Option<String>,
     tx: mpsc::Sender<Vec<Change>>,
 }
 
@@ -527,7 +591,19 @@ impl ResolveTask {
             };
             let wait = match resolved {
                 Ok((set, ttl)) => {
-                    self.last_error = None;
+                    // A lookup that half failed is logged once per distinct reason, as
+                    // failures are.
+                    match self.half_failed.take() {
+                        Some(reason) if self.last_error.as_ref() != Some(&reason) => {
+                            tracing::warn!(
+                                name = %self.display,
+                                "{reason}; that address family keeps its last addresses"
+                            );
+                            self.last_error = Some(reason);
+                        }
+                        Some(_) => {}
+                        None => self.last_error = None,
+                    }
                     let changes = self.set.diff(&set);
                     self.set = set;
                     tracing::debug!(name = %self.display, changes = changes.len(), ?ttl, "resolved");
@@ -559,11 +635,17 @@ impl ResolveTask {
     async fn resolve(&mut self) -> Result<(EndpointSet, Option<Duration>), String> {
         // Our TTL logic decides when to ask again; never answer from hickory's cache.
         self.resolver.clear_cache();
-        match &self.query {
+        let mut half_failed = None;
+        let resolved = match &self.query {
             Query::Host(name, port) => {
-                let (ips, ttl) = lookup_ips(&self.resolver, name)
+                let previous: Vec<IpAddr> = self.set.iter().map(|e| e.addr().ip()).collect();
+                let (ips, mut ttl, partial) = lookup_ips(&self.resolver, name, &previous)
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Some(reason) = partial {
+                    half_failed = Some(reason);
+                    ttl = Some(self.floor);
+                }
                 let set = ips
                     .into_iter()
                     .map(|ip| {
@@ -580,6 +662,7 @@ impl ResolveTask {
                             target: srv.target.clone(),
                             port: srv.port,
                             weight: srv.weight,
+                            priority: srv.priority,
                         }),
                         _ => None,
                     })
@@ -591,8 +674,16 @@ impl ResolveTask {
                     if addrs.contains_key(&r.target) {
                         continue;
                     }
-                    match lookup_ips(&self.resolver, &r.target).await {
-                        Ok((ips, t)) => {
+                    let previous = self
+                        .target_addrs
+                        .get(&r.target)
+                        .map_or(&[][..], Vec::as_slice);
+                    match lookup_ips(&self.resolver, &r.target, previous).await {
+                        Ok((ips, t, partial)) => {
+                            if let Some(reason) = partial {
+                                degraded = true;
+                                half_failed = Some(format!("target {}: {reason}", r.target));
+                            }
                             ttl = min_ttl(ttl, t);
                             addrs.insert(r.target.clone(), ips);
                         }
@@ -616,7 +707,9 @@ impl ResolveTask {
                 self.target_addrs = addrs;
                 Ok((set, ttl))
             }
-        }
+        };
+        self.half_failed = half_failed;
+        resolved
     }
 }
 
@@ -650,6 +743,7 @@ mod tests {
             target: a.clone(),
             port: 80,
             weight: 7,
+            priority: 0,
         }];
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let addrs = HashMap::from([(a, vec![ip, ip, ip])]);
@@ -661,6 +755,37 @@ mod tests {
         assert_eq!(got, [("10.0.0.1:80".to_owned(), 7)]);
     }
 
+    /// RFC 2782: the lowest priority's targets, the next's only while none of those has an
+    /// address.
+    #[test]
+    fn only_the_lowest_priority_with_addresses_is_used() {
+        let (primary, backup) = (name("primary.example.org."), name("backup.example.org."));
+        let record = |target: &Name, priority| SrvRecord {
+            target: target.clone(),
+            port: 80,
+            weight: 1,
+            priority,
+        };
+        let records = [record(&backup, 20), record(&primary, 10)];
+        let endpoints = |addrs: &HashMap<Name, Vec<IpAddr>>| -> Vec<String> {
+            srv_endpoints(&records, addrs, &Template::default())
+                .iter()
+                .map(|ep| ep.addr().to_string())
+                .collect()
+        };
+        let both = HashMap::from([
+            (primary.clone(), vec!["10.0.0.1".parse().unwrap()]),
+            (backup.clone(), vec!["10.0.0.2".parse().unwrap()]),
+        ]);
+        assert_eq!(endpoints(&both), ["10.0.0.1:80"]);
+        let primary_empty = HashMap::from([
+            (primary, vec![]),
+            (backup, vec!["10.0.0.2".parse().unwrap()]),
+        ]);
+        assert_eq!(endpoints(&primary_empty), ["10.0.0.2:80"]);
+        assert!(endpoints(&HashMap::new()).is_empty());
+    }
+
     #[test]
     fn srv_records_map_to_weighted_endpoints() {
         let a = name("a.example.org.");
@@ -670,23 +795,27 @@ mod tests {
                 target: a.clone(),
                 port: 8080,
                 weight: 10,
+                priority: 0,
             },
             SrvRecord {
                 target: b.clone(),
                 port: 9090,
                 weight: 0,
+                priority: 0,
             },
             // The same address and port twice: weights add.
             SrvRecord {
                 target: a.clone(),
                 port: 8080,
                 weight: 5,
+                priority: 0,
             },
             // A target with no known addresses yields nothing.
             SrvRecord {
                 target: name("c.example.org."),
                 port: 1,
                 weight: 1,
+                priority: 0,
             },
         ];
         let addrs = HashMap::from([
