@@ -105,6 +105,14 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/live") => text(StatusCode::OK, PLAIN, "live\n"),
+        // What the configuration says (a header value an authorization rule matches, say)
+        // and the recent decisions (callers, paths) stay on this machine too: probes and
+        // scrapes need only the endpoints above.
+        (&Method::GET, "/config" | "/decisions") if !from_loopback(req) => text(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            "/config and /decisions are served to loopback only\n",
+        ),
         (&Method::GET, "/decisions") if state.decisions.is_enabled() => {
             text(StatusCode::OK, PLAIN, state.decisions.dump())
         }

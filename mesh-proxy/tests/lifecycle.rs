@@ -183,6 +183,50 @@ async fn an_admin_listener_on_every_address_takes_local_ipv4_control() {
     assert!(proxy.terminate().success());
 }
 
+/// One of this host's own addresses that is not loopback (the one its default route
+/// leaves from; nothing is sent), or `None` on a host without one.
+fn own_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.1:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// An admin listener reachable from other hosts (a pod's address, for probes) serves
+/// probes and metrics there, and keeps the configuration, the decisions and control to
+/// loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_on_the_network_keeps_configuration_and_control_local() {
+    let Some(ip) = own_address() else {
+        eprintln!("skipped: this host has no address but loopback");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(&config, "[admin]\nlisten = \"0.0.0.0:0\"\ndecisions = 16\n").unwrap();
+    let proxy = Proxy::start(&config, 1);
+    let port = proxy.addr("admin").port();
+    let remote = std::net::SocketAddr::new(ip, port);
+    for (method, path, code) in [
+        ("GET", "/ready", 200),
+        ("GET", "/live", 200),
+        ("GET", "/metrics", 200),
+        ("GET", "/config", 403),
+        ("GET", "/decisions", 403),
+        ("POST", "/reload", 403),
+        ("POST", "/shutdown", 403),
+    ] {
+        let (got, body) = curl(&["-X", method, &format!("http://{remote}{path}")]);
+        assert_eq!(got, code, "{method} {path} from {ip}: {body}");
+    }
+    // From loopback, all of it.
+    for path in ["/config", "/decisions"] {
+        let (got, body) = curl(&[&format!("http://127.0.0.1:{port}{path}")]);
+        assert_eq!(got, 200, "{path} from loopback: {body}");
+    }
+    assert!(proxy.terminate().success());
+}
+
 /// A TCP server that answers each connection with `tag` and closes.
 async fn tagged(tag: &'static str) -> std::net::SocketAddr {
     use tokio::io::AsyncWriteExt;
