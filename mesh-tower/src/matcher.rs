@@ -11,7 +11,7 @@
 //! | `path = { prefix = "/a" }` | the path is `/a` or continues after it with `/` (`/a/b`), not `/ab`; a trailing `/` in the prefix is ignored, `/` matches every path |
 //! | `path = { regex = "…" }` | the expression matches the whole path |
 //! | `methods = [...]` | the method is one of them |
-//! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent |
+//! | `headers = [{ name, exact / regex / present }]` | each: every value of the header (at least one) is exactly / wholly matches the value; `present = false`: the header is absent; a header whose name differs only by `_` for `-` (`x_tenant`) counts as the same header |
 //! | `query = [{ name, exact / regex }]` | each: the parameter is there and every value it has, as sent (not decoded), is exactly / wholly matches the value; names are case-sensitive and compared decoded (`%74enant` is `tenant`); a query holding `;` satisfies none |
 //! | `grpc = { service, method }` | the path is `/service/method` (any method of the service when none is given) |
 //!
@@ -199,7 +199,12 @@ impl RequestMatch {
     pub fn matches_parts(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && self.path.as_ref().is_none_or(|p| p.matches(uri.path()))
-            && self.headers.iter().all(|h| h.matches(headers))
+            && (self.headers.is_empty() || {
+                // Rare: then each condition also reads the names that differ from its own
+                // by `_` for `-` only.
+                let underscored = headers.keys().any(|k| k.as_str().contains('_'));
+                self.headers.iter().all(|h| h.matches(headers, underscored))
+            })
             && (self.query.is_empty() || {
                 let query = uri.query().unwrap_or("");
                 self.query.iter().all(|q| q.matches(query))
@@ -352,6 +357,12 @@ impl QueryCondition {
     }
 }
 
+/// Whether two header names (lower case) are equal once every `_` is read as `-`.
+fn same_but_underscores(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
+}
+
 /// Whether `raw`, a query parameter name as sent, is `want` once decoded (`%XX` escapes,
 /// and `+` for a space); an escape that is not one (`%zz`) stands for itself.
 fn decoded_eq(raw: &str, want: &str) -> bool {
@@ -412,8 +423,25 @@ impl PathCondition {
 }
 
 impl HeaderCondition {
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
+    /// Every value of the header must meet the condition, and so must every value of a
+    /// header whose name differs from it only by `_` for `-` (`x_tenant` for `x-tenant`):
+    /// CGI-style applications (PHP, WSGI, Rack) read both as `HTTP_X_TENANT`, so a request
+    /// carrying `x-tenant: a` and `x_tenant: b` must not pass a condition on `x-tenant: a`,
+    /// nor `x_debug: 1` one on `x-debug` being absent. (`underscored`: some request
+    /// header's name holds `_`; without one, and with no `_` in this condition's name,
+    /// there is no such header.)
+    fn matches(&self, headers: &HeaderMap, underscored: bool) -> bool {
+        let direct = headers.get_all(&self.name).iter();
+        let twins = (underscored || self.name.as_str().contains('_'))
+            .then(|| {
+                headers.iter().filter_map(|(name, value)| {
+                    (*name != self.name && same_but_underscores(name.as_str(), self.name.as_str()))
+                        .then_some(value)
+                })
+            })
+            .into_iter()
+            .flatten();
+        let mut values = direct.chain(twins).peekable();
         match &self.value {
             ValueCondition::Present(present) => values.peek().is_some() == *present,
             ValueCondition::Exact(want) => {
@@ -659,6 +687,60 @@ mod tests {
         assert!(alternation.matches(&get("/b")));
         assert!(!alternation.matches(&get("/x/b")));
         assert!(!alternation.matches(&get("/a/x")));
+    }
+
+    #[test]
+    fn a_header_spelt_with_underscores_is_the_same_header() {
+        let m = RequestMatch::new(&RouteMatch {
+            headers: vec![
+                HeaderMatch {
+                    name: "x-tenant".into(),
+                    value: HeaderValueMatch::Exact("a".into()),
+                },
+                HeaderMatch {
+                    name: "x-debug".into(),
+                    value: HeaderValueMatch::Present(false),
+                },
+            ],
+            ..RouteMatch::default()
+        })
+        .unwrap();
+        assert!(m.matches(&req(Method::GET, "/", &[("x-tenant", "a")])));
+        assert!(m.matches(&req(
+            Method::GET,
+            "/",
+            &[("x-tenant", "a"), ("x_other", "1")]
+        )));
+        // CGI-style applications read both as HTTP_X_TENANT.
+        for twin in [
+            [("x-tenant", "a"), ("x_tenant", "b")],
+            [("x_tenant", "b"), ("x-tenant", "a")],
+            [("x-tenant", "a"), ("x_debug", "1")],
+        ] {
+            assert!(!m.matches(&req(Method::GET, "/", &twin)), "{twin:?}");
+        }
+        assert!(
+            m.matches(&req(Method::GET, "/", &[("x_tenant", "a")])),
+            "the same header"
+        );
+        // A condition spelt with `_` takes the `-` spelling too.
+        let under = RequestMatch::new(&RouteMatch {
+            headers: vec![HeaderMatch {
+                name: "x_env".into(),
+                value: HeaderValueMatch::Exact("prod".into()),
+            }],
+            ..RouteMatch::default()
+        })
+        .unwrap();
+        assert!(under.matches(&req(Method::GET, "/", &[("x-env", "prod")])));
+        assert!(!under.matches(&req(
+            Method::GET,
+            "/",
+            &[("x_env", "prod"), ("x-env", "dev")]
+        )));
+        assert!(same_but_underscores("a_b-c", "a-b_c"));
+        assert!(!same_but_underscores("a_b", "a_bc"));
+        assert!(!same_but_underscores("a.b", "a-b"));
     }
 
     #[test]
