@@ -17,6 +17,7 @@ use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer, Forward, ToMesh, ToMe
 use mesh_tower::max_forwards::{MaxForwards, MaxForwardsLayer};
 use mesh_tower::metrics::ClientMetrics;
 use mesh_tower::metrics::server::ServerMetrics;
+use mesh_tower::opaque::OpaqueClient;
 use mesh_tower::relay::{ListenerTunnels, TunnelMetrics};
 use mesh_tower::route::{RouteMetrics, Router, Routes};
 use mesh_tower::server::{MeshServer, MeshServerBuilder, Server, StreamTasks};
@@ -634,7 +635,14 @@ impl Proxy {
                 .map_err(|e| e.to_string())?;
             opaque.push((handle.service.as_str(), &handle.client, client));
         }
-        discovered(&replacing, &opaque).await?;
+        let mut opaque_replacing: Vec<(String, OpaqueClient, OpaqueClient)> = opaque
+            .iter()
+            .map(|(name, running, next)| ((*name).to_owned(), (*running).clone(), next.clone()))
+            .collect();
+        for (listener, pending) in self.transparent.iter().zip(&transparent) {
+            opaque_replacing.extend(pending.opaque_replacements(listener));
+        }
+        discovered(&replacing, &opaque_replacing).await?;
         for (listener, pending) in self.transparent.iter().zip(transparent) {
             listener.apply(pending);
         }
@@ -988,11 +996,7 @@ const RELOAD_DISCOVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// running configuration, whose clients have their endpoints, stays.
 async fn discovered(
     replacing: &[(String, MeshClient)],
-    opaque: &[(
-        &str,
-        &mesh_tower::opaque::OpaqueClient,
-        mesh_tower::opaque::OpaqueClient,
-    )],
+    opaque: &[(String, OpaqueClient, OpaqueClient)],
 ) -> Result<(), BoxError> {
     let opaque: Vec<_> = opaque
         .iter()
@@ -1017,7 +1021,7 @@ async fn discovered(
             opaque
                 .iter()
                 .filter(|(_, _, next)| next.endpoint_count() == 0)
-                .map(|(name, _, _)| *name),
+                .map(|(name, _, _)| name.as_str()),
         )
         .collect();
     if missing.is_empty() {

@@ -24,6 +24,7 @@ use mesh_tower::MeshClient;
 use mesh_tower::forward::{AnswerErrors, AnswerErrorsLayer};
 use mesh_tower::max_forwards::{MaxForwards, MaxForwardsLayer};
 use mesh_tower::metrics::server::ServerMetrics;
+use mesh_tower::opaque::OpaqueClient;
 use mesh_tower::route::{RouteMetrics, Router};
 use mesh_tower::server::{Handoff, MeshServer, Server};
 use mesh_tower::sock::TcpOptions;
@@ -64,13 +65,45 @@ struct Meshed {
     server: Server,
     router: Router<Backend>,
     handoff: Handoff,
+    /// The `auto` listener's opaque fallback, replaced in place at a reload.
+    opaque: Option<OpaqueClient>,
 }
 
 /// A reload, built but not applied.
 pub(crate) struct Pending {
+    /// Services new to this listener: their servers.
     services: BTreeMap<String, Meshed>,
-    /// Unchanged services: their new route sets.
-    routes: Vec<(String, mesh_tower::route::Routes<Backend>)>,
+    /// Services it serves already: their new settings and route sets, and their new
+    /// opaque fallback when their settings changed. Their servers, and the connections
+    /// open on them, stay.
+    routes: Vec<Kept>,
+}
+
+/// A service a reload keeps serving on its running server.
+struct Kept {
+    name: String,
+    config: ServiceConfig,
+    routes: mesh_tower::route::Routes<Backend>,
+    opaque: Option<OpaqueClient>,
+}
+
+impl Pending {
+    /// The opaque fallbacks this reload would replace, each with the service's name, the
+    /// running client and the new one: those whose service changed.
+    pub(crate) fn opaque_replacements(
+        &self,
+        listener: &Transparent,
+    ) -> Vec<(String, OpaqueClient, OpaqueClient)> {
+        let services = lock(&listener.services);
+        self.routes
+            .iter()
+            .filter_map(|kept| {
+                let next = kept.opaque.clone()?;
+                let running = services.get(&kept.name)?.opaque.clone()?;
+                Some((kept.name.clone(), running, next))
+            })
+            .collect()
+    }
 }
 
 impl Transparent {
@@ -165,13 +198,9 @@ impl Transparent {
             .metrics(cx.server_metrics.listener(&self.name))
             .access_log(self.access_log.clone())
             .h2_streams(crate::proxy::H2_STREAMS);
-        if self.protocol == Protocol::Auto {
-            let relay = RelayFor {
-                limits: &self.limits,
-                tunnels: cx.tunnel_metrics.listener(&self.name),
-            };
-            builder = builder
-                .opaque_fallback(opaque_client(&key, name, cx.config, cx.mtls, relay).await?);
+        let opaque = self.opaque_fallback(name, cx).await?;
+        if let Some(client) = &opaque {
+            builder = builder.opaque_fallback(client.clone());
         }
         let (handoff, connections) = mesh_tower::server::handoff(self.addr);
         let server = builder.serve_handed(connections, app)?;
@@ -181,7 +210,27 @@ impl Transparent {
             server,
             router,
             handoff,
+            opaque,
         })
+    }
+
+    /// An `auto` listener's opaque fallback for service `name` (none on `http` ones).
+    async fn opaque_fallback(
+        &self,
+        name: &str,
+        cx: &Context<'_>,
+    ) -> Result<Option<OpaqueClient>, StartError> {
+        if self.protocol != Protocol::Auto {
+            return Ok(None);
+        }
+        let key = format!("outbound[{}]", self.index);
+        let relay = RelayFor {
+            limits: &self.limits,
+            tunnels: cx.tunnel_metrics.listener(&self.name),
+        };
+        Ok(Some(
+            opaque_client(&key, name, cx.config, cx.mtls, relay).await?,
+        ))
     }
 
     /// The switch of this listener's access log.
@@ -195,7 +244,7 @@ impl Transparent {
             services: BTreeMap::new(),
             routes: Vec::new(),
         };
-        let unchanged: BTreeMap<String, ServiceConfig> = lock(&self.services)
+        let running: BTreeMap<String, ServiceConfig> = lock(&self.services)
             .iter()
             .map(|(n, m)| (n.clone(), m.config.clone()))
             .collect();
@@ -203,29 +252,43 @@ impl Transparent {
             if service.addresses.is_empty() {
                 continue;
             }
-            if unchanged.get(name) == Some(service) {
-                pending.routes.push((
-                    name.clone(),
-                    routes(cx.config, Some(name), cx.clients, cx.route_metrics)?,
-                ));
-            } else {
-                pending
-                    .services
-                    .insert(name.clone(), self.meshed(name, service, cx).await?);
+            match running.get(name) {
+                // Served already: the server stays (and its connections with it); its
+                // routes, and its opaque fallback if the service changed, are replaced.
+                Some(config) => pending.routes.push(Kept {
+                    name: name.clone(),
+                    config: service.clone(),
+                    routes: routes(cx.config, Some(name), cx.clients, cx.route_metrics)?,
+                    opaque: if config == service {
+                        None
+                    } else {
+                        self.opaque_fallback(name, cx).await?
+                    },
+                }),
+                None => {
+                    pending
+                        .services
+                        .insert(name.clone(), self.meshed(name, service, cx).await?);
+                }
             }
         }
         Ok(pending)
     }
 
-    /// Applies a prepared reload: new routes, new servers, the new table; the servers of
-    /// services gone or replaced drain in the background.
+    /// Applies a prepared reload: new routes (and opaque fallbacks) on the running
+    /// servers, new servers for new services, the new table; the servers of services gone
+    /// drain in the background.
     pub(crate) fn apply(&self, pending: Pending) {
         let mut services = lock(&self.services);
         let mut next = BTreeMap::new();
-        for (name, set) in pending.routes {
-            if let Some(meshed) = services.remove(&name) {
-                meshed.router.replace(set);
-                next.insert(name, meshed);
+        for kept in pending.routes {
+            if let Some(mut meshed) = services.remove(&kept.name) {
+                meshed.router.replace(kept.routes);
+                if let (Some(running), Some(new)) = (&meshed.opaque, &kept.opaque) {
+                    running.replace(new);
+                }
+                meshed.config = kept.config;
+                next.insert(kept.name, meshed);
             }
         }
         next.extend(pending.services);

@@ -164,6 +164,25 @@ while not got.endswith(sys.argv[3].encode()):
 print(got.decode(), end="")
 "#;
 
+/// A client that keeps its connection: sends `one`, prints the answer, waits for a line
+/// on stdin, then sends `two` on the same connection and prints that answer.
+const LONG_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+def ask(word):
+    s.sendall(word)
+    got = b""
+    while not got.endswith(word):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    print(got.decode(), end="", flush=True)
+ask(b"one\n")
+sys.stdin.readline()
+ask(b"two\n")
+"#;
+
 fn skip(why: &str) {
     assert!(
         std::env::var("MESH_REQUIRE_NETNS").as_deref() != Ok("1"),
@@ -237,7 +256,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     std::fs::write(
         &outbound,
         format!(
-            "{}\n[admin]\nlisten = \"127.0.0.1:4191\"\n\
+            "drain_timeout = \"1s\"\n{}\n[admin]\nlisten = \"127.0.0.1:4191\"\n\
              [services.users]\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4143\" }}] }}\n\
              server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.10:80\"]\n\
@@ -320,9 +339,26 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         "{metrics}"
     );
 
-    // A reload moves `users` to another address, keeping the listener.
+    // A connection to `db` open across a reload that changes `db`.
+    let mut long = ns
+        .command("python3")
+        .args(["-c", LONG_CLIENT, "10.55.0.13", "5432"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut long_out = std::io::BufReader::new(long.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut long_out, &mut line).unwrap();
+    assert_eq!(line, "echo> one\n");
+
+    // A reload moves `users` to another address, keeping the listener, and changes `db`.
     let text = std::fs::read_to_string(&outbound).unwrap();
-    std::fs::write(&outbound, text.replace("10.55.0.10:80", "10.55.0.12:80")).unwrap();
+    let text = text.replace("10.55.0.10:80", "10.55.0.12:80").replace(
+        "addresses = [\"10.55.0.8/29:5432\"]",
+        "addresses = [\"10.55.0.8/29:5432\"]\nconnect_timeout = \"3s\"",
+    );
+    std::fs::write(&outbound, text).unwrap();
     let reload = ns
         .command("curl")
         .args(["-sS", "-X", "POST", "http://127.0.0.1:4191/reload"])
@@ -334,6 +370,14 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         (status, body.as_str()),
         (200, "app /moved id=spiffe://example.org/web")
     );
+    // Past the drain timeout (1 s), the connection still carries bytes: the changed
+    // service's server was kept, not drained. (It was drained and cut before.)
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::io::Write::write_all(long.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut long_out, &mut rest).unwrap();
+    assert_eq!(rest, "two\n", "the connection did not survive the reload");
+    assert!(long.wait().unwrap().success());
     // The old address is nobody's now: passed through, to nothing listening there.
     assert_eq!(ns.curl("http://10.55.0.10/hello").0, 0);
 
