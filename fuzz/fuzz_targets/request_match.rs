@@ -1,7 +1,8 @@
 //! Route matches and authorization policies: compiling any path, header and regex
 //! conditions and matching any request never panics; a prefix match holds exactly on
 //! segment boundaries; an ambiguous path (dot or empty segments, encoded separators)
-//! satisfies no path condition, so no rule can be reached through one.
+//! satisfies no path condition but the prefix `/`, so no narrower rule can be reached
+//! through one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -985,7 +985,6 @@ async fn identity(
     Ok(Some(source))
 }
 
-/// The client of service `name`.
 /// How long a client rebuilt at a reload may take to find its first endpoints.
 const RELOAD_DISCOVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -1036,6 +1035,7 @@ async fn discovered(
     .into())
 }
 
+/// The client of service `name`.
 async fn client(
     name: &str,
     service: &ServiceConfig,

@@ -105,35 +105,47 @@ pub struct Bundle {
 
 impl Bundle {
     /// A bundle of DER CA certificates. Fails if there is none, or if any does not parse
-    /// as a trust anchor or is no signing certificate (X509-SVID 4.1 and 4.3: basic
-    /// constraints with `CA=true`, and `keyCertSign` if it has a key usage extension), so
-    /// that an SVID put in a bundle by mistake cannot become a root.
+    /// as a trust anchor. A certificate that parses but is no signing certificate
+    /// (X509-SVID 4.1 and 4.3: basic constraints with `CA=true`, and `keyCertSign` if it
+    /// has a key usage extension) is left out with a warning, so that an SVID put in a
+    /// bundle by mistake cannot become a root while the bundle's real roots still work;
+    /// a bundle left with no certificate fails with the first one's reason.
     pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, CredentialError> {
         if certs.is_empty() {
             return Err(CredentialError::EmptyBundle);
         }
-        let anchors = certs
-            .iter()
-            .enumerate()
-            .map(|(i, der)| {
-                crate::verify::check_signing_cert(der).map_err(|reason| {
-                    CredentialError::Anchor {
-                        index: i,
-                        reason: format!("the certificate {reason}"),
-                    }
+        let mut kept = Vec::with_capacity(certs.len());
+        let mut anchors = Vec::with_capacity(certs.len());
+        let mut first_refused = None;
+        for (i, der) in certs.into_iter().enumerate() {
+            let anchor = webpki::anchor_from_trusted_cert(&der)
+                .map(|a| a.to_owned())
+                .map_err(|e| CredentialError::Anchor {
+                    index: i,
+                    reason: format!("{e:?}"),
                 })?;
-                webpki::anchor_from_trusted_cert(der)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| CredentialError::Anchor {
-                        index: i,
-                        reason: format!("{e:?}"),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { certs, anchors })
+            if let Err(reason) = crate::verify::check_signing_cert(&der) {
+                let error = CredentialError::Anchor {
+                    index: i,
+                    reason: format!("the certificate {reason}"),
+                };
+                tracing::warn!(%error, "left out of the trust bundle");
+                first_refused.get_or_insert(error);
+                continue;
+            }
+            anchors.push(anchor);
+            kept.push(der);
+        }
+        match first_refused {
+            Some(error) if kept.is_empty() => Err(error),
+            _ => Ok(Self {
+                certs: kept,
+                anchors,
+            }),
+        }
     }
 
-    /// The CA certificates, as given.
+    /// The CA certificates (those left out excepted).
     pub fn certs(&self) -> &[CertificateDer<'static>] {
         &self.certs
     }
@@ -193,6 +205,17 @@ impl BundleSet {
     /// Whether no trust domain has a bundle.
     pub fn is_empty(&self) -> bool {
         self.bundles.is_empty()
+    }
+
+    /// Whether both sets trust the same certificates for the same trust domains.
+    pub fn same_trust(&self, other: &BundleSet) -> bool {
+        self.bundles.len() == other.bundles.len()
+            && self.bundles.iter().all(|(td, bundle)| {
+                other
+                    .bundles
+                    .get(td)
+                    .is_some_and(|theirs| theirs.certs == bundle.certs)
+            })
     }
 }
 

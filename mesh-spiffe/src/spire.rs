@@ -272,51 +272,59 @@ impl Publisher {
         let state = x509.state();
         let context = state.context().map_err(Rejected::Source)?;
         let bundles = context.bundle_set().clone();
-        let svid = match state.svid() {
-            Ok(svid) => svid,
-            Err(error) => {
-                // No usable SVID (expired by this host's clock, say), but the response's
-                // bundles still count: a root or a federation the agent removed must stop
-                // being trusted (Workload API §4.4), whatever the SVID's state.
+        let svid = state.svid();
+        if let (Ok(svid), Some(old_svid), Some(old_bundles)) =
+            (&svid, &self.applied_svid, &self.applied_bundles)
+            && Arc::ptr_eq(old_svid, svid)
+            && Arc::ptr_eq(old_bundles, &bundles)
+        {
+            return Ok(());
+        }
+        let converted = match svid {
+            Ok(raw) => convert_svid(&raw, &self.provider)
+                .map(|ours| (raw, ours))
+                .map_err(Rejected::Credential),
+            Err(error) => Err(Rejected::Source(error)),
+        };
+        match converted {
+            Ok((raw, ours)) => {
+                let own = ours.id().trust_domain().clone();
+                let set = convert_bundles(&bundles, Some(&own)).map_err(Rejected::Credential)?;
+                tracing::info!(
+                    id = %ours.id(),
+                    trust_domains = set.len(),
+                    "credentials from the Workload API"
+                );
+                self.store.set(ours, set);
+                self.applied_svid = Some(raw);
+                self.applied_bundles = Some(bundles);
+                Ok(())
+            }
+            Err(rejected) => {
+                // No usable SVID in the update (expired by this host's clock, refused by
+                // our checks), but its bundles still count: a root or a federation the
+                // agent removed must stop being trusted (Workload API §4.4), whatever the
+                // SVID's state.
                 if self
                     .applied_bundles
                     .as_ref()
                     .is_none_or(|b| !Arc::ptr_eq(b, &bundles))
                 {
                     let own = self.store.svid().map(|s| s.id().trust_domain().clone());
-                    if let Ok(set) = convert_bundles(&bundles, own.as_ref()) {
+                    if let Ok(set) = convert_bundles(&bundles, own.as_ref())
+                        && !set.same_trust(&self.store.bundles())
+                    {
                         tracing::info!(
                             trust_domains = set.len(),
                             "trust bundles from the Workload API (no usable SVID in the update)"
                         );
                         self.store.set_bundles(set);
-                        self.applied_bundles = Some(bundles);
                     }
+                    self.applied_bundles = Some(bundles);
                 }
-                return Err(Rejected::Source(error));
+                Err(rejected)
             }
-        };
-        if let Some(old_svid) = &self.applied_svid
-            && Arc::ptr_eq(old_svid, &svid)
-            && self
-                .applied_bundles
-                .as_ref()
-                .is_some_and(|b| Arc::ptr_eq(b, &bundles))
-        {
-            return Ok(());
         }
-        let ours = convert_svid(&svid, &self.provider).map_err(Rejected::Credential)?;
-        let own = ours.id().trust_domain().clone();
-        let set = convert_bundles(&bundles, Some(&own)).map_err(Rejected::Credential)?;
-        tracing::info!(
-            id = %ours.id(),
-            trust_domains = set.len(),
-            "credentials from the Workload API"
-        );
-        self.store.set(ours, set);
-        self.applied_svid = Some(svid);
-        self.applied_bundles = Some(bundles);
-        Ok(())
     }
 }
 
@@ -353,7 +361,7 @@ fn convert_bundles(
                 tracing::warn!(
                     %trust_domain,
                     %error,
-                    "federated bundle from the Workload API left out: nothing from that trust domain is trusted"
+                    "trust bundle from the Workload API left out: nothing from that trust domain is trusted"
                 );
             }
             Err(error) => return Err(error),

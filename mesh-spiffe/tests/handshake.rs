@@ -293,13 +293,16 @@ async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
     let why = reason(&err);
     assert!(why.contains("may not sign certificates"), "{why}");
 
-    // A leaf in a bundle (its SVID file given as the bundle, say) cannot become a root.
+    // A leaf in a bundle (its SVID file given as the bundle, say) cannot become a root:
+    // it is left out, and a bundle of nothing else is refused.
     let leaf = good.issue("spiffe://example.org/x").unwrap().chain()[0].clone();
-    let Err(err) = Bundle::new(vec![good.root().clone(), leaf]) else {
+    let mixed = Bundle::new(vec![good.root().clone(), leaf.clone()]).unwrap();
+    assert_eq!(mixed.certs(), std::slice::from_ref(good.root()));
+    let Err(err) = Bundle::new(vec![leaf]) else {
         panic!("a leaf taken as a root");
     };
     assert!(
-        err.to_string().contains("#1") && err.to_string().contains("is not a CA certificate"),
+        err.to_string().contains("#0") && err.to_string().contains("is not a CA certificate"),
         "{err}"
     );
 }

@@ -373,22 +373,32 @@ async fn a_bad_federated_bundle_does_not_stop_rotation() {
     assert!(bundles.get(third.trust_domain()).is_some(), "{domains:?}");
     assert_eq!(bundles.len(), 2, "{domains:?}");
 
-    // The federation with third.org ends, in an update whose SVID has expired by this
-    // host's clock: the SVID is not taken, the end of the federation is.
+    // The federation with third.org ends, in an update whose SVID our checks refuse (its
+    // key is another's): the SVID is not taken, the end of the federation is.
+    let bad = mismatched_key(&mut agent.ca, "spiffe://example.org/web-v3");
+    agent.api.push(bad);
+    bounded("store update", updates.changed()).await.unwrap();
+    assert!(spire.bundles().get(third.trust_domain()).is_none());
+    assert!(spire.bundles().get(agent.ca.trust_domain()).is_some());
+    assert_eq!(
+        spire.svid().unwrap().id().to_string(),
+        "spiffe://example.org/web-v2"
+    );
+    // It comes back in an update whose SVID has expired by this host's clock: the same.
     let hour = Duration::from_secs(3600);
     let expired = agent
         .ca
         .leaf()
-        .uri("spiffe://example.org/web-v3")
+        .uri("spiffe://example.org/web-v4")
         .validity(SystemTime::now() - 2 * hour, SystemTime::now() - hour)
         .build()
         .unwrap();
-    agent
-        .api
-        .push(X509Update::new(&expired, &agent.ca.bundle_set().unwrap()));
+    agent.api.push(
+        X509Update::new(&expired, &agent.ca.bundle_set().unwrap())
+            .with_federated_bundle(third.trust_domain(), &third.bundle().unwrap()),
+    );
     bounded("store update", updates.changed()).await.unwrap();
-    assert!(spire.bundles().get(third.trust_domain()).is_none());
-    assert!(spire.bundles().get(agent.ca.trust_domain()).is_some());
+    assert!(spire.bundles().get(third.trust_domain()).is_some());
     assert_eq!(
         spire.svid().unwrap().id().to_string(),
         "spiffe://example.org/web-v2"

@@ -56,7 +56,9 @@ pub struct RequestMatch {
 
 #[derive(Clone, Debug)]
 struct QueryCondition {
-    name: String,
+    /// The name decoded, as the application reads it: requests' names are decoded too
+    /// before they are compared with it.
+    name: Vec<u8>,
     value: QueryValue,
 }
 
@@ -319,7 +321,7 @@ fn query_condition(q: &QueryMatch) -> Result<QueryCondition, MatchError> {
         _ => QueryValue::Exact("\0".into()),
     };
     Ok(QueryCondition {
-        name: q.name.clone(),
+        name: decoded(&q.name),
         value,
     })
 }
@@ -363,30 +365,44 @@ fn same_but_underscores(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }
 
-/// Whether `raw`, a query parameter name as sent, is `want` once decoded (`%XX` escapes,
-/// and `+` for a space); an escape that is not one (`%zz`) stands for itself.
-fn decoded_eq(raw: &str, want: &str) -> bool {
-    if !raw.contains(['%', '+']) {
-        return raw == want;
+/// The next byte `raw` stands for once decoded (`%XX` escapes, and `+` for a space; an
+/// escape that is not one, `%zz`, stands for itself), and how many bytes of it that took.
+fn decode_one(raw: &[u8]) -> Option<(u8, usize)> {
+    Some(match *raw.first()? {
+        b'+' => (b' ', 1),
+        b'%' => match raw.get(1..3).and_then(hex_pair) {
+            Some(byte) => (byte, 3),
+            None => (b'%', 1),
+        },
+        b => (b, 1),
+    })
+}
+
+/// A query parameter name decoded, as form decoding reads it.
+fn decoded(name: &str) -> Vec<u8> {
+    let mut raw = name.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    while let Some((byte, width)) = decode_one(raw) {
+        out.push(byte);
+        raw = &raw[width..];
     }
-    let (raw, want) = (raw.as_bytes(), want.as_bytes());
-    let (mut i, mut j) = (0, 0);
-    while i < raw.len() {
-        let (byte, width) = match raw[i] {
-            b'+' => (b' ', 1),
-            b'%' => match raw.get(i + 1..i + 3).and_then(hex_pair) {
-                Some(byte) => (byte, 3),
-                None => (b'%', 1),
-            },
-            b => (b, 1),
-        };
-        if want.get(j) != Some(&byte) {
+    out
+}
+
+/// Whether `raw`, a query parameter name as sent, is `want` (decoded) once decoded.
+fn decoded_eq(raw: &str, want: &[u8]) -> bool {
+    if !raw.contains(['%', '+']) {
+        return raw.as_bytes() == want;
+    }
+    let mut raw = raw.as_bytes();
+    let mut want = want.iter();
+    while let Some((byte, width)) = decode_one(raw) {
+        if want.next() != Some(&byte) {
             return false;
         }
-        i += width;
-        j += 1;
+        raw = &raw[width..];
     }
-    j == want.len()
+    want.next().is_none()
 }
 
 /// The byte two hex digits stand for.
@@ -745,16 +761,25 @@ mod tests {
 
     #[test]
     fn decoding_names() {
-        assert!(decoded_eq("tenant", "tenant"));
-        assert!(decoded_eq("%74enant", "tenant"));
-        assert!(decoded_eq("%74%65NANT", "teNANT"));
-        assert!(!decoded_eq("%74enan", "tenant"));
-        assert!(!decoded_eq("%74enantx", "tenant"));
-        assert!(decoded_eq("%zz", "%zz"));
-        assert!(decoded_eq("a%", "a%"));
-        assert!(decoded_eq("a%4", "a%4"));
-        assert!(decoded_eq("%E2%82%AC", "€"));
-        assert!(!decoded_eq("%E2%82", "€"));
+        assert!(decoded_eq("tenant", b"tenant"));
+        assert!(decoded_eq("%74enant", b"tenant"));
+        assert!(decoded_eq("%74%65NANT", b"teNANT"));
+        assert!(!decoded_eq("%74enan", b"tenant"));
+        assert!(!decoded_eq("%74enantx", b"tenant"));
+        assert!(decoded_eq("%zz", b"%zz"));
+        assert!(decoded_eq("a%", b"a%"));
+        assert!(decoded_eq("a%4", b"a%4"));
+        assert!(decoded_eq("%E2%82%AC", "€".as_bytes()));
+        assert!(!decoded_eq("%E2%82", "€".as_bytes()));
+        // A configured name is decoded too: written encoded, it matches either spelling.
+        assert_eq!(decoded("filter%5Bstatus%5D"), b"filter[status]");
+        assert!(decoded_eq(
+            "filter%5Bstatus%5D",
+            &decoded("filter%5Bstatus%5D")
+        ));
+        assert!(decoded_eq("filter[status]", &decoded("filter%5Bstatus%5D")));
+        assert!(decoded_eq("a+b", &decoded("a+b")));
+        assert_eq!(decoded("%zz%4"), b"%zz%4");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use crate::serde_str::duration;
 /// One outbound route. Of the routes whose `hosts` and any of whose `matches` fit a
 /// request, the most specific wins, as in the Gateway API: the most specific host (exact,
 /// then the longest wildcard, then none), then the most specific match (an exact path,
-/// then the longest prefix, then a regex; then methods, then more header conditions, then
-/// more query conditions); the order in the file decides only between equals.
+/// then the longest prefix other than `/`, then a regex, then `/` or no path; then
+/// methods, then more header conditions, then more query conditions); the order in the
+/// file decides only between equals.
 ///
 /// ```toml
 /// [[routes]]
@@ -108,8 +109,10 @@ pub enum HeaderValueMatch {
 }
 
 /// A match on one query parameter: `{ name = "version", exact = "2" }` or
-/// `{ name = "id", regex = "[0-9]+" }`. Names are case-sensitive and compared as sent
-/// (not percent-decoded); when a parameter is repeated, every value must match.
+/// `{ name = "id", regex = "[0-9]+" }`. Names are case-sensitive and compared decoded on
+/// both sides (`%5B` is `[`, `+` a space: `filter%5Bstatus%5D` and `filter[status]` are
+/// one name), as applications read them; values are compared as sent. When a parameter is
+/// repeated, every value must match, and a query holding `;` matches no condition.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryMatch {
@@ -239,9 +242,9 @@ mod methods {
 
 /// Whether a server might resolve `path` to another path than it reads as: dot or empty
 /// segments, backslashes, percent-encoded `/`, `\` or `.`. Such a path satisfies no path
-/// condition of a route or an authorization rule (so that `/public/../admin` cannot pass
-/// for `/public`), and a path condition holding one could never match: configurations
-/// refuse it.
+/// condition of a route or an authorization rule but the prefix `/`, which takes every
+/// path (so that `/public/../admin` cannot pass for `/public`), and a path condition
+/// holding one could never match: configurations refuse it.
 pub fn is_ambiguous_path(path: &str) -> bool {
     let bytes = path.as_bytes();
     // Most paths hold none of `.`, `%`, `\`: then only an empty segment can make one

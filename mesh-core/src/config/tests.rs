@@ -548,6 +548,7 @@ fn conditions_that_could_never_match_are_refused() {
             { path = { regex = "/a)|(/b" } },
             { path = { prefix = "/api/" }, headers = [{ name = "x-env", exact = "a" }, { name = "X-Env", exact = "b" }] },
             { query = [{ name = "v", exact = "1" }, { name = "v", exact = "2" }, { name = "a;b", exact = "3" }] },
+            { headers = [{ name = "x-env", exact = "a" }, { name = "x_env", exact = "b" }] },
         ] }]
         "#,
     );
@@ -569,6 +570,9 @@ fn conditions_that_could_never_match_are_refused() {
             "{r}[8].query[1].name: parameter `v` is matched twice in this match: give one condition per parameter"
         ),
         format!("{r}[8].query[2].name: `a;b` is not a query parameter name"),
+        format!(
+            "{r}[9].headers[1].name: header `x_env` is matched twice in this match: give one condition per header"
+        ),
     ];
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     assert_exactly(&errors, &expected);

@@ -591,7 +591,7 @@ impl Validator {
                     format!("{hpath}.name"),
                     format!("`{}` is not a valid header name", h.name),
                 );
-            } else if !names.insert(h.name.to_ascii_lowercase()) {
+            } else if !names.insert(h.name.to_ascii_lowercase().replace('_', "-")) {
                 self.err(
                     format!("{hpath}.name"),
                     format!(

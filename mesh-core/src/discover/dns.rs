@@ -639,13 +639,12 @@ impl ResolveTask {
         let resolved = match &self.query {
             Query::Host(name, port) => {
                 let previous: Vec<IpAddr> = self.set.iter().map(|e| e.addr().ip()).collect();
-                let (ips, mut ttl, partial) = lookup_ips(&self.resolver, name, &previous)
+                let (ips, ttl, partial) = lookup_ips(&self.resolver, name, &previous)
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Some(reason) = partial {
-                    half_failed = Some(reason);
-                    ttl = Some(self.floor);
-                }
+                // The failed family is asked again with the other at the TTL: a resolver
+                // that always drops AAAA would otherwise be asked at the floor for good.
+                half_failed = partial;
                 let set = ips
                     .into_iter()
                     .map(|ip| {
@@ -681,7 +680,6 @@ impl ResolveTask {
                     match lookup_ips(&self.resolver, &r.target, previous).await {
                         Ok((ips, t, partial)) => {
                             if let Some(reason) = partial {
-                                degraded = true;
                                 half_failed = Some(format!("target {}: {reason}", r.target));
                             }
                             ttl = min_ttl(ttl, t);

@@ -11,7 +11,8 @@
 //!    not) **and** any of its route matches holds (no routes: every route). Route matches
 //!    are [`matcher::RequestMatch`](crate::matcher::RequestMatch)es: path exact / prefix /
 //!    regex, methods, headers, gRPC service and method; an ambiguous path (`..`, `//`,
-//!    encoded separators) satisfies no path condition.
+//!    encoded separators) satisfies no path condition but the prefix `/`, which takes
+//!    every path.
 //! 2. The first rule that admits the request decides: the request goes on with an
 //!    [`AuthzDecision`] extension naming the policy and the rule.
 //! 3. When none does, the policy's default decides: `deny` (the default) refuses the

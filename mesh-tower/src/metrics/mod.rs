@@ -198,11 +198,11 @@ impl Collector for PoolCollector {
             &PoolFamilies {
                 connections: (
                     "mesh_client_pool_connections",
-                    "HTTP/1.1 connections open to each endpoint (in use, idle or being dialled; at most pool.max_connections)",
+                    "HTTP/1.1 connections open to each endpoint (in use, idle or being dialled; at most pool.max_connections per client)",
                 ),
                 waiting: (
                     "mesh_client_pool_requests_waiting",
-                    "Requests waiting for an HTTP/1.1 connection to each endpoint (at most pool.max_pending)",
+                    "Requests waiting for an HTTP/1.1 connection to each endpoint (at most pool.max_pending per client)",
                 ),
                 overflows: (
                     "mesh_client_pool_overflows",
