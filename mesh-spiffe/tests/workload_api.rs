@@ -79,6 +79,16 @@ impl Agent {
         svid
     }
 
+    /// A `SpireSource` of this agent, synced.
+    async fn spire(&self) -> SpireSource {
+        SpireSource::builder()
+            .endpoint(self.api.endpoint())
+            .initial_timeout(WAIT)
+            .build()
+            .await
+            .unwrap()
+    }
+
     async fn x509_source(&self) -> X509Source {
         let build = X509Source::builder().endpoint(self.api.endpoint()).build();
         bounded("X509Source initial sync", build).await.unwrap()
@@ -261,12 +271,7 @@ async fn spire_source_over_tcp_feeds_mtls_and_follows_rotation() {
 }
 
 async fn feeds_mtls_and_follows_rotation(mut agent: Agent) {
-    let spire = SpireSource::builder()
-        .endpoint(agent.api.endpoint())
-        .initial_timeout(WAIT)
-        .build()
-        .await
-        .unwrap();
+    let spire = agent.spire().await;
     let spire = Arc::new(spire);
     assert_eq!(
         spire.svid().unwrap().id().to_string(),
@@ -346,12 +351,7 @@ async fn feeds_mtls_and_follows_rotation(mut agent: Agent) {
 #[tokio::test]
 async fn a_bad_federated_bundle_does_not_stop_rotation() {
     let mut agent = Agent::start();
-    let spire = SpireSource::builder()
-        .endpoint(agent.api.endpoint())
-        .initial_timeout(WAIT)
-        .build()
-        .await
-        .unwrap();
+    let spire = agent.spire().await;
     let mut updates = spire.updates();
     let third = TestCa::new("third.org").unwrap();
     let svid = agent.ca.issue("spiffe://example.org/web-v2").unwrap();
