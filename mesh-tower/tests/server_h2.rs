@@ -598,6 +598,70 @@ async fn resets_of_accepted_streams_end_in_goaway() {
     assert_eq!(server.shutdown().await.forced, 0);
 }
 
+/// A client that gives up on slow requests (another proxy's timeouts, on the one HTTP/2
+/// connection it shares among its callers) is no attacker: cancellations later than
+/// `premature_cancel_window` after their request began do not count toward
+/// `max_cancelled_requests`, however many more than the completed requests they are.
+/// With a zero window every cancellation comes too late to count (the window's edge is
+/// tested on `Activity` itself, in paused time).
+#[tokio::test]
+async fn late_cancellations_do_not_end_the_connection() {
+    const ROUNDS: u32 = 3;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (reached, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    // `/slow` never answers: the client's reset ends it. Anything else is answered.
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let slow = req.uri().path() == "/slow";
+        let _ = reached.send(());
+        async move {
+            if slow {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let mut limits = ServerLimits::default();
+    limits.premature_cancel_window = Duration::ZERO;
+    let per_round = limits.max_cancelled_requests as u32;
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let mut raw = Raw::connect(server.local_addr()).await;
+    let block = get_block("/slow", &[]);
+    // Three times the bound, each request reset once it reached the application: with
+    // the default window, the connection was shut down at the first bound and closed at
+    // the second (`resets_of_accepted_streams_end_in_goaway`).
+    for round in 0..ROUNDS {
+        let ids: Vec<u32> = (0..per_round)
+            .map(|i| 2 * (round * per_round + i) + 1)
+            .collect();
+        let opens: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| header_frames(id, &block, true))
+            .collect();
+        raw.tx.write_all(&opens).await.unwrap();
+        for _ in 0..per_round {
+            tokio::time::timeout(READ_TIMEOUT, arrivals.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let resets: Vec<u8> = ids.iter().flat_map(|&id| rst_stream(id, CANCEL)).collect();
+        raw.tx.write_all(&resets).await.unwrap();
+    }
+    // The same connection still takes new streams: no GOAWAY came before the answer.
+    let next = 2 * ROUNDS * per_round + 1;
+    raw.tx
+        .write_all(&header_frames(next, &get_block("/ok", &[]), true))
+        .await
+        .unwrap();
+    assert_eq!(raw.status(next).await, Ok(200));
+    drop(raw);
+    assert_eq!(server.shutdown().await.forced, 0);
+}
+
 /// `app` served in plaintext with its HTTP/2 streams run as `streams` says, and a raw
 /// connection to it.
 async fn serve_streams<S>(streams: StreamTasks, app: S) -> (Server, Raw)

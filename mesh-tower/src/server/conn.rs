@@ -295,6 +295,7 @@ async fn serve<IO, S, B>(
 {
     let activity = Arc::new(Activity {
         max_cancelled: shared.limits.max_cancelled_requests.max(1),
+        premature: shared.limits.premature_cancel_window,
         ..Activity::default()
     });
     // However this task ends, normally (its tunnels closed) or aborted by a drain's
@@ -609,8 +610,11 @@ struct Activity {
     /// A request began or ended since the idle check last looked.
     touched: AtomicBool,
     completed: AtomicUsize,
+    /// Requests cancelled prematurely (see `premature`).
     cancelled: AtomicUsize,
     max_cancelled: usize,
+    /// An HTTP/2 request cancelled within this of its start counts in `cancelled`.
+    premature: std::time::Duration,
     /// Tunnels out of this connection's requests still open (see [`TunnelCount`]).
     tunnels: AtomicUsize,
     /// Signalled when a tunnel ends.
@@ -671,13 +675,19 @@ impl Activity {
         self.touched.store(true, Ordering::Relaxed);
     }
 
-    /// A request ended without a response: failed, or `cancelled` by the client.
-    fn ended(&self, cancelled: bool) {
+    /// A request ended without a response: failed, or cancelled by the client (`Some`,
+    /// with whether it was cancelled prematurely).
+    fn ended(&self, cancelled: Option<bool>) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.touched.store(true, Ordering::Relaxed);
-        if !cancelled {
-            self.completed.fetch_add(1, Ordering::Relaxed);
-            return;
+        match cancelled {
+            None => {
+                self.completed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            // A slow request given up on (a caller's timeout): neither finished nor abuse.
+            Some(false) => return,
+            Some(true) => {}
         }
         // Rapid reset after acceptance: requests started and cancelled without end.
         // Past the bound the connection shuts down; at twice it, it closes.
@@ -761,6 +771,9 @@ where
             inner,
             activity: Some(self.activity.clone()),
             http2,
+            // Only HTTP/2 clients can cancel and go on (an HTTP/1.1 one hangs up), so only
+            // they need the clock read.
+            began: http2.then(Instant::now),
         }
     }
 }
@@ -808,12 +821,18 @@ pin_project! {
         activity: Option<Arc<Activity>>,
         // The response goes out on HTTP/2: its body is handed over in pieces.
         http2: bool,
+        // When an HTTP/2 request began, for the cancellation bound.
+        began: Option<Instant>,
     }
 
     impl<F> PinnedDrop for Tracked<F> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(activity) = this.project().activity.take() {
-                activity.ended(true);
+            let this = this.project();
+            if let Some(activity) = this.activity.take() {
+                let premature = this
+                    .began
+                    .is_none_or(|began| began.elapsed() < activity.premature);
+                activity.ended(Some(premature));
             }
         }
     }
@@ -845,7 +864,7 @@ where
             }
             Err(error) => {
                 if let Some(activity) = activity {
-                    activity.ended(false);
+                    activity.ended(None);
                 }
                 Err(error)
             }
@@ -953,5 +972,55 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for InFlight<B> {
             hint.set_lower(hint.lower().saturating_add(rest));
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 request's future as `ConnService` makes it, never answered.
+    fn pending_request(
+        activity: &Arc<Activity>,
+    ) -> Tracked<std::future::Pending<Result<Response<()>, BoxError>>> {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Tracked {
+            inner: std::future::pending(),
+            activity: Some(activity.clone()),
+            http2: true,
+            began: Some(Instant::now()),
+        }
+    }
+
+    /// Cancellations count toward the bound only within the window of their request's
+    /// start; the bound wakes the connection once the counted ones reach it.
+    #[tokio::test(start_paused = true)]
+    async fn only_premature_cancellations_count() {
+        let window = std::time::Duration::from_secs(1);
+        let activity = Arc::new(Activity {
+            max_cancelled: 3,
+            premature: window,
+            ..Activity::default()
+        });
+        let abuse = activity.abusive.notified();
+        let mut abuse = pin!(abuse);
+        abuse.as_mut().enable();
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        // Three requests cancelled just as the window closes: none counts.
+        let late: Vec<_> = (0..3).map(|_| pending_request(&activity)).collect();
+        tokio::time::advance(window).await;
+        drop(late);
+        assert_eq!(activity.cancelled.load(Ordering::Relaxed), 0);
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+        // Two cancelled just inside it count, and do not reach the bound yet.
+        let early: Vec<_> = (0..2).map(|_| pending_request(&activity)).collect();
+        tokio::time::advance(window - std::time::Duration::from_millis(1)).await;
+        drop(early);
+        assert_eq!(activity.cancelled.load(Ordering::Relaxed), 2);
+        assert!(abuse.as_mut().poll(&mut noop).is_pending());
+        // The third reaches it.
+        drop(pending_request(&activity));
+        assert_eq!(activity.cancelled.load(Ordering::Relaxed), 3);
+        assert!(abuse.as_mut().poll(&mut noop).is_ready());
     }
 }

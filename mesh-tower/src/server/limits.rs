@@ -16,7 +16,8 @@ use std::time::Duration;
 /// | `idle_timeout` | 120 s | a connection with no request in flight, and no response body (a streamed response is in flight until its last frame), for that long is shut down gracefully (looked for every eighth of it: the close comes within `idle_timeout` × 1.125). A connection whose client stops reading for as long is closed, shutting down or not: something waits on the client (a write; with nothing of the application's at work, every response body in flight to be asked for its next piece, as when an HTTP/2 window stays shut; or, shutting down, what is left in the buffers) and it makes no progress (no body polled, under 1 KiB moved per check, so that HTTP/2 pings do not count), like nginx's `send_timeout` (a reader is seen through the socket: one reading less than about a third of the kernel's send buffer in that time is taken for one that stopped). A response that is only quiet, between a stream's messages, waits on the application and is not cut |
 /// | `max_pending_accept_reset_streams` | 20 (HTTP/2) | rapid reset (CVE-2023-44487): the connection is closed with `GOAWAY` |
 /// | `max_local_error_reset_streams` | 256 (HTTP/2) | a peer provoking stream errors is disconnected |
-/// | `max_cancelled_requests` | 20 | a connection whose client cancelled (reset, or hung up on) this many requests, more than it let finish, is shut down with `GOAWAY`, and closed at twice as many: rapid reset of accepted streams |
+/// | `max_cancelled_requests` | 20 | a connection whose client cancelled (reset, or hung up on) this many requests, more than it let finish, is shut down with `GOAWAY`, and closed at twice as many: rapid reset of accepted streams. On HTTP/2 only cancellations within `premature_cancel_window` of their request's start count |
+/// | `premature_cancel_window` | 1 s | an HTTP/2 request cancelled later than this after it began is not counted toward `max_cancelled_requests`: a client (another proxy, say) timing out slow requests is not taken for an attacker, and one holding each stream this long stays bound by `max_concurrent_streams`. Envoy's default |
 /// | `shutdown_timeout` | 30 s | after a shutdown begins, connections still open are closed |
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -47,6 +48,9 @@ pub struct ServerLimits {
     /// Bound on requests a connection's client cancels, once they outnumber those it let
     /// finish.
     pub max_cancelled_requests: usize,
+    /// How soon after its start an HTTP/2 request's cancellation must come to count toward
+    /// `max_cancelled_requests` (zero: none does, and the bound is off).
+    pub premature_cancel_window: Duration,
     /// How long a graceful shutdown waits for requests in flight.
     pub shutdown_timeout: Duration,
 }
@@ -95,6 +99,7 @@ impl Default for ServerLimits {
             max_pending_accept_reset_streams: 20,
             max_local_error_reset_streams: 256,
             max_cancelled_requests: 20,
+            premature_cancel_window: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
