@@ -1513,11 +1513,17 @@ fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority
         }
         return None;
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // An absolute-form target's path may be empty (`http://a`, `http://a?q`): in origin
+    // form it is `/`, and for OPTIONS without a query `*` (RFC 9112 §3.2.1, §3.2.4).
+    let path = match req.uri().path_and_query() {
+        Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => path.clone(),
+        Some(path) if !path.as_str().is_empty() => {
+            http::uri::PathAndQuery::try_from(format!("/{}", path.as_str()))
+                .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
+        }
+        _ if req.method() == http::Method::OPTIONS => http::uri::PathAndQuery::from_static("*"),
+        _ => http::uri::PathAndQuery::from_static("/"),
+    };
     Some(std::mem::replace(req.uri_mut(), Uri::from(path)))
 }
 
@@ -2265,6 +2271,30 @@ mod tests {
             .unwrap();
         to_origin_form(&mut one, &endpoint);
         assert_eq!(one.headers()[http::header::COOKIE], "a=1");
+    }
+
+    /// An absolute-form target with an empty path goes on as `/`, or `*` for OPTIONS
+    /// (RFC 9112 §3.2.1, §3.2.4), never as an empty or `?`-led request line.
+    #[test]
+    fn empty_absolute_paths_become_slash_or_star() {
+        let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
+        for (method, uri, target) in [
+            (http::Method::GET, "http://users", "/"),
+            (http::Method::GET, "http://users?a=b", "/?a=b"),
+            (http::Method::OPTIONS, "http://users", "*"),
+            (http::Method::OPTIONS, "http://users?a=b", "/?a=b"),
+            (http::Method::OPTIONS, "http://users/x", "/x"),
+            (http::Method::GET, "http://users/x?y", "/x?y"),
+        ] {
+            let mut req = http::Request::builder()
+                .method(method.clone())
+                .uri(uri)
+                .body(())
+                .unwrap();
+            to_origin_form(&mut req, &endpoint);
+            assert_eq!(req.uri().to_string(), target, "{method} {uri}");
+            assert_eq!(req.headers()[HOST], "users");
+        }
     }
 
     /// A `TE` sent over HTTP/1.1 is named in `Connection` (beside an upgrade's `upgrade`),

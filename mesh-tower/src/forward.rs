@@ -2,7 +2,8 @@
 //!
 //! - [`strip_hop_by_hop`]: the connection-specific header fields a proxy must not pass
 //!   on (RFC 9110 §7.6.1, and HTTP/2 forbids them outright, RFC 9113 §8.2.2):
-//!   `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`,
+//!   `Connection` and every field it names (but `Host`, `Content-Length`, `Trailer` and
+//!   `TE`, which the next hop needs whatever a sender says), `Keep-Alive`, `Proxy-Connection`,
 //!   `Transfer-Encoding` (and a `Content-Length` beside it, RFC 9112 §6.3), `Upgrade`,
 //!   and `TE`, which goes on as exactly `trailers` when any of its fields lists that. An
 //!   HTTP/1.1 request that asks to switch protocols, and its `101`, keep `Upgrade` and
@@ -64,12 +65,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Fields named by `Connection` are connection-specific too (split as bytes: a value
-    // with other bytes beside the names still names them).
+    // with other bytes beside the names still names them), except those the next hop
+    // needs whatever a sender says: `Host` (named, it would be dropped after the
+    // request was checked and routed by it, and the application given its own address
+    // instead), the body's `Content-Length` and `Trailer`, and `TE`, which RFC 9110
+    // §10.1.4 has every sender of it name, and which is handled below.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .filter(|name| {
+            ![
+                header::HOST,
+                header::CONTENT_LENGTH,
+                header::TRAILER,
+                header::TE,
+            ]
+            .contains(name)
+        })
         .collect();
     for name in named {
         headers.remove(name);
@@ -95,7 +109,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut te = headers.get_all(header::TE).iter();
     match (te.next(), te.next()) {
         (None, _) => {}
-        (Some(only), None) if only.as_bytes().eq_ignore_ascii_case(b"trailers") => {}
+        // Exactly: hyper's HTTP/2 client passes on `trailers` only in lower case.
+        (Some(only), None) if only.as_bytes() == b"trailers" => {}
         _ => {
             let trailers = headers.get_all(header::TE).iter().any(|v| {
                 v.as_bytes()
@@ -856,6 +871,62 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    /// `Connection` cannot remove what the next hop needs: `Host` (else the application
+    /// would get its own address for it), the body's `Content-Length` and `Trailer`, and
+    /// `TE`, which every sender of it names there (RFC 9110 §10.1.4) and which goes on
+    /// as `trailers` in lower case, the only spelling hyper's HTTP/2 client passes on.
+    #[test]
+    fn connection_cannot_name_away_host_length_trailer_or_te() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "host, content-length, trailer, te, x-gone".parse().unwrap(),
+        );
+        h.insert(header::HOST, "app.example".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        h.insert(header::TRAILER, "x-checksum".parse().unwrap());
+        h.insert(header::TE, "Trailers".parse().unwrap());
+        h.insert("x-gone", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut kept: Vec<String> = h
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+            .collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            [
+                "content-length=5",
+                "host=app.example",
+                "te=trailers",
+                "trailer=x-checksum"
+            ]
+        );
+    }
+
+    /// A client naming `Host` in `Connection` does not get the application's own address
+    /// put in its place.
+    #[tokio::test]
+    async fn the_application_sees_the_host_a_client_named_in_connection() {
+        use http_body_util::{BodyExt, Full};
+        let target = reporting_app(|req| async move {
+            req.headers()
+                .get(header::HOST)
+                .map_or("none".to_owned(), |h| h.to_str().unwrap().to_owned())
+        })
+        .await;
+        let forward = Forward::<Full<Bytes>>::new(target);
+        let req = Request::get("/")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "app.example")
+            .header(header::CONNECTION, "host")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = forward.oneshot(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "app.example");
     }
 
     /// An HTTP/1.1 application on loopback for one connection, answering each request

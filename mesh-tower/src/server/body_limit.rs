@@ -69,7 +69,9 @@ where
 /// them), or userinfo in the request's authority (RFC 9113 §8.3.1 forbids
 /// it in `:authority`; RFC 9110 §4.2.4 has recipients treat it as an error). A `Host` of
 /// `b.example:1@admin.internal` would otherwise be routed by one name (`b.example`) and
-/// served by another (`admin.internal`, once it became a URI's authority).
+/// served by another (`admin.internal`, once it became a URI's authority). Also a target
+/// that is no path (RFC 9112 §3.2.1, RFC 9113 §8.3.1: it starts with `/`, or is `*` for
+/// OPTIONS only).
 pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -88,6 +90,22 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
         .is_some_and(|a| a.as_str().contains('@'))
     {
         return Some("userinfo in the request's authority");
+    }
+    // A target in origin form must be a path (or `*` for OPTIONS): hyper and h2 take one
+    // that starts with `?` (an HTTP/2 `:path` of `?a`, an HTTP/1.1 `GET ?a`), which would
+    // go on as a request line no HTTP/1.1 server need read. An absolute-form target with
+    // an empty path is fine: it goes on as `/` (or `*` for OPTIONS).
+    if let Some(target) = req
+        .uri()
+        .path_and_query()
+        .map(http::uri::PathAndQuery::as_str)
+        && if target == "*" {
+            req.method() != http::Method::OPTIONS
+        } else {
+            req.uri().authority().is_none() && !target.starts_with('/')
+        }
+    {
+        return Some("a request target that is neither a path nor * for OPTIONS");
     }
     None
 }
@@ -196,8 +214,14 @@ mod tests {
             (HTTP_11, "/", &[b"users.prod:8080"], None),
             (HTTP_11, "/", &[b"[::1]:80"], None),
             (HTTP_11, "/", &[b"10.0.0.1"], None),
-            // The target has no authority: an empty Host (RFC 9112 §3.2).
-            (HTTP_11, "*", &[b""], None),
+            // The target has no authority: an empty Host (RFC 9112 §3.2). But `*` is
+            // OPTIONS's only (these are GETs; OPTIONS below).
+            (
+                HTTP_11,
+                "*",
+                &[b""],
+                Some("a request target that is neither a path nor * for OPTIONS"),
+            ),
             (HTTP_10, "/", &[], None),
             (HTTP_2, "http://users/", &[], None),
             (HTTP_11, "http://users/", &[b"users"], None),
@@ -336,6 +360,34 @@ mod tests {
         ] {
             let req = request(version, uri, hosts);
             assert_eq!(host_problem(&req), problem, "{version:?} {uri} {hosts:?}");
+        }
+        let mut options = request(HTTP_11, "*", &[b""]);
+        *options.method_mut() = http::Method::OPTIONS;
+        assert_eq!(host_problem(&options), None);
+    }
+
+    /// A target that is no path is refused, in HTTP/2 (`:path`) as in HTTP/1.1; `*` only
+    /// for OPTIONS.
+    #[test]
+    fn targets_must_be_paths() {
+        const NO_PATH: Option<&str> =
+            Some("a request target that is neither a path nor * for OPTIONS");
+        for (version, path, problem) in [
+            (Version::HTTP_2, "/x?y", None),
+            (Version::HTTP_2, "?y", NO_PATH),
+            (Version::HTTP_11, "?y", NO_PATH),
+            (Version::HTTP_2, "*", NO_PATH),
+        ] {
+            // As h2 builds it for a request with a `Host` field and no `:authority`.
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(path).unwrap());
+            let req = Request::builder()
+                .version(version)
+                .header(header::HOST, "public.example")
+                .uri(http::Uri::from_parts(parts).unwrap())
+                .body(())
+                .unwrap();
+            assert_eq!(host_problem(&req), problem, "{path}");
         }
     }
 }
