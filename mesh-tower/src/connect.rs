@@ -1513,15 +1513,16 @@ fn to_origin_form<B>(req: &mut http::Request<B>, endpoint: &http::uri::Authority
         }
         return None;
     }
-    // An absolute-form target's path may be empty (`http://a`, `http://a?q`): in origin
-    // form it is `/`, and for OPTIONS without a query `*` (RFC 9112 §3.2.1, §3.2.4).
+    // A target with an authority may have an empty path (HTTP/2's `:path` of `?q`): in
+    // origin form it is `/` (RFC 9112 §3.2.1). (`http` parses `http://a` with the path
+    // `/`, so an absolute-form OPTIONS with an empty path cannot be told apart to go on
+    // as `*`, RFC 9112 §3.2.4.)
     let path = match req.uri().path_and_query() {
         Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => path.clone(),
         Some(path) if !path.as_str().is_empty() => {
             http::uri::PathAndQuery::try_from(format!("/{}", path.as_str()))
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
         }
-        _ if req.method() == http::Method::OPTIONS => http::uri::PathAndQuery::from_static("*"),
         _ => http::uri::PathAndQuery::from_static("/"),
     };
     Some(std::mem::replace(req.uri_mut(), Uri::from(path)))
@@ -1570,7 +1571,8 @@ struct CheckIn<B> {
 pin_project! {
     /// The body of an [`EndpointClient`] response: hyper's, which gives its HTTP/1.1
     /// connection back to the pool once read to the end. Dropped before its end, it lets
-    /// the connection close.
+    /// the connection close. Its trailers lose connection-specific fields
+    /// ([`strip_hop_by_hop`](crate::forward::strip_hop_by_hop)), which HTTP/2 forbids.
     pub struct Body<B> {
         #[pin]
         inner: Incoming,
@@ -1599,7 +1601,14 @@ impl<B: Send + 'static> http_body::Body for Body<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let mut this = self.project();
-        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        let mut frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        // An HTTP/1.1 server's trailers may hold anything hyper parsed; passed on to an
+        // HTTP/2 client, a connection-specific one would fail the stream's end.
+        if let Some(Ok(trailers)) = &mut frame
+            && let Some(trailers) = trailers.trailers_mut()
+        {
+            crate::forward::strip_hop_by_hop(trailers);
+        }
         match &frame {
             None => give_back(this.back),
             Some(Ok(_)) if this.inner.is_end_stream() => give_back(this.back),
@@ -2273,26 +2282,60 @@ mod tests {
         assert_eq!(one.headers()[http::header::COOKIE], "a=1");
     }
 
-    /// An absolute-form target with an empty path goes on as `/`, or `*` for OPTIONS
-    /// (RFC 9112 §3.2.1, §3.2.4), never as an empty or `?`-led request line.
+    /// An HTTP/1.1 server's trailers lose connection-specific fields, which an HTTP/2
+    /// client's stream could not end with; the others stay.
+    #[tokio::test]
+    async fn connection_specific_trailers_are_dropped() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0; 1024];
+            let _ = tcp.read(&mut head).await.unwrap();
+            tcp.write_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+                  2\r\nok\r\n0\r\nx-checksum: 1\r\nconnection: x\r\nkeep-alive: 5\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let _ = tcp.read(&mut head).await;
+        });
+        let client: EndpointClient<Full<Bytes>> =
+            EndpointClient::new(addr, ConnectSettings::plaintext());
+        let resp = client
+            .send(
+                http::Request::get("/")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let whole = resp.into_body().collect().await.unwrap();
+        let trailers = whole.trailers().cloned().unwrap();
+        assert_eq!(whole.to_bytes(), "ok");
+        let names: Vec<_> = trailers.keys().map(http::HeaderName::as_str).collect();
+        assert_eq!(names, ["x-checksum"]);
+    }
+
+    /// A target with an authority and an empty path (an HTTP/2 `:path` of `?a=b`) goes on
+    /// as `/?a=b`, never as a `?`-led request line.
     #[test]
-    fn empty_absolute_paths_become_slash_or_star() {
+    fn empty_paths_become_slash() {
         let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
-        for (method, uri, target) in [
-            (http::Method::GET, "http://users", "/"),
-            (http::Method::GET, "http://users?a=b", "/?a=b"),
-            (http::Method::OPTIONS, "http://users", "*"),
-            (http::Method::OPTIONS, "http://users?a=b", "/?a=b"),
-            (http::Method::OPTIONS, "http://users/x", "/x"),
-            (http::Method::GET, "http://users/x?y", "/x?y"),
-        ] {
+        for (pq, target) in [("?a=b", "/?a=b"), ("/x?y", "/x?y"), ("*", "*")] {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(http::uri::Authority::from_static("users"));
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(pq));
             let mut req = http::Request::builder()
-                .method(method.clone())
-                .uri(uri)
+                .method(http::Method::OPTIONS)
+                .uri(Uri::from_parts(parts).unwrap())
                 .body(())
                 .unwrap();
             to_origin_form(&mut req, &endpoint);
-            assert_eq!(req.uri().to_string(), target, "{method} {uri}");
+            assert_eq!(req.uri().to_string(), target, "{pq}");
             assert_eq!(req.headers()[HOST], "users");
         }
     }

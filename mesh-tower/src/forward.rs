@@ -450,7 +450,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let grpc = mesh_core::classify::is_grpc(req.headers());
-        let orig = req.headers_mut().remove(ORIG_PROTO);
+        // Only a peer proxy's HTTP/2 request says what it came as: on an HTTP/1.x request
+        // the header is a client's own, and goes.
+        let orig = req
+            .headers_mut()
+            .remove(ORIG_PROTO)
+            .filter(|_| req.version() == Version::HTTP_2);
         // An HTTP/1.1 upgrade that crossed the mesh as an extended CONNECT goes back to
         // `GET` with `Upgrade` (see `crate::upgrade`).
         let tunnelled = if orig.is_some() && req.method() == http::Method::CONNECT {
@@ -486,7 +491,12 @@ where
             headers.insert(self.identity_header.clone(), id);
         }
         let http1 = match orig.as_ref().map(HeaderValue::as_bytes) {
-            Some(b"HTTP/1.0") => {
+            // HTTP/1.0 frames a request body by its length only: one of unknown length
+            // (it lost its `Content-Length` on the way) goes as HTTP/1.1, chunked, rather
+            // than be sent empty.
+            Some(b"HTTP/1.0")
+                if req.body().is_end_stream() || req.body().size_hint().exact().is_some() =>
+            {
                 *req.version_mut() = Version::HTTP_10;
                 true
             }
@@ -927,6 +937,45 @@ mod tests {
         let resp = forward.oneshot(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "app.example");
+    }
+
+    /// `mesh-orig-proto` is a peer proxy's word only on HTTP/2: a client's HTTP/1.1
+    /// request carrying it goes on as HTTP/1.1. And a request that came as HTTP/1.0 but
+    /// lost its length on the way goes as HTTP/1.1, its body whole, not empty.
+    #[tokio::test]
+    async fn orig_proto_is_a_peers_word_and_never_empties_a_body() {
+        use http_body_util::{BodyExt, StreamBody};
+        for (version, body_known, seen) in [
+            (Version::HTTP_11, true, "HTTP/1.1 hello"),
+            (Version::HTTP_2, true, "HTTP/1.0 hello"),
+            (Version::HTTP_2, false, "HTTP/1.1 hello"),
+        ] {
+            let target = reporting_app(|req| async move {
+                let version = format!("{:?}", req.version());
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                format!("{version} {}", String::from_utf8_lossy(&body))
+            })
+            .await;
+            type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+            let forward = Forward::<Body>::new(target);
+            let body = if body_known {
+                http_body_util::Full::new(Bytes::from_static(b"hello")).boxed_unsync()
+            } else {
+                let chunks = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                    http_body::Frame::data(Bytes::from_static(b"hello")),
+                )]);
+                StreamBody::new(chunks).boxed_unsync()
+            };
+            let req = Request::post("http://app/")
+                .version(version)
+                .header(header::HOST, "app")
+                .header(ORIG_PROTO, "HTTP/1.0")
+                .body(body)
+                .unwrap();
+            let resp = forward.oneshot(req).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, seen, "{version:?}, length known: {body_known}");
+        }
     }
 
     /// An HTTP/1.1 application on loopback for one connection, answering each request

@@ -71,7 +71,7 @@ where
 /// `b.example:1@admin.internal` would otherwise be routed by one name (`b.example`) and
 /// served by another (`admin.internal`, once it became a URI's authority). Also a target
 /// that is no path (RFC 9112 §3.2.1, RFC 9113 §8.3.1: it starts with `/`, or is `*` for
-/// OPTIONS only).
+/// OPTIONS only), and an extended CONNECT for `h2c` or for more than one protocol.
 pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -107,7 +107,24 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     {
         return Some("a request target that is neither a path nor * for OPTIONS");
     }
+    // An extended CONNECT (RFC 8441) stands for an HTTP/1.1 upgrade: its `:protocol` must
+    // be one protocol a GET with `Upgrade` could ask for, never `h2c` (which would hand
+    // the caller an HTTP/2 connection to the application past the mesh's per-request
+    // checks) nor a list.
+    if req.method() == http::Method::CONNECT
+        && let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>()
+        && (protocol.as_str().eq_ignore_ascii_case("h2c")
+            || protocol.as_str().is_empty()
+            || !protocol.as_str().bytes().all(is_protocol_byte))
+    {
+        return Some("an extended CONNECT whose :protocol is not one protocol other than h2c");
+    }
     None
+}
+
+/// A byte of an upgrade protocol (RFC 9110 §7.8: a token, with `/` before its version).
+fn is_protocol_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
 }
 
 /// The bytes a registered name takes as they are (RFC 3986 §3.2.2: unreserved and
@@ -388,6 +405,32 @@ mod tests {
                 .body(())
                 .unwrap();
             assert_eq!(host_problem(&req), problem, "{path}");
+        }
+    }
+
+    /// An extended CONNECT names one protocol an HTTP/1.1 upgrade could: not `h2c`, not
+    /// a list.
+    #[test]
+    fn extended_connect_names_one_protocol_other_than_h2c() {
+        const BAD: Option<&str> =
+            Some("an extended CONNECT whose :protocol is not one protocol other than h2c");
+        for (protocol, problem) in [
+            ("websocket", None),
+            ("HTTP/2.0", None),
+            ("h2c", BAD),
+            ("H2C", BAD),
+            ("websocket, h2c", BAD),
+            ("websocket,foo", BAD),
+        ] {
+            let mut req = Request::builder()
+                .method(http::Method::CONNECT)
+                .version(Version::HTTP_2)
+                .uri("http://users/chat")
+                .body(())
+                .unwrap();
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from(protocol));
+            assert_eq!(host_problem(&req), problem, "{protocol}");
         }
     }
 }
