@@ -162,7 +162,10 @@ impl GrpcServerBuilder {
         self
     }
 
-    /// The health reporter, to set statuses before serving.
+    /// The health reporter. [`serve`](Self::serve) reports every added service
+    /// `SERVING` when it starts, replacing what was set before it; a service that must
+    /// wait (warming up) is set `NOT_SERVING` through this reporter, or
+    /// [`GrpcServer`]'s, once `serve` returned, and `SERVING` when it is ready.
     pub fn health_reporter(&self) -> &HealthReporter {
         &self.health
     }

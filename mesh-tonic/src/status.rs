@@ -11,6 +11,7 @@
 //! | a `Status` (from the body or a layer) | its own |
 //! | [`RequestTimeout`], [`DeadlineExceeded`], the call's deadline | `DEADLINE_EXCEEDED` |
 //! | an HTTP/2 reset: `REFUSED_STREAM` / `CANCEL` / `ENHANCE_YOUR_CALM` / `INADEQUATE_SECURITY` / other | `UNAVAILABLE` / `CANCELLED` / `RESOURCE_EXHAUSTED` / `PERMISSION_DENIED` / `INTERNAL` (gRPC's PROTOCOL-HTTP2) |
+//! | an HTTP/2 `GOAWAY` that left the call unprocessed, whatever its code | `UNAVAILABLE` |
 //! | no endpoints, no ready endpoint, a try timeout, a failed connect, a lost connection | `UNAVAILABLE` |
 //! | anything else | `UNKNOWN` |
 //!
@@ -51,8 +52,16 @@ pub fn code_of(error: &(dyn Error + 'static)) -> Code {
     if is::<RequestTimeout>(error) || is::<DeadlineExceeded>(error) {
         return Code::DeadlineExceeded;
     }
-    if let Some(reason) = find_cause::<h2::Error>(error).and_then(h2::Error::reason) {
-        return code_of_reset(reason);
+    if let Some(h2) = find_cause::<h2::Error>(error) {
+        // A GOAWAY's code speaks of the connection, not of the stream: the stream was
+        // refused unprocessed (the server is draining, or going away), UNAVAILABLE as
+        // gRPC clients report it. Only a reset's code is mapped as PROTOCOL-HTTP2 says.
+        if h2.is_go_away() {
+            return Code::Unavailable;
+        }
+        if let Some(reason) = h2.reason() {
+            return code_of_reset(reason);
+        }
     }
     if let Some(status) = find_cause::<Status>(error) {
         return status.code();
@@ -132,5 +141,40 @@ mod tests {
 
         let own = status_from_error(Box::new(Status::not_found("gone")), "users");
         assert_eq!((own.code(), own.message()), (Code::NotFound, "gone"));
+    }
+
+    /// A call refused by a server's GOAWAY (here `NO_ERROR`: a graceful shutdown, and
+    /// `ENHANCE_YOUR_CALM`, which as a reset is RESOURCE_EXHAUSTED) is UNAVAILABLE, as
+    /// grpc-go reports it, not the reset table's INTERNAL.
+    #[tokio::test]
+    async fn a_goaway_is_unavailable_whatever_its_code() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for code in [0u8, 0xb] {
+            let (client_io, mut server_io) = tokio::io::duplex(64 * 1024);
+            let server = tokio::spawn(async move {
+                // An empty SETTINGS, then GOAWAY(last stream 0, `code`): no stream is served.
+                let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+                frames.extend([0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, code]);
+                server_io.write_all(&frames).await.unwrap();
+                let mut sink = [0; 1024];
+                while matches!(server_io.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+            let (send, conn) = h2::client::handshake(client_io).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let request = http::Request::post("http://users/a.B/C").body(()).unwrap();
+            let error = match send.ready().await {
+                Err(error) => error,
+                Ok(mut ready) => match ready.send_request(request, true) {
+                    Err(error) => error,
+                    Ok((response, _)) => response.await.unwrap_err(),
+                },
+            };
+            assert!(error.is_go_away(), "{error:?}");
+            let boxed: BoxError = Box::new(error);
+            assert_eq!(code_of(&*boxed), Code::Unavailable, "GOAWAY code {code}");
+            server.abort();
+        }
     }
 }

@@ -219,6 +219,14 @@ async fn deadlines_fail_locally_when_expired_and_bound_the_call() {
         "{seen:?}"
     );
 
+    // A malformed grpc-timeout set by hand sets no deadline and is not sent on (a mesh
+    // server would refuse the call with INTERNAL).
+    let mut req = tonic::Request::new(msg("x"));
+    req.metadata_mut()
+        .insert("grpc-timeout", "5s".parse().unwrap());
+    let reply = client.unary(req).await.unwrap().into_inner();
+    assert_eq!(reply.grpc_timeout, "");
+
     // An expired Deadline: DEADLINE_EXCEEDED, nothing sent.
     let mut req = tonic::Request::new(msg("x"));
     req.extensions_mut().insert(mesh_tonic::deadline::Deadline(
@@ -230,7 +238,7 @@ async fn deadlines_fail_locally_when_expired_and_bound_the_call() {
         status.message(),
         "echo: deadline exceeded before the call was sent"
     );
-    assert_eq!(ep.echo.calls(), 2);
+    assert_eq!(ep.echo.calls(), 3);
 
     // A deadline that passes during the call ends it with DEADLINE_EXCEEDED.
     let mut req = tonic::Request::new(msg("sleep 2000"));

@@ -158,7 +158,7 @@ where
 }
 
 /// A layer's own answer to a gRPC request: trailers-only (HTTP 200, `grpc-status` and
-/// `grpc-message` in the only header block, no message).
+/// `grpc-message` in the only header block, no message), marked with [`MESH_ERROR`].
 pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::empty());
     let headers = response.headers_mut();
@@ -168,14 +168,17 @@ pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<Respo
     );
     headers.insert("grpc-status", HeaderValue::from(code));
     headers.insert("grpc-message", HeaderValue::from_static(message));
+    headers.insert(MESH_ERROR, HeaderValue::from_static("true"));
     response
 }
 
 /// Marks the answers the mesh makes itself (a refused request, an unreachable service or
 /// application, a missing route), as opposed to the application's: `x-mesh-error: true`.
-/// A client can tell the two apart; an edge listener's brief answers
+/// A client can tell the two apart (and a retry knows that a request a mesh limiter
+/// refused reached no application); an edge listener's brief answers
 /// ([`AnswerErrorsLayer::brief`](crate::forward::AnswerErrorsLayer::brief)) replace the
-/// body of any answer so marked, a peer proxy's included, with the status's reason.
+/// body of any answer so marked, a peer proxy's included, with the status's reason (a
+/// gRPC answer, whose message names no internals, stays as it is).
 pub const MESH_ERROR: http::HeaderName = http::HeaderName::from_static("x-mesh-error");
 
 /// A layer's own answer to an HTTP request: `status` with a plain-text body, marked with

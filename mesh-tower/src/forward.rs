@@ -715,7 +715,11 @@ where
         Poll::Ready(Ok(match result {
             // An answer the mesh made further on (a peer proxy's, say) names what it could
             // not reach: brief listeners keep only its status.
-            Ok(resp) if *this.brief && resp.headers().contains_key(crate::body::MESH_ERROR) => {
+            Ok(resp)
+                if *this.brief
+                    && resp.headers().contains_key(crate::body::MESH_ERROR)
+                    && !mesh_core::classify::is_grpc(resp.headers()) =>
+            {
                 let status = resp.status();
                 if brief_log_due() {
                     tracing::info!(%status, "a mesh error answer from further on, made brief (more within a second at debug)");

@@ -72,6 +72,23 @@ codes! {
     Unauthenticated = 16, "UNAUTHENTICATED";
 }
 
+impl Code {
+    /// The code a gRPC client reports for an answer with HTTP status `status` and no
+    /// `grpc-status` (gRPC's HTTP to gRPC status code mapping: 400 `INTERNAL`, 401
+    /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, 429, 502, 503 and
+    /// 504 `UNAVAILABLE`, any other `UNKNOWN`).
+    pub const fn for_http_status(status: u16) -> Code {
+        match status {
+            400 => Code::Internal,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::Unimplemented,
+            429 | 502 | 503 | 504 => Code::Unavailable,
+            _ => Code::Unknown,
+        }
+    }
+}
+
 impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -168,8 +168,9 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     })
 }
 
-/// How long a server asked the client to back off, from `Retry-After` or
-/// `grpc-retry-pushback-ms` (whichever is present; `Retry-After` first).
+/// How long a server asked the client to back off, from `grpc-retry-pushback-ms` or
+/// `Retry-After` (whichever is present; the gRPC one first: a gRPC server's word on its
+/// own calls).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backoff {
     /// Neither header was present (or both were malformed).
@@ -182,24 +183,32 @@ pub enum Backoff {
 }
 
 /// Reads the back-off a server asked for, capped at `cap`. Malformed values are logged at
-/// debug level: a malformed `Retry-After` is ignored, a malformed pushback means "do not
-/// retry" (gRFC A6).
+/// debug level: a malformed `Retry-After` is ignored, a malformed pushback, or more than
+/// one, means "do not retry" (gRFC A6, as grpc-go reads it).
 pub fn pushback(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Backoff {
+    let mut pushbacks = headers.get_all(GRPC_RETRY_PUSHBACK_MS).iter();
+    match (pushbacks.next(), pushbacks.next()) {
+        (Some(v), None) => {
+            return match grpc::parse_pushback(v, cap) {
+                Ok(grpc::Pushback::After(d)) => Backoff::After(d),
+                Ok(grpc::Pushback::DoNotRetry) => Backoff::DoNotRetry,
+                Err(error) => {
+                    tracing::debug!(%error, "malformed pushback: not retrying");
+                    Backoff::DoNotRetry
+                }
+            };
+        }
+        (Some(_), Some(_)) => {
+            tracing::debug!("more than one pushback: not retrying");
+            return Backoff::DoNotRetry;
+        }
+        (None, _) => {}
+    }
     if let Some(v) = headers.get(header::RETRY_AFTER) {
         match retry_after::parse(v, now, cap) {
             Ok(d) => return Backoff::After(d),
             Err(error) => tracing::debug!(%error, "ignoring a malformed Retry-After"),
         }
-    }
-    if let Some(v) = headers.get(GRPC_RETRY_PUSHBACK_MS) {
-        return match grpc::parse_pushback(v, cap) {
-            Ok(grpc::Pushback::After(d)) => Backoff::After(d),
-            Ok(grpc::Pushback::DoNotRetry) => Backoff::DoNotRetry,
-            Err(error) => {
-                tracing::debug!(%error, "malformed pushback: not retrying");
-                Backoff::DoNotRetry
-            }
-        };
     }
     Backoff::Unspecified
 }
@@ -412,11 +421,6 @@ mod tests {
         let cap = Duration::from_secs(10);
         let mut h = HeaderMap::new();
         assert_eq!(pushback(&h, now, cap), Backoff::Unspecified);
-        h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("1500"));
-        assert_eq!(
-            pushback(&h, now, cap),
-            Backoff::After(Duration::from_millis(1500))
-        );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         assert_eq!(
             pushback(&h, now, cap),
@@ -425,6 +429,10 @@ mod tests {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
         assert_eq!(pushback(&h, now, cap), Backoff::After(cap));
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("later"));
+        assert_eq!(pushback(&h, now, cap), Backoff::Unspecified);
+        // A gRPC server's pushback comes first, "do not retry" included.
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("1500"));
         assert_eq!(
             pushback(&h, now, cap),
             Backoff::After(Duration::from_millis(1500))
@@ -433,6 +441,28 @@ mod tests {
         assert_eq!(pushback(&h, now, cap), Backoff::DoNotRetry);
         h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("abc"));
         assert_eq!(pushback(&h, now, cap), Backoff::DoNotRetry);
+        // More than one: do not retry (as grpc-go reads it).
+        h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("100"));
+        h.append(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from_static("100"));
+        assert_eq!(pushback(&h, now, cap), Backoff::DoNotRetry);
+    }
+
+    #[test]
+    fn http_statuses_map_to_grpc_codes() {
+        for (status, code) in [
+            (400, Code::Internal),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::Unimplemented),
+            (429, Code::Unavailable),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::Unavailable),
+            (500, Code::Unknown),
+            (200, Code::Unknown),
+        ] {
+            assert_eq!(Code::for_http_status(status), code, "{status}");
+        }
     }
 
     #[test]

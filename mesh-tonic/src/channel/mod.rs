@@ -142,6 +142,12 @@ impl MeshChannel {
         self.fill_uri(&mut req);
         let now = Instant::now();
         let at = deadline::of_http(&req, now);
+        if at.is_none() && req.headers().contains_key(deadline::GRPC_TIMEOUT) {
+            // Set by hand and malformed (`5s`): it sets no deadline here, and would only
+            // get the call refused further on (INTERNAL from a mesh or grpc-go server).
+            tracing::debug!("a malformed grpc-timeout set on a call dropped");
+            req.headers_mut().remove(deadline::GRPC_TIMEOUT);
+        }
         if let Some(at) = at {
             let Some(left) = at.checked_duration_since(now).filter(|d| !d.is_zero()) else {
                 return ResponseFuture::failed(

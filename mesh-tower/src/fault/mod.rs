@@ -108,14 +108,7 @@ fn header_name() -> HeaderName {
 /// The gRPC status code for an HTTP status, per gRPC's HTTP to gRPC status code mapping
 /// (see the [module docs](self)).
 pub fn grpc_code_for(status: StatusCode) -> u16 {
-    match status.as_u16() {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
-    }
+    mesh_core::classify::grpc::Code::for_http_status(status.as_u16()) as u16
 }
 
 /// The share of requests a fault applies to, as a threshold on a 64-bit draw.

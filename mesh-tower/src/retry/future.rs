@@ -296,6 +296,19 @@ where
     }
 }
 
+/// The gRPC code an answer to a gRPC call carries, when it carries one in its head: a
+/// trailers-only answer's `grpc-status`, or an answer that is not gRPC's, by its HTTP
+/// status as gRPC clients map it (a proxy's 503, say). `None` for a 200 whose status is
+/// still to come, in trailers: the call is committed.
+fn answer_code<B>(resp: &Response<B>) -> Option<Code> {
+    if resp.status() == http::StatusCode::OK && mesh_core::classify::is_grpc(resp.headers()) {
+        let status = resp.headers().get(mesh_core::classify::GRPC_STATUS)?;
+        // A malformed status is an unknown one.
+        return Some(mesh_core::classify::grpc::parse_status(status).unwrap_or(Code::Unknown));
+    }
+    Some(Code::for_http_status(resp.status().as_u16()))
+}
+
 /// Decides, after a try, whether to answer or to try again (and after how long); records
 /// the decision after a failed try when the layer has a decision record.
 fn decide<S, F, RB>(
@@ -314,19 +327,36 @@ fn decide<S, F, RB>(
             let class = classifier.classify_response(resp.status(), resp.headers());
             let pushback =
                 || mesh_core::classify::pushback(resp.headers(), SystemTime::now(), Duration::MAX);
+            // A6: a gRPC call is retried for the codes its policy names, whatever their
+            // class (the class is the endpoint's health, not the call's safety); an HTTP
+            // request for the policy's statuses when its method allows.
+            let retryable_answer = if *this.grpc {
+                answer_code(resp).is_some_and(|code| policy.grpc_codes.contains(code))
+            } else {
+                *this.idempotent && policy.is_retryable_answer(resp)
+            };
             match class {
                 Some(Class::Failure) => {
                     failed = Some(TryOutcome::Failed(resp.status().as_u16()));
-                    (
-                        *this.idempotent && policy.is_retryable_answer(resp),
-                        pushback(),
-                    )
+                    (retryable_answer, pushback())
                 }
                 Some(Class::RateLimited) => {
                     failed = Some(TryOutcome::RateLimited(resp.status().as_u16()));
                     let pushback = pushback();
+                    // Elsewhere, at once: a request whose method allows it (a gRPC call
+                    // whose policy names the code), or any that a mesh proxy's limiter
+                    // refused (marked as the mesh's own answer): no application saw it.
+                    let refused_unseen = resp.headers().contains_key(crate::body::MESH_ERROR)
+                        && (resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+                            || answer_code(resp) == Some(Code::ResourceExhausted));
+                    let safe = refused_unseen
+                        || if *this.grpc {
+                            retryable_answer
+                        } else {
+                            *this.idempotent
+                        };
                     if policy.retry_rate_limited_elsewhere
-                        && *this.idempotent
+                        && safe
                         && !was_elsewhere
                         && this.kept.is_none()
                         && pushback != Pushback::DoNotRetry
@@ -340,10 +370,16 @@ fn decide<S, F, RB>(
                         *this.elsewhere = true;
                         return Next::RetryAfter(Duration::ZERO);
                     }
-                    (
-                        *this.idempotent && policy.statuses.contains(resp.status()),
-                        pushback,
-                    )
+                    let retryable = if *this.grpc {
+                        retryable_answer
+                    } else {
+                        *this.idempotent && policy.statuses.contains(resp.status())
+                    };
+                    (retryable, pushback)
+                }
+                Some(Class::Success) | None if retryable_answer && *this.grpc => {
+                    failed = Some(TryOutcome::Failed(resp.status().as_u16()));
+                    (true, pushback())
                 }
                 Some(Class::Success) | None => (false, Pushback::Unspecified),
             }

@@ -31,6 +31,10 @@ enum Answer {
     /// Response headers without a status (committed); the status comes in trailers.
     Headers,
     Ok,
+    /// A trailers-only answer a mesh proxy made itself (`x-mesh-error`), with this code.
+    Mesh(u16),
+    /// An answer that is not gRPC's: this HTTP status, plain text.
+    Http(u16),
 }
 
 fn grpc_response(answer: Answer) -> Response<Full<Bytes>> {
@@ -49,6 +53,16 @@ fn grpc_response(answer: Answer) -> Response<Full<Bytes>> {
         Answer::Headers => {}
         Answer::Ok => {
             resp.headers_mut().insert("grpc-status", 0.into());
+        }
+        Answer::Mesh(code) => {
+            resp.headers_mut().insert("grpc-status", code.into());
+            resp.headers_mut()
+                .insert(crate::body::MESH_ERROR, "true".parse().unwrap());
+        }
+        Answer::Http(status) => {
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            resp.headers_mut()
+                .insert("content-type", "text/plain".parse().unwrap());
         }
     }
     resp
@@ -70,10 +84,25 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    client_with(script, latency, move |p| p.max_retries = max_retries)
+}
+
+/// [`client`] with the default policy (back-off 10 ms) as `tune` leaves it.
+fn client_with<B>(
+    script: Vec<Answer>,
+    latency: Duration,
+    tune: impl FnOnce(&mut RetryPolicy),
+) -> (
+    impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = BoxError>,
+    Tries,
+)
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let tries: Tries = Arc::default();
     let seen = tries.clone();
-    let policy = RetryPolicy {
-        max_retries,
+    let mut policy = RetryPolicy {
         backoff: crate::backoff::Backoff::new(
             Duration::from_millis(10),
             Duration::from_millis(10),
@@ -82,6 +111,7 @@ where
         .unwrap(),
         ..RetryPolicy::default()
     };
+    tune(&mut policy);
     let svc = ServiceBuilder::new()
         .layer(TimeoutLayer::request(None))
         .layer(RetryLayer::new(
@@ -262,4 +292,66 @@ async fn a_shorter_carried_deadline_ends_the_request() {
     let err = svc.oneshot(req).await.unwrap_err();
     assert!(err.is::<crate::timeout::RequestTimeout>(), "{err}");
     assert_eq!(started.elapsed(), Duration::from_millis(250));
+}
+
+/// A6: the policy's codes say what is retried, whatever class the classification gives
+/// them: ABORTED (a success to the breakers) is retried when the policy names it, and a
+/// RESOURCE_EXHAUSTED named there waits for its pushback.
+#[tokio::test(start_paused = true)]
+async fn the_policys_codes_decide_whatever_their_class() {
+    use mesh_core::classify::grpc::{Code, CodeSet};
+    let (svc, tries) = client_with(
+        vec![Answer::TrailersOnly(10, None), Answer::Ok],
+        Duration::ZERO,
+        |p| p.grpc_codes = CodeSet::of(&[Code::Unavailable, Code::Aborted]),
+    );
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(tries.lock().unwrap().len(), 2);
+    let (svc, tries) = client_with(
+        vec![Answer::TrailersOnly(8, Some("300")), Answer::Ok],
+        Duration::ZERO,
+        |p| {
+            p.grpc_codes = CodeSet::of(&[Code::Unavailable, Code::ResourceExhausted]);
+            p.retry_rate_limited_elsewhere = false;
+        },
+    );
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    let tries = tries.lock().unwrap();
+    assert_eq!(tries.len(), 2);
+    assert_eq!(tries[1].at - tries[0].at, Duration::from_millis(300));
+}
+
+/// An application's RESOURCE_EXHAUSTED is not retried elsewhere unless the policy names
+/// the code (the call may have done its work); one a mesh proxy's limiter made is, since
+/// no application saw the call.
+#[tokio::test(start_paused = true)]
+async fn resource_exhausted_goes_elsewhere_only_when_safe() {
+    let (svc, tries) = client_with(
+        vec![Answer::TrailersOnly(8, Some("100")), Answer::Ok],
+        Duration::ZERO,
+        |_| {},
+    );
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "8");
+    assert_eq!(tries.lock().unwrap().len(), 1);
+    let (svc, tries) = client_with(vec![Answer::Mesh(8), Answer::Ok], Duration::ZERO, |_| {});
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(tries.lock().unwrap().len(), 2);
+}
+
+/// An answer that is not gRPC's counts by the code gRPC clients map its status to: a
+/// 500 is UNKNOWN (not retried by default), a 503 UNAVAILABLE (retried).
+#[tokio::test(start_paused = true)]
+async fn http_answers_to_calls_are_judged_by_their_grpc_code() {
+    let (svc, tries) = client(vec![Answer::Http(500), Answer::Ok], Duration::ZERO, 2);
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.status(), 500);
+    assert_eq!(tries.lock().unwrap().len(), 1);
+    let (svc, tries) = client(vec![Answer::Http(503), Answer::Ok], Duration::ZERO, 2);
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(tries.lock().unwrap().len(), 2);
 }
