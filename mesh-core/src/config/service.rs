@@ -187,9 +187,12 @@ pub struct RetryConfig {
     /// Back-off between tries, with full jitter.
     #[serde(default)]
     pub backoff: BackoffConfig,
-    /// Retry an idempotent request answered 429 / `RESOURCE_EXHAUSTED` once, at once, on
-    /// another endpoint that is not rate limiting, when one exists and the budget allows
-    /// (never when the pushback is negative). Default: true.
+    /// Retry a request answered 429 / `RESOURCE_EXHAUSTED` once, at once, on another
+    /// endpoint that is not rate limiting, when one exists and the budget allows (never
+    /// when the pushback is negative): an HTTP request whose method may be retried, a
+    /// gRPC call whose `grpc_codes` name `RESOURCE_EXHAUSTED`, and any request a mesh
+    /// proxy's rate limit refused (its answer marked `x-mesh-error`: no application saw
+    /// it). Default: true.
     #[serde(default = "defaults::yes")]
     pub retry_rate_limited_elsewhere: bool,
 }
