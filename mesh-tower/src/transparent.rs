@@ -451,7 +451,11 @@ impl Shared {
                 return;
             }
         };
-        if self.outgoing().contains(&remote) {
+        // A dual-stack listener sees an IPv4 peer as `::ffff:a.b.c.d`; the registered
+        // address is the socket's own, IPv4. (A connection redirected back before its
+        // dialler registered it, on another worker, goes one more round; the next one's
+        // dialler has registered long before: the loop ends.)
+        if self.outgoing().contains(&canonical(remote)) {
             tracing::error!(listener = %self.name, %dst, "a passthrough connection of this proxy was redirected back to it: exempt the proxy's own traffic from the redirect rules; refused");
             self.count("refused");
             return;
@@ -531,7 +535,7 @@ struct Outgoing<'a> {
 
 impl<'a> Outgoing<'a> {
     fn new(shared: &'a Shared, tcp: TcpStream) -> Self {
-        let local = tcp.local_addr().ok();
+        let local = tcp.local_addr().ok().map(canonical);
         if let Some(local) = local {
             shared.outgoing().insert(local);
         }

@@ -1,7 +1,7 @@
 //! The transparent listener on loopback, with the original destination given by a test
 //! resolver (the kernel's, read through iptables, is tested end to end by mesh-proxy in a
 //! network namespace).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -306,6 +306,52 @@ async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
     let mut out = Vec::new();
     client.read_to_end(&mut out).await.unwrap();
     assert!(out.is_empty(), "nothing relayed");
+    let text = metrics_text(&registry);
+    assert!(
+        text.contains(r#"{listener="loop",outcome="refused"} 1"#),
+        "{text}"
+    );
+}
+
+/// The same on a dual-stack listener: it sees the IPv4 passthrough socket's address as
+/// `::ffff:127.0.0.1`, and still knows it for its own.
+#[tokio::test]
+async fn a_passthrough_redirected_back_to_a_dual_stack_listener_is_refused() {
+    let Ok(listener) = TcpListener::bind("[::]:0").await else {
+        eprintln!("skipped: no IPv6 here");
+        return;
+    };
+    let upstream = echo(b"never\n").await;
+    let mut registry = Registry::default();
+    let metrics = TransparentMetrics::register(&mut registry);
+    let shared = Shared {
+        addr: listener.local_addr().unwrap(),
+        name: "loop".into(),
+        unmatched: Unmatched::Passthrough,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        metrics: Some(metrics),
+        resolver: resolver_to(upstream),
+        relay: crate::relay::Relay::new(),
+        tcp: TcpOptions::default(),
+        table: DestinationTable::default(),
+        outgoing: Mutex::new(HashSet::new()),
+    };
+    let port = listener.local_addr().unwrap().port();
+    // The passthrough socket, IPv4, as the proxy dials out: its own address registered.
+    let own = Outgoing::new(
+        &shared,
+        TcpStream::connect(("127.0.0.1", port)).await.unwrap(),
+    );
+    let (accepted, remote) = listener.accept().await.unwrap();
+    assert!(remote.is_ipv6(), "{remote}");
+    // Refused at once; not relayed (which would last as long as the peers).
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        shared.connection(accepted, remote),
+    )
+    .await
+    .expect("refused at once, not relayed");
+    drop(own);
     let text = metrics_text(&registry);
     assert!(
         text.contains(r#"{listener="loop",outcome="refused"} 1"#),
