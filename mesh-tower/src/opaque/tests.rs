@@ -791,6 +791,60 @@ async fn the_opaque_fallback_needs_tcp() {
     );
 }
 
+/// What a plaintext server relays as opaque TCP is judged by its authorization policy,
+/// as an opaque inbound port judges it (a client without identity): a deny-by-default
+/// policy closes it unrelayed; the default policy lets it through.
+#[cfg(feature = "server")]
+#[tokio::test]
+async fn the_opaque_fallback_answers_to_the_servers_policy() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    });
+    let deny = Policy::new(
+        "closed",
+        &AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            rules: vec![],
+        },
+    )
+    .unwrap();
+    for (policy, relayed) in [(None, true), (Some(deny), false)] {
+        let client = OpaqueClient::builder(static_discovery(&[target_addr]))
+            .plaintext()
+            .build()
+            .unwrap();
+        let mut builder = crate::server::MeshServer::builder()
+            .plaintext()
+            .opaque_fallback(client);
+        if let Some(policy) = policy {
+            builder = builder.authorization(policy);
+        }
+        let server = builder.serve(listener().await, app).unwrap();
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        // Not HTTP: relayed, or closed.
+        tcp.write_all(b"\x16\x03\x01ping").await.unwrap();
+        let mut back = Vec::new();
+        if relayed {
+            back.resize(7, 0);
+            tcp.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, b"\x16\x03\x01ping");
+        } else {
+            // Closed with our bytes unread: a reset, or an end.
+            let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut back))
+                .await
+                .unwrap();
+            assert!(
+                read.is_ok()
+                    || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+            );
+            assert!(back.is_empty(), "{back:?}");
+        }
+        drop(tcp);
+        server.shutdown().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn quiet_connections_close_at_the_idle_timeout_and_bytes_count_as_they_move() {
     let (target_addr, _) = target(Mode::Echo).await;

@@ -55,7 +55,17 @@ pub(super) struct Shared<S> {
     pub(super) metrics: Option<ListenerMetrics>,
     /// Plaintext connections that are not HTTP, relayed to a service as opaque TCP.
     #[cfg(feature = "opaque")]
-    pub(super) opaque: Option<crate::opaque::OpaqueClient>,
+    pub(super) opaque: Option<OpaqueFallback>,
+}
+
+/// Where a plaintext server relays what is not HTTP, and the server's own policy and
+/// rate limit, which judge each such connection as an opaque inbound port would (the HTTP
+/// layers that judge requests never see it).
+#[cfg(feature = "opaque")]
+pub(super) struct OpaqueFallback {
+    pub(super) client: crate::opaque::OpaqueClient,
+    pub(super) policy: crate::authz::PolicyHandle,
+    pub(super) limits: crate::ratelimit::LimitsHandle,
 }
 
 /// The application as a connection serves it: a cloneable service of requests, its
@@ -195,10 +205,22 @@ async fn connection<S, B>(
     B: AppBody,
 {
     #[cfg(feature = "opaque")]
-    if let (Transport::Plain, Some(client)) = (&shared.tls, &shared.opaque) {
+    if let (Transport::Plain, Some(fallback)) = (&shared.tls, &shared.opaque) {
         use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
         if let Detected::Opaque = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
-            let relay = Box::pin(client.relay(tcp));
+            // A plaintext client has no identity: only a policy whose default allows (or
+            // a rule for any client) lets the connection through, and only within the
+            // total rate limit.
+            let policy = fallback.policy.current();
+            if policy.decide_connection(None).is_err() {
+                tracing::debug!(%remote, policy = policy.name(), "opaque connection denied by the server's policy: closed");
+                return;
+            }
+            if let Err(refused) = fallback.limits.current().admit(None) {
+                tracing::debug!(%remote, limit = refused.limit, wait = ?refused.wait, "opaque connection refused by the rate limit: closed");
+                return;
+            }
+            let relay = Box::pin(fallback.client.relay(tcp));
             if let Err(error) = relay.await {
                 tracing::debug!(%remote, %error, "opaque relay failed");
             }

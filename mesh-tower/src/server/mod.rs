@@ -301,7 +301,9 @@ impl MeshServerBuilder {
     /// ([`crate::detect`], waiting at most
     /// [`DEFAULT_PEEK_TIMEOUT`](crate::detect::DEFAULT_PEEK_TIMEOUT)): HTTP/1.x and
     /// HTTP/2 are served, anything else is relayed as opaque TCP by `client` — one
-    /// outbound port for every protocol an application speaks. Ignored over mTLS.
+    /// outbound port for every protocol an application speaks. Ignored over mTLS. The
+    /// server's authorization policy and rate limit judge each relayed connection as an
+    /// opaque inbound port's do, its client without an identity.
     #[cfg(feature = "opaque")]
     pub fn opaque_fallback(mut self, client: crate::opaque::OpaqueClient) -> Self {
         self.opaque = Some(client);
@@ -571,7 +573,11 @@ impl MeshServerBuilder {
             limits: self.limits,
             metrics: self.metrics,
             #[cfg(feature = "opaque")]
-            opaque: self.opaque,
+            opaque: self.opaque.map(|client| conn::OpaqueFallback {
+                client,
+                policy: policy.clone(),
+                limits: limits.clone(),
+            }),
         });
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(conn::accept_loop::<
