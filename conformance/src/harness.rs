@@ -117,19 +117,12 @@ impl Harness {
                     );
                 }
                 let service = builder.spawn().await?;
-                // What `MeshClientBuilder::from_config` takes from the section, on the
-                // builder the mesh wired (credentials, discovery, metrics).
-                let c = service_config(setup.client, &mesh)?;
+                // Everything `MeshClientBuilder::from_config` takes from the section, as
+                // the proxy does, on the builder the mesh wires (credentials, discovery,
+                // metrics).
+                let config = service_config(setup.client, &mesh)?;
                 let client = mesh
-                    .client_builder(&service)?
-                    .protocol(c.protocol)
-                    .connect_timeout(c.connect_timeout)
-                    .balancer(c.balancer)
-                    .retry(c.retry)
-                    .timeout(c.timeout)
-                    .circuit_breaker(c.circuit_breaker)
-                    .rate_limited(c.rate_limited)
-                    .classification(c.classification)
+                    .client_builder_from_config(&service, &config)?
                     .build()?;
                 Ok(Self {
                     mesh,
@@ -218,6 +211,16 @@ impl Harness {
             Some(p) => p.bounce(index).await?,
         }
         Ok(())
+    }
+
+    /// Requests endpoint `index`'s inbound proxy refused by its authorization policy;
+    /// `None` in process, where the mesh's log has them
+    /// ([`EventLog::denials`](mesh_test::EventLog::denials)).
+    pub(crate) async fn proxy_denials(&self, index: usize) -> Result<Option<u64>> {
+        match &self.proxies {
+            None => Ok(None),
+            Some(p) => Ok(Some(p.denials(index).await?)),
+        }
     }
 
     /// A fresh SVID for every workload.
@@ -331,14 +334,17 @@ pub(crate) struct Run {
     pub(crate) unanswered: u64,
     /// Requests with no answer within 5 s.
     pub(crate) hung: u64,
+    /// Caller tasks that panicked: what they sent is not counted, so each counts as a
+    /// failure of its own.
+    pub(crate) panicked: u64,
     /// How long the run took.
     pub(crate) elapsed: Duration,
 }
 
 impl Run {
-    /// Requests that did not get a 2xx.
+    /// Requests that did not get a 2xx, plus one per caller task that panicked.
     pub(crate) fn failed(&self) -> u64 {
-        self.sent - self.ok
+        self.sent - self.ok + self.panicked
     }
 
     pub(crate) fn status(&self, code: u16) -> u64 {
@@ -379,6 +385,7 @@ impl Run {
         self.limited_without_retry_after += other.limited_without_retry_after;
         self.unanswered += other.unanswered;
         self.hung += other.hung;
+        self.panicked += other.panicked;
         let room = 5usize.saturating_sub(self.errors.len());
         self.errors.extend(other.errors.into_iter().take(room));
     }
@@ -388,13 +395,15 @@ impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} sent in {:?}: {} ok, statuses {:?}, {} unanswered ({} hung), errors {:?}",
+            "{} sent in {:?}: {} ok, statuses {:?}, {} unanswered ({} hung), {} caller \
+             tasks panicked, errors {:?}",
             self.sent,
             self.elapsed,
             self.ok,
             self.statuses,
             self.unanswered,
             self.hung,
+            self.panicked,
             self.errors
         )
     }
@@ -427,13 +436,38 @@ pub(crate) async fn load(
             run.lock().await.merge(mine);
         }));
     }
+    let mut total = Run::default();
+    gather(tasks, &mut total).await;
+    total.merge(std::mem::take(&mut *run.lock().await));
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// Waits for the caller tasks; each one that failed (panicked) counts in `run`.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<()>>, run: &mut Run) {
     for task in tasks {
         if let Err(e) = task.await {
-            let mut run = run.lock().await;
+            run.panicked += 1;
             run.errors.push(format!("a caller task failed: {e}"));
         }
     }
-    let mut total = std::mem::take(&mut *run.lock().await);
-    total.elapsed = start.elapsed();
-    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_caller_task_fails_the_run() {
+        let mut run = Run::default();
+        run.record(Answer::Status(StatusCode::OK, false));
+        let tasks = vec![
+            tokio::spawn(async {}),
+            tokio::spawn(async { panic!("a caller bug") }),
+        ];
+        gather(tasks, &mut run).await;
+        assert_eq!(run.failed(), 1, "{run}");
+        assert_eq!(run.panicked, 1);
+        assert!(run.to_string().contains("1 caller tasks panicked"), "{run}");
+    }
 }

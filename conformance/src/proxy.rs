@@ -31,15 +31,19 @@ const SETTLE: Duration = Duration::from_millis(400);
 pub(crate) struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
+    /// Its admin listener, when its configuration has one.
+    admin: Option<SocketAddr>,
 }
 
 impl ProxyProcess {
     /// Starts `binary run --config config` and waits for the address of its listener
-    /// `listener` (blocking: call it from `spawn_blocking`). Its log goes to `log`.
+    /// `listener`, and of its admin listener if `admin` (blocking: call it from
+    /// `spawn_blocking`). Its log goes to `log`.
     fn start(
         binary: &Path,
         config: &Path,
         listener: &str,
+        admin: bool,
         workers: usize,
         log: &Path,
     ) -> Result<Self> {
@@ -57,23 +61,37 @@ impl ProxyProcess {
             return Err(Failure::msg("the proxy's stdout is not piped"));
         };
         let (tx, rx) = mpsc::channel();
-        let wanted = listener.to_owned();
         // Reads the `listening NAME ADDR` lines, then drains stdout until the proxy exits.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
                 let mut words = line.split_whitespace();
                 if words.next() == Some("listening")
-                    && words.next() == Some(wanted.as_str())
+                    && let Some(name) = words.next()
                     && let Some(addr) = words.next().and_then(|a| a.parse::<SocketAddr>().ok())
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((name.to_owned(), addr));
                 }
             }
         });
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(addr) => Ok(Self { child, addr }),
-            Err(_) => {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let (mut addr, mut admin_addr) = (None, None);
+        while addr.is_none() || (admin && admin_addr.is_none()) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((name, a)) if name == listener => addr = Some(a),
+                Ok((name, a)) if name == "admin" => admin_addr = Some(a),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        match addr {
+            Some(addr) if admin_addr.is_some() || !admin => Ok(Self {
+                child,
+                addr,
+                admin: admin_addr,
+            }),
+            _ => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -91,6 +109,36 @@ impl ProxyProcess {
     }
 }
 
+/// `GET /metrics` on a proxy's admin listener at `admin`.
+async fn metrics(admin: SocketAddr) -> Result<String> {
+    {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let req = http::Request::get(format!("http://{admin}/metrics"))
+            .body(http_body_util::Empty::new())
+            .map_err(|e| Failure::msg(e.to_string()))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| Failure::msg(format!("GET /metrics: {e}")))?;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| Failure::msg(format!("GET /metrics: {e}")))?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// The sum of the samples of `counter` (`NAME_total`) whose labels include `label`
+/// (`key="value"`), in a text exposition.
+fn sum_of(text: &str, counter: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{counter}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -103,11 +151,12 @@ async fn spawn_proxy(
     binary: PathBuf,
     config: PathBuf,
     listener: &'static str,
+    admin: bool,
     workers: usize,
     log: PathBuf,
 ) -> Result<ProxyProcess> {
     tokio::task::spawn_blocking(move || {
-        ProxyProcess::start(&binary, &config, listener, workers, &log)
+        ProxyProcess::start(&binary, &config, listener, admin, workers, &log)
     })
     .await?
 }
@@ -188,6 +237,8 @@ impl Proxies {
             if let Some(limit) = rate_limit {
                 text.push_str(&format!("\n[rate_limits.{name}]\n{limit}\n"));
             }
+            // Its metrics, for what only the proxy sees (authorization decisions).
+            text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
             let config = files.path(&format!("inbound-{index}.toml"));
             std::fs::write(&config, text)?;
             let process = start_inbound(binary, &files, &config, index).await?;
@@ -218,6 +269,7 @@ impl Proxies {
             binary.to_owned(),
             config,
             "egress",
+            false,
             2,
             files.path("outbound.log"),
         )
@@ -267,6 +319,20 @@ impl Proxies {
         Ok(())
     }
 
+    /// Requests the authorization policy of endpoint `index`'s inbound proxy denied (its
+    /// `mesh_server_authz_total{outcome="deny"}`).
+    pub(crate) async fn denials(&self, index: usize) -> Result<u64> {
+        let inbound = self.inbound(index)?;
+        let admin = inbound
+            .process
+            .lock()
+            .ok()
+            .and_then(|p| p.as_ref().and_then(|p| p.admin))
+            .ok_or_else(|| Failure::msg(format!("no admin listener for endpoint {index}")))?;
+        let text = metrics(admin).await?;
+        Ok(sum_of(&text, "mesh_server_authz_total", "outcome=\"deny\""))
+    }
+
     /// Drops every connection to endpoint `index` (its proxy keeps running), so that the
     /// next ones handshake anew.
     pub(crate) async fn bounce(&self, index: usize) -> Result<()> {
@@ -309,6 +375,7 @@ async fn start_inbound(
         binary.to_owned(),
         config.to_owned(),
         "app",
+        true,
         1,
         files.path(&format!("inbound-{index}.log")),
     )

@@ -122,6 +122,14 @@ impl Clients {
         }
     }
 
+    /// Each client's registry in the text exposition format, in the order added.
+    pub(crate) fn texts(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|c| c.iter().map(|c| encode(&c.registry)).collect())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.0.lock().map(|c| c.is_empty()).unwrap_or(true)
     }

@@ -6,10 +6,11 @@
 //! ```text
 //! link            TCP relay on the advertised address: kill, restart, partition
 //! MeshServer      mTLS with the endpoint's own SVID; PeerIdentity on each request
-//! record          appends Authz and LimitedByServer events
+//! record          appends Authz and LimitedByServer events, as the layers below decide
 //! Authorize       the service's policy (mesh-tower's AuthorizeLayer; allow-all by default)
 //! RateLimit       the service's server-side limit (mesh-tower's RateLimitLayer; none by default)
 //! app             the Script: latency, then reset / 429 / error / success; a Request event
+//!                 (Cancelled if the request is dropped before the app answers)
 //! ```
 //!
 //! The authorization and rate-limit layers are the ones `MeshServer` composes, in the same
@@ -78,6 +79,7 @@ impl Core {
         log: Log,
         recording: Arc<AtomicBool>,
     ) -> Self {
+        warn_unless_read_as_written(&at, &script);
         Self {
             at,
             script: watch::Sender::new(script),
@@ -87,12 +89,24 @@ impl Core {
         }
     }
 
+    /// Replaces the script; requests already past their draw keep the old one.
+    pub(crate) fn set_script(&self, script: Script) {
+        warn_unless_read_as_written(&self.at, &script);
+        self.script.send_replace(script);
+    }
+
     fn draw(&self, script: &Script) -> (Duration, Verdict) {
         match self.rng.lock() {
             Ok(mut rng) => script.draw(&mut rng),
             // A poisoned generator (a panic elsewhere): draw from a fresh one.
             Err(_) => script.draw(&mut fastrand::Rng::new()),
         }
+    }
+}
+
+fn warn_unless_read_as_written(at: &EndpointRef, script: &Script) {
+    if let Err(error) = script.check() {
+        tracing::warn!(endpoint = %at, %error, "mock endpoint script not read as written");
     }
 }
 
@@ -158,6 +172,46 @@ fn http_answer(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     resp
 }
 
+/// `Retry-After` for `after`: whole seconds, rounded up (saturating: `Duration::MAX`
+/// asks for `u64::MAX` seconds).
+fn retry_after_secs(after: Duration) -> u64 {
+    after
+        .as_secs()
+        .saturating_add(u64::from(after.subsec_nanos() > 0))
+}
+
+/// The `grpc-status` of a trailers-only gRPC answer (`None` when the header is absent:
+/// the status travels in the trailers, after the body).
+fn grpc_status<B>(resp: &Response<B>) -> Option<i32> {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One request's [`RequestEvent`], logged once: with the outcome the application reached,
+/// or, if its future is dropped first (a client's cancellation or try timeout, a killed
+/// connection), as [`Outcome::Cancelled`].
+struct Pending {
+    log: Log,
+    event: Option<RequestEvent>,
+}
+
+impl Pending {
+    fn log(&mut self, outcome: Outcome) {
+        if let Some(mut event) = self.event.take() {
+            event.outcome = outcome;
+            self.log.push(Event::Request(event));
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.log(Outcome::Cancelled);
+    }
+}
+
 impl Service<Request<Incoming>> for App {
     type Response = Response<Body>;
     type Error = BoxError;
@@ -168,30 +222,33 @@ impl Service<Request<Incoming>> for App {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        // Set now, not when the future first runs: the recorder reads it as soon as the
+        // layers above have called through.
+        if let Some(slot) = req.extensions().get::<Slot>() {
+            slot.0.reached.store(true, Ordering::Relaxed);
+        }
         let core = self.core.clone();
         let mut echo = self.echo.clone();
+        let grpc = mesh_core::classify::is_grpc(req.headers());
+        let mut pending = Pending {
+            log: core.log.clone(),
+            event: Some(RequestEvent {
+                endpoint: core.at.clone(),
+                peer: req
+                    .extensions()
+                    .get::<PeerIdentity>()
+                    .map(|p| p.id().clone()),
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                grpc,
+                outcome: Outcome::Cancelled,
+            }),
+        };
         Box::pin(async move {
-            if let Some(slot) = req.extensions().get::<Slot>() {
-                slot.0.reached.store(true, Ordering::Relaxed);
-            }
-            let grpc = mesh_core::classify::is_grpc(req.headers());
-            let event = |outcome| {
-                Event::Request(RequestEvent {
-                    endpoint: core.at.clone(),
-                    peer: req
-                        .extensions()
-                        .get::<PeerIdentity>()
-                        .map(|p| p.id().clone()),
-                    method: req.method().clone(),
-                    path: req.uri().path().to_owned(),
-                    grpc,
-                    outcome,
-                })
-            };
             let script = core.script.borrow().clone();
             let (delay, verdict) = core.draw(&script);
             if verdict == Verdict::Hang {
-                core.log.push(event(Outcome::Hung));
+                pending.log(Outcome::Hung);
                 std::future::pending::<()>().await;
             }
             if !delay.is_zero() {
@@ -201,21 +258,22 @@ impl Service<Request<Incoming>> for App {
                 .unwrap_or(HeaderValue::from_static("mock"));
             let mut resp = match verdict {
                 Verdict::Hang | Verdict::Reset => {
-                    core.log.push(event(Outcome::Reset));
+                    pending.log(Outcome::Reset);
                     return Err(Box::new(Reset) as BoxError);
                 }
                 Verdict::RateLimited => {
-                    core.log.push(event(Outcome::RateLimited {
+                    pending.log(Outcome::RateLimited {
                         retry_after: script.retry_after,
-                    }));
+                    });
                     if grpc {
                         grpc_answer(8, "rate limited", script.retry_after)
                     } else {
                         let mut resp = http_answer(StatusCode::TOO_MANY_REQUESTS, "rate limited");
                         if let Some(after) = script.retry_after {
-                            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                            resp.headers_mut()
-                                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                            resp.headers_mut().insert(
+                                http::header::RETRY_AFTER,
+                                HeaderValue::from(retry_after_secs(after)),
+                            );
                         }
                         resp
                     }
@@ -226,7 +284,7 @@ impl Service<Request<Incoming>> for App {
                     } else {
                         (script.error_status, None)
                     };
-                    core.log.push(event(Outcome::Error { status, grpc_code }));
+                    pending.log(Outcome::Error { status, grpc_code });
                     if grpc {
                         grpc_answer(script.grpc_error_code, "mock error", None)
                     } else {
@@ -234,18 +292,24 @@ impl Service<Request<Incoming>> for App {
                     }
                 }
                 Verdict::Ok if grpc => {
-                    let ok = event(Outcome::Ok);
                     let resp = match echo.call(req).await {
                         Ok(resp) => resp,
                         Err(never) => match never {},
                     };
-                    core.log.push(ok);
+                    // tonic answers an unknown method (or a failed call) trailers-only,
+                    // its status in the headers.
+                    match grpc_status(&resp) {
+                        Some(code) if code != 0 => pending.log(Outcome::Error {
+                            status: resp.status(),
+                            grpc_code: Some(code),
+                        }),
+                        _ => pending.log(Outcome::Ok),
+                    }
                     resp.map(|b| b.map_err(BoxError::from).boxed_unsync())
                 }
                 Verdict::Ok => {
-                    let ok = event(Outcome::Ok);
                     let body = req.into_body().collect().await?.to_bytes();
-                    core.log.push(ok);
+                    pending.log(Outcome::Ok);
                     http_answer(StatusCode::OK, body)
                 }
             };
@@ -286,42 +350,43 @@ where
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let grpc = mesh_core::classify::is_grpc(req.headers());
-        let core = self.core.clone();
+        let core = &self.core;
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            let result = fut.await;
-            let decision = slot.0.decision.get();
-            if core.recording.load(Ordering::Relaxed) {
-                let decision = match decision {
-                    Some(d) => Decision::Allowed {
-                        policy: d.policy().to_owned(),
-                        rule: d.rule().map(str::to_owned),
-                        audit: d.is_audit(),
-                    },
-                    None => Decision::Denied {
-                        policy: core.at.service.to_string(),
-                    },
-                };
-                core.log.push(Event::Authz(AuthzEvent {
-                    endpoint: core.at.clone(),
-                    peer: peer.clone(),
-                    method: method.clone(),
-                    path: path.clone(),
-                    decision,
-                }));
-            }
-            if decision.is_some() && !slot.0.reached.load(Ordering::Relaxed) && result.is_ok() {
-                core.log.push(Event::Request(RequestEvent {
-                    endpoint: core.at.clone(),
-                    peer,
-                    method,
-                    path,
-                    grpc,
-                    outcome: Outcome::LimitedByServer,
-                }));
-            }
-            result
-        })
+        // `Authorize` and `RateLimit` decide in `call`, before any future runs, and `App`
+        // marks the slot in its `call`: what the slot holds now is what they decided.
+        // Logged here, when decided, so that the decision precedes the request's own
+        // event and is there for requests that hang or are cancelled.
+        let decision = slot.0.decision.get();
+        if core.recording.load(Ordering::Relaxed) {
+            let decision = match decision {
+                Some(d) => Decision::Allowed {
+                    policy: d.policy().to_owned(),
+                    rule: d.rule().map(str::to_owned),
+                    audit: d.is_audit(),
+                },
+                None => Decision::Denied {
+                    policy: core.at.service.to_string(),
+                },
+            };
+            core.log.push(Event::Authz(AuthzEvent {
+                endpoint: core.at.clone(),
+                peer: peer.clone(),
+                method: method.clone(),
+                path: path.clone(),
+                decision,
+            }));
+        }
+        if decision.is_some() && !slot.0.reached.load(Ordering::Relaxed) {
+            core.log.push(Event::Request(RequestEvent {
+                endpoint: core.at.clone(),
+                peer,
+                method,
+                path,
+                grpc,
+                outcome: Outcome::LimitedByServer,
+            }));
+        }
+        Box::pin(fut)
     }
 }
 
@@ -381,13 +446,14 @@ impl MockEndpoint {
 
     /// Replaces its script; requests already past their draw keep the old one.
     pub fn set_script(&self, script: impl Into<Script>) {
-        self.inner.core.script.send_replace(script.into());
+        self.inner.core.set_script(script.into());
         self.changed(EndpointChange::Scripted);
     }
 
     /// Kills it: the listener closes and every open connection is dropped, as when a
-    /// process dies. Requests in flight at the server may still be recorded as answered;
-    /// their answers are lost.
+    /// process dies. Their answers are lost: a request in flight whose application had
+    /// not answered yet is logged as [`Outcome::Cancelled`] once its server notices the
+    /// connection is gone; one it had answered stays logged with that answer.
     pub fn kill(&self) {
         self.inner.link.kill();
         self.changed(EndpointChange::Killed);
@@ -422,5 +488,19 @@ impl MockEndpoint {
     /// gRPC calls its `Echo` service answered.
     pub fn grpc_calls(&self) -> u64 {
         self.inner.echo.calls()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_saturates() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(5)), 5);
+        assert_eq!(retry_after_secs(Duration::from_millis(5001)), 6);
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
     }
 }

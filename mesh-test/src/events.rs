@@ -8,9 +8,14 @@
 //!
 //! Where the events come from:
 //!
-//! - **Endpoints** ([`Event::Request`], [`Event::Authz`]): appended by each mock endpoint
-//!   as it answers, so they are exact — one per request that reached the endpoint's
-//!   application, and one per authorization decision when the service has a policy.
+//! - **Endpoints** ([`Event::Request`], [`Event::Authz`]): appended by each mock endpoint,
+//!   so they are exact. One [`Event::Request`] per request that reached the endpoint's
+//!   application, appended when the application answers (or, for a request dropped
+//!   before it answered, when it was dropped: [`Outcome::Cancelled`]), plus one
+//!   ([`Outcome::LimitedByServer`]) per request the service's server-side rate limit
+//!   refused before the application. One [`Event::Authz`] per authorization decision
+//!   when the service has a policy, appended as the decision is made, so before the
+//!   request's own event.
 //! - **The harness** ([`Event::Endpoint`], [`Event::Credentials`]): appended when a test
 //!   kills, restarts, partitions, adds or removes an endpoint, changes a script, or
 //!   rotates credentials.
@@ -47,7 +52,8 @@ pub struct Recorded {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A mock endpoint received a request and did what its script said.
+    /// A mock endpoint received a request and did what its script said (or its
+    /// server-side rate limit refused it, or it was dropped first; see [`Outcome`]).
     Request(RequestEvent),
     /// A mock endpoint's authorization policy decided on a request.
     Authz(AuthzEvent),
@@ -99,7 +105,9 @@ pub struct RequestEvent {
 pub enum Outcome {
     /// Answered successfully (HTTP 200 echoing the body, or the `Echo` service's reply).
     Ok,
-    /// Answered the script's error: an HTTP status, or for gRPC a `grpc-status` code.
+    /// Answered an error: the script's (an HTTP status, or for gRPC a `grpc-status`
+    /// code), or for a gRPC call the `Echo` service's own trailers-only error, such as
+    /// 12 (`UNIMPLEMENTED`) for a method it does not have.
     Error {
         /// The HTTP status (200 for gRPC errors, which travel in `grpc-status`).
         status: StatusCode,
@@ -112,12 +120,17 @@ pub enum Outcome {
         /// The back-off it asked for.
         retry_after: Option<Duration>,
     },
-    /// Refused by the endpoint's server-side rate limit (`RateLimitLayer`).
+    /// Refused by the endpoint's server-side rate limit (`RateLimitLayer`), before the
+    /// application: 429 or `RESOURCE_EXHAUSTED` from the limit, not from the script.
     LimitedByServer,
     /// Its connection or stream was reset without an answer.
     Reset,
-    /// Never answered (the script hangs).
+    /// Never answered (the script hangs). Logged on arrival; a hung request that is
+    /// later dropped is not logged again.
     Hung,
+    /// Dropped before the application answered: the client cancelled it or its try
+    /// timed out, or its connection closed (the endpoint was killed, say).
+    Cancelled,
 }
 
 /// An authorization decision at a mock endpoint.
@@ -275,8 +288,9 @@ impl Log {
     }
 
     pub(crate) fn push(&self, event: Event) {
-        let at = self.now();
         if let Ok(mut log) = self.inner.lock() {
+            // Read under the lock, so that times never go backwards as `seq` goes on.
+            let at = self.now();
             let seq = log.len() as u64;
             tracing::trace!(seq, ?event, "mock mesh event");
             log.push(Recorded { seq, at, event });
@@ -405,5 +419,37 @@ impl EventLog {
             .unwrap_or_default()
             .iter()
             .any(|r| first(&r.event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn times_never_go_backwards_along_the_sequence() {
+        // Many threads appending at once: each entry's time is read under the lock, so
+        // a later `seq` never has an earlier time.
+        let log = Log::new();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..5_000 {
+                        log.push(Event::Credentials(CredentialEvent::TrustRotationBegun));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let snapshot = log.snapshot();
+        assert_eq!(snapshot.len(), 20_000);
+        for pair in snapshot.windows(2) {
+            assert!(pair[0].at <= pair[1].at, "{:?} then {:?}", pair[0], pair[1]);
+        }
     }
 }

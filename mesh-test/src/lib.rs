@@ -47,7 +47,7 @@
 //!   script randomness and every client's P2C picks are derived. (Retry back-off and
 //!   breaker jitter still draw from the thread's generator, and real sockets keep timing
 //!   real: to replay a run exactly, use the simulation.)
-//! - **Deterministic simulation** ([`sim`], feature `sim`): the same scripted endpoints
+//! - **Deterministic simulation** (module `sim`, feature `sim`): the same scripted endpoints
 //!   and the real client stack on turmoil's simulated network, in virtual time, so that
 //!   a seed replays a scenario byte for byte.
 //!
@@ -74,5 +74,5 @@ pub use crate::link::Link;
 pub use crate::mesh::{
     DEFAULT_CLIENT, DEFAULT_TRUST_DOMAIN, MockMesh, MockMeshBuilder, WorkloadApi,
 };
-pub use crate::script::{Latency, Script};
+pub use crate::script::{Latency, Script, ScriptError};
 pub use crate::service::{MockService, MockServiceBuilder};

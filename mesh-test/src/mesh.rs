@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
+use mesh_core::config::ServiceConfig;
 use mesh_core::{IdentityPattern, SpiffeId, TrustDomain};
 use mesh_spiffe::credentials::{Bundle, BundleSet, CredentialSource};
 use mesh_spiffe::fake_workload_api::{FakeWorkloadApi, X509Update};
@@ -82,7 +83,8 @@ impl MockMeshBuilder {
         self
     }
 
-    /// Seeds every endpoint's script randomness and every client's balancer (default: a
+    /// Seeds every endpoint's script randomness and every client's balancer, each client
+    /// of a service by the order it is built in (default: a
     /// random seed, logged and readable with [`MockMesh::seed`], so that a failing run can
     /// be replayed).
     pub fn seed(mut self, seed: u64) -> Self {
@@ -207,10 +209,15 @@ impl MockMesh {
 
     /// A [`MeshClientBuilder`] for `service`, already wired: discovery that follows the
     /// service's endpoints, mTLS as the mesh's client workload, the service's identity
-    /// expected of every endpoint, balancer picks seeded from the mesh's seed, and
-    /// metrics the mesh reads
-    /// ([`MockService::client_stats`], breaker events). Change any policy before
-    /// `build()`.
+    /// expected of every endpoint, balancer picks seeded from the mesh's seed (each
+    /// client and channel of a service its own seed, from the order they are built), and
+    /// metrics the mesh reads ([`MockService::client_stats`], breaker events). Change any
+    /// policy before `build()`.
+    ///
+    /// The mesh's metrics take the builder's one metrics slot: calling `metrics` or
+    /// `shared_metrics` on it replaces them, and the client then counts for nothing in
+    /// [`MockService::client_stats`] and the log's breaker events. To read a client's
+    /// metrics, leave them and use [`MockService::client_metrics`].
     pub fn client_builder(
         &self,
         service: &MockService,
@@ -224,8 +231,32 @@ impl MockMesh {
         service: &MockService,
         workload: &str,
     ) -> Result<MeshClientBuilder, MockMeshError> {
+        self.wire_client(MeshClient::builder(service.discovery()), service, workload)
+    }
+
+    /// The same as [`client_builder`](Self::client_builder), with every policy of
+    /// `config` (a `[services.NAME]` section) as [`MeshClientBuilder::from_config`] takes
+    /// them, so that a test runs a client configured like a proxy's. The mesh's wiring
+    /// replaces the section's discovery, `tls` and `server_identity`.
+    pub fn client_builder_from_config(
+        &self,
+        service: &MockService,
+        config: &ServiceConfig,
+    ) -> Result<MeshClientBuilder, MockMeshError> {
+        let builder = MeshClientBuilder::from_config(service.name(), config, service.discovery());
+        self.wire_client(builder, service, &self.inner.client.clone())
+    }
+
+    /// Wires `builder` for `service` as `workload`; see
+    /// [`client_builder`](Self::client_builder).
+    fn wire_client(
+        &self,
+        builder: MeshClientBuilder,
+        service: &MockService,
+        workload: &str,
+    ) -> Result<MeshClientBuilder, MockMeshError> {
         let mut registry = Registry::default();
-        let builder = MeshClient::builder(service.discovery())
+        let builder = builder
             .service_name(service.name())
             .mtls(self.mtls(workload)?)
             .server_identity(self.pattern(service.id())?)
@@ -233,7 +264,7 @@ impl MockMesh {
             .seed(crate::service::endpoint_seed(
                 self.inner.seed,
                 &format!("{}/client/{workload}", service.name()),
-                0,
+                service.inner.next_client(),
             ))
             .metrics(&mut registry);
         service.inner.clients.add(registry);
@@ -248,8 +279,8 @@ impl MockMesh {
     }
 
     /// A [`MeshChannelBuilder`] for `service`, wired like
-    /// [`client_builder`](Self::client_builder). The endpoints serve
-    /// `mesh_tonic::test_util`'s `Echo` service.
+    /// [`client_builder`](Self::client_builder) (its metrics slot taken the same way).
+    /// The endpoints serve `mesh_tonic::test_util`'s `Echo` service.
     pub fn channel_builder(
         &self,
         service: &MockService,
@@ -263,7 +294,7 @@ impl MockMesh {
             .seed(crate::service::endpoint_seed(
                 self.inner.seed,
                 &format!("{}/channel/{workload}", service.name()),
-                0,
+                service.inner.next_client(),
             ))
             .decisions(&self.inner.decisions)
             .metrics(&mut registry);
@@ -289,7 +320,7 @@ impl MockMesh {
     }
 
     /// The decision record every client and server the mesh builds writes to (the latest
-    /// 1,024 decisions): balancer picks with both candidates, breaker changes, retry and
+    /// [`decisions`](MockMeshBuilder::decisions), by default 1,024): balancer picks with both candidates, breaker changes, retry and
     /// authorization decisions; see [`mesh_tower::decision`].
     pub fn decisions(&self) -> &DecisionRecord {
         &self.inner.decisions

@@ -2,7 +2,13 @@
 //!
 //! # Defaults
 //!
-//! - **Endpoints**: 1, each with [`Script::default`] (healthy, no latency).
+//! - **Endpoints**: 1, with [`Script::default`] (healthy, no latency). How many and
+//!   which script each runs follow one rule, here and in the simulation (feature `sim`,
+//!   `SimServiceBuilder`): endpoint `i` runs the `i`-th
+//!   script given to [`scripts`](MockServiceBuilder::scripts) (or the one given to
+//!   [`script`](MockServiceBuilder::script)), the last one repeating beyond them; there
+//!   are as many endpoints as [`endpoints`](MockServiceBuilder::endpoints) says, or
+//!   else as scripts.
 //! - **Identity**: every endpoint gets its own SVID for `spiffe://<trust domain>/<name>`;
 //!   clients built by the mesh expect exactly that ID.
 //! - **Authorization**: none (every verified caller admitted, nothing recorded); with
@@ -20,7 +26,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -53,6 +59,7 @@ pub struct MockServiceBuilder {
     mesh: MockMesh,
     name: String,
     scripts: Vec<Script>,
+    count: Option<usize>,
     policy: Option<AuthorizationPolicy>,
     rate_limit: Option<RateLimitConfig>,
     plaintext: bool,
@@ -62,7 +69,7 @@ impl fmt::Debug for MockServiceBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MockServiceBuilder")
             .field("name", &self.name)
-            .field("endpoints", &self.scripts.len())
+            .field("endpoints", &self.count.unwrap_or(self.scripts.len()))
             .finish_non_exhaustive()
     }
 }
@@ -73,27 +80,32 @@ impl MockServiceBuilder {
             mesh,
             name: name.to_owned(),
             scripts: vec![Script::default()],
+            count: None,
             policy: None,
             rate_limit: None,
             plaintext: false,
         }
     }
 
-    /// `n` endpoints, each with the script of the first (default 1).
+    /// `n` endpoints (default: one per script, so 1 unless
+    /// [`scripts`](Self::scripts) gave more). Beyond the scripts given, the last one
+    /// repeats; scripts beyond `n` are not used. Called before or after the scripts,
+    /// the same.
     pub fn endpoints(mut self, n: usize) -> Self {
-        let script = self.scripts.first().cloned().unwrap_or_default();
-        self.scripts = vec![script; n];
+        self.count = Some(n);
         self
     }
 
-    /// The same script for every endpoint.
+    /// The same script for every endpoint (default [`Script::default`]): the same as
+    /// `scripts([script])`.
     pub fn script(mut self, script: impl Into<Script>) -> Self {
-        let script = script.into();
-        self.scripts.iter_mut().for_each(|s| *s = script.clone());
+        self.scripts = vec![script.into()];
         self
     }
 
-    /// One endpoint per script, in order.
+    /// One script per endpoint, in order. Without [`endpoints`](Self::endpoints), one
+    /// endpoint per script (none for an empty list); with more endpoints than scripts,
+    /// the last script repeats (the default script for an empty list).
     pub fn scripts(mut self, scripts: impl IntoIterator<Item = Script>) -> Self {
         self.scripts = scripts.into_iter().collect();
         self
@@ -144,6 +156,7 @@ impl MockServiceBuilder {
             rate_limit: self.rate_limit,
             plaintext: self.plaintext,
             clients: Clients::default(),
+            built: AtomicUsize::new(0),
             sampler: Mutex::new(None),
         });
         if let Ok(mut services) = self.mesh.inner.services.lock() {
@@ -151,7 +164,7 @@ impl MockServiceBuilder {
             services.push(Arc::downgrade(&inner));
         }
         let service = MockService { inner };
-        for script in self.scripts {
+        for script in plan(&self.scripts, self.count) {
             service.add_endpoint(script).await?;
         }
         Ok(service)
@@ -168,13 +181,17 @@ pub(crate) struct ServiceInner {
     name: Arc<str>,
     id: SpiffeId,
     mesh: MockMesh,
-    endpoints: Mutex<Vec<MockEndpoint>>,
+    /// By index: `None` while an endpoint is starting (its index reserved), or if its
+    /// start failed after a later one had reserved the next index.
+    endpoints: Mutex<Vec<Option<MockEndpoint>>>,
     discovery: watch::Sender<EndpointSet>,
     authorize: AuthorizeLayer,
     recording: Arc<AtomicBool>,
     rate_limit: Option<RateLimitConfig>,
     plaintext: bool,
     pub(crate) clients: Clients,
+    /// Clients and channels built for the service, so that each gets its own seed.
+    built: AtomicUsize,
     sampler: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -195,8 +212,22 @@ impl fmt::Debug for MockService {
     }
 }
 
-/// The seed of endpoint `index` of `service`: the mesh's seed mixed (splitmix64) with
-/// both, so that endpoints draw independent, reproducible sequences.
+/// The scripts of the endpoints a service builder declared: `count` of them (`None`: one
+/// per script), endpoint `i` running `scripts[i]`, the last one repeating beyond them
+/// (the default script if there is none). The one rule of [`MockServiceBuilder`] and
+/// the simulation's `SimServiceBuilder`.
+pub(crate) fn plan(scripts: &[Script], count: Option<usize>) -> Vec<Script> {
+    (0..count.unwrap_or(scripts.len()))
+        .map(|i| {
+            scripts
+                .get(i)
+                .or(scripts.last())
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// Takes the endpoint at `addr` out of `set`; whether it was in.
 pub(crate) fn undiscover(set: &watch::Sender<EndpointSet>, addr: SocketAddr) -> bool {
     set.send_if_modified(|set| {
@@ -256,6 +287,9 @@ pub(crate) fn follow(set: &watch::Sender<EndpointSet>) -> BoxDiscover {
     ))
 }
 
+/// The seed of endpoint `index` of `service` (or of the `index`-th client of a name like
+/// `users/client/web`): the mesh's seed mixed (splitmix64) with both, so that each draws
+/// an independent, reproducible sequence.
 pub(crate) fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
     // FNV-1a: unlike std's `DefaultHasher`, stable across Rust releases.
     let name = service.bytes().fold(0xCBF2_9CE4_8422_2325_u64, |h, b| {
@@ -268,11 +302,17 @@ pub(crate) fn endpoint_seed(seed: u64, service: &str, index: usize) -> u64 {
 }
 
 impl ServiceInner {
+    /// The index of the next client or channel built for the service, from 0.
+    pub(crate) fn next_client(&self) -> usize {
+        self.built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn sample(&self) {
         let endpoints: Vec<(SocketAddr, usize)> = self
             .endpoints
             .lock()
-            .map(|e| e.iter().map(|e| (e.addr(), e.index())).collect())
+            .map(|e| e.iter().flatten().map(|e| (e.addr(), e.index())).collect())
             .unwrap_or_default();
         let index_of = |addr| endpoints.iter().find(|(a, _)| *a == addr).map(|(_, i)| *i);
         self.clients
@@ -312,27 +352,33 @@ impl MockService {
         &self.inner.id
     }
 
-    /// Every endpoint it spawned, removed ones included, by index.
+    /// Every endpoint it spawned, removed ones included, by index (those still
+    /// starting left out).
     pub fn endpoints(&self) -> Vec<MockEndpoint> {
         self.inner
             .endpoints
             .lock()
-            .map(|e| e.clone())
+            .map(|e| e.iter().flatten().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// Endpoint `index`.
+    /// Endpoint `index` (`None` while it is starting).
     pub fn endpoint(&self, index: usize) -> Option<MockEndpoint> {
         self.inner
             .endpoints
             .lock()
             .ok()
-            .and_then(|e| e.get(index).cloned())
+            .and_then(|e| e.get(index).cloned().flatten())
     }
 
-    /// The number of endpoints spawned, removed ones included.
+    /// The number of endpoints spawned, removed ones included (those still starting
+    /// left out).
     pub fn len(&self) -> usize {
-        self.inner.endpoints.lock().map(|e| e.len()).unwrap_or(0)
+        self.inner
+            .endpoints
+            .lock()
+            .map(|e| e.iter().flatten().count())
+            .unwrap_or(0)
     }
 
     /// Whether it has no endpoint.
@@ -350,14 +396,57 @@ impl MockService {
         Endpoint::new(ep.addr()).with_identity(self.inner.id.clone())
     }
 
-    /// Starts one more endpoint with `script` and adds it to discovery.
+    /// Starts one more endpoint with `script` and adds it to discovery. Its index is
+    /// the next one, reserved on the call, so that concurrent calls get distinct indexes
+    /// in call order.
     pub async fn add_endpoint(
         &self,
         script: impl Into<Script>,
     ) -> Result<MockEndpoint, MockMeshError> {
+        let index = {
+            let mut endpoints = self
+                .inner
+                .endpoints
+                .lock()
+                .map_err(|_| MockMeshError::Poisoned)?;
+            endpoints.push(None);
+            endpoints.len() - 1
+        };
+        let started = self.start_endpoint(index, script.into()).await;
+        let Ok(mut endpoints) = self.inner.endpoints.lock() else {
+            return Err(MockMeshError::Poisoned);
+        };
+        match started {
+            Ok(endpoint) => {
+                if let Some(slot) = endpoints.get_mut(index) {
+                    *slot = Some(endpoint.clone());
+                }
+                drop(endpoints);
+                let discovered = self.discovered(&endpoint);
+                self.inner.discovery.send_modify(|set| {
+                    set.insert(discovered);
+                });
+                endpoint.changed(EndpointChange::Started);
+                Ok(endpoint)
+            }
+            Err(e) => {
+                // Free the index unless a later endpoint holds the next one.
+                if endpoints.len() == index + 1 {
+                    endpoints.pop();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts endpoint `index`: its server and its link.
+    async fn start_endpoint(
+        &self,
+        index: usize,
+        script: Script,
+    ) -> Result<MockEndpoint, MockMeshError> {
         let inner = &self.inner;
         let mesh = &inner.mesh;
-        let index = self.len();
         let builder = if inner.plaintext {
             MeshServer::builder().plaintext()
         } else {
@@ -374,7 +463,7 @@ impl MockService {
         };
         let core = Arc::new(Core::new(
             at.clone(),
-            script.into(),
+            script,
             endpoint_seed(mesh.seed(), &inner.name, index),
             mesh.inner.log.clone(),
             inner.recording.clone(),
@@ -384,23 +473,14 @@ impl MockService {
         let mut server_limits = ServerLimits::default();
         server_limits.shutdown_timeout = Duration::from_millis(100);
         let server = builder.limits(server_limits).serve(listener, stack)?;
-        let endpoint = MockEndpoint {
+        Ok(MockEndpoint {
             inner: Arc::new(EndpointInner {
                 core,
                 link,
                 _server: server,
                 echo,
             }),
-        };
-        if let Ok(mut endpoints) = inner.endpoints.lock() {
-            endpoints.push(endpoint.clone());
-        }
-        let discovered = self.discovered(&endpoint);
-        inner.discovery.send_modify(|set| {
-            set.insert(discovered);
-        });
-        endpoint.changed(EndpointChange::Started);
-        Ok(endpoint)
+        })
     }
 
     /// Removes endpoint `index` from discovery (it keeps running, so clients drain
@@ -453,5 +533,13 @@ impl MockService {
     /// [`client_stats`](crate::client_stats).
     pub fn client_stats(&self) -> ClientStats {
         self.inner.clients.stats()
+    }
+
+    /// The metrics of each client and channel the mesh built for this service, in the
+    /// text exposition format, in the order they were built: what a test reads instead of
+    /// replacing the mesh's registry with its own (see
+    /// [`MockMesh::client_builder`](crate::MockMesh::client_builder)).
+    pub fn client_metrics(&self) -> Vec<String> {
+        self.inner.clients.texts()
     }
 }

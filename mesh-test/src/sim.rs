@@ -41,13 +41,19 @@
 //! - every endpoint's script draws;
 //! - every client's P2C picks;
 //! - the breaker, retry and connect back-off jitter. Those draw from the thread's
-//!   `fastrand` generator, which the simulation seeds: hosts all run on the thread that
-//!   calls [`Simulation::run`].
+//!   `fastrand` generator: hosts all run on the thread that calls [`Simulation::step`],
+//!   and each simulation keeps that generator's state as its own, seeded from the seed,
+//!   put in place for each step and taken back after it. So simulations built with the
+//!   same seed replay alike however they are interleaved on a thread, and whatever else
+//!   the thread draws between steps (the thread's own state is restored after each).
 //!
 //! The event log ([`Simulation::events`]) is stamped with the simulation's virtual time,
 //! so the same seed and the same scenario give the same log, byte for byte. (The
 //! decision record's own times come from each host's clock; its events are as
-//! reproducible, not its timestamps.)
+//! reproducible, not its timestamps.) Unlike a [`MockMesh`]'s, the log holds no
+//! [`Breaker`](crate::Event::Breaker) events: the simulation's clients register no
+//! metrics, so breaker changes are read from the decision record
+//! ([`Simulation::decisions`]).
 //!
 //! **Faults** are turmoil's: [`crash`](Simulation::crash) and
 //! [`bounce`](Simulation::bounce) an endpoint (a process that dies, and restarts with
@@ -88,7 +94,7 @@ use crate::error::MockMeshError;
 use crate::events::{EndpointChange, EndpointEvent, EndpointRef, Event, EventLog, Log};
 use crate::mesh::{DEFAULT_TRUST_DOMAIN, MockMesh};
 use crate::script::Script;
-use crate::service::{endpoint_seed, follow, rediscover, scripted_stack, undiscover};
+use crate::service::{endpoint_seed, follow, plan, rediscover, scripted_stack, undiscover};
 
 /// The port every simulated endpoint serves mTLS on.
 pub const PORT: u16 = 443;
@@ -104,6 +110,9 @@ pub enum SimError {
     /// message: its error is not `Send`).
     #[error("simulation: {0}")]
     Run(String),
+    /// The builder was given a setting the simulation cannot run with.
+    #[error("simulation settings: {0}")]
+    Invalid(&'static str),
     /// Building part of the mesh failed.
     #[error(transparent)]
     Mesh(#[from] MockMeshError),
@@ -154,14 +163,19 @@ impl SimulationBuilder {
         self
     }
 
-    /// The virtual time one [`Simulation::step`] advances (default 1 ms).
+    /// The virtual time one [`Simulation::step`] advances (default 1 ms; not zero:
+    /// [`build`](Self::build) refuses it, as time would never advance).
     pub fn tick(mut self, tick: Duration) -> Self {
         self.tick = tick;
         self
     }
 
-    /// Builds the simulation: a trust domain's CA and an empty network.
+    /// Builds the simulation: a trust domain's CA and an empty network. Fails with
+    /// [`SimError::Invalid`] for a zero [`tick`](Self::tick).
     pub fn build(self) -> Result<Simulation, SimError> {
+        if self.tick.is_zero() {
+            return Err(SimError::Invalid("the tick must be longer than zero"));
+        }
         let stepped = Arc::new(AtomicU64::new(0));
         let mesh = MockMesh::builder()
             .seed(self.seed)
@@ -175,14 +189,14 @@ impl SimulationBuilder {
             .simulation_duration(self.duration)
             .tick_duration(self.tick)
             .build();
-        // Breaker, retry and connect jitter draw from this thread's generator; every host
-        // runs on this thread.
-        fastrand::seed(self.seed);
         Ok(Simulation {
             sim,
             mesh,
             stepped,
             seed: self.seed,
+            // Breaker, retry and connect jitter draw from the thread's generator, with
+            // this state in place while the simulation steps.
+            rng: self.seed,
         })
     }
 }
@@ -193,6 +207,8 @@ pub struct Simulation {
     mesh: MockMesh,
     stepped: Arc<AtomicU64>,
     seed: u64,
+    /// The state of the thread's `fastrand` generator as this simulation left it.
+    rng: u64,
 }
 
 impl fmt::Debug for Simulation {
@@ -238,7 +254,7 @@ impl Simulation {
             sim: self,
             name: name.to_owned(),
             scripts: vec![Script::default()],
-            count: 1,
+            count: None,
             policy: None,
             rate_limit: None,
         }
@@ -283,7 +299,14 @@ impl Simulation {
 
     /// Advances virtual time by one tick; `true` once every client has finished.
     pub fn step(&mut self) -> Result<bool, SimError> {
-        let done = self.sim.step().map_err(|e| SimError::Run(e.to_string()))?;
+        // The hosts' draws from the thread's generator come from this simulation's own
+        // state; the thread's is put back after.
+        let outer = fastrand::get_seed();
+        fastrand::seed(self.rng);
+        let stepped = self.sim.step();
+        self.rng = fastrand::get_seed();
+        fastrand::seed(outer);
+        let done = stepped.map_err(|e| SimError::Run(e.to_string()))?;
         let nanos = u64::try_from(self.sim.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stepped.store(nanos, Ordering::Relaxed);
         Ok(done)
@@ -317,7 +340,9 @@ impl Simulation {
         self.mesh.events()
     }
 
-    /// The clients' decision record (picks, breaker transitions, retries).
+    /// The clients' decision record (picks, breaker transitions, retries): where breaker
+    /// changes show in a simulation, whose clients register no metrics (so its
+    /// [`events`](Self::events) hold no [`Breaker`](crate::Event::Breaker) events).
     pub fn decisions(&self) -> &DecisionRecord {
         self.mesh.decisions()
     }
@@ -328,7 +353,7 @@ pub struct SimServiceBuilder<'s> {
     sim: &'s mut Simulation,
     name: String,
     scripts: Vec<Script>,
-    count: usize,
+    count: Option<usize>,
     policy: Option<AuthorizationPolicy>,
     rate_limit: Option<RateLimitConfig>,
 }
@@ -337,30 +362,37 @@ impl fmt::Debug for SimServiceBuilder<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimServiceBuilder")
             .field("name", &self.name)
-            .field("endpoints", &self.count)
+            .field("endpoints", &self.count.unwrap_or(self.scripts.len()))
             .finish_non_exhaustive()
     }
 }
 
+/// How many endpoints and which scripts follow the rule of
+/// [`MockServiceBuilder`](crate::MockServiceBuilder): endpoint `i` runs the `i`-th script,
+/// the last one repeating beyond them; as many endpoints as
+/// [`endpoints`](Self::endpoints) says, or else as scripts.
 impl SimServiceBuilder<'_> {
-    /// How many endpoints (default 1).
+    /// `n` endpoints (default: one per script, so 1 unless
+    /// [`scripts`](Self::scripts) gave more). Beyond the scripts given, the last one
+    /// repeats; scripts beyond `n` are not used. Called before or after the scripts,
+    /// the same.
     pub fn endpoints(mut self, n: usize) -> Self {
-        self.count = n;
+        self.count = Some(n);
         self
     }
 
-    /// Every endpoint's script (default: healthy, [`Script::default`]).
+    /// The same script for every endpoint (default [`Script::default`]): the same as
+    /// `scripts([script])`.
     pub fn script(mut self, script: impl Into<Script>) -> Self {
         self.scripts = vec![script.into()];
         self
     }
 
-    /// One script per endpoint, in order; the last one repeats.
+    /// One script per endpoint, in order. Without [`endpoints`](Self::endpoints), one
+    /// endpoint per script (none for an empty list); with more endpoints than scripts,
+    /// the last script repeats (the default script for an empty list).
     pub fn scripts(mut self, scripts: impl IntoIterator<Item = Script>) -> Self {
         self.scripts = scripts.into_iter().collect();
-        if self.scripts.is_empty() {
-            self.scripts.push(Script::default());
-        }
         self
     }
 
@@ -395,16 +427,11 @@ impl SimServiceBuilder<'_> {
         let acceptor = MtlsAcceptor::new(&mesh.mtls(&id.to_string())?, Authorizer::any())
             .map_err(|e| MockMeshError::Tls(Box::new(e)))?;
         let discovery = watch::Sender::new(EndpointSet::new());
-        let mut endpoints = Vec::with_capacity(self.count);
-        for index in 0..self.count {
+        let scripts = plan(&self.scripts, self.count);
+        let mut endpoints = Vec::with_capacity(scripts.len());
+        for (index, script) in scripts.into_iter().enumerate() {
             let host = format!("{name}-{index}");
             let addr = SocketAddr::new(sim.sim.lookup(host.as_str()), PORT);
-            let script = self
-                .scripts
-                .get(index)
-                .or(self.scripts.last())
-                .cloned()
-                .unwrap_or_default();
             let at = EndpointRef {
                 service: name.clone(),
                 index,
@@ -527,10 +554,12 @@ impl SimService {
         self.inner.endpoints.get(index)
     }
 
-    /// A [`MeshClientBuilder`] wired like [`MockMesh::client_builder`] — discovery that
-    /// follows this service, mTLS as the mesh's client, the service's identity required,
-    /// seeded picks, the mesh's decision record — dialling through the simulated network.
-    /// Call it inside a client host.
+    /// A [`MeshClientBuilder`] wired much like [`MockMesh::client_builder`] — discovery
+    /// that follows this service, mTLS as the mesh's client, the service's identity
+    /// required, seeded picks, the mesh's decision record — dialling through the
+    /// simulated network. Unlike the mesh's, it registers no metrics: the simulation's
+    /// log holds no [`Breaker`](crate::Event::Breaker) events; read breaker changes from
+    /// [`Simulation::decisions`]. Call it inside a client host.
     pub fn client_builder(&self) -> Result<MeshClientBuilder, MockMeshError> {
         let inner = &self.inner;
         let mesh = &inner.mesh;
@@ -686,7 +715,7 @@ impl SimEndpoint {
 
     /// Replaces its script; requests already past their draw keep the old one.
     pub fn set_script(&self, script: impl Into<Script>) {
-        self.core.script.send_replace(script.into());
+        self.core.set_script(script.into());
         self.changed(EndpointChange::Scripted);
     }
 }

@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use http::{Request, StatusCode};
 use http_body_util::Empty;
 use mesh_core::error::BoxError;
-use mesh_test::sim::{SimService, Simulation};
+use mesh_test::sim::{SimEndpoint, SimError, SimService, Simulation};
 use mesh_test::{Event, EventLog, Latency, Script};
 use mesh_tower::decision::{BreakerPhase, Event as Decided};
 
@@ -57,6 +57,12 @@ async fn load(
 /// A scenario with latency, errors, an endpoint crashed and restarted: its event log and
 /// the decisions (without their host-clock times).
 fn eventful(seed: u64) -> (EventLog, Vec<String>) {
+    let (sim, victim) = eventful_sim(seed);
+    run_eventful(sim, &victim)
+}
+
+/// The scenario of [`eventful`], built but not run.
+fn eventful_sim(seed: u64) -> (Simulation, SimEndpoint) {
     let mut sim = Simulation::new(seed).unwrap();
     let users = sim
         .service("users")
@@ -79,10 +85,15 @@ fn eventful(seed: u64) -> (EventLog, Vec<String>) {
         assert_eq!(answers.len(), 160);
         Ok(())
     });
+    (sim, victim)
+}
+
+/// Runs the scenario of [`eventful`].
+fn run_eventful(mut sim: Simulation, victim: &SimEndpoint) -> (EventLog, Vec<String>) {
     assert!(!sim.run_for(ms(60)).unwrap());
-    sim.crash(&victim);
+    sim.crash(victim);
     assert!(!sim.run_for(ms(150)).unwrap());
-    sim.bounce(&victim);
+    sim.bounce(victim);
     sim.run().unwrap();
     let decisions = sim
         .decisions()
@@ -123,6 +134,80 @@ fn the_same_seed_gives_the_same_event_log_byte_for_byte() {
         text(&other),
         "seeds 7 and 8 gave the same run"
     );
+}
+
+#[test]
+fn simulations_replay_alike_however_they_share_their_thread() {
+    let (reference, reference_decisions) = eventful(11);
+    let text = |log: &EventLog| format!("{log:#?}");
+    // Two built before either runs, and draws from the thread's generator between
+    // building and running, and between steps of the other.
+    let (first, first_victim) = eventful_sim(11);
+    let (second, second_victim) = eventful_sim(11);
+    for _ in 0..100 {
+        fastrand::u64(..);
+    }
+    let (first_log, first_decisions) = run_eventful(first, &first_victim);
+    let (second_log, second_decisions) = run_eventful(second, &second_victim);
+    // Not vacuous: retries after errors drew back-off jitter.
+    assert!(
+        reference_decisions.iter().any(|d| d.contains("Retry(")),
+        "{reference_decisions:#?}"
+    );
+    assert_eq!(text(&reference), text(&first_log));
+    assert_eq!(text(&reference), text(&second_log));
+    assert_eq!(reference_decisions, first_decisions);
+    assert_eq!(reference_decisions, second_decisions);
+}
+
+#[test]
+fn a_zero_tick_is_refused() {
+    let built = Simulation::builder().tick(Duration::ZERO).build();
+    assert!(matches!(built, Err(SimError::Invalid(_))), "{built:?}");
+    assert!(Simulation::builder().tick(ms(2)).build().is_ok());
+}
+
+#[test]
+fn endpoints_and_scripts_follow_the_mock_mesh_rule() {
+    let (a, b) = (Script::latency(ms(1)), Script::latency(ms(2)));
+    let mut sim = Simulation::new(1).unwrap();
+    let scripts =
+        |svc: &SimService| -> Vec<Script> { svc.endpoints().iter().map(|e| e.script()).collect() };
+    let one = sim
+        .service("one")
+        .endpoints(3)
+        .scripts([a.clone(), b.clone()])
+        .spawn()
+        .unwrap();
+    assert_eq!(scripts(&one), [a.clone(), b.clone(), b.clone()]);
+    let two = sim
+        .service("two")
+        .scripts([a.clone(), b.clone()])
+        .endpoints(3)
+        .spawn()
+        .unwrap();
+    assert_eq!(scripts(&two), [a.clone(), b.clone(), b.clone()]);
+    // Without `endpoints`, one per script (before: one endpoint in all).
+    let three = sim
+        .service("three")
+        .scripts([a.clone(), b.clone()])
+        .spawn()
+        .unwrap();
+    assert_eq!(scripts(&three), [a.clone(), b.clone()]);
+    let four = sim
+        .service("four")
+        .endpoints(2)
+        .script(b.clone())
+        .spawn()
+        .unwrap();
+    assert_eq!(scripts(&four), [b.clone(), b.clone()]);
+    let five = sim
+        .service("five")
+        .scripts([a.clone(), b.clone()])
+        .endpoints(1)
+        .spawn()
+        .unwrap();
+    assert_eq!(scripts(&five), std::slice::from_ref(&a));
 }
 
 #[test]
