@@ -354,6 +354,34 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Whether the failure is this host's, not the endpoint's: out of file descriptors,
+    /// ephemeral ports, socket buffers or memory. It says nothing of the endpoint, which
+    /// therefore is not backed off (a short local shortage would otherwise back off
+    /// every endpoint tried, and outlast itself as "no ready endpoint").
+    pub fn is_local(&self) -> bool {
+        let ConnectError::Tcp { source, .. } = self else {
+            return false;
+        };
+        if matches!(
+            source.kind(),
+            io::ErrorKind::AddrNotAvailable | io::ErrorKind::OutOfMemory
+        ) {
+            return true;
+        }
+        // ENFILE, EMFILE, ENOBUFS (no `ErrorKind` names them).
+        #[cfg(target_os = "linux")]
+        const LOCAL: [i32; 3] = [23, 24, 105];
+        #[cfg(target_os = "macos")]
+        const LOCAL: [i32; 3] = [23, 24, 55];
+        #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+        const LOCAL: [i32; 0] = [];
+        source
+            .raw_os_error()
+            .is_some_and(|code| LOCAL.contains(&code))
+    }
+}
+
 /// A connection to an endpoint, plaintext or mTLS.
 enum Conn {
     Plain(TokioIo<TcpStream>),
@@ -1071,6 +1099,10 @@ where
             Ok(checkout) => {
                 self.state.connected();
                 Ok(checkout)
+            }
+            Err(error) if error.is_local() => {
+                tracing::warn!(%addr, %error, "connect failed for want of local resources: the endpoint is not backed off");
+                Err(Arc::new(error))
             }
             Err(error) => {
                 tracing::debug!(%addr, %error, "connect failed");
@@ -2879,6 +2911,40 @@ mod tests {
         assert!(state.is_ready(Instant::now()));
         state.failed(&backoff, stale);
         assert_eq!(state.failures(), 1);
+    }
+
+    /// A connect that fails for want of this host's resources (file descriptors,
+    /// ephemeral ports) does not back the endpoint off; one the endpoint refuses does.
+    #[tokio::test]
+    async fn local_shortages_do_not_back_endpoints_off() {
+        let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        for (error, local) in [
+            (
+                io::Error::from_raw_os_error(24),
+                cfg!(any(target_os = "linux", target_os = "macos")),
+            ),
+            (io::Error::from(io::ErrorKind::AddrNotAvailable), true),
+            (io::Error::from(io::ErrorKind::ConnectionRefused), false),
+        ] {
+            let kind = error.kind();
+            let error = Arc::new(std::sync::Mutex::new(Some(error)));
+            let dialer = Dialer::new(move |_addr| {
+                let error = error.lock().unwrap().take().unwrap();
+                async move { Err::<tokio::io::DuplexStream, _>(error) }
+            });
+            let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+                addr,
+                ConnectSettings {
+                    dialer: Some(dialer),
+                    ..ConnectSettings::plaintext()
+                },
+            );
+            let err = client.send(request("x")).await.unwrap_err();
+            assert!(err.is_connect(), "{err}");
+            let state = client.conn_state();
+            assert_eq!(state.failures() == 0, local, "{kind:?}");
+            assert_eq!(state.is_ready(Instant::now()), local, "{kind:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,10 @@
 //!   broken by the HTTP parser, while an HTTP stream taken for opaque is still relayed
 //!   intact, only without the HTTP layers.
 //! - [`Detected::Opaque`]: anything else, the client closing or failing before a
-//!   decision, or **nothing within the peek timeout**.
+//!   decision after it sent something, or **nothing within the peek timeout**.
+//! - [`Detected::Closed`]: the client closed (or the connection failed) before sending
+//!   a byte: a TCP health check, a port scan. There is nothing to serve, and nothing to
+//!   open a connection across the mesh for.
 //!
 //! The bytes may arrive in pieces (a preface split across segments, a method written a
 //! byte at a time): while what has arrived is still a prefix of an answer, `detect`
@@ -78,6 +81,8 @@ pub enum Detected {
     Http1,
     /// Anything else, or nothing in time.
     Opaque,
+    /// The client closed, or the connection failed, before it sent anything.
+    Closed,
 }
 
 /// Decides what `stream`'s client speaks from its first bytes, waiting at most
@@ -98,12 +103,16 @@ pub async fn detect(stream: &TcpStream, peek_timeout: Duration) -> Detected {
                 );
                 return Detected::Opaque;
             }
+            Ok(Err(error)) if seen == 0 => {
+                tracing::debug!(%error, "peeking failed before any byte: closed");
+                return Detected::Closed;
+            }
             Ok(Err(error)) => {
                 tracing::debug!(%error, "peeking failed: opaque");
                 return Detected::Opaque;
             }
-            // The client closed its side; what it sent (if anything) decided nothing.
-            Ok(Ok(0)) => return Detected::Opaque,
+            // The client closed its side without a word.
+            Ok(Ok(0)) => return Detected::Closed,
             Ok(Ok(n)) => n,
         };
         let Some(bytes) = buf.get(..n) else {
@@ -321,15 +330,25 @@ mod tests {
         assert!(start.elapsed() <= DEFAULT_PEEK_TIMEOUT + Duration::from_millis(1));
     }
 
+    /// A client that closes without a word is `Closed`, at once; one that said something
+    /// undecided first is opaque, its bytes relayed (at the peek timeout: a peek cannot
+    /// see the close behind buffered bytes).
     #[tokio::test]
-    async fn a_client_that_closes_first_is_opaque() {
+    async fn a_client_that_closes_first_is_closed_or_opaque() {
         let (mut client, server) = pair().await;
         client.shutdown().await.unwrap();
         let start = Instant::now();
         assert_eq!(
             detect(&server, DEFAULT_PEEK_TIMEOUT).await,
-            Detected::Opaque
+            Detected::Closed
         );
         assert!(start.elapsed() < DEFAULT_PEEK_TIMEOUT, "at once");
+        let (mut client, server) = pair().await;
+        client.write_all(b"GE").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(
+            detect(&server, Duration::from_millis(100)).await,
+            Detected::Opaque
+        );
     }
 }

@@ -24,8 +24,10 @@
 //!   its writing half shut down the same way, and the opposite direction goes on: a client
 //!   may finish sending and still read the whole answer.
 //! - **End.** The relay ends when both directions have ended; when either side fails (a
-//!   reset, a TLS error, a write that takes no byte), with [`RelayError::Io`] naming the
-//!   side; or when no byte has been read or written either way for the idle timeout, with
+//!   reset, a TLS error such as a stream cut without `close_notify`, a write that takes
+//!   no byte), with [`RelayError::Io`] naming the side, and the mesh's relays then reset
+//!   the other side's TCP connection, so that a failure reaches the other peer as one,
+//!   not as a clean end (a truncated transfer would otherwise look complete); or when no byte has been read or written either way for the idle timeout, with
 //!   [`RelayError::Idle`]. The byte counts so far come with either error.
 //! - **Idle timeout** (default [`DEFAULT_IDLE_TIMEOUT`], 1 hour, as Envoy's TCP proxy;
 //!   nginx's stream proxy uses 10 minutes; `None` for none). It bounds the life of a
@@ -324,6 +326,64 @@ impl RelayError {
         match self {
             Self::Idle { relayed, .. } | Self::Io { relayed, .. } => *relayed,
         }
+    }
+
+    /// The side that failed; `None` for an idle timeout.
+    pub fn side(&self) -> Option<Side> {
+        match self {
+            Self::Io { side, .. } => Some(*side),
+            Self::Idle { .. } => None,
+        }
+    }
+
+    /// Makes the side that did not fail end with a reset when it is dropped, so that its
+    /// peer learns of the failure rather than read a clean end: an upstream's reset, or a
+    /// TLS stream cut without `close_notify` (a truncation), must not reach the other
+    /// application as a complete transfer. An idle timeout ends both sides cleanly.
+    pub(crate) fn pass_on(&self, client: &impl Abort, upstream: &impl Abort) {
+        match self {
+            Self::Io {
+                side: Side::Client, ..
+            } => upstream.abort_on_drop(),
+            Self::Io {
+                side: Side::Upstream,
+                ..
+            } => client.abort_on_drop(),
+            Self::Idle { .. } => {}
+        }
+    }
+}
+
+/// A connection that can be made to end with a TCP reset (`SO_LINGER` 0) when dropped;
+/// see [`RelayError::pass_on`]. A connection that cannot (an in-memory pipe, a
+/// [`Dialer`](crate::connect::Dialer)'s) ends cleanly.
+pub(crate) trait Abort {
+    fn abort_on_drop(&self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort_on_drop(&self) {
+        if let Err(error) = self.set_zero_linger() {
+            tracing::debug!(%error, "could not set SO_LINGER 0: the connection closes cleanly");
+        }
+    }
+}
+
+impl<IO: Abort> Abort for tokio_rustls::server::TlsStream<IO> {
+    fn abort_on_drop(&self) {
+        self.get_ref().0.abort_on_drop();
+    }
+}
+
+impl<IO: Abort> Abort for tokio_rustls::client::TlsStream<IO> {
+    fn abort_on_drop(&self) {
+        self.get_ref().0.abort_on_drop();
+    }
+}
+
+impl<T: Abort + ?Sized> Abort for Box<T> {
+    fn abort_on_drop(&self) {
+        (**self).abort_on_drop();
     }
 }
 

@@ -508,7 +508,8 @@ impl Shared {
             }
             Err(error) => {
                 let relayed = error.relayed();
-                tracing::debug!(listener = %self.name, %remote, %dst, %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "passthrough connection ended")
+                tracing::debug!(listener = %self.name, %remote, %dst, %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "passthrough connection ended");
+                error.pass_on(&tcp, &upstream.tcp);
             }
         }
     }

@@ -26,6 +26,9 @@ pub struct AuthorizeLayer {
 pub struct PolicyHandle {
     current: Arc<ArcSwap<Compiled>>,
     metrics: Option<ListenerMetrics>,
+    /// Told of each replacement, for what judges a connection once and keeps it open
+    /// (an opaque relay, judged again).
+    replaced: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 /// A policy with its decision counters.
@@ -55,7 +58,15 @@ impl PolicyHandle {
     /// Judges every later request by `policy`; returns the policy it replaces.
     pub fn replace(&self, policy: Policy) -> Arc<Policy> {
         let next = Self::compile(Arc::new(policy), self.metrics.as_ref());
-        self.current.swap(Arc::new(next)).policy.clone()
+        let old = self.current.swap(Arc::new(next)).policy.clone();
+        self.replaced.send_replace(());
+        old
+    }
+
+    /// A receiver that sees each later [`replace`](Self::replace): what judged a
+    /// long-lived connection by the policy in force can judge it again by the next.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.replaced.subscribe()
     }
 
     /// The policy in force.
@@ -81,6 +92,7 @@ impl AuthorizeLayer {
             handle: PolicyHandle {
                 current: Arc::new(ArcSwap::from_pointee(compiled)),
                 metrics: None,
+                replaced: Arc::new(tokio::sync::watch::Sender::new(())),
             },
             decisions: None,
         }
@@ -96,6 +108,7 @@ impl AuthorizeLayer {
                 Some(metrics),
             ))),
             metrics: Some(metrics.clone()),
+            replaced: Arc::new(tokio::sync::watch::Sender::new(())),
         };
         self
     }

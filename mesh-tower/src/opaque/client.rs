@@ -318,21 +318,33 @@ impl OpaqueClient {
 
     /// Relays `local` to an endpoint of the service until both directions end; see the
     /// [module docs](super).
-    pub async fn relay(&self, local: TcpStream) -> Result<RelayStats, OpaqueError> {
+    pub async fn relay(&self, mut local: TcpStream) -> Result<RelayStats, OpaqueError> {
+        use crate::relay::Abort;
         let _ = local.set_nodelay(true);
-        self.relay_io(local).await
+        let relayed = Current {
+            shared: self.current.load_full(),
+        }
+        .relay_io(&mut local)
+        .await;
+        // The endpoint's side failed: the application reads a reset, not a clean end.
+        if let Err(OpaqueError::Relay { source, .. }) = &relayed
+            && source.side() == Some(crate::relay::Side::Upstream)
+        {
+            local.abort_on_drop();
+        }
+        relayed
     }
 
     /// [`relay`](Self::relay) for a local connection of any kind: a simulated or
     /// in-memory stream, a Unix socket, one already wrapped.
-    pub async fn relay_io<L>(&self, local: L) -> Result<RelayStats, OpaqueError>
+    pub async fn relay_io<L>(&self, mut local: L) -> Result<RelayStats, OpaqueError>
     where
         L: AsyncRead + AsyncWrite + Unpin,
     {
         Current {
             shared: self.current.load_full(),
         }
-        .relay_io(local)
+        .relay_io(&mut local)
         .await
     }
 
@@ -360,7 +372,9 @@ impl OpaqueClient {
 }
 
 impl Current {
-    async fn relay_io<L>(&self, mut local: L) -> Result<RelayStats, OpaqueError>
+    /// Relays `local`; a failure of the local side resets the endpoint's connection (see
+    /// `RelayError::pass_on`), while resetting `local` is its owner's part.
+    async fn relay_io<L>(&self, local: &mut L) -> Result<RelayStats, OpaqueError>
     where
         L: AsyncRead + AsyncWrite + Unpin,
     {
@@ -369,11 +383,25 @@ impl Current {
         let (open, remote, peer, attempts) = Box::pin(self.connect()).await?;
         let addr = open.0.addr;
         let relay = &self.shared.relay;
+        // The local side failed: the endpoint's connection is reset, when it can be.
+        let local_failed = |relayed: &Result<_, crate::relay::RelayError>| matches!(relayed, Err(error) if error.side() == Some(crate::relay::Side::Client));
         let relayed = match remote {
-            Remote::Plain(mut tcp) => relay.run(&mut local, &mut tcp).await,
-            Remote::Tls(mut tls) => relay.run(&mut local, &mut *tls).await,
-            Remote::Dialed(mut io) => relay.run(&mut local, &mut *io).await,
-            Remote::DialedTls(mut tls) => relay.run(&mut local, &mut *tls).await,
+            Remote::Plain(mut tcp) => {
+                let relayed = relay.run(local, &mut tcp).await;
+                if local_failed(&relayed) {
+                    crate::relay::Abort::abort_on_drop(&tcp);
+                }
+                relayed
+            }
+            Remote::Tls(mut tls) => {
+                let relayed = relay.run(local, &mut *tls).await;
+                if local_failed(&relayed) {
+                    crate::relay::Abort::abort_on_drop(&*tls);
+                }
+                relayed
+            }
+            Remote::Dialed(mut io) => relay.run(local, &mut *io).await,
+            Remote::DialedTls(mut tls) => relay.run(local, &mut *tls).await,
         };
         drop(open);
         let relayed = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
@@ -411,9 +439,14 @@ impl Current {
                     return Ok((open, remote, peer, tried.len()));
                 }
                 Err(error) => {
-                    open.0.state.note_error(&error);
-                    open.0.state.failed(&settings.backoff, started);
-                    tracing::debug!(service = %self.shared.service, %error, "connect failed; trying another endpoint");
+                    // A local shortage (file descriptors, ports) is not the endpoint's.
+                    if error.is_local() {
+                        tracing::warn!(service = %self.shared.service, %error, "connect failed for want of local resources: the endpoint is not backed off");
+                    } else {
+                        open.0.state.note_error(&error);
+                        open.0.state.failed(&settings.backoff, started);
+                        tracing::debug!(service = %self.shared.service, %error, "connect failed; trying another endpoint");
+                    }
                     last = Some(error);
                 }
             }

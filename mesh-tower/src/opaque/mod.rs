@@ -25,7 +25,9 @@
 //! closed before the target is dialled (logged at `debug`, counted in
 //! `mesh_server_rate_limited_total`). An admitted connection dials the target (bounded by the connect timeout, default 1 s; a target that
 //! is down closes the connection) and the bytes are relayed both ways by
-//! [`crate::relay`].
+//! [`crate::relay`]. When the policy is replaced (a reload), every open connection is
+//! judged again by the new one: one it denies is closed at once (logged at `info`,
+//! counted as a `deny`), as a request on it would now be refused.
 //!
 //! # Outbound: [`OpaqueClient`]
 //!
@@ -155,8 +157,8 @@ impl Serving {
     }
 
     /// An [`OpaqueServer`]'s authorization policy, replaceable while it serves (new
-    /// connections are judged by the new one; open ones stay); `None` for other
-    /// listeners.
+    /// connections are judged by the new one, and so are open ones: one it denies is
+    /// closed); `None` for other listeners.
     pub fn policy(&self) -> Option<&crate::authz::PolicyHandle> {
         self.policy.as_ref()
     }

@@ -215,9 +215,11 @@ impl Inbound {
     /// Judges the connection, then relays it to the target.
     async fn authorized<IO>(&self, mut io: IO, peer: Option<PeerIdentity>, remote: SocketAddr)
     where
-        IO: AsyncRead + AsyncWrite + Unpin,
+        IO: AsyncRead + AsyncWrite + Unpin + crate::relay::Abort,
     {
         let client = peer.as_ref().map(PeerIdentity::id);
+        // Before the decision: a policy replaced from here on judges the connection again.
+        let mut replaced = self.policy.subscribe();
         let current = self.policy.current();
         let policy = current.name();
         match current.decide_connection(client) {
@@ -259,24 +261,57 @@ impl Inbound {
         let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target));
         let mut target = match connect.await {
             Ok(Ok(tcp)) => tcp,
+            // The client's connection is reset, not closed: the application at its end
+            // sees a failure, as it would were the target refusing it directly.
             Ok(Err(error)) => {
                 tracing::info!(%remote, target = %self.target, %error, "connecting to the target failed");
+                io.abort_on_drop();
                 return;
             }
             Err(_) => {
                 tracing::info!(%remote, target = %self.target, timeout = ?self.connect_timeout, "connecting to the target timed out");
+                io.abort_on_drop();
                 return;
             }
         };
         crate::sock::tune(&target, self.target, &self.tcp);
-        match self.relay.run(&mut io, &mut target).await {
-            Ok(relayed) => {
+        // In a block of its own: the relay's borrows of both sides end with it.
+        let outcome = {
+            let relay = self.relay.run(&mut io, &mut target);
+            let mut relay = std::pin::pin!(relay);
+            loop {
+                tokio::select! {
+                    biased;
+                    outcome = &mut relay => break Some(outcome),
+                    // A replaced policy judges the open connection again: one it denies is
+                    // closed (as linkerd closes them), whatever the old one said.
+                    changed = replaced.changed() => {
+                        if changed.is_err() {
+                            // The handle is gone with the server: no more replacements.
+                            break Some(relay.await);
+                        }
+                        let current = self.policy.current();
+                        if current.decide_connection(client).is_err() {
+                            tracing::info!(%remote, client = %Client(client), policy = current.name(), "open connection denied by a replaced policy: closed");
+                            if let Some(metrics) = &self.metrics {
+                                metrics.authz_counter(current.name(), None, "deny").inc();
+                            }
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
+            Some(Ok(relayed)) => {
                 tracing::debug!(%remote, client = %Client(client), bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection closed");
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 let relayed = error.relayed();
                 tracing::debug!(%remote, client = %Client(client), %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection ended");
+                error.pass_on(&io, &target);
             }
+            None => {}
         }
     }
 }

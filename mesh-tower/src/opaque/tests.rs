@@ -791,6 +791,92 @@ async fn the_opaque_fallback_needs_tcp() {
     );
 }
 
+/// A target that resets its connection mid-transfer: the application at the far end of
+/// the mesh (outbound relay, inbound relay) reads a reset, not a clean end that would
+/// make the truncated transfer look complete.
+#[tokio::test]
+async fn a_reset_crosses_the_mesh_as_a_reset() {
+    let target = listener().await;
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = target.accept().await {
+            let mut go = [0; 2];
+            let _ = tcp.read_exact(&mut go).await;
+            let _ = tcp.write_all(b"partial").await;
+            crate::relay::Abort::abort_on_drop(&tcp);
+        }
+    });
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .serve(listener().await, target_addr)
+        .unwrap();
+    let client = OpaqueClient::builder(static_discovery(&[server.local_addr()]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    let mut app = TcpStream::connect(outbound.local_addr()).await.unwrap();
+    app.write_all(b"go").await.unwrap();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut got))
+        .await
+        .expect("the relay ends");
+    assert!(b"partial".starts_with(&got), "{got:?}");
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "read {got:?}"
+    );
+}
+
+/// A replaced policy judges open connections again: one that still allows them leaves
+/// them open; one that denies them closes them at once, counted as a deny.
+#[tokio::test]
+async fn a_replaced_policy_closes_the_open_connections_it_denies() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry);
+    let server = OpaqueServer::builder()
+        .plaintext()
+        .metrics(metrics.listener("db-in"))
+        .serve(listener().await, target_addr)
+        .unwrap();
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    let echo = async |tcp: &mut TcpStream, bytes: &[u8]| {
+        tcp.write_all(bytes).await.unwrap();
+        let mut back = vec![0; bytes.len()];
+        tcp.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, bytes);
+    };
+    echo(&mut tcp, b"one").await;
+    let policy = |default| {
+        Policy::new(
+            "db",
+            &AuthorizationPolicy {
+                default,
+                rules: vec![],
+            },
+        )
+        .unwrap()
+    };
+    let handle = server.policy().unwrap();
+    handle.replace(policy(DefaultAction::Allow));
+    echo(&mut tcp, b"two").await;
+    handle.replace(policy(DefaultAction::Deny));
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed at once");
+    assert!(read.is_ok() || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset));
+    assert!(rest.is_empty());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"mesh_server_authz_total{listener="db-in",policy="db",rule="default",outcome="deny"} 1"#),
+        "{text}"
+    );
+}
+
 /// What a plaintext server relays as opaque TCP is judged by its authorization policy,
 /// as an opaque inbound port judges it (a client without identity): a deny-by-default
 /// policy closes it unrelayed; the default policy lets it through.

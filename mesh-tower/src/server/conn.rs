@@ -207,7 +207,12 @@ async fn connection<S, B>(
     #[cfg(feature = "opaque")]
     if let (Transport::Plain, Some(fallback)) = (&shared.tls, &shared.opaque) {
         use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
-        if let Detected::Opaque = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await {
+        let detected = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await;
+        if detected == Detected::Closed {
+            tracing::debug!(%remote, "the client closed without sending anything");
+            return;
+        }
+        if detected == Detected::Opaque {
             // A plaintext client has no identity: only a policy whose default allows (or
             // a rule for any client) lets the connection through, and only within the
             // total rate limit.
