@@ -218,6 +218,10 @@ pub struct ConnState {
     epoch: AtomicU64,
     /// Why the last connect failed, until one succeeds.
     last_error: Mutex<Option<Arc<str>>>,
+    /// Opaque connections in a row that the endpoint took, then ended with a failure
+    /// before sending a byte (its proxy could not reach its application): see
+    /// [`refused`](Self::refused).
+    refusals: AtomicU32,
 }
 
 impl ConnState {
@@ -227,7 +231,27 @@ impl ConnState {
             down_until: Mutex::new(None),
             epoch: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            refusals: AtomicU32::new(0),
         }
+    }
+
+    /// An opaque connection the endpoint accepted (its handshake done) ended soon with a
+    /// failure, before a byte came back: as good as a refused connect, though the connect
+    /// succeeded. The endpoint is backed off, longer for each such connection in a row,
+    /// so that it does not draw new connections for having none open.
+    pub(crate) fn refused(&self, backoff: &Backoff, why: &dyn fmt::Display) {
+        let strikes = self.refusals.fetch_add(1, Ordering::AcqRel);
+        let delay = backoff.delay(strikes, &mut fastrand::Rng::new());
+        if let Ok(mut until) = self.down_until.lock() {
+            let end = Instant::now() + delay;
+            *until = Some(until.map_or(end, |u| u.max(end)));
+        }
+        self.note_error(why);
+    }
+
+    /// An opaque connection moved bytes back from the endpoint: its run of refusals ends.
+    pub(crate) fn served(&self) {
+        self.refusals.store(0, Ordering::Relaxed);
     }
 
     /// Why the last connect failed, while no connect has succeeded since.
@@ -247,8 +271,17 @@ impl ConnState {
     pub fn unready_reason(&self, now: Instant) -> Option<String> {
         let until = self.backoff_until(now)?;
         let failures = self.failures();
-        let plural = if failures == 1 { "" } else { "s" };
         let next = until.saturating_duration_since(now);
+        if failures == 0 {
+            let refusals = self.refusals.load(Ordering::Acquire);
+            let plural = if refusals == 1 { "" } else { "s" };
+            let last = self.last_error().map(|e| format!(" (the last: {e})"));
+            return Some(format!(
+                "{refusals} connection{plural} failed before a byte came back{}, the next in {next:.1?}",
+                last.unwrap_or_default()
+            ));
+        }
+        let plural = if failures == 1 { "" } else { "s" };
         Some(match self.last_error() {
             Some(error) => format!(
                 "{failures} failed connect{plural} (the last: {error}), the next in {next:.1?}"
@@ -264,7 +297,8 @@ impl ConnState {
 
     /// The end of the current connect back-off, if the endpoint is inside one at `now`.
     pub fn backoff_until(&self, now: Instant) -> Option<Instant> {
-        if self.failures.load(Ordering::Acquire) == 0 {
+        if self.failures.load(Ordering::Acquire) == 0 && self.refusals.load(Ordering::Acquire) == 0
+        {
             return None;
         }
         self.down_until

@@ -383,6 +383,7 @@ impl Current {
         let (open, remote, peer, attempts) = Box::pin(self.connect()).await?;
         let addr = open.0.addr;
         let relay = &self.shared.relay;
+        let connected = tokio::time::Instant::now();
         // The local side failed: the endpoint's connection is reset, when it can be.
         let local_failed = |relayed: &Result<_, crate::relay::RelayError>| matches!(relayed, Err(error) if error.side() == Some(crate::relay::Side::Client));
         let relayed = match remote {
@@ -403,6 +404,25 @@ impl Current {
             Remote::Dialed(mut io) => relay.run(local, &mut *io).await,
             Remote::DialedTls(mut tls) => relay.run(local, &mut *tls).await,
         };
+        // The endpoint took the connection and then failed it without a byte back, soon
+        // (its proxy could not reach its application): backed off like a refused
+        // connect. Any byte back ends a run of such refusals.
+        let state = &open.0.state;
+        match &relayed {
+            Err(error)
+                if error.side() == Some(crate::relay::Side::Upstream)
+                    && error.relayed().upstream_to_client == 0
+                    // Within its own connect bound and its proxy's (another 1 s, and
+                    // more): soon after the handshake, not hours into a connection.
+                    && connected.elapsed() < self.shared.settings.connect_timeout * 3 =>
+            {
+                tracing::debug!(service = %self.shared.service, endpoint = %addr, %error, "the endpoint failed the connection before answering: backed off");
+                state.refused(&self.shared.settings.backoff, error);
+            }
+            Ok(relayed) if relayed.upstream_to_client > 0 => state.served(),
+            Err(error) if error.relayed().upstream_to_client > 0 => state.served(),
+            _ => {}
+        }
         drop(open);
         let relayed = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
         Ok(RelayStats {

@@ -829,6 +829,54 @@ async fn a_reset_crosses_the_mesh_as_a_reset() {
     );
 }
 
+/// An endpoint whose proxy takes connections and then cannot reach its application
+/// (it resets them at once) is backed off like one refusing connects: it has no open
+/// connection, and would otherwise win every pick it is drawn into.
+#[tokio::test]
+async fn an_endpoint_that_takes_connections_and_fails_them_is_backed_off() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let closed = listener().await.local_addr().unwrap();
+    let healthy = OpaqueServer::builder()
+        .plaintext()
+        .serve(listener().await, target_addr)
+        .unwrap();
+    // Its application is down: every connection reset after the handshake.
+    let broken = OpaqueServer::builder()
+        .plaintext()
+        .serve(listener().await, closed)
+        .unwrap();
+    let client = OpaqueClient::builder(static_discovery(&[
+        healthy.local_addr(),
+        broken.local_addr(),
+    ]))
+    .plaintext()
+    .connect_backoff(Backoff::constant(
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        0.0,
+    ))
+    .build()
+    .unwrap();
+    let outbound = client.serve(listener().await).unwrap();
+    let mut reset = 0;
+    for _ in 0..20 {
+        let mut app = TcpStream::connect(outbound.local_addr()).await.unwrap();
+        app.write_all(b"x").await.unwrap();
+        let mut back = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut back))
+            .await
+            .unwrap()
+        {
+            Ok(_) => assert_eq!(&back, b"x"),
+            Err(_) => reset += 1,
+        }
+    }
+    assert!(
+        reset <= 1,
+        "{reset} of 20 connections went to the broken endpoint"
+    );
+}
+
 /// A replaced policy judges open connections again: one that still allows them leaves
 /// them open; one that denies them closes them at once, counted as a deny.
 #[tokio::test]
