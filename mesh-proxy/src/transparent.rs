@@ -62,11 +62,28 @@ pub(crate) struct Transparent {
 /// One service's server behind a transparent listener.
 struct Meshed {
     config: ServiceConfig,
-    server: Server,
+    server: ServiceServer,
     router: Router<Backend>,
     handoff: Handoff,
     /// The `auto` listener's opaque fallback, replaced in place at a reload.
     opaque: Option<OpaqueClient>,
+}
+
+/// What serves a service's connections: an HTTP server (with protocol detection, and an
+/// `auto` listener's opaque fallback), or, for a service whose protocol is `opaque`, a
+/// relay of every connection as it comes, without waiting to detect anything.
+enum ServiceServer {
+    Http(Server),
+    Opaque(mesh_tower::opaque::Serving),
+}
+
+impl ServiceServer {
+    async fn shutdown(self) -> mesh_tower::server::ShutdownReport {
+        match self {
+            Self::Http(server) => server.shutdown().await,
+            Self::Opaque(serving) => serving.shutdown().await,
+        }
+    }
 }
 
 /// A reload, built but not applied.
@@ -187,6 +204,21 @@ impl Transparent {
             .metrics(cx.tunnel_metrics.listener(&self.name))
             .idle_timeout(tunnel_idle(&self.limits))
             .layer(MaxForwardsLayer::new().layer(AnswerErrorsLayer::new().layer(router.clone())));
+        let (handoff, connections) = mesh_tower::server::handoff(self.addr);
+        if service.protocol == Protocol::Opaque {
+            // Nothing to detect: a server that speaks first (a database, SMTP) is reached
+            // at once, not after the peek timeout.
+            let client = self.opaque_client(name, cx).await?;
+            let serving = client.serve_handed(connections);
+            tracing::info!(listener = %self.name, service = name, addresses = ?service.addresses, "transparent service, opaque TCP");
+            return Ok(Meshed {
+                config: service.clone(),
+                server: ServiceServer::Opaque(serving),
+                router,
+                handoff,
+                opaque: Some(client),
+            });
+        }
         let mut limits = mesh_tower::server::ServerLimits::default().with_config(&self.limits);
         limits.shutdown_timeout = cx.config.drain_timeout;
         // As an outbound listener: no WebSocket over HTTP/2 from clients (RFC 8441).
@@ -198,39 +230,47 @@ impl Transparent {
             .metrics(cx.server_metrics.listener(&self.name))
             .access_log(self.access_log.clone())
             .h2_streams(crate::proxy::H2_STREAMS);
-        let opaque = self.opaque_fallback(name, cx).await?;
+        let opaque = self.opaque_fallback(name, service, cx).await?;
         if let Some(client) = &opaque {
             builder = builder.opaque_fallback(client.clone());
         }
-        let (handoff, connections) = mesh_tower::server::handoff(self.addr);
         let server = builder.serve_handed(connections, app)?;
         tracing::info!(listener = %self.name, service = name, addresses = ?service.addresses, "transparent service");
         Ok(Meshed {
             config: service.clone(),
-            server,
+            server: ServiceServer::Http(server),
             router,
             handoff,
             opaque,
         })
     }
 
-    /// An `auto` listener's opaque fallback for service `name` (none on `http` ones).
+    /// The opaque client of service `name`: an opaque service's relay, or an `auto`
+    /// listener's opaque fallback (none for an HTTP service on `http` listeners).
     async fn opaque_fallback(
         &self,
         name: &str,
+        service: &ServiceConfig,
         cx: &Context<'_>,
     ) -> Result<Option<OpaqueClient>, StartError> {
-        if self.protocol != Protocol::Auto {
+        if self.protocol != Protocol::Auto && service.protocol != Protocol::Opaque {
             return Ok(None);
         }
+        Ok(Some(self.opaque_client(name, cx).await?))
+    }
+
+    /// A relay to service `name` as opaque TCP, counted as this listener's tunnels.
+    async fn opaque_client(
+        &self,
+        name: &str,
+        cx: &Context<'_>,
+    ) -> Result<OpaqueClient, StartError> {
         let key = format!("outbound[{}]", self.index);
         let relay = RelayFor {
             limits: &self.limits,
             tunnels: cx.tunnel_metrics.listener(&self.name),
         };
-        Ok(Some(
-            opaque_client(&key, name, cx.config, cx.mtls, relay).await?,
-        ))
+        opaque_client(&key, name, cx.config, cx.mtls, relay).await
     }
 
     /// The switch of this listener's access log.
@@ -252,20 +292,25 @@ impl Transparent {
             if service.addresses.is_empty() {
                 continue;
             }
+            // A service that turns opaque, or stops being opaque, needs another kind of
+            // server: a new one, the old one retired.
+            let same_kind = |config: &ServiceConfig| {
+                (config.protocol == Protocol::Opaque) == (service.protocol == Protocol::Opaque)
+            };
             match running.get(name) {
                 // Served already: the server stays (and its connections with it); its
-                // routes, and its opaque fallback if the service changed, are replaced.
-                Some(config) => pending.routes.push(Kept {
+                // routes, and its opaque client if the service changed, are replaced.
+                Some(config) if same_kind(config) => pending.routes.push(Kept {
                     name: name.clone(),
                     config: service.clone(),
                     routes: routes(cx.config, Some(name), cx.clients, cx.route_metrics)?,
                     opaque: if config == service {
                         None
                     } else {
-                        self.opaque_fallback(name, cx).await?
+                        self.opaque_fallback(name, service, cx).await?
                     },
                 }),
-                None => {
+                _ => {
                     pending
                         .services
                         .insert(name.clone(), self.meshed(name, service, cx).await?);

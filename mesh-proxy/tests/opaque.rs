@@ -160,6 +160,9 @@ async fn opaque_tcp_crosses_both_proxies_and_a_denied_peer_is_closed() {
         "closed after {:?}, before the idle timeout",
         quiet.elapsed()
     );
+    // B closed cleanly (TLS `close_notify`): A passed it on as an end of what B sends,
+    // and ends the relay once the application closes too, as a client does on an end.
+    drop(s);
 
     // Its metrics (opaque connections, their authorization, the relays and their bytes)
     // parse as a scraper's would.

@@ -263,6 +263,9 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
              [services.db]\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
              server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.8/29:5432\"]\n\
+             [services.cache]\nprotocol = \"opaque\"\n\
+             discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
+             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.20:6379\"]\n\
              [[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:4140\"\ntransparent = true\n",
             identity(dir.path(), &mut ca, "web")
         ),
@@ -315,6 +318,17 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         assert_eq!(String::from_utf8_lossy(&out.stdout), "echo> ping\n", "{ip}");
     }
 
+    // A service whose protocol is opaque is relayed without detection: bytes that look
+    // like an HTTP request line (`SET k v`, as a Redis inline command) reach the target
+    // as they are (detected, they went to the HTTP server and got a 400), and a server
+    // that speaks first is not held up by the peek timeout.
+    let out = ns
+        .command("python3")
+        .args(["-c", CLIENT, "10.55.0.20", "6379", "SET k v\n"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo> SET k v\n");
+
     // Unmatched: passed through as it is, in the clear (no identity: not meshed).
     let (status, body) = ns.curl("http://10.55.0.1:8080/plain");
     assert_eq!((status, body.as_str()), (200, "app /plain id=-"));
@@ -326,7 +340,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     let (_, metrics) = ns.curl("http://127.0.0.1:4191/metrics");
     common::assert_families_once(&metrics);
     for line in [
-        r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 23"#,
+        r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 24"#,
         r#"mesh_transparent_connections_total{listener="transparent",outcome="passthrough"} 1"#,
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");

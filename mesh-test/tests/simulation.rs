@@ -395,7 +395,16 @@ fn grpc_through_the_simulation_sidelines_a_resource_exhausted_endpoint_for_its_p
             .unwrap();
         let caller = echo.clone();
         sim.client("caller", async move {
-            let client = EchoClient::new(caller.channel()?);
+            // RESOURCE_EXHAUSTED named among the codes to retry (an application's is
+            // not retried elsewhere unless named).
+            let retry = mesh_core::config::RetryConfig {
+                grpc_codes: mesh_core::classify::grpc::CodeSet::of(&[
+                    mesh_core::classify::grpc::Code::Unavailable,
+                    mesh_core::classify::grpc::Code::ResourceExhausted,
+                ]),
+                ..Default::default()
+            };
+            let client = EchoClient::new(caller.channel_builder()?.retry(retry).build()?);
             let callers = (0..4).map(|_| {
                 let mut client = client.clone();
                 async move {

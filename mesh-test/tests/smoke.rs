@@ -77,7 +77,23 @@ async fn a_resource_exhausted_grpc_endpoint_is_sidelined_for_its_pushback() {
         .spawn()
         .await
         .unwrap();
-    let client = EchoClient::new(mesh.channel(&echo).unwrap());
+    // RESOURCE_EXHAUSTED named among the codes to retry: a call it ends goes again at
+    // once to another endpoint (an application's is not retried unless named, since the
+    // call may have done its work).
+    let retry = mesh_core::config::RetryConfig {
+        grpc_codes: mesh_core::classify::grpc::CodeSet::of(&[
+            mesh_core::classify::grpc::Code::Unavailable,
+            mesh_core::classify::grpc::Code::ResourceExhausted,
+        ]),
+        ..Default::default()
+    };
+    let channel = mesh
+        .channel_builder(&echo)
+        .unwrap()
+        .retry(retry)
+        .build()
+        .unwrap();
+    let client = EchoClient::new(channel);
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let mut client = client.clone();

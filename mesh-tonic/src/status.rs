@@ -11,7 +11,7 @@
 //! | a `Status` (from the body or a layer) | its own |
 //! | [`RequestTimeout`], [`DeadlineExceeded`], the call's deadline | `DEADLINE_EXCEEDED` |
 //! | an HTTP/2 reset: `REFUSED_STREAM` / `CANCEL` / `ENHANCE_YOUR_CALM` / `INADEQUATE_SECURITY` / other | `UNAVAILABLE` / `CANCELLED` / `RESOURCE_EXHAUSTED` / `PERMISSION_DENIED` / `INTERNAL` (gRPC's PROTOCOL-HTTP2) |
-//! | an HTTP/2 `GOAWAY` that left the call unprocessed, whatever its code | `UNAVAILABLE` |
+//! | an HTTP/2 `GOAWAY`, whatever its code (the connection went away: a stream past its last stream ID was never processed) | `UNAVAILABLE` |
 //! | no endpoints, no ready endpoint, a try timeout, a failed connect, a lost connection | `UNAVAILABLE` |
 //! | anything else | `UNKNOWN` |
 //!

@@ -240,18 +240,30 @@ impl ConnState {
     /// succeeded. The endpoint is backed off, longer for each such connection in a row,
     /// so that it does not draw new connections for having none open.
     pub(crate) fn refused(&self, backoff: &Backoff, why: &dyn fmt::Display) {
-        let strikes = self.refusals.fetch_add(1, Ordering::AcqRel);
-        let delay = backoff.delay(strikes, &mut fastrand::Rng::new());
-        if let Ok(mut until) = self.down_until.lock() {
-            let end = Instant::now() + delay;
-            *until = Some(until.map_or(end, |u| u.max(end)));
-        }
         self.note_error(why);
+        let Ok(mut until) = self.down_until.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        // Connections open before the back-off began fail for the same reason: one
+        // outage lengthens it once, not once per connection it cut.
+        if until.is_some_and(|u| now < u) {
+            return;
+        }
+        let strikes = self.refusals.fetch_add(1, Ordering::AcqRel);
+        *until = Some(now + backoff.delay(strikes, &mut fastrand::Rng::new()));
     }
 
-    /// An opaque connection moved bytes back from the endpoint: its run of refusals ends.
+    /// An opaque connection through the endpoint went well (bytes came back, it ended
+    /// cleanly, or it lived past the time a refusal takes): its run of refusals ends, and
+    /// so does a back-off they began.
     pub(crate) fn served(&self) {
-        self.refusals.store(0, Ordering::Relaxed);
+        if self.refusals.swap(0, Ordering::AcqRel) != 0
+            && self.failures.load(Ordering::Acquire) == 0
+            && let Ok(mut until) = self.down_until.lock()
+        {
+            *until = None;
+        }
     }
 
     /// Why the last connect failed, while no connect has succeeded since.
@@ -390,17 +402,16 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// Whether the failure is this host's, not the endpoint's: out of file descriptors,
-    /// ephemeral ports, socket buffers or memory. It says nothing of the endpoint, which
+    /// socket buffers or memory. It says nothing of the endpoint, which
     /// therefore is not backed off (a short local shortage would otherwise back off
     /// every endpoint tried, and outlast itself as "no ready endpoint").
     pub fn is_local(&self) -> bool {
         let ConnectError::Tcp { source, .. } = self else {
             return false;
         };
-        if matches!(
-            source.kind(),
-            io::ErrorKind::AddrNotAvailable | io::ErrorKind::OutOfMemory
-        ) {
+        // (Not EADDRNOTAVAIL: besides ephemeral ports running out, it is what an IPv6
+        // endpoint gets on a host without IPv6, for good.)
+        if source.kind() == io::ErrorKind::OutOfMemory {
             return true;
         }
         // ENFILE, EMFILE, ENOBUFS (no `ErrorKind` names them).
@@ -2947,8 +2958,47 @@ mod tests {
         assert_eq!(state.failures(), 1);
     }
 
-    /// A connect that fails for want of this host's resources (file descriptors,
-    /// ephemeral ports) does not back the endpoint off; one the endpoint refuses does.
+    /// Refusals (connections taken, then failed before a byte came back) back an
+    /// endpoint off once per outage, not once per connection cut by it; a connection that
+    /// goes well ends the run and the back-off.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_escalate_once_per_outage_and_end_with_a_good_connection() {
+        let backoff = Backoff::constant(Duration::from_secs(1), Duration::from_secs(60), 0.0);
+        let state = ConnState::new();
+        for _ in 0..8 {
+            state.refused(&backoff, &"reset");
+        }
+        let until = state.backoff_until(Instant::now()).unwrap();
+        assert_eq!(
+            until - Instant::now(),
+            Duration::from_secs(1),
+            "one step, not eight"
+        );
+        assert!(
+            state
+                .unready_reason(Instant::now())
+                .unwrap()
+                .starts_with("1 connection failed before a byte came back (the last: reset)")
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(state.is_ready(Instant::now()));
+        state.refused(&backoff, &"reset");
+        let until = state.backoff_until(Instant::now()).unwrap();
+        assert_eq!(
+            until - Instant::now(),
+            Duration::from_secs(2),
+            "the next outage: longer"
+        );
+        state.served();
+        assert!(state.is_ready(Instant::now()));
+        state.refused(&backoff, &"reset");
+        let until = state.backoff_until(Instant::now()).unwrap();
+        assert_eq!(until - Instant::now(), Duration::from_secs(1), "a new run");
+    }
+
+    /// A connect that fails for want of this host's resources (file descriptors, memory)
+    /// does not back the endpoint off; one the endpoint refuses does, and so does one
+    /// without an address to connect from (an IPv6 endpoint on a host without IPv6).
     #[tokio::test]
     async fn local_shortages_do_not_back_endpoints_off() {
         let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
@@ -2957,7 +3007,8 @@ mod tests {
                 io::Error::from_raw_os_error(24),
                 cfg!(any(target_os = "linux", target_os = "macos")),
             ),
-            (io::Error::from(io::ErrorKind::AddrNotAvailable), true),
+            (io::Error::from(io::ErrorKind::OutOfMemory), true),
+            (io::Error::from(io::ErrorKind::AddrNotAvailable), false),
             (io::Error::from(io::ErrorKind::ConnectionRefused), false),
         ] {
             let kind = error.kind();

@@ -581,10 +581,15 @@ where
                     )));
                 }
                 strip_hop_by_hop(resp.headers_mut());
+                resp.headers_mut().remove(crate::body::MESH_ERROR);
                 resp.map(ResponseBody::inner)
             }
             Ok(mut resp) => {
                 strip_answer(&mut resp);
+                // Only the mesh marks its own answers: an application's mark (a gateway
+                // copying a mesh answer's fields, say) would have a 429 of its own taken
+                // for a limiter's, which no application saw, and retried.
+                resp.headers_mut().remove(crate::body::MESH_ERROR);
                 resp.map(ResponseBody::inner)
             }
             Err(e) => {
@@ -762,23 +767,11 @@ where
     }
 }
 
-/// Whether a brief answer's cause is due an `info` line: at most one a second in the
-/// process.
+/// Whether a brief answer's cause goes to the log at info now (once a second), rather
+/// than at debug.
 fn brief_log_due() -> bool {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static START: OnceLock<tokio::time::Instant> = OnceLock::new();
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(tokio::time::Instant::now);
-    // Milliseconds since the first brief answer, plus one so that the first is due.
-    let now = u64::try_from(start.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1_000);
-    let last = LAST.load(Ordering::Relaxed);
-    now.saturating_sub(last) >= 1_000
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+    static BRIEF: crate::throttle::Throttle = crate::throttle::Throttle::new();
+    BRIEF.due().is_some()
 }
 
 /// `status` with its reason alone for a body (`service unavailable`).
@@ -941,6 +934,40 @@ mod tests {
         let resp = forward.oneshot(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "app.example");
+    }
+
+    /// An application cannot mark its answer as the mesh's own (`x-mesh-error`): a 429
+    /// of its own would be taken for a mesh limiter's, which no application saw, and
+    /// retried whatever its method.
+    #[tokio::test]
+    async fn an_applications_mesh_error_mark_is_removed() {
+        use http_body_util::{BodyExt, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app = hyper::service::service_fn(|_req| async {
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"slow down")));
+                *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                resp.headers_mut()
+                    .insert(crate::body::MESH_ERROR, HeaderValue::from_static("true"));
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
+                .await;
+        });
+        let forward = Forward::<Full<Bytes>>::new(target);
+        let req = Request::post("/order")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "app")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = forward.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().get(crate::body::MESH_ERROR).is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "slow down");
     }
 
     /// `mesh-orig-proto` is a peer proxy's word only on HTTP/2: a client's HTTP/1.1

@@ -83,6 +83,7 @@ pub mod route;
 #[cfg(feature = "server")]
 pub mod server;
 pub use mesh_core::sock;
+mod throttle;
 pub mod timeout;
 #[cfg(feature = "transparent")]
 pub mod transparent;

@@ -25,10 +25,13 @@
 //!   may finish sending and still read the whole answer.
 //! - **End.** The relay ends when both directions have ended; when either side fails (a
 //!   reset, a TLS error such as a stream cut without `close_notify`, a write that takes
-//!   no byte), with [`RelayError::Io`] naming the side, and the mesh's relays then reset
-//!   the other side's TCP connection, so that a failure reaches the other peer as one,
-//!   not as a clean end (a truncated transfer would otherwise look complete); or when no byte has been read or written either way for the idle timeout, with
-//!   [`RelayError::Idle`]. The byte counts so far come with either error.
+//!   no byte), with [`RelayError::Io`] naming the side, and the mesh's opaque and
+//!   transparent relays then reset the other side's TCP connection, so that a failure
+//!   reaches the other peer as one, not as a clean end (a truncated transfer would
+//!   otherwise look complete); or when no byte has been read or written either way for
+//!   the idle timeout, with [`RelayError::Idle`], both sides then closed cleanly (a TLS
+//!   side with its `close_notify`, so that a peer proxy reads an end, not a
+//!   truncation). The byte counts so far come with either error.
 //! - **Idle timeout** (default [`DEFAULT_IDLE_TIMEOUT`], 1 hour, as Envoy's TCP proxy;
 //!   nginx's stream proxy uses 10 minutes; `None` for none). It bounds the life of a
 //!   connection whose peer vanished without a FIN or a reset, which would otherwise hold
@@ -93,6 +96,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The most a direction reads at a time (into a buffer on the stack): 16 KiB.
 pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// How long a relay ended by its idle timeout waits for its two sides to take their
+/// clean close.
+const IDLE_CLOSE: Duration = Duration::from_secs(1);
 
 /// How relays run: their idle timeout and where they are counted. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -161,7 +168,7 @@ impl Relay {
         // sink are always ready may use up the task's budget of Tokio operations, and the
         // other would never get its turn if it always came second.
         let mut up_first = true;
-        poll_fn(|cx| {
+        let outcome = poll_fn(|cx| {
             let mut progress = false;
             let (done_up, done_down) = if up_first {
                 let done_up = up.poll(cx, &mut *client, &mut *upstream, &mut progress);
@@ -200,7 +207,17 @@ impl Relay {
             }
             Poll::Pending
         })
-        .await
+        .await;
+        if let Err(RelayError::Idle { .. }) = &outcome {
+            // Our decision, not a failure: both sides are closed cleanly, as far as they
+            // take it within a moment (a peer that stopped reading may not).
+            let close = async {
+                let _ = tokio::io::AsyncWriteExt::shutdown(client).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(upstream).await;
+            };
+            let _ = tokio::time::timeout(IDLE_CLOSE, close).await;
+        }
+        outcome
     }
 }
 

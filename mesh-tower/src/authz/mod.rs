@@ -17,10 +17,12 @@
 //!    [`AuthzDecision`] extension naming the policy and the rule.
 //! 3. When none does, the policy's default decides: `deny` (the default) refuses the
 //!    request — HTTP 403, or for a gRPC request (`content-type: application/grpc…`) a
-//!    trailers-only `PERMISSION_DENIED` — with one log line (at `info`) naming the client
-//!    identity, the method, the path and the policy; `allow` lets it through with a
-//!    decision whose rule is `None`; `audit` lets it through too, logs as a denial
-//!    would, and marks the decision [`is_audit`](AuthzDecision::is_audit).
+//!    trailers-only `PERMISSION_DENIED` — with a log line naming the client identity,
+//!    the method, the path and the policy (at `info` once a second, saying how many went
+//!    to `debug` since: a client sending denied requests without end cannot flood the
+//!    log); `allow` lets it through with a decision whose rule is `None`; `audit` lets it
+//!    through too, logs every one at `info`, and marks the decision
+//!    [`is_audit`](AuthzDecision::is_audit).
 //!
 //! A decision allocates nothing but the extension's box: the rules are matched in place,
 //! and the decision handed to the request is a clone of one made at compile time (two

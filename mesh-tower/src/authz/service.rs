@@ -101,9 +101,11 @@ where
                         }
                     }
                 }
+                // Every one, at info: audit mode is there to show what a policy would
+                // deny (an operator's choice, for a while).
                 if decision.is_audit() {
                     tracing::info!(
-                        client = %client.map_or("unauthenticated".into(), ToString::to_string),
+                        client = %Client(client),
                         method = %req.method(),
                         path = req.uri().path(),
                         policy = current.policy.name(),
@@ -129,13 +131,18 @@ where
                         AuthzVerdict::Deny,
                     ));
                 }
-                tracing::info!(
-                    client = %client.map_or("unauthenticated".into(), ToString::to_string),
-                    method = %req.method(),
-                    path = req.uri().path(),
-                    policy = denied.policy(),
-                    "request denied: no rule of the authorization policy allows it"
-                );
+                // A client may send denied requests without end: one line a second at
+                // info, the rest at debug (counted in the metrics either way).
+                static DENIED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+                let client = Client(client);
+                let (method, path, policy) = (req.method(), req.uri().path(), denied.policy());
+                let message = "request denied: no rule of the authorization policy allows it";
+                match DENIED.due() {
+                    Some(held) => {
+                        tracing::info!(%client, %method, path, policy, more_at_debug = held, "{message}")
+                    }
+                    None => tracing::debug!(%client, %method, path, policy, "{message}"),
+                }
                 ResponseFuture::local(refusal(mesh_core::classify::is_grpc(req.headers())))
             }
         }
@@ -168,5 +175,17 @@ pub(super) fn refusal<B>(grpc: bool) -> Response<ResponseBody<B>> {
         grpc_answer(7, "permission denied")
     } else {
         text_answer(StatusCode::FORBIDDEN, Bytes::from_static(b"forbidden\n"))
+    }
+}
+
+/// A client identity for logs, written only when a line is: `unauthenticated` for none.
+struct Client<'a>(Option<&'a mesh_core::SpiffeId>);
+
+impl std::fmt::Display for Client<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => std::fmt::Display::fmt(id, f),
+            None => f.write_str("unauthenticated"),
+        }
     }
 }

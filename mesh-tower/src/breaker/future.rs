@@ -40,8 +40,12 @@ impl<F> ResponseFuture<F> {
 /// [`is_request_error`]: crate::connect::is_request_error
 /// [`PoolOverflow`]: crate::connect::PoolOverflow
 fn caused_by_the_request<E: 'static>(e: &E) -> bool {
+    // Nor a connect that failed for want of this host's resources (file descriptors).
     let blameless = |e: &(dyn std::error::Error + 'static)| {
-        crate::connect::is_request_error(e) || crate::connect::is_pool_overflow(e)
+        crate::connect::is_request_error(e)
+            || crate::connect::is_pool_overflow(e)
+            || mesh_core::error::find_cause::<crate::connect::ConnectError>(e)
+                .is_some_and(crate::connect::ConnectError::is_local)
     };
     let any = e as &dyn std::any::Any;
     if let Some(e) = any.downcast_ref::<mesh_core::error::BoxError>() {

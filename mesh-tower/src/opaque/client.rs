@@ -326,11 +326,13 @@ impl OpaqueClient {
         }
         .relay_io(&mut local)
         .await;
-        // The endpoint's side failed: the application reads a reset, not a clean end.
-        if let Err(OpaqueError::Relay { source, .. }) = &relayed
-            && source.side() == Some(crate::relay::Side::Upstream)
-        {
-            local.abort_on_drop();
+        // The endpoint's side failed, or no endpoint could be reached: the application
+        // reads a reset, as it would from a refused or failed connection, not a clean end.
+        match &relayed {
+            Err(OpaqueError::Relay { source, .. })
+                if source.side() != Some(crate::relay::Side::Upstream) => {}
+            Err(_) => local.abort_on_drop(),
+            Ok(_) => {}
         }
         relayed
     }
@@ -350,11 +352,38 @@ impl OpaqueClient {
 
     /// Relays every connection of `listener`, in a task of the current Tokio runtime.
     pub fn serve(&self, listener: TcpListener) -> Result<Serving, BuildError> {
-        let client = self.clone();
         let current = self.current.load();
-        let serving = super::spawn(listener, current.limits, move |tcp, remote| {
+        let serving = super::spawn(listener, current.limits, self.handler())?;
+        tracing::debug!(addr = %serving.local_addr(), service = %current.service, "serving opaque TCP");
+        Ok(serving)
+    }
+
+    /// Relays every connection handed over through `connections`' [`Handoff`](
+    /// crate::server::Handoff) (a transparent listener's, for a service that speaks no
+    /// HTTP: no protocol detection, so a protocol whose server speaks first is not held
+    /// up), in a task of the current Tokio runtime.
+    #[cfg(feature = "server")]
+    pub fn serve_handed(&self, connections: crate::server::HandedConnections) -> Serving {
+        let current = self.current.load();
+        let crate::server::HandedConnections { addr, rx } = connections;
+        let source = crate::accept::Source::Handed(rx, current.limits.tcp);
+        tracing::debug!(%addr, service = %current.service, "serving opaque TCP handed over");
+        super::spawn_from(source, addr, current.limits, self.handler())
+    }
+
+    /// What relays each accepted connection.
+    fn handler(
+        &self,
+    ) -> impl Fn(
+        TcpStream,
+        SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    + Send
+    + 'static {
+        let client = self.clone();
+        move |tcp, remote| {
             let client = client.clone();
-            async move {
+            Box::pin(async move {
                 match client.relay(tcp).await {
                     Ok(stats) => {
                         tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed")
@@ -364,10 +393,8 @@ impl OpaqueClient {
                     }
                     Err(error) => tracing::info!(%remote, %error, "opaque connection refused"),
                 }
-            }
-        })?;
-        tracing::debug!(addr = %serving.local_addr(), service = %current.service, "serving opaque TCP");
-        Ok(serving)
+            })
+        }
     }
 }
 
@@ -419,9 +446,15 @@ impl Current {
                 tracing::debug!(service = %self.shared.service, endpoint = %addr, %error, "the endpoint failed the connection before answering: backed off");
                 state.refused(&self.shared.settings.backoff, error);
             }
-            Ok(relayed) if relayed.upstream_to_client > 0 => state.served(),
-            Err(error) if error.relayed().upstream_to_client > 0 => state.served(),
-            _ => {}
+            // It went well: a clean end, bytes back, or a life longer than a refusal's.
+            Ok(_) => state.served(),
+            Err(error)
+                if error.relayed().upstream_to_client > 0
+                    || connected.elapsed() >= self.shared.settings.connect_timeout * 3 =>
+            {
+                state.served();
+            }
+            Err(_) => {}
         }
         drop(open);
         let relayed = relayed.map_err(|source| OpaqueError::Relay { addr, source })?;
@@ -459,7 +492,7 @@ impl Current {
                     return Ok((open, remote, peer, tried.len()));
                 }
                 Err(error) => {
-                    // A local shortage (file descriptors, ports) is not the endpoint's.
+                    // A local shortage (file descriptors, buffers) is not the endpoint's.
                     if error.is_local() {
                         tracing::warn!(service = %self.shared.service, %error, "connect failed for want of local resources: the endpoint is not backed off");
                     } else {

@@ -24,7 +24,7 @@
 //! [`crate::ratelimit`] limits requests, per client identity and in total: one over it is
 //! closed before the target is dialled (logged at `debug`, counted in
 //! `mesh_server_rate_limited_total`). An admitted connection dials the target (bounded by the connect timeout, default 1 s; a target that
-//! is down closes the connection) and the bytes are relayed both ways by
+//! is down resets the connection) and the bytes are relayed both ways by
 //! [`crate::relay`]. When the policy is replaced (a reload), every open connection is
 //! judged again by the new one: one it denies is closed at once (logged at `info`,
 //! counted as a `deny`), as a request on it would now be refused.
@@ -203,19 +203,39 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let addr = listener.local_addr().map_err(BuildError::Listener)?;
+    let tcp = limits.tcp;
+    Ok(spawn_from(
+        crate::accept::Source::Listener(listener, tcp),
+        addr,
+        limits,
+        handle,
+    ))
+}
+
+/// [`spawn`] for connections from any source, reported as accepted on `addr`.
+pub(crate) fn spawn_from<F, Fut>(
+    source: crate::accept::Source,
+    addr: SocketAddr,
+    limits: Limits,
+    handle: F,
+) -> Serving
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (stop, stopping) = watch::channel(false);
     let task = tokio::spawn(crate::accept::accept_loop(
-        crate::accept::Source::Listener(listener, limits.tcp),
+        source,
         limits.max_connections,
         limits.shutdown_timeout,
         stopping,
         move |tcp, remote, _| handle(tcp, remote),
     ));
-    Ok(Serving {
+    Serving {
         addr,
         stop,
         task,
         policy: None,
         rate_limit: None,
-    })
+    }
 }

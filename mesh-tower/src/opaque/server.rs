@@ -181,7 +181,7 @@ impl OpaqueServerBuilder {
 struct Inbound {
     tls: Option<MtlsAcceptor>,
     /// Replaceable while serving; each connection is judged by the policy current when
-    /// its handshake completed.
+    /// its handshake completed, and again by each that replaces it.
     policy: PolicyHandle,
     /// Replaceable while serving, as the policy is.
     rate_limit: LimitsHandle,
@@ -264,12 +264,29 @@ impl Inbound {
             // The client's connection is reset, not closed: the application at its end
             // sees a failure, as it would were the target refusing it directly.
             Ok(Err(error)) => {
-                tracing::info!(%remote, target = %self.target, %error, "connecting to the target failed");
+                static FAILED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+                match FAILED.due() {
+                    Some(held) => {
+                        tracing::info!(%remote, target = %self.target, %error, more_at_debug = held, "connecting to the target failed")
+                    }
+                    None => {
+                        tracing::debug!(%remote, target = %self.target, %error, "connecting to the target failed")
+                    }
+                }
                 io.abort_on_drop();
                 return;
             }
             Err(_) => {
-                tracing::info!(%remote, target = %self.target, timeout = ?self.connect_timeout, "connecting to the target timed out");
+                static TIMED_OUT: crate::throttle::Throttle = crate::throttle::Throttle::new();
+                let timeout = self.connect_timeout;
+                match TIMED_OUT.due() {
+                    Some(held) => {
+                        tracing::info!(%remote, target = %self.target, ?timeout, more_at_debug = held, "connecting to the target timed out")
+                    }
+                    None => {
+                        tracing::debug!(%remote, target = %self.target, ?timeout, "connecting to the target timed out")
+                    }
+                }
                 io.abort_on_drop();
                 return;
             }
@@ -311,7 +328,12 @@ impl Inbound {
                 tracing::debug!(%remote, client = %Client(client), %error, bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection ended");
                 error.pass_on(&io, &target);
             }
-            None => {}
+            // Closed by a replaced policy: both sides reset, so that neither application
+            // takes the cut for the end of its transfer.
+            None => {
+                io.abort_on_drop();
+                crate::relay::Abort::abort_on_drop(&target);
+            }
         }
     }
 }

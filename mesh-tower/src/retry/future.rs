@@ -298,15 +298,19 @@ where
 
 /// The gRPC code an answer to a gRPC call carries, when it carries one in its head: a
 /// trailers-only answer's `grpc-status`, or an answer that is not gRPC's, by its HTTP
-/// status as gRPC clients map it (a proxy's 503, say). `None` for a 200 whose status is
+/// status as gRPC clients map it (a proxy's 503, say) unless it has a `grpc-status`. `None` for a 200 whose status is
 /// still to come, in trailers: the call is committed.
 fn answer_code<B>(resp: &Response<B>) -> Option<Code> {
+    let status = resp.headers().get(mesh_core::classify::GRPC_STATUS);
     if resp.status() == http::StatusCode::OK && mesh_core::classify::is_grpc(resp.headers()) {
-        let status = resp.headers().get(mesh_core::classify::GRPC_STATUS)?;
         // A malformed status is an unknown one.
-        return Some(mesh_core::classify::grpc::parse_status(status).unwrap_or(Code::Unknown));
+        return Some(mesh_core::classify::grpc::parse_status(status?).unwrap_or(Code::Unknown));
     }
-    Some(Code::for_http_status(resp.status().as_u16()))
+    // The HTTP status maps only when no `grpc-status` says more.
+    Some(match status.map(mesh_core::classify::grpc::parse_status) {
+        Some(Ok(code)) => code,
+        _ => Code::for_http_status(resp.status().as_u16()),
+    })
 }
 
 /// Decides, after a try, whether to answer or to try again (and after how long); records

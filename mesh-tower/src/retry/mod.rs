@@ -24,8 +24,11 @@
 //!    retrying, and so does a wait longer than [`MAX_PUSHBACK`] (10 s): the caller gets
 //!    the server's answer at once. A retry whose back-off would end past the request's
 //!    [`Deadline`](crate::timeout::Deadline) is not made.
-//! 5. **Rate limited elsewhere** (`retry_rate_limited_elsewhere`, default on): an
-//!    idempotent request answered 429 / `RESOURCE_EXHAUSTED` is retried once, at once,
+//! 5. **Rate limited elsewhere** (`retry_rate_limited_elsewhere`, default on): a request
+//!    answered 429 / `RESOURCE_EXHAUSTED` is retried once, at once, when that is safe: an
+//!    HTTP request whose method may be retried, a gRPC call whose `grpc_codes` name
+//!    `RESOURCE_EXHAUSTED`, or any request a mesh proxy's rate limit refused (its answer
+//!    marked `x-mesh-error`, which no application can set: no application saw it). It is
 //!    marked [`Elsewhere`], which a balancer honours by sending it only to an endpoint
 //!    that is not rate limiting ([`crate::balance`] does). When there is none the balancer
 //!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to.
@@ -33,7 +36,10 @@
 //!    never sooner than their pushback.
 //!
 //! 6. **gRPC** (`content-type: application/grpc…`), after gRFC A6: the policy's
-//!    `grpc_codes` alone say what is retried, whatever the method (every call is a POST);
+//!    `grpc_codes` alone say what is retried, whatever the method (every call is a POST)
+//!    and whatever class the classification gives the code (an answer that is not
+//!    gRPC's counts by the code its HTTP status maps to: a 503 is `UNAVAILABLE`, a 500
+//!    `UNKNOWN`);
 //!    a try that broke without an answer counts as `UNAVAILABLE`; at most 5 attempts
 //!    whatever `max_retries` says; each retry carries `grpc-previous-rpc-attempts`; a
 //!    server's `grpc-retry-pushback-ms` is the delay (negative: no retry); a response

@@ -102,7 +102,9 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
         && if target == "*" {
             req.method() != http::Method::OPTIONS
         } else {
-            req.uri().authority().is_none() && !target.starts_with('/')
+            // HTTP/2's `:path` is never empty (RFC 9113 §8.3.1), with an authority too.
+            (req.uri().authority().is_none() || req.version() == Version::HTTP_2)
+                && !target.starts_with('/')
         }
     {
         return Some("a request target that is neither a path nor * for OPTIONS");
@@ -392,11 +394,23 @@ mod tests {
         for (version, path, problem) in [
             (Version::HTTP_2, "/x?y", None),
             (Version::HTTP_2, "?y", NO_PATH),
+            // With an authority (`:authority`, or an absolute-form target).
+            (Version::HTTP_2, "users ?y", NO_PATH),
+            (Version::HTTP_11, "users ?y", None),
             (Version::HTTP_11, "?y", NO_PATH),
             (Version::HTTP_2, "*", NO_PATH),
         ] {
-            // As h2 builds it for a request with a `Host` field and no `:authority`.
+            // As h2 builds it for a request with a `Host` field and no `:authority`, or
+            // with one (`authority path`).
             let mut parts = http::uri::Parts::default();
+            let path = match path.split_once(' ') {
+                Some((authority, path)) => {
+                    parts.scheme = Some(http::uri::Scheme::HTTP);
+                    parts.authority = Some(authority.parse().unwrap());
+                    path
+                }
+                None => path,
+            };
             parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(path).unwrap());
             let req = Request::builder()
                 .version(version)

@@ -214,8 +214,8 @@ async fn connection<S, B>(
         }
         if detected == Detected::Opaque {
             // A plaintext client has no identity: only a policy whose default allows (or
-            // a rule for any client) lets the connection through, and only within the
-            // total rate limit.
+            // a rule for unauthenticated clients) lets the connection through, and only
+            // within the rate limit's bounds for unauthenticated clients and in total.
             let policy = fallback.policy.current();
             if policy.decide_connection(None).is_err() {
                 tracing::debug!(%remote, policy = policy.name(), "opaque connection denied by the server's policy: closed");

@@ -49,7 +49,8 @@ pub struct ServerLimits {
     /// finish.
     pub max_cancelled_requests: usize,
     /// How soon after its start an HTTP/2 request's cancellation must come to count toward
-    /// `max_cancelled_requests` (zero: none does, and the bound is off).
+    /// `max_cancelled_requests` (zero: none does, and the bound is off for HTTP/2; an
+    /// HTTP/1.1 client that cancels hangs up, which ends its connection anyway).
     pub premature_cancel_window: Duration,
     /// How long a graceful shutdown waits for requests in flight.
     pub shutdown_timeout: Duration,

@@ -114,8 +114,8 @@ impl Handoff {
 /// The receiving end of a [`Handoff`], for [`MeshServerBuilder::serve_handed`].
 #[derive(Debug)]
 pub struct HandedConnections {
-    addr: SocketAddr,
-    rx: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) rx: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
 }
 
 /// A [`Handoff`] and the connections it hands over, which a server reports as accepted on
