@@ -4,7 +4,10 @@
 //! Every service with `addresses` gets a plaintext `MeshServer` fed through a handoff:
 //! its HTTP requests go through the outbound routes with that service as the default
 //! backend, and a connection that is not HTTP goes to it as opaque TCP, exactly as on an
-//! explicit outbound listener whose `default_service` it is. The
+//! explicit outbound listener whose `default_service` it is. A service whose `protocol`
+//! is `opaque` gets no HTTP server: its connections are relayed as opaque TCP as they
+//! come, with no wait to detect a protocol (a server that speaks first, a database or a
+//! mail server, is reached at once). The
 //! [`TransparentListener`] reads each connection's original destination and hands it to
 //! the server of the service that claims it; the rest pass through or are refused, by
 //! `unmatched`.
