@@ -334,15 +334,20 @@ fn decide<S, F, RB>(
             // A6: a gRPC call is retried for the codes its policy names, whatever their
             // class (the class is the endpoint's health, not the call's safety); an HTTP
             // request for the policy's statuses when its method allows.
-            let retryable_answer = if *this.grpc {
-                answer_code(resp).is_some_and(|code| policy.grpc_codes.contains(code))
-            } else {
-                *this.idempotent && policy.is_retryable_answer(resp)
+            // (Worked out only when asked: a success, most answers, asks nothing of HTTP.)
+            let grpc = *this.grpc;
+            let idempotent = *this.idempotent;
+            let retryable_answer = || {
+                if grpc {
+                    answer_code(resp).is_some_and(|code| policy.grpc_codes.contains(code))
+                } else {
+                    idempotent && policy.is_retryable_answer(resp)
+                }
             };
             match class {
                 Some(Class::Failure) => {
                     failed = Some(TryOutcome::Failed(resp.status().as_u16()));
-                    (retryable_answer, pushback())
+                    (retryable_answer(), pushback())
                 }
                 Some(Class::RateLimited) => {
                     failed = Some(TryOutcome::RateLimited(resp.status().as_u16()));
@@ -353,12 +358,7 @@ fn decide<S, F, RB>(
                     let refused_unseen = resp.headers().contains_key(crate::body::MESH_ERROR)
                         && (resp.status() == http::StatusCode::TOO_MANY_REQUESTS
                             || answer_code(resp) == Some(Code::ResourceExhausted));
-                    let safe = refused_unseen
-                        || if *this.grpc {
-                            retryable_answer
-                        } else {
-                            *this.idempotent
-                        };
+                    let safe = refused_unseen || if grpc { retryable_answer() } else { idempotent };
                     if policy.retry_rate_limited_elsewhere
                         && safe
                         && !was_elsewhere
@@ -374,14 +374,14 @@ fn decide<S, F, RB>(
                         *this.elsewhere = true;
                         return Next::RetryAfter(Duration::ZERO);
                     }
-                    let retryable = if *this.grpc {
-                        retryable_answer
+                    let retryable = if grpc {
+                        retryable_answer()
                     } else {
-                        *this.idempotent && policy.statuses.contains(resp.status())
+                        idempotent && policy.statuses.contains(resp.status())
                     };
                     (retryable, pushback)
                 }
-                Some(Class::Success) | None if retryable_answer && *this.grpc => {
+                Some(Class::Success) | None if grpc && retryable_answer() => {
                     failed = Some(TryOutcome::Failed(resp.status().as_u16()));
                     (true, pushback())
                 }
