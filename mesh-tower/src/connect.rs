@@ -239,6 +239,7 @@ impl ConnState {
     /// failure, before a byte came back: as good as a refused connect, though the connect
     /// succeeded. The endpoint is backed off, longer for each such connection in a row,
     /// so that it does not draw new connections for having none open.
+    #[cfg(feature = "opaque")]
     pub(crate) fn refused(&self, backoff: &Backoff, why: &dyn fmt::Display) {
         self.note_error(why);
         let Ok(mut until) = self.down_until.lock() else {
@@ -257,6 +258,7 @@ impl ConnState {
     /// An opaque connection through the endpoint went well (bytes came back, it ended
     /// cleanly, or it lived past the time a refusal takes): its run of refusals ends, and
     /// so does a back-off they began.
+    #[cfg(feature = "opaque")]
     pub(crate) fn served(&self) {
         if self.refusals.swap(0, Ordering::AcqRel) != 0
             && self.failures.load(Ordering::Acquire) == 0
@@ -2961,6 +2963,7 @@ mod tests {
     /// Refusals (connections taken, then failed before a byte came back) back an
     /// endpoint off once per outage, not once per connection cut by it; a connection that
     /// goes well ends the run and the back-off.
+    #[cfg(feature = "opaque")]
     #[tokio::test(start_paused = true)]
     async fn refusals_escalate_once_per_outage_and_end_with_a_good_connection() {
         let backoff = Backoff::constant(Duration::from_secs(1), Duration::from_secs(60), 0.0);

@@ -357,6 +357,7 @@ impl RelayError {
     /// peer learns of the failure rather than read a clean end: an upstream's reset, or a
     /// TLS stream cut without `close_notify` (a truncation), must not reach the other
     /// application as a complete transfer. An idle timeout ends both sides cleanly.
+    #[cfg(feature = "opaque")]
     pub(crate) fn pass_on(&self, client: &impl Abort, upstream: &impl Abort) {
         match self {
             Self::Io {
@@ -374,10 +375,12 @@ impl RelayError {
 /// A connection that can be made to end with a TCP reset (`SO_LINGER` 0) when dropped;
 /// see [`RelayError::pass_on`]. A connection that cannot (an in-memory pipe, a
 /// [`Dialer`](crate::connect::Dialer)'s) ends cleanly.
+#[cfg(feature = "opaque")]
 pub(crate) trait Abort {
     fn abort_on_drop(&self);
 }
 
+#[cfg(feature = "opaque")]
 impl Abort for tokio::net::TcpStream {
     fn abort_on_drop(&self) {
         if let Err(error) = self.set_zero_linger() {
@@ -386,18 +389,21 @@ impl Abort for tokio::net::TcpStream {
     }
 }
 
+#[cfg(feature = "opaque")]
 impl<IO: Abort> Abort for tokio_rustls::server::TlsStream<IO> {
     fn abort_on_drop(&self) {
         self.get_ref().0.abort_on_drop();
     }
 }
 
+#[cfg(feature = "opaque")]
 impl<IO: Abort> Abort for tokio_rustls::client::TlsStream<IO> {
     fn abort_on_drop(&self) {
         self.get_ref().0.abort_on_drop();
     }
 }
 
+#[cfg(feature = "opaque")]
 impl<T: Abort + ?Sized> Abort for Box<T> {
     fn abort_on_drop(&self) {
         (**self).abort_on_drop();
