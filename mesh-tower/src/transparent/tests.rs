@@ -271,15 +271,11 @@ async fn the_kernel_has_no_original_destination_for_a_plain_connection() {
     assert!(original_dst(&accepted).is_err());
 }
 
-#[tokio::test]
-async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
-    // A missing exemption rule: a connection arrives from the local address of one of
-    // the listener's own passthrough sockets.
-    let upstream = echo(b"never\n").await;
-    let mut registry = Registry::default();
-    let metrics = TransparentMetrics::register(&mut registry);
-    let shared = Shared {
-        addr: "127.0.0.1:4140".parse().unwrap(),
+/// A listener `loop` on `addr` whose every connection's original destination is
+/// `upstream`, passed through when unmatched.
+fn looping(addr: SocketAddr, upstream: SocketAddr, metrics: TransparentMetrics) -> Shared {
+    Shared {
+        addr,
         name: "loop".into(),
         unmatched: Unmatched::Passthrough,
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -289,7 +285,20 @@ async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
         tcp: TcpOptions::default(),
         table: DestinationTable::default(),
         outgoing: Mutex::new(HashSet::new()),
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_passthrough_redirected_back_to_the_listener_is_refused() {
+    // A missing exemption rule: a connection arrives from the local address of one of
+    // the listener's own passthrough sockets.
+    let upstream = echo(b"never\n").await;
+    let mut registry = Registry::default();
+    let shared = looping(
+        "127.0.0.1:4140".parse().unwrap(),
+        upstream,
+        TransparentMetrics::register(&mut registry),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut client = TcpStream::connect(listener.local_addr().unwrap())
         .await
@@ -323,19 +332,11 @@ async fn a_passthrough_redirected_back_to_a_dual_stack_listener_is_refused() {
     };
     let upstream = echo(b"never\n").await;
     let mut registry = Registry::default();
-    let metrics = TransparentMetrics::register(&mut registry);
-    let shared = Shared {
-        addr: listener.local_addr().unwrap(),
-        name: "loop".into(),
-        unmatched: Unmatched::Passthrough,
-        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        metrics: Some(metrics),
-        resolver: resolver_to(upstream),
-        relay: crate::relay::Relay::new(),
-        tcp: TcpOptions::default(),
-        table: DestinationTable::default(),
-        outgoing: Mutex::new(HashSet::new()),
-    };
+    let shared = looping(
+        listener.local_addr().unwrap(),
+        upstream,
+        TransparentMetrics::register(&mut registry),
+    );
     let port = listener.local_addr().unwrap().port();
     // The passthrough socket, IPv4, as the proxy dials out: its own address registered.
     let own = Outgoing::new(
