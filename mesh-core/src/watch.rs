@@ -29,6 +29,7 @@
 //! in-place write to a symlink's target in a directory that is not watched). If the
 //! watcher itself stops, the watch logs it and goes on polling.
 //!
+//! A file larger than [`MAX_FILE_SIZE`] (16 MiB) is not read: it counts as unreadable.
 //! A path that cannot be read after the start (deleted, half-replaced, unreadable) appears
 //! in the snapshot as its I/O error; it is not fatal. Because a snapshot is reported only
 //! when some content changed, a caller that validates the files sees each state of the
@@ -200,7 +201,7 @@ impl FileWatchBuilder {
 
         let mut files = Vec::with_capacity(self.paths.len());
         for path in &self.paths {
-            match tokio::fs::read(path).await {
+            match read_bounded(path).await {
                 Ok(bytes) => files.push(FileContent {
                     path: path.clone(),
                     content: Ok(bytes.into()),
@@ -345,7 +346,7 @@ impl FileWatch {
 async fn read_all(paths: &[PathBuf]) -> Snapshot {
     let mut files = Vec::with_capacity(paths.len());
     for path in paths {
-        let content = tokio::fs::read(path).await.map(Arc::from).map_err(Arc::new);
+        let content = read_bounded(path).await.map(Arc::from).map_err(Arc::new);
         files.push(FileContent {
             path: path.clone(),
             content,
@@ -354,6 +355,28 @@ async fn read_all(paths: &[PathBuf]) -> Snapshot {
     Snapshot {
         files: files.into(),
     }
+}
+
+/// The largest file a watch reads: 16 MiB. Endpoint lists and PEM files are far smaller;
+/// a larger file (a wrong path, a runaway writer) is an error, not memory to fill.
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// `path`'s bytes, refused past [`MAX_FILE_SIZE`].
+async fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "larger than {} MiB: not read",
+                MAX_FILE_SIZE / (1024 * 1024)
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The directory that holds `path`.
@@ -401,6 +424,33 @@ mod tests {
     fn parent_of_a_bare_name_is_the_current_dir() {
         assert_eq!(parent_dir(Path::new("e.toml")), Path::new("."));
         assert_eq!(parent_dir(Path::new("/a/e.toml")), Path::new("/a"));
+    }
+
+    /// A file past the size bound is not read: at the start, an error naming it; later,
+    /// an unreadable file in the snapshot.
+    #[tokio::test]
+    async fn files_past_the_size_bound_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_FILE_SIZE + 1).unwrap();
+        let err = FileWatch::builder([&path]).start().await.unwrap_err();
+        assert!(
+            err.to_string().ends_with("larger than 16 MiB: not read"),
+            "{err}"
+        );
+        file.set_len(MAX_FILE_SIZE).unwrap();
+        let watch = FileWatch::builder([&path]).start().await.unwrap();
+        assert_eq!(
+            watch.snapshot().files()[0].content().unwrap().len() as u64,
+            MAX_FILE_SIZE
+        );
+        file.set_len(MAX_FILE_SIZE + 1).unwrap();
+        let snapshot = read_all(std::slice::from_ref(&path)).await;
+        assert_eq!(
+            snapshot.files()[0].content().unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 
     #[tokio::test]
