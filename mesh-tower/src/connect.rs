@@ -725,7 +725,7 @@ pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
 
 struct Pool<B> {
     idle: Vec<Idle<B>>,
-    h2: Option<(http2::SendRequest<B>, Option<PeerIdentity>)>,
+    h2: Option<(http2::SendRequest<CleanTrailers<B>>, Option<PeerIdentity>)>,
     /// Whether this endpoint speaks HTTP/2: configured, or learned from ALPN.
     h2_known: bool,
     /// An HTTP/2 dial is under way.
@@ -771,7 +771,7 @@ enum Checkout<B> {
         Option<PeerIdentity>,
         Option<Slot>,
     ),
-    H2(http2::SendRequest<B>, Option<PeerIdentity>),
+    H2(http2::SendRequest<CleanTrailers<B>>, Option<PeerIdentity>),
 }
 
 /// What a request does next to get a connection.
@@ -1319,9 +1319,12 @@ where
                     *req.uri_mut() = uri;
                 }
                 to_absolute_form(&mut req, &shared.authority);
-                match sender.try_send_request(req).await {
+                match sender.try_send_request(req.map(CleanTrailers::new)).await {
                     Ok(resp) => return Ok(finish(resp, None, peer)),
-                    Err(mut e) => (e.take_message(), e.into_error()),
+                    Err(mut e) => (
+                        e.take_message().map(|r| r.map(CleanTrailers::into_inner)),
+                        e.into_error(),
+                    ),
                 }
             }
             Checkout::H1(mut sender, peer, slot) => {
@@ -1459,6 +1462,52 @@ where
                 }
             }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A request body sent over HTTP/2, its trailers without connection-specific fields:
+    /// an HTTP/1.1 client's trailers may hold anything hyper parsed, and h2 refuses to end
+    /// a stream with one of those (the request would wait for its timeout).
+    struct CleanTrailers<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> CleanTrailers<B> {
+    fn new(inner: B) -> Self {
+        Self { inner }
+    }
+
+    fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for CleanTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let mut frame = std::task::ready!(self.project().inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &mut frame
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            crate::forward::strip_hop_by_hop(trailers);
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -2396,6 +2445,61 @@ mod tests {
         assert_eq!(whole.to_bytes(), "ok");
         let names: Vec<_> = trailers.keys().map(http::HeaderName::as_str).collect();
         assert_eq!(names, ["x-checksum"]);
+    }
+
+    /// A request's connection-specific trailers (an HTTP/1.1 client's, as hyper parsed
+    /// them) are dropped before they go on HTTP/2, which could not end the stream with
+    /// them: the request completes, its other trailers with it.
+    #[tokio::test]
+    async fn a_requests_connection_specific_trailers_are_dropped_for_http2() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let app = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                let whole = req.into_body().collect().await.unwrap();
+                let mut names: Vec<String> = whole
+                    .trailers()
+                    .map(|t| t.keys().map(|k| k.as_str().to_owned()).collect())
+                    .unwrap_or_default();
+                names.sort();
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                    names.join(","),
+                ))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), app)
+                .await;
+        });
+        type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+        let client: EndpointClient<Body> = EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "1".parse().unwrap());
+        trailers.insert("connection", "x".parse().unwrap());
+        trailers.insert("keep-alive", "5".parse().unwrap());
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"x"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]);
+        let req = http::Request::post("/upload")
+            .body(http_body_util::StreamBody::new(frames).boxed_unsync())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.send(req))
+            .await
+            .expect("the request ends")
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+            .await
+            .expect("the answer ends")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "x-checksum");
     }
 
     /// A target with an authority and an empty path (an HTTP/2 `:path` of `?a=b`) goes on
