@@ -91,6 +91,23 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     {
         return Some("userinfo in the request's authority");
     }
+    // Every usual request has a path and is no CONNECT: the rest is looked at out of line.
+    if req.method() == http::Method::CONNECT
+        || req
+            .uri()
+            .path_and_query()
+            .is_some_and(|target| !target.as_str().starts_with('/'))
+    {
+        return target_problem(req);
+    }
+    None
+}
+
+/// [`host_problem`]'s part for the unusual targets: a CONNECT, a target that does not
+/// start with `/`.
+#[cold]
+#[inline(never)]
+fn target_problem<B>(req: &Request<B>) -> Option<&'static str> {
     // A target in origin form must be a path (or `*` for OPTIONS): hyper and h2 take one
     // that starts with `?` (an HTTP/2 `:path` of `?a`, an HTTP/1.1 `GET ?a`), which would
     // go on as a request line no HTTP/1.1 server need read. An absolute-form target with
