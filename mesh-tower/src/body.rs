@@ -161,7 +161,17 @@ where
 /// `grpc-message` in the only header block, no message), marked with [`MESH_ERROR`].
 pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::empty());
-    let headers = response.headers_mut();
+    *response.headers_mut() = grpc_answer_headers(code, message);
+    response
+}
+
+/// The header block of [`grpc_answer`]. Out of line and cold, as [`text_answer_headers`]:
+/// the layers that answer for themselves do so rarely, and their `call` stays small
+/// enough for the compiler to inline the next layer's into it.
+#[cold]
+#[inline(never)]
+fn grpc_answer_headers(code: u16, message: &'static str) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(4);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
@@ -169,7 +179,7 @@ pub(crate) fn grpc_answer<B>(code: u16, message: &'static str) -> Response<Respo
     headers.insert("grpc-status", HeaderValue::from(code));
     headers.insert("grpc-message", HeaderValue::from_static(message));
     headers.insert(MESH_ERROR, HeaderValue::from_static("true"));
-    response
+    headers
 }
 
 /// Marks the answers the mesh makes itself (a refused request, an unreachable service or
@@ -189,11 +199,19 @@ pub(crate) fn text_answer<B>(
 ) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::local(text.into()));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
+    *response.headers_mut() = text_answer_headers();
+    response
+}
+
+/// The header block of [`text_answer`], out of line (see [`grpc_answer_headers`]).
+#[cold]
+#[inline(never)]
+fn text_answer_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(2);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(MESH_ERROR, HeaderValue::from_static("true"));
-    response
+    headers
 }
