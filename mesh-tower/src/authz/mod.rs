@@ -70,4 +70,6 @@ pub use self::error::PolicyError;
 pub use self::layer::{AuthorizeLayer, PolicyHandle};
 pub use self::policy::{AuthzDecision, Denied, Policy};
 pub use self::service::Authorize;
+#[cfg(feature = "opaque")]
+pub(crate) use self::service::Client;
 pub use crate::body::ResponseFuture;

@@ -173,7 +173,7 @@ pub(super) fn refusal<B>(grpc: bool) -> Response<ResponseBody<B>> {
 }
 
 /// A client identity for logs, written only when a line is: `unauthenticated` for none.
-struct Client<'a>(Option<&'a mesh_core::SpiffeId>);
+pub(crate) struct Client<'a>(pub(crate) Option<&'a mesh_core::SpiffeId>);
 
 impl std::fmt::Display for Client<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{BuildError, Limits, Serving};
-use crate::authz::{Policy, PolicyHandle};
+use crate::authz::{Client, Policy, PolicyHandle};
 use crate::connect::DEFAULT_CONNECT_TIMEOUT;
 use crate::metrics::server::ListenerMetrics;
 use crate::ratelimit::{Limits as RateLimits, LimitsHandle};
@@ -334,18 +334,6 @@ impl Inbound {
                 io.abort_on_drop();
                 crate::relay::Abort::abort_on_drop(&target);
             }
-        }
-    }
-}
-
-/// A client identity for logs.
-struct Client<'a>(Option<&'a mesh_core::SpiffeId>);
-
-impl fmt::Display for Client<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(id) => fmt::Display::fmt(id, f),
-            None => f.write_str("unauthenticated"),
         }
     }
 }
