@@ -297,6 +297,40 @@ async fn plaintext_callers_are_unauthenticated_and_h2c_works() {
     }
 }
 
+/// Authorization judges the request the application gets: a header the client names in
+/// `Connection` is removed before the application sees it, so it must not grant access
+/// either.
+#[tokio::test]
+async fn fields_named_in_connection_do_not_reach_authorization() {
+    let policy = Policy::new(
+        "api",
+        &AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            rules: vec![AuthorizationRule {
+                name: "admins".into(),
+                clients: vec![],
+                unauthenticated: true,
+                routes: vec![RouteMatch {
+                    headers: vec![toml::from_str("name = \"x-role\"\nexact = \"admin\"").unwrap()],
+                    ..RouteMatch::default()
+                }],
+            }],
+        },
+    )
+    .unwrap();
+    let server = plaintext(Some(policy), ServerLimits::default()).await;
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    for (connection, status) in [("", "200"), ("connection: x-role\r\n", "403")] {
+        let request = format!("GET / HTTP/1.1\r\nhost: a\r\n{connection}x-role: admin\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut tcp).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{connection:?}: {response}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_server_needs_its_transport_chosen() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -178,6 +178,8 @@ pub struct CertificateFiles {
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
 /// idle_timeout = "120s"            # [120s] idle this long: shut down; a client not reading this long: closed
 /// tunnel_idle_timeout = "10m"      # [1h] a relayed connection without a byte either way this long: closed ("0s": never)
+/// max_cancelled_requests = 20      # [20] a client cancelling this many requests more than it lets finish: GOAWAY
+/// premature_cancel_window = "1s"   # [1s] HTTP/2 cancellations later than this after a request began do not count ("0s": none does)
 /// ```
 ///
 /// An opaque listener relays bytes, not requests: of these it takes `max_connections` and
@@ -229,6 +231,21 @@ pub struct ListenerLimits {
         skip_serializing_if = "Option::is_none"
     )]
     pub tunnel_idle_timeout: Option<Duration>,
+    /// Bound on the requests a connection's client may cancel (reset, or hang up on) once
+    /// they outnumber those it let finish: rapid reset of accepted streams. The connection
+    /// is shut down with `GOAWAY`, and closed at twice as many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cancelled_requests: Option<usize>,
+    /// How soon after its start an HTTP/2 request's cancellation must come to count toward
+    /// `max_cancelled_requests`: a peer proxy timing out slow requests on a connection all
+    /// its callers share is not taken for an attacker. `0s`: none counts, and the bound is
+    /// off for HTTP/2.
+    #[serde(
+        default,
+        with = "duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub premature_cancel_window: Option<Duration>,
 }
 
 impl ListenerLimits {
@@ -249,6 +266,14 @@ impl ListenerLimits {
                 self.max_concurrent_streams.is_some(),
             ),
             ("idle_timeout", self.idle_timeout.is_some()),
+            (
+                "max_cancelled_requests",
+                self.max_cancelled_requests.is_some(),
+            ),
+            (
+                "premature_cancel_window",
+                self.premature_cancel_window.is_some(),
+            ),
         ] {
             if is_set {
                 set.push(key);

@@ -299,7 +299,7 @@ fn transparent_listeners_and_service_addresses() {
         name = "explicit"
         listen = "127.0.0.1:4141"
         unmatched = "refuse"
-        limits = { header_read_timeout = "0s", max_connections = 0, max_headers = 10 }
+        limits = { header_read_timeout = "0s", max_connections = 0, max_headers = 10, max_cancelled_requests = 0, premature_cancel_window = "0s" }
         [[outbound]]
         name = "edge"
         listen = "127.0.0.1:4142"
@@ -324,6 +324,7 @@ fn transparent_listeners_and_service_addresses() {
             "outbound[1].unmatched: only for a transparent listener",
             "outbound[1].limits.header_read_timeout: must be greater than zero",
             "outbound[1].limits.max_connections: must be at least 1",
+            "outbound[1].limits.max_cancelled_requests: must be at least 1",
             "outbound[2].certificate.cert: must not be empty",
             "outbound[2].certificate: TLS is terminated on HTTP listeners only",
             "services.a.addresses[1]: 0.0.0.0:80 is not a destination",
@@ -381,7 +382,7 @@ fn opaque_listeners_take_only_the_limits_of_relays() {
         target = "127.0.0.1:5432"
         tls = "plaintext"
         protocol = "opaque"
-        limits = { max_connections = 100, tunnel_idle_timeout = "10m", idle_timeout = "30s", max_headers = 10 }
+        limits = { max_connections = 100, tunnel_idle_timeout = "10m", idle_timeout = "30s", max_headers = 10, premature_cancel_window = "2s" }
         [[outbound]]
         name = "db-out"
         listen = "127.0.0.1:4140"
@@ -403,6 +404,7 @@ fn opaque_listeners_take_only_the_limits_of_relays() {
         &[
             "inbound[0].limits.max_headers: an HTTP limit, and opaque listeners relay bytes",
             "inbound[0].limits.idle_timeout: an HTTP limit, and opaque listeners relay bytes",
+            "inbound[0].limits.premature_cancel_window: an HTTP limit, and opaque listeners relay bytes",
             "outbound[0].limits.header_read_timeout: an HTTP limit, and opaque listeners relay bytes",
         ],
     );
@@ -703,11 +705,13 @@ fn sizes_and_durations_far_past_any_use_are_refused() {
     assert_exactly(
         &invalid(
             "[[outbound]]\nname = \"o\"\nlisten = \"127.0.0.1:1\"\n\
-             limits = { max_headers = 100000, max_connections = 4611686018427387904 }\n",
+             limits = { max_headers = 100000, max_connections = 4611686018427387904, \
+             max_cancelled_requests = 18446744073709551615 }\n",
         ),
         &[
             "outbound[0].limits.max_headers: at most 32767",
             "outbound[0].limits.max_connections: at most 10000000",
+            "outbound[0].limits.max_cancelled_requests: at most 10000000",
         ],
     );
 }

@@ -712,6 +712,10 @@ impl Validator {
                     "max_concurrent_streams",
                     l.max_concurrent_streams == Some(0),
                 ),
+                (
+                    "max_cancelled_requests",
+                    l.max_cancelled_requests == Some(0),
+                ),
             ] {
                 if zero {
                     self.err(format!("{path}.{field}"), "must be at least 1");
@@ -729,6 +733,11 @@ impl Validator {
                 (
                     "max_connections",
                     l.max_connections.map(|v| v as u64),
+                    MAX_CONNECTIONS_LIMIT,
+                ),
+                (
+                    "max_cancelled_requests",
+                    l.max_cancelled_requests.map(|v| v as u64),
                     MAX_CONNECTIONS_LIMIT,
                 ),
             ] {

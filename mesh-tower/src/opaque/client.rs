@@ -326,13 +326,8 @@ impl OpaqueClient {
         }
         .relay_io(&mut local)
         .await;
-        // The endpoint's side failed, or no endpoint could be reached: the application
-        // reads a reset, as it would from a refused or failed connection, not a clean end.
-        match &relayed {
-            Err(OpaqueError::Relay { source, .. })
-                if source.side() != Some(crate::relay::Side::Upstream) => {}
-            Err(_) => local.abort_on_drop(),
-            Ok(_) => {}
+        if resets_local(&relayed) {
+            local.abort_on_drop();
         }
         relayed
     }
@@ -622,5 +617,18 @@ impl Current {
         tokio::time::timeout(timeout, dial)
             .await
             .map_err(|_| ConnectError::Timeout { addr, timeout })?
+    }
+}
+
+/// Whether the local side of a relay that ended so should read a reset: the endpoint's
+/// side failed, or no endpoint could be reached, and the application should see a failure,
+/// as it would from a refused or failed connection, not a clean end.
+pub(crate) fn resets_local(relayed: &Result<RelayStats, OpaqueError>) -> bool {
+    match relayed {
+        Err(OpaqueError::Relay { source, .. }) => {
+            source.side() == Some(crate::relay::Side::Upstream)
+        }
+        Err(_) => true,
+        Ok(_) => false,
     }
 }

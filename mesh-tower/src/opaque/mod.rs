@@ -107,6 +107,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub(crate) use self::client::resets_local;
 pub use self::client::{OpaqueClient, OpaqueClientBuilder, RelayStats};
 pub use self::error::{BuildError, OpaqueError};
 pub use self::server::{OpaqueServer, OpaqueServerBuilder};

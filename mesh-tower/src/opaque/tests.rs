@@ -979,6 +979,68 @@ async fn the_opaque_fallback_answers_to_the_servers_policy() {
     }
 }
 
+/// The opaque fallback's decisions are counted as an opaque inbound port counts its own,
+/// and a policy that replaces the server's closes the open relays it denies, with a
+/// reset.
+#[cfg(feature = "server")]
+#[tokio::test]
+async fn the_opaque_fallback_counts_its_decisions_and_answers_to_a_replaced_policy() {
+    let (target_addr, _) = target(Mode::Echo).await;
+    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    });
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry);
+    let client = OpaqueClient::builder(static_discovery(&[target_addr]))
+        .plaintext()
+        .build()
+        .unwrap();
+    let server = crate::server::MeshServer::builder()
+        .plaintext()
+        .opaque_fallback(client)
+        .metrics(metrics.listener("edge"))
+        .serve(listener().await, app)
+        .unwrap();
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"\x16\x03\x01ping").await.unwrap();
+    let mut back = [0u8; 7];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"\x16\x03\x01ping");
+    let deny = Policy::new(
+        "closed",
+        &AuthorizationPolicy {
+            default: DefaultAction::Deny,
+            rules: vec![],
+        },
+    )
+    .unwrap();
+    server.policy().replace(deny);
+    // The open relay is cut with a reset, not ended.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .expect("the denied relay stays open");
+    assert!(
+        read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{rest:?}"
+    );
+    // A new connection is denied at once.
+    let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+    tcp.write_all(b"\x16\x03\x01ping").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for series in [
+        r#"mesh_server_authz_total{listener="edge",policy="default",rule="default",outcome="allow"} 1"#,
+        r#"mesh_server_authz_total{listener="edge",policy="closed",rule="default",outcome="deny"} 2"#,
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn quiet_connections_close_at_the_idle_timeout_and_bytes_count_as_they_move() {
     let (target_addr, _) = target(Mode::Echo).await;

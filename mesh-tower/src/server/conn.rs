@@ -213,26 +213,109 @@ async fn connection<S, B>(
             return;
         }
         if detected == Detected::Opaque {
-            // A plaintext client has no identity: only a policy whose default allows (or
-            // a rule for unauthenticated clients) lets the connection through, and only
-            // within the rate limit's bounds for unauthenticated clients and in total.
-            let policy = fallback.policy.current();
-            if policy.decide_connection(None).is_err() {
-                tracing::debug!(%remote, policy = policy.name(), "opaque connection denied by the server's policy: closed");
-                return;
-            }
-            if let Err(refused) = fallback.limits.current().admit(None) {
-                tracing::debug!(%remote, limit = refused.limit, wait = ?refused.wait, "opaque connection refused by the rate limit: closed");
-                return;
-            }
-            let relay = Box::pin(fallback.client.relay(tcp));
-            if let Err(error) = relay.await {
-                tracing::debug!(%remote, %error, "opaque relay failed");
-            }
+            Box::pin(opaque_fallback(
+                tcp,
+                remote,
+                fallback,
+                shared.metrics.as_ref(),
+            ))
+            .await;
             return;
         }
     }
     secured(tcp, remote, shared, shutdown).await;
+}
+
+/// A plaintext connection that is not HTTP, relayed by the server's opaque fallback. A
+/// plaintext client has no identity: only a policy whose default allows (or a rule for
+/// unauthenticated clients) lets it through, and only within the rate limit's bounds for
+/// unauthenticated clients and in total, as on an opaque inbound port; each decision and
+/// refusal is counted in the listener's metrics. A policy that replaces the server's
+/// judges the open connection again, and one it denies is closed.
+#[cfg(feature = "opaque")]
+async fn opaque_fallback(
+    mut tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    fallback: &OpaqueFallback,
+    metrics: Option<&ListenerMetrics>,
+) {
+    use crate::authz::Client;
+    use crate::relay::Abort;
+    // Before the decision: a policy replaced from here on judges the connection again.
+    let mut replaced = fallback.policy.subscribe();
+    let current = fallback.policy.current();
+    match current.decide_connection(None) {
+        Ok(decision) => {
+            let outcome = if decision.is_audit() {
+                tracing::info!(%remote, client = %Client(None), policy = current.name(), "authorization audit: no rule allows this connection; allowed by the audit default");
+                "audit"
+            } else {
+                "allow"
+            };
+            if let Some(metrics) = metrics {
+                metrics
+                    .authz_counter(current.name(), decision.rule(), outcome)
+                    .inc();
+            }
+        }
+        Err(_) => {
+            tracing::debug!(%remote, policy = current.name(), "opaque connection denied by the server's policy: closed");
+            if let Some(metrics) = metrics {
+                metrics.authz_counter(current.name(), None, "deny").inc();
+            }
+            return;
+        }
+    }
+    if let Err(refused) = fallback.limits.current().admit(None) {
+        tracing::debug!(%remote, limit = refused.limit, wait = ?refused.wait, "opaque connection refused by the rate limit: closed");
+        if let Some(metrics) = metrics {
+            let limit = if refused.limit == "total" {
+                "total"
+            } else {
+                "client"
+            };
+            metrics.rate_limited_counter(limit).inc();
+        }
+        return;
+    }
+    let _ = tcp.set_nodelay(true);
+    let relayed = {
+        let relay = fallback.client.relay_io(&mut tcp);
+        let mut relay = pin!(relay);
+        loop {
+            tokio::select! {
+                biased;
+                relayed = &mut relay => break Some(relayed),
+                changed = replaced.changed() => {
+                    if changed.is_err() {
+                        // The handle is gone with the server: no more replacements.
+                        break Some(relay.await);
+                    }
+                    let current = fallback.policy.current();
+                    if current.decide_connection(None).is_err() {
+                        tracing::info!(%remote, client = %Client(None), policy = current.name(), "open connection denied by a replaced policy: closed");
+                        if let Some(metrics) = metrics {
+                            metrics.authz_counter(current.name(), None, "deny").inc();
+                        }
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    match &relayed {
+        Some(Ok(stats)) => {
+            tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed");
+        }
+        Some(Err(error)) => tracing::debug!(%remote, %error, "opaque relay ended"),
+        None => {}
+    }
+    // Closed by a replaced policy (`None`), or failed at the endpoint's side: reset, so
+    // that the client does not take the cut for the end of its transfer (the endpoint's
+    // side, dropped mid-stream, reads a failure too).
+    if relayed.as_ref().is_none_or(crate::opaque::resets_local) {
+        tcp.abort_on_drop();
+    }
 }
 
 /// One connection: the TLS handshake (bounded by the acceptor's timeout), then HTTP.
@@ -719,7 +802,7 @@ impl Activity {
         // Rapid reset after acceptance: requests started and cancelled without end.
         // Past the bound the connection shuts down; at twice it, it closes.
         let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if (cancelled == self.max_cancelled || cancelled == 2 * self.max_cancelled)
+        if (cancelled == self.max_cancelled || cancelled == self.max_cancelled.saturating_mul(2))
             && cancelled > self.completed.load(Ordering::Relaxed)
         {
             self.abusive.notify_one();
@@ -765,6 +848,13 @@ where
         }
         extensions.insert(self.remote);
         let http2 = req.version() == http::Version::HTTP_2;
+        if !http2 {
+            // What `Connection` names is this hop's and never reaches the application
+            // (`crate::forward`): it goes here, so that authorization, rate limits and
+            // routes judge the request the application will get, not fields a client
+            // named away. (HTTP/2 carries none: h2 refuses a request with them.)
+            crate::forward::strip_keeping_upgrade(req.headers_mut());
+        }
         // A request that may switch (hyper gave it its half of the switch: HTTP/1.x with
         // `Upgrade`, or CONNECT) carries the connection's hold for its tunnel.
         if (!http2 || req.method() == http::Method::CONNECT)

@@ -81,6 +81,12 @@ impl ServerLimits {
         if let Some(v) = config.idle_timeout {
             self.idle_timeout = v;
         }
+        if let Some(v) = config.max_cancelled_requests {
+            self.max_cancelled_requests = v;
+        }
+        if let Some(v) = config.premature_cancel_window {
+            self.premature_cancel_window = v;
+        }
         self
     }
 }
@@ -103,5 +109,24 @@ impl Default for ServerLimits {
             premature_cancel_window: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_sets_the_cancellation_bound() {
+        let config: mesh_core::config::ListenerLimits =
+            toml::from_str("max_cancelled_requests = 7\npremature_cancel_window = \"0s\"\n")
+                .unwrap();
+        let limits = ServerLimits::default().with_config(&config);
+        assert_eq!(limits.max_cancelled_requests, 7);
+        assert_eq!(limits.premature_cancel_window, Duration::ZERO);
+        // Unset keys keep the defaults.
+        let limits =
+            ServerLimits::default().with_config(&mesh_core::config::ListenerLimits::default());
+        assert_eq!(limits, ServerLimits::default());
     }
 }
