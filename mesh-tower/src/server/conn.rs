@@ -526,7 +526,7 @@ where
                 check.as_mut().reset(Instant::now() + step);
             }
             Event::Abuse => {
-                if closing {
+                if closing || activity.abuse_closes() {
                     // It went on after the GOAWAY: close at once.
                     tracing::info!(%remote, "client keeps cancelling its requests: closing the connection");
                     return false;
@@ -735,7 +735,15 @@ struct Activity {
     cut_notify: tokio::sync::Notify,
     /// Wakes the connection when its client cancels too many requests.
     abusive: tokio::sync::Notify,
+    /// How far the cancellation bound was signalled: [`ABUSE_SHUTDOWN`], then
+    /// [`ABUSE_CLOSE`].
+    abuse_stage: std::sync::atomic::AtomicU8,
 }
+
+/// The client cancelled more than `max_cancelled` requests, more than it let finish.
+const ABUSE_SHUTDOWN: u8 = 1;
+/// It cancelled twice as many.
+const ABUSE_CLOSE: u8 = 2;
 
 impl Activity {
     fn take_touched(&self) -> bool {
@@ -800,13 +808,26 @@ impl Activity {
             Some(true) => {}
         }
         // Rapid reset after acceptance: requests started and cancelled without end.
-        // Past the bound the connection shuts down; at twice it, it closes.
+        // Past the bound the connection shuts down; at twice it, it closes. Judged at
+        // every cancellation, not at the two counts only: a client that first let enough
+        // requests finish would otherwise pass both unseen and cancel without end.
         let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if (cancelled == self.max_cancelled || cancelled == self.max_cancelled.saturating_mul(2))
-            && cancelled > self.completed.load(Ordering::Relaxed)
-        {
+        if cancelled < self.max_cancelled || cancelled <= self.completed.load(Ordering::Relaxed) {
+            return;
+        }
+        let stage = if cancelled >= self.max_cancelled.saturating_mul(2) {
+            ABUSE_CLOSE
+        } else {
+            ABUSE_SHUTDOWN
+        };
+        if self.abuse_stage.fetch_max(stage, Ordering::Relaxed) < stage {
             self.abusive.notify_one();
         }
+    }
+
+    /// Whether the client's cancellations reached twice the bound: the connection closes.
+    fn abuse_closes(&self) -> bool {
+        self.abuse_stage.load(Ordering::Relaxed) >= ABUSE_CLOSE
     }
 }
 
@@ -1139,5 +1160,34 @@ mod tests {
         drop(pending_request(&activity));
         assert_eq!(activity.cancelled.load(Ordering::Relaxed), 3);
         assert!(abuse.as_mut().poll(&mut noop).is_ready());
+    }
+
+    /// A client that first lets requests finish, so that its cancellations do not
+    /// outnumber them at the bound nor at twice it, is judged again at every later one.
+    #[tokio::test(start_paused = true)]
+    async fn cancellations_after_finished_requests_still_reach_the_bound() {
+        let activity = Arc::new(Activity {
+            max_cancelled: 3,
+            premature: std::time::Duration::from_secs(1),
+            ..Activity::default()
+        });
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..6 {
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            activity.ended(None);
+        }
+        let abuse = activity.abusive.notified();
+        let mut abuse = pin!(abuse);
+        abuse.as_mut().enable();
+        // Six cancellations: no more than the six finished.
+        for _ in 0..6 {
+            drop(pending_request(&activity));
+        }
+        assert!(abuse.as_mut().poll(&mut noop).is_pending());
+        assert!(!activity.abuse_closes());
+        // The seventh outnumbers them, past twice the bound: the connection closes.
+        drop(pending_request(&activity));
+        assert!(abuse.as_mut().poll(&mut noop).is_ready());
+        assert!(activity.abuse_closes());
     }
 }
