@@ -67,8 +67,9 @@ pub(crate) mod duration {
         Ok(d)
     }
 
-    /// The longest duration a configuration takes: 10 years.
-    pub(crate) const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    /// The longest duration a configuration takes: 10 years (of 365.25 days, as humantime
+    /// counts `10y`).
+    pub(crate) const MAX: Duration = Duration::from_secs(10 * 31_557_600);
 
     pub(crate) fn serialize<S: Serializer>(
         value: &Duration,

@@ -171,7 +171,7 @@ pub struct CertificateFiles {
 /// ```toml
 /// [inbound.limits]
 /// header_read_timeout = "5s"       # [10s] a client slower to send its headers is closed
-/// max_header_list_size = 32768     # [64 KiB] larger header blocks get 431
+/// max_header_list_size = 32768     # [64 KiB] larger header blocks get 431 (at most 1 MiB; HTTP/1.1 takes at least 8 KiB)
 /// max_headers = 100                # [100] more HTTP/1.1 headers get 431
 /// max_request_body_size = 1048576  # [64 MiB] a larger declared body gets 413
 /// max_connections = 10000          # [10,000] beyond, accepting waits

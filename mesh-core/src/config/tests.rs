@@ -169,7 +169,7 @@ fn every_validation_error_is_reported_with_its_path() {
         "routes[0].matches[0].path.regex: invalid regex `(`",
         "routes[0].matches[1].path: `api` must start with `/`",
         "routes[0].backends[1].service: no service named `users-canary`",
-        "inbound[0].target: must differ from `listen`",
+        "inbound[0].target: 127.0.0.1:4143 reaches this proxy's own listener 127.0.0.1:4143 (inbound[0].listen)",
         "inbound[0].tls: mtls needs an [identity] section",
         "inbound[0].authorization: no authorization policy named `missing`",
     ];
@@ -702,13 +702,23 @@ fn sizes_and_durations_far_past_any_use_are_refused() {
     );
     assert!(e.contains("too long"), "{e}");
     assert!(MeshConfig::from_toml("drain_timeout = \"9y\"\n").is_ok());
+    // Ten years, as the message says (humantime's years are 365.25 days).
+    assert!(MeshConfig::from_toml("drain_timeout = \"10y\"\n").is_ok());
     assert_exactly(
         &invalid(
             "[[outbound]]\nname = \"o\"\nlisten = \"127.0.0.1:1\"\n\
              limits = { max_headers = 100000, max_connections = 4611686018427387904, \
-             max_cancelled_requests = 18446744073709551615 }\n",
+             max_cancelled_requests = 18446744073709551615, max_header_list_size = 4294967295 }\n\
+             [rate_limits.slow]\n\
+             per_client = { requests = 1, per = \"1d\", burst = 1000000 }\n\
+             total = { requests = 1, per = \"3650days\", burst = 60 }\n\
+             overrides = [{ clients = [\"spiffe://a/b\"], limit = { requests = 10, per = \"1d\", burst = 40000 } }]\n",
         ),
         &[
+            "outbound[0].limits.max_header_list_size: at most 1048576",
+            "rate_limits.slow.total.burst: a burst of 60 at 1 per ",
+            "rate_limits.slow.per_client.burst: a burst of 1000000 at 1 per 1day takes over 10 years",
+            "rate_limits.slow.overrides[0].limit.burst: a burst of 40000 at 10 per 1day takes over 10 years",
             "outbound[0].limits.max_headers: at most 32767",
             "outbound[0].limits.max_connections: at most 10000000",
             "outbound[0].limits.max_cancelled_requests: at most 10000000",
@@ -782,6 +792,127 @@ fn pools_parse_default_and_are_bounded() {
             "services.web.pool.idle_timeout: must be greater than zero",
             "services.tcp.pool: bounds HTTP/1.1 connections",
             "inbound[0].pool: bounds HTTP/1.1 connections",
+        ],
+    );
+}
+
+/// An inbound listener's application must be an application: not a port-0 or unspecified
+/// address, and not one of the proxy's own listeners (itself, through a wildcard address
+/// too; the admin listener; an outbound listener).
+#[test]
+fn inbound_targets_are_not_the_proxys_own_listeners() {
+    let errors = invalid(
+        r#"
+        [admin]
+        listen = "127.0.0.1:9990"
+        [[outbound]]
+        name = "out"
+        listen = "127.0.0.1:4140"
+        [[inbound]]
+        name = "a"
+        listen = "0.0.0.0:4143"
+        target = "127.0.0.1:4143"
+        tls = "plaintext"
+        [[inbound]]
+        name = "b"
+        listen = "[::]:4144"
+        target = "127.0.0.1:9990"
+        tls = "plaintext"
+        [[inbound]]
+        name = "c"
+        listen = "0.0.0.0:4145"
+        target = "127.0.0.1:4140"
+        tls = "plaintext"
+        [[inbound]]
+        name = "d"
+        listen = "0.0.0.0:4146"
+        target = "127.0.0.1:0"
+        tls = "plaintext"
+        [[inbound]]
+        name = "e"
+        listen = "0.0.0.0:4147"
+        target = "0.0.0.0:8080"
+        tls = "plaintext"
+        [[inbound]]
+        name = "f"
+        listen = "0.0.0.0:4148"
+        target = "[::1]:4143" # 0.0.0.0:4143 takes IPv4 only: another socket
+        tls = "plaintext"
+        [[inbound]]
+        name = "g"
+        listen = "0.0.0.0:4150"
+        target = "[::1]:4144"
+        tls = "plaintext"
+        [[inbound]]
+        name = "ok"
+        listen = "0.0.0.0:4149"
+        target = "127.0.0.1:8080"
+        tls = "plaintext"
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "inbound[0].target: 127.0.0.1:4143 reaches this proxy's own listener 0.0.0.0:4143 (inbound[0].listen)",
+            "inbound[1].target: 127.0.0.1:9990 reaches this proxy's own listener 127.0.0.1:9990 (admin.listen)",
+            "inbound[2].target: 127.0.0.1:4140 reaches this proxy's own listener 127.0.0.1:4140 (outbound[0].listen)",
+            "inbound[3].target: 127.0.0.1:0 is not an application's address",
+            "inbound[4].target: 0.0.0.0:8080 is not an application's address",
+            "inbound[6].target: [::1]:4144 reaches this proxy's own listener [::]:4144 (inbound[1].listen)",
+        ],
+    );
+}
+
+/// A plaintext service cannot verify an endpoint's identity: pinning one is refused, as
+/// `server_identity` is.
+#[test]
+fn plaintext_services_take_no_endpoint_identities() {
+    let errors = invalid(
+        r#"
+        [services.db]
+        tls = "plaintext"
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:5432" }, { addr = "10.0.0.2:5432", identity = "spiffe://example.org/ns/prod/sa/db" }] }
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "services.db.discovery.endpoints[1].identity: cannot be verified with tls = \"plaintext\"",
+        ],
+    );
+}
+
+/// The identity header is one of the application's own: never a field that frames,
+/// routes or qualifies the message; and opaque listeners have none.
+#[test]
+fn identity_headers_are_not_fields_http_uses() {
+    let listener = |i: usize, header: &str, protocol: &str| {
+        format!(
+            "[[inbound]]\nname = \"l{i}\"\nlisten = \"0.0.0.0:{}\"\ntarget = \"127.0.0.1:8080\"\n\
+             tls = \"plaintext\"\nprotocol = \"{protocol}\"\nidentity_header = \"{header}\"\n",
+            4000 + i
+        )
+    };
+    let text: String = [
+        ("content-length", "auto"),
+        ("Host", "auto"),
+        ("transfer-encoding", "http1"),
+        ("grpc-status", "grpc"),
+        ("x-client", "opaque"),
+        ("x-client-id", "auto"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (h, p))| listener(i, h, p))
+    .collect();
+    assert_exactly(
+        &invalid(&text),
+        &[
+            "inbound[0].identity_header: `content-length` is a field HTTP itself uses",
+            "inbound[1].identity_header: `Host` is a field HTTP itself uses",
+            "inbound[2].identity_header: `transfer-encoding` is a field HTTP itself uses",
+            "inbound[3].identity_header: `grpc-status` is a field HTTP itself uses",
+            "inbound[4].identity_header: opaque listeners relay bytes",
         ],
     );
 }

@@ -12,6 +12,10 @@ const ACCESS_LOG_OPAQUE: &str = "opaque listeners relay bytes, not requests: the
 /// The most header fields a listener may be told to take (HAProxy's own ceiling).
 const MAX_HEADERS_LIMIT: u64 = 32_767;
 
+/// The largest header block a listener may be told to take: 1 MiB (HTTP/1.1 read buffers
+/// grow to it, for every connection).
+const MAX_HEADER_LIST_SIZE_LIMIT: u64 = 1 << 20;
+
 /// The most connections a listener may be told to hold open.
 const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
 
@@ -58,6 +62,36 @@ fn is_hostname(s: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// Header fields that frame, route or qualify an HTTP message, or speak for its
+/// connection: no identity header may take their name.
+fn is_reserved_header(name: &http::HeaderName) -> bool {
+    use http::header;
+    [
+        header::CONNECTION,
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::EXPECT,
+        header::HOST,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::AUTHORIZATION,
+        header::COOKIE,
+    ]
+    .contains(name)
+        || [
+            "keep-alive",
+            "proxy-connection",
+            "mesh-orig-proto",
+            "x-mesh-error",
+        ]
+        .contains(&name.as_str())
+        || name.as_str().starts_with("grpc-")
 }
 
 impl Validator {
@@ -361,6 +395,18 @@ impl Validator {
                         format!("{path}.server_identity"),
                         "cannot be verified with tls = \"plaintext\"; remove it or use mtls",
                     );
+                }
+                // An endpoint's pinned identity would be as unchecked: refused alike, so that
+                // nobody takes a plaintext service for a verified one.
+                if let DiscoveryConfig::Static { endpoints } = &s.discovery {
+                    for (i, ep) in endpoints.iter().enumerate() {
+                        if ep.identity().is_some() {
+                            self.err(
+                                format!("{path}.discovery.endpoints[{i}].identity"),
+                                "cannot be verified with tls = \"plaintext\"; remove it or use mtls",
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -726,6 +772,11 @@ impl Validator {
             // `max_headers`; tokio's semaphore panics past 2^61 permits).
             for (field, value, max) in [
                 (
+                    "max_header_list_size",
+                    l.max_header_list_size.map(u64::from),
+                    MAX_HEADER_LIST_SIZE_LIMIT,
+                ),
+                (
                     "max_headers",
                     l.max_headers.map(|v| v as u64),
                     MAX_HEADERS_LIMIT,
@@ -758,10 +809,33 @@ impl Validator {
         }
         for (i, l) in c.inbound.iter().enumerate() {
             let path = format!("inbound[{i}]");
-            if l.listen == l.target {
+            if l.target.port() == 0 || l.target.ip().is_unspecified() {
                 self.err(
                     format!("{path}.target"),
-                    "must differ from `listen` (it would loop)",
+                    format!(
+                        "{} is not an application's address (an IP and a port)",
+                        l.target
+                    ),
+                );
+            } else if let Some((listener, by)) = addrs.iter().find(|(a, _)| {
+                a.port() == l.target.port()
+                    && (a.ip() == l.target.ip()
+                        // A wildcard listener takes loopback connections of its family (and
+                        // `[::]` IPv4 ones too, dual-stack).
+                        || (a.ip().is_unspecified()
+                            && l.target.ip().is_loopback()
+                            && (a.is_ipv6() || l.target.is_ipv4())))
+            }) {
+                // The application's address reaches one of this proxy's own listeners:
+                // itself (a loop), the admin listener (mesh peers would reach `/shutdown`
+                // as a loopback client), or an outbound listener (peers would send
+                // requests out under this workload's identity).
+                self.err(
+                    format!("{path}.target"),
+                    format!(
+                        "{} reaches this proxy's own listener {listener} ({by})",
+                        l.target
+                    ),
                 );
             }
             if l.tls == TlsMode::Mtls && c.identity.is_none() {
@@ -770,13 +844,30 @@ impl Validator {
                     "mtls needs an [identity] section; set tls = \"plaintext\" to accept in the clear",
                 );
             }
-            if let Some(name) = &l.identity_header
-                && http::HeaderName::from_bytes(name.as_bytes()).is_err()
-            {
-                self.err(
-                    format!("{path}.identity_header"),
-                    format!("`{name}` is not a header name"),
-                );
+            if let Some(name) = &l.identity_header {
+                match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Err(_) => self.err(
+                        format!("{path}.identity_header"),
+                        format!("`{name}` is not a header name"),
+                    ),
+                    // The proxy removes every field of this name and writes its own: one
+                    // that frames the message, routes it or speaks for the connection would
+                    // break the request the application reads (a `Content-Length` of a
+                    // SPIFFE ID, a `Host` of one).
+                    Ok(header) if is_reserved_header(&header) => self.err(
+                        format!("{path}.identity_header"),
+                        format!(
+                            "`{name}` is a field HTTP itself uses: choose one of your own (default `x-mesh-client-id`)"
+                        ),
+                    ),
+                    Ok(_) => {}
+                }
+                if l.protocol == Protocol::Opaque {
+                    self.err(
+                        format!("{path}.identity_header"),
+                        "opaque listeners relay bytes, not requests: there is no header to set",
+                    );
+                }
             }
             if let Some(policy) = &l.authorization
                 && !c.authorization.contains_key(policy)
@@ -955,6 +1046,23 @@ impl Validator {
         self.positive(format!("{path}.per"), r.per);
         if r.burst == Some(0) {
             self.err(format!("{path}.burst"), "must be at least 1");
+        }
+        // The limiter holds a burst as the time it takes to earn: (burst - 1) intervals of
+        // `per / requests`, in nanoseconds. Past 10 years that overflows its arithmetic.
+        let burst = r.burst.unwrap_or(r.requests);
+        if r.requests > 0 && burst > 0 {
+            let interval = r.per.as_nanos() / u128::from(r.requests);
+            let held = interval.saturating_mul(u128::from(burst - 1));
+            if held > crate::serde_str::duration::MAX.as_nanos() {
+                self.err(
+                    format!("{path}.burst"),
+                    format!(
+                        "a burst of {burst} at {} per {} takes over 10 years to earn: lower `burst` or `per`",
+                        r.requests,
+                        humantime::format_duration(r.per)
+                    ),
+                );
+            }
         }
     }
 }

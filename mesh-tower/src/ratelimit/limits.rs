@@ -106,7 +106,10 @@ impl Total {
         Self {
             tat: AtomicU64::new(0),
             interval,
-            tolerance: interval.saturating_mul(u64::from(rate.burst().max(1) - 1)),
+            // A burst past what the arithmetic holds is cut to a quarter of the range (as
+            // `quota` cuts governor's), not saturated, which would admit without bound.
+            tolerance: interval
+                .saturating_mul(u64::from(rate.burst().max(1) - 1).min(u64::MAX / 4 / interval)),
         }
     }
 
@@ -114,7 +117,7 @@ impl Total {
     fn next(&self, tat: u64, now: u64) -> Result<u64, Duration> {
         let tat = tat.max(now);
         if tat - now <= self.tolerance {
-            Ok(tat + self.interval)
+            Ok(tat.saturating_add(self.interval))
         } else {
             Err(Duration::from_nanos(tat - now - self.tolerance))
         }
@@ -182,9 +185,13 @@ impl std::fmt::Debug for Limits {
 
 fn quota(rate: &Rate) -> Quota {
     let requests = NonZeroU32::new(rate.requests).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(rate.burst()).unwrap_or(NonZeroU32::MIN);
     // One request per `per / requests`, at most `burst` at once.
     let interval = (rate.per / requests.get()).max(Duration::from_nanos(1));
+    // governor holds a burst as `interval × (burst − 1)` nanoseconds: a burst that
+    // would overflow it (configuration refuses one taking over 10 years to earn) is cut to
+    // what fits, a quarter of the range, leaving room for the clock.
+    let fits = u32::try_from(u64::MAX / 4 / crate::nanos(interval).max(1)).unwrap_or(u32::MAX);
+    let burst = NonZeroU32::new(rate.burst().min(fits)).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(interval)
         .unwrap_or_else(|| Quota::per_second(requests))
         .allow_burst(burst)
@@ -364,6 +371,30 @@ mod tests {
             }
         }
         counts
+    }
+
+    /// A rate whose burst takes longer to earn than the limiter's arithmetic holds (the
+    /// configuration refuses it; the Rust API may be given one) neither panics nor
+    /// admits without bound.
+    #[tokio::test(start_paused = true)]
+    async fn bursts_too_long_to_earn_neither_overflow_nor_open_the_limit() {
+        let ten_years = 3650 * 24 * 3600 * 1000;
+        let limits = Limits::new(&RateLimitConfig {
+            total: Some(rate(1, ten_years, Some(60))),
+            per_client: Some(rate(1, ten_years, Some(1_000_000))),
+            ..RateLimitConfig::default()
+        });
+        let web = id("spiffe://example.org/ns/prod/sa/web");
+        let admitted = (0..2_000)
+            .filter(|_| limits.check(Some(&web)).is_ok())
+            .count();
+        assert!(admitted > 0 && admitted <= 60, "{admitted}");
+        let total = Limits::new(&RateLimitConfig {
+            total: Some(rate(1, ten_years, Some(60))),
+            ..RateLimitConfig::default()
+        });
+        let admitted = (0..2_000).filter(|_| total.check(None).is_ok()).count();
+        assert!(admitted > 0 && admitted <= 60, "{admitted}");
     }
 
     #[tokio::test(start_paused = true)]
