@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use mesh_tower::metrics::PoolFamilies;
-use mesh_tower::server::{MeshServer, Server, ServerError};
+use mesh_tower::server::{MeshServer, Server, ServerError, ServerLimits};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -30,12 +30,26 @@ pub(crate) fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<State>,
 ) -> Result<Server, ServerError> {
+    let renders = Arc::new(tokio::sync::Semaphore::new(MAX_RENDERS));
     let app = tower::service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
+        let renders = renders.clone();
         async move {
-            if req.uri().path() != "/metrics" {
+            if req.uri().path() != "/metrics" || !is_get(req.method()) {
                 return Ok::<_, std::convert::Infallible>(answer(&state, &req));
             }
+            // Each render holds the whole exposition: a few at once, the rest told to
+            // come back (scrapers and probes do not need more).
+            let Ok(_permit) = renders.try_acquire_owned() else {
+                let mut busy = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "metrics are being rendered for other scrapes: retry\n",
+                );
+                busy.headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                return Ok(busy);
+            };
             // Rendering reads /proc (every open file descriptor) and walks every metric
             // family: on the blocking pool, not the runtime's thread, which with one worker
             // (the default) is the only one serving traffic.
@@ -50,7 +64,32 @@ pub(crate) fn serve(
             }))
         }
     });
-    MeshServer::builder().plaintext().serve(listener, app)
+    MeshServer::builder()
+        .plaintext()
+        .limits(admin_limits())
+        .serve(listener, app)
+}
+
+/// How many `/metrics` renders run at once; more scrapes get 503 with `Retry-After`.
+const MAX_RENDERS: usize = 2;
+
+/// The admin listener's limits: probes, scrapes and an operator's requests, never the
+/// data plane's thousands of connections and streams, nor its bodies (no endpoint reads
+/// one); a shutdown waits for little.
+fn admin_limits() -> ServerLimits {
+    let mut limits = ServerLimits::default();
+    limits.max_connections = 128;
+    limits.max_concurrent_streams = 8;
+    limits.max_request_body_size = Some(64 * 1024);
+    limits.max_header_list_size = 16 * 1024;
+    limits.idle_timeout = std::time::Duration::from_secs(60);
+    limits.shutdown_timeout = std::time::Duration::from_secs(2);
+    limits
+}
+
+/// GET, or HEAD (answered as GET without the body, which hyper leaves out).
+fn is_get(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD
 }
 
 fn text(
@@ -70,7 +109,19 @@ fn text(
 const PLAIN: &str = "text/plain; charset=utf-8";
 
 fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+    // HEAD is GET without the body (RFC 9110 §9.3.2): health checkers send it.
+    let method = if *req.method() == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method()
+    };
+    let path = req.uri().path();
+    if matches!(path, "/config" | "/decisions" | "/shutdown" | "/reload")
+        && let Some(refused) = browser_problem(req)
+    {
+        return text(StatusCode::FORBIDDEN, PLAIN, refused);
+    }
+    match (method, path) {
         (&Method::GET, "/metrics") => {
             let mut out = String::new();
             let Some(registry) = state.registry.get() else {
@@ -99,6 +150,14 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,
                     "starting (waiting for an SVID?)\n",
+                )
+            } else if let Some(svid) = state.svid() {
+                // Peers refuse it: no caller should be sent here until a new one comes.
+                let expired = humantime::format_rfc3339_seconds(svid.not_after());
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("the SVID expired at {expired}, and no new one came\n"),
                 )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "no SVID yet\n")
@@ -152,16 +211,64 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (
             _,
             "/metrics" | "/ready" | "/live" | "/config" | "/decisions" | "/shutdown" | "/reload",
-        ) => text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            PLAIN,
-            "method not allowed\n",
-        ),
+        ) => {
+            // RFC 9110 §15.5.6: a 405 says which methods the resource takes.
+            let allow = if matches!(path, "/shutdown" | "/reload") {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            let mut resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                PLAIN,
+                format!("method not allowed: {allow}\n"),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+            resp
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
             "not found: /metrics, /ready, /live, /config, /decisions, POST /shutdown, POST /reload\n",
         ),
+    }
+}
+
+/// Why a request to a loopback-only endpoint (`/config`, `/decisions`, `POST /shutdown`,
+/// `POST /reload`) is refused, if it came from a web page: a page in a browser on this
+/// host could otherwise post to them (a form or `fetch` needs no preflight for a plain
+/// POST), or read them through a DNS name rebound to 127.0.0.1. Such requests carry an
+/// `Origin` (or `Sec-Fetch-Site` other than `none`), or a `Host` that is a name other
+/// than `localhost`; curl, probes and scripts send none of these.
+fn browser_problem(req: &Request<Incoming>) -> Option<&'static str> {
+    let headers = req.headers();
+    if headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site.as_bytes() != b"none")
+    {
+        return Some("refused: a request from a web page (Origin or Sec-Fetch-Site)\n");
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    // The name without its port; an IPv6 literal keeps its brackets.
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => name,
+        _ => host,
+    };
+    let literal = name
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok();
+    if name.is_empty() || literal || name.eq_ignore_ascii_case("localhost") {
+        None
+    } else {
+        Some("refused: Host must be an IP address or localhost\n")
     }
 }
 
@@ -177,6 +284,40 @@ fn from_loopback(req: &Request<Incoming>) -> bool {
 /// from `/proc/self` at each scrape on Linux; absent elsewhere.
 pub(crate) fn register_process_metrics(registry: &mut Registry) {
     registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// Registers when the SVID the proxy holds expires, read at each scrape (none before it
+/// holds one, nor without an identity).
+pub(crate) fn register_identity_expiry(registry: &mut Registry, state: Arc<State>) {
+    registry.register_collector(Box::new(IdentityExpiry(state)));
+}
+
+struct IdentityExpiry(Arc<State>);
+
+impl std::fmt::Debug for IdentityExpiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityExpiry")
+    }
+}
+
+impl Collector for IdentityExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(svid) = self.0.svid() else {
+            return Ok(());
+        };
+        let secs = svid
+            .not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let metric = ConstGauge::new(secs);
+        let m = encoder.encode_descriptor(
+            "mesh_proxy_identity_expiration_timestamp_seconds",
+            "When the SVID the proxy holds expires (its notAfter), in seconds since the Unix epoch",
+            None,
+            metric.metric_type(),
+        )?;
+        metric.encode(m)
+    }
 }
 
 /// Registers, for each edge listener (`certificate = {..}`), when its certificate expires
@@ -284,25 +425,40 @@ impl Collector for ProcessCollector {
             )?;
             metric.encode(m)?;
         }
-        if let Some(rss) = stats.resident_bytes {
-            let metric = ConstGauge::new(rss);
+        if let Some(start) = stats.start_time_seconds {
+            let metric = ConstGauge::new(start);
             let m = encoder.encode_descriptor(
-                "process_resident_memory_bytes",
-                "Resident memory size",
+                "process_start_time_seconds",
+                "When the process started, in seconds since the Unix epoch",
                 None,
                 metric.metric_type(),
             )?;
             metric.encode(m)?;
         }
-        if let Some(fds) = stats.open_fds {
-            let metric = ConstGauge::new(fds);
-            let m = encoder.encode_descriptor(
-                "process_open_fds",
-                "Open file descriptors",
-                None,
-                metric.metric_type(),
-            )?;
-            metric.encode(m)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size",
+                stats.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size",
+                stats.virtual_bytes,
+            ),
+            ("process_open_fds", "Open file descriptors", stats.open_fds),
+            (
+                "process_max_fds",
+                "The most file descriptors the process may open (its soft limit)",
+                stats.max_fds,
+            ),
+            ("process_threads", "Threads of the process", stats.threads),
+        ] {
+            if let Some(value) = value {
+                let metric = ConstGauge::new(value);
+                let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+                metric.encode(m)?;
+            }
         }
         Ok(())
     }
@@ -311,33 +467,59 @@ impl Collector for ProcessCollector {
 #[derive(Debug, Default)]
 struct ProcessStats {
     cpu_seconds: Option<f64>,
+    start_time_seconds: Option<f64>,
     resident_bytes: Option<i64>,
+    virtual_bytes: Option<i64>,
     open_fds: Option<i64>,
+    max_fds: Option<i64>,
+    threads: Option<i64>,
 }
 
 fn process_stats() -> ProcessStats {
     let mut stats = ProcessStats::default();
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // After the command name (in parentheses, which may hold spaces): field 3 on.
-        // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on
-        // Linux, whatever the kernel's HZ).
+        // utime and stime are fields 14 and 15, starttime field 22, in USER_HZ ticks
+        // (100 per second on Linux, whatever the kernel's HZ); starttime counts from
+        // boot, whose time `/proc/stat` gives (`btime`).
         if let Some((_, rest)) = stat.rsplit_once(')') {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
             if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
                 stats.cpu_seconds = Some((utime + stime) as f64 / 100.0);
             }
+            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("btime "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+            if let (Some(start), Some(boot)) = (ticks(19), boot) {
+                stats.start_time_seconds = Some(boot as f64 + start as f64 / 100.0);
+            }
         }
     }
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        stats.resident_bytes = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-            .map(|kb| kb * 1024);
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().trim_end_matches("kB").trim())
+                .and_then(|v| v.parse::<i64>().ok())
+        };
+        stats.resident_bytes = field("VmRSS:").map(|kb| kb * 1024);
+        stats.virtual_bytes = field("VmSize:").map(|kb| kb * 1024);
+        stats.threads = field("Threads:");
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         stats.open_fds = i64::try_from(dir.count()).ok();
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        // `Max open files            1024                 1048576              files`
+        stats.max_fds = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|soft| soft.parse::<i64>().ok());
     }
     stats
 }

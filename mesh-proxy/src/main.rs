@@ -105,6 +105,10 @@ enum LogFormat {
     Json,
 }
 
+/// The most worker threads `--workers` takes: far past what a sidecar needs, short of
+/// what a thread limit (a container's pids limit) refuses with a panic.
+const MAX_WORKERS: usize = 1024;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -131,6 +135,17 @@ fn run(args: RunArgs) -> ExitCode {
             Err(_) => filter,
         }
     };
+    // h2 warns of every PING acknowledgement it did not ask for, which any HTTP/2 client
+    // can send without end, 17 bytes a line: its warnings stay off unless the filter
+    // names it.
+    let filter = if args.log.contains("h2") {
+        filter
+    } else {
+        match "h2=error".parse() {
+            Ok(directive) => filter.add_directive(directive),
+            Err(_) => filter,
+        }
+    };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -152,9 +167,12 @@ fn run(args: RunArgs) -> ExitCode {
     };
     // The flag moves the listener (here and at every reload); the file's other admin
     // settings stay.
-    proxy::override_admin(&mut config, args.admin);
-    if args.workers == 0 {
-        eprintln!("error: --workers must be at least 1");
+    if let Err(e) = proxy::override_admin(&mut config, args.admin, &args.config) {
+        eprintln!("error: {e} (the admin address is --admin's)");
+        return ExitCode::FAILURE;
+    }
+    if !(1..=MAX_WORKERS).contains(&args.workers) {
+        eprintln!("error: --workers must be between 1 and {MAX_WORKERS}");
         return ExitCode::FAILURE;
     }
     // One worker: a current-thread runtime, whose tasks wake each other without atomics
@@ -184,15 +202,32 @@ async fn serve(config: MeshConfig, path: PathBuf, admin: Option<SocketAddr>) -> 
     // Watched from here on: a SIGHUP while starting waits for the first reload, a SIGTERM
     // ends the start.
     let mut signals = signals::Signals::new();
+    let starting = match proxy::Proxy::begin(&config, path).await {
+        Ok(starting) => starting,
+        Err(e) => {
+            tracing::error!(error = %e, "not starting");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = starting.state.clone();
+    // The admin listener serves from here on: a `POST /shutdown` while the rest starts
+    // (waiting for the identity, say) ends the start, as SIGTERM does.
     let started = tokio::select! {
-        started = proxy::Proxy::start(config, path, admin) => started,
+        started = proxy::Proxy::start(config, state.clone(), admin) => started,
         () = signals.stop.recv() => {
             tracing::info!("terminated while starting");
+            starting.abandon().await;
+            return ExitCode::SUCCESS;
+        }
+        () = state.shutdown.notified() => {
+            tracing::info!("shutdown asked for while starting");
+            starting.abandon().await;
             return ExitCode::SUCCESS;
         }
     };
     let proxy = match started {
-        Ok(p) => p,
+        Ok(p) => p.started(starting),
         Err(e) => {
             tracing::error!(error = %e, "not starting");
             eprintln!("error: {e}");

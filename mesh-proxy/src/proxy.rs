@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use http::HeaderName;
 use hyper::body::Incoming;
@@ -89,11 +90,20 @@ struct ReloadLabels {
 }
 
 impl State {
-    /// Whether the proxy can serve: it holds an SVID (or needs none) and is not draining.
+    /// Whether the proxy can serve: it holds an SVID that has not expired (or needs
+    /// none) and is not draining.
     pub(crate) fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
             && self.registry.get().is_some()
-            && (!self.needs_identity || self.credentials.get().is_some_and(|c| c.svid().is_some()))
+            && (!self.needs_identity
+                || self
+                    .svid()
+                    .is_some_and(|svid| !svid.is_expired(SystemTime::now())))
+    }
+
+    /// The SVID the proxy holds, if any.
+    pub(crate) fn svid(&self) -> Option<Arc<mesh_spiffe::Svid>> {
+        self.credentials.get().and_then(|c| c.svid())
     }
 }
 
@@ -134,12 +144,24 @@ struct OpaqueHandle {
 }
 
 /// Moves `config`'s admin listener to `listen` (`--admin`), keeping the file's other
-/// admin settings; `None` leaves it.
-pub(crate) fn override_admin(config: &mut MeshConfig, listen: Option<SocketAddr>) {
+/// admin settings, and validates the result again (the address may be a listener's, or
+/// an inbound target's); `None` leaves it. `file` is where `config` came from.
+pub(crate) fn override_admin(
+    config: &mut MeshConfig,
+    listen: Option<SocketAddr>,
+    file: &std::path::Path,
+) -> Result<(), mesh_core::config::ConfigError> {
     if let Some(listen) = listen {
         let decisions = config.admin.as_ref().map_or(0, |a| a.decisions);
         config.admin = Some(mesh_core::config::AdminConfig { listen, decisions });
+        config
+            .validate()
+            .map_err(|errors| mesh_core::config::ConfigError::Invalid {
+                file: Some(file.to_owned()),
+                errors,
+            })?;
     }
+    Ok(())
 }
 
 /// The access log of listener `name`, on or off as configured.
@@ -151,14 +173,35 @@ pub(crate) fn access_log(name: &str, enabled: bool) -> AccessLogLayer {
     }
 }
 
+/// What a proxy that is starting has already: its shared state, and the admin listener,
+/// which serves (`/live`, `/ready` saying why not yet, `POST /shutdown`) while the rest
+/// starts ([`Proxy::start`]); [`Proxy::started`] then joins them.
+pub(crate) struct Starting {
+    pub(crate) state: Arc<State>,
+    admin: Option<Server>,
+}
+
+impl Starting {
+    /// Stops the admin listener of a start given up on (`POST /shutdown` or a signal
+    /// while waiting for the identity), letting its answers in flight go out.
+    pub(crate) async fn abandon(self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
+    }
+}
+
 impl Proxy {
-    /// Starts every listener `config` describes.
-    pub(crate) async fn start(
-        config: MeshConfig,
-        path: PathBuf,
-        admin_override: Option<SocketAddr>,
-    ) -> Result<Self, StartError> {
+    /// The first step of a start: the state every endpoint shares, and the admin
+    /// listener, serving at once.
+    pub(crate) async fn begin(config: &MeshConfig, path: PathBuf) -> Result<Starting, StartError> {
         let reloads = Family::<ReloadLabels, Counter>::default();
+        // Both results exist from the start, at 0: an alert on their increase sees the
+        // first failed reload too.
+        for result in ["applied", "invalid"] {
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
         // The admin listener first: `/live` answers and `/ready` says why not while the
         // identity is awaited.
         let state = Arc::new(State {
@@ -186,6 +229,18 @@ impl Proxy {
             }
             None => None,
         };
+        Ok(Starting { state, admin })
+    }
+
+    /// Starts every listener `config` describes but the admin one, after
+    /// [`begin`](Self::begin).
+    pub(crate) async fn start(
+        config: MeshConfig,
+        state: Arc<State>,
+        admin_override: Option<SocketAddr>,
+    ) -> Result<Self, StartError> {
+        let admin = None;
+        let reloads = state.reloads.clone();
         if config.identity.is_some() {
             crate::notify::notify("STATUS=waiting for the identity (the first SVID)");
         }
@@ -201,6 +256,7 @@ impl Proxy {
             reloads.clone(),
         );
         admin::register_process_metrics(&mut registry);
+        admin::register_identity_expiry(&mut registry, state.clone());
         let server_metrics = ServerMetrics::register(&mut registry);
         let route_metrics = RouteMetrics::register(&mut registry);
         // One registration for every client, those a reload makes included.
@@ -432,6 +488,12 @@ impl Proxy {
         })
     }
 
+    /// The proxy, with the admin listener that served while it started.
+    pub(crate) fn started(mut self, starting: Starting) -> Self {
+        self.admin = starting.admin;
+        self
+    }
+
     /// The addresses the listeners are bound to, by name (the admin listener as `admin`).
     pub(crate) fn addrs(&self) -> Vec<(String, std::net::SocketAddr)> {
         let mut addrs: Vec<_> = self
@@ -481,7 +543,7 @@ impl Proxy {
             }
         })?;
         let mut next = MeshConfig::from_file_contents(path, &text)?;
-        override_admin(&mut next, self.admin_override);
+        override_admin(&mut next, self.admin_override, path)?;
         let current = lock(&self.config).clone();
         // An inbound listener may change its policy and limit, not its socket or target.
         let fixed = |c: &MeshConfig| {

@@ -136,3 +136,39 @@ fn the_benchmark_configs_are_valid() {
     }
     assert!(checked >= 4, "{checked} configs in {}", dir.display());
 }
+
+/// `--admin` is checked with the file: an address one of its listeners has is refused
+/// before anything starts, naming both; so is a worker count past any use.
+#[test]
+fn run_checks_its_flags_with_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.toml");
+    std::fs::write(
+        &path,
+        "[[outbound]]\nname = \"egress\"\nlisten = \"127.0.0.1:4999\"\ndefault_service = \"a\"\n\
+         [services.a]\ndiscovery = { kind = \"static\", endpoints = [{ addr = \"127.0.0.1:1\" }] }\n\
+         tls = \"plaintext\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--admin", "127.0.0.1:4999"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:4999 is already used by admin.listen"),
+        "{err}"
+    );
+    let out = run(&["--workers", "100000"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--workers must be between 1 and 1024"),
+        "{err}"
+    );
+}

@@ -152,6 +152,44 @@ async fn curl_through_two_proxies_to_an_app() {
         );
     }
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/nope")]).0, 404);
+    for series in [
+        "process_start_time_seconds ",
+        "process_max_fds ",
+        "process_threads ",
+        "process_virtual_memory_bytes ",
+        "process_open_fds ",
+        // Both results from the start, so that the first failure is an increase.
+        "mesh_proxy_reloads_total{result=\"invalid\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+    // HEAD is GET without the body; a 405 says what is allowed.
+    assert_eq!(curl(&["-I", &format!("{admin}/ready")]).0, 200);
+    let (code, head) = curl(&["-i", "-X", "PUT", &format!("{admin}/ready")]);
+    assert_eq!(code, 405);
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
+    // A web page in a browser on this host reaches neither configuration nor control.
+    for args in [
+        vec!["-H", "Origin: http://evil.example", "-X", "POST"],
+        vec!["-H", "Host: evil.example", "-X", "POST"],
+        vec!["-H", "Sec-Fetch-Site: cross-site", "-X", "POST"],
+    ] {
+        let mut args = args.clone();
+        let url = format!("{admin}/shutdown");
+        args.push(&url);
+        assert_eq!(curl(&args).0, 403, "{args:?}");
+    }
+    assert_eq!(
+        curl(&["-H", "Host: rebound.example", &format!("{admin}/config")]).0,
+        403
+    );
+    assert_eq!(
+        curl(&["-H", "Host: localhost:1", &format!("{admin}/config")]).0,
+        200
+    );
     // B's: its pool to the application (connections kept), in the strict format too.
     let (_, b_metrics) = curl(&[&format!("http://{}/metrics", b.addr("admin"))]);
     assert_families_once(&b_metrics);

@@ -83,6 +83,63 @@ async fn a_sighup_while_starting_waits_and_sigterm_still_stops_it() {
     );
 }
 
+/// `POST /shutdown` while the proxy still waits for its identity ends the start (it was
+/// answered "shutting down", and then kept waiting, to drain right after starting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_asked_for_while_starting_ends_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("spire.toml");
+    std::fs::write(
+        &config,
+        "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--log", "info", "--log-format", "plain"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("admin listening")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let admin = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the proxy waits for SPIRE");
+    assert_eq!(curl(&[&format!("http://{admin}/ready")]).0, 503);
+    let (code, body) = curl(&["-X", "POST", &format!("http://{admin}/shutdown")]);
+    assert_eq!(code, 200, "{body}");
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    assert!(
+        status
+            .expect("exits within 10 s of POST /shutdown")
+            .success(),
+        "{status:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_keep_the_admin_flag_and_a_hung_one_does_not_hold_up_the_drain() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,8 +179,9 @@ async fn reloads_keep_the_admin_flag_and_a_hung_one_does_not_hold_up_the_drain()
     assert_eq!(curl(&["-X", "POST", &format!("{admin}/reload")]).0, 202);
     let (applied, metrics) = metrics_until(&format!("{admin}/metrics"), &[RELOADED]).await;
     assert!(applied, "the reload was applied: {metrics}");
+    // Both results are there from the start: the first failure is an increase.
     assert!(
-        !metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"}"),
+        metrics.contains("mesh_proxy_reloads_total{result=\"invalid\"} 0"),
         "{metrics}"
     );
     assert_eq!(curl(&[&format!("{egress}/b")]).0, 200);
@@ -382,4 +440,64 @@ async fn a_config_file_that_hangs_stalls_neither_serving_nor_the_drain() {
         "still serving while the reload waits"
     );
     assert!(proxy.terminate().success(), "exit 0 after SIGTERM");
+}
+
+/// An SVID that expires with no new one to replace it leaves the proxy not ready (peers
+/// refuse it both ways); its expiry is in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_svid_makes_the_proxy_not_ready() {
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = mesh_spiffe::test_ca::TestCa::new("example.org").unwrap();
+    let now = SystemTime::now();
+    let not_after = now + Duration::from_secs(3);
+    let svid = ca
+        .leaf()
+        .uri("spiffe://example.org/short")
+        .validity(now - Duration::from_secs(60), not_after)
+        .build()
+        .unwrap();
+    let (chain, key) = svid.to_pem();
+    std::fs::write(dir.path().join("short.crt"), chain).unwrap();
+    std::fs::write(dir.path().join("short.key"), key).unwrap();
+    std::fs::write(dir.path().join("bundle.pem"), ca.bundle().unwrap().to_pem()).unwrap();
+    let file = |name: &str| toml::Value::String(dir.path().join(name).display().to_string());
+    let config = dir.path().join("short.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\nsource = \"files\"\ncert = {}\nkey = {}\n\
+             [identity.bundles]\n\"example.org\" = {}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n",
+            file("short.crt"),
+            file("short.key"),
+            file("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&config, 1);
+    let admin = format!("http://{}", proxy.addr("admin"));
+    assert_eq!(curl(&[&format!("{admin}/ready")]).0, 200);
+    let (_, metrics) = curl(&[&format!("{admin}/metrics")]);
+    let expiry = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        metrics.contains(&format!(
+            "mesh_proxy_identity_expiration_timestamp_seconds {expiry}\n"
+        )),
+        "{metrics}"
+    );
+    let mut ready = (0, String::new());
+    for _ in 0..100 {
+        ready = curl(&[&format!("{admin}/ready")]);
+        if ready.0 != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready.0, 503, "{}", ready.1);
+    assert!(ready.1.contains("SVID expired at"), "{}", ready.1);
+    assert!(proxy.terminate().success());
 }

@@ -274,6 +274,22 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     let _inbound = ns.proxy(&inbound, 2);
     let _outbound = ns.proxy(&outbound, 2);
 
+    // Without the transparent listener's port the script refuses to install anything:
+    // a guessed one could be an explicit listener's.
+    let unset = ns
+        .command("sh")
+        .arg(script())
+        .arg("install")
+        .env_remove("PROXY_PORT")
+        .output()
+        .unwrap();
+    assert_eq!(unset.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unset.stderr).contains("set PROXY_PORT"),
+        "{}",
+        String::from_utf8_lossy(&unset.stderr)
+    );
+    assert!(ns.run_sh("iptables -t nat -S MESH_OUTPUT").is_err());
     // The shipped script: redirect the namespace's 10.55.0.0/24 to the listener, the
     // proxies' own group exempt.
     let install = ns

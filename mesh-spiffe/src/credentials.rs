@@ -36,6 +36,8 @@ pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// The leaf's `notAfter`, in seconds since the Unix epoch.
+    not_after: i64,
 }
 
 impl Svid {
@@ -51,7 +53,32 @@ impl Svid {
     ) -> Result<Self, CredentialError> {
         let leaf = chain.first().ok_or(CredentialError::EmptyChain)?;
         let id = crate::verify::spiffe_id_of(leaf).map_err(CredentialError::Leaf)?;
-        Ok(Self { id, chain, key })
+        // It parsed for its ID just above.
+        let not_after = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_or(LAST_X509_TIME, |(_, cert)| {
+                cert.validity().not_after.timestamp()
+            });
+        Ok(Self {
+            id,
+            chain,
+            key,
+            not_after,
+        })
+    }
+
+    /// When the leaf certificate expires (its `notAfter`): from then on, peers refuse it.
+    pub fn not_after(&self) -> std::time::SystemTime {
+        let secs = self.not_after.unsigned_abs();
+        if self.not_after >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        } else {
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(secs)
+        }
+    }
+
+    /// Whether the leaf certificate has expired at `now`.
+    pub fn is_expired(&self, now: std::time::SystemTime) -> bool {
+        now >= self.not_after()
     }
 
     /// The SPIFFE ID the leaf certificate names.
@@ -86,6 +113,9 @@ impl Svid {
             .map_err(|e| CredentialError::Key(e.to_string()))
     }
 }
+
+/// 9999-12-31T23:59:59Z, the last time X.509 can say (RFC 5280 §4.1.2.5).
+const LAST_X509_TIME: i64 = 253_402_300_799;
 
 impl fmt::Debug for Svid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

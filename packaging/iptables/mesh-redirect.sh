@@ -9,7 +9,10 @@
 #   mesh-redirect.sh show        # print them
 #
 # Settings (environment):
-#   PROXY_PORT=4140        the transparent listener's port
+#   PROXY_PORT=4141        the transparent listener's port (required for install): the
+#                          port of the [[outbound]] with `transparent = true`, never an
+#                          explicit listener's, which would send every connection of the
+#                          host to one service
 #   PROXY_UID=mesh-proxy   the user mesh-proxy runs as: its own connections are never
 #                          redirected (or they would loop). Or PROXY_GID=<group> instead.
 #   ONLY="10.96.0.0/12"    redirect only these destinations (CIDRs, space separated);
@@ -33,7 +36,15 @@
 set -eu
 
 action=${1:-install}
-port=${PROXY_PORT:-4140}
+port=${PROXY_PORT:-}
+if [ "$action" = install ]; then
+    case "$port" in
+        ''|*[!0-9]*)
+            echo "$0: set PROXY_PORT to the transparent listener's port (the [[outbound]] with transparent = true)" >&2
+            exit 2
+            ;;
+    esac
+fi
 chain=MESH_OUTPUT
 
 rules() {
