@@ -916,3 +916,43 @@ fn identity_headers_are_not_fields_http_uses() {
         ],
     );
 }
+
+/// An opaque service relays connections: request settings are refused on it, and HTTP
+/// requests (a route's backend, an HTTP listener's default) cannot go to it.
+#[test]
+fn opaque_services_take_no_requests() {
+    let errors = invalid(
+        r#"
+        [services.db]
+        protocol = "opaque"
+        tls = "plaintext"
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.1:5432" }] }
+        timeout = { request = "1s" }
+        retry = { max_retries = 3 }
+        [services.web]
+        tls = "plaintext"
+        discovery = { kind = "static", endpoints = [{ addr = "10.0.0.2:80" }] }
+        [[routes]]
+        name = "r"
+        backends = [{ service = "web" }, { service = "db" }]
+        [[outbound]]
+        name = "auto"
+        listen = "127.0.0.1:4140"
+        default_service = "db"
+        [[outbound]]
+        name = "db"
+        listen = "127.0.0.1:4141"
+        protocol = "opaque"
+        default_service = "db"
+        "#,
+    );
+    assert_exactly(
+        &errors,
+        &[
+            "services.db.retry: a setting for requests, and an opaque service relays connections",
+            "services.db.timeout: a setting for requests",
+            "routes[0].backends[1].service: `db` is an opaque service",
+            "outbound[0].default_service: `db` is an opaque service (protocol = \"opaque\"): HTTP requests cannot go to it: set protocol = \"opaque\" on this listener",
+        ],
+    );
+}

@@ -22,6 +22,13 @@ const MAX_CONNECTIONS_LIMIT: u64 = 10_000_000;
 /// Why `pool` is refused on an opaque listener or service.
 const POOL_OPAQUE: &str = "bounds HTTP/1.1 connections, and opaque TCP relays each connection as it comes: remove it (an opaque listener bounds its connections with `limits.max_connections`)";
 
+/// Why a request setting is refused on an opaque service.
+const SERVICE_SETTING_OPAQUE: &str = "a setting for requests, and an opaque service relays connections as bytes: it takes `discovery`, `tls`, `server_identity`, `connect_timeout` and `addresses`";
+
+/// Why an opaque service cannot take HTTP requests.
+const OPAQUE_FOR_HTTP: &str =
+    "is an opaque service (protocol = \"opaque\"): HTTP requests cannot go to it";
+
 /// Why an HTTP limit is refused on an opaque listener.
 const LIMIT_OPAQUE: &str = "an HTTP limit, and opaque listeners relay bytes, not requests: they take `max_connections` and `tunnel_idle_timeout`";
 
@@ -415,6 +422,30 @@ impl Validator {
             if !s.pool.is_default() {
                 self.err(format!("{path}.pool"), POOL_OPAQUE);
             }
+            // What judges and steers requests: an opaque service relays connections, and
+            // would take these without a word and do nothing with them.
+            for (key, set) in [
+                ("balancer", s.balancer != BalancerConfig::default()),
+                ("retry", s.retry != RetryConfig::default()),
+                ("timeout", s.timeout != TimeoutConfig::default()),
+                (
+                    "circuit_breaker",
+                    s.circuit_breaker != BreakerConfig::default(),
+                ),
+                (
+                    "rate_limited",
+                    s.rate_limited != RateLimitedConfig::default(),
+                ),
+                (
+                    "classification",
+                    s.classification != ClassificationConfig::default(),
+                ),
+                ("zone", s.zone != ZoneConfig::default()),
+            ] {
+                if set {
+                    self.err(format!("{path}.{key}"), SERVICE_SETTING_OPAQUE);
+                }
+            }
         } else {
             self.pool(&format!("{path}.pool"), &s.pool);
         }
@@ -550,11 +581,16 @@ impl Validator {
             );
         }
         for (i, b) in r.backends.iter().enumerate() {
-            if !services.contains_key(&b.service) {
-                self.err(
+            match services.get(&b.service) {
+                None => self.err(
                     format!("{path}.backends[{i}].service"),
                     format!("no service named `{}`", b.service),
-                );
+                ),
+                Some(s) if s.protocol == Protocol::Opaque => self.err(
+                    format!("{path}.backends[{i}].service"),
+                    format!("`{}` {OPAQUE_FOR_HTTP}", b.service),
+                ),
+                Some(_) => {}
             }
         }
         if let Some(retry) = &r.retry {
@@ -975,6 +1011,21 @@ impl Validator {
                     self.err(
                         format!("{path}.default_service"),
                         format!("no service named `{s}`"),
+                    );
+                }
+                // An HTTP (or `auto`) listener sends its requests to its default service:
+                // an opaque one needs an opaque listener, which also waits for no request.
+                Some(s)
+                    if l.protocol != Protocol::Opaque
+                        && c.services
+                            .get(s)
+                            .is_some_and(|s| s.protocol == Protocol::Opaque) =>
+                {
+                    self.err(
+                        format!("{path}.default_service"),
+                        format!(
+                            "`{s}` {OPAQUE_FOR_HTTP}: set protocol = \"opaque\" on this listener"
+                        ),
                     );
                 }
                 None if l.protocol == Protocol::Opaque => {
