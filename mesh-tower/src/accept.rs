@@ -97,6 +97,22 @@ impl Incoming for Streams {
     }
 }
 
+/// Says that a listener holds `max_connections` and accepts no more until one closes: at
+/// warn once a second at most, the rest at debug.
+#[cold]
+#[inline(never)]
+fn full(max_connections: usize) {
+    static FULL: crate::throttle::Throttle = crate::throttle::Throttle::new();
+    match FULL.due() {
+        Some(held) => tracing::warn!(
+            max_connections,
+            more_at_debug = held,
+            "the connection limit is reached: new connections wait until one closes (limits.max_connections)"
+        ),
+        None => tracing::debug!(max_connections, "the connection limit is reached"),
+    }
+}
+
 /// Accepts connections from `source` until `shutdown` turns true, at most
 /// `max_connections` open at once, each served by `handle` (given the connection, its
 /// peer and the shutdown signal) in a task of its own. On shutdown: stops accepting,
@@ -119,13 +135,22 @@ where
     let mut conns = JoinSet::new();
     let mut ended = false;
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // Full: new connections wait in the kernel's backlog, unanswered. Said
+                // (once a second at most), so that an operator sees why callers time out.
+                full(max_connections);
+                tokio::select! {
+                    biased;
+                    () = stopped(&mut shutdown) => break,
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let (conn, remote) = tokio::select! {
             biased;

@@ -558,8 +558,45 @@ async fn plaintext_and_garbage_on_the_mtls_port_get_nothing() {
     assert_eq!(send(&web, "/users", false).await.0, StatusCode::OK);
 }
 
+/// What a test's log said (this thread's, at warn and above).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn connections_beyond_the_limit_wait() {
+    let captured = Captured::default();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
     let mut limits = ServerLimits::default();
     limits.max_connections = 1;
     let server = plaintext(None, limits).await;
@@ -572,6 +609,12 @@ async fn connections_beyond_the_limit_wait() {
     let waiting = tokio::spawn(async move { send(&second, "/", false).await.0 });
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!waiting.is_finished());
+    // The wait is said, not silent.
+    let log = captured.text();
+    assert!(
+        log.contains("the connection limit is reached") && log.contains("max_connections=1"),
+        "{log}"
+    );
     // ...until the first closes.
     drop(first);
     assert_eq!(waiting.await.unwrap(), StatusCode::OK);
