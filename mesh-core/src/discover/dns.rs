@@ -97,7 +97,7 @@ use tokio::sync::mpsc;
 use tokio::time;
 
 use super::{Change, DiscoverError, EndpointSet, MAX_ENDPOINTS, Updates};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, unusable_ip};
 use crate::identity::SpiffeId;
 
 /// Default lower bound of the re-resolution interval.
@@ -788,20 +788,6 @@ async fn lookup_target(
 
 /// What [`lookup_ips`] returns.
 type LookupIps = Result<(Vec<IpAddr>, Option<Duration>, Option<String>), Failure>;
-
-/// Why `ip` cannot be an endpoint's address, if it cannot: an unspecified address would
-/// reach local ports, multicast and broadcast addresses are not a peer.
-fn unusable_ip(ip: IpAddr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("an unspecified address")
-    } else if ip.is_multicast() {
-        Some("a multicast address")
-    } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
-        Some("the broadcast address")
-    } else {
-        None
-    }
-}
 
 /// The background task: resolves, sends diffs, sleeps until the TTL expires.
 struct ResolveTask {
