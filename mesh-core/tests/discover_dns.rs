@@ -370,6 +370,14 @@ fn wire_name(name: &str) -> Vec<u8> {
 /// A name server that answers each query (any name) with what `reply` says for its type,
 /// and not at all when it says `None`: UDP only.
 async fn raw_server(reply: impl Fn(u16) -> Option<Reply> + Send + Sync + 'static) -> SocketAddr {
+    raw_server_after(Duration::ZERO, reply).await
+}
+
+/// [`raw_server`], answering each query after `delay`.
+async fn raw_server_after(
+    delay: Duration,
+    reply: impl Fn(u16) -> Option<Reply> + Send + Sync + 'static,
+) -> SocketAddr {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     tokio::spawn(async move {
@@ -400,6 +408,7 @@ async fn raw_server(reply: impl Fn(u16) -> Option<Reply> + Send + Sync + 'static
             for record in r.answers.iter().chain(&r.authority) {
                 answer.extend_from_slice(record);
             }
+            tokio::time::sleep(delay).await;
             let _ = socket.send_to(&answer, from).await;
         }
     });
@@ -589,4 +598,35 @@ async fn ipv4_mapped_addresses_are_ipv4() {
         changes(&mut d, 2).await,
         ["+10.0.0.1:8080 w1", "+10.0.0.2:8080 w1"]
     );
+}
+
+/// hickory's pool gives up on the first SERVFAIL or REFUSED, even from one broken server
+/// among healthy ones: each server is then asked in turn.
+#[tokio::test]
+async fn a_refusing_name_server_does_not_hide_a_healthy_one() {
+    let refusing = raw_server(|_| {
+        Some(Reply {
+            rcode: 5,
+            answers: vec![],
+            authority: vec![],
+        })
+    })
+    .await;
+    // Slower, so that the refusal comes first.
+    let healthy = raw_server_after(Duration::from_millis(100), |qtype| {
+        (qtype == QTYPE_A).then(|| Reply {
+            rcode: 0,
+            answers: vec![rr(&[0xc0, 12], QTYPE_A, &[10, 0, 0, 7])],
+            authority: vec![],
+        })
+    })
+    .await;
+    let mut d = DnsDiscovery::host("users.example.test", 8080)
+        .name_server(refusing)
+        .name_server(healthy)
+        .ttl_floor(FLOOR)
+        .query_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
 }

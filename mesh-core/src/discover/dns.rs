@@ -77,6 +77,11 @@
 //! with TCP fallback for truncated answers) or, by default, the `nameserver` lines of
 //! `/etc/resolv.conf` (read when the source is built, port 53). The `search` and `ndots`
 //! settings are not applied: names are always absolute. `/etc/hosts` is not consulted.
+//!
+//! With several name servers, hickory's pool asks them (two at once) and takes the first
+//! answer; a SERVFAIL or REFUSED would end the lookup even when another server is healthy,
+//! so such an answer is asked again of each server in turn, in the order given, and the
+//! first other answer is used.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -88,6 +93,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use futures_util::{StreamExt, stream};
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
@@ -294,7 +300,7 @@ impl DnsDiscoveryBuilder {
         } else {
             self.name_servers.clone()
         };
-        let resolver = build_resolver(&name_servers, self.query_timeout)
+        let resolver = Resolvers::new(&name_servers, self.query_timeout)
             .map_err(|e| error(format!("building the resolver: {e}")))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
             error(format!(
@@ -326,6 +332,61 @@ impl DnsDiscoveryBuilder {
         };
         runtime.spawn(task.run());
         Ok(DnsDiscovery { updates })
+    }
+}
+
+/// The resolvers of a source: one pool over all its name servers and, when there are
+/// several, one resolver per server. hickory's pool gives up on the first SERVFAIL or
+/// REFUSED it gets, even when it comes from one broken server among healthy ones, so such
+/// an answer is asked again of each server in turn, in the order given, and the first other
+/// answer wins.
+#[derive(Clone)]
+struct Resolvers {
+    pool: TokioResolver,
+    each: Vec<TokioResolver>,
+}
+
+impl Resolvers {
+    fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Self, NetError> {
+        let pool = build_resolver(servers, timeout)?;
+        let each = if servers.len() > 1 {
+            servers
+                .iter()
+                .map(|s| build_resolver(std::slice::from_ref(s), timeout))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self { pool, each })
+    }
+
+    fn clear_cache(&self) {
+        self.pool.clear_cache();
+        for r in &self.each {
+            r.clear_cache();
+        }
+    }
+
+    async fn lookup(&self, name: &Name, rtype: RecordType) -> Result<Lookup, NetError> {
+        let is_server_failure = |r: &Result<Lookup, NetError>| {
+            matches!(
+                r,
+                Err(NetError::Dns(DnsError::ResponseCode(
+                    ResponseCode::ServFail | ResponseCode::Refused
+                )))
+            )
+        };
+        let result = self.pool.lookup(name.clone(), rtype).await;
+        if !is_server_failure(&result) {
+            return result;
+        }
+        for resolver in &self.each {
+            let other = resolver.lookup(name.clone(), rtype).await;
+            if !is_server_failure(&other) {
+                return other;
+            }
+        }
+        result
     }
 }
 
@@ -636,7 +697,7 @@ fn negative_ttl(authorities: &[Record]) -> Option<Duration> {
 /// no records but NS records and no SOA is a referral or a lame server, not an answer: an
 /// error, as is NXDOMAIN and any other failure.
 async fn lookup<T>(
-    resolver: &TokioResolver,
+    resolver: &Resolvers,
     name: &Name,
     rtype: RecordType,
     f: impl Fn(&RData) -> Option<T>,
@@ -645,7 +706,7 @@ async fn lookup<T>(
         nxdomain: true,
         reason: e.to_string(),
     };
-    match resolver.lookup(name.clone(), rtype).await {
+    match resolver.lookup(name, rtype).await {
         Ok(lookup) => {
             let (records, ttl) = answer_records(lookup.answers(), name, rtype);
             if !records.is_empty() {
@@ -707,7 +768,7 @@ async fn lookup<T>(
 ///
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are taken as the IPv4 address; the result
 /// is sorted, without duplicates.
-async fn lookup_ips(resolver: &TokioResolver, name: &Name, previous: &[IpAddr]) -> LookupIps {
+async fn lookup_ips(resolver: &Resolvers, name: &Name, previous: &[IpAddr]) -> LookupIps {
     let (v4, v6) = tokio::join!(
         lookup(resolver, name, RecordType::A, |d| match d {
             RData::A(a) => Some(IpAddr::V4(a.0)),
@@ -778,7 +839,7 @@ fn cap_srv_records(records: &mut Vec<SrvRecord>) -> bool {
 
 /// [`lookup_ips`] of one SRV target, owning what it needs so that several run at once.
 async fn lookup_target(
-    resolver: TokioResolver,
+    resolver: Resolvers,
     target: Name,
     previous: Vec<IpAddr>,
 ) -> (Name, LookupIps) {
@@ -793,7 +854,7 @@ type LookupIps = Result<(Vec<IpAddr>, Option<Duration>, Option<String>), Failure
 struct ResolveTask {
     display: String,
     query: Query,
-    resolver: TokioResolver,
+    resolver: Resolvers,
     template: Template,
     floor: Duration,
     ceiling: Duration,
@@ -876,7 +937,7 @@ impl ResolveTask {
                             endpoints = self.set.len(),
                             "DNS lookup failed: {}; keeping the last good endpoints{}",
                             failure.reason,
-                            if failure.nxdomain { " while the name is missing for less than the NXDOMAIN grace" } else { "" },
+                            if failure.nxdomain { " until the name has been missing for the NXDOMAIN grace" } else { "" },
                         );
                         self.last_error = Some(failure.reason);
                     }
@@ -1030,10 +1091,12 @@ impl ResolveTask {
                     lookup_target(self.resolver.clone(), target.clone(), kept)
                 })
                 .collect();
-            let results: Vec<_> = stream::iter(lookups)
+            let mut results: Vec<_> = stream::iter(lookups)
                 .buffer_unordered(MAX_CONCURRENT_TARGETS)
                 .collect()
                 .await;
+            // In target order, so that what is logged does not depend on which answered first.
+            results.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (target, result) in results {
                 let target = &target;
                 match result {
