@@ -550,8 +550,8 @@ fn srv_endpoints(
 /// The endpoints of one priority's records: one per address and record. A record's weight,
 /// scaled by [`WEIGHT_SCALE`], is split evenly across its target's addresses, so that a
 /// target with many addresses gets no more traffic than its weight says. Where some record
-/// of the priority has a weight above 0, a weight of 0 becomes 1 (before scaling, the
-/// others are at least 1,000): such targets get a very small share, as RFC 2782 asks; where
+/// of the priority has a weight above 0, a weight of 0 becomes 1 while the others are
+/// scaled to at least 1,000: such targets get a very small share, as RFC 2782 asks; where
 /// all weights are 0 they are equal. Weights of equal addresses add. An address repeated in
 /// one target's answer counts once (an RRset has no duplicates, RFC 2181 §5, but a server
 /// may send them).
