@@ -16,13 +16,17 @@
 //! weight = 1                                      # optional, at least 1 (default 1)
 //! metadata = { version = "v2" }                   # optional
 //! ```
+//!
+//! An address that cannot be a peer is rejected when an endpoint is read: port 0, an
+//! unspecified address (`0.0.0.0`, `[::]`, which would reach local ports), a multicast or the
+//! broadcast address. [`Endpoint::new`] does not check: it is the caller's address.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::identity::SpiffeId;
 
@@ -71,6 +75,7 @@ impl fmt::Display for EndpointKey {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
+    #[serde(deserialize_with = "usable_addr")]
     addr: SocketAddr,
     #[serde(
         default,
@@ -84,6 +89,37 @@ pub struct Endpoint {
     weight: NonZeroU32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     metadata: BTreeMap<String, String>,
+}
+
+/// Why `ip` cannot be an endpoint's address, if it cannot: an unspecified address would
+/// reach local ports; multicast and broadcast addresses are not a peer.
+pub(crate) fn unusable_ip(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("an unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+/// Deserializes an endpoint's address, rejecting those that cannot be a peer.
+fn usable_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    use serde::de::Error;
+    let addr = SocketAddr::deserialize(deserializer)?;
+    if addr.port() == 0 {
+        return Err(D::Error::custom(format!(
+            "endpoint address {addr} has port 0"
+        )));
+    }
+    if let Some(why) = unusable_ip(addr.ip()) {
+        return Err(D::Error::custom(format!(
+            "endpoint address {addr} is {why}, which cannot be a peer"
+        )));
+    }
+    Ok(addr)
 }
 
 const fn default_weight() -> NonZeroU32 {
@@ -213,6 +249,12 @@ mod tests {
             ("addr = \"1.2.3.4:1\"\nweight = 0", "nonzero"),
             ("addr = \"1.2.3.4:1\"\nidentity = \"http://x/y\"", "scheme"),
             ("addr = \"1.2.3.4:1\"\nzome = \"a\"", "unknown field `zome`"),
+            (r#"addr = "1.2.3.4:0""#, "port 0"),
+            (r#"addr = "0.0.0.0:80""#, "unspecified"),
+            (r#"addr = "[::]:80""#, "unspecified"),
+            (r#"addr = "224.0.0.1:80""#, "multicast"),
+            (r#"addr = "[ff02::1]:80""#, "multicast"),
+            (r#"addr = "255.255.255.255:80""#, "broadcast"),
         ] {
             let err = toml::from_str::<Endpoint>(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");

@@ -158,6 +158,9 @@ impl Snapshot {
     }
 }
 
+/// The longest poll interval: 30 years, in effect never.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
 /// Settings of a [`FileWatch`].
 ///
 /// # Defaults
@@ -173,9 +176,11 @@ pub struct FileWatchBuilder {
 
 impl FileWatchBuilder {
     /// Re-reads the files at least this often, whether or not an event said they changed
-    /// (default 10 s). A zero interval is raised to one millisecond.
+    /// (default 10 s). A zero interval is raised to one millisecond, and one above 30 years
+    /// (`Duration::MAX` for "never") is lowered to 30 years, so that deadlines never
+    /// overflow.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval.max(Duration::from_millis(1));
+        self.poll_interval = interval.clamp(Duration::from_millis(1), MAX_POLL_INTERVAL);
         self
     }
 
@@ -219,7 +224,13 @@ impl FileWatchBuilder {
         };
         let watcher = watcher?;
 
-        let start = time::Instant::now() + self.poll_interval;
+        let now = time::Instant::now();
+        // `poll_interval` is at most 30 years, which the clock holds; should it not, the
+        // first poll is as far away as can be said.
+        let start = now
+            .checked_add(self.poll_interval)
+            .or_else(|| now.checked_add(MAX_POLL_INTERVAL))
+            .unwrap_or(now);
         let mut poll = time::interval_at(start, self.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(FileWatch {
@@ -486,6 +497,25 @@ mod tests {
         std::fs::write(&pb, "y").unwrap();
         assert!(
             time::timeout(Duration::from_millis(300), watch.changed())
+                .await
+                .is_err()
+        );
+    }
+
+    /// `Duration::MAX` ("never poll") once overflowed the first poll's deadline and
+    /// panicked.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_interval_of_duration_max_does_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        std::fs::write(&path, "1").unwrap();
+        let mut watch = FileWatch::builder([&path])
+            .poll_interval(Duration::MAX)
+            .start()
+            .await
+            .unwrap();
+        assert!(
+            time::timeout(Duration::from_secs(3600), watch.changed())
                 .await
                 .is_err()
         );

@@ -143,9 +143,11 @@ async fn srv_ports_weights_identity_and_zone() {
     assert_eq!(
         got,
         [
-            "10.0.1.1:8080 w10",
+            // a's weight, scaled by 1000, split across its two addresses; b's weight 0
+            // next to a weight above 0: the smallest share.
+            "10.0.1.1:8080 w5000",
             "10.0.1.2:9090 w1",
-            "[fd00::a]:8080 w10"
+            "[fd00::a]:8080 w5000"
         ]
     );
     assert_quiet(&mut d).await;
@@ -162,32 +164,54 @@ async fn srv_ports_weights_identity_and_zone() {
     assert_eq!(
         changes(&mut d, 4).await,
         [
-            "+10.0.1.3:8080 w20",
-            "+[fd00::a]:8080 w20",
+            "+10.0.1.3:8080 w10000",
+            "+[fd00::a]:8080 w10000",
             "-10.0.1.1:8080",
             "-10.0.1.2:9090"
         ]
     );
 }
 
+/// A short NXDOMAIN keeps the last set; one that lasts the grace period empties it (a
+/// Kubernetes headless service with no ready endpoint answers NXDOMAIN).
 #[tokio::test]
-async fn nxdomain_keeps_the_last_set_and_recovery_applies_the_diff() {
+async fn nxdomain_keeps_the_last_set_for_the_grace_then_empties_it() {
+    const GRACE: Duration = Duration::from_millis(1500);
     let dns = TestDns::start().await;
     dns.set_a("gone.example.test.", 1, &["10.0.0.1", "10.0.0.2"])
         .await;
-    let mut d = dns.host("gone.example.test").build().unwrap();
+    let mut d = dns
+        .host("gone.example.test")
+        .nxdomain_grace(GRACE)
+        .build()
+        .unwrap();
     changes(&mut d, 2).await;
 
-    // No records at all under the name: NXDOMAIN, several rounds at the floor.
+    // No records at all under the name: NXDOMAIN, several rounds at the floor, for less
+    // than the grace; then the name is back.
     dns.set_a("gone.example.test.", 1, &[]).await;
-    assert_quiet(&mut d).await;
-
+    tokio::time::sleep(GRACE / 2).await;
     dns.set_a("gone.example.test.", 1, &["10.0.0.2", "10.0.0.9"])
         .await;
     assert_eq!(
         changes(&mut d, 2).await,
         ["+10.0.0.9:8080 w1", "-10.0.0.1:8080"]
     );
+
+    // NXDOMAIN for the grace: the set empties, not before.
+    dns.set_a("gone.example.test.", 1, &[]).await;
+    let gone = Instant::now();
+    assert_eq!(
+        next_changes(&mut d, 2).await,
+        ["-10.0.0.2:8080", "-10.0.0.9:8080"]
+    );
+    let elapsed = gone.elapsed();
+    assert!(elapsed >= GRACE, "{elapsed:?}");
+    assert_quiet(&mut d).await;
+
+    // And recovery applies the difference.
+    dns.set_a("gone.example.test.", 1, &["10.0.0.9"]).await;
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.9:8080 w1"]);
 }
 
 #[tokio::test]
@@ -207,6 +231,14 @@ async fn a_successful_empty_answer_empties_the_set() {
     .await;
     dns.set_a("empty.example.test.", 1, &[]).await;
     assert_eq!(changes(&mut d, 1).await, ["-10.0.0.1:8080"]);
+
+    // While the set is empty the name is asked again soon (backing off from the floor),
+    // not after the 30 s negative TTL of the zone's SOA.
+    dns.set_a("empty.example.test.", 1, &["10.0.0.2"]).await;
+    let back = Instant::now();
+    assert_eq!(next_changes(&mut d, 1).await, ["+10.0.0.2:8080 w1"]);
+    let elapsed = back.elapsed();
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
 }
 
 #[tokio::test]
@@ -305,9 +337,47 @@ async fn invalid_settings_fail_at_construction() {
     }
 }
 
-/// A name server that answers every A query for any name with `ip` (TTL 1 s) and never
-/// answers anything else, as some firewalls and DNS proxies treat AAAA: UDP only.
-async fn a_only_server(ip: [u8; 4]) -> SocketAddr {
+/// What a [`raw_server`] answers: the response code, then the answer and authority
+/// records, each already in wire form (see [`rr`]).
+struct Reply {
+    rcode: u8,
+    answers: Vec<Vec<u8>>,
+    authority: Vec<Vec<u8>>,
+}
+
+/// A resource record in wire form: `owner` as wire bytes (`&[0xc0, 12]` points to the
+/// question's name), class IN, TTL 1 s.
+fn rr(owner: &[u8], rtype: u16, rdata: &[u8]) -> Vec<u8> {
+    let mut out = owner.to_vec();
+    out.extend_from_slice(&rtype.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 1]);
+    out.extend_from_slice(&u16::try_from(rdata.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(rdata);
+    out
+}
+
+/// A name in wire form.
+fn wire_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(u8::try_from(label.len()).unwrap());
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A name server that answers each query (any name) with what `reply` says for its type,
+/// and not at all when it says `None`: UDP only.
+async fn raw_server(reply: impl Fn(u16) -> Option<Reply> + Send + Sync + 'static) -> SocketAddr {
+    raw_server_after(Duration::ZERO, reply).await
+}
+
+/// [`raw_server`], answering each query after `delay`.
+async fn raw_server_after(
+    delay: Duration,
+    reply: impl Fn(u16) -> Option<Reply> + Send + Sync + 'static,
+) -> SocketAddr {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     tokio::spawn(async move {
@@ -319,25 +389,106 @@ async fn a_only_server(ip: [u8; 4]) -> SocketAddr {
                 continue;
             };
             let qtype_at = 12 + end + 1;
-            let Some(qtype) = query.get(qtype_at..qtype_at + 2) else {
+            let Some(&[hi, lo]) = query.get(qtype_at..qtype_at + 2) else {
                 continue;
             };
-            if qtype != [0, 1] {
-                continue; // not A: no answer at all
-            }
+            let Some(r) = reply(u16::from_be_bytes([hi, lo])) else {
+                continue; // no answer at all
+            };
             let question = &query[12..qtype_at + 4];
-            let mut answer = Vec::with_capacity(64);
+            let mut answer = Vec::with_capacity(128);
             answer.extend_from_slice(&query[..2]); // the id
-            answer.extend_from_slice(&[0x85, 0x80]); // a response, authoritative, recursion
-            answer.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]); // 1 question, 1 answer
+            // A response, authoritative, recursion desired and available, the code.
+            answer.extend_from_slice(&[0x85, 0x80 | r.rcode]);
+            answer.extend_from_slice(&[0, 1]); // 1 question
+            for count in [r.answers.len(), r.authority.len(), 0] {
+                answer.extend_from_slice(&u16::try_from(count).unwrap().to_be_bytes());
+            }
             answer.extend_from_slice(question);
-            // The answer: a pointer to the question's name, A, IN, TTL 1, 4 bytes.
-            answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4]);
-            answer.extend_from_slice(&ip);
+            for record in r.answers.iter().chain(&r.authority) {
+                answer.extend_from_slice(record);
+            }
+            tokio::time::sleep(delay).await;
             let _ = socket.send_to(&answer, from).await;
         }
     });
     addr
+}
+
+const QTYPE_A: u16 = 1;
+
+/// A name server that answers every A query for any name with `ip` (TTL 1 s) and never
+/// answers anything else, as some firewalls and DNS proxies treat AAAA: UDP only.
+async fn a_only_server(ip: [u8; 4]) -> SocketAddr {
+    raw_server(move |qtype| {
+        (qtype == QTYPE_A).then(|| Reply {
+            rcode: 0,
+            answers: vec![rr(&[0xc0, 12], QTYPE_A, &ip)],
+            authority: vec![],
+        })
+    })
+    .await
+}
+
+fn raw_discovery(server: SocketAddr) -> DnsDiscovery {
+    DnsDiscovery::host("users.example.test", 8080)
+        .name_server(server)
+        .ttl_floor(FLOOR)
+        .query_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+}
+
+/// An answer may hold records of other names; only those of the name asked (or of its
+/// CNAME chain) are endpoints.
+#[tokio::test]
+async fn records_of_other_names_in_the_answer_are_ignored() {
+    let server = raw_server(|qtype| {
+        (qtype == QTYPE_A).then(|| Reply {
+            rcode: 0,
+            answers: vec![
+                rr(&[0xc0, 12], QTYPE_A, &[10, 0, 0, 7]),
+                rr(&wire_name("evil.test."), QTYPE_A, &[6, 6, 6, 6]),
+            ],
+            authority: vec![],
+        })
+    })
+    .await;
+    let mut d = raw_discovery(server);
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
+}
+
+/// A NOERROR answer with no records, NS records and no SOA is a referral (or a lame
+/// server), not "no addresses": the last set stays.
+#[tokio::test]
+async fn a_referral_keeps_the_last_set() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let referral = Arc::new(AtomicBool::new(false));
+    let flag = referral.clone();
+    let server = raw_server(move |qtype| {
+        let root_ns = rr(&[0], 2, &wire_name("a.root-servers.test."));
+        Some(if qtype == QTYPE_A && !flag.load(Ordering::SeqCst) {
+            Reply {
+                rcode: 0,
+                answers: vec![rr(&[0xc0, 12], QTYPE_A, &[10, 0, 0, 7])],
+                authority: vec![],
+            }
+        } else {
+            // An upward referral, for AAAA from the start.
+            Reply {
+                rcode: 0,
+                answers: vec![],
+                authority: vec![root_ns],
+            }
+        })
+    })
+    .await;
+    let mut d = raw_discovery(server);
+    assert_eq!(next_changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
+    referral.store(true, Ordering::SeqCst);
+    assert_quiet(&mut d).await;
 }
 
 /// One family failing (AAAA unanswered) while the other answers still gives that family's
@@ -345,12 +496,7 @@ async fn a_only_server(ip: [u8; 4]) -> SocketAddr {
 #[tokio::test]
 async fn a_server_that_drops_aaaa_still_gives_the_ipv4_endpoints() {
     let server = a_only_server([10, 0, 0, 7]).await;
-    let mut d = DnsDiscovery::host("users.example.test", 8080)
-        .name_server(server)
-        .ttl_floor(FLOOR)
-        .query_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let mut d = raw_discovery(server);
     assert_eq!(changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
 }
 
@@ -380,4 +526,107 @@ async fn dropping_the_stream_stops_the_task() {
     })
     .await
     .expect("the resolve task outlived its stream");
+}
+
+/// RFC 2782: a backup priority is resolved only when the one before has no address, so
+/// a broken backup target neither warns nor pins re-resolution to the floor.
+#[tokio::test]
+async fn a_broken_backup_target_does_not_pin_the_floor() {
+    let dns = TestDns::start().await;
+    dns.set(
+        "_http._tcp.users.example.test.",
+        RecordType::SRV,
+        2,
+        vec![
+            RData::SRV(SRV::new(10, 1, 8080, name("primary.example.test."))),
+            // No records at all: NXDOMAIN.
+            RData::SRV(SRV::new(20, 1, 8080, name("backup.example.test."))),
+        ],
+    )
+    .await;
+    dns.set_a("primary.example.test.", 2, &["10.0.1.1"]).await;
+    let mut d = dns
+        .tune(DnsDiscovery::srv("_http._tcp.users.example.test."))
+        .build()
+        .unwrap();
+    next_changes(&mut d, 1).await;
+    let resolved = Instant::now();
+
+    dns.set_a("primary.example.test.", 2, &["10.0.1.2"]).await;
+    assert_eq!(
+        next_changes(&mut d, 2).await,
+        ["+10.0.1.2:8080 w1000", "-10.0.1.1:8080"]
+    );
+    let elapsed = resolved.elapsed();
+    // At the 2 s TTL, not at the 200 ms floor.
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_secs(4)).contains(&elapsed),
+        "{elapsed:?}"
+    );
+}
+
+/// An unspecified, multicast or broadcast address is never an endpoint: a DNS filter that
+/// null-routes a name to 0.0.0.0 would send the traffic to local ports.
+#[tokio::test]
+async fn unusable_addresses_are_skipped() {
+    let dns = TestDns::start().await;
+    dns.set_a(
+        "users.example.test.",
+        1,
+        &["0.0.0.0", "10.0.0.1", "224.0.0.1", "255.255.255.255"],
+    )
+    .await;
+    dns.set_aaaa("users.example.test.", 1, &["::", "ff02::1"])
+        .await;
+    let mut d = dns.host("users.example.test").build().unwrap();
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.1:8080 w1"]);
+}
+
+/// `::ffff:a.b.c.d` in AAAA beside `a.b.c.d` in A is one host, one endpoint.
+#[tokio::test]
+async fn ipv4_mapped_addresses_are_ipv4() {
+    let dns = TestDns::start().await;
+    dns.set_a("users.example.test.", 1, &["10.0.0.1"]).await;
+    dns.set_aaaa(
+        "users.example.test.",
+        1,
+        &["::ffff:10.0.0.1", "::ffff:10.0.0.2"],
+    )
+    .await;
+    let mut d = dns.host("users.example.test").build().unwrap();
+    assert_eq!(
+        changes(&mut d, 2).await,
+        ["+10.0.0.1:8080 w1", "+10.0.0.2:8080 w1"]
+    );
+}
+
+/// hickory's pool gives up on the first SERVFAIL or REFUSED, even from one broken server
+/// among healthy ones: each server is then asked in turn.
+#[tokio::test]
+async fn a_refusing_name_server_does_not_hide_a_healthy_one() {
+    let refusing = raw_server(|_| {
+        Some(Reply {
+            rcode: 5,
+            answers: vec![],
+            authority: vec![],
+        })
+    })
+    .await;
+    // Slower, so that the refusal comes first.
+    let healthy = raw_server_after(Duration::from_millis(100), |qtype| {
+        (qtype == QTYPE_A).then(|| Reply {
+            rcode: 0,
+            answers: vec![rr(&[0xc0, 12], QTYPE_A, &[10, 0, 0, 7])],
+            authority: vec![],
+        })
+    })
+    .await;
+    let mut d = DnsDiscovery::host("users.example.test", 8080)
+        .name_server(refusing)
+        .name_server(healthy)
+        .ttl_floor(FLOOR)
+        .query_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(changes(&mut d, 1).await, ["+10.0.0.7:8080 w1"]);
 }

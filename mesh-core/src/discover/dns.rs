@@ -4,14 +4,35 @@
 //!
 //! - **A/AAAA** ([`DnsDiscovery::host`]): every IPv4 and IPv6 address of the host becomes
 //!   an endpoint at the given port. Both families are always queried; when one fails and
-//!   the other answers, the failed family keeps its last addresses.
-//! - **SRV** ([`DnsDiscovery::srv`], a name like `_http._tcp.users.example.org`): every
-//!   SRV target is resolved to its A/AAAA addresses; each address becomes an endpoint at
-//!   the record's port, weighted by the record's weight (a weight of 0 counts as 1; two
-//!   records for the same address and port add their weights). Priorities are honoured
-//!   as RFC 2782 asks: only the targets of the lowest priority are used, and those of the
-//!   next only while none of the lower ones has an address. A target of `.` ("no
-//!   service") yields nothing.
+//!   the other answers, the failed family keeps its last addresses. An IPv4-mapped IPv6
+//!   address (`::ffff:a.b.c.d`) is taken as the IPv4 address, so that a host listed in both
+//!   families is one endpoint.
+//! - **SRV** ([`DnsDiscovery::srv`], a name like `_http._tcp.users.example.org`): priorities
+//!   are honoured as RFC 2782 asks: the targets of the lowest priority are resolved to their
+//!   A/AAAA addresses (at most 16 at once), and those of the next priority only while none
+//!   of the lower ones has an address; backups are not even asked otherwise. Each address
+//!   becomes an endpoint at the record's port. A record's weight, multiplied by 1,000, is
+//!   split evenly across its target's addresses (at least 1 each), so that a target with
+//!   many addresses gets the share its weight says; where some record of the priority has
+//!   a weight above 0, a weight of 0 counts as 1 before that scaling (a very small share),
+//!   and where all are 0 they are equal. Two records for the same address and port add
+//!   their weights. A target of `.` ("no service") yields nothing.
+//!
+//! Only the records of the name asked, or of the names its CNAME chain leads to (at most 8
+//! links), of class IN and of the type asked, are used: anything else a server puts in its
+//! answer is ignored.
+//!
+//! An address that cannot be a peer — unspecified (`0.0.0.0`, `::`), multicast or broadcast
+//! — and an SRV record with port 0 are skipped with a warning (logged once): a DNS filter
+//! that null-routes a name to `0.0.0.0` would otherwise send traffic to local ports.
+//!
+//! # Limits
+//!
+//! A round uses at most [`MAX_SRV_RECORDS`] SRV records (the lowest priority first, then the
+//! highest weight, then the lowest target name), at most [`MAX_ADDRS_PER_NAME`] addresses of
+//! each name (the lowest) and yields at most [`MAX_ENDPOINTS`]
+//! endpoints (the lowest addresses). Going over a limit is warned about once; the round
+//! still succeeds with that deterministic subset.
 //!
 //! An expected [identity](DnsDiscoveryBuilder::identity) and a
 //! [zone](DnsDiscoveryBuilder::zone) can be set for all endpoints of the source.
@@ -26,17 +47,29 @@
 //!
 //! # Failures and empty answers
 //!
-//! A failed lookup — NXDOMAIN, a timeout, SERVFAIL or any other error — keeps the last good
-//! set, is logged with `tracing::warn!` (once per distinct reason) and is retried after the
-//! floor. The first resolution is no different: the source is created without waiting for
-//! DNS, and the stream stays silent until a lookup succeeds.
+//! A failed lookup — a timeout, SERVFAIL, REFUSED, a referral or any other error — keeps the
+//! last good set, is logged with `tracing::warn!` (once per distinct reason) and is retried
+//! after the floor. The first resolution is no different: the source is created without
+//! waiting for DNS, and the stream stays silent until a lookup succeeds.
 //!
-//! A *successful* empty answer (NOERROR with no records of the type asked, "NODATA") is
-//! honoured: the name exists and says it has no addresses, so the set becomes empty. It is
-//! re-resolved after the SOA's negative TTL, or the floor if there is none. For SRV, a
-//! target that fails to resolve keeps the addresses it had in the last round (or is
-//! skipped, with a warning, if it never resolved) so that one broken target does not freeze
-//! the others; the next round then comes after the floor.
+//! NXDOMAIN is a failure at first, so that a transient one (a zone being reloaded) changes
+//! nothing; once the name has answered NXDOMAIN in every round for at least two rounds and
+//! the [NXDOMAIN grace](DnsDiscoveryBuilder::nxdomain_grace) (default 30 s), the set becomes
+//! empty, as Envoy does at once: a Kubernetes headless service with no ready endpoint
+//! answers NXDOMAIN, and its old pod addresses are soon reused.
+//!
+//! A *successful* empty answer ("NODATA": NOERROR with no records of the type asked, and an
+//! SOA in the authority section or at least no NS records there, RFC 2308 §2.2) is honoured:
+//! the name exists and says it has no addresses, so the set becomes empty. A NOERROR answer
+//! with no records, NS records and no SOA is a referral or a lame server, not an answer: a
+//! failure. While the set is empty, the name is asked again after the floor, doubling each
+//! round up to the SOA's negative TTL (within the floor and the ceiling).
+//!
+//! For SRV, a target that fails to resolve keeps the addresses it had in the last round (or
+//! is skipped if it never resolved) so that one broken target does not freeze the others;
+//! its failure is logged once per target and reason. When a target of a priority that was
+//! resolved (the one in use, or a lower one that had no address) failed, the next round
+//! comes after the floor; a backup that was not needed is not resolved, so cannot pin it.
 //!
 //! # Resolver
 //!
@@ -44,8 +77,13 @@
 //! with TCP fallback for truncated answers) or, by default, the `nameserver` lines of
 //! `/etc/resolv.conf` (read when the source is built, port 53). The `search` and `ndots`
 //! settings are not applied: names are always absolute. `/etc/hosts` is not consulted.
+//!
+//! With several name servers, hickory's pool asks them (two at once) and takes the first
+//! answer; a SERVFAIL or REFUSED would end the lookup even when another server is healthy,
+//! so such an answer is asked again of each server in turn, in the order given, and the
+//! first other answer is used.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
@@ -53,17 +91,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
+use futures_util::{StreamExt, stream};
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::mpsc;
 use tokio::time;
 
-use super::{Change, DiscoverError, EndpointSet, Updates};
-use crate::endpoint::Endpoint;
+use super::{Change, DiscoverError, EndpointSet, MAX_ENDPOINTS, Updates};
+use crate::endpoint::{Endpoint, unusable_ip};
 use crate::identity::SpiffeId;
 
 /// Default lower bound of the re-resolution interval.
@@ -72,6 +112,19 @@ pub const DEFAULT_TTL_FLOOR: Duration = Duration::from_secs(5);
 pub const DEFAULT_TTL_CEILING: Duration = Duration::from_secs(300);
 /// Default timeout of one DNS query (hickory's, as resolv.conf's).
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a name must keep answering NXDOMAIN (over two rounds at least) before its
+/// endpoints are removed.
+pub const DEFAULT_NXDOMAIN_GRACE: Duration = Duration::from_secs(30);
+/// At most this many SRV records are used per round: those of the lowest priority, then
+/// the highest weight, then the lowest target name.
+pub const MAX_SRV_RECORDS: usize = 256;
+/// At most this many addresses of one name are used: the lowest.
+pub const MAX_ADDRS_PER_NAME: usize = 512;
+/// At most this many SRV targets are resolved at once.
+const MAX_CONCURRENT_TARGETS: usize = 16;
+/// A SRV record's weight is multiplied by this before being split across its target's
+/// addresses.
+const WEIGHT_SCALE: u32 = 1000;
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -134,6 +187,7 @@ enum QuerySpec {
 /// - name servers: those of `/etc/resolv.conf`.
 /// - `ttl_floor`: 5 s; `ttl_ceiling`: 5 min.
 /// - `query_timeout`: 5 s (two attempts).
+/// - `nxdomain_grace`: 30 s.
 /// - no identity, no zone.
 #[derive(Clone, Debug)]
 pub struct DnsDiscoveryBuilder {
@@ -142,6 +196,7 @@ pub struct DnsDiscoveryBuilder {
     ttl_floor: Duration,
     ttl_ceiling: Duration,
     query_timeout: Duration,
+    nxdomain_grace: Duration,
     identity: Option<SpiffeId>,
     zone: Option<String>,
 }
@@ -154,6 +209,7 @@ impl DnsDiscoveryBuilder {
             ttl_floor: DEFAULT_TTL_FLOOR,
             ttl_ceiling: DEFAULT_TTL_CEILING,
             query_timeout: DEFAULT_QUERY_TIMEOUT,
+            nxdomain_grace: DEFAULT_NXDOMAIN_GRACE,
             identity: None,
             zone: None,
         }
@@ -182,6 +238,13 @@ impl DnsDiscoveryBuilder {
     /// The timeout of one DNS query (default 5 s; a query is tried twice).
     pub fn query_timeout(mut self, timeout: Duration) -> Self {
         self.query_timeout = timeout;
+        self
+    }
+
+    /// How long the name must keep answering NXDOMAIN, over two rounds at least, before
+    /// its endpoints are removed (default 30 s). A shorter NXDOMAIN keeps the last set.
+    pub fn nxdomain_grace(mut self, grace: Duration) -> Self {
+        self.nxdomain_grace = grace;
         self
     }
 
@@ -237,7 +300,7 @@ impl DnsDiscoveryBuilder {
         } else {
             self.name_servers.clone()
         };
-        let resolver = build_resolver(&name_servers, self.query_timeout)
+        let resolver = Resolvers::new(&name_servers, self.query_timeout)
             .map_err(|e| error(format!("building the resolver: {e}")))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
             error(format!(
@@ -256,14 +319,74 @@ impl DnsDiscoveryBuilder {
             },
             floor: self.ttl_floor,
             ceiling: self.ttl_ceiling,
+            nxdomain_grace: self.nxdomain_grace,
             set: EndpointSet::new(),
             target_addrs: HashMap::new(),
             last_error: None,
             half_failed: None,
+            nxdomain: None,
+            empty_wait: None,
+            target_errors: HashMap::new(),
+            warned: HashSet::new(),
             tx,
         };
         runtime.spawn(task.run());
         Ok(DnsDiscovery { updates })
+    }
+}
+
+/// The resolvers of a source: one pool over all its name servers and, when there are
+/// several, one resolver per server. hickory's pool gives up on the first SERVFAIL or
+/// REFUSED it gets, even when it comes from one broken server among healthy ones, so such
+/// an answer is asked again of each server in turn, in the order given, and the first other
+/// answer wins.
+#[derive(Clone)]
+struct Resolvers {
+    pool: TokioResolver,
+    each: Vec<TokioResolver>,
+}
+
+impl Resolvers {
+    fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Self, NetError> {
+        let pool = build_resolver(servers, timeout)?;
+        let each = if servers.len() > 1 {
+            servers
+                .iter()
+                .map(|s| build_resolver(std::slice::from_ref(s), timeout))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self { pool, each })
+    }
+
+    fn clear_cache(&self) {
+        self.pool.clear_cache();
+        for r in &self.each {
+            r.clear_cache();
+        }
+    }
+
+    async fn lookup(&self, name: &Name, rtype: RecordType) -> Result<Lookup, NetError> {
+        let is_server_failure = |r: &Result<Lookup, NetError>| {
+            matches!(
+                r,
+                Err(NetError::Dns(DnsError::ResponseCode(
+                    ResponseCode::ServFail | ResponseCode::Refused
+                )))
+            )
+        };
+        let result = self.pool.lookup(name.clone(), rtype).await;
+        if !is_server_failure(&result) {
+            return result;
+        }
+        for resolver in &self.each {
+            let other = resolver.lookup(name.clone(), rtype).await;
+            if !is_server_failure(&other) {
+                return other;
+            }
+        }
+        result
     }
 }
 
@@ -401,10 +524,8 @@ struct SrvRecord {
     priority: u16,
 }
 
-/// The endpoints of `records`, given each target's addresses: one per address and record,
-/// weighted by the record's weight (0 counts as 1), weights of equal addresses added. An
-/// address repeated in one target's answer counts once (an RRset has no duplicates, RFC
-/// 2181 §5, but a server may send them).
+/// The endpoints of `records`, given each target's addresses: those of the lowest
+/// priority with an address (RFC 2782), weighted as [`weighted_endpoints`] says.
 fn srv_endpoints(
     records: &[SrvRecord],
     addrs: &HashMap<Name, Vec<IpAddr>>,
@@ -426,18 +547,35 @@ fn srv_endpoints(
     EndpointSet::new()
 }
 
-/// The endpoints of one priority's records.
+/// The endpoints of one priority's records: one per address and record. A record's weight,
+/// scaled by [`WEIGHT_SCALE`], is split evenly across its target's addresses, so that a
+/// target with many addresses gets no more traffic than its weight says. Where some record
+/// of the priority has a weight above 0, a weight of 0 becomes 1 while the others are
+/// scaled to at least 1,000: such targets get a very small share, as RFC 2782 asks; where
+/// all weights are 0 they are equal. Weights of equal addresses add. An address repeated in
+/// one target's answer counts once (an RRset has no duplicates, RFC 2181 §5, but a server
+/// may send them).
 fn weighted_endpoints<'r>(
-    records: impl Iterator<Item = &'r SrvRecord>,
+    records: impl Iterator<Item = &'r SrvRecord> + Clone,
     addrs: &HashMap<Name, Vec<IpAddr>>,
     template: &Template,
 ) -> EndpointSet {
+    let any_weight = records.clone().any(|r| r.weight > 0);
     let mut weights: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     for r in records {
         let ips: BTreeSet<&IpAddr> = addrs.get(&r.target).into_iter().flatten().collect();
+        if ips.is_empty() {
+            continue;
+        }
+        let weight = match r.weight {
+            0 if any_weight => 1,
+            0 => WEIGHT_SCALE,
+            w => u32::from(w).saturating_mul(WEIGHT_SCALE),
+        };
+        let share = (weight / u32::try_from(ips.len()).unwrap_or(u32::MAX)).max(1);
         for ip in ips {
             let w = weights.entry(SocketAddr::new(*ip, r.port)).or_default();
-            *w = w.saturating_add(u32::from(r.weight.max(1)));
+            *w = w.saturating_add(share);
         }
     }
     weights
@@ -483,29 +621,141 @@ fn clamp_ttl(ttl: Option<Duration>, floor: Duration, ceiling: Duration) -> Durat
 /// The records of one lookup and their shortest TTL (`None`: no TTL known).
 type Answer<T> = (Vec<T>, Option<Duration>);
 
-/// Looks up `name`'s records of `rtype`, mapping each with `f`. A NODATA answer is an empty
-/// answer; any other error (including NXDOMAIN) is an error.
+/// Why a lookup gave no answer.
+#[derive(Debug)]
+struct Failure {
+    /// The name does not exist (NXDOMAIN), as opposed to a timeout, SERVFAIL, a referral...
+    nxdomain: bool,
+    reason: String,
+}
+
+impl Failure {
+    fn other(reason: impl Into<String>) -> Self {
+        Self {
+            nxdomain: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// At most this many CNAMEs are followed from the name asked.
+const MAX_CNAME_CHAIN: usize = 8;
+
+/// The records of `answers` that answer `rtype` for `name`: of class IN, owned by `name` or
+/// by a name the CNAME chain from `name` leads to, and their shortest TTL (the CNAMEs of the
+/// chain included). A server may put anything in its answer section; records of other
+/// names must never become endpoints.
+fn answer_records<'a>(
+    answers: &'a [Record],
+    name: &Name,
+    rtype: RecordType,
+) -> (Vec<&'a Record>, Option<u32>) {
+    let in_class = |r: &&Record| r.dns_class == DNSClass::IN;
+    let mut chain = vec![name];
+    let mut ttl: Option<u32> = None;
+    while chain.len() <= MAX_CNAME_CHAIN {
+        let Some(owner) = chain.last() else { break };
+        let next = answers.iter().filter(in_class).find_map(|r| match &r.data {
+            RData::CNAME(target) if r.name == **owner => Some((&target.0, r.ttl)),
+            _ => None,
+        });
+        match next {
+            Some((target, t)) if !chain.contains(&target) => {
+                ttl = Some(ttl.map_or(t, |m| m.min(t)));
+                chain.push(target);
+            }
+            _ => break,
+        }
+    }
+    let records: Vec<&Record> = answers
+        .iter()
+        .filter(in_class)
+        .filter(|r| r.record_type() == rtype && chain.contains(&&r.name))
+        .collect();
+    if records.is_empty() {
+        return (records, None);
+    }
+    for r in &records {
+        ttl = Some(ttl.map_or(r.ttl, |m| m.min(r.ttl)));
+    }
+    (records, ttl)
+}
+
+/// The negative TTL an SOA in `authorities` gives (RFC 2308 §5: the smaller of its TTL and
+/// its minimum field), if there is an SOA.
+fn negative_ttl(authorities: &[Record]) -> Option<Duration> {
+    authorities.iter().find_map(|r| match &r.data {
+        RData::SOA(soa) => Some(Duration::from_secs(r.ttl.min(soa.minimum).into())),
+        _ => None,
+    })
+}
+
+/// Looks up `name`'s records of `rtype`, mapping each with `f`.
+///
+/// A NODATA answer (NOERROR, no records of the type asked, and an SOA in the authority
+/// section or at least no NS there, RFC 2308 §2.2) is an empty answer. A NOERROR answer with
+/// no records but NS records and no SOA is a referral or a lame server, not an answer: an
+/// error, as is NXDOMAIN and any other failure.
 async fn lookup<T>(
-    resolver: &TokioResolver,
+    resolver: &Resolvers,
     name: &Name,
     rtype: RecordType,
     f: impl Fn(&RData) -> Option<T>,
-) -> Result<Answer<T>, NetError> {
-    match resolver.lookup(name.clone(), rtype).await {
+) -> Result<Answer<T>, Failure> {
+    let nxdomain = |e: &dyn std::fmt::Display| Failure {
+        nxdomain: true,
+        reason: e.to_string(),
+    };
+    match resolver.lookup(name, rtype).await {
         Ok(lookup) => {
-            let ttl = lookup.answers().iter().map(|r| r.ttl).min();
-            let items = lookup.answers().iter().filter_map(|r| f(&r.data)).collect();
-            Ok((items, ttl.map(|s| Duration::from_secs(s.into()))))
+            let (records, ttl) = answer_records(lookup.answers(), name, rtype);
+            if !records.is_empty() {
+                let items = records.iter().filter_map(|r| f(&r.data)).collect();
+                return Ok((items, ttl.map(|s| Duration::from_secs(s.into()))));
+            }
+            // Answers, but none for this name and type (a CNAME chain that ends in NODATA,
+            // or records of other names only).
+            let message = lookup.message();
+            if message.response_code == ResponseCode::NXDomain {
+                return Err(nxdomain(&format!(
+                    "no record found for {name} {rtype}: NXDOMAIN"
+                )));
+            }
+            match negative_ttl(lookup.authorities()) {
+                Some(ttl) if message.response_code == ResponseCode::NoError => {
+                    Ok((Vec::new(), Some(ttl)))
+                }
+                _ => Err(Failure::other(format!(
+                    "the answer ({}) holds no {rtype} record for {name}",
+                    message.response_code
+                ))),
+            }
         }
         Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords {
             response_code: ResponseCode::NoError,
             negative_ttl,
+            soa,
+            ns,
             ..
-        }))) => Ok((
-            Vec::new(),
-            negative_ttl.map(|s| Duration::from_secs(s.into())),
-        )),
-        Err(e) => Err(e),
+        }))) => {
+            if soa.is_none() && ns.is_some() {
+                return Err(Failure::other(format!(
+                    "the answer for {name} {rtype} is a referral (NS records and no SOA in \
+                     its authority section): the name server is not authoritative for it"
+                )));
+            }
+            Ok((
+                Vec::new(),
+                negative_ttl.map(|s| Duration::from_secs(s.into())),
+            ))
+        }
+        Err(
+            e @ NetError::Dns(DnsError::NoRecordsFound(NoRecords {
+                response_code: ResponseCode::NXDomain,
+                ..
+            })),
+        ) => Err(nxdomain(&e)),
+        Err(e) => Err(Failure::other(e.to_string())),
     }
 }
 
@@ -514,19 +764,18 @@ async fn lookup<T>(
 /// the last good answer: a resolver that answers A but drops or refuses AAAA (some
 /// firewalls and DNS proxies do) must not leave the name without endpoints, nor take
 /// away the addresses of the family that did not answer this time. Both failing is an
-/// error.
-async fn lookup_ips(
-    resolver: &TokioResolver,
-    name: &Name,
-    previous: &[IpAddr],
-) -> Result<(Vec<IpAddr>, Option<Duration>, Option<String>), NetError> {
+/// error, NXDOMAIN if both say so.
+///
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are taken as the IPv4 address; the result
+/// is sorted, without duplicates.
+async fn lookup_ips(resolver: &Resolvers, name: &Name, previous: &[IpAddr]) -> LookupIps {
     let (v4, v6) = tokio::join!(
         lookup(resolver, name, RecordType::A, |d| match d {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             _ => None,
         }),
         lookup(resolver, name, RecordType::AAAA, |d| match d {
-            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0).to_canonical()),
             _ => None,
         }),
     );
@@ -536,22 +785,33 @@ async fn lookup_ips(
             .filter(move |ip| ip.is_ipv6() == v6)
             .copied()
     };
-    match (v4, v6) {
+    let (mut ips, ttl, partial) = match (v4, v6) {
         (Ok((mut ips, ttl4)), Ok((ips6, ttl6))) => {
             ips.extend(ips6);
-            Ok((ips, min_ttl(ttl4, ttl6), None))
+            (ips, min_ttl(ttl4, ttl6), None)
         }
         (Ok((mut ips, ttl)), Err(e)) => {
             ips.extend(kept(true));
-            Ok((ips, ttl, Some(format!("AAAA lookup failed: {e}"))))
+            (ips, ttl, Some(format!("AAAA lookup failed: {}", e.reason)))
         }
         (Err(e), Ok((ips6, ttl))) => {
             let mut ips: Vec<IpAddr> = kept(false).collect();
             ips.extend(ips6);
-            Ok((ips, ttl, Some(format!("A lookup failed: {e}"))))
+            (ips, ttl, Some(format!("A lookup failed: {}", e.reason)))
         }
-        (Err(e), Err(_)) => Err(e),
-    }
+        (Err(e4), Err(e6)) => {
+            return Err(Failure {
+                nxdomain: e4.nxdomain && e6.nxdomain,
+                reason: format!(
+                    "A lookup failed: {}; AAAA lookup failed: {}",
+                    e4.reason, e6.reason
+                ),
+            });
+        }
+    };
+    ips.sort_unstable();
+    ips.dedup();
+    Ok((ips, ttl, partial))
 }
 
 fn min_ttl(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
@@ -561,14 +821,44 @@ fn min_ttl(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
+/// Sorts `records` by priority (lowest first), then weight (highest first), then target and
+/// port, and keeps the first [`MAX_SRV_RECORDS`]; true if some were dropped.
+fn cap_srv_records(records: &mut Vec<SrvRecord>) -> bool {
+    records.sort_unstable_by(|a, b| {
+        (a.priority, std::cmp::Reverse(a.weight), &a.target, a.port).cmp(&(
+            b.priority,
+            std::cmp::Reverse(b.weight),
+            &b.target,
+            b.port,
+        ))
+    });
+    let capped = records.len() > MAX_SRV_RECORDS;
+    records.truncate(MAX_SRV_RECORDS);
+    capped
+}
+
+/// [`lookup_ips`] of one SRV target, owning what it needs so that several run at once.
+async fn lookup_target(
+    resolver: Resolvers,
+    target: Name,
+    previous: Vec<IpAddr>,
+) -> (Name, LookupIps) {
+    let result = lookup_ips(&resolver, &target, &previous).await;
+    (target, result)
+}
+
+/// What [`lookup_ips`] returns.
+type LookupIps = Result<(Vec<IpAddr>, Option<Duration>, Option<String>), Failure>;
+
 /// The background task: resolves, sends diffs, sleeps until the TTL expires.
 struct ResolveTask {
     display: String,
     query: Query,
-    resolver: TokioResolver,
+    resolver: Resolvers,
     template: Template,
     floor: Duration,
     ceiling: Duration,
+    nxdomain_grace: Duration,
     /// The last endpoints sent.
     set: EndpointSet,
     /// The addresses each SRV target had when it last resolved.
@@ -577,6 +867,14 @@ struct ResolveTask {
     last_error: Option<String>,
     /// Why the last round's lookup of one address family failed, if it did.
     half_failed: Option<String>,
+    /// Since when, and for how many rounds in a row, the name has been NXDOMAIN.
+    nxdomain: Option<(time::Instant, u32)>,
+    /// The wait after the last round, while the set is empty: it doubles from the floor.
+    empty_wait: Option<Duration>,
+    /// The last failure logged for each SRV target, so that it is logged once.
+    target_errors: HashMap<Name, String>,
+    /// Warnings given once (a cap reached, an unusable address).
+    warned: HashSet<String>,
     tx: mpsc::Sender<Vec<Change>>,
 }
 
@@ -590,7 +888,8 @@ impl ResolveTask {
                 r = self.resolve() => r,
             };
             let wait = match resolved {
-                Ok((set, ttl)) => {
+                Ok((mut set, ttl)) => {
+                    self.nxdomain = None;
                     // A lookup that half failed is logged once per distinct reason, as
                     // failures are.
                     match self.half_failed.take() {
@@ -604,22 +903,61 @@ impl ResolveTask {
                         Some(_) => {}
                         None => self.last_error = None,
                     }
+                    let total = set.len();
+                    if set.truncate(MAX_ENDPOINTS) {
+                        self.warn_once(format!(
+                            "{total} endpoints, more than the {MAX_ENDPOINTS} a source may have; \
+                             using the {MAX_ENDPOINTS} lowest addresses"
+                        ));
+                    }
                     let changes = self.set.diff(&set);
                     self.set = set;
                     tracing::debug!(name = %self.display, changes = changes.len(), ?ttl, "resolved");
                     if !changes.is_empty() && self.tx.send(changes).await.is_err() {
                         return;
                     }
-                    clamp_ttl(ttl, self.floor, self.ceiling)
+                    let wait = clamp_ttl(ttl, self.floor, self.ceiling);
+                    if self.set.is_empty() {
+                        // No endpoints at all: ask again soon, backing off toward the TTL.
+                        let next = self
+                            .empty_wait
+                            .map_or(self.floor, |w| w.saturating_mul(2))
+                            .min(wait);
+                        self.empty_wait = Some(next);
+                        next
+                    } else {
+                        self.empty_wait = None;
+                        wait
+                    }
                 }
-                Err(reason) => {
-                    if self.last_error.as_ref() != Some(&reason) {
+                Err(failure) => {
+                    if self.last_error.as_ref() != Some(&failure.reason) {
                         tracing::warn!(
                             name = %self.display,
                             endpoints = self.set.len(),
-                            "DNS lookup failed: {reason}; keeping the last good endpoints"
+                            "DNS lookup failed: {}; keeping the last good endpoints{}",
+                            failure.reason,
+                            if failure.nxdomain { " until the name has been missing for the NXDOMAIN grace" } else { "" },
                         );
-                        self.last_error = Some(reason);
+                        self.last_error = Some(failure.reason);
+                    }
+                    if failure.nxdomain {
+                        if self.nxdomain_persists() && !self.set.is_empty() {
+                            tracing::warn!(
+                                name = %self.display,
+                                endpoints = self.set.len(),
+                                grace = ?self.nxdomain_grace,
+                                "the name has not existed (NXDOMAIN) for the grace period; \
+                                 removing its endpoints"
+                            );
+                            let changes = self.set.diff(&EndpointSet::new());
+                            self.set = EndpointSet::new();
+                            if self.tx.send(changes).await.is_err() {
+                                return;
+                            }
+                        }
+                    } else {
+                        self.nxdomain = None;
                     }
                     self.floor
                 }
@@ -631,83 +969,180 @@ impl ResolveTask {
         }
     }
 
+    /// Counts one more NXDOMAIN round; true once they have lasted at least two rounds and
+    /// the grace period.
+    fn nxdomain_persists(&mut self) -> bool {
+        let now = time::Instant::now();
+        let (since, rounds) = self.nxdomain.get_or_insert((now, 0));
+        *rounds = rounds.saturating_add(1);
+        *rounds >= 2 && now.duration_since(*since) >= self.nxdomain_grace
+    }
+
+    /// Logs `message` with `tracing::warn!` unless it was logged before.
+    fn warn_once(&mut self, message: String) {
+        if self.warned.len() < MAX_ENDPOINTS && !self.warned.contains(&message) {
+            tracing::warn!(name = %self.display, "{message}");
+            self.warned.insert(message);
+        }
+    }
+
+    /// Keeps at most [`MAX_ADDRS_PER_NAME`] of `name`'s sorted addresses, and only those
+    /// that can be an endpoint's, warning once about the others.
+    fn usable_addrs(&mut self, name: &Name, ips: &mut Vec<IpAddr>) {
+        if ips.len() > MAX_ADDRS_PER_NAME {
+            self.warn_once(format!(
+                "{name} has {} addresses, more than the {MAX_ADDRS_PER_NAME} a name may have; \
+                 using the {MAX_ADDRS_PER_NAME} lowest",
+                ips.len()
+            ));
+            ips.truncate(MAX_ADDRS_PER_NAME);
+        }
+        let mut unusable = Vec::new();
+        ips.retain(|ip| match unusable_ip(*ip) {
+            Some(why) => {
+                unusable.push(format!("{name} resolved to {ip}, {why}; skipping it"));
+                false
+            }
+            None => true,
+        });
+        for message in unusable {
+            self.warn_once(message);
+        }
+    }
+
     /// One round: the full endpoint set and when to resolve again.
-    async fn resolve(&mut self) -> Result<(EndpointSet, Option<Duration>), String> {
+    async fn resolve(&mut self) -> Result<(EndpointSet, Option<Duration>), Failure> {
         // Our TTL logic decides when to ask again; never answer from hickory's cache.
         self.resolver.clear_cache();
-        let mut half_failed = None;
-        let resolved = match &self.query {
+        self.half_failed = None;
+        match &self.query {
             Query::Host(name, port) => {
+                let (name, port) = (name.clone(), *port);
                 let previous: Vec<IpAddr> = self.set.iter().map(|e| e.addr().ip()).collect();
-                let (ips, ttl, partial) = lookup_ips(&self.resolver, name, &previous)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (mut ips, ttl, partial) = lookup_ips(&self.resolver, &name, &previous).await?;
                 // The failed family is asked again with the other at the TTL: a resolver
                 // that always drops AAAA would otherwise be asked at the floor for good.
-                half_failed = partial;
+                self.half_failed = partial;
+                self.usable_addrs(&name, &mut ips);
                 let set = ips
                     .into_iter()
                     .map(|ip| {
                         self.template
-                            .endpoint(SocketAddr::new(ip, *port), NonZeroU32::MIN)
+                            .endpoint(SocketAddr::new(ip, port), NonZeroU32::MIN)
                     })
                     .collect();
                 Ok((set, ttl))
             }
             Query::Srv(name) => {
-                let (records, mut ttl) =
-                    lookup(&self.resolver, name, RecordType::SRV, |d| match d {
-                        RData::SRV(srv) if !srv.target.is_root() => Some(SrvRecord {
-                            target: srv.target.clone(),
-                            port: srv.port,
-                            weight: srv.weight,
-                            priority: srv.priority,
-                        }),
-                        _ => None,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut addrs = HashMap::new();
-                let mut degraded = false;
-                for r in &records {
-                    if addrs.contains_key(&r.target) {
-                        continue;
-                    }
-                    let previous = self
-                        .target_addrs
-                        .get(&r.target)
-                        .map_or(&[][..], Vec::as_slice);
-                    match lookup_ips(&self.resolver, &r.target, previous).await {
-                        Ok((ips, t, partial)) => {
-                            if let Some(reason) = partial {
-                                half_failed = Some(format!("target {}: {reason}", r.target));
-                            }
-                            ttl = min_ttl(ttl, t);
-                            addrs.insert(r.target.clone(), ips);
+                let name = name.clone();
+                self.resolve_srv(&name).await
+            }
+        }
+    }
+
+    /// One SRV round: the records, then the targets of each priority in turn, lowest
+    /// first, until one priority has addresses (RFC 2782).
+    async fn resolve_srv(
+        &mut self,
+        name: &Name,
+    ) -> Result<(EndpointSet, Option<Duration>), Failure> {
+        let (mut records, mut ttl) = lookup(&self.resolver, name, RecordType::SRV, |d| match d {
+            RData::SRV(srv) if !srv.target.is_root() => Some(SrvRecord {
+                target: srv.target.clone(),
+                port: srv.port,
+                weight: srv.weight,
+                priority: srv.priority,
+            }),
+            _ => None,
+        })
+        .await?;
+        let total = records.len();
+        if cap_srv_records(&mut records) {
+            self.warn_once(format!(
+                "{total} SRV records, more than the {MAX_SRV_RECORDS} a round uses; using those \
+                 of the lowest priority, then the highest weight"
+            ));
+        }
+        let mut port_zero = Vec::new();
+        records.retain(|r| {
+            if r.port == 0 {
+                port_zero.push(format!("SRV target {} has port 0; skipping it", r.target));
+            }
+            r.port != 0
+        });
+        for message in port_zero {
+            self.warn_once(message);
+        }
+
+        let priorities: BTreeSet<u16> = records.iter().map(|r| r.priority).collect();
+        let mut addrs: HashMap<Name, Vec<IpAddr>> = HashMap::new();
+        let mut degraded = false;
+        let mut set = EndpointSet::new();
+        for priority in priorities {
+            let targets: BTreeSet<&Name> = records
+                .iter()
+                .filter(|r| r.priority == priority && !addrs.contains_key(&r.target))
+                .map(|r| &r.target)
+                .collect();
+            let lookups: Vec<_> = targets
+                .into_iter()
+                .map(|target| {
+                    let kept = self.target_addrs.get(target).cloned().unwrap_or_default();
+                    lookup_target(self.resolver.clone(), target.clone(), kept)
+                })
+                .collect();
+            let mut results: Vec<_> = stream::iter(lookups)
+                .buffer_unordered(MAX_CONCURRENT_TARGETS)
+                .collect()
+                .await;
+            // In target order, so that what is logged does not depend on which answered first.
+            results.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (target, result) in results {
+                let target = &target;
+                match result {
+                    Ok((mut ips, t, partial)) => {
+                        if let Some(reason) = partial {
+                            self.half_failed = Some(format!("target {target}: {reason}"));
                         }
-                        Err(e) => {
-                            degraded = true;
-                            let previous = self.target_addrs.get(&r.target).cloned();
+                        self.target_errors.remove(target);
+                        self.usable_addrs(target, &mut ips);
+                        ttl = min_ttl(ttl, t);
+                        addrs.insert(target.clone(), ips);
+                    }
+                    Err(e) => {
+                        // A target of this priority failed: ask again at the floor.
+                        degraded = true;
+                        let previous = self.target_addrs.get(target).cloned();
+                        if self.target_errors.get(target) != Some(&e.reason) {
                             tracing::warn!(
                                 name = %self.display,
-                                target = %r.target,
-                                "resolving SRV target failed: {e}; {}",
+                                target = %target,
+                                "resolving SRV target failed: {}; {}",
+                                e.reason,
                                 if previous.is_some() { "keeping its last addresses" } else { "skipping it" }
                             );
-                            addrs.insert(r.target.clone(), previous.unwrap_or_default());
+                            self.target_errors.insert(target.clone(), e.reason);
                         }
+                        addrs.insert(target.clone(), previous.unwrap_or_default());
                     }
                 }
-                if degraded {
-                    ttl = Some(self.floor);
-                }
-                let set = srv_endpoints(&records, &addrs, &self.template);
-                self.target_addrs = addrs;
-                Ok((set, ttl))
             }
-        };
-        self.half_failed = half_failed;
-        resolved
+            set = weighted_endpoints(
+                records.iter().filter(|r| r.priority == priority),
+                &addrs,
+                &self.template,
+            );
+            if !set.is_empty() {
+                break;
+            }
+        }
+        // Forget the targets no longer asked for.
+        self.target_errors.retain(|t, _| addrs.contains_key(t));
+        if degraded {
+            ttl = Some(self.floor);
+        }
+        self.target_addrs = addrs;
+        Ok((set, ttl))
     }
 }
 
@@ -750,7 +1185,7 @@ mod tests {
             .iter()
             .map(|ep| (ep.addr().to_string(), ep.weight().get()))
             .collect();
-        assert_eq!(got, [("10.0.0.1:80".to_owned(), 7)]);
+        assert_eq!(got, [("10.0.0.1:80".to_owned(), 7000)]);
     }
 
     /// RFC 2782: the lowest priority's targets, the next's only while none of those has an
@@ -828,21 +1263,158 @@ mod tests {
             zone: Some("z1".to_owned()),
         };
         let set = srv_endpoints(&records, &addrs, &template);
-        let got: Vec<(String, u32)> = set
-            .iter()
-            .map(|ep| (ep.addr().to_string(), ep.weight().get()))
-            .collect();
         assert_eq!(
-            got,
+            weights(&set),
             [
-                ("10.0.0.1:8080".to_owned(), 15),
+                // (10 + 5) * 1000, split across a's two addresses.
+                ("10.0.0.1:8080".to_owned(), 7500),
+                // Weight 0 beside weights above 0: the smallest share.
                 ("10.0.0.2:9090".to_owned(), 1),
-                ("[fd00::1]:8080".to_owned(), 15),
+                ("[fd00::1]:8080".to_owned(), 7500),
             ]
         );
         assert!(set.iter().all(|ep| ep.zone() == Some("z1")
             && ep.identity().map(ToString::to_string).as_deref()
                 == Some("spiffe://example.org/users")));
+    }
+
+    fn weights(set: &EndpointSet) -> Vec<(String, u32)> {
+        set.iter()
+            .map(|ep| (ep.addr().to_string(), ep.weight().get()))
+            .collect()
+    }
+
+    /// A record's weight is split across its addresses, so that a target with many
+    /// addresses gets the share its weight says, not that times its address count; weight
+    /// 0 is far below weight 1, and all-zero weights are equal.
+    #[test]
+    fn a_records_weight_is_split_across_its_addresses() {
+        let (many, one) = (name("many.example.org."), name("one.example.org."));
+        let record = |target: &Name, weight| SrvRecord {
+            target: target.clone(),
+            port: 80,
+            weight,
+            priority: 0,
+        };
+        let addrs = HashMap::from([
+            (
+                many.clone(),
+                (1..=4)
+                    .map(|i| IpAddr::from([10, 0, 0, i]))
+                    .collect::<Vec<_>>(),
+            ),
+            (one.clone(), vec![IpAddr::from([10, 0, 1, 1])]),
+        ]);
+        let set = srv_endpoints(
+            &[record(&many, 1), record(&one, 1)],
+            &addrs,
+            &Template::default(),
+        );
+        let total = |prefix: &str| -> u32 {
+            weights(&set)
+                .iter()
+                .filter(|(a, _)| a.starts_with(prefix))
+                .map(|(_, w)| w)
+                .sum()
+        };
+        assert_eq!(total("10.0.0."), 1000);
+        assert_eq!(total("10.0.1."), 1000);
+
+        let set = srv_endpoints(
+            &[record(&many, 0), record(&one, 1)],
+            &addrs,
+            &Template::default(),
+        );
+        assert_eq!(weights(&set)[0], ("10.0.0.1:80".to_owned(), 1));
+        assert_eq!(weights(&set)[4], ("10.0.1.1:80".to_owned(), 1000));
+
+        let set = srv_endpoints(
+            &[record(&many, 0), record(&one, 0)],
+            &addrs,
+            &Template::default(),
+        );
+        assert_eq!(weights(&set)[0], ("10.0.0.1:80".to_owned(), 250));
+        assert_eq!(weights(&set)[4], ("10.0.1.1:80".to_owned(), 1000));
+    }
+
+    #[test]
+    fn srv_records_are_capped_lowest_priority_then_highest_weight_first() {
+        let mut records: Vec<SrvRecord> = (0..600u16)
+            .map(|i| SrvRecord {
+                target: name(&format!("t{i}.example.org.")),
+                port: 80,
+                weight: i % 7,
+                priority: i % 3,
+            })
+            .collect();
+        assert!(cap_srv_records(&mut records));
+        assert_eq!(records.len(), MAX_SRV_RECORDS);
+        // All 200 of priority 0, then the heaviest of priority 1.
+        assert_eq!(records.iter().filter(|r| r.priority == 0).count(), 200);
+        assert!(
+            records[200..]
+                .iter()
+                .all(|r| r.priority == 1 && r.weight >= 5)
+        );
+        assert_eq!(records[200].weight, 6);
+        assert!(
+            records[..200]
+                .windows(2)
+                .all(|w| w[0].weight >= w[1].weight)
+        );
+        assert!(
+            records[200..]
+                .windows(2)
+                .all(|w| w[0].weight >= w[1].weight)
+        );
+        let mut few = records[..3].to_vec();
+        assert!(!cap_srv_records(&mut few));
+    }
+
+    fn record(owner: &str, ttl: u32, data: RData) -> Record {
+        Record::from_rdata(name(owner), ttl, data)
+    }
+
+    /// Only records of the name asked, or of the CNAME chain from it, of class IN and of
+    /// the type asked, are the answer; the TTL is theirs.
+    #[test]
+    fn answer_records_follow_the_cname_chain_from_the_name_asked() {
+        use hickory_resolver::proto::rr::rdata::{A, CNAME};
+        let a = |ip: [u8; 4]| RData::A(A(ip.into()));
+        let cname = |to: &str| RData::CNAME(CNAME(name(to)));
+        let mut chaos = record("users.example.org.", 1, a([10, 0, 0, 8]));
+        chaos.dns_class = DNSClass::CH;
+        let answers = [
+            record("users.example.org.", 60, cname("lb.example.org.")),
+            record("lb.example.org.", 30, a([10, 0, 0, 7])),
+            record("evil.test.", 1, a([6, 6, 6, 6])),
+            // Not in the chain: a CNAME of another name.
+            record("other.example.org.", 1, cname("evil.test.")),
+            chaos,
+        ];
+        let (records, ttl) = answer_records(&answers, &name("users.example.org."), RecordType::A);
+        let ips: Vec<&RData> = records.iter().map(|r| &r.data).collect();
+        assert_eq!(ips, [&a([10, 0, 0, 7])]);
+        assert_eq!(ttl, Some(30));
+
+        // A CNAME loop ends.
+        let looped = [
+            record("x.example.org.", 5, cname("y.example.org.")),
+            record("y.example.org.", 5, cname("x.example.org.")),
+        ];
+        let (records, ttl) = answer_records(&looped, &name("x.example.org."), RecordType::A);
+        assert!(records.is_empty());
+        assert_eq!(ttl, None);
+    }
+
+    #[test]
+    fn unusable_addresses() {
+        for bad in ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"] {
+            assert!(unusable_ip(bad.parse().unwrap()).is_some(), "{bad}");
+        }
+        for good in ["10.0.0.1", "fd00::1", "127.0.0.1"] {
+            assert!(unusable_ip(good.parse().unwrap()).is_none(), "{good}");
+        }
     }
 
     #[test]

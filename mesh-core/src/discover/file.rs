@@ -17,8 +17,11 @@
 //! or, when the file name ends in `.json`, JSON: `{"endpoints": [{"addr": "10.0.0.7:8443"}]}`.
 //! The `endpoints` key is required (write `endpoints = []` for no endpoints), so that an
 //! empty file — typically one caught halfway through a truncate-and-write — is rejected
-//! rather than read as "remove every endpoint". Unknown keys and two endpoints at the same
-//! address make the file malformed.
+//! rather than read as "remove every endpoint". Unknown keys, two endpoints at the same
+//! address and an address that cannot be a peer (port 0, unspecified, multicast, broadcast:
+//! see [`Endpoint`]) make the file malformed. At most
+//! [`MAX_ENDPOINTS`] endpoints are used: beyond it, those of the lowest addresses, with a
+//! warning.
 //!
 //! # How changes are noticed
 //!
@@ -47,7 +50,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use tokio::sync::mpsc;
 
-use super::{Change, DiscoverError, EndpointSet, Updates};
+use super::{Change, DiscoverError, EndpointSet, MAX_ENDPOINTS, Updates};
 use crate::endpoint::Endpoint;
 use crate::watch::{FileWatch, WatchError};
 
@@ -116,7 +119,8 @@ pub struct FileDiscoveryBuilder {
 
 impl FileDiscoveryBuilder {
     /// Re-reads the file at least this often, whether or not an event said it changed
-    /// (default 10 s). A zero interval is raised to one millisecond.
+    /// (default 10 s). A zero interval is raised to one millisecond, and one above 30 years
+    /// (`Duration::MAX` for "never") is lowered to 30 years.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
         self
@@ -213,7 +217,16 @@ pub fn parse(path: &Path, content: &[u8]) -> Result<EndpointSet, DiscoverError> 
             )));
         }
     }
-    Ok(file.endpoints.into_iter().collect())
+    let total = file.endpoints.len();
+    let mut set: EndpointSet = file.endpoints.into_iter().collect();
+    if set.truncate(MAX_ENDPOINTS) {
+        tracing::warn!(
+            path = %path.display(),
+            "{total} endpoints, more than the {MAX_ENDPOINTS} a source may have; using the \
+             {MAX_ENDPOINTS} lowest addresses"
+        );
+    }
+    Ok(set)
 }
 
 /// The background task: parses each new snapshot of the file, sends diffs.
@@ -332,6 +345,22 @@ mod tests {
                 "[[endpoints]]\naddr = \"1.2.3.4:1\"\n[[endpoints]]\naddr = \"1.2.3.4:1\"\nzone = \"b\"",
                 "address 1.2.3.4:1 is listed more than once",
             ),
+            // An address that cannot be a peer names the entry (its line) and the address.
+            (
+                "e.toml",
+                "[[endpoints]]\naddr = \"10.0.0.1:80\"\n[[endpoints]]\naddr = \"0.0.0.0:80\"",
+                "line 4",
+            ),
+            (
+                "e.toml",
+                "[[endpoints]]\naddr = \"0.0.0.0:80\"",
+                "0.0.0.0:80 is an unspecified address",
+            ),
+            (
+                "e.json",
+                r#"{"endpoints":[{"addr":"10.0.0.1:0"}]}"#,
+                "10.0.0.1:0 has port 0",
+            ),
         ] {
             let err = parse_str(name, text).unwrap_err();
             assert!(err.contains(want), "{name} {text:?}: {err}");
@@ -339,5 +368,27 @@ mod tests {
         }
         let err = parse(Path::new("e.toml"), b"\xff").unwrap_err().to_string();
         assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    /// Beyond `MAX_ENDPOINTS`, the lowest addresses are kept rather than the file refused.
+    #[test]
+    fn endpoints_beyond_the_cap_are_dropped_lowest_kept() {
+        let text: String = (0..MAX_ENDPOINTS + 10)
+            .map(|i| {
+                let (hi, lo) = (i / 250, i % 250 + 1);
+                format!("[[endpoints]]\naddr = \"10.0.{hi}.{lo}:80\"\n")
+            })
+            .rev()
+            .collect();
+        let set = parse_str("e.toml", &text).unwrap();
+        assert_eq!(set.len(), MAX_ENDPOINTS);
+        assert_eq!(
+            set.iter().next().map(|e| e.addr().to_string()).as_deref(),
+            Some("10.0.0.1:80")
+        );
+        assert!(
+            set.iter()
+                .all(|e| e.addr() < "10.0.16.97:80".parse().unwrap())
+        );
     }
 }

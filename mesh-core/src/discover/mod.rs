@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | [`StaticDiscovery`] | `discover-static` (default) | none: the list, then the stream ends |
 //! | [`FileDiscovery`] | `discover-file` | when the file changes (directory watch plus a 10 s poll), including atomic replace and symlink swaps; a bad file keeps the last set |
-//! | [`DnsDiscovery`] | `discover-dns` | A/AAAA or SRV, re-resolved on the records' TTL within a floor (5 s) and a ceiling (5 min); a failed lookup keeps the last set, an empty answer empties it |
+//! | [`DnsDiscovery`] | `discover-dns` | A/AAAA or SRV, re-resolved on the records' TTL within a floor (5 s) and a ceiling (5 min); a failed lookup keeps the last set, an empty answer or an NXDOMAIN lasting 30 s empties it |
 //!
 //! A source that fails after it started (a malformed file, a failed DNS lookup) keeps the
 //! last good set, logs why through `tracing`, and tries again; it does not yield an error,
@@ -177,6 +177,10 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
     }
 }
 
+/// At most this many endpoints come from one discovery source (a DNS name, an endpoints
+/// file): beyond it, those of the lowest addresses are kept, with a warning.
+pub const MAX_ENDPOINTS: usize = 4096;
+
 /// A set of endpoints keyed by address: the state a discovery source diffs against.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointSet(BTreeMap<EndpointKey, Endpoint>);
@@ -205,6 +209,15 @@ impl EndpointSet {
     /// Adds an endpoint, replacing any earlier endpoint at the same address.
     pub fn insert(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
         self.0.insert(endpoint.key(), endpoint)
+    }
+
+    /// Keeps the `max` endpoints of lowest key; true if some were dropped.
+    pub(crate) fn truncate(&mut self, max: usize) -> bool {
+        let Some(first_dropped) = self.0.keys().nth(max).copied() else {
+            return false;
+        };
+        self.0.split_off(&first_dropped);
+        true
     }
 
     /// Iterates over the endpoints in key order.
