@@ -523,11 +523,12 @@ fn dns_discovery_takes_its_name_servers_and_no_address_for_a_name() {
         discovery = { kind = "dns", host = "10.0.0.1", port = 80, name_servers = ["127.0.0.1:0", "0.0.0.0:53"] }
         [services.srv]
         tls = "plaintext"
-        discovery = { kind = "dns-srv", name = "_http._tcp.example.org", name_servers = ["[::]:53"] }
+        discovery = { kind = "dns-srv", name = "_http._tcp.example.org", name_servers = ["[::]:53", "[fe80::1%2]:53"] }
         "#,
     );
     let expected = [
         "services.srv.discovery.name_servers[0]: `[::]:53` is not a name server's address (an IP and a port)",
+        "services.srv.discovery.name_servers[1]: `[fe80::1%2]:53` is link-local, which the DNS client cannot reach",
         "services.web.discovery.host: `10.0.0.1` is an address, not a DNS name: list it with kind = \"static\"",
         "services.web.discovery.name_servers[0]: `127.0.0.1:0` is not a name server's address (an IP and a port)",
         "services.web.discovery.name_servers[1]: `0.0.0.0:53` is not a name server's address (an IP and a port)",

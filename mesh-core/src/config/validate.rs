@@ -170,6 +170,17 @@ impl Validator {
                     format!("{path}.discovery.name_servers[{i}]"),
                     format!("`{addr}` is not a name server's address (an IP and a port)"),
                 );
+            } else if let std::net::SocketAddr::V6(v6) = addr
+                && v6.ip().is_unicast_link_local()
+            {
+                // The DNS client sends without the interface (`%eth0`): every query to
+                // such a server would fail.
+                self.err(
+                    format!("{path}.discovery.name_servers[{i}]"),
+                    format!(
+                        "`{addr}` is link-local, which the DNS client cannot reach (it takes no interface): use the server's global or unique-local address"
+                    ),
+                );
             }
         }
     }
