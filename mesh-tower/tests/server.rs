@@ -1413,6 +1413,23 @@ mod inbound_metrics {
             "{text}"
         );
     }
+
+    #[tokio::test]
+    async fn grpc_statuses_outside_the_codes_count_as_unknown() {
+        let mut registry = Registry::default();
+        let (server, client) = grpc_server(&mut registry).await;
+        call(&client, "/pkg.Svc/Get", Some("60000")).await;
+        call(&client, "/pkg.Svc/Get", Some("x")).await;
+        server.shutdown().await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            line(&text, r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="pkg.Svc",rpc_method="Get",rpc_grpc_status_code="2"} 2"#).is_some(),
+            "{text}"
+        );
+        assert!(!text.contains("60000"), "{text}");
+    }
 }
 
 mod from_config {

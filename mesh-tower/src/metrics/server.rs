@@ -15,7 +15,9 @@
 //! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).
 //! A request is measured from its arrival to the end of its response body, so streamed
 //! answers count whole; a gRPC call's status is read from the response headers
-//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2).
+//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2),
+//! as does a status outside 0–16 or one that is not a number (what gRPC clients make of
+//! them).
 //!
 //! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; the
 //! client's identity becomes a label only with [`ListenerMetrics::with_client_label`].
@@ -43,6 +45,7 @@ use std::task::{Context, Poll};
 use bytes::Buf;
 use http::{HeaderMap, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
+use mesh_core::classify::grpc;
 use mesh_spiffe::PeerIdentity;
 use pin_project_lite::pin_project;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
@@ -682,11 +685,11 @@ where
     }
 }
 
+/// The `grpc-status` in `headers`, if any: a code from 0 to 16, where a number outside
+/// that range or a value that is no number is `UNKNOWN` (2), as gRPC clients read it.
 fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    let value = headers.get("grpc-status")?;
+    Some(grpc::parse_status(value).map_or(2, |code| u16::from(code as u8)))
 }
 
 pin_project! {
