@@ -377,22 +377,25 @@ impl ClientMetrics {
             http_response_status_code: 200,
             class: class_name(Some(Class::Success)),
         };
-        if let Ok(mut live) = self.live.lock() {
-            live.entry((self.service.clone(), address.clone()))
-                .or_default()
-                .count += 1;
-        }
+        // Counted and taken under the lock that the last drop of the address removes its
+        // series under: they are never removed between the two.
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.entry((self.service.clone(), address.clone()))
+            .or_default()
+            .count += 1;
+        let series = EndpointSeries {
+            ok: self.responses.get_or_create(&ok).clone(),
+            errors: self.errors.get_or_create(&labels).clone(),
+            load: self.load.get_or_create(&labels).clone(),
+            duration: self.duration.clone(),
+            client: self.clone(),
+            address,
+            classifier,
+            statuses: Mutex::new(Vec::new()),
+        };
+        drop(live);
         EndpointMetrics(Arc::new(Handle {
-            series: Arc::new(EndpointSeries {
-                ok: self.responses.get_or_create(&ok).clone(),
-                errors: self.errors.get_or_create(&labels).clone(),
-                load: self.load.get_or_create(&labels).clone(),
-                duration: self.duration.clone(),
-                client: self.clone(),
-                address,
-                classifier,
-                statuses: Mutex::new(Vec::new()),
-            }),
+            series: Arc::new(series),
             load: None,
         }))
     }
@@ -566,9 +569,9 @@ impl Drop for EndpointSeries {
         let c = &self.client;
         let mut seen =
             std::mem::take(&mut *self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
-        let Ok(mut live) = c.live.lock() else {
-            return;
-        };
+        // Held to the end: an endpoint of the address made meanwhile would take the series
+        // being removed (see `ClientMetrics::endpoint`).
+        let mut live = c.live.lock().unwrap_or_else(|p| p.into_inner());
         let key = (c.service.clone(), self.address.clone());
         if let Some(entry) = live.get_mut(&key) {
             let me = std::ptr::from_ref::<Self>(self) as usize;
@@ -582,7 +585,6 @@ impl Drop for EndpointSeries {
             seen.append(&mut entry.seen);
         }
         live.remove(&key);
-        drop(live);
         c.responses
             .remove(&self.response_labels(200, class_name(Some(Class::Success))));
         for (code, class) in &seen {
@@ -593,6 +595,7 @@ impl Drop for EndpointSeries {
         for state in ["ejected", "probation", "reinstated"] {
             c.breaker.remove(&self.breaker_labels(state));
         }
+        drop(live);
     }
 }
 
@@ -700,6 +703,37 @@ mod tests {
         assert!(t.contains(&line("success")), "{t}");
         assert!(t.contains(&line("cancelled")), "{t}");
         assert!(!t.contains("pending"), "{t}");
+    }
+
+    /// Endpoints of one address made and dropped on two threads: while one lives, its
+    /// series are in the families (a last drop elsewhere does not remove the series a new
+    /// endpoint has just taken).
+    #[test]
+    fn an_endpoint_made_while_another_goes_keeps_its_series() {
+        let mut registry = Registry::default();
+        let metrics = ClientMetrics::register(&mut registry, "users");
+        let ok = ResponseLabels {
+            service: "users".into(),
+            server_address: "10.0.0.1:80".into(),
+            http_response_status_code: 200,
+            class: "success",
+        };
+        let lost = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..200_000 {
+                        let e = metrics.endpoint("10.0.0.1:80".into(), Classifier::default());
+                        if metrics.responses.get(&ok).is_none() {
+                            lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        drop(e);
+                    }
+                });
+            }
+        });
+        assert_eq!(lost.into_inner(), 0, "series removed under a live endpoint");
+        assert!(!text(&registry).contains("10.0.0.1"));
     }
 
     #[test]
