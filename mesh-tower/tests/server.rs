@@ -1358,6 +1358,121 @@ mod inbound_metrics {
         // Response bodies of 5 bytes, counted whole.
         assert!(text.contains(r#"http_server_response_body_size_bytes_sum{listener="inbound",http_request_method="POST"}"#), "{text}");
     }
+
+    /// `/pkg.Svc/*` answers a message and `grpc-status` from the `status` header of the
+    /// request in its trailers; `/svc*` answers trailers-only UNIMPLEMENTED; anything else
+    /// is 404.
+    async fn grpc_app(req: Request<Incoming>) -> Result<Response<Frames>, Infallible> {
+        let path = req.uri().path();
+        let mut resp = if path.starts_with("/pkg.Svc/") {
+            let mut trailers = http::HeaderMap::new();
+            let status = req.headers().get("status").cloned();
+            trailers.insert(
+                "grpc-status",
+                status.unwrap_or(http::HeaderValue::from_static("0")),
+            );
+            Response::new(StreamBody::new(futures_util::stream::iter(vec![
+                Ok(Frame::data(Bytes::from_static(b"hello"))),
+                Ok(Frame::trailers(trailers)),
+            ])))
+        } else {
+            let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(vec![])));
+            if path.starts_with("/svc") {
+                resp.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("12"));
+            } else {
+                *resp.status_mut() = StatusCode::NOT_FOUND;
+            }
+            resp
+        };
+        resp.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        Ok(resp)
+    }
+
+    async fn grpc_server(registry: &mut Registry) -> (Server, EndpointClient<Full<Bytes>>) {
+        let metrics = ServerMetrics::register(registry).listener("edge");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = MeshServer::builder()
+            .plaintext()
+            .metrics(metrics)
+            .serve(listener, tower::service_fn(grpc_app))
+            .unwrap();
+        let client = EndpointClient::new(
+            server.local_addr(),
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        (server, client)
+    }
+
+    async fn call(client: &EndpointClient<Full<Bytes>>, path: &str, status: Option<&str>) {
+        let mut req =
+            Request::post(format!("http://users{path}")).header("content-type", "application/grpc");
+        if let Some(status) = status {
+            req = req.header("status", status);
+        }
+        let resp = client
+            .send(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn grpc_paths_become_labels_only_once_an_answer_shows_the_method() {
+        let mut registry = Registry::default();
+        let (server, client) = grpc_server(&mut registry).await;
+        // Long paths answered 404, and short ones answered UNIMPLEMENTED: none is named,
+        // and none takes a place of the 1,000.
+        let long = "a".repeat(2000);
+        for i in 0..1000 {
+            call(&client, &format!("/{long}{i}/m"), None).await;
+            call(&client, &format!("/svc{i}/m"), None).await;
+        }
+        call(&client, "/pkg.Svc/Get", Some("0")).await;
+        server.shutdown().await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.len() < 100_000, "{} bytes", text.len());
+        assert!(!text.contains(&"a".repeat(200)));
+        assert!(!text.contains(r#"rpc_service="svc"#), "{text}");
+        let other = r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="_OTHER",rpc_method="_OTHER",rpc_grpc_status_code="#;
+        assert!(
+            line(&text, &format!("{other}\"2\"}} 1000")).is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&text, &format!("{other}\"12\"}} 1000")).is_some(),
+            "{text}"
+        );
+        assert!(
+            line(&text, r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="pkg.Svc",rpc_method="Get",rpc_grpc_status_code="0"} 1"#).is_some(),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn grpc_statuses_outside_the_codes_count_as_unknown() {
+        let mut registry = Registry::default();
+        let (server, client) = grpc_server(&mut registry).await;
+        call(&client, "/pkg.Svc/Get", Some("60000")).await;
+        call(&client, "/pkg.Svc/Get", Some("x")).await;
+        server.shutdown().await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            line(&text, r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="pkg.Svc",rpc_method="Get",rpc_grpc_status_code="2"} 2"#).is_some(),
+            "{text}"
+        );
+        assert!(!text.contains("60000"), "{text}");
+    }
 }
 
 mod from_config {

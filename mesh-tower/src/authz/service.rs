@@ -154,7 +154,10 @@ fn record<B>(
     Event::Authz(AuthzRecord {
         client: client.cloned(),
         method: req.method().clone(),
-        path: req.uri().path_and_query().cloned(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(crate::decision::DecisionPath::from),
         policy,
         rule,
         verdict,

@@ -1,12 +1,103 @@
 //! The decisions a [`DecisionRecord`](super::DecisionRecord) keeps, each with a one-line
 //! [`Display`](fmt::Display).
 
+use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::SpiffeId;
+
+/// The longest request path a decision keeps, in bytes: 256.
+pub const MAX_PATH_LEN: usize = 256;
+
+/// A request's path as a decision keeps it: a copy of at most [`MAX_PATH_LEN`] bytes,
+/// without the query, so that a record of many decisions stays small whatever paths
+/// clients send. A longer path is cut on a character boundary and marked so:
+/// [`is_cut`](Self::is_cut), and `Display` ends it with `…`.
+///
+/// ```
+/// use mesh_tower::decision::{DecisionPath, MAX_PATH_LEN};
+///
+/// let short = DecisionPath::new("/users/42?token=x");
+/// assert_eq!((short.as_str(), short.is_cut()), ("/users/42", false));
+/// let long = DecisionPath::new(&format!("/{}", "é".repeat(200)));
+/// assert!(long.is_cut() && long.as_str().len() <= MAX_PATH_LEN);
+/// assert!(long.to_string().ends_with("é…"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DecisionPath {
+    path: Box<str>,
+    cut: bool,
+}
+
+impl DecisionPath {
+    /// Keeps `path` (anything from a `?` on left out), cut to [`MAX_PATH_LEN`] bytes.
+    /// Looks at no more than `MAX_PATH_LEN + 1` bytes of it.
+    pub fn new(path: &str) -> Self {
+        let mut end = path.len().min(MAX_PATH_LEN);
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        let head = path.get(..end).unwrap_or_default();
+        let (kept, cut) = match head.find('?') {
+            Some(query) => (head.get(..query).unwrap_or_default(), false),
+            None => (
+                head,
+                path.get(end..)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('?')),
+            ),
+        };
+        Self {
+            path: Box::from(kept),
+            cut,
+        }
+    }
+
+    /// The path kept.
+    pub fn as_str(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether the request's path was longer than [`MAX_PATH_LEN`] and was cut.
+    pub fn is_cut(&self) -> bool {
+        self.cut
+    }
+}
+
+impl From<&http::uri::PathAndQuery> for DecisionPath {
+    fn from(path: &http::uri::PathAndQuery) -> Self {
+        Self::new(path.path())
+    }
+}
+
+impl FromStr for DecisionPath {
+    type Err = Infallible;
+
+    fn from_str(path: &str) -> Result<Self, Infallible> {
+        Ok(Self::new(path))
+    }
+}
+
+impl fmt::Display for DecisionPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)?;
+        if self.cut {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
+/// The path of a decision's line: `/` when the request had none.
+fn path_or_root(path: Option<&DecisionPath>) -> &dyn fmt::Display {
+    match path {
+        Some(path) => path,
+        None => &"/",
+    }
+}
 
 /// What was decided; see the [module docs](super). New kinds of decision may be added.
 #[derive(Clone, Debug, PartialEq)]
@@ -422,8 +513,8 @@ impl fmt::Display for RetryVerdict {
 pub struct RetryDecision {
     /// The request's method.
     pub method: http::Method,
-    /// The request's path (no query).
-    pub path: Option<http::uri::PathAndQuery>,
+    /// The request's path (no query; see [`DecisionPath`]).
+    pub path: Option<DecisionPath>,
     /// The try that ended, from 1.
     pub attempt: u32,
     /// How it ended.
@@ -438,7 +529,7 @@ impl fmt::Display for RetryDecision {
             f,
             "retry {} {} attempt {} {}: {}",
             self.method,
-            self.path.as_ref().map_or("/", |p| p.path()),
+            path_or_root(self.path.as_ref()),
             self.attempt,
             self.outcome,
             self.verdict
@@ -475,8 +566,8 @@ pub struct AuthzRecord {
     pub client: Option<SpiffeId>,
     /// The request's method.
     pub method: http::Method,
-    /// The request's path (no query).
-    pub path: Option<http::uri::PathAndQuery>,
+    /// The request's path (no query; see [`DecisionPath`]).
+    pub path: Option<DecisionPath>,
     /// The policy's name.
     pub policy: Arc<str>,
     /// The rule that allowed the request; `None`: the policy's default decided.
@@ -496,7 +587,7 @@ impl fmt::Display for AuthzRecord {
             f,
             " {} {} by {}/",
             self.method,
-            self.path.as_ref().map_or("/", |p| p.path()),
+            path_or_root(self.path.as_ref()),
             self.policy
         )?;
         match &self.rule {

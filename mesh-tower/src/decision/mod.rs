@@ -26,8 +26,10 @@
 //! costs one branch, and nothing is built, allocated or locked. With one, recording
 //! takes a mutex held only to push into a buffer allocated up front (default
 //! [`DEFAULT_CAPACITY`], 1,024 entries); when it is full the oldest entry is dropped and
-//! counted ([`DecisionRecord::dropped`]). Names are shared `Arc<str>`s. Successful tries
-//! are not retry decisions and are not recorded.
+//! counted ([`DecisionRecord::dropped`]). Names are shared `Arc<str>`s; a request's path
+//! is copied, at most [`MAX_PATH_LEN`] (256) bytes of it ([`DecisionPath`]: a longer one
+//! is cut, and marked so), so that a full record stays small whatever paths clients send.
+//! Successful tries are not retry decisions and are not recorded.
 //!
 //! **Resizable at run time.** [`DecisionRecord::set_capacity`] grows or shrinks the
 //! buffer (dropping the oldest entries that no longer fit) and `0` switches it off: a
@@ -76,8 +78,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use self::event::{
-    AuthzRecord, AuthzVerdict, BreakerCause, BreakerChange, BreakerPhase, Candidate, Event, Kind,
-    Pick, PickPath, RetryDecision, RetryVerdict, Tier, TryOutcome, ZoneChoice,
+    AuthzRecord, AuthzVerdict, BreakerCause, BreakerChange, BreakerPhase, Candidate, DecisionPath,
+    Event, Kind, MAX_PATH_LEN, Pick, PickPath, RetryDecision, RetryVerdict, Tier, TryOutcome,
+    ZoneChoice,
 };
 
 /// The capacity of [`DecisionRecord::default`]: 1,024 decisions.

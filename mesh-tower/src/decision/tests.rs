@@ -178,3 +178,38 @@ async fn lines_and_dump() {
         ]
     );
 }
+
+/// Decisions keep at most `MAX_PATH_LEN` bytes of a path: a full record of requests with
+/// long paths stays small.
+#[cfg(feature = "authz")]
+#[tokio::test]
+async fn long_paths_are_cut_in_decisions() {
+    use tower::{Layer, ServiceExt};
+
+    let record = DecisionRecord::new(1000);
+    let policy = mesh_core::config::AuthorizationPolicy {
+        default: mesh_core::config::DefaultAction::Deny,
+        ..Default::default()
+    };
+    let svc = crate::authz::AuthorizeLayer::from_config("api", &policy)
+        .unwrap()
+        .with_decisions(record.recorder("inbound"))
+        .layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
+    let long = "a".repeat(60_000);
+    for i in 0..1000 {
+        let req = http::Request::get(format!("/{long}{i}?q=1"))
+            .body(())
+            .unwrap();
+        assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 403);
+    }
+    let dump = record.dump();
+    assert_eq!(record.snapshot().len(), 1000);
+    assert!(dump.len() < 1_000_000, "{} bytes", dump.len());
+    let last = record.snapshot().pop().unwrap();
+    let path = last.event.as_authz().unwrap().path.as_ref().unwrap();
+    assert!(path.is_cut());
+    assert_eq!(path.as_str().len(), MAX_PATH_LEN);
+    assert!(last.to_string().contains("a… by api/default"), "{last}");
+}

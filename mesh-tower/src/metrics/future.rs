@@ -6,7 +6,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::EndpointMetrics;
+use super::{EndpointMetrics, ResponseBody};
 
 pin_project! {
     /// The response future of [`Metrics`](super::Metrics).
@@ -31,17 +31,24 @@ impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
 {
-    type Output = F::Output;
+    type Output = Result<Response<ResponseBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        if let Some((metrics, started)) = this.metrics.take() {
-            match &result {
-                Ok(resp) => metrics.response(resp.status(), resp.headers(), started.elapsed()),
-                Err(_) => metrics.error(),
+        let Some((metrics, started)) = this.metrics.take() else {
+            return Poll::Ready(result.map(|r| r.map(|b| ResponseBody::new(b, None))));
+        };
+        Poll::Ready(match result {
+            Ok(resp) => {
+                // `Some`: a gRPC answer whose class waits for its trailers.
+                let pending = metrics.response(resp.status(), resp.headers(), started.elapsed());
+                Ok(resp.map(|b| ResponseBody::new(b, pending)))
             }
-        }
-        Poll::Ready(result)
+            Err(e) => {
+                metrics.error();
+                Err(e)
+            }
+        })
     }
 }

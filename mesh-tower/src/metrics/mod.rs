@@ -3,7 +3,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `mesh_client_responses_total` | counter | `service`, `server_address`, `http_response_status_code`, `class` |
+//! | `mesh_client_responses_total` | counter | `service`, `server_address`, `http_response_status_code`, `class` (`success`, `failure`, `rate_limited`, `cancelled`) |
 //! | `mesh_client_errors_total` | counter | `service`, `server_address` (no answer: connect failure, reset, try timeout) |
 //! | `mesh_client_try_duration_seconds` | histogram | `service` (one try, to the response head) |
 //! | `mesh_client_retries_total` | counter | `service` |
@@ -20,6 +20,13 @@
 //! up to date on the request path; an address served by two clients for a while (a reload
 //! re-making a service's client) shows their sum, and the overflow count starts again
 //! from zero once only the new client is left, which Prometheus takes for a counter reset.
+//!
+//! **Classes.** An answer's `class` is the endpoint's [`Classifier`]'s. Most answers are
+//! counted at their head; a gRPC answer whose `grpc-status` is not in its headers (every
+//! call but a trailers-only one) is counted when its body gives the status: at its
+//! trailers, or as a `failure` if the stream ends or breaks without them; dropped before
+//! then (the caller stopped reading), it counts as `cancelled`. Its try duration is still
+//! measured to the response head.
 //!
 //! Label names follow OpenTelemetry's HTTP semantic conventions where they exist
 //! (`server.address`, `http.response.status_code`, with dots as underscores). Label values
@@ -82,10 +89,12 @@ use crate::breaker::Transition;
 use crate::connect::{PoolProbe, PoolStatus};
 use crate::load::EndpointLoad;
 
+mod body;
 mod future;
 pub mod server;
 mod service;
 
+pub use self::body::ResponseBody;
 pub use self::future::ResponseFuture;
 pub use self::service::Metrics;
 
@@ -253,12 +262,13 @@ pub fn encode_pools<L: EncodeLabelSet>(
     Ok(())
 }
 
+/// The `class` label of an answer's class; `None`: a gRPC answer dropped before its status.
 fn class_name(class: Option<Class>) -> &'static str {
     match class {
         Some(Class::Success) => "success",
         Some(Class::Failure) => "failure",
         Some(Class::RateLimited) => "rate_limited",
-        None => "pending",
+        None => "cancelled",
     }
 }
 
@@ -367,22 +377,25 @@ impl ClientMetrics {
             http_response_status_code: 200,
             class: class_name(Some(Class::Success)),
         };
-        if let Ok(mut live) = self.live.lock() {
-            live.entry((self.service.clone(), address.clone()))
-                .or_default()
-                .count += 1;
-        }
+        // Counted and taken under the lock that the last drop of the address removes its
+        // series under: they are never removed between the two.
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.entry((self.service.clone(), address.clone()))
+            .or_default()
+            .count += 1;
+        let series = EndpointSeries {
+            ok: self.responses.get_or_create(&ok).clone(),
+            errors: self.errors.get_or_create(&labels).clone(),
+            load: self.load.get_or_create(&labels).clone(),
+            duration: self.duration.clone(),
+            client: self.clone(),
+            address,
+            classifier,
+            statuses: Mutex::new(Vec::new()),
+        };
+        drop(live);
         EndpointMetrics(Arc::new(Handle {
-            series: Arc::new(EndpointSeries {
-                ok: self.responses.get_or_create(&ok).clone(),
-                errors: self.errors.get_or_create(&labels).clone(),
-                load: self.load.get_or_create(&labels).clone(),
-                duration: self.duration.clone(),
-                client: self.clone(),
-                address,
-                classifier,
-                statuses: Mutex::new(Vec::new()),
-            }),
+            series: Arc::new(series),
             load: None,
         }))
     }
@@ -449,14 +462,46 @@ impl EndpointMetrics {
         self
     }
 
-    fn response(&self, status: StatusCode, headers: &http::HeaderMap, took: Duration) {
+    /// Records a response head that took `took`, and counts the answer, unless it is a gRPC
+    /// answer whose class waits for its trailers: then gives the handle its body counts it
+    /// with ([`count_grpc`](Self::count_grpc)).
+    fn response(
+        &self,
+        status: StatusCode,
+        headers: &http::HeaderMap,
+        took: Duration,
+    ) -> Option<EndpointMetrics> {
         let s = &*self.0.series;
-        let class = s.classifier.classify_response(status, headers);
-        if status == StatusCode::OK && class == Some(Class::Success) {
+        s.duration.observe(took.as_secs_f64());
+        if let Some(load) = &self.0.load {
+            // Just updated by the answer (the load layer sits below): no decay to apply.
+            s.load.set(load.last_cost() / 1e9);
+        }
+        match s.classifier.classify_response(status, headers) {
+            Some(class) => {
+                self.count(status.as_u16(), Some(class));
+                None
+            }
+            None => Some(self.clone()),
+        }
+    }
+
+    /// Counts a gRPC answer (HTTP 200) of `class` (`None`: dropped before its status).
+    fn count_grpc(&self, class: Option<Class>) {
+        self.count(200, class);
+    }
+
+    /// The class of a gRPC answer with these trailers.
+    fn classify_trailers(&self, trailers: &http::HeaderMap) -> Class {
+        self.0.series.classifier.classify_trailers(Some(trailers))
+    }
+
+    fn count(&self, code: u16, class: Option<Class>) {
+        let s = &*self.0.series;
+        if code == 200 && class == Some(Class::Success) {
             s.ok.inc();
         } else {
             let class = class_name(class);
-            let code = status.as_u16();
             if let Ok(mut seen) = s.statuses.lock()
                 && !seen.contains(&(code, class))
             {
@@ -466,11 +511,6 @@ impl EndpointMetrics {
                 .responses
                 .get_or_create(&s.response_labels(code, class))
                 .inc();
-        }
-        s.duration.observe(took.as_secs_f64());
-        if let Some(load) = &self.0.load {
-            // Just updated by the answer (the load layer sits below): no decay to apply.
-            s.load.set(load.last_cost() / 1e9);
         }
     }
 
@@ -529,9 +569,9 @@ impl Drop for EndpointSeries {
         let c = &self.client;
         let mut seen =
             std::mem::take(&mut *self.statuses.lock().unwrap_or_else(|p| p.into_inner()));
-        let Ok(mut live) = c.live.lock() else {
-            return;
-        };
+        // Held to the end: an endpoint of the address made meanwhile would take the series
+        // being removed (see `ClientMetrics::endpoint`).
+        let mut live = c.live.lock().unwrap_or_else(|p| p.into_inner());
         let key = (c.service.clone(), self.address.clone());
         if let Some(entry) = live.get_mut(&key) {
             let me = std::ptr::from_ref::<Self>(self) as usize;
@@ -545,7 +585,6 @@ impl Drop for EndpointSeries {
             seen.append(&mut entry.seen);
         }
         live.remove(&key);
-        drop(live);
         c.responses
             .remove(&self.response_labels(200, class_name(Some(Class::Success))));
         for (code, class) in &seen {
@@ -556,6 +595,7 @@ impl Drop for EndpointSeries {
         for state in ["ejected", "probation", "reinstated"] {
             c.breaker.remove(&self.breaker_labels(state));
         }
+        drop(live);
     }
 }
 
@@ -599,6 +639,101 @@ mod tests {
         drop(new);
         let t = text(&registry);
         assert!(!t.contains("10.0.0.1:80"), "{t}");
+    }
+
+    type Frames = http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+
+    /// A gRPC answer (200, `application/grpc`) with a message and `grpc-status` in its
+    /// trailers.
+    fn grpc_answer(status: &'static str) -> http::Response<Frames> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+        let frames = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            ))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let mut resp = http::Response::new(http_body_util::StreamBody::new(
+            futures_util::stream::iter(frames),
+        ));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        resp
+    }
+
+    #[tokio::test]
+    async fn grpc_answers_are_classified_by_their_trailers() {
+        use http_body_util::BodyExt;
+        use tower::{Layer, Service, ServiceExt};
+
+        let mut registry = Registry::default();
+        let metrics = ClientMetrics::register(&mut registry, "users");
+        let mut endpoint = metrics
+            .endpoint("10.0.0.1:80".into(), Classifier::default())
+            .layer(tower::service_fn(|req: http::Request<()>| async move {
+                let status = if req.uri().path() == "/ok" { "0" } else { "14" };
+                Ok::<_, std::convert::Infallible>(grpc_answer(status))
+            }));
+        for path in ["/unavailable", "/ok"] {
+            let req = http::Request::get(path).body(()).unwrap_or_default();
+            let resp = endpoint.ready().await.unwrap_or_else(|e| match e {});
+            let resp = resp.call(req).await.unwrap_or_else(|e| match e {});
+            let _ = resp.into_body().collect().await;
+        }
+        // Dropped before its trailers: the caller gave up, not the endpoint.
+        let req = http::Request::get("/unavailable")
+            .body(())
+            .unwrap_or_default();
+        let resp = endpoint.ready().await.unwrap_or_else(|e| match e {});
+        drop(resp.call(req).await);
+        let t = text(&registry);
+        let line = |class: &str| {
+            format!(
+                r#"mesh_client_responses_total{{service="users",server_address="10.0.0.1:80",http_response_status_code="200",class="{class}"}} 1"#
+            )
+        };
+        assert!(t.contains(&line("failure")), "{t}");
+        assert!(t.contains(&line("success")), "{t}");
+        assert!(t.contains(&line("cancelled")), "{t}");
+        assert!(!t.contains("pending"), "{t}");
+    }
+
+    /// Endpoints of one address made and dropped on two threads: while one lives, its
+    /// series are in the families (a last drop elsewhere does not remove the series a new
+    /// endpoint has just taken).
+    #[test]
+    fn an_endpoint_made_while_another_goes_keeps_its_series() {
+        let mut registry = Registry::default();
+        let metrics = ClientMetrics::register(&mut registry, "users");
+        let ok = ResponseLabels {
+            service: "users".into(),
+            server_address: "10.0.0.1:80".into(),
+            http_response_status_code: 200,
+            class: "success",
+        };
+        let lost = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..200_000 {
+                        let e = metrics.endpoint("10.0.0.1:80".into(), Classifier::default());
+                        if metrics.responses.get(&ok).is_none() {
+                            lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        drop(e);
+                    }
+                });
+            }
+        });
+        assert_eq!(lost.into_inner(), 0, "series removed under a live endpoint");
+        assert!(!text(&registry).contains("10.0.0.1"));
     }
 
     #[test]

@@ -15,20 +15,37 @@
 //! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).
 //! A request is measured from its arrival to the end of its response body, so streamed
 //! answers count whole; a gRPC call's status is read from the response headers
-//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2).
+//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2),
+//! as does a status outside 0–16 or one that is not a number (what gRPC clients make of
+//! them).
 //!
-//! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; gRPC
-//! service and method names are taken from at most 1,000 distinct paths, then `_OTHER`;
-//! the client's identity becomes a label only with [`ListenerMetrics::with_client_label`].
+//! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; the
+//! client's identity becomes a label only with [`ListenerMetrics::with_client_label`].
+//! gRPC service and method names come from the request path, which anyone who can reach
+//! the listener chooses, so a path is *named* (becomes `rpc_service` and `rpc_method`
+//! values) only when
+//!
+//! - it is `/SERVICE/METHOD`, each part 1 to 128 bytes of `[A-Za-z0-9._-]`, and
+//! - an answer to it shows that the method exists and that the caller was let through:
+//!   HTTP 200, not the mesh's own answer (no `x-mesh-error`: a refusal by authorization,
+//!   rate limit or body limit, a missing route), and a `grpc-status` (in the headers or
+//!   the trailers) other than `PERMISSION_DENIED` (7), `UNIMPLEMENTED` (12) and
+//!   `UNAUTHENTICATED` (16).
+//!
+//! Calls to paths not (yet) named count as `_OTHER`. A listener names at most 1,000 paths,
+//! kept for its lifetime; later ones count as `_OTHER` too. A named path is found at the
+//! request by one hash lookup under a read lock, with no allocation; a path not named yet
+//! is copied (at most 258 bytes) until its answer decides.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::{HeaderMap, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
+use mesh_core::classify::grpc;
 use mesh_spiffe::PeerIdentity;
 use pin_project_lite::pin_project;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
@@ -44,6 +61,41 @@ use crate::access_log::{Entry, Outcome, Recorder};
 
 /// Distinct gRPC paths named in labels before the rest count as `_OTHER`.
 const MAX_RPC_NAMES: usize = 1000;
+
+/// The longest gRPC service or method name used as a label value, in bytes.
+const MAX_RPC_NAME_LEN: usize = 128;
+
+/// The gRPC service and method of `path` (`/SERVICE/METHOD`) if both may be label values:
+/// 1 to [`MAX_RPC_NAME_LEN`] bytes of `[A-Za-z0-9._-]`. Pure; looks at no more than
+/// `2 * MAX_RPC_NAME_LEN + 2` bytes.
+fn rpc_path(path: &str) -> Option<(&str, &str)> {
+    if path.len() > 2 * MAX_RPC_NAME_LEN + 2 {
+        return None;
+    }
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let valid = |name: &str| {
+        !name.is_empty()
+            && name.len() <= MAX_RPC_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    (valid(service) && valid(method)).then_some((service, method))
+}
+
+/// A gRPC service's and method's label values.
+type RpcLabelNames = (Arc<str>, Arc<str>);
+
+/// A gRPC call's label names, as far as they are known at its request.
+#[derive(Debug)]
+enum RpcName {
+    /// A path named already.
+    Known(Arc<str>, Arc<str>),
+    /// A well-formed path not named yet: its answer decides (see the [module docs](self)).
+    New(Box<str>),
+    /// `_OTHER`.
+    Other,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct HttpLabels {
@@ -194,13 +246,11 @@ impl ServerMetrics {
 
     /// The handle of the listener named `name`.
     pub fn listener(&self, name: &str) -> ListenerMetrics {
-        ListenerMetrics(Arc::new(Listener {
-            name: Arc::from(name),
-            families: self.families.clone(),
-            client_label: false,
-            rpc_names: Mutex::new(HashSet::new()),
-            cache: Cache::new(),
-        }))
+        ListenerMetrics(Arc::new(Listener::new(
+            Arc::from(name),
+            self.families.clone(),
+            false,
+        )))
     }
 }
 
@@ -209,11 +259,27 @@ struct Listener {
     name: Arc<str>,
     families: Arc<Families>,
     client_label: bool,
-    /// The gRPC paths already named in labels.
-    rpc_names: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// The gRPC paths named in labels, by path: written only when a path is named.
+    rpc_names: RwLock<HashMap<Box<str>, RpcLabelNames>>,
+    /// `_OTHER`, as service and method.
+    rpc_other: RpcLabelNames,
     /// Handles of the common HTTP series, made on first use: recording then hashes no
     /// labels.
     cache: Cache,
+}
+
+impl Listener {
+    fn new(name: Arc<str>, families: Arc<Families>, client_label: bool) -> Self {
+        let other = Arc::<str>::from("_OTHER");
+        Self {
+            name,
+            families,
+            client_label,
+            rpc_names: RwLock::new(HashMap::new()),
+            rpc_other: (other.clone(), other),
+            cache: Cache::new(),
+        }
+    }
 }
 
 /// Statuses whose duration series have a cached handle.
@@ -257,13 +323,11 @@ impl ListenerMetrics {
     /// client: only for a known, small set of clients).
     pub fn with_client_label(self) -> Self {
         let l = &self.0;
-        Self(Arc::new(Listener {
-            name: l.name.clone(),
-            families: l.families.clone(),
-            client_label: true,
-            rpc_names: Mutex::new(HashSet::new()),
-            cache: Cache::new(),
-        }))
+        Self(Arc::new(Listener::new(
+            l.name.clone(),
+            l.families.clone(),
+            true,
+        )))
     }
 
     /// The listener's name.
@@ -314,30 +378,39 @@ impl ListenerMetrics {
             .inc();
     }
 
-    /// The gRPC service and method of `path` for labels, within the cardinality bound.
-    fn rpc_names(&self, path: &str) -> (Arc<str>, Arc<str>) {
-        let other = || (Arc::<str>::from("_OTHER"), Arc::<str>::from("_OTHER"));
-        let Some((service, method)) = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
-        else {
-            return other();
+    /// The label names of a gRPC call to `path`, at its request: one hash lookup, and no
+    /// allocation unless the path may still be named.
+    fn rpc_name(&self, path: &str) -> RpcName {
+        if rpc_path(path).is_none() {
+            return RpcName::Other;
+        }
+        let Ok(names) = self.0.rpc_names.read() else {
+            return RpcName::Other;
         };
-        let Ok(mut names) = self.0.rpc_names.lock() else {
-            return other();
+        match names.get(path) {
+            Some((service, method)) => RpcName::Known(service.clone(), method.clone()),
+            None if names.len() >= MAX_RPC_NAMES => RpcName::Other,
+            None => RpcName::New(Box::from(path)),
+        }
+    }
+
+    /// Names `path`, whose answer showed that its method exists, within the bound.
+    fn name_rpc(&self, path: Box<str>) -> RpcLabelNames {
+        let l = &*self.0;
+        let Some((service, method)) = rpc_path(&path) else {
+            return l.rpc_other.clone();
         };
-        if let Some(found) = names
-            .iter()
-            .find(|(s, m)| &**s == service && &**m == method)
-        {
+        let entry = (Arc::<str>::from(service), Arc::<str>::from(method));
+        let Ok(mut names) = l.rpc_names.write() else {
+            return l.rpc_other.clone();
+        };
+        if let Some(found) = names.get(&*path) {
             return found.clone();
         }
         if names.len() >= MAX_RPC_NAMES {
-            return other();
+            return l.rpc_other.clone();
         }
-        let entry = (Arc::<str>::from(service), Arc::<str>::from(method));
-        names.insert(entry.clone());
+        names.insert(path, entry.clone());
         entry
     }
 }
@@ -419,7 +492,9 @@ struct Pending {
     version: usize,
     client: Option<PeerIdentity>,
     /// The service and method, for a gRPC call.
-    rpc: Option<(Arc<str>, Arc<str>)>,
+    rpc: Option<RpcName>,
+    /// Whether the response is the mesh's own answer (`x-mesh-error`).
+    mesh_answer: bool,
     request_size: Option<u64>,
 }
 
@@ -433,18 +508,31 @@ impl Pending {
             None
         };
         match self.rpc {
-            Some((service, method)) => l
-                .families
-                .rpc
-                .get_or_create(&RpcLabels {
-                    listener: l.name.clone(),
-                    service,
-                    method,
-                    // A call that ended with no status is UNKNOWN.
-                    code: grpc_status.unwrap_or(2),
-                    client,
-                })
-                .observe(elapsed),
+            Some(name) => {
+                let (service, method) = match name {
+                    RpcName::Known(service, method) => (service, method),
+                    // The method exists and the caller got through: see the module docs.
+                    RpcName::New(path)
+                        if status == 200
+                            && !self.mesh_answer
+                            && grpc_status.is_some_and(|c| !matches!(c, 7 | 12 | 16)) =>
+                    {
+                        self.metrics.name_rpc(path)
+                    }
+                    RpcName::New(_) | RpcName::Other => l.rpc_other.clone(),
+                };
+                l.families
+                    .rpc
+                    .get_or_create(&RpcLabels {
+                        listener: l.name.clone(),
+                        service,
+                        method,
+                        // A call that ended with no status is UNKNOWN.
+                        code: grpc_status.unwrap_or(2),
+                        client,
+                    })
+                    .observe(elapsed);
+            }
             None => {
                 let labels = || HttpLabels {
                     listener: l.name.clone(),
@@ -516,7 +604,8 @@ where
             method: method_index(req.method()),
             version: version_index(req.version()),
             client: req.extensions().get::<PeerIdentity>().cloned(),
-            rpc: grpc.then(|| metrics.rpc_names(req.uri().path())),
+            rpc: grpc.then(|| metrics.rpc_name(req.uri().path())),
+            mesh_answer: false,
             // The declared size (Content-Length, or an empty body); a streamed request
             // body of unknown length is not measured.
             request_size: req.body().size_hint().exact(),
@@ -572,6 +661,8 @@ where
         };
         Poll::Ready(match result {
             Ok(resp) => {
+                let mut pending = pending;
+                pending.mesh_answer = resp.headers().contains_key(crate::body::MESH_ERROR);
                 let status = resp.status().as_u16();
                 let grpc_status = pending
                     .rpc
@@ -594,11 +685,11 @@ where
     }
 }
 
+/// The `grpc-status` in `headers`, if any: a code from 0 to 16, where a number outside
+/// that range or a value that is no number is `UNKNOWN` (2), as gRPC clients read it.
 fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    let value = headers.get("grpc-status")?;
+    Some(grpc::parse_status(value).map_or(2, |code| u16::from(code as u8)))
 }
 
 pin_project! {
@@ -665,20 +756,16 @@ impl<B: Body> Body for MeteredBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.size += data.remaining() as u64;
-                } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(code) = grpc_status(trailers)
-                {
-                    *this.grpc_status = Some(code);
-                }
+        // A broken response (an error frame) did not complete: without a status it counts
+        // as UNKNOWN (2), and names no path.
+        if let Some(Ok(frame)) = &frame {
+            if let Some(data) = frame.data_ref() {
+                *this.size += data.remaining() as u64;
+            } else if let Some(trailers) = frame.trailers_ref()
+                && let Some(code) = grpc_status(trailers)
+            {
+                *this.grpc_status = Some(code);
             }
-            // A broken response: the call did not complete.
-            Some(Err(_)) if this.grpc_status.is_none() => *this.grpc_status = Some(2),
-            Some(Err(_)) => {}
-            None => {}
         }
         if (frame.is_none() || this.inner.is_end_stream())
             && let Some(pending) = this.pending.take()

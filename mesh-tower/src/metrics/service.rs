@@ -4,7 +4,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{EndpointMetrics, ResponseFuture};
+use super::{EndpointMetrics, ResponseBody, ResponseFuture};
 use crate::load::{Cost, Load};
 
 /// Records one endpoint's answers and errors; made by [`EndpointMetrics`] as a layer.
@@ -51,7 +51,7 @@ impl<S, B, RB> Service<Request<B>> for Metrics<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
 {
-    type Response = Response<RB>;
+    type Response = Response<ResponseBody<RB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 

@@ -500,7 +500,11 @@ fn note<S, F, RB>(
     {
         recorder.record(Event::Retry(RetryDecision {
             method: this.head.method.clone(),
-            path: this.head.uri.path_and_query().cloned(),
+            path: this
+                .head
+                .uri
+                .path_and_query()
+                .map(crate::decision::DecisionPath::from),
             attempt: (*this.retries + 1).saturating_sub(counted),
             outcome,
             verdict,
