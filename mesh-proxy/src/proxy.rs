@@ -208,7 +208,7 @@ impl Proxy {
             needs_identity: config.identity.is_some(),
             credentials: OnceLock::new(),
             registry: OnceLock::new(),
-            config_text: Mutex::new(effective(&config)),
+            config_text: Mutex::new(effective(config)),
             path,
             draining: AtomicBool::new(false),
             shutdown: Notify::new(),
