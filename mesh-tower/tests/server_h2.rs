@@ -554,8 +554,11 @@ async fn resets_of_accepted_streams_end_in_goaway() {
         let _ = reached.send(());
         std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
     });
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mesh_tower::metrics::server::ServerMetrics::register(&mut registry);
     let server = MeshServer::builder()
         .plaintext()
+        .metrics(metrics.listener("in"))
         .serve(listener, app)
         .unwrap();
     let limit = ServerLimits::default().max_pending_accept_reset_streams;
@@ -596,6 +599,15 @@ async fn resets_of_accepted_streams_end_in_goaway() {
         "{started} requests started and reset on one connection; {goaway:?}"
     );
     assert_eq!(server.shutdown().await.forced, 0);
+    // Counted once, shut down and then closed alike.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(
+            "mesh_server_connections_closed_total{listener=\"in\",reason=\"cancelled_requests\"} 1\n"
+        ),
+        "{text}"
+    );
 }
 
 /// A client that gives up on slow requests (another proxy's timeouts, on the one HTTP/2

@@ -10,6 +10,7 @@
 //! | `mesh_server_authz_total` | counter | `listener`, `policy`, `rule` (`default` when none), `outcome` (`allow`, `deny`, `audit`) |
 //! | `mesh_server_rate_limited_total` | counter | `listener`, `limit` (`client`, `total`) |
 //! | `mesh_server_tls_handshake_failures_total` | counter | `listener`, `reason` |
+//! | `mesh_server_connections_closed_total` | counter | `listener`, `reason`: connections the server closed, or shut down, on its own: `cancelled_requests` (its client cancelled most of its requests: shut down with `GOAWAY`, then closed), `no_request` (none within the header read timeout), `stalled_client` (it stopped reading), `idle` (idle timeout, a graceful shutdown), `error` (it ended with an error: malformed input, a flood h2 refuses with `GOAWAY`, a broken connection) |
 //!
 //! Names and labels follow OpenTelemetry's HTTP and RPC semantic conventions
 //! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).
@@ -177,6 +178,7 @@ struct Families {
     authz: Family<AuthzLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
+    closed: Family<ReasonLabels, Counter>,
 }
 
 /// The inbound metrics of one registry; [`listener`](Self::listener) gives each
@@ -199,6 +201,7 @@ impl ServerMetrics {
             authz: Family::default(),
             rate_limited: Family::default(),
             tls_failures: Family::default(),
+            closed: Family::default(),
         };
         registry.register_with_unit(
             "http_server_request_duration",
@@ -238,6 +241,11 @@ impl ServerMetrics {
             "mesh_server_tls_handshake_failures",
             "Refused or failed TLS handshakes by reason",
             families.tls_failures.clone(),
+        );
+        registry.register(
+            "mesh_server_connections_closed",
+            "Connections the server closed or shut down on its own, by reason",
+            families.closed.clone(),
         );
         Self {
             families: Arc::new(families),
@@ -371,6 +379,18 @@ impl ListenerMetrics {
         self.0
             .families
             .tls_failures
+            .get_or_create(&ReasonLabels {
+                listener: self.0.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a connection the server closed (or shut down) on its own, for `reason`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.0
+            .families
+            .closed
             .get_or_create(&ReasonLabels {
                 listener: self.0.name.clone(),
                 reason,

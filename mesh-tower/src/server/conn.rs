@@ -476,6 +476,8 @@ where
     let mut stalled_since = connected;
     let mut moved_at_check = 0;
     let mut closing = false;
+    // Counted once per connection, whether shut down first or closed at once.
+    let mut abused = false;
     // The connection is polled whenever the task wakes; the shutdown, abuse and idle
     // signals only when one of them woke it (they are polled with a waker of their own),
     // so that each request's many wake-ups do not re-poll three timers and channels.
@@ -517,6 +519,7 @@ where
             Event::Ended(error) => {
                 if let Some(error) = error {
                     tracing::debug!(%remote, error = %error, "connection ended with an error");
+                    closed(shared, "error");
                 }
                 return true;
             }
@@ -529,9 +532,14 @@ where
                 if closing || activity.abuse_closes() {
                     // It went on after the GOAWAY: close at once.
                     tracing::info!(%remote, "client keeps cancelling its requests: closing the connection");
+                    if !abused {
+                        closed(shared, "cancelled_requests");
+                    }
                     return false;
                 }
                 tracing::info!(%remote, "client cancels most of its requests: shutting the connection down");
+                closed(shared, "cancelled_requests");
+                abused = true;
                 closing = true;
                 conn.as_mut().graceful_shutdown();
                 check.as_mut().reset(Instant::now() + step);
@@ -543,6 +551,7 @@ where
                     let deadline = connected + limits.header_read_timeout;
                     if now >= deadline {
                         tracing::debug!(%remote, "no request within the header read timeout");
+                        closed(shared, "no_request");
                         return false;
                     }
                     stalled_since = now;
@@ -562,6 +571,7 @@ where
                 let stalled = stalled_since + limits.idle_timeout;
                 if now >= stalled {
                     tracing::debug!(%remote, "the client stopped reading: closed");
+                    closed(shared, "stalled_client");
                     return false;
                 }
                 if closing {
@@ -574,6 +584,7 @@ where
                 let deadline = idle_since + limits.idle_timeout;
                 if now >= deadline {
                     tracing::debug!(%remote, "idle timeout");
+                    closed(shared, "idle");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                     check.as_mut().reset(stalled.min(now + step));
@@ -582,6 +593,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Counts a connection this server closed (or shut down) on its own, when it has metrics.
+#[cold]
+#[inline(never)]
+fn closed<S>(shared: &Shared<S>, reason: &'static str) {
+    if let Some(metrics) = &shared.metrics {
+        metrics.connection_closed(reason);
     }
 }
 
