@@ -94,6 +94,8 @@ pub struct Endpoint {
 /// Why `ip` cannot be an endpoint's address, if it cannot: an unspecified address would
 /// reach local ports; multicast and broadcast addresses are not a peer.
 pub(crate) fn unusable_ip(ip: IpAddr) -> Option<&'static str> {
+    // `[::ffff:0.0.0.0]` is `0.0.0.0` to the kernel.
+    let ip = ip.to_canonical();
     if ip.is_unspecified() {
         Some("an unspecified address")
     } else if ip.is_multicast() {
@@ -255,6 +257,9 @@ mod tests {
             (r#"addr = "224.0.0.1:80""#, "multicast"),
             (r#"addr = "[ff02::1]:80""#, "multicast"),
             (r#"addr = "255.255.255.255:80""#, "broadcast"),
+            (r#"addr = "[::ffff:0.0.0.0]:80""#, "unspecified"),
+            (r#"addr = "[::ffff:224.0.0.1]:80""#, "multicast"),
+            (r#"addr = "[::ffff:255.255.255.255]:80""#, "broadcast"),
         ] {
             let err = toml::from_str::<Endpoint>(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");

@@ -40,7 +40,7 @@ pub(crate) fn serve(
             }
             // Each render holds the whole exposition: a few at once, the rest told to
             // come back (scrapers and probes do not need more).
-            let Ok(_permit) = renders.try_acquire_owned() else {
+            let Ok(permit) = renders.try_acquire_owned() else {
                 let mut busy = text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,
@@ -53,7 +53,13 @@ pub(crate) fn serve(
             // Rendering reads /proc (every open file descriptor) and walks every metric
             // family: on the blocking pool, not the runtime's thread, which with one worker
             // (the default) is the only one serving traffic.
-            let rendered = tokio::task::spawn_blocking(move || answer(&state, &req)).await;
+            // The permit goes with the render, which runs on whether or not its client
+            // waits for it (a blocking task cannot be cancelled).
+            let rendered = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                answer(&state, &req)
+            })
+            .await;
             Ok(rendered.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "rendering /metrics failed");
                 text(
@@ -153,7 +159,11 @@ fn answer(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             } else if let Some(svid) = state.svid() {
                 // Peers refuse it: no caller should be sent here until a new one comes.
-                let expired = humantime::format_rfc3339_seconds(svid.not_after());
+                // humantime formats no time before 1970 (a UTCTime year of 50 to 69 is one).
+                let expired = match svid.not_after().duration_since(std::time::UNIX_EPOCH) {
+                    Ok(_) => humantime::format_rfc3339_seconds(svid.not_after()).to_string(),
+                    Err(_) => "a time before 1970".to_owned(),
+                };
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,

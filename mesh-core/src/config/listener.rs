@@ -233,7 +233,7 @@ pub struct ListenerLimits {
     pub tunnel_idle_timeout: Option<Duration>,
     /// Bound on the requests a connection's client may cancel (reset, or hang up on) once
     /// they outnumber those it let finish: rapid reset of accepted streams. The connection
-    /// is shut down with `GOAWAY`, and closed at twice as many.
+    /// is shut down with `GOAWAY`, and closed once it cancels as many more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cancelled_requests: Option<usize>,
     /// How soon after its start an HTTP/2 request's cancellation must come to count toward

@@ -845,6 +845,16 @@ fn inbound_targets_are_not_the_proxys_own_listeners() {
         target = "[::1]:4144"
         tls = "plaintext"
         [[inbound]]
+        name = "h"
+        listen = "0.0.0.0:4151"
+        target = "[::ffff:127.0.0.1]:9990"
+        tls = "plaintext"
+        [[inbound]]
+        name = "i"
+        listen = "0.0.0.0:4152"
+        target = "[::ffff:0.0.0.0]:8080"
+        tls = "plaintext"
+        [[inbound]]
         name = "ok"
         listen = "0.0.0.0:4149"
         target = "127.0.0.1:8080"
@@ -860,6 +870,8 @@ fn inbound_targets_are_not_the_proxys_own_listeners() {
             "inbound[3].target: 127.0.0.1:0 is not an application's address",
             "inbound[4].target: 0.0.0.0:8080 is not an application's address",
             "inbound[6].target: [::1]:4144 reaches this proxy's own listener [::]:4144 (inbound[1].listen)",
+            "inbound[7].target: [::ffff:127.0.0.1]:9990 reaches this proxy's own listener 127.0.0.1:9990 (admin.listen)",
+            "inbound[8].target: [::ffff:0.0.0.0]:8080 is not an application's address",
         ],
     );
 }

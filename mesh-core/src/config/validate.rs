@@ -856,7 +856,9 @@ impl Validator {
         }
         for (i, l) in c.inbound.iter().enumerate() {
             let path = format!("inbound[{i}]");
-            if l.target.port() == 0 || l.target.ip().is_unspecified() {
+            // `[::ffff:127.0.0.1]` reaches what `127.0.0.1` does.
+            let target = l.target.ip().to_canonical();
+            if l.target.port() == 0 || target.is_unspecified() {
                 self.err(
                     format!("{path}.target"),
                     format!(
@@ -865,13 +867,14 @@ impl Validator {
                     ),
                 );
             } else if let Some((listener, by)) = addrs.iter().find(|(a, _)| {
+                let listen = a.ip().to_canonical();
                 a.port() == l.target.port()
-                    && (a.ip() == l.target.ip()
+                    && (listen == target
                         // A wildcard listener takes loopback connections of its family (and
                         // `[::]` IPv4 ones too, dual-stack).
-                        || (a.ip().is_unspecified()
-                            && l.target.ip().is_loopback()
-                            && (a.is_ipv6() || l.target.is_ipv4())))
+                        || (listen.is_unspecified()
+                            && target.is_loopback()
+                            && (a.is_ipv6() || target.is_ipv4())))
             }) {
                 // The application's address reaches one of this proxy's own listeners:
                 // itself (a loop), the admin listener (mesh peers would reach `/shutdown`

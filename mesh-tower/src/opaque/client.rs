@@ -393,6 +393,20 @@ impl OpaqueClient {
     }
 }
 
+/// A connection reset when dropped while `cut` (see `Current::relay_io`).
+struct ResetIfCut<T: crate::relay::Abort> {
+    io: T,
+    cut: bool,
+}
+
+impl<T: crate::relay::Abort> Drop for ResetIfCut<T> {
+    fn drop(&mut self) {
+        if self.cut {
+            self.io.abort_on_drop();
+        }
+    }
+}
+
 impl Current {
     /// Relays `local`; a failure of the local side resets the endpoint's connection (see
     /// `RelayError::pass_on`), while resetting `local` is its owner's part.
@@ -408,19 +422,20 @@ impl Current {
         let connected = tokio::time::Instant::now();
         // The local side failed: the endpoint's connection is reset, when it can be.
         let local_failed = |relayed: &Result<_, crate::relay::RelayError>| matches!(relayed, Err(error) if error.side() == Some(crate::relay::Side::Client));
+        // A relay cut short (its future dropped: a replaced policy closing it, a drain's
+        // deadline) resets the endpoint's connection too, as a failed local side does:
+        // its application must not take the cut for the end of the transfer.
         let relayed = match remote {
-            Remote::Plain(mut tcp) => {
-                let relayed = relay.run(local, &mut tcp).await;
-                if local_failed(&relayed) {
-                    crate::relay::Abort::abort_on_drop(&tcp);
-                }
+            Remote::Plain(tcp) => {
+                let mut tcp = ResetIfCut { io: tcp, cut: true };
+                let relayed = relay.run(local, &mut tcp.io).await;
+                tcp.cut = local_failed(&relayed);
                 relayed
             }
-            Remote::Tls(mut tls) => {
-                let relayed = relay.run(local, &mut *tls).await;
-                if local_failed(&relayed) {
-                    crate::relay::Abort::abort_on_drop(&*tls);
-                }
+            Remote::Tls(tls) => {
+                let mut tls = ResetIfCut { io: tls, cut: true };
+                let relayed = relay.run(local, &mut *tls.io).await;
+                tls.cut = local_failed(&relayed);
                 relayed
             }
             Remote::Dialed(mut io) => relay.run(local, &mut *io).await,

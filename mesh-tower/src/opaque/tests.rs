@@ -985,7 +985,26 @@ async fn the_opaque_fallback_answers_to_the_servers_policy() {
 #[cfg(feature = "server")]
 #[tokio::test]
 async fn the_opaque_fallback_counts_its_decisions_and_answers_to_a_replaced_policy() {
-    let (target_addr, _) = target(Mode::Echo).await;
+    // An echo that says how its connection ended.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = echo.local_addr().unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = echo.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let end = loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if tcp.write_all(&buf[..n]).await.is_err() {
+                        break Err(std::io::ErrorKind::BrokenPipe);
+                    }
+                }
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = ended_tx.send(end);
+    });
     let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
     });
@@ -1024,6 +1043,12 @@ async fn the_opaque_fallback_counts_its_decisions_and_answers_to_a_replaced_poli
         read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "{rest:?}"
     );
+    // And so is the endpoint's side: its application does not read an end.
+    let end = tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
     // A new connection is denied at once.
     let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
     tcp.write_all(b"\x16\x03\x01ping").await.unwrap();

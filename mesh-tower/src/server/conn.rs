@@ -312,7 +312,7 @@ async fn opaque_fallback(
     }
     // Closed by a replaced policy (`None`), or failed at the endpoint's side: reset, so
     // that the client does not take the cut for the end of its transfer (the endpoint's
-    // side, dropped mid-stream, reads a failure too).
+    // side, cut short, is reset by the relay).
     if relayed.as_ref().is_none_or(crate::opaque::resets_local) {
         tcp.abort_on_drop();
     }
@@ -758,11 +758,14 @@ struct Activity {
     /// How far the cancellation bound was signalled: [`ABUSE_SHUTDOWN`], then
     /// [`ABUSE_CLOSE`].
     abuse_stage: std::sync::atomic::AtomicU8,
+    /// `cancelled` when the connection was told to shut down.
+    shutdown_at: AtomicUsize,
 }
 
-/// The client cancelled more than `max_cancelled` requests, more than it let finish.
+/// The client cancelled at least `max_cancelled` requests, more than it let finish: the
+/// connection shuts down.
 const ABUSE_SHUTDOWN: u8 = 1;
-/// It cancelled twice as many.
+/// It cancelled `max_cancelled` more since: the connection closes.
 const ABUSE_CLOSE: u8 = 2;
 
 impl Activity {
@@ -828,24 +831,48 @@ impl Activity {
             Some(true) => {}
         }
         // Rapid reset after acceptance: requests started and cancelled without end.
-        // Past the bound the connection shuts down; at twice it, it closes. Judged at
+        // Past the bound the connection shuts down; as many more, it closes. Judged at
         // every cancellation, not at the two counts only: a client that first let enough
         // requests finish would otherwise pass both unseen and cancel without end.
         let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
         if cancelled < self.max_cancelled || cancelled <= self.completed.load(Ordering::Relaxed) {
             return;
         }
-        let stage = if cancelled >= self.max_cancelled.saturating_mul(2) {
-            ABUSE_CLOSE
-        } else {
-            ABUSE_SHUTDOWN
-        };
-        if self.abuse_stage.fetch_max(stage, Ordering::Relaxed) < stage {
-            self.abusive.notify_one();
+        // First a shutdown (GOAWAY: the client learns which of its requests were not
+        // taken, and may retry them); then, `max_cancelled` cancellations past it, a close.
+        match self.abuse_stage.load(Ordering::Relaxed) {
+            0 => {
+                if self
+                    .abuse_stage
+                    .compare_exchange(0, ABUSE_SHUTDOWN, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.shutdown_at.store(cancelled, Ordering::Relaxed);
+                    self.abusive.notify_one();
+                }
+            }
+            ABUSE_SHUTDOWN => {
+                let at = self.shutdown_at.load(Ordering::Relaxed);
+                if cancelled >= at.saturating_add(self.max_cancelled)
+                    && self
+                        .abuse_stage
+                        .compare_exchange(
+                            ABUSE_SHUTDOWN,
+                            ABUSE_CLOSE,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
+                    self.abusive.notify_one();
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Whether the client's cancellations reached twice the bound: the connection closes.
+    /// Whether the client cancelled `max_cancelled` more requests since it was told to shut
+    /// down: the connection closes.
     fn abuse_closes(&self) -> bool {
         self.abuse_stage.load(Ordering::Relaxed) >= ABUSE_CLOSE
     }
@@ -1205,7 +1232,19 @@ mod tests {
         }
         assert!(abuse.as_mut().poll(&mut noop).is_pending());
         assert!(!activity.abuse_closes());
-        // The seventh outnumbers them, past twice the bound: the connection closes.
+        // The seventh outnumbers them, past twice the bound: the connection shuts down
+        // first (GOAWAY), whatever the count.
+        drop(pending_request(&activity));
+        assert!(abuse.as_mut().poll(&mut noop).is_ready());
+        assert!(!activity.abuse_closes());
+        // `max_cancelled` more close it.
+        let abuse = activity.abusive.notified();
+        let mut abuse = pin!(abuse);
+        abuse.as_mut().enable();
+        for _ in 0..2 {
+            drop(pending_request(&activity));
+        }
+        assert!(abuse.as_mut().poll(&mut noop).is_pending());
         drop(pending_request(&activity));
         assert!(abuse.as_mut().poll(&mut noop).is_ready());
         assert!(activity.abuse_closes());
