@@ -335,6 +335,12 @@ async fn invalid_settings_fail_at_construction() {
         let err = b.name_server(ns).build().unwrap_err();
         assert!(matches!(err, DiscoverError::Dns { .. }), "{err:?}");
     }
+    // A link-local name server: its interface cannot be given to the DNS client.
+    let err = DnsDiscovery::host("users.example.test", 80)
+        .name_server("[fe80::1%2]:53".parse().unwrap())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("link-local"), "{err}");
 }
 
 /// What a [`raw_server`] answers: the response code, then the answer and authority

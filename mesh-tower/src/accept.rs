@@ -97,8 +97,8 @@ impl Incoming for Streams {
     }
 }
 
-/// Says that a listener holds `max_connections` and accepts no more until one closes: at
-/// warn once a second at most, the rest at debug.
+/// Says that a listener holds `max_connections` and accepts no more until one closes (any
+/// listener's: at warn once a second at most in the process, the rest at debug).
 #[cold]
 #[inline(never)]
 fn full(max_connections: usize) {
@@ -107,9 +107,9 @@ fn full(max_connections: usize) {
         Some(held) => tracing::warn!(
             max_connections,
             more_at_debug = held,
-            "the connection limit is reached: new connections wait until one closes (limits.max_connections)"
+            "a listener is at its connection limit: further connections wait until one closes (limits.max_connections)"
         ),
-        None => tracing::debug!(max_connections, "the connection limit is reached"),
+        None => tracing::debug!(max_connections, "a listener is at its connection limit"),
     }
 }
 

@@ -612,7 +612,7 @@ async fn connections_beyond_the_limit_wait() {
     // The wait is said, not silent.
     let log = captured.text();
     assert!(
-        log.contains("the connection limit is reached") && log.contains("max_connections=1"),
+        log.contains("at its connection limit") && log.contains("max_connections=1"),
         "{log}"
     );
     // ...until the first closes.

@@ -283,6 +283,14 @@ impl DnsDiscoveryBuilder {
                     .into(),
             ));
         }
+        if let Some(server) = self.name_servers.iter().find(|s| match s {
+            SocketAddr::V6(v6) => v6.ip().is_unicast_link_local(),
+            SocketAddr::V4(_) => false,
+        }) {
+            return Err(error(format!(
+                "name server {server} is link-local, which the DNS client cannot reach (it takes no interface)"
+            )));
+        }
         if self.ttl_floor > self.ttl_ceiling {
             return Err(error(format!(
                 "TTL floor {:?} exceeds TTL ceiling {:?}",
@@ -421,9 +429,16 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             if words.next() != Some("nameserver") {
                 return None;
             }
-            // An IPv6 address may carry a `%interface` scope, which we cannot use.
+            // An IPv6 address may carry a `%interface` scope, which the DNS client cannot
+            // take: a link-local server is left out (every query to it would fail), said.
             let addr = words.next()?.split('%').next()?;
             let ip: IpAddr = addr.parse().ok()?;
+            if let IpAddr::V6(v6) = ip
+                && v6.is_unicast_link_local()
+            {
+                tracing::warn!(name_server = %ip, "{RESOLV_CONF}: a link-local name server is left out (the DNS client cannot carry its interface)");
+                return None;
+            }
             Some(SocketAddr::new(ip, 53))
         })
         .collect()
@@ -1459,10 +1474,7 @@ mod tests {
                     nameserver bogus\noptions ndots:5\n";
         assert_eq!(
             parse_resolv_conf(text),
-            [
-                "10.0.0.53:53".parse::<SocketAddr>().unwrap(),
-                "[fe80::1]:53".parse().unwrap()
-            ]
+            ["10.0.0.53:53".parse::<SocketAddr>().unwrap()]
         );
     }
 }

@@ -212,6 +212,7 @@ impl EndpointSet {
     }
 
     /// Keeps the `max` endpoints of lowest key; true if some were dropped.
+    #[cfg(any(feature = "discover-file", feature = "discover-dns"))]
     pub(crate) fn truncate(&mut self, max: usize) -> bool {
         let Some(first_dropped) = self.0.keys().nth(max).copied() else {
             return false;

@@ -413,7 +413,13 @@ impl Connect {
     /// The connection of `endpoint`, or `None` (logged) to leave it out.
     fn client(&self, endpoint: &Endpoint) -> Option<EndpointClient<ReplayBody>> {
         let tls = match &self.transport {
-            None => None,
+            None => {
+                // Said, not silently dropped: nobody should take the service for verified.
+                if let Some(id) = endpoint.identity() {
+                    tracing::warn!(endpoint = %endpoint.key(), identity = %id, "discovery gives this endpoint an identity, which a plaintext service cannot verify: connecting in plaintext (use tls = \"mtls\" to verify it)");
+                }
+                None
+            }
             Some(mtls) => {
                 let expected = match (endpoint.identity(), &self.server_identity) {
                     (Some(id), _) => Authorizer::exact(id.clone()),

@@ -46,7 +46,13 @@ impl MakeTarget {
     /// The target of `endpoint`, or `None` (logged) to leave it out.
     pub(super) fn target(&self, endpoint: &Endpoint) -> Option<Target> {
         let tls = match &self.transport {
-            None => None,
+            None => {
+                // Said, not silently dropped: nobody should take the service for verified.
+                if let Some(id) = endpoint.identity() {
+                    tracing::warn!(service = %self.service, endpoint = %endpoint.key(), identity = %id, "discovery gives this endpoint an identity, which a plaintext service cannot verify: connecting in plaintext (use tls = \"mtls\" to verify it)");
+                }
+                None
+            }
             Some(mtls) => {
                 let expected = match (endpoint.identity(), &self.server_identity) {
                     (Some(id), _) => Authorizer::exact(id.clone()),
