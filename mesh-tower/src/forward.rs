@@ -128,10 +128,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// [`strip_hop_by_hop`] on an HTTP/1.1 message, but keeping `Upgrade` and `Connection:
 /// upgrade` when it asks to switch protocols (a request) or switches (a `101`); see
 /// [`crate::upgrade`]. Returns the protocol when it kept them.
+#[inline]
 pub(crate) fn strip_keeping_upgrade(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most requests carry none: the look stays in the caller, the work out of line.
     if !headers.keys().any(is_connection_specific) {
         return None;
     }
+    strip_found_keeping_upgrade(headers)
+}
+
+/// [`strip_keeping_upgrade`] once a connection-specific field is seen.
+#[inline(never)]
+fn strip_found_keeping_upgrade(headers: &mut HeaderMap) -> Option<HeaderValue> {
     let upgrade = crate::upgrade::requested(headers);
     strip_hop_by_hop(headers);
     if let Some(protocol) = &upgrade {
@@ -153,12 +161,17 @@ fn strip_answer<B>(resp: &mut Response<B>) {
 /// Whether `name` is one of the fields [`strip_hop_by_hop`] may remove (`TE` included,
 /// which it keeps when it is exactly `trailers`).
 fn is_connection_specific(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    // One look at the name: its length rules out nearly every field a request carries.
+    let name = name.as_str();
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+        && matches!(
+            name,
+            "te" | "upgrade"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+        )
 }
 
 /// Sends requests to a peer proxy as HTTP/2; see the [module docs](self).

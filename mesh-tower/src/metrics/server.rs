@@ -682,7 +682,9 @@ where
         Poll::Ready(match result {
             Ok(resp) => {
                 let mut pending = pending;
-                pending.mesh_answer = resp.headers().contains_key(crate::body::MESH_ERROR);
+                // Read only where it decides something: a gRPC path not named yet.
+                pending.mesh_answer = matches!(pending.rpc, Some(RpcName::New(_)))
+                    && resp.headers().contains_key(crate::body::MESH_ERROR);
                 let status = resp.status().as_u16();
                 let grpc_status = pending
                     .rpc
