@@ -25,70 +25,11 @@ fn kill(signal: &str, pid: u32) {
     assert!(ok, "kill -{signal} {pid}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sighup_while_starting_waits_and_sigterm_still_stops_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("spire.toml");
-    // No agent: the proxy keeps trying for its first SVID, not ready meanwhile.
-    std::fs::write(
-        &config,
-        "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--log", "info"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Its admin listener starts (and says so) after its signals are watched, and before
-    // it waits for SPIRE.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if line.contains("admin listening") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("the proxy waits for SPIRE");
-    assert!(child.try_wait().unwrap().is_none(), "starting");
-    kill("HUP", child.id());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "a SIGHUP while starting killed the proxy: {:?}",
-        child.try_wait()
-    );
-    kill("TERM", child.id());
-    let mut status = None;
-    for _ in 0..100 {
-        status = child.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    assert!(
-        status.expect("exits within 10 s of SIGTERM").success(),
-        "{status:?}"
-    );
-}
-
-/// `POST /shutdown` while the proxy still waits for its identity ends the start (it was
-/// answered "shutting down", and then kept waiting, to drain right after starting).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_asked_for_while_starting_ends_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("spire.toml");
+/// A proxy that waits for its first SVID from a SPIRE agent that is not there (it keeps
+/// trying, not ready meanwhile), with the address of its admin listener, which starts
+/// (and says so) after its signals are watched and before it waits for SPIRE.
+fn waiting_for_spire(dir: &std::path::Path) -> (std::process::Child, String) {
+    let config = dir.join("spire.toml");
     std::fs::write(
         &config,
         "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
@@ -99,7 +40,6 @@ async fn a_shutdown_asked_for_while_starting_ends_the_start() {
         .args(["run", "--config"])
         .arg(&config)
         .args(["--log", "info", "--log-format", "plain"])
-        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -120,9 +60,11 @@ async fn a_shutdown_asked_for_while_starting_ends_the_start() {
     let admin = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the proxy waits for SPIRE");
-    assert_eq!(curl(&[&format!("http://{admin}/ready")]).0, 503);
-    let (code, body) = curl(&["-X", "POST", &format!("http://{admin}/shutdown")]);
-    assert_eq!(code, 200, "{body}");
+    (child, admin)
+}
+
+/// Waits up to 10 s for `child` to exit, and asserts it exited with success.
+async fn exits_cleanly(mut child: std::process::Child, after: &str) {
     let mut status = None;
     for _ in 0..100 {
         status = child.try_wait().unwrap();
@@ -134,10 +76,38 @@ async fn a_shutdown_asked_for_while_starting_ends_the_start() {
     let _ = child.kill();
     assert!(
         status
-            .expect("exits within 10 s of POST /shutdown")
+            .unwrap_or_else(|| panic!("exits within 10 s of {after}"))
             .success(),
         "{status:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_waits_and_sigterm_still_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = waiting_for_spire(dir.path());
+    assert!(child.try_wait().unwrap().is_none(), "starting");
+    kill("HUP", child.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a SIGHUP while starting killed the proxy: {:?}",
+        child.try_wait()
+    );
+    kill("TERM", child.id());
+    exits_cleanly(child, "SIGTERM").await;
+}
+
+/// `POST /shutdown` while the proxy still waits for its identity ends the start (it was
+/// answered "shutting down", and then kept waiting, to drain right after starting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_asked_for_while_starting_ends_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, admin) = waiting_for_spire(dir.path());
+    assert_eq!(curl(&[&format!("http://{admin}/ready")]).0, 503);
+    let (code, body) = curl(&["-X", "POST", &format!("http://{admin}/shutdown")]);
+    assert_eq!(code, 200, "{body}");
+    exits_cleanly(child, "POST /shutdown").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

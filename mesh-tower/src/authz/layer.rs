@@ -73,6 +73,40 @@ impl PolicyHandle {
     pub fn current(&self) -> Arc<Policy> {
         self.current.load().policy.clone()
     }
+
+    /// Runs `connection` (a long-lived one that `client` opened, judged when it began)
+    /// to its end, judging it again by each policy that replaces the one in force:
+    /// `None` once one denies it (`denied` is told which, to log and count it), and the
+    /// connection's future is dropped. `replaced` must come from
+    /// [`subscribe`](Self::subscribe) before the first judgement, so that no replacement
+    /// goes unseen.
+    #[cfg(feature = "opaque")]
+    pub(crate) async fn until_denied<F: std::future::Future>(
+        &self,
+        connection: F,
+        mut replaced: tokio::sync::watch::Receiver<()>,
+        client: Option<&mesh_core::SpiffeId>,
+        denied: impl FnOnce(&Policy),
+    ) -> Option<F::Output> {
+        let mut connection = std::pin::pin!(connection);
+        loop {
+            tokio::select! {
+                biased;
+                ended = &mut connection => return Some(ended),
+                changed = replaced.changed() => {
+                    if changed.is_err() {
+                        // The handle is gone with its server: no more replacements.
+                        return Some(connection.await);
+                    }
+                    let current = self.current();
+                    if current.decide_connection(client).is_err() {
+                        denied(&current);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The decision counters of one policy on one listener, made once.

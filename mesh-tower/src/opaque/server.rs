@@ -219,7 +219,7 @@ impl Inbound {
     {
         let client = peer.as_ref().map(PeerIdentity::id);
         // Before the decision: a policy replaced from here on judges the connection again.
-        let mut replaced = self.policy.subscribe();
+        let replaced = self.policy.subscribe();
         let current = self.policy.current();
         let policy = current.name();
         match current.decide_connection(client) {
@@ -292,33 +292,17 @@ impl Inbound {
             }
         };
         crate::sock::tune(&target, self.target, &self.tcp);
-        // In a block of its own: the relay's borrows of both sides end with it.
-        let outcome = {
-            let relay = self.relay.run(&mut io, &mut target);
-            let mut relay = std::pin::pin!(relay);
-            loop {
-                tokio::select! {
-                    biased;
-                    outcome = &mut relay => break Some(outcome),
-                    // A replaced policy judges the open connection again: one it denies is
-                    // closed (as linkerd closes them), whatever the old one said.
-                    changed = replaced.changed() => {
-                        if changed.is_err() {
-                            // The handle is gone with the server: no more replacements.
-                            break Some(relay.await);
-                        }
-                        let current = self.policy.current();
-                        if current.decide_connection(client).is_err() {
-                            tracing::info!(%remote, client = %Client(client), policy = current.name(), "open connection denied by a replaced policy: closed");
-                            if let Some(metrics) = &self.metrics {
-                                metrics.authz_counter(current.name(), None, "deny").inc();
-                            }
-                            break None;
-                        }
-                    }
+        // A replaced policy judges the open connection again: one it denies is closed (as
+        // linkerd closes them), whatever the old one said.
+        let outcome = self
+            .policy
+            .until_denied(self.relay.run(&mut io, &mut target), replaced, client, |current| {
+                tracing::info!(%remote, client = %Client(client), policy = current.name(), "open connection denied by a replaced policy: closed");
+                if let Some(metrics) = &self.metrics {
+                    metrics.authz_counter(current.name(), None, "deny").inc();
                 }
-            }
-        };
+            })
+            .await;
         match outcome {
             Some(Ok(relayed)) => {
                 tracing::debug!(%remote, client = %Client(client), bytes_up = relayed.client_to_upstream, bytes_down = relayed.upstream_to_client, "opaque connection closed");

@@ -242,7 +242,7 @@ async fn opaque_fallback(
     use crate::authz::Client;
     use crate::relay::Abort;
     // Before the decision: a policy replaced from here on judges the connection again.
-    let mut replaced = fallback.policy.subscribe();
+    let replaced = fallback.policy.subscribe();
     let current = fallback.policy.current();
     match current.decide_connection(None) {
         Ok(decision) => {
@@ -279,30 +279,16 @@ async fn opaque_fallback(
         return;
     }
     let _ = tcp.set_nodelay(true);
-    let relayed = {
-        let relay = fallback.client.relay_io(&mut tcp);
-        let mut relay = pin!(relay);
-        loop {
-            tokio::select! {
-                biased;
-                relayed = &mut relay => break Some(relayed),
-                changed = replaced.changed() => {
-                    if changed.is_err() {
-                        // The handle is gone with the server: no more replacements.
-                        break Some(relay.await);
-                    }
-                    let current = fallback.policy.current();
-                    if current.decide_connection(None).is_err() {
-                        tracing::info!(%remote, client = %Client(None), policy = current.name(), "open connection denied by a replaced policy: closed");
-                        if let Some(metrics) = metrics {
-                            metrics.authz_counter(current.name(), None, "deny").inc();
-                        }
-                        break None;
-                    }
-                }
+    // A replaced policy judges the open connection again: one it denies is closed.
+    let relayed = fallback
+        .policy
+        .until_denied(fallback.client.relay_io(&mut tcp), replaced, None, |current| {
+            tracing::info!(%remote, client = %Client(None), policy = current.name(), "open connection denied by a replaced policy: closed");
+            if let Some(metrics) = metrics {
+                metrics.authz_counter(current.name(), None, "deny").inc();
             }
-        }
-    };
+        })
+        .await;
     match &relayed {
         Some(Ok(stats)) => {
             tracing::debug!(%remote, endpoint = %stats.endpoint, sent = stats.sent, received = stats.received, "opaque connection closed");
