@@ -827,15 +827,13 @@ impl Activity {
         // First a shutdown (GOAWAY: the client learns which of its requests were not
         // taken, and may retry them); then, `max_cancelled` cancellations past it, a close.
         match self.abuse_stage.load(Ordering::Relaxed) {
-            0 => {
-                if self
-                    .abuse_stage
-                    .compare_exchange(0, ABUSE_SHUTDOWN, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.shutdown_at.store(cancelled, Ordering::Relaxed);
-                    self.abusive.notify_one();
-                }
+            0 if self
+                .abuse_stage
+                .compare_exchange(0, ABUSE_SHUTDOWN, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok() =>
+            {
+                self.shutdown_at.store(cancelled, Ordering::Relaxed);
+                self.abusive.notify_one();
             }
             ABUSE_SHUTDOWN => {
                 let at = self.shutdown_at.load(Ordering::Relaxed);
