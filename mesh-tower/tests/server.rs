@@ -1236,6 +1236,53 @@ mod inbound_metrics {
         text.lines().find(|l| l.starts_with(prefix))
     }
 
+    /// `mesh_server_connections` counts each connection from its accept to its end.
+    #[tokio::test]
+    async fn open_connections_are_a_gauge() {
+        let mut registry = Registry::default();
+        let metrics = ServerMetrics::register(&mut registry).listener("in");
+        let server = MeshServer::builder()
+            .plaintext()
+            .metrics(metrics)
+            .serve(
+                TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                tower::service_fn(app),
+            )
+            .unwrap();
+        let gauge = |registry: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            line(&text, "mesh_server_connections{listener=\"in\"} ")
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let mut tcps = Vec::new();
+        for _ in 0..2 {
+            let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .unwrap();
+            let response = read_response(&mut tcp).await;
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            tcps.push(tcp);
+        }
+        assert_eq!(
+            gauge(&registry),
+            "mesh_server_connections{listener=\"in\"} 2"
+        );
+        drop(tcps);
+        let mut now = String::new();
+        for _ in 0..100 {
+            now = gauge(&registry);
+            if now.ends_with(" 0") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(now, "mesh_server_connections{listener=\"in\"} 0");
+        server.shutdown().await;
+    }
+
     #[tokio::test]
     async fn requests_decisions_refusals_and_handshake_failures_are_counted() {
         let mut pki = Pki::new();

@@ -10,6 +10,7 @@
 //! | `mesh_server_authz_total` | counter | `listener`, `policy`, `rule` (`default` when none), `outcome` (`allow`, `deny`, `audit`) |
 //! | `mesh_server_rate_limited_total` | counter | `listener`, `limit` (`client`, `total`) |
 //! | `mesh_server_tls_handshake_failures_total` | counter | `listener`, `reason` |
+//! | `mesh_server_connections` | gauge | `listener`: connections open, from their accept (TLS handshakes, and the opaque fallback's relays, included) to their close |
 //! | `mesh_server_connections_closed_total` | counter | `listener`, `reason`: connections the server closed, or shut down, on its own: `cancelled_requests` (its client cancelled most of its requests: shut down with `GOAWAY`, then closed), `no_request` (none within the header read timeout), `stalled_client` (it stopped reading), `idle` (idle timeout, a graceful shutdown), `error` (it ended with an error: malformed input, a flood h2 refuses with `GOAWAY`, a broken connection) |
 //!
 //! Names and labels follow OpenTelemetry's HTTP and RPC semantic conventions
@@ -52,6 +53,7 @@ use pin_project_lite::pin_project;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::time::Instant;
@@ -164,6 +166,11 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ListenerLabel {
+    listener: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabels {
     listener: Arc<str>,
     reason: &'static str,
@@ -179,6 +186,7 @@ struct Families {
     rate_limited: Family<LimitLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
     closed: Family<ReasonLabels, Counter>,
+    connections: Family<ListenerLabel, Gauge>,
 }
 
 /// The inbound metrics of one registry; [`listener`](Self::listener) gives each
@@ -202,6 +210,7 @@ impl ServerMetrics {
             rate_limited: Family::default(),
             tls_failures: Family::default(),
             closed: Family::default(),
+            connections: Family::default(),
         };
         registry.register_with_unit(
             "http_server_request_duration",
@@ -243,6 +252,11 @@ impl ServerMetrics {
             families.tls_failures.clone(),
         );
         registry.register(
+            "mesh_server_connections",
+            "Open connections, TLS handshakes included",
+            families.connections.clone(),
+        );
+        registry.register(
             "mesh_server_connections_closed",
             "Connections the server closed or shut down on its own, by reason",
             families.closed.clone(),
@@ -274,12 +288,21 @@ struct Listener {
     /// Handles of the common HTTP series, made on first use: recording then hashes no
     /// labels.
     cache: Cache,
+    /// Its open connections' gauge.
+    connections: Gauge,
 }
 
 impl Listener {
     fn new(name: Arc<str>, families: Arc<Families>, client_label: bool) -> Self {
         let other = Arc::<str>::from("_OTHER");
+        let connections = families
+            .connections
+            .get_or_create(&ListenerLabel {
+                listener: name.clone(),
+            })
+            .clone();
         Self {
+            connections,
             name,
             families,
             client_label,
@@ -287,6 +310,16 @@ impl Listener {
             rpc_other: (other.clone(), other),
             cache: Cache::new(),
         }
+    }
+}
+
+/// One open connection in its listener's `mesh_server_connections`, until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -384,6 +417,12 @@ impl ListenerMetrics {
                 reason,
             })
             .inc();
+    }
+
+    /// Counts a connection open until the guard it returns is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.0.connections.inc();
+        OpenConnection(self.0.connections.clone())
     }
 
     /// Counts a connection the server closed (or shut down) on its own, for `reason`.

@@ -170,15 +170,29 @@ where
     let max = shared.limits.max_connections;
     let timeout = shared.limits.shutdown_timeout;
     match source {
+        // Each connection counts as open (when the server has metrics) from its accept to
+        // its end; a combinator, so that the task holds the connection's future once.
         Accepted::Tcp(source) => {
             crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
-                connection(tcp, remote, shared.clone(), stop)
+                let open = shared
+                    .metrics
+                    .as_ref()
+                    .map(ListenerMetrics::connection_opened);
+                futures_util::FutureExt::map(connection(tcp, remote, shared.clone(), stop), |()| {
+                    drop(open)
+                })
             })
             .await
         }
         Accepted::Streams(source) => {
             crate::accept::accept_loop(source, max, timeout, shutdown, move |io, remote, stop| {
-                secured(io, remote, shared.clone(), stop)
+                let open = shared
+                    .metrics
+                    .as_ref()
+                    .map(ListenerMetrics::connection_opened);
+                futures_util::FutureExt::map(secured(io, remote, shared.clone(), stop), |()| {
+                    drop(open)
+                })
             })
             .await
         }
