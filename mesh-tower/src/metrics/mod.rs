@@ -143,6 +143,43 @@ pub struct ClientMetrics {
     /// service's client replaced by a reload), and only the last one to go removes the
     /// address's series. Shared by every [`for_service`](Self::for_service) derivative.
     live: LiveMap,
+    /// The handles alive per service, likewise: the last one of a service to go (its
+    /// client dropped, a reload having removed it) removes the service's own series.
+    services: ServiceMap,
+    /// This service's place in `services` (none for the families alone).
+    hold: Option<Arc<ServiceHold>>,
+}
+
+/// How many [`ClientMetrics`] of each service are alive (clones count once).
+type ServiceMap = Arc<Mutex<HashMap<Arc<str>, usize>>>;
+
+/// One [`ClientMetrics::for_service`] handle's place among its service's: the last one
+/// dropped removes the service's series.
+#[derive(Debug)]
+struct ServiceHold {
+    labels: ServiceLabels,
+    services: ServiceMap,
+    durations: Family<ServiceLabels, Histogram>,
+    retries: Family<ServiceLabels, Counter>,
+    exhausted: Family<ServiceLabels, Counter>,
+}
+
+impl Drop for ServiceHold {
+    fn drop(&mut self) {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(count) = services.get_mut(&self.labels.service) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            services.remove(&self.labels.service);
+            // Under the lock that `for_service` makes them under: never removed between a
+            // new handle's count and its taking them.
+            self.durations.remove(&self.labels);
+            self.retries.remove(&self.labels);
+            self.exhausted.remove(&self.labels);
+        }
+    }
 }
 
 /// A service's name and an endpoint's address.
@@ -301,6 +338,8 @@ impl ClientMetrics {
             breaker: Family::default(),
             load: Family::default(),
             live: Arc::default(),
+            services: Arc::default(),
+            hold: None,
         };
         registry.register(
             "mesh_client_responses",
@@ -348,16 +387,32 @@ impl ClientMetrics {
 
     /// Service `service`'s metrics, in the same families (and so the same registry) as
     /// these: one registration serves every client of a process. Two clients of the same
-    /// service (one replacing the other, say) share its series.
+    /// service (one replacing the other, say) share its series, which are removed from the
+    /// registry once the last handle of the service is dropped (with its client, say).
     pub fn for_service(&self, service: &str) -> Self {
         let labels = ServiceLabels {
             service: Arc::from(service),
         };
+        // Counted and taken under the lock that the last drop of the service removes its
+        // series under.
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        *services.entry(labels.service.clone()).or_default() += 1;
+        let duration = self.durations.get_or_create(&labels).clone();
+        let retries = self.retries_family.get_or_create(&labels).clone();
+        let budget_exhausted = self.exhausted_family.get_or_create(&labels).clone();
+        drop(services);
         Self {
-            duration: self.durations.get_or_create(&labels).clone(),
-            retries: self.retries_family.get_or_create(&labels).clone(),
-            budget_exhausted: self.exhausted_family.get_or_create(&labels).clone(),
-            service: labels.service,
+            duration,
+            retries,
+            budget_exhausted,
+            service: labels.service.clone(),
+            hold: Some(Arc::new(ServiceHold {
+                labels,
+                services: self.services.clone(),
+                durations: self.durations.clone(),
+                retries: self.retries_family.clone(),
+                exhausted: self.exhausted_family.clone(),
+            })),
             ..self.clone()
         }
     }
@@ -775,5 +830,29 @@ mod tests {
             t.contains(r#"service="orders",server_address="10.0.0.1:80""#),
             "{t}"
         );
+    }
+
+    /// A service's own series live as long as a handle of it: a second handle (a reload's
+    /// new client) keeps them when the first goes, and the last one removes them (a
+    /// service a reload took out leaves nothing behind).
+    #[test]
+    fn a_services_series_go_with_its_last_handle() {
+        let mut registry = Registry::default();
+        let families = ClientMetrics::register_families(&mut registry);
+        let old = families.for_service("users");
+        old.retry_counters().0.inc();
+        let new = families.for_service("users");
+        let clone = new.clone();
+        drop(old);
+        let t = text(&registry);
+        assert!(
+            t.contains(r#"mesh_client_retries_total{service="users"} 1"#),
+            "{t}"
+        );
+        drop(new);
+        assert!(text(&registry).contains(r#"service="users""#));
+        drop(clone);
+        let t = text(&registry);
+        assert!(!t.contains(r#"service="users""#), "{t}");
     }
 }
