@@ -146,8 +146,9 @@ pub struct ClientMetrics {
     /// The handles alive per service, likewise: the last one of a service to go (its
     /// client dropped, a reload having removed it) removes the service's own series.
     services: ServiceMap,
-    /// This service's place in `services` (none for the families alone).
-    hold: Option<Arc<ServiceHold>>,
+    /// This service's place in `services` (none for the families alone), held for its
+    /// drop.
+    _hold: Option<Arc<ServiceHold>>,
 }
 
 /// How many [`ClientMetrics`] of each service are alive (clones count once).
@@ -339,7 +340,7 @@ impl ClientMetrics {
             load: Family::default(),
             live: Arc::default(),
             services: Arc::default(),
-            hold: None,
+            _hold: None,
         };
         registry.register(
             "mesh_client_responses",
@@ -406,7 +407,7 @@ impl ClientMetrics {
             retries,
             budget_exhausted,
             service: labels.service.clone(),
-            hold: Some(Arc::new(ServiceHold {
+            _hold: Some(Arc::new(ServiceHold {
                 labels,
                 services: self.services.clone(),
                 durations: self.durations.clone(),
