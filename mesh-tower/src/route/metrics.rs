@@ -1,6 +1,7 @@
 //! Route metrics: requests by route and backend, answers and durations by route.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -40,13 +41,23 @@ struct RouteLabels {
 /// - `mesh_route_unmatched_total`: requests no route took.
 ///
 /// Each route's handles are looked up once, when its route set is built, so a request
-/// only increments counters.
+/// only increments counters. A route's series go once no route set holds it any more (a
+/// reload removed it): two sets with the route (the running one and a reload's) share
+/// them.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
     requests: Family<BackendLabels, Counter>,
     responses: Family<StatusLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
     unmatched: Counter,
+    /// The route sets holding each route, and the backends they gave it.
+    live: Arc<Mutex<HashMap<Arc<str>, LiveRoute>>>,
+}
+
+#[derive(Debug, Default)]
+struct LiveRoute {
+    count: usize,
+    backends: BTreeSet<Arc<str>>,
 }
 
 /// One route's answer counters and duration histogram.
@@ -55,6 +66,41 @@ pub(super) struct RouteHandles {
     /// `1xx` to `5xx`, then `error`.
     classes: [Counter; 6],
     duration: Histogram,
+    route: Arc<str>,
+    metrics: RouteMetrics,
+}
+
+impl Drop for RouteHandles {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let mut live = m.live.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = live.get_mut(&self.route) else {
+            return;
+        };
+        entry.count = entry.count.saturating_sub(1);
+        if entry.count > 0 {
+            return;
+        }
+        let Some(gone) = live.remove(&self.route) else {
+            return;
+        };
+        // Under the lock `route` makes them under.
+        for status_class in CLASSES {
+            m.responses.remove(&StatusLabels {
+                route: self.route.clone(),
+                status_class,
+            });
+        }
+        m.durations.remove(&RouteLabels {
+            route: self.route.clone(),
+        });
+        for backend in gone.backends {
+            m.requests.remove(&BackendLabels {
+                route: self.route.clone(),
+                backend,
+            });
+        }
+    }
 }
 
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
@@ -69,6 +115,7 @@ impl RouteMetrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 15))
             }),
             unmatched: Counter::default(),
+            live: Arc::default(),
         };
         registry.register(
             "mesh_route_requests",
@@ -93,8 +140,17 @@ impl RouteMetrics {
         this
     }
 
-    pub(super) fn route(&self, route: &str) -> RouteHandles {
+    /// Route `route`'s handles, held by a route set whose route sends to `backends`
+    /// (whose request counters [`requests`](Self::requests) gives).
+    pub(super) fn route(&self, route: &str, backends: &[&str]) -> RouteHandles {
         let route: Arc<str> = Arc::from(route);
+        // Counted and taken under the lock that the route's last drop removes them under.
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live.entry(route.clone()).or_default();
+        entry.count += 1;
+        entry
+            .backends
+            .extend(backends.iter().map(|b| Arc::from(*b)));
         RouteHandles {
             classes: CLASSES.map(|status_class| {
                 self.responses
@@ -104,11 +160,21 @@ impl RouteMetrics {
                     })
                     .clone()
             }),
-            duration: self.durations.get_or_create(&RouteLabels { route }).clone(),
+            duration: self
+                .durations
+                .get_or_create(&RouteLabels {
+                    route: route.clone(),
+                })
+                .clone(),
+            route,
+            metrics: self.clone(),
         }
     }
 
     pub(super) fn requests(&self, route: &str, backend: &str) -> Counter {
+        // With the live routes' lock: a route's last drop removes its backends' counters
+        // under it.
+        let _live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         self.requests
             .get_or_create(&BackendLabels {
                 route: Arc::from(route),

@@ -204,10 +204,11 @@ impl<S: Clone> RoutesBuilder<S> {
                 .as_ref()
                 .map(|f| FaultLayer::from_config(f).map_err(|e| route(e.to_string())))
                 .transpose()?;
-            let handles = self
-                .metrics
-                .as_ref()
-                .map(|m| Arc::new(m.route(&config.name)));
+            let handles = self.metrics.as_ref().map(|m| {
+                let backends: Vec<&str> =
+                    config.backends.iter().map(|b| b.service.as_str()).collect();
+                Arc::new(m.route(&config.name, &backends))
+            });
             let backends = config
                 .backends
                 .iter()

@@ -408,6 +408,36 @@ async fn metrics_count_by_route_and_backend() {
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
+    // A reload's new set keeps the route's series while the old set goes; a set without
+    // the route (the last holding it gone) removes them.
+    let encode = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    };
+    let next = Routes::builder()
+        .backend("v1", named("v1", count.clone()))
+        .route(route("api", "/api", &[("v1", 1)]))
+        .metrics(&metrics)
+        .build()
+        .unwrap();
+    drop(router);
+    let text = encode(&registry);
+    assert!(
+        text.contains(r#"mesh_route_requests_total{route="api",backend="v1"} 2"#),
+        "{text}"
+    );
+    let without = Routes::builder()
+        .backend("v1", named("v1", count.clone()))
+        .route(route("other", "/other", &[("v1", 1)]))
+        .metrics(&metrics)
+        .build()
+        .unwrap();
+    drop(next);
+    let text = encode(&registry);
+    assert!(!text.contains(r#"route="api""#), "{text}");
+    assert!(text.contains(r#"route="other""#), "{text}");
+    drop(without);
 }
 
 /// Swapping route sets while requests are in flight loses none: each is answered by a
