@@ -215,3 +215,16 @@ fn text_answer_headers() -> http::HeaderMap {
     headers.insert(MESH_ERROR, HeaderValue::from_static("true"));
     headers
 }
+
+/// Where a gRPC answer's status can be known, from one polled frame of its body: at its
+/// trailers (`Some(Some(trailers))`), or at the end of the stream or an error without
+/// them (`Some(None)`, a failure when classified); `None` for a data frame. The bodies
+/// that count an answer at its status (the breaker's, the client metrics') share it.
+pub(crate) fn grpc_status_settled<D, E>(
+    ready: &Option<Result<Frame<D>, E>>,
+) -> Option<Option<&http::HeaderMap>> {
+    match ready {
+        Some(Ok(frame)) => frame.trailers_ref().map(Some),
+        Some(Err(_)) | None => Some(None),
+    }
+}

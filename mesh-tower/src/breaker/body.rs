@@ -52,12 +52,7 @@ impl<B: Body> Body for ResponseBody<B> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(ready) = &polled {
-            // `Some(trailers)` once the status can be known: at the trailers frame, or at
-            // the end of the stream (or an error) without them.
-            let settled = match ready {
-                Some(Ok(frame)) => frame.trailers_ref().map(Some),
-                Some(Err(_)) | None => Some(None),
-            };
+            let settled = crate::body::grpc_status_settled(ready);
             if let Some(trailers) = settled
                 && let Some((handle, permit)) = this.pending.take()
             {

@@ -54,24 +54,17 @@ impl<B: Body> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
+        // Counted once the status can be known: at the trailers frame, or at the end of
+        // the stream (or an error) without them.
         if let Poll::Ready(ready) = &polled
-            && this.pending.is_some()
+            && let Some(trailers) = crate::body::grpc_status_settled(ready)
+            && let Some(metrics) = this.pending.take()
         {
-            // The class once the status can be known: at the trailers frame, or at the
-            // end of the stream (or an error) without them.
             let class = match ready {
-                Some(Ok(frame)) => frame.trailers_ref().map(|trailers| {
-                    this.pending
-                        .as_ref()
-                        .map_or(Class::Failure, |m| m.classify_trailers(trailers))
-                }),
-                Some(Err(_)) | None => Some(Class::Failure),
+                Some(Err(_)) => Class::Failure,
+                _ => metrics.classify_trailers(trailers),
             };
-            if let Some(class) = class
-                && let Some(metrics) = this.pending.take()
-            {
-                metrics.count_grpc(Some(class));
-            }
+            metrics.count_grpc(Some(class));
         }
         polled
     }

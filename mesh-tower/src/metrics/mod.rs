@@ -548,8 +548,8 @@ impl EndpointMetrics {
     }
 
     /// The class of a gRPC answer with these trailers.
-    fn classify_trailers(&self, trailers: &http::HeaderMap) -> Class {
-        self.0.series.classifier.classify_trailers(Some(trailers))
+    fn classify_trailers(&self, trailers: Option<&http::HeaderMap>) -> Class {
+        self.0.series.classifier.classify_trailers(trailers)
     }
 
     fn count(&self, code: u16, class: Option<Class>) {

@@ -110,6 +110,7 @@ use tokio::task::JoinHandle;
 pub(crate) use self::client::resets_local;
 pub use self::client::{OpaqueClient, OpaqueClientBuilder, RelayStats};
 pub use self::error::{BuildError, OpaqueError};
+pub(crate) use self::server::judge_connection;
 pub use self::server::{OpaqueServer, OpaqueServerBuilder};
 pub use crate::accept::ShutdownReport;
 

@@ -220,36 +220,13 @@ impl Inbound {
         let client = peer.as_ref().map(PeerIdentity::id);
         // Before the decision: a policy replaced from here on judges the connection again.
         let replaced = self.policy.subscribe();
-        let current = self.policy.current();
-        let policy = current.name();
-        match current.decide_connection(client) {
-            Ok(decision) => {
-                if decision.is_audit() {
-                    tracing::info!(
-                        %remote,
-                        client = %Client(client),
-                        policy,
-                        "authorization audit: no rule allows this connection; allowed by the audit default"
-                    );
-                }
-                if let Some(metrics) = &self.metrics {
-                    let outcome = if decision.is_audit() {
-                        "audit"
-                    } else {
-                        "allow"
-                    };
-                    metrics
-                        .authz_counter(policy, decision.rule(), outcome)
-                        .inc();
-                }
-            }
-            Err(_) => {
-                tracing::debug!(%remote, client = %Client(client), policy, "connection denied: closed");
-                if let Some(metrics) = &self.metrics {
-                    metrics.authz_counter(policy, None, "deny").inc();
-                }
-                return;
-            }
+        if !judge_connection(
+            &self.policy.current(),
+            client,
+            remote,
+            self.metrics.as_ref(),
+        ) {
+            return;
         }
         if let Err(refused) = self.rate_limit.current().admit(peer.as_ref()) {
             tracing::debug!(%remote, client = %Client(client), limit = refused.limit, wait = ?refused.wait, "connection refused by the rate limit: closed");
@@ -318,6 +295,45 @@ impl Inbound {
                 io.abort_on_drop();
                 crate::relay::Abort::abort_on_drop(&target);
             }
+        }
+    }
+}
+
+/// Judges a new opaque connection of `client` (`None`: unauthenticated) by `policy`:
+/// whether it may go on. An audit-mode allow is logged at info, a deny at debug; each
+/// decision is counted in `metrics`. The opaque server and a plaintext `MeshServer`'s
+/// opaque fallback judge their connections alike.
+pub(crate) fn judge_connection(
+    policy: &Policy,
+    client: Option<&mesh_core::SpiffeId>,
+    remote: SocketAddr,
+    metrics: Option<&ListenerMetrics>,
+) -> bool {
+    let name = policy.name();
+    match policy.decide_connection(client) {
+        Ok(decision) => {
+            let outcome = if decision.is_audit() {
+                tracing::info!(
+                    %remote,
+                    client = %Client(client),
+                    policy = name,
+                    "authorization audit: no rule allows this connection; allowed by the audit default"
+                );
+                "audit"
+            } else {
+                "allow"
+            };
+            if let Some(metrics) = metrics {
+                metrics.authz_counter(name, decision.rule(), outcome).inc();
+            }
+            true
+        }
+        Err(_) => {
+            tracing::debug!(%remote, client = %Client(client), policy = name, "opaque connection denied: closed");
+            if let Some(metrics) = metrics {
+                metrics.authz_counter(name, None, "deny").inc();
+            }
+            false
         }
     }
 }

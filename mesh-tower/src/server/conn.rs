@@ -170,33 +170,33 @@ where
     let max = shared.limits.max_connections;
     let timeout = shared.limits.shutdown_timeout;
     match source {
-        // Each connection counts as open (when the server has metrics) from its accept to
-        // its end; a combinator, so that the task holds the connection's future once.
         Accepted::Tcp(source) => {
             crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
-                let open = shared
-                    .metrics
-                    .as_ref()
-                    .map(ListenerMetrics::connection_opened);
-                futures_util::FutureExt::map(connection(tcp, remote, shared.clone(), stop), |()| {
-                    drop(open)
-                })
+                counted(&shared, connection(tcp, remote, shared.clone(), stop))
             })
             .await
         }
         Accepted::Streams(source) => {
             crate::accept::accept_loop(source, max, timeout, shutdown, move |io, remote, stop| {
-                let open = shared
-                    .metrics
-                    .as_ref()
-                    .map(ListenerMetrics::connection_opened);
-                futures_util::FutureExt::map(secured(io, remote, shared.clone(), stop), |()| {
-                    drop(open)
-                })
+                counted(&shared, secured(io, remote, shared.clone(), stop))
             })
             .await
         }
     }
+}
+
+/// `conn`, counted as open (when the server has metrics) from its accept to its end; a
+/// combinator rather than an `async` block, so that the task holds the connection's future
+/// once.
+fn counted<S, F: Future<Output = ()>>(
+    shared: &Shared<S>,
+    conn: F,
+) -> impl Future<Output = ()> + use<S, F> {
+    let open = shared
+        .metrics
+        .as_ref()
+        .map(ListenerMetrics::connection_opened);
+    futures_util::FutureExt::map(conn, move |()| drop(open))
 }
 
 /// Where a server's connections come from.
@@ -257,28 +257,8 @@ async fn opaque_fallback(
     use crate::relay::Abort;
     // Before the decision: a policy replaced from here on judges the connection again.
     let replaced = fallback.policy.subscribe();
-    let current = fallback.policy.current();
-    match current.decide_connection(None) {
-        Ok(decision) => {
-            let outcome = if decision.is_audit() {
-                tracing::info!(%remote, client = %Client(None), policy = current.name(), "authorization audit: no rule allows this connection; allowed by the audit default");
-                "audit"
-            } else {
-                "allow"
-            };
-            if let Some(metrics) = metrics {
-                metrics
-                    .authz_counter(current.name(), decision.rule(), outcome)
-                    .inc();
-            }
-        }
-        Err(_) => {
-            tracing::debug!(%remote, policy = current.name(), "opaque connection denied by the server's policy: closed");
-            if let Some(metrics) = metrics {
-                metrics.authz_counter(current.name(), None, "deny").inc();
-            }
-            return;
-        }
+    if !crate::opaque::judge_connection(&fallback.policy.current(), None, remote, metrics) {
+        return;
     }
     if let Err(refused) = fallback.limits.current().admit(None) {
         tracing::debug!(%remote, limit = refused.limit, wait = ?refused.wait, "opaque connection refused by the rate limit: closed");
