@@ -397,7 +397,9 @@ impl TransparentBuilder {
             tcp: self.tcp,
         };
         tracing::debug!(%addr, "serving redirected connections");
-        crate::opaque::spawn(listener, limits, move |tcp, remote| {
+        // A redirected connection is handed over (or relayed) at once: it is established
+        // (its newcomer standing dropped) from its accept.
+        crate::opaque::spawn(listener, limits, move |tcp, remote, _| {
             let shared = shared.clone();
             async move { shared.connection(tcp, remote).await }
         })

@@ -620,6 +620,135 @@ async fn connections_beyond_the_limit_wait() {
     assert_eq!(waiting.await.unwrap(), StatusCode::OK);
 }
 
+/// Reads until the peer closes; `None` when it is still open after a while (a bound
+/// that only catches a failure: the close comes at once when it comes).
+async fn closes(tcp: &mut TcpStream) -> Option<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(20), read_to_close(tcp))
+        .await
+        .ok()
+}
+
+/// Clients that connect and send nothing (or stall in their TLS handshake) cannot hold
+/// every slot of a full listener: the oldest such newcomer is closed to accept the next
+/// connection, well before the header-read timeout (here a minute) would have closed it.
+/// Established connections (one request served, kept alive) are never closed for this.
+#[tokio::test]
+async fn a_full_listener_sheds_silent_newcomers_not_established_connections() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mesh_tower::metrics::server::ServerMetrics::register(&mut registry);
+    let mut limits = ServerLimits::default();
+    limits.max_connections = 3;
+    limits.header_read_timeout = Duration::from_secs(60);
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .metrics(metrics.listener("in"))
+        .serve(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tower::service_fn(echo_identity),
+        )
+        .unwrap();
+    let addr = server.local_addr();
+    // An established connection: one request answered, kept open.
+    let mut established = TcpStream::connect(addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    established.write_all(request).await.unwrap();
+    assert!(
+        read_response(&mut established)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // Two silent newcomers fill the listener.
+    let mut oldest = TcpStream::connect(addr).await.unwrap();
+    let mut newer = TcpStream::connect(addr).await.unwrap();
+    // The next client is served: the oldest newcomer made room.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), read_response(&mut third))
+        .await
+        .expect("a full listener shed no newcomer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(closes(&mut oldest).await, Some(Vec::new()));
+    // Another: the newer silent one goes now, not the two established ones.
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    fourth.write_all(request).await.unwrap();
+    assert!(read_response(&mut fourth).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(closes(&mut newer).await, Some(Vec::new()));
+    for tcp in [&mut established, &mut third] {
+        tcp.write_all(request).await.unwrap();
+        assert!(read_response(tcp).await.starts_with("HTTP/1.1 200"));
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("mesh_server_connections_closed_total{listener=\"in\",reason=\"shed\"} 2\n"),
+        "{text}"
+    );
+    // Full of established connections, a newcomer waits (and nothing is shed).
+    let mut fifth = TcpStream::connect(addr).await.unwrap();
+    fifth.write_all(request).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), fifth.read(&mut buf))
+            .await
+            .is_err()
+    );
+    drop(fourth);
+    assert!(read_response(&mut fifth).await.starts_with("HTTP/1.1 200"));
+}
+
+/// On an mTLS port a newcomer is a connection whose handshake has not verified a client
+/// certificate: stalled handshakes are shed for a real peer, who is then never shed
+/// though it sends no request (its certificate vouches for it).
+#[tokio::test]
+async fn stalled_handshakes_are_shed_for_real_peers() {
+    let mut pki = Pki::new();
+    let acceptor = MtlsAcceptor::new(
+        &pki.mtls(SERVER_ID),
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    let mut limits = ServerLimits::default();
+    limits.max_connections = 2;
+    let server = MeshServer::builder()
+        .mtls(acceptor)
+        .limits(limits)
+        .serve(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tower::service_fn(echo_identity),
+        )
+        .unwrap();
+    let addr = server.local_addr();
+    // One stalls before its ClientHello, the other halfway through one.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    // Two real peers, each on a connection of its own: both shed a stalled one.
+    let web = pki.client(WEB, addr, Protocol::Http2);
+    let batch = pki.client(BATCH, addr, Protocol::Http2);
+    for client in [&web, &batch] {
+        let (status, _, _) =
+            tokio::time::timeout(Duration::from_secs(20), send(client, "/", false))
+                .await
+                .expect("the stalled handshakes held the listener");
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert!(closes(&mut silent).await.is_some());
+    assert!(closes(&mut partial).await.is_some());
+    // Full of verified peers (idle, but vouched for): a third waits.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(&[0x16]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), read_to_close(&mut third))
+            .await
+            .is_err()
+    );
+    assert_eq!(send(&web, "/", false).await.0, StatusCode::OK);
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_connections_are_closed_at_the_idle_timeout() {
     let mut limits = ServerLimits::default();

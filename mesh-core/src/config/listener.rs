@@ -174,7 +174,8 @@ pub struct CertificateFiles {
 /// max_header_list_size = 32768     # [64 KiB] larger header blocks get 431 (at most 1 MiB; HTTP/1.1 takes at least 8 KiB)
 /// max_headers = 100                # [100] more HTTP/1.1 headers get 431
 /// max_request_body_size = 1048576  # [64 MiB] a larger declared body gets 413
-/// max_connections = 10000          # [10,000] beyond, accepting waits
+/// max_connections = 10000          # [10,000] beyond, the oldest connection still in its
+///                                  # handshake or without a request closes; none: accepting waits
 /// max_concurrent_streams = 256     # [256] HTTP/2 streams per connection
 /// idle_timeout = "120s"            # [120s] idle this long: shut down; a client not reading this long: closed
 /// tunnel_idle_timeout = "10m"      # [1h] a relayed connection without a byte either way this long: closed ("0s": never)

@@ -11,7 +11,7 @@
 //! | `mesh_server_rate_limited_total` | counter | `listener`, `limit` (`client`, `total`) |
 //! | `mesh_server_tls_handshake_failures_total` | counter | `listener`, `reason` |
 //! | `mesh_server_connections` | gauge | `listener`: connections open, from their accept (TLS handshakes, and the opaque fallback's relays, included) to their close |
-//! | `mesh_server_connections_closed_total` | counter | `listener`, `reason`: connections the server closed, or shut down, on its own: `cancelled_requests` (its client cancelled most of its requests: shut down with `GOAWAY`, then closed), `no_request` (none within the header read timeout), `stalled_client` (it stopped reading), `idle` (idle timeout, a graceful shutdown), `error` (it ended with an error: malformed input, a flood h2 refuses with `GOAWAY`, a broken connection) |
+//! | `mesh_server_connections_closed_total` | counter | `listener`, `reason`: connections the server closed, or shut down, on its own: `cancelled_requests` (its client cancelled most of its requests: shut down with `GOAWAY`, then closed), `no_request` (none within the header read timeout), `stalled_client` (it stopped reading), `idle` (idle timeout, a graceful shutdown), `error` (it ended with an error: malformed input, a flood h2 refuses with `GOAWAY`, a broken connection), `shed` (the listener was at `max_connections` and this connection had not finished its handshake or sent a request: closed to accept a newer one) |
 //!
 //! Names and labels follow OpenTelemetry's HTTP and RPC semantic conventions
 //! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).

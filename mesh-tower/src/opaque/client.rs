@@ -372,11 +372,14 @@ impl OpaqueClient {
     ) -> impl Fn(
         TcpStream,
         SocketAddr,
+        crate::accept::Newcomer,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
     + Send
     + 'static {
         let client = self.clone();
-        move |tcp, remote| {
+        // A local client's connection is relayed at once: plaintext has nothing to wait
+        // for, so it is established (its newcomer standing dropped) from its accept.
+        move |tcp, remote, _| {
             let client = client.clone();
             Box::pin(async move {
                 match client.relay(tcp).await {

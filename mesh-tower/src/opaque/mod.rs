@@ -65,7 +65,8 @@
 //! the shutdown timeout (default 30 s, as `MeshServer`; opaque bytes have no message
 //! boundary at which to stop them earlier), then closes the rest and reports how many it
 //! had to force. At most `max_connections` (default 10,000) are open at once; beyond,
-//! accepting waits.
+//! the oldest connection still in its mTLS handshake is closed to make room, and with none
+//! accepting waits (see `accept`'s shedding of newcomers).
 //!
 //! ```no_run
 //! use mesh_core::{Endpoint, discover::StaticDiscovery};
@@ -201,7 +202,7 @@ pub(crate) fn spawn<F, Fut>(
     handle: F,
 ) -> Result<Serving, BuildError>
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, crate::accept::Newcomer) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let addr = listener.local_addr().map_err(BuildError::Listener)?;
@@ -222,7 +223,7 @@ pub(crate) fn spawn_from<F, Fut>(
     handle: F,
 ) -> Serving
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, crate::accept::Newcomer) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (stop, stopping) = watch::channel(false);
@@ -231,7 +232,7 @@ where
         limits.max_connections,
         limits.shutdown_timeout,
         stopping,
-        move |tcp, remote, _| handle(tcp, remote),
+        move |tcp, remote, _, newcomer| handle(tcp, remote, newcomer),
     ));
     Serving {
         addr,

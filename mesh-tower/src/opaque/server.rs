@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{BuildError, Limits, Serving};
+use crate::accept::Newcomer;
 use crate::authz::{Client, Policy, PolicyHandle};
 use crate::connect::DEFAULT_CONNECT_TIMEOUT;
 use crate::metrics::server::ListenerMetrics;
@@ -166,9 +167,9 @@ impl OpaqueServerBuilder {
             tcp: self.limits.tcp,
             relay: self.relay,
         });
-        let mut serving = super::spawn(listener, self.limits, move |tcp, remote| {
+        let mut serving = super::spawn(listener, self.limits, move |tcp, remote, newcomer| {
             let inbound = inbound.clone();
-            async move { inbound.connection(tcp, remote).await }
+            async move { inbound.connection(tcp, remote, newcomer).await }
         })?;
         serving.policy = Some(policy);
         serving.rate_limit = Some(rate_limit);
@@ -195,14 +196,34 @@ struct Inbound {
 }
 
 impl Inbound {
-    async fn connection(&self, tcp: TcpStream, remote: SocketAddr) {
+    /// One connection: a newcomer (shed when the listener is full) until its handshake
+    /// verified a peer; a plaintext one is established at once.
+    async fn connection(&self, tcp: TcpStream, remote: SocketAddr, newcomer: Newcomer) {
         match &self.tls {
-            None => self.authorized(tcp, None, remote).await,
+            None => {
+                drop(newcomer);
+                self.authorized(tcp, None, remote).await;
+            }
             // Boxed: the handshake's state is large and short-lived, and would otherwise
             // stay in the connection's task for its whole life.
-            Some(acceptor) => match Box::pin(acceptor.accept(tcp)).await {
-                Ok((tls, peer)) => self.authorized(tls, Some(peer), remote).await,
-                Err(error) => {
+            Some(acceptor) => match newcomer.unless_shed(Box::pin(acceptor.accept(tcp))).await {
+                None => {
+                    tracing::debug!(%remote, "listener full: a connection still in its TLS handshake closed to make room");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.connection_closed("shed");
+                    }
+                }
+                Some(Ok((tls, peer))) if newcomer.proven() => {
+                    drop(newcomer);
+                    self.authorized(tls, Some(peer), remote).await;
+                }
+                Some(Ok(_)) => {
+                    tracing::debug!(%remote, "listener full: a connection just through its TLS handshake closed to make room");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.connection_closed("shed");
+                    }
+                }
+                Some(Err(error)) => {
                     tracing::debug!(%remote, %error, "TLS handshake refused");
                     if let Some(metrics) = &self.metrics {
                         metrics.tls_failure(failure_reason(&error));

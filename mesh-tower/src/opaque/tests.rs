@@ -294,6 +294,59 @@ async fn a_denied_identity_is_closed_before_the_target_sees_anything() {
     assert_eq!(server.shutdown().await.forced, 0);
 }
 
+/// A full opaque listener closes a connection stalled in its handshake for a real peer,
+/// and counts it; a verified peer is never shed, however quiet.
+#[tokio::test]
+async fn a_full_listener_sheds_a_stalled_handshake_for_a_peer() {
+    let mut pki = Pki::new();
+    let (target_addr, _seen) = target(Mode::Echo).await;
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::register(&mut registry).listener("db-in");
+    let acceptor = MtlsAcceptor::new(
+        &pki.mtls(SERVER_ID),
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    let server = OpaqueServer::builder()
+        .mtls(acceptor)
+        .metrics(metrics)
+        .max_connections(1)
+        .serve(listener().await, target_addr)
+        .unwrap();
+    let mut stalled = TcpStream::connect(server.local_addr()).await.unwrap();
+    let connector = MtlsConnector::new(&pki.mtls(WEB), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let (mut tls, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        connector.connect(server.local_addr()),
+    )
+    .await
+    .expect("the stalled handshake held the listener")
+    .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    let mut rest = Vec::new();
+    assert_eq!(stalled.read_to_end(&mut rest).await.unwrap(), 0);
+    // The peer holds the only slot: the next connection waits, and the peer stays.
+    let mut next = TcpStream::connect(server.local_addr()).await.unwrap();
+    next.write_all(&[0x16]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), next.read(&mut buf))
+            .await
+            .is_err()
+    );
+    tls.write_all(b"pong").await.unwrap();
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"mesh_server_connections_closed_total{listener="db-in",reason="shed"} 1"#),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn plaintext_and_untrusted_clients_fail_the_handshake_and_are_counted() {
     let mut pki = Pki::new();

@@ -25,7 +25,7 @@ use tower_service::Service;
 use super::head_timer::{HeadClock, HeadTimer, Watched};
 use super::streams::{StreamExec, Streams};
 use super::{ClientAddr, ServerLimits, ShutdownReport};
-use crate::accept::stopped;
+use crate::accept::{Newcomer, stopped};
 use crate::metrics::server::ListenerMetrics;
 
 /// How connections are secured.
@@ -171,15 +171,30 @@ where
     let timeout = shared.limits.shutdown_timeout;
     match source {
         Accepted::Tcp(source) => {
-            crate::accept::accept_loop(source, max, timeout, shutdown, move |tcp, remote, stop| {
-                counted(&shared, connection(tcp, remote, shared.clone(), stop))
-            })
+            crate::accept::accept_loop(
+                source,
+                max,
+                timeout,
+                shutdown,
+                move |tcp, remote, stop, newcomer| {
+                    counted(
+                        &shared,
+                        connection(tcp, remote, shared.clone(), stop, newcomer),
+                    )
+                },
+            )
             .await
         }
         Accepted::Streams(source) => {
-            crate::accept::accept_loop(source, max, timeout, shutdown, move |io, remote, stop| {
-                counted(&shared, secured(io, remote, shared.clone(), stop))
-            })
+            crate::accept::accept_loop(
+                source,
+                max,
+                timeout,
+                shutdown,
+                move |io, remote, stop, newcomer| {
+                    counted(&shared, secured(io, remote, shared.clone(), stop, newcomer))
+                },
+            )
             .await
         }
     }
@@ -208,12 +223,15 @@ pub(super) enum Accepted {
 }
 
 /// One TCP connection: relayed as opaque TCP when it is not HTTP and an opaque fallback
-/// is set, otherwise secured and served.
+/// is set, otherwise secured and served. It is a newcomer, shed when the listener is full
+/// (see `crate::accept`), until its mTLS handshake verified a peer or its first request
+/// began (or, relayed as opaque TCP, it sent its first bytes).
 async fn connection<S, B>(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
+    newcomer: Newcomer,
 ) where
     S: App<B>,
     B: AppBody,
@@ -221,12 +239,23 @@ async fn connection<S, B>(
     #[cfg(feature = "opaque")]
     if let (Transport::Plain, Some(fallback)) = (&shared.tls, &shared.opaque) {
         use crate::detect::{DEFAULT_PEEK_TIMEOUT, Detected, detect};
-        let detected = detect(&tcp, DEFAULT_PEEK_TIMEOUT).await;
+        let Some(detected) = newcomer
+            .unless_shed(detect(&tcp, DEFAULT_PEEK_TIMEOUT))
+            .await
+        else {
+            shed(&shared, remote);
+            return;
+        };
         if detected == Detected::Closed {
             tracing::debug!(%remote, "the client closed without sending anything");
             return;
         }
         if detected == Detected::Opaque {
+            if !newcomer.proven() {
+                shed(&shared, remote);
+                return;
+            }
+            drop(newcomer);
             Box::pin(opaque_fallback(
                 tcp,
                 remote,
@@ -237,7 +266,15 @@ async fn connection<S, B>(
             return;
         }
     }
-    secured(tcp, remote, shared, shutdown).await;
+    secured(tcp, remote, shared, shutdown, newcomer).await;
+}
+
+/// Counts (and says at debug) a connection closed as a newcomer to make room.
+#[cold]
+#[inline(never)]
+fn shed<S>(shared: &Shared<S>, remote: SocketAddr) {
+    tracing::debug!(%remote, "listener full: a connection that had not finished its handshake or sent a request closed to make room");
+    closed(shared, "shed");
 }
 
 /// A plaintext connection that is not HTTP, relayed by the server's opaque fallback. A
@@ -304,6 +341,7 @@ async fn secured<IO, S, B>(
     remote: SocketAddr,
     shared: Arc<Shared<S>>,
     shutdown: watch::Receiver<bool>,
+    newcomer: Newcomer,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: App<B>,
@@ -319,17 +357,26 @@ async fn secured<IO, S, B>(
     // 4.9 KB -> 2.5 KB, plus the stream's 1.2 KB box: 1.2 KB less per TLS connection).
     match &shared.tls {
         Transport::Plain => {
-            let serving = Box::pin(serve(io, None, remote, &shared, shutdown));
+            let serving = Box::pin(serve(io, None, remote, &shared, shutdown, Some(newcomer)));
             serving.await;
         }
         Transport::Tls(acceptor) => {
             let accept = Box::pin(acceptor.accept(io));
-            match accept.await {
-                Ok(tls) => {
-                    let serving = Box::pin(serve(Box::new(tls), None, remote, &shared, shutdown));
+            match newcomer.unless_shed(accept).await {
+                None => shed(&shared, remote),
+                Some(Ok(tls)) => {
+                    // No client certificate: established at its first request.
+                    let serving = Box::pin(serve(
+                        Box::new(tls),
+                        None,
+                        remote,
+                        &shared,
+                        shutdown,
+                        Some(newcomer),
+                    ));
                     serving.await;
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::debug!(%remote, %error, "TLS handshake failed");
                     if let Some(metrics) = &shared.metrics {
                         metrics.tls_failure(failure_reason(&error));
@@ -339,13 +386,24 @@ async fn secured<IO, S, B>(
         }
         Transport::Mtls(acceptor) => {
             let accept = Box::pin(acceptor.accept(io));
-            match accept.await {
-                Ok((tls, peer)) => {
-                    let serving =
-                        Box::pin(serve(Box::new(tls), Some(peer), remote, &shared, shutdown));
+            match newcomer.unless_shed(accept).await {
+                // Shed in its handshake, or as it completed.
+                None => shed(&shared, remote),
+                Some(Ok(_)) if !newcomer.proven() => shed(&shared, remote),
+                Some(Ok((tls, peer))) => {
+                    // A verified peer: established.
+                    drop(newcomer);
+                    let serving = Box::pin(serve(
+                        Box::new(tls),
+                        Some(peer),
+                        remote,
+                        &shared,
+                        shutdown,
+                        None,
+                    ));
                     serving.await;
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     // Plaintext on the mTLS port, an untrusted or unauthorized
                     // certificate, garbage, a stalled client: nothing is served.
                     tracing::debug!(%remote, %error, "TLS handshake refused");
@@ -371,13 +429,15 @@ fn failure_reason(error: &mesh_spiffe::TransportError) -> &'static str {
     }
 }
 
-/// Serves HTTP on `io` until the client closes, the connection idles out, or shutdown.
+/// Serves HTTP on `io` until the client closes, the connection idles out, or shutdown; a
+/// `newcomer` is shed (closed) when its listener is full, until its first request.
 async fn serve<IO, S, B>(
     io: IO,
     peer: Option<PeerIdentity>,
     remote: SocketAddr,
     shared: &Shared<S>,
     shutdown: watch::Receiver<bool>,
+    newcomer: Option<Newcomer>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: App<B>,
@@ -393,7 +453,7 @@ async fn serve<IO, S, B>(
     let _cut = CutOnDrop(activity.clone());
     // hyper's connection and its streams are dropped before the wait: a request that
     // still holds a tunnel's hold (waiting for its answer) ends with them.
-    if serve_http(io, peer, remote, shared, shutdown, &activity).await {
+    if serve_http(io, peer, remote, shared, shutdown, &activity, newcomer).await {
         // A switched HTTP/1.1 connection has left hyper for a tunnel: it stays counted
         // (connections, drain) until the tunnel ends.
         activity.tunnels_closed().await;
@@ -409,6 +469,7 @@ async fn serve_http<IO, S, B>(
     shared: &Shared<S>,
     mut shutdown: watch::Receiver<bool>,
     activity: &Arc<Activity>,
+    newcomer: Option<Newcomer>,
 ) -> bool
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -420,6 +481,7 @@ where
         peer,
         remote: ClientAddr(remote),
         activity: activity.clone(),
+        newcomer: newcomer.clone(),
     };
     let limits = &shared.limits;
     // This connection's HTTP/2 streams, in this task or spawned (see `streams`).
@@ -452,6 +514,14 @@ where
     let mut check = pin!(tokio::time::sleep(step.min(limits.header_read_timeout)));
     let mut stop = pin!(stopped(&mut shutdown));
     let mut abuse = pin!(activity.abusive.notified());
+    // Shed while a newcomer, when the listener is full (never, once its first request
+    // began).
+    let mut shed_signal = pin!(async {
+        match &newcomer {
+            Some(newcomer) => newcomer.shed().await,
+            None => std::future::pending().await,
+        }
+    });
     let mut idle_since = connected;
     let mut stalled_since = connected;
     let mut moved_at_check = 0;
@@ -490,6 +560,9 @@ where
             if check.as_mut().poll(&mut scx).is_ready() {
                 return Poll::Ready(Event::Check);
             }
+            if shed_signal.as_mut().poll(&mut scx).is_ready() {
+                return Poll::Ready(Event::Shed);
+            }
             Poll::Pending
         })
         .await;
@@ -502,6 +575,10 @@ where
                     closed(shared, "error");
                 }
                 return true;
+            }
+            Event::Shed => {
+                shed(shared, remote);
+                return false;
             }
             Event::Stop => {
                 closing = true;
@@ -637,6 +714,7 @@ enum Event {
     Stop,
     Abuse,
     Check,
+    Shed,
 }
 
 /// The waker of a connection's signals: notes that one of them fired, and wakes the
@@ -870,6 +948,8 @@ struct ConnService<S> {
     peer: Option<PeerIdentity>,
     remote: ClientAddr,
     activity: Arc<Activity>,
+    /// Until its first request: the connection's standing as a newcomer.
+    newcomer: Option<Newcomer>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -913,7 +993,13 @@ where
             req.extensions_mut().insert(hold);
         }
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.activity.started.store(true, Ordering::Relaxed);
+        if !self.activity.started.load(Ordering::Relaxed) {
+            self.activity.started.store(true, Ordering::Relaxed);
+            // Established (unless shed just before: then the connection is closing).
+            if let Some(newcomer) = &self.newcomer {
+                newcomer.proven();
+            }
+        }
         self.activity.touched.store(true, Ordering::Relaxed);
         let mut app = self
             .app

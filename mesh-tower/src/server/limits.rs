@@ -10,7 +10,7 @@ use std::time::Duration;
 /// | `max_header_list_size` | 64 KiB | HTTP/1.1: 431; HTTP/2: the stream is refused with 431 |
 /// | `max_headers` | 100 (HTTP/1.1) | 431 |
 /// | `max_request_body_size` | 64 MiB (`None`: no bound) | a request declaring a larger `Content-Length` gets 413 before the application sees it; a streamed body of unknown length is the application's to bound |
-/// | `max_connections` | 10,000 | accepting waits until a connection closes |
+/// | `max_connections` | 10,000 | the oldest *newcomer* is closed to accept the next connection: one whose handshake has not verified a client certificate and whose first request has not begun (a client that connects and stalls cannot lock callers out); when every connection is established, accepting waits until one closes |
 /// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
 /// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |
 /// | `idle_timeout` | 120 s | a connection with no request in flight, and no response body (a streamed response is in flight until its last frame), for that long is shut down gracefully (looked for every eighth of it: the close comes within `idle_timeout` × 1.125). A connection whose client stops reading for as long is closed, shutting down or not: something waits on the client (a write; with nothing of the application's at work, every response body in flight to be asked for its next piece, as when an HTTP/2 window stays shut; or, shutting down, what is left in the buffers) and it makes no progress (no body polled, under 1 KiB moved per check, so that HTTP/2 pings do not count), like nginx's `send_timeout` (a reader is seen through the socket: one reading less than about a third of the kernel's send buffer in that time is taken for one that stopped). A response that is only quiet, between a stream's messages, waits on the application and is not cut |
@@ -30,7 +30,7 @@ pub struct ServerLimits {
     pub max_headers: usize,
     /// Bound on a request body's declared size, in bytes.
     pub max_request_body_size: Option<u64>,
-    /// Bound on open connections (TLS handshakes included).
+    /// Bound on open connections (TLS handshakes included; see the table for newcomers).
     pub max_connections: usize,
     /// Bound on concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,

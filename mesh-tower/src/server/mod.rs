@@ -4,7 +4,9 @@
 //! Each connection walks the inbound stack once, top to bottom:
 //!
 //! ```text
-//! accept                  at most `max_connections` open; beyond, accepting waits
+//! accept                  at most `max_connections` open; beyond, the oldest connection
+//!                         still in its handshake (or without a first request) is closed
+//!                         to make room, and with none accepting waits
 //! mTLS handshake          SPIFFE, bounded (mesh-spiffe); refused: closed, nothing served
 //! HTTP/1.1 or HTTP/2      by the client's first bytes (ALPN over TLS, h2c prior
 //!                         knowledge in plaintext); the limits of [`ServerLimits`]
