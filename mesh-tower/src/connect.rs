@@ -7,7 +7,13 @@
 //!
 //! - [`Protocol::Http2`](mesh_core::config::Protocol) (and `Grpc`): one multiplexed HTTP/2
 //!   connection, dialled by one request while the others wait for it, and re-dialled when
-//!   it closes;
+//!   it closes. Its server's stream limit (`SETTINGS_MAX_CONCURRENT_STREAMS`, read from
+//!   its first `SETTINGS` as the bytes pass; until then the limit the endpoint's other
+//!   connections learned, or 100) is kept: a request that finds every connection at its
+//!   limit dials another (at most `max_connections`; past them, and when that dial
+//!   fails, it waits in h2's queue on the least busy one), rather than waiting behind
+//!   the open streams, forever behind long-lived ones (gRPC watches). A stream counts
+//!   from its request until its response's end;
 //! - `Http1`: a pool of HTTP/1.1 connections. A connection goes back to the pool when its
 //!   response body has been read to the end (a body dropped early closes it), and is
 //!   reused most-recently-first. A connection idle for 90 s (`idle_timeout`) is closed
@@ -88,6 +94,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::backoff::Backoff;
+use crate::h2_streams::{OpenStream, Sniff, StreamLimit};
 use futures_util::FutureExt as _;
 
 /// The default connect timeout (TCP and TLS).
@@ -430,12 +437,23 @@ impl ConnectError {
 }
 
 /// A connection to an endpoint, plaintext or mTLS.
+/// A client TLS stream over `T`, as the pool reads it.
+type SniffedTls<T> = Sniff<tokio_rustls::client::TlsStream<T>>;
+
 enum Conn {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+    Plain(TokioIo<Sniff<TcpStream>>),
+    Tls(Box<TokioIo<SniffedTls<TcpStream>>>),
     /// Opened by a [`Dialer`].
-    Dialed(TokioIo<Box<dyn DialedIo>>),
-    DialedTls(Box<TokioIo<tokio_rustls::client::TlsStream<Box<dyn DialedIo>>>>),
+    Dialed(TokioIo<Sniff<Box<dyn DialedIo>>>),
+    DialedTls(Box<TokioIo<SniffedTls<Box<dyn DialedIo>>>>),
+}
+
+/// `io`, learning its HTTP/2 server's stream limit into `limit` when there is one.
+fn sniff<T>(io: T, limit: Option<&Arc<StreamLimit>>) -> Sniff<T> {
+    match limit {
+        Some(limit) => Sniff::learning(io, limit.clone()),
+        None => Sniff::plain(io),
+    }
 }
 
 impl hyper::rt::Read for Conn {
@@ -725,7 +743,9 @@ pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
 
 struct Pool<B> {
     idle: Vec<Idle<B>>,
-    h2: Option<(http2::SendRequest<CleanTrailers<B>>, Option<PeerIdentity>)>,
+    /// HTTP/2 connections, oldest first: one, unless the server's stream limit made the
+    /// pool open more (at most `max_connections`).
+    h2: Vec<H2Conn<B>>,
     /// Whether this endpoint speaks HTTP/2: configured, or learned from ALPN.
     h2_known: bool,
     /// An HTTP/2 dial is under way.
@@ -733,6 +753,19 @@ struct Pool<B> {
     /// Counts finished HTTP/2 dials; with the last failure, for the requests that waited.
     dials: u64,
     failure: Option<(u64, Arc<ConnectError>)>,
+}
+
+/// An HTTP/2 connection of the pool, and the streams open on it.
+struct H2Conn<B> {
+    sender: http2::SendRequest<CleanTrailers<B>>,
+    peer: Option<PeerIdentity>,
+    streams: Arc<StreamLimit>,
+}
+
+impl<B> H2Conn<B> {
+    fn checkout(&self, stream: OpenStream) -> Checkout<B> {
+        Checkout::H2(self.sender.clone(), self.peer.clone(), Some(stream))
+    }
 }
 
 struct Idle<B> {
@@ -771,7 +804,13 @@ enum Checkout<B> {
         Option<PeerIdentity>,
         Option<Slot>,
     ),
-    H2(http2::SendRequest<CleanTrailers<B>>, Option<PeerIdentity>),
+    /// With the stream counted against its connection's limit (none on a connection of
+    /// its own).
+    H2(
+        http2::SendRequest<CleanTrailers<B>>,
+        Option<PeerIdentity>,
+        Option<OpenStream>,
+    ),
 }
 
 /// What a request does next to get a connection.
@@ -1035,11 +1074,23 @@ where
         loop {
             let next = {
                 let mut pool = self.pool();
-                if let Some((sender, peer)) = &pool.h2 {
-                    if !sender.is_closed() {
-                        return Ok(Checkout::H2(sender.clone(), peer.clone()));
+                if !pool.h2.is_empty() {
+                    pool.h2.retain(|c| !c.sender.is_closed());
+                    // The oldest connection with room for a stream.
+                    if let Some(checkout) = pool
+                        .h2
+                        .iter()
+                        .find_map(|c| c.streams.try_open().map(|s| c.checkout(s)))
+                    {
+                        return Ok(checkout);
                     }
-                    pool.h2 = None;
+                    // Every one is at its server's limit, and the pool may open no more:
+                    // the least busy one takes it, and h2 queues it there.
+                    if pool.h2.len() >= self.settings.pool.max_connections
+                        && let Some(c) = pool.h2.iter().min_by_key(|c| c.streams.open())
+                    {
+                        return Ok(c.checkout(c.streams.open_anyway()));
+                    }
                 }
                 if pool.h2_known {
                     if pool.dialling {
@@ -1079,8 +1130,21 @@ where
                     };
                     match over {
                         None => dialled.await,
-                        // It failed: so do the requests that waited for it (no herd of dials).
-                        Some(Some(error)) => return Err(SendError::connect(self.addr, error)),
+                        // It failed: so do the requests that waited for it (no herd of
+                        // dials), unless it was a further connection for full ones: they
+                        // take the least busy of those, and h2 queues them there.
+                        Some(Some(error)) => {
+                            let pool = self.pool();
+                            return match pool
+                                .h2
+                                .iter()
+                                .filter(|c| !c.sender.is_closed())
+                                .min_by_key(|c| c.streams.open())
+                            {
+                                Some(c) => Ok(c.checkout(c.streams.open_anyway())),
+                                None => Err(SendError::connect(self.addr, error)),
+                            };
+                        }
                         // Dialled: the next round takes the connection.
                         Some(None) => break,
                     }
@@ -1097,10 +1161,14 @@ where
                     // rare one; inline, it would make every request's exchange that large.
                     let dialled = Box::pin(self.dial(slot)).await;
                     let mut pool = self.pool();
-                    if let Ok(Checkout::H2(sender, peer)) = &dialled {
+                    if let Ok(Checkout::H2(sender, peer, Some(stream))) = &dialled {
                         // Stored before the waiters wake: they take it, not dial again.
                         pool.h2_known = true;
-                        pool.h2 = Some((sender.clone(), peer.clone()));
+                        pool.h2.push(H2Conn {
+                            sender: sender.clone(),
+                            peer: peer.clone(),
+                            streams: stream.limit().clone(),
+                        });
                         // Idle HTTP/1.1 connections are not used again: they go, with
                         // their slots.
                         pool.idle.clear();
@@ -1112,7 +1180,7 @@ where
                         // ALPN no longer offers HTTP/2: back to the HTTP/1.1 pool (this
                         // connection, dialled without a slot, serves this request only).
                         pool.h2_known = false;
-                        pool.h2 = None;
+                        pool.h2.clear();
                     }
                     let learned = !h2 && matches!(dialled, Ok(Checkout::H2(..)));
                     drop(pool);
@@ -1165,37 +1233,61 @@ where
         let configured_h2 = matches!(self.settings.protocol, Protocol::Http2 | Protocol::Grpc);
         let tcp_failed = |source| ConnectError::Tcp { addr, source };
         let tls_failed = |source| ConnectError::Tls { addr, source };
-        let (io, peer, h2) = match (&self.settings.dialer, &self.settings.tls) {
+        // An HTTP/2 connection learns its server's stream limit (`crate::h2_streams`).
+        // Until its server's SETTINGS come, what the endpoint's other connections learned.
+        let limit = |h2: bool| {
+            h2.then(|| {
+                let known = self.pool().h2.iter().map(|c| c.streams.max()).min();
+                Arc::new(StreamLimit::assuming(
+                    known.unwrap_or(crate::h2_streams::ASSUMED_MAX_STREAMS),
+                ))
+            })
+        };
+        let (io, peer, streams) = match (&self.settings.dialer, &self.settings.tls) {
             (None, tls) => {
                 let tcp = TcpStream::connect(addr).await.map_err(tcp_failed)?;
                 crate::sock::tune(&tcp, addr, &self.settings.tcp);
                 match tls {
-                    None => (Conn::Plain(TokioIo::new(tcp)), None, configured_h2),
+                    None => {
+                        let streams = limit(configured_h2);
+                        let io = sniff(tcp, streams.as_ref());
+                        (Conn::Plain(TokioIo::new(io)), None, streams)
+                    }
                     Some(tls) => {
                         let (stream, peer) = tls.handshake(addr, tcp).await.map_err(tls_failed)?;
-                        let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        (Conn::Tls(Box::new(TokioIo::new(stream))), Some(peer), h2)
+                        let streams = limit(
+                            configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                        );
+                        let io = sniff(stream, streams.as_ref());
+                        (Conn::Tls(Box::new(TokioIo::new(io))), Some(peer), streams)
                     }
                 }
             }
             (Some(dialer), tls) => {
                 let io = dialer.dial(addr).await.map_err(tcp_failed)?;
                 match tls {
-                    None => (Conn::Dialed(TokioIo::new(io)), None, configured_h2),
+                    None => {
+                        let streams = limit(configured_h2);
+                        let io = sniff(io, streams.as_ref());
+                        (Conn::Dialed(TokioIo::new(io)), None, streams)
+                    }
                     Some(tls) => {
                         let (stream, peer) = tls.handshake(addr, io).await.map_err(tls_failed)?;
-                        let h2 = configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let streams = limit(
+                            configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                        );
+                        let io = sniff(stream, streams.as_ref());
                         (
-                            Conn::DialedTls(Box::new(TokioIo::new(stream))),
+                            Conn::DialedTls(Box::new(TokioIo::new(io))),
                             Some(peer),
-                            h2,
+                            streams,
                         )
                     }
                 }
             }
         };
         let failed = |source| ConnectError::Handshake { addr, source };
-        if h2 {
+        if streams.is_some() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_KEEP_ALIVE)
@@ -1210,7 +1302,9 @@ where
                     tracing::debug!(%addr, %error, "HTTP/2 connection ended");
                 }
             }));
-            Ok(Checkout::H2(sender, peer))
+            // This request's stream is the connection's first.
+            let stream = streams.map(|s| s.open_anyway());
+            Ok(Checkout::H2(sender, peer, stream))
         } else {
             let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
             // With upgrades: a `101` (or a `2xx` to CONNECT) hands the connection to the
@@ -1254,7 +1348,7 @@ where
             state: Arc::new(ConnState::new()),
             pool: Mutex::new(Pool {
                 idle: Vec::new(),
-                h2: None,
+                h2: Vec::new(),
                 h2_known,
                 dialling: false,
                 dials: 0,
@@ -1314,13 +1408,13 @@ where
             shared.check_out().await?
         };
         let (unsent_req, error) = match checkout {
-            Checkout::H2(mut sender, peer) => {
+            Checkout::H2(mut sender, peer, stream) => {
                 if let Some(uri) = absolute.take() {
                     *req.uri_mut() = uri;
                 }
                 to_absolute_form(&mut req, &shared.authority);
                 match sender.try_send_request(req.map(CleanTrailers::new)).await {
-                    Ok(resp) => return Ok(finish(resp, None, peer)),
+                    Ok(resp) => return Ok(finish(resp, None, stream, peer)),
                     Err(mut e) => (
                         e.take_message().map(|r| r.map(CleanTrailers::into_inner)),
                         e.into_error(),
@@ -1349,7 +1443,7 @@ where
                             shared: shared.clone(),
                             slot,
                         });
-                        return Ok(finish(resp, back, peer));
+                        return Ok(finish(resp, back, None, peer));
                     }
                     Err(mut e) => (
                         e.take_message().map(|r| r.map(Bounded::into_inner)),
@@ -1675,15 +1769,21 @@ fn without_userinfo(authority: http::uri::Authority) -> http::uri::Authority {
 fn finish<B: Send + 'static>(
     resp: http::Response<Incoming>,
     back: Option<CheckIn<B>>,
+    stream: Option<OpenStream>,
     peer: Option<PeerIdentity>,
 ) -> http::Response<Body<B>> {
     let (mut parts, inner) = resp.into_parts();
     if let Some(peer) = peer {
         parts.extensions.insert(peer);
     }
-    let mut body = Body { inner, back };
+    let mut body = Body {
+        inner,
+        back,
+        stream,
+    };
     if http_body::Body::is_end_stream(&body.inner) {
         body.give_back();
+        body.stream = None;
     }
     http::Response::from_parts(parts, body)
 }
@@ -1705,6 +1805,8 @@ pin_project! {
         #[pin]
         inner: Incoming,
         back: Option<CheckIn<B>>,
+        // An HTTP/2 stream, counted against its connection's limit until its end.
+        stream: Option<OpenStream>,
     }
 }
 
@@ -1738,10 +1840,19 @@ impl<B: Send + 'static> http_body::Body for Body<B> {
             crate::forward::strip_hop_by_hop(trailers);
         }
         match &frame {
-            None => give_back(this.back),
-            Some(Ok(_)) if this.inner.is_end_stream() => give_back(this.back),
+            None => {
+                give_back(this.back);
+                *this.stream = None;
+            }
+            Some(Ok(_)) if this.inner.is_end_stream() => {
+                give_back(this.back);
+                *this.stream = None;
+            }
             // An error ends the exchange: the connection is not reused.
-            Some(Err(_)) => *this.back = None,
+            Some(Err(_)) => {
+                *this.back = None;
+                *this.stream = None;
+            }
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

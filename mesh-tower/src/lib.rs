@@ -66,6 +66,7 @@ pub mod detect;
 #[cfg(feature = "fault")]
 pub mod fault;
 pub mod forward;
+mod h2_streams;
 pub mod load;
 pub mod matcher;
 pub mod max_forwards;

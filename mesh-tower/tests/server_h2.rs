@@ -944,3 +944,78 @@ async fn streams_accepted_as_the_connection_ends_are_dropped() {
         assert_eq!(server.shutdown().await.forced, 0);
     }
 }
+
+/// A server that allows few concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+/// does not hold up a mesh client's requests behind long-lived ones: past the streams one
+/// connection allows, the client opens another. (Before, they waited in h2's queue for a
+/// stream to end: forever, behind watches and other long-lived streams.)
+#[tokio::test]
+async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let held = held.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                held.notified().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let mut limits = ServerLimits::default();
+    limits.max_concurrent_streams = 2;
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        server.local_addr(),
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            ..ConnectSettings::plaintext()
+        },
+    );
+    let get = |path: &str| {
+        Request::get(format!("http://svc{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // A first request opens the connection and learns its limit. (Requests sent
+    // before the server's SETTINGS arrive go under the limit every client assumes until
+    // then, 100: a server allowing fewer refuses them with REFUSED_STREAM.)
+    let first = client.send(get("/quick")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    first.into_body().collect().await.unwrap();
+    // Five long-lived requests: more than two connections' worth.
+    let holds: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            let req = get("/hold");
+            tokio::spawn(async move { client.send(req).await.unwrap().status() })
+        })
+        .collect();
+    let quick = tokio::time::timeout(READ_TIMEOUT, client.send(get("/quick")))
+        .await
+        .expect("a request waited behind long-lived ones")
+        .unwrap();
+    assert_eq!(quick.status(), StatusCode::OK);
+    release.notify_waiters();
+    for hold in holds {
+        // Those not yet at the application when released are released again below.
+        let status = tokio::time::timeout(READ_TIMEOUT, async {
+            loop {
+                release.notify_waiters();
+                tokio::task::yield_now().await;
+                if hold.is_finished() {
+                    return hold.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+}
