@@ -343,6 +343,14 @@ impl CredentialStore {
         self.bump();
     }
 
+    /// Drops the SVID and the bundles: handshakes fail (closed) until credentials are set
+    /// again. For an identity its issuer withdrew.
+    pub fn clear(&self) {
+        tracing::debug!("credentials cleared");
+        self.current.store(Arc::new(Snapshot::default()));
+        self.bump();
+    }
+
     fn bump(&self) {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }

@@ -90,6 +90,8 @@ pub struct X509Update {
     bundle: Vec<u8>,
     hint: String,
     federated: HashMap<String, Vec<u8>>,
+    /// Refuse every call with `PERMISSION_DENIED` instead.
+    denied: bool,
 }
 
 impl fmt::Debug for X509Update {
@@ -98,6 +100,7 @@ impl fmt::Debug for X509Update {
             .field("spiffe_id", &self.spiffe_id)
             .field("hint", &self.hint)
             .field("federated", &self.federated.keys().collect::<Vec<_>>())
+            .field("denied", &self.denied)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +131,24 @@ impl X509Update {
             bundle: bundles.get(own).map(der).unwrap_or_default(),
             hint: String::new(),
             federated,
+            denied: false,
+        }
+    }
+
+    /// No identity for the caller: every `FetchX509SVID` and `FetchX509Bundles` call, the
+    /// open ones and each a client makes next, ends with `PERMISSION_DENIED`, as a SPIRE
+    /// agent answers a workload it holds no registration entry for (one deleted, say), until
+    /// an update with an SVID is pushed.
+    pub fn permission_denied() -> Self {
+        Self {
+            spiffe_id: String::new(),
+            trust_domain: String::new(),
+            chain: Vec::new(),
+            key: Vec::new(),
+            bundle: Vec::new(),
+            hint: String::new(),
+            federated: HashMap::new(),
+            denied: true,
         }
     }
 
@@ -148,6 +169,7 @@ impl X509Update {
             bundle,
             hint: String::new(),
             federated: HashMap::new(),
+            denied: false,
         }
     }
 
@@ -409,7 +431,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         _request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let stream = WatchStream::new(self.updates.clone()).map(|u| Ok(u.svid_response()));
+        let stream = WatchStream::new(self.updates.clone()).map(|u| {
+            if u.denied {
+                return Err(Status::permission_denied("no identity issued"));
+            }
+            Ok(u.svid_response())
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -417,7 +444,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         _request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let stream = WatchStream::new(self.updates.clone()).map(|u| Ok(u.bundles_response()));
+        let stream = WatchStream::new(self.updates.clone()).map(|u| {
+            if u.denied {
+                return Err(Status::permission_denied("no identity issued"));
+            }
+            Ok(u.bundles_response())
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

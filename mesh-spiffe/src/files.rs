@@ -238,6 +238,14 @@ impl PemFilesBuilder {
         let cert = bytes(&files[0]);
         let key = bytes(&files[1]);
         let svid = parse_svid(&self.cert, cert, &self.key, key, &self.provider)?;
+        if leaf_expired(&svid) {
+            // Started with, not refused: a renewal may be about to replace it, and the
+            // readiness check reports it. But every handshake will fail until then.
+            tracing::warn!(
+                id = %svid.id(), cert = %self.cert.display(), not_after = ?svid.not_after(),
+                "the SVID's certificate has expired: peers refuse it until the file is replaced"
+            );
+        }
         let mut bundles = BTreeMap::new();
         for ((td, path), file) in self.bundles.iter().zip(&files[2..]) {
             let content = bytes(file);

@@ -10,10 +10,20 @@
 //! and every handshake sees the current credentials.
 //!
 //! An update that cannot be used (unparseable, a key that does not match its certificate,
-//! a malformed bundle), and a withdrawal of the identity by the agent, leave the last good
-//! credentials in place and log a `tracing` warning: a workload keeps serving with its
-//! current SVID until the agent sends a usable one, and the SVID's own expiry bounds how
-//! long that lasts.
+//! a malformed bundle) leaves the last good credentials in place and logs a `tracing`
+//! warning: a workload keeps serving with its current SVID until the agent sends a usable
+//! one, and the SVID's own expiry bounds how long that lasts.
+//!
+//! A withdrawal is different: the agent answering `PERMISSION_DENIED` says this workload
+//! is no longer entitled to its identity (its registration entry was deleted, say, for a
+//! compromised workload), and the Workload API asks clients to stop using the SVIDs it no
+//! longer gives (SPIFFE Workload API 5.2.1). The source drops its SVID and bundles once
+//! the withdrawal has lasted [`DEFAULT_WITHDRAWAL_GRACE`] (30 s;
+//! [`SpireSourceBuilder::withdrawal_grace`]) without the agent giving them back, which
+//! rides out an agent that denies for a moment (while it resyncs after a restart, say).
+//! From then on handshakes fail, closed, and a readiness check on the SVID fails, until
+//! the agent issues the identity again. A lost connection to the agent is no withdrawal:
+//! it keeps the credentials, and the source reconnects.
 //!
 //! # Defaults
 //!
@@ -63,6 +73,10 @@ use crate::error::CredentialError;
 /// How long [`SpireSourceBuilder::build`] waits for the first usable SVID by default.
 pub const DEFAULT_INITIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an identity the agent withdrew is kept, by default, in case the agent gives
+/// it back (see the [module docs](self)).
+pub const DEFAULT_WITHDRAWAL_GRACE: Duration = Duration::from_secs(30);
+
 /// Why a [`SpireSource`] could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -90,6 +104,7 @@ pub enum SpireError {
 pub struct SpireSourceBuilder {
     endpoint: Option<String>,
     initial_timeout: Duration,
+    withdrawal_grace: Duration,
     provider: Option<Arc<CryptoProvider>>,
 }
 
@@ -104,6 +119,13 @@ impl SpireSourceBuilder {
     /// Waits at most `timeout` for the first usable SVID (default 10 s).
     pub fn initial_timeout(mut self, timeout: Duration) -> Self {
         self.initial_timeout = timeout;
+        self
+    }
+
+    /// Keeps an identity the agent withdrew for `grace` before dropping it (default
+    /// [`DEFAULT_WITHDRAWAL_GRACE`]; zero drops it at once).
+    pub fn withdrawal_grace(mut self, grace: Duration) -> Self {
+        self.withdrawal_grace = grace;
         self
     }
 
@@ -151,7 +173,13 @@ impl SpireSourceBuilder {
             }
         }
         let store = publisher.store.clone();
-        let watcher = tokio::spawn(follow(x509.clone(), updates, publisher)).abort_handle();
+        let watcher = tokio::spawn(follow(
+            x509.clone(),
+            updates,
+            publisher,
+            self.withdrawal_grace,
+        ))
+        .abort_handle();
         Ok(SpireSource {
             store,
             x509,
@@ -177,6 +205,7 @@ impl SpireSource {
         SpireSourceBuilder {
             endpoint: None,
             initial_timeout: DEFAULT_INITIAL_TIMEOUT,
+            withdrawal_grace: DEFAULT_WITHDRAWAL_GRACE,
             provider: None,
         }
     }
@@ -222,19 +251,63 @@ impl CredentialSource for SpireSource {
     }
 }
 
-/// Publishes each change of the `X509Source`; runs until the source closes.
-async fn follow(x509: X509Source, mut updates: X509SourceUpdates, mut publisher: Publisher) {
+/// Publishes each change of the `X509Source`, and drops the credentials of an identity
+/// the agent withdrew once `grace` passed without it given back; runs until the source
+/// closes.
+async fn follow(
+    x509: X509Source,
+    mut updates: X509SourceUpdates,
+    mut publisher: Publisher,
+    grace: Duration,
+) {
+    // When a withdrawal began, the credentials go.
+    let mut drop_at: Option<tokio::time::Instant> = None;
     loop {
-        if let Err(error) = updates.changed().await {
+        let changed = tokio::select! {
+            changed = updates.changed() => changed,
+            () = sleep_until(drop_at) => {
+                drop_at = None;
+                tracing::error!(
+                    ?grace,
+                    "the Workload API withdrew this workload's identity: credentials dropped, handshakes fail until it issues one again"
+                );
+                publisher.clear();
+                continue;
+            }
+        };
+        if let Err(error) = changed {
             tracing::debug!(%error, "Workload API source closed: credentials stop updating");
             return;
         }
-        if let Err(error) = publisher.apply(&x509) {
-            tracing::warn!(
+        match publisher.apply(&x509) {
+            Ok(()) => {
+                if drop_at.take().is_some() {
+                    tracing::info!("the Workload API gave the withdrawn identity back");
+                }
+            }
+            Err(Rejected::Source(error @ X509SourceError::Withdrawn(_))) => {
+                if drop_at.is_none() && publisher.store.svid().is_some() {
+                    tracing::warn!(
+                        %error,
+                        ?grace,
+                        "the Workload API withdrew this workload's identity: its credentials go unless it is given back within the grace"
+                    );
+                    drop_at = Some(tokio::time::Instant::now() + grace);
+                }
+            }
+            Err(error) => tracing::warn!(
                 %error,
                 "unusable update from the Workload API: keeping the last good credentials"
-            );
+            ),
         }
+    }
+}
+
+/// Sleeps until `at`; never, without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -267,6 +340,14 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Drops the credentials (a withdrawn identity); whatever the agent sends next is
+    /// published, even if it is what was withdrawn.
+    fn clear(&mut self) {
+        self.store.clear();
+        self.applied_svid = None;
+        self.applied_bundles = None;
+    }
+
     fn apply(&mut self, x509: &X509Source) -> Result<(), Rejected> {
         // One coherent snapshot: the SVID and the bundles of the same response.
         let state = x509.state();

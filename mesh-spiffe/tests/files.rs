@@ -317,6 +317,54 @@ async fn an_expired_replacement_keeps_the_last_good_svid() {
     wait_until(&files, &mut updates, "the good SVID", |c| c.leaf == want).await;
 }
 
+/// Starting with an expired SVID is allowed (a renewal may be about to replace it), but
+/// said: every handshake will fail until then, and nothing else on this side would say why.
+#[tokio::test]
+async fn starting_with_an_expired_svid_warns() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Self;
+        fn make_writer(&'a self) -> Self {
+            self.clone()
+        }
+    }
+    let mut f = Files::new();
+    let captured = Captured::default();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
+    let hour = std::time::Duration::from_secs(3600);
+    let now = std::time::SystemTime::now();
+    let expired =
+        f.ca.leaf()
+            .uri(ID)
+            .validity(now - 3 * hour, now - hour)
+            .build()
+            .unwrap();
+    f.write_svid(&expired);
+    let files = f.start().await;
+    assert!(files.svid().is_some());
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        log.contains("has expired") && log.contains("svid.pem"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn bundle_rotation_applies_independently_of_the_svid() {
     let mut f = Files::new();

@@ -407,6 +407,66 @@ async fn a_bad_federated_bundle_does_not_stop_rotation() {
     agent.api.shutdown().await;
 }
 
+/// An agent that withdraws the workload's identity (PERMISSION_DENIED: its registration
+/// entry was deleted) takes it away: once the grace has passed without the identity given
+/// back, the source holds no SVID and no bundles, so handshakes fail closed; when the agent
+/// issues one again, it is published.
+#[tokio::test]
+async fn a_withdrawn_identity_is_dropped_after_the_grace_and_comes_back_when_reissued() {
+    let mut agent = Agent::start();
+    let spire = SpireSource::builder()
+        .endpoint(agent.api.endpoint())
+        .initial_timeout(WAIT)
+        .withdrawal_grace(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let spire = Arc::new(spire);
+    let mut updates = spire.updates();
+    // A server trusting the agent's domain, and a client with the workload's credentials.
+    let server = Mtls::new(CredentialStore::with(
+        agent.ca.issue("spiffe://example.org/api").unwrap(),
+        agent.ca.bundle_set().unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut incoming = MtlsAcceptor::new(
+        &server,
+        Authorizer::trust_domain(agent.ca.trust_domain().clone()),
+    )
+    .unwrap()
+    .incoming(listener);
+    let api_id = mesh_core::SpiffeId::new("spiffe://example.org/api").unwrap();
+    let connector = MtlsConnector::new(&Mtls::from_arc(spire.clone()), api_id).unwrap();
+    let _ = bounded("connect", connector.connect(addr)).await.unwrap();
+    let _ = bounded("accept", incoming.next()).await.unwrap().unwrap();
+    agent.api.push(X509Update::permission_denied());
+    bounded("credentials dropped", async {
+        while spire.svid().is_some() {
+            updates.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(spire.bundles().is_empty());
+    // The workload can no longer make a handshake.
+    assert!(bounded("connect", connector.connect(addr)).await.is_err());
+    // Issued again: published, though it may be the very SVID withdrawn before.
+    agent.push("spiffe://example.org/web-again");
+    bounded("credentials back", async {
+        while spire.svid().is_none() {
+            updates.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(
+        spire.svid().unwrap().id().to_string(),
+        "spiffe://example.org/web-again"
+    );
+    assert!(spire.bundles().get(agent.ca.trust_domain()).is_some());
+    spire.shutdown().await;
+    agent.api.shutdown().await;
+}
+
 #[tokio::test]
 async fn spire_source_waits_for_a_usable_first_svid() {
     let mut agent = Agent::start();

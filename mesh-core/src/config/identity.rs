@@ -58,8 +58,18 @@ impl Serialize for TrustDomainKey {
 impl<'de> Deserialize<'de> for TrustDomainKey {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = String::deserialize(deserializer)?;
-        TrustDomain::new(&s)
-            .map(TrustDomainKey)
-            .map_err(|e| serde::de::Error::custom(format_args!("invalid trust domain `{s}`: {e}")))
+        let td = TrustDomain::new(&s).map_err(|e| {
+            serde::de::Error::custom(format_args!("invalid trust domain `{s}`: {e}"))
+        })?;
+        // Only the name itself, as written in SPIFFE IDs: `TrustDomain::new` would take
+        // `Example.org` or `spiffe://example.org/x` for `example.org` too, and two keys
+        // naming one domain would silently leave one bundle file out.
+        if td.as_str() != s {
+            return Err(serde::de::Error::custom(format_args!(
+                "trust domain `{s}`: write it as `{}` (lowercase, without `spiffe://` or a path)",
+                td.as_str()
+            )));
+        }
+        Ok(TrustDomainKey(td))
     }
 }

@@ -243,6 +243,19 @@ fn parse_errors_name_the_key_and_line() {
     );
     assert!(e.contains("inbound[0].listen"), "{e}");
 
+    // A bundle key is the trust domain's name as written in SPIFFE IDs: other spellings
+    // of one domain would otherwise merge, one bundle file silently left out.
+    for key in [
+        "Example.org",
+        "spiffe://example.org",
+        "spiffe://example.org/ns/x",
+    ] {
+        let e = parse_error(&format!(
+            "[identity]\nsource = \"files\"\ncert = \"c\"\nkey = \"k\"\n[identity.bundles]\n\"example.org\" = \"a.pem\"\n\"{key}\" = \"b.pem\"\n"
+        ));
+        assert!(e.contains("write it as `example.org`"), "{key}: {e}");
+    }
+
     let e =
         parse_error("[authorization.p]\nrules = [{ name = \"r\", clients = [\"spiffe://td\"] }]\n");
     assert!(e.contains("authorization.p.rules[0].clients[0]"), "{e}");
