@@ -1019,3 +1019,55 @@ async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
         assert_eq!(status, StatusCode::OK);
     }
 }
+
+/// A server refuses streams past its concurrency limit that a client sent before its
+/// SETTINGS arrived (REFUSED_STREAM: not processed at all, RFC 9113 8.7). The retry layer
+/// sends such requests again, whatever their method: a burst of POSTs on a fresh
+/// connection to a server allowing one stream at a time all succeed, each processed once.
+#[tokio::test]
+async fn refused_streams_are_retried_whatever_the_method() {
+    use mesh_tower::retry::{ReplayBody, RetryLayer};
+    use tower::{Layer as _, ServiceExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let processed = Arc::new(AtomicUsize::new(0));
+    let seen = processed.clone();
+    let app = tower::service_fn(move |_req: Request<Incoming>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+    });
+    let mut limits = ServerLimits::default();
+    limits.max_concurrent_streams = 1;
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    let endpoint: EndpointClient<ReplayBody> = EndpointClient::new(
+        server.local_addr(),
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            ..ConnectSettings::plaintext()
+        },
+    );
+    let client = RetryLayer::default().layer(tower::service_fn(move |req| {
+        let endpoint = endpoint.clone();
+        async move { endpoint.send(req).await }
+    }));
+    const BURST: usize = 8;
+    let sends = (0..BURST).map(|i| {
+        let client = client.clone();
+        async move {
+            let req = Request::post("http://svc/orders")
+                .body(Full::new(Bytes::from(format!("order {i}"))))
+                .unwrap();
+            client.oneshot(req).await.map(|r| r.status())
+        }
+    });
+    let results = tokio::time::timeout(READ_TIMEOUT, futures_util::future::join_all(sends))
+        .await
+        .unwrap();
+    for result in results {
+        assert_eq!(result.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(processed.load(Ordering::SeqCst), BURST);
+}

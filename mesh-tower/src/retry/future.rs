@@ -165,6 +165,17 @@ pub(crate) fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
         || find_cause::<hyper_util::client::legacy::Error>(e).is_some_and(|e| e.is_connect())
 }
 
+/// Whether the server refused the request's HTTP/2 stream (`RST_STREAM` with
+/// `REFUSED_STREAM`): it closed the stream "prior to any processing" (RFC 9113 8.7), as a
+/// server does with streams past its concurrency limit that a client sent before its
+/// `SETTINGS` arrived, so any method may be retried, gRPC calls whatever their policy's
+/// codes (gRFC A6's transparent retry).
+pub(crate) fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    find_cause::<h2::Error>(e).is_some_and(|e| {
+        e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM)
+    })
+}
+
 /// Whether a try failed without an answer in a way worth another try (for idempotent
 /// requests): it timed out, or its connection broke.
 fn is_retryable_error(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -415,7 +426,9 @@ fn decide<S, F, RB>(
                 *this.idempotent
             };
             (
-                is_connect_error(e.as_ref()) || retryable_error && is_retryable_error(e.as_ref()),
+                is_connect_error(e.as_ref())
+                    || is_refused_stream(e.as_ref())
+                    || retryable_error && is_retryable_error(e.as_ref()),
                 Pushback::Unspecified,
             )
         }

@@ -13,7 +13,9 @@
 //!    once and not retried (see [`body`]).
 //! 2. **Each try** waits for the inner service's readiness within the response future, so
 //!    a timeout above bounds it; [`Retry`] itself is always ready.
-//! 3. **Retryable?** Connection failures for any method (the request never left); for
+//! 3. **Retryable?** Connection failures, and HTTP/2 streams the server refused
+//!    (`REFUSED_STREAM`: not processed, RFC 9113 8.7), for any method and any gRPC policy
+//!    (the request never reached the application); for
 //!    idempotent methods (or all when `non_idempotent` is set): answers whose status is in
 //!    `statuses` (default 5xx) or whose gRPC code is in `grpc_codes` (default
 //!    `UNAVAILABLE`), per-try timeouts and broken connections. At most `max_retries`
