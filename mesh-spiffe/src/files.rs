@@ -29,7 +29,10 @@
 //!   form a valid pair. A half-written file, or a certificate replaced before its key (so
 //!   that they do not match yet), keeps the last good SVID: the reason is logged with
 //!   `tracing::warn!`, naming the file, and the pair is tried again when a file next
-//!   changes — typically when the key arrives a moment later;
+//!   changes — typically when the key arrives a moment later. An expired certificate, or
+//!   a chain that does not verify against its trust domain's bundle (its intermediate
+//!   still to come, or issued by another CA) while the SVID in use does, keeps it too; the
+//!   latter is tried again when a bundle changes. Starting with either is warned about;
 //! - each **bundle** is replaced independently of the SVID and of the other bundles, as
 //!   soon as its file parses; a bad bundle file keeps that trust domain's last good bundle;
 //! - content identical to what is published, or to what was already found invalid, does
@@ -252,6 +255,19 @@ impl PemFilesBuilder {
             let bundle = parse_bundle(path, content)?;
             bundles.insert(td.clone(), (content.to_vec(), bundle));
         }
+        let set = bundles
+            .iter()
+            .fold(BundleSet::new(), |set, (td, (_, bundle))| {
+                set.with(td.clone(), bundle.clone())
+            });
+        if let Err(error) = crate::verify::chains_to(&svid, &set, &self.provider) {
+            // Started with (a bundle may be about to follow), but every peer holding the
+            // same bundles will refuse it until then.
+            tracing::warn!(
+                id = %svid.id(), cert = %self.cert.display(), %error,
+                "the SVID does not verify against its trust bundle: peers refuse it"
+            );
+        }
 
         let store = Arc::new(CredentialStore::new());
         let reloader = Reloader {
@@ -465,11 +481,7 @@ impl Reloader {
         let last_seen = std::mem::replace(&mut self.last_seen, snapshot.clone());
         let (files, seen) = (snapshot.files(), last_seen.files());
 
-        let svid = if files[..2] != seen[..2] {
-            self.reload_svid(&files[0], &files[1])
-        } else {
-            None
-        };
+        let svid_changed = files[..2] != seen[..2];
         let mut bundles_changed = false;
         for (i, (td, path)) in self.bundles.iter().enumerate() {
             let (file, seen) = (&files[2 + i], &seen[2 + i]);
@@ -509,6 +521,13 @@ impl Reloader {
                 ),
             }
         }
+        // After the bundles: a new SVID is checked against the bundles it will be used
+        // with, and one refused for want of its root is taken once its bundle comes.
+        let svid = if svid_changed || bundles_changed {
+            self.reload_svid(&files[0], &files[1])
+        } else {
+            None
+        };
         match (svid, bundles_changed) {
             (Some(svid), true) => self.store.set(svid, self.bundle_set()),
             (Some(svid), false) => self.store.set_svid(svid),
@@ -533,6 +552,10 @@ impl Reloader {
                 );
                 None
             }
+            // A chain that does not lead to its domain's bundle (its intermediate still to
+            // be written, or issued by the wrong CA) would fail every handshake: it does
+            // not replace an SVID that still verifies.
+            Ok(svid) if self.breaks_trust(&svid) => None,
             Ok(svid) => {
                 tracing::info!(id = %svid.id(), cert = %self.cert.display(), "SVID reloaded");
                 self.svid_good = (cert_bytes.to_vec(), key_bytes.to_vec());
@@ -543,6 +566,27 @@ impl Reloader {
                 None
             }
         }
+    }
+}
+
+impl Reloader {
+    /// Whether `new` fails verification against the bundles published (said at warn)
+    /// while the SVID in use passes it.
+    fn breaks_trust(&self, new: &Svid) -> bool {
+        let bundles = self.bundle_set();
+        let Err(error) = crate::verify::chains_to(new, &bundles, &self.provider) else {
+            return false;
+        };
+        let current_verifies = self.store.svid().is_some_and(|current| {
+            crate::verify::chains_to(&current, &bundles, &self.provider).is_ok()
+        });
+        if current_verifies {
+            tracing::warn!(
+                id = %new.id(), cert = %self.cert.display(), %error,
+                "the new SVID does not verify against its trust bundle; keeping the last good SVID"
+            );
+        }
+        current_verifies
     }
 }
 

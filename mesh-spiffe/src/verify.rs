@@ -167,6 +167,28 @@ pub fn verify_peer(
     SpiffeVerifier::new(source, authorizer, provider).verify(end_entity, intermediates, now, role)
 }
 
+/// Whether `svid`'s chain leads to its trust domain's roots in `bundles` now, as a peer
+/// holding `bundles` would verify it in a handshake, either as a client or as a server
+/// (an SVID may carry only one of the two usages): a chain missing its intermediate, or
+/// issued by another CA, fails.
+pub(crate) fn chains_to(
+    svid: &crate::credentials::Svid,
+    bundles: &crate::credentials::BundleSet,
+    provider: &CryptoProvider,
+) -> Result<(), VerifyError> {
+    let Some((leaf, intermediates)) = svid.chain().split_first() else {
+        return Err(VerifyError::Malformed("an empty certificate chain".into()));
+    };
+    let source = crate::credentials::CredentialStore::new();
+    source.set_bundles(bundles.clone());
+    let verifier = SpiffeVerifier::new(Arc::new(source), Authorizer::any(), provider);
+    let now = UnixTime::now();
+    verifier
+        .verify(leaf, intermediates, now, Role::Client)
+        .or_else(|_| verifier.verify(leaf, intermediates, now, Role::Server))
+        .map(|_| ())
+}
+
 /// Which end of the connection is being verified.
 #[derive(Clone, Copy, Debug)]
 enum Role {

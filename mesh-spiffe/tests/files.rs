@@ -365,6 +365,33 @@ async fn starting_with_an_expired_svid_warns() {
     );
 }
 
+/// A new SVID whose chain does not lead to its domain's bundle (issued by another CA,
+/// or written before its intermediate) does not replace one that verifies: every peer
+/// would refuse it. Once the bundle trusts its CA, it is taken.
+#[tokio::test]
+async fn an_svid_from_an_untrusted_ca_waits_for_its_bundle() {
+    let f = Files::new();
+    let files = f.start().await;
+    let first = leaf(&files);
+    let mut updates = files.updates();
+    updates.mark_unchanged();
+    let mut other = TestCa::new("example.org").unwrap();
+    let foreign = other.issue(ID).unwrap();
+    f.write_svid(&foreign);
+    assert_quiet(&mut updates).await;
+    assert_eq!(leaf(&files), first);
+    // The bundle now trusts both CAs (a root rotation's first step): the waiting SVID is
+    // taken, with the new bundle.
+    let both = format!(
+        "{}{}",
+        f.ca.bundle().unwrap().to_pem(),
+        other.bundle().unwrap().to_pem()
+    );
+    std::fs::write(f.path("bundle.pem"), both).unwrap();
+    let want = foreign.chain()[0].clone();
+    wait_until(&files, &mut updates, "the foreign SVID", |c| c.leaf == want).await;
+}
+
 #[tokio::test]
 async fn bundle_rotation_applies_independently_of_the_svid() {
     let mut f = Files::new();
