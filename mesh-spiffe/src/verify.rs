@@ -171,6 +171,7 @@ pub fn verify_peer(
 /// holding `bundles` would verify it in a handshake, either as a client or as a server
 /// (an SVID may carry only one of the two usages): a chain missing its intermediate, or
 /// issued by another CA, fails.
+#[cfg(feature = "files")]
 pub(crate) fn chains_to(
     svid: &crate::credentials::Svid,
     bundles: &crate::credentials::BundleSet,

@@ -744,7 +744,15 @@ where
                 } else {
                     tracing::debug!(%status, "a mesh error answer from further on, made brief");
                 }
-                brief_answer(status)
+                let mut brief = brief_answer(status);
+                // When to come back is for the client: a peer limiter's 429 (or a 503)
+                // keeps its `Retry-After` and RateLimit fields; they name nothing inside.
+                for name in KEPT_IN_BRIEF {
+                    if let Some(value) = resp.headers().get(&name) {
+                        brief.headers_mut().insert(name, value.clone());
+                    }
+                }
+                brief
             }
             Ok(mut resp) => {
                 // A plaintext HTTP/1.1 service's connection-specific fields are its own.
@@ -786,6 +794,13 @@ fn brief_log_due() -> bool {
     static BRIEF: crate::throttle::Throttle = crate::throttle::Throttle::new();
     BRIEF.due().is_some()
 }
+
+/// The fields of a mesh error answer from further on that a brief answer keeps.
+const KEPT_IN_BRIEF: [http::header::HeaderName; 3] = [
+    http::header::RETRY_AFTER,
+    http::header::HeaderName::from_static("ratelimit"),
+    http::header::HeaderName::from_static("ratelimit-policy"),
+];
 
 /// `status` with its reason alone for a body (`service unavailable`).
 fn brief_answer<B>(status: StatusCode) -> Response<ResponseBody<B>> {
@@ -1406,5 +1421,30 @@ mod tests {
         let brief = failing(AnswerErrorsLayer::brief());
         let text = body(brief.oneshot(Request::new(())).await.unwrap()).await;
         assert_eq!(text, "service unavailable\n");
+    }
+
+    /// A peer limiter's 429, made brief at an edge listener, still tells the client when
+    /// to come back; what else it said stays out.
+    #[tokio::test]
+    async fn brief_answers_keep_when_to_come_back() {
+        let peer = AnswerErrorsLayer::brief().layer(tower::service_fn(|_req: Request<()>| async {
+            let resp = Response::builder()
+                .status(StatusCode::TOO_MANY_REQUESTS)
+                .header(crate::body::MESH_ERROR, "true")
+                .header(http::header::RETRY_AFTER, "2")
+                .header("ratelimit", "\"client\";r=0;t=2")
+                .header("ratelimit-policy", "\"client\";q=10;w=1")
+                .header("x-mesh-detail", "10.0.0.7:4143")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            Ok::<_, BoxError>(resp)
+        }));
+        let resp = peer.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = resp.headers();
+        assert_eq!(headers[http::header::RETRY_AFTER], "2");
+        assert_eq!(headers["ratelimit"], "\"client\";r=0;t=2");
+        assert_eq!(headers["ratelimit-policy"], "\"client\";q=10;w=1");
+        assert!(headers.get("x-mesh-detail").is_none());
     }
 }
