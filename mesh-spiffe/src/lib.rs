@@ -82,4 +82,6 @@ pub use crate::error::{CredentialError, VerifyError};
 pub use crate::files::{FilesError, PemFiles};
 pub use crate::server_tls::ServerTlsAcceptor;
 pub use crate::tls::Mtls;
-pub use crate::transport::{MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError};
+pub use crate::transport::{
+    MtlsAcceptor, MtlsConnector, PeerIdentity, TransportError, peer_not_after,
+};

@@ -62,6 +62,17 @@ impl PeerIdentity {
     }
 }
 
+/// When the certificate the peer of a completed handshake presented expires (its leaf's
+/// `notAfter`); `None` without one (or one expiring before 1970, which no handshake
+/// verifies). A server closes a connection then: its peer's identity is vouched for no
+/// longer, and a connection held past it would outlive a withdrawn root or SVID.
+pub fn peer_not_after(conn: &rustls::CommonState) -> Option<std::time::SystemTime> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0, f)

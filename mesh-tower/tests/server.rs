@@ -749,6 +749,68 @@ async fn stalled_handshakes_are_shed_for_real_peers() {
     assert_eq!(send(&web, "/", false).await.0, StatusCode::OK);
 }
 
+/// A connection whose client certificate expires is shut down then (as at the idle
+/// timeout, gracefully): the identity its handshake verified is vouched for no longer,
+/// and the client's next request reconnects with its current SVID.
+#[tokio::test(start_paused = true)]
+async fn connections_end_when_the_client_certificate_expires() {
+    let mut pki = Pki::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mesh_tower::metrics::server::ServerMetrics::register(&mut registry);
+    let acceptor = MtlsAcceptor::new(
+        &pki.mtls(SERVER_ID),
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    let server = MeshServer::builder()
+        .mtls(acceptor)
+        .metrics(metrics.listener("in"))
+        .serve(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tower::service_fn(echo_identity),
+        )
+        .unwrap();
+    // A client SVID with 60 s left (by the wall clock; the server counts it on its own).
+    let now = std::time::SystemTime::now();
+    let svid = pki
+        .ca
+        .leaf()
+        .uri(WEB)
+        .validity(
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(60),
+        )
+        .build()
+        .unwrap();
+    let mtls = Mtls::new(CredentialStore::with(svid, pki.ca.bundle_set().unwrap()));
+    let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        server.local_addr(),
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            ..ConnectSettings::mtls(connector)
+        },
+    );
+    assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
+    let closed = |registry: &prometheus_client::registry::Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.contains(
+            "mesh_server_connections_closed_total{listener=\"in\",reason=\"peer_certificate_expired\"} 1\n",
+        )
+    };
+    // Kept alive by traffic until then...
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
+    }
+    assert!(!closed(&registry));
+    // ...and shut down once it expired, busy or not.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(closed(&registry));
+    assert_eq!(server.shutdown().await.open_at_shutdown, 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_connections_are_closed_at_the_idle_timeout() {
     let mut limits = ServerLimits::default();

@@ -393,9 +393,10 @@ async fn secured<IO, S, B>(
                 Some(Ok((tls, peer))) => {
                     // A verified peer: established.
                     drop(newcomer);
+                    let expires = peer_expiry(tls.get_ref().1);
                     let serving = Box::pin(serve(
                         Box::new(tls),
-                        Some(peer),
+                        Some((peer, expires)),
                         remote,
                         &shared,
                         shutdown,
@@ -416,6 +417,15 @@ async fn secured<IO, S, B>(
     }
 }
 
+/// When the peer's certificate expires, on this runtime's clock.
+fn peer_expiry(conn: &tokio_rustls::rustls::ServerConnection) -> Option<Instant> {
+    let at = mesh_spiffe::peer_not_after(conn)?;
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Instant::now().checked_add(left)
+}
+
 /// A handshake failure's `reason` label.
 fn failure_reason(error: &mesh_spiffe::TransportError) -> &'static str {
     use mesh_spiffe::TransportError;
@@ -429,11 +439,15 @@ fn failure_reason(error: &mesh_spiffe::TransportError) -> &'static str {
     }
 }
 
+/// A verified peer, and when its certificate expires.
+type Peer = (PeerIdentity, Option<Instant>);
+
 /// Serves HTTP on `io` until the client closes, the connection idles out, or shutdown; a
-/// `newcomer` is shed (closed) when its listener is full, until its first request.
+/// `newcomer` is shed (closed) when its listener is full, until its first request. A
+/// connection is shut down (as at its idle timeout) once its peer's certificate expires.
 async fn serve<IO, S, B>(
     io: IO,
-    peer: Option<PeerIdentity>,
+    peer: Option<Peer>,
     remote: SocketAddr,
     shared: &Shared<S>,
     shutdown: watch::Receiver<bool>,
@@ -464,7 +478,7 @@ async fn serve<IO, S, B>(
 /// switched protocols), false when this side closed it.
 async fn serve_http<IO, S, B>(
     io: IO,
-    peer: Option<PeerIdentity>,
+    peer: Option<Peer>,
     remote: SocketAddr,
     shared: &Shared<S>,
     mut shutdown: watch::Receiver<bool>,
@@ -476,6 +490,7 @@ where
     S: App<B>,
     B: AppBody,
 {
+    let (peer, expires) = peer.map_or((None, None), |(id, at)| (Some(id), at));
     let service = ConnService {
         app: std::sync::Mutex::new(shared.app.clone()),
         peer,
@@ -639,14 +654,27 @@ where
                     idle_since = now;
                 }
                 let deadline = idle_since + limits.idle_timeout;
-                if now >= deadline {
-                    tracing::debug!(%remote, "idle timeout");
-                    closed(shared, "idle");
+                let expired = expires.is_some_and(|at| now >= at);
+                if now >= deadline || expired {
+                    if expired {
+                        // The identity the handshake verified is vouched for no longer
+                        // (an SVID lives an hour or so): the client reconnects with its
+                        // current one, verified against the current bundles.
+                        tracing::debug!(%remote, "the client's certificate expired: shutting the connection down");
+                        closed(shared, "peer_certificate_expired");
+                    } else {
+                        tracing::debug!(%remote, "idle timeout");
+                        closed(shared, "idle");
+                    }
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                     check.as_mut().reset(stalled.min(now + step));
                 } else {
-                    check.as_mut().reset(deadline.min(stalled).min(now + step));
+                    let mut next = deadline.min(stalled).min(now + step);
+                    if let Some(at) = expires {
+                        next = next.min(at);
+                    }
+                    check.as_mut().reset(next);
                 }
             }
         }

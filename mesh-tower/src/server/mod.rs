@@ -28,6 +28,13 @@
 //! the connection's idle checks, `max_connections` and drains count the tunnel. A proxy
 //! puts [`Tunnel`](crate::upgrade::Tunnel) in front of its forwarding stack instead.
 //!
+//! **Certificate lifetime.** An mTLS connection is shut down gracefully (as at its idle
+//! timeout) once the client certificate its handshake verified expires, looked for with
+//! the idle checks: the identity is vouched for no longer, and the client reconnects with
+//! its current SVID, verified against the current bundles. So no connection outlives its
+//! peer's SVID (an hour or so from SPIRE), a root removed from the bundles or an identity
+//! withdrawn included.
+//!
 //! Plaintext is served only when chosen with [`MeshServerBuilder::plaintext`]; requests
 //! then carry no [`PeerIdentity`](mesh_spiffe::PeerIdentity) and are unauthenticated to
 //! the policy.
