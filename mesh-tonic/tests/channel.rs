@@ -260,6 +260,56 @@ async fn deadlines_fail_locally_when_expired_and_bound_the_call() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
+/// A server streaming faster than its caller reads keeps the response body ready (hyper
+/// buffers up to the stream's flow-control window), and the deadline still ends the call
+/// when it passes.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_a_stream_read_slower_than_it_is_sent() {
+    // Paused time jumps to the next timer whenever the runtime waits, on its sockets too:
+    // this ticker keeps each jump to 1 ms, so that the deadline passes as the caller reads.
+    let ticker = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut mesh = Mesh::new();
+    let ep = mesh.endpoint("a", Serve::default()).await;
+    let mut client = EchoClient::new(mesh.channel(WEB, &[ep.addr]));
+    client.unary(msg("warm up")).await.unwrap();
+
+    // 1,000 replies of 8 KiB: the server sends them as fast as the window allows; the
+    // caller reads one every 10 ms.
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "x".repeat(8 << 10),
+        count: 1_000,
+    });
+    req.set_timeout(Duration::from_secs(1));
+    let start = tokio::time::Instant::now();
+    let mut replies = client.server_stream(req).await.unwrap().into_inner();
+    let mut read = 0;
+    let status = loop {
+        match replies.message().await {
+            Ok(reply) => assert!(reply.is_some(), "the stream ended after {read} replies"),
+            Err(status) => break status,
+        }
+        read += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{read} replies read in {:?}, past the deadline",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(read > 50, "{read} replies");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(1_100),
+        "{took:?}"
+    );
+    ticker.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_errors_are_statuses_naming_the_service() {
     let mut mesh = Mesh::new();
