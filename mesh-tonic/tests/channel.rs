@@ -310,6 +310,52 @@ async fn the_deadline_ends_a_stream_read_slower_than_it_is_sent() {
     ticker.abort();
 }
 
+/// A service name that is not a valid `:authority` never costs a call its path: the builder
+/// refuses it unless an authority is set, and a channel over an existing client sends
+/// the calls with the endpoint's address for their authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_names_that_are_not_authorities_never_lose_the_path() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = mesh_tonic::test_util::EchoService::new("plain");
+    let mesh = mesh_tower::server::MeshServer::builder().plaintext();
+    let _server = mesh_tonic::server::GrpcServer::builder(mesh)
+        .add_service(echo.server())
+        .serve(listener)
+        .await
+        .unwrap();
+    let builder = |name: &str| {
+        mesh_tonic::MeshChannel::builder(common::discovery(&[addr]))
+            .service_name(name)
+            .plaintext()
+    };
+    for name in ["users v2", "", "a/b"] {
+        let error = builder(name).build().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                mesh_tower::client::BuildError::Invalid("service_name", _)
+            ),
+            "{name:?}: {error}"
+        );
+        // With an authority of its own, the name is only a name.
+        let channel = builder(name)
+            .authority(http::uri::Authority::from_static("echo"))
+            .build()
+            .unwrap();
+        let reply = EchoClient::new(channel).unary(msg(name)).await.unwrap();
+        assert_eq!(reply.into_inner().message, name);
+        let client = mesh_tower::MeshClient::builder(common::discovery(&[addr]))
+            .protocol(mesh_core::config::Protocol::Grpc)
+            .plaintext()
+            .build()
+            .unwrap();
+        let channel = mesh_tonic::MeshChannel::from_client(client, name, false);
+        let reply = EchoClient::new(channel).unary(msg(name)).await;
+        assert_eq!(reply.unwrap().into_inner().message, name, "{name:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_errors_are_statuses_naming_the_service() {
     let mut mesh = Mesh::new();
