@@ -1787,6 +1787,48 @@ async fn bodies_declared_over_the_limit_get_413() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// gRPC calls the server refuses itself get a trailers-only gRPC status, as every other
+/// refusal of the mesh: RESOURCE_EXHAUSTED for a body declared over the limit, INTERNAL
+/// (what a gRPC client makes of a 400) for a `Host` it must refuse.
+#[tokio::test]
+async fn grpc_calls_refused_by_the_server_get_a_grpc_status() {
+    let mut limits = ServerLimits::default();
+    limits.max_request_body_size = Some(1024);
+    let server = plaintext(None, limits).await;
+    let (mut sender, conn) = h2_client(server.local_addr(), 65_535, 65_535).await;
+    let call = |host: &'static str, size: usize| {
+        Request::post("http://users/pkg.Svc/Get")
+            .header("content-type", "application/grpc")
+            .header("host", host)
+            .header("content-length", size)
+            .body(Full::new(Bytes::from(vec![0; size])))
+            .unwrap()
+    };
+    for (req, code, message) in [
+        (
+            call("users", 2048),
+            "8",
+            "request body over the server's limit",
+        ),
+        (call("a b", 16), "13", "a Host that is not host[:port]"),
+    ] {
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let headers = resp.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], code);
+        assert_eq!(headers["grpc-message"], message);
+        assert_eq!(headers["x-mesh-error"], "true");
+    }
+    // Within the limit, with a good Host: served.
+    let resp = sender.send_request(call("users", 1024)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("grpc-status").is_none());
+    drop(sender);
+    conn.abort();
+    server.shutdown().await;
+}
+
 /// curl, a client nobody here wrote: HTTP/1.1, h2c prior knowledge, and oversized headers.
 #[tokio::test]
 async fn curl_is_served_and_refused_as_it_should_be() {
