@@ -260,6 +260,102 @@ async fn deadlines_fail_locally_when_expired_and_bound_the_call() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
 
+/// A server streaming faster than its caller reads keeps the response body ready (hyper
+/// buffers up to the stream's flow-control window), and the deadline still ends the call
+/// when it passes.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_a_stream_read_slower_than_it_is_sent() {
+    // Paused time jumps to the next timer whenever the runtime waits, on its sockets too:
+    // this ticker keeps each jump to 1 ms, so that the deadline passes as the caller reads.
+    let ticker = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut mesh = Mesh::new();
+    let ep = mesh.endpoint("a", Serve::default()).await;
+    let mut client = EchoClient::new(mesh.channel(WEB, &[ep.addr]));
+    client.unary(msg("warm up")).await.unwrap();
+
+    // 1,000 replies of 8 KiB: the server sends them as fast as the window allows; the
+    // caller reads one every 10 ms.
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "x".repeat(8 << 10),
+        count: 1_000,
+    });
+    req.set_timeout(Duration::from_secs(1));
+    let start = tokio::time::Instant::now();
+    let mut replies = client.server_stream(req).await.unwrap().into_inner();
+    let mut read = 0;
+    let status = loop {
+        match replies.message().await {
+            Ok(reply) => assert!(reply.is_some(), "the stream ended after {read} replies"),
+            Err(status) => break status,
+        }
+        read += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{read} replies read in {:?}, past the deadline",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = start.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(read > 50, "{read} replies");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(1_100),
+        "{took:?}"
+    );
+    ticker.abort();
+}
+
+/// A service name that is not a valid `:authority` never costs a call its path: the builder
+/// refuses it unless an authority is set, and a channel over an existing client sends
+/// the calls with the endpoint's address for their authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_names_that_are_not_authorities_never_lose_the_path() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = mesh_tonic::test_util::EchoService::new("plain");
+    let mesh = mesh_tower::server::MeshServer::builder().plaintext();
+    let _server = mesh_tonic::server::GrpcServer::builder(mesh)
+        .add_service(echo.server())
+        .serve(listener)
+        .await
+        .unwrap();
+    let builder = |name: &str| {
+        mesh_tonic::MeshChannel::builder(common::discovery(&[addr]))
+            .service_name(name)
+            .plaintext()
+    };
+    for name in ["users v2", "", "a/b"] {
+        let error = builder(name).build().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                mesh_tower::client::BuildError::Invalid("service_name", _)
+            ),
+            "{name:?}: {error}"
+        );
+        // With an authority of its own, the name is only a name.
+        let channel = builder(name)
+            .authority(http::uri::Authority::from_static("echo"))
+            .build()
+            .unwrap();
+        let reply = EchoClient::new(channel).unary(msg(name)).await.unwrap();
+        assert_eq!(reply.into_inner().message, name);
+        let client = mesh_tower::MeshClient::builder(common::discovery(&[addr]))
+            .protocol(mesh_core::config::Protocol::Grpc)
+            .plaintext()
+            .build()
+            .unwrap();
+        let channel = mesh_tonic::MeshChannel::from_client(client, name, false);
+        let reply = EchoClient::new(channel).unary(msg(name)).await;
+        assert_eq!(reply.unwrap().into_inner().message, name, "{name:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_errors_are_statuses_naming_the_service() {
     let mut mesh = Mesh::new();

@@ -612,7 +612,7 @@ where
                 // The request's own failure (a stalled body) and a full pool are not the
                 // application's: each gets its own status, and the reason.
                 let (status, code, what) = if connect::is_request_error(error) {
-                    let (status, code) = status_of(error);
+                    let (status, code, _) = status_of(error);
                     (status, code, "the request failed")
                 } else if connect::is_pool_overflow(error) {
                     let not_sent = "the request was not sent to the application";
@@ -761,7 +761,7 @@ where
             }
             Err(e) => {
                 let e: BoxError = e.into();
-                let (status, code) = status_of(e.as_ref());
+                let (status, code, message) = status_of(e.as_ref());
                 // A brief answer hides the cause from the client: the log keeps it, at
                 // info once a second (an outage must not flood it), else at debug.
                 if *this.brief && brief_log_due() {
@@ -770,14 +770,7 @@ where
                     tracing::debug!(error = %e, %status, "answering a failed request");
                 }
                 if *this.grpc {
-                    grpc_answer(
-                        code,
-                        if code == 4 {
-                            "deadline exceeded"
-                        } else {
-                            "unavailable"
-                        },
-                    )
+                    grpc_answer(code, message)
                 } else if *this.brief {
                     brief_answer(status)
                 } else {
@@ -808,29 +801,30 @@ fn brief_answer<B>(status: StatusCode) -> Response<ResponseBody<B>> {
     text_answer(status, format!("{}\n", reason.to_ascii_lowercase()))
 }
 
-/// The HTTP status and gRPC code for a failed request.
-fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16) {
+/// The HTTP status, gRPC code and gRPC message (which names no internals) for a failed
+/// request.
+fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16, &'static str) {
     use mesh_core::error::is_caused_by;
     if is_caused_by::<connect::BodyReadTimeout>(e) {
         // The client's body stalled: a 408 (gRPC: CANCELLED).
-        return (StatusCode::REQUEST_TIMEOUT, 1);
+        return (StatusCode::REQUEST_TIMEOUT, 1, "the request body stalled");
     }
     if connect::is_pool_overflow(e) {
         // Not sent: every connection to the endpoint was busy, and the line full.
-        return (StatusCode::SERVICE_UNAVAILABLE, 14);
+        return (StatusCode::SERVICE_UNAVAILABLE, 14, "unavailable");
     }
     if is_caused_by::<crate::timeout::RequestTimeout>(e)
         || is_caused_by::<crate::timeout::DeadlineExceeded>(e)
     {
-        return (StatusCode::GATEWAY_TIMEOUT, 4);
+        return (StatusCode::GATEWAY_TIMEOUT, 4, "deadline exceeded");
     }
     #[cfg(feature = "balance")]
     if is_caused_by::<crate::balance::error::NoEndpoints>(e)
         || is_caused_by::<crate::balance::error::NoReadyEndpoints>(e)
     {
-        return (StatusCode::SERVICE_UNAVAILABLE, 14);
+        return (StatusCode::SERVICE_UNAVAILABLE, 14, "unavailable");
     }
-    (StatusCode::BAD_GATEWAY, 14)
+    (StatusCode::BAD_GATEWAY, 14, "unavailable")
 }
 
 #[cfg(test)]
@@ -1392,6 +1386,42 @@ mod tests {
         });
         let resp = full.oneshot(Request::new(())).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// A gRPC call's answer carries the code its cause calls for, and a message that says
+    /// the same: a stalled request body is CANCELLED, not "unavailable".
+    #[tokio::test]
+    async fn failed_grpc_calls_are_answered_with_a_code_and_a_message_that_agree() {
+        let failing = |e: fn() -> BoxError| {
+            AnswerErrorsLayer::brief().layer(tower::service_fn(
+                move |_req: Request<()>| async move { Err::<Response<()>, BoxError>(e()) },
+            ))
+        };
+        let grpc = || {
+            Request::post("/a.B/C")
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap()
+        };
+        for (error, code, message) in [
+            (
+                (|| connect::BodyReadTimeout(connect::BODY_READ_TIMEOUT).into())
+                    as fn() -> BoxError,
+                "1",
+                "the request body stalled",
+            ),
+            (
+                || crate::timeout::RequestTimeout(std::time::Duration::from_secs(1)).into(),
+                "4",
+                "deadline exceeded",
+            ),
+            (|| "connection reset".into(), "14", "unavailable"),
+        ] {
+            let resp = failing(error).oneshot(grpc()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["grpc-status"], code);
+            assert_eq!(resp.headers()["grpc-message"], message);
+        }
     }
 
     #[tokio::test]

@@ -1598,11 +1598,19 @@ mod inbound_metrics {
     }
 
     /// `/pkg.Svc/*` answers a message and `grpc-status` from the `status` header of the
-    /// request in its trailers; `/svc*` answers trailers-only UNIMPLEMENTED; anything else
-    /// is 404.
+    /// request in its trailers, or the HTTP status of its `http-status` header with
+    /// neither; `/svc*` answers trailers-only UNIMPLEMENTED; anything else is 404.
     async fn grpc_app(req: Request<Incoming>) -> Result<Response<Frames>, Infallible> {
         let path = req.uri().path();
-        let mut resp = if path.starts_with("/pkg.Svc/") {
+        let http_status = req
+            .headers()
+            .get("http-status")
+            .and_then(|s| StatusCode::from_bytes(s.as_bytes()).ok());
+        let mut resp = if let Some(status) = http_status {
+            let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(vec![])));
+            *resp.status_mut() = status;
+            resp
+        } else if path.starts_with("/pkg.Svc/") {
             let mut trailers = http::HeaderMap::new();
             let status = req.headers().get("status").cloned();
             trailers.insert(
@@ -1649,10 +1657,23 @@ mod inbound_metrics {
     }
 
     async fn call(client: &EndpointClient<Full<Bytes>>, path: &str, status: Option<&str>) {
+        call_with(client, path, status, None).await;
+    }
+
+    /// [`call`], asking for an answer with HTTP status `http_status` and no `grpc-status`.
+    async fn call_with(
+        client: &EndpointClient<Full<Bytes>>,
+        path: &str,
+        status: Option<&str>,
+        http_status: Option<u16>,
+    ) {
         let mut req =
             Request::post(format!("http://users{path}")).header("content-type", "application/grpc");
         if let Some(status) = status {
             req = req.header("status", status);
+        }
+        if let Some(http_status) = http_status {
+            req = req.header("http-status", http_status);
         }
         let resp = client
             .send(req.body(Full::new(Bytes::new())).unwrap())
@@ -1665,8 +1686,8 @@ mod inbound_metrics {
     async fn grpc_paths_become_labels_only_once_an_answer_shows_the_method() {
         let mut registry = Registry::default();
         let (server, client) = grpc_server(&mut registry).await;
-        // Long paths answered 404, and short ones answered UNIMPLEMENTED: none is named,
-        // and none takes a place of the 1,000.
+        // Long paths answered 404 (UNIMPLEMENTED to a gRPC client), and short ones
+        // answered UNIMPLEMENTED: none is named, and none takes a place of the 1,000.
         let long = "a".repeat(2000);
         for i in 0..1000 {
             call(&client, &format!("/{long}{i}/m"), None).await;
@@ -1682,17 +1703,38 @@ mod inbound_metrics {
         assert!(!text.contains(r#"rpc_service="svc"#), "{text}");
         let other = r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="_OTHER",rpc_method="_OTHER",rpc_grpc_status_code="#;
         assert!(
-            line(&text, &format!("{other}\"2\"}} 1000")).is_some(),
-            "{text}"
-        );
-        assert!(
-            line(&text, &format!("{other}\"12\"}} 1000")).is_some(),
+            line(&text, &format!("{other}\"12\"}} 2000")).is_some(),
             "{text}"
         );
         assert!(
             line(&text, r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="pkg.Svc",rpc_method="Get",rpc_grpc_status_code="0"} 1"#).is_some(),
             "{text}"
         );
+    }
+
+    /// An answer with no `grpc-status` counts with the code a gRPC client makes of its
+    /// HTTP status: UNAVAILABLE for a 503 or a 429, UNIMPLEMENTED for a 404, UNKNOWN for
+    /// a 200 (or a status the mapping does not name).
+    #[tokio::test]
+    async fn answers_without_a_grpc_status_count_as_their_http_status_maps() {
+        let mut registry = Registry::default();
+        let (server, client) = grpc_server(&mut registry).await;
+        // Named first, by a call that shows the method.
+        call(&client, "/pkg.Svc/Get", Some("0")).await;
+        for http_status in [503, 429, 404, 200, 500] {
+            call_with(&client, "/pkg.Svc/Get", None, Some(http_status)).await;
+        }
+        server.shutdown().await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let get = r#"rpc_server_duration_seconds_count{listener="edge",rpc_system="grpc",rpc_service="pkg.Svc",rpc_method="Get",rpc_grpc_status_code="#;
+        for (code, n) in [(0, 1), (14, 2), (12, 1), (2, 2)] {
+            assert!(
+                line(&text, &format!("{get}\"{code}\"}} {n}")).is_some(),
+                "code {code}: {text}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1847,6 +1889,48 @@ async fn bodies_declared_over_the_limit_get_413() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// gRPC calls the server refuses itself get a trailers-only gRPC status, as every other
+/// refusal of the mesh: RESOURCE_EXHAUSTED for a body declared over the limit, INTERNAL
+/// (what a gRPC client makes of a 400) for a `Host` it must refuse.
+#[tokio::test]
+async fn grpc_calls_refused_by_the_server_get_a_grpc_status() {
+    let mut limits = ServerLimits::default();
+    limits.max_request_body_size = Some(1024);
+    let server = plaintext(None, limits).await;
+    let (mut sender, conn) = h2_client(server.local_addr(), 65_535, 65_535).await;
+    let call = |host: &'static str, size: usize| {
+        Request::post("http://users/pkg.Svc/Get")
+            .header("content-type", "application/grpc")
+            .header("host", host)
+            .header("content-length", size)
+            .body(Full::new(Bytes::from(vec![0; size])))
+            .unwrap()
+    };
+    for (req, code, message) in [
+        (
+            call("users", 2048),
+            "8",
+            "request body over the server's limit",
+        ),
+        (call("a b", 16), "13", "a Host that is not host[:port]"),
+    ] {
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let headers = resp.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], code);
+        assert_eq!(headers["grpc-message"], message);
+        assert_eq!(headers["x-mesh-error"], "true");
+    }
+    // Within the limit, with a good Host: served.
+    let resp = sender.send_request(call("users", 1024)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("grpc-status").is_none());
+    drop(sender);
+    conn.abort();
+    server.shutdown().await;
 }
 
 /// curl, a client nobody here wrote: HTTP/1.1, h2c prior knowledge, and oversized headers.

@@ -66,27 +66,31 @@ impl Body for GrpcBody {
             return Poll::Ready(None);
         };
         let service = this.service.as_deref().unwrap_or("mesh");
-        match inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
-            Poll::Ready(Some(Err(error))) => {
-                this.inner.set(None);
-                return Poll::Ready(Some(Err(status_from_error(error.into(), service))));
-            }
-            Poll::Ready(None) => {
-                this.inner.set(None);
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
-        }
+        // Checked before every frame, not only when the inner body waits: hyper buffers up
+        // to the stream's flow-control window, so a server sending faster than the caller
+        // reads keeps the inner body ready past the deadline. The clock is read first: a
+        // caller that finds a frame at every poll may never yield to the runtime, and once
+        // its task's budget is spent the timer answers `Pending` whatever the time.
         if let Some(timer) = this.timer.as_pin_mut()
-            && timer.poll(cx).is_ready()
+            && (timer.deadline() <= Instant::now() || timer.poll(cx).is_ready())
         {
             let status = deadline_exceeded(service);
             // Dropping the inner body resets the stream.
             this.inner.set(None);
             return Poll::Ready(Some(Err(status)));
         }
-        Poll::Pending
+        match inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(error))) => {
+                this.inner.set(None);
+                Poll::Ready(Some(Err(status_from_error(error.into(), service))))
+            }
+            Poll::Ready(None) => {
+                this.inner.set(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -62,7 +62,8 @@ impl MeshChannelBuilder {
 
     /// The service's name, for logs, metrics, error messages and (unless
     /// [`authority`](Self::authority) is set) the requests' `:authority` (default
-    /// `default`).
+    /// `default`). Without an `authority`, [`build`](Self::build) refuses a name that is
+    /// not a valid one (`users v2`, `a/b`, an empty name).
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service = name.into();
         self.client = self.client.service_name(self.service.clone());
@@ -184,14 +185,27 @@ impl MeshChannelBuilder {
 
     /// Starts the channel: its discovery task runs from now on. Fails as
     /// [`MeshClientBuilder::build`] does (no transport chosen, a setting out of range, no
-    /// Tokio runtime).
+    /// Tokio runtime), and with [`BuildError::Invalid`] when no
+    /// [`authority`](Self::authority) is set and the service name is not a valid one.
     pub fn build(self) -> Result<MeshChannel, BuildError> {
+        let authority = match self.authority {
+            Some(authority) => authority,
+            None => Authority::try_from(self.service.as_str()).map_err(|_| {
+                BuildError::Invalid(
+                    "service_name",
+                    format!(
+                        "`{}` is not a valid :authority for the calls; set one with `.authority(..)`",
+                        self.service
+                    ),
+                )
+            })?,
+        };
         let client = self.client.build()?;
         Ok(MeshChannel::new(
             client,
             &self.service,
             self.tls,
-            self.authority,
+            Some(authority),
         ))
     }
 }

@@ -105,13 +105,22 @@ impl MeshChannel {
 
     /// A channel over an existing client, which should speak HTTP/2
     /// ([`Protocol::Grpc`](mesh_core::config::Protocol)). `tls` says which scheme the
-    /// requests carry.
+    /// requests carry, and `service` is their `:authority`. A `service` that is not a
+    /// valid authority (`users v2`, an empty one) is logged as a warning, and the requests
+    /// then go out with the endpoint's address as their authority and `http` as their
+    /// scheme (where [`MeshChannelBuilder::build`] refuses the name).
     pub fn from_client(client: MeshClient, service: &str, tls: bool) -> Self {
-        Self::new(client, service, tls, None)
+        let authority = Authority::try_from(service).ok();
+        if authority.is_none() {
+            tracing::warn!(
+                service,
+                "a service name that is not a valid :authority: calls go out with the endpoint's address as theirs"
+            );
+        }
+        Self::new(client, service, tls, authority)
     }
 
     fn new(client: MeshClient, service: &str, tls: bool, authority: Option<Authority>) -> Self {
-        let authority = authority.or_else(|| Authority::try_from(service).ok());
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -169,27 +178,36 @@ impl MeshChannel {
         ResponseFuture::new(inner.client.send(req), at, inner.service.clone())
     }
 
-    /// Gives a URI that has only a path the scheme and authority of the service.
+    /// Gives a URI that has only a path the scheme and authority of the service. The path
+    /// is always kept: without an authority to give (a channel [`from_client`] over a
+    /// service name that is none) the URI stays as it is, and the endpoint client puts the
+    /// endpoint's address there.
+    ///
+    /// [`from_client`]: Self::from_client
     fn fill_uri<B>(&self, req: &mut Request<B>) {
         let uri = req.uri();
         if uri.scheme().is_some() && uri.authority().is_some() {
             return;
         }
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts
-            .scheme
-            .get_or_insert_with(|| self.inner.scheme.clone());
-        if parts.authority.is_none() {
-            parts.authority = self.inner.authority.clone();
-        }
-        parts
-            .path_and_query
-            .get_or_insert_with(|| PathAndQuery::from_static("/"));
+        let Some(authority) = uri.authority().or(self.inner.authority.as_ref()) else {
+            return;
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(
+            uri.scheme()
+                .cloned()
+                .unwrap_or_else(|| self.inner.scheme.clone()),
+        );
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         match Uri::from_parts(parts) {
             Ok(uri) => *req.uri_mut() = uri,
-            // Only without an authority (a service name that is none): the endpoint
-            // client puts the endpoint's address there.
-            Err(error) => tracing::debug!(%error, "request URI left relative"),
+            // Not with a scheme, an authority and a path: the URI is left as it is.
+            Err(error) => tracing::debug!(%error, "request URI left as it is"),
         }
     }
 }

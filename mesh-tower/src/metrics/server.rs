@@ -17,9 +17,11 @@
 //! (`http.server.request.duration`, `rpc.server.duration`, …, dots as underscores).
 //! A request is measured from its arrival to the end of its response body, so streamed
 //! answers count whole; a gRPC call's status is read from the response headers
-//! (trailers-only) or trailers, and a call that ends with neither counts as `UNKNOWN` (2),
-//! as does a status outside 0–16 or one that is not a number (what gRPC clients make of
-//! them).
+//! (trailers-only) or trailers. A call that ends with neither counts with the code gRPC
+//! clients make of its HTTP status (gRPC's HTTP to gRPC status mapping: a 503 or a 429
+//! is `UNAVAILABLE` (14), a 404 `UNIMPLEMENTED` (12), a 200 `UNKNOWN` (2)); a status
+//! outside 0–16 or one that is not a number counts as `UNKNOWN` (what gRPC clients make
+//! of them).
 //!
 //! **Cardinality is bounded.** Methods outside the standard ones count as `_OTHER`; the
 //! client's identity becomes a label only with [`ListenerMetrics::with_client_label`].
@@ -586,8 +588,10 @@ impl Pending {
                         listener: l.name.clone(),
                         service,
                         method,
-                        // A call that ended with no status is UNKNOWN.
-                        code: grpc_status.unwrap_or(2),
+                        // A call that ended with no status has the code a gRPC client
+                        // makes of its HTTP status: UNKNOWN for a 200.
+                        code: grpc_status
+                            .unwrap_or_else(|| grpc::Code::for_http_status(status) as u16),
                         client,
                     })
                     .observe(elapsed);
@@ -818,7 +822,7 @@ impl<B: Body> Body for MeteredBody<B> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         // A broken response (an error frame) did not complete: without a status it counts
-        // as UNKNOWN (2), and names no path.
+        // by its HTTP status (a 200 as UNKNOWN), and names no path.
         if let Some(Ok(frame)) = &frame {
             if let Some(data) = frame.data_ref() {
                 *this.size += data.remaining() as u64;

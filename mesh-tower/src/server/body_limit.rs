@@ -5,13 +5,16 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::Body;
+use mesh_core::classify::grpc::Code;
 use tower_service::Service;
 
-use crate::body::{ResponseBody, ResponseFuture, text_answer};
+use crate::body::{ResponseBody, ResponseFuture, grpc_answer, text_answer};
 
 /// Answers 400 to a request whose `Host` a server must refuse ([`host_problem`]), 413 to
 /// one whose declared size (`Content-Length`, as hyper read it) exceeds `max`; passes
-/// every other request on.
+/// every other request on. A gRPC call gets a trailers-only status instead: `INTERNAL`
+/// for the first (what a gRPC client makes of a 400), `RESOURCE_EXHAUSTED` for the
+/// second (what gRPC servers answer a message over their bound with).
 #[derive(Clone, Debug)]
 pub(super) struct BodyLimit<S> {
     pub(super) inner: S,
@@ -34,8 +37,11 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         if let Some(problem) = host_problem(&req) {
             tracing::debug!(problem, "request refused: 400");
-            let mut response =
-                text_answer(StatusCode::BAD_REQUEST, format!("bad request: {problem}\n"));
+            let mut response = if mesh_core::classify::is_grpc(req.headers()) {
+                grpc_answer(Code::Internal as u16, problem)
+            } else {
+                text_answer(StatusCode::BAD_REQUEST, format!("bad request: {problem}\n"))
+            };
             if req.version() != Version::HTTP_2 {
                 // Its body is not read: the connection cannot carry another request.
                 response
@@ -49,10 +55,17 @@ where
             && size > max
         {
             tracing::debug!(size, max, "request body over the bound");
-            let mut response = text_answer(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body of {size} bytes exceeds the limit of {max}\n"),
-            );
+            let mut response = if mesh_core::classify::is_grpc(req.headers()) {
+                grpc_answer(
+                    Code::ResourceExhausted as u16,
+                    "request body over the server's limit",
+                )
+            } else {
+                text_answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body of {size} bytes exceeds the limit of {max}\n"),
+                )
+            };
             let headers = response.headers_mut();
             // The body is not read: the connection cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

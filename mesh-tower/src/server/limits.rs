@@ -9,7 +9,7 @@ use std::time::Duration;
 /// | `header_read_timeout` | 10 s | the connection closes, HTTP/1.1 with a 408 (slowloris); counted from a request head's first byte, so that the silence between keep-alive requests is left to `idle_timeout`; also bounds the wait for a new connection's first request |
 /// | `max_header_list_size` | 64 KiB | HTTP/1.1: 431; HTTP/2: the stream is refused with 431 |
 /// | `max_headers` | 100 (HTTP/1.1) | 431 |
-/// | `max_request_body_size` | 64 MiB (`None`: no bound) | a request declaring a larger `Content-Length` gets 413 before the application sees it; a streamed body of unknown length is the application's to bound |
+/// | `max_request_body_size` | 64 MiB (`None`: no bound) | a request declaring a larger `Content-Length` gets 413 (a gRPC call `RESOURCE_EXHAUSTED`) before the application sees it; a streamed body of unknown length is the application's to bound |
 /// | `max_connections` | 10,000 | the oldest *newcomer* is closed to accept the next connection: one whose handshake has not verified a client certificate and whose first request has not begun (a client that connects and stalls cannot lock callers out); when every connection is established, accepting waits until one closes |
 /// | `max_concurrent_streams` | 256 (HTTP/2) | the client must wait (SETTINGS) |
 /// | `keep_alive_interval` / `keep_alive_timeout` | 20 s / 20 s (HTTP/2 pings) | a peer that stops answering pings is disconnected |

@@ -14,7 +14,8 @@
 //!   PeerIdentity, ClientAddr   extensions from the connection only (a client cannot set them)
 //!   metrics::server            duration, status, sizes (when `metrics` is set); the access
 //!                              log's line when its response ends (when switched on)
-//!   body limit                 413 past `max_request_body_size` declared
+//!   body limit                 413 past `max_request_body_size` declared, 400 for a bad
+//!                              Host (gRPC: RESOURCE_EXHAUSTED, INTERNAL)
 //!   authz::Authorize           the policy (default: allow every caller the TLS layer let in)
 //!   ratelimit::RateLimit       GCRA per client and in total (default: none)
 //!   the application
