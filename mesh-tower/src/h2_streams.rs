@@ -208,7 +208,11 @@ impl<T> Sniff<T> {
             match parser.byte(b) {
                 Step::More => continue,
                 Step::Done(max) => {
-                    let max = max.map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+                    // Zero (no stream for now) counts as one: a pool that took it at its
+                    // word would dial a connection per request.
+                    let max = max.map_or(usize::MAX, |m| {
+                        usize::try_from(m).unwrap_or(usize::MAX).max(1)
+                    });
                     limit.max.store(max, Ordering::Relaxed);
                     tracing::trace!(max, "the server's SETTINGS_MAX_CONCURRENT_STREAMS");
                 }
@@ -328,6 +332,11 @@ mod tests {
         // Not SETTINGS (a GOAWAY): the assumed limit stays.
         let goaway = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(learned(&goaway, 4).await, ASSUMED_MAX_STREAMS);
+        // Zero counts as one.
+        assert_eq!(
+            learned(&settings(&[(MAX_CONCURRENT_STREAMS, 0)]), 6).await,
+            1
+        );
         // Nothing at all, or a cut header: the assumed limit stays.
         assert_eq!(learned(&[0, 0], 1).await, ASSUMED_MAX_STREAMS);
     }
