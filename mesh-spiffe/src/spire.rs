@@ -295,10 +295,18 @@ async fn follow(
                     drop_at = Some(tokio::time::Instant::now() + grace);
                 }
             }
-            Err(error) => tracing::warn!(
-                %error,
-                "unusable update from the Workload API: keeping the last good credentials"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "unusable update from the Workload API: keeping the last good credentials"
+                );
+                // The agent answers again: the identity is no longer withdrawn, though
+                // what it sent cannot be used.
+                if drop_at.is_some() && x509.state().withdrawal().is_none() {
+                    drop_at = None;
+                    tracing::info!("the Workload API no longer withdraws the identity");
+                }
+            }
         }
     }
 }

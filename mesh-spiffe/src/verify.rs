@@ -167,10 +167,12 @@ pub fn verify_peer(
     SpiffeVerifier::new(source, authorizer, provider).verify(end_entity, intermediates, now, role)
 }
 
-/// Whether `svid`'s chain leads to its trust domain's roots in `bundles` now, as a peer
-/// holding `bundles` would verify it in a handshake, either as a client or as a server
-/// (an SVID may carry only one of the two usages): a chain missing its intermediate, or
-/// issued by another CA, fails.
+/// Whether `svid`'s chain leads to its trust domain's roots in `bundles`, as a peer holding
+/// `bundles` would verify it in a handshake, either as a client or as a server (an SVID
+/// may carry only one of the two usages): a chain missing its intermediate, or issued by
+/// another CA, fails. Dates are judged at the leaf's `notBefore` when that is later than
+/// this host's clock: a renewed SVID that is valid by its issuer's clock but not yet by a
+/// lagging one here is not refused for it (expiry is checked on its own).
 #[cfg(feature = "files")]
 pub(crate) fn chains_to(
     svid: &crate::credentials::Svid,
@@ -183,7 +185,11 @@ pub(crate) fn chains_to(
     let source = crate::credentials::CredentialStore::new();
     source.set_bundles(bundles.clone());
     let verifier = SpiffeVerifier::new(Arc::new(source), Authorizer::any(), provider);
-    let now = UnixTime::now();
+    let not_before = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .ok()
+        .and_then(|(_, cert)| u64::try_from(cert.validity().not_before.timestamp()).ok())
+        .map(|secs| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)));
+    let now = UnixTime::now().max(not_before.unwrap_or(UnixTime::now()));
     verifier
         .verify(leaf, intermediates, now, Role::Client)
         .or_else(|_| verifier.verify(leaf, intermediates, now, Role::Server))

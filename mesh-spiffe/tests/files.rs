@@ -392,6 +392,30 @@ async fn an_svid_from_an_untrusted_ca_waits_for_its_bundle() {
     wait_until(&files, &mut updates, "the foreign SVID", |c| c.leaf == want).await;
 }
 
+/// A renewed SVID that is not yet valid by this host's clock (it lags its issuer's) is
+/// still taken: peers with the right time accept it, and nothing would bring it back once
+/// the old one expired.
+#[tokio::test]
+async fn an_svid_valid_only_by_its_issuers_clock_is_taken() {
+    let mut f = Files::new();
+    let files = f.start().await;
+    let mut updates = files.updates();
+    updates.mark_unchanged();
+    let now = std::time::SystemTime::now();
+    let ahead =
+        f.ca.leaf()
+            .uri(ID)
+            .validity(
+                now + Duration::from_secs(30),
+                now + Duration::from_secs(3600),
+            )
+            .build()
+            .unwrap();
+    f.write_svid(&ahead);
+    let want = ahead.chain()[0].clone();
+    wait_until(&files, &mut updates, "the renewed SVID", |c| c.leaf == want).await;
+}
+
 #[tokio::test]
 async fn bundle_rotation_applies_independently_of_the_svid() {
     let mut f = Files::new();

@@ -11,9 +11,14 @@
 //! connection is established. Otherwise clients that connect and never finish a handshake
 //! (or never send a request) could hold every slot for the handshake or header-read
 //! timeout at a time and lock real callers out, while costing the attacker one socket
-//! each. With shedding, a real client's handshake is lost only when `max_connections`
-//! newer connections arrive while it runs (10,000 within a loopback or LAN round trip,
-//! at the default). Established connections are never shed. The queue of newcomers is the
+//! each. With shedding, a real client's handshake is lost only when more connections
+//! arrive while it runs than there are newcomers older than it (at most
+//! `max_connections`, 10,000 by default, when stalled newcomers fill the listener; fewer
+//! when established connections hold most of it). Established connections are never
+//! shed. On an mTLS listener only a verified peer is established; on a plaintext or TLS
+//! one any first request makes its connection established (one refused by the policy or
+//! the rate limit too), so there shedding only raises the price of filling a listener to
+//! a request per connection, and the idle timeout bounds how long each holds its place. The queue of newcomers is the
 //! accept loop's own: one push per connection, and entries that stopped being newcomers
 //! are dropped as they reach its front or when it has doubled since it was last
 //! compacted.

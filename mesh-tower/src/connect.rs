@@ -13,7 +13,9 @@
 //!   limit dials another (at most `max_connections`; past them, and when that dial
 //!   fails, it waits in h2's queue on the least busy one), rather than waiting behind
 //!   the open streams, forever behind long-lived ones (gRPC watches). A stream counts
-//!   from its request until its response's end;
+//!   from its request until its response's end (a request body still streaming after
+//!   that is not counted: h2 may then queue the next stream). Further connections close
+//!   once the first is under half its limit and they carry no stream;
 //! - `Http1`: a pool of HTTP/1.1 connections. A connection goes back to the pool when its
 //!   response body has been read to the end (a body dropped early closes it), and is
 //!   reused most-recently-first. A connection idle for 90 s (`idle_timeout`) is closed
@@ -755,6 +757,15 @@ struct Pool<B> {
     failure: Option<(u64, Arc<ConnectError>)>,
 }
 
+/// A stream on the least busy open connection of `conns`, past its limit (h2 queues it).
+fn least_busy<B>(conns: &[H2Conn<B>]) -> Option<Checkout<B>> {
+    conns
+        .iter()
+        .filter(|c| !c.sender.is_closed())
+        .min_by_key(|c| c.streams.open())
+        .map(|c| c.checkout(c.streams.open_anyway()))
+}
+
 /// An HTTP/2 connection of the pool, and the streams open on it.
 struct H2Conn<B> {
     sender: http2::SendRequest<CleanTrailers<B>>,
@@ -804,8 +815,7 @@ enum Checkout<B> {
         Option<PeerIdentity>,
         Option<Slot>,
     ),
-    /// With the stream counted against its connection's limit (none on a connection of
-    /// its own).
+    /// With the stream counted against its connection's limit.
     H2(
         http2::SendRequest<CleanTrailers<B>>,
         Option<PeerIdentity>,
@@ -1076,6 +1086,15 @@ where
                 let mut pool = self.pool();
                 if !pool.h2.is_empty() {
                     pool.h2.retain(|c| !c.sender.is_closed());
+                    // Further connections go once the first could take their streams
+                    // twice over: the first is under half its limit, and they carry none
+                    // (dropped here, each closes once its last stream is done).
+                    if pool.h2.len() > 1 && pool.h2[0].streams.open() * 2 < pool.h2[0].streams.max()
+                    {
+                        let mut first = true;
+                        pool.h2
+                            .retain(|c| std::mem::take(&mut first) || c.streams.open() > 0);
+                    }
                     // The oldest connection with room for a stream.
                     if let Some(checkout) = pool
                         .h2
@@ -1134,16 +1153,8 @@ where
                         // dials), unless it was a further connection for full ones: they
                         // take the least busy of those, and h2 queues them there.
                         Some(Some(error)) => {
-                            let pool = self.pool();
-                            return match pool
-                                .h2
-                                .iter()
-                                .filter(|c| !c.sender.is_closed())
-                                .min_by_key(|c| c.streams.open())
-                            {
-                                Some(c) => Ok(c.checkout(c.streams.open_anyway())),
-                                None => Err(SendError::connect(self.addr, error)),
-                            };
+                            return least_busy(&self.pool().h2)
+                                .ok_or_else(|| SendError::connect(self.addr, error));
                         }
                         // Dialled: the next round takes the connection.
                         Some(None) => break,
@@ -1173,6 +1184,13 @@ where
                         // their slots.
                         pool.idle.clear();
                     }
+                    // A further connection for full ones that could not be made: this
+                    // request, like those that waited for it, takes the least busy of
+                    // them (h2 queues it there), rather than failing with working ones.
+                    let fallback = match &dialled {
+                        Err(_) if h2 => least_busy(&pool.h2),
+                        _ => None,
+                    };
                     if h2 && let Err(error) = &dialled {
                         pool.failure = Some((pool.dials + 1, error.clone()));
                     }
@@ -1190,9 +1208,10 @@ where
                         // connection take this one instead.
                         self.slots.wake_all();
                     }
-                    return match dialled {
-                        Ok(checkout) => Ok(checkout),
-                        Err(error) => Err(SendError::connect(self.addr, error)),
+                    return match (dialled, fallback) {
+                        (Ok(checkout), _) => Ok(checkout),
+                        (Err(_), Some(checkout)) => Ok(checkout),
+                        (Err(error), None) => Err(SendError::connect(self.addr, error)),
                     };
                 }
             }
@@ -1222,7 +1241,12 @@ where
             Err(error) => {
                 tracing::debug!(%addr, %error, "connect failed");
                 self.state.note_error(&error);
-                self.state.failed(&self.settings.backoff, started);
+                // A further HTTP/2 connection beside working ones (they were full) says
+                // nothing against the endpoint: it is not backed off for it.
+                let serving = self.pool().h2.iter().any(|c| !c.sender.is_closed());
+                if !serving {
+                    self.state.failed(&self.settings.backoff, started);
+                }
                 Err(Arc::new(error))
             }
         }

@@ -748,8 +748,8 @@ where
                 // When to come back is for the client: a peer limiter's 429 (or a 503)
                 // keeps its `Retry-After` and RateLimit fields; they name nothing inside.
                 for name in KEPT_IN_BRIEF {
-                    if let Some(value) = resp.headers().get(&name) {
-                        brief.headers_mut().insert(name, value.clone());
+                    for value in resp.headers().get_all(&name) {
+                        brief.headers_mut().append(name.clone(), value.clone());
                     }
                 }
                 brief

@@ -811,6 +811,66 @@ async fn connections_end_when_the_client_certificate_expires() {
     assert_eq!(server.shutdown().await.open_at_shutdown, 0);
 }
 
+/// A stream that would outlive an expired client certificate (a watch that never ends)
+/// does not keep the connection: it closes after the shutdown timeout.
+#[tokio::test(start_paused = true)]
+async fn streams_outliving_an_expired_client_certificate_end_after_the_shutdown_timeout() {
+    let mut pki = Pki::new();
+    let acceptor = MtlsAcceptor::new(
+        &pki.mtls(SERVER_ID),
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    let mut limits = ServerLimits::default();
+    limits.shutdown_timeout = Duration::from_secs(10);
+    // A watch: its response body never ends.
+    let app = tower::service_fn(|_req: Request<Incoming>| async {
+        let never =
+            futures_util::stream::pending::<Result<hyper::body::Frame<Bytes>, Infallible>>();
+        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(never)))
+    });
+    let server = MeshServer::builder()
+        .mtls(acceptor)
+        .limits(limits)
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), app)
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let svid = pki
+        .ca
+        .leaf()
+        .uri(WEB)
+        .validity(
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(60),
+        )
+        .build()
+        .unwrap();
+    let mtls = Mtls::new(CredentialStore::with(svid, pki.ca.bundle_set().unwrap()));
+    let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        server.local_addr(),
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            ..ConnectSettings::mtls(connector)
+        },
+    );
+    let resp = client
+        .send(
+            Request::get("http://users/watch")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Past the expiry and the shutdown timeout (and the check's step), the watch ends.
+    let end = tokio::time::timeout(Duration::from_secs(120), body.frame())
+        .await
+        .expect("the watch outlived its client's certificate");
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_connections_are_closed_at_the_idle_timeout() {
     let mut limits = ServerLimits::default();

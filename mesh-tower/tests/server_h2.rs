@@ -965,9 +965,12 @@ async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
     });
     let mut limits = ServerLimits::default();
     limits.max_concurrent_streams = 2;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = mesh_tower::metrics::server::ServerMetrics::register(&mut registry);
     let server = MeshServer::builder()
         .plaintext()
         .limits(limits)
+        .metrics(metrics.listener("in"))
         .serve(listener, app)
         .unwrap();
     let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
@@ -1018,6 +1021,26 @@ async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
         .unwrap();
         assert_eq!(status, StatusCode::OK);
     }
+    // The burst is over: the next request finds the first connection idle, and the
+    // further ones, carrying nothing, are closed.
+    let open = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("mesh_server_connections{listener=\"in\"} "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert!(open().unwrap() >= 3.0, "{:?}", open());
+    drop(quick);
+    let quick = client.send(get("/quick")).await.unwrap();
+    quick.into_body().collect().await.unwrap();
+    tokio::time::timeout(READ_TIMEOUT, async {
+        while open() != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the further connections stayed open");
 }
 
 /// A server refuses streams past its concurrency limit that a client sent before its
@@ -1070,4 +1093,87 @@ async fn refused_streams_are_retried_whatever_the_method() {
         assert_eq!(result.unwrap(), StatusCode::OK);
     }
     assert_eq!(processed.load(Ordering::SeqCst), BURST);
+}
+
+/// When every connection is at its server's stream limit and a further one cannot be made
+/// (the server accepts no more, say), requests queue on the least busy connection instead
+/// of failing, and the endpoint, which still serves, is not backed off.
+#[tokio::test]
+async fn a_further_connection_that_fails_leaves_requests_queued_on_the_working_one() {
+    use mesh_tower::connect::Dialer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (held, reached) = (release.clone(), arrived.clone());
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let (held, reached) = (held.clone(), reached.clone());
+        async move {
+            if req.uri().path() == "/hold" {
+                reached.notify_one();
+                held.notified().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    let mut limits = ServerLimits::default();
+    limits.max_concurrent_streams = 1;
+    let server = MeshServer::builder()
+        .plaintext()
+        .limits(limits)
+        .serve(listener, app)
+        .unwrap();
+    // The first dial reaches the server; every later one is refused.
+    let dials = Arc::new(AtomicUsize::new(0));
+    let count = dials.clone();
+    let dialer = Dialer::new(move |addr| {
+        let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if !first {
+                return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+            }
+            TcpStream::connect(addr).await
+        }
+    });
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        server.local_addr(),
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            dialer: Some(dialer),
+            ..ConnectSettings::plaintext()
+        },
+    );
+    let get = |path: &str| {
+        Request::get(format!("http://svc{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = client.send(get("/quick")).await.unwrap();
+    first.into_body().collect().await.unwrap();
+    let send = |path: &str| {
+        let client = client.clone();
+        let req = get(path);
+        tokio::spawn(async move { client.send(req).await.map(|r| r.status()) })
+    };
+    let hold = send("/hold");
+    tokio::time::timeout(READ_TIMEOUT, arrived.notified())
+        .await
+        .unwrap();
+    // The connection's one stream is taken: the next request dials, fails, and queues.
+    let queued = send("/quick");
+    tokio::time::timeout(READ_TIMEOUT, async {
+        while dials.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("no further dial was tried");
+    release.notify_one();
+    for task in [hold, queued] {
+        let status = tokio::time::timeout(READ_TIMEOUT, task)
+            .await
+            .expect("a request never went")
+            .unwrap();
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    assert!(client.conn_state().is_ready(tokio::time::Instant::now()));
 }

@@ -40,7 +40,9 @@ pub enum IdentityConfig {
         cert: PathBuf,
         /// The SVID's private key (PKCS#8, SEC1 or PKCS#1 PEM).
         key: PathBuf,
-        /// CA bundles by trust domain; at least one.
+        /// CA bundles by trust domain; at least one. Two keys naming one trust domain
+        /// (`example.org` and `Example.org`) are refused.
+        #[serde(deserialize_with = "unique_bundles")]
         bundles: BTreeMap<TrustDomainKey, PathBuf>,
     },
 }
@@ -58,18 +60,60 @@ impl Serialize for TrustDomainKey {
 impl<'de> Deserialize<'de> for TrustDomainKey {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = String::deserialize(deserializer)?;
-        let td = TrustDomain::new(&s).map_err(|e| {
-            serde::de::Error::custom(format_args!("invalid trust domain `{s}`: {e}"))
-        })?;
-        // Only the name itself, as written in SPIFFE IDs: `TrustDomain::new` would take
-        // `Example.org` or `spiffe://example.org/x` for `example.org` too, and two keys
-        // naming one domain would silently leave one bundle file out.
-        if td.as_str() != s {
-            return Err(serde::de::Error::custom(format_args!(
-                "trust domain `{s}`: write it as `{}` (lowercase, without `spiffe://` or a path)",
+        TrustDomainKey::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl TrustDomainKey {
+    /// A trust domain written as its name (`example.org`) or its SPIFFE ID
+    /// (`spiffe://example.org`), in any case; one with a path is refused (a workload's ID
+    /// where its trust domain was meant).
+    fn parse(s: &str) -> Result<Self, String> {
+        let td = TrustDomain::new(s).map_err(|e| format!("invalid trust domain `{s}`: {e}"))?;
+        let name = s
+            .get(..9)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("spiffe://"))
+            .map_or(s, |_| &s[9..]);
+        if name.contains('/') {
+            return Err(format!(
+                "trust domain `{s}` has a path: write the trust domain alone, `{}`",
                 td.as_str()
-            )));
+            ));
         }
         Ok(TrustDomainKey(td))
     }
+}
+
+/// The `bundles` table, refusing two keys that name one trust domain (`example.org` and
+/// `spiffe://Example.org`): one of their files would be left out without a word.
+fn unique_bundles<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<TrustDomainKey, PathBuf>, D::Error> {
+    struct Bundles;
+    impl<'de> serde::de::Visitor<'de> for Bundles {
+        type Value = BTreeMap<TrustDomainKey, PathBuf>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a table of trust domain = bundle file")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut bundles = BTreeMap::new();
+            while let Some((key, path)) = map.next_entry::<String, PathBuf>()? {
+                let td = TrustDomainKey::parse(&key).map_err(serde::de::Error::custom)?;
+                if bundles.contains_key(&td) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "`{key}` names trust domain `{}` as another key does: give it one bundle file",
+                        td.0.as_str()
+                    )));
+                }
+                bundles.insert(td, path);
+            }
+            Ok(bundles)
+        }
+    }
+    deserializer.deserialize_map(Bundles)
 }

@@ -14,8 +14,10 @@ pub const MAX_POOL_LIMIT: usize = 10_000_000;
 /// or to an inbound listener's application (`[inbound.pool]`). An HTTP/1.1 connection
 /// carries one request at a time, so every concurrent request needs one: without a bound
 /// one client's burst of HTTP/2 streams opens as many connections to the application.
-/// HTTP/2 endpoints multiplex every request over one connection: none of these apply to
-/// them.
+/// HTTP/2 endpoints multiplex requests over one connection; only `max_connections` applies
+/// to them: past the streams its server allows at once (its `SETTINGS`), a pool opens
+/// another, up to `max_connections`, and closes the further ones once the first could take
+/// their streams twice over.
 ///
 /// ```toml
 /// [services.users.pool]

@@ -243,18 +243,28 @@ fn parse_errors_name_the_key_and_line() {
     );
     assert!(e.contains("inbound[0].listen"), "{e}");
 
-    // A bundle key is the trust domain's name as written in SPIFFE IDs: other spellings
-    // of one domain would otherwise merge, one bundle file silently left out.
+    // Two bundle keys naming one trust domain would merge, one file silently left out.
+    let bundles = |keys: &str| {
+        format!(
+            "[identity]\nsource = \"files\"\ncert = \"c\"\nkey = \"k\"\n[identity.bundles]\n{keys}"
+        )
+    };
     for key in [
         "Example.org",
         "spiffe://example.org",
-        "spiffe://example.org/ns/x",
+        "SPIFFE://example.org",
     ] {
-        let e = parse_error(&format!(
-            "[identity]\nsource = \"files\"\ncert = \"c\"\nkey = \"k\"\n[identity.bundles]\n\"example.org\" = \"a.pem\"\n\"{key}\" = \"b.pem\"\n"
-        ));
-        assert!(e.contains("write it as `example.org`"), "{key}: {e}");
+        let e = parse_error(&bundles(&format!(
+            "\"example.org\" = \"a.pem\"\n\"{key}\" = \"b.pem\"\n"
+        )));
+        assert!(e.contains("as another key does"), "{key}: {e}");
+        // Alone, any spelling of the trust domain is taken.
+        let c = MeshConfig::from_toml(&bundles(&format!("\"{key}\" = \"b.pem\"\n")));
+        assert!(c.is_ok(), "{key}: {c:?}");
     }
+    // A workload's ID where the trust domain was meant is refused.
+    let e = parse_error(&bundles("\"spiffe://example.org/ns/x\" = \"a.pem\"\n"));
+    assert!(e.contains("has a path"), "{e}");
 
     let e =
         parse_error("[authorization.p]\nrules = [{ name = \"r\", clients = [\"spiffe://td\"] }]\n");

@@ -201,6 +201,11 @@ impl Inbound {
     async fn connection(&self, tcp: TcpStream, remote: SocketAddr, newcomer: Newcomer) {
         match &self.tls {
             None => {
+                // Plaintext: established at once (it might have been shed before this
+                // task first ran: then it closes, as the accept loop counted on).
+                if !newcomer.proven() {
+                    return;
+                }
                 drop(newcomer);
                 self.authorized(tcp, None, remote).await;
             }

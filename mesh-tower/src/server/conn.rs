@@ -541,6 +541,8 @@ where
     let mut stalled_since = connected;
     let mut moved_at_check = 0;
     let mut closing = false;
+    // When a connection shut down for its peer's expired certificate closes anyway.
+    let mut force_close_at: Option<Instant> = None;
     // Counted once per connection, whether shut down first or closed at once.
     let mut abused = false;
     // The connection is polled whenever the task wakes; the shutdown, abuse and idle
@@ -647,6 +649,17 @@ where
                     return false;
                 }
                 if closing {
+                    // Shut down for its peer's expired certificate: streams that stay
+                    // (a gRPC watch, a tunnel) end with the connection after the shutdown
+                    // timeout, so that the identity does not outlive it for long.
+                    if let Some(at) = force_close_at {
+                        if now >= at {
+                            tracing::debug!(%remote, "the client's certificate expired and its streams outlived the shutdown timeout: closed");
+                            return false;
+                        }
+                        check.as_mut().reset(stalled.min(now + step).min(at));
+                        continue;
+                    }
                     check.as_mut().reset(stalled.min(now + step));
                     continue;
                 }
@@ -662,6 +675,7 @@ where
                         // current one, verified against the current bundles.
                         tracing::debug!(%remote, "the client's certificate expired: shutting the connection down");
                         closed(shared, "peer_certificate_expired");
+                        force_close_at = Some(now + limits.shutdown_timeout);
                     } else {
                         tracing::debug!(%remote, "idle timeout");
                         closed(shared, "idle");
@@ -1021,11 +1035,14 @@ where
             req.extensions_mut().insert(hold);
         }
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut shed = false;
         if !self.activity.started.load(Ordering::Relaxed) {
             self.activity.started.store(true, Ordering::Relaxed);
-            // Established (unless shed just before: then the connection is closing).
+            // Established, unless shed just before: the connection is closing, and the
+            // request must not reach the application (its client sees the connection
+            // drop, and may not send it again).
             if let Some(newcomer) = &self.newcomer {
-                newcomer.proven();
+                shed = !newcomer.proven();
             }
         }
         self.activity.touched.store(true, Ordering::Relaxed);
@@ -1034,15 +1051,21 @@ where
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut ready = Context::from_waker(std::task::Waker::noop());
-        let inner = match app.poll_ready(&mut ready) {
-            Poll::Ready(Ok(())) => Call::Called { fut: app.call(req) },
-            Poll::Ready(Err(error)) => Call::Failed {
-                error: Some(error.into()),
-            },
-            // Not ready at once: a clone of its own waits for readiness, woken properly.
-            Poll::Pending => Call::Waiting {
-                fut: app.clone().oneshot(req),
-            },
+        let inner = if shed {
+            Call::Failed {
+                error: Some("the connection was closed to make room (listener full)".into()),
+            }
+        } else {
+            match app.poll_ready(&mut ready) {
+                Poll::Ready(Ok(())) => Call::Called { fut: app.call(req) },
+                Poll::Ready(Err(error)) => Call::Failed {
+                    error: Some(error.into()),
+                },
+                // Not ready at once: a clone of its own waits for readiness, woken properly.
+                Poll::Pending => Call::Waiting {
+                    fut: app.clone().oneshot(req),
+                },
+            }
         };
         Tracked {
             inner,

@@ -31,10 +31,12 @@
 //!
 //! **Certificate lifetime.** An mTLS connection is shut down gracefully (as at its idle
 //! timeout) once the client certificate its handshake verified expires, looked for with
-//! the idle checks: the identity is vouched for no longer, and the client reconnects with
-//! its current SVID, verified against the current bundles. So no connection outlives its
-//! peer's SVID (an hour or so from SPIRE), a root removed from the bundles or an identity
-//! withdrawn included.
+//! the idle checks, and closed when streams outlive that by the shutdown timeout (a gRPC
+//! watch, say): the identity is vouched for no longer, and the client reconnects with its
+//! current SVID, verified against the current bundles. So an HTTP connection outlives its
+//! peer's SVID (an hour or so from SPIRE; a root removed from the bundles or an identity
+//! withdrawn included) by the shutdown timeout at most. An HTTP/1.1 connection switched to
+//! a tunnel (a WebSocket) is not bounded so: the tunnel is the application's.
 //!
 //! Plaintext is served only when chosen with [`MeshServerBuilder::plaintext`]; requests
 //! then carry no [`PeerIdentity`](mesh_spiffe::PeerIdentity) and are unauthenticated to
