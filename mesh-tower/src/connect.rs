@@ -743,6 +743,21 @@ pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
     mesh_core::error::is_caused_by::<PoolOverflow>(error)
 }
 
+/// A gRPC call (`content-type: application/grpc`) met an endpoint reached over HTTP/1.1,
+/// and gRPC needs HTTP/2: a plaintext service left at `protocol = "auto"` speaks
+/// HTTP/1.1, as does TLS that did not negotiate `h2`. It was not sent: a gRPC server
+/// would refuse it (dropping the connection, which reads as an outage). It is the
+/// request's failure, not the endpoint's ([`is_request_error`]); the answer names the
+/// setting.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a gRPC call needs HTTP/2, and {addr} is reached over HTTP/1.1 (a plaintext service with protocol = \"auto\", or TLS without h2): set the service's protocol = \"grpc\""
+)]
+pub struct GrpcOverHttp1 {
+    /// The endpoint.
+    pub addr: SocketAddr,
+}
+
 struct Pool<B> {
     idle: Vec<Idle<B>>,
     /// HTTP/2 connections, oldest first: one, unless the server's stream limit made the
@@ -1446,6 +1461,15 @@ where
                 }
             }
             Checkout::H1(mut sender, peer, slot) => {
+                if req.method() == http::Method::POST && mesh_core::classify::is_grpc(req.headers())
+                {
+                    // Not sent: the connection goes back to the pool unused.
+                    shared.check_in(sender, peer, slot);
+                    return Err(SendError {
+                        addr: shared.addr,
+                        cause: Cause::GrpcOverHttp1(GrpcOverHttp1 { addr: shared.addr }),
+                    });
+                }
                 if let Some(uri) = to_origin_form(&mut req, &shared.authority) {
                     absolute = Some(uri);
                 }
@@ -1532,6 +1556,7 @@ impl<B> Bounded<B> {
 /// count it, retries do not repeat it, and the answer is not a 502.
 pub fn is_request_error(error: &(dyn std::error::Error + 'static)) -> bool {
     mesh_core::error::is_caused_by::<BodyReadTimeout>(error)
+        || mesh_core::error::is_caused_by::<GrpcOverHttp1>(error)
         || mesh_core::error::find_cause::<hyper::Error>(error).is_some_and(hyper::Error::is_user)
 }
 
@@ -1969,6 +1994,7 @@ enum Cause {
     Connect(Arc<ConnectError>),
     Http(hyper::Error),
     Overflow(PoolOverflow),
+    GrpcOverHttp1(GrpcOverHttp1),
 }
 
 impl SendError {
@@ -2006,6 +2032,7 @@ impl fmt::Display for SendError {
                 std::error::Error::source(e),
             ),
             Cause::Overflow(e) => (e.to_string(), None),
+            Cause::GrpcOverHttp1(e) => (e.to_string(), None),
         };
         // Name every cause below that adds something.
         while let Some(e) = cause {
@@ -2026,6 +2053,7 @@ impl std::error::Error for SendError {
             Cause::Connect(e) => Some(&**e),
             Cause::Http(e) => Some(e),
             Cause::Overflow(e) => Some(e),
+            Cause::GrpcOverHttp1(e) => Some(e),
         }
     }
 }
@@ -2044,6 +2072,27 @@ mod tests {
         http::Request::post("http://users.prod/echo")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
+    }
+
+    /// gRPC needs HTTP/2: a gRPC call to an endpoint reached over HTTP/1.1 (plaintext,
+    /// `protocol = "auto"`) is not sent, and says which setting to change; the connection
+    /// it found stays in the pool for the next request.
+    #[tokio::test]
+    async fn a_grpc_call_over_http1_is_refused_naming_the_setting() {
+        let ep = MockEndpoint::spawn("a", Behavior::default()).await.unwrap();
+        let client = EndpointClient::new(ep.addr(), ConnectSettings::plaintext());
+        let resp = client.send(request("warm")).await.unwrap();
+        assert_eq!(read(resp).await, "warm");
+        let grpc = http::Request::post("http://users.prod/pkg.Users/Get")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let err = client.send(grpc).await.unwrap_err();
+        assert!(is_request_error(&err), "{err}");
+        assert!(err.to_string().contains("protocol = \"grpc\""), "{err}");
+        let resp = client.send(request("again")).await.unwrap();
+        assert_eq!(read(resp).await, "again");
+        assert_eq!(connections(&ep), 1);
     }
 
     #[tokio::test]

@@ -809,6 +809,14 @@ fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16, &'stati
         // The client's body stalled: a 408 (gRPC: CANCELLED).
         return (StatusCode::REQUEST_TIMEOUT, 1, "the request body stalled");
     }
+    if is_caused_by::<connect::GrpcOverHttp1>(e) {
+        // Not sent: the service's settings cannot carry gRPC.
+        return (
+            StatusCode::BAD_GATEWAY,
+            13,
+            "gRPC needs HTTP/2, and the service is reached over HTTP/1.1: set its protocol = \"grpc\"",
+        );
+    }
     if connect::is_pool_overflow(e) {
         // Not sent: every connection to the endpoint was busy, and the line full.
         return (StatusCode::SERVICE_UNAVAILABLE, 14, "unavailable");
