@@ -111,6 +111,33 @@ impl Pki {
             .unwrap()
     }
 
+    /// An HTTP/2 client as `id`, whose certificate expires `left` from now by the wall
+    /// clock.
+    fn expiring_client(
+        &mut self,
+        id: &str,
+        addr: SocketAddr,
+        left: Duration,
+    ) -> EndpointClient<Full<Bytes>> {
+        let now = std::time::SystemTime::now();
+        let svid = self
+            .ca
+            .leaf()
+            .uri(id)
+            .validity(now - Duration::from_secs(3600), now + left)
+            .build()
+            .unwrap();
+        let mtls = Mtls::new(CredentialStore::with(svid, self.ca.bundle_set().unwrap()));
+        let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+        EndpointClient::new(
+            addr,
+            ConnectSettings {
+                protocol: Protocol::Http2,
+                ..ConnectSettings::mtls(connector)
+            },
+        )
+    }
+
     fn client(
         &mut self,
         id: &str,
@@ -771,26 +798,7 @@ async fn connections_end_when_the_client_certificate_expires() {
         )
         .unwrap();
     // A client SVID with 60 s left (by the wall clock; the server counts it on its own).
-    let now = std::time::SystemTime::now();
-    let svid = pki
-        .ca
-        .leaf()
-        .uri(WEB)
-        .validity(
-            now - Duration::from_secs(3600),
-            now + Duration::from_secs(60),
-        )
-        .build()
-        .unwrap();
-    let mtls = Mtls::new(CredentialStore::with(svid, pki.ca.bundle_set().unwrap()));
-    let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
-    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
-        server.local_addr(),
-        ConnectSettings {
-            protocol: Protocol::Http2,
-            ..ConnectSettings::mtls(connector)
-        },
-    );
+    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60));
     assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
     let closed = |registry: &prometheus_client::registry::Registry| {
         let mut text = String::new();
@@ -834,26 +842,7 @@ async fn streams_outliving_an_expired_client_certificate_end_after_the_shutdown_
         .limits(limits)
         .serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), app)
         .unwrap();
-    let now = std::time::SystemTime::now();
-    let svid = pki
-        .ca
-        .leaf()
-        .uri(WEB)
-        .validity(
-            now - Duration::from_secs(3600),
-            now + Duration::from_secs(60),
-        )
-        .build()
-        .unwrap();
-    let mtls = Mtls::new(CredentialStore::with(svid, pki.ca.bundle_set().unwrap()));
-    let connector = MtlsConnector::new(&mtls, SpiffeId::new(SERVER_ID).unwrap()).unwrap();
-    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
-        server.local_addr(),
-        ConnectSettings {
-            protocol: Protocol::Http2,
-            ..ConnectSettings::mtls(connector)
-        },
-    );
+    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60));
     let resp = client
         .send(
             Request::get("http://users/watch")

@@ -945,6 +945,44 @@ async fn streams_accepted_as_the_connection_ends_are_dropped() {
     }
 }
 
+/// An application that answers `/hold` only once `release` is notified (saying on
+/// `arrived` that one came), anything else at once.
+#[allow(clippy::type_complexity)]
+fn holding_app() -> (
+    impl tower::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static,
+    Arc<tokio::sync::Notify>,
+    Arc<tokio::sync::Notify>,
+) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (held, reached) = (release.clone(), arrived.clone());
+    let app = tower::service_fn(move |req: Request<Incoming>| {
+        let (held, reached) = (held.clone(), reached.clone());
+        async move {
+            if req.uri().path() == "/hold" {
+                reached.notify_one();
+                held.notified().await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    (app, release, arrived)
+}
+
+/// A GET of `path` on the service.
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://svc{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 /// A server that allows few concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 /// does not hold up a mesh client's requests behind long-lived ones: past the streams one
 /// connection allows, the client opens another. (Before, they waited in h2's queue for a
@@ -952,17 +990,7 @@ async fn streams_accepted_as_the_connection_ends_are_dropped() {
 #[tokio::test]
 async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let held = release.clone();
-    let app = tower::service_fn(move |req: Request<Incoming>| {
-        let held = held.clone();
-        async move {
-            if req.uri().path() == "/hold" {
-                held.notified().await;
-            }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-        }
-    });
+    let (app, release, _arrived) = holding_app();
     let mut limits = ServerLimits::default();
     limits.max_concurrent_streams = 2;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -980,11 +1008,6 @@ async fn requests_past_a_connections_stream_limit_go_on_another_connection() {
             ..ConnectSettings::plaintext()
         },
     );
-    let get = |path: &str| {
-        Request::get(format!("http://svc{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
     // A first request opens the connection and learns its limit. (Requests sent
     // before the server's SETTINGS arrive go under the limit every client assumes until
     // then, 100: a server allowing fewer refuses them with REFUSED_STREAM.)
@@ -1102,19 +1125,7 @@ async fn refused_streams_are_retried_whatever_the_method() {
 async fn a_further_connection_that_fails_leaves_requests_queued_on_the_working_one() {
     use mesh_tower::connect::Dialer;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (held, reached) = (release.clone(), arrived.clone());
-    let app = tower::service_fn(move |req: Request<Incoming>| {
-        let (held, reached) = (held.clone(), reached.clone());
-        async move {
-            if req.uri().path() == "/hold" {
-                reached.notify_one();
-                held.notified().await;
-            }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-        }
-    });
+    let (app, release, arrived) = holding_app();
     let mut limits = ServerLimits::default();
     limits.max_concurrent_streams = 1;
     let server = MeshServer::builder()
@@ -1142,11 +1153,6 @@ async fn a_further_connection_that_fails_leaves_requests_queued_on_the_working_o
             ..ConnectSettings::plaintext()
         },
     );
-    let get = |path: &str| {
-        Request::get(format!("http://svc{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
     let first = client.send(get("/quick")).await.unwrap();
     first.into_body().collect().await.unwrap();
     let send = |path: &str| {
