@@ -15,7 +15,10 @@
 //!   the open streams, forever behind long-lived ones (gRPC watches). A stream counts
 //!   from its request until its response's end (a request body still streaming after
 //!   that is not counted: h2 may then queue the next stream). Further connections close
-//!   once the first is under half its limit and they carry no stream;
+//!   once the first is under half its limit and they carry no stream. Over mTLS a
+//!   connection takes no new stream once the certificate its server presented expires
+//!   (its open streams run to their end): the next request dials one verified against
+//!   the current SVID and bundles;
 //! - `Http1`: a pool of HTTP/1.1 connections. A connection goes back to the pool when its
 //!   response body has been read to the end (a body dropped early closes it), and is
 //!   reused most-recently-first. A connection idle for 90 s (`idle_timeout`) is closed
@@ -772,11 +775,37 @@ struct Pool<B> {
     failure: Option<(u64, Arc<ConnectError>)>,
 }
 
+/// Marks `streams`' connection expired once the certificate its server presented in
+/// `tls` expires: the pool takes no new stream on it from then on (its open streams run
+/// to their end), and the next request dials a connection verified against the current
+/// SVID and bundles. So a connection does not outlive its server's SVID (a removed root
+/// or a withdrawn identity included), as a `MeshServer` does not outlive its client's.
+fn expire_with_peer(streams: &Arc<StreamLimit>, tls: &tokio_rustls::rustls::CommonState) {
+    let Some(at) = mesh_spiffe::peer_not_after(tls) else {
+        return;
+    };
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let Some(at) = Instant::now().checked_add(left) else {
+        return;
+    };
+    // The timer holds the connection's count weakly: a connection closed before is not
+    // kept.
+    let streams = Arc::downgrade(streams);
+    tokio::spawn(async move {
+        tokio::time::sleep_until(at).await;
+        if let Some(streams) = streams.upgrade() {
+            streams.expire();
+        }
+    });
+}
+
 /// A stream on the least busy open connection of `conns`, past its limit (h2 queues it).
 fn least_busy<B>(conns: &[H2Conn<B>]) -> Option<Checkout<B>> {
     conns
         .iter()
-        .filter(|c| !c.sender.is_closed())
+        .filter(|c| !c.sender.is_closed() && !c.streams.expired())
         .min_by_key(|c| c.streams.open())
         .map(|c| c.checkout(c.streams.open_anyway()))
 }
@@ -1100,7 +1129,8 @@ where
             let next = {
                 let mut pool = self.pool();
                 if !pool.h2.is_empty() {
-                    pool.h2.retain(|c| !c.sender.is_closed());
+                    pool.h2
+                        .retain(|c| !c.sender.is_closed() && !c.streams.expired());
                     // Further connections go once the first could take their streams
                     // twice over: the first is under half its limit, and they carry none
                     // (dropped here, each closes once its last stream is done).
@@ -1297,6 +1327,9 @@ where
                         let streams = limit(
                             configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
                         );
+                        if let Some(streams) = &streams {
+                            expire_with_peer(streams, stream.get_ref().1);
+                        }
                         let io = sniff(stream, streams.as_ref());
                         (Conn::Tls(Box::new(TokioIo::new(io))), Some(peer), streams)
                     }
@@ -1315,6 +1348,9 @@ where
                         let streams = limit(
                             configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
                         );
+                        if let Some(streams) = &streams {
+                            expire_with_peer(streams, stream.get_ref().1);
+                        }
                         let io = sniff(stream, streams.as_ref());
                         (
                             Conn::DialedTls(Box::new(TokioIo::new(io))),

@@ -37,6 +37,8 @@ const MAX_CONCURRENT_STREAMS: u16 = 0x3;
 pub(crate) struct StreamLimit {
     open: AtomicUsize,
     max: AtomicUsize,
+    /// The server's certificate expired: no new stream goes on the connection.
+    expired: std::sync::atomic::AtomicBool,
 }
 
 impl Default for StreamLimit {
@@ -53,7 +55,18 @@ impl StreamLimit {
         Self {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
+            expired: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Takes no new stream from now on.
+    pub(crate) fn expire(&self) {
+        self.expired.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`expire`](Self::expire) was called.
+    pub(crate) fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
     }
 
     /// A stream, when the connection has room for one more.

@@ -74,6 +74,47 @@ struct Pki {
     ca: TestCa,
 }
 
+/// Serves `app` with `builder` on in-memory pipes (deterministic in paused time, which
+/// races real sockets' handshakes), and a dialer that opens one to it per connection,
+/// counting them.
+fn piped<S, B>(
+    builder: mesh_tower::server::MeshServerBuilder,
+    app: S,
+) -> (
+    Server,
+    mesh_tower::connect::Dialer,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<mesh_core::error::BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<mesh_core::error::BoxError>,
+{
+    type Piped = std::io::Result<(tokio::io::DuplexStream, SocketAddr)>;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Piped>(4);
+    let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|next| (next, rx))
+    });
+    let addr: SocketAddr = "10.0.0.1:4143".parse().unwrap();
+    let server = builder.serve_incoming(addr, incoming, app).unwrap();
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = dials.clone();
+    let dialer = mesh_tower::connect::Dialer::new(move |_addr| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tx = tx.clone();
+        async move {
+            let (client, served) = tokio::io::duplex(64 << 10);
+            tx.send(Ok((served, "10.0.0.2:5555".parse().unwrap())))
+                .await
+                .map_err(|_| std::io::Error::other("server gone"))?;
+            Ok(client)
+        }
+    });
+    (server, dialer, dials)
+}
+
 impl Pki {
     fn new() -> Self {
         Self {
@@ -118,6 +159,7 @@ impl Pki {
         id: &str,
         addr: SocketAddr,
         left: Duration,
+        dialer: mesh_tower::connect::Dialer,
     ) -> EndpointClient<Full<Bytes>> {
         let now = std::time::SystemTime::now();
         let svid = self
@@ -133,6 +175,7 @@ impl Pki {
             addr,
             ConnectSettings {
                 protocol: Protocol::Http2,
+                dialer: Some(dialer),
                 ..ConnectSettings::mtls(connector)
             },
         )
@@ -789,16 +832,12 @@ async fn connections_end_when_the_client_certificate_expires() {
         Authorizer::trust_domain(pki.ca.trust_domain().clone()),
     )
     .unwrap();
-    let server = MeshServer::builder()
+    let builder = MeshServer::builder()
         .mtls(acceptor)
-        .metrics(metrics.listener("in"))
-        .serve(
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            tower::service_fn(echo_identity),
-        )
-        .unwrap();
+        .metrics(metrics.listener("in"));
+    let (server, dialer, _) = piped(builder, tower::service_fn(echo_identity));
     // A client SVID with 60 s left (by the wall clock; the server counts it on its own).
-    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60));
+    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60), dialer);
     assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
     let closed = |registry: &prometheus_client::registry::Registry| {
         let mut text = String::new();
@@ -837,12 +876,8 @@ async fn streams_outliving_an_expired_client_certificate_end_after_the_shutdown_
             futures_util::stream::pending::<Result<hyper::body::Frame<Bytes>, Infallible>>();
         Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(never)))
     });
-    let server = MeshServer::builder()
-        .mtls(acceptor)
-        .limits(limits)
-        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), app)
-        .unwrap();
-    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60));
+    let (server, dialer, _) = piped(MeshServer::builder().mtls(acceptor).limits(limits), app);
+    let client = pki.expiring_client(WEB, server.local_addr(), Duration::from_secs(60), dialer);
     let resp = client
         .send(
             Request::get("http://users/watch")
@@ -858,6 +893,53 @@ async fn streams_outliving_an_expired_client_certificate_end_after_the_shutdown_
         .await
         .expect("the watch outlived its client's certificate");
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+}
+
+/// A client takes no new request onto a connection whose server certificate expired: the
+/// next request dials a connection of its own, verified against the current credentials.
+/// (In-memory pipes: paused time would race real sockets' handshakes.)
+#[tokio::test(start_paused = true)]
+async fn clients_leave_connections_whose_server_certificate_expired() {
+    let mut pki = Pki::new();
+    let now = std::time::SystemTime::now();
+    let svid = pki
+        .ca
+        .leaf()
+        .uri(SERVER_ID)
+        .validity(
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(60),
+        )
+        .build()
+        .unwrap();
+    let server_mtls = Mtls::new(CredentialStore::with(svid, pki.ca.bundle_set().unwrap()));
+    let acceptor = MtlsAcceptor::new(
+        &server_mtls,
+        Authorizer::trust_domain(pki.ca.trust_domain().clone()),
+    )
+    .unwrap();
+    let (server, dialer, dials) = piped(
+        MeshServer::builder().mtls(acceptor),
+        tower::service_fn(echo_identity),
+    );
+    let addr = server.local_addr();
+    let connector = MtlsConnector::new(&pki.mtls(WEB), SpiffeId::new(SERVER_ID).unwrap()).unwrap();
+    let client: EndpointClient<Full<Bytes>> = EndpointClient::new(
+        addr,
+        ConnectSettings {
+            protocol: Protocol::Http2,
+            dialer: Some(dialer),
+            ..ConnectSettings::mtls(connector)
+        },
+    );
+    let dialled = || dials.load(std::sync::atomic::Ordering::SeqCst);
+    // One connection until the expiry at 60 s, a second one after it.
+    for second in (0..=80).step_by(10) {
+        assert_eq!(send(&client, "/", false).await.0, StatusCode::OK);
+        let want = if second < 60 { 1 } else { 2 };
+        assert_eq!(dialled(), want, "at {second} s");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
