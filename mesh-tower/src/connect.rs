@@ -775,30 +775,55 @@ struct Pool<B> {
     failure: Option<(u64, Arc<ConnectError>)>,
 }
 
-/// Marks `streams`' connection expired once the certificate its server presented in
-/// `tls` expires: the pool takes no new stream on it from then on (its open streams run
-/// to their end), and the next request dials a connection verified against the current
-/// SVID and bundles. So a connection does not outlive its server's SVID (a removed root
-/// or a withdrawn identity included), as a `MeshServer` does not outlive its client's.
-fn expire_with_peer(streams: &Arc<StreamLimit>, tls: &tokio_rustls::rustls::CommonState) {
-    let Some(at) = mesh_spiffe::peer_not_after(tls) else {
-        return;
-    };
+/// When the certificate the server presented in `tls` expires, on this runtime's clock.
+fn peer_expiry(tls: &tokio_rustls::rustls::CommonState) -> Option<Instant> {
+    let at = mesh_spiffe::peer_not_after(tls)?;
     let left = at
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
-    let Some(at) = Instant::now().checked_add(left) else {
-        return;
-    };
-    // The timer holds the connection's count weakly: a connection closed before is not
-    // kept.
-    let streams = Arc::downgrade(streams);
-    tokio::spawn(async move {
-        tokio::time::sleep_until(at).await;
-        if let Some(streams) = streams.upgrade() {
-            streams.expire();
+    Instant::now().checked_add(left)
+}
+
+pin_project! {
+    /// An HTTP/2 connection's task, which marks the connection expired when the certificate
+    /// its server presented expires: the pool takes no new stream on it from then on (its
+    /// open streams run to their end), and the next request dials a connection verified
+    /// against the current SVID and bundles. So a connection does not outlive its server's
+    /// SVID (a removed root or a withdrawn identity included), as a `MeshServer`'s does
+    /// not outlive its client's.
+    struct ExpireAt<F> {
+        #[pin]
+        conn: F,
+        timer: Option<Pin<Box<Sleep>>>,
+        streams: std::sync::Weak<StreamLimit>,
+    }
+}
+
+impl<F> ExpireAt<F> {
+    fn new(conn: F, at: Instant, streams: &Arc<StreamLimit>) -> Self {
+        Self {
+            conn,
+            timer: Some(Box::pin(tokio::time::sleep_until(at))),
+            streams: Arc::downgrade(streams),
         }
-    });
+    }
+}
+
+impl<F: Future<Output = ()>> Future for ExpireAt<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if let Some(timer) = this.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            *this.timer = None;
+            if let Some(streams) = this.streams.upgrade() {
+                streams.expire();
+            }
+        }
+        this.conn.poll(cx)
+    }
 }
 
 /// A stream on the least busy open connection of `conns`, past its limit (h2 queues it).
@@ -1312,6 +1337,8 @@ where
                 ))
             })
         };
+        // When the server's certificate expires (mTLS).
+        let mut expires = None;
         let (io, peer, streams) = match (&self.settings.dialer, &self.settings.tls) {
             (None, tls) => {
                 let tcp = TcpStream::connect(addr).await.map_err(tcp_failed)?;
@@ -1327,9 +1354,7 @@ where
                         let streams = limit(
                             configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
                         );
-                        if let Some(streams) = &streams {
-                            expire_with_peer(streams, stream.get_ref().1);
-                        }
+                        expires = peer_expiry(stream.get_ref().1);
                         let io = sniff(stream, streams.as_ref());
                         (Conn::Tls(Box::new(TokioIo::new(io))), Some(peer), streams)
                     }
@@ -1348,9 +1373,7 @@ where
                         let streams = limit(
                             configured_h2 || stream.get_ref().1.alpn_protocol() == Some(b"h2"),
                         );
-                        if let Some(streams) = &streams {
-                            expire_with_peer(streams, stream.get_ref().1);
-                        }
+                        expires = peer_expiry(stream.get_ref().1);
                         let io = sniff(stream, streams.as_ref());
                         (
                             Conn::DialedTls(Box::new(TokioIo::new(io))),
@@ -1372,11 +1395,20 @@ where
                 .map_err(failed)?;
             // Combinators rather than `async move` blocks, which would hold the
             // connection twice (captured, and as the future awaited).
-            tokio::spawn(futures_util::FutureExt::map(conn, move |result| {
+            let conn = futures_util::FutureExt::map(conn, move |result| {
                 if let Err(error) = result {
                     tracing::debug!(%addr, %error, "HTTP/2 connection ended");
                 }
-            }));
+            });
+            match (&streams, expires) {
+                // Its task marks it expired then: no timer outlives the connection.
+                (Some(streams), Some(at)) => {
+                    tokio::spawn(ExpireAt::new(conn, at, streams));
+                }
+                _ => {
+                    tokio::spawn(conn);
+                }
+            }
             // This request's stream is the connection's first.
             let stream = streams.map(|s| s.open_anyway());
             Ok(Checkout::H2(sender, peer, stream))
