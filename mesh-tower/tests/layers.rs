@@ -417,7 +417,7 @@ fn endpoint_stack(
     calls: Arc<AtomicUsize>,
 ) -> impl Service<
     Request<ReplayBody>,
-    Response = Response<mesh_tower::breaker::ResponseBody<Bytes>>,
+    Response = Response<EndpointBody>,
     Error = Infallible,
     Future: Send,
 >
@@ -443,10 +443,13 @@ fn endpoint_stack(
         })
 }
 
+/// The body of an endpoint stack's response in these tests.
+type EndpointBody = mesh_tower::breaker::ResponseBody<mesh_tower::load::ResponseBody<Bytes>>;
+
 /// Sends `n` GETs through `client`; returns the statuses the caller saw that were not 200.
 async fn not_ok<S>(client: &mut S, n: usize) -> Vec<StatusCode>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<mesh_tower::breaker::ResponseBody<Bytes>>>,
+    S: Service<Request<Full<Bytes>>, Response = Response<EndpointBody>>,
     S::Error: std::fmt::Debug,
 {
     let mut seen = Vec::new();

@@ -66,8 +66,9 @@ pub mod error {
 pub type EndpointStack = Breaker<Metrics<PeakEwma<Timeout<EndpointClient<ReplayBody>>>>>;
 
 /// The body of a [`MeshClient`] response.
-pub type ResponseBody =
-    crate::breaker::ResponseBody<crate::metrics::ResponseBody<crate::connect::Body<ReplayBody>>>;
+pub type ResponseBody = crate::breaker::ResponseBody<
+    crate::metrics::ResponseBody<crate::load::ResponseBody<crate::connect::Body<ReplayBody>>>,
+>;
 
 type Stack = Timeout<Retry<Balance<EndpointStack>>>;
 

@@ -9,8 +9,8 @@ use mesh_core::classify::{Backoff as Pushback, Class};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::InFlight;
 use super::layer::Shared;
+use super::{InFlight, ResponseBody};
 
 pin_project! {
     /// The response future of [`PeakEwma`](super::PeakEwma): records the round trip at
@@ -47,21 +47,26 @@ impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
 {
-    type Output = F::Output;
+    type Output = Result<Response<ResponseBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let now = Instant::now();
         let Some(in_flight) = this.in_flight.take() else {
-            return Poll::Ready(result);
+            return Poll::Ready(result.map(|r| r.map(|b| ResponseBody::new(b, None))));
         };
+        let mut pending = None;
         match &result {
             Ok(resp) => {
                 let shared = &**this.shared;
                 let class = shared
                     .classifier
                     .classify_response(resp.status(), resp.headers());
+                if class.is_none() {
+                    // A gRPC status to come in the trailers: the body judges it.
+                    pending = Some((in_flight.load().clone(), this.shared.clone()));
+                }
                 if class == Some(Class::RateLimited) {
                     let max = shared.penalty.max;
                     let period =
@@ -76,6 +81,6 @@ where
             }
             Err(_) => in_flight.abandon(now),
         }
-        Poll::Ready(result)
+        Poll::Ready(result.map(|r| r.map(|b| ResponseBody::new(b, pending))))
     }
 }

@@ -32,7 +32,10 @@
 //! period, capped (default 30 s), or for a default penalty (1 s) when the answer carries
 //! none. [`Cost`] orders penalized endpoints after every unpenalized one, whatever their
 //! costs, so power-of-two-choices picks a penalized endpoint only when both candidates are
-//! penalized — and among those, the cheaper. The answer itself is passed on unchanged.
+//! penalized — and among those, the cheaper. The answer itself is passed on unchanged. A
+//! gRPC answer whose status comes in its trailers is judged when they arrive
+//! ([`ResponseBody`]): a streaming call that runs into a server's limit penalizes its
+//! endpoint too.
 //!
 //! [`Classifier`]: mesh_core::classify::Classifier
 //!
@@ -56,6 +59,7 @@
 //! # Ok(()) }
 //! ```
 
+mod body;
 mod estimate;
 mod future;
 mod handle;
@@ -67,6 +71,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use self::body::ResponseBody;
 pub use self::estimate::RttEstimate;
 pub use self::future::ResponseFuture;
 pub use self::handle::{EndpointLoad, InFlight};

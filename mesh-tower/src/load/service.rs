@@ -56,7 +56,7 @@ impl<S, B, RB> Service<Request<B>> for PeakEwma<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
 {
-    type Response = Response<RB>;
+    type Response = Response<super::ResponseBody<RB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
