@@ -746,15 +746,15 @@ pub fn is_pool_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
     mesh_core::error::is_caused_by::<PoolOverflow>(error)
 }
 
-/// A gRPC call (`content-type: application/grpc`) met an endpoint reached over HTTP/1.1,
-/// and gRPC needs HTTP/2: a plaintext service left at `protocol = "auto"` speaks
-/// HTTP/1.1, as does TLS that did not negotiate `h2`. It was not sent: a gRPC server
-/// would refuse it (dropping the connection, which reads as an outage). It is the
-/// request's failure, not the endpoint's ([`is_request_error`]); the answer names the
+/// A gRPC call (`content-type: application/grpc`) to a plaintext endpoint left at
+/// `Protocol::Auto`, which speaks HTTP/1.1: gRPC needs HTTP/2 (prior knowledge, in
+/// plaintext). It was not sent: a gRPC server would refuse it (dropping the connection,
+/// which reads as an outage). Every endpoint of such a service is the same, so it is the
+/// request's failure, not the endpoint's ([`is_request_error`]); the error names the
 /// setting.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "a gRPC call needs HTTP/2, and {addr} is reached over HTTP/1.1 (a plaintext service with protocol = \"auto\", or TLS without h2): set the service's protocol = \"grpc\""
+    "a gRPC call needs HTTP/2, and {addr} is reached over HTTP/1.1 (a plaintext service with protocol = \"auto\"): set the service's protocol = \"grpc\""
 )]
 pub struct GrpcOverHttp1 {
     /// The endpoint.
@@ -777,7 +777,10 @@ struct Pool<B> {
 
 /// When the certificate the server presented in `tls` expires, on this runtime's clock.
 fn peer_expiry(tls: &tokio_rustls::rustls::CommonState) -> Option<Instant> {
-    let at = mesh_spiffe::peer_not_after(tls)?;
+    // A second after `notAfter`: verification reads whole seconds and takes the
+    // certificate until then, so an earlier mark would dial again, and again, onto the
+    // same certificate until that second ends.
+    let at = mesh_spiffe::peer_not_after(tls)? + std::time::Duration::from_secs(1);
     let left = at
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
@@ -1497,6 +1500,20 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // A plaintext endpoint left at `auto` speaks HTTP/1.1, which gRPC cannot use: known
+    // before any connection, so said before one is taken. (HTTP/1.1 chosen on purpose,
+    // `Http1` — a gRPC server that takes HTTP/1.1, the request's own version relayed to an
+    // application — is sent as asked; TLS without `h2` is the endpoint's to answer.)
+    if shared.settings.protocol == Protocol::Auto
+        && shared.settings.tls.is_none()
+        && req.method() == http::Method::POST
+        && mesh_core::classify::is_grpc(req.headers())
+    {
+        return Err(SendError {
+            addr: shared.addr,
+            cause: Cause::GrpcOverHttp1(GrpcOverHttp1 { addr: shared.addr }),
+        });
+    }
     // The request's absolute URI, while an HTTP/1.1 try holds it in origin form.
     let mut absolute: Option<Uri> = None;
     let mut unsent = 0;
@@ -1529,15 +1546,6 @@ where
                 }
             }
             Checkout::H1(mut sender, peer, slot) => {
-                if req.method() == http::Method::POST && mesh_core::classify::is_grpc(req.headers())
-                {
-                    // Not sent: the connection goes back to the pool unused.
-                    shared.check_in(sender, peer, slot);
-                    return Err(SendError {
-                        addr: shared.addr,
-                        cause: Cause::GrpcOverHttp1(GrpcOverHttp1 { addr: shared.addr }),
-                    });
-                }
                 if let Some(uri) = to_origin_form(&mut req, &shared.authority) {
                     absolute = Some(uri);
                 }
@@ -1619,9 +1627,10 @@ impl<B> Bounded<B> {
 }
 
 /// Whether `error` is the request's own doing, not the endpoint's: its body stalled past
-/// its bound ([`BodyReadTimeout`]) or failed as it was read (the client went away), or hyper
-/// refused the request as given. Such a try says nothing of the endpoint: breakers do not
-/// count it, retries do not repeat it, and the answer is not a 502.
+/// its bound ([`BodyReadTimeout`]) or failed as it was read (the client went away), hyper
+/// refused the request as given, or it is a gRPC call to an endpoint that cannot carry
+/// one ([`GrpcOverHttp1`]). Such a try says nothing of the endpoint: breakers do not
+/// count it, and retries do not repeat it.
 pub fn is_request_error(error: &(dyn std::error::Error + 'static)) -> bool {
     mesh_core::error::is_caused_by::<BodyReadTimeout>(error)
         || mesh_core::error::is_caused_by::<GrpcOverHttp1>(error)
@@ -2161,6 +2170,20 @@ mod tests {
         let resp = client.send(request("again")).await.unwrap();
         assert_eq!(read(resp).await, "again");
         assert_eq!(connections(&ep), 1);
+        // HTTP/1.1 chosen on purpose (a gRPC server that takes it; an application's own
+        // version relayed to it) is sent as asked.
+        let http1 = EndpointClient::new(
+            ep.addr(),
+            ConnectSettings {
+                protocol: Protocol::Http1,
+                ..ConnectSettings::plaintext()
+            },
+        );
+        let grpc = http::Request::post("http://users.prod/pkg.Users/Get")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        assert!(http1.send(grpc).await.is_ok());
     }
 
     #[tokio::test]

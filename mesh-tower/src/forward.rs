@@ -801,8 +801,8 @@ fn brief_answer<B>(status: StatusCode) -> Response<ResponseBody<B>> {
     text_answer(status, format!("{}\n", reason.to_ascii_lowercase()))
 }
 
-/// The HTTP status, gRPC code and gRPC message (which names no internals) for a failed
-/// request.
+/// The HTTP status, gRPC code and gRPC message (which names no address or error) for a
+/// failed request.
 fn status_of(e: &(dyn std::error::Error + 'static)) -> (StatusCode, u16, &'static str) {
     use mesh_core::error::is_caused_by;
     if is_caused_by::<connect::BodyReadTimeout>(e) {

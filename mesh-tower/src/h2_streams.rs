@@ -243,9 +243,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sniff<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Passed straight through once learned (and on HTTP/1.1, which learns nothing).
+        if self.learning.is_none() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.learning.is_some() && matches!(read, Poll::Ready(Ok(()))) {
+        if matches!(read, Poll::Ready(Ok(()))) {
             self.learn(&buf.filled()[before..]);
         }
         read

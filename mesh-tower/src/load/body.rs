@@ -57,7 +57,8 @@ impl<B: Body> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(ready) = &polled
+        if this.pending.is_some()
+            && let Poll::Ready(ready) = &polled
             && let Some(trailers) = crate::body::grpc_status_settled(ready)
             && let Some((load, shared)) = this.pending.take()
             && let Some(trailers) = trailers

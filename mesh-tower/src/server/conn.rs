@@ -419,7 +419,9 @@ async fn secured<IO, S, B>(
 
 /// When the peer's certificate expires, on this runtime's clock.
 fn peer_expiry(conn: &tokio_rustls::rustls::ServerConnection) -> Option<Instant> {
-    let at = mesh_spiffe::peer_not_after(conn)?;
+    // A second after `notAfter`, when a new handshake would refuse the certificate
+    // (verification reads whole seconds).
+    let at = mesh_spiffe::peer_not_after(conn)? + std::time::Duration::from_secs(1);
     let left = at
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
