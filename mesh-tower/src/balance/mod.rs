@@ -74,7 +74,8 @@
 //!     },
 //! );
 //! let response = balancer.ready().await?.call(Request::new(())).await?;
-//! assert!(response.body().starts_with("10.0.0."));
+//! // The load layer's body wraps the service's.
+//! assert!(response.into_body().into_inner().starts_with("10.0.0."));
 //! # Ok(()) }
 //! ```
 
