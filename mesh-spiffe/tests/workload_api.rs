@@ -467,6 +467,48 @@ async fn a_withdrawn_identity_is_dropped_after_the_grace_and_comes_back_when_rei
     agent.api.shutdown().await;
 }
 
+/// A withdrawal the agent takes back within the grace costs nothing: the identity it
+/// issues again is published, and the credentials are not dropped when the grace ends.
+#[tokio::test]
+async fn an_identity_given_back_within_the_grace_is_kept() {
+    let mut agent = Agent::start();
+    let grace = Duration::from_millis(300);
+    let spire = SpireSource::builder()
+        .endpoint(agent.api.endpoint())
+        .initial_timeout(WAIT)
+        .withdrawal_grace(grace)
+        .build()
+        .await
+        .unwrap();
+    let mut updates = spire.updates();
+    // A second client shows when the withdrawal has gone out.
+    let observer = agent.x509_source().await;
+    let mut observed = observer.updated();
+    agent.api.push(X509Update::permission_denied());
+    bounded("withdrawal seen", async {
+        while observer.state().withdrawal().is_none() {
+            observed.changed().await.unwrap();
+        }
+    })
+    .await;
+    agent.push("spiffe://example.org/web-back");
+    bounded("identity back", async {
+        while spire.svid().map(|s| s.id().to_string()).as_deref()
+            != Some("spiffe://example.org/web-back")
+        {
+            updates.changed().await.unwrap();
+        }
+    })
+    .await;
+    // Well past the grace: nothing dropped.
+    tokio::time::sleep(grace * 3).await;
+    assert!(spire.svid().is_some());
+    assert!(spire.bundles().get(agent.ca.trust_domain()).is_some());
+    observer.shutdown().await;
+    spire.shutdown().await;
+    agent.api.shutdown().await;
+}
+
 #[tokio::test]
 async fn spire_source_waits_for_a_usable_first_svid() {
     let mut agent = Agent::start();
