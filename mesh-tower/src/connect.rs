@@ -775,11 +775,14 @@ struct Pool<B> {
     failure: Option<(u64, Arc<ConnectError>)>,
 }
 
-/// When the certificate the server presented in `tls` expires, on this runtime's clock.
-fn peer_expiry(tls: &tokio_rustls::rustls::CommonState) -> Option<Instant> {
+/// When the certificate the peer presented in `tls` stops being vouched for, on this
+/// runtime's clock: the pool's HTTP/2 connections take no new stream from then, and
+/// `MeshServer` shuts its connections down then.
+pub(crate) fn peer_expiry(tls: &tokio_rustls::rustls::CommonState) -> Option<Instant> {
     // A second after `notAfter`: verification reads whole seconds and takes the
     // certificate until then, so an earlier mark would dial again, and again, onto the
-    // same certificate until that second ends.
+    // same certificate until that second ends (and a server would close a connection its
+    // client could open again at once).
     let at = mesh_spiffe::peer_not_after(tls)? + std::time::Duration::from_secs(1);
     let left = at
         .duration_since(std::time::SystemTime::now())

@@ -393,7 +393,7 @@ async fn secured<IO, S, B>(
                 Some(Ok((tls, peer))) => {
                     // A verified peer: established.
                     drop(newcomer);
-                    let expires = peer_expiry(tls.get_ref().1);
+                    let expires = crate::connect::peer_expiry(tls.get_ref().1);
                     let serving = Box::pin(serve(
                         Box::new(tls),
                         Some((peer, expires)),
@@ -415,17 +415,6 @@ async fn secured<IO, S, B>(
             }
         }
     }
-}
-
-/// When the peer's certificate expires, on this runtime's clock.
-fn peer_expiry(conn: &tokio_rustls::rustls::ServerConnection) -> Option<Instant> {
-    // A second after `notAfter`, when a new handshake would refuse the certificate
-    // (verification reads whole seconds).
-    let at = mesh_spiffe::peer_not_after(conn)? + std::time::Duration::from_secs(1);
-    let left = at
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    Instant::now().checked_add(left)
 }
 
 /// A handshake failure's `reason` label.
