@@ -81,7 +81,10 @@ impl Backoff {
             .min
             .saturating_mul(1u32 << attempt.min(31))
             .min(self.max);
-        base.mul_f64(1.0 - self.jitter * rng.f64())
+        // Jitter only shortens it; a product past `Duration`'s range (from a `min` near
+        // `Duration::MAX`) keeps the base.
+        Duration::try_from_secs_f64(base.as_secs_f64() * (1.0 - self.jitter * rng.f64()))
+            .map_or(base, |d| d.min(base))
     }
 }
 
@@ -89,6 +92,16 @@ impl Backoff {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Bounds at the edge of `Duration`'s range give delays, not a panic.
+    #[test]
+    fn the_largest_bounds_do_not_overflow() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let edge = Backoff::new(Duration::MAX, Duration::MAX, 0.0).unwrap();
+        assert_eq!(edge.delay(40, &mut rng), Duration::MAX);
+        let jittered = Backoff::new(Duration::MAX, Duration::MAX, 0.5).unwrap();
+        assert!(jittered.delay(0, &mut rng) <= Duration::MAX);
+    }
 
     #[test]
     fn refuses_nonsense() {

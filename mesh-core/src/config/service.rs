@@ -177,7 +177,9 @@ pub struct RetryConfig {
     /// gRPC codes that are retried. Default: `UNAVAILABLE`.
     #[serde(default = "defaults::retry_codes")]
     pub grpc_codes: CodeSet,
-    /// Retry methods that are not idempotent (POST, PATCH) too. Default: false.
+    /// Retry methods that are not idempotent (POST, PATCH) too, and gRPC calls whose try
+    /// broke without an answer or timed out (the server may have run them; calls it
+    /// refused or never received are retried anyway). Default: false.
     #[serde(default)]
     pub non_idempotent: bool,
     /// The largest request body buffered for replay; larger bodies are sent once, never
@@ -325,7 +327,8 @@ pub struct SuccessRateConfig {
     /// The lowest acceptable success rate, 0 to 1. Default: 0.8.
     #[serde(default = "defaults::success_rate")]
     pub threshold: f64,
-    /// The window the rate is computed over. Default: 10 s.
+    /// The window the rate is computed over, in tenths: an outcome counts for between
+    /// nine tenths of it and all of it. Default: 10 s.
     #[serde(default = "defaults::success_window", with = "duration")]
     pub window: Duration,
     /// Requests in the window before the rate is judged. Default: 20.

@@ -2,10 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mesh_core::classify::{Class, Classifier};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::gate::{Gate, OPEN, PROBATION, SHUT};
@@ -16,8 +16,14 @@ use crate::decision::{BreakerChange, BreakerPhase, Event, Recorder};
 const CHANNEL: usize = 1024;
 
 /// One endpoint's breaker: report outcomes with [`record`](Self::record), read the
-/// [`gate`](Self::gate). Cheap to clone; when the last clone is dropped its task stops and
-/// the endpoint leaves the ejection budget.
+/// [`gate`](Self::gate). Cheap to clone.
+///
+/// The endpoint counts in the ejection budget until it leaves: when the last
+/// [`Breaker`](super::Breaker) service built with this handle is dropped (the endpoint
+/// was removed from its balancer), or, for a handle never given to one, when its last
+/// clone is. Clones held by requests still in flight then no longer count it: a removed
+/// endpoint's long stream cannot let the budget eject the last live one. Its task stops
+/// there, and outcomes recorded after are dropped.
 #[derive(Clone)]
 pub struct BreakerHandle(Arc<Shared>);
 
@@ -31,6 +37,10 @@ struct Shared {
     /// wakes no task.
     dirty: AtomicBool,
     tracks_rate: bool,
+    /// [`Breaker`](super::Breaker) services holding this handle ([`Member`]).
+    services: AtomicUsize,
+    /// Signalled when the last of them is dropped: the endpoint leaves.
+    left: Arc<Notify>,
 }
 
 impl fmt::Debug for BreakerHandle {
@@ -71,9 +81,10 @@ impl BreakerHandle {
         let (tx, rx) = mpsc::channel(CHANNEL);
         budget.add_endpoint();
         let tracks_rate = policy.success_rate.is_some();
+        let left = Arc::new(Notify::new());
         tokio::spawn(drive(
             BreakerState::new(policy),
-            rx,
+            (rx, left.clone()),
             gate.clone(),
             budget,
             endpoint,
@@ -86,6 +97,8 @@ impl BreakerHandle {
             classifier,
             dirty: AtomicBool::new(false),
             tracks_rate,
+            services: AtomicUsize::new(0),
+            left,
         }))
     }
 
@@ -116,9 +129,50 @@ impl BreakerHandle {
     }
 }
 
+/// A [`Breaker`](super::Breaker) service's hold on its endpoint's place in the ejection
+/// budget: the endpoint leaves when the last one is dropped (see [`BreakerHandle`]).
+pub(super) struct Member(BreakerHandle);
+
+impl Member {
+    pub(super) fn new(handle: BreakerHandle) -> Self {
+        handle.0.services.fetch_add(1, Ordering::AcqRel);
+        Self(handle)
+    }
+}
+
+impl Clone for Member {
+    fn clone(&self) -> Self {
+        Self::new(self.0.clone())
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.0.0.services.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit kept for the task, which may not be waiting right now.
+            self.0.0.left.notify_one();
+        }
+    }
+}
+
+impl std::ops::Deref for Member {
+    type Target = BreakerHandle;
+
+    fn deref(&self) -> &BreakerHandle {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 async fn drive(
     mut state: BreakerState,
-    mut rx: mpsc::Receiver<Class>,
+    // Outcomes, and the signal that the endpoint left.
+    (mut rx, left): (mpsc::Receiver<Class>, Arc<Notify>),
     gate: Arc<Gate>,
     budget: Arc<EjectionBudget>,
     endpoint: impl fmt::Display,
@@ -140,6 +194,8 @@ async fn drive(
                 Some(class) => state.on_outcome(class, Instant::now(), &budget, &mut rng),
                 None => break,
             },
+            // Removed from its balancer: out of the budget now, whatever is in flight.
+            () = left.notified() => break,
             () = sleep_until(wake) => match state.on_tick(Instant::now()) {
                 Some(t) => Some(t),
                 None => {

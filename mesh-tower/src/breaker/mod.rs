@@ -269,6 +269,36 @@ mod tests {
         );
     }
 
+    /// An endpoint removed from its balancer (its `Breaker` service dropped) leaves the
+    /// ejection budget at once, though a request to it is still in flight and holds its
+    /// handle: the last live endpoint is not ejected.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_endpoint_leaves_the_budget_while_its_requests_run() {
+        let layer = BreakerLayer::new(policy(), 0.5);
+        let live = layer.layer_with((), layer.handle("10.0.0.1:80", |_| {}));
+        let removed = layer.layer_with((), layer.handle("10.0.0.2:80", |_| {}));
+        let clone = removed.clone();
+        let in_flight = removed.handle().cloned().unwrap();
+        drop(removed);
+        settle().await;
+        // A clone of its service still counts it: of two endpoints, one may go.
+        assert!(layer.budget().try_eject());
+        layer.budget().release();
+        drop(clone);
+        settle().await;
+        let handle = live.handle().unwrap();
+        for _ in 0..3 {
+            handle.record(Class::Failure);
+        }
+        settle().await;
+        assert!(handle.gate().is_open(), "the last live endpoint stays in");
+        // Outcomes of the removed endpoint's last request go nowhere, harmlessly.
+        in_flight.record(Class::Failure);
+        drop(in_flight);
+        settle().await;
+        assert!(handle.gate().is_open());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_ejection_the_budget_refuses_is_recorded() {
         use crate::decision::{BreakerCause, BreakerPhase, DecisionRecord};

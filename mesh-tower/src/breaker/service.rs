@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::gate::Permit;
+use super::handle::Member;
 use super::{BreakerHandle, ResponseBody, ResponseFuture};
 use crate::load::{Cost, Load};
 
@@ -19,7 +20,7 @@ use crate::load::{Cost, Load};
 /// the breaker. Without a handle (breaking disabled) it passes everything through.
 pub struct Breaker<S> {
     inner: S,
-    handle: Option<BreakerHandle>,
+    handle: Option<Member>,
     permit: Option<Permit>,
     wait: Option<Pin<Box<OwnedNotified>>>,
 }
@@ -27,7 +28,12 @@ pub struct Breaker<S> {
 impl<S: Clone> Clone for Breaker<S> {
     fn clone(&self) -> Self {
         // Readiness (a probe permit, a wait) belongs to the original.
-        Self::new(self.inner.clone(), self.handle.clone())
+        Self {
+            inner: self.inner.clone(),
+            handle: self.handle.clone(),
+            permit: None,
+            wait: None,
+        }
     }
 }
 
@@ -42,11 +48,13 @@ impl<S: fmt::Debug> fmt::Debug for Breaker<S> {
 }
 
 impl<S> Breaker<S> {
-    /// Wraps `inner` with `handle`'s breaker (none: pass through).
+    /// Wraps `inner` with `handle`'s breaker (none: pass through). The endpoint counts in
+    /// the ejection budget while a service built with the handle (this one or a clone) is
+    /// alive; see [`BreakerHandle`].
     pub fn new(inner: S, handle: Option<BreakerHandle>) -> Self {
         Self {
             inner,
-            handle,
+            handle: handle.map(Member::new),
             permit: None,
             wait: None,
         }
@@ -54,7 +62,7 @@ impl<S> Breaker<S> {
 
     /// The breaker's handle, when breaking is enabled.
     pub fn handle(&self) -> Option<&BreakerHandle> {
-        self.handle.as_ref()
+        self.handle.as_deref()
     }
 
     /// The inner service.
@@ -85,7 +93,7 @@ impl<S> Breaker<S> {
                 return Poll::Ready(());
             }
             if gate.try_probe() {
-                self.permit = Some(Permit::new(handle.clone()));
+                self.permit = Some(Permit::new(BreakerHandle::clone(handle)));
                 continue;
             }
             let wait = self.wait.get_or_insert_with(|| {
@@ -131,7 +139,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         ResponseFuture::new(
             self.inner.call(req),
-            self.handle.clone(),
+            self.handle.as_deref().cloned(),
             self.permit.take(),
         )
     }

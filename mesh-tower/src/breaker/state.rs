@@ -1,6 +1,5 @@
 //! The circuit breaker's state machine, pure and driven by outcomes and the clock.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use mesh_core::classify::Class;
@@ -28,7 +27,8 @@ pub struct BreakerPolicy {
 pub struct SuccessRatePolicy {
     /// The lowest acceptable rate, 0 to 1.
     pub threshold: f64,
-    /// The window.
+    /// The window, counted in tenths: an outcome counts for between nine tenths of it
+    /// and all of it.
     pub window: Duration,
     /// Outcomes in the window before the rate is judged.
     pub min_requests: u32,
@@ -72,7 +72,7 @@ pub struct BreakerState {
     consecutive: u32,
     /// Ejections in a row without a successful probe: the back-off attempt.
     streak: u32,
-    window: VecDeque<(Instant, bool)>,
+    window: RateWindow,
     /// Why the last step changed the phase (or was refused an ejection), for the
     /// decision record.
     cause: Option<BreakerCause>,
@@ -86,7 +86,7 @@ impl BreakerState {
             phase: Phase::Closed,
             consecutive: 0,
             streak: 0,
-            window: VecDeque::new(),
+            window: RateWindow::default(),
             cause: None,
         }
     }
@@ -139,7 +139,11 @@ impl BreakerState {
                 }
             }
             Phase::Closed => {
-                self.consecutive = if failed { self.consecutive + 1 } else { 0 };
+                self.consecutive = if failed {
+                    self.consecutive.saturating_add(1)
+                } else {
+                    0
+                };
                 let rate_too_low = self.record(now, !failed);
                 let cause = if self.consecutive >= self.policy.consecutive_failures {
                     Some(BreakerCause::ConsecutiveFailures {
@@ -199,25 +203,75 @@ impl BreakerState {
     /// counted when the rate is now below the threshold.
     fn record(&mut self, now: Instant, ok: bool) -> Option<(f64, u32)> {
         let policy = self.policy.success_rate.as_ref()?;
-        self.window.push_back((now, ok));
-        while let Some(&(t, _)) = self.window.front() {
-            if now.saturating_duration_since(t) > policy.window {
-                self.window.pop_front();
-            } else {
-                break;
-            }
-        }
-        let total = self.window.len();
-        if total < policy.min_requests as usize || total == 0 {
+        let (total, successes) = self.window.record(now, policy.window, ok);
+        if total < u64::from(policy.min_requests) || total == 0 {
             return None;
         }
-        let successes = self.window.iter().filter(|(_, ok)| *ok).count();
         ((successes as f64) < policy.threshold * total as f64).then(|| {
             (
                 successes as f64 / total as f64,
                 u32::try_from(total).unwrap_or(u32::MAX),
             )
         })
+    }
+}
+
+/// How many parts the success-rate window is counted in.
+const RATE_BUCKETS: usize = 10;
+
+/// The outcomes of the success-rate window, counted in [`RATE_BUCKETS`] buckets of a tenth
+/// of the window each: constant work per outcome and constant memory, whatever the request
+/// rate. The rate is judged over the current bucket and the nine before it, so an outcome
+/// counts for between nine tenths of the window and the whole of it.
+#[derive(Debug, Default)]
+struct RateWindow {
+    /// Outcomes and successes per bucket.
+    buckets: [(u64, u64); RATE_BUCKETS],
+    /// The bucket now filling.
+    current: usize,
+    /// When the current bucket began; `None` while the window is empty.
+    began: Option<Instant>,
+    /// The sums over the buckets.
+    total: u64,
+    successes: u64,
+}
+
+impl RateWindow {
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Counts an outcome at `now`; returns the outcomes and successes in the window.
+    fn record(&mut self, now: Instant, window: Duration, ok: bool) -> (u64, u64) {
+        let width = (window / RATE_BUCKETS as u32).max(Duration::from_millis(1));
+        match self.began {
+            None => self.began = Some(now),
+            Some(began) => {
+                let steps = now.saturating_duration_since(began).as_nanos() / width.as_nanos();
+                if steps >= RATE_BUCKETS as u128 {
+                    // Everything counted is older than the window.
+                    self.clear();
+                    self.began = Some(now);
+                } else if steps > 0 {
+                    for _ in 0..steps {
+                        self.current = (self.current + 1) % RATE_BUCKETS;
+                        let (n, ok) = std::mem::take(&mut self.buckets[self.current]);
+                        self.total -= n;
+                        self.successes -= ok;
+                    }
+                    // `steps` is under RATE_BUCKETS here.
+                    self.began = Some(began + width * steps as u32);
+                }
+            }
+        }
+        let bucket = &mut self.buckets[self.current];
+        bucket.0 += 1;
+        self.total += 1;
+        if ok {
+            bucket.1 += 1;
+            self.successes += 1;
+        }
+        (self.total, self.successes)
     }
 }
 
@@ -342,6 +396,37 @@ mod tests {
         assert_eq!(b.on_outcome(Class::Failure, t1, &budget, &mut rng), None); // 9/11 = 0.82
         let t = b.on_outcome(Class::Failure, t1, &budget, &mut rng); // 9/12 = 0.75
         assert!(matches!(t, Some(Transition::Ejected { .. })), "{t:?}");
+    }
+
+    #[test]
+    fn the_rate_window_forgets_outcomes_a_tenth_at_a_time() {
+        let window = Duration::from_secs(10);
+        let mut w = RateWindow::default();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            w.record(t0, window, false);
+        }
+        // 9.5 s later the first tenth is still in the window.
+        assert_eq!(
+            w.record(t0 + Duration::from_millis(9_500), window, true),
+            (6, 1)
+        );
+        // Past 10 s it has left: its five failures with it.
+        assert_eq!(
+            w.record(t0 + Duration::from_millis(10_500), window, true),
+            (2, 2)
+        );
+        // A long silence empties it.
+        assert_eq!(
+            w.record(t0 + Duration::from_secs(60), window, false),
+            (1, 0)
+        );
+        // Many outcomes in one instant: counted, not stored.
+        let t1 = t0 + Duration::from_secs(61);
+        for _ in 0..100_000 {
+            w.record(t1, window, true);
+        }
+        assert_eq!((w.total, w.successes), (100_001, 100_000));
     }
 
     #[test]

@@ -129,7 +129,11 @@ impl EndpointLoad {
     /// Penalizes the endpoint for `period` from `now` (a later penalty extends it; an
     /// earlier one never shortens it).
     pub fn penalize(&self, now: Instant, period: Duration) {
-        let until = self.offset(now + period).max(1);
+        // A period past the clock's range lasts as long as one can.
+        let until = now
+            .checked_add(period)
+            .map_or(u64::MAX, |at| self.offset(at))
+            .max(1);
         self.0.penalized_until.fetch_max(until, Ordering::AcqRel);
     }
 
@@ -243,6 +247,18 @@ mod tests {
             50 * MS,
             "a timeout is a lower bound"
         );
+    }
+
+    /// A penalty past the clock's range (a `RateLimitPenalty` bound of `Duration::MAX`
+    /// and a huge `Retry-After`) lasts, without a panic.
+    #[tokio::test(start_paused = true)]
+    async fn a_penalty_past_the_clocks_range_lasts() {
+        let load = EndpointLoad::new(5 * MS, DEFAULT_DECAY);
+        let now = Instant::now();
+        load.penalize(now, Duration::MAX);
+        assert!(load.penalized_until(now).is_some_and(|until| until > now));
+        tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+        assert!(load.penalized_until(Instant::now()).is_some());
     }
 
     #[tokio::test(start_paused = true)]

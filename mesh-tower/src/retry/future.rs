@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::{Collect, Prepared, Start};
-use super::error::{BudgetExhausted, NoElsewhere};
+use super::error::BudgetExhausted;
 use super::layer::Shared;
 use super::{Elsewhere, ReplayBody, Retried, RetryBudget, RetryOverride, RetryPolicy};
 use crate::decision::{Event, RetryDecision, RetryVerdict, TryOutcome};
@@ -129,8 +129,10 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             }
         };
         Self {
-            // A6: a gRPC policy's codes say what is safe to retry; every call is a POST.
-            idempotent: grpc || policy.is_idempotent(&head.method),
+            // Whether a try that broke without an answer may go again (a gRPC call is a
+            // POST: only with `non_idempotent`). A gRPC call's answers are retried for
+            // its policy's codes instead (A6), whatever this says.
+            idempotent: policy.is_idempotent(&head.method),
             grpc,
             max_retries,
             state,
@@ -209,8 +211,9 @@ where
                 StateProj::Ready => {
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         let e = e.into();
+                        // The try elsewhere could not go (no endpoint that is not
+                        // rate limiting, or none ready): the caller gets the answer kept.
                         if *this.elsewhere
-                            && is_caused_by::<NoElsewhere>(e.as_ref())
                             && let Some(kept) = this.kept.take()
                         {
                             return Poll::Ready(Ok(*kept));
@@ -400,10 +403,10 @@ fn decide<S, F, RB>(
             }
         }
         Err(e) => {
-            if was_elsewhere
-                && is_caused_by::<NoElsewhere>(e.as_ref())
-                && let Some(kept) = this.kept.take()
-            {
+            // The try elsewhere failed without an answer (none to go to, or its
+            // connection failed): the rate-limited answer kept is the caller's, with its
+            // `Retry-After`, rather than an error in its place.
+            if was_elsewhere && let Some(kept) = this.kept.take() {
                 if shared.decisions.is_some() {
                     let status = kept.status().as_u16();
                     note(
@@ -419,12 +422,13 @@ fn decide<S, F, RB>(
                 failed = Some(error_outcome(e.as_ref()));
             }
             // A gRPC try that broke without an answer ended UNAVAILABLE, as gRPC
-            // reports it: retried when that code is.
-            let retryable_error = if *this.grpc {
-                policy.grpc_codes.contains(Code::Unavailable)
-            } else {
-                *this.idempotent
-            };
+            // reports it: retried when that code is, and only when the policy retries
+            // calls that may have run (`non_idempotent`). The server may have executed
+            // the call before its connection broke or the try timed out, and a gRPC
+            // client retries only calls that never reached the server (A6's transparent
+            // retries: a refused stream, a connection that never opened), as below.
+            let retryable_error =
+                *this.idempotent && (!*this.grpc || policy.grpc_codes.contains(Code::Unavailable));
             (
                 is_connect_error(e.as_ref())
                     || is_refused_stream(e.as_ref())
@@ -436,7 +440,8 @@ fn decide<S, F, RB>(
     // A newer answer supersedes a kept one.
     *this.kept = None;
     if !retryable {
-        let verdict = if *this.idempotent {
+        // A gRPC answer is judged by its code, not by the method.
+        let verdict = if *this.idempotent || (*this.grpc && outcome.is_ok()) {
             RetryVerdict::NotRetryable
         } else {
             RetryVerdict::NotIdempotent

@@ -355,3 +355,79 @@ async fn http_answers_to_calls_are_judged_by_their_grpc_code() {
     assert_eq!(resp.headers()["grpc-status"], "0");
     assert_eq!(tries.lock().unwrap().len(), 2);
 }
+
+/// A call whose try timed out (or broke) may have run on the server: not retried unless
+/// the policy retries calls that may have run (`non_idempotent`), whatever its codes.
+#[tokio::test(start_paused = true)]
+async fn calls_that_may_have_run_are_retried_only_when_the_policy_allows() {
+    for non_idempotent in [false, true] {
+        let tries = Arc::new(Mutex::new(0));
+        let seen = tries.clone();
+        let policy = RetryPolicy {
+            non_idempotent,
+            backoff: crate::backoff::Backoff::new(
+                Duration::from_millis(10),
+                Duration::from_millis(10),
+                0.0,
+            )
+            .unwrap(),
+            ..RetryPolicy::default()
+        };
+        let svc = ServiceBuilder::new()
+            .layer(RetryLayer::new(
+                policy,
+                RetryBudget::new(1.0, 1000, Duration::from_secs(10)),
+            ))
+            .layer(TimeoutLayer::per_try(Some(Duration::from_millis(100))))
+            .service(tower::service_fn(move |_req: Request<ReplayBody>| {
+                *seen.lock().unwrap() += 1;
+                async {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok::<_, BoxError>(grpc_response(Answer::Ok))
+                }
+            }));
+        let err = svc.oneshot(call(None)).await.unwrap_err();
+        assert!(
+            mesh_core::error::is_caused_by::<crate::timeout::TryTimeout>(err.as_ref()),
+            "{err}"
+        );
+        let expected = if non_idempotent { 3 } else { 1 };
+        assert_eq!(
+            *tries.lock().unwrap(),
+            expected,
+            "non_idempotent: {non_idempotent}"
+        );
+    }
+}
+
+/// A rate-limited answer retried elsewhere whose try there fails without an answer: the
+/// caller gets the rate-limited answer (with its pushback), not the other try's error.
+#[tokio::test(start_paused = true)]
+async fn the_kept_answer_is_returned_when_the_try_elsewhere_fails() {
+    let tries = Arc::new(Mutex::new(0));
+    let seen = tries.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new(
+            RetryPolicy::default(),
+            RetryBudget::new(1.0, 1000, Duration::from_secs(10)),
+        ))
+        .service(tower::service_fn(move |req: Request<ReplayBody>| {
+            let n = {
+                let mut n = seen.lock().unwrap();
+                *n += 1;
+                *n
+            };
+            async move {
+                if n == 1 {
+                    Ok::<_, BoxError>(grpc_response(Answer::Mesh(8)))
+                } else {
+                    assert!(req.extensions().get::<super::Elsewhere>().is_some());
+                    Err("connection refused".into())
+                }
+            }
+        }));
+    let resp = svc.oneshot(call(None)).await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "8");
+    assert!(resp.headers().contains_key(crate::body::MESH_ERROR));
+    assert_eq!(*tries.lock().unwrap(), 2);
+}

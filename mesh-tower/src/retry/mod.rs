@@ -33,7 +33,8 @@
 //!    marked `x-mesh-error`, which no application can set: no application saw it). It is
 //!    marked [`Elsewhere`], which a balancer honours by sending it only to an endpoint
 //!    that is not rate limiting ([`crate::balance`] does). When there is none the balancer
-//!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to.
+//!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to,
+//!    as it does when the try elsewhere fails without an answer.
 //!    Other rate-limited answers are retried only when their status is in `statuses`, and
 //!    never sooner than their pushback.
 //!
@@ -42,7 +43,10 @@
 //!    and whatever class the classification gives the code (an answer that is not
 //!    gRPC's counts by the code its HTTP status maps to: a 503 is `UNAVAILABLE`, a 500
 //!    `UNKNOWN`);
-//!    a try that broke without an answer counts as `UNAVAILABLE`; at most 5 attempts
+//!    a try that broke without an answer or timed out counts as `UNAVAILABLE`, and is
+//!    retried only with `non_idempotent` set: the server may have run the call (gRPC
+//!    clients retry such a call only when it never reached the server, as the refused
+//!    streams and failed connections above); at most 5 attempts
 //!    whatever `max_retries` says; each retry carries `grpc-previous-rpc-attempts`; a
 //!    server's `grpc-retry-pushback-ms` is the delay (negative: no retry); a response
 //!    head without `grpc-status` commits the call (its trailers are the caller's). The

@@ -26,9 +26,10 @@ pub struct RetryPolicy {
     pub max_retries: u32,
     /// HTTP statuses retried (for idempotent requests).
     pub statuses: StatusSet,
-    /// gRPC codes retried (for idempotent requests).
+    /// gRPC codes retried, whatever the method (A6).
     pub grpc_codes: CodeSet,
-    /// Retry non-idempotent methods (POST, PATCH) too.
+    /// Retry non-idempotent methods (POST, PATCH) too, and gRPC calls whose try broke
+    /// without an answer or timed out (the server may have run them).
     pub non_idempotent: bool,
     /// The largest body buffered for replay; larger ones are sent once and not retried.
     pub max_replay_body: usize,

@@ -99,7 +99,10 @@ fn start<B>(
         if mesh_core::classify::is_grpc(req.headers()) {
             lower_grpc_timeout(req, timeout);
         }
-        return Some((Instant::now() + timeout, timeout, kind));
+        // A bound past the clock's range (`Duration::MAX`, say) is none.
+        return Instant::now()
+            .checked_add(timeout)
+            .map(|at| (at, timeout, kind));
     }
     let carried = super::carried_deadline(req);
     let (until, timeout) = earliest(own, carried)?;
@@ -135,5 +138,34 @@ fn lower_grpc_timeout<B>(req: &mut Request<B>, timeout: Duration) {
     if current.is_none_or(|c| c > timeout) {
         req.headers_mut()
             .insert(name, mesh_core::classify::grpc::encode_timeout(timeout));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::super::TimeoutLayer;
+
+    /// A per-try bound past the clock's range (`Duration::MAX`, from a route's override,
+    /// say) bounds nothing, and panics nowhere.
+    #[tokio::test(start_paused = true)]
+    async fn a_bound_past_the_clocks_range_is_none() {
+        for layer in [
+            TimeoutLayer::per_try(Some(Duration::MAX)),
+            TimeoutLayer::request(Some(Duration::MAX)),
+        ] {
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(|_req: Request<()>| async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(()))
+                });
+            svc.oneshot(Request::new(())).await.unwrap();
+        }
     }
 }
