@@ -174,12 +174,15 @@ pub struct RetryConfig {
     /// retryable; 429 is never retried sooner than its `Retry-After`.)
     #[serde(default = "defaults::retry_statuses")]
     pub statuses: StatusSet,
-    /// gRPC codes that are retried. Default: `UNAVAILABLE`.
+    /// gRPC codes that are retried, whatever the method. Default: `UNAVAILABLE`. A try
+    /// whose connection broke before an answer, or that timed out, counts as
+    /// `UNAVAILABLE`, as a gRPC client's own status does (gRFC A6): the server may have
+    /// run it. For methods that must not run twice, set `grpc_codes = []` on their
+    /// route; calls the server refused or never received are retried anyway.
     #[serde(default = "defaults::retry_codes")]
     pub grpc_codes: CodeSet,
-    /// Retry methods that are not idempotent (POST, PATCH) too, and gRPC calls whose try
-    /// broke without an answer or timed out (the server may have run them; calls it
-    /// refused or never received are retried anyway). Default: false.
+    /// Retry HTTP methods that are not idempotent (POST, PATCH) too. Default: false.
+    /// gRPC calls (all POSTs) follow `grpc_codes` instead.
     #[serde(default)]
     pub non_idempotent: bool,
     /// The largest request body buffered for replay; larger bodies are sent once, never

@@ -129,10 +129,8 @@ impl<S, F, RB> ResponseFuture<S, F, RB> {
             }
         };
         Self {
-            // Whether a try that broke without an answer may go again (a gRPC call is a
-            // POST: only with `non_idempotent`). A gRPC call's answers are retried for
-            // its policy's codes instead (A6), whatever this says.
-            idempotent: policy.is_idempotent(&head.method),
+            // A6: a gRPC policy's codes say what is safe to retry; every call is a POST.
+            idempotent: grpc || policy.is_idempotent(&head.method),
             grpc,
             max_retries,
             state,
@@ -421,14 +419,16 @@ fn decide<S, F, RB>(
             if shared.decisions.is_some() {
                 failed = Some(error_outcome(e.as_ref()));
             }
-            // A gRPC try that broke without an answer ended UNAVAILABLE, as gRPC
-            // reports it: retried when that code is, and only when the policy retries
-            // calls that may have run (`non_idempotent`). The server may have executed
-            // the call before its connection broke or the try timed out, and a gRPC
-            // client retries only calls that never reached the server (A6's transparent
-            // retries: a refused stream, a connection that never opened), as below.
-            let retryable_error =
-                *this.idempotent && (!*this.grpc || policy.grpc_codes.contains(Code::Unavailable));
+            // A gRPC try that broke without an answer ended UNAVAILABLE, as a gRPC
+            // client reports it, and A6 retries a status the client made itself as one
+            // the server sent: retried when the policy names that code. (The server may
+            // have run the call: a policy for calls that must not run twice names no
+            // code, and only refused streams and failed connections are retried.)
+            let retryable_error = if *this.grpc {
+                policy.grpc_codes.contains(Code::Unavailable)
+            } else {
+                *this.idempotent
+            };
             (
                 is_connect_error(e.as_ref())
                     || is_refused_stream(e.as_ref())
@@ -440,8 +440,7 @@ fn decide<S, F, RB>(
     // A newer answer supersedes a kept one.
     *this.kept = None;
     if !retryable {
-        // A gRPC answer is judged by its code, not by the method.
-        let verdict = if *this.idempotent || (*this.grpc && outcome.is_ok()) {
+        let verdict = if *this.idempotent {
             RetryVerdict::NotRetryable
         } else {
             RetryVerdict::NotIdempotent

@@ -43,10 +43,10 @@
 //!    and whatever class the classification gives the code (an answer that is not
 //!    gRPC's counts by the code its HTTP status maps to: a 503 is `UNAVAILABLE`, a 500
 //!    `UNKNOWN`);
-//!    a try that broke without an answer or timed out counts as `UNAVAILABLE`, and is
-//!    retried only with `non_idempotent` set: the server may have run the call (gRPC
-//!    clients retry such a call only when it never reached the server, as the refused
-//!    streams and failed connections above); at most 5 attempts
+//!    a try that broke without an answer or timed out counts as `UNAVAILABLE`, as a gRPC
+//!    client's own status does in A6 (the server may have run such a call: a policy for
+//!    methods that must not run twice names no code, and then only the refused streams
+//!    and failed connections above are retried); at most 5 attempts
 //!    whatever `max_retries` says; each retry carries `grpc-previous-rpc-attempts`; a
 //!    server's `grpc-retry-pushback-ms` is the delay (negative: no retry); a response
 //!    head without `grpc-status` commits the call (its trailers are the caller's). The

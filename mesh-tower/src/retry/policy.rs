@@ -26,10 +26,11 @@ pub struct RetryPolicy {
     pub max_retries: u32,
     /// HTTP statuses retried (for idempotent requests).
     pub statuses: StatusSet,
-    /// gRPC codes retried, whatever the method (A6).
+    /// gRPC codes retried, whatever the method (A6). A try that broke without an answer
+    /// or timed out counts as `UNAVAILABLE`: the server may have run it, so a policy for
+    /// calls that must not run twice names no code.
     pub grpc_codes: CodeSet,
-    /// Retry non-idempotent methods (POST, PATCH) too, and gRPC calls whose try broke
-    /// without an answer or timed out (the server may have run them).
+    /// Retry non-idempotent HTTP methods (POST, PATCH) too.
     pub non_idempotent: bool,
     /// The largest body buffered for replay; larger ones are sent once and not retried.
     pub max_replay_body: usize,
