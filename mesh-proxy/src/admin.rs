@@ -291,9 +291,56 @@ fn from_loopback(req: &Request<Incoming>) -> bool {
 }
 
 /// Registers the process metrics (CPU, resident memory, open file descriptors), read
-/// from `/proc/self` at each scrape on Linux; absent elsewhere.
+/// from `/proc/self` at each scrape on Linux; absent elsewhere. Its start time is always
+/// there (see [`record_start`]).
 pub(crate) fn register_process_metrics(registry: &mut Registry) {
     registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// When the process started, in seconds since the Unix epoch, once known.
+static START_TIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Records when the process started, for `process_start_time_seconds`: call it first
+/// thing at launch. The kernel's record (`starttime` in `/proc/self/stat` after the boot
+/// time, `btime` in `/proc/stat`) where both are readable, else the wall clock now: a
+/// sandbox may hide `/proc/stat` (systemd's `ProcSubset=pid`, as the shipped unit sets),
+/// and other systems have no `/proc`.
+pub(crate) fn record_start() {
+    let _ = start_time_seconds();
+}
+
+fn start_time_seconds() -> f64 {
+    *START_TIME.get_or_init(|| {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        start_time(
+            read("/proc/self/stat").as_deref(),
+            read("/proc/stat").as_deref(),
+            std::time::SystemTime::now(),
+        )
+    })
+}
+
+/// The start time `stat` (`/proc/self/stat`) and `boot` (`/proc/stat`) give, or `now`'s
+/// when either is missing or unreadable.
+fn start_time(stat: Option<&str>, boot: Option<&str>, now: std::time::SystemTime) -> f64 {
+    // After the command name (in parentheses, which may hold spaces): field 3 on.
+    // starttime is field 22, in USER_HZ ticks (100 per second on Linux, whatever the
+    // kernel's HZ) since boot.
+    let ticks = stat
+        .and_then(|s| s.rsplit_once(')'))
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|f| f.parse::<u64>().ok());
+    let boot = boot.and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    match (ticks, boot) {
+        (Some(ticks), Some(boot)) => boot as f64 + ticks as f64 / 100.0,
+        _ => now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    }
 }
 
 /// Registers when the SVID the proxy holds expires, read at each scrape (none before it
@@ -435,16 +482,14 @@ impl Collector for ProcessCollector {
             )?;
             metric.encode(m)?;
         }
-        if let Some(start) = stats.start_time_seconds {
-            let metric = ConstGauge::new(start);
-            let m = encoder.encode_descriptor(
-                "process_start_time_seconds",
-                "When the process started, in seconds since the Unix epoch",
-                None,
-                metric.metric_type(),
-            )?;
-            metric.encode(m)?;
-        }
+        let metric = ConstGauge::new(start_time_seconds());
+        let m = encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "When the process started, in seconds since the Unix epoch",
+            None,
+            metric.metric_type(),
+        )?;
+        metric.encode(m)?;
         for (name, help, value) in [
             (
                 "process_resident_memory_bytes",
@@ -477,7 +522,6 @@ impl Collector for ProcessCollector {
 #[derive(Debug, Default)]
 struct ProcessStats {
     cpu_seconds: Option<f64>,
-    start_time_seconds: Option<f64>,
     resident_bytes: Option<i64>,
     virtual_bytes: Option<i64>,
     open_fds: Option<i64>,
@@ -489,22 +533,13 @@ fn process_stats() -> ProcessStats {
     let mut stats = ProcessStats::default();
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // After the command name (in parentheses, which may hold spaces): field 3 on.
-        // utime and stime are fields 14 and 15, starttime field 22, in USER_HZ ticks
-        // (100 per second on Linux, whatever the kernel's HZ); starttime counts from
-        // boot, whose time `/proc/stat` gives (`btime`).
+        // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on
+        // Linux, whatever the kernel's HZ).
         if let Some((_, rest)) = stat.rsplit_once(')') {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
             if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
                 stats.cpu_seconds = Some((utime + stime) as f64 / 100.0);
-            }
-            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("btime "))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            });
-            if let (Some(start), Some(boot)) = (ticks(19), boot) {
-                stats.start_time_seconds = Some(boot as f64 + start as f64 / 100.0);
             }
         }
     }
@@ -532,4 +567,55 @@ fn process_stats() -> ProcessStats {
             .and_then(|soft| soft.parse::<i64>().ok());
     }
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+
+    /// A `/proc/self/stat` line whose command name holds spaces and a parenthesis, with
+    /// starttime (field 22) 12345 ticks.
+    const STAT: &str = "4242 (mesh (proxy) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 12345 1000 200";
+    const BOOT: &str = "cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n";
+
+    #[test]
+    fn start_time_is_the_kernels_record_or_else_the_launch() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let kernel = start_time(Some(STAT), Some(BOOT), now);
+        assert!((kernel - 1_700_000_123.45).abs() < 1e-6, "{kernel}");
+        // /proc/stat hidden (ProcSubset=pid), or no /proc at all: the time given.
+        assert_eq!(start_time(Some(STAT), None, now), 1_800_000_000.0);
+        assert_eq!(start_time(None, None, now), 1_800_000_000.0);
+        assert_eq!(
+            start_time(Some("garbage"), Some(BOOT), now),
+            1_800_000_000.0
+        );
+    }
+
+    #[test]
+    fn the_start_time_is_always_exposed_and_does_not_move() {
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        record_start();
+        let mut registry = Registry::default();
+        register_process_metrics(&mut registry);
+        let scrape = || {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+            out.lines()
+                .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+                .map(|v| v.parse::<f64>().unwrap())
+                .unwrap_or_else(|| panic!("no process_start_time_seconds in\n{out}"))
+        };
+        let first = scrape();
+        // Not after it was recorded (the kernel's record is earlier still), and not
+        // before 2020.
+        assert!(first <= before + 1.0 && first > 1_577_836_800.0, "{first}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(scrape(), first);
+    }
 }

@@ -118,6 +118,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // Before anything else: where the kernel's record of it is hidden, the start time is
+    // the clock now.
+    admin::record_start();
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
         Ok(f) => f,
         Err(e) => {

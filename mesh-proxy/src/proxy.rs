@@ -244,7 +244,13 @@ impl Proxy {
         if config.identity.is_some() {
             crate::notify::notify("STATUS=waiting for the identity (the first SVID)");
         }
-        let credentials = identity(config.identity.as_ref()).await?;
+        let transparent_listeners: Vec<SocketAddr> = config
+            .outbound
+            .iter()
+            .filter(|o| o.transparent)
+            .map(|o| o.listen)
+            .collect();
+        let credentials = identity(config.identity.as_ref(), transparent_listeners).await?;
         if let Some(c) = &credentials {
             let _ = state.credentials.set(c.clone());
         }
@@ -1010,9 +1016,11 @@ pub(crate) async fn bind(
         })
 }
 
-/// The identity source `config` describes, started.
+/// The identity source `config` describes, started. While it waits for SPIRE, it warns
+/// once that `transparent` (the transparent listeners' addresses) is not bound yet.
 async fn identity(
     config: Option<&IdentityConfig>,
+    mut transparent: Vec<SocketAddr>,
 ) -> Result<Option<Arc<dyn CredentialSource>>, StartError> {
     let Some(config) = config else {
         return Ok(None);
@@ -1036,6 +1044,19 @@ async fn identity(
                     Ok(source) => break Arc::new(source),
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?wait, "no SVID from the Workload API yet");
+                        if !transparent.is_empty() {
+                            // The redirect rules may already send connections there: the
+                            // agent's own to its server among them, if not exempt, and
+                            // then the SVID never comes.
+                            tracing::warn!(
+                                listeners = ?std::mem::take(&mut transparent),
+                                "the transparent listeners are not bound until the first SVID arrives: \
+                                 connections redirected to them are refused meanwhile, the SPIRE agent's \
+                                 to its server too, and then no SVID ever comes; exempt the agent from \
+                                 the redirect rules (EXEMPT_USERS, or SKIP with its server's address, in \
+                                 packaging/iptables/mesh-redirect.sh)"
+                            );
+                        }
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(std::time::Duration::from_secs(10));
                     }

@@ -29,11 +29,27 @@ fn kill(signal: &str, pid: u32) {
 /// trying, not ready meanwhile), with the address of its admin listener, which starts
 /// (and says so) after its signals are watched and before it waits for SPIRE.
 fn waiting_for_spire(dir: &std::path::Path) -> (std::process::Child, String) {
+    let (child, admin, _) = waiting_for_spire_with(dir, "");
+    (child, admin)
+}
+
+/// [`waiting_for_spire`] with `extra` appended to its configuration, and every line of
+/// its log.
+fn waiting_for_spire_with(
+    dir: &std::path::Path,
+    extra: &str,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let config = dir.join("spire.toml");
     std::fs::write(
         &config,
-        "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        format!(
+            "[identity]\nsource = \"spire\"\nsocket = \"unix:///nonexistent/agent.sock\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+        ),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
@@ -46,6 +62,7 @@ fn waiting_for_spire(dir: &std::path::Path) -> (std::process::Child, String) {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr).lines() {
@@ -55,12 +72,13 @@ fn waiting_for_spire(dir: &std::path::Path) -> (std::process::Child, String) {
             {
                 let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
             }
+            let _ = lines_tx.send(line);
         }
     });
     let admin = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the proxy waits for SPIRE");
-    (child, admin)
+    (child, admin, lines)
 }
 
 /// Waits up to 10 s for `child` to exit, and asserts it exited with success.
@@ -108,6 +126,52 @@ async fn a_shutdown_asked_for_while_starting_ends_the_start() {
     let (code, body) = curl(&["-X", "POST", &format!("http://{admin}/shutdown")]);
     assert_eq!(code, 200, "{body}");
     exits_cleanly(child, "POST /shutdown").await;
+}
+
+/// While it waits for SPIRE, a proxy with a transparent listener warns, once, that the
+/// listener is not bound yet and what to exempt from the redirect rules (the SPIRE
+/// agent's connections to its server would be refused, and the SVID never come).
+#[test]
+fn waiting_for_spire_with_a_transparent_listener_warns_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _, lines) = waiting_for_spire_with(
+        dir.path(),
+        "[[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:0\"\ntransparent = true\n",
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    // Two attempts (each gives up after 10 s): one warning, with the first.
+    let (mut attempts, mut warnings) = (0, Vec::new());
+    while attempts < 2 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{attempts} attempts, warnings {warnings:?}"));
+        if line.contains("no SVID from the Workload API yet") {
+            attempts += 1;
+        } else if line.contains("transparent listeners are not bound") {
+            warnings.push(line);
+        }
+    }
+    // A second warning would follow the second attempt's line at once.
+    for _ in 0..10 {
+        match lines.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) if line.contains("transparent listeners are not bound") => {
+                warnings.push(line);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    for part in ["127.0.0.1:0", "EXEMPT_USERS", "mesh-redirect.sh"] {
+        assert!(warnings[0].contains(part), "{part} in {}", warnings[0]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

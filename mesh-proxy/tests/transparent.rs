@@ -1,9 +1,12 @@
 //! Transparent mode end to end, in a network namespace this test creates: the shipped
-//! iptables script redirects the namespace's outgoing connections to the outbound
-//! proxy's transparent listener, which meshes the ones to a service's address (mTLS to
-//! the inbound proxy, then the app) and passes the others through.
+//! iptables script redirects the namespace's outgoing connections, IPv4 and IPv6, to the
+//! outbound proxy's transparent listeners (127.0.0.1 and [::1]), which mesh the ones to a
+//! service's address (mTLS to the inbound proxy, then the app) and pass the others
+//! through; the script's exempt users are not redirected, and a failed install leaves no
+//! rule behind.
 //!
-//! Needs root (or CAP_NET_ADMIN), `ip` (iproute2), `iptables`, `setpriv` and python3;
+//! Needs root (or CAP_NET_ADMIN), `ip` (iproute2), `iptables` and `ip6tables`, `setpriv`,
+//! curl and python3;
 //! where any is missing or namespaces are not permitted, the test says so and passes,
 //! unless `MESH_REQUIRE_NETNS=1` (as CI sets) makes that a failure.
 #![cfg(target_os = "linux")]
@@ -214,6 +217,14 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     if let Err(e) = ns.run_sh("iptables -t nat -S OUTPUT") {
         return skip(&format!("iptables does not work in the namespace: {e}"));
     }
+    // IPv6 too: fd55::/64 local to the namespace, as 10.55.0.0/24 is.
+    if let Err(e) =
+        ns.run_sh("ip -6 route add local fd55::/64 dev lo && ip6tables -t nat -S OUTPUT")
+    {
+        return skip(&format!(
+            "IPv6 (ip6tables) does not work in the namespace: {e}"
+        ));
+    }
 
     // The apps: HTTP on :8080 behind the inbound proxy, and the same unmeshed on
     // 10.55.0.1:8080; a TCP echo on 127.0.0.1:7000 behind an opaque inbound listener.
@@ -259,20 +270,21 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
             "drain_timeout = \"1s\"\n{}\n[admin]\nlisten = \"127.0.0.1:4191\"\n\
              [services.users]\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4143\" }}] }}\n\
-             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.10:80\"]\n\
+             server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.10:80\", \"[fd55::10]:80\"]\n\
              [services.db]\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
              server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.8/29:5432\"]\n\
              [services.cache]\nprotocol = \"opaque\"\n\
              discovery = {{ kind = \"static\", endpoints = [{{ addr = \"127.0.0.1:4144\" }}] }}\n\
              server_identity = \"spiffe://example.org/app\"\naddresses = [\"10.55.0.20:6379\"]\n\
-             [[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:4140\"\ntransparent = true\n",
+             [[outbound]]\nname = \"transparent\"\nlisten = \"127.0.0.1:4140\"\ntransparent = true\n\
+             [[outbound]]\nname = \"transparent6\"\nlisten = \"[::1]:4140\"\ntransparent = true\n",
             identity(dir.path(), &mut ca, "web")
         ),
     )
     .unwrap();
     let _inbound = ns.proxy(&inbound, 2);
-    let _outbound = ns.proxy(&outbound, 2);
+    let _outbound = ns.proxy(&outbound, 3);
 
     // Without the transparent listener's port the script refuses to install anything:
     // a guessed one could be an explicit listener's.
@@ -290,25 +302,92 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         String::from_utf8_lossy(&unset.stderr)
     );
     assert!(ns.run_sh("iptables -t nat -S MESH_OUTPUT").is_err());
-    // The shipped script: redirect the namespace's 10.55.0.0/24 to the listener, the
-    // proxies' own group exempt.
-    let install = ns
-        .command("sh")
-        .arg(script())
-        .arg("install")
-        .env("PROXY_PORT", "4140")
-        .env("PROXY_GID", PROXY_GID)
-        .env("ONLY", "10.55.0.0/24")
+    let install = |settings: &[(&str, &str)]| {
+        let mut c = ns.command("sh");
+        c.arg(script()).arg("install").env("PROXY_PORT", "4140");
+        for (name, value) in settings {
+            c.env(name, value);
+        }
+        c.output().unwrap()
+    };
+    let none_installed = || {
+        ns.run_sh("iptables -t nat -S MESH_OUTPUT").is_err()
+            && ns.run_sh("ip6tables -t nat -S MESH_OUTPUT").is_err()
+    };
+    // A network of the other family is refused before anything is installed: IPv6 ones
+    // go in ONLY6 and SKIP6.
+    let mixed = install(&[("PROXY_GID", PROXY_GID), ("ONLY", "10.55.0.0/24 fd55::/64")]);
+    assert_eq!(mixed.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("put it in ONLY6"));
+    assert!(none_installed());
+    // A rule that fails in the second family takes the first family's out again.
+    let failed = install(&[
+        ("PROXY_GID", PROXY_GID),
+        ("ONLY", "10.55.0.0/24"),
+        ("IPV6", "1"),
+        ("ONLY6", "fd55::/999"),
+    ]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        none_installed(),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    // The shipped script: redirect the namespace's 10.55.0.0/24 and fd55::/64 to the
+    // listeners, the proxies' own group and user 65534 (as a SPIRE agent's would be)
+    // exempt.
+    let installed = install(&[
+        ("PROXY_GID", PROXY_GID),
+        ("EXEMPT_USERS", "65534"),
+        ("ONLY", "10.55.0.0/24"),
+        ("IPV6", "1"),
+        ("ONLY6", "fd55::/64"),
+    ]);
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    for ipt in ["iptables", "ip6tables"] {
+        let rules = ns.run_sh(&format!("{ipt} -t nat -S MESH_OUTPUT")).unwrap();
+        assert!(rules.contains("--gid-owner 4242 -j RETURN"), "{rules}");
+        assert!(rules.contains("--uid-owner 65534 -j RETURN"), "{rules}");
+        assert!(rules.contains("-j REDIRECT --to-ports 4140"), "{rules}");
+    }
+
+    // The exempt user's connections are not redirected: to a meshed address where
+    // nothing listens, it reaches nothing.
+    let exempt = ns
+        .command("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .args([
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("http://10.55.0.10/")
         .output()
         .unwrap();
-    assert!(
-        install.status.success(),
-        "{}",
-        String::from_utf8_lossy(&install.stderr)
+    assert_eq!(String::from_utf8_lossy(&exempt.stdout), "000");
+
+    // IPv6: redirected to [::1]:4140, the second transparent listener, and meshed.
+    let (status, body) = ns.curl("http://[fd55::10]/six");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "app /six id=spiffe://example.org/web")
     );
-    let rules = ns.run_sh("iptables -t nat -S MESH_OUTPUT").unwrap();
-    assert!(rules.contains("--gid-owner 4242 -j RETURN"), "{rules}");
-    assert!(rules.contains("-j REDIRECT --to-ports 4140"), "{rules}");
 
     // A meshed destination: through both proxies over mTLS; the app sees the caller's
     // verified identity.
@@ -358,6 +437,7 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     for line in [
         r#"mesh_transparent_connections_total{listener="transparent",outcome="meshed"} 24"#,
         r#"mesh_transparent_connections_total{listener="transparent",outcome="passthrough"} 1"#,
+        r#"mesh_transparent_connections_total{listener="transparent6",outcome="meshed"} 1"#,
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
@@ -416,10 +496,11 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
         .command("sh")
         .arg(script())
         .arg("remove")
+        .env("IPV6", "1")
         .status()
         .unwrap();
     assert!(removed.success());
-    assert!(ns.run_sh("iptables -t nat -S MESH_OUTPUT").is_err());
+    assert!(none_installed());
     let (status, body) = ns.curl("http://10.55.0.1:8080/direct");
     assert_eq!((status, body.as_str()), (200, "app /direct id=-"));
 }
