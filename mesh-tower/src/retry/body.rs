@@ -8,7 +8,8 @@
 //! **Teed.** A body of unknown size (a stream: chunked HTTP/1.1, every tonic call) is
 //! sent as it comes, never read ahead — holding a stream back could deadlock a peer that
 //! answers before the stream ends (bidirectional gRPC) — and every frame sent is kept
-//! too, while they fit in the cap. A retry replays the kept frames, then goes on reading
+//! too, while they fit in the cap (each frame counting its bookkeeping, about a hundred
+//! bytes, besides its bytes). A retry replays the kept frames, then goes on reading
 //! the stream where the last try left it. Once the frames sent exceed the cap, they are
 //! dropped and the request is no longer replayable: gRPC's A6 calls this *committing*
 //! the call. Each retry supersedes the try before: if that try's body is still being
@@ -79,6 +80,10 @@ enum Kept {
     Trailers(http::HeaderMap),
 }
 
+/// What keeping a frame costs besides its bytes, charged against the replay cap: without
+/// it, a body of one-byte frames would keep about a hundred times the cap in memory.
+const FRAME_COST: usize = std::mem::size_of::<Kept>();
+
 impl Kept {
     fn frame(&self) -> Frame<Bytes> {
         match self {
@@ -135,7 +140,7 @@ impl TeeReader {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if !tee.committed {
-                    let size = frame.data_ref().map_or(0, |d| d.len());
+                    let size = frame.data_ref().map_or(0, |d| d.len()) + FRAME_COST;
                     if tee.kept_len + size > tee.cap {
                         // Past the cap: this try is the last; free what was kept.
                         tee.committed = true;
@@ -362,7 +367,13 @@ impl Collect {
                         self.buf.extend_from_slice(data.chunk());
                     }
                     self.frames.push_back(frame);
-                    if self.buf.len() > self.cap || trailers {
+                    // The frames are kept too, until the body is known to fit: their
+                    // bookkeeping is bounded by the cap as the bytes are (a body of many
+                    // tiny frames is streamed once), and a body in one frame, or at the
+                    // cap in a few, stays replayable.
+                    let kept =
+                        (self.buf.len()).max(self.frames.len().saturating_sub(1) * FRAME_COST);
+                    if kept > self.cap || trailers {
                         // Too large, or trailers we would not replay: stream what we have,
                         // then the rest, once.
                         return Poll::Ready(Ok(Prepared::Once(Some(ReplayBody(
@@ -435,7 +446,7 @@ mod tests {
             );
         let mut p = tokio::time::timeout(
             std::time::Duration::from_secs(1),
-            prepare(StreamBody::new(stream), 64),
+            prepare(StreamBody::new(stream), 64 + 4 * FRAME_COST),
         )
         .await
         .expect("preparing a stream waited for it to end")
@@ -448,7 +459,9 @@ mod tests {
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());
         // Small chunks of unknown total size: teed, intact, and replayed intact.
-        let mut p = prepare(chunked(vec![b"ab", b"cd"]), 64).await.unwrap();
+        let mut p = prepare(chunked(vec![b"ab", b"cd"]), 64 + 4 * FRAME_COST)
+            .await
+            .unwrap();
         assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
         assert!(p.is_replayable());
         assert_eq!(bytes_of(p.next().unwrap()).await, "abcd");
@@ -464,7 +477,9 @@ mod tests {
                 rx,
                 |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
             );
-        let mut p = prepare(StreamBody::new(stream), 64).await.unwrap();
+        let mut p = prepare(StreamBody::new(stream), 64 + 4 * FRAME_COST)
+            .await
+            .unwrap();
         let mut first = p.next().unwrap();
         tx.send(Ok(Frame::data(Bytes::from_static(b"one "))))
             .await
@@ -490,7 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_past_the_cap_commits_its_try() {
-        let mut p = prepare(chunked(vec![b"abc", b"def", b"ghi"]), 5)
+        let mut p = prepare(chunked(vec![b"abc", b"def", b"ghi"]), 5 + FRAME_COST)
             .await
             .unwrap();
         let mut body = p.next().unwrap();
@@ -502,6 +517,53 @@ mod tests {
         assert_eq!(bytes_of(body).await, "defghi", "the rest, as it comes");
         assert!(!p.is_replayable(), "9 bytes sent: committed");
         assert!(p.next().is_none());
+    }
+
+    /// Tiny frames count their bookkeeping against the cap: a stream of one-byte frames
+    /// commits long before its bytes reach the cap, and a body of known size in one-byte
+    /// frames is streamed once rather than collected.
+    #[tokio::test]
+    async fn many_tiny_frames_count_against_the_cap() {
+        let cap = 64 * 1024;
+        let tiny = || {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..10_000)
+                .map(|_| Ok(Frame::data(Bytes::from_static(b"x"))))
+                .collect();
+            StreamBody::new(futures_util::stream::iter(frames))
+        };
+        let mut p = prepare(tiny(), cap).await.unwrap();
+        assert_eq!(bytes_of(p.next().unwrap()).await.len(), 10_000);
+        assert!(
+            !p.is_replayable(),
+            "10,000 frames kept would cost far over the cap"
+        );
+        let mut p = prepare(Sized(tiny(), 10_000), cap).await.unwrap();
+        assert!(!p.is_replayable(), "streamed once");
+        assert_eq!(bytes_of(p.next().unwrap()).await.len(), 10_000);
+        // A body at the cap in a few frames is still collected.
+        let halves = chunked(vec![&[1; 32 * 1024], &[2; 32 * 1024]]);
+        let mut p = prepare(Sized(halves, 64 * 1024), cap).await.unwrap();
+        assert!(p.is_replayable());
+        assert_eq!(bytes_of(p.next().unwrap()).await.len(), 64 * 1024);
+    }
+
+    /// A body that declares its exact size.
+    struct Sized<B>(B, u64);
+
+    impl<B: Body + Unpin> Body for Sized<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.1)
+        }
     }
 
     #[tokio::test]
