@@ -1031,12 +1031,16 @@ async fn identity(
                 .await
                 .map_err(|e| StartError::Identity(e.to_string()))?,
         ),
-        IdentityConfig::Spire { socket } => {
+        IdentityConfig::Spire {
+            socket,
+            withdrawal_grace,
+        } => {
             // The agent may not be up yet, or this workload not registered yet: keep
             // trying (not ready meanwhile) rather than exit into a restart loop.
             let mut wait = std::time::Duration::from_millis(500);
             loop {
-                let mut builder = mesh_spiffe::spire::SpireSource::builder();
+                let mut builder =
+                    mesh_spiffe::spire::SpireSource::builder().withdrawal_grace(*withdrawal_grace);
                 if let Some(socket) = socket {
                     builder = builder.endpoint(socket.clone());
                 }

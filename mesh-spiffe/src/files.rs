@@ -669,7 +669,10 @@ mod tests {
 
     #[test]
     fn from_config_takes_only_files() {
-        let config = IdentityConfig::Spire { socket: None };
+        let config = mesh_core::config::MeshConfig::from_toml("[identity]\nsource = \"spire\"\n")
+            .unwrap()
+            .identity
+            .unwrap();
         assert!(matches!(
             PemFilesBuilder::from_config(&config),
             Err(FilesError::NotFiles)

@@ -13,6 +13,7 @@ use crate::identity::TrustDomain;
 /// [identity]
 /// source = "spire"                                      # the SPIFFE Workload API
 /// socket = "unix:///run/spire/agent/public/api.sock"    # default: $SPIFFE_ENDPOINT_SOCKET
+/// withdrawal_grace = "30s"    # [30s] how long the agent may deny this workload before its identity is dropped
 /// ```
 ///
 /// ```toml
@@ -33,6 +34,15 @@ pub enum IdentityConfig {
         /// Default: the `SPIFFE_ENDPOINT_SOCKET` environment variable.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         socket: Option<String>,
+        /// How long the agent may deny this workload an identity (`PERMISSION_DENIED`: its
+        /// registration entry was deleted) before the SVID and bundles it gave are dropped
+        /// and handshakes fail closed. A grace for an agent that denies for a moment;
+        /// `"0s"` drops them at once. Default: 30 s.
+        #[serde(
+            default = "default_withdrawal_grace",
+            with = "crate::serde_str::duration"
+        )]
+        withdrawal_grace: std::time::Duration,
     },
     /// PEM files on disk, for VMs without SPIRE; reloaded when they change.
     Files {
@@ -45,6 +55,11 @@ pub enum IdentityConfig {
         #[serde(deserialize_with = "unique_bundles")]
         bundles: BTreeMap<TrustDomainKey, PathBuf>,
     },
+}
+
+/// As `mesh_spiffe::spire::DEFAULT_WITHDRAWAL_GRACE`.
+fn default_withdrawal_grace() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 /// A trust domain used as a TOML key.

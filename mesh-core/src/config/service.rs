@@ -119,6 +119,11 @@ pub enum DiscoveryConfig {
         /// `127.0.0.1:8600`, say). Default: the `nameserver` lines of `/etc/resolv.conf`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         name_servers: Vec<SocketAddr>,
+        /// How long the name must stay unknown (NXDOMAIN, in two lookups at least)
+        /// before its endpoints are dropped: a name deleted by mistake, or a resolver
+        /// answering wrongly for a moment, keeps traffic flowing meanwhile. Default: 30 s.
+        #[serde(default = "defaults::nxdomain_grace", with = "duration")]
+        nxdomain_grace: Duration,
     },
     /// DNS SRV records: each target's addresses at the record's port, weighted.
     DnsSrv {
@@ -133,6 +138,9 @@ pub enum DiscoveryConfig {
         /// The name servers to ask, as for `dns`. Default: `/etc/resolv.conf`'s.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         name_servers: Vec<SocketAddr>,
+        /// As for `dns`. Default: 30 s.
+        #[serde(default = "defaults::nxdomain_grace", with = "duration")]
+        nxdomain_grace: Duration,
     },
 }
 
@@ -452,6 +460,10 @@ pub(super) mod defaults {
     }
     pub(crate) fn dns_max_ttl() -> Duration {
         Duration::from_secs(300)
+    }
+    /// As `discover::dns::DEFAULT_NXDOMAIN_GRACE`.
+    pub(crate) fn nxdomain_grace() -> Duration {
+        Duration::from_secs(30)
     }
     pub(crate) fn default_rtt() -> Duration {
         Duration::from_millis(30)

@@ -519,6 +519,46 @@ fn query_matches_parse_and_are_validated() {
     assert_exactly(&errors, &expected);
 }
 
+/// The graces before a withdrawn identity or an unknown DNS name is given up take their
+/// keys, and default to 30 s.
+#[test]
+fn withdrawal_and_nxdomain_graces_have_keys() {
+    let config = MeshConfig::from_toml(
+        r#"
+        [identity]
+        source = "spire"
+        withdrawal_grace = "2m"
+        [services.web]
+        tls = "plaintext"
+        discovery = { kind = "dns", host = "web.internal", port = 8080, nxdomain_grace = "5s" }
+        [services.api]
+        tls = "plaintext"
+        discovery = { kind = "dns-srv", name = "_http._tcp.api.internal" }
+        "#,
+    )
+    .unwrap();
+    let Some(IdentityConfig::Spire {
+        withdrawal_grace, ..
+    }) = &config.identity
+    else {
+        panic!("not spire");
+    };
+    assert_eq!(*withdrawal_grace, Duration::from_secs(120));
+    let DiscoveryConfig::Dns { nxdomain_grace, .. } = &config.services["web"].discovery else {
+        panic!("not dns");
+    };
+    assert_eq!(*nxdomain_grace, Duration::from_secs(5));
+    let DiscoveryConfig::DnsSrv { nxdomain_grace, .. } = &config.services["api"].discovery else {
+        panic!("not dns-srv");
+    };
+    assert_eq!(*nxdomain_grace, Duration::from_secs(30));
+    let spire = MeshConfig::from_toml("[identity]\nsource = \"spire\"\n").unwrap();
+    assert!(matches!(
+        spire.identity,
+        Some(IdentityConfig::Spire { withdrawal_grace, .. }) if withdrawal_grace == Duration::from_secs(30)
+    ));
+}
+
 #[test]
 fn dns_discovery_takes_its_name_servers_and_no_address_for_a_name() {
     let config = MeshConfig::from_toml(

@@ -282,6 +282,7 @@ impl Validator {
         match identity {
             IdentityConfig::Spire {
                 socket: Some(socket),
+                ..
             } => {
                 let ok = socket
                     .strip_prefix("unix://")
@@ -297,7 +298,7 @@ impl Validator {
                     );
                 }
             }
-            IdentityConfig::Spire { socket: None } => {}
+            IdentityConfig::Spire { socket: None, .. } => {}
             IdentityConfig::Files { cert, key, bundles } => {
                 if cert.as_os_str().is_empty() {
                     self.err("identity.cert", "must not be empty");
@@ -348,6 +349,7 @@ impl Validator {
                 min_ttl,
                 max_ttl,
                 name_servers,
+                ..
             } => {
                 if host.parse::<std::net::IpAddr>().is_ok() {
                     self.err(
@@ -373,6 +375,7 @@ impl Validator {
                 min_ttl,
                 max_ttl,
                 name_servers,
+                ..
             } => {
                 self.name_servers(path, name_servers);
                 let mut labels = name.split('.');

@@ -135,6 +135,7 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
             min_ttl,
             max_ttl,
             name_servers,
+            nxdomain_grace,
         } => Ok(Box::pin(
             name_servers
                 .iter()
@@ -143,6 +144,7 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
                 })
                 .ttl_floor(*min_ttl)
                 .ttl_ceiling(*max_ttl)
+                .nxdomain_grace(*nxdomain_grace)
                 .build()?,
         )),
         #[cfg(feature = "discover-dns")]
@@ -151,6 +153,7 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
             min_ttl,
             max_ttl,
             name_servers,
+            nxdomain_grace,
         } => Ok(Box::pin(
             name_servers
                 .iter()
@@ -159,6 +162,7 @@ pub async fn from_config(config: &DiscoveryConfig) -> Result<BoxDiscover, Discov
                 })
                 .ttl_floor(*min_ttl)
                 .ttl_ceiling(*max_ttl)
+                .nxdomain_grace(*nxdomain_grace)
                 .build()?,
         )),
         #[allow(unreachable_patterns)] // reachable when a source's feature is off
