@@ -60,7 +60,7 @@ impl<B: Body> Body for ResponseBody<B> {
                     Some(Err(_)) => Class::Failure,
                     _ => handle.classifier().classify_trailers(trailers),
                 };
-                handle.record(class);
+                handle.record_outcome(class, permit.is_some());
                 if let Some(p) = permit {
                     p.consume();
                 }

@@ -76,7 +76,7 @@ where
                     .classify_response(resp.status(), resp.headers());
                 let pending = match class {
                     Some(class) => {
-                        handle.record(class);
+                        handle.record_outcome(class, permit.is_some());
                         if let Some(p) = permit {
                             p.consume();
                         }
@@ -91,7 +91,7 @@ where
                 // A try the request itself failed (its body stalled, its client left) says
                 // nothing of the endpoint: not counted, and a probe's permit is not spent.
                 if !caused_by_the_request(&e) {
-                    handle.record(Class::Failure);
+                    handle.record_outcome(Class::Failure, permit.is_some());
                     if let Some(p) = permit {
                         p.consume();
                     }

@@ -1,7 +1,7 @@
 //! The gate a breaker's task opens and shuts, and that readiness reads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use tokio::sync::Notify;
 
@@ -23,31 +23,66 @@ pub enum GateState {
 /// May this endpoint take a request now? Written by the breaker's task, read by
 /// [`Breaker::poll_ready`](super::Breaker) and the balancer; every change wakes the
 /// services waiting on it.
+///
+/// In probation one probe is admitted at a time. Each probation, and each new probe the
+/// task admits when one has not reported for a while, is a new *round*: a permit
+/// returns its probe only in its own round, so a permit left from an earlier round
+/// (a cancelled request) cannot let a second probe through.
 #[derive(Debug, Default)]
 pub struct Gate {
     state: AtomicU8,
-    probe_taken: AtomicBool,
+    /// The probe round, times two, plus one while its probe is taken.
+    probe: AtomicU32,
     changed: Arc<Notify>,
 }
 
 impl Gate {
-    /// Takes the single probe permit in probation. (Open gates need no permit.)
-    pub(super) fn try_probe(&self) -> bool {
-        self.state.load(Ordering::Acquire) == PROBATION
-            && !self.probe_taken.swap(true, Ordering::AcqRel)
+    /// Takes the single probe permit in probation, returning its round. (Open gates need
+    /// no permit.)
+    pub(super) fn try_probe(&self) -> Option<u32> {
+        if self.state.load(Ordering::Acquire) != PROBATION {
+            return None;
+        }
+        self.probe
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & 1 == 0).then_some(v | 1)
+            })
+            .ok()
+            .map(|v| v >> 1)
     }
 
-    /// Returns an unused probe permit.
+    /// Starts a new probe round with its probe free (the last one did not report in
+    /// time).
     pub(super) fn release_probe(&self) {
-        self.probe_taken.store(false, Ordering::Release);
+        self.next_round();
         self.changed.notify_waiters();
+    }
+
+    /// Returns the unused probe permit of `round`, if that is still the current round.
+    pub(super) fn release_probe_of(&self, round: u32) {
+        let taken = round.wrapping_shl(1) | 1;
+        if self
+            .probe
+            .compare_exchange(taken, taken & !1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn next_round(&self) {
+        let _ = self
+            .probe
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(((v >> 1).wrapping_add(1)).wrapping_shl(1))
+            });
     }
 
     /// Whether a request would be admitted now (without taking the probe permit).
     pub fn may_admit(&self) -> bool {
         match self.state.load(Ordering::Acquire) {
             OPEN => true,
-            PROBATION => !self.probe_taken.load(Ordering::Acquire),
+            PROBATION => self.probe.load(Ordering::Acquire) & 1 == 0,
             _ => false,
         }
     }
@@ -67,7 +102,7 @@ impl Gate {
     }
 
     pub(super) fn set(&self, state: u8) {
-        self.probe_taken.store(false, Ordering::Release);
+        self.next_round();
         self.state.store(state, Ordering::Release);
         self.changed.notify_waiters();
     }
@@ -79,13 +114,14 @@ impl Gate {
 
 /// The probe permit of an endpoint in probation, held by the service that took it in
 /// `poll_ready` and then by its request. Dropped unused (the service was dropped, or its
-/// request cancelled before an outcome), it is returned so another probe can go.
+/// request cancelled before an outcome), it is returned so another probe can go, if its
+/// round is still the current one.
 #[derive(Debug)]
-pub(super) struct Permit(Option<super::BreakerHandle>);
+pub(super) struct Permit(Option<(super::BreakerHandle, u32)>);
 
 impl Permit {
-    pub(super) fn new(handle: super::BreakerHandle) -> Self {
-        Self(Some(handle))
+    pub(super) fn new(handle: super::BreakerHandle, round: u32) -> Self {
+        Self(Some((handle, round)))
     }
 
     /// The probe's outcome was reported: the breaker's transition resets the gate.
@@ -96,8 +132,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            handle.gate().release_probe();
+        if let Some((handle, round)) = self.0.take() {
+            handle.gate().release_probe_of(round);
         }
     }
 }

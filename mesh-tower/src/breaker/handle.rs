@@ -29,7 +29,8 @@ pub struct BreakerHandle(Arc<Shared>);
 
 struct Shared {
     gate: Arc<Gate>,
-    tx: mpsc::Sender<Class>,
+    /// Outcomes, each with whether it may be a probation's probe.
+    tx: mpsc::Sender<(Class, bool)>,
     classifier: Classifier,
     /// Whether a success must reach the task: a failure was reported since the last
     /// success, or the policy keeps a success-rate window. While the gate is open and
@@ -103,8 +104,16 @@ impl BreakerHandle {
     }
 
     /// Reports a finished request's class. Never blocks; if the task is far behind, the
-    /// outcome is dropped and logged at debug level.
+    /// outcome is dropped and logged at debug level. In probation it is taken as the
+    /// probe's (a [`Breaker`](super::Breaker) service tells its probe from requests sent
+    /// before the ejection, whose outcomes probation ignores).
     pub fn record(&self, class: Class) {
+        self.record_outcome(class, true);
+    }
+
+    /// [`record`](Self::record), saying whether the request was a probe (held the probe
+    /// permit): in probation only a probe's outcome counts.
+    pub(super) fn record_outcome(&self, class: Class, probe: bool) {
         let s = &*self.0;
         match class {
             Class::Success => {
@@ -114,7 +123,7 @@ impl BreakerHandle {
             }
             _ => s.dirty.store(true, Ordering::Release),
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(class) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send((class, probe)) {
             tracing::debug!("circuit breaker is behind: an outcome was dropped");
         }
     }
@@ -172,7 +181,7 @@ impl fmt::Debug for Member {
 async fn drive(
     mut state: BreakerState,
     // Outcomes, and the signal that the endpoint left.
-    (mut rx, left): (mpsc::Receiver<Class>, Arc<Notify>),
+    (mut rx, left): (mpsc::Receiver<(Class, bool)>, Arc<Notify>),
     gate: Arc<Gate>,
     budget: Arc<EjectionBudget>,
     endpoint: impl fmt::Display,
@@ -191,7 +200,10 @@ async fn drive(
         let transition = tokio::select! {
             biased;
             class = rx.recv() => match class {
-                Some(class) => state.on_outcome(class, Instant::now(), &budget, &mut rng),
+                Some((class, true)) => state.on_outcome(class, Instant::now(), &budget, &mut rng),
+                Some((class, false)) => {
+                    state.on_outcome_without_permit(class, Instant::now(), &budget, &mut rng)
+                }
                 None => break,
             },
             // Removed from its balancer: out of the budget now, whatever is in flight.

@@ -137,12 +137,12 @@ mod tests {
         assert_eq!(budget.ejected(), 1);
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
-        assert!(breaker.gate().try_probe(), "one probe");
-        assert!(!breaker.gate().try_probe(), "only one probe");
+        assert!(breaker.gate().try_probe().is_some(), "one probe");
+        assert!(breaker.gate().try_probe().is_none(), "only one probe");
         // The probe never reports: another is admitted after PROBE_RETRY.
         tokio::time::advance(PROBE_RETRY).await;
         settle().await;
-        assert!(breaker.gate().try_probe());
+        assert!(breaker.gate().try_probe().is_some());
         breaker.record(Class::Success);
         settle().await;
         assert!(breaker.gate().is_open());
@@ -228,7 +228,7 @@ mod tests {
         settle().await;
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
-        assert!(breaker.gate().try_probe());
+        assert!(breaker.gate().try_probe().is_some());
         breaker.record(Class::Success);
         settle().await;
         let changes: Vec<_> = record
@@ -267,6 +267,67 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    /// A permit from an earlier probe round (its probe did not report in time, and a new
+    /// one was admitted) returns nothing when dropped: one probe at a time.
+    #[test]
+    fn a_stale_probe_permit_frees_no_newer_probe() {
+        let gate = gate::Gate::default();
+        gate.set(gate::PROBATION);
+        let first = gate.try_probe().unwrap();
+        // The task admits another probe: a new round.
+        gate.release_probe();
+        let second = gate.try_probe().unwrap();
+        assert_ne!(first, second);
+        gate.release_probe_of(first);
+        assert!(
+            !gate.may_admit(),
+            "the stale permit freed the new round's probe"
+        );
+        assert!(gate.try_probe().is_none());
+        gate.release_probe_of(second);
+        assert!(gate.may_admit());
+        // A new probation is a new round too.
+        let third = gate.try_probe().unwrap();
+        gate.set(gate::SHUT);
+        gate.set(gate::PROBATION);
+        let fourth = gate.try_probe().unwrap();
+        gate.release_probe_of(third);
+        assert!(gate.try_probe().is_none());
+        gate.release_probe_of(fourth);
+        assert!(gate.try_probe().is_some());
+    }
+
+    /// In probation only the probe decides: a request sent before the ejection that
+    /// succeeds after it does not reinstate the endpoint.
+    #[test]
+    fn in_probation_only_the_probes_outcome_counts() {
+        let budget = EjectionBudget::new(0.5);
+        budget.add_endpoint();
+        budget.add_endpoint();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut state = BreakerState::new(policy());
+        let now = tokio::time::Instant::now();
+        for _ in 0..3 {
+            state.on_outcome(Class::Failure, now, &budget, &mut rng);
+        }
+        let later = now + Duration::from_secs(2);
+        assert_eq!(state.on_tick(later), Some(Transition::Probation));
+        assert_eq!(
+            state.on_outcome_without_permit(Class::Success, later, &budget, &mut rng),
+            None
+        );
+        assert_eq!(state.phase(), Phase::Probation);
+        assert_eq!(
+            state.on_outcome(Class::Success, later, &budget, &mut rng),
+            Some(Transition::Reinstated)
+        );
+        // Closed again: outcomes without a permit count as usual.
+        for _ in 0..3 {
+            state.on_outcome_without_permit(Class::Failure, later, &budget, &mut rng);
+        }
+        assert!(matches!(state.phase(), Phase::Ejected { .. }));
     }
 
     /// An endpoint removed from its balancer (its `Breaker` service dropped) leaves the

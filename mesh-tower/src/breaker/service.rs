@@ -92,8 +92,8 @@ impl<S> Breaker<S> {
                 self.wait = None;
                 return Poll::Ready(());
             }
-            if gate.try_probe() {
-                self.permit = Some(Permit::new(BreakerHandle::clone(handle)));
+            if let Some(round) = gate.try_probe() {
+                self.permit = Some(Permit::new(BreakerHandle::clone(handle), round));
                 continue;
             }
             let wait = self.wait.get_or_insert_with(|| {

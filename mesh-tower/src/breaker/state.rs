@@ -107,10 +107,35 @@ impl BreakerState {
     ///
     /// In probation the outcome is the probe's: success reinstates, failure ejects again
     /// for longer. Outcomes of requests that were already in flight when the endpoint was
-    /// ejected are ignored.
+    /// ejected are ignored while it is ejected; in probation, pass them to
+    /// [`on_outcome_without_permit`](Self::on_outcome_without_permit).
     pub fn on_outcome(
         &mut self,
         class: Class,
+        now: Instant,
+        budget: &EjectionBudget,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Transition> {
+        self.outcome(class, true, now, budget, rng)
+    }
+
+    /// [`on_outcome`](Self::on_outcome) for a request that was not the probe (it held no
+    /// probe permit): sent before the ejection, it finished after it. Ignored in
+    /// probation, where only the probe decides; counted as usual when closed.
+    pub fn on_outcome_without_permit(
+        &mut self,
+        class: Class,
+        now: Instant,
+        budget: &EjectionBudget,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Transition> {
+        self.outcome(class, false, now, budget, rng)
+    }
+
+    fn outcome(
+        &mut self,
+        class: Class,
+        probe: bool,
         now: Instant,
         budget: &EjectionBudget,
         rng: &mut fastrand::Rng,
@@ -124,6 +149,7 @@ impl BreakerState {
         };
         match self.phase {
             Phase::Ejected { .. } => None,
+            Phase::Probation if !probe => None,
             Phase::Probation => {
                 if failed {
                     self.cause = Some(BreakerCause::ProbeFailed);
