@@ -281,14 +281,15 @@ impl Default for BackoffConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutConfig {
-    /// The whole request, retries included. Default: none.
+    /// The whole request, retries included, up to the end of its response body (a
+    /// stream that outlives it fails). Default: none.
     #[serde(
         default,
         with = "duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub request: Option<Duration>,
-    /// Each try. Default: none.
+    /// Each try, up to its response head (where the try is committed). Default: none.
     #[serde(
         default,
         with = "duration::option",

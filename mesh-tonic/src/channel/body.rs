@@ -83,7 +83,7 @@ impl Body for GrpcBody {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(error))) => {
                 this.inner.set(None);
-                Poll::Ready(Some(Err(status_from_error(error.into(), service))))
+                Poll::Ready(Some(Err(status_from_error(error, service))))
             }
             Poll::Ready(None) => {
                 this.inner.set(None);

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! MeshClient
-//!   timeout::Timeout (request)     the whole request, retries included; sets its Deadline
+//!   timeout::Timeout (request)     the whole request, retries and response body included; sets its Deadline
 //!   retry::Retry                   classes, idempotency, budget, body replay, back-off,
 //!                                  429 retried elsewhere
 //!   balance::Balance               P2C over Load, tiers, zone preference, readiness,
@@ -65,9 +65,16 @@ pub mod error {
 /// One endpoint's stack in a [`MeshClient`].
 pub type EndpointStack = Breaker<Metrics<PeakEwma<Timeout<EndpointClient<ReplayBody>>>>>;
 
-/// The body of a [`MeshClient`] response.
-pub type ResponseBody = crate::breaker::ResponseBody<
-    crate::metrics::ResponseBody<crate::load::ResponseBody<crate::connect::Body<ReplayBody>>>,
+/// The body of a [`MeshClient`] response: bounded by the request timeout, if any, to its
+/// end.
+pub type ResponseBody = crate::timeout::ResponseBody<
+    crate::breaker::ResponseBody<
+        crate::metrics::ResponseBody<
+            crate::load::ResponseBody<
+                crate::timeout::ResponseBody<crate::connect::Body<ReplayBody>>,
+            >,
+        >,
+    >,
 >;
 
 type Stack = Timeout<Retry<Balance<EndpointStack>>>;

@@ -113,6 +113,9 @@ where
     };
     tune(&mut policy);
     let svc = ServiceBuilder::new()
+        .map_response(|r: Response<crate::timeout::ResponseBody<_>>| {
+            r.map(crate::timeout::ResponseBody::into_inner)
+        })
         .layer(TimeoutLayer::request(None))
         .layer(RetryLayer::new(
             policy,

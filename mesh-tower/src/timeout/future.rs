@@ -45,17 +45,25 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<http::Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<http::Response<ResponseBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
-            return Poll::Ready(result.map_err(Into::into));
+            // A request timeout goes on bounding the body; a try's ends with its head.
+            let timer = this
+                .timer
+                .take()
+                .filter(|timer| timer.kind == Kind::Request);
+            return Poll::Ready(match result {
+                Ok(response) => Ok(response.map(|inner| ResponseBody { inner, timer })),
+                Err(e) => Err(e.into()),
+            });
         }
         let Some(timer) = this.timer.as_mut() else {
             return Poll::Pending;
@@ -68,5 +76,66 @@ where
             })),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+pin_project! {
+    /// The body of a [`Timeout`](super::Timeout)'s response. Under a request timeout it
+    /// fails with [`RequestTimeout`] when the deadline passes before it ends: the timeout
+    /// bounds the whole exchange, a streamed answer included (as Gateway API's request
+    /// timeout and Envoy's route timeout do). Under a per-try timeout it passes the body
+    /// through: a try is bounded to its response head, the point where it is committed.
+    #[derive(Debug)]
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        timer: Option<Pin<Box<Timer>>>,
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// The body as it came, without a timer.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> http_body::Body for ResponseBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let Some(timer) = this.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        let timer = timer.as_mut().project();
+        match timer.sleep.poll(cx) {
+            Poll::Ready(()) => {
+                let timeout = *timer.timeout;
+                // Once: the body is over.
+                *this.timer = None;
+                Poll::Ready(Some(Err(RequestTimeout(timeout).into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

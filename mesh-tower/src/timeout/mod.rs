@@ -1,10 +1,11 @@
 //! Request and per-try timeouts as layers, with typed errors.
 //!
 //! [`TimeoutLayer::request`] bounds a whole request — retries and back-offs included when
-//! it sits above [`crate::retry`] — and fails it with [`RequestTimeout`]. It also puts the
+//! it sits above [`crate::retry`], and the response body to its end — and fails it with
+//! [`RequestTimeout`] (the body, past its head, with a [`RequestTimeout`] error). It also puts the
 //! request's [`Deadline`] in its extensions, so that the retry layer below never starts a
-//! back-off that would end past it. [`TimeoutLayer::per_try`] bounds one try and fails it
-//! with [`TryTimeout`]; in [`MeshClient`](crate::MeshClient) it sits in each endpoint's
+//! back-off that would end past it. [`TimeoutLayer::per_try`] bounds one try, up to its
+//! response head (where the try is committed), and fails it with [`TryTimeout`]; in [`MeshClient`](crate::MeshClient) it sits in each endpoint's
 //! stack, below the breaker and the load measurement, so a timed-out try counts as that
 //! endpoint's failure and raises its latency estimate.
 //!
@@ -49,7 +50,7 @@ mod layer;
 mod service;
 
 pub use self::error::{DeadlineExceeded, RequestTimeout, TryTimeout};
-pub use self::future::ResponseFuture;
+pub use self::future::{ResponseBody, ResponseFuture};
 pub use self::inbound::{GrpcDeadline, GrpcDeadlineLayer, InboundFuture};
 pub use self::layer::TimeoutLayer;
 pub use self::service::Timeout;

@@ -6,7 +6,7 @@ use mesh_core::error::BoxError;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Deadline, Kind, ResponseFuture, TimeoutOverride};
+use super::{Deadline, Kind, ResponseBody, ResponseFuture, TimeoutOverride};
 
 /// A request or per-try timeout; see the [module docs](super).
 #[derive(Clone, Debug)]
@@ -41,12 +41,12 @@ impl<S> Timeout<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for Timeout<S>
+impl<S, B, RB> Service<Request<B>> for Timeout<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<RB>>,
     S::Error: Into<BoxError>,
 {
-    type Response = S::Response;
+    type Response = http::Response<ResponseBody<RB>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -150,6 +150,38 @@ mod tests {
     use tower::{ServiceBuilder, ServiceExt};
 
     use super::super::TimeoutLayer;
+
+    type Stalled = http_body_util::StreamBody<
+        futures_util::stream::Pending<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>,
+    >;
+
+    /// An answer whose head comes at once and whose body then stalls.
+    async fn stalled(_req: Request<()>) -> Result<Response<Stalled>, std::convert::Infallible> {
+        Ok(Response::new(http_body_util::StreamBody::new(
+            futures_util::stream::pending(),
+        )))
+    }
+
+    /// A request timeout bounds the body to its end: a body that stalls past the deadline
+    /// fails with `RequestTimeout`. A per-try timeout ends with the head.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_timeout_bounds_the_body_and_a_try_timeout_the_head() {
+        use http_body_util::BodyExt;
+        let svc = ServiceBuilder::new()
+            .layer(TimeoutLayer::request(Some(Duration::from_secs(2))))
+            .service_fn(stalled);
+        let started = tokio::time::Instant::now();
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<super::super::RequestTimeout>(), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let svc = ServiceBuilder::new()
+            .layer(TimeoutLayer::per_try(Some(Duration::from_secs(2))))
+            .service_fn(stalled);
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        let read = tokio::time::timeout(Duration::from_secs(60), body.frame()).await;
+        assert!(read.is_err(), "a try's timeout does not bound its body");
+    }
 
     /// A per-try bound past the clock's range (`Duration::MAX`, from a route's override,
     /// say) bounds nothing, and panics nowhere.
