@@ -64,6 +64,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_connection_specific) {
         return;
     }
+    // Read before `Connection` may name it away.
+    let framed = headers.contains_key(header::TRANSFER_ENCODING);
     // Fields named by `Connection` are connection-specific too (split as bytes: a value
     // with other bytes beside the names still names them), except those the next hop
     // needs whatever a sender says: `Host` (named, it would be dropped after the
@@ -90,8 +92,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // A message framed by `Transfer-Encoding` keeps a `Content-Length` only by mistake (or
     // to smuggle): RFC 9112 §6.3 has an intermediary remove it before forwarding, or the
-    // next hop would frame the body by it.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    // next hop would frame the body by it. Also when `Connection` names
+    // `Transfer-Encoding` (found by the `request_head` fuzz target).
+    if framed {
         headers.remove(header::CONTENT_LENGTH);
     }
     for name in [
@@ -871,6 +874,13 @@ mod tests {
         let mut framed = HeaderMap::new();
         framed.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         framed.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        strip_hop_by_hop(&mut framed);
+        assert!(framed.is_empty(), "{framed:?}");
+        // Also when Connection names Transfer-Encoding.
+        let mut framed = HeaderMap::new();
+        framed.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        framed.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        framed.insert(header::CONNECTION, "transfer-encoding".parse().unwrap());
         strip_hop_by_hop(&mut framed);
         assert!(framed.is_empty(), "{framed:?}");
         let mut plain = HeaderMap::new();
