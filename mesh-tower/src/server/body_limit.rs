@@ -85,7 +85,10 @@ where
 /// served by another (`admin.internal`, once it became a URI's authority). Also a target
 /// that is no path (RFC 9112 §3.2.1, RFC 9113 §8.3.1: it starts with `/`, or is `*` for
 /// OPTIONS only), and an extended CONNECT for `h2c` or for more than one protocol.
-pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (_, Some(_)) => return Some("more than one Host field"),
