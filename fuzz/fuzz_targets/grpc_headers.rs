@@ -1,5 +1,7 @@
-//! `grpc-timeout`, `grpc-retry-pushback-ms` and `grpc-status`: parsing never panics, and a
-//! parsed timeout encodes back to a value that parses to at least the same duration.
+//! `grpc-timeout`, `grpc-retry-pushback-ms` and `grpc-status`: parsing never panics, a
+//! parsed timeout encodes back to a value that parses to at least the same duration, and
+//! a status is what a plain reference reads: 1 to 10 ASCII digits (no sign, no space)
+//! whose value is the code from 0 to 16, else `UNKNOWN`; anything else is an error.
 #![no_main]
 
 use std::time::Duration;
@@ -20,5 +22,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(grpc::Pushback::After(d)) = grpc::parse_pushback(&value, Duration::from_secs(30)) {
         assert!(d <= Duration::from_secs(30));
     }
-    let _ = grpc::parse_status(&value);
+    let status = grpc::parse_status(&value).ok();
+    let digits = (1..=10).contains(&data.len()) && data.iter().all(u8::is_ascii_digit);
+    let expected = digits.then(|| {
+        let n = data.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        grpc::Code::ALL
+            .into_iter()
+            .find(|&code| code as u64 == n)
+            .unwrap_or(grpc::Code::Unknown)
+    });
+    assert_eq!(status, expected, "{data:?}");
 });

@@ -64,6 +64,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_connection_specific) {
         return;
     }
+    // Read before `Connection` may name it away.
+    let framed = headers.contains_key(header::TRANSFER_ENCODING);
     // Fields named by `Connection` are connection-specific too (split as bytes: a value
     // with other bytes beside the names still names them), except those the next hop
     // needs whatever a sender says: `Host` (named, it would be dropped after the
@@ -90,8 +92,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // A message framed by `Transfer-Encoding` keeps a `Content-Length` only by mistake (or
     // to smuggle): RFC 9112 §6.3 has an intermediary remove it before forwarding, or the
-    // next hop would frame the body by it.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    // next hop would frame the body by it. Also when `Connection` names
+    // `Transfer-Encoding` (found by the `request_head` fuzz target).
+    if framed {
         headers.remove(header::CONTENT_LENGTH);
     }
     for name in [
@@ -264,14 +267,20 @@ where
                 *req.method_mut() = http::Method::CONNECT;
             }
         }
-        let headers = req.headers_mut();
         if let Some(orig) = orig {
-            headers.insert(ORIG_PROTO, HeaderValue::from_static(orig));
-            // `Host` travels as `:authority` (the URI's) in HTTP/2.
-            if let Some(host) = headers.remove(header::HOST)
-                && req.uri().authority().is_none()
-            {
-                with_authority(&mut req, &host);
+            req.headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static(orig));
+            // `Host` travels as `:authority` (the URI's) in HTTP/2. One that is no
+            // authority goes on as it came, as the connection passes it on (dropped, the
+            // application would be given the endpoint's address in its place).
+            let moved = req.uri().authority().is_some()
+                || req
+                    .headers()
+                    .get(header::HOST)
+                    .cloned()
+                    .is_some_and(|host| with_authority(&mut req, &host));
+            if moved {
+                req.headers_mut().remove(header::HOST);
             }
             *req.version_mut() = Version::HTTP_2;
         }
@@ -280,10 +289,11 @@ where
 }
 
 /// Gives an origin-form request the authority `host` (its `Host` header), so that the
-/// name the caller used survives a hop where only the URI carries it.
-fn with_authority<B>(req: &mut Request<B>, host: &HeaderValue) {
+/// name the caller used survives a hop where only the URI carries it; false, the request
+/// untouched, when `host` is no authority.
+fn with_authority<B>(req: &mut Request<B>, host: &HeaderValue) -> bool {
     let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) else {
-        return;
+        return false;
     };
     let mut parts = req.uri().clone().into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
@@ -291,8 +301,12 @@ fn with_authority<B>(req: &mut Request<B>, host: &HeaderValue) {
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -862,6 +876,13 @@ mod tests {
         framed.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
         strip_hop_by_hop(&mut framed);
         assert!(framed.is_empty(), "{framed:?}");
+        // Also when Connection names Transfer-Encoding.
+        let mut framed = HeaderMap::new();
+        framed.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        framed.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        framed.insert(header::CONNECTION, "transfer-encoding".parse().unwrap());
+        strip_hop_by_hop(&mut framed);
+        assert!(framed.is_empty(), "{framed:?}");
         let mut plain = HeaderMap::new();
         plain.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
         plain.insert(header::CONNECTION, "close".parse().unwrap());
@@ -1227,6 +1248,39 @@ mod tests {
         assert_eq!(sent.uri(), "http://users.example.org:8080/users?id=7");
         assert!(sent.headers().get(header::HOST).is_none());
         assert!(sent.headers().get(header::CONNECTION).is_none());
+
+        // A Host that is no authority (an empty one, or one the server would have
+        // refused) cannot become the URI's: it goes on as it came, not dropped.
+        for host in ["", "caf%C3%A9.example"] {
+            let req = Request::get("/users")
+                .version(Version::HTTP_11)
+                .header(header::HOST, host)
+                .body(())
+                .unwrap();
+            let sent = ToMeshLayer::new()
+                .layer(seen)
+                .oneshot(req)
+                .await
+                .unwrap()
+                .into_body();
+            assert_eq!(sent.version(), Version::HTTP_2);
+            assert_eq!(sent.uri(), "/users", "{host:?}");
+            assert_eq!(sent.headers()[header::HOST], host);
+        }
+        // An absolute-form request's authority is the URI's: its Host goes.
+        let req = Request::get("http://users.example.org/x")
+            .version(Version::HTTP_11)
+            .header(header::HOST, "other.example")
+            .body(())
+            .unwrap();
+        let sent = ToMeshLayer::new()
+            .layer(seen)
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body();
+        assert_eq!(sent.uri(), "http://users.example.org/x");
+        assert!(sent.headers().get(header::HOST).is_none());
 
         // Passthrough: the version stays; connection-specific fields still go.
         let req = Request::get("/")

@@ -12,7 +12,8 @@
 //! streams a pool opened on the connection against it. Until the frame arrives the limit
 //! is the one the endpoint's other connections learned, or else 100, the least RFC 9113
 //! recommends servers allow (and what h2 assumes); a `SETTINGS` without the setting means
-//! no limit. Later `SETTINGS` that change the value are left to h2 (it queues, as
+//! no limit, and a first frame that is not the server's `SETTINGS` (another frame, an
+//! acknowledgement, one h2 refuses as malformed) teaches nothing. Later `SETTINGS` that change the value are left to h2 (it queues, as
 //! before).
 
 use std::io;
@@ -29,6 +30,8 @@ pub(crate) const ASSUMED_MAX_STREAMS: usize = 100;
 
 /// `SETTINGS` (RFC 9113 6.5).
 const SETTINGS: u8 = 0x4;
+/// The `ACK` flag of a `SETTINGS` frame (RFC 9113 6.5).
+const ACK: u8 = 0x1;
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` (RFC 9113 6.5.2).
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
@@ -131,7 +134,10 @@ enum Step {
     More,
     /// The frame ended: the limit it sets (`None`: none).
     Done(Option<u32>),
-    /// Not a `SETTINGS` frame: h2 will fail the connection; the assumed limit stays.
+    /// Not the server's `SETTINGS`: another frame, an acknowledgement, one on a stream, or
+    /// one whose length is not a multiple of 6. h2 fails the connection for any but the
+    /// acknowledgement (a server that acknowledges before it sends its own `SETTINGS`
+    /// sends them next, unread here); the assumed limit stays.
     NotSettings,
 }
 
@@ -153,11 +159,13 @@ impl Parser {
                 if self.filled < 9 {
                     return Step::More;
                 }
-                let [l0, l1, l2, kind, _flags, ..] = self.buf;
-                if kind != SETTINGS {
+                let [l0, l1, l2, kind, flags, s0, s1, s2, s3] = self.buf;
+                let len = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                // The stream identifier without its reserved bit (RFC 9113 4.1).
+                let stream = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
+                if kind != SETTINGS || flags & ACK != 0 || stream != 0 || len % 6 != 0 {
                     return Step::NotSettings;
                 }
-                let len = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
                 self.filled = 0;
                 if len == 0 {
                     return Step::Done(None);
@@ -176,7 +184,6 @@ impl Parser {
                     }
                 }
                 if left == 0 {
-                    // A payload not a multiple of 6 is h2's to refuse (FRAME_SIZE_ERROR).
                     return Step::Done(self.max);
                 }
                 Step::More
@@ -235,6 +242,20 @@ impl<T> Sniff<T> {
             return;
         }
     }
+}
+
+/// The limit a [`StreamLimit`] assuming `assumed` holds once its connection's server sent
+/// `reads`, read in those pieces as [`Sniff`] reads them.
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub fn sniffed_max_streams<'a>(assumed: usize, reads: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    let limit = Arc::new(StreamLimit::assuming(assumed));
+    let mut sniff = Sniff::learning((), limit.clone());
+    for read in reads {
+        sniff.learn(read);
+    }
+    limit.max()
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Sniff<T> {
@@ -356,6 +377,37 @@ mod tests {
         );
         // Nothing at all, or a cut header: the assumed limit stays.
         assert_eq!(learned(&[0, 0], 1).await, ASSUMED_MAX_STREAMS);
+    }
+
+    /// Only the server's own `SETTINGS` teach a limit: not an acknowledgement (which says
+    /// nothing of the server's settings), nor a frame h2 refuses (on a stream, or of a
+    /// length that is no whole number of settings).
+    #[tokio::test]
+    async fn acknowledgements_and_malformed_settings_teach_nothing() {
+        let good = settings(&[(MAX_CONCURRENT_STREAMS, 7)]);
+        assert_eq!(learned(&good, 5).await, 7);
+        // The reserved bit of the stream identifier is not the stream's.
+        let mut reserved = good.clone();
+        reserved[5] = 0x80;
+        assert_eq!(learned(&reserved, 5).await, 7);
+
+        let mut ack = settings(&[]);
+        ack[4] = ACK;
+        ack.extend(&good);
+        assert_eq!(learned(&ack, 5).await, ASSUMED_MAX_STREAMS);
+        let mut on_a_stream = good.clone();
+        on_a_stream[8] = 1;
+        assert_eq!(learned(&on_a_stream, 5).await, ASSUMED_MAX_STREAMS);
+        let mut ragged = good.clone();
+        ragged[2] += 1;
+        ragged.push(0);
+        assert_eq!(learned(&ragged, 5).await, ASSUMED_MAX_STREAMS);
+        assert_eq!(
+            sniffed_max_streams(3, [&ragged[..4], &ragged[4..]]),
+            3,
+            "the assumed limit stays"
+        );
+        assert_eq!(sniffed_max_streams(3, [&good[..4], &[][..], &good[4..]]), 7);
     }
 
     #[test]

@@ -101,3 +101,5 @@ pub(crate) fn nanos(d: std::time::Duration) -> u64 {
 
 #[cfg(all(feature = "balance", feature = "breaker"))]
 pub use crate::client::{MeshClient, MeshClientBuilder};
+#[doc(hidden)]
+pub use crate::h2_streams::sniffed_max_streams;

@@ -2023,6 +2023,31 @@ async fn bodies_declared_over_the_limit_get_413() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// A `Host` whose name is percent-encoded is refused with 400: `http` takes no such
+/// authority, so the name the request was routed by could not reach the application
+/// (it would get the endpoint's address instead). Clients send punycode, which is served.
+#[tokio::test]
+async fn a_percent_encoded_host_gets_400() {
+    let server = plaintext(None, ServerLimits::default()).await;
+    for (host, status) in [
+        ("caf%C3%A9.example", "HTTP/1.1 400"),
+        ("xn--caf-dma.example", "HTTP/1.1 200"),
+    ] {
+        let mut tcp = TcpStream::connect(server.local_addr()).await.unwrap();
+        let head = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let answer = String::from_utf8_lossy(&read_to_close(&mut tcp).await).into_owned();
+        assert!(answer.starts_with(status), "{host}: {answer}");
+        if status.ends_with("400") {
+            assert!(
+                answer.contains("a Host that is not host[:port]"),
+                "{answer}"
+            );
+        }
+    }
+    server.shutdown().await;
+}
+
 /// gRPC calls the server refuses itself get a trailers-only gRPC status, as every other
 /// refusal of the mesh: RESOURCE_EXHAUSTED for a body declared over the limit, INTERNAL
 /// (what a gRPC client makes of a 400) for a `Host` it must refuse.

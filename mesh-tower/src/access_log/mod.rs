@@ -15,7 +15,7 @@
 //! | `server.id` | the identity the answering peer proved (a response's [`PeerIdentity`], as the mesh client sets it), or `-` |
 //! | `method`, `uri`, `version`, `host`, `user_agent` | from the request (`uri`: its path and query, or the whole target when it has none, as for `CONNECT`); the client's text is cut at 1 KiB, marked `…` |
 //! | `status` | the response's status, or `-` when there was none |
-//! | `grpc.status` | a gRPC call's status (from trailers, or headers for a trailers-only answer), or `-` |
+//! | `grpc.status` | a gRPC call's status (from trailers, or headers for a trailers-only answer; a code outside 0–16 or no number is `2`, UNKNOWN, as the metrics count it), or `-` |
 //! | `response_bytes` | body bytes sent |
 //! | `duration_us` | from the request's arrival to the end of its response body |
 //! | `outcome` | `complete` (the body's end, its trailers, or a response with no body to send: to `HEAD`, a 1xx, 204 or 304); `body_error` (the body failed midway); `body_dropped` (dropped before its end: the client went away); `error` (the service failed with no response); `cancelled` (the request was dropped before its response) |
@@ -66,6 +66,8 @@ use mesh_spiffe::PeerIdentity;
 use tokio::time::Instant;
 use tower::Layer;
 use tower_service::Service;
+
+use crate::metrics::server::grpc_status;
 
 pub use body::LoggedBody;
 pub use future::ResponseFuture;
@@ -421,14 +423,6 @@ impl fmt::Display for Dash<'_> {
             None => f.write_str("-"),
         }
     }
-}
-
-/// A `grpc-status` header's code.
-fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 #[cfg(test)]

@@ -309,6 +309,45 @@ async fn a_grpc_status_is_read_from_trailers() {
     }
 }
 
+/// A `grpc-status` is read as gRPC clients and the metrics read it: a code outside 0–16,
+/// or a value that is no plain number (`+5`, which `u16::from_str` would take), is
+/// UNKNOWN (2).
+#[tokio::test]
+async fn a_grpc_status_is_read_as_the_metrics_read_it() {
+    let (lines, _guard) = capture();
+    for (sent, logged) in [
+        ("14", "14"),
+        ("007", "7"),
+        ("+5", "2"),
+        ("99", "2"),
+        ("4294967296", "2"),
+        ("12345678901", "2"),
+        ("x", "2"),
+        ("", "2"),
+    ] {
+        let answer = move || {
+            tower::service_fn(move |_req: Request<Empty<Bytes>>| async move {
+                let mut resp = Response::new(Empty::<Bytes>::new());
+                resp.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static(sent));
+                Ok::<_, Infallible>(resp)
+            })
+        };
+        for (way, mut svc, _) in both("grpc", answer) {
+            let req = Request::post("/echo.Echo/Say")
+                .version(http::Version::HTTP_2)
+                .header("content-type", "application/grpc")
+                .body(Empty::new())
+                .unwrap();
+            let resp = call(&mut svc, req).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            let line = lines.take();
+            assert_eq!(line.len(), 1, "{way} {sent:?}");
+            assert_eq!(line[0]["grpc.status"], logged, "{way} {sent:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn trailers_end_a_body_and_bodiless_answers_are_complete() {
     let (lines, _guard) = capture();

@@ -751,8 +751,9 @@ where
 }
 
 /// The `grpc-status` in `headers`, if any: a code from 0 to 16, where a number outside
-/// that range or a value that is no number is `UNKNOWN` (2), as gRPC clients read it.
-fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+/// that range or a value that is no number is `UNKNOWN` (2), as gRPC clients read it
+/// ([`grpc::parse_status`]). The access log reads it so too.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     let value = headers.get("grpc-status")?;
     Some(grpc::parse_status(value).map_or(2, |code| u16::from(code as u8)))
 }

@@ -85,7 +85,10 @@ where
 /// served by another (`admin.internal`, once it became a URI's authority). Also a target
 /// that is no path (RFC 9112 §3.2.1, RFC 9113 §8.3.1: it starts with `/`, or is `*` for
 /// OPTIONS only), and an extended CONNECT for `h2c` or for more than one protocol.
-pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+///
+/// Exposed for the fuzz targets in `fuzz/`; not a stable API.
+#[doc(hidden)]
+pub fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (_, Some(_)) => return Some("more than one Host field"),
@@ -159,8 +162,8 @@ fn is_protocol_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
 }
 
-/// The bytes a registered name takes as they are (RFC 3986 §3.2.2: unreserved and
-/// sub-delimiters; `%` starts an escape, checked apart).
+/// The bytes a registered name takes (RFC 3986 §3.2.2: unreserved and sub-delimiters;
+/// `%` escapes are refused in names and checked apart in IP literals).
 static NAME_BYTES: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -190,9 +193,15 @@ static NAME_BYTES: [bool; 256] = {
 };
 
 /// Whether `value` is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP literal in
-/// brackets (checked for its characters, not parsed), or a name of unreserved, percent-encoded and sub-delimiter characters, then
-/// an optional port of at most 65535 (it may be empty). One pass, no allocation: every
-/// request with a `Host` is checked.
+/// brackets (checked for its characters and at most 8 colons, not parsed), or a name of
+/// unreserved and sub-delimiter characters, then an optional port of at most 65535 (it
+/// may be empty). One pass, no allocation: every request with a `Host` is checked.
+///
+/// A name may not be percent-encoded, though RFC 3986 allows it: `http::uri::Authority`
+/// refuses one (so the name could not travel as an HTTP/2 `:authority`, and the
+/// application would be given another), and clients send international names as
+/// punycode (`xn--caf-dma.example`). Nor may a literal have more than 8 colons, which
+/// `Authority` refuses too: every `Host` taken here is an authority.
 fn is_host_port(value: &[u8]) -> bool {
     let (host, port) = match value.first() {
         Some(b'[') => {
@@ -203,6 +212,7 @@ fn is_host_port(value: &[u8]) -> bool {
             // name takes, `:`, and escapes.
             let literal = &value[1..close];
             if literal.is_empty()
+                || literal.iter().filter(|&&b| b == b':').count() > 8
                 || !literal.iter().enumerate().all(|(i, &b)| {
                     NAME_BYTES[usize::from(b)]
                         || b == b':'
@@ -226,14 +236,7 @@ fn is_host_port(value: &[u8]) -> bool {
         },
     };
     let name_ok = host.first() == Some(&b'[')
-        || (!host.is_empty()
-            && host.iter().enumerate().all(|(i, &b)| {
-                NAME_BYTES[usize::from(b)]
-                    || (b == b'%'
-                        && host
-                            .get(i + 1..i + 3)
-                            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
-            }));
+        || (!host.is_empty() && host.iter().all(|&b| NAME_BYTES[usize::from(b)]));
     let port_ok = port.len() <= 5
         && port.iter().all(u8::is_ascii_digit)
         && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535;
@@ -351,7 +354,23 @@ mod tests {
                 &[b"[::1@x]"],
                 Some("a Host that is not host[:port]"),
             ),
-            (HTTP_11, "/", &[b"caf%C3%A9.example"], None),
+            // A percent-encoded name is no authority to `http`: it could not go on as
+            // one. Clients send punycode.
+            (
+                HTTP_11,
+                "/",
+                &[b"caf%C3%A9.example"],
+                Some("a Host that is not host[:port]"),
+            ),
+            (HTTP_11, "/", &[b"xn--caf-dma.example"], None),
+            // At most 8 colons in a literal (`::` and seven groups), as `http` takes.
+            (HTTP_11, "/", &[b"[::1:2:3:4:5:6:7]:80"], None),
+            (
+                HTTP_11,
+                "/",
+                &[b"[::1:2:3:4:5:6:7:8]"],
+                Some("a Host that is not host[:port]"),
+            ),
             (
                 HTTP_11,
                 "/",
@@ -409,6 +428,17 @@ mod tests {
         ] {
             let req = request(version, uri, hosts);
             assert_eq!(host_problem(&req), problem, "{version:?} {uri} {hosts:?}");
+            // Every Host taken is an authority `http` parses.
+            if problem.is_none()
+                && let [host] = hosts
+                && !host.is_empty()
+            {
+                assert!(
+                    http::uri::Authority::try_from(*host).is_ok(),
+                    "{:?}",
+                    String::from_utf8_lossy(host)
+                );
+            }
         }
         let mut options = request(HTTP_11, "*", &[b""]);
         *options.method_mut() = http::Method::OPTIONS;

@@ -99,6 +99,8 @@ use crate::body::ResponseBody;
 use crate::metrics::server::{InboundMetrics, ListenerMetrics, MeteredBody};
 use crate::ratelimit::{Limits, RateLimit, RateLimitLayer};
 
+#[doc(hidden)]
+pub use self::body_limit::host_problem;
 pub use self::limits::ServerLimits;
 
 /// How many handed-over connections wait for a server before [`Handoff::hand`] waits.
