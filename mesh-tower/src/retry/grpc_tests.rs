@@ -87,6 +87,19 @@ where
     client_with(script, latency, move |p| p.max_retries = max_retries)
 }
 
+/// The default policy with a fixed 10 ms back-off.
+fn fast_policy() -> RetryPolicy {
+    RetryPolicy {
+        backoff: crate::backoff::Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+            0.0,
+        )
+        .unwrap(),
+        ..RetryPolicy::default()
+    }
+}
+
 /// [`client`] with the default policy (back-off 10 ms) as `tune` leaves it.
 fn client_with<B>(
     script: Vec<Answer>,
@@ -102,15 +115,7 @@ where
 {
     let tries: Tries = Arc::default();
     let seen = tries.clone();
-    let mut policy = RetryPolicy {
-        backoff: crate::backoff::Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(10),
-            0.0,
-        )
-        .unwrap(),
-        ..RetryPolicy::default()
-    };
+    let mut policy = fast_policy();
     tune(&mut policy);
     let svc = ServiceBuilder::new()
         .map_response(|r: Response<crate::timeout::ResponseBody<_>>| {
@@ -372,13 +377,7 @@ async fn calls_that_may_have_run_are_retried_only_when_the_policy_names_unavaila
         let seen = tries.clone();
         let policy = RetryPolicy {
             grpc_codes: codes,
-            backoff: crate::backoff::Backoff::new(
-                Duration::from_millis(10),
-                Duration::from_millis(10),
-                0.0,
-            )
-            .unwrap(),
-            ..RetryPolicy::default()
+            ..fast_policy()
         };
         let svc = ServiceBuilder::new()
             .layer(RetryLayer::new(
