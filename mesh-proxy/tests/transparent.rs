@@ -491,12 +491,14 @@ fn redirected_connections_are_meshed_by_original_destination_or_passed_through()
     // The old address is nobody's now: passed through, to nothing listening there.
     assert_eq!(ns.curl("http://10.55.0.10/hello").0, 0);
 
-    // The script takes its rules out again.
+    // The script takes its rules out again, both families' even when told only of IPv4
+    // (`IPV6` unset): an IPv6 chain left behind would send the host's IPv6 connections
+    // to a proxy that is gone.
     let removed = ns
         .command("sh")
         .arg(script())
         .arg("remove")
-        .env("IPV6", "1")
+        .env_remove("IPV6")
         .status()
         .unwrap();
     assert!(removed.success());

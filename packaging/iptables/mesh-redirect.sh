@@ -151,6 +151,13 @@ install() {
 
 families=4
 [ "${IPV6:-0}" = 1 ] && families="4 6"
+# An IPv6 chain left by an earlier install with IPV6=1 goes with a remove, and with an
+# install for IPv4 alone: otherwise the host's IPv6 connections would still be sent to a
+# proxy that is gone, or that no longer listens on [::1].
+if [ "$families" = 4 ] && { [ "$action" = remove ] || [ "$action" = install ]; } \
+    && command -v ip6tables >/dev/null 2>&1; then
+    remove ip6tables
+fi
 for family in $families; do
     if [ "$family" = 4 ]; then
         ipt=iptables

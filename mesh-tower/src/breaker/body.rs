@@ -60,7 +60,7 @@ impl<B: Body> Body for ResponseBody<B> {
                     Some(Err(_)) => Class::Failure,
                     _ => handle.classifier().classify_trailers(trailers),
                 };
-                handle.record_outcome(class, permit.is_some());
+                handle.record_outcome(class, permit.as_ref().and_then(Permit::round));
                 if let Some(p) = permit {
                     p.consume();
                 }

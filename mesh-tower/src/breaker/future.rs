@@ -76,7 +76,7 @@ where
                     .classify_response(resp.status(), resp.headers());
                 let pending = match class {
                     Some(class) => {
-                        handle.record_outcome(class, permit.is_some());
+                        handle.record_outcome(class, permit.as_ref().and_then(Permit::round));
                         if let Some(p) = permit {
                             p.consume();
                         }
@@ -91,7 +91,7 @@ where
                 // A try the request itself failed (its body stalled, its client left) says
                 // nothing of the endpoint: not counted, and a probe's permit is not spent.
                 if !caused_by_the_request(&e) {
-                    handle.record_outcome(Class::Failure, permit.is_some());
+                    handle.record_outcome(Class::Failure, permit.as_ref().and_then(Permit::round));
                     if let Some(p) = permit {
                         p.consume();
                     }

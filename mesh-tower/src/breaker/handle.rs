@@ -8,7 +8,7 @@ use mesh_core::classify::{Class, Classifier};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::gate::{Gate, OPEN, PROBATION, SHUT};
+use super::gate::{Gate, OPEN, PROBATION, SHUT, round_since};
 use super::{BreakerPolicy, BreakerState, EjectionBudget, PROBE_RETRY, Phase, Transition};
 use crate::decision::{BreakerChange, BreakerPhase, Event, Recorder};
 
@@ -23,14 +23,15 @@ const CHANNEL: usize = 1024;
 /// was removed from its balancer), or, for a handle never given to one, when its last
 /// clone is. Clones held by requests still in flight then no longer count it: a removed
 /// endpoint's long stream cannot let the budget eject the last live one. Its task stops
-/// there, and outcomes recorded after are dropped.
+/// there, its gate opens for good, and outcomes recorded after are dropped: build a new
+/// handle for an endpoint that comes back.
 #[derive(Clone)]
 pub struct BreakerHandle(Arc<Shared>);
 
 struct Shared {
     gate: Arc<Gate>,
-    /// Outcomes, each with whether it may be a probation's probe.
-    tx: mpsc::Sender<(Class, bool)>,
+    /// Outcomes, each with who reports it.
+    tx: mpsc::Sender<(Class, Reporter)>,
     classifier: Classifier,
     /// Whether a success must reach the task: a failure was reported since the last
     /// success, or the policy keeps a success-rate window. While the gate is open and
@@ -108,12 +109,16 @@ impl BreakerHandle {
     /// probe's (a [`Breaker`](super::Breaker) service tells its probe from requests sent
     /// before the ejection, whose outcomes probation ignores).
     pub fn record(&self, class: Class) {
-        self.record_outcome(class, true);
+        self.send(class, Reporter::Anyone);
     }
 
-    /// [`record`](Self::record), saying whether the request was a probe (held the probe
-    /// permit): in probation only a probe's outcome counts.
-    pub(super) fn record_outcome(&self, class: Class, probe: bool) {
+    /// [`record`](Self::record) for a request that held the probe permit of `round`, or
+    /// none: in probation only the outcome of a probe of that probation counts.
+    pub(super) fn record_outcome(&self, class: Class, round: Option<u32>) {
+        self.send(class, round.map_or(Reporter::NotProbe, Reporter::Probe));
+    }
+
+    fn send(&self, class: Class, reporter: Reporter) {
         let s = &*self.0;
         match class {
             Class::Success => {
@@ -123,7 +128,7 @@ impl BreakerHandle {
             }
             _ => s.dirty.store(true, Ordering::Release),
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send((class, probe)) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send((class, reporter)) {
             tracing::debug!("circuit breaker is behind: an outcome was dropped");
         }
     }
@@ -178,10 +183,21 @@ impl fmt::Debug for Member {
     }
 }
 
+/// Who reports an outcome.
+#[derive(Clone, Copy, Debug)]
+enum Reporter {
+    /// [`BreakerHandle::record`]: taken as a probe's in probation.
+    Anyone,
+    /// A request that held the probe permit of this round.
+    Probe(u32),
+    /// A request that held no permit (sent while the gate was open).
+    NotProbe,
+}
+
 async fn drive(
     mut state: BreakerState,
     // Outcomes, and the signal that the endpoint left.
-    (mut rx, left): (mpsc::Receiver<(Class, bool)>, Arc<Notify>),
+    (mut rx, left): (mpsc::Receiver<(Class, Reporter)>, Arc<Notify>),
     gate: Arc<Gate>,
     budget: Arc<EjectionBudget>,
     endpoint: impl fmt::Display,
@@ -189,20 +205,33 @@ async fn drive(
     decisions: Option<(Recorder, Arc<str>)>,
 ) {
     let mut rng = fastrand::Rng::new();
+    // In probation: the round it began in (a probe of an earlier one, sent before the
+    // last ejection, does not decide it), and when the next probe is admitted if the
+    // current one has not reported.
+    let mut probation_round = 0;
+    let mut next_probe = Instant::now();
     loop {
         let from = state.phase();
         let wake = match state.phase() {
             Phase::Ejected { until } => Some(until),
-            Phase::Probation => Some(Instant::now() + PROBE_RETRY),
+            Phase::Probation => Some(next_probe),
             Phase::Closed => None,
         };
         // Biased (outcomes first), so that a seeded simulation replays exactly.
         let transition = tokio::select! {
             biased;
-            class = rx.recv() => match class {
-                Some((class, true)) => state.on_outcome(class, Instant::now(), &budget, &mut rng),
-                Some((class, false)) => {
-                    state.on_outcome_without_permit(class, Instant::now(), &budget, &mut rng)
+            outcome = rx.recv() => match outcome {
+                Some((class, reporter)) => {
+                    let probe = match reporter {
+                        Reporter::Anyone => true,
+                        Reporter::Probe(round) => round_since(round, probation_round),
+                        Reporter::NotProbe => false,
+                    };
+                    if probe {
+                        state.on_outcome(class, Instant::now(), &budget, &mut rng)
+                    } else {
+                        state.on_outcome_without_permit(class, Instant::now(), &budget, &mut rng)
+                    }
                 }
                 None => break,
             },
@@ -213,6 +242,7 @@ async fn drive(
                 None => {
                     // Probation with no outcome for a while: admit another probe.
                     gate.release_probe();
+                    next_probe = Instant::now() + PROBE_RETRY;
                     None
                 }
             },
@@ -240,6 +270,8 @@ async fn drive(
                 Transition::Probation => {
                     tracing::debug!(%endpoint, "endpoint on probation");
                     gate.set(PROBATION);
+                    probation_round = gate.round();
+                    next_probe = Instant::now() + PROBE_RETRY;
                 }
                 Transition::Reinstated => {
                     tracing::info!(%endpoint, "endpoint reinstated");
@@ -253,6 +285,9 @@ async fn drive(
         budget.release();
     }
     budget.remove_endpoint();
+    // Out of the budget, the endpoint is judged no more: a service still (or again)
+    // built on this handle passes everything rather than wait on a gate nobody opens.
+    gate.set(OPEN);
 }
 
 /// The record's name of a phase.

@@ -299,6 +299,95 @@ mod tests {
         assert!(gate.try_probe().is_some());
     }
 
+    /// A probe of an earlier probation (sent before the last ejection, and slow) does
+    /// not decide the next one; ignored outcomes do not put off the next probe; an
+    /// ejection backed off past the clock's range does not panic.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_probe_of_this_probation_decides_it() {
+        let budget = Arc::new(EjectionBudget::new(0.5));
+        budget.add_endpoint();
+        let breaker = BreakerHandle::spawn(
+            policy(),
+            Classifier::default(),
+            budget.clone(),
+            "10.0.0.1:80",
+            |_| {},
+        );
+        for _ in 0..3 {
+            breaker.record(Class::Failure);
+        }
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        let slow = breaker.gate().try_probe().unwrap();
+        // The first probe hangs: another is admitted, and fails.
+        tokio::time::advance(PROBE_RETRY).await;
+        settle().await;
+        let second = breaker.gate().try_probe().unwrap();
+        breaker.record_outcome(Class::Failure, Some(second));
+        settle().await;
+        assert_eq!(breaker.gate().state(), GateState::Ejected);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(breaker.gate().state(), GateState::Probation);
+        // The slow probe of the first probation succeeds now: it decides nothing.
+        breaker.record_outcome(Class::Success, Some(slow));
+        settle().await;
+        assert_eq!(breaker.gate().state(), GateState::Probation);
+        // This probation's probe is lost; requests sent before the ejection keep ending
+        // within PROBE_RETRY of each other: the next probe still comes on time.
+        let lost = breaker.gate().try_probe().unwrap();
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            breaker.record_outcome(Class::Success, None);
+            settle().await;
+        }
+        assert!(!breaker.gate().may_admit());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        let probe = breaker.gate().try_probe().unwrap();
+        assert_ne!(probe, lost);
+        breaker.record_outcome(Class::Success, Some(probe));
+        settle().await;
+        assert!(breaker.gate().is_open());
+    }
+
+    /// An endpoint removed while ejected leaves its gate open: a service still built on
+    /// its handle passes everything rather than wait on a gate nobody opens.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_endpoints_gate_opens() {
+        let layer = BreakerLayer::new(policy(), 0.5);
+        let _other = layer.layer_with((), layer.handle("10.0.0.1:80", |_| {}));
+        let ejected = layer.layer_with((), layer.handle("10.0.0.2:80", |_| {}));
+        let handle = ejected.handle().cloned().unwrap();
+        for _ in 0..3 {
+            handle.record(Class::Failure);
+        }
+        settle().await;
+        assert_eq!(handle.gate().state(), GateState::Ejected);
+        drop(ejected);
+        settle().await;
+        assert!(handle.gate().is_open());
+        assert_eq!(layer.budget().ejected(), 0);
+    }
+
+    #[test]
+    fn an_ejection_past_the_clocks_range_does_not_panic() {
+        let budget = EjectionBudget::new(0.5);
+        budget.add_endpoint();
+        budget.add_endpoint();
+        let mut state = BreakerState::new(BreakerPolicy {
+            backoff: crate::backoff::Backoff::new(Duration::MAX, Duration::MAX, 0.0).unwrap(),
+            ..policy()
+        });
+        let mut rng = fastrand::Rng::with_seed(1);
+        let now = tokio::time::Instant::now();
+        for _ in 0..3 {
+            state.on_outcome(Class::Failure, now, &budget, &mut rng);
+        }
+        assert!(matches!(state.phase(), Phase::Ejected { until } if until > now));
+    }
+
     /// In probation only the probe decides: a request sent before the ejection that
     /// succeeds after it does not reinstate the endpoint.
     #[test]

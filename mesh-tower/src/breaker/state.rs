@@ -217,7 +217,12 @@ impl BreakerState {
         self.consecutive = 0;
         self.window.clear();
         self.phase = Phase::Ejected {
-            until: now + duration,
+            // A back-off past the clock's range (bounds near `Duration::MAX`) ends as late
+            // as the clock allows.
+            until: now
+                .checked_add(duration)
+                .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 86_400)))
+                .unwrap_or(now),
         };
         Transition::Ejected {
             duration,

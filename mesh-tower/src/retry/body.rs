@@ -8,9 +8,9 @@
 //! **Teed.** A body of unknown size (a stream: chunked HTTP/1.1, every tonic call) is
 //! sent as it comes, never read ahead — holding a stream back could deadlock a peer that
 //! answers before the stream ends (bidirectional gRPC) — and every frame sent is kept
-//! too, while they fit in the cap (each frame counting its bookkeeping, about a hundred
-//! bytes, besides its bytes). A retry replays the kept frames, then goes on reading
-//! the stream where the last try left it. Once the frames sent exceed the cap, they are
+//! too, while they fit in the cap (their bytes, or if more, their bookkeeping: about a
+//! hundred bytes a frame past the first). A retry replays the kept frames, then goes on
+//! reading the stream where the last try left it. Once the frames sent exceed the cap, they are
 //! dropped and the request is no longer replayable: gRPC's A6 calls this *committing*
 //! the call. Each retry supersedes the try before: if that try's body is still being
 //! polled (hyper may hold it in a task), it ends with an error and never reads the
@@ -80,9 +80,17 @@ enum Kept {
     Trailers(http::HeaderMap),
 }
 
-/// What keeping a frame costs besides its bytes, charged against the replay cap: without
-/// it, a body of one-byte frames would keep about a hundred times the cap in memory.
+/// What keeping a frame costs besides its bytes: without counting it, a body of one-byte
+/// frames would keep about a hundred times the replay cap in memory.
 const FRAME_COST: usize = std::mem::size_of::<Kept>();
+
+/// What keeping `frames` frames of `bytes` bytes in all counts against the replay cap:
+/// their bytes, or their bookkeeping past the first frame if that is more. A body of many
+/// tiny frames passes the cap long before its bytes do, while one at the cap in a few
+/// frames stays within it.
+fn kept_cost(bytes: usize, frames: usize) -> usize {
+    bytes.max(frames.saturating_sub(1).saturating_mul(FRAME_COST))
+}
 
 impl Kept {
     fn frame(&self) -> Frame<Bytes> {
@@ -140,8 +148,8 @@ impl TeeReader {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if !tee.committed {
-                    let size = frame.data_ref().map_or(0, |d| d.len()) + FRAME_COST;
-                    if tee.kept_len + size > tee.cap {
+                    let size = frame.data_ref().map_or(0, |d| d.len());
+                    if kept_cost(tee.kept_len + size, tee.kept.len() + 1) > tee.cap {
                         // Past the cap: this try is the last; free what was kept.
                         tee.committed = true;
                         tee.kept = Vec::new();
@@ -367,13 +375,9 @@ impl Collect {
                         self.buf.extend_from_slice(data.chunk());
                     }
                     self.frames.push_back(frame);
-                    // The frames are kept too, until the body is known to fit: their
-                    // bookkeeping is bounded by the cap as the bytes are (a body of many
-                    // tiny frames is streamed once), and a body in one frame, or at the
-                    // cap in a few, stays replayable.
-                    let kept =
-                        (self.buf.len()).max(self.frames.len().saturating_sub(1) * FRAME_COST);
-                    if kept > self.cap || trailers {
+                    // The frames are kept too, until the body is known to fit: a body
+                    // of many tiny frames is streamed once.
+                    if kept_cost(self.buf.len(), self.frames.len()) > self.cap || trailers {
                         // Too large, or trailers we would not replay: stream what we have,
                         // then the rest, once.
                         return Poll::Ready(Ok(Prepared::Once(Some(ReplayBody(

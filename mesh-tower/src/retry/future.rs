@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::body::{Collect, Prepared, Start};
-use super::error::BudgetExhausted;
+use super::error::{BudgetExhausted, NoElsewhere};
 use super::layer::Shared;
 use super::{Elsewhere, ReplayBody, Retried, RetryBudget, RetryOverride, RetryPolicy};
 use crate::decision::{Event, RetryDecision, RetryVerdict, TryOutcome};
@@ -401,10 +401,17 @@ fn decide<S, F, RB>(
             }
         }
         Err(e) => {
-            // The try elsewhere failed without an answer (none to go to, or its
-            // connection failed): the rate-limited answer kept is the caller's, with its
-            // `Retry-After`, rather than an error in its place.
-            if was_elsewhere && let Some(kept) = this.kept.take() {
+            // The try elsewhere reached no application (none to go to, its connection
+            // failed, its stream was refused): the rate-limited answer kept is the
+            // caller's, with its `Retry-After`, rather than an error in its place. A try
+            // that may have run goes on to the usual decision: answering the kept 429
+            // (marked as unseen by any application) would invite running it twice.
+            if was_elsewhere
+                && (is_caused_by::<NoElsewhere>(e.as_ref())
+                    || is_connect_error(e.as_ref())
+                    || is_refused_stream(e.as_ref()))
+                && let Some(kept) = this.kept.take()
+            {
                 if shared.decisions.is_some() {
                     let status = kept.status().as_u16();
                     note(

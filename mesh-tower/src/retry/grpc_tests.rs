@@ -401,34 +401,51 @@ async fn calls_that_may_have_run_are_retried_only_when_the_policy_names_unavaila
     }
 }
 
-/// A rate-limited answer retried elsewhere whose try there fails without an answer: the
-/// caller gets the rate-limited answer (with its pushback), not the other try's error.
+/// A rate-limited answer retried elsewhere whose try there reached no application (the
+/// pool had no room for it): the caller gets the rate-limited answer, with its pushback.
+/// One whose try there may have run gets that try's error: the kept answer says no
+/// application saw the call, which would no longer be true.
 #[tokio::test(start_paused = true)]
-async fn the_kept_answer_is_returned_when_the_try_elsewhere_fails() {
-    let tries = Arc::new(Mutex::new(0));
-    let seen = tries.clone();
-    let svc = ServiceBuilder::new()
-        .layer(RetryLayer::new(
-            RetryPolicy::default(),
-            RetryBudget::new(1.0, 1000, Duration::from_secs(10)),
-        ))
-        .service(tower::service_fn(move |req: Request<ReplayBody>| {
-            let n = {
-                let mut n = seen.lock().unwrap();
-                *n += 1;
-                *n
-            };
-            async move {
-                if n == 1 {
-                    Ok::<_, BoxError>(grpc_response(Answer::Mesh(8)))
-                } else {
+async fn the_kept_answer_is_returned_only_when_the_try_elsewhere_reached_no_application() {
+    for unsent in [true, false] {
+        let tries = Arc::new(Mutex::new(0));
+        let seen = tries.clone();
+        let svc = ServiceBuilder::new()
+            .layer(RetryLayer::new(
+                RetryPolicy::default(),
+                RetryBudget::new(1.0, 1000, Duration::from_secs(10)),
+            ))
+            .service(tower::service_fn(move |req: Request<ReplayBody>| {
+                let n = {
+                    let mut n = seen.lock().unwrap();
+                    *n += 1;
+                    *n
+                };
+                async move {
+                    if n == 1 {
+                        return Ok::<_, BoxError>(grpc_response(Answer::Mesh(8)));
+                    }
                     assert!(req.extensions().get::<super::Elsewhere>().is_some());
-                    Err("connection refused".into())
+                    Err(if unsent {
+                        crate::connect::PoolOverflow {
+                            addr: "10.0.0.2:80".parse().unwrap(),
+                            connections: 1,
+                            pending: 0,
+                        }
+                        .into()
+                    } else {
+                        "connection reset mid-call".into()
+                    })
                 }
-            }
-        }));
-    let resp = svc.oneshot(call(None)).await.unwrap();
-    assert_eq!(resp.headers()["grpc-status"], "8");
-    assert!(resp.headers().contains_key(crate::body::MESH_ERROR));
-    assert_eq!(*tries.lock().unwrap(), 2);
+            }));
+        let result = svc.oneshot(call(None)).await;
+        if unsent {
+            let resp = result.unwrap();
+            assert_eq!(resp.headers()["grpc-status"], "8");
+            assert!(resp.headers().contains_key(crate::body::MESH_ERROR));
+        } else {
+            assert_eq!(result.unwrap_err().to_string(), "connection reset mid-call");
+        }
+        assert_eq!(*tries.lock().unwrap(), 2);
+    }
 }

@@ -34,7 +34,8 @@
 //!    marked [`Elsewhere`], which a balancer honours by sending it only to an endpoint
 //!    that is not rate limiting ([`crate::balance`] does). When there is none the balancer
 //!    says [`NoElsewhere`](error::NoElsewhere) and the caller gets the 429 it answered to,
-//!    as it does when the try elsewhere fails without an answer.
+//!    as it does when the try elsewhere reaches no application (no connection, a
+//!    refused stream); a try elsewhere that may have run ends as its own failure.
 //!    Other rate-limited answers are retried only when their status is in `statuses`, and
 //!    never sooner than their pushback.
 //!

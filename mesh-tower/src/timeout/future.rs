@@ -113,22 +113,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
         let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let Some(timer) = this.timer.as_mut() else {
-            return Poll::Pending;
-        };
-        let timer = timer.as_mut().project();
-        match timer.sleep.poll(cx) {
-            Poll::Ready(()) => {
+        if let Some(timer) = this.timer.as_mut() {
+            // Checked before every frame, not only when the body waits: a body that
+            // always has a frame ready (a fast stream to a slow reader) would otherwise
+            // outlive its deadline. The clock is read rather than the timer polled: a
+            // reader that never waits may never let the runtime fire the timer.
+            let timer = timer.as_mut().project();
+            if timer.sleep.deadline() <= Instant::now() || timer.sleep.poll(cx).is_ready() {
                 let timeout = *timer.timeout;
                 // Once: the body is over.
                 *this.timer = None;
-                Poll::Ready(Some(Err(RequestTimeout(timeout).into())))
+                return Poll::Ready(Some(Err(RequestTimeout(timeout).into())));
             }
-            Poll::Pending => Poll::Pending,
         }
+        this.inner
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

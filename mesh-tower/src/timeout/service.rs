@@ -183,6 +183,33 @@ mod tests {
         assert!(read.is_err(), "a try's timeout does not bound its body");
     }
 
+    /// A body that always has a frame ready is cut at the deadline too.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_timeout_cuts_a_body_that_never_waits() {
+        use http_body_util::BodyExt;
+        let svc = ServiceBuilder::new()
+            .layer(TimeoutLayer::request(Some(Duration::from_secs(2))))
+            .service_fn(|_req: Request<()>| async {
+                let frames = futures_util::stream::repeat_with(|| {
+                    Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from_static(b"x")))
+                });
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::StreamBody::new(
+                    frames,
+                )))
+            });
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        let mut frames = 0;
+        let err = loop {
+            match body.frame().await.unwrap() {
+                Ok(_) => frames += 1,
+                Err(e) => break e,
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        };
+        assert!(err.is::<super::super::RequestTimeout>(), "{err}");
+        assert_eq!(frames, 20);
+    }
+
     /// A per-try bound past the clock's range (`Duration::MAX`, from a route's override,
     /// say) bounds nothing, and panics nowhere.
     #[tokio::test(start_paused = true)]
