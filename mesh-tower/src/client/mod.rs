@@ -63,17 +63,14 @@ pub mod error {
 }
 
 /// One endpoint's stack in a [`MeshClient`].
-pub type EndpointStack = Breaker<Metrics<PeakEwma<Timeout<EndpointClient<ReplayBody>>>>>;
+pub type EndpointStack =
+    Breaker<Metrics<PeakEwma<Timeout<EndpointClient<ReplayBody>, crate::timeout::EachTry>>>>;
 
 /// The body of a [`MeshClient`] response: bounded by the request timeout, if any, to its
 /// end.
 pub type ResponseBody = crate::timeout::ResponseBody<
     crate::breaker::ResponseBody<
-        crate::metrics::ResponseBody<
-            crate::load::ResponseBody<
-                crate::timeout::ResponseBody<crate::connect::Body<ReplayBody>>,
-            >,
-        >,
+        crate::metrics::ResponseBody<crate::load::ResponseBody<crate::connect::Body<ReplayBody>>>,
     >,
 >;
 

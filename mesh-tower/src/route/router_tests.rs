@@ -199,11 +199,9 @@ type Replayed = BoxCloneSyncService<Request<Empty<Bytes>>, Response<Full<Bytes>>
 /// fails the first `failures` tries with 503 and takes `latency` per try.
 fn backend_with_policy(failures: usize, latency: Duration, tries: Arc<AtomicUsize>) -> Replayed {
     let svc = ServiceBuilder::new()
-        .map_response(
-            |r: Response<
-                crate::timeout::ResponseBody<crate::timeout::ResponseBody<Full<Bytes>>>,
-            >| { r.map(|b| b.into_inner().into_inner()) },
-        )
+        .map_response(|r: Response<crate::timeout::ResponseBody<Full<Bytes>>>| {
+            r.map(crate::timeout::ResponseBody::into_inner)
+        })
         .layer(TimeoutLayer::request(Some(Duration::from_secs(10))))
         .layer(RetryLayer::new(RetryPolicy::never(), Default::default()))
         .layer(TimeoutLayer::per_try(None))

@@ -1,4 +1,5 @@
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -7,16 +8,19 @@ use mesh_core::error::BoxError;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use super::{Kind, RequestTimeout, TryTimeout};
+use super::{EachTry, Kind, RequestTimeout, TryTimeout, WholeRequest};
 
 pin_project! {
-    /// The response future of a [`Timeout`](super::Timeout).
+    /// The response future of a [`Timeout`](super::Timeout): under a request timeout
+    /// ([`WholeRequest`]) its answer's body goes on being bounded ([`ResponseBody`]);
+    /// under a per-try timeout ([`EachTry`]) the answer is passed as it is.
     #[derive(Debug)]
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<F, K = WholeRequest> {
         #[pin]
         inner: F,
         // Boxed: most stacks run without one, and the future stays small.
         timer: Option<Pin<Box<Timer>>>,
+        kind: PhantomData<fn() -> K>,
     }
 }
 
@@ -30,7 +34,7 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
+impl<F, K> ResponseFuture<F, K> {
     pub(super) fn new(inner: F, timer: Option<(Instant, Duration, Kind)>) -> Self {
         Self {
             inner,
@@ -41,11 +45,36 @@ impl<F> ResponseFuture<F> {
                     kind,
                 })
             }),
+            kind: PhantomData,
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+/// The inner future's answer, or the timeout's error once its timer fires; with the
+/// timer, taken out, when the answer came first.
+#[allow(clippy::type_complexity)]
+fn poll_timed<F: Future>(
+    inner: Pin<&mut F>,
+    timer: &mut Option<Pin<Box<Timer>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(F::Output, Option<Pin<Box<Timer>>>), BoxError>> {
+    if let Poll::Ready(output) = inner.poll(cx) {
+        return Poll::Ready(Ok((output, timer.take())));
+    }
+    let Some(timer) = timer.as_mut() else {
+        return Poll::Pending;
+    };
+    let timer = timer.as_mut().project();
+    match timer.sleep.poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(match timer.kind {
+            Kind::Request => RequestTimeout(*timer.timeout).into(),
+            Kind::Try => TryTimeout(*timer.timeout).into(),
+        })),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, WholeRequest>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
     E: Into<BoxError>,
@@ -54,37 +83,36 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(result) = this.inner.poll(cx) {
-            // A request timeout goes on bounding the body; a try's ends with its head.
-            let timer = this
-                .timer
-                .take()
-                .filter(|timer| timer.kind == Kind::Request);
-            return Poll::Ready(match result {
-                Ok(response) => Ok(response.map(|inner| ResponseBody { inner, timer })),
-                Err(e) => Err(e.into()),
-            });
-        }
-        let Some(timer) = this.timer.as_mut() else {
-            return Poll::Pending;
-        };
-        let timer = timer.as_mut().project();
-        match timer.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(match timer.kind {
-                Kind::Request => RequestTimeout(*timer.timeout).into(),
-                Kind::Try => TryTimeout(*timer.timeout).into(),
-            })),
-            Poll::Pending => Poll::Pending,
-        }
+        // The timer goes on bounding the body.
+        let (result, timer) = std::task::ready!(poll_timed(this.inner, this.timer, cx))?;
+        Poll::Ready(match result {
+            Ok(response) => Ok(response.map(|inner| ResponseBody { inner, timer })),
+            Err(e) => Err(e.into()),
+        })
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F, EachTry>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // A try ends with its answer's head: the timer goes.
+        let (result, _) = std::task::ready!(poll_timed(this.inner, this.timer, cx))?;
+        Poll::Ready(result.map_err(Into::into))
     }
 }
 
 pin_project! {
-    /// The body of a [`Timeout`](super::Timeout)'s response. Under a request timeout it
-    /// fails with [`RequestTimeout`] when the deadline passes before it ends: the timeout
+    /// The body of a request timeout's ([`WholeRequest`]) response: it fails with
+    /// [`RequestTimeout`] when the deadline passes before it ends, so that the timeout
     /// bounds the whole exchange, a streamed answer included (as Gateway API's request
-    /// timeout and Envoy's route timeout do). Under a per-try timeout it passes the body
-    /// through: a try is bounded to its response head, the point where it is committed.
+    /// timeout and Envoy's route timeout do). A per-try timeout ([`EachTry`]) bounds a
+    /// try to its response head, where it is committed, and leaves the body as it is.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]

@@ -51,6 +51,7 @@ mod service;
 
 pub use self::error::{DeadlineExceeded, RequestTimeout, TryTimeout};
 pub use self::future::{ResponseBody, ResponseFuture};
+
 pub use self::inbound::{GrpcDeadline, GrpcDeadlineLayer, InboundFuture};
 pub use self::layer::TimeoutLayer;
 pub use self::service::Timeout;
@@ -128,6 +129,16 @@ impl TimeoutOverride {
         over.or(own)
     }
 }
+
+/// A [`Timeout`] of the whole request ([`TimeoutLayer::request`]): it bounds the
+/// response body too ([`ResponseBody`]).
+#[derive(Clone, Copy, Debug)]
+pub enum WholeRequest {}
+
+/// A [`Timeout`] of each try ([`TimeoutLayer::per_try`]): it bounds a try up to its
+/// response head, and passes the answer on as it is.
+#[derive(Clone, Copy, Debug)]
+pub enum EachTry {}
 
 /// Which timeout a layer applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,3 +1,5 @@
+use std::fmt;
+use std::marker::PhantomData;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -6,22 +8,45 @@ use mesh_core::error::BoxError;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Deadline, Kind, ResponseBody, ResponseFuture, TimeoutOverride};
+use super::{Deadline, EachTry, Kind, ResponseBody, ResponseFuture, TimeoutOverride, WholeRequest};
 
-/// A request or per-try timeout; see the [module docs](super).
-#[derive(Clone, Debug)]
-pub struct Timeout<S> {
+/// A request timeout (`K` = [`WholeRequest`], the default) or a per-try one
+/// ([`EachTry`]); see the [module docs](super).
+pub struct Timeout<S, K = WholeRequest> {
     inner: S,
     timeout: Option<Duration>,
     kind: Kind,
+    marker: PhantomData<fn() -> K>,
 }
 
-impl<S> Timeout<S> {
+impl<S: Clone, K> Clone for Timeout<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            timeout: self.timeout,
+            kind: self.kind,
+            marker: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for Timeout<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Timeout")
+            .field("inner", &self.inner)
+            .field("timeout", &self.timeout)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl<S, K> Timeout<S, K> {
     pub(super) fn new(inner: S, timeout: Option<Duration>, kind: Kind) -> Self {
         Self {
             inner,
             timeout,
             kind,
+            marker: PhantomData,
         }
     }
 
@@ -41,14 +66,33 @@ impl<S> Timeout<S> {
     }
 }
 
-impl<S, B, RB> Service<Request<B>> for Timeout<S>
+impl<S, B, RB> Service<Request<B>> for Timeout<S, WholeRequest>
 where
     S: Service<Request<B>, Response = http::Response<RB>>,
     S::Error: Into<BoxError>,
 {
     type Response = http::Response<ResponseBody<RB>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, WholeRequest>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let timer = start(self.timeout, self.kind, &mut req);
+        ResponseFuture::new(self.inner.call(req), timer)
+    }
+}
+
+impl<S, B> Service<Request<B>> for Timeout<S, EachTry>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, EachTry>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -61,7 +105,7 @@ where
 }
 
 #[cfg(all(feature = "balance", feature = "breaker"))]
-impl<S> Timeout<S> {
+impl<S> Timeout<S, WholeRequest> {
     /// Times the future `call` makes of `req`, for a caller that reaches the inner
     /// service by shared reference and hands it the deadline itself: `call` gets the
     /// request and its deadline (this timeout's, or an earlier [`Deadline`] the request
@@ -214,17 +258,18 @@ mod tests {
     /// say) bounds nothing, and panics nowhere.
     #[tokio::test(start_paused = true)]
     async fn a_bound_past_the_clocks_range_is_none() {
-        for layer in [
-            TimeoutLayer::per_try(Some(Duration::MAX)),
-            TimeoutLayer::request(Some(Duration::MAX)),
-        ] {
-            let svc = ServiceBuilder::new()
-                .layer(layer)
-                .service_fn(|_req: Request<()>| async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    Ok::<_, std::convert::Infallible>(Response::new(()))
-                });
-            svc.oneshot(Request::new(())).await.unwrap();
-        }
+        let per_try = ServiceBuilder::new()
+            .layer(TimeoutLayer::per_try(Some(Duration::MAX)))
+            .service_fn(slow);
+        per_try.oneshot(Request::new(())).await.unwrap();
+        let request = ServiceBuilder::new()
+            .layer(TimeoutLayer::request(Some(Duration::MAX)))
+            .service_fn(slow);
+        request.oneshot(Request::new(())).await.unwrap();
+    }
+
+    async fn slow(_req: Request<()>) -> Result<Response<()>, std::convert::Infallible> {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(Response::new(()))
     }
 }
