@@ -144,18 +144,19 @@ impl Gate {
 /// The probe permit of an endpoint in probation, held by the service that took it in
 /// `poll_ready` and then by its request. Dropped unused (the service was dropped, or its
 /// request cancelled before an outcome), it is returned so another probe can go, if its
-/// round is still the current one.
+/// round is still the current one. Boxed: probes are rare, and every request's future
+/// and body keep room for one.
 #[derive(Debug)]
-pub(super) struct Permit(Option<(super::BreakerHandle, u32)>);
+pub(super) struct Permit(Option<Box<(super::BreakerHandle, u32)>>);
 
 impl Permit {
     pub(super) fn new(handle: super::BreakerHandle, round: u32) -> Self {
-        Self(Some((handle, round)))
+        Self(Some(Box::new((handle, round))))
     }
 
     /// The probe round the permit was taken in.
     pub(super) fn round(&self) -> Option<u32> {
-        self.0.as_ref().map(|(_, round)| *round)
+        self.0.as_ref().map(|held| held.1)
     }
 
     /// The probe's outcome was reported: the breaker's transition resets the gate.
@@ -166,8 +167,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some((handle, round)) = self.0.take() {
-            handle.gate().release_probe_of(round);
+        if let Some(held) = self.0.take() {
+            held.0.gate().release_probe_of(held.1);
         }
     }
 }
