@@ -11,9 +11,9 @@ fuzz_target!(|data: &str| {
     let again: IdentityPattern = pattern.to_string().parse().expect("display round-trips");
     assert_eq!(again, pattern);
     // An exact pattern matches its own ID.
-    if let Ok(id) = SpiffeId::new(data) {
-        if let IdentityPattern::Exact(_) = pattern {
-            assert!(pattern.matches(&id));
-        }
+    if let Ok(id) = SpiffeId::new(data)
+        && let IdentityPattern::Exact(_) = pattern
+    {
+        assert!(pattern.matches(&id));
     }
 });

@@ -93,7 +93,9 @@ fuzz_target!(|data: &str| {
 
     // The precedence, when every hostname was judged.
     if tiers.iter().all(Option::is_some) {
-        let mut best: Option<(Tier, (u8, usize, bool, usize, usize), usize, usize)> = None;
+        // The best match so far: its hostname tier, its rule's specificity, and where it is.
+        type Best = (Tier, (u8, usize, bool, usize, usize), usize, usize);
+        let mut best: Option<Best> = None;
         for (i, (tier, ms)) in tiers.iter().zip(&matchers).enumerate() {
             let Some(Some(tier)) = *tier else { continue };
             for (j, m) in ms.iter().enumerate() {
@@ -195,9 +197,9 @@ fn route_tier(route: &RouteConfig, host: Host<'_>) -> Option<Option<Tier>> {
                 continue;
             };
             let (labels, rest) = host.as_bytes().split_at(split);
-            if !(rest[0] == b'.' && rest[1..].eq_ignore_ascii_case(name.as_bytes()))
-                || !labels.split(|&b| b == b'.').all(|l| !l.is_empty())
-            {
+            let under_name = rest[0] == b'.' && rest[1..].eq_ignore_ascii_case(name.as_bytes());
+            let whole_labels = labels.split(|&b| b == b'.').all(|l| !l.is_empty());
+            if !(under_name && whole_labels) {
                 continue;
             }
             (1, name.len())
