@@ -1226,23 +1226,23 @@ mod tests {
 
     type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
-    #[tokio::test]
-    async fn http1_requests_go_to_peers_as_http2_with_their_version_and_host() {
+    /// The request `layer`'s service hands on, for `req`.
+    async fn sent_through(layer: ToMeshLayer, req: Request<()>) -> Request<()> {
         let seen = tower::service_fn(|req: Request<()>| async move {
             Ok::<_, std::convert::Infallible>(Response::new(req))
         });
+        layer.layer(seen).oneshot(req).await.unwrap().into_body()
+    }
+
+    #[tokio::test]
+    async fn http1_requests_go_to_peers_as_http2_with_their_version_and_host() {
         let req = Request::get("/users?id=7")
             .version(Version::HTTP_11)
             .header(header::HOST, "users.example.org:8080")
             .header(header::CONNECTION, "close")
             .body(())
             .unwrap();
-        let sent = ToMeshLayer::new()
-            .layer(seen)
-            .oneshot(req)
-            .await
-            .unwrap()
-            .into_body();
+        let sent = sent_through(ToMeshLayer::new(), req).await;
         assert_eq!(sent.version(), Version::HTTP_2);
         assert_eq!(sent.headers()[ORIG_PROTO], "HTTP/1.1");
         assert_eq!(sent.uri(), "http://users.example.org:8080/users?id=7");
@@ -1257,12 +1257,7 @@ mod tests {
                 .header(header::HOST, host)
                 .body(())
                 .unwrap();
-            let sent = ToMeshLayer::new()
-                .layer(seen)
-                .oneshot(req)
-                .await
-                .unwrap()
-                .into_body();
+            let sent = sent_through(ToMeshLayer::new(), req).await;
             assert_eq!(sent.version(), Version::HTTP_2);
             assert_eq!(sent.uri(), "/users", "{host:?}");
             assert_eq!(sent.headers()[header::HOST], host);
@@ -1273,12 +1268,7 @@ mod tests {
             .header(header::HOST, "other.example")
             .body(())
             .unwrap();
-        let sent = ToMeshLayer::new()
-            .layer(seen)
-            .oneshot(req)
-            .await
-            .unwrap()
-            .into_body();
+        let sent = sent_through(ToMeshLayer::new(), req).await;
         assert_eq!(sent.uri(), "http://users.example.org/x");
         assert!(sent.headers().get(header::HOST).is_none());
 
@@ -1287,12 +1277,7 @@ mod tests {
             .header(header::UPGRADE, "h2c")
             .body(())
             .unwrap();
-        let sent = ToMeshLayer::passthrough()
-            .layer(seen)
-            .oneshot(req)
-            .await
-            .unwrap()
-            .into_body();
+        let sent = sent_through(ToMeshLayer::passthrough(), req).await;
         assert_eq!(sent.version(), Version::HTTP_11);
         assert!(sent.headers().get(ORIG_PROTO).is_none());
         assert!(sent.headers().get(header::UPGRADE).is_none());
